@@ -1,0 +1,308 @@
+//! The step loop's thread and the handle transports use to reach it.
+
+use super::persona::{PersonaError, PersonaRequest};
+use super::session::{SessionCloser, SessionHandle, SessionId, SessionStats, SlotSession};
+use super::step_loop::StepLoop;
+use super::{Engine, EngineInfo, Persona};
+use crate::audio::ring::ring;
+use crate::audio::{FRAME_SAMPLES, PACKET_SAMPLES};
+use crate::metrics::Metrics;
+use crossbeam_channel::{RecvTimeoutError, Sender, bounded};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Messages to the step loop; each applies at the next frame boundary.
+pub enum Command {
+    Join {
+        session: SlotSession,
+        persona: Persona,
+    },
+    Leave(SessionId),
+    Shutdown,
+}
+
+/// Tuning of the loop and the session rings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sessions admitted at once (capped by the engine's slots).
+    pub max_sessions: usize,
+    /// Input allowed to wait behind a complete frame before the oldest is dropped.
+    pub max_wait_samples: usize,
+    /// Capacity of each session's input ring.
+    pub input_ring_samples: usize,
+    /// Capacity of each session's output ring.
+    pub output_ring_samples: usize,
+    /// How long after a tick the transports take the first packet of its output.
+    pub output_phase: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 64,
+            max_wait_samples: PACKET_SAMPLES,
+            input_ring_samples: 6 * FRAME_SAMPLES,
+            output_ring_samples: 4 * FRAME_SAMPLES,
+            output_phase: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("all {max} session slots are in use")]
+    Full { max: usize },
+    #[error(transparent)]
+    Persona(#[from] PersonaError),
+    #[error("the engine is shutting down")]
+    Stopped,
+}
+
+struct Shared {
+    commands: Sender<Command>,
+    info: EngineInfo,
+    config: EngineConfig,
+    max_sessions: usize,
+    occupancy: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    origin: Instant,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A running step loop. Cheap to clone; every clone reaches the same thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+impl EngineHandle {
+    /// Starts the step loop thread for `engine`.
+    pub fn start<E: Engine>(
+        engine: E,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let info = engine.info();
+        let max_sessions = config.max_sessions.min(engine.slots());
+        let occupancy = Arc::new(AtomicUsize::new(0));
+        let (commands, command_rx) = bounded::<Command>(1024);
+        let origin = Instant::now() + Duration::from_millis(10);
+        let step_loop = StepLoop::new(
+            engine,
+            origin,
+            config.max_wait_samples,
+            occupancy.clone(),
+            metrics.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("duplex-step".into())
+            .spawn(move || run(step_loop, command_rx))?;
+        tracing::info!(engine = info.name, max_sessions, "step loop started");
+        let shared = Shared {
+            commands,
+            info,
+            config,
+            max_sessions,
+            occupancy,
+            next_id: AtomicU64::new(1),
+            origin,
+            thread: Mutex::new(Some(thread)),
+            metrics,
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.shared.info
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    pub fn max_sessions(&self) -> usize {
+        self.shared.max_sessions
+    }
+
+    /// Sessions admitted and not yet released.
+    pub fn active_sessions(&self) -> usize {
+        self.shared.occupancy.load(Ordering::Acquire)
+    }
+
+    /// The grid transports pace output on: packets go out at `origin + phase + k * 20 ms`.
+    pub fn output_schedule(&self) -> (Instant, Duration) {
+        (self.shared.origin, self.shared.config.output_phase)
+    }
+
+    /// Admits a session with the persona `request` asks for. The returned handle receives
+    /// `SessionEvent::Ready` once the step loop has put the persona in place.
+    pub fn open_session(&self, request: &PersonaRequest) -> Result<SessionHandle, OpenError> {
+        let persona = self.shared.info.catalog.resolve(request)?;
+        self.reserve()?;
+        let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
+        let (input, input_cons) = ring(self.shared.config.input_ring_samples);
+        let (output_prod, output) = ring(self.shared.config.output_ring_samples);
+        let (events_tx, events) = bounded(256);
+        let stats = Arc::new(SessionStats::default());
+        let session = SlotSession {
+            id,
+            input: input_cons,
+            output: output_prod,
+            events: events_tx,
+            stats: stats.clone(),
+        };
+        if self
+            .shared
+            .commands
+            .send(Command::Join { session, persona })
+            .is_err()
+        {
+            self.shared.occupancy.fetch_sub(1, Ordering::AcqRel);
+            return Err(OpenError::Stopped);
+        }
+        self.shared.metrics.sessions_opened.inc();
+        let closer = SessionCloser {
+            id,
+            commands: self.shared.commands.clone(),
+        };
+        Ok(SessionHandle {
+            id,
+            input,
+            output,
+            events,
+            stats,
+            closer,
+        })
+    }
+
+    fn reserve(&self) -> Result<(), OpenError> {
+        let max = self.shared.max_sessions;
+        self.shared
+            .occupancy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| OpenError::Full { max })
+    }
+
+    /// Stops the loop after the current frame and frees every slot. Idempotent.
+    pub fn shutdown(&self) {
+        let _ = self.shared.commands.send(Command::Shutdown);
+        let thread = self
+            .shared
+            .thread
+            .lock()
+            .map(|mut t| t.take())
+            .unwrap_or(None);
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the step loop thread panicked");
+        }
+    }
+}
+
+fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Receiver<Command>) {
+    loop {
+        let deadline = step_loop.deadline();
+        if Instant::now() >= deadline {
+            let report = step_loop.tick(&mut Instant::now);
+            if report.outcome.overrun {
+                tracing::debug!(?report, "tick overran its frame");
+            }
+            continue;
+        }
+        match commands.recv_deadline(deadline) {
+            Ok(Command::Join { session, persona }) => step_loop.join(session, &persona),
+            Ok(Command::Leave(id)) => step_loop.leave(id),
+            Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+    step_loop.close_all();
+    tracing::info!("step loop stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EchoEngine, SessionEvent};
+
+    fn start(max_sessions: usize) -> EngineHandle {
+        let config = EngineConfig {
+            max_sessions,
+            ..Default::default()
+        };
+        EngineHandle::start(EchoEngine::new(4, 1), config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    #[test]
+    fn sessions_beyond_the_limit_are_refused_until_one_leaves() {
+        let engine = start(2);
+        let first = engine.open_session(&PersonaRequest::default()).unwrap();
+        let _second = engine.open_session(&PersonaRequest::default()).unwrap();
+        assert!(matches!(
+            engine.open_session(&PersonaRequest::default()),
+            Err(OpenError::Full { max: 2 })
+        ));
+        assert_eq!(
+            first.events.recv_timeout(Duration::from_secs(2)).unwrap(),
+            SessionEvent::Ready
+        );
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while engine.active_sessions() > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(engine.open_session(&PersonaRequest::default()).is_ok());
+        engine.shutdown();
+    }
+
+    #[test]
+    fn a_bad_persona_is_refused_before_taking_a_slot() {
+        let engine = start(1);
+        let request = PersonaRequest {
+            voice: Some("../voices/x".into()),
+            prompt: None,
+        };
+        assert!(matches!(
+            engine.open_session(&request),
+            Err(OpenError::Persona(_))
+        ));
+        assert_eq!(engine.active_sessions(), 0);
+        engine.shutdown();
+    }
+
+    #[test]
+    fn audio_comes_back_through_the_thread_in_real_time() {
+        let engine = start(1);
+        let mut session = engine.open_session(&PersonaRequest::default()).unwrap();
+        assert_eq!(
+            session.events.recv_timeout(Duration::from_secs(2)).unwrap(),
+            SessionEvent::Ready
+        );
+        let started = Instant::now();
+        session.input.push(&vec![0.25; 3 * FRAME_SAMPLES]);
+        let mut out = vec![0.0; FRAME_SAMPLES];
+        let mut echoed = false;
+        while started.elapsed() < Duration::from_secs(2) && !echoed {
+            if session.output.pop_exact(&mut out) {
+                echoed = out.iter().all(|s| *s == 0.25);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(echoed, "the echoed frame never came back");
+        engine.shutdown();
+        assert!(matches!(
+            engine.open_session(&PersonaRequest::default()),
+            Err(OpenError::Stopped)
+        ));
+    }
+}

@@ -1,0 +1,198 @@
+//! Who the agent is for one session: a voice preset and a role prompt, checked against the
+//! engine's catalog before a session is admitted.
+
+use serde::{Deserialize, Serialize};
+
+/// The default upper bound on a role prompt, in characters. PersonaPlex spends one model frame
+/// (80 ms) per prompt token, so this also bounds session start-up work.
+pub const DEFAULT_MAX_PROMPT_CHARS: usize = 2000;
+
+/// What a client asked for.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PersonaRequest {
+    pub voice: Option<String>,
+    pub prompt: Option<String>,
+}
+
+/// A validated persona: the voice is one of the catalog's names, the prompt within limits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Persona {
+    pub voice: Option<String>,
+    pub prompt: String,
+}
+
+/// A role prompt preset shown to users.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptPreset {
+    pub name: String,
+    pub text: String,
+}
+
+/// Why a persona request was refused; the message is meant for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PersonaError {
+    #[error("unknown voice {name:?}; available voices: {}", available.join(", "))]
+    UnknownVoice {
+        name: String,
+        available: Vec<String>,
+    },
+    #[error("role prompt is {len} characters; the limit is {max}")]
+    PromptTooLong { len: usize, max: usize },
+}
+
+/// The voices and prompt presets an engine offers, and its limits.
+#[derive(Debug, Clone, Serialize)]
+pub struct PersonaCatalog {
+    pub voices: Vec<String>,
+    pub default_voice: Option<String>,
+    pub prompts: Vec<PromptPreset>,
+    pub max_prompt_chars: usize,
+}
+
+#[derive(Deserialize)]
+struct VoiceList {
+    default: String,
+    voices: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct PromptList {
+    prompts: Vec<PromptPreset>,
+}
+
+impl PersonaCatalog {
+    /// The PersonaPlex voice presets and the built-in role prompts (`assets/`).
+    pub fn builtin() -> Self {
+        let voices: VoiceList = serde_json::from_str(include_str!("../../assets/voices.json"))
+            .expect("assets/voices.json is valid");
+        Self {
+            voices: voices.voices,
+            default_voice: Some(voices.default),
+            ..Self::with_voices(Vec::new(), None)
+        }
+    }
+
+    /// A catalog with the given voices and the built-in prompts.
+    pub fn with_voices(voices: Vec<String>, default_voice: Option<String>) -> Self {
+        let prompts: PromptList = serde_json::from_str(include_str!("../../assets/prompts.json"))
+            .expect("assets/prompts.json is valid");
+        Self {
+            voices,
+            default_voice,
+            prompts: prompts.prompts,
+            max_prompt_chars: DEFAULT_MAX_PROMPT_CHARS,
+        }
+    }
+
+    /// Checks a request against the catalog. An absent or empty voice means the default; an
+    /// absent prompt means the first preset.
+    pub fn resolve(&self, request: &PersonaRequest) -> Result<Persona, PersonaError> {
+        let voice = match request
+            .voice
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            None => self.default_voice.clone(),
+            Some(name) => Some(self.lookup_voice(name)?),
+        };
+        let prompt = match &request.prompt {
+            Some(text) => text.trim().to_owned(),
+            None => self
+                .prompts
+                .first()
+                .map(|p| p.text.clone())
+                .unwrap_or_default(),
+        };
+        let len = prompt.chars().count();
+        if len > self.max_prompt_chars {
+            return Err(PersonaError::PromptTooLong {
+                len,
+                max: self.max_prompt_chars,
+            });
+        }
+        Ok(Persona { voice, prompt })
+    }
+
+    /// Finds a voice by name; `NATF0` and `NATF0.pt` both name the preset (the official
+    /// client sends file names).
+    fn lookup_voice(&self, name: &str) -> Result<String, PersonaError> {
+        let stem = name.strip_suffix(".pt").unwrap_or(name);
+        self.voices
+            .iter()
+            .find(|v| v.as_str() == stem)
+            .cloned()
+            .ok_or_else(|| PersonaError::UnknownVoice {
+                name: name.to_owned(),
+                available: self.voices.clone(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(voice: Option<&str>, prompt: Option<&str>) -> PersonaRequest {
+        PersonaRequest {
+            voice: voice.map(Into::into),
+            prompt: prompt.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn builtin_catalog_has_the_personaplex_voices() {
+        let catalog = PersonaCatalog::builtin();
+        assert_eq!(catalog.voices.len(), 18);
+        assert_eq!(catalog.default_voice.as_deref(), Some("NATF0"));
+        assert!(!catalog.prompts.is_empty());
+    }
+
+    #[test]
+    fn defaults_fill_absent_fields() {
+        let catalog = PersonaCatalog::builtin();
+        let persona = catalog.resolve(&request(None, None)).unwrap();
+        assert_eq!(persona.voice.as_deref(), Some("NATF0"));
+        assert_eq!(persona.prompt, catalog.prompts[0].text);
+    }
+
+    #[test]
+    fn voice_file_names_are_accepted() {
+        let catalog = PersonaCatalog::builtin();
+        assert_eq!(
+            catalog
+                .resolve(&request(Some("VARM3.pt"), Some("hi")))
+                .unwrap()
+                .voice
+                .as_deref(),
+            Some("VARM3")
+        );
+    }
+
+    #[test]
+    fn unknown_and_traversal_voices_are_refused_with_the_list() {
+        let catalog = PersonaCatalog::builtin();
+        for name in ["NOPE", "../../etc/passwd", "NATF0/../x", "natf0"] {
+            let err = catalog.resolve(&request(Some(name), None)).unwrap_err();
+            assert!(
+                matches!(&err, PersonaError::UnknownVoice { available, .. } if available.len() == 18)
+            );
+            assert!(err.to_string().contains("NATM1"), "{err}");
+        }
+    }
+
+    #[test]
+    fn long_prompts_are_refused_with_the_limit() {
+        let catalog = PersonaCatalog::builtin();
+        let text = "a".repeat(DEFAULT_MAX_PROMPT_CHARS + 1);
+        let err = catalog.resolve(&request(None, Some(&text))).unwrap_err();
+        assert_eq!(
+            err,
+            PersonaError::PromptTooLong {
+                len: DEFAULT_MAX_PROMPT_CHARS + 1,
+                max: DEFAULT_MAX_PROMPT_CHARS
+            }
+        );
+        assert!(err.to_string().contains("2000"));
+    }
+}

@@ -1,0 +1,505 @@
+//! The step loop's state, without threads or clocks: `join`/`leave` at frame boundaries and
+//! `tick(clock)` once per deadline. The driver thread calls these; tests call them with made-up
+//! instants to replay minutes of traffic in milliseconds.
+
+use super::clock::{BacklogTrim, TRIM_WINDOW_TICKS, TickClock, TickOutcome, input_excess};
+use super::session::{SessionEvent, SessionId, SlotSession};
+use super::{Engine, Persona, StageTimes, StepIo};
+use crate::audio::{FRAME_PERIOD, FRAME_SAMPLES};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// What one tick did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TickReport {
+    pub active: usize,
+    pub gather: Duration,
+    pub step: Duration,
+    pub scatter: Duration,
+    pub stages: StageTimes,
+    pub outcome: TickOutcome,
+}
+
+/// All sessions of one engine, stepped together.
+pub struct StepLoop<E: Engine> {
+    engine: E,
+    slots: Vec<Option<SlotSession>>,
+    trims: Vec<BacklogTrim>,
+    clock: TickClock,
+    active: Vec<bool>,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    text: Vec<(usize, String)>,
+    max_wait_samples: usize,
+    occupancy: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl<E: Engine> StepLoop<E> {
+    /// `occupancy` counts admitted sessions; the loop decrements it when it lets one go.
+    pub fn new(
+        engine: E,
+        origin: Instant,
+        max_wait_samples: usize,
+        occupancy: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let slots = engine.slots();
+        Self {
+            engine,
+            slots: (0..slots).map(|_| None).collect(),
+            trims: vec![BacklogTrim::new(TRIM_WINDOW_TICKS); slots],
+            clock: TickClock::new(origin, FRAME_PERIOD),
+            active: vec![false; slots],
+            input: vec![0.0; slots * FRAME_SAMPLES],
+            output: vec![0.0; slots * FRAME_SAMPLES],
+            text: Vec::with_capacity(slots),
+            max_wait_samples,
+            occupancy,
+            metrics,
+        }
+    }
+
+    /// When the next tick is due.
+    pub fn deadline(&self) -> Instant {
+        self.clock.deadline()
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Gives an admitted session a slot and puts its persona in place.
+    pub fn join(&mut self, session: SlotSession, persona: &Persona) {
+        let Some(slot_idx) = self.slots.iter().position(Option::is_none) else {
+            self.release(&session, "the server is full");
+            return;
+        };
+        if let Err(err) = self.engine.open_slot(slot_idx, persona) {
+            tracing::warn!(session = %session.id, %err, "could not open a slot");
+            self.release(&session, &err.0);
+            return;
+        }
+        let _ = session.events.try_send(SessionEvent::Ready);
+        tracing::info!(session = %session.id, slot_idx, "session joined");
+        self.metrics.sessions_active.inc();
+        self.trims[slot_idx] = BacklogTrim::new(TRIM_WINDOW_TICKS);
+        self.slots[slot_idx] = Some(session);
+    }
+
+    /// Frees the slot of session `id`, if it still has one.
+    pub fn leave(&mut self, id: SessionId) {
+        if let Some(slot_idx) = self
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.id == id))
+        {
+            self.free(slot_idx);
+            tracing::info!(session = %id, slot_idx, "session left");
+        }
+    }
+
+    /// Frees every slot (shutdown).
+    pub fn close_all(&mut self) {
+        for slot_idx in 0..self.slots.len() {
+            if self.slots[slot_idx].is_some() {
+                self.free(slot_idx);
+            }
+        }
+    }
+
+    fn free(&mut self, slot_idx: usize) {
+        self.engine.close_slot(slot_idx);
+        self.slots[slot_idx] = None;
+        self.occupancy.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.sessions_active.dec();
+    }
+
+    fn release(&self, session: &SlotSession, reason: &str) {
+        let _ = session
+            .events
+            .try_send(SessionEvent::Error(reason.to_owned()));
+        self.occupancy.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Runs one tick: pop a frame per session, step, push the output. `clock` reads the time
+    /// (the real clock in the driver, a scripted one in tests).
+    pub fn tick(&mut self, clock: &mut impl FnMut() -> Instant) -> TickReport {
+        let started = clock();
+        self.gather();
+        let gathered = clock();
+        let io = StepIo {
+            active: &self.active,
+            input: &self.input,
+            output: &mut self.output,
+            text: &mut self.text,
+        };
+        let step_result = self.engine.step(io);
+        let stepped = clock();
+        let stages = match step_result {
+            Ok(stages) => stages,
+            Err(err) => {
+                self.evict_all(&err.0);
+                StageTimes::default()
+            }
+        };
+        self.scatter(stepped.duration_since(started));
+        let finished = clock();
+        let report = TickReport {
+            active: self.active.iter().filter(|a| **a).count(),
+            gather: gathered.duration_since(started),
+            step: stepped.duration_since(gathered),
+            scatter: finished.duration_since(stepped),
+            stages,
+            outcome: self.clock.complete(finished),
+        };
+        self.record(&report, finished.duration_since(started));
+        report
+    }
+
+    fn gather(&mut self) {
+        let frames = self.input.chunks_exact_mut(FRAME_SAMPLES);
+        let slots = self
+            .slots
+            .iter_mut()
+            .zip(self.trims.iter_mut())
+            .zip(self.active.iter_mut());
+        for (((slot, trim), active), frame) in slots.zip(frames) {
+            *active = slot.is_some();
+            let Some(session) = slot else { continue };
+            let excess = input_excess(session.input.queued(), self.max_wait_samples);
+            drop_input(session, excess, &self.metrics);
+            let backlog = if session.input.pop_exact(frame) {
+                session.stats.add(&session.stats.frames, 1);
+                session.input.queued()
+            } else {
+                frame.fill(0.0);
+                session.stats.add(&session.stats.input_underruns, 1);
+                self.metrics.input_underruns.inc();
+                0
+            };
+            drop_input(session, trim.observe(backlog), &self.metrics);
+        }
+    }
+
+    fn scatter(&mut self, elapsed: Duration) {
+        let frames = self.output.chunks_exact(FRAME_SAMPLES);
+        for ((slot, &active), frame) in self.slots.iter_mut().zip(&self.active).zip(frames) {
+            let Some(session) = slot.as_mut().filter(|_| active) else {
+                continue;
+            };
+            let overflow = session.output.push(frame) as u64;
+            session
+                .stats
+                .add(&session.stats.output_overflow_samples, overflow);
+            session
+                .stats
+                .last_step_us
+                .store(elapsed.as_micros() as u64, Ordering::Relaxed);
+        }
+        for (slot_idx, piece) in self.text.drain(..) {
+            if let Some(session) = &self.slots[slot_idx] {
+                let _ = session.events.try_send(SessionEvent::Text(piece));
+            }
+        }
+    }
+
+    fn evict_all(&mut self, reason: &str) {
+        tracing::error!(%reason, "engine step failed; ending every session");
+        for slot_idx in 0..self.slots.len() {
+            if let Some(session) = &self.slots[slot_idx] {
+                let _ = session
+                    .events
+                    .try_send(SessionEvent::Error(format!("the model failed: {reason}")));
+                self.free(slot_idx);
+            }
+        }
+    }
+
+    fn record(&self, report: &TickReport, total: Duration) {
+        let m = &self.metrics;
+        m.step_seconds.observe(total.as_secs_f64());
+        let stages = [
+            ("gather", report.gather),
+            ("step", report.step),
+            ("scatter", report.scatter),
+            ("encode", report.stages.encode),
+            ("temporal", report.stages.temporal),
+            ("depformer", report.stages.depformer),
+            ("decode", report.stages.decode),
+        ];
+        for (stage, time) in stages.into_iter().filter(|(_, t)| !t.is_zero()) {
+            m.stage_seconds
+                .with_label_values(&[stage])
+                .observe(time.as_secs_f64());
+        }
+        if report.outcome.overrun {
+            m.ticks_overrun.inc();
+        }
+        m.ticks_missed.inc_by(report.outcome.missed);
+    }
+}
+
+/// Drops the `count` oldest input samples of a session and counts them.
+fn drop_input(session: &mut SlotSession, count: usize, metrics: &Metrics) {
+    if count == 0 {
+        return;
+    }
+    let dropped = session.input.skip(count) as u64;
+    session
+        .stats
+        .add(&session.stats.input_dropped_samples, dropped);
+    metrics.input_dropped_samples.inc_by(dropped);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::PACKET_SAMPLES;
+    use crate::audio::ring::ring;
+    use crate::engine::session::{SessionHandle, SessionStats};
+    use crate::engine::{EchoEngine, PersonaCatalog, SessionEvent};
+    use crossbeam_channel::unbounded;
+
+    struct Harness {
+        step_loop: StepLoop<EchoEngine>,
+        now: Instant,
+        occupancy: Arc<AtomicUsize>,
+    }
+
+    /// A session's transport side, minus the closer (tests call `leave` directly).
+    struct Client {
+        id: SessionId,
+        input: crate::audio::ring::InputProducer,
+        output: crate::audio::ring::OutputConsumer,
+        events: crossbeam_channel::Receiver<SessionEvent>,
+        stats: Arc<SessionStats>,
+    }
+
+    impl Harness {
+        fn new(slots: usize, delay_frames: usize) -> Self {
+            let occupancy = Arc::new(AtomicUsize::new(0));
+            let now = Instant::now();
+            let step_loop = StepLoop::new(
+                EchoEngine::new(slots, delay_frames),
+                now,
+                PACKET_SAMPLES,
+                occupancy.clone(),
+                Arc::new(Metrics::new()),
+            );
+            Self {
+                step_loop,
+                now,
+                occupancy,
+            }
+        }
+
+        fn join(&mut self, id: u64) -> Client {
+            let (input, input_cons) = ring(8 * FRAME_SAMPLES);
+            let (output_prod, output) = ring(4 * FRAME_SAMPLES);
+            let (events_tx, events) = unbounded();
+            let stats = Arc::new(SessionStats::default());
+            self.occupancy.fetch_add(1, Ordering::AcqRel);
+            let session = SlotSession {
+                id: SessionId(id),
+                input: input_cons,
+                output: output_prod,
+                events: events_tx,
+                stats: stats.clone(),
+            };
+            let persona = PersonaCatalog::builtin()
+                .resolve(&Default::default())
+                .unwrap();
+            self.step_loop.join(session, &persona);
+            Client {
+                id: SessionId(id),
+                input,
+                output,
+                events,
+                stats,
+            }
+        }
+
+        /// Advances to the next deadline and runs a tick whose work takes `work`.
+        fn tick_taking(&mut self, work: Duration) -> TickReport {
+            self.now = self.now.max(self.step_loop.deadline());
+            let start = self.now;
+            let mut reads = 0u32;
+            let mut clock = || {
+                reads += 1;
+                // gather, step and scatter each see a third of the work.
+                start + work * (reads - 1).min(3) / 3
+            };
+            let report = self.step_loop.tick(&mut clock);
+            self.now = start + work;
+            report
+        }
+
+        fn tick(&mut self) -> TickReport {
+            self.tick_taking(Duration::from_micros(300))
+        }
+    }
+
+    fn packets(value: f32, count: usize) -> Vec<f32> {
+        vec![value; PACKET_SAMPLES * count]
+    }
+
+    #[test]
+    fn ten_minutes_of_steady_talk_never_drops_or_underruns() {
+        let mut h = Harness::new(2, 1);
+        let mut client = h.join(1);
+        assert_eq!(client.events.try_recv().unwrap(), SessionEvent::Ready);
+        let mut out = vec![0.0; FRAME_SAMPLES];
+        // 7500 ticks = 10 minutes. Four packets arrive before every tick.
+        for idx in 0..7500u32 {
+            assert_eq!(client.input.push(&packets(idx as f32, 4)), 0);
+            let report = h.tick();
+            assert_eq!(report.outcome, TickOutcome::default());
+            assert!(client.output.pop_exact(&mut out));
+            assert_eq!(
+                out[0],
+                idx.saturating_sub(1) as f32,
+                "echo is one frame late"
+            );
+        }
+        let stats = client.stats.snapshot();
+        assert_eq!(
+            (
+                stats.frames,
+                stats.input_underruns,
+                stats.input_dropped_samples
+            ),
+            (7500, 0, 0)
+        );
+        assert_eq!(
+            h.step_loop.deadline(),
+            h.step_loop.clock.origin() + FRAME_PERIOD * 7500
+        );
+        let _ = client.id;
+    }
+
+    #[test]
+    fn missing_input_is_silence_and_counted() {
+        let mut h = Harness::new(1, 0);
+        let mut client = h.join(1);
+        let mut out = vec![1.0; FRAME_SAMPLES];
+        for _ in 0..3 {
+            h.tick();
+        }
+        client.input.push(&packets(0.5, 3));
+        h.tick();
+        assert_eq!(client.stats.snapshot().input_underruns, 4);
+        for _ in 0..4 {
+            assert!(client.output.pop_exact(&mut out));
+            assert!(out.iter().all(|s| *s == 0.0));
+        }
+    }
+
+    #[test]
+    fn a_flood_is_dropped_to_one_packet_of_backlog() {
+        let mut h = Harness::new(1, 0);
+        let mut client = h.join(1);
+        // A client that sent 7 frames at once (e.g. after a network stall).
+        client.input.push(&packets(1.0, 28));
+        h.tick();
+        let stats = client.stats.snapshot();
+        assert_eq!(
+            stats.input_dropped_samples as usize,
+            28 * PACKET_SAMPLES - FRAME_SAMPLES - PACKET_SAMPLES
+        );
+        assert_eq!(
+            client.input.queued(),
+            PACKET_SAMPLES,
+            "one packet waits behind the popped frame"
+        );
+        // That standing packet is kept while the window lasts, then trimmed once.
+        for _ in 1..crate::engine::clock::TRIM_WINDOW_TICKS {
+            client.input.push(&packets(1.0, 4));
+            h.tick();
+        }
+        assert_eq!(
+            client.stats.snapshot().input_dropped_samples,
+            stats.input_dropped_samples + PACKET_SAMPLES as u64
+        );
+        assert_eq!(client.input.queued(), 0);
+        client.input.push(&packets(1.0, 4));
+        h.tick();
+        assert_eq!(client.stats.snapshot().input_underruns, 0);
+    }
+
+    #[test]
+    fn slow_steps_are_counted_and_do_not_queue_ticks() {
+        let mut h = Harness::new(1, 0);
+        let _client = h.join(1);
+        let report = h.tick_taking(Duration::from_millis(90));
+        assert_eq!(
+            report.outcome,
+            TickOutcome {
+                overrun: true,
+                missed: 0
+            }
+        );
+        let report = h.tick_taking(Duration::from_millis(250));
+        assert!(report.outcome.overrun);
+        assert_eq!(report.outcome.missed, 2);
+        let deadline = h.step_loop.deadline();
+        assert!(
+            deadline <= h.now && h.now - deadline < FRAME_PERIOD,
+            "next tick is the latest due one"
+        );
+    }
+
+    #[test]
+    fn leave_frees_the_slot_for_the_next_session() {
+        let mut h = Harness::new(1, 1);
+        let mut first = h.join(1);
+        first.input.push(&packets(0.7, 4));
+        h.tick();
+        h.step_loop.leave(first.id);
+        assert_eq!(h.occupancy.load(Ordering::Acquire), 0);
+        let mut second = h.join(2);
+        assert_eq!(second.events.try_recv().unwrap(), SessionEvent::Ready);
+        second.input.push(&packets(0.2, 4));
+        h.tick();
+        let mut out = vec![1.0; FRAME_SAMPLES];
+        assert!(second.output.pop_exact(&mut out));
+        assert_eq!(
+            out[0], 0.0,
+            "the new session does not hear the old one's audio"
+        );
+    }
+
+    #[test]
+    fn joining_a_full_loop_reports_an_error_and_releases_occupancy() {
+        let mut h = Harness::new(1, 1);
+        let _first = h.join(1);
+        let second = h.join(2);
+        assert!(matches!(
+            second.events.try_recv().unwrap(),
+            SessionEvent::Error(_)
+        ));
+        assert_eq!(h.occupancy.load(Ordering::Acquire), 1);
+        assert_eq!(h.step_loop.active_sessions(), 1);
+    }
+
+    #[test]
+    fn output_that_does_not_fit_is_counted() {
+        let mut h = Harness::new(1, 0);
+        let client = h.join(1);
+        // Nobody drains the 4-frame output ring.
+        for _ in 0..6 {
+            h.tick();
+        }
+        assert_eq!(
+            client.stats.snapshot().output_overflow_samples as usize,
+            2 * FRAME_SAMPLES
+        );
+    }
+
+    #[allow(dead_code)]
+    fn handle_is_send(handle: SessionHandle) -> impl Send {
+        handle
+    }
+}

@@ -1,0 +1,101 @@
+//! Errors the HTTP API answers with: bad input keeps its status and its text, internal errors
+//! are logged once and answered generically.
+
+use crate::engine::{OpenError, PersonaError};
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Seconds a refused client should wait before retrying a full server.
+const RETRY_AFTER_SECONDS: &str = "5";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed SDP offer: {0}")]
+    BadSdp(String),
+    #[error("the offer has no audio section; duplex needs a microphone track (m=audio)")]
+    NoAudio,
+    #[error("the offer's audio section does not offer Opus (opus/48000/2); offered: {offered}")]
+    NoOpus { offered: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Persona(#[from] PersonaError),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("no such session: {0}")]
+    NoSession(String),
+    #[error("server full: all {max} sessions are in use; retry later")]
+    Full { max: usize },
+    #[error("the server is shutting down")]
+    Draining,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<OpenError> for ApiError {
+    fn from(err: OpenError) -> Self {
+        match err {
+            OpenError::Full { max } => Self::Full { max },
+            OpenError::Persona(err) => Self::Persona(err),
+            OpenError::Stopped => Self::Draining,
+        }
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadSdp(_)
+            | Self::NoAudio
+            | Self::NoOpus { .. }
+            | Self::BadRequest(_)
+            | Self::Persona(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NoSession(_) => StatusCode::NOT_FOUND,
+            Self::Full { .. } | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short machine-readable name for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadSdp(_) => "bad_sdp",
+            Self::NoAudio => "no_audio",
+            Self::NoOpus { .. } => "no_opus",
+            Self::BadRequest(_) => "bad_request",
+            Self::Persona(_) => "persona",
+            Self::Unauthorized => "unauthorized",
+            Self::NoSession(_) => "no_session",
+            Self::Full { .. } => "full",
+            Self::Draining => "draining",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = match &self {
+            Self::Internal(detail) => {
+                tracing::error!(%detail, "internal error answering a request");
+                "internal server error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

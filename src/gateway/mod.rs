@@ -1,0 +1,183 @@
+//! Transports: the HTTP server, WebRTC peers and their media loops. Everything a client sends
+//! is checked here and turned into a session on the engine; nothing here touches tensors.
+
+mod error;
+pub mod jitter;
+pub mod media;
+pub mod peer;
+pub mod ports;
+mod routes;
+pub mod sdp;
+
+pub use error::ApiError;
+pub use peer::PeerSettings;
+pub use routes::router;
+
+use crate::engine::{EngineHandle, PersonaRequest, SessionHandle, SessionId};
+use jitter::InboundAudio;
+use media::SessionTask;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown waits for live sessions to close.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Server options that are not the engine's.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayConfig {
+    /// Bearer token required on the signaling endpoints, if set.
+    pub token: Option<String>,
+    pub peer: PeerSettings,
+}
+
+/// What every request handler and session task shares.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub config: GatewayConfig,
+    sessions: Mutex<HashMap<SessionId, CancellationToken>>,
+    draining: AtomicBool,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, config: GatewayConfig) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Negotiates a WebRTC session for `offer_sdp` and starts it; returns its id and the answer.
+    pub async fn accept_offer(
+        self: &Arc<Self>,
+        offer_sdp: &str,
+        persona: &PersonaRequest,
+    ) -> Result<(SessionId, String), ApiError> {
+        if self.is_draining() {
+            return Err(ApiError::Draining);
+        }
+        let offer = sdp::parse_offer(offer_sdp)?;
+        let SessionHandle {
+            id,
+            input,
+            output,
+            events,
+            stats,
+            closer,
+        } = self.engine.open_session(persona)?;
+        let inbound = InboundAudio::new(input).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let metrics = self.engine.metrics().clone();
+        let settings = &self.config.peer;
+        let peer =
+            peer::answer(offer, settings, id, inbound, stats.clone(), metrics.clone()).await?;
+        let answer_sdp = peer.answer_sdp.clone();
+        let cancel = self.shutdown.child_token();
+        self.sessions
+            .lock()
+            .expect("session map lock")
+            .insert(id, cancel.clone());
+        let task = SessionTask {
+            id,
+            peer,
+            output,
+            events,
+            stats,
+            closer,
+            cancel,
+            engine_name: self.engine.info().name,
+            schedule: self.engine.output_schedule(),
+            connect_timeout: settings.connect_timeout,
+            metrics,
+        };
+        let state = self.clone();
+        tokio::spawn(async move {
+            media::run(task).await;
+            state.sessions.lock().expect("session map lock").remove(&id);
+        });
+        tracing::info!(session = %id, "session started");
+        Ok((id, answer_sdp))
+    }
+
+    /// Ends session `id` (DELETE on its resource).
+    pub fn end_session(&self, id: SessionId) -> Result<(), ApiError> {
+        let sessions = self.sessions.lock().expect("session map lock");
+        let cancel = sessions
+            .get(&id)
+            .ok_or_else(|| ApiError::NoSession(id.to_string()))?;
+        cancel.cancel();
+        Ok(())
+    }
+
+    /// Stops taking offers, closes every live session and waits (briefly) for them to finish.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.live_sessions() > 0 {
+            tracing::warn!(
+                left = self.live_sessions(),
+                "sessions still closing at shutdown"
+            );
+        }
+    }
+}
+
+/// An HTTP server bound to its port, not yet serving.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    pub async fn bind(addr: SocketAddr, state: Arc<AppState>) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then drains live sessions.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let drained = CancellationToken::new();
+        let drained_signal = drained.clone();
+        let drain_state = state.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new sessions and closing live ones");
+            drain_state.drain().await;
+            drained_signal.cancel();
+        });
+        axum::serve(self.listener, router(state))
+            .with_graceful_shutdown(drained.cancelled_owned())
+            .await
+    }
+}

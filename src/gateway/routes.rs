@@ -1,0 +1,397 @@
+//! HTTP routes: the page, signaling (`/api/offer`, `/api/sessions/{id}`), `/api/info`,
+//! `/health` and `/metrics`.
+
+use super::AppState;
+use super::error::ApiError;
+use super::sdp::MAX_OFFER_BYTES;
+use crate::engine::{PersonaRequest, SessionId};
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const STYLE_CSS: &str = include_str!("../../web/style.css");
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let signaling = Router::new()
+        .route("/api/offer", post(offer))
+        .route("/api/sessions/{id}", delete(end_session))
+        .layer(DefaultBodyLimit::max(MAX_OFFER_BYTES));
+    Router::new()
+        .route(
+            "/",
+            get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { page(STYLE_CSS, "text/css; charset=utf-8") }),
+        )
+        .route("/api/info", get(info))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(signaling)
+        .with_state(state)
+}
+
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let info = state.engine.info();
+    Json(json!({
+        "engine": info.name,
+        "model": info.model,
+        "notice": info.notice,
+        "voices": info.catalog.voices,
+        "default_voice": info.catalog.default_voice,
+        "prompts": info.catalog.prompts,
+        "max_prompt_chars": info.catalog.max_prompt_chars,
+        "auth_required": state.config.token.is_some(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let status = if state.is_draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({
+        "status": if state.is_draining() { "draining" } else { "ok" },
+        "engine": state.engine.info().name,
+        "sessions": state.engine.active_sessions(),
+        "max_sessions": state.engine.max_sessions(),
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state.engine.metrics().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// The JSON form of an offer.
+#[derive(Deserialize)]
+struct JsonOffer {
+    sdp: String,
+    #[serde(rename = "type")]
+    kind: String,
+    voice: Option<String>,
+    prompt: Option<String>,
+}
+
+/// Persona choice for WHIP clients, which can only send SDP in the body.
+#[derive(Deserialize, Default)]
+struct PersonaQuery {
+    voice: Option<String>,
+    prompt: Option<String>,
+}
+
+/// `POST /api/offer`: WHIP (`application/sdp` → 201 + `Location` + SDP answer) or JSON
+/// (`{"sdp","type":"offer","voice","prompt"}` → `{"sdp","type":"answer","session"}`).
+async fn offer(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<PersonaQuery>,
+    body: Bytes,
+) -> Response {
+    let result = negotiate(&state, &headers, query, &body).await;
+    if let Err(err) = &result {
+        state
+            .engine
+            .metrics()
+            .sessions_rejected
+            .with_label_values(&[err.reason()])
+            .inc();
+        tracing::info!(reason = err.reason(), %err, "offer refused");
+    }
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn negotiate(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    query: PersonaQuery,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    authorize(state, headers)?;
+    if is_sdp(headers) {
+        let sdp = std::str::from_utf8(body)
+            .map_err(|_| ApiError::BadSdp("the offer is not UTF-8 text".into()))?;
+        let persona = PersonaRequest {
+            voice: query.voice,
+            prompt: query.prompt,
+        };
+        let (id, answer) = state.accept_offer(sdp, &persona).await?;
+        let location =
+            HeaderValue::from_str(&format!("/api/sessions/{id}")).expect("session ids are ASCII");
+        let headers = [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/sdp"),
+            ),
+            (header::LOCATION, location),
+        ];
+        return Ok((StatusCode::CREATED, headers, answer).into_response());
+    }
+    let offer: JsonOffer = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected JSON {{\"sdp\",\"type\":\"offer\"}} or an application/sdp body: {e}"
+        ))
+    })?;
+    if offer.kind != "offer" {
+        return Err(ApiError::BadRequest(format!(
+            "type must be \"offer\", got {:?}",
+            offer.kind
+        )));
+    }
+    let persona = PersonaRequest {
+        voice: offer.voice,
+        prompt: offer.prompt,
+    };
+    let (id, answer) = state.accept_offer(&offer.sdp, &persona).await?;
+    Ok(Json(json!({"sdp": answer, "type": "answer", "session": id.to_string()})).into_response())
+}
+
+fn is_sdp(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"))
+}
+
+/// `DELETE /api/sessions/{id}`: ends the session.
+async fn end_session(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &headers)?;
+    let session = SessionId::parse(&id).ok_or_else(|| ApiError::NoSession(id.clone()))?;
+    state.end_session(session)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks the bearer token when one is configured, in constant time.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.config.token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EchoEngine, EngineConfig, EngineHandle};
+    use crate::gateway::GatewayConfig;
+    use crate::gateway::sdp::tests::CHROME_OFFER;
+    use crate::metrics::Metrics;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn app(token: Option<&str>, max_sessions: usize) -> (Router, Arc<AppState>) {
+        let config = EngineConfig {
+            max_sessions,
+            ..Default::default()
+        };
+        let engine =
+            EngineHandle::start(EchoEngine::new(4, 1), config, Arc::new(Metrics::new())).unwrap();
+        let state = AppState::new(
+            engine,
+            GatewayConfig {
+                token: token.map(Into::into),
+                ..Default::default()
+            },
+        );
+        (router(state.clone()), state)
+    }
+
+    async fn send(app: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let response = app.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    fn json_offer(sdp: &str) -> Request<Body> {
+        let body = json!({"sdp": sdp, "type": "offer"}).to_string();
+        Request::post("/api/offer")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_page_and_info_are_served() {
+        let (app, state) = app(None, 2);
+        let (status, headers, body) =
+            send(&app, Request::get("/").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        assert!(body.contains("app.js"));
+        let (status, _, body) =
+            send(&app, Request::get("/api/info").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(info["engine"], "echo");
+        assert!(info["notice"].as_str().unwrap().contains("Echo engine"));
+        assert_eq!(info["voices"].as_array().unwrap().len(), 18);
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn malformed_sdp_is_a_400_naming_the_problem() {
+        let (app, state) = app(None, 2);
+        let (status, _, body) = send(&app, json_offer("v=0\r\nnonsense\r\n")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("malformed SDP offer"), "{body}");
+        let whip = Request::post("/api/offer")
+            .header("content-type", "application/sdp")
+            .body(Body::from("garbage"))
+            .unwrap();
+        let (status, _, body) = send(&app, whip).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("malformed SDP offer"), "{body}");
+        assert_eq!(state.engine.active_sessions(), 0);
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn bad_json_and_wrong_type_are_400() {
+        let (app, state) = app(None, 2);
+        let request = Request::post("/api/offer")
+            .header("content-type", "application/json")
+            .body(Body::from("{"))
+            .unwrap();
+        assert_eq!(send(&app, request).await.0, StatusCode::BAD_REQUEST);
+        let body = json!({"sdp": CHROME_OFFER, "type": "answer"}).to_string();
+        let request = Request::post("/api/offer")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let (status, _, body) = send(&app, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("type must be"));
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn unknown_voices_are_refused_with_the_list() {
+        let (app, state) = app(None, 2);
+        let body =
+            json!({"sdp": CHROME_OFFER, "type": "offer", "voice": "../../etc/passwd"}).to_string();
+        let request = Request::post("/api/offer")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let (status, _, body) = send(&app, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body.contains("unknown voice") && body.contains("NATF0"),
+            "{body}"
+        );
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_refused() {
+        let (app, state) = app(None, 2);
+        let huge = "a".repeat(MAX_OFFER_BYTES + 1);
+        let request = Request::post("/api/offer")
+            .header("content-type", "application/sdp")
+            .body(Body::from(huge))
+            .unwrap();
+        assert_eq!(send(&app, request).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn tokens_are_required_when_configured() {
+        let (app, state) = app(Some("sesame"), 2);
+        let (status, headers, _) = send(&app, json_offer(CHROME_OFFER)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        let mut request = json_offer(CHROME_OFFER);
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer wrong"),
+        );
+        assert_eq!(send(&app, request).await.0, StatusCode::UNAUTHORIZED);
+        let delete = Request::delete("/api/sessions/s00000001")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&app, delete).await.0, StatusCode::UNAUTHORIZED);
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn deleting_an_unknown_session_is_404() {
+        let (app, state) = app(None, 2);
+        for id in ["s00000099", "nonsense"] {
+            let delete = Request::delete(format!("/api/sessions/{id}"))
+                .body(Body::empty())
+                .unwrap();
+            assert_eq!(send(&app, delete).await.0, StatusCode::NOT_FOUND);
+        }
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn health_and_metrics_answer() {
+        let (app, state) = app(None, 3);
+        let (status, _, body) =
+            send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("\"max_sessions\":3"));
+        let (status, _, body) =
+            send(&app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("duplex_step_seconds"));
+        state.engine.shutdown();
+    }
+}

@@ -1,0 +1,10 @@
+//! duplex: a real-time, full-duplex voice agent server for PersonaPlex / Moshi models.
+//!
+//! Dependencies point one way: `gateway` → `engine` → `audio`; `metrics` is a leaf used by both.
+//! See `ARCHITECTURE.md` for the map and one frame's path through it.
+
+pub mod audio;
+pub mod bench;
+pub mod engine;
+pub mod gateway;
+pub mod metrics;

@@ -1,0 +1,155 @@
+//! Shared pieces of the integration tests: an in-process server on loopback and test speech.
+
+#![allow(dead_code)]
+
+use duplex::audio::{SAMPLE_RATE, signal, wav};
+use duplex::engine::{EchoEngine, EngineConfig, EngineHandle};
+use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server};
+use duplex::metrics::Metrics;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestServer {
+    pub base_url: String,
+    pub state: Arc<AppState>,
+    pub metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub struct ServerOptions {
+    pub max_sessions: usize,
+    pub token: Option<String>,
+    pub ice_disconnected: Duration,
+    pub ice_failed: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_sessions: 4,
+            token: None,
+            ice_disconnected: Duration::from_secs(2),
+            ice_failed: Duration::from_secs(2),
+        }
+    }
+}
+
+impl TestServer {
+    pub async fn start(options: ServerOptions) -> Self {
+        init_logging();
+        let metrics = Arc::new(Metrics::new());
+        let config = EngineConfig {
+            max_sessions: options.max_sessions,
+            ..Default::default()
+        };
+        let engine = EngineHandle::start(
+            EchoEngine::new(options.max_sessions, 1),
+            config,
+            metrics.clone(),
+        )
+        .unwrap();
+        let peer = PeerSettings {
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ice_disconnected: options.ice_disconnected,
+            ice_failed: options.ice_failed,
+            ..Default::default()
+        };
+        let state = AppState::new(
+            engine,
+            GatewayConfig {
+                token: options.token,
+                peer,
+            },
+        );
+        let server = Server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), state.clone())
+            .await
+            .unwrap();
+        let base_url = format!("http://{}", server.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone().cancelled_owned()));
+        Self {
+            base_url,
+            state,
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    /// Shuts down like SIGTERM would and returns how long it took.
+    pub async fn stop(self) -> Duration {
+        let started = std::time::Instant::now();
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+        self.state.engine.shutdown();
+        started.elapsed()
+    }
+}
+
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Speech from espeak-ng at 24 kHz, or (where espeak-ng is missing) a speech-like signal.
+pub fn speech(text: &str, seconds: f64) -> Vec<f32> {
+    let len = (seconds * SAMPLE_RATE as f64) as usize;
+    let mut pcm = espeak(text).unwrap_or_else(|| {
+        eprintln!("espeak-ng or sox not found: using a synthetic speech-like signal");
+        signal::speech_like(len, 5)
+    });
+    pcm.resize(len, 0.0);
+    pcm
+}
+
+fn espeak(text: &str) -> Option<Vec<f32>> {
+    let dir = scratch_dir("speech");
+    let raw = dir.join("say.wav");
+    let at_24k = dir.join("say24k.wav");
+    let spoke = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "160", "-w"])
+        .arg(&raw)
+        .arg(text)
+        .status()
+        .ok()?;
+    let converted = Command::new("sox")
+        .args(["-R", "-D"])
+        .arg(&raw)
+        .args(["-r", "24000", "-c", "1", "-b", "16"])
+        .arg(&at_24k)
+        .status()
+        .ok()?;
+    if !spoke.success() || !converted.success() {
+        return None;
+    }
+    wav::read_mono_24k(&at_24k).ok()
+}
+
+/// A fresh scratch directory under the target dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}

@@ -1,0 +1,365 @@
+//! The WebRTC path end to end with a real client peer (the same crate) on loopback: audio goes
+//! through Opus, the jitter buffer, the rings, the step loop (echo engine) and back.
+
+mod common;
+
+use bytes::Bytes;
+use common::{ServerOptions, TestServer, eventually, speech};
+use duplex::audio::{PACKET_SAMPLES, SAMPLE_RATE, signal};
+use duplex::bench::client::{ClientOptions, ClientPeer, Refused};
+use std::time::Duration;
+
+fn options(server: &TestServer) -> ClientOptions {
+    ClientOptions {
+        base_url: server.base_url.clone(),
+        ..Default::default()
+    }
+}
+
+const SENTENCE: &str =
+    "Hello, this is a test of the full duplex voice agent. Can you hear me clearly?";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_comes_back_over_the_same_connection() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    let mut client = ClientPeer::connect(options(&server)).await.unwrap();
+    let sent = speech(SENTENCE, 3.0);
+    client.play(&sent).await.unwrap();
+    // Let the echo (about 200 ms behind) and the end-of-utterance text arrive.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let recording = client.recording();
+    let max_lag = SAMPLE_RATE as usize; // a generous functional bound: 1 s
+    let (lag, correlation) = signal::best_lag(&sent, &recording.pcm, max_lag);
+    let round_trip_ms = lag as f64 * 1000.0 / SAMPLE_RATE as f64;
+    eprintln!("echo correlation {correlation:.3} at {round_trip_ms:.0} ms");
+    assert!(
+        correlation > 0.7,
+        "received audio does not match what was sent (correlation {correlation})"
+    );
+    assert!(
+        (100.0..600.0).contains(&round_trip_ms),
+        "round trip {round_trip_ms} ms"
+    );
+
+    let events = client.events();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"ready"), "events: {events:?}");
+    assert!(kinds.contains(&"stats"), "events: {events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "text" && e["text"].as_str().unwrap_or("").contains("echo")),
+        "the echo engine reports the utterance as text: {events:?}"
+    );
+    let stats = events.iter().rev().find(|e| e["type"] == "stats").unwrap();
+    assert!(
+        stats["packets_received"].as_u64().unwrap() >= 100,
+        "{stats}"
+    );
+    assert_eq!(stats["packets_bad"], 0);
+
+    client.close().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .state
+            .engine
+            .active_sessions()
+            == 0)
+        .await
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_payloads_are_counted_and_the_session_goes_on() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    let mut client = ClientPeer::connect(options(&server)).await.unwrap();
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    for idx in 0..40u8 {
+        ticker.tick().await;
+        // Invalid Opus: TOC code 3 with a zero frame count, then random bytes.
+        let garbage = Bytes::from(vec![0x03, 0x00, idx, 0xff, 0x13, 0x37]);
+        client.send_payload(garbage).await.unwrap();
+    }
+    let sent = speech(SENTENCE, 2.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recording = client.recording();
+    // The echo of the speech still arrives after the garbage.
+    let tail = &recording.pcm[40 * PACKET_SAMPLES..];
+    let (_, correlation) = signal::best_lag(&sent, tail, SAMPLE_RATE as usize);
+    assert!(
+        correlation > 0.7,
+        "echo after garbage: correlation {correlation}"
+    );
+    assert!(
+        server.metrics.packets_bad.get() >= 30,
+        "bad packets counted: {}",
+        server.metrics.packets_bad.get()
+    );
+    let stats = client
+        .events()
+        .into_iter()
+        .rev()
+        .find(|e| e["type"] == "stats")
+        .unwrap();
+    assert!(stats["packets_bad"].as_u64().unwrap() >= 30, "{stats}");
+    client.close().await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_answers_503_with_retry_after() {
+    let server = TestServer::start(ServerOptions {
+        max_sessions: 1,
+        ..Default::default()
+    })
+    .await;
+    let first = ClientPeer::connect(options(&server)).await.unwrap();
+    let err = ClientPeer::connect(options(&server))
+        .await
+        .err()
+        .expect("second session must be refused");
+    let refused = err
+        .downcast_ref::<Refused>()
+        .unwrap_or_else(|| panic!("not a refusal: {err:#}"));
+    assert_eq!(refused.status, 503);
+    assert!(refused.body.contains("server full"), "{}", refused.body);
+    assert_eq!(refused.retry_after.as_deref(), Some("5"));
+    assert_eq!(
+        server
+            .metrics
+            .sessions_rejected
+            .with_label_values(&["full"])
+            .get(),
+        1
+    );
+    // Once the first leaves, the slot is free again.
+    first.close().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .state
+            .engine
+            .active_sessions()
+            == 0)
+        .await
+    );
+    ClientPeer::connect(options(&server))
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_required_when_configured() {
+    let server = TestServer::start(ServerOptions {
+        token: Some("open-sesame".into()),
+        ..Default::default()
+    })
+    .await;
+    for token in [None, Some("wrong".to_owned())] {
+        let err = ClientPeer::connect(ClientOptions {
+            token,
+            ..options(&server)
+        })
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.downcast_ref::<Refused>().map(|r| r.status),
+            Some(401),
+            "{err:#}"
+        );
+    }
+    let client = ClientPeer::connect(ClientOptions {
+        token: Some("open-sesame".into()),
+        ..options(&server)
+    })
+    .await
+    .unwrap();
+    client.close().await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_voice_is_refused_before_any_media() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    let err = ClientPeer::connect(ClientOptions {
+        voice: Some("NOT_A_VOICE".into()),
+        ..options(&server)
+    })
+    .await
+    .err()
+    .unwrap();
+    let refused = err.downcast_ref::<Refused>().unwrap();
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.body.contains("NATF0"),
+        "lists the voices: {}",
+        refused.body
+    );
+    assert_eq!(server.state.engine.active_sessions(), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_offers_get_201_location_and_delete_ends_the_session() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    // A real offer, made by a client peer that we then drive by hand over WHIP.
+    let (sdp, holder) = duplex_offer().await;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("{}/api/offer?voice=NATM1", server.base_url))
+        .header("content-type", "application/sdp")
+        .body(sdp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["content-type"], "application/sdp");
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with("/api/sessions/s"), "{location}");
+    let answer = response.text().await.unwrap();
+    assert!(
+        answer.contains("opus/48000/2") && answer.contains("a=candidate"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("127.0.0.1"),
+        "the answer carries a loopback candidate"
+    );
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    let deleted = http
+        .delete(format!("{}{location}", server.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .state
+            .engine
+            .active_sessions()
+            == 0)
+        .await
+    );
+    let again = http
+        .delete(format!("{}{location}", server.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    drop(holder);
+    server.stop().await;
+}
+
+/// An SDP offer from a webrtc-rs peer (kept alive by the returned value).
+async fn duplex_offer() -> (String, impl Drop) {
+    use duplex::gateway::peer::{opus_media_engine, opus_track};
+    use std::sync::Arc;
+    use webrtc::peer_connection::{
+        PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    };
+    struct Quiet;
+    #[async_trait::async_trait]
+    impl PeerConnectionEventHandler for Quiet {}
+    /// Keeps the offering peer alive until the test is done with it.
+    struct Holder(#[allow(dead_code)] Arc<dyn PeerConnection>);
+    impl Drop for Holder {
+        fn drop(&mut self) {}
+    }
+    let (media, registry) = opus_media_engine().unwrap();
+    let pc: Arc<dyn PeerConnection> = Arc::new(
+        PeerConnectionBuilder::new()
+            .with_media_engine(media)
+            .with_interceptor_registry(registry)
+            .with_handler(Arc::new(Quiet))
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await
+            .unwrap(),
+    );
+    pc.add_track(opus_track("user").unwrap().0).await.unwrap();
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer.clone()).await.unwrap();
+    (offer.sdp, Holder(pc))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_live_sessions_within_seconds() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    let mut client = ClientPeer::connect(options(&server)).await.unwrap();
+    let took = server.stop().await;
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
+    let state = client
+        .wait_disconnected(Duration::from_secs(5))
+        .await
+        .unwrap();
+    eprintln!("client saw {state} after shutdown");
+}
+
+/// The child half of `a_vanished_client_frees_its_slot`: connects, then waits to be killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_vanished_client_frees_its_slot in a child process"]
+async fn vanishing_client_child() {
+    let Ok(base_url) = std::env::var("DUPLEX_TEST_SERVER") else {
+        return;
+    };
+    let mut client = ClientPeer::connect(ClientOptions {
+        base_url,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    println!("CONNECTED {}", client.session);
+    let pcm = speech("still here", 60.0);
+    client.play(&pcm).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_frees_its_slot() {
+    use std::io::{BufRead, BufReader};
+    let server = TestServer::start(ServerOptions {
+        ice_disconnected: Duration::from_secs(1),
+        ice_failed: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "vanishing_client_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("DUPLEX_TEST_SERVER", &server.base_url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let connected = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("CONNECTED"))
+    })
+    .await
+    .unwrap();
+    assert!(connected, "the child client never connected");
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    // SIGKILL: no DELETE, no DTLS close, no ICE goodbye.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let freed = eventually(Duration::from_secs(15), || {
+        server.state.engine.active_sessions() == 0
+    })
+    .await;
+    assert!(freed, "the vanished client's slot was never freed");
+    assert_eq!(server.metrics.sessions_vanished.get(), 1);
+    server.stop().await;
+}
