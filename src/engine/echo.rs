@@ -86,8 +86,9 @@ impl Engine for EchoEngine {
             model: None,
             delay_frames: self.delay_frames,
             notice: Some(format!(
-                "Echo engine: no speech model is loaded, so you hear yourself {} ms later. \
-                 Serve PersonaPlex with `duplex serve --model-dir DIR` (weights from `duplex fetch`).",
+                "Echo engine: no speech model is loaded, so you hear yourself back ({} ms of engine delay \
+                 plus the frame and the network, about 0.2 s in all). Serve PersonaPlex with \
+                 `duplex serve --model-dir DIR` (weights from `duplex fetch`).",
                 self.delay_frames as u64 * FRAME_MS
             )),
             catalog: self.catalog.clone(),

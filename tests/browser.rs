@@ -1,0 +1,145 @@
+//! Headless Chromium drives the web page against the real `duplex serve` binary: it opens the
+//! page, connects with a fake microphone playing espeak-ng speech, and must reach the connected
+//! state and play non-silent agent audio. Server and browser run in a network namespace with
+//! only loopback up (when the machine allows it), so nothing leaves the machine.
+//!
+//! Needs Chromium, espeak-ng, sox and the Node packages: `bash .ci/setup test`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// espeak-ng speech at 48 kHz mono for Chromium's fake microphone.
+fn speech_wav(dir: &Path) -> PathBuf {
+    let raw = dir.join("say.wav");
+    let out = dir.join("say48k.wav");
+    let text = "Hello there. This is the browser test of the duplex voice agent. One, two, three.";
+    let spoke = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "150", "-w"])
+        .arg(&raw)
+        .arg(text)
+        .status();
+    assert!(
+        spoke.is_ok_and(|s| s.success()),
+        "espeak-ng failed or is missing: run `bash .ci/setup test`"
+    );
+    // Half a second of lead-in silence, then the sentence; Chromium loops the file.
+    let converted = Command::new("sox")
+        .args(["-R", "-D"])
+        .arg(&raw)
+        .args(["-r", "48000", "-c", "1", "-b", "16"])
+        .arg(&out)
+        .args(["pad", "0.5", "0.5"])
+        .status();
+    assert!(
+        converted.is_ok_and(|s| s.success()),
+        "sox failed or is missing: run `bash .ci/setup test`"
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether this machine lets us make a network namespace (root, or unprivileged user namespaces).
+fn can_isolate() -> bool {
+    Command::new("unshare")
+        .args(["-rn", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_page_connects_and_plays_the_agents_audio() {
+    if std::env::var_os("DUPLEX_SKIP_BROWSER").is_some() {
+        eprintln!("browser test skipped: DUPLEX_SKIP_BROWSER is set");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        chromium().exists(),
+        "{} not found: run `bash .ci/setup test`",
+        chromium().display()
+    );
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core")
+            .exists(),
+        "Node packages missing: run `bash .ci/setup test`"
+    );
+    let dir = common::scratch_dir("browser");
+    let wav = speech_wav(&dir);
+    let screenshot = dir.join("browser.png");
+    let port = free_port();
+    let script = format!(
+        r#"ip link set lo up 2>/dev/null
+"{duplex}" serve --host 127.0.0.1 --port {port} --max-sessions 2 &
+server=$!
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && break; sleep 0.1; done
+node "{e2e}" --url http://127.0.0.1:{port}/ --wav "{wav}" --screenshot "{shot}" --timeout-ms 40000
+status=$?
+kill -TERM $server
+wait $server
+server_status=$?
+echo "server exit: $server_status" >&2
+[ $status -eq 0 ] && [ $server_status -eq 0 ]
+"#,
+        duplex = env!("CARGO_BIN_EXE_duplex"),
+        e2e = root.join("tests/browser/e2e.mjs").display(),
+        wav = wav.display(),
+        shot = screenshot.display(),
+    );
+    let isolated = can_isolate();
+    if !isolated {
+        eprintln!("no network namespace available here: running on the host's loopback instead");
+    }
+    let mut command = if isolated {
+        Command::new("unshare")
+    } else {
+        Command::new("bash")
+    };
+    if isolated {
+        command.args(["-rn", "bash"]);
+    }
+    let output = command
+        .arg("-c")
+        .arg(&script)
+        .env("CHROMIUM", chromium())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("screenshot: {}", screenshot.display());
+    let report = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    let Some(report) = report else {
+        panic!("no report from the browser script\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    };
+    eprintln!("browser report: {report}");
+    assert_eq!(
+        report["ok"], true,
+        "browser check failed: {report}\nstderr:\n{stderr}"
+    );
+    assert!(
+        report["inboundAudioEnergy"].as_f64().unwrap_or(0.0) > 1e-4,
+        "{report}"
+    );
+    assert!(
+        output.status.success(),
+        "server or browser exited badly\nstderr:\n{stderr}"
+    );
+    assert!(screenshot.exists(), "no screenshot was written");
+}
