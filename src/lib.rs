@@ -8,3 +8,4 @@ pub mod bench;
 pub mod engine;
 pub mod gateway;
 pub mod metrics;
+pub mod model;

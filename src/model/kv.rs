@@ -1,0 +1,333 @@
+//! Ring key/value caches with absolute positions, and attention over them.
+//!
+//! Each layer keeps one `[batch, heads, capacity, head_dim]` buffer for keys and one for values;
+//! slot `b` writes its `n`-th token at ring index `n % capacity`. Shapes never change, so a
+//! step can be replayed, and a slot is reset by forgetting its count. Which ring entries a query
+//! may see is decided from the counts alone (the additive mask), as in the reference.
+
+use super::Result;
+use candle_core::{D, DType, Device, Tensor};
+
+/// How a full ring labels its oldest entry — the one difference between the two references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RingPositions {
+    /// PersonaPlex / moshi 0.1.0: the entry the next write will overwrite is masked, so a full
+    /// ring attends `capacity − 1` keys. What the official server computes.
+    #[default]
+    PersonaPlex,
+    /// PyPI moshi ≥ 0.2: a full ring attends all `capacity` keys, as in training.
+    Exact,
+}
+
+/// What a step attends to: the stored keys and values (possibly only the filled prefix) and an
+/// additive mask `[batch, 1, time, len]` (0 where visible, −∞ where not).
+pub struct Attend {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub mask: Tensor,
+}
+
+/// The keys and values one slot holds, copied out so a persona prefill can be restored later.
+#[derive(Debug, Clone)]
+pub struct SlotKv {
+    k: Tensor,
+    v: Tensor,
+    end: u64,
+}
+
+/// One layer's ring cache for a batch of slots.
+#[derive(Debug, Clone)]
+pub struct RingKv {
+    k: Tensor,
+    v: Tensor,
+    ends: Vec<u64>,
+    capacity: usize,
+    positions: RingPositions,
+}
+
+impl RingKv {
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+        positions: RingPositions,
+    ) -> Result<Self> {
+        let shape = (batch, heads, capacity, head_dim);
+        Ok(Self {
+            k: Tensor::zeros(shape, dtype, device)?,
+            v: Tensor::zeros(shape, dtype, device)?,
+            ends: vec![0; batch],
+            capacity,
+            positions,
+        })
+    }
+
+    /// Tokens slot `slot_idx` has written since its reset (its next token's position).
+    pub fn end(&self, slot_idx: usize) -> u64 {
+        self.ends[slot_idx]
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn reset_slot(&mut self, slot_idx: usize) {
+        self.ends[slot_idx] = 0;
+    }
+
+    pub fn reset_all(&mut self) {
+        self.ends.fill(0);
+    }
+
+    /// Writes `k`/`v` `[batch, heads, time, head_dim]` for every active slot (each advances by
+    /// `time`) and returns what the new queries attend to.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor, active: &[bool]) -> Result<Attend> {
+        let time = k.dim(2)?;
+        if time >= self.capacity {
+            candle_core::bail!(
+                "a step of {time} tokens does not fit a ring of {} entries",
+                self.capacity
+            );
+        }
+        for slot_idx in (0..self.ends.len()).filter(|&b| active[b]) {
+            let start = (self.ends[slot_idx] % self.capacity as u64) as usize;
+            write_ring(
+                &self.k,
+                &k.narrow(0, slot_idx, 1)?,
+                slot_idx,
+                start,
+                self.capacity,
+            )?;
+            write_ring(
+                &self.v,
+                &v.narrow(0, slot_idx, 1)?,
+                slot_idx,
+                start,
+                self.capacity,
+            )?;
+            self.ends[slot_idx] += time as u64;
+        }
+        let len = self.visible_len();
+        let mask = self.mask(time, len, active, k.device())?;
+        Ok(Attend {
+            k: self.k.narrow(2, 0, len)?,
+            v: self.v.narrow(2, 0, len)?,
+            mask,
+        })
+    }
+
+    /// Ring entries any slot has written (all of them once one slot has wrapped).
+    fn visible_len(&self) -> usize {
+        let longest = self.ends.iter().copied().max().unwrap_or(0);
+        (longest.min(self.capacity as u64) as usize).max(1)
+    }
+
+    fn mask(&self, time: usize, len: usize, active: &[bool], device: &Device) -> Result<Tensor> {
+        let mut mask = vec![0f32; self.ends.len() * time * len];
+        for (slot_idx, rows) in mask.chunks_exact_mut(time * len).enumerate() {
+            if !active[slot_idx] {
+                continue;
+            }
+            for (query_idx, row) in rows.chunks_exact_mut(len).enumerate() {
+                let end = self.ends[slot_idx];
+                let query_pos = end - time as u64 + query_idx as u64;
+                for (ring_idx, cell) in row.iter_mut().enumerate() {
+                    if !self.visible(end, ring_idx, query_pos) {
+                        *cell = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(mask, (self.ends.len(), 1, time, len), device)
+    }
+
+    /// Whether ring entry `ring_idx` is visible to a query at `query_pos` after `end` writes.
+    fn visible(&self, end: u64, ring_idx: usize, query_pos: u64) -> bool {
+        let capacity = self.capacity as u64;
+        let ring_idx = ring_idx as u64;
+        if end == 0 || ring_idx > end - 1 {
+            return false;
+        }
+        let last = end - 1;
+        let stored_pos = last - (last - ring_idx) % capacity;
+        if stored_pos > query_pos {
+            return false;
+        }
+        let oldest_of_full_ring = end >= capacity && ring_idx == end % capacity;
+        !(self.positions == RingPositions::PersonaPlex && oldest_of_full_ring)
+    }
+
+    /// Copies what slot `slot_idx` holds (its filled entries only).
+    pub fn save_slot(&self, slot_idx: usize) -> Result<SlotKv> {
+        let end = self.ends[slot_idx];
+        let len = (end.min(self.capacity as u64) as usize).max(1);
+        let take = |t: &Tensor| t.narrow(0, slot_idx, 1)?.narrow(2, 0, len)?.copy();
+        Ok(SlotKv {
+            k: take(&self.k)?,
+            v: take(&self.v)?,
+            end,
+        })
+    }
+
+    /// Puts a saved slot back, possibly into another slot index.
+    pub fn restore_slot(&mut self, slot_idx: usize, saved: &SlotKv) -> Result<()> {
+        self.k.narrow(0, slot_idx, 1)?.slice_set(&saved.k, 2, 0)?;
+        self.v.narrow(0, slot_idx, 1)?.slice_set(&saved.v, 2, 0)?;
+        self.ends[slot_idx] = saved.end;
+        Ok(())
+    }
+}
+
+/// Writes `new` `[1, heads, time, head_dim]` into row `slot_idx` of `ring` from `start`, wrapping.
+fn write_ring(
+    ring: &Tensor,
+    new: &Tensor,
+    slot_idx: usize,
+    start: usize,
+    capacity: usize,
+) -> Result<()> {
+    let time = new.dim(2)?;
+    let row = ring.narrow(0, slot_idx, 1)?;
+    let first = time.min(capacity - start);
+    row.slice_set(&new.narrow(2, 0, first)?.contiguous()?, 2, start)?;
+    if first < time {
+        row.slice_set(&new.narrow(2, first, time - first)?.contiguous()?, 2, 0)?;
+    }
+    Ok(())
+}
+
+/// Scaled dot-product attention of `q` `[batch, heads, time, head_dim]` over `attend`.
+pub fn attention(q: &Tensor, attend: &Attend) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.contiguous()?.matmul(&attend.k.t()?.contiguous()?)? * scale)?;
+    let scores = scores.broadcast_add(&attend.mask.to_dtype(scores.dtype())?)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&attend.v.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(capacity: usize, positions: RingPositions) -> RingKv {
+        RingKv::new(2, 1, capacity, 1, DType::F32, &Device::Cpu, positions).unwrap()
+    }
+
+    /// Writes `time` tokens whose key value is their position, for slot 0 only.
+    fn write(ring: &mut RingKv, time: usize) -> Attend {
+        let start = ring.end(0) as f32;
+        let values: Vec<f32> = (0..2 * time)
+            .map(|i| if i < time { start + i as f32 } else { -1.0 })
+            .collect();
+        let k = Tensor::from_vec(values, (2, 1, time, 1), &Device::Cpu).unwrap();
+        ring.append(&k, &k, &[true, false]).unwrap()
+    }
+
+    /// The key values (= positions) visible to each query of slot 0.
+    fn visible(attend: &Attend) -> Vec<Vec<f32>> {
+        let keys = attend
+            .k
+            .narrow(0, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mask = attend
+            .mask
+            .narrow(0, 0, 1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        mask.iter()
+            .map(|row| {
+                let mut seen: Vec<f32> = row
+                    .iter()
+                    .zip(&keys)
+                    .filter(|(m, _)| m.is_finite())
+                    .map(|(_, k)| *k)
+                    .collect();
+                seen.sort_by(f32::total_cmp);
+                seen
+            })
+            .collect()
+    }
+
+    #[test]
+    fn before_wrapping_a_query_sees_everything_up_to_itself() {
+        let mut r = ring(4, RingPositions::PersonaPlex);
+        assert_eq!(visible(&write(&mut r, 2)), vec![vec![0.0], vec![0.0, 1.0]]);
+        assert_eq!(visible(&write(&mut r, 1)), vec![vec![0.0, 1.0, 2.0]]);
+    }
+
+    #[test]
+    fn a_full_exact_ring_sees_capacity_keys_and_personaplex_one_less() {
+        let mut exact = ring(4, RingPositions::Exact);
+        let mut pp = ring(4, RingPositions::PersonaPlex);
+        for _ in 0..5 {
+            write(&mut exact, 1);
+            write(&mut pp, 1);
+        }
+        assert_eq!(
+            visible(&write(&mut exact, 1)),
+            vec![vec![2.0, 3.0, 4.0, 5.0]]
+        );
+        assert_eq!(visible(&write(&mut pp, 1)), vec![vec![3.0, 4.0, 5.0]]);
+    }
+
+    #[test]
+    fn two_tokens_a_step_cost_the_first_query_a_key() {
+        let mut exact = ring(4, RingPositions::Exact);
+        write(&mut exact, 2);
+        write(&mut exact, 2);
+        // Positions 4 and 5 overwrite 0 and 1: query 4 sees 2..=4, query 5 sees 2..=5.
+        assert_eq!(
+            visible(&write(&mut exact, 2)),
+            vec![vec![2.0, 3.0, 4.0], vec![2.0, 3.0, 4.0, 5.0]]
+        );
+    }
+
+    #[test]
+    fn inactive_slots_do_not_advance() {
+        let mut r = ring(4, RingPositions::PersonaPlex);
+        write(&mut r, 3);
+        assert_eq!((r.end(0), r.end(1)), (3, 0));
+        r.reset_slot(0);
+        assert_eq!(visible(&write(&mut r, 1)), vec![vec![0.0]]);
+    }
+
+    #[test]
+    fn a_saved_slot_restores_into_another() {
+        let mut r = ring(4, RingPositions::PersonaPlex);
+        write(&mut r, 3);
+        let saved = r.save_slot(0).unwrap();
+        r.restore_slot(1, &saved).unwrap();
+        assert_eq!(r.end(1), 3);
+        let keys =
+            r.k.narrow(0, 1, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+        assert_eq!(&keys[..3], &[0.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn attention_averages_visible_values() -> Result<()> {
+        let mut r = RingKv::new(1, 1, 4, 1, DType::F32, &Device::Cpu, RingPositions::Exact)?;
+        let kv = Tensor::new(&[0f32, 0.0], &Device::Cpu)?.reshape((1, 1, 2, 1))?;
+        let vals = Tensor::new(&[2f32, 4.0], &Device::Cpu)?.reshape((1, 1, 2, 1))?;
+        let attend = r.append(&kv, &vals, &[true])?;
+        let q = Tensor::zeros((1, 1, 2, 1), DType::F32, &Device::Cpu)?;
+        let out = attention(&q, &attend)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(out, vec![2.0, 3.0]);
+        Ok(())
+    }
+}

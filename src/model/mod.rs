@@ -1,0 +1,12 @@
+//! The speech model: Mimi (the audio codec) and the PersonaPlex/Moshi language model, built on
+//! candle from the official checkpoint files. No file or clock I/O in the model math: weights
+//! arrive through `checkpoint`, streaming state lives in its own structs, one row per slot.
+
+pub mod checkpoint;
+pub mod kv;
+pub mod nn;
+
+pub use candle_core::{DType, Device, Tensor};
+
+/// Errors from the model code: candle's, plus our own messages.
+pub type Result<T> = candle_core::Result<T>;

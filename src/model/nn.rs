@@ -1,0 +1,179 @@
+//! Small building blocks shared by Mimi and the language model.
+
+use super::Result;
+use candle_core::{D, DType, Tensor};
+
+/// `x · wᵀ` for a weight stored PyTorch-style as `[out, in]`; `x` may have any leading dims.
+pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims();
+    let in_features = dims[dims.len() - 1];
+    let rows = xs.elem_count() / in_features;
+    let out = xs.reshape((rows, in_features))?.matmul(&weight.t()?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims
+        .last_mut()
+        .expect("a tensor fed to a linear layer has at least one dim") = weight.dim(0)?;
+    out.reshape(out_dims)
+}
+
+/// RMS normalisation computed in f32: `x · alpha / sqrt(mean(x²) + eps)`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    alpha: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// `alpha` may be stored as `[1, 1, dim]` (Moshi) or `[dim]`.
+    pub fn new(alpha: Tensor, eps: f32) -> Result<Self> {
+        let dim = alpha.elem_count();
+        Ok(Self {
+            alpha: alpha.reshape(dim)?.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+        candle_nn::ops::rms_norm(&xs, &self.alpha, self.eps)?.to_dtype(dtype)
+    }
+}
+
+/// Layer normalisation with weight and bias (Mimi's transformers).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f32) -> Self {
+        Self { weight, bias, eps }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// The gated feed-forward block: `linear_out(silu(a) · b)` where `[a, b] = linear_in(x)`.
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    linear_in: Tensor,
+    linear_out: Tensor,
+}
+
+impl SwiGlu {
+    pub fn new(linear_in: Tensor, linear_out: Tensor) -> Self {
+        Self {
+            linear_in,
+            linear_out,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gated = linear(xs, &self.linear_in)?;
+        let hidden = gated.dim(D::Minus1)? / 2;
+        let act = candle_nn::ops::silu(&gated.narrow(D::Minus1, 0, hidden)?)?;
+        let up = gated.narrow(D::Minus1, hidden, hidden)?;
+        linear(&(act * up)?, &self.linear_out)
+    }
+}
+
+/// The hidden width of Moshi's gated FFN for a model width and a nominal feed-forward width.
+pub fn gated_hidden(dim: usize, dim_feedforward: usize) -> usize {
+    if dim_feedforward == 4 * dim {
+        21 * dim / 8
+    } else {
+        2 * dim_feedforward / 3
+    }
+}
+
+/// Interleaved rotary embedding (adjacent pairs `(2i, 2i+1)` rotate together).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, max_period: f64) -> Self {
+        // The reference computes the frequencies and angles in f32; so do we, to match it.
+        let scale = -(max_period as f32).ln() * 2.0 / head_dim as f32;
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| (i as f32 * scale).exp())
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// Rotates `xs` `[b, h, t, d]`; `positions[b][t]` is the absolute position of each token.
+    pub fn apply(&self, xs: &Tensor, positions: &[Vec<u64>]) -> Result<Tensor> {
+        let (batch, _heads, time, _dim) = xs.dims4()?;
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(batch * time * half);
+        let mut sin = Vec::with_capacity(batch * time * half);
+        for row in positions {
+            for &pos in row {
+                for &freq in &self.inv_freq {
+                    let angle = freq * pos as f32;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let device = xs.device();
+        let cos = Tensor::from_vec(cos, (batch, time, half), device)?.to_dtype(xs.dtype())?;
+        let sin = Tensor::from_vec(sin, (batch, time, half), device)?.to_dtype(xs.dtype())?;
+        candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &cos, &sin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn linear_matches_a_hand_computation() -> Result<()> {
+        let x = Tensor::new(&[[[1f32, 2.0]]], &Device::Cpu)?;
+        let w = Tensor::new(&[[1f32, 0.0], [0.5, 0.5], [0.0, -1.0]], &Device::Cpu)?;
+        assert_eq!(
+            linear(&x, &w)?.to_vec3::<f32>()?,
+            vec![vec![vec![1.0, 1.5, -2.0]]]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_scales_to_unit_rms() -> Result<()> {
+        let norm = RmsNorm::new(Tensor::ones((1, 1, 4), DType::F32, &Device::Cpu)?, 1e-8)?;
+        let x = Tensor::new(&[[[2f32, -2.0, 2.0, -2.0]]], &Device::Cpu)?;
+        let y = norm.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(y.iter().all(|v| (v.abs() - 1.0).abs() < 1e-6), "{y:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn rope_rotates_adjacent_pairs_by_position() -> Result<()> {
+        let rope = Rope::new(2, 10_000.0);
+        let x = Tensor::new(&[1f32, 0.0], &Device::Cpu)?.reshape((1, 1, 1, 2))?;
+        let y = rope
+            .apply(&x, &[vec![1]])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(
+            (y[0] - 1f32.cos()).abs() < 1e-6 && (y[1] - 1f32.sin()).abs() < 1e-6,
+            "{y:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn gated_hidden_follows_moshi() {
+        assert_eq!(gated_hidden(4096, 16896), 11264);
+        assert_eq!(gated_hidden(1024, 4224), 2816);
+        assert_eq!(gated_hidden(32, 132), 88);
+        assert_eq!(gated_hidden(16, 64), 42);
+    }
+}
