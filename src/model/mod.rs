@@ -3,8 +3,14 @@
 //! arrive through `checkpoint`, streaming state lives in its own structs, one row per slot.
 
 pub mod checkpoint;
+pub mod config;
+pub mod depformer;
+pub mod generate;
 pub mod kv;
+pub mod lm;
 pub mod nn;
+pub mod sampling;
+pub mod transformer;
 
 pub use candle_core::{DType, Device, Tensor};
 

@@ -1,6 +1,8 @@
 //! Reading the official checkpoint files. Every PyTorch tensor name is spelled only here (and in
 //! the per-model files of this folder), so the model code deals in roles, not names.
 
+pub mod lm;
+
 use super::Result;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};

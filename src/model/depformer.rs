@@ -1,0 +1,162 @@
+//! The depth transformer: per frame, one small transformer step per codebook, each step with its
+//! own weights, fed the temporal hidden state and the previous codebook's token.
+
+use super::Result;
+use super::checkpoint::lm::DepformerWeights;
+use super::kv::{RingKv, RingPositions, attention};
+use super::nn::{RmsNorm, SwiGlu, linear};
+use super::transformer::RMS_EPS;
+use candle_core::{DType, Device, Tensor};
+
+struct StepLayer {
+    in_proj: Tensor,
+    out_proj: Tensor,
+    ffn: SwiGlu,
+}
+
+struct Step {
+    input: Tensor,
+    emb: Tensor,
+    head: Tensor,
+    layers: Vec<StepLayer>,
+}
+
+pub struct Depformer {
+    norms: Vec<(RmsNorm, RmsNorm)>,
+    steps: Vec<Step>,
+    heads: usize,
+    head_dim: usize,
+    /// Steps the checkpoint holds (the cache capacity, as in the reference).
+    cache_steps: usize,
+}
+
+/// The per-frame KV state of the depformer, one row per slot; reset at every frame.
+pub struct DepformerState {
+    kv: Vec<RingKv>,
+}
+
+impl Depformer {
+    pub fn new(
+        weights: DepformerWeights,
+        dim: usize,
+        heads: usize,
+        cache_steps: usize,
+    ) -> Result<Self> {
+        let norms = weights
+            .norms
+            .into_iter()
+            .map(|(n1, n2)| Ok((RmsNorm::new(n1, RMS_EPS)?, RmsNorm::new(n2, RMS_EPS)?)))
+            .collect::<Result<_>>()?;
+        let steps = weights
+            .steps
+            .into_iter()
+            .map(|s| Step {
+                input: s.input,
+                emb: s.emb,
+                head: s.head,
+                layers: s
+                    .layers
+                    .into_iter()
+                    .map(|l| StepLayer {
+                        in_proj: l.in_proj,
+                        out_proj: l.out_proj,
+                        ffn: SwiGlu::new(l.linear_in, l.linear_out),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Self {
+            norms,
+            steps,
+            heads,
+            head_dim: dim / heads,
+            cache_steps,
+        })
+    }
+
+    /// Steps this model runs per frame.
+    pub fn num_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn state(
+        &self,
+        batch: usize,
+        positions: RingPositions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<DepformerState> {
+        let kv = (0..self.norms.len())
+            .map(|_| {
+                RingKv::new(
+                    batch,
+                    self.heads,
+                    self.cache_steps,
+                    self.head_dim,
+                    dtype,
+                    device,
+                    positions,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(DepformerState { kv })
+    }
+
+    /// Runs step `k` for every slot: `hidden` `[batch, temporal_dim]`, `prev` the previous
+    /// token of each slot (the text token for step 0); returns logits `[batch, card]`.
+    pub fn step(
+        &self,
+        k: usize,
+        hidden: &Tensor,
+        prev: &[i64],
+        state: &mut DepformerState,
+        active: &[bool],
+    ) -> Result<Tensor> {
+        let step = &self.steps[k];
+        let batch = hidden.dim(0)?;
+        let mut xs = (linear(hidden, &step.input)? + embed(&step.emb, prev)?)?.unsqueeze(1)?;
+        for ((layer, (norm1, norm2)), kv) in
+            step.layers.iter().zip(&self.norms).zip(state.kv.iter_mut())
+        {
+            let h = norm1.forward(&xs)?;
+            let qkv =
+                linear(&h, &layer.in_proj)?.reshape((batch, 1, 3, self.heads, self.head_dim))?;
+            let split = |i: usize| {
+                qkv.narrow(2, i, 1)?
+                    .squeeze(2)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let attend = kv.append(&split(1)?, &split(2)?, active)?;
+            let out = attention(&split(0)?, &attend)?
+                .transpose(1, 2)?
+                .reshape((batch, 1, ()))?;
+            xs = (xs + linear(&out, &layer.out_proj)?)?;
+            xs = (&xs + layer.ffn.forward(&norm2.forward(&xs)?)?)?;
+        }
+        linear(&xs.squeeze(1)?, &step.head)
+    }
+}
+
+impl DepformerState {
+    /// Forgets the previous frame (the depformer attends within one frame only).
+    pub fn reset(&mut self) {
+        self.kv.iter_mut().for_each(RingKv::reset_all);
+    }
+}
+
+/// Looks up `ids` in `table`; id −1 gives an exact zero vector (the reference's "zero" token).
+pub fn embed(table: &Tensor, ids: &[i64]) -> Result<Tensor> {
+    let device = table.device();
+    let clamped: Vec<u32> = ids.iter().map(|&id| id.max(0) as u32).collect();
+    let rows = table.index_select(&Tensor::new(clamped.as_slice(), device)?, 0)?;
+    if ids.iter().all(|&id| id >= 0) {
+        return Ok(rows);
+    }
+    let keep: Vec<f32> = ids
+        .iter()
+        .map(|&id| if id < 0 { 0.0 } else { 1.0 })
+        .collect();
+    let keep = Tensor::from_vec(keep, (ids.len(), 1), device)?.to_dtype(rows.dtype())?;
+    rows.broadcast_mul(&keep)
+}

@@ -1,0 +1,136 @@
+//! The language model: summed stream embeddings → temporal transformer → text head, and the
+//! depformer for the audio codebooks.
+
+use super::Result;
+use super::checkpoint::Checkpoint;
+use super::checkpoint::lm::LmWeights;
+use super::config::LmConfig;
+use super::depformer::{Depformer, DepformerState, embed};
+use super::kv::RingPositions;
+use super::nn::{RmsNorm, linear};
+use super::transformer::{RMS_EPS, Transformer, TransformerState};
+use candle_core::{DType, Device, Tensor};
+
+/// Number of token streams: text, then the agent's and the user's codebooks.
+pub const STREAMS: usize = 17;
+
+/// One column of tokens, one per stream (−1 = zero embedding).
+pub type Column = [i64; STREAMS];
+
+pub struct LmModel {
+    cfg: LmConfig,
+    text_emb: Tensor,
+    audio_emb: Vec<Tensor>,
+    transformer: Transformer,
+    out_norm: RmsNorm,
+    text_linear: Tensor,
+    depformer: Depformer,
+    dtype: DType,
+    device: Device,
+}
+
+impl LmModel {
+    /// Loads the model from `ckpt`, running `dep_steps` depformer steps per frame (8 serve the
+    /// agent's codebooks; the checkpoint's 16 reproduce the reference for parity tests).
+    pub fn load(ckpt: &Checkpoint, cfg: &LmConfig, dep_steps: usize) -> Result<Self> {
+        cfg.validate()?;
+        let _span = tracing::info_span!("load_lm", file = %ckpt.path().display()).entered();
+        let w = LmWeights::load(ckpt, cfg, dep_steps)?;
+        Ok(Self {
+            transformer: Transformer::new(w.layers, cfg.dim, cfg.num_heads, cfg.max_period)?,
+            depformer: Depformer::new(
+                w.depformer,
+                cfg.depformer_dim,
+                cfg.depformer_num_heads,
+                cfg.dep_q,
+            )?,
+            out_norm: RmsNorm::new(w.out_norm, RMS_EPS)?,
+            text_emb: w.text_emb,
+            audio_emb: w.audio_emb,
+            text_linear: w.text_linear,
+            cfg: cfg.clone(),
+            dtype: ckpt.dtype(),
+            device: ckpt.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn depformer_steps(&self) -> usize {
+        self.depformer.num_steps()
+    }
+
+    /// The tokens a stream starts from before anything was generated.
+    pub fn initial_column(&self) -> Column {
+        let mut column = [self.cfg.card as i64; STREAMS];
+        column[0] = self.cfg.text_card as i64;
+        column
+    }
+
+    pub fn transformer_state(
+        &self,
+        batch: usize,
+        capacity: usize,
+        positions: RingPositions,
+    ) -> Result<TransformerState> {
+        self.transformer
+            .state(batch, capacity, positions, self.dtype, &self.device)
+    }
+
+    pub fn depformer_state(
+        &self,
+        batch: usize,
+        positions: RingPositions,
+    ) -> Result<DepformerState> {
+        self.depformer
+            .state(batch, positions, self.dtype, &self.device)
+    }
+
+    /// The summed input embedding of one column per slot → `[batch, 1, dim]` (audio streams in
+    /// order, then text, the reference's summation order).
+    pub fn embed_columns(&self, columns: &[Column]) -> Result<Tensor> {
+        let stream = |s: usize| columns.iter().map(|c| c[s]).collect::<Vec<i64>>();
+        let mut sum = embed(&self.audio_emb[0], &stream(1))?;
+        for (q, table) in self.audio_emb.iter().enumerate().skip(1) {
+            sum = (sum + embed(table, &stream(q + 1))?)?;
+        }
+        (sum + embed(&self.text_emb, &stream(0))?)?.unsqueeze(1)
+    }
+
+    /// Temporal step on `[batch, time, dim]` embeddings → (normed hidden, text logits).
+    pub fn temporal(
+        &self,
+        emb: &Tensor,
+        state: &mut TransformerState,
+        active: &[bool],
+    ) -> Result<(Tensor, Tensor)> {
+        let hidden = self
+            .out_norm
+            .forward(&self.transformer.forward(emb, state, active)?)?;
+        let logits = linear(&hidden, &self.text_linear)?;
+        Ok((hidden, logits))
+    }
+
+    /// Depformer step `k`: `hidden` `[batch, dim]`, `prev` per slot → logits `[batch, card]`.
+    pub fn depformer_step(
+        &self,
+        k: usize,
+        hidden: &Tensor,
+        prev: &[i64],
+        state: &mut DepformerState,
+        active: &[bool],
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("depformer", k).entered();
+        self.depformer.step(k, hidden, prev, state, active)
+    }
+}
