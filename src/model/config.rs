@@ -175,7 +175,9 @@ impl LmConfig {
                 self.dep_q
             );
         }
-        if self.dim % self.num_heads != 0 || self.depformer_dim % self.depformer_num_heads != 0 {
+        if !self.dim.is_multiple_of(self.num_heads)
+            || !self.depformer_dim.is_multiple_of(self.depformer_num_heads)
+        {
             candle_core::bail!("config dims must divide by their head counts");
         }
         for (key, tokens) in [

@@ -124,10 +124,15 @@ impl SlotTokens {
         generated: &Column,
         delays: &[usize],
     ) -> Option<Column> {
-        for stream in 0..STREAMS {
-            self.provided[stream][input] = false;
-            if !self.provided[stream][target] {
-                self.cache[stream][target] = generated[stream];
+        for ((cache, provided), &token) in self
+            .cache
+            .iter_mut()
+            .zip(self.provided.iter_mut())
+            .zip(generated)
+        {
+            provided[input] = false;
+            if !provided[target] {
+                cache[target] = token;
             }
         }
         let max_delay = delays.iter().copied().max().unwrap_or(0) as u64;
@@ -408,9 +413,12 @@ impl Generator {
                 .as_ref()
                 .expect("running slots are open")
                 .tokens;
-            for stream in 1 + model.depformer_steps()..STREAMS {
-                generated[slot_idx][stream] =
-                    tokens.forced_at(stream, target).unwrap_or(UNGENERATED);
+            let unrun = generated[slot_idx]
+                .iter_mut()
+                .enumerate()
+                .skip(1 + model.depformer_steps());
+            for (stream, token) in unrun {
+                *token = tokens.forced_at(stream, target).unwrap_or(UNGENERATED);
             }
         }
         Ok(generated)
