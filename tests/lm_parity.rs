@@ -100,7 +100,7 @@ fn depformer_logits_match_with_forced_tokens() {
                 .unwrap();
             state.reset();
             let mut prev = text[idx];
-            for k in 0..16 {
+            for (k, &forced_token) in forced[idx].iter().enumerate() {
                 let logits = model
                     .depformer_step(k, &hidden, &[prev], &mut state, &[true])
                     .unwrap();
@@ -109,7 +109,7 @@ fn depformer_logits_match_with_forced_tokens() {
                     _ => fx["dep_logits"].i((idx, k)).unwrap(),
                 };
                 worst = worst.max(max_diff(&logits, &expected));
-                prev = forced[idx][k];
+                prev = forced_token;
             }
         }
     }
