@@ -48,6 +48,11 @@ impl Default for SlotTokens {
 }
 
 impl SlotTokens {
+    /// The ring's tokens, `[stream][column]`.
+    pub fn cache(&self) -> &[[i64; CACHE_COLUMNS]; STREAMS] {
+        &self.cache
+    }
+
     /// Calls made so far.
     pub fn offset(&self) -> u64 {
         self.offset

@@ -164,7 +164,11 @@ impl RingKv {
     pub fn save_slot(&self, slot_idx: usize) -> Result<SlotKv> {
         let end = self.ends[slot_idx];
         let len = (end.min(self.capacity as u64) as usize).max(1);
-        let take = |t: &Tensor| t.narrow(0, slot_idx, 1)?.narrow(2, 0, len)?.copy();
+        let take = |t: &Tensor| {
+            t.narrow(0, slot_idx, 1)?
+                .narrow(2, 0, len)?
+                .force_contiguous()
+        };
         Ok(SlotKv {
             k: take(&self.k)?,
             v: take(&self.v)?,

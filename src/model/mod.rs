@@ -9,8 +9,11 @@ pub mod generate;
 pub mod kv;
 pub mod lm;
 pub mod nn;
+pub mod persona;
 pub mod sampling;
+pub mod tokenizer;
 pub mod transformer;
+pub mod voice;
 
 pub use candle_core::{DType, Device, Tensor};
 

@@ -118,8 +118,8 @@ fn load_depformer(ckpt: &Checkpoint, cfg: &LmConfig, dep_steps: usize) -> Result
                 .map(|(l, (in_proj, out_proj))| {
                     let p = format!("depformer.layers.{l}.gating.{k}");
                     Ok(DepformerLayerStepWeights {
-                        in_proj: in_proj.narrow(0, k * 3 * dd, 3 * dd)?.copy()?,
-                        out_proj: out_proj.narrow(0, k * dd, dd)?.copy()?,
+                        in_proj: in_proj.narrow(0, k * 3 * dd, 3 * dd)?.force_contiguous()?,
+                        out_proj: out_proj.narrow(0, k * dd, dd)?.force_contiguous()?,
                         linear_in: ckpt
                             .tensor(&format!("{p}.linear_in.weight"), &[2 * hidden, dd])?,
                         linear_out: ckpt

@@ -1,0 +1,194 @@
+//! PersonaPlex's system prompt and live frames against the reference run (fixture
+//! `persona_greedy`): voice preset, silences, the role prompt, then 40 live frames, greedy.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use duplex::model::checkpoint::Checkpoint;
+use duplex::model::config::LmConfig;
+use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot};
+use duplex::model::kv::RingPositions;
+use duplex::model::lm::LmModel;
+use duplex::model::persona::{VoicePrompt, prompt_calls, run_prompt};
+use duplex::model::tokenizer::{TextTokenizer, wrap_system_prompt};
+use duplex::model::voice::VoicePreset;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("persona_greedy.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn tiny_model(dep_steps: usize) -> LmModel {
+    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
+    let ckpt = Checkpoint::open(
+        &fixtures().join("tiny/model.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    LmModel::load(&ckpt, &cfg, dep_steps).unwrap()
+}
+
+fn voice() -> VoicePrompt {
+    VoicePrompt::Preset(
+        VoicePreset::load(&fixtures().join("tiny/voices/NATF0.pt"), 32, &Device::Cpu).unwrap(),
+    )
+}
+
+fn prompt_tokens() -> Vec<u32> {
+    let tokenizer =
+        TextTokenizer::open(&fixtures().join("tiny/tokenizer_spm_32k_3.model")).unwrap();
+    tokenizer
+        .encode(&wrap_system_prompt("You are a wise and friendly teacher."))
+        .unwrap()
+}
+
+/// The user codes of each live frame. The fixture stores the PersonaPlex run's; the PyPI-ring run
+/// encoded the user audio with a PyPI-ring Mimi, whose codes differ after a few frames, so those
+/// are read back from its outputs (each output echoes the previous frame's forced user codes).
+fn user_codes(fx: &HashMap<String, Tensor>, positions: RingPositions) -> Vec<[i64; 8]> {
+    let frame = |t: &Tensor, rows: std::ops::Range<usize>, col: usize| -> [i64; 8] {
+        let values: Vec<i64> = t.i((rows, col)).unwrap().to_vec1().unwrap();
+        values.try_into().unwrap()
+    };
+    let frames = fx["user_codes"].dim(1).unwrap();
+    match positions {
+        RingPositions::PersonaPlex => (0..frames)
+            .map(|f| frame(&fx["user_codes"], 0..8, f))
+            .collect(),
+        RingPositions::Exact => (1..frames)
+            .map(|f| frame(&fx["out_tokens"], 9..17, f))
+            .collect(),
+    }
+}
+
+/// Runs the live frames on `slot_idx` and checks tokens (the first `rows` streams) and logits.
+fn check_live(
+    model: &LmModel,
+    generator: &mut Generator,
+    slot_idx: usize,
+    positions: RingPositions,
+    rows: usize,
+) {
+    let fx = reference();
+    let suffix = if positions == RingPositions::PersonaPlex {
+        "_pp"
+    } else {
+        ""
+    };
+    let (tokens, logits) = (
+        &fx[&format!("out_tokens{suffix}")],
+        &fx[&format!("live_text_logits{suffix}")],
+    );
+    let mut worst = 0f32;
+    for (frame, user) in user_codes(&fx, positions).into_iter().enumerate() {
+        let mut inputs = vec![None; generator.batch()];
+        inputs[slot_idx] = Some(CallInput::Tokens(Forced {
+            user: Some(user),
+            ..Default::default()
+        }));
+        let out = generator
+            .step(model, &inputs)
+            .unwrap()
+            .remove(slot_idx)
+            .unwrap();
+        let got = out
+            .tokens
+            .unwrap_or_else(|| panic!("live frame {frame} produced no output"));
+        let want: Vec<i64> = tokens.i((.., frame)).unwrap().to_vec1().unwrap();
+        assert_eq!(
+            &got[..rows],
+            &want[..rows],
+            "live frame {frame} ({positions:?})"
+        );
+        let got_logits = Tensor::new(out.text_logits.unwrap().as_slice(), &Device::Cpu).unwrap();
+        let diff = (got_logits - logits.i(frame).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(diff);
+    }
+    eprintln!("{positions:?}: live text logits max |diff| {worst:e}");
+    assert!(worst < 1e-4);
+}
+
+#[test]
+fn the_prompt_tokens_are_the_reference_ones() {
+    let expected: Vec<i64> = reference()["prompt_text_tokens"].to_vec1().unwrap();
+    let ours: Vec<i64> = prompt_tokens().into_iter().map(i64::from).collect();
+    assert_eq!(ours, expected);
+}
+
+#[test]
+fn prompt_then_live_frames_match_the_reference_with_all_16_depformer_steps() {
+    for positions in [RingPositions::PersonaPlex, RingPositions::Exact] {
+        let model = tiny_model(16);
+        let mut generator = Generator::new(&model, 1, model.config().context, positions).unwrap();
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        run_prompt(&model, &mut generator, 0, &voice(), &prompt_tokens()).unwrap();
+        let cache: Vec<Vec<i64>> = reference()["cache_after_prompt"].to_vec2().unwrap();
+        let ours: Vec<Vec<i64>> = generator
+            .slot(0)
+            .unwrap()
+            .tokens
+            .cache()
+            .iter()
+            .map(|r| r.to_vec())
+            .collect();
+        assert_eq!(ours, cache, "token ring after the prompt");
+        check_live(&model, &mut generator, 0, positions, 17);
+    }
+}
+
+#[test]
+fn serving_with_8_depformer_steps_gives_the_same_agent_tokens() {
+    let model = tiny_model(8);
+    let mut generator = Generator::new(
+        &model,
+        1,
+        model.config().context,
+        RingPositions::PersonaPlex,
+    )
+    .unwrap();
+    generator.open(0, 0, SamplingConfig::GREEDY);
+    run_prompt(&model, &mut generator, 0, &voice(), &prompt_tokens()).unwrap();
+    check_live(&model, &mut generator, 0, RingPositions::PersonaPlex, 17);
+}
+
+/// A prefill computed once in a small batch-1 generator and restored into slot 1 of a serving
+/// generator gives exactly the same live tokens as running the prompt in place.
+#[test]
+fn a_restored_prefill_snapshot_continues_exactly() {
+    let model = tiny_model(8);
+    let (voice, text) = (voice(), prompt_tokens());
+    let mut prefill = Generator::new(
+        &model,
+        1,
+        prompt_calls(&voice, &text) + 1,
+        RingPositions::PersonaPlex,
+    )
+    .unwrap();
+    prefill.open(0, 0, SamplingConfig::GREEDY);
+    run_prompt(&model, &mut prefill, 0, &voice, &text).unwrap();
+    let snapshot: Snapshot = prefill.snapshot(0).unwrap();
+    let mut serving = Generator::new(
+        &model,
+        2,
+        model.config().context,
+        RingPositions::PersonaPlex,
+    )
+    .unwrap();
+    serving.open(0, 5, SamplingConfig::DEFAULT);
+    serving
+        .restore(1, &snapshot, 0, SamplingConfig::GREEDY)
+        .unwrap();
+    check_live(&model, &mut serving, 1, RingPositions::PersonaPlex, 17);
+}
