@@ -34,9 +34,9 @@ fn tiny_model(dep_steps: usize) -> LmModel {
 }
 
 fn voice() -> VoicePrompt {
-    VoicePrompt::Preset(
-        VoicePreset::load(&fixtures().join("tiny/voices/NATF0.pt"), 32, &Device::Cpu).unwrap(),
-    )
+    let preset =
+        VoicePreset::load(&fixtures().join("tiny/voices/NATF0.pt"), 32, &Device::Cpu).unwrap();
+    VoicePrompt::Preset(Box::new(preset))
 }
 
 fn prompt_tokens() -> Vec<u32> {

@@ -15,7 +15,7 @@ pub const SILENCE_FRAMES: usize = 6;
 #[derive(Debug, Clone)]
 pub enum VoicePrompt {
     None,
-    Preset(VoicePreset),
+    Preset(Box<VoicePreset>),
     /// Mimi codes of a voice recording, one `[8]` frame per entry.
     Codes(Vec<[i64; 8]>),
 }
