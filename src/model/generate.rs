@@ -208,6 +208,15 @@ pub struct Generator {
     slots: Vec<Option<SlotState>>,
 }
 
+/// A call between its temporal half and its depformer half.
+pub struct PendingCall {
+    prepared: Vec<Option<(usize, usize)>>,
+    running: Vec<bool>,
+    had_input: Vec<bool>,
+    hidden: Option<Tensor>,
+    text_logits: Vec<Vec<f32>>,
+}
+
 /// What a slot feeds one call: forced tokens, or a precomputed embedding (voice presets).
 #[derive(Debug, Clone)]
 pub enum CallInput {
@@ -290,8 +299,14 @@ impl Generator {
         model: &LmModel,
         inputs: &[Option<CallInput>],
     ) -> Result<Vec<Option<CallOutput>>> {
+        let pending = self.begin(model, inputs)?;
+        self.complete(model, pending)
+    }
+
+    /// The first half of a call: write the forced tokens and run the temporal transformer.
+    pub fn begin(&mut self, model: &LmModel, inputs: &[Option<CallInput>]) -> Result<PendingCall> {
         let cfg = model.config();
-        let (delays, initial) = (cfg.delays.clone(), model.initial_column());
+        let (delays, initial) = (&cfg.delays, model.initial_column());
         let batch = self.slots.len();
         let mut columns = vec![[0i64; STREAMS]; batch];
         let mut embeddings: Vec<Option<Tensor>> = vec![None; batch];
@@ -307,48 +322,76 @@ impl Generator {
                     embedding_forcing(&initial)
                 }
             };
-            prepared[slot_idx] = slot.tokens.prepare(&forced, &delays, &initial);
+            prepared[slot_idx] = slot.tokens.prepare(&forced, delays, &initial);
             if prepared[slot_idx].is_none() && embeddings[slot_idx].is_some() {
                 // The reference keeps preparing until a call runs the model (the first call never does).
-                prepared[slot_idx] = slot.tokens.prepare(&forced, &delays, &initial);
+                prepared[slot_idx] = slot.tokens.prepare(&forced, delays, &initial);
             }
             if let Some((input_col, _)) = prepared[slot_idx] {
                 columns[slot_idx] = slot.tokens.column(input_col)?;
             }
         }
         let running: Vec<bool> = prepared.iter().map(Option::is_some).collect();
-        let mut outputs: Vec<Option<CallOutput>> = inputs
+        let mut pending = PendingCall {
+            prepared,
+            running,
+            hidden: None,
+            text_logits: Vec::new(),
+            had_input: inputs.iter().map(Option::is_some).collect(),
+        };
+        if pending.running.iter().any(|r| *r) {
+            let emb = self.input_embeddings(model, &columns, &embeddings)?;
+            let (hidden, text_logits) =
+                model.temporal(&emb, &mut self.temporal, &pending.running)?;
+            pending.hidden = Some(hidden.squeeze(1)?);
+            pending.text_logits = text_logits
+                .squeeze(1)?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec2()?;
+        }
+        Ok(pending)
+    }
+
+    /// The second half of a call: sample, run the depformer and store the tokens.
+    pub fn complete(
+        &mut self,
+        model: &LmModel,
+        pending: PendingCall,
+    ) -> Result<Vec<Option<CallOutput>>> {
+        let mut outputs: Vec<Option<CallOutput>> = pending
+            .had_input
             .iter()
-            .map(|i| {
-                i.as_ref().map(|_| CallOutput {
+            .map(|&had| {
+                had.then_some(CallOutput {
                     tokens: None,
                     text_logits: None,
                 })
             })
             .collect();
-        if !running.iter().any(|r| *r) {
+        let Some(hidden) = &pending.hidden else {
             return Ok(outputs);
-        }
-        let emb = self.input_embeddings(model, &columns, &embeddings)?;
-        let (hidden, text_logits) = model.temporal(&emb, &mut self.temporal, &running)?;
-        let hidden = hidden.squeeze(1)?;
-        let text_logits: Vec<Vec<f32>> = text_logits
-            .squeeze(1)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2()?;
-        let generated = self.generate(model, &hidden, &text_logits, &prepared, &running)?;
-        for slot_idx in (0..batch).filter(|&b| running[b]) {
+        };
+        let generated = self.generate(
+            model,
+            hidden,
+            &pending.text_logits,
+            &pending.prepared,
+            &pending.running,
+        )?;
+        let delays = &model.config().delays;
+        for slot_idx in (0..self.slots.len()).filter(|&b| pending.running[b]) {
             let slot = self.slots[slot_idx]
                 .as_mut()
                 .expect("running slots are open");
-            let (input_col, target_col) = prepared[slot_idx].expect("running slots were prepared");
+            let (input_col, target_col) =
+                pending.prepared[slot_idx].expect("running slots were prepared");
             let out = outputs[slot_idx]
                 .as_mut()
                 .expect("running slots had an input");
             out.tokens = slot
                 .tokens
-                .finish(input_col, target_col, &generated[slot_idx], &delays);
-            out.text_logits = Some(text_logits[slot_idx].clone());
+                .finish(input_col, target_col, &generated[slot_idx], delays);
+            out.text_logits = Some(pending.text_logits[slot_idx].clone());
         }
         Ok(outputs)
     }

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod depformer;
+pub mod files;
 pub mod generate;
 pub mod kv;
 pub mod lm;
