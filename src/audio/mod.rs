@@ -1,7 +1,9 @@
 //! Audio primitives: the frame clock's units, the Opus codec, the session rings, WAV files and
 //! test signals. Nothing here knows about sessions, transports or tensors.
 
+pub mod loudness;
 pub mod opus;
+pub mod resample;
 pub mod ring;
 pub mod signal;
 pub mod wav;

@@ -38,15 +38,39 @@ pub enum PersonaError {
     },
     #[error("role prompt is {len} characters; the limit is {max}")]
     PromptTooLong { len: usize, max: usize },
+    #[error("role prompt is {len} tokens; the limit is {max} tokens")]
+    PromptTooManyTokens { len: usize, max: usize },
+}
+
+/// Counts a role prompt in the units an engine limits (tokens).
+pub trait PromptCounter: Send + Sync {
+    fn count(&self, prompt: &str) -> usize;
 }
 
 /// The voices and prompt presets an engine offers, and its limits.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct PersonaCatalog {
     pub voices: Vec<String>,
     pub default_voice: Option<String>,
     pub prompts: Vec<PromptPreset>,
     pub max_prompt_chars: usize,
+    /// An engine's own limit on the prompt, in its tokens, and how to count them.
+    #[serde(skip)]
+    pub max_prompt_tokens: Option<(usize, std::sync::Arc<dyn PromptCounter>)>,
+}
+
+impl std::fmt::Debug for PersonaCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersonaCatalog")
+            .field("voices", &self.voices)
+            .field("default_voice", &self.default_voice)
+            .field("max_prompt_chars", &self.max_prompt_chars)
+            .field(
+                "max_prompt_tokens",
+                &self.max_prompt_tokens.as_ref().map(|(max, _)| max),
+            )
+            .finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -79,6 +103,7 @@ impl PersonaCatalog {
         Self {
             voices,
             default_voice,
+            max_prompt_tokens: None,
             prompts: prompts.prompts,
             max_prompt_chars: DEFAULT_MAX_PROMPT_CHARS,
         }
@@ -110,6 +135,15 @@ impl PersonaCatalog {
                 len,
                 max: self.max_prompt_chars,
             });
+        }
+        if let Some((max, counter)) = &self.max_prompt_tokens {
+            let tokens = counter.count(&prompt);
+            if tokens > *max {
+                return Err(PersonaError::PromptTooManyTokens {
+                    len: tokens,
+                    max: *max,
+                });
+            }
         }
         Ok(Persona { voice, prompt })
     }
