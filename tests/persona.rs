@@ -192,3 +192,52 @@ fn a_restored_prefill_snapshot_continues_exactly() {
         .unwrap();
     check_live(&model, &mut serving, 1, RingPositions::PersonaPlex, 17);
 }
+
+/// With the persona pinned, nothing changes until the window would slide past the prompt; after
+/// that the prompt stays in attention, so the model's outputs differ from the reference's.
+#[test]
+fn pinning_the_persona_changes_nothing_until_the_window_slides() {
+    let model = tiny_model(8);
+    let (voice, text) = (voice(), prompt_tokens());
+    let run = |pin: bool| {
+        let mut generator = Generator::new(
+            &model,
+            1,
+            model.config().context,
+            RingPositions::PersonaPlex,
+        )
+        .unwrap();
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        run_prompt(&model, &mut generator, 0, &voice, &text).unwrap();
+        if pin {
+            generator.pin_prefix(0).unwrap();
+        }
+        user_codes(&reference(), RingPositions::PersonaPlex)
+            .into_iter()
+            .map(|user| {
+                let input = CallInput::Tokens(Forced {
+                    user: Some(user),
+                    ..Default::default()
+                });
+                generator
+                    .step(&model, &[Some(input)])
+                    .unwrap()
+                    .remove(0)
+                    .unwrap()
+                    .text_logits
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (plain, pinned) = (run(false), run(true));
+    // The prompt fills 37 of the 40 positions; PersonaPlex's ring drops its oldest key once it
+    // holds 40, so the first 2 live frames see all of the prompt either way.
+    assert!(
+        plain[..2] == pinned[..2],
+        "pinning changed frames before the window slid"
+    );
+    assert!(
+        plain[2..].iter().zip(&pinned[2..]).any(|(a, b)| a != b),
+        "pinning had no effect"
+    );
+}

@@ -256,6 +256,12 @@ impl Generator {
         self.slots[slot_idx] = None;
     }
 
+    /// Keeps slot `slot_idx`'s context so far (its system prompt) in attention after the window
+    /// slides past it — beyond the reference, which forgets its persona after `context` frames.
+    pub fn pin_prefix(&mut self, slot_idx: usize) -> Result<()> {
+        self.temporal.pin_prefix(slot_idx)
+    }
+
     pub fn slot(&self, slot_idx: usize) -> Option<&SlotState> {
         self.slots[slot_idx].as_ref()
     }

@@ -6,6 +6,7 @@
 //! may see is decided from the counts alone (the additive mask), as in the reference.
 
 use super::Result;
+use super::nn::Rope;
 use candle_core::{D, DType, Device, Tensor};
 
 /// How a full ring labels its oldest entry — the one difference between the two references.
@@ -36,13 +37,20 @@ pub struct SlotKv {
 }
 
 /// One layer's ring cache for a batch of slots.
+///
+/// A slot may pin a prefix (its persona prompt): the first `pinned` entries are never
+/// overwritten, the ring turns over the rest, and once the window has slid past the prefix the
+/// prefix keys are rotated forward (RoPE rotations compose) so they sit just before the oldest
+/// key in the window — always within the distances the model was trained on.
 #[derive(Debug, Clone)]
 pub struct RingKv {
     k: Tensor,
     v: Tensor,
     ends: Vec<u64>,
+    pinned: Vec<usize>,
     capacity: usize,
     positions: RingPositions,
+    rope: Option<Rope>,
 }
 
 impl RingKv {
@@ -60,9 +68,33 @@ impl RingKv {
             k: Tensor::zeros(shape, dtype, device)?,
             v: Tensor::zeros(shape, dtype, device)?,
             ends: vec![0; batch],
+            pinned: vec![0; batch],
             capacity,
             positions,
+            rope: None,
         })
+    }
+
+    /// Allows pinned prefixes, re-rotating them with `rope` as the window slides.
+    pub fn with_pinning(mut self, rope: Rope) -> Self {
+        self.rope = Some(rope);
+        self
+    }
+
+    /// Keeps slot `slot_idx`'s first `len` entries (all it has written so far) forever.
+    pub fn pin_prefix(&mut self, slot_idx: usize, len: usize) -> Result<()> {
+        if self.rope.is_none() {
+            candle_core::bail!("this cache was built without pinning");
+        }
+        if len as u64 > self.ends[slot_idx] || len + 2 > self.capacity {
+            candle_core::bail!(
+                "cannot pin {len} of {} entries in a ring of {}",
+                self.ends[slot_idx],
+                self.capacity
+            );
+        }
+        self.pinned[slot_idx] = len;
+        Ok(())
     }
 
     /// Tokens slot `slot_idx` has written since its reset (its next token's position).
@@ -76,47 +108,83 @@ impl RingKv {
 
     pub fn reset_slot(&mut self, slot_idx: usize) {
         self.ends[slot_idx] = 0;
+        self.pinned[slot_idx] = 0;
     }
 
     pub fn reset_all(&mut self) {
         self.ends.fill(0);
+        self.pinned.fill(0);
     }
 
     /// Writes `k`/`v` `[batch, heads, time, head_dim]` for every active slot (each advances by
     /// `time`) and returns what the new queries attend to.
     pub fn append(&mut self, k: &Tensor, v: &Tensor, active: &[bool]) -> Result<Attend> {
         let time = k.dim(2)?;
-        if time >= self.capacity {
-            candle_core::bail!(
-                "a step of {time} tokens does not fit a ring of {} entries",
-                self.capacity
-            );
-        }
         for slot_idx in (0..self.ends.len()).filter(|&b| active[b]) {
-            let start = (self.ends[slot_idx] % self.capacity as u64) as usize;
+            let region = self.pinned[slot_idx]..self.capacity;
+            if time >= region.len() {
+                candle_core::bail!(
+                    "a step of {time} tokens does not fit a ring of {} entries",
+                    region.len()
+                );
+            }
+            let start = region.start
+                + ((self.ends[slot_idx] - region.start as u64) % region.len() as u64) as usize;
             write_ring(
                 &self.k,
                 &k.narrow(0, slot_idx, 1)?,
                 slot_idx,
                 start,
-                self.capacity,
+                region.clone(),
             )?;
-            write_ring(
-                &self.v,
-                &v.narrow(0, slot_idx, 1)?,
-                slot_idx,
-                start,
-                self.capacity,
-            )?;
+            write_ring(&self.v, &v.narrow(0, slot_idx, 1)?, slot_idx, start, region)?;
             self.ends[slot_idx] += time as u64;
         }
         let len = self.visible_len();
         let mask = self.mask(time, len, active, k.device())?;
+        let keys = self.k.narrow(2, 0, len)?;
         Ok(Attend {
-            k: self.k.narrow(2, 0, len)?,
+            k: self.shift_pinned(keys)?,
             v: self.v.narrow(2, 0, len)?,
             mask,
         })
+    }
+
+    /// How far slot `slot_idx`'s pinned prefix is rotated forward: the distance the window has
+    /// slid past it.
+    fn pin_shift(&self, slot_idx: usize) -> u64 {
+        if self.pinned[slot_idx] == 0 {
+            0
+        } else {
+            self.ends[slot_idx].saturating_sub(self.capacity as u64)
+        }
+    }
+
+    /// The keys with every pinned prefix rotated to sit just before its window.
+    fn shift_pinned(&self, keys: Tensor) -> Result<Tensor> {
+        let Some(rope) = &self.rope else {
+            return Ok(keys);
+        };
+        let longest = self.pinned.iter().copied().max().unwrap_or(0);
+        if longest == 0 || (0..self.ends.len()).all(|b| self.pin_shift(b) == 0) {
+            return Ok(keys);
+        }
+        let positions: Vec<Vec<u64>> = (0..self.ends.len())
+            .map(|b| {
+                (0..longest)
+                    .map(|i| {
+                        if i < self.pinned[b] {
+                            self.pin_shift(b)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let prefix = rope.apply(&keys.narrow(2, 0, longest)?, &positions)?;
+        let rest = keys.narrow(2, longest, keys.dim(2)? - longest)?;
+        Tensor::cat(&[&prefix, &rest], 2)
     }
 
     /// Ring entries any slot has written (all of them once one slot has wrapped).
@@ -134,8 +202,9 @@ impl RingKv {
             for (query_idx, row) in rows.chunks_exact_mut(len).enumerate() {
                 let end = self.ends[slot_idx];
                 let query_pos = end - time as u64 + query_idx as u64;
+                let pinned = self.pinned[slot_idx];
                 for (ring_idx, cell) in row.iter_mut().enumerate() {
-                    if !self.visible(end, ring_idx, query_pos) {
+                    if !self.visible(end, ring_idx, query_pos, pinned) {
                         *cell = f32::NEG_INFINITY;
                     }
                 }
@@ -144,15 +213,20 @@ impl RingKv {
         Tensor::from_vec(mask, (self.ends.len(), 1, time, len), device)
     }
 
-    /// Whether ring entry `ring_idx` is visible to a query at `query_pos` after `end` writes.
-    fn visible(&self, end: u64, ring_idx: usize, query_pos: u64) -> bool {
-        let capacity = self.capacity as u64;
-        let ring_idx = ring_idx as u64;
+    /// Whether ring entry `ring_idx` is visible to a query at `query_pos` after `end` writes,
+    /// the first `pinned` entries being a kept prefix.
+    fn visible(&self, end: u64, ring_idx: usize, query_pos: u64, pinned: usize) -> bool {
+        if ring_idx < pinned {
+            return ring_idx as u64 <= query_pos;
+        }
+        // Positions and indices relative to the turning part of the ring.
+        let (offset, capacity) = (pinned as u64, (self.capacity - pinned) as u64);
+        let (end, ring_idx) = (end - offset, (ring_idx - pinned) as u64);
         if end == 0 || ring_idx > end - 1 {
             return false;
         }
         let last = end - 1;
-        let stored_pos = last - (last - ring_idx) % capacity;
+        let stored_pos = last - (last - ring_idx) % capacity + offset;
         if stored_pos > query_pos {
             return false;
         }
@@ -181,24 +255,30 @@ impl RingKv {
         self.k.narrow(0, slot_idx, 1)?.slice_set(&saved.k, 2, 0)?;
         self.v.narrow(0, slot_idx, 1)?.slice_set(&saved.v, 2, 0)?;
         self.ends[slot_idx] = saved.end;
+        self.pinned[slot_idx] = 0;
         Ok(())
     }
 }
 
-/// Writes `new` `[1, heads, time, head_dim]` into row `slot_idx` of `ring` from `start`, wrapping.
+/// Writes `new` `[1, heads, time, head_dim]` into row `slot_idx` of `ring` from `start`,
+/// wrapping within `region` (the ring indices that turn over).
 fn write_ring(
     ring: &Tensor,
     new: &Tensor,
     slot_idx: usize,
     start: usize,
-    capacity: usize,
+    region: std::ops::Range<usize>,
 ) -> Result<()> {
     let time = new.dim(2)?;
     let row = ring.narrow(0, slot_idx, 1)?;
-    let first = time.min(capacity - start);
+    let first = time.min(region.end - start);
     row.slice_set(&new.narrow(2, 0, first)?.contiguous()?, 2, start)?;
     if first < time {
-        row.slice_set(&new.narrow(2, first, time - first)?.contiguous()?, 2, 0)?;
+        row.slice_set(
+            &new.narrow(2, first, time - first)?.contiguous()?,
+            2,
+            region.start,
+        )?;
     }
     Ok(())
 }
@@ -215,30 +295,48 @@ pub fn attention(q: &Tensor, attend: &Attend) -> Result<Tensor> {
 mod tests {
     use super::*;
 
+    const HEAD_DIM: usize = 2;
+
     fn ring(capacity: usize, positions: RingPositions) -> RingKv {
-        RingKv::new(2, 1, capacity, 1, DType::F32, &Device::Cpu, positions).unwrap()
+        RingKv::new(
+            2,
+            1,
+            capacity,
+            HEAD_DIM,
+            DType::F32,
+            &Device::Cpu,
+            positions,
+        )
+        .unwrap()
     }
 
-    /// Writes `time` tokens whose key value is their position, for slot 0 only.
+    /// Writes `time` tokens whose key components all equal their position, for slot 0 only.
     fn write(ring: &mut RingKv, time: usize) -> Attend {
         let start = ring.end(0) as f32;
-        let values: Vec<f32> = (0..2 * time)
-            .map(|i| if i < time { start + i as f32 } else { -1.0 })
+        let values: Vec<f32> = (0..2 * time * HEAD_DIM)
+            .map(|i| {
+                if i < time * HEAD_DIM {
+                    start + (i / HEAD_DIM) as f32
+                } else {
+                    -1.0
+                }
+            })
             .collect();
-        let k = Tensor::from_vec(values, (2, 1, time, 1), &Device::Cpu).unwrap();
+        let k = Tensor::from_vec(values, (2, 1, time, HEAD_DIM), &Device::Cpu).unwrap();
         ring.append(&k, &k, &[true, false]).unwrap()
     }
 
-    /// The key values (= positions) visible to each query of slot 0.
+    /// The positions (first key component) visible to each query of slot 0.
     fn visible(attend: &Attend) -> Vec<Vec<f32>> {
-        let keys = attend
-            .k
+        let keys: Vec<f32> = attend
+            .v
             .narrow(0, 0, 1)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        let keys: Vec<f32> = keys.iter().step_by(HEAD_DIM).copied().collect();
         let mask = attend
             .mask
             .narrow(0, 0, 1)
@@ -320,7 +418,49 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-        assert_eq!(&keys[..3], &[0.0, 1.0, 2.0]);
+        assert_eq!(&keys[..3 * HEAD_DIM], &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn a_pinned_prefix_survives_the_window_and_is_rotated_just_before_it() -> Result<()> {
+        let rope = Rope::new(2, 10_000.0);
+        let mut pinned = ring(6, RingPositions::PersonaPlex).with_pinning(rope.clone());
+        let mut plain = ring(6, RingPositions::PersonaPlex);
+        write(&mut pinned, 2);
+        write(&mut plain, 2);
+        pinned.pin_prefix(0, 2)?;
+        let (mut with_pin, mut without) = (write(&mut pinned, 1), write(&mut plain, 1));
+        for _ in 0..9 {
+            with_pin = write(&mut pinned, 1);
+            without = write(&mut plain, 1);
+        }
+        // 12 tokens written: without a pin only the last 5 remain (PersonaPlex masks one);
+        // with it, positions 0 and 1 stay and the turning part (4 entries) shows 3.
+        assert_eq!(visible(&without), vec![vec![7.0, 8.0, 9.0, 10.0, 11.0]]);
+        let seen = visible(&with_pin)[0].len();
+        assert_eq!(seen, 5, "2 pinned + 3 in the ring");
+        // The pinned keys were rotated by the slide (12 − 6 = 6 positions).
+        let keys = with_pin.k.narrow(0, 0, 1)?.narrow(2, 0, 2)?;
+        let stored = pinned.k.narrow(0, 0, 1)?.narrow(2, 0, 2)?;
+        let expected = rope.apply(&stored, &[vec![6, 6]])?;
+        let diff = (keys - expected)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn pinning_needs_a_rope_and_room() {
+        let mut r = ring(4, RingPositions::PersonaPlex);
+        write(&mut r, 2);
+        assert!(r.pin_prefix(0, 2).is_err());
+        let mut r = ring(4, RingPositions::PersonaPlex).with_pinning(Rope::new(2, 10_000.0));
+        write(&mut r, 3);
+        assert!(r.pin_prefix(0, 3).is_err(), "no room left to turn");
+        assert!(r.pin_prefix(0, 2).is_ok());
     }
 
     #[test]

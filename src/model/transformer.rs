@@ -77,7 +77,7 @@ impl Transformer {
     ) -> Result<TransformerState> {
         let kv = (0..self.layers.len())
             .map(|_| {
-                RingKv::new(
+                let kv = RingKv::new(
                     batch,
                     self.heads,
                     capacity,
@@ -85,7 +85,8 @@ impl Transformer {
                     dtype,
                     device,
                     positions,
-                )
+                )?;
+                Ok(kv.with_pinning(self.rope.clone()))
             })
             .collect::<Result<_>>()?;
         Ok(TransformerState { kv })
@@ -145,6 +146,14 @@ impl TransformerState {
 
     pub fn reset_slot(&mut self, slot_idx: usize) {
         self.kv.iter_mut().for_each(|kv| kv.reset_slot(slot_idx));
+    }
+
+    /// Keeps everything slot `slot_idx` has seen so far (its persona) in attention for good.
+    pub fn pin_prefix(&mut self, slot_idx: usize) -> Result<()> {
+        let len = self.position(slot_idx) as usize;
+        self.kv
+            .iter_mut()
+            .try_for_each(|kv| kv.pin_prefix(slot_idx, len))
     }
 
     pub fn save_slot(&self, slot_idx: usize) -> Result<TransformerSlot> {

@@ -1,0 +1,154 @@
+//! The PersonaPlex engine: the speech model behind the `Engine` trait. Personas are prefilled
+//! once per (voice, role prompt) and restored into a slot when a session opens.
+
+use super::persona::{Persona, PersonaCatalog, PromptCounter};
+use super::{Engine, EngineError, EngineInfo, StageTimes, StepIo};
+use crate::model::generate::{SamplingConfig, Snapshot};
+use crate::model::persona::{VoicePrompt, prompt_calls};
+use crate::model::pipeline::{Pipeline, PipelineState, Stage};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Prefilled personas kept in memory.
+const SNAPSHOT_CACHE_ENTRIES: usize = 32;
+
+/// Options beyond the model itself.
+#[derive(Debug, Clone)]
+pub struct PersonaPlexOptions {
+    pub slots: usize,
+    pub sampling: SamplingConfig,
+    /// Fixed seed for every session (reproducible runs); otherwise each session draws one.
+    pub seed: Option<u64>,
+    /// Shown in `/api/info` and logs.
+    pub model_name: String,
+}
+
+type PersonaKey = (Option<String>, String);
+
+pub struct PersonaPlexEngine {
+    pipeline: Arc<Pipeline>,
+    state: PipelineState,
+    options: PersonaPlexOptions,
+    snapshots: VecDeque<(PersonaKey, Arc<Snapshot>)>,
+    sessions_opened: u64,
+}
+
+/// Counts a role prompt's tokens the way the engine will feed them.
+struct TokenCounter(Arc<Pipeline>);
+
+impl PromptCounter for TokenCounter {
+    fn count(&self, prompt: &str) -> usize {
+        self.0.prompt_tokens(prompt).map(|t| t.len()).unwrap_or(usize::MAX)
+    }
+}
+
+impl PersonaPlexEngine {
+    pub fn new(pipeline: Pipeline, options: PersonaPlexOptions) -> Result<Self, EngineError> {
+        let state = pipeline.state(options.slots).map_err(model_error)?;
+        Ok(Self { pipeline: Arc::new(pipeline), state, options, snapshots: VecDeque::new(), sessions_opened: 0 })
+    }
+
+    /// Prefills the default persona so the first session starts at once.
+    pub fn warm_up(&mut self, persona: &Persona) -> Result<(), EngineError> {
+        self.snapshot(persona).map(|_| ())
+    }
+
+    /// Frames the prompt budget allows: the whole prompt must fit the attention window.
+    fn max_prompt_tokens(&self) -> usize {
+        let context = self.pipeline.lm.config().context;
+        let voice_frames = 64;
+        context.saturating_sub(voice_frames + prompt_calls(&VoicePrompt::None, &[]))
+    }
+
+    fn snapshot(&mut self, persona: &Persona) -> Result<Arc<Snapshot>, EngineError> {
+        let key = (persona.voice.clone(), persona.prompt.clone());
+        if let Some(idx) = self.snapshots.iter().position(|(k, _)| *k == key) {
+            let entry = self.snapshots.remove(idx).expect("index found above");
+            let snapshot = entry.1.clone();
+            self.snapshots.push_front(entry);
+            return Ok(snapshot);
+        }
+        let started = Instant::now();
+        let voice = match &persona.voice {
+            Some(name) => self.pipeline.voice_preset(name).map_err(model_error)?,
+            None => VoicePrompt::None,
+        };
+        let tokens = self.pipeline.prompt_tokens(&persona.prompt).map_err(model_error)?;
+        let limit = self.max_prompt_tokens();
+        if tokens.len() > limit {
+            return Err(EngineError(format!("role prompt is {} tokens; the limit is {limit}", tokens.len())));
+        }
+        let snapshot = Arc::new(self.pipeline.prefill(&voice, &tokens).map_err(model_error)?);
+        tracing::info!(voice = ?persona.voice, tokens = tokens.len(), ms = started.elapsed().as_millis() as u64, "persona prefilled");
+        self.snapshots.push_front((key, snapshot.clone()));
+        self.snapshots.truncate(SNAPSHOT_CACHE_ENTRIES);
+        Ok(snapshot)
+    }
+
+    fn next_seed(&mut self) -> u64 {
+        self.sessions_opened += 1;
+        match self.options.seed {
+            Some(seed) => seed,
+            None => rand::random(),
+        }
+    }
+}
+
+fn model_error(err: candle_core::Error) -> EngineError {
+    EngineError(err.to_string())
+}
+
+impl Engine for PersonaPlexEngine {
+    fn info(&self) -> EngineInfo {
+        let voices = self.pipeline.voices.names();
+        let default_voice = voices.iter().find(|v| *v == "NATF0").or(voices.first()).cloned();
+        let mut catalog = PersonaCatalog::with_voices(voices, default_voice);
+        catalog.max_prompt_tokens = Some((self.max_prompt_tokens(), Arc::new(TokenCounter(self.pipeline.clone()))));
+        EngineInfo {
+            name: "personaplex",
+            model: Some(self.options.model_name.clone()),
+            delay_frames: 1,
+            notice: None,
+            catalog,
+        }
+    }
+
+    fn slots(&self) -> usize {
+        self.options.slots
+    }
+
+    fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<(), EngineError> {
+        let snapshot = self.snapshot(persona)?;
+        let seed = self.next_seed();
+        self.state.open(slot_idx, &snapshot, seed, self.options.sampling).map_err(model_error)
+    }
+
+    fn close_slot(&mut self, slot_idx: usize) {
+        self.state.close(slot_idx);
+    }
+
+    fn step(&mut self, io: StepIo<'_>) -> Result<StageTimes, EngineError> {
+        let mut times = StageTimes::default();
+        let mut last = Instant::now();
+        let mut mark = |stage: Stage| {
+            let now = Instant::now();
+            let spent = now - last;
+            last = now;
+            match stage {
+                Stage::Encode => times.encode = spent,
+                Stage::Temporal => times.temporal = spent,
+                Stage::Depformer => times.depformer = spent,
+                Stage::Decode => times.decode = spent,
+            }
+        };
+        let frames = self.state.step(&self.pipeline, io.input, io.active, io.output, &mut mark).map_err(model_error)?;
+        for (slot_idx, frame) in frames.iter().enumerate() {
+            let Some(text) = frame.as_ref().and_then(|f| f.tokens).map(|t| t[0]) else { continue };
+            if let Some(piece) = self.pipeline.tokenizer.text_piece(text as u32) {
+                io.text.push((slot_idx, piece));
+            }
+        }
+        Ok(times)
+    }
+}

@@ -1,0 +1,222 @@
+//! The whole speech-to-speech stack for a batch of conversations: user PCM → Mimi codes →
+//! language model call → agent codes → Mimi → agent PCM, one 80 ms frame per step.
+
+use super::Result;
+use super::checkpoint::Checkpoint;
+use super::config::LmConfig;
+use super::files::ModelFiles;
+use super::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot};
+use super::kv::RingPositions;
+use super::lm::{Column, LmModel};
+use super::mimi::{DecoderState, EncoderState, Mimi, MimiConfig};
+use super::persona::{VoicePrompt, prompt_calls, run_prompt};
+use super::tokenizer::{TextTokenizer, wrap_system_prompt};
+use super::voice::{VoiceLibrary, VoicePreset};
+use candle_core::{DType, Device, Tensor};
+
+/// How to run the stack.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub device: Device,
+    /// The language model's compute dtype (f32 on the CPU).
+    pub dtype: DType,
+    /// Depformer steps per frame: 8 serve the agent; 16 reproduce the reference's RNG use.
+    pub dep_steps: usize,
+    pub positions: RingPositions,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, dep_steps: 8, positions: RingPositions::PersonaPlex }
+    }
+}
+
+/// The stages of a step, reported as each one ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Encode,
+    Temporal,
+    Depformer,
+    Decode,
+}
+
+/// The loaded models and their data.
+pub struct Pipeline {
+    pub lm: LmModel,
+    pub mimi: Mimi,
+    pub tokenizer: TextTokenizer,
+    pub voices: VoiceLibrary,
+    positions: RingPositions,
+}
+
+impl Pipeline {
+    pub fn load(files: &ModelFiles, cfg: &PipelineConfig) -> Result<Self> {
+        let (lm_cfg, mimi_cfg) = configs(files)?;
+        let lm = LmModel::load(&Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?, &lm_cfg, cfg.dep_steps)?;
+        let mimi_ckpt = Checkpoint::open(&files.mimi, DType::F32, &cfg.device)?;
+        let mimi = Mimi::load(&mimi_ckpt, &mimi_cfg, cfg.positions)?;
+        if mimi.num_codebooks() != lm_cfg.codebooks() {
+            candle_core::bail!("Mimi yields {} codebooks, the model expects {}", mimi.num_codebooks(), lm_cfg.codebooks());
+        }
+        let tokenizer = TextTokenizer::open(&files.tokenizer)?;
+        if tokenizer.vocab_size() != lm_cfg.text_card {
+            candle_core::bail!("tokenizer has {} pieces, the model's text vocabulary is {}", tokenizer.vocab_size(), lm_cfg.text_card);
+        }
+        files.ensure_voices().map_err(candle_core::Error::wrap)?;
+        let voices = VoiceLibrary::scan(&files.voices).map_err(candle_core::Error::wrap)?;
+        Ok(Self { lm, mimi, tokenizer, voices, positions: cfg.positions })
+    }
+
+    /// Reads preset `name` from the voice library.
+    pub fn voice_preset(&self, name: &str) -> Result<VoicePrompt> {
+        let path = self.voices.path(name).ok_or_else(|| candle_core::Error::msg(format!("no voice preset {name:?}")))?;
+        Ok(VoicePrompt::Preset(Box::new(VoicePreset::load(path, self.lm.config().dim, self.lm.device())?)))
+    }
+
+    /// A voice prompt from 24 kHz audio: its Mimi codes, frame by frame.
+    pub fn voice_from_pcm(&self, pcm: &[f32]) -> Result<VoicePrompt> {
+        let frame = self.mimi.frame_samples();
+        let mut state = self.mimi.encoder_state(1)?;
+        let codes = pcm
+            .chunks(frame)
+            .map(|chunk| {
+                let mut padded = chunk.to_vec();
+                padded.resize(frame, 0.0);
+                let input = Tensor::from_vec(padded, (1, 1, frame), self.lm.device())?;
+                let codes: Vec<u32> = self.mimi.encode_step(&input, &mut state, &[true])?.flatten_all()?.to_vec1()?;
+                Ok(std::array::from_fn(|q| i64::from(codes[q])))
+            })
+            .collect::<Result<Vec<[i64; 8]>>>()?;
+        Ok(VoicePrompt::Codes(codes))
+    }
+
+    /// The role prompt's tokens as PersonaPlex feeds them.
+    pub fn prompt_tokens(&self, prompt: &str) -> Result<Vec<u32>> {
+        if prompt.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        self.tokenizer.encode(&wrap_system_prompt(prompt))
+    }
+
+    /// Runs the system prompt once and returns the state to start conversations from.
+    pub fn prefill(&self, voice: &VoicePrompt, text_tokens: &[u32]) -> Result<Snapshot> {
+        let capacity = (prompt_calls(voice, text_tokens) + 2).min(self.lm.config().context);
+        let mut generator = Generator::new(&self.lm, 1, capacity, self.positions)?;
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        run_prompt(&self.lm, &mut generator, 0, voice, text_tokens)?;
+        generator.snapshot(0)
+    }
+
+    /// Streaming state for `batch` conversations.
+    pub fn state(&self, batch: usize) -> Result<PipelineState> {
+        Ok(PipelineState {
+            generator: Generator::new(&self.lm, batch, self.lm.config().context, self.positions)?,
+            encoder: self.mimi.encoder_state(batch)?,
+            decoder: self.mimi.decoder_state(batch)?,
+        })
+    }
+}
+
+/// The language model's and Mimi's configs: from `config.json` where it has them, else the
+/// PersonaPlex 7B presets (the published `config.json` carries neither).
+fn configs(files: &ModelFiles) -> Result<(LmConfig, MimiConfig)> {
+    let Some(path) = &files.config else { return Ok((LmConfig::personaplex_7b(), MimiConfig::v0_1())) };
+    let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let lm = if json.get("dim").is_some() { LmConfig::from_file(path)? } else { LmConfig::personaplex_7b() };
+    let mimi = if json.get("mimi").is_some() { MimiConfig::from_model_config_json(&text)? } else { MimiConfig::v0_1() };
+    Ok((lm, mimi))
+}
+
+/// One slot's frame: what the model heard and what it said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotFrame {
+    /// The user's Mimi codes for this frame.
+    pub user_codes: [i64; 8],
+    /// The call's 17 tokens, once outputs have started.
+    pub tokens: Option<Column>,
+}
+
+/// The streaming state of a batch of conversations.
+pub struct PipelineState {
+    pub generator: Generator,
+    encoder: EncoderState,
+    decoder: DecoderState,
+}
+
+impl PipelineState {
+    /// Starts slot `slot_idx` from a prefill snapshot.
+    pub fn open(&mut self, slot_idx: usize, snapshot: &Snapshot, seed: u64, sampling: SamplingConfig) -> Result<()> {
+        self.generator.restore(slot_idx, snapshot, seed, sampling)?;
+        self.encoder.reset_slot(slot_idx)?;
+        self.decoder.reset_slot(slot_idx)
+    }
+
+    pub fn close(&mut self, slot_idx: usize) {
+        self.generator.close(slot_idx);
+    }
+
+    /// One frame for every active slot: `pcm_in`/`pcm_out` hold one frame per slot, back to back.
+    /// `mark` is called as each stage ends (for timing).
+    pub fn step(
+        &mut self,
+        pipeline: &Pipeline,
+        pcm_in: &[f32],
+        active: &[bool],
+        pcm_out: &mut [f32],
+        mark: &mut impl FnMut(Stage),
+    ) -> Result<Vec<Option<SlotFrame>>> {
+        let (batch, frame) = (active.len(), pipeline.mimi.frame_samples());
+        let device = pipeline.lm.device();
+        let input = Tensor::from_slice(pcm_in, (batch, 1, frame), device)?;
+        let user: Vec<Vec<u32>> = pipeline.mimi.encode_step(&input, &mut self.encoder, active)?.to_vec2()?;
+        mark(Stage::Encode);
+        let user: Vec<[i64; 8]> = user.iter().map(|codes| std::array::from_fn(|q| i64::from(codes[q]))).collect();
+        let inputs: Vec<Option<CallInput>> = (0..batch)
+            .map(|b| active[b].then(|| CallInput::Tokens(Forced { user: Some(user[b]), ..Default::default() })))
+            .collect();
+        let pending = self.generator.begin(&pipeline.lm, &inputs)?;
+        mark(Stage::Temporal);
+        let outputs = self.generator.complete(&pipeline.lm, pending)?;
+        mark(Stage::Depformer);
+        let frames: Vec<Option<SlotFrame>> = outputs
+            .into_iter()
+            .enumerate()
+            .map(|(b, out)| out.map(|out| SlotFrame { user_codes: user[b], tokens: out.tokens }))
+            .collect();
+        self.decode(pipeline, &frames, pcm_out)?;
+        mark(Stage::Decode);
+        Ok(frames)
+    }
+
+    /// Decodes the agent's codes of every slot that produced some; the others get silence.
+    fn decode(&mut self, pipeline: &Pipeline, frames: &[Option<SlotFrame>], pcm_out: &mut [f32]) -> Result<()> {
+        let frame = pipeline.mimi.frame_samples();
+        let speaking: Vec<bool> = frames.iter().map(|f| f.as_ref().is_some_and(|f| f.tokens.is_some())).collect();
+        let mut codes = vec![0u32; frames.len() * 8];
+        for (row, frame_out) in codes.chunks_exact_mut(8).zip(frames) {
+            if let Some(tokens) = frame_out.as_ref().and_then(|f| f.tokens) {
+                for (dst, &src) in row.iter_mut().zip(&tokens[1..9]) {
+                    *dst = src.clamp(0, pipeline.lm.config().card as i64 - 1) as u32;
+                }
+            }
+        }
+        for (out, frame_out) in pcm_out.chunks_exact_mut(frame).zip(frames) {
+            if frame_out.is_some() {
+                out.fill(0.0);
+            }
+        }
+        if !speaking.iter().any(|s| *s) {
+            return Ok(());
+        }
+        let codes = Tensor::from_vec(codes, (frames.len(), 8), pipeline.lm.device())?;
+        let pcm = pipeline.mimi.decode_step(&codes, &mut self.decoder, &speaking)?;
+        let pcm: Vec<f32> = pcm.flatten_all()?.to_vec1()?;
+        for ((out, decoded), &speaks) in pcm_out.chunks_exact_mut(frame).zip(pcm.chunks_exact(frame)).zip(&speaking) {
+            if speaks {
+                out.copy_from_slice(decoded);
+            }
+        }
+        Ok(())
+    }
+}
