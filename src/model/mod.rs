@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod kv;
+pub mod mimi;
 pub mod nn;
 
 pub use candle_core::{DType, Device, Tensor};

@@ -6,6 +6,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
+pub mod mimi;
+
 /// A memory-mapped safetensors file.
 pub struct Checkpoint {
     path: PathBuf,
