@@ -9,3 +9,4 @@ pub mod engine;
 pub mod gateway;
 pub mod metrics;
 pub mod model;
+pub mod offline;

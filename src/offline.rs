@@ -60,13 +60,26 @@ pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
     let pipeline = Pipeline::load(&files, &options.pipeline).context("loading the model")?;
     let input = read_24k(&options.input)?;
     let (voice, voice_name) = voice_prompt(&pipeline, options)?;
-    let prompt = options.prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.to_owned());
+    let prompt = options
+        .prompt
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PROMPT.to_owned());
     let tokens = pipeline.prompt_tokens(&prompt)?;
     if tokens.len() + 64 > pipeline.lm.config().context {
-        bail!("the role prompt is {} tokens; this model's window allows {}", tokens.len(), pipeline.lm.config().context.saturating_sub(64));
+        bail!(
+            "the role prompt is {} tokens; this model's window allows {}",
+            tokens.len(),
+            pipeline.lm.config().context.saturating_sub(64)
+        );
     }
-    let snapshot = pipeline.prefill(&voice, &tokens).context("running the system prompt")?;
-    let sampling = if options.greedy { SamplingConfig::GREEDY } else { SamplingConfig::DEFAULT };
+    let snapshot = pipeline
+        .prefill(&voice, &tokens)
+        .context("running the system prompt")?;
+    let sampling = if options.greedy {
+        SamplingConfig::GREEDY
+    } else {
+        SamplingConfig::DEFAULT
+    };
     let mut state = pipeline.state(1)?;
     state.open(0, &snapshot, options.seed, sampling)?;
     let (agent_pcm, frames) = converse(&pipeline, &mut state, &input)?;
@@ -82,7 +95,8 @@ pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
         transcript,
     };
     if let Some(path) = &options.tokens {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
 }
@@ -100,7 +114,9 @@ fn converse(
         let mut pcm = chunk.to_vec();
         pcm.resize(FRAME_SAMPLES, 0.0);
         let step = state.step(pipeline, &pcm, &[true], &mut out, &mut |_| {})?;
-        let Some(Some(slot)) = step.into_iter().next() else { bail!("frame {frame}: the model produced nothing") };
+        let Some(Some(slot)) = step.into_iter().next() else {
+            bail!("frame {frame}: the model produced nothing")
+        };
         let text_id = slot.tokens.map(|t| t[0]);
         frames.push(FrameTokens {
             frame,
@@ -115,10 +131,16 @@ fn converse(
     Ok((agent, frames))
 }
 
-fn voice_prompt(pipeline: &Pipeline, options: &OfflineOptions) -> Result<(VoicePrompt, Option<String>)> {
+fn voice_prompt(
+    pipeline: &Pipeline,
+    options: &OfflineOptions,
+) -> Result<(VoicePrompt, Option<String>)> {
     if let Some(path) = &options.voice_wav {
         let pcm = read_24k(path)?;
-        return Ok((pipeline.voice_from_pcm(&crate::audio::loudness::normalize(&pcm, SAMPLE_RATE))?, Some(path.display().to_string())));
+        return Ok((
+            pipeline.voice_from_pcm(&crate::audio::loudness::normalize(&pcm, SAMPLE_RATE))?,
+            Some(path.display().to_string()),
+        ));
     }
     let names = pipeline.voices.names();
     let name = match &options.voice {
@@ -129,7 +151,10 @@ fn voice_prompt(pipeline: &Pipeline, options: &OfflineOptions) -> Result<(VoiceP
         },
     };
     if !names.contains(&name) {
-        bail!("unknown voice {name:?}; available voices: {}", names.join(", "));
+        bail!(
+            "unknown voice {name:?}; available voices: {}",
+            names.join(", ")
+        );
     }
     Ok((pipeline.voice_preset(&name)?, Some(name)))
 }

@@ -10,6 +10,7 @@ pub mod clock;
 mod driver;
 pub mod echo;
 pub mod persona;
+pub mod personaplex;
 pub mod session;
 pub mod step_loop;
 

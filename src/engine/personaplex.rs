@@ -39,14 +39,23 @@ struct TokenCounter(Arc<Pipeline>);
 
 impl PromptCounter for TokenCounter {
     fn count(&self, prompt: &str) -> usize {
-        self.0.prompt_tokens(prompt).map(|t| t.len()).unwrap_or(usize::MAX)
+        self.0
+            .prompt_tokens(prompt)
+            .map(|t| t.len())
+            .unwrap_or(usize::MAX)
     }
 }
 
 impl PersonaPlexEngine {
     pub fn new(pipeline: Pipeline, options: PersonaPlexOptions) -> Result<Self, EngineError> {
         let state = pipeline.state(options.slots).map_err(model_error)?;
-        Ok(Self { pipeline: Arc::new(pipeline), state, options, snapshots: VecDeque::new(), sessions_opened: 0 })
+        Ok(Self {
+            pipeline: Arc::new(pipeline),
+            state,
+            options,
+            snapshots: VecDeque::new(),
+            sessions_opened: 0,
+        })
     }
 
     /// Prefills the default persona so the first session starts at once.
@@ -74,12 +83,22 @@ impl PersonaPlexEngine {
             Some(name) => self.pipeline.voice_preset(name).map_err(model_error)?,
             None => VoicePrompt::None,
         };
-        let tokens = self.pipeline.prompt_tokens(&persona.prompt).map_err(model_error)?;
+        let tokens = self
+            .pipeline
+            .prompt_tokens(&persona.prompt)
+            .map_err(model_error)?;
         let limit = self.max_prompt_tokens();
         if tokens.len() > limit {
-            return Err(EngineError(format!("role prompt is {} tokens; the limit is {limit}", tokens.len())));
+            return Err(EngineError(format!(
+                "role prompt is {} tokens; the limit is {limit}",
+                tokens.len()
+            )));
         }
-        let snapshot = Arc::new(self.pipeline.prefill(&voice, &tokens).map_err(model_error)?);
+        let snapshot = Arc::new(
+            self.pipeline
+                .prefill(&voice, &tokens)
+                .map_err(model_error)?,
+        );
         tracing::info!(voice = ?persona.voice, tokens = tokens.len(), ms = started.elapsed().as_millis() as u64, "persona prefilled");
         self.snapshots.push_front((key, snapshot.clone()));
         self.snapshots.truncate(SNAPSHOT_CACHE_ENTRIES);
@@ -102,9 +121,16 @@ fn model_error(err: candle_core::Error) -> EngineError {
 impl Engine for PersonaPlexEngine {
     fn info(&self) -> EngineInfo {
         let voices = self.pipeline.voices.names();
-        let default_voice = voices.iter().find(|v| *v == "NATF0").or(voices.first()).cloned();
+        let default_voice = voices
+            .iter()
+            .find(|v| *v == "NATF0")
+            .or(voices.first())
+            .cloned();
         let mut catalog = PersonaCatalog::with_voices(voices, default_voice);
-        catalog.max_prompt_tokens = Some((self.max_prompt_tokens(), Arc::new(TokenCounter(self.pipeline.clone()))));
+        catalog.max_prompt_tokens = Some((
+            self.max_prompt_tokens(),
+            Arc::new(TokenCounter(self.pipeline.clone())),
+        ));
         EngineInfo {
             name: "personaplex",
             model: Some(self.options.model_name.clone()),
@@ -121,7 +147,9 @@ impl Engine for PersonaPlexEngine {
     fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<(), EngineError> {
         let snapshot = self.snapshot(persona)?;
         let seed = self.next_seed();
-        self.state.open(slot_idx, &snapshot, seed, self.options.sampling).map_err(model_error)
+        self.state
+            .open(slot_idx, &snapshot, seed, self.options.sampling)
+            .map_err(model_error)
     }
 
     fn close_slot(&mut self, slot_idx: usize) {
@@ -142,9 +170,14 @@ impl Engine for PersonaPlexEngine {
                 Stage::Decode => times.decode = spent,
             }
         };
-        let frames = self.state.step(&self.pipeline, io.input, io.active, io.output, &mut mark).map_err(model_error)?;
+        let frames = self
+            .state
+            .step(&self.pipeline, io.input, io.active, io.output, &mut mark)
+            .map_err(model_error)?;
         for (slot_idx, frame) in frames.iter().enumerate() {
-            let Some(text) = frame.as_ref().and_then(|f| f.tokens).map(|t| t[0]) else { continue };
+            let Some(text) = frame.as_ref().and_then(|f| f.tokens).map(|t| t[0]) else {
+                continue;
+            };
             if let Some(piece) = self.pipeline.tokenizer.text_piece(text as u32) {
                 io.text.push((slot_idx, piece));
             }

@@ -27,7 +27,12 @@ pub struct PipelineConfig {
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, dep_steps: 8, positions: RingPositions::PersonaPlex }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            dep_steps: 8,
+            positions: RingPositions::PersonaPlex,
+        }
     }
 }
 
@@ -52,25 +57,50 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn load(files: &ModelFiles, cfg: &PipelineConfig) -> Result<Self> {
         let (lm_cfg, mimi_cfg) = configs(files)?;
-        let lm = LmModel::load(&Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?, &lm_cfg, cfg.dep_steps)?;
+        let lm = LmModel::load(
+            &Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?,
+            &lm_cfg,
+            cfg.dep_steps,
+        )?;
         let mimi_ckpt = Checkpoint::open(&files.mimi, DType::F32, &cfg.device)?;
         let mimi = Mimi::load(&mimi_ckpt, &mimi_cfg, cfg.positions)?;
         if mimi.num_codebooks() != lm_cfg.codebooks() {
-            candle_core::bail!("Mimi yields {} codebooks, the model expects {}", mimi.num_codebooks(), lm_cfg.codebooks());
+            candle_core::bail!(
+                "Mimi yields {} codebooks, the model expects {}",
+                mimi.num_codebooks(),
+                lm_cfg.codebooks()
+            );
         }
         let tokenizer = TextTokenizer::open(&files.tokenizer)?;
         if tokenizer.vocab_size() != lm_cfg.text_card {
-            candle_core::bail!("tokenizer has {} pieces, the model's text vocabulary is {}", tokenizer.vocab_size(), lm_cfg.text_card);
+            candle_core::bail!(
+                "tokenizer has {} pieces, the model's text vocabulary is {}",
+                tokenizer.vocab_size(),
+                lm_cfg.text_card
+            );
         }
         files.ensure_voices().map_err(candle_core::Error::wrap)?;
         let voices = VoiceLibrary::scan(&files.voices).map_err(candle_core::Error::wrap)?;
-        Ok(Self { lm, mimi, tokenizer, voices, positions: cfg.positions })
+        Ok(Self {
+            lm,
+            mimi,
+            tokenizer,
+            voices,
+            positions: cfg.positions,
+        })
     }
 
     /// Reads preset `name` from the voice library.
     pub fn voice_preset(&self, name: &str) -> Result<VoicePrompt> {
-        let path = self.voices.path(name).ok_or_else(|| candle_core::Error::msg(format!("no voice preset {name:?}")))?;
-        Ok(VoicePrompt::Preset(Box::new(VoicePreset::load(path, self.lm.config().dim, self.lm.device())?)))
+        let path = self
+            .voices
+            .path(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("no voice preset {name:?}")))?;
+        Ok(VoicePrompt::Preset(Box::new(VoicePreset::load(
+            path,
+            self.lm.config().dim,
+            self.lm.device(),
+        )?)))
     }
 
     /// A voice prompt from 24 kHz audio: its Mimi codes, frame by frame.
@@ -83,7 +113,11 @@ impl Pipeline {
                 let mut padded = chunk.to_vec();
                 padded.resize(frame, 0.0);
                 let input = Tensor::from_vec(padded, (1, 1, frame), self.lm.device())?;
-                let codes: Vec<u32> = self.mimi.encode_step(&input, &mut state, &[true])?.flatten_all()?.to_vec1()?;
+                let codes: Vec<u32> = self
+                    .mimi
+                    .encode_step(&input, &mut state, &[true])?
+                    .flatten_all()?
+                    .to_vec1()?;
                 Ok(std::array::from_fn(|q| i64::from(codes[q])))
             })
             .collect::<Result<Vec<[i64; 8]>>>()?;
@@ -120,11 +154,22 @@ impl Pipeline {
 /// The language model's and Mimi's configs: from `config.json` where it has them, else the
 /// PersonaPlex 7B presets (the published `config.json` carries neither).
 fn configs(files: &ModelFiles) -> Result<(LmConfig, MimiConfig)> {
-    let Some(path) = &files.config else { return Ok((LmConfig::personaplex_7b(), MimiConfig::v0_1())) };
-    let text = std::fs::read_to_string(path).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+    let Some(path) = &files.config else {
+        return Ok((LmConfig::personaplex_7b(), MimiConfig::v0_1()));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let lm = if json.get("dim").is_some() { LmConfig::from_file(path)? } else { LmConfig::personaplex_7b() };
-    let mimi = if json.get("mimi").is_some() { MimiConfig::from_model_config_json(&text)? } else { MimiConfig::v0_1() };
+    let lm = if json.get("dim").is_some() {
+        LmConfig::from_file(path)?
+    } else {
+        LmConfig::personaplex_7b()
+    };
+    let mimi = if json.get("mimi").is_some() {
+        MimiConfig::from_model_config_json(&text)?
+    } else {
+        MimiConfig::v0_1()
+    };
     Ok((lm, mimi))
 }
 
@@ -146,7 +191,13 @@ pub struct PipelineState {
 
 impl PipelineState {
     /// Starts slot `slot_idx` from a prefill snapshot.
-    pub fn open(&mut self, slot_idx: usize, snapshot: &Snapshot, seed: u64, sampling: SamplingConfig) -> Result<()> {
+    pub fn open(
+        &mut self,
+        slot_idx: usize,
+        snapshot: &Snapshot,
+        seed: u64,
+        sampling: SamplingConfig,
+    ) -> Result<()> {
         self.generator.restore(slot_idx, snapshot, seed, sampling)?;
         self.encoder.reset_slot(slot_idx)?;
         self.decoder.reset_slot(slot_idx)
@@ -169,11 +220,24 @@ impl PipelineState {
         let (batch, frame) = (active.len(), pipeline.mimi.frame_samples());
         let device = pipeline.lm.device();
         let input = Tensor::from_slice(pcm_in, (batch, 1, frame), device)?;
-        let user: Vec<Vec<u32>> = pipeline.mimi.encode_step(&input, &mut self.encoder, active)?.to_vec2()?;
+        let user: Vec<Vec<u32>> = pipeline
+            .mimi
+            .encode_step(&input, &mut self.encoder, active)?
+            .to_vec2()?;
         mark(Stage::Encode);
-        let user: Vec<[i64; 8]> = user.iter().map(|codes| std::array::from_fn(|q| i64::from(codes[q]))).collect();
+        let user: Vec<[i64; 8]> = user
+            .iter()
+            .map(|codes| std::array::from_fn(|q| i64::from(codes[q])))
+            .collect();
         let inputs: Vec<Option<CallInput>> = (0..batch)
-            .map(|b| active[b].then(|| CallInput::Tokens(Forced { user: Some(user[b]), ..Default::default() })))
+            .map(|b| {
+                active[b].then(|| {
+                    CallInput::Tokens(Forced {
+                        user: Some(user[b]),
+                        ..Default::default()
+                    })
+                })
+            })
             .collect();
         let pending = self.generator.begin(&pipeline.lm, &inputs)?;
         mark(Stage::Temporal);
@@ -182,7 +246,12 @@ impl PipelineState {
         let frames: Vec<Option<SlotFrame>> = outputs
             .into_iter()
             .enumerate()
-            .map(|(b, out)| out.map(|out| SlotFrame { user_codes: user[b], tokens: out.tokens }))
+            .map(|(b, out)| {
+                out.map(|out| SlotFrame {
+                    user_codes: user[b],
+                    tokens: out.tokens,
+                })
+            })
             .collect();
         self.decode(pipeline, &frames, pcm_out)?;
         mark(Stage::Decode);
@@ -190,9 +259,17 @@ impl PipelineState {
     }
 
     /// Decodes the agent's codes of every slot that produced some; the others get silence.
-    fn decode(&mut self, pipeline: &Pipeline, frames: &[Option<SlotFrame>], pcm_out: &mut [f32]) -> Result<()> {
+    fn decode(
+        &mut self,
+        pipeline: &Pipeline,
+        frames: &[Option<SlotFrame>],
+        pcm_out: &mut [f32],
+    ) -> Result<()> {
         let frame = pipeline.mimi.frame_samples();
-        let speaking: Vec<bool> = frames.iter().map(|f| f.as_ref().is_some_and(|f| f.tokens.is_some())).collect();
+        let speaking: Vec<bool> = frames
+            .iter()
+            .map(|f| f.as_ref().is_some_and(|f| f.tokens.is_some()))
+            .collect();
         let mut codes = vec![0u32; frames.len() * 8];
         for (row, frame_out) in codes.chunks_exact_mut(8).zip(frames) {
             if let Some(tokens) = frame_out.as_ref().and_then(|f| f.tokens) {
@@ -210,9 +287,15 @@ impl PipelineState {
             return Ok(());
         }
         let codes = Tensor::from_vec(codes, (frames.len(), 8), pipeline.lm.device())?;
-        let pcm = pipeline.mimi.decode_step(&codes, &mut self.decoder, &speaking)?;
+        let pcm = pipeline
+            .mimi
+            .decode_step(&codes, &mut self.decoder, &speaking)?;
         let pcm: Vec<f32> = pcm.flatten_all()?.to_vec1()?;
-        for ((out, decoded), &speaks) in pcm_out.chunks_exact_mut(frame).zip(pcm.chunks_exact(frame)).zip(&speaking) {
+        for ((out, decoded), &speaks) in pcm_out
+            .chunks_exact_mut(frame)
+            .zip(pcm.chunks_exact(frame))
+            .zip(&speaking)
+        {
             if speaks {
                 out.copy_from_slice(decoded);
             }

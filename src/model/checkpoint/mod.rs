@@ -2,6 +2,7 @@
 //! the per-model files of this folder), so the model code deals in roles, not names.
 
 pub mod lm;
+pub mod mimi;
 
 use super::Result;
 use candle_core::safetensors::MmapedSafetensors;

@@ -1,0 +1,221 @@
+//! Mimi's encoder/decoder transformer: pre-norm layers with LayerNorm, causal RoPE attention over
+//! a window of `context` frames, a GELU FFN and layer scales, in conv layout (`[b, d, t]`).
+//!
+//! Streaming runs over one `RingKv` per layer (capacity = context); the non-streaming path
+//! attends over the whole sequence with the same window, like the reference without a cache.
+
+use crate::model::Result;
+use crate::model::checkpoint::mimi::TransformerLayerWeights;
+use crate::model::kv::{Attend, RingKv, RingPositions, attention};
+use crate::model::mimi::MimiConfig;
+use crate::model::nn::{LayerNorm, Rope, linear};
+use candle_core::{Device, Tensor};
+
+const LAYER_NORM_EPS: f32 = 1e-5;
+
+#[derive(Debug, Clone)]
+struct Layer {
+    in_proj: Tensor,
+    out_proj: Tensor,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    linear1: Tensor,
+    linear2: Tensor,
+    scale1: Option<Tensor>,
+    scale2: Option<Tensor>,
+}
+
+/// One stack of layers (the encoder's or the decoder's).
+#[derive(Debug, Clone)]
+pub(super) struct Transformer {
+    layers: Vec<Layer>,
+    rope: Rope,
+    heads: usize,
+    context: usize,
+    positions: RingPositions,
+    span: tracing::Span,
+}
+
+/// The ring caches of one transformer, a row per slot.
+#[derive(Debug)]
+pub(super) struct TransformerState {
+    rings: Vec<RingKv>,
+}
+
+impl TransformerState {
+    pub fn reset(&mut self, reset: &[bool]) {
+        for ring in &mut self.rings {
+            for (slot_idx, _) in reset.iter().enumerate().filter(|(_, r)| **r) {
+                ring.reset_slot(slot_idx);
+            }
+        }
+    }
+}
+
+impl Transformer {
+    pub fn new(
+        w: &[TransformerLayerWeights],
+        cfg: &MimiConfig,
+        positions: RingPositions,
+        name: &'static str,
+    ) -> Self {
+        let t = &cfg.transformer;
+        let layers = w
+            .iter()
+            .map(|l| Layer {
+                in_proj: l.in_proj.clone(),
+                out_proj: l.out_proj.clone(),
+                norm1: LayerNorm::new(l.norm1_weight.clone(), l.norm1_bias.clone(), LAYER_NORM_EPS),
+                norm2: LayerNorm::new(l.norm2_weight.clone(), l.norm2_bias.clone(), LAYER_NORM_EPS),
+                linear1: l.linear1.clone(),
+                linear2: l.linear2.clone(),
+                scale1: l.layer_scale_1.clone(),
+                scale2: l.layer_scale_2.clone(),
+            })
+            .collect();
+        Self {
+            layers,
+            rope: Rope::new(t.d_model / t.num_heads, t.max_period),
+            heads: t.num_heads,
+            context: t
+                .context
+                .expect("context is checked by MimiConfig::validate"),
+            positions,
+            span: match name {
+                "encoder" => tracing::span!(tracing::Level::TRACE, "mimi_encoder_transformer"),
+                _ => tracing::span!(tracing::Level::TRACE, "mimi_decoder_transformer"),
+            },
+        }
+    }
+
+    pub fn state(&self, batch: usize) -> Result<TransformerState> {
+        let Some(first) = self.layers.first() else {
+            return Ok(TransformerState { rings: vec![] });
+        };
+        let d = first.in_proj.dim(1)?;
+        let rings = self
+            .layers
+            .iter()
+            .map(|_| {
+                RingKv::new(
+                    batch,
+                    self.heads,
+                    self.context,
+                    d / self.heads,
+                    first.in_proj.dtype(),
+                    first.in_proj.device(),
+                    self.positions,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TransformerState { rings })
+    }
+
+    /// One streaming step: `xs` `[batch, d, t]` → `[batch, d, t]`, each active slot advancing `t`.
+    pub fn step(
+        &self,
+        xs: &Tensor,
+        state: &mut TransformerState,
+        active: &[bool],
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (batch, _, time) = xs.dims3()?;
+        let positions: Vec<Vec<u64>> = (0..batch)
+            .map(|b| {
+                let start = state.rings.first().map_or(0, |r| r.end(b));
+                (start..start + time as u64).collect()
+            })
+            .collect();
+        let mut rings = state.rings.iter_mut();
+        self.run(xs, &positions, &mut |k, v| {
+            rings
+                .next()
+                .expect("one ring per layer, built from the same layers")
+                .append(k, v, active)
+        })
+    }
+
+    /// The whole sequence at once from position 0: `[batch, d, t]` → `[batch, d, t]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (batch, _, time) = xs.dims3()?;
+        let positions = vec![(0..time as u64).collect::<Vec<_>>(); batch];
+        let mask = window_mask(time, self.context, xs.device())?;
+        self.run(xs, &positions, &mut |k, v| {
+            Ok(Attend {
+                k: k.clone(),
+                v: v.clone(),
+                mask: mask.clone(),
+            })
+        })
+    }
+
+    fn run(
+        &self,
+        xs: &Tensor,
+        positions: &[Vec<u64>],
+        kv: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Attend>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.transpose(1, 2)?.contiguous()?; // b,t,d
+        for layer in &self.layers {
+            let update = self.attend(layer, &layer.norm1.forward(&xs)?, positions, kv)?;
+            xs = (xs + scaled(update, &layer.scale1)?)?;
+            let hidden = linear(&layer.norm2.forward(&xs)?, &layer.linear1)?.gelu_erf()?;
+            let update = linear(&hidden, &layer.linear2)?;
+            xs = (xs + scaled(update, &layer.scale2)?)?;
+        }
+        xs.transpose(1, 2)?.contiguous() // b,d,t
+    }
+
+    fn attend(
+        &self,
+        layer: &Layer,
+        xs: &Tensor,
+        positions: &[Vec<u64>],
+        kv: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Attend>,
+    ) -> Result<Tensor> {
+        let (batch, time, d) = xs.dims3()?;
+        let head_dim = d / self.heads;
+        // 1. project and split q|k|v, each heads × head_dim
+        let qkv = linear(xs, &layer.in_proj)?.reshape((batch, time, 3, self.heads, head_dim))?;
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous() // b,h,t,hd
+        };
+        // 2. rotate q and k by absolute position
+        let q = self.rope.apply(&part(0)?, positions)?;
+        let k = self.rope.apply(&part(1)?, positions)?;
+        let v = part(2)?;
+        // 3. attend over the cache (or the whole sequence)
+        let attend = kv(&k, &v)?;
+        let out = attention(&q, &attend)?; // b,h,t,hd
+        // 4. merge heads and project out
+        let out = out.transpose(1, 2)?.reshape((batch, time, d))?;
+        linear(&out, &layer.out_proj)
+    }
+}
+
+fn scaled(xs: Tensor, scale: &Option<Tensor>) -> Result<Tensor> {
+    match scale {
+        Some(s) => xs.broadcast_mul(s),
+        None => Ok(xs),
+    }
+}
+
+/// `[1, 1, t, t]`: 0 where `0 <= q − k < context`, −∞ elsewhere.
+fn window_mask(time: usize, context: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..time)
+        .flat_map(|q| {
+            (0..time).map(move |k| {
+                if k <= q && q - k < context {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (1, 1, time, time), device)
+}
