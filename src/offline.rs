@@ -51,6 +51,9 @@ pub struct OfflineReport {
     pub frames: Vec<FrameTokens>,
     /// The transcript (all text pieces joined).
     pub transcript: String,
+    /// The agent's audio as written (before 16-bit quantisation).
+    #[serde(skip)]
+    pub agent_pcm: Vec<f32>,
 }
 
 /// Runs the whole conversation and writes the outputs.
@@ -65,11 +68,17 @@ pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
         .clone()
         .unwrap_or_else(|| DEFAULT_PROMPT.to_owned());
     let tokens = pipeline.prompt_tokens(&prompt)?;
-    if tokens.len() + 64 > pipeline.lm.config().context {
+    let limit = pipeline.max_prompt_tokens(Some(&voice));
+    if tokens.len() > limit {
+        let context = pipeline.lm.config().context;
+        if limit == 0 {
+            bail!(
+                "the voice prompt alone fills the model's {context}-frame window; use a shorter voice recording"
+            );
+        }
         bail!(
-            "the role prompt is {} tokens; this model's window allows {}",
-            tokens.len(),
-            pipeline.lm.config().context.saturating_sub(64)
+            "the role prompt is {} tokens; with this voice the model's {context}-frame window allows {limit}",
+            tokens.len()
         );
     }
     let snapshot = pipeline
@@ -93,6 +102,7 @@ pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
         greedy: options.greedy,
         frames,
         transcript,
+        agent_pcm,
     };
     if let Some(path) = &options.tokens {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

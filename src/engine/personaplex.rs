@@ -4,7 +4,7 @@
 use super::persona::{Persona, PersonaCatalog, PromptCounter};
 use super::{Engine, EngineError, EngineInfo, StageTimes, StepIo};
 use crate::model::generate::{SamplingConfig, Snapshot};
-use crate::model::persona::{VoicePrompt, prompt_calls};
+use crate::model::persona::VoicePrompt;
 use crate::model::pipeline::{Pipeline, PipelineState, Stage};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -65,9 +65,7 @@ impl PersonaPlexEngine {
 
     /// Frames the prompt budget allows: the whole prompt must fit the attention window.
     fn max_prompt_tokens(&self) -> usize {
-        let context = self.pipeline.lm.config().context;
-        let voice_frames = 64;
-        context.saturating_sub(voice_frames + prompt_calls(&VoicePrompt::None, &[]))
+        self.pipeline.max_prompt_tokens(None)
     }
 
     fn snapshot(&mut self, persona: &Persona) -> Result<Arc<Snapshot>, EngineError> {
@@ -87,7 +85,7 @@ impl PersonaPlexEngine {
             .pipeline
             .prompt_tokens(&persona.prompt)
             .map_err(model_error)?;
-        let limit = self.max_prompt_tokens();
+        let limit = self.pipeline.max_prompt_tokens(Some(&voice));
         if tokens.len() > limit {
             return Err(EngineError(format!(
                 "role prompt is {} tokens; the limit is {limit}",

@@ -13,6 +13,7 @@ use super::persona::{VoicePrompt, prompt_calls, run_prompt};
 use super::tokenizer::{TextTokenizer, wrap_system_prompt};
 use super::voice::{VoiceLibrary, VoicePreset};
 use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
 
 /// How to run the stack.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct Pipeline {
     pub mimi: Mimi,
     pub tokenizer: TextTokenizer,
     pub voices: VoiceLibrary,
+    /// Model calls each voice preset's prompt takes.
+    voice_calls: BTreeMap<String, usize>,
     positions: RingPositions,
 }
 
@@ -81,13 +84,31 @@ impl Pipeline {
         }
         files.ensure_voices().map_err(candle_core::Error::wrap)?;
         let voices = VoiceLibrary::scan(&files.voices).map_err(candle_core::Error::wrap)?;
-        Ok(Self {
+        let mut pipeline = Self {
             lm,
             mimi,
             tokenizer,
             voices,
+            voice_calls: BTreeMap::new(),
             positions: cfg.positions,
-        })
+        };
+        for name in pipeline.voices.names() {
+            let calls = prompt_calls(&pipeline.voice_preset(&name)?, &[])
+                - prompt_calls(&VoicePrompt::None, &[]);
+            pipeline.voice_calls.insert(name, calls);
+        }
+        Ok(pipeline)
+    }
+
+    /// The most role prompt tokens that fit the attention window with `voice` (the longest
+    /// preset when `None`): the whole system prompt must fit before the conversation starts.
+    pub fn max_prompt_tokens(&self, voice: Option<&VoicePrompt>) -> usize {
+        let voice_calls = match voice {
+            Some(voice) => prompt_calls(voice, &[]) - prompt_calls(&VoicePrompt::None, &[]),
+            None => self.voice_calls.values().copied().max().unwrap_or(0),
+        };
+        let fixed = prompt_calls(&VoicePrompt::None, &[]) + voice_calls + 1;
+        self.lm.config().context.saturating_sub(fixed)
     }
 
     /// Reads preset `name` from the voice library.

@@ -1,0 +1,173 @@
+//! `duplex offline` on the tiny checkpoint against the reference's end-to-end PersonaPlex run:
+//! user WAV → Mimi → voice preset, silences, role prompt → 40 live frames → Mimi → agent WAV.
+
+use candle_core::{Device, IndexOp, Tensor};
+use duplex::audio::wav;
+use duplex::model::kv::RingPositions;
+use duplex::model::pipeline::PipelineConfig;
+use duplex::offline::{OfflineOptions, run};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn options(out: &Path) -> OfflineOptions {
+    OfflineOptions {
+        model_dir: Some(fixtures().join("tiny")),
+        input: fixtures().join("persona_user.wav"),
+        output: out.join("agent.wav"),
+        tokens: Some(out.join("tokens.json")),
+        voice: Some("NATF0".into()),
+        voice_wav: None,
+        prompt: Some("You are a wise and friendly teacher.".into()),
+        seed: 42,
+        greedy: true,
+        pipeline: PipelineConfig {
+            positions: RingPositions::PersonaPlex,
+            ..Default::default()
+        },
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("offline-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn greedy_offline_run_matches_the_reference_tokens_and_audio() {
+    let out = scratch("greedy");
+    let report = run(&options(&out)).unwrap();
+    let reference =
+        candle_core::safetensors::load(fixtures().join("persona_greedy.safetensors"), &Device::Cpu)
+            .unwrap();
+    let user: Vec<Vec<i64>> = reference["user_codes"].t().unwrap().to_vec2().unwrap();
+    let tokens: Vec<Vec<i64>> = reference["out_tokens_pp"].t().unwrap().to_vec2().unwrap();
+    assert_eq!(report.frames.len(), 40);
+    for (frame, ours) in report.frames.iter().enumerate() {
+        assert_eq!(
+            ours.user.to_vec(),
+            user[frame],
+            "user codes of frame {frame} (Mimi encode)"
+        );
+        assert_eq!(
+            ours.text_id,
+            Some(tokens[frame][0]),
+            "text of frame {frame}"
+        );
+        assert_eq!(
+            ours.agent.map(|a| a.to_vec()),
+            Some(tokens[frame][1..9].to_vec()),
+            "agent codes of frame {frame}"
+        );
+    }
+    let expected = reference["agent_pcm_pp"].flatten_all().unwrap();
+    let ours = Tensor::new(report.agent_pcm.as_slice(), &Device::Cpu).unwrap();
+    assert_eq!(
+        ours.dim(0).unwrap(),
+        expected.dim(0).unwrap(),
+        "agent audio as long as the input"
+    );
+    let diff = (ours - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!("agent audio max |diff| {diff:e}");
+    assert!(diff < 1e-4);
+    // The files: a 24 kHz WAV as long as the input and the tokens JSON.
+    let (written, rate) = wav::read_mono(&out.join("agent.wav")).unwrap();
+    assert_eq!((written.len(), rate), (76_800, 24_000));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokens.json")).unwrap()).unwrap();
+    assert_eq!(json["frames"].as_array().unwrap().len(), 40);
+    assert_eq!(json["frames"][5]["agent"].as_array().unwrap().len(), 8);
+    let _ = reference["out_valid"].i(0).unwrap();
+}
+
+#[test]
+fn sampled_runs_repeat_with_the_same_seed_and_differ_with_another() {
+    let out = scratch("sampled");
+    let sampled = |seed| {
+        run(&OfflineOptions {
+            greedy: false,
+            seed,
+            ..options(&out)
+        })
+        .unwrap()
+        .frames
+    };
+    let (a, b, c) = (sampled(7), sampled(7), sampled(8));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let out = scratch("bad");
+    let err = run(&OfflineOptions {
+        voice: Some("../../etc/passwd".into()),
+        ..options(&out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unknown voice") && err.contains("NATF0"),
+        "{err}"
+    );
+    let err = run(&OfflineOptions {
+        prompt: Some("word ".repeat(200)),
+        ..options(&out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tokens"), "{err}");
+    let err = run(&OfflineOptions {
+        model_dir: Some(out.clone()),
+        ..options(&out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("duplex fetch"),
+        "{err}"
+    );
+    let err = run(&OfflineOptions {
+        input: out.join("absent.wav"),
+        ..options(&out)
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("absent.wav"), "{err:#}");
+}
+
+#[test]
+fn a_voice_recording_can_be_the_voice_prompt() {
+    let out = scratch("voice-wav");
+    // The tiny model's window is 40 frames: a 0.4 s recording fits, 3.2 s does not.
+    let (pcm, rate) = wav::read_mono(&fixtures().join("persona_user.wav")).unwrap();
+    let short = out.join("voice.wav");
+    wav::write_pcm16(&short, rate, &[&pcm[..9600]]).unwrap();
+    let report = run(&OfflineOptions {
+        voice: None,
+        voice_wav: Some(short),
+        ..options(&out)
+    })
+    .unwrap();
+    assert_eq!(report.frames.len(), 40);
+    assert!(report.voice.unwrap().ends_with("voice.wav"));
+    let long = fixtures().join("persona_user.wav");
+    let err = run(&OfflineOptions {
+        voice: None,
+        voice_wav: Some(long),
+        ..options(&out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("shorter voice recording"), "{err}");
+}
