@@ -6,6 +6,7 @@
 pub mod audio;
 pub mod bench;
 pub mod engine;
+pub mod fetch;
 pub mod gateway;
 pub mod metrics;
 pub mod model;

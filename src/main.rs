@@ -3,10 +3,18 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use duplex::bench::loopback::{self, LoopbackOptions};
-use duplex::engine::{EchoEngine, EngineConfig, EngineHandle};
+use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
+use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
+use duplex::fetch::FetchOptions;
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, ports};
 use duplex::metrics::Metrics;
+use duplex::model::files::{DEFAULT_REPO, ModelFiles};
+use duplex::model::generate::SamplingConfig;
+use duplex::model::kv::RingPositions;
+use duplex::model::pipeline::{Pipeline, PipelineConfig};
+use duplex::offline::OfflineOptions;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,13 +33,103 @@ struct Cli {
 enum Command {
     /// Serve the web page, WebRTC sessions and the HTTP API on one port.
     Serve(ServeArgs),
+    /// Run the model on a WAV file: the agent's audio as a WAV, and per-frame tokens as JSON.
+    Offline(OfflineArgs),
+    /// Download the model from the Hugging Face Hub into the standard cache.
+    Fetch(FetchArgs),
     /// Measure the server: `duplex bench loopback --sessions N --seconds S`.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A directory laid out like the Hugging Face repository (model.safetensors,
+    /// tokenizer-e351c8d8-checkpoint125.safetensors, tokenizer_spm_32k_3.model, voices/).
+    /// Without it the Hugging Face cache is searched (`duplex fetch` fills it).
+    #[arg(long, env = "DUPLEX_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Repository to look for in the Hugging Face cache.
+    #[arg(long, default_value = DEFAULT_REPO)]
+    repo: String,
+    /// Always pick the most likely token instead of sampling (text 0.7/top 25, audio 0.8/top 250).
+    #[arg(long)]
+    greedy: bool,
+    /// Attend all `context` frames once the attention window is full (PyPI moshi); by default
+    /// the window matches PersonaPlex's official server, which sees one frame less.
+    #[arg(long)]
+    exact_window: bool,
+    /// Keep the persona (voice and role prompt) in attention after the 3000-frame window slides
+    /// past it; the official model forgets it after about 4 minutes.
+    #[arg(long)]
+    pin_persona: bool,
+}
+
+impl ModelArgs {
+    fn pipeline_config(&self) -> PipelineConfig {
+        let positions = if self.exact_window {
+            RingPositions::Exact
+        } else {
+            RingPositions::PersonaPlex
+        };
+        PipelineConfig {
+            positions,
+            ..Default::default()
+        }
+    }
+
+    fn sampling(&self) -> SamplingConfig {
+        if self.greedy {
+            SamplingConfig::GREEDY
+        } else {
+            SamplingConfig::DEFAULT
+        }
+    }
+}
+
+#[derive(Args)]
+struct OfflineArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The user's side of the conversation (any sample rate; resampled to 24 kHz).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the agent's audio (24 kHz, as long as the input).
+    #[arg(long)]
+    output: PathBuf,
+    /// Where to write the per-frame tokens (JSON: text id and piece, 8 agent codes, 8 user codes).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Voice preset name (e.g. NATF0), from the model's voices/ folder.
+    #[arg(long, conflicts_with = "voice_wav")]
+    voice: Option<String>,
+    /// A recording to use as the voice prompt instead of a preset.
+    #[arg(long)]
+    voice_wav: Option<PathBuf>,
+    /// Role prompt (wrapped in <system> tags).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42424242)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// Repository to download.
+    #[arg(long, default_value = DEFAULT_REPO)]
+    repo: String,
+    /// Hugging Face access token (the repository is gated).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum EngineChoice {
+    /// PersonaPlex when its weights are found (--model-dir or the Hugging Face cache), else echo.
+    Auto,
+    /// PersonaPlex; fails when the weights are missing.
+    Personaplex,
     /// Returns each user's audio after --echo-delay-frames frames (no model needed).
     Echo,
 }
@@ -44,9 +142,11 @@ struct ServeArgs {
     /// HTTP port for the page, the API and WebRTC signaling.
     #[arg(long, default_value_t = 8998, env = "DUPLEX_PORT")]
     port: u16,
-    /// Which engine answers. Until the speech model is built in, only the echo engine exists.
-    #[arg(long, value_enum, default_value = "echo")]
+    /// Which engine answers.
+    #[arg(long, value_enum, default_value = "auto")]
     engine: EngineChoice,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Frames (80 ms each) the echo engine waits before returning the audio.
     #[arg(long, default_value_t = 1)]
     echo_delay_frames: usize,
@@ -134,6 +234,8 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Offline(args) => offline(args),
+        Command::Fetch(args) => runtime.block_on(fetch(args)),
         Command::Bench(BenchCommand::Loopback(args)) => runtime.block_on(bench_loopback(args)),
     }
 }
@@ -149,14 +251,34 @@ fn init_logging() {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let engine = match args.engine {
-        EngineChoice::Echo => EchoEngine::new(args.max_sessions, args.echo_delay_frames),
-    };
     let config = EngineConfig {
         max_sessions: args.max_sessions,
         ..Default::default()
     };
-    let engine = EngineHandle::start(engine, config, metrics).context("starting the step loop")?;
+    let files = match args.engine {
+        EngineChoice::Echo => None,
+        EngineChoice::Personaplex => Some(ModelFiles::locate(
+            args.model.model_dir.as_deref(),
+            &args.model.repo,
+        )?),
+        EngineChoice::Auto => {
+            match ModelFiles::locate(args.model.model_dir.as_deref(), &args.model.repo) {
+                Ok(files) => Some(files),
+                Err(err) => {
+                    tracing::warn!("no PersonaPlex weights: {err}");
+                    None
+                }
+            }
+        }
+    };
+    let engine = match files {
+        Some(files) => start_personaplex(&files, &args, config, metrics).await?,
+        None => start_engine(
+            EchoEngine::new(args.max_sessions, args.echo_delay_frames),
+            config,
+            metrics,
+        )?,
+    };
     if let Some(notice) = &engine.info().notice {
         tracing::warn!("{notice}");
     }
@@ -183,6 +305,77 @@ async fn serve(args: ServeArgs) -> Result<()> {
     server.run(shutdown_signal()).await?;
     engine.shutdown();
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn start_engine(
+    engine: impl Engine,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> Result<EngineHandle> {
+    EngineHandle::start(engine, config, metrics).context("starting the step loop")
+}
+
+/// Loads PersonaPlex, prefills the default persona, times a few steps to place the output phase.
+async fn start_personaplex(
+    files: &ModelFiles,
+    args: &ServeArgs,
+    mut config: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> Result<EngineHandle> {
+    let (files, model) = (files.clone(), args.model.clone());
+    let slots = args.max_sessions;
+    let engine = tokio::task::spawn_blocking(move || -> Result<PersonaPlexEngine> {
+        tracing::info!(dir = %files.dir.display(), "loading PersonaPlex (f32 on the CPU); this can take a while");
+        let started = std::time::Instant::now();
+        let pipeline = Pipeline::load(&files, &model.pipeline_config()).context("loading the model")?;
+        tracing::info!(seconds = started.elapsed().as_secs_f32(), "model loaded");
+        let name = files.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| model.repo.clone());
+        let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name: name, pin_persona: model.pin_persona };
+        Ok(PersonaPlexEngine::new(pipeline, options)?)
+    })
+    .await??;
+    let mut engine = engine;
+    let persona = engine.info().catalog.resolve(&PersonaRequest::default())?;
+    let slowest = engine.warm_up(&persona, 5)?;
+    tracing::info!(step_ms = slowest.as_secs_f32() * 1000.0, "warm-up done");
+    if slowest > duplex::audio::FRAME_PERIOD {
+        tracing::warn!(
+            "a step takes longer than a frame on this machine: conversations will not keep up in real time (build with --features cuda for the GPU)"
+        );
+    }
+    config.output_phase =
+        (slowest + std::time::Duration::from_millis(5)).min(std::time::Duration::from_millis(75));
+    start_engine(engine, config, metrics)
+}
+
+fn offline(args: OfflineArgs) -> Result<()> {
+    let options = OfflineOptions {
+        model_dir: args.model.model_dir.clone(),
+        input: args.input,
+        output: args.output.clone(),
+        tokens: args.tokens,
+        voice: args.voice,
+        voice_wav: args.voice_wav,
+        prompt: args.prompt,
+        seed: args.seed,
+        greedy: args.model.greedy,
+        pipeline: args.model.pipeline_config(),
+    };
+    let report = duplex::offline::run(&options)?;
+    tracing::info!(frames = report.frames.len(), output = %args.output.display(), "done");
+    println!("{}", report.transcript.trim());
+    Ok(())
+}
+
+async fn fetch(args: FetchArgs) -> Result<()> {
+    let options = FetchOptions {
+        repo: args.repo,
+        token: args.token,
+        progress: true,
+    };
+    let files = duplex::fetch::fetch(&options).await?;
+    println!("{}", files.dir.display());
     Ok(())
 }
 

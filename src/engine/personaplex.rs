@@ -22,6 +22,8 @@ pub struct PersonaPlexOptions {
     pub seed: Option<u64>,
     /// Shown in `/api/info` and logs.
     pub model_name: String,
+    /// Keep each session's persona in attention for good (see `Generator::pin_prefix`).
+    pub pin_persona: bool,
 }
 
 type PersonaKey = (Option<String>, String);
@@ -58,9 +60,33 @@ impl PersonaPlexEngine {
         })
     }
 
-    /// Prefills the default persona so the first session starts at once.
-    pub fn warm_up(&mut self, persona: &Persona) -> Result<(), EngineError> {
-        self.snapshot(persona).map(|_| ())
+    /// Prefills `persona` (the default one) and runs `frames` silent frames on slot 0, so the
+    /// first session starts at once; returns the slowest step, which sets the output phase.
+    pub fn warm_up(
+        &mut self,
+        persona: &Persona,
+        frames: usize,
+    ) -> Result<std::time::Duration, EngineError> {
+        self.open_slot(0, persona)?;
+        let slots = self.options.slots;
+        let mut active = vec![false; slots];
+        active[0] = true;
+        let input = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
+        let mut output = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
+        let mut slowest = std::time::Duration::ZERO;
+        for _ in 0..frames {
+            let started = Instant::now();
+            let mut text = Vec::new();
+            self.step(StepIo {
+                active: &active,
+                input: &input,
+                output: &mut output,
+                text: &mut text,
+            })?;
+            slowest = slowest.max(started.elapsed());
+        }
+        self.close_slot(0);
+        Ok(slowest)
     }
 
     /// Frames the prompt budget allows: the whole prompt must fit the attention window.
