@@ -21,7 +21,16 @@ pub struct TestServer {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// Which engine the test server runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum TestEngine {
+    Echo,
+    /// PersonaPlex on the tiny checkpoint in tests/fixtures/tiny.
+    TinyPersonaPlex,
+}
+
 pub struct ServerOptions {
+    pub engine: TestEngine,
     pub max_sessions: usize,
     pub token: Option<String>,
     pub ice_disconnected: Duration,
@@ -31,6 +40,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
+            engine: TestEngine::Echo,
             max_sessions: 4,
             token: None,
             ice_disconnected: Duration::from_secs(2),
@@ -47,11 +57,18 @@ impl TestServer {
             max_sessions: options.max_sessions,
             ..Default::default()
         };
-        let engine = EngineHandle::start(
-            EchoEngine::new(options.max_sessions, 1),
-            config,
-            metrics.clone(),
-        )
+        let engine = match options.engine {
+            TestEngine::Echo => EngineHandle::start(
+                EchoEngine::new(options.max_sessions, 1),
+                config,
+                metrics.clone(),
+            ),
+            TestEngine::TinyPersonaPlex => EngineHandle::start(
+                tiny_personaplex(options.max_sessions),
+                config,
+                metrics.clone(),
+            ),
+        }
         .unwrap();
         let peer = PeerSettings {
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -89,6 +106,28 @@ impl TestServer {
         self.state.engine.shutdown();
         started.elapsed()
     }
+}
+
+/// The PersonaPlex engine on the tiny reference checkpoint.
+pub fn tiny_personaplex(slots: usize) -> duplex::engine::personaplex::PersonaPlexEngine {
+    use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
+    use duplex::model::files::ModelFiles;
+    use duplex::model::generate::SamplingConfig;
+    use duplex::model::pipeline::{Pipeline, PipelineConfig};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+    let pipeline = Pipeline::load(
+        &ModelFiles::in_dir(&dir).unwrap(),
+        &PipelineConfig::default(),
+    )
+    .unwrap();
+    let options = PersonaPlexOptions {
+        slots,
+        sampling: SamplingConfig::DEFAULT,
+        seed: Some(7),
+        model_name: "tiny".into(),
+        pin_persona: false,
+    };
+    PersonaPlexEngine::new(pipeline, options).unwrap()
 }
 
 pub fn init_logging() {
