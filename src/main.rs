@@ -208,6 +208,36 @@ impl NetworkArgs {
 enum BenchCommand {
     /// End-to-end latency and capacity: an in-process server with N WebRTC client peers on loopback.
     Loopback(LoopbackArgs),
+    /// Time of one model frame by stage (Mimi encode, temporal, depformer, Mimi decode).
+    Step(StepArgs),
+}
+
+#[derive(Args)]
+struct StepArgs {
+    /// Model preset for random weights: personaplex-7b, moshiko, mid (d 1024, 8 layers).
+    #[arg(long, default_value = "mid")]
+    config: String,
+    /// Use random weights (the default unless --model-dir is given).
+    #[arg(long)]
+    random_weights: bool,
+    /// Real weights from this model directory instead.
+    #[arg(long, conflicts_with = "random_weights")]
+    model_dir: Option<PathBuf>,
+    /// cpu, or cuda (needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Sessions stepped together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Frames to time (after 3 warm-up frames).
+    #[arg(long, default_value_t = 50)]
+    frames: usize,
+    /// Depformer steps per frame (8 serve the agent; 16 is what the reference runs).
+    #[arg(long, default_value_t = 8)]
+    dep_steps: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -237,6 +267,7 @@ fn main() -> Result<()> {
         Command::Offline(args) => offline(args),
         Command::Fetch(args) => runtime.block_on(fetch(args)),
         Command::Bench(BenchCommand::Loopback(args)) => runtime.block_on(bench_loopback(args)),
+        Command::Bench(BenchCommand::Step(args)) => bench_step(args),
     }
 }
 
@@ -399,6 +430,37 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
+}
+
+fn bench_step(args: StepArgs) -> Result<()> {
+    let device = match args.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0)
+            .context("--device cuda (a build with --features cuda and a GPU are needed)")?,
+        other => anyhow::bail!("unknown device {other:?}: cpu or cuda"),
+    };
+    let dtype = if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    };
+    let options = duplex::bench::step::StepBenchOptions {
+        config: args.config,
+        model_dir: args.model_dir,
+        device,
+        dtype,
+        batch: args.batch,
+        frames: args.frames,
+        dep_steps: args.dep_steps,
+    };
+    let report = duplex::bench::step::run(&options)?;
+    println!("{}", report.table());
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = args.json {
+        std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn bench_loopback(args: LoopbackArgs) -> Result<()> {

@@ -123,7 +123,7 @@ fn converse(
     for (frame, chunk) in input.chunks(FRAME_SAMPLES).enumerate() {
         let mut pcm = chunk.to_vec();
         pcm.resize(FRAME_SAMPLES, 0.0);
-        let step = state.step(pipeline, &pcm, &[true], &mut out, &mut |_| {})?;
+        let step = state.step(pipeline.models(), &pcm, &[true], &mut out, &mut |_| {})?;
         let Some(Some(slot)) = step.into_iter().next() else {
             bail!("frame {frame}: the model produced nothing")
         };

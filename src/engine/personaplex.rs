@@ -196,7 +196,13 @@ impl Engine for PersonaPlexEngine {
         };
         let frames = self
             .state
-            .step(&self.pipeline, io.input, io.active, io.output, &mut mark)
+            .step(
+                self.pipeline.models(),
+                io.input,
+                io.active,
+                io.output,
+                &mut mark,
+            )
             .map_err(model_error)?;
         for (slot_idx, frame) in frames.iter().enumerate() {
             let Some(text) = frame.as_ref().and_then(|f| f.tokens).map(|t| t[0]) else {

@@ -123,6 +123,27 @@ impl LmConfig {
         }
     }
 
+    /// A mid-size model for CPU benchmarks: the 7B's shape with d 1024 and 8 layers, and the
+    /// full depformer.
+    pub fn mid() -> Self {
+        Self {
+            dim: 1024,
+            num_heads: 16,
+            num_layers: 8,
+            ..Self::personaplex_7b()
+        }
+    }
+
+    /// A preset by name: `personaplex-7b`, `moshiko`, `mid`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "personaplex-7b" => Some(Self::personaplex_7b()),
+            "moshiko" => Some(Self::moshiko()),
+            "mid" => Some(Self::mid()),
+            _ => None,
+        }
+    }
+
     /// Reads a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)

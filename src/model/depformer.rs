@@ -4,20 +4,20 @@
 use super::Result;
 use super::checkpoint::lm::DepformerWeights;
 use super::kv::{RingKv, RingPositions, attention};
-use super::nn::{RmsNorm, SwiGlu, linear};
+use super::nn::{Linear, RmsNorm, SwiGlu};
 use super::transformer::RMS_EPS;
 use candle_core::{DType, Device, Tensor};
 
 struct StepLayer {
-    in_proj: Tensor,
-    out_proj: Tensor,
+    in_proj: Linear,
+    out_proj: Linear,
     ffn: SwiGlu,
 }
 
 struct Step {
-    input: Tensor,
+    input: Linear,
     emb: Tensor,
-    head: Tensor,
+    head: Linear,
     layers: Vec<StepLayer>,
 }
 
@@ -50,21 +50,26 @@ impl Depformer {
         let steps = weights
             .steps
             .into_iter()
-            .map(|s| Step {
-                input: s.input,
-                emb: s.emb,
-                head: s.head,
-                layers: s
+            .map(|s| {
+                let layers = s
                     .layers
-                    .into_iter()
-                    .map(|l| StepLayer {
-                        in_proj: l.in_proj,
-                        out_proj: l.out_proj,
-                        ffn: SwiGlu::new(l.linear_in, l.linear_out),
+                    .iter()
+                    .map(|l| {
+                        Ok(StepLayer {
+                            in_proj: Linear::new(&l.in_proj)?,
+                            out_proj: Linear::new(&l.out_proj)?,
+                            ffn: SwiGlu::new(&l.linear_in, &l.linear_out)?,
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_>>()?;
+                Ok(Step {
+                    input: Linear::new(&s.input)?,
+                    emb: s.emb,
+                    head: Linear::new(&s.head)?,
+                    layers,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Self {
             norms,
             steps,
@@ -114,13 +119,16 @@ impl Depformer {
     ) -> Result<Tensor> {
         let step = &self.steps[k];
         let batch = hidden.dim(0)?;
-        let mut xs = (linear(hidden, &step.input)? + embed(&step.emb, prev)?)?.unsqueeze(1)?;
+        let mut xs = (step.input.forward(hidden)? + embed(&step.emb, prev)?)?.unsqueeze(1)?;
         for ((layer, (norm1, norm2)), kv) in
             step.layers.iter().zip(&self.norms).zip(state.kv.iter_mut())
         {
             let h = norm1.forward(&xs)?;
             let qkv =
-                linear(&h, &layer.in_proj)?.reshape((batch, 1, 3, self.heads, self.head_dim))?;
+                layer
+                    .in_proj
+                    .forward(&h)?
+                    .reshape((batch, 1, 3, self.heads, self.head_dim))?;
             let split = |i: usize| {
                 qkv.narrow(2, i, 1)?
                     .squeeze(2)?
@@ -131,10 +139,10 @@ impl Depformer {
             let out = attention(&split(0)?, &attend)?
                 .transpose(1, 2)?
                 .reshape((batch, 1, ()))?;
-            xs = (xs + linear(&out, &layer.out_proj)?)?;
+            xs = (xs + layer.out_proj.forward(&out)?)?;
             xs = (&xs + layer.ffn.forward(&norm2.forward(&xs)?)?)?;
         }
-        linear(&xs.squeeze(1)?, &step.head)
+        step.head.forward(&xs.squeeze(1)?)
     }
 }
 

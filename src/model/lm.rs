@@ -7,7 +7,7 @@ use super::checkpoint::lm::LmWeights;
 use super::config::LmConfig;
 use super::depformer::{Depformer, DepformerState, embed};
 use super::kv::RingPositions;
-use super::nn::{RmsNorm, linear};
+use super::nn::{Linear, RmsNorm};
 use super::transformer::{RMS_EPS, Transformer, TransformerState};
 use candle_core::{DType, Device, Tensor};
 
@@ -23,7 +23,7 @@ pub struct LmModel {
     audio_emb: Vec<Tensor>,
     transformer: Transformer,
     out_norm: RmsNorm,
-    text_linear: Tensor,
+    text_linear: Linear,
     depformer: Depformer,
     dtype: DType,
     device: Device,
@@ -47,7 +47,7 @@ impl LmModel {
             out_norm: RmsNorm::new(w.out_norm, RMS_EPS)?,
             text_emb: w.text_emb,
             audio_emb: w.audio_emb,
-            text_linear: w.text_linear,
+            text_linear: Linear::new(&w.text_linear)?,
             cfg: cfg.clone(),
             dtype: ckpt.dtype(),
             device: ckpt.device().clone(),
@@ -117,7 +117,7 @@ impl LmModel {
         let hidden = self
             .out_norm
             .forward(&self.transformer.forward(emb, state, active)?)?;
-        let logits = linear(&hidden, &self.text_linear)?;
+        let logits = self.text_linear.forward(&hidden)?;
         Ok((hidden, logits))
     }
 

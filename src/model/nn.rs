@@ -16,6 +16,40 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     out.reshape(out_dims)
 }
 
+/// A bias-free linear layer holding its weight as `[in, out]`, so a step's few rows read the
+/// weight contiguously (the PyTorch `[out, in]` layout through a transposed view is several
+/// times slower on the CPU).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight_t: Tensor,
+}
+
+impl Linear {
+    /// From a PyTorch-style `[out, in]` weight.
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+        })
+    }
+
+    pub fn out_features(&self) -> Result<usize> {
+        self.weight_t.dim(1)
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let in_features = dims[dims.len() - 1];
+        let rows = xs.elem_count() / in_features;
+        let out = xs.reshape((rows, in_features))?.matmul(&self.weight_t)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims
+            .last_mut()
+            .expect("a tensor fed to a linear layer has at least one dim") =
+            self.weight_t.dim(1)?;
+        out.reshape(out_dims)
+    }
+}
+
 /// RMS normalisation computed in f32: `x · alpha / sqrt(mean(x²) + eps)`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -61,24 +95,25 @@ impl LayerNorm {
 /// The gated feed-forward block: `linear_out(silu(a) · b)` where `[a, b] = linear_in(x)`.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
-    linear_in: Tensor,
-    linear_out: Tensor,
+    linear_in: Linear,
+    linear_out: Linear,
 }
 
 impl SwiGlu {
-    pub fn new(linear_in: Tensor, linear_out: Tensor) -> Self {
-        Self {
-            linear_in,
-            linear_out,
-        }
+    /// From PyTorch-style `[out, in]` weights.
+    pub fn new(linear_in: &Tensor, linear_out: &Tensor) -> Result<Self> {
+        Ok(Self {
+            linear_in: Linear::new(linear_in)?,
+            linear_out: Linear::new(linear_out)?,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gated = linear(xs, &self.linear_in)?;
+        let gated = self.linear_in.forward(xs)?;
         let hidden = gated.dim(D::Minus1)? / 2;
         let act = candle_nn::ops::silu(&gated.narrow(D::Minus1, 0, hidden)?)?;
         let up = gated.narrow(D::Minus1, hidden, hidden)?;
-        linear(&(act * up)?, &self.linear_out)
+        self.linear_out.forward(&(act * up)?)
     }
 }
 
@@ -99,8 +134,9 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, max_period: f64) -> Self {
-        // The reference computes the frequencies and angles in f32; so do we, to match it.
-        let scale = -(max_period as f32).ln() * 2.0 / head_dim as f32;
+        // The reference computes the scale in f64 (a Python float), then the frequencies and
+        // angles in f32; so do we, to match it.
+        let scale = (-max_period.ln() * 2.0 / head_dim as f64) as f32;
         let inv_freq = (0..head_dim / 2)
             .map(|i| (i as f32 * scale).exp())
             .collect();

@@ -164,11 +164,7 @@ impl Pipeline {
 
     /// Streaming state for `batch` conversations.
     pub fn state(&self, batch: usize) -> Result<PipelineState> {
-        Ok(PipelineState {
-            generator: Generator::new(&self.lm, batch, self.lm.config().context, self.positions)?,
-            encoder: self.mimi.encoder_state(batch)?,
-            decoder: self.mimi.decoder_state(batch)?,
-        })
+        PipelineState::new(self.models(), batch, self.positions)
     }
 }
 
@@ -194,6 +190,22 @@ fn configs(files: &ModelFiles) -> Result<(LmConfig, MimiConfig)> {
     Ok((lm, mimi))
 }
 
+/// The two models a step runs.
+#[derive(Clone, Copy)]
+pub struct Models<'a> {
+    pub lm: &'a LmModel,
+    pub mimi: &'a Mimi,
+}
+
+impl Pipeline {
+    pub fn models(&self) -> Models<'_> {
+        Models {
+            lm: &self.lm,
+            mimi: &self.mimi,
+        }
+    }
+}
+
 /// One slot's frame: what the model heard and what it said.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotFrame {
@@ -211,6 +223,14 @@ pub struct PipelineState {
 }
 
 impl PipelineState {
+    pub fn new(models: Models<'_>, batch: usize, positions: RingPositions) -> Result<Self> {
+        Ok(Self {
+            generator: Generator::new(models.lm, batch, models.lm.config().context, positions)?,
+            encoder: models.mimi.encoder_state(batch)?,
+            decoder: models.mimi.decoder_state(batch)?,
+        })
+    }
+
     /// Starts slot `slot_idx` from a prefill snapshot.
     pub fn open(
         &mut self,
@@ -224,6 +244,18 @@ impl PipelineState {
         self.decoder.reset_slot(slot_idx)
     }
 
+    /// Starts slot `slot_idx` with no system prompt at all (benchmarks).
+    pub fn open_fresh(
+        &mut self,
+        slot_idx: usize,
+        seed: u64,
+        sampling: SamplingConfig,
+    ) -> Result<()> {
+        self.generator.open(slot_idx, seed, sampling);
+        self.encoder.reset_slot(slot_idx)?;
+        self.decoder.reset_slot(slot_idx)
+    }
+
     pub fn close(&mut self, slot_idx: usize) {
         self.generator.close(slot_idx);
     }
@@ -232,7 +264,7 @@ impl PipelineState {
     /// `mark` is called as each stage ends (for timing).
     pub fn step(
         &mut self,
-        pipeline: &Pipeline,
+        pipeline: Models<'_>,
         pcm_in: &[f32],
         active: &[bool],
         pcm_out: &mut [f32],
@@ -260,9 +292,9 @@ impl PipelineState {
                 })
             })
             .collect();
-        let pending = self.generator.begin(&pipeline.lm, &inputs)?;
+        let pending = self.generator.begin(pipeline.lm, &inputs)?;
         mark(Stage::Temporal);
-        let outputs = self.generator.complete(&pipeline.lm, pending)?;
+        let outputs = self.generator.complete(pipeline.lm, pending)?;
         mark(Stage::Depformer);
         let frames: Vec<Option<SlotFrame>> = outputs
             .into_iter()
@@ -282,7 +314,7 @@ impl PipelineState {
     /// Decodes the agent's codes of every slot that produced some; the others get silence.
     fn decode(
         &mut self,
-        pipeline: &Pipeline,
+        pipeline: Models<'_>,
         frames: &[Option<SlotFrame>],
         pcm_out: &mut [f32],
     ) -> Result<()> {

@@ -4,7 +4,7 @@
 use super::Result;
 use super::checkpoint::lm::TemporalLayerWeights;
 use super::kv::{RingKv, RingPositions, SlotKv, attention};
-use super::nn::{RmsNorm, Rope, SwiGlu, linear};
+use super::nn::{Linear, RmsNorm, Rope, SwiGlu};
 use candle_core::{DType, Device, Tensor};
 
 /// RMSNorm epsilon of the Moshi language model.
@@ -13,8 +13,8 @@ pub const RMS_EPS: f32 = 1e-8;
 struct Layer {
     norm1: RmsNorm,
     norm2: RmsNorm,
-    in_proj: Tensor,
-    out_proj: Tensor,
+    in_proj: Linear,
+    out_proj: Linear,
     ffn: SwiGlu,
 }
 
@@ -51,9 +51,9 @@ impl Transformer {
                 Ok(Layer {
                     norm1: RmsNorm::new(w.norm1, RMS_EPS)?,
                     norm2: RmsNorm::new(w.norm2, RMS_EPS)?,
-                    in_proj: w.in_proj,
-                    out_proj: w.out_proj,
-                    ffn: SwiGlu::new(w.linear_in, w.linear_out),
+                    in_proj: Linear::new(&w.in_proj)?,
+                    out_proj: Linear::new(&w.out_proj)?,
+                    ffn: SwiGlu::new(&w.linear_in, &w.linear_out)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -125,7 +125,10 @@ impl Transformer {
         let (batch, time, dim) = xs.dims3()?;
         // b, t, (3 h d) -> 3 × (b, h, t, d)
         let qkv =
-            linear(xs, &layer.in_proj)?.reshape((batch, time, 3, self.heads, self.head_dim))?;
+            layer
+                .in_proj
+                .forward(xs)?
+                .reshape((batch, time, 3, self.heads, self.head_dim))?;
         let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let q = self.rope.apply(&split(0)?, positions)?;
         let k = self.rope.apply(&split(1)?, positions)?;
@@ -134,7 +137,7 @@ impl Transformer {
         let out = attention(&q, &attend)?
             .transpose(1, 2)?
             .reshape((batch, time, dim))?;
-        linear(&out, &layer.out_proj)
+        layer.out_proj.forward(&out)
     }
 }
 

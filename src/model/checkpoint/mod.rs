@@ -9,10 +9,11 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file, or random tensors made up on request (benchmarks of
+/// model sizes whose weights are not at hand).
 pub struct Checkpoint {
     path: PathBuf,
-    tensors: MmapedSafetensors,
+    tensors: Option<MmapedSafetensors>,
     dtype: DType,
     device: Device,
 }
@@ -32,10 +33,21 @@ impl Checkpoint {
         })?;
         Ok(Self {
             path: path.to_owned(),
-            tensors,
+            tensors: Some(tensors),
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// A checkpoint whose every tensor is random (scaled so activations stay in range): norms and
+    /// codebook usage are ones, biases zeros, layer scales 0.1, the rest N(0, 1/fan_in).
+    pub fn random(label: &str, dtype: DType, device: &Device) -> Self {
+        Self {
+            path: PathBuf::from(format!("<random {label}>")),
+            tensors: None,
+            dtype,
+            device: device.clone(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -50,14 +62,17 @@ impl Checkpoint {
         self.dtype
     }
 
-    /// Whether the file holds `name`.
+    /// Whether the file holds `name` (a random checkpoint holds everything).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        self.tensors.as_ref().is_none_or(|t| t.get(name).is_ok())
     }
 
     /// Reads tensor `name`, which must have exactly `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let view = self.tensors.get(name).map_err(|_| {
+        let Some(tensors) = &self.tensors else {
+            return self.random_tensor(name, shape);
+        };
+        let view = tensors.get(name).map_err(|_| {
             candle_core::Error::msg(format!(
                 "{}: tensor {name} is missing (expected shape {shape:?})",
                 self.path.display()
@@ -70,15 +85,45 @@ impl Checkpoint {
                 view.shape()
             );
         }
-        self.tensors.load(name, &self.device)?.to_dtype(self.dtype)
+        tensors.load(name, &self.device)?.to_dtype(self.dtype)
     }
 
     /// Reads tensor `name` whatever its shape (for shapes the config does not fix).
     pub fn tensor_any(&self, name: &str) -> Result<Tensor> {
-        if !self.contains(name) {
-            candle_core::bail!("{}: tensor {name} is missing", self.path.display());
+        match &self.tensors {
+            Some(tensors) if self.contains(name) => {
+                tensors.load(name, &self.device)?.to_dtype(self.dtype)
+            }
+            Some(_) => candle_core::bail!("{}: tensor {name} is missing", self.path.display()),
+            None => candle_core::bail!(
+                "{}: a random checkpoint cannot guess the shape of {name}",
+                self.path.display()
+            ),
         }
-        self.tensors.load(name, &self.device)?.to_dtype(self.dtype)
+    }
+
+    fn random_tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (dtype, device) = (self.dtype, &self.device);
+        let ones = name.ends_with(".alpha")
+            || name.ends_with("cluster_usage")
+            || name.ends_with("_initialized")
+            || (name.contains("norm") && name.ends_with(".weight"));
+        if ones {
+            return Tensor::ones(shape, dtype, device);
+        }
+        if name.ends_with(".bias") {
+            return Tensor::zeros(shape, dtype, device);
+        }
+        if name.ends_with(".scale") {
+            return (Tensor::ones(shape, dtype, device)? * 0.1)?.to_dtype(dtype);
+        }
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let std = if name.ends_with("embedding_sum") {
+            1.0
+        } else {
+            1.0 / (fan_in as f64).sqrt()
+        };
+        Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)
     }
 }
 

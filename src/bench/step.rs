@@ -1,0 +1,195 @@
+//! `duplex bench step`: per-stage time of one frame (Mimi encode, temporal transformer,
+//! depformer, Mimi decode) for a model preset or checkpoint, with random or real weights.
+
+use crate::audio::{FRAME_MS, FRAME_SAMPLES, signal};
+use crate::bench::loopback::Percentiles;
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::LmConfig;
+use crate::model::files::ModelFiles;
+use crate::model::generate::SamplingConfig;
+use crate::model::kv::RingPositions;
+use crate::model::lm::LmModel;
+use crate::model::mimi::{Mimi, MimiConfig};
+use crate::model::pipeline::{Models, PipelineState, Stage};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct StepBenchOptions {
+    /// A preset (`personaplex-7b`, `moshiko`, `mid`) used with random weights.
+    pub config: String,
+    /// Real weights instead (a model directory); its config wins over `config`.
+    pub model_dir: Option<PathBuf>,
+    pub device: Device,
+    pub dtype: DType,
+    pub batch: usize,
+    pub frames: usize,
+    pub dep_steps: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBenchReport {
+    pub config: String,
+    pub weights: String,
+    pub device: String,
+    pub dtype: String,
+    pub batch: usize,
+    pub frames: usize,
+    pub depformer_steps: usize,
+    pub encode_ms: Percentiles,
+    pub temporal_ms: Percentiles,
+    pub depformer_ms: Percentiles,
+    pub decode_ms: Percentiles,
+    pub total_ms: Percentiles,
+    /// Median frame time over the 80 ms frame: below 1 keeps up with real time.
+    pub real_time_factor: f64,
+}
+
+impl StepBenchReport {
+    pub fn table(&self) -> String {
+        let row = |name: &str, p: &Percentiles| {
+            format!(
+                "{name:<12} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                p.p50, p.p95, p.p99, p.max
+            )
+        };
+        [
+            format!(
+                "bench step: {} ({} weights) on {} {}, batch {}, {} frames, {} depformer steps",
+                self.config,
+                self.weights,
+                self.device,
+                self.dtype,
+                self.batch,
+                self.frames,
+                self.depformer_steps
+            ),
+            format!(
+                "{:<12} {:>9} {:>9} {:>9} {:>9}",
+                "ms/frame", "p50", "p95", "p99", "max"
+            ),
+            row("mimi encode", &self.encode_ms),
+            row("temporal", &self.temporal_ms),
+            row("depformer", &self.depformer_ms),
+            row("mimi decode", &self.decode_ms),
+            row("total", &self.total_ms),
+            format!(
+                "real-time factor (p50 / {FRAME_MS} ms): {:.3}",
+                self.real_time_factor
+            ),
+        ]
+        .join("\n")
+    }
+}
+
+fn load_models(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, String)> {
+    let (dtype, device) = (options.dtype, &options.device);
+    if let Some(dir) = &options.model_dir {
+        let files = ModelFiles::in_dir(dir)?;
+        let lm_cfg = match &files.config {
+            Some(path) => LmConfig::from_file(path).unwrap_or_else(|_| LmConfig::personaplex_7b()),
+            None => LmConfig::personaplex_7b(),
+        };
+        let mimi_cfg = files
+            .config
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| MimiConfig::from_model_config_json(&text).ok())
+            .unwrap_or_else(MimiConfig::v0_1);
+        let lm = LmModel::load(
+            &Checkpoint::open(&files.lm, dtype, device)?,
+            &lm_cfg,
+            options.dep_steps,
+        )?;
+        let mimi = Mimi::load(
+            &Checkpoint::open(&files.mimi, DType::F32, device)?,
+            &mimi_cfg,
+            RingPositions::PersonaPlex,
+        )?;
+        return Ok((lm, mimi, dir.display().to_string(), "real".into()));
+    }
+    let Some(cfg) = LmConfig::preset(&options.config) else {
+        bail!(
+            "unknown config {:?}; presets: personaplex-7b, moshiko, mid",
+            options.config
+        );
+    };
+    let lm = LmModel::load(
+        &Checkpoint::random(&options.config, dtype, device),
+        &cfg,
+        options.dep_steps,
+    )?;
+    let mimi = Mimi::load(
+        &Checkpoint::random("mimi", DType::F32, device),
+        &MimiConfig::v0_1(),
+        RingPositions::PersonaPlex,
+    )?;
+    Ok((lm, mimi, options.config.clone(), "random".into()))
+}
+
+/// Runs the benchmark.
+pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
+    let (lm, mimi, config, weights) = load_models(options).context("building the model")?;
+    let models = Models {
+        lm: &lm,
+        mimi: &mimi,
+    };
+    let batch = options.batch;
+    let mut state = PipelineState::new(models, batch, RingPositions::PersonaPlex)?;
+    for slot in 0..batch {
+        state.open_fresh(slot, slot as u64, SamplingConfig::DEFAULT)?;
+    }
+    let speech = signal::speech_like(FRAME_SAMPLES * 50, 3);
+    let active = vec![true; batch];
+    let mut output = vec![0.0; batch * FRAME_SAMPLES];
+    let mut stages: [Vec<f64>; 5] = Default::default();
+    let warm_up = 3;
+    for frame in 0..options.frames + warm_up {
+        let chunk = &speech[(frame % 50) * FRAME_SAMPLES..][..FRAME_SAMPLES];
+        let input: Vec<f32> = chunk
+            .iter()
+            .copied()
+            .cycle()
+            .take(batch * FRAME_SAMPLES)
+            .collect();
+        let started = Instant::now();
+        let mut last = started;
+        let mut times = [0f64; 4];
+        state.step(models, &input, &active, &mut output, &mut |stage| {
+            let now = Instant::now();
+            let idx = match stage {
+                Stage::Encode => 0,
+                Stage::Temporal => 1,
+                Stage::Depformer => 2,
+                Stage::Decode => 3,
+            };
+            times[idx] = (now - last).as_secs_f64() * 1000.0;
+            last = now;
+        })?;
+        if frame >= warm_up {
+            for (series, time) in stages.iter_mut().zip(times) {
+                series.push(time);
+            }
+            stages[4].push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let [encode, temporal, depformer, decode, total] = stages.map(|s| Percentiles::of(&s));
+    Ok(StepBenchReport {
+        config,
+        weights,
+        device: format!("{:?}", options.device),
+        dtype: format!("{:?}", options.dtype),
+        batch,
+        frames: options.frames,
+        depformer_steps: lm.depformer_steps(),
+        real_time_factor: total.p50 / FRAME_MS as f64,
+        encode_ms: encode,
+        temporal_ms: temporal,
+        depformer_ms: depformer,
+        decode_ms: decode,
+        total_ms: total,
+    })
+}
