@@ -123,7 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", type=Path, help="where to write the random full-size Mimi (outside the repo)")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch intra-op threads (rustymimi follows RAYON_NUM_THREADS, else every core)")
     ap.add_argument("--skip-rustymimi", action="store_true")
     args = ap.parse_args()
 
@@ -139,6 +140,8 @@ def main() -> None:
         "frames": len(pcm) // FRAME,
         "frame_ms": FRAME * 1000 / SR,
         "cpus": os.cpu_count(),
+        "rayon_num_threads": os.environ.get("RAYON_NUM_THREADS"),
+        "loadavg_before": os.getloadavg()[0],
         "versions": {"torch": torch.__version__, "moshi": mf.versions().get("moshi")},
     }
     result["torch"], torch_codes = bench_torch(mimi, pcm, args.threads)
@@ -150,6 +153,7 @@ def main() -> None:
         n = min(torch_codes.shape[0], rust_codes.shape[0])
         same = (torch_codes[:n] == rust_codes[:n]).all(0)
         result["rustymimi"]["frames_with_codes_equal_to_torch"] = int(same.sum())
+    result["loadavg_after"] = os.getloadavg()[0]
     print(json.dumps(result))
 
 
