@@ -286,7 +286,11 @@ fn write_ring(
 /// Scaled dot-product attention of `q` `[batch, heads, time, head_dim]` over `attend`.
 pub fn attention(q: &Tensor, attend: &Attend) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&attend.k.t()?.contiguous()?)? * scale)?;
+    // Scores as (k·qᵀ)ᵀ: the cache is read where it lies and only the small `[time, len]` result
+    // is transposed. `k.t().contiguous()` would copy the whole cache element by element on the
+    // CPU (0.2 ms for Mimi's 8×250×64 ring, every layer and step).
+    let scores = attend.k.matmul(&q.t()?.contiguous()?)?.t()?; // b,h,t,len
+    let scores = (scores * scale)?;
     let scores = scores.broadcast_add(&attend.mask.to_dtype(scores.dtype())?)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(&attend.v.contiguous()?)
 }

@@ -11,6 +11,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize)]
 pub struct MimiBench {
     pub frames: usize,
+    /// CPU threads candle's kernels use (`RAYON_NUM_THREADS`, else every core).
+    pub threads: usize,
     /// Audio per frame (80).
     pub frame_ms: f64,
     pub encode_mean_ms: f64,
@@ -70,6 +72,7 @@ pub fn bench_streaming(mimi: &Mimi, seconds: f64) -> Result<MimiBench> {
     let (encode_mean_ms, decode_mean_ms) = (mean(&enc_ms), mean(&dec_ms));
     Ok(MimiBench {
         frames,
+        threads: candle_core::utils::get_num_threads(),
         frame_ms,
         encode_mean_ms,
         encode_p50_ms: median(&mut enc_ms),

@@ -2,9 +2,9 @@
 //! project the same latent with their own 1×1 conv and quantize it residually; decoding sums both
 //! output projections.
 
+use super::transformer::Linear;
 use crate::model::Result;
 use crate::model::checkpoint::mimi::RvqWeights;
-use crate::model::nn::linear;
 use candle_core::{D, DType, Tensor};
 
 /// The reference's `epsilon` in `embedding_sum / clamp(cluster_usage, min=epsilon)`.
@@ -14,16 +14,18 @@ const USAGE_EPS: f64 = 1e-5;
 struct Codebook {
     /// `[bins, dim]`, f32.
     entries: Tensor,
+    /// `[dim, bins]`, f32 (contiguous, for the distance matmul).
+    entries_t: Tensor,
     /// `[1, bins]`: ‖entry‖², f32.
     norms: Tensor,
 }
 
 #[derive(Debug, Clone)]
 struct Rvq {
-    /// `[dim, d]`.
-    input_proj: Tensor,
-    /// `[d, dim]`.
-    output_proj: Tensor,
+    /// `d → dim`.
+    input_proj: Linear,
+    /// `dim → d`.
+    output_proj: Linear,
     codebooks: Vec<Codebook>,
 }
 
@@ -42,23 +44,27 @@ impl Rvq {
                     .to_dtype(DType::F32)?
                     .broadcast_div(&usage.unsqueeze(1)?)?;
                 let norms = entries.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
-                Ok(Codebook { entries, norms })
+                Ok(Codebook {
+                    entries_t: entries.t()?.contiguous()?,
+                    entries,
+                    norms,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            input_proj: w.input_proj.squeeze(2)?,
-            output_proj: w.output_proj.squeeze(2)?,
+            input_proj: Linear::new(&w.input_proj.squeeze(2)?)?,
+            output_proj: Linear::new(&w.output_proj.squeeze(2)?)?,
             codebooks,
         })
     }
 
     /// `xs` `[n, d]` → codes `[n, codebooks]` (u32).
     fn encode(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut residual = linear(xs, &self.input_proj)?.to_dtype(DType::F32)?;
+        let mut residual = self.input_proj.forward(xs)?.to_dtype(DType::F32)?;
         let mut codes = Vec::with_capacity(self.codebooks.len());
         for cb in &self.codebooks {
             // argmin ‖r − c‖² = argmin ‖c‖² − 2 r·c
-            let dots = residual.matmul(&cb.entries.t()?)?;
+            let dots = residual.matmul(&cb.entries_t)?;
             let dist = cb.norms.broadcast_sub(&(dots * 2.0)?)?;
             let idx = dist.argmin(D::Minus1)?;
             residual = (residual - cb.entries.index_select(&idx, 0)?)?;
@@ -79,7 +85,7 @@ impl Rvq {
             });
         }
         let sum = sum.expect("an RVQ in use has at least one codebook (checked at load)");
-        linear(&sum.to_dtype(dtype)?, &self.output_proj)
+        self.output_proj.forward(&sum.to_dtype(dtype)?)
     }
 }
 

@@ -8,19 +8,52 @@ use crate::model::Result;
 use crate::model::checkpoint::mimi::TransformerLayerWeights;
 use crate::model::kv::{Attend, RingKv, RingPositions, attention};
 use crate::model::mimi::MimiConfig;
-use crate::model::nn::{LayerNorm, Rope, linear};
+use crate::model::nn::{LayerNorm, Rope};
 use candle_core::{Device, Tensor};
 
 const LAYER_NORM_EPS: f32 = 1e-5;
 
+/// A bias-free linear layer stored as `[in, out]` (the transpose of PyTorch's `[out, in]`): with
+/// the one or two rows of a streaming step, candle's CPU matmul is about 4× faster reading a
+/// contiguous right-hand side than a transposed view of it.
+#[derive(Debug, Clone)]
+pub(super) struct Linear {
+    weight_t: Tensor,
+}
+
+impl Linear {
+    pub fn new(weight: &Tensor) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight_t.dims()[1]
+    }
+
+    /// `xs` `[.., in]` → `[.., out]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let (rows, in_features) = (xs.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        let mut out_dims = dims.to_vec();
+        *out_dims
+            .last_mut()
+            .expect("a linear input has at least one dim") = self.out_features();
+        xs.reshape((rows, in_features))?
+            .matmul(&self.weight_t)?
+            .reshape(out_dims)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
-    in_proj: Tensor,
-    out_proj: Tensor,
+    in_proj: Linear,
+    out_proj: Linear,
     norm1: LayerNorm,
     norm2: LayerNorm,
-    linear1: Tensor,
-    linear2: Tensor,
+    linear1: Linear,
+    linear2: Linear,
     scale1: Option<Tensor>,
     scale2: Option<Tensor>,
 }
@@ -58,22 +91,32 @@ impl Transformer {
         cfg: &MimiConfig,
         positions: RingPositions,
         name: &'static str,
-    ) -> Self {
+    ) -> Result<Self> {
         let t = &cfg.transformer;
         let layers = w
             .iter()
-            .map(|l| Layer {
-                in_proj: l.in_proj.clone(),
-                out_proj: l.out_proj.clone(),
-                norm1: LayerNorm::new(l.norm1_weight.clone(), l.norm1_bias.clone(), LAYER_NORM_EPS),
-                norm2: LayerNorm::new(l.norm2_weight.clone(), l.norm2_bias.clone(), LAYER_NORM_EPS),
-                linear1: l.linear1.clone(),
-                linear2: l.linear2.clone(),
-                scale1: l.layer_scale_1.clone(),
-                scale2: l.layer_scale_2.clone(),
+            .map(|l| {
+                Ok(Layer {
+                    in_proj: Linear::new(&l.in_proj)?,
+                    out_proj: Linear::new(&l.out_proj)?,
+                    norm1: LayerNorm::new(
+                        l.norm1_weight.clone(),
+                        l.norm1_bias.clone(),
+                        LAYER_NORM_EPS,
+                    ),
+                    norm2: LayerNorm::new(
+                        l.norm2_weight.clone(),
+                        l.norm2_bias.clone(),
+                        LAYER_NORM_EPS,
+                    ),
+                    linear1: Linear::new(&l.linear1)?,
+                    linear2: Linear::new(&l.linear2)?,
+                    scale1: l.layer_scale_1.clone(),
+                    scale2: l.layer_scale_2.clone(),
+                })
             })
-            .collect();
-        Self {
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
             layers,
             rope: Rope::new(t.d_model / t.num_heads, t.max_period),
             heads: t.num_heads,
@@ -85,14 +128,14 @@ impl Transformer {
                 "encoder" => tracing::span!(tracing::Level::TRACE, "mimi_encoder_transformer"),
                 _ => tracing::span!(tracing::Level::TRACE, "mimi_decoder_transformer"),
             },
-        }
+        })
     }
 
     pub fn state(&self, batch: usize) -> Result<TransformerState> {
         let Some(first) = self.layers.first() else {
             return Ok(TransformerState { rings: vec![] });
         };
-        let d = first.in_proj.dim(1)?;
+        let d = first.out_proj.out_features();
         let rings = self
             .layers
             .iter()
@@ -102,8 +145,8 @@ impl Transformer {
                     self.heads,
                     self.context,
                     d / self.heads,
-                    first.in_proj.dtype(),
-                    first.in_proj.device(),
+                    first.out_proj.weight_t.dtype(),
+                    first.out_proj.weight_t.device(),
                     self.positions,
                 )
             })
@@ -160,8 +203,11 @@ impl Transformer {
         for layer in &self.layers {
             let update = self.attend(layer, &layer.norm1.forward(&xs)?, positions, kv)?;
             xs = (xs + scaled(update, &layer.scale1)?)?;
-            let hidden = linear(&layer.norm2.forward(&xs)?, &layer.linear1)?.gelu_erf()?;
-            let update = linear(&hidden, &layer.linear2)?;
+            let hidden = layer
+                .linear1
+                .forward(&layer.norm2.forward(&xs)?)?
+                .gelu_erf()?;
+            let update = layer.linear2.forward(&hidden)?;
             xs = (xs + scaled(update, &layer.scale2)?)?;
         }
         xs.transpose(1, 2)?.contiguous() // b,d,t
@@ -177,7 +223,10 @@ impl Transformer {
         let (batch, time, d) = xs.dims3()?;
         let head_dim = d / self.heads;
         // 1. project and split q|k|v, each heads × head_dim
-        let qkv = linear(xs, &layer.in_proj)?.reshape((batch, time, 3, self.heads, head_dim))?;
+        let qkv = layer
+            .in_proj
+            .forward(xs)?
+            .reshape((batch, time, 3, self.heads, head_dim))?;
         let part = |i: usize| -> Result<Tensor> {
             qkv.narrow(2, i, 1)?
                 .squeeze(2)?
@@ -193,7 +242,7 @@ impl Transformer {
         let out = attention(&q, &attend)?; // b,h,t,hd
         // 4. merge heads and project out
         let out = out.transpose(1, 2)?.reshape((batch, time, d))?;
-        linear(&out, &layer.out_proj)
+        layer.out_proj.forward(&out)
     }
 }
 
