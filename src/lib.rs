@@ -5,6 +5,7 @@
 
 pub mod audio;
 pub mod bench;
+pub mod doctor;
 pub mod engine;
 pub mod fetch;
 pub mod gateway;

