@@ -66,6 +66,27 @@ struct ModelArgs {
     /// past it; the official model forgets it after about 4 minutes.
     #[arg(long)]
     pin_persona: bool,
+    /// Store the language model's matrices as weight-only int8 (half the memory and bandwidth of
+    /// bf16; on the GPU the w8a16 kernel, on the CPU its reference).
+    #[arg(long, value_enum, default_value = "none")]
+    quant: QuantArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantArg {
+    /// As in the checkpoint (bf16 on the GPU, f32 on the CPU).
+    None,
+    /// Weight-only int8 per output channel.
+    Int8,
+}
+
+impl From<QuantArg> for duplex::model::quant::Quant {
+    fn from(arg: QuantArg) -> Self {
+        match arg {
+            QuantArg::None => Self::None,
+            QuantArg::Int8 => Self::Int8,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -270,6 +291,9 @@ struct StepArgs {
     /// Depformer steps per frame (8 serve the agent; 16 is what the reference runs).
     #[arg(long, default_value_t = 8)]
     dep_steps: usize,
+    /// Weight storage of the language model's matrices.
+    #[arg(long, value_enum, default_value = "none")]
+    quant: QuantArg,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -540,6 +564,7 @@ fn bench_step(args: StepArgs) -> Result<()> {
         batch: args.batch,
         frames: args.frames,
         dep_steps: args.dep_steps,
+        quant: args.quant.into(),
     };
     let report = duplex::bench::step::run(&options)?;
     println!("{}", report.table());

@@ -11,6 +11,7 @@ use crate::model::kv::RingPositions;
 use crate::model::lm::LmModel;
 use crate::model::mimi::{Mimi, MimiConfig};
 use crate::model::pipeline::{Models, PipelineState, Stage};
+use crate::model::quant::Quant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -28,6 +29,7 @@ pub struct StepBenchOptions {
     pub batch: usize,
     pub frames: usize,
     pub dep_steps: usize,
+    pub quant: Quant,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,6 +41,7 @@ pub struct StepBenchReport {
     pub batch: usize,
     pub frames: usize,
     pub depformer_steps: usize,
+    pub quant: String,
     pub encode_ms: Percentiles,
     pub temporal_ms: Percentiles,
     pub depformer_ms: Percentiles,
@@ -46,6 +49,14 @@ pub struct StepBenchReport {
     pub total_ms: Percentiles,
     /// Median frame time over the 80 ms frame: below 1 keeps up with real time.
     pub real_time_factor: f64,
+    /// Bytes of language-model weights one frame reads (temporal + the depformer steps run).
+    pub weight_bytes: u64,
+    /// Weight bytes over the median temporal + depformer time.
+    pub achieved_gb_per_s: f64,
+    /// The device's copy bandwidth, measured here (read + write of a large buffer).
+    pub copy_gb_per_s: f64,
+    /// Time to read the weights once at that bandwidth: the frame's floor at batch 1.
+    pub bandwidth_floor_ms: f64,
 }
 
 impl StepBenchReport {
@@ -99,10 +110,11 @@ fn load_models(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, Str
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|text| MimiConfig::from_model_config_json(&text).ok())
             .unwrap_or_else(MimiConfig::v0_1);
-        let lm = LmModel::load(
+        let lm = LmModel::load_quantized(
             &Checkpoint::open(&files.lm, dtype, device)?,
             &lm_cfg,
             options.dep_steps,
+            options.quant,
         )?;
         let mimi = Mimi::load(
             &Checkpoint::open(&files.mimi, DType::F32, device)?,
@@ -117,10 +129,11 @@ fn load_models(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, Str
             options.config
         );
     };
-    let lm = LmModel::load(
+    let lm = LmModel::load_quantized(
         &Checkpoint::random(&options.config, dtype, device),
         &cfg,
         options.dep_steps,
+        options.quant,
     )?;
     let mimi = Mimi::load(
         &Checkpoint::random("mimi", DType::F32, device),
@@ -177,6 +190,14 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         }
     }
     let [encode, temporal, depformer, decode, total] = stages.map(|s| Percentiles::of(&s));
+    let weight_bytes = lm_weight_bytes(
+        lm.config(),
+        lm.depformer_steps(),
+        options.dtype,
+        options.quant,
+    );
+    let copy_gb_per_s = copy_bandwidth(&options.device)?;
+    let lm_ms = temporal.p50 + depformer.p50;
     Ok(StepBenchReport {
         config,
         weights,
@@ -185,11 +206,49 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         batch,
         frames: options.frames,
         depformer_steps: lm.depformer_steps(),
+        quant: format!("{:?}", options.quant),
         real_time_factor: total.p50 / FRAME_MS as f64,
         encode_ms: encode,
         temporal_ms: temporal,
         depformer_ms: depformer,
         decode_ms: decode,
         total_ms: total,
+        weight_bytes,
+        achieved_gb_per_s: weight_bytes as f64 / 1e6 / lm_ms.max(1e-9),
+        copy_gb_per_s,
+        bandwidth_floor_ms: weight_bytes as f64 / 1e6 / copy_gb_per_s.max(1e-9),
     })
+}
+
+/// Bytes of the matrices a frame reads: every temporal layer, and `dep_steps` depformer steps.
+fn lm_weight_bytes(cfg: &LmConfig, dep_steps: usize, dtype: DType, quant: Quant) -> u64 {
+    let (d, h) = (cfg.dim as u64, cfg.hidden() as u64);
+    let (dd, dh) = (cfg.depformer_dim as u64, cfg.depformer_hidden() as u64);
+    let temporal = cfg.num_layers as u64 * (4 * d * d + 3 * d * h);
+    let depformer =
+        dep_steps as u64 * (cfg.depformer_num_layers as u64 * (4 * dd * dd + 3 * dd * dh) + d * dd);
+    let heads = d * cfg.text_card as u64 + dep_steps as u64 * dd * cfg.card as u64;
+    let matrix_bytes = match quant {
+        Quant::Int8 => 1,
+        Quant::None => dtype.size_in_bytes() as u64,
+    };
+    (temporal + depformer) * matrix_bytes + heads * dtype.size_in_bytes() as u64
+}
+
+/// Copy bandwidth of `device` in GB/s (bytes read + written per second), median of 5 copies of a
+/// 256 MiB buffer.
+fn copy_bandwidth(device: &Device) -> Result<f64> {
+    let elems = 64 * 1024 * 1024;
+    let src = candle_core::Tensor::zeros(elems, DType::F32, device)?;
+    let mut rates = Vec::new();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let copy = src.force_contiguous()?;
+        device.synchronize()?;
+        let seconds = started.elapsed().as_secs_f64();
+        drop(copy);
+        rates.push((2 * elems * 4) as f64 / 1e9 / seconds);
+    }
+    rates.remove(0);
+    Ok(Percentiles::of(&rates).p50)
 }

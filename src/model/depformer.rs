@@ -5,6 +5,7 @@ use super::Result;
 use super::checkpoint::lm::DepformerWeights;
 use super::kv::{RingKv, RingPositions, attention};
 use super::nn::{Linear, RmsNorm, SwiGlu};
+use super::quant::Quant;
 use super::transformer::RMS_EPS;
 use candle_core::{DType, Device, Tensor};
 
@@ -41,6 +42,7 @@ impl Depformer {
         dim: usize,
         heads: usize,
         cache_steps: usize,
+        quant: Quant,
     ) -> Result<Self> {
         let norms = weights
             .norms
@@ -56,14 +58,14 @@ impl Depformer {
                     .iter()
                     .map(|l| {
                         Ok(StepLayer {
-                            in_proj: Linear::new(&l.in_proj)?,
-                            out_proj: Linear::new(&l.out_proj)?,
-                            ffn: SwiGlu::new(&l.linear_in, &l.linear_out)?,
+                            in_proj: Linear::with_quant(&l.in_proj, quant)?,
+                            out_proj: Linear::with_quant(&l.out_proj, quant)?,
+                            ffn: SwiGlu::with_quant(&l.linear_in, &l.linear_out, quant)?,
                         })
                     })
                     .collect::<Result<_>>()?;
                 Ok(Step {
-                    input: Linear::new(&s.input)?,
+                    input: Linear::with_quant(&s.input, quant)?,
                     emb: s.emb,
                     head: Linear::new(&s.head)?,
                     layers,

@@ -8,6 +8,7 @@ use super::config::LmConfig;
 use super::depformer::{Depformer, DepformerState, embed};
 use super::kv::RingPositions;
 use super::nn::{Linear, RmsNorm};
+use super::quant::Quant;
 use super::transformer::{RMS_EPS, Transformer, TransformerState};
 use candle_core::{DType, Device, Tensor};
 
@@ -33,16 +34,28 @@ impl LmModel {
     /// Loads the model from `ckpt`, running `dep_steps` depformer steps per frame (8 serve the
     /// agent's codebooks; the checkpoint's 16 reproduce the reference for parity tests).
     pub fn load(ckpt: &Checkpoint, cfg: &LmConfig, dep_steps: usize) -> Result<Self> {
+        Self::load_quantized(ckpt, cfg, dep_steps, Quant::None)
+    }
+
+    /// Loads the model with its transformer and depformer matrices stored as `quant` (the text
+    /// head, depformer heads and embeddings stay as in the checkpoint).
+    pub fn load_quantized(
+        ckpt: &Checkpoint,
+        cfg: &LmConfig,
+        dep_steps: usize,
+        quant: Quant,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let _span = tracing::info_span!("load_lm", file = %ckpt.path().display()).entered();
+        let _span = tracing::info_span!("load_lm", file = %ckpt.path().display(), ?quant).entered();
         let w = LmWeights::load(ckpt, cfg, dep_steps)?;
         Ok(Self {
-            transformer: Transformer::new(w.layers, cfg.dim, cfg.num_heads, cfg.max_period)?,
+            transformer: Transformer::new(w.layers, cfg.dim, cfg.num_heads, cfg.max_period, quant)?,
             depformer: Depformer::new(
                 w.depformer,
                 cfg.depformer_dim,
                 cfg.depformer_num_heads,
                 cfg.dep_q,
+                quant,
             )?,
             out_norm: RmsNorm::new(w.out_norm, RMS_EPS)?,
             text_emb: w.text_emb,

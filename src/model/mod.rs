@@ -4,6 +4,8 @@
 
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod depformer;
 pub mod files;
 pub mod generate;
@@ -13,6 +15,7 @@ pub mod mimi;
 pub mod nn;
 pub mod persona;
 pub mod pipeline;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 pub mod transformer;

@@ -1,6 +1,7 @@
 //! Small building blocks shared by Mimi and the language model.
 
 use super::Result;
+use super::quant::{Int8Weight, Quant, quantize, w8a16_reference};
 use candle_core::{D, DType, Tensor};
 
 /// `x · wᵀ` for a weight stored PyTorch-style as `[out, in]`; `x` may have any leading dims.
@@ -16,38 +17,79 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     out.reshape(out_dims)
 }
 
-/// A bias-free linear layer holding its weight as `[in, out]`, so a step's few rows read the
-/// weight contiguously (the PyTorch `[out, in]` layout through a transposed view is several
-/// times slower on the CPU).
+/// A bias-free linear layer. Dense weights are held as `[in, out]`, so a step's few rows read
+/// the weight contiguously (the PyTorch `[out, in]` layout through a transposed view is several
+/// times slower on the CPU); int8 weights keep `[out, in]` bytes for the w8a16 kernel.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight_t: Tensor,
+pub enum Linear {
+    Dense {
+        weight_t: Tensor,
+    },
+    Int8 {
+        weight: Int8Weight,
+        /// The int8 values as f32 `[in, out]` for the CPU reference path (absent on the GPU).
+        values_t: Option<Tensor>,
+    },
 }
 
 impl Linear {
     /// From a PyTorch-style `[out, in]` weight.
     pub fn new(weight: &Tensor) -> Result<Self> {
-        Ok(Self {
+        Ok(Self::Dense {
             weight_t: weight.t()?.contiguous()?,
         })
     }
 
-    pub fn out_features(&self) -> Result<usize> {
-        self.weight_t.dim(1)
+    /// From a PyTorch-style `[out, in]` weight, quantised as asked.
+    pub fn with_quant(weight: &Tensor, quant: Quant) -> Result<Self> {
+        match quant {
+            Quant::None => Self::new(weight),
+            Quant::Int8 => {
+                let weight = quantize(weight)?;
+                let values_t = if weight.q.device().is_cpu() {
+                    Some(weight.values_f32()?.t()?.contiguous()?)
+                } else {
+                    None
+                };
+                Ok(Self::Int8 { weight, values_t })
+            }
+        }
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims();
-        let in_features = dims[dims.len() - 1];
-        let rows = xs.elem_count() / in_features;
-        let out = xs.reshape((rows, in_features))?.matmul(&self.weight_t)?;
-        let mut out_dims = dims.to_vec();
-        *out_dims
-            .last_mut()
-            .expect("a tensor fed to a linear layer has at least one dim") =
-            self.weight_t.dim(1)?;
-        out.reshape(out_dims)
+        match self {
+            Self::Dense { weight_t } => {
+                let dims = xs.dims();
+                let in_features = dims[dims.len() - 1];
+                let rows = xs.elem_count() / in_features;
+                let out = xs.reshape((rows, in_features))?.matmul(weight_t)?;
+                let mut out_dims = dims.to_vec();
+                *out_dims
+                    .last_mut()
+                    .expect("a tensor fed to a linear layer has at least one dim") =
+                    weight_t.dim(1)?;
+                out.reshape(out_dims)
+            }
+            Self::Int8 {
+                weight,
+                values_t: Some(values_t),
+            } => w8a16_reference(xs, values_t, &weight.scale),
+            Self::Int8 {
+                weight,
+                values_t: None,
+            } => w8a16_device(xs, weight),
+        }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
+    super::cuda::w8a16(xs, weight)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn w8a16_device(_xs: &Tensor, _weight: &Int8Weight) -> Result<Tensor> {
+    candle_core::bail!("int8 weights on this device need a build with the `cuda` feature")
 }
 
 /// RMS normalisation computed in f32: `x · alpha / sqrt(mean(x²) + eps)`.
@@ -102,9 +144,13 @@ pub struct SwiGlu {
 impl SwiGlu {
     /// From PyTorch-style `[out, in]` weights.
     pub fn new(linear_in: &Tensor, linear_out: &Tensor) -> Result<Self> {
+        Self::with_quant(linear_in, linear_out, Quant::None)
+    }
+
+    pub fn with_quant(linear_in: &Tensor, linear_out: &Tensor, quant: Quant) -> Result<Self> {
         Ok(Self {
-            linear_in: Linear::new(linear_in)?,
-            linear_out: Linear::new(linear_out)?,
+            linear_in: Linear::with_quant(linear_in, quant)?,
+            linear_out: Linear::with_quant(linear_out, quant)?,
         })
     }
 

@@ -10,6 +10,7 @@ use super::kv::RingPositions;
 use super::lm::{Column, LmModel};
 use super::mimi::{DecoderState, EncoderState, Mimi, MimiConfig};
 use super::persona::{VoicePrompt, prompt_calls, run_prompt};
+use super::quant::Quant;
 use super::tokenizer::{TextTokenizer, wrap_system_prompt};
 use super::voice::{VoiceLibrary, VoicePreset};
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +25,8 @@ pub struct PipelineConfig {
     /// Depformer steps per frame: 8 serve the agent; 16 reproduce the reference's RNG use.
     pub dep_steps: usize,
     pub positions: RingPositions,
+    /// How the language model's large matrices are stored.
+    pub quant: Quant,
 }
 
 impl Default for PipelineConfig {
@@ -33,6 +36,7 @@ impl Default for PipelineConfig {
             dtype: DType::F32,
             dep_steps: 8,
             positions: RingPositions::PersonaPlex,
+            quant: Quant::None,
         }
     }
 }
@@ -60,10 +64,11 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn load(files: &ModelFiles, cfg: &PipelineConfig) -> Result<Self> {
         let (lm_cfg, mimi_cfg) = configs(files)?;
-        let lm = LmModel::load(
+        let lm = LmModel::load_quantized(
             &Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?,
             &lm_cfg,
             cfg.dep_steps,
+            cfg.quant,
         )?;
         let mimi_ckpt = Checkpoint::open(&files.mimi, DType::F32, &cfg.device)?;
         let mimi = Mimi::load(&mimi_ckpt, &mimi_cfg, cfg.positions)?;

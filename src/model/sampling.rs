@@ -1,7 +1,6 @@
-//! Choosing tokens from logits: greedy, or temperature + top-k with a seeded generator per slot.
-
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+//! Choosing tokens from logits: greedy, or temperature + top-k drawn with a counter-based random
+//! generator, so a seeded run repeats exactly and the GPU kernel (`kernels/sampling.cu`) draws
+//! the same tokens as this reference.
 
 /// How to pick one stream's tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -22,55 +21,30 @@ impl Sampling {
     };
 }
 
-/// A slot's random source: reproducible from its seed.
+/// Bisection steps that locate the k-th largest logit (as in the kernel).
+const BISECTION_STEPS: usize = 40;
+
+/// A slot's random source: a seed and a count of draws.
 pub struct Sampler {
-    rng: StdRng,
-    scratch: Vec<(f32, usize)>,
+    seed: u64,
+    counter: u64,
 }
 
 impl Sampler {
     pub fn new(seed: u64) -> Self {
-        Self {
-            rng: StdRng::seed_from_u64(seed),
-            scratch: Vec::new(),
-        }
+        Self { seed, counter: 0 }
     }
 
     /// Picks a token from `logits` with `sampling`.
     pub fn sample(&mut self, logits: &[f32], sampling: Sampling) -> usize {
-        match sampling {
+        let token = match sampling {
             Sampling::Greedy => argmax(logits),
-            Sampling::TopK { temperature, top_k } if temperature > 0.0 && top_k > 1 => {
-                self.top_k(logits, temperature, top_k.min(logits.len()))
+            Sampling::TopK { temperature, top_k } => {
+                topk_reference(logits, top_k, temperature, self.seed, self.counter)
             }
-            Sampling::TopK { .. } => argmax(logits),
-        }
-    }
-
-    /// softmax(logits / t) restricted to the k largest, drawn as argmax(p / Exp(1)) — the
-    /// reference's sync-free multinomial, which is an exact draw from the distribution.
-    fn top_k(&mut self, logits: &[f32], temperature: f32, k: usize) -> usize {
-        self.scratch.clear();
-        self.scratch.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(idx, &l)| (l / temperature, idx)),
-        );
-        self.scratch
-            .select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
-        let top = &self.scratch[..k];
-        let max = top.iter().map(|(l, _)| *l).fold(f32::MIN, f32::max);
-        let mut best = (f32::MIN, top[0].1);
-        for &(logit, idx) in top {
-            let prob = (logit - max).exp();
-            let exponential: f32 = -(1.0 - self.rng.random::<f32>()).ln();
-            let score = prob / exponential.max(f32::MIN_POSITIVE);
-            if score > best.0 {
-                best = (score, idx);
-            }
-        }
-        best.1
+        };
+        self.counter += 1;
+        token
     }
 }
 
@@ -84,6 +58,56 @@ pub fn argmax(values: &[f32]) -> usize {
             |best, (idx, &v)| if v > best.1 { (idx, v) } else { best },
         )
         .0
+}
+
+/// A uniform number in [0, 1) from (seed, counter, index): splitmix64 on their mix, the same bits
+/// as `uniform01` in `kernels/common.cuh`.
+pub fn uniform01(seed: u64, counter: u64, index: u64) -> f32 {
+    let mut z = seed
+        ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// softmax(logits / t) restricted to the k largest, drawn as argmax(p / E) with E ~ Exp(1) —
+/// the reference's sync-free multinomial, an exact draw. The k-th largest logit is found by
+/// bisection on the value, step for step as the kernel does.
+pub fn topk_reference(
+    logits: &[f32],
+    k: usize,
+    temperature: f32,
+    seed: u64,
+    counter: u64,
+) -> usize {
+    let best = argmax(logits);
+    if temperature <= 0.0 || k <= 1 || logits.is_empty() {
+        return best;
+    }
+    let max = logits[best];
+    let min = logits.iter().copied().fold(f32::MAX, f32::min);
+    let (mut low, mut high) = (min - 1.0, max);
+    for _ in 0..BISECTION_STEPS {
+        let mid = 0.5 * (low + high);
+        if logits.iter().filter(|&&v| v >= mid).count() >= k {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    let mut chosen = (-1f32, logits.len());
+    for (idx, &v) in logits.iter().enumerate().filter(|(_, v)| **v >= low) {
+        let p = ((v - max) / temperature).exp();
+        let e = -(1.0 - uniform01(seed, counter, idx as u64)).max(1e-30).ln();
+        let score = p / e.max(1e-30);
+        if score > chosen.0 {
+            chosen = (score, idx);
+        }
+    }
+    chosen.1
 }
 
 #[cfg(test)]
@@ -144,5 +168,31 @@ mod tests {
             .count();
         let share = first as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.02, "{share}");
+    }
+
+    #[test]
+    fn uniforms_are_spread_over_the_unit_interval() {
+        let values: Vec<f32> = (0..10_000).map(|i| uniform01(5, 9, i)).collect();
+        assert!(values.iter().all(|v| (0.0..1.0).contains(v)));
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn ties_at_the_kth_value_are_all_candidates() {
+        // Four equal logits, k = 2: every one of them can be drawn.
+        let logits = [1.0f32, 1.0, 1.0, 1.0];
+        let mut seen = [false; 4];
+        let mut sampler = Sampler::new(3);
+        for _ in 0..200 {
+            seen[sampler.sample(
+                &logits,
+                Sampling::TopK {
+                    temperature: 1.0,
+                    top_k: 2,
+                },
+            )] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
     }
 }

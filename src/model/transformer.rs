@@ -5,6 +5,7 @@ use super::Result;
 use super::checkpoint::lm::TemporalLayerWeights;
 use super::kv::{RingKv, RingPositions, SlotKv, attention};
 use super::nn::{Linear, RmsNorm, Rope, SwiGlu};
+use super::quant::Quant;
 use candle_core::{DType, Device, Tensor};
 
 /// RMSNorm epsilon of the Moshi language model.
@@ -44,6 +45,7 @@ impl Transformer {
         dim: usize,
         heads: usize,
         max_period: f64,
+        quant: Quant,
     ) -> Result<Self> {
         let layers = weights
             .into_iter()
@@ -51,9 +53,9 @@ impl Transformer {
                 Ok(Layer {
                     norm1: RmsNorm::new(w.norm1, RMS_EPS)?,
                     norm2: RmsNorm::new(w.norm2, RMS_EPS)?,
-                    in_proj: Linear::new(&w.in_proj)?,
-                    out_proj: Linear::new(&w.out_proj)?,
-                    ffn: SwiGlu::new(&w.linear_in, &w.linear_out)?,
+                    in_proj: Linear::with_quant(&w.in_proj, quant)?,
+                    out_proj: Linear::with_quant(&w.out_proj, quant)?,
+                    ffn: SwiGlu::with_quant(&w.linear_in, &w.linear_out, quant)?,
                 })
             })
             .collect::<Result<_>>()?;

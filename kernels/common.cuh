@@ -1,0 +1,37 @@
+// Shared helpers for duplex's kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// Sum of `v` over a warp.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of `v` over a block of at most 1024 threads (every thread gets the total).
+__device__ __forceinline__ float block_sum(float v, float* shared32) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  int warps = (blockDim.x + 31) >> 5;
+  float total = (threadIdx.x < warps) ? shared32[threadIdx.x] : 0.f;
+  if (warp == 0) total = warp_sum(total);
+  if (threadIdx.x == 0) shared32[0] = total;
+  __syncthreads();
+  total = shared32[0];
+  __syncthreads();
+  return total;
+}
+
+// A counter-based random number in [0, 1): splitmix64 of (seed, counter, index). The Rust
+// reference (`model::sampling::uniform`) computes the same bits.
+__device__ __forceinline__ float uniform01(uint64_t seed, uint64_t counter, uint64_t index) {
+  uint64_t z = seed ^ (counter * 0x9E3779B97F4A7C15ull) ^ (index * 0xD1B54A32D192ED03ull);
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (float)(z >> 40) * (1.0f / 16777216.0f);
+}

@@ -1,0 +1,294 @@
+//! Our CUDA kernels (`kernels/*.cu`, compiled to PTX by `build.rs`) as candle custom ops. Each
+//! has a CPU reference elsewhere in `model` and a GPU test comparing the two (`tests/kernels.rs`).
+
+use super::Result;
+use super::quant::Int8Weight;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use half::bf16;
+
+const W8A16_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a16.ptx"));
+const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
+/// Warps (output rows) per block of the w8a16 kernel.
+const W8A16_ROWS_PER_BLOCK: usize = 4;
+
+fn contiguous(layout: &Layout, what: &str) -> Result<()> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    Ok(())
+}
+
+struct W8a16;
+
+impl CustomOp3 for W8a16 {
+    fn name(&self) -> &'static str {
+        "w8a16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("w8a16 on the CPU is `quant::w8a16_reference`")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        q: &CudaStorage,
+        q_layout: &Layout,
+        scale: &CudaStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous(x_layout, "w8a16 input")?;
+        contiguous(q_layout, "w8a16 weight")?;
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, k_w) = q_layout.shape().dims2()?;
+        if k != k_w || k % 16 != 0 {
+            candle_core::bail!(
+                "w8a16: input width {k} vs weight {k_w} (must match and divide by 16)"
+            );
+        }
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<bf16>()?.slice(x_layout.start_offset()..);
+        let qs = q.as_cuda_slice::<u8>()?.slice(q_layout.start_offset()..);
+        let ss = scale
+            .as_cuda_slice::<f32>()?
+            .slice(scale_layout.start_offset()..);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * n)? };
+        let func = device.get_or_load_custom_func("w8a16_bf16", "duplex_w8a16", W8A16_PTX)?;
+        let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
+        let mut builder = func.builder();
+        builder
+            .arg(&xs)
+            .arg(&qs)
+            .arg(&ss)
+            .arg(&out)
+            .arg(&batch)
+            .arg(&n_i)
+            .arg(&k_i);
+        let blocks = n.div_ceil(W8A16_ROWS_PER_BLOCK) as u32;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (32 * W8A16_ROWS_PER_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, n)),
+        ))
+    }
+}
+
+/// `x · (q · scale)ᵀ` on the GPU with int8 weights; `x` any leading dims, bf16 compute.
+pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows = xs.elem_count() / k;
+    let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
+    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("a linear input has dims") = weight.out_features()?;
+    y.reshape(out_dims)?.to_dtype(xs.dtype())
+}
+
+struct RmsNormOp {
+    alpha: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "duplex-rms-norm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("rms norm on the CPU is `nn::RmsNorm`")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "rms norm input")?;
+        let dim = layout.shape().dims()[layout.shape().rank() - 1];
+        let rows = layout.shape().elem_count() / dim;
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+        let (alpha_storage, alpha_layout) = self.alpha.storage_and_layout();
+        let candle_core::Storage::Cuda(alpha_storage) = &*alpha_storage else {
+            candle_core::bail!("alpha must be on the GPU")
+        };
+        let alpha = alpha_storage
+            .as_cuda_slice::<f32>()?
+            .slice(alpha_layout.start_offset()..);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * dim)? };
+        let func = device.get_or_load_custom_func("rms_norm_bf16", "duplex_norm", NORM_PTX)?;
+        let (dim_i, eps) = (dim as i32, self.eps);
+        let mut builder = func.builder();
+        builder.arg(&xs).arg(&alpha).arg(&out).arg(&dim_i).arg(&eps);
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            layout.shape().clone(),
+        ))
+    }
+}
+
+/// Fused RMS normalisation of bf16 rows (f32 inside); `alpha` f32 `[dim]` on the same GPU.
+pub fn rms_norm(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    xs.to_dtype(DType::BF16)?
+        .contiguous()?
+        .apply_op1_no_bwd(&RmsNormOp {
+            alpha: alpha.to_dtype(DType::F32)?,
+            eps,
+        })
+}
+
+struct SwiGluOp;
+
+impl CustomOp1 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "duplex-swiglu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("swiglu on the CPU is `nn::SwiGlu`")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "swiglu input")?;
+        let dims = layout.shape().dims();
+        let hidden = dims[dims.len() - 1] / 2;
+        let rows = layout.shape().elem_count() / (2 * hidden);
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * hidden)? };
+        let func = device.get_or_load_custom_func("swiglu_bf16", "duplex_norm", NORM_PTX)?;
+        let (rows_i, hidden_i) = (rows as i32, hidden as i32);
+        let mut builder = func.builder();
+        builder.arg(&xs).arg(&out).arg(&rows_i).arg(&hidden_i);
+        let blocks = (rows * hidden).div_ceil(256).min(65_535) as u32;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(config) }.w()?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("swiglu input has dims") = hidden;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from(out_dims),
+        ))
+    }
+}
+
+/// `silu(a) · b` for `[.., 2h]` bf16 input split as `[a, b]`.
+pub fn swiglu(xs: &Tensor) -> Result<Tensor> {
+    xs.to_dtype(DType::BF16)?
+        .contiguous()?
+        .apply_op1_no_bwd(&SwiGluOp)
+}
+
+struct TopK {
+    seeds: Tensor,
+    counters: Tensor,
+    k: usize,
+    temperature: f32,
+}
+
+impl CustomOp1 for TopK {
+    fn name(&self) -> &'static str {
+        "duplex-topk-sample"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("sampling on the CPU is `sampling::topk_reference`")
+    }
+
+    fn cuda_fwd(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "logits")?;
+        let (rows, vocab) = layout.shape().dims2()?;
+        let device = logits.device().clone();
+        let xs = logits
+            .as_cuda_slice::<f32>()?
+            .slice(layout.start_offset()..);
+        let (seed_storage, seed_layout) = self.seeds.storage_and_layout();
+        let (counter_storage, counter_layout) = self.counters.storage_and_layout();
+        let (candle_core::Storage::Cuda(seed_storage), candle_core::Storage::Cuda(counter_storage)) =
+            (&*seed_storage, &*counter_storage)
+        else {
+            candle_core::bail!("sampling state must be on the GPU")
+        };
+        let seeds = seed_storage
+            .as_cuda_slice::<i64>()?
+            .slice(seed_layout.start_offset()..);
+        let counters = counter_storage
+            .as_cuda_slice::<i64>()?
+            .slice(counter_layout.start_offset()..);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<u32>(rows)? };
+        let func =
+            device.get_or_load_custom_func("topk_sample_f32", "duplex_sampling", SAMPLING_PTX)?;
+        let (vocab_i, k_i, t) = (vocab as i32, self.k as i32, self.temperature);
+        let mut builder = func.builder();
+        builder
+            .arg(&xs)
+            .arg(&out)
+            .arg(&seeds)
+            .arg(&counters)
+            .arg(&vocab_i)
+            .arg(&k_i)
+            .arg(&t);
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature (i64 buffers are read as uint64).
+        unsafe { builder.launch(config) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
+    }
+}
+
+/// One token per row of `logits` (`[rows, vocab]` f32) by temperature + top-k, drawn from
+/// (`seeds[row]`, `counters[row]`) exactly as `sampling::topk_reference` draws on the CPU.
+pub fn topk_sample(
+    logits: &Tensor,
+    seeds: &Tensor,
+    counters: &Tensor,
+    k: usize,
+    temperature: f32,
+) -> Result<Tensor> {
+    let op = TopK {
+        seeds: seeds.to_dtype(DType::I64)?,
+        counters: counters.to_dtype(DType::I64)?,
+        k,
+        temperature,
+    };
+    logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&op)
+}

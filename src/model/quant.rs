@@ -1,0 +1,137 @@
+//! Weight-only int8 quantisation (w8a16): each output channel of a `[out, in]` weight is scaled
+//! by its largest magnitude / 127 and rounded. Activations stay in bf16/f32; products are summed
+//! in f32 and scaled at the end — on the GPU by the `w8a16` kernel, on the CPU by the reference
+//! here, which computes the same thing.
+
+use super::Result;
+use candle_core::{D, DType, Tensor};
+
+/// How the language model's large matrices are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quant {
+    /// As in the checkpoint (bf16 on the GPU, f32 on the CPU).
+    #[default]
+    None,
+    /// Weight-only int8 per output channel.
+    Int8,
+}
+
+/// An int8 weight: `q` holds two's-complement bytes `[out, in]` (candle has no i8 dtype), `scale`
+/// one f32 per output row.
+#[derive(Debug, Clone)]
+pub struct Int8Weight {
+    pub q: Tensor,
+    pub scale: Tensor,
+}
+
+impl Int8Weight {
+    pub fn out_features(&self) -> Result<usize> {
+        self.q.dim(0)
+    }
+
+    pub fn in_features(&self) -> Result<usize> {
+        self.q.dim(1)
+    }
+
+    /// The quantised values as f32 `[out, in]`.
+    pub fn values_f32(&self) -> Result<Tensor> {
+        let bytes: Vec<u8> = self.q.flatten_all()?.to_vec1()?;
+        let values: Vec<f32> = bytes.iter().map(|&b| f32::from(b as i8)).collect();
+        Tensor::from_vec(values, self.q.shape(), self.q.device())
+    }
+
+    /// `q · scale` in `dtype`, `[out, in]`.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        self.values_f32()?
+            .broadcast_mul(&self.scale.unsqueeze(1)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// Quantises a PyTorch-style `[out, in]` weight per output channel.
+pub fn quantize(weight: &Tensor) -> Result<Int8Weight> {
+    let w = weight
+        .to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?;
+    let (out, inp) = w.dims2()?;
+    let rows: Vec<Vec<f32>> = w.to_vec2()?;
+    let mut bytes = Vec::with_capacity(out * inp);
+    let mut scales = Vec::with_capacity(out);
+    for row in rows {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        bytes.extend(
+            row.iter()
+                .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+        );
+        scales.push(scale);
+    }
+    let device = weight.device();
+    Ok(Int8Weight {
+        q: Tensor::from_vec(bytes, (out, inp), device)?,
+        scale: Tensor::from_vec(scales, out, device)?,
+    })
+}
+
+/// The CPU reference of the w8a16 kernel: `y[.., n] = scale[n] · Σ_k x[.., k] · q[n, k]`,
+/// summed in f32, returned in `x`'s dtype. `q_t` is `values_f32()` transposed (`[in, out]`).
+pub fn w8a16_reference(xs: &Tensor, q_t: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let dims = xs.dims().to_vec();
+    let in_features = dims[dims.len() - 1];
+    let rows = xs.elem_count() / in_features;
+    let flat = xs.reshape((rows, in_features))?.to_dtype(DType::F32)?;
+    let out = flat.matmul(q_t)?.broadcast_mul(&scale.unsqueeze(0)?)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("a linear input has dims") = out.dim(D::Minus1)?;
+    out.reshape(out_dims)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn quantisation_round_trips_within_half_a_step() -> Result<()> {
+        let w = Tensor::randn(0f32, 0.05, (16, 64), &Device::Cpu)?;
+        let q = quantize(&w)?;
+        let back = q.dequantize(DType::F32)?;
+        let step = q.scale.unsqueeze(1)?.broadcast_as(w.shape())?;
+        let err = ((back - &w)?.abs()? / step)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(err <= 0.5 + 1e-4, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_reference_matches_a_dequantised_matmul() -> Result<()> {
+        let w = Tensor::randn(0f32, 0.05, (8, 32), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 32), &Device::Cpu)?;
+        let q = quantize(&w)?;
+        let got = w8a16_reference(&x, &q.values_f32()?.t()?.contiguous()?, &q.scale)?;
+        let want = x.matmul(&q.dequantize(DType::F32)?.t()?)?;
+        let err = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn zero_rows_do_not_divide_by_zero() -> Result<()> {
+        let q = quantize(&Tensor::zeros((2, 16), DType::F32, &Device::Cpu)?)?;
+        assert!(
+            q.dequantize(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| *v == 0.0)
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Our CUDA kernels against their CPU references. Built only with `--features cuda`; without a
+//! GPU each test says so and returns (CI compiles them; a GPU machine runs them).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use duplex::model::{cuda, quant, sampling};
+
+/// The first GPU, or `None` (with a note) when there is none.
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(err) => {
+            eprintln!("skipped: no GPU ({err})");
+            None
+        }
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
+    let Some(gpu) = gpu() else { return };
+    let weight = Tensor::randn(0f32, 0.05, (768, 1024), &Device::Cpu).unwrap();
+    let q = quant::quantize(&weight).unwrap();
+    let q_gpu = quant::Int8Weight {
+        q: q.q.to_device(&gpu).unwrap(),
+        scale: q.scale.to_device(&gpu).unwrap(),
+    };
+    let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
+    for batch in [1, 3, 8, 17, 64] {
+        let x = Tensor::randn(0f32, 1.0, (batch, 1024), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let want =
+            quant::w8a16_reference(&x.to_dtype(DType::F32).unwrap(), &values_t, &q.scale).unwrap();
+        let got = cuda::w8a16(&x.to_device(&gpu).unwrap(), &q_gpu).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff <= 0.01 * scale,
+            "batch {batch}: max |diff| {diff} (output scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn rms_norm_and_swiglu_match_the_cpu_layers() {
+    let Some(gpu) = gpu() else { return };
+    let x = Tensor::randn(0f32, 2.0, (5, 4096), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let alpha = Tensor::randn(1f32, 0.1, 4096, &Device::Cpu).unwrap();
+    let want = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &alpha, 1e-8).unwrap();
+    let got = cuda::rms_norm(
+        &x.to_device(&gpu).unwrap(),
+        &alpha.to_device(&gpu).unwrap(),
+        1e-8,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&got, &want) < 0.05, "rms norm");
+    let gated = Tensor::randn(0f32, 1.0, (3, 2 * 2816), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let f = gated.to_dtype(DType::F32).unwrap();
+    let want = (candle_nn::ops::silu(&f.narrow(1, 0, 2816).unwrap()).unwrap()
+        * f.narrow(1, 2816, 2816).unwrap())
+    .unwrap();
+    let got = cuda::swiglu(&gated.to_device(&gpu).unwrap()).unwrap();
+    assert!(max_abs_diff(&got, &want) < 0.05, "swiglu");
+}
+
+#[test]
+fn device_sampling_draws_what_the_cpu_reference_draws() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, vocab) = (64, 2048);
+    let logits = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu).unwrap();
+    let seeds: Vec<i64> = (0..rows as i64).map(|r| 1000 + r).collect();
+    let counters: Vec<i64> = (0..rows as i64).map(|r| 7 * r).collect();
+    let host: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+    for (k, temperature) in [(250, 0.8f32), (25, 0.7), (1, 0.8), (250, 0.0)] {
+        let got: Vec<u32> = cuda::topk_sample(
+            &logits.to_device(&gpu).unwrap(),
+            &Tensor::new(seeds.as_slice(), &gpu).unwrap(),
+            &Tensor::new(counters.as_slice(), &gpu).unwrap(),
+            k,
+            temperature,
+        )
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        let agree = (0..rows)
+            .filter(|&r| {
+                got[r] as usize
+                    == sampling::topk_reference(
+                        &host[r],
+                        k,
+                        temperature,
+                        seeds[r] as u64,
+                        counters[r] as u64,
+                    )
+            })
+            .count();
+        // exp/log may differ by an ulp between the GPU and the CPU; ties are rare.
+        assert!(
+            agree * 100 >= rows * 98,
+            "k {k}, t {temperature}: {agree}/{rows} rows agree"
+        );
+    }
+}
