@@ -1,13 +1,17 @@
-//! Transports: the HTTP server, WebRTC peers and their media loops. Everything a client sends
+//! Transports: the HTTP server, WebRTC peers and their media loops, the PersonaPlex/Moshi
+//! WebSocket protocol (`moshi_ws`) and the telephony media streams (`telephony`). Everything a client sends
 //! is checked here and turned into a session on the engine; nothing here touches tensors.
 
 mod error;
 pub mod jitter;
 pub mod media;
+pub mod moshi_ws;
+pub mod outbound;
 pub mod peer;
 pub mod ports;
 mod routes;
 pub mod sdp;
+pub mod telephony;
 
 pub use error::ApiError;
 pub use peer::PeerSettings;
@@ -112,6 +116,22 @@ impl AppState {
         });
         tracing::info!(session = %id, "session started");
         Ok((id, answer_sdp))
+    }
+
+    /// Registers a session run by a WebSocket transport, so DELETE and shutdown reach it;
+    /// returns the token that ends it. Pair with [`AppState::untrack`] when it ends.
+    pub fn track(&self, id: SessionId) -> CancellationToken {
+        let cancel = self.shutdown.child_token();
+        self.sessions
+            .lock()
+            .expect("session map lock")
+            .insert(id, cancel.clone());
+        cancel
+    }
+
+    /// Forgets a session registered with [`AppState::track`].
+    pub fn untrack(&self, id: SessionId) {
+        self.sessions.lock().expect("session map lock").remove(&id);
     }
 
     /// Ends session `id` (DELETE on its resource).
