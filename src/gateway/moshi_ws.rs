@@ -538,12 +538,10 @@ mod tests {
     }
 
     async fn next_binary(rx: &mut mpsc::UnboundedReceiver<Message>) -> Vec<u8> {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(3), rx.next()).await {
-                Ok(Some(Message::Binary(bytes))) => return bytes.to_vec(),
-                Ok(Some(other)) => panic!("unexpected {other:?}"),
-                _ => panic!("no message"),
-            }
+        match tokio::time::timeout(Duration::from_secs(3), rx.next()).await {
+            Ok(Some(Message::Binary(bytes))) => bytes.to_vec(),
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            _ => panic!("no message"),
         }
     }
 

@@ -661,13 +661,13 @@ where
 /// Converts between the wire rate and 24 kHz.
 enum RateIn {
     Same,
-    Three(Upsampler3),
+    Three(Box<Upsampler3>),
     Other(Box<StreamResampler>),
 }
 
 enum RateOut {
     Same,
-    Three(Downsampler3),
+    Three(Box<Downsampler3>),
     Other(Box<StreamResampler>),
 }
 
@@ -694,7 +694,7 @@ impl InboundAudio {
         check_rate(format.rate)?;
         let rate = match format.rate {
             SAMPLE_RATE => RateIn::Same,
-            8000 => RateIn::Three(Upsampler3::new()),
+            8000 => RateIn::Three(Box::default()),
             other => RateIn::Other(Box::new(
                 StreamResampler::new(other, SAMPLE_RATE).map_err(|e| e.to_string())?,
             )),
@@ -770,7 +770,7 @@ impl OutboundAudio {
         check_rate(format.rate)?;
         let rate = match format.rate {
             SAMPLE_RATE => RateOut::Same,
-            8000 => RateOut::Three(Downsampler3::new()),
+            8000 => RateOut::Three(Box::default()),
             other => RateOut::Other(Box::new(
                 StreamResampler::new(SAMPLE_RATE, other).map_err(|e| e.to_string())?,
             )),

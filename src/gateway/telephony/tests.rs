@@ -244,7 +244,7 @@ async fn talking_over_the_agent_sends_a_clear() {
         .collect();
     let mut ulaw = vec![0u8; tone.len()];
     g711::encode(Law::Mulaw, &tone, &mut ulaw);
-    let silence = vec![0xffu8; 160];
+    let silence = [0xffu8; 160];
     // 0.4 s of tone, 0.1 s of silence (the echo still plays), then the tone again.
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     for idx in 0..45 {
