@@ -134,6 +134,17 @@ impl AppState {
         self.sessions.lock().expect("session map lock").remove(&id);
     }
 
+    /// Like [`AppState::track`], returning a guard that forgets the session when dropped (also
+    /// when the task holding it never runs, e.g. a failed WebSocket upgrade).
+    pub fn track_guard(self: &Arc<Self>, id: SessionId) -> (CancellationToken, Tracked) {
+        let cancel = self.track(id);
+        let guard = Tracked {
+            state: self.clone(),
+            id,
+        };
+        (cancel, guard)
+    }
+
     /// Ends session `id` (DELETE on its resource).
     pub fn end_session(&self, id: SessionId) -> Result<(), ApiError> {
         let sessions = self.sessions.lock().expect("session map lock");
@@ -158,6 +169,18 @@ impl AppState {
                 "sessions still closing at shutdown"
             );
         }
+    }
+}
+
+/// Keeps a session in the server's registry until dropped.
+pub struct Tracked {
+    state: Arc<AppState>,
+    id: SessionId,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.state.untrack(self.id);
     }
 }
 

@@ -137,9 +137,8 @@ pub async fn chat(
         }
     };
     let id = session.id;
-    let cancel = state.track(id);
+    let (cancel, tracked) = state.track_guard(id);
     let task = ChatTask::new(session, &state, cancel);
-    let state_for_task = state.clone();
     upgrade
         .max_message_size(MAX_TRANSPORT_BYTES)
         .max_frame_size(MAX_TRANSPORT_BYTES)
@@ -147,7 +146,7 @@ pub async fn chat(
             let (sink, stream) = socket.split();
             let ending = run(sink, stream, task).await;
             tracing::info!(session = %id, ?ending, "chat ended");
-            state_for_task.untrack(id);
+            drop(tracked);
         })
         .into_response()
 }

@@ -360,13 +360,12 @@ where
     if let (Some(session), Some(format)) = (session, format) {
         let id = session.id;
         summary.session = Some(id);
-        let cancel = state.track(id);
+        let (cancel, _tracked) = state.track_guard(id);
         tracing::info!(provider = P::NAME, session = %id, stream = ?summary.stream_id, ?format, "call started");
         let mut call = match Call::new(session, format) {
             Ok(call) => call,
             Err(reason) => {
                 summary.ending = CallEnding::Refused { code: 1007, reason };
-                state.untrack(id);
                 let _ = finish(&mut sink, &summary.ending).await;
                 return summary;
             }
@@ -383,7 +382,6 @@ where
                 &state,
             )
             .await;
-        state.untrack(id);
         drop(call);
     }
     let _ = finish(&mut sink, &summary.ending).await;
