@@ -236,3 +236,30 @@ async fn admission_errors_come_before_the_upgrade() {
     drop(first);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_server_takes_the_token_in_the_query() {
+    let server = TestServer::start(ServerOptions {
+        token: Some("sesame".into()),
+        ..Default::default()
+    })
+    .await;
+    match tokio_tungstenite::connect_async(chat_url(&server, "voice_prompt=NATF0")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(chat_url(&server, "voice_prompt=NATF0&token=sesame"))
+            .await
+            .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, Message::Binary(vec![0x00].into()));
+    drop(socket);
+    server.stop().await;
+}

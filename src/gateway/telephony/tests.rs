@@ -266,3 +266,54 @@ async fn talking_over_the_agent_sends_a_clear() {
     assert!(h.task.await.unwrap().clears_sent >= 1);
     h.state.engine.shutdown();
 }
+
+#[tokio::test]
+async fn without_a_token_in_the_url_the_start_must_carry_it() {
+    let engine = EngineHandle::start(
+        EchoEngine::new(1, 1),
+        EngineConfig::default(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let config = GatewayConfig {
+        token: Some("sesame".into()),
+        ..Default::default()
+    };
+    let state = AppState::new(engine, config);
+    for (token, accepted) in [
+        (None, false),
+        (Some("wrong"), false),
+        (Some("sesame"), true),
+    ] {
+        let (to_bridge, stream) = mpsc::unbounded::<Result<Message, Infallible>>();
+        let (sink, mut from_bridge) = mpsc::unbounded();
+        let context = CallContext {
+            state: state.clone(),
+            authorized: false,
+        };
+        let task = tokio::spawn(run_call(Twilio::new(), sink, stream, context));
+        let mut start: serde_json::Value = serde_json::from_str(START).unwrap();
+        if let Some(token) = token {
+            start["start"]["customParameters"]["token"] = token.into();
+        }
+        to_bridge
+            .unbounded_send(Ok(Message::Text(start.to_string().into())))
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(3), from_bridge.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match first {
+            Message::Text(_) => assert!(accepted, "{token:?} was accepted"),
+            Message::Close(Some(frame)) => {
+                assert!(!accepted, "{token:?} was refused");
+                assert_eq!(frame.code, 1008);
+                assert!(frame.reason.contains("token"));
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(to_bridge);
+        task.await.unwrap();
+    }
+    state.engine.shutdown();
+}
