@@ -1,4 +1,4 @@
-//! The `duplex` command line: `serve` and `bench`.
+//! The `duplex` command line: `serve`, `local`, `offline`, `fetch` and `bench`.
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -34,6 +34,8 @@ struct Cli {
 enum Command {
     /// Serve the web page, WebRTC sessions and the HTTP API on one port.
     Serve(ServeArgs),
+    /// Talk to the agent through this machine's microphone and speaker, or through WAV files.
+    Local(LocalArgs),
     /// Run the model on a WAV file: the agent's audio as a WAV, and per-frame tokens as JSON.
     Offline(OfflineArgs),
     /// Download the model from the Hugging Face Hub into the standard cache.
@@ -155,6 +157,45 @@ struct DoctorArgs {
     model_dir: Option<PathBuf>,
     #[arg(long, default_value = DEFAULT_REPO)]
     repo: String,
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    /// Which engine answers.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineChoice,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Frames (80 ms each) the echo engine waits before returning the audio.
+    #[arg(long, default_value_t = 1)]
+    echo_delay_frames: usize,
+    /// Voice preset name (e.g. NATF0).
+    #[arg(long)]
+    voice: Option<String>,
+    /// Role prompt.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Microphone (a name from --list-devices, or part of one); the default device without it.
+    #[arg(long, conflicts_with = "input")]
+    input_device: Option<String>,
+    /// Speaker (a name from --list-devices, or part of one); the default device without it.
+    #[arg(long, conflicts_with = "output")]
+    output_device: Option<String>,
+    /// Print the sound devices and exit.
+    #[arg(long)]
+    list_devices: bool,
+    /// Turn echo cancellation off (use with headphones).
+    #[arg(long)]
+    no_aec: bool,
+    /// Read the user's side from this WAV file instead of the microphone.
+    #[arg(long, requires = "output")]
+    input: Option<PathBuf>,
+    /// Write the agent's side to this WAV file instead of the speaker (24 kHz mono).
+    #[arg(long, requires = "input")]
+    output: Option<PathBuf>,
+    /// With files: pace the input in real time (true) or run as fast as the engine steps (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    realtime: bool,
 }
 
 #[derive(Args)]
@@ -323,6 +364,7 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Local(args) => runtime.block_on(local(args)),
         Command::Offline(args) => offline(args),
         Command::Fetch(args) => runtime.block_on(fetch(args)),
         Command::Doctor(args) => doctor(args),
@@ -462,6 +504,92 @@ async fn start_personaplex(
     config.output_phase =
         (slowest + std::time::Duration::from_millis(5)).min(std::time::Duration::from_millis(75));
     start_engine(engine, config, metrics)
+}
+
+async fn local(args: LocalArgs) -> Result<()> {
+    if args.list_devices {
+        print!("{}", duplex::local::list_devices()?);
+        return Ok(());
+    }
+    let files = match args.engine {
+        EngineChoice::Echo => None,
+        EngineChoice::Personaplex => Some(ModelFiles::locate(
+            args.model.model_dir.as_deref(),
+            &args.model.repo,
+        )?),
+        EngineChoice::Auto => {
+            ModelFiles::locate(args.model.model_dir.as_deref(), &args.model.repo).ok()
+        }
+    };
+    let (model, delay) = (args.model.clone(), args.echo_delay_frames);
+    tokio::task::spawn_blocking(move || match files {
+        Some(files) => {
+            tracing::info!(dir = %files.dir.display(), "loading PersonaPlex (f32 on the CPU)");
+            let pipeline = Pipeline::load(&files, &model.pipeline_config())?;
+            let options = PersonaPlexOptions {
+                slots: 1,
+                sampling: model.sampling(),
+                seed: None,
+                model_name: model.repo.clone(),
+                pin_persona: model.pin_persona,
+            };
+            local_with(PersonaPlexEngine::new(pipeline, options)?, args)
+        }
+        None => {
+            tracing::warn!("no PersonaPlex weights: the echo engine answers");
+            local_with(EchoEngine::new(1, delay), args)
+        }
+    })
+    .await?
+}
+
+fn local_with(engine: impl Engine, args: LocalArgs) -> Result<()> {
+    let persona = PersonaRequest {
+        voice: args.voice,
+        prompt: args.prompt,
+    };
+    if let (Some(input), Some(output)) = (args.input, args.output) {
+        let options = duplex::local::FileOptions {
+            input,
+            output: output.clone(),
+            realtime: args.realtime,
+            persona,
+        };
+        let report = duplex::local::run_files(engine, &options)?;
+        tracing::info!(
+            frames = report.frames,
+            seconds = report.elapsed.as_secs_f32(),
+            output = %output.display(),
+            "done"
+        );
+        println!("{}", report.text.concat().trim());
+        return Ok(());
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_on_signal = stop.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        if let Ok(runtime) = runtime {
+            runtime.block_on(shutdown_signal());
+            stop_on_signal.store(true, std::sync::atomic::Ordering::Release);
+        }
+    });
+    let options = duplex::local::DeviceOptions {
+        input_device: args.input_device,
+        output_device: args.output_device,
+        aec: !args.no_aec,
+        persona,
+    };
+    let stats = duplex::local::run_devices(engine, &options, &stop, |piece| {
+        print!("{piece}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    tracing::info!(?stats, "stopped");
+    Ok(())
 }
 
 fn offline(args: OfflineArgs) -> Result<()> {

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub packets_lost: IntCounter,
     pub packets_recovered: IntCounter,
     pub packets_bad: IntCounter,
+    /// WebSocket transports (`/api/chat`, telephony): events by transport and kind — messages
+    /// ignored, bad input, DTMF digits, marks, clears.
+    pub transport_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -83,6 +86,17 @@ impl Metrics {
         registry
             .register(Box::new(stage_seconds.clone()))
             .expect("each metric registers once");
+        let transport_events = IntCounterVec::new(
+            Opts::new(
+                "duplex_transport_events_total",
+                "WebSocket transport events (ignored messages, bad input, dtmf, marks, clears), by transport and event",
+            ),
+            &["transport", "event"],
+        )
+        .expect("metric names are valid");
+        registry
+            .register(Box::new(transport_events.clone()))
+            .expect("each metric registers once");
         Self {
             sessions_opened: counter("sessions_opened_total", "Sessions opened"),
             sessions_vanished: counter(
@@ -128,7 +142,15 @@ impl Metrics {
             sessions_rejected,
             step_seconds,
             stage_seconds,
+            transport_events,
         }
+    }
+
+    /// Counts one `event` on `transport` (e.g. `("twilio", "dtmf")`).
+    pub fn transport_event(&self, transport: &str, event: &str) {
+        self.transport_events
+            .with_label_values(&[transport, event])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

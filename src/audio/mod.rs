@@ -1,7 +1,9 @@
-//! Audio primitives: the frame clock's units, the Opus codec, the session rings, WAV files and
-//! test signals. Nothing here knows about sessions, transports or tensors.
+//! Audio primitives: the frame clock's units, the Opus codec and its Ogg pages, G.711, resampling,
+//! the session rings, WAV files and test signals. Nothing here knows about sessions, transports or tensors.
 
+pub mod g711;
 pub mod loudness;
+pub mod ogg_opus;
 pub mod opus;
 pub mod resample;
 pub mod ring;

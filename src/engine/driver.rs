@@ -141,7 +141,10 @@ impl EngineHandle {
     }
 
     /// Admits a session with the persona `request` asks for. The returned handle receives
-    /// `SessionEvent::Ready` once the step loop has put the persona in place.
+    /// `SessionEvent::Ready` once the step loop has put the persona in place. The persona is
+    /// checked against the engine's catalog first (a voice is a name from the list, never a
+    /// path) and a slot is reserved atomically: a full engine answers [`OpenError::Full`].
+    /// See [`SessionHandle`] for a complete example.
     pub fn open_session(&self, request: &PersonaRequest) -> Result<SessionHandle, OpenError> {
         let persona = self.shared.info.catalog.resolve(request)?;
         self.reserve()?;

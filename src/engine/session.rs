@@ -113,8 +113,68 @@ impl Drop for SessionCloser {
     }
 }
 
-/// One conversation as a transport sees it. Move the fields into the tasks that need them;
-/// the session ends when `closer` is dropped.
+/// One conversation as a transport sees it — and the embedding API: every transport (WebRTC,
+/// `/api/chat`, telephony, local devices) ends in one of these, and so can any program.
+///
+/// Get one from [`EngineHandle::open_session`](super::EngineHandle::open_session), wait for
+/// [`SessionEvent::Ready`], then push the user's audio (24 kHz mono `f32`) into `input` and pop
+/// the agent's from `output` as the step loop produces it, one 80 ms frame per tick. Neither
+/// ring blocks: `push` returns what did not fit, `pop_exact` takes nothing until a whole buffer
+/// is there. Keep input flowing in real time (a transport pushes 20 ms at a time); the loop
+/// drops a backlog beyond about one frame and feeds silence when input is missing, counting
+/// both in `stats`. Move the fields into the tasks that need them; the session ends (its slot
+/// is freed at the next frame boundary) when `closer` — or the whole handle — is dropped.
+///
+/// ```
+/// use duplex::audio::FRAME_SAMPLES;
+/// use duplex::engine::{EchoEngine, EngineConfig, EngineHandle, PersonaRequest, SessionEvent};
+/// use duplex::metrics::Metrics;
+/// use std::sync::Arc;
+/// use std::time::{Duration, Instant};
+///
+/// // The echo engine answers with the user's own audio one frame (80 ms) later.
+/// let engine = EngineHandle::start(
+///     EchoEngine::new(4, 1),
+///     EngineConfig::default(),
+///     Arc::new(Metrics::new()),
+/// )?;
+/// let persona = PersonaRequest {
+///     voice: Some("NATF2".into()),
+///     prompt: Some("You are a friendly assistant.".into()),
+/// };
+/// let mut session = engine.open_session(&persona)?;
+/// assert_eq!(session.events.recv_timeout(Duration::from_secs(2))?, SessionEvent::Ready);
+///
+/// // One frame of a tone (a real client pushes 20 ms every 20 ms; more than about a frame
+/// // at once is a backlog the loop drops).
+/// let tone: Vec<f32> = (0..FRAME_SAMPLES).map(|i| 0.3 * (i as f32 * 0.05).sin()).collect();
+/// assert_eq!(session.input.push(&tone), 0, "everything fit");
+///
+/// // Pull the agent's audio frame by frame until the echo of the first frame arrives.
+/// let mut frame = vec![0.0; FRAME_SAMPLES];
+/// let deadline = Instant::now() + Duration::from_secs(2);
+/// let mut echoed = false;
+/// while !echoed && Instant::now() < deadline {
+///     if session.output.pop_exact(&mut frame) {
+///         echoed = frame == tone;
+///     } else {
+///         std::thread::sleep(Duration::from_millis(5));
+///     }
+/// }
+/// assert!(echoed);
+///
+/// // Text pieces and errors arrive as events; counters are in `stats`.
+/// while let Ok(event) = session.events.try_recv() {
+///     if let SessionEvent::Text(piece) = event {
+///         print!("{piece}");
+///     }
+/// }
+/// assert_eq!(session.stats.snapshot().frames, 1);
+///
+/// drop(session); // ends the conversation
+/// engine.shutdown();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct SessionHandle {
     pub id: SessionId,
     /// Push the user's 24 kHz mono audio here.

@@ -1,13 +1,17 @@
-//! Transports: the HTTP server, WebRTC peers and their media loops. Everything a client sends
+//! Transports: the HTTP server, WebRTC peers and their media loops, the PersonaPlex/Moshi
+//! WebSocket protocol (`moshi_ws`) and the telephony media streams (`telephony`). Everything a client sends
 //! is checked here and turned into a session on the engine; nothing here touches tensors.
 
 mod error;
 pub mod jitter;
 pub mod media;
+pub mod moshi_ws;
+pub mod outbound;
 pub mod peer;
 pub mod ports;
 mod routes;
 pub mod sdp;
+pub mod telephony;
 pub mod tls;
 
 pub use error::ApiError;
@@ -115,6 +119,33 @@ impl AppState {
         Ok((id, answer_sdp))
     }
 
+    /// Registers a session run by a WebSocket transport, so DELETE and shutdown reach it;
+    /// returns the token that ends it. Pair with [`AppState::untrack`] when it ends.
+    pub fn track(&self, id: SessionId) -> CancellationToken {
+        let cancel = self.shutdown.child_token();
+        self.sessions
+            .lock()
+            .expect("session map lock")
+            .insert(id, cancel.clone());
+        cancel
+    }
+
+    /// Forgets a session registered with [`AppState::track`].
+    pub fn untrack(&self, id: SessionId) {
+        self.sessions.lock().expect("session map lock").remove(&id);
+    }
+
+    /// Like [`AppState::track`], returning a guard that forgets the session when dropped (also
+    /// when the task holding it never runs, e.g. a failed WebSocket upgrade).
+    pub fn track_guard(self: &Arc<Self>, id: SessionId) -> (CancellationToken, Tracked) {
+        let cancel = self.track(id);
+        let guard = Tracked {
+            state: self.clone(),
+            id,
+        };
+        (cancel, guard)
+    }
+
     /// Ends session `id` (DELETE on its resource).
     pub fn end_session(&self, id: SessionId) -> Result<(), ApiError> {
         let sessions = self.sessions.lock().expect("session map lock");
@@ -139,6 +170,18 @@ impl AppState {
                 "sessions still closing at shutdown"
             );
         }
+    }
+}
+
+/// Keeps a session in the server's registry until dropped.
+pub struct Tracked {
+    state: Arc<AppState>,
+    id: SessionId,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.state.untrack(self.id);
     }
 }
 

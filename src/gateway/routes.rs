@@ -1,5 +1,5 @@
-//! HTTP routes: the page, signaling (`/api/offer`, `/api/sessions/{id}`), `/api/info`,
-//! `/health` and `/metrics`.
+//! HTTP routes: the page, signaling (`/api/offer`, `/api/sessions/{id}`), the WebSocket
+//! transports (`/api/chat`, `/telephony/*`), `/api/info`, `/health` and `/metrics`.
 
 use super::AppState;
 use super::error::ApiError;
@@ -41,6 +41,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/info", get(info))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/api/chat", get(super::moshi_ws::chat))
+        .merge(super::telephony::routes())
         .merge(signaling)
         .with_state(state)
 }
@@ -207,6 +209,23 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
+    }
+}
+
+/// Like [`authorize`], also accepting the token as a query parameter (WebSocket clients in
+/// browsers and telephony providers cannot set headers).
+pub(super) fn authorize_with_query(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<(), ApiError> {
+    match (&state.config.token, query_token) {
+        (Some(expected), Some(presented))
+            if constant_time_eq(presented.as_bytes(), expected.as_bytes()) =>
+        {
+            Ok(())
+        }
+        _ => authorize(state, headers),
     }
 }
 

@@ -192,3 +192,55 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
     }
     check()
 }
+
+/// The WebSocket URL of `path` on the test server.
+pub fn ws_url(server: &TestServer, path: &str) -> String {
+    format!("{}{path}", server.base_url.replacen("http://", "ws://", 1))
+}
+
+/// The resident set size of this process in KiB (Linux), for leak checks.
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Speech from espeak-ng converted by sox to raw G.711 at 8 kHz (`encoding` is sox's: `u-law`
+/// or `a-law`) or 16-bit little-endian PCM (`signed`) at `rate`; `None` where the tools are
+/// missing. sox does the conversion so the client side does not share the server's codecs.
+pub fn espeak_raw(text: &str, encoding: &str, rate: u32) -> Option<Vec<u8>> {
+    let dir = scratch_dir("speech-raw");
+    let raw = dir.join(format!("say-{encoding}-{rate}.wav"));
+    let out = dir.join(format!("say-{encoding}-{rate}.raw"));
+    let spoke = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "160", "-w"])
+        .arg(&raw)
+        .arg(text)
+        .status()
+        .ok()?;
+    let bits = if encoding == "signed" { "16" } else { "8" };
+    let converted = Command::new("sox")
+        .args(["-R", "-D"])
+        .arg(&raw)
+        .args([
+            "-r",
+            &rate.to_string(),
+            "-c",
+            "1",
+            "-e",
+            encoding,
+            "-b",
+            bits,
+            "-t",
+            "raw",
+        ])
+        .arg(&out)
+        .status()
+        .ok()?;
+    if !spoke.success() || !converted.success() {
+        return None;
+    }
+    std::fs::read(&out).ok()
+}
