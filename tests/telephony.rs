@@ -336,28 +336,6 @@ fn gaps_ms(times: &[Instant]) -> Vec<f64> {
         .collect()
 }
 
-/// The echo's correlation with what was sent: the mean over the voiced 500 ms segments of the
-/// best correlation within 0.5 s, each segment on its own lag (the input drop policy may
-/// shift the echo by a packet between segments), and the median lag in ms.
-fn echo_correlation(sent: &[f32], received: &[f32], rate: u32) -> (f32, f64) {
-    let segment = rate as usize / 2;
-    let max_lag = rate as usize / 2;
-    let mut found = Vec::new();
-    for start in (0..sent.len().saturating_sub(segment)).step_by(segment) {
-        let piece = &sent[start..start + segment];
-        if signal::rms(piece) < 0.02 || start >= received.len() {
-            continue;
-        }
-        let (lag, corr) = signal::best_lag(piece, &received[start..], max_lag);
-        found.push((corr, lag));
-    }
-    assert!(found.len() >= 3, "too little speech to compare");
-    let mean = found.iter().map(|f| f.0).sum::<f32>() / found.len() as f32;
-    let mut lags: Vec<usize> = found.iter().map(|f| f.1).collect();
-    lags.sort();
-    (mean, lags[lags.len() / 2] as f64 * 1000.0 / rate as f64)
-}
-
 async fn call_round_trip(flavor: Flavor) {
     let server = TestServer::start(ServerOptions::default()).await;
     let speech = flavor.speech();
@@ -399,7 +377,7 @@ async fn call_round_trip(flavor: Flavor) {
     );
 
     // The audio is the caller's, echoed.
-    let (corr, lag_ms) = echo_correlation(&record.sent, &record.received, flavor.rate());
+    let (corr, lag_ms) = common::echo_correlation(&record.sent, &record.received, flavor.rate());
     eprintln!("{flavor:?}: echo correlation {corr:.3}, lag {lag_ms:.0} ms");
     assert!(corr > 0.7, "correlation {corr}");
     assert!((40.0..400.0).contains(&lag_ms), "lag {lag_ms} ms");

@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{ServerOptions, TestServer, eventually, speech};
-use duplex::audio::{PACKET_SAMPLES, SAMPLE_RATE, signal};
+use duplex::audio::{PACKET_SAMPLES, SAMPLE_RATE};
 use duplex::bench::client::{ClientOptions, ClientPeer, Refused};
 use std::time::Duration;
 
@@ -28,9 +28,7 @@ async fn speech_comes_back_over_the_same_connection() {
     // Let the echo (about 200 ms behind) and the end-of-utterance text arrive.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let recording = client.recording();
-    let max_lag = SAMPLE_RATE as usize; // a generous functional bound: 1 s
-    let (lag, correlation) = signal::best_lag(&sent, &recording.pcm, max_lag);
-    let round_trip_ms = lag as f64 * 1000.0 / SAMPLE_RATE as f64;
+    let (correlation, round_trip_ms) = common::echo_correlation(&sent, &recording.pcm, SAMPLE_RATE);
     eprintln!("echo correlation {correlation:.3} at {round_trip_ms:.0} ms");
     assert!(
         correlation > 0.7,
@@ -87,7 +85,7 @@ async fn garbage_payloads_are_counted_and_the_session_goes_on() {
     let recording = client.recording();
     // The echo of the speech still arrives after the garbage.
     let tail = &recording.pcm[40 * PACKET_SAMPLES..];
-    let (_, correlation) = signal::best_lag(&sent, tail, SAMPLE_RATE as usize);
+    let (correlation, _) = common::echo_correlation(&sent, tail, SAMPLE_RATE);
     assert!(
         correlation > 0.7,
         "echo after garbage: correlation {correlation}"

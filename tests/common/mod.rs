@@ -244,3 +244,25 @@ pub fn espeak_raw(text: &str, encoding: &str, rate: u32) -> Option<Vec<u8>> {
     }
     std::fs::read(&out).ok()
 }
+
+/// The echo's correlation with what was sent: the mean over the voiced 500 ms segments of the
+/// best correlation within 0.5 s, each segment on its own lag (the input drop policy may
+/// shift the echo by a packet between segments), and the median lag in ms.
+pub fn echo_correlation(sent: &[f32], received: &[f32], rate: u32) -> (f32, f64) {
+    let segment = rate as usize / 2;
+    let max_lag = rate as usize / 2;
+    let mut found = Vec::new();
+    for start in (0..sent.len().saturating_sub(segment)).step_by(segment) {
+        let piece = &sent[start..start + segment];
+        if signal::rms(piece) < 0.02 || start >= received.len() {
+            continue;
+        }
+        let (lag, corr) = signal::best_lag(piece, &received[start..], max_lag);
+        found.push((corr, lag));
+    }
+    assert!(found.len() >= 3, "too little speech to compare");
+    let mean = found.iter().map(|f| f.0).sum::<f32>() / found.len() as f32;
+    let mut lags: Vec<usize> = found.iter().map(|f| f.1).collect();
+    lags.sort();
+    (mean, lags[lags.len() / 2] as f64 * 1000.0 / rate as f64)
+}
