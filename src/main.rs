@@ -78,7 +78,8 @@ struct ModelArgs {
 enum QuantArg {
     /// As in the checkpoint (bf16 on the GPU, f32 on the CPU).
     None,
-    /// Weight-only int8 per output channel.
+    /// Weight-only int8 per output channel: half the memory; faster than bf16 at batch 1-2 only
+    /// (docs/benchmarks.md).
     Int8,
 }
 

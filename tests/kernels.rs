@@ -42,7 +42,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
     let Some(gpu) = gpu() else { return };
-    let weight = Tensor::randn(0f32, 0.05, (768, 1024), &Device::Cpu).unwrap();
+    // 771 rows: a partial block and a partial group of four rows.
+    let weight = Tensor::randn(0f32, 0.05, (771, 1024), &Device::Cpu).unwrap();
     let q = quant::quantize(&weight).unwrap();
     let q_gpu = quant::Int8Weight {
         q: q.q.to_device(&gpu).unwrap(),
@@ -56,7 +57,6 @@ fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
             .unwrap();
         let want =
             quant::w8a16_reference(&x.to_dtype(DType::F32).unwrap(), &values_t, &q.scale).unwrap();
-        let got = cuda::w8a16(&x.to_device(&gpu).unwrap(), &q_gpu).unwrap();
         let scale = want
             .abs()
             .unwrap()
@@ -66,6 +66,7 @@ fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
+        let got = cuda::w8a16(&x.to_device(&gpu).unwrap(), &q_gpu).unwrap();
         let diff = max_abs_diff(&got, &want);
         assert!(
             diff <= 0.01 * scale,
@@ -137,6 +138,58 @@ fn device_sampling_draws_what_the_cpu_reference_draws() {
         assert!(
             agree * 100 >= rows * 98,
             "k {k}, t {temperature}: {agree}/{rows} rows agree"
+        );
+    }
+}
+
+#[test]
+fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
+    let Some(gpu) = gpu() else { return };
+    let weight = Tensor::randn(0f32, 0.05, (512, 768), &Device::Cpu).unwrap();
+    let on_cpu = quant::quantize(&weight).unwrap();
+    let on_gpu = quant::quantize(&weight.to_device(&gpu).unwrap()).unwrap();
+    let bytes = |q: &quant::Int8Weight| -> Vec<u8> {
+        let q = q.q.to_device(&Device::Cpu).unwrap();
+        q.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    assert_eq!(bytes(&on_cpu), bytes(&on_gpu));
+    assert_eq!(max_abs_diff(&on_cpu.scale, &on_gpu.scale), 0.0);
+}
+
+/// Not a test: times w8a16 against candle's bf16 matmul on the temporal transformer's largest
+/// matrix (4096 → 2 × 11264), for the GPU benchmark notes. `--ignored --nocapture` to run.
+#[test]
+#[ignore]
+fn w8a16_speed() {
+    let Some(gpu) = gpu() else { return };
+    let (n, k) = (2 * 11264, 4096);
+    let weight = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap();
+    let q = quant::quantize(&weight).unwrap();
+    let weight_t = weight.to_dtype(DType::BF16).unwrap().t().unwrap();
+    let time = |f: &dyn Fn() -> Tensor| {
+        f();
+        gpu.synchronize().unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..20 {
+            f();
+        }
+        gpu.synchronize().unwrap();
+        started.elapsed().as_secs_f64() * 1e6 / 20.0
+    };
+    for batch in [1, 8, 32] {
+        let x = Tensor::randn(0f32, 1.0, (batch, k), &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bf16_us = time(&|| x.matmul(&weight_t).unwrap());
+        eprintln!(
+            "batch {batch:>2}: bf16 matmul {bf16_us:>8.1} µs ({:.0} GB/s of weights)",
+            (n * k * 2) as f64 / bf16_us / 1e3
+        );
+        let int8_us = time(&|| cuda::w8a16(&x, &q).unwrap());
+        eprintln!(
+            "batch {batch:>2}: w8a16 {int8_us:>8.1} µs ({:.0} GB/s of weights)",
+            (n * k) as f64 / int8_us / 1e3
         );
     }
 }

@@ -171,7 +171,10 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         let started = Instant::now();
         let mut last = started;
         let mut times = [0f64; 4];
+        let device = &options.device;
         state.step(models, &input, &active, &mut output, &mut |stage| {
+            // GPU work is asynchronous: wait for the stage's kernels so the time is the stage's.
+            let _ = device.synchronize();
             let now = Instant::now();
             let idx = match stage {
                 Stage::Encode => 0,

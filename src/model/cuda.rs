@@ -14,7 +14,8 @@ const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
 /// Warps (output rows) per block of the w8a16 kernel.
-const W8A16_ROWS_PER_BLOCK: usize = 4;
+const W8A16_WARPS_PER_BLOCK: usize = 4;
+const W8A16_ROWS_PER_WARP: usize = 4;
 
 fn contiguous(layout: &Layout, what: &str) -> Result<()> {
     if !layout.is_contiguous() {
@@ -55,9 +56,9 @@ impl CustomOp3 for W8a16 {
         contiguous(q_layout, "w8a16 weight")?;
         let (rows, k) = x_layout.shape().dims2()?;
         let (n, k_w) = q_layout.shape().dims2()?;
-        if k != k_w || k % 16 != 0 {
+        if k != k_w || !k.is_multiple_of(16) || !x_layout.start_offset().is_multiple_of(8) {
             candle_core::bail!(
-                "w8a16: input width {k} vs weight {k_w} (must match and divide by 16)"
+                "w8a16: input width {k} vs weight {k_w} (must match and divide by 16; input 16-byte aligned)"
             );
         }
         let device = x.device().clone();
@@ -79,10 +80,10 @@ impl CustomOp3 for W8a16 {
             .arg(&batch)
             .arg(&n_i)
             .arg(&k_i);
-        let blocks = n.div_ceil(W8A16_ROWS_PER_BLOCK) as u32;
+        let blocks = n.div_ceil(W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP) as u32;
         let config = LaunchConfig {
             grid_dim: (blocks, 1, 1),
-            block_dim: (32 * W8A16_ROWS_PER_BLOCK as u32, 1, 1),
+            block_dim: (32 * W8A16_WARPS_PER_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.

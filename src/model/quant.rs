@@ -48,28 +48,21 @@ impl Int8Weight {
     }
 }
 
-/// Quantises a PyTorch-style `[out, in]` weight per output channel.
+/// Quantises a PyTorch-style `[out, in]` weight per output channel, on the weight's own device
+/// (a 7B model quantises in seconds on the GPU instead of a minute through host memory).
 pub fn quantize(weight: &Tensor) -> Result<Int8Weight> {
-    let w = weight
-        .to_dtype(DType::F32)?
-        .to_device(&candle_core::Device::Cpu)?;
-    let (out, inp) = w.dims2()?;
-    let rows: Vec<Vec<f32>> = w.to_vec2()?;
-    let mut bytes = Vec::with_capacity(out * inp);
-    let mut scales = Vec::with_capacity(out);
-    for row in rows {
-        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-        bytes.extend(
-            row.iter()
-                .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8),
-        );
-        scales.push(scale);
-    }
-    let device = weight.device();
+    let w = weight.to_dtype(DType::F32)?;
+    w.dims2()?;
+    let max = w.abs()?.max_keepdim(1)?;
+    let scale = max
+        .eq(0f64)?
+        .where_cond(&max.ones_like()?, &(max / 127.0)?)?;
+    let values = w.broadcast_div(&scale)?.round()?.clamp(-127f32, 127f32)?;
+    // Two's-complement bytes: -1 is stored as 255.
+    let wrapped = (values.lt(0f64)?.to_dtype(DType::F32)? * 256.0)?.add(&values)?;
     Ok(Int8Weight {
-        q: Tensor::from_vec(bytes, (out, inp), device)?,
-        scale: Tensor::from_vec(scales, out, device)?,
+        q: wrapped.to_dtype(DType::U8)?,
+        scale: scale.squeeze(1)?,
     })
 }
 
@@ -119,6 +112,19 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(err < 1e-5, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn bytes_are_rounded_twos_complement_with_the_row_maximum_at_127() -> Result<()> {
+        let rows = [[-2.0f32, -1.0, 0.25, 2.0], [0.5, -0.5, 0.251, -0.749]];
+        let q = quantize(&Tensor::new(&rows, &Device::Cpu)?)?;
+        let bytes: Vec<Vec<u8>> = q.q.to_vec2()?;
+        // Row 0: scale 2/127, so -1 → -63.5 → -64 (half away from zero) → 192.
+        assert_eq!(bytes[0], [129, 192, 16, 127]);
+        // Row 1: scale 0.749/127; ±0.5 → ±84.78 → ±85; -0.749 → -127 → 129.
+        assert_eq!(bytes[1], [85, 171, 43, 129]);
+        assert_eq!(q.scale.to_vec1::<f32>()?, [2.0 / 127.0, 0.749 / 127.0]);
         Ok(())
     }
 

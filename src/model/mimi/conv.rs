@@ -15,6 +15,10 @@ pub(super) fn select_rows(take: &[bool], new: &Tensor, old: &Tensor) -> Result<T
     if take.iter().all(|&t| t) {
         return Ok(new.clone());
     }
+    // An empty state (a convolution with nothing to carry): CUDA refuses zero-size launches.
+    if old.elem_count() == 0 {
+        return Ok(old.clone());
+    }
     if !take.iter().any(|&t| t) {
         return Ok(old.clone());
     }

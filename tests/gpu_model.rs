@@ -1,0 +1,177 @@
+//! The language model on the GPU against the PyTorch fixtures the CPU model already matches:
+//! teacher-forced logits and greedy token streams of the tiny checkpoint, in f32 and bf16.
+//! Built only with `--features cuda`; without a GPU each test says so and returns.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use duplex::model::checkpoint::Checkpoint;
+use duplex::model::config::LmConfig;
+use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
+use duplex::model::kv::RingPositions;
+use duplex::model::lm::{Column, LmModel};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(err) => {
+            eprintln!("skipped: no GPU ({err})");
+            None
+        }
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn load(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
+}
+
+fn tiny_model(dep_steps: usize, dtype: DType, device: &Device) -> LmModel {
+    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
+    let ckpt = Checkpoint::open(&fixtures().join("tiny/model.safetensors"), dtype, device).unwrap();
+    LmModel::load(&ckpt, &cfg, dep_steps).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    (a.flatten_all().unwrap() - b.flatten_all().unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn column(tokens: &Tensor, step: usize) -> Column {
+    let values: Vec<i64> = tokens.i((.., step)).unwrap().to_vec1().unwrap();
+    values.try_into().unwrap()
+}
+
+/// Worst text-logit difference against the fixture over the teacher-forced sequence.
+fn teacher_forced_logit_error(dtype: DType, device: &Device) -> f32 {
+    let fx = load("lm_parity.safetensors");
+    let model = tiny_model(16, dtype, device);
+    let positions = RingPositions::PersonaPlex;
+    let mut state = model
+        .transformer_state(1, model.config().context, positions)
+        .unwrap();
+    let mut worst = 0f32;
+    for step in 0..fx["input_tokens"].dim(1).unwrap() {
+        let emb = model
+            .embed_columns(&[column(&fx["input_tokens"], step)])
+            .unwrap();
+        let (_, logits) = model.temporal(&emb, &mut state, &[true]).unwrap();
+        worst = worst.max(max_diff(&logits, &fx["text_logits_pp"].i(step).unwrap()));
+    }
+    worst
+}
+
+#[test]
+fn teacher_forced_logits_on_the_gpu_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let f32_error = teacher_forced_logit_error(DType::F32, &gpu);
+    let bf16_error = teacher_forced_logit_error(DType::BF16, &gpu);
+    eprintln!(
+        "text logits on the GPU, max |diff| vs PyTorch: f32 {f32_error:e}, bf16 {bf16_error:e}"
+    );
+    assert!(f32_error < 1e-3, "f32 logits differ by {f32_error}");
+    // bf16 rounds weights and activations to 8 bits of mantissa: allow 5% of the largest logit.
+    let largest = load("lm_parity.safetensors")["text_logits_pp"]
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        bf16_error < 0.05 * largest,
+        "bf16 logits differ by {bf16_error} (largest logit {largest})"
+    );
+}
+
+#[test]
+fn greedy_tokens_on_the_gpu_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let fx = load("lm_greedy.safetensors");
+    let model = tiny_model(8, DType::F32, &gpu);
+    let positions = RingPositions::PersonaPlex;
+    let mut generator = Generator::new(&model, 1, model.config().context, positions).unwrap();
+    generator.open(0, 0, SamplingConfig::GREEDY);
+    let valid: Vec<i64> = fx["out_valid"].to_vec1().unwrap();
+    let mut compared = 0;
+    for frame in 0..fx["user_codes"].dim(1).unwrap() {
+        let user: Vec<i64> = fx["user_codes"].i((.., frame)).unwrap().to_vec1().unwrap();
+        let input = CallInput::Tokens(Forced {
+            user: Some(user.try_into().unwrap()),
+            ..Default::default()
+        });
+        let out = generator
+            .step(&model, &[Some(input)])
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        // Our call `frame` is the reference's call `frame - 1` (see tests/lm_parity.rs).
+        let Some(call) = frame.checked_sub(1).filter(|&call| valid[call] != 0) else {
+            continue;
+        };
+        let tokens = out.tokens.expect("output once the reference has one");
+        let want: Vec<i64> = fx["out_tokens_pp"]
+            .i((.., call))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(&tokens[..9], want.as_slice(), "frame {frame}");
+        compared += 1;
+    }
+    assert!(compared >= 45, "compared {compared} frames");
+}
+
+#[test]
+fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
+    use duplex::model::mimi::{Mimi, MimiConfig};
+    use duplex::model::pipeline::{Models, PipelineState};
+    let Some(gpu) = gpu() else { return };
+    // Random weights at Mimi's real codebook size (the tiny fixture's is smaller).
+    let cfg = LmConfig::preset("mid").unwrap();
+    let lm = LmModel::load(&Checkpoint::random("mid", DType::BF16, &gpu), &cfg, 8).unwrap();
+    let mimi_ckpt = Checkpoint::random("mimi", DType::F32, &gpu);
+    let mimi = Mimi::load(&mimi_ckpt, &MimiConfig::v0_1(), RingPositions::PersonaPlex).unwrap();
+    let models = Models {
+        lm: &lm,
+        mimi: &mimi,
+    };
+    let batch = 3;
+    let mut state = PipelineState::new(models, batch, RingPositions::PersonaPlex).unwrap();
+    for slot in 0..batch {
+        state
+            .open_fresh(slot, slot as u64, SamplingConfig::DEFAULT)
+            .unwrap();
+    }
+    let frame = duplex::audio::FRAME_SAMPLES;
+    let input: Vec<f32> = (0..batch * frame)
+        .map(|i| (i as f32 * 0.01).sin() * 0.3)
+        .collect();
+    let mut output = vec![0f32; batch * frame];
+    for step in 0..6 {
+        if step == 3 {
+            state.open_fresh(1, 7, SamplingConfig::DEFAULT).unwrap();
+        }
+        let active = [true, step % 2 == 0, true];
+        state
+            .step(models, &input, &active, &mut output, &mut |_| {})
+            .unwrap();
+        assert!(output.iter().all(|v| v.is_finite()), "step {step}");
+    }
+}
