@@ -10,6 +10,11 @@ which times the same config (plus Mimi, reported separately). Run on the GPU mac
     python3 tests/reference/bench_lm.py --dep-q 8  --batch 1     # Moshiko's depformer
     python3 tests/reference/bench_lm.py --dep-q 16 --batch 1     # PersonaPlex's depformer
 
+and on a CPU, against `duplex bench step --config mid` (d 1024, 8 layers, f32):
+
+    python3 tests/reference/bench_lm.py --device cpu --dtype float32 --dim 1024 --num-heads 16 \
+        --num-layers 8 --dep-q 8 --frames 50
+
 It needs torch with CUDA and `moshi` (0.2.x; `pip install --no-deps moshi` is enough: the LM path
 imports only torch, numpy and einops). Prints one JSON line: p50/p95/p99/max ms per frame after
 warm-up frames that also capture the graphs.
@@ -33,12 +38,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
 
 
-def build(dep_q: int, num_layers: int, device: str) -> LMModel:
+def build(args: argparse.Namespace) -> LMModel:
     kwargs = dict(loaders._lm_kwargs)
-    kwargs["dep_q"] = dep_q
-    kwargs["num_layers"] = num_layers
+    kwargs.update(dep_q=args.dep_q, num_layers=args.num_layers, dim=args.dim, num_heads=args.num_heads)
     torch.manual_seed(0)
-    model = LMModel(device=device, dtype=torch.bfloat16, **kwargs)
+    model = LMModel(device=args.device, dtype=getattr(torch, args.dtype), **kwargs)
     # Activations in range, as our random checkpoints are: N(0, 1/fan_in) for matrices.
     with torch.no_grad():
         for param in model.parameters():
@@ -53,12 +57,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--warm-up", type=int, default=5)
-    parser.add_argument("--num-layers", type=int, default=32, help="fewer for a smoke test")
+    parser.add_argument("--num-layers", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--num-heads", type=int, default=32)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 on a CPU")
     args = parser.parse_args()
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    model = build(args.dep_q, args.num_layers, args.device)
+    model = build(args)
     user_codebooks = model.num_codebooks - model.dep_q - 1
     lm_gen = LMGen(model, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25)
     times = []
@@ -79,6 +86,9 @@ def main() -> None:
                 "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
                 "dep_q": args.dep_q,
                 "num_layers": args.num_layers,
+                "dim": args.dim,
+                "dtype": args.dtype,
+                "threads": torch.get_num_threads(),
                 "batch": args.batch,
                 "frames": args.frames,
                 "p50": statistics.median(times),
