@@ -960,6 +960,29 @@ pub(crate) fn json(text: &str) -> Result<serde_json::Value, ProtocolError> {
     Ok(value)
 }
 
+/// The audio of a JSON `media` event (`media.payload`, base64); a track other than the caller's
+/// (`media.track` other than `inbound`, where the provider names tracks) is ignored.
+pub(crate) fn media_event(message: &serde_json::Value) -> Result<CallEvent, ProtocolError> {
+    if field(message, &["media", "track"]).is_some_and(|t| t != "inbound") {
+        return Ok(CallEvent::Ignored("media (outbound track)".into()));
+    }
+    let payload =
+        field(message, &["media", "payload"]).ok_or(ProtocolError::Missing("media.payload"))?;
+    Ok(CallEvent::Media(decode_payload(payload)?))
+}
+
+/// A JSON `dtmf` event's digit (`dtmf.digit`).
+pub(crate) fn dtmf_event(message: &serde_json::Value) -> Result<CallEvent, ProtocolError> {
+    let digit = field(message, &["dtmf", "digit"]).ok_or(ProtocolError::Missing("dtmf.digit"))?;
+    Ok(CallEvent::Dtmf(digit.to_owned()))
+}
+
+/// A JSON `mark` event's name (`mark.name`).
+pub(crate) fn mark_event(message: &serde_json::Value) -> Result<CallEvent, ProtocolError> {
+    let name = field(message, &["mark", "name"]).ok_or(ProtocolError::Missing("mark.name"))?;
+    Ok(CallEvent::Mark(name.to_owned()))
+}
+
 /// Checks a message's stream id against the started stream's.
 pub(crate) fn check_stream(
     started: &Option<String>,

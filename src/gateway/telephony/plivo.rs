@@ -6,8 +6,8 @@
 //! from `start.customParameters` or the `extra_headers` string (`key=value;…`).
 
 use super::{
-    CallEvent, Codec, Frame, ProtocolError, Provider, WireFormat, check_stream, decode_payload,
-    encode_payload, field, json, params,
+    CallEvent, Codec, Frame, ProtocolError, Provider, WireFormat, check_stream, dtmf_event,
+    encode_payload, field, json, media_event, params,
 };
 use crate::audio::g711::Law;
 use serde_json::json;
@@ -51,9 +51,7 @@ impl Provider for Plivo {
             }
             "media" => {
                 check_stream(&self.stream_id, id, "media")?;
-                let payload = field(&message, &["media", "payload"])
-                    .ok_or(ProtocolError::Missing("media.payload"))?;
-                Ok(CallEvent::Media(decode_payload(payload)?))
+                media_event(&message)
             }
             "checkpoint" => {
                 check_stream(&self.stream_id, id, "checkpoint")?;
@@ -67,9 +65,7 @@ impl Provider for Plivo {
             }
             "dtmf" => {
                 check_stream(&self.stream_id, id, "dtmf")?;
-                let digit = field(&message, &["dtmf", "digit"])
-                    .ok_or(ProtocolError::Missing("dtmf.digit"))?;
-                Ok(CallEvent::Dtmf(digit.to_owned()))
+                dtmf_event(&message)
             }
             "stop" => Ok(CallEvent::Stop),
             other => Ok(CallEvent::Ignored(other.to_owned())),

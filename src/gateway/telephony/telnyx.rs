@@ -4,8 +4,8 @@
 //! 24 kHz). Out: `media`, `mark`, `clear`.
 
 use super::{
-    CallEvent, Codec, Frame, ProtocolError, Provider, WireFormat, check_stream, decode_payload,
-    encode_payload, field, json, params,
+    CallEvent, Codec, Frame, ProtocolError, Provider, WireFormat, check_stream, dtmf_event,
+    encode_payload, field, json, mark_event, media_event, params,
 };
 use crate::audio::g711::Law;
 use serde_json::json;
@@ -45,24 +45,15 @@ impl Provider for Telnyx {
             }
             "media" => {
                 check_stream(&self.stream_id, id, "media")?;
-                if field(&message, &["media", "track"]).is_some_and(|t| t != "inbound") {
-                    return Ok(CallEvent::Ignored("media (outbound track)".into()));
-                }
-                let payload = field(&message, &["media", "payload"])
-                    .ok_or(ProtocolError::Missing("media.payload"))?;
-                Ok(CallEvent::Media(decode_payload(payload)?))
+                media_event(&message)
             }
             "mark" => {
                 check_stream(&self.stream_id, id, "mark")?;
-                let name = field(&message, &["mark", "name"])
-                    .ok_or(ProtocolError::Missing("mark.name"))?;
-                Ok(CallEvent::Mark(name.to_owned()))
+                mark_event(&message)
             }
             "dtmf" => {
                 check_stream(&self.stream_id, id, "dtmf")?;
-                let digit = field(&message, &["dtmf", "digit"])
-                    .ok_or(ProtocolError::Missing("dtmf.digit"))?;
-                Ok(CallEvent::Dtmf(digit.to_owned()))
+                dtmf_event(&message)
             }
             "stop" => Ok(CallEvent::Stop),
             "error" => {

@@ -4,8 +4,8 @@
 //! has played; this bridge answers a mark the same way.
 
 use super::{
-    CallEvent, Frame, ProtocolError, Provider, WireFormat, check_stream, decode_payload,
-    encode_payload, field, json, params,
+    CallEvent, Frame, ProtocolError, Provider, WireFormat, check_stream, dtmf_event,
+    encode_payload, field, json, mark_event, media_event, params,
 };
 use crate::audio::g711::Law;
 use serde_json::json;
@@ -43,25 +43,15 @@ impl Provider for Twilio {
             }
             "media" => {
                 check_stream(&self.stream_sid, sid, "media")?;
-                // Only the caller's track is audio for the agent.
-                if field(&message, &["media", "track"]).is_some_and(|t| t != "inbound") {
-                    return Ok(CallEvent::Ignored("media (outbound track)".into()));
-                }
-                let payload = field(&message, &["media", "payload"])
-                    .ok_or(ProtocolError::Missing("media.payload"))?;
-                Ok(CallEvent::Media(decode_payload(payload)?))
+                media_event(&message)
             }
             "mark" => {
                 check_stream(&self.stream_sid, sid, "mark")?;
-                let name = field(&message, &["mark", "name"])
-                    .ok_or(ProtocolError::Missing("mark.name"))?;
-                Ok(CallEvent::Mark(name.to_owned()))
+                mark_event(&message)
             }
             "dtmf" => {
                 check_stream(&self.stream_sid, sid, "dtmf")?;
-                let digit = field(&message, &["dtmf", "digit"])
-                    .ok_or(ProtocolError::Missing("dtmf.digit"))?;
-                Ok(CallEvent::Dtmf(digit.to_owned()))
+                dtmf_event(&message)
             }
             "stop" => Ok(CallEvent::Stop),
             other => Ok(CallEvent::Ignored(other.to_owned())),
