@@ -119,14 +119,7 @@ async fn the_official_protocol_echoes_speech_with_a_handshake_and_text() {
         text.contains("echo"),
         "the echo engine's text piece: {text:?}"
     );
-    assert!(
-        common::eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
 
@@ -197,14 +190,7 @@ async fn malformed_oversized_and_text_messages_get_a_clean_close() {
             >= 2
     );
     drop(socket);
-    assert!(
-        common::eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
 

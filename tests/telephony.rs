@@ -393,14 +393,7 @@ async fn call_round_trip(flavor: Flavor) {
     let events = &server.metrics.transport_events;
     let name = format!("{flavor:?}").to_lowercase();
     assert_eq!(events.with_label_values(&[&name, "dtmf"]).get(), 1);
-    assert!(
-        common::eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
 
@@ -529,14 +522,7 @@ async fn bad_input_gets_a_clean_close_or_is_counted() {
         .await
         .unwrap();
     drop(socket);
-    assert!(
-        common::eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
 
@@ -696,26 +682,12 @@ async fn twenty_calls_for_a_minute_then_memory_stays_flat_across_reconnects() {
     for idx in 0..20 {
         short_call(idx).await;
     }
-    assert!(
-        common::eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     let before = rss_kib().unwrap_or(0);
     for idx in 0..100 {
         short_call(1000 + idx).await;
     }
-    assert!(
-        common::eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     let after = rss_kib().unwrap_or(0);
     let growth_kib = after.saturating_sub(before);
     eprintln!("rss before {before} KiB, after 100 calls {after} KiB (+{growth_kib} KiB)");

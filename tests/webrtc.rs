@@ -57,14 +57,7 @@ async fn speech_comes_back_over_the_same_connection() {
     assert_eq!(stats["packets_bad"], 0);
 
     client.close().await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
 
@@ -134,14 +127,7 @@ async fn a_full_server_answers_503_with_retry_after() {
     );
     // Once the first leaves, the slot is free again.
     first.close().await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     ClientPeer::connect(options(&server))
         .await
         .unwrap()
@@ -236,14 +222,7 @@ async fn whip_offers_get_201_location_and_delete_ends_the_session() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    assert!(
-        eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 0)
-        .await
-    );
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     let again = http
         .delete(format!("{}{location}", server.base_url))
         .send()

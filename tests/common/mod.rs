@@ -98,6 +98,11 @@ impl TestServer {
         }
     }
 
+    /// Whether every session has left the engine within `limit`.
+    pub async fn sessions_end_within(&self, limit: Duration) -> bool {
+        eventually(limit, || self.state.engine.active_sessions() == 0).await
+    }
+
     /// Shuts down like SIGTERM would and returns how long it took.
     pub async fn stop(self) -> Duration {
         let started = std::time::Instant::now();
