@@ -1,12 +1,11 @@
 //! A session's life after the answer: the 20 ms send loop on the engine's clock grid, event
 //! forwarding to the data channel, and the end of the session (client gone, DELETE, shutdown).
 
+use super::outbound::{PacketSource, packet_ticker};
 use super::peer::Peer;
-use crate::audio::clock_grid;
 use crate::audio::opus::{EncoderConfig, OpusEncoder};
 use crate::audio::ring::OutputConsumer;
-use crate::audio::{PACKET_PERIOD, PACKET_SAMPLES, samples_to_ms};
-use crate::engine::clock::{BacklogTrim, TRIM_WINDOW_PACKETS, output_excess};
+use crate::audio::{PACKET_PERIOD, samples_to_ms};
 use crate::engine::session::SessionCloser;
 use crate::engine::{SessionEvent, SessionId, SessionStats};
 use crate::metrics::Metrics;
@@ -17,7 +16,6 @@ use serde_json::json;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use webrtc::data_channel::RTCDataChannelState;
 use webrtc::peer_connection::RTCPeerConnectionState;
@@ -78,10 +76,7 @@ pub async fn run(task: SessionTask) -> Ending {
     };
     let mut forwarder = EventForwarder::new(id, engine_name, events);
     let mut states = peer.states.clone();
-    let (origin, phase) = schedule;
-    let first_packet = clock_grid::next_after(origin + phase, PACKET_PERIOD, Instant::now());
-    let mut ticker = tokio::time::interval_at(first_packet.into(), PACKET_PERIOD);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut ticker = packet_ticker(schedule);
     let connect_deadline = tokio::time::Instant::now() + connect_timeout;
     let mut connected = false;
     let ending = loop {
@@ -114,28 +109,20 @@ pub async fn run(task: SessionTask) -> Ending {
     ending
 }
 
-/// Takes 20 ms of output per tick, encodes it and writes it to the track; silence when the
-/// engine has nothing yet.
+/// Takes 20 ms of output per tick (the WebSocket transports' [`PacketSource`]), encodes it and
+/// writes it to the track.
 struct OutboundAudio {
-    output: OutputConsumer,
+    source: PacketSource,
     encoder: OpusEncoder,
-    pcm: Vec<f32>,
     payload_type: Option<u8>,
-    started: bool,
-    trim: BacklogTrim,
 }
 
 impl OutboundAudio {
     fn new(output: OutputConsumer) -> Result<Self, crate::audio::opus::OpusError> {
-        let encoder = OpusEncoder::new(EncoderConfig::default())?;
-        let trim = BacklogTrim::new(TRIM_WINDOW_PACKETS);
         Ok(Self {
-            output,
-            encoder,
-            pcm: vec![0.0; PACKET_SAMPLES],
+            source: PacketSource::new(output),
+            encoder: OpusEncoder::new(EncoderConfig::default())?,
             payload_type: None,
-            started: false,
-            trim,
         })
     }
 
@@ -147,29 +134,19 @@ impl OutboundAudio {
         stats: &SessionStats,
         metrics: &Metrics,
     ) {
-        self.drop_output(output_excess(self.output.queued()), stats, metrics);
-        let backlog = if self.output.pop_exact(&mut self.pcm) {
-            self.started = true;
-            self.output.queued()
-        } else {
-            self.pcm.fill(0.0);
-            if self.started {
-                stats.add(&stats.output_underruns, 1);
-                metrics.output_underruns.inc();
-            }
-            0
-        };
-        if self.started {
-            let surplus = self.trim.observe(backlog);
-            self.drop_output(surplus, stats, metrics);
-        }
+        let Self {
+            source,
+            encoder,
+            payload_type,
+        } = self;
+        let pcm = source.next_packet(stats, metrics);
         if !connected {
             return;
         }
-        let Some(payload_type) = self.payload_type(peer).await else {
+        let Some(payload_type) = negotiated_payload_type(payload_type, peer).await else {
             return;
         };
-        let Ok(packet) = self.encoder.encode(&self.pcm) else {
+        let Ok(packet) = encoder.encode(pcm) else {
             return;
         };
         let sample = Sample {
@@ -184,27 +161,19 @@ impl OutboundAudio {
             .write_sample(&sample)
             .await;
     }
+}
 
-    fn drop_output(&mut self, count: usize, stats: &SessionStats, metrics: &Metrics) {
-        if count > 0 {
-            let dropped = self.output.skip(count) as u64;
-            stats.add(&stats.output_dropped_samples, dropped);
-            metrics.output_dropped_samples.inc_by(dropped);
-        }
+/// The payload type the client negotiated for Opus (known once the answer is applied), cached.
+async fn negotiated_payload_type(cached: &mut Option<u8>, peer: &Peer) -> Option<u8> {
+    if cached.is_none() {
+        let parameters = peer.sender.get_parameters().await.ok()?;
+        *cached = parameters
+            .rtp_parameters
+            .codecs
+            .first()
+            .map(|c| c.payload_type);
     }
-
-    /// The payload type the client negotiated for Opus (known once the answer is applied).
-    async fn payload_type(&mut self, peer: &Peer) -> Option<u8> {
-        if self.payload_type.is_none() {
-            let parameters = peer.sender.get_parameters().await.ok()?;
-            self.payload_type = parameters
-                .rtp_parameters
-                .codecs
-                .first()
-                .map(|c| c.payload_type);
-        }
-        self.payload_type
-    }
+    *cached
 }
 
 /// Turns session events and periodic stats into JSON messages on the `events` data channel.

@@ -1,5 +1,5 @@
-//! What every WebSocket transport shares on its way out: 20 ms of the agent's audio per tick of
-//! the engine's packet grid, with the same latency bound as the WebRTC path, and the ticker
+//! What every transport shares on its way out (WebRTC and the WebSocket ones): 20 ms of the
+//! agent's audio per tick of the engine's packet grid, one latency bound for all, and the ticker
 //! that paces it.
 
 use crate::audio::ring::OutputConsumer;
