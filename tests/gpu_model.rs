@@ -3,54 +3,15 @@
 //! Built only with `--features cuda`; without a GPU each test says so and returns.
 #![cfg(feature = "cuda")]
 
+mod tiny;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use duplex::model::checkpoint::Checkpoint;
 use duplex::model::config::LmConfig;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::{Column, LmModel};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(device) => Some(device),
-        Err(err) => {
-            eprintln!("skipped: no GPU ({err})");
-            None
-        }
-    }
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
-}
-
-fn tiny_model(dep_steps: usize, dtype: DType, device: &Device) -> LmModel {
-    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
-    let ckpt = Checkpoint::open(&fixtures().join("tiny/model.safetensors"), dtype, device).unwrap();
-    LmModel::load(&ckpt, &cfg, dep_steps).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    (a.flatten_all().unwrap() - b.flatten_all().unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use duplex::model::quant::Quant;
 
 fn column(tokens: &Tensor, step: usize) -> Column {
     let values: Vec<i64> = tokens.i((.., step)).unwrap().to_vec1().unwrap();
@@ -59,8 +20,8 @@ fn column(tokens: &Tensor, step: usize) -> Column {
 
 /// Worst text-logit difference against the fixture over the teacher-forced sequence.
 fn teacher_forced_logit_error(dtype: DType, device: &Device) -> f32 {
-    let fx = load("lm_parity.safetensors");
-    let model = tiny_model(16, dtype, device);
+    let fx = tiny::load("lm_parity.safetensors");
+    let model = tiny::model(16, dtype, device, Quant::None);
     let positions = RingPositions::PersonaPlex;
     let mut state = model
         .transformer_state(1, model.config().context, positions)
@@ -71,14 +32,17 @@ fn teacher_forced_logit_error(dtype: DType, device: &Device) -> f32 {
             .embed_columns(&[column(&fx["input_tokens"], step)])
             .unwrap();
         let (_, logits) = model.temporal(&emb, &mut state, &[true]).unwrap();
-        worst = worst.max(max_diff(&logits, &fx["text_logits_pp"].i(step).unwrap()));
+        worst = worst.max(tiny::max_abs_diff(
+            &logits,
+            &fx["text_logits_pp"].i(step).unwrap(),
+        ));
     }
     worst
 }
 
 #[test]
 fn teacher_forced_logits_on_the_gpu_match_the_reference() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     let f32_error = teacher_forced_logit_error(DType::F32, &gpu);
     let bf16_error = teacher_forced_logit_error(DType::BF16, &gpu);
     eprintln!(
@@ -86,7 +50,7 @@ fn teacher_forced_logits_on_the_gpu_match_the_reference() {
     );
     assert!(f32_error < 1e-3, "f32 logits differ by {f32_error}");
     // bf16 rounds weights and activations to 8 bits of mantissa: allow 5% of the largest logit.
-    let largest = load("lm_parity.safetensors")["text_logits_pp"]
+    let largest = tiny::load("lm_parity.safetensors")["text_logits_pp"]
         .abs()
         .unwrap()
         .flatten_all()
@@ -103,9 +67,9 @@ fn teacher_forced_logits_on_the_gpu_match_the_reference() {
 
 #[test]
 fn greedy_tokens_on_the_gpu_match_the_reference() {
-    let Some(gpu) = gpu() else { return };
-    let fx = load("lm_greedy.safetensors");
-    let model = tiny_model(8, DType::F32, &gpu);
+    let Some(gpu) = tiny::gpu() else { return };
+    let fx = tiny::load("lm_greedy.safetensors");
+    let model = tiny::model(8, DType::F32, &gpu, Quant::None);
     let positions = RingPositions::PersonaPlex;
     let mut generator = Generator::new(&model, 1, model.config().context, positions).unwrap();
     generator.open(0, 0, SamplingConfig::GREEDY);
@@ -142,7 +106,7 @@ fn greedy_tokens_on_the_gpu_match_the_reference() {
 fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
     use duplex::model::mimi::{Mimi, MimiConfig};
     use duplex::model::pipeline::{Models, PipelineState};
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     // Random weights at Mimi's real codebook size (the tiny fixture's is smaller).
     let cfg = LmConfig::preset("mid").unwrap();
     let lm = LmModel::load(&Checkpoint::random("mid", DType::BF16, &gpu), &cfg, 8).unwrap();

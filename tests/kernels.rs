@@ -2,46 +2,14 @@
 //! GPU each test says so and returns (CI compiles them; a GPU machine runs them).
 #![cfg(feature = "cuda")]
 
+mod tiny;
+
 use candle_core::{DType, Device, Tensor};
 use duplex::model::{cuda, quant, sampling};
 
-/// The first GPU, or `None` (with a note) when there is none.
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(device) => Some(device),
-        Err(err) => {
-            eprintln!("skipped: no GPU ({err})");
-            None
-        }
-    }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     // 771 rows: a partial block and a partial group of four rows.
     let weight = Tensor::randn(0f32, 0.05, (771, 1024), &Device::Cpu).unwrap();
     let q = quant::quantize(&weight).unwrap();
@@ -67,7 +35,7 @@ fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
             .to_scalar::<f32>()
             .unwrap();
         let got = cuda::w8a16(&x.to_device(&gpu).unwrap(), &q_gpu).unwrap();
-        let diff = max_abs_diff(&got, &want);
+        let diff = tiny::max_abs_diff(&got, &want);
         assert!(
             diff <= 0.01 * scale,
             "batch {batch}: max |diff| {diff} (output scale {scale})"
@@ -77,7 +45,7 @@ fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
 
 #[test]
 fn rms_norm_and_swiglu_match_the_cpu_layers() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     let x = Tensor::randn(0f32, 2.0, (5, 4096), &Device::Cpu)
         .unwrap()
         .to_dtype(DType::BF16)
@@ -90,7 +58,7 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
         1e-8,
     )
     .unwrap();
-    assert!(max_abs_diff(&got, &want) < 0.05, "rms norm");
+    assert!(tiny::max_abs_diff(&got, &want) < 0.05, "rms norm");
     let gated = Tensor::randn(0f32, 1.0, (3, 2 * 2816), &Device::Cpu)
         .unwrap()
         .to_dtype(DType::BF16)
@@ -100,12 +68,12 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
         * f.narrow(1, 2816, 2816).unwrap())
     .unwrap();
     let got = cuda::swiglu(&gated.to_device(&gpu).unwrap()).unwrap();
-    assert!(max_abs_diff(&got, &want) < 0.05, "swiglu");
+    assert!(tiny::max_abs_diff(&got, &want) < 0.05, "swiglu");
 }
 
 #[test]
 fn device_sampling_draws_what_the_cpu_reference_draws() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     let (rows, vocab) = (64, 2048);
     let logits = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu).unwrap();
     let seeds: Vec<i64> = (0..rows as i64).map(|r| 1000 + r).collect();
@@ -144,7 +112,7 @@ fn device_sampling_draws_what_the_cpu_reference_draws() {
 
 #[test]
 fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     let weight = Tensor::randn(0f32, 0.05, (512, 768), &Device::Cpu).unwrap();
     let on_cpu = quant::quantize(&weight).unwrap();
     let on_gpu = quant::quantize(&weight.to_device(&gpu).unwrap()).unwrap();
@@ -153,7 +121,7 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
         q.flatten_all().unwrap().to_vec1().unwrap()
     };
     assert_eq!(bytes(&on_cpu), bytes(&on_gpu));
-    assert_eq!(max_abs_diff(&on_cpu.scale, &on_gpu.scale), 0.0);
+    assert_eq!(tiny::max_abs_diff(&on_cpu.scale, &on_gpu.scale), 0.0);
 }
 
 /// Not a test: times w8a16 against candle's bf16 matmul on the temporal transformer's largest
@@ -161,7 +129,7 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
 #[test]
 #[ignore]
 fn w8a16_speed() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = tiny::gpu() else { return };
     let (n, k) = (2 * 11264, 4096);
     let weight = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap();
     let q = quant::quantize(&weight).unwrap();

@@ -1,44 +1,12 @@
 //! The language model against the PyTorch reference (fixtures from tests/reference): teacher-
 //! forced temporal logits, depformer logits with forced tokens, greedy token streams.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use duplex::model::checkpoint::Checkpoint;
-use duplex::model::config::LmConfig;
+mod tiny;
+
+use candle_core::{IndexOp, Tensor};
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
 use duplex::model::kv::RingPositions;
-use duplex::model::lm::{Column, LmModel};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
-}
-
-fn tiny_model(dep_steps: usize) -> LmModel {
-    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
-    let ckpt = Checkpoint::open(
-        &fixtures().join("tiny/model.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    LmModel::load(&ckpt, &cfg, dep_steps).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.flatten_all().unwrap() - b.flatten_all().unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use duplex::model::lm::Column;
 
 fn column(tokens: &Tensor, step: usize) -> Column {
     let values: Vec<i64> = tokens.i((.., step)).unwrap().to_vec1().unwrap();
@@ -46,8 +14,8 @@ fn column(tokens: &Tensor, step: usize) -> Column {
 }
 
 fn teacher_forced(positions: RingPositions, hidden_key: &str, logits_key: &str) {
-    let fx = load("lm_parity.safetensors");
-    let model = tiny_model(16);
+    let fx = tiny::load("lm_parity.safetensors");
+    let model = tiny::cpu_model(16);
     let mut state = model
         .transformer_state(1, model.config().context, positions)
         .unwrap();
@@ -57,10 +25,16 @@ fn teacher_forced(positions: RingPositions, hidden_key: &str, logits_key: &str) 
         let emb = model
             .embed_columns(&[column(&fx["input_tokens"], step)])
             .unwrap();
-        worst_emb = worst_emb.max(max_diff(&emb, &fx["emb_sum"].i(step).unwrap()));
+        worst_emb = worst_emb.max(tiny::max_abs_diff(&emb, &fx["emb_sum"].i(step).unwrap()));
         let (hidden, logits) = model.temporal(&emb, &mut state, &[true]).unwrap();
-        worst_hidden = worst_hidden.max(max_diff(&hidden, &fx[hidden_key].i(step).unwrap()));
-        worst_logits = worst_logits.max(max_diff(&logits, &fx[logits_key].i(step).unwrap()));
+        worst_hidden = worst_hidden.max(tiny::max_abs_diff(
+            &hidden,
+            &fx[hidden_key].i(step).unwrap(),
+        ));
+        worst_logits = worst_logits.max(tiny::max_abs_diff(
+            &logits,
+            &fx[logits_key].i(step).unwrap(),
+        ));
     }
     eprintln!(
         "{positions:?}: max |diff| embedding {worst_emb:e}, hidden {worst_hidden:e}, text logits {worst_logits:e}"
@@ -84,8 +58,8 @@ fn temporal_logits_match_with_exact_ring_positions() {
 
 #[test]
 fn depformer_logits_match_with_forced_tokens() {
-    let fx = load("lm_parity.safetensors");
-    let model = tiny_model(16);
+    let fx = tiny::load("lm_parity.safetensors");
+    let model = tiny::cpu_model(16);
     let steps: Vec<i64> = fx["dep_steps"].to_vec1().unwrap();
     let text: Vec<i64> = fx["dep_text_token"].to_vec1().unwrap();
     let forced: Vec<Vec<i64>> = fx["dep_forced_tokens"].to_vec2().unwrap();
@@ -108,7 +82,7 @@ fn depformer_logits_match_with_forced_tokens() {
                     (RingPositions::PersonaPlex, 15) => fx["dep_logits_pp_last"].i(idx).unwrap(),
                     _ => fx["dep_logits"].i((idx, k)).unwrap(),
                 };
-                worst = worst.max(max_diff(&logits, &expected));
+                worst = worst.max(tiny::max_abs_diff(&logits, &expected));
                 prev = forced_token;
             }
         }
@@ -124,8 +98,8 @@ fn user_frame(codes: &Tensor, frame: usize) -> [i64; 8] {
 
 /// PyPI LMGen (8 depformer steps) returns at call t what PersonaPlex returns at call t + 1.
 fn greedy_stream(positions: RingPositions, tokens_key: &str) {
-    let fx = load("lm_greedy.safetensors");
-    let model = tiny_model(8);
+    let fx = tiny::load("lm_greedy.safetensors");
+    let model = tiny::cpu_model(8);
     let mut generator = Generator::new(&model, 1, model.config().context, positions).unwrap();
     generator.open(0, 0, SamplingConfig::GREEDY);
     let frames = fx["user_codes"].dim(1).unwrap();

@@ -1,6 +1,8 @@
 //! `duplex offline` on the tiny checkpoint against the reference's end-to-end PersonaPlex run:
 //! user WAV → Mimi → voice preset, silences, role prompt → 40 live frames → Mimi → agent WAV.
 
+mod tiny;
+
 use candle_core::{Device, IndexOp, Tensor};
 use duplex::audio::wav;
 use duplex::model::kv::RingPositions;
@@ -8,14 +10,10 @@ use duplex::model::pipeline::PipelineConfig;
 use duplex::offline::{OfflineOptions, run};
 use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn options(out: &Path) -> OfflineOptions {
     OfflineOptions {
-        model_dir: Some(fixtures().join("tiny")),
-        input: fixtures().join("persona_user.wav"),
+        model_dir: Some(tiny::fixtures().join("tiny")),
+        input: tiny::fixtures().join("persona_user.wav"),
         output: out.join("agent.wav"),
         tokens: Some(out.join("tokens.json")),
         voice: Some("NATF0".into()),
@@ -41,9 +39,7 @@ fn scratch(name: &str) -> PathBuf {
 fn greedy_offline_run_matches_the_reference_tokens_and_audio() {
     let out = scratch("greedy");
     let report = run(&options(&out)).unwrap();
-    let reference =
-        candle_core::safetensors::load(fixtures().join("persona_greedy.safetensors"), &Device::Cpu)
-            .unwrap();
+    let reference = tiny::load("persona_greedy.safetensors");
     let user: Vec<Vec<i64>> = reference["user_codes"].t().unwrap().to_vec2().unwrap();
     let tokens: Vec<Vec<i64>> = reference["out_tokens_pp"].t().unwrap().to_vec2().unwrap();
     assert_eq!(report.frames.len(), 40);
@@ -150,7 +146,7 @@ fn bad_inputs_are_named() {
 fn a_voice_recording_can_be_the_voice_prompt() {
     let out = scratch("voice-wav");
     // The tiny model's window is 40 frames: a 0.4 s recording fits, 3.2 s does not.
-    let (pcm, rate) = wav::read_mono(&fixtures().join("persona_user.wav")).unwrap();
+    let (pcm, rate) = wav::read_mono(&tiny::fixtures().join("persona_user.wav")).unwrap();
     let short = out.join("voice.wav");
     wav::write_pcm16(&short, rate, &[&pcm[..9600]]).unwrap();
     let report = run(&OfflineOptions {
@@ -161,7 +157,7 @@ fn a_voice_recording_can_be_the_voice_prompt() {
     .unwrap();
     assert_eq!(report.frames.len(), 40);
     assert!(report.voice.unwrap().ends_with("voice.wav"));
-    let long = fixtures().join("persona_user.wav");
+    let long = tiny::fixtures().join("persona_user.wav");
     let err = run(&OfflineOptions {
         voice: None,
         voice_wav: Some(long),

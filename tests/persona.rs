@@ -1,9 +1,9 @@
 //! PersonaPlex's system prompt and live frames against the reference run (fixture
 //! `persona_greedy`): voice preset, silences, the role prompt, then 40 live frames, greedy.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use duplex::model::checkpoint::Checkpoint;
-use duplex::model::config::LmConfig;
+mod tiny;
+
+use candle_core::{Device, IndexOp, Tensor};
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::LmModel;
@@ -11,37 +11,24 @@ use duplex::model::persona::{VoicePrompt, prompt_calls, run_prompt};
 use duplex::model::tokenizer::{TextTokenizer, wrap_system_prompt};
 use duplex::model::voice::VoicePreset;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("persona_greedy.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn tiny_model(dep_steps: usize) -> LmModel {
-    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
-    let ckpt = Checkpoint::open(
-        &fixtures().join("tiny/model.safetensors"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    LmModel::load(&ckpt, &cfg, dep_steps).unwrap()
+    tiny::load("persona_greedy.safetensors")
 }
 
 fn voice() -> VoicePrompt {
-    let preset =
-        VoicePreset::load(&fixtures().join("tiny/voices/NATF0.pt"), 32, &Device::Cpu).unwrap();
+    let preset = VoicePreset::load(
+        &tiny::fixtures().join("tiny/voices/NATF0.pt"),
+        32,
+        &Device::Cpu,
+    )
+    .unwrap();
     VoicePrompt::Preset(Box::new(preset))
 }
 
 fn prompt_tokens() -> Vec<u32> {
     let tokenizer =
-        TextTokenizer::open(&fixtures().join("tiny/tokenizer_spm_32k_3.model")).unwrap();
+        TextTokenizer::open(&tiny::fixtures().join("tiny/tokenizer_spm_32k_3.model")).unwrap();
     tokenizer
         .encode(&wrap_system_prompt("You are a wise and friendly teacher."))
         .unwrap()
@@ -130,7 +117,7 @@ fn the_prompt_tokens_are_the_reference_ones() {
 #[test]
 fn prompt_then_live_frames_match_the_reference_with_all_16_depformer_steps() {
     for positions in [RingPositions::PersonaPlex, RingPositions::Exact] {
-        let model = tiny_model(16);
+        let model = tiny::cpu_model(16);
         let mut generator = Generator::new(&model, 1, model.config().context, positions).unwrap();
         generator.open(0, 0, SamplingConfig::GREEDY);
         run_prompt(&model, &mut generator, 0, &voice(), &prompt_tokens()).unwrap();
@@ -150,7 +137,7 @@ fn prompt_then_live_frames_match_the_reference_with_all_16_depformer_steps() {
 
 #[test]
 fn serving_with_8_depformer_steps_gives_the_same_agent_tokens() {
-    let model = tiny_model(8);
+    let model = tiny::cpu_model(8);
     let mut generator = Generator::new(
         &model,
         1,
@@ -167,7 +154,7 @@ fn serving_with_8_depformer_steps_gives_the_same_agent_tokens() {
 /// generator gives exactly the same live tokens as running the prompt in place.
 #[test]
 fn a_restored_prefill_snapshot_continues_exactly() {
-    let model = tiny_model(8);
+    let model = tiny::cpu_model(8);
     let (voice, text) = (voice(), prompt_tokens());
     let mut prefill = Generator::new(
         &model,
@@ -197,7 +184,7 @@ fn a_restored_prefill_snapshot_continues_exactly() {
 /// that the prompt stays in attention, so the model's outputs differ from the reference's.
 #[test]
 fn pinning_the_persona_changes_nothing_until_the_window_slides() {
-    let model = tiny_model(8);
+    let model = tiny::cpu_model(8);
     let (voice, text) = (voice(), prompt_tokens());
     let run = |pin: bool| {
         let mut generator = Generator::new(

@@ -1,33 +1,16 @@
 //! Weight-only int8 (w8a16) against full precision on the tiny model: the text logits of a
 //! teacher-forced stream stay within a bound of the bf16 and f32 models' logits.
 
+mod tiny;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
-use duplex::model::checkpoint::Checkpoint;
-use duplex::model::config::LmConfig;
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::{Column, LmModel};
 use duplex::model::quant::Quant;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn model(dtype: DType, quant: Quant) -> LmModel {
-    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
-    let ckpt = Checkpoint::open(
-        &fixtures().join("tiny/model.safetensors"),
-        dtype,
-        &Device::Cpu,
-    )
-    .unwrap();
-    LmModel::load_quantized(&ckpt, &cfg, 8, quant).unwrap()
-}
 
 /// Text logits (f32) of each step of the fixture's teacher-forced stream.
 fn logits(model: &LmModel) -> Vec<Tensor> {
-    let fx = candle_core::safetensors::load(fixtures().join("lm_parity.safetensors"), &Device::Cpu)
-        .unwrap();
+    let fx = tiny::load("lm_parity.safetensors");
     let tokens = &fx["input_tokens"];
     let mut state = model
         .transformer_state(1, model.config().context, RingPositions::PersonaPlex)
@@ -83,9 +66,9 @@ fn relative_error(a: &[Tensor], b: &[Tensor]) -> f32 {
 
 #[test]
 fn int8_logits_stay_close_to_bf16_and_f32() {
-    let full = logits(&model(DType::F32, Quant::None));
-    let bf16 = logits(&model(DType::BF16, Quant::None));
-    let int8 = logits(&model(DType::F32, Quant::Int8));
+    let full = logits(&tiny::model(8, DType::F32, &Device::Cpu, Quant::None));
+    let bf16 = logits(&tiny::model(8, DType::BF16, &Device::Cpu, Quant::None));
+    let int8 = logits(&tiny::model(8, DType::F32, &Device::Cpu, Quant::Int8));
     let (bf16_err, int8_err) = (relative_error(&bf16, &full), relative_error(&int8, &full));
     let int8_vs_bf16 = relative_error(&int8, &bf16);
     eprintln!(

@@ -1,0 +1,63 @@
+//! What the model tests share: the committed fixtures (made by `reference/make_fixtures.py`), the
+//! tiny checkpoint built from them, tensor differences, and the GPU when there is one.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use duplex::model::checkpoint::Checkpoint;
+use duplex::model::config::LmConfig;
+use duplex::model::lm::LmModel;
+use duplex::model::quant::Quant;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The tensors of fixture file `name`, on the CPU.
+pub fn load(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).unwrap()
+}
+
+/// The tiny checkpoint's language model running `dep_steps` depformer steps.
+pub fn model(dep_steps: usize, dtype: DType, device: &Device, quant: Quant) -> LmModel {
+    let cfg = LmConfig::from_file(&fixtures().join("tiny/config.json")).unwrap();
+    let ckpt = Checkpoint::open(&fixtures().join("tiny/model.safetensors"), dtype, device).unwrap();
+    LmModel::load_quantized(&ckpt, &cfg, dep_steps, quant).unwrap()
+}
+
+/// The tiny model in f32 on the CPU, as the parity tests run it.
+pub fn cpu_model(dep_steps: usize) -> LmModel {
+    model(dep_steps, DType::F32, &Device::Cpu, Quant::None)
+}
+
+/// Largest |a - b| over all elements, whatever the two tensors' devices and dtypes.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let on_cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    };
+    (on_cpu(a) - on_cpu(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The first GPU, or `None` (with a note) when there is none.
+pub fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(err) => {
+            eprintln!("skipped: no GPU ({err})");
+            None
+        }
+    }
+}
