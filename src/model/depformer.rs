@@ -3,7 +3,7 @@
 
 use super::Result;
 use super::checkpoint::lm::DepformerWeights;
-use super::kv::{RingKv, RingPositions, attention};
+use super::kv::{RingCache, RingPositions, RingShape, attention};
 use super::nn::{Linear, RmsNorm, SwiGlu};
 use super::quant::Quant;
 use super::transformer::RMS_EPS;
@@ -33,7 +33,7 @@ pub struct Depformer {
 
 /// The per-frame KV state of the depformer, one row per slot; reset at every frame.
 pub struct DepformerState {
-    kv: Vec<RingKv>,
+    cache: RingCache,
 }
 
 impl Depformer {
@@ -93,20 +93,16 @@ impl Depformer {
         dtype: DType,
         device: &Device,
     ) -> Result<DepformerState> {
-        let kv = (0..self.norms.len())
-            .map(|_| {
-                RingKv::new(
-                    batch,
-                    self.heads,
-                    self.cache_steps,
-                    self.head_dim,
-                    dtype,
-                    device,
-                    positions,
-                )
-            })
-            .collect::<Result<_>>()?;
-        Ok(DepformerState { kv })
+        let shape = RingShape {
+            layers: self.norms.len(),
+            batch,
+            heads: self.heads,
+            capacity: self.cache_steps,
+            head_dim: self.head_dim,
+        };
+        Ok(DepformerState {
+            cache: RingCache::new(shape, dtype, device, positions)?,
+        })
     }
 
     /// Runs step `k` for every slot: `hidden` `[batch, temporal_dim]`, `prev` the previous
@@ -122,8 +118,8 @@ impl Depformer {
         let step = &self.steps[k];
         let batch = hidden.dim(0)?;
         let mut xs = (step.input.forward(hidden)? + embed(&step.emb, prev)?)?.unsqueeze(1)?;
-        for ((layer, (norm1, norm2)), kv) in
-            step.layers.iter().zip(&self.norms).zip(state.kv.iter_mut())
+        let ring_step = state.cache.begin(1, active)?;
+        for (layer_idx, (layer, (norm1, norm2))) in step.layers.iter().zip(&self.norms).enumerate()
         {
             let h = norm1.forward(&xs)?;
             let qkv =
@@ -137,7 +133,9 @@ impl Depformer {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let attend = kv.append(&split(1)?, &split(2)?, active)?;
+            let attend = state
+                .cache
+                .append(layer_idx, &ring_step, &split(1)?, &split(2)?)?;
             let out = attention(&split(0)?, &attend)?
                 .transpose(1, 2)?
                 .reshape((batch, 1, ()))?;
@@ -151,7 +149,7 @@ impl Depformer {
 impl DepformerState {
     /// Forgets the previous frame (the depformer attends within one frame only).
     pub fn reset(&mut self) {
-        self.kv.iter_mut().for_each(RingKv::reset_all);
+        self.cache.reset_all();
     }
 }
 

@@ -3,11 +3,14 @@
 //! Each layer keeps one `[batch, heads, capacity, head_dim]` buffer for keys and one for values;
 //! slot `b` writes its `n`-th token at ring index `n % capacity`. Shapes never change, so a
 //! step can be replayed, and a slot is reset by forgetting its count. Which ring entries a query
-//! may see is decided from the counts alone (the additive mask), as in the reference.
+//! may see is decided from the counts alone (the additive mask), as in the reference. All layers
+//! advance together, so a step's write indices, mask and rotations are built once (`begin`) and
+//! every layer reuses them (`append`): one upload per step instead of one per layer.
 
 use super::Result;
-use super::nn::Rope;
+use super::nn::{Rope, RopeTables};
 use candle_core::{D, DType, Device, Tensor};
+use std::ops::Range;
 
 /// How a full ring labels its oldest entry — the one difference between the two references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,50 +31,88 @@ pub struct Attend {
     pub mask: Tensor,
 }
 
-/// The keys and values one slot holds, copied out so a persona prefill can be restored later.
+/// The keys and values one slot holds in every layer, copied out so a persona prefill can be
+/// restored later.
 #[derive(Debug, Clone)]
 pub struct SlotKv {
-    k: Tensor,
-    v: Tensor,
+    layers: Vec<(Tensor, Tensor)>,
     end: u64,
 }
 
-/// One layer's ring cache for a batch of slots.
+/// What one step writes and sees, worked out once and shared by every layer.
+pub struct RingStep {
+    /// Where each slot writes its first new token and the ring indices that turn over for it;
+    /// `None` for a slot that sits the step out.
+    writes: Vec<Option<(usize, Range<usize>)>>,
+    /// Ring entries read (the filled part, all of it once a slot has wrapped).
+    len: usize,
+    /// The absolute position of every new token, `[slot][token]`.
+    positions: Vec<Vec<u64>>,
+    mask: Tensor,
+    /// The longest pinned prefix and the rotation that moves each slot's prefix up to its window.
+    pinned_rotation: Option<(usize, RopeTables)>,
+}
+
+impl RingStep {
+    /// The absolute positions of the step's tokens, `[slot][token]` (RoPE's input).
+    pub fn positions(&self) -> &[Vec<u64>] {
+        &self.positions
+    }
+}
+
+/// The ring caches of one transformer: a key and a value buffer per layer, one row per slot.
 ///
 /// A slot may pin a prefix (its persona prompt): the first `pinned` entries are never
 /// overwritten, the ring turns over the rest, and once the window has slid past the prefix the
 /// prefix keys are rotated forward (RoPE rotations compose) so they sit just before the oldest
 /// key in the window — always within the distances the model was trained on.
 #[derive(Debug, Clone)]
-pub struct RingKv {
-    k: Tensor,
-    v: Tensor,
+pub struct RingCache {
+    layers: Vec<(Tensor, Tensor)>,
     ends: Vec<u64>,
     pinned: Vec<usize>,
     capacity: usize,
     positions: RingPositions,
     rope: Option<Rope>,
+    dtype: DType,
+    device: Device,
 }
 
-impl RingKv {
+/// The shape of a `RingCache`.
+#[derive(Debug, Clone, Copy)]
+pub struct RingShape {
+    pub layers: usize,
+    pub batch: usize,
+    pub heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+impl RingCache {
     pub fn new(
-        batch: usize,
-        heads: usize,
-        capacity: usize,
-        head_dim: usize,
+        shape: RingShape,
         dtype: DType,
         device: &Device,
         positions: RingPositions,
     ) -> Result<Self> {
-        let shape = (batch, heads, capacity, head_dim);
+        let dims = (shape.batch, shape.heads, shape.capacity, shape.head_dim);
+        let layers = (0..shape.layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(dims, dtype, device)?,
+                    Tensor::zeros(dims, dtype, device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
-            k: Tensor::zeros(shape, dtype, device)?,
-            v: Tensor::zeros(shape, dtype, device)?,
-            ends: vec![0; batch],
-            pinned: vec![0; batch],
-            capacity,
+            layers,
+            ends: vec![0; shape.batch],
+            pinned: vec![0; shape.batch],
+            capacity: shape.capacity,
             positions,
             rope: None,
+            dtype,
+            device: device.clone(),
         })
     }
 
@@ -116,10 +157,15 @@ impl RingKv {
         self.pinned.fill(0);
     }
 
-    /// Writes `k`/`v` `[batch, heads, time, head_dim]` for every active slot (each advances by
-    /// `time`) and returns what the new queries attend to.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor, active: &[bool]) -> Result<Attend> {
-        let time = k.dim(2)?;
+    /// Starts a step of `time` tokens: every active slot advances by `time`. The returned plan
+    /// says where each layer's `append` writes and what its queries see.
+    pub fn begin(&mut self, time: usize, active: &[bool]) -> Result<RingStep> {
+        let positions = self
+            .ends
+            .iter()
+            .map(|&end| (end..end + time as u64).collect())
+            .collect();
+        let mut writes = vec![None; self.ends.len()];
         for slot_idx in (0..self.ends.len()).filter(|&b| active[b]) {
             let region = self.pinned[slot_idx]..self.capacity;
             if time >= region.len() {
@@ -130,23 +176,39 @@ impl RingKv {
             }
             let start = region.start
                 + ((self.ends[slot_idx] - region.start as u64) % region.len() as u64) as usize;
-            write_ring(
-                &self.k,
-                &k.narrow(0, slot_idx, 1)?,
-                slot_idx,
-                start,
-                region.clone(),
-            )?;
-            write_ring(&self.v, &v.narrow(0, slot_idx, 1)?, slot_idx, start, region)?;
+            writes[slot_idx] = Some((start, region));
             self.ends[slot_idx] += time as u64;
         }
         let len = self.visible_len();
-        let mask = self.mask(time, len, active, k.device())?;
-        let keys = self.k.narrow(2, 0, len)?;
+        Ok(RingStep {
+            writes,
+            len,
+            positions,
+            mask: self.mask(time, len, active)?,
+            pinned_rotation: self.pinned_rotation()?,
+        })
+    }
+
+    /// Writes layer `layer`'s `k`/`v` `[batch, heads, time, head_dim]` where `step` says and
+    /// returns what its queries attend to.
+    pub fn append(&self, layer: usize, step: &RingStep, k: &Tensor, v: &Tensor) -> Result<Attend> {
+        let (ring_k, ring_v) = &self.layers[layer];
+        for (slot_idx, write) in step.writes.iter().enumerate() {
+            let Some((start, region)) = write else {
+                continue;
+            };
+            write_ring(ring_k, &k.narrow(0, slot_idx, 1)?, slot_idx, *start, region)?;
+            write_ring(ring_v, &v.narrow(0, slot_idx, 1)?, slot_idx, *start, region)?;
+        }
+        let keys = ring_k.narrow(2, 0, step.len)?;
+        let keys = match &step.pinned_rotation {
+            Some((longest, rotation)) => rotate_prefix(keys, *longest, rotation)?,
+            None => keys,
+        };
         Ok(Attend {
-            k: self.shift_pinned(keys)?,
-            v: self.v.narrow(2, 0, len)?,
-            mask,
+            k: keys,
+            v: ring_v.narrow(2, 0, step.len)?,
+            mask: step.mask.clone(),
         })
     }
 
@@ -160,14 +222,15 @@ impl RingKv {
         }
     }
 
-    /// The keys with every pinned prefix rotated to sit just before its window.
-    fn shift_pinned(&self, keys: Tensor) -> Result<Tensor> {
+    /// The rotation that moves every pinned prefix to sit just before its window, when any has
+    /// to move.
+    fn pinned_rotation(&self) -> Result<Option<(usize, RopeTables)>> {
         let Some(rope) = &self.rope else {
-            return Ok(keys);
+            return Ok(None);
         };
         let longest = self.pinned.iter().copied().max().unwrap_or(0);
         if longest == 0 || (0..self.ends.len()).all(|b| self.pin_shift(b) == 0) {
-            return Ok(keys);
+            return Ok(None);
         }
         let positions: Vec<Vec<u64>> = (0..self.ends.len())
             .map(|b| {
@@ -182,9 +245,8 @@ impl RingKv {
                     .collect()
             })
             .collect();
-        let prefix = rope.apply(&keys.narrow(2, 0, longest)?, &positions)?;
-        let rest = keys.narrow(2, longest, keys.dim(2)? - longest)?;
-        Tensor::cat(&[&prefix, &rest], 2)
+        let tables = rope.tables(&positions, self.dtype, &self.device)?;
+        Ok(Some((longest, tables)))
     }
 
     /// Ring entries any slot has written (all of them once one slot has wrapped).
@@ -193,7 +255,7 @@ impl RingKv {
         (longest.min(self.capacity as u64) as usize).max(1)
     }
 
-    fn mask(&self, time: usize, len: usize, active: &[bool], device: &Device) -> Result<Tensor> {
+    fn mask(&self, time: usize, len: usize, active: &[bool]) -> Result<Tensor> {
         let mut mask = vec![0f32; self.ends.len() * time * len];
         for (slot_idx, rows) in mask.chunks_exact_mut(time * len).enumerate() {
             if !active[slot_idx] {
@@ -210,7 +272,7 @@ impl RingKv {
                 }
             }
         }
-        Tensor::from_vec(mask, (self.ends.len(), 1, time, len), device)
+        Tensor::from_vec(mask, (self.ends.len(), 1, time, len), &self.device)?.to_dtype(self.dtype)
     }
 
     /// Whether ring entry `ring_idx` is visible to a query at `query_pos` after `end` writes,
@@ -234,7 +296,7 @@ impl RingKv {
         !(self.positions == RingPositions::PersonaPlex && oldest_of_full_ring)
     }
 
-    /// Copies what slot `slot_idx` holds (its filled entries only).
+    /// Copies what slot `slot_idx` holds in every layer (its filled entries only).
     pub fn save_slot(&self, slot_idx: usize) -> Result<SlotKv> {
         let end = self.ends[slot_idx];
         let len = (end.min(self.capacity as u64) as usize).max(1);
@@ -243,21 +305,38 @@ impl RingKv {
                 .narrow(2, 0, len)?
                 .force_contiguous()
         };
-        Ok(SlotKv {
-            k: take(&self.k)?,
-            v: take(&self.v)?,
-            end,
-        })
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((take(k)?, take(v)?)))
+            .collect::<Result<_>>()?;
+        Ok(SlotKv { layers, end })
     }
 
     /// Puts a saved slot back, possibly into another slot index.
     pub fn restore_slot(&mut self, slot_idx: usize, saved: &SlotKv) -> Result<()> {
-        self.k.narrow(0, slot_idx, 1)?.slice_set(&saved.k, 2, 0)?;
-        self.v.narrow(0, slot_idx, 1)?.slice_set(&saved.v, 2, 0)?;
+        if saved.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "a saved slot of {} layers does not fit a cache of {}",
+                saved.layers.len(),
+                self.layers.len()
+            );
+        }
+        for ((k, v), (saved_k, saved_v)) in self.layers.iter().zip(&saved.layers) {
+            k.narrow(0, slot_idx, 1)?.slice_set(saved_k, 2, 0)?;
+            v.narrow(0, slot_idx, 1)?.slice_set(saved_v, 2, 0)?;
+        }
         self.ends[slot_idx] = saved.end;
         self.pinned[slot_idx] = 0;
         Ok(())
     }
+}
+
+/// `keys` with their first `longest` entries rotated by `rotation`.
+fn rotate_prefix(keys: Tensor, longest: usize, rotation: &RopeTables) -> Result<Tensor> {
+    let prefix = rotation.apply(&keys.narrow(2, 0, longest)?)?;
+    let rest = keys.narrow(2, longest, keys.dim(2)? - longest)?;
+    Tensor::cat(&[&prefix, &rest], 2)
 }
 
 /// Writes `new` `[1, heads, time, head_dim]` into row `slot_idx` of `ring` from `start`,
@@ -267,7 +346,7 @@ fn write_ring(
     new: &Tensor,
     slot_idx: usize,
     start: usize,
-    region: std::ops::Range<usize>,
+    region: &Range<usize>,
 ) -> Result<()> {
     let time = new.dim(2)?;
     let row = ring.narrow(0, slot_idx, 1)?;
@@ -301,21 +380,19 @@ mod tests {
 
     const HEAD_DIM: usize = 2;
 
-    fn ring(capacity: usize, positions: RingPositions) -> RingKv {
-        RingKv::new(
-            2,
-            1,
+    fn ring(capacity: usize, positions: RingPositions) -> RingCache {
+        let shape = RingShape {
+            layers: 1,
+            batch: 2,
+            heads: 1,
             capacity,
-            HEAD_DIM,
-            DType::F32,
-            &Device::Cpu,
-            positions,
-        )
-        .unwrap()
+            head_dim: HEAD_DIM,
+        };
+        RingCache::new(shape, DType::F32, &Device::Cpu, positions).unwrap()
     }
 
     /// Writes `time` tokens whose key components all equal their position, for slot 0 only.
-    fn write(ring: &mut RingKv, time: usize) -> Attend {
+    fn write(ring: &mut RingCache, time: usize) -> Attend {
         let start = ring.end(0) as f32;
         let values: Vec<f32> = (0..2 * time * HEAD_DIM)
             .map(|i| {
@@ -327,7 +404,8 @@ mod tests {
             })
             .collect();
         let k = Tensor::from_vec(values, (2, 1, time, HEAD_DIM), &Device::Cpu).unwrap();
-        ring.append(&k, &k, &[true, false]).unwrap()
+        let step = ring.begin(time, &[true, false]).unwrap();
+        ring.append(0, &step, &k, &k).unwrap()
     }
 
     /// The positions (first key component) visible to each query of slot 0.
@@ -415,13 +493,14 @@ mod tests {
         let saved = r.save_slot(0).unwrap();
         r.restore_slot(1, &saved).unwrap();
         assert_eq!(r.end(1), 3);
-        let keys =
-            r.k.narrow(0, 1, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+        let keys = r.layers[0]
+            .0
+            .narrow(0, 1, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(&keys[..3 * HEAD_DIM], &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
     }
 
@@ -445,7 +524,7 @@ mod tests {
         assert_eq!(seen, 5, "2 pinned + 3 in the ring");
         // The pinned keys were rotated by the slide (12 − 6 = 6 positions).
         let keys = with_pin.k.narrow(0, 0, 1)?.narrow(2, 0, 2)?;
-        let stored = pinned.k.narrow(0, 0, 1)?.narrow(2, 0, 2)?;
+        let stored = pinned.layers[0].0.narrow(0, 0, 1)?.narrow(2, 0, 2)?;
         let expected = rope.apply(&stored, &[vec![6, 6]])?;
         let diff = (keys - expected)?
             .abs()?
@@ -469,10 +548,18 @@ mod tests {
 
     #[test]
     fn attention_averages_visible_values() -> Result<()> {
-        let mut r = RingKv::new(1, 1, 4, 1, DType::F32, &Device::Cpu, RingPositions::Exact)?;
+        let shape = RingShape {
+            layers: 1,
+            batch: 1,
+            heads: 1,
+            capacity: 4,
+            head_dim: 1,
+        };
+        let mut r = RingCache::new(shape, DType::F32, &Device::Cpu, RingPositions::Exact)?;
         let kv = Tensor::new(&[0f32, 0.0], &Device::Cpu)?.reshape((1, 1, 2, 1))?;
         let vals = Tensor::new(&[2f32, 4.0], &Device::Cpu)?.reshape((1, 1, 2, 1))?;
-        let attend = r.append(&kv, &vals, &[true])?;
+        let step = r.begin(2, &[true])?;
+        let attend = r.append(0, &step, &kv, &vals)?;
         let q = Tensor::zeros((1, 1, 2, 1), DType::F32, &Device::Cpu)?;
         let out = attention(&q, &attend)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(out, vec![2.0, 3.0]);

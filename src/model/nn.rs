@@ -2,7 +2,7 @@
 
 use super::Result;
 use super::quant::{Int8Weight, Quant, quantize, w8a16_reference};
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
 /// `x · wᵀ` for a weight stored PyTorch-style as `[out, in]`; `x` may have any leading dims.
 pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -191,7 +191,18 @@ impl Rope {
 
     /// Rotates `xs` `[b, h, t, d]`; `positions[b][t]` is the absolute position of each token.
     pub fn apply(&self, xs: &Tensor, positions: &[Vec<u64>]) -> Result<Tensor> {
-        let (batch, _heads, time, _dim) = xs.dims4()?;
+        self.tables(positions, xs.dtype(), xs.device())?.apply(xs)
+    }
+
+    /// The cos/sin tables of `positions[b][t]`, built once and applied to any number of tensors
+    /// (queries, keys, every layer).
+    pub fn tables(
+        &self,
+        positions: &[Vec<u64>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<RopeTables> {
+        let (batch, time) = (positions.len(), positions.first().map_or(0, Vec::len));
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(batch * time * half);
         let mut sin = Vec::with_capacity(batch * time * half);
@@ -204,17 +215,30 @@ impl Rope {
                 }
             }
         }
-        let device = xs.device();
-        let cos = Tensor::from_vec(cos, (batch, time, half), device)?.to_dtype(xs.dtype())?;
-        let sin = Tensor::from_vec(sin, (batch, time, half), device)?.to_dtype(xs.dtype())?;
-        candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &cos, &sin)
+        Ok(RopeTables {
+            cos: Tensor::from_vec(cos, (batch, time, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (batch, time, half), device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// Interleaved RoPE rotations for one step's positions, `[b, t, d/2]` each.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    /// Rotates `xs` `[b, h, t, d]` (its `b` and `t` those the tables were built for).
+    pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &self.cos, &self.sin)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn linear_matches_a_hand_computation() -> Result<()> {

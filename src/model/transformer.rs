@@ -3,8 +3,8 @@
 
 use super::Result;
 use super::checkpoint::lm::TemporalLayerWeights;
-use super::kv::{RingKv, RingPositions, SlotKv, attention};
-use super::nn::{Linear, RmsNorm, Rope, SwiGlu};
+use super::kv::{RingCache, RingPositions, RingShape, RingStep, SlotKv, attention};
+use super::nn::{Linear, RmsNorm, Rope, RopeTables, SwiGlu};
 use super::quant::Quant;
 use candle_core::{DType, Device, Tensor};
 
@@ -27,16 +27,16 @@ pub struct Transformer {
     rope: Rope,
 }
 
-/// Streaming state: one ring cache per layer, one row per slot.
+/// Streaming state: the ring caches of every layer, one row per slot.
 #[derive(Clone)]
 pub struct TransformerState {
-    kv: Vec<RingKv>,
+    cache: RingCache,
 }
 
 /// One slot's state, copied out (a persona prefill snapshot).
 #[derive(Clone)]
 pub struct TransformerSlot {
-    kv: Vec<SlotKv>,
+    kv: SlotKv,
 }
 
 impl Transformer {
@@ -77,21 +77,16 @@ impl Transformer {
         dtype: DType,
         device: &Device,
     ) -> Result<TransformerState> {
-        let kv = (0..self.layers.len())
-            .map(|_| {
-                let kv = RingKv::new(
-                    batch,
-                    self.heads,
-                    capacity,
-                    self.head_dim,
-                    dtype,
-                    device,
-                    positions,
-                )?;
-                Ok(kv.with_pinning(self.rope.clone()))
-            })
-            .collect::<Result<_>>()?;
-        Ok(TransformerState { kv })
+        let shape = RingShape {
+            layers: self.layers.len(),
+            batch,
+            heads: self.heads,
+            capacity,
+            head_dim: self.head_dim,
+        };
+        let cache =
+            RingCache::new(shape, dtype, device, positions)?.with_pinning(self.rope.clone());
+        Ok(TransformerState { cache })
     }
 
     /// Runs `xs` `[batch, time, dim]` through every layer; each active slot advances by `time`.
@@ -103,13 +98,14 @@ impl Transformer {
     ) -> Result<Tensor> {
         let _span = tracing::trace_span!("temporal").entered();
         let (_, time, _) = xs.dims3()?;
-        let positions: Vec<Vec<u64>> = (0..active.len())
-            .map(|b| (0..time as u64).map(|t| state.position(b) + t).collect())
-            .collect();
+        let step = state.cache.begin(time, active)?;
+        let rope = self
+            .rope
+            .tables(step.positions(), xs.dtype(), xs.device())?;
         let mut xs = xs.clone();
-        for (layer, kv) in self.layers.iter().zip(state.kv.iter_mut()) {
-            let attended =
-                self.attend(layer, &layer.norm1.forward(&xs)?, kv, &positions, active)?;
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            let normed = layer.norm1.forward(&xs)?;
+            let attended = self.attend(layer_idx, &normed, &state.cache, &step, &rope)?;
             xs = (xs + attended)?;
             xs = (&xs + layer.ffn.forward(&layer.norm2.forward(&xs)?)?)?;
         }
@@ -118,12 +114,13 @@ impl Transformer {
 
     fn attend(
         &self,
-        layer: &Layer,
+        layer_idx: usize,
         xs: &Tensor,
-        kv: &mut RingKv,
-        positions: &[Vec<u64>],
-        active: &[bool],
+        cache: &RingCache,
+        step: &RingStep,
+        rope: &RopeTables,
     ) -> Result<Tensor> {
+        let layer = &self.layers[layer_idx];
         let (batch, time, dim) = xs.dims3()?;
         // b, t, (3 h d) -> 3 × (b, h, t, d)
         let qkv =
@@ -132,10 +129,10 @@ impl Transformer {
                 .forward(xs)?
                 .reshape((batch, time, 3, self.heads, self.head_dim))?;
         let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
-        let q = self.rope.apply(&split(0)?, positions)?;
-        let k = self.rope.apply(&split(1)?, positions)?;
+        let q = rope.apply(&split(0)?)?;
+        let k = rope.apply(&split(1)?)?;
         let v = split(2)?.contiguous()?;
-        let attend = kv.append(&k, &v, active)?;
+        let attend = cache.append(layer_idx, step, &k, &v)?;
         let out = attention(&q, &attend)?
             .transpose(1, 2)?
             .reshape((batch, time, dim))?;
@@ -146,35 +143,26 @@ impl Transformer {
 impl TransformerState {
     /// Frames slot `slot_idx` has seen (the position of its next frame).
     pub fn position(&self, slot_idx: usize) -> u64 {
-        self.kv.first().map_or(0, |kv| kv.end(slot_idx))
+        self.cache.end(slot_idx)
     }
 
     pub fn reset_slot(&mut self, slot_idx: usize) {
-        self.kv.iter_mut().for_each(|kv| kv.reset_slot(slot_idx));
+        self.cache.reset_slot(slot_idx);
     }
 
     /// Keeps everything slot `slot_idx` has seen so far (its persona) in attention for good.
     pub fn pin_prefix(&mut self, slot_idx: usize) -> Result<()> {
         let len = self.position(slot_idx) as usize;
-        self.kv
-            .iter_mut()
-            .try_for_each(|kv| kv.pin_prefix(slot_idx, len))
+        self.cache.pin_prefix(slot_idx, len)
     }
 
     pub fn save_slot(&self, slot_idx: usize) -> Result<TransformerSlot> {
         Ok(TransformerSlot {
-            kv: self
-                .kv
-                .iter()
-                .map(|kv| kv.save_slot(slot_idx))
-                .collect::<Result<_>>()?,
+            kv: self.cache.save_slot(slot_idx)?,
         })
     }
 
     pub fn restore_slot(&mut self, slot_idx: usize, saved: &TransformerSlot) -> Result<()> {
-        for (kv, layer) in self.kv.iter_mut().zip(&saved.kv) {
-            kv.restore_slot(slot_idx, layer)?;
-        }
-        Ok(())
+        self.cache.restore_slot(slot_idx, &saved.kv)
     }
 }

@@ -1,14 +1,14 @@
 //! Mimi's encoder/decoder transformer: pre-norm layers with LayerNorm, causal RoPE attention over
 //! a window of `context` frames, a GELU FFN and layer scales, in conv layout (`[b, d, t]`).
 //!
-//! Streaming runs over one `RingKv` per layer (capacity = context); the non-streaming path
+//! Streaming runs over a `RingCache` (capacity = context); the non-streaming path
 //! attends over the whole sequence with the same window, like the reference without a cache.
 
 use crate::model::Result;
 use crate::model::checkpoint::mimi::TransformerLayerWeights;
-use crate::model::kv::{Attend, RingKv, RingPositions, attention};
+use crate::model::kv::{Attend, RingCache, RingPositions, RingShape, attention};
 use crate::model::mimi::MimiConfig;
-use crate::model::nn::{LayerNorm, Rope};
+use crate::model::nn::{LayerNorm, Rope, RopeTables};
 use candle_core::{Device, Tensor};
 
 const LAYER_NORM_EPS: f32 = 1e-5;
@@ -72,15 +72,17 @@ pub(super) struct Transformer {
 /// The ring caches of one transformer, a row per slot.
 #[derive(Debug)]
 pub(super) struct TransformerState {
-    rings: Vec<RingKv>,
+    /// `None` for a stack without layers.
+    cache: Option<RingCache>,
 }
 
 impl TransformerState {
     pub fn reset(&mut self, reset: &[bool]) {
-        for ring in &mut self.rings {
-            for (slot_idx, _) in reset.iter().enumerate().filter(|(_, r)| **r) {
-                ring.reset_slot(slot_idx);
-            }
+        let Some(cache) = &mut self.cache else {
+            return;
+        };
+        for (slot_idx, _) in reset.iter().enumerate().filter(|(_, r)| **r) {
+            cache.reset_slot(slot_idx);
         }
     }
 }
@@ -133,25 +135,19 @@ impl Transformer {
 
     pub fn state(&self, batch: usize) -> Result<TransformerState> {
         let Some(first) = self.layers.first() else {
-            return Ok(TransformerState { rings: vec![] });
+            return Ok(TransformerState { cache: None });
         };
         let d = first.out_proj.out_features();
-        let rings = self
-            .layers
-            .iter()
-            .map(|_| {
-                RingKv::new(
-                    batch,
-                    self.heads,
-                    self.context,
-                    d / self.heads,
-                    first.out_proj.weight_t.dtype(),
-                    first.out_proj.weight_t.device(),
-                    self.positions,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(TransformerState { rings })
+        let shape = RingShape {
+            layers: self.layers.len(),
+            batch,
+            heads: self.heads,
+            capacity: self.context,
+            head_dim: d / self.heads,
+        };
+        let weight = &first.out_proj.weight_t;
+        let cache = RingCache::new(shape, weight.dtype(), weight.device(), self.positions)?;
+        Ok(TransformerState { cache: Some(cache) })
     }
 
     /// One streaming step: `xs` `[batch, d, t]` → `[batch, d, t]`, each active slot advancing `t`.
@@ -162,19 +158,16 @@ impl Transformer {
         active: &[bool],
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let (batch, _, time) = xs.dims3()?;
-        let positions: Vec<Vec<u64>> = (0..batch)
-            .map(|b| {
-                let start = state.rings.first().map_or(0, |r| r.end(b));
-                (start..start + time as u64).collect()
-            })
-            .collect();
-        let mut rings = state.rings.iter_mut();
-        self.run(xs, &positions, &mut |k, v| {
-            rings
-                .next()
-                .expect("one ring per layer, built from the same layers")
-                .append(k, v, active)
+        let Some(cache) = &mut state.cache else {
+            return Ok(xs.clone());
+        };
+        let step = cache.begin(xs.dim(2)?, active)?;
+        let rope = self
+            .rope
+            .tables(step.positions(), xs.dtype(), xs.device())?;
+        let cache = &*cache;
+        self.run(xs, &rope, &mut |layer_idx, k, v| {
+            cache.append(layer_idx, &step, k, v)
         })
     }
 
@@ -183,8 +176,9 @@ impl Transformer {
         let _enter = self.span.enter();
         let (batch, _, time) = xs.dims3()?;
         let positions = vec![(0..time as u64).collect::<Vec<_>>(); batch];
+        let rope = self.rope.tables(&positions, xs.dtype(), xs.device())?;
         let mask = window_mask(time, self.context, xs.device())?;
-        self.run(xs, &positions, &mut |k, v| {
+        self.run(xs, &rope, &mut |_, k, v| {
             Ok(Attend {
                 k: k.clone(),
                 v: v.clone(),
@@ -196,12 +190,13 @@ impl Transformer {
     fn run(
         &self,
         xs: &Tensor,
-        positions: &[Vec<u64>],
-        kv: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Attend>,
+        rope: &RopeTables,
+        kv: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<Attend>,
     ) -> Result<Tensor> {
         let mut xs = xs.transpose(1, 2)?.contiguous()?; // b,t,d
-        for layer in &self.layers {
-            let update = self.attend(layer, &layer.norm1.forward(&xs)?, positions, kv)?;
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            let normed = layer.norm1.forward(&xs)?;
+            let update = self.attend(layer, &normed, rope, &mut |k, v| kv(layer_idx, k, v))?;
             xs = (xs + scaled(update, &layer.scale1)?)?;
             let hidden = layer
                 .linear1
@@ -217,7 +212,7 @@ impl Transformer {
         &self,
         layer: &Layer,
         xs: &Tensor,
-        positions: &[Vec<u64>],
+        rope: &RopeTables,
         kv: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Attend>,
     ) -> Result<Tensor> {
         let (batch, time, d) = xs.dims3()?;
@@ -234,8 +229,8 @@ impl Transformer {
                 .contiguous() // b,h,t,hd
         };
         // 2. rotate q and k by absolute position
-        let q = self.rope.apply(&part(0)?, positions)?;
-        let k = self.rope.apply(&part(1)?, positions)?;
+        let q = rope.apply(&part(0)?)?;
+        let k = rope.apply(&part(1)?)?;
         let v = part(2)?;
         // 3. attend over the cache (or the whole sequence)
         let attend = kv(&k, &v)?;
