@@ -333,6 +333,11 @@ struct StepArgs {
     /// Depformer steps per frame (8 serve the agent; 16 is what the reference runs).
     #[arg(long, default_value_t = 8)]
     dep_steps: usize,
+    /// Frames each session has already heard, so attention reads that much history (up to the
+    /// model's context; the default, a full context, is what a session sees after its first
+    /// four minutes; 0 times a fresh session).
+    #[arg(long)]
+    history: Option<usize>,
     /// Weight storage of the language model's matrices.
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
@@ -693,6 +698,7 @@ fn bench_step(args: StepArgs) -> Result<()> {
         batch: args.batch,
         frames: args.frames,
         dep_steps: args.dep_steps,
+        history: args.history,
         quant: args.quant.into(),
     };
     let report = duplex::bench::step::run(&options)?;

@@ -29,6 +29,8 @@ pub struct StepBenchOptions {
     pub batch: usize,
     pub frames: usize,
     pub dep_steps: usize,
+    /// Frames of history each session starts with (`None`: the model's whole context).
+    pub history: Option<usize>,
     pub quant: Quant,
 }
 
@@ -41,6 +43,8 @@ pub struct StepBenchReport {
     pub batch: usize,
     pub frames: usize,
     pub depformer_steps: usize,
+    /// Temporal positions each session's attention read (its history when timing started).
+    pub history: usize,
     pub quant: String,
     pub encode_ms: Percentiles,
     pub temporal_ms: Percentiles,
@@ -69,14 +73,16 @@ impl StepBenchReport {
         };
         [
             format!(
-                "bench step: {} ({} weights) on {} {}, batch {}, {} frames, {} depformer steps",
+                "bench step: {} ({} weights) on {} {}, batch {}, {} frames, {} depformer steps, \
+                 history {} frames",
                 self.config,
                 self.weights,
                 self.device,
                 self.dtype,
                 self.batch,
                 self.frames,
-                self.depformer_steps
+                self.depformer_steps,
+                self.history
             ),
             format!(
                 "{:<12} {:>9} {:>9} {:>9} {:>9}",
@@ -152,8 +158,10 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
     };
     let batch = options.batch;
     let mut state = PipelineState::new(models, batch, RingPositions::PersonaPlex)?;
+    let history = options.history.unwrap_or(lm.config().context);
     for slot in 0..batch {
         state.open_fresh(slot, slot as u64, SamplingConfig::DEFAULT)?;
+        state.generator.skip_history(slot, history as u64);
     }
     let speech = signal::speech_like(FRAME_SAMPLES * 50, 3);
     let active = vec![true; batch];
@@ -209,6 +217,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         batch,
         frames: options.frames,
         depformer_steps: lm.depformer_steps(),
+        history,
         quant: format!("{:?}", options.quant),
         real_time_factor: total.p50 / FRAME_MS as f64,
         encode_ms: encode,

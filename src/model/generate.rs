@@ -262,6 +262,12 @@ impl Generator {
         self.temporal.pin_prefix(slot_idx)
     }
 
+    /// Makes slot `slot_idx`'s attention read `frames` more frames of history than it has
+    /// heard (benchmarks: the cache holds whatever it held; only the cost is real).
+    pub fn skip_history(&mut self, slot_idx: usize, frames: u64) {
+        self.temporal.skip(slot_idx, frames);
+    }
+
     pub fn slot(&self, slot_idx: usize) -> Option<&SlotState> {
         self.slots[slot_idx].as_ref()
     }

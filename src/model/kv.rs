@@ -152,6 +152,12 @@ impl RingCache {
         self.pinned[slot_idx] = 0;
     }
 
+    /// Counts `tokens` more writes for slot `slot_idx` without making them: its queries then see
+    /// whatever the ring holds there (benchmarks time attention over a full history this way).
+    pub fn skip(&mut self, slot_idx: usize, tokens: u64) {
+        self.ends[slot_idx] += tokens;
+    }
+
     pub fn reset_all(&mut self) {
         self.ends.fill(0);
         self.pinned.fill(0);

@@ -150,6 +150,11 @@ impl TransformerState {
         self.cache.reset_slot(slot_idx);
     }
 
+    /// Advances slot `slot_idx` by `frames` without computing them (benchmarks).
+    pub fn skip(&mut self, slot_idx: usize, frames: u64) {
+        self.cache.skip(slot_idx, frames);
+    }
+
     /// Keeps everything slot `slot_idx` has seen so far (its persona) in attention for good.
     pub fn pin_prefix(&mut self, slot_idx: usize) -> Result<()> {
         let len = self.position(slot_idx) as usize;
