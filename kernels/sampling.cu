@@ -32,9 +32,13 @@ __device__ __forceinline__ void block_argmax(float* v, int* idx, float* sv, int*
   __syncthreads();
 }
 
+// Row r uses its own seeds[r], counters[r], top_k[r] and temperatures[r].
 extern "C" __global__ void topk_sample_f32(const float* __restrict__ logits, uint32_t* __restrict__ tokens,
                                            const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ counters,
-                                           int vocab, int k, float temperature) {
+                                           const int64_t* __restrict__ top_k, const float* __restrict__ temperatures,
+                                           int vocab) {
+  const int k = (int)min(top_k[blockIdx.x], (int64_t)vocab + 1);
+  const float temperature = temperatures[blockIdx.x];
   __shared__ float shared[32];
   __shared__ float sv[32];
   __shared__ int si[32];

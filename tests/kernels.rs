@@ -78,36 +78,32 @@ fn device_sampling_draws_what_the_cpu_reference_draws() {
     let logits = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu).unwrap();
     let seeds: Vec<i64> = (0..rows as i64).map(|r| 1000 + r).collect();
     let counters: Vec<i64> = (0..rows as i64).map(|r| 7 * r).collect();
-    let host: Vec<Vec<f32>> = logits.to_vec2().unwrap();
-    for (k, temperature) in [(250, 0.8f32), (25, 0.7), (1, 0.8), (250, 0.0)] {
-        let got: Vec<u32> = cuda::topk_sample(
-            &logits.to_device(&gpu).unwrap(),
-            &Tensor::new(seeds.as_slice(), &gpu).unwrap(),
-            &Tensor::new(counters.as_slice(), &gpu).unwrap(),
-            k,
-            temperature,
-        )
+    // Every row its own setting: top-k 250 / 25, greedy by k = 1 and by temperature 0.
+    let settings = [(250i64, 0.8f32), (25, 0.7), (1, 0.8), (250, 0.0)];
+    let top_k: Vec<i64> = (0..rows).map(|r| settings[r % 4].0).collect();
+    let temperature: Vec<f32> = (0..rows).map(|r| settings[r % 4].1).collect();
+    let params = |device: &Device| sampling::DrawParams {
+        seeds: Tensor::new(seeds.as_slice(), device).unwrap(),
+        counters: Tensor::new(counters.as_slice(), device).unwrap(),
+        top_k: Tensor::new(top_k.as_slice(), device).unwrap(),
+        temperature: Tensor::new(temperature.as_slice(), device).unwrap(),
+    };
+    let got: Vec<u32> = sampling::draw(&logits.to_device(&gpu).unwrap(), &params(&gpu))
         .unwrap()
         .to_vec1()
         .unwrap();
-        let agree = (0..rows)
-            .filter(|&r| {
-                got[r] as usize
-                    == sampling::topk_reference(
-                        &host[r],
-                        k,
-                        temperature,
-                        seeds[r] as u64,
-                        counters[r] as u64,
-                    )
-            })
-            .count();
-        // exp/log may differ by an ulp between the GPU and the CPU; ties are rare.
-        assert!(
-            agree * 100 >= rows * 98,
-            "k {k}, t {temperature}: {agree}/{rows} rows agree"
-        );
-    }
+    let want: Vec<u32> = sampling::draw(&logits, &params(&Device::Cpu))
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let agree = (0..rows).filter(|&r| got[r] == want[r]).count();
+    // exp/log may differ by an ulp between the GPU and the CPU; ties are rare.
+    assert!(agree * 100 >= rows * 98, "{agree}/{rows} rows agree");
+    let greedy_rows = (0..rows).filter(|r| r % 4 >= 2);
+    assert!(
+        greedy_rows.clone().all(|r| got[r] == want[r]),
+        "greedy rows must agree exactly"
+    );
 }
 
 #[test]

@@ -3,7 +3,8 @@
 
 mod tiny;
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
+use duplex::model::depformer::TokenFeed;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::Column;
@@ -76,7 +77,13 @@ fn depformer_logits_match_with_forced_tokens() {
             let mut prev = text[idx];
             for (k, &forced_token) in forced[idx].iter().enumerate() {
                 let logits = model
-                    .depformer_step(k, &hidden, &[prev], &mut state, &[true])
+                    .depformer_step(
+                        k,
+                        &hidden,
+                        &TokenFeed::from_host(&[prev], &Device::Cpu).unwrap(),
+                        &mut state,
+                        &[true],
+                    )
                     .unwrap();
                 let expected = match (positions, k) {
                     (RingPositions::PersonaPlex, 15) => fx["dep_logits_pp_last"].i(idx).unwrap(),

@@ -61,6 +61,7 @@ fn check_live(
     positions: RingPositions,
     rows: usize,
 ) {
+    generator.record_text_logits(true);
     let fx = reference();
     let suffix = if positions == RingPositions::PersonaPlex {
         "_pp"
@@ -194,6 +195,7 @@ fn pinning_the_persona_changes_nothing_until_the_window_slides() {
             RingPositions::PersonaPlex,
         )
         .unwrap();
+        generator.record_text_logits(true);
         generator.open(0, 0, SamplingConfig::GREEDY);
         run_prompt(&model, &mut generator, 0, &voice, &text).unwrap();
         if pin {

@@ -3,9 +3,10 @@
 
 use super::Result;
 use super::quant::Int8Weight;
+use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 
@@ -127,13 +128,8 @@ impl CustomOp1 for RmsNormOp {
         let rows = layout.shape().elem_count() / dim;
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
-        let (alpha_storage, alpha_layout) = self.alpha.storage_and_layout();
-        let candle_core::Storage::Cuda(alpha_storage) = &*alpha_storage else {
-            candle_core::bail!("alpha must be on the GPU")
-        };
-        let alpha = alpha_storage
-            .as_cuda_slice::<f32>()?
-            .slice(alpha_layout.start_offset()..);
+        let (alpha, alpha_layout) = self.alpha.storage_and_layout();
+        let alpha = gpu_view::<f32>(&alpha, alpha_layout, "alpha")?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * dim)? };
         let func = device.get_or_load_custom_func("rms_norm_bf16", "duplex_norm", NORM_PTX)?;
@@ -212,84 +208,60 @@ pub fn swiglu(xs: &Tensor) -> Result<Tensor> {
         .apply_op1_no_bwd(&SwiGluOp)
 }
 
-struct TopK {
-    seeds: Tensor,
-    counters: Tensor,
-    k: usize,
-    temperature: f32,
-}
-
-impl CustomOp1 for TopK {
-    fn name(&self) -> &'static str {
-        "duplex-topk-sample"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("sampling on the CPU is `sampling::topk_reference`")
-    }
-
-    fn cuda_fwd(&self, logits: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        contiguous(layout, "logits")?;
-        let (rows, vocab) = layout.shape().dims2()?;
-        let device = logits.device().clone();
-        let xs = logits
-            .as_cuda_slice::<f32>()?
-            .slice(layout.start_offset()..);
-        let (seed_storage, seed_layout) = self.seeds.storage_and_layout();
-        let (counter_storage, counter_layout) = self.counters.storage_and_layout();
-        let (candle_core::Storage::Cuda(seed_storage), candle_core::Storage::Cuda(counter_storage)) =
-            (&*seed_storage, &*counter_storage)
-        else {
-            candle_core::bail!("sampling state must be on the GPU")
-        };
-        let seeds = seed_storage
-            .as_cuda_slice::<i64>()?
-            .slice(seed_layout.start_offset()..);
-        let counters = counter_storage
-            .as_cuda_slice::<i64>()?
-            .slice(counter_layout.start_offset()..);
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { device.alloc::<u32>(rows)? };
-        let func =
-            device.get_or_load_custom_func("topk_sample_f32", "duplex_sampling", SAMPLING_PTX)?;
-        let (vocab_i, k_i, t) = (vocab as i32, self.k as i32, self.temperature);
-        let mut builder = func.builder();
-        builder
-            .arg(&xs)
-            .arg(&out)
-            .arg(&seeds)
-            .arg(&counters)
-            .arg(&vocab_i)
-            .arg(&k_i)
-            .arg(&t);
-        let config = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match the kernel's signature (i64 buffers are read as uint64).
-        unsafe { builder.launch(config) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
-    }
-}
-
-/// One token per row of `logits` (`[rows, vocab]` f32) by temperature + top-k, drawn from
-/// (`seeds[row]`, `counters[row]`) exactly as `sampling::topk_reference` draws on the CPU.
-pub fn topk_sample(
-    logits: &Tensor,
-    seeds: &Tensor,
-    counters: &Tensor,
-    k: usize,
-    temperature: f32,
-) -> Result<Tensor> {
-    let op = TopK {
-        seeds: seeds.to_dtype(DType::I64)?,
-        counters: counters.to_dtype(DType::I64)?,
-        k,
-        temperature,
+/// The contiguous `T` elements of a tensor on the GPU.
+fn gpu_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let candle_core::Storage::Cuda(storage) = storage else {
+        candle_core::bail!("{what} must be on the GPU")
     };
-    logits
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .apply_op1_no_bwd(&op)
+    contiguous(layout, what)?;
+    Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+}
+
+/// `sampling::draw` on the GPU: one block per row of `[rows, vocab]` f32 logits.
+pub fn draw(
+    logits: &CudaStorage,
+    layout: &Layout,
+    params: &DrawParams,
+) -> Result<(CudaStorage, Shape)> {
+    contiguous(layout, "logits")?;
+    let (rows, vocab) = layout.shape().dims2()?;
+    let device = logits.device().clone();
+    let xs = logits
+        .as_cuda_slice::<f32>()?
+        .slice(layout.start_offset()..);
+    let (seeds, seeds_layout) = params.seeds.storage_and_layout();
+    let (counters, counters_layout) = params.counters.storage_and_layout();
+    let (top_k, top_k_layout) = params.top_k.storage_and_layout();
+    let (temperature, temperature_layout) = params.temperature.storage_and_layout();
+    let seeds = gpu_view::<i64>(&seeds, seeds_layout, "seeds")?;
+    let counters = gpu_view::<i64>(&counters, counters_layout, "counters")?;
+    let top_k = gpu_view::<i64>(&top_k, top_k_layout, "top_k")?;
+    let temperature = gpu_view::<f32>(&temperature, temperature_layout, "temperature")?;
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { device.alloc::<u32>(rows)? };
+    let func =
+        device.get_or_load_custom_func("topk_sample_f32", "duplex_sampling", SAMPLING_PTX)?;
+    let vocab_i = vocab as i32;
+    let mut builder = func.builder();
+    builder
+        .arg(&xs)
+        .arg(&out)
+        .arg(&seeds)
+        .arg(&counters)
+        .arg(&top_k)
+        .arg(&temperature)
+        .arg(&vocab_i);
+    let config = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature (i64 seeds and counters are read as
+    // uint64).
+    unsafe { builder.launch(config) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
 }

@@ -111,13 +111,13 @@ impl Depformer {
         &self,
         k: usize,
         hidden: &Tensor,
-        prev: &[i64],
+        prev: &TokenFeed,
         state: &mut DepformerState,
         active: &[bool],
     ) -> Result<Tensor> {
         let step = &self.steps[k];
         let batch = hidden.dim(0)?;
-        let mut xs = (step.input.forward(hidden)? + embed(&step.emb, prev)?)?.unsqueeze(1)?;
+        let mut xs = (step.input.forward(hidden)? + prev.embed(&step.emb)?)?.unsqueeze(1)?;
         let ring_step = state.cache.begin(1, active)?;
         for (layer_idx, (layer, (norm1, norm2))) in step.layers.iter().zip(&self.norms).enumerate()
         {
@@ -153,18 +153,40 @@ impl DepformerState {
     }
 }
 
+/// One token per slot as a depformer step takes it: i64 ids `[batch]` where the model runs,
+/// so a token drawn on the GPU feeds the next step without a trip to the host.
+pub struct TokenFeed {
+    ids: Tensor,
+    /// Whether any id may be −1, the reference's "zero" token (an exact zero vector).
+    has_zero: bool,
+}
+
+impl TokenFeed {
+    /// Ids known on the host.
+    pub fn from_host(ids: &[i64], device: &Device) -> Result<Self> {
+        Ok(Self {
+            ids: Tensor::new(ids, device)?,
+            has_zero: ids.iter().any(|&id| id < 0),
+        })
+    }
+
+    /// Ids already on the device (i64 `[batch]`); `has_zero` if any may be −1.
+    pub fn on_device(ids: Tensor, has_zero: bool) -> Self {
+        Self { ids, has_zero }
+    }
+
+    /// The rows of `table` for these ids (zero vectors for −1).
+    pub fn embed(&self, table: &Tensor) -> Result<Tensor> {
+        if !self.has_zero {
+            return table.index_select(&self.ids, 0);
+        }
+        let rows = table.index_select(&self.ids.maximum(0i64)?, 0)?;
+        let keep = self.ids.ge(0i64)?.to_dtype(rows.dtype())?.unsqueeze(1)?;
+        rows.broadcast_mul(&keep)
+    }
+}
+
 /// Looks up `ids` in `table`; id −1 gives an exact zero vector (the reference's "zero" token).
 pub fn embed(table: &Tensor, ids: &[i64]) -> Result<Tensor> {
-    let device = table.device();
-    let clamped: Vec<u32> = ids.iter().map(|&id| id.max(0) as u32).collect();
-    let rows = table.index_select(&Tensor::new(clamped.as_slice(), device)?, 0)?;
-    if ids.iter().all(|&id| id >= 0) {
-        return Ok(rows);
-    }
-    let keep: Vec<f32> = ids
-        .iter()
-        .map(|&id| if id < 0 { 0.0 } else { 1.0 })
-        .collect();
-    let keep = Tensor::from_vec(keep, (ids.len(), 1), device)?.to_dtype(rows.dtype())?;
-    rows.broadcast_mul(&keep)
+    TokenFeed::from_host(ids, table.device())?.embed(table)
 }

@@ -7,12 +7,12 @@
 //! output of call `t` is column `(t − 1 + delay[k]) % 4` of every stream.
 
 use super::Result;
-use super::depformer::DepformerState;
+use super::depformer::{DepformerState, TokenFeed};
 use super::kv::RingPositions;
 use super::lm::{Column, LmModel, STREAMS};
-use super::sampling::{Sampler, Sampling};
+use super::sampling::{self, DrawParams, Sampler, Sampling};
 use super::transformer::{TransformerSlot, TransformerState};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 /// Columns in the token ring (max_delay + 3 in the reference).
 pub const CACHE_COLUMNS: usize = 4;
@@ -206,6 +206,8 @@ pub struct Generator {
     temporal: TransformerState,
     depformer: DepformerState,
     slots: Vec<Option<SlotState>>,
+    /// Whether calls copy their text logits to the host (tests; it costs a transfer a call).
+    record_text_logits: bool,
 }
 
 /// A call between its temporal half and its depformer half.
@@ -213,8 +215,8 @@ pub struct PendingCall {
     prepared: Vec<Option<(usize, usize)>>,
     running: Vec<bool>,
     had_input: Vec<bool>,
-    hidden: Option<Tensor>,
-    text_logits: Vec<Vec<f32>>,
+    /// The temporal output `[batch, dim]` and text logits `[batch, text_card]`, when the model ran.
+    temporal: Option<(Tensor, Tensor)>,
 }
 
 /// What a slot feeds one call: forced tokens, or a precomputed embedding (voice presets).
@@ -235,7 +237,13 @@ impl Generator {
             temporal: model.transformer_state(batch, context, positions)?,
             depformer: model.depformer_state(batch, positions)?,
             slots: (0..batch).map(|_| None).collect(),
+            record_text_logits: false,
         })
+    }
+
+    /// Makes every call return its text logits (`CallOutput::text_logits`).
+    pub fn record_text_logits(&mut self, record: bool) {
+        self.record_text_logits = record;
     }
 
     pub fn batch(&self) -> usize {
@@ -347,19 +355,14 @@ impl Generator {
         let mut pending = PendingCall {
             prepared,
             running,
-            hidden: None,
-            text_logits: Vec::new(),
+            temporal: None,
             had_input: inputs.iter().map(Option::is_some).collect(),
         };
         if pending.running.iter().any(|r| *r) {
             let emb = self.input_embeddings(model, &columns, &embeddings)?;
             let (hidden, text_logits) =
                 model.temporal(&emb, &mut self.temporal, &pending.running)?;
-            pending.hidden = Some(hidden.squeeze(1)?);
-            pending.text_logits = text_logits
-                .squeeze(1)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec2()?;
+            pending.temporal = Some((hidden.squeeze(1)?, text_logits.squeeze(1)?));
         }
         Ok(pending)
     }
@@ -380,16 +383,22 @@ impl Generator {
                 })
             })
             .collect();
-        let Some(hidden) = &pending.hidden else {
+        let Some((hidden, text_logits)) = &pending.temporal else {
             return Ok(outputs);
         };
         let generated = self.generate(
             model,
             hidden,
-            &pending.text_logits,
+            text_logits,
             &pending.prepared,
             &pending.running,
         )?;
+        let mut text_logits: Vec<Option<Vec<f32>>> = if self.record_text_logits {
+            let rows: Vec<Vec<f32>> = text_logits.to_dtype(DType::F32)?.to_vec2()?;
+            rows.into_iter().map(Some).collect()
+        } else {
+            vec![None; self.slots.len()]
+        };
         let delays = &model.config().delays;
         for slot_idx in (0..self.slots.len()).filter(|&b| pending.running[b]) {
             let slot = self.slots[slot_idx]
@@ -403,7 +412,7 @@ impl Generator {
             out.tokens = slot
                 .tokens
                 .finish(input_col, target_col, &generated[slot_idx], delays);
-            out.text_logits = Some(pending.text_logits[slot_idx].clone());
+            out.text_logits = text_logits[slot_idx].take();
         }
         Ok(outputs)
     }
@@ -429,59 +438,137 @@ impl Generator {
         Tensor::cat(&rows, 0)
     }
 
-    /// Samples the text token and runs the depformer, feeding forced tokens forward.
+    /// Draws the text token and runs the depformer, feeding forced tokens forward. Every token
+    /// is drawn where the model runs; the frame's tokens reach the host in one copy at the end.
     fn generate(
         &mut self,
         model: &LmModel,
         hidden: &Tensor,
-        text_logits: &[Vec<f32>],
+        text_logits: &Tensor,
         prepared: &[Option<(usize, usize)>],
         running: &[bool],
     ) -> Result<Vec<Column>> {
-        let batch = self.slots.len();
-        let mut generated = vec![[0i64; STREAMS]; batch];
-        let mut prev = vec![0i64; batch];
-        for slot_idx in (0..batch).filter(|&b| running[b]) {
+        let steps = model.depformer_steps();
+        let plan = DrawPlan::new(&self.slots, prepared, running, steps + 1, model.device())?;
+        let mut drawn = vec![sampling::draw(text_logits, &plan.params(0)?)?];
+        self.depformer.reset();
+        for k in 0..steps {
+            let prev = plan.feed(k, &drawn[k])?;
+            let logits = model.depformer_step(k, hidden, &prev, &mut self.depformer, running)?;
+            drawn.push(sampling::draw(&logits, &plan.params(k + 1)?)?);
+        }
+        let drawn: Vec<Vec<u32>> = Tensor::stack(&drawn, 1)?.to_vec2()?;
+        let mut generated = vec![[0i64; STREAMS]; self.slots.len()];
+        for slot_idx in (0..self.slots.len()).filter(|&b| running[b]) {
             let slot = self.slots[slot_idx]
                 .as_mut()
                 .expect("running slots are open");
+            slot.sampler.advance(steps as u64 + 1);
             let target = prepared[slot_idx].expect("running slots were prepared").1;
-            let sampled =
-                slot.sampler
-                    .sample(&text_logits[slot_idx], slot.sampling.text) as i64;
-            generated[slot_idx][0] = sampled;
-            prev[slot_idx] = slot.tokens.forced_at(0, target).unwrap_or(sampled);
-        }
-        self.depformer.reset();
-        for k in 0..model.depformer_steps() {
-            let logits = model.depformer_step(k, hidden, &prev, &mut self.depformer, running)?;
-            let logits: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-            for slot_idx in (0..batch).filter(|&b| running[b]) {
-                let slot = self.slots[slot_idx]
-                    .as_mut()
-                    .expect("running slots are open");
-                let target = prepared[slot_idx].expect("running slots were prepared").1;
-                let sampled = slot.sampler.sample(&logits[slot_idx], slot.sampling.audio) as i64;
-                generated[slot_idx][1 + k] = sampled;
-                prev[slot_idx] = slot.tokens.forced_at(1 + k, target).unwrap_or(sampled);
-            }
-        }
-        // Streams the depformer did not run (serving skips the user's) keep their forced values.
-        for slot_idx in (0..batch).filter(|&b| running[b]) {
-            let target = prepared[slot_idx].expect("running slots were prepared").1;
-            let tokens = &self.slots[slot_idx]
-                .as_ref()
-                .expect("running slots are open")
-                .tokens;
-            let unrun = generated[slot_idx]
-                .iter_mut()
-                .enumerate()
-                .skip(1 + model.depformer_steps());
-            for (stream, token) in unrun {
-                *token = tokens.forced_at(stream, target).unwrap_or(UNGENERATED);
+            for (stream, token) in generated[slot_idx].iter_mut().enumerate() {
+                *token = match drawn[slot_idx].get(stream) {
+                    Some(&token) => i64::from(token),
+                    // Streams the depformer did not run (serving skips the user's) keep their
+                    // forced values.
+                    None => slot.tokens.forced_at(stream, target).unwrap_or(UNGENERATED),
+                };
             }
         }
         Ok(generated)
+    }
+}
+
+/// How one call draws its tokens: per drawn stream (text, then each depformer step) and slot,
+/// the sampler's seed and counter, the sampling settings, and the token forced on that stream
+/// (which then feeds the next step instead of the drawn one). Built on the host, sent in two
+/// copies.
+struct DrawPlan {
+    /// i64 `[5, streams, batch]`: seed, counter, top-k, forced (0/1), forced token.
+    ints: Tensor,
+    /// f32 `[streams, batch]`.
+    temperature: Tensor,
+    /// Per stream: whether any slot is forced on it, and whether any forced token is −1.
+    forced: Vec<(bool, bool)>,
+}
+
+impl DrawPlan {
+    const SEED: usize = 0;
+    const COUNTER: usize = 1;
+    const TOP_K: usize = 2;
+    const FORCED: usize = 3;
+    const FORCED_TOKEN: usize = 4;
+
+    fn new(
+        slots: &[Option<SlotState>],
+        prepared: &[Option<(usize, usize)>],
+        running: &[bool],
+        streams: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let batch = slots.len();
+        let mut ints = vec![0i64; 5 * streams * batch];
+        let mut temperature = vec![0f32; streams * batch];
+        let mut forced = vec![(false, false); streams];
+        for stream in 0..streams {
+            for slot_idx in 0..batch {
+                let at = |field: usize| (field * streams + stream) * batch + slot_idx;
+                let slot = slots[slot_idx].as_ref().filter(|_| running[slot_idx]);
+                let Some((slot, (_, target))) = slot.zip(prepared[slot_idx]) else {
+                    // Idle rows: a greedy draw, fed token 0.
+                    ints[at(Self::TOP_K)] = 1;
+                    ints[at(Self::FORCED)] = 1;
+                    forced[stream].0 = true;
+                    continue;
+                };
+                let setting = if stream == 0 {
+                    slot.sampling.text
+                } else {
+                    slot.sampling.audio
+                };
+                let (top_k, temp) = setting.draw_params();
+                ints[at(Self::SEED)] = slot.sampler.seed() as i64;
+                ints[at(Self::COUNTER)] = (slot.sampler.counter() + stream as u64) as i64;
+                ints[at(Self::TOP_K)] = top_k;
+                temperature[stream * batch + slot_idx] = temp;
+                if let Some(token) = slot.tokens.forced_at(stream, target) {
+                    ints[at(Self::FORCED)] = 1;
+                    ints[at(Self::FORCED_TOKEN)] = token;
+                    forced[stream] = (true, forced[stream].1 || token < 0);
+                }
+            }
+        }
+        Ok(Self {
+            ints: Tensor::from_vec(ints, (5, streams, batch), device)?,
+            temperature: Tensor::from_vec(temperature, (streams, batch), device)?,
+            forced,
+        })
+    }
+
+    fn field(&self, field: usize, stream: usize) -> Result<Tensor> {
+        self.ints.get(field)?.get(stream)
+    }
+
+    /// The draw parameters of `stream`.
+    fn params(&self, stream: usize) -> Result<DrawParams> {
+        Ok(DrawParams {
+            seeds: self.field(Self::SEED, stream)?,
+            counters: self.field(Self::COUNTER, stream)?,
+            top_k: self.field(Self::TOP_K, stream)?,
+            temperature: self.temperature.get(stream)?,
+        })
+    }
+
+    /// What the step after `stream` is fed: its forced token where there is one, else `drawn`.
+    fn feed(&self, stream: usize, drawn: &Tensor) -> Result<TokenFeed> {
+        let drawn = drawn.to_dtype(DType::I64)?;
+        let (any_forced, has_zero) = self.forced[stream];
+        if !any_forced {
+            return Ok(TokenFeed::on_device(drawn, false));
+        }
+        let ids = self
+            .field(Self::FORCED, stream)?
+            .where_cond(&self.field(Self::FORCED_TOKEN, stream)?, &drawn)?;
+        Ok(TokenFeed::on_device(ids, has_zero))
     }
 }
 

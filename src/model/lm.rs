@@ -5,7 +5,7 @@ use super::Result;
 use super::checkpoint::Checkpoint;
 use super::checkpoint::lm::LmWeights;
 use super::config::LmConfig;
-use super::depformer::{Depformer, DepformerState, embed};
+use super::depformer::{Depformer, DepformerState, TokenFeed};
 use super::kv::RingPositions;
 use super::nn::{Linear, RmsNorm};
 use super::quant::Quant;
@@ -112,12 +112,21 @@ impl LmModel {
     /// The summed input embedding of one column per slot → `[batch, 1, dim]` (audio streams in
     /// order, then text, the reference's summation order).
     pub fn embed_columns(&self, columns: &[Column]) -> Result<Tensor> {
-        let stream = |s: usize| columns.iter().map(|c| c[s]).collect::<Vec<i64>>();
-        let mut sum = embed(&self.audio_emb[0], &stream(1))?;
+        let by_stream: Vec<i64> = (0..STREAMS)
+            .flat_map(|s| columns.iter().map(move |c| c[s]))
+            .collect();
+        let has_zero: Vec<bool> = by_stream
+            .chunks_exact(columns.len())
+            .map(|ids| ids.iter().any(|&id| id < 0))
+            .collect();
+        let ids = Tensor::from_vec(by_stream, (STREAMS, columns.len()), &self.device)?;
+        let feed =
+            |s: usize| Ok::<_, candle_core::Error>(TokenFeed::on_device(ids.get(s)?, has_zero[s]));
+        let mut sum = feed(1)?.embed(&self.audio_emb[0])?;
         for (q, table) in self.audio_emb.iter().enumerate().skip(1) {
-            sum = (sum + embed(table, &stream(q + 1))?)?;
+            sum = (sum + feed(q + 1)?.embed(table)?)?;
         }
-        (sum + embed(&self.text_emb, &stream(0))?)?.unsqueeze(1)
+        (sum + feed(0)?.embed(&self.text_emb)?)?.unsqueeze(1)
     }
 
     /// Temporal step on `[batch, time, dim]` embeddings → (normed hidden, text logits).
@@ -139,7 +148,7 @@ impl LmModel {
         &self,
         k: usize,
         hidden: &Tensor,
-        prev: &[i64],
+        prev: &TokenFeed,
         state: &mut DepformerState,
         active: &[bool],
     ) -> Result<Tensor> {

@@ -1,6 +1,10 @@
 //! Choosing tokens from logits: greedy, or temperature + top-k drawn with a counter-based random
 //! generator, so a seeded run repeats exactly and the GPU kernel (`kernels/sampling.cu`) draws
-//! the same tokens as this reference.
+//! the same tokens as this reference. `draw` picks one token per row where the logits lie, so a
+//! frame's tokens stay on the GPU until the frame ends.
+
+use super::Result;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// How to pick one stream's tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +25,16 @@ impl Sampling {
     };
 }
 
+impl Sampling {
+    /// `(top_k, temperature)` as `draw` takes them; greedy is `(1, 0)`.
+    pub fn draw_params(self) -> (i64, f32) {
+        match self {
+            Self::Greedy => (1, 0.0),
+            Self::TopK { temperature, top_k } => (top_k as i64, temperature),
+        }
+    }
+}
+
 /// Bisection steps that locate the k-th largest logit (as in the kernel).
 const BISECTION_STEPS: usize = 40;
 
@@ -33,6 +47,20 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(seed: u64) -> Self {
         Self { seed, counter: 0 }
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Draws made so far (the next draw's counter).
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// Counts `draws` made elsewhere (by `draw`, from this sampler's seed and counter).
+    pub fn advance(&mut self, draws: u64) {
+        self.counter += draws;
     }
 
     /// Picks a token from `logits` with `sampling`.
@@ -110,6 +138,89 @@ pub fn topk_reference(
     chosen.1
 }
 
+/// One row's draw, as the kernel makes it: greedy when `temperature <= 0` or `top_k <= 1`.
+fn draw_row(logits: &[f32], top_k: i64, temperature: f32, seed: u64, counter: u64) -> usize {
+    topk_reference(logits, top_k.max(1) as usize, temperature, seed, counter)
+}
+
+/// Per-row parameters of one `draw`, each `[rows]` on the logits' device.
+pub struct DrawParams {
+    /// i64 seeds.
+    pub seeds: Tensor,
+    /// i64 counters (the draw's index in the slot's stream of draws).
+    pub counters: Tensor,
+    /// i64 top-k (1: greedy).
+    pub top_k: Tensor,
+    /// f32 temperatures (0: greedy).
+    pub temperature: Tensor,
+}
+
+struct Draw<'a>(&'a DrawParams);
+
+impl CustomOp1 for Draw<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-draw"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = layout.shape().dims2()?;
+        let logits = storage.as_slice::<f32>()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("draw: logits must be contiguous")
+        };
+        let logits = &logits[start..end];
+        let params = self.0;
+        let (seeds, counters, top_k, temperature) = (
+            params.seeds.to_vec1::<i64>()?,
+            params.counters.to_vec1::<i64>()?,
+            params.top_k.to_vec1::<i64>()?,
+            params.temperature.to_vec1::<f32>()?,
+        );
+        let tokens = (0..rows)
+            .map(|r| {
+                let row = &logits[r * vocab..][..vocab];
+                draw_row(
+                    row,
+                    top_k[r],
+                    temperature[r],
+                    seeds[r] as u64,
+                    counters[r] as u64,
+                ) as u32
+            })
+            .collect();
+        Ok((CpuStorage::U32(tokens), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::draw(storage, layout, self.0)
+    }
+}
+
+/// One token per row of `logits` `[rows, vocab]` (u32 `[rows]`, on the logits' device), drawn
+/// with each row's parameters: no copy to the host.
+pub fn draw(logits: &Tensor, params: &DrawParams) -> Result<Tensor> {
+    let rows = logits.dim(0)?;
+    for (name, t) in [
+        ("seeds", &params.seeds),
+        ("counters", &params.counters),
+        ("top_k", &params.top_k),
+        ("temperature", &params.temperature),
+    ] {
+        if t.dims() != [rows] {
+            candle_core::bail!("draw: {name} is {:?}, logits have {rows} rows", t.dims());
+        }
+    }
+    logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&Draw(params))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +287,39 @@ mod tests {
         assert!(values.iter().all(|v| (0.0..1.0).contains(v)));
         let mean = values.iter().sum::<f32>() / values.len() as f32;
         assert!((mean - 0.5).abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn a_batched_draw_gives_each_row_its_own_sampler_draw() -> Result<()> {
+        use candle_core::Device;
+        let rows: Vec<Vec<f32>> = (0..3)
+            .map(|r| (0..40).map(|i| ((i * (r + 3)) % 17) as f32 / 4.0).collect())
+            .collect();
+        let settings = [Sampling::Greedy, Sampling::TEXT, Sampling::AUDIO];
+        let (seeds, counters) = ([5u64, 6, 7], [0u64, 3, 9]);
+        let params = DrawParams {
+            seeds: Tensor::new(&seeds.map(|s| s as i64), &Device::Cpu)?,
+            counters: Tensor::new(&counters.map(|c| c as i64), &Device::Cpu)?,
+            top_k: Tensor::new(&settings.map(|s| s.draw_params().0), &Device::Cpu)?,
+            temperature: Tensor::new(&settings.map(|s| s.draw_params().1), &Device::Cpu)?,
+        };
+        let logits = Tensor::new(rows.clone(), &Device::Cpu)?;
+        let got: Vec<u32> = draw(&logits, &params)?.to_vec1()?;
+        for r in 0..3 {
+            let mut sampler = Sampler::new(seeds[r]);
+            sampler.advance(counters[r]);
+            assert_eq!(
+                got[r] as usize,
+                sampler.sample(&rows[r], settings[r]),
+                "row {r}"
+            );
+        }
+        let short = DrawParams {
+            seeds: params.seeds.narrow(0, 0, 2)?,
+            ..params
+        };
+        assert!(draw(&logits, &short).is_err(), "a parameter per row");
+        Ok(())
     }
 
     #[test]
