@@ -338,6 +338,9 @@ struct StepArgs {
     /// four minutes; 0 times a fresh session).
     #[arg(long)]
     history: Option<usize>,
+    /// Replay each frame's depformer half as a CUDA graph (`--device cuda`; not yet run on a GPU).
+    #[arg(long)]
+    cuda_graphs: bool,
     /// Weight storage of the language model's matrices.
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
@@ -699,6 +702,7 @@ fn bench_step(args: StepArgs) -> Result<()> {
         frames: args.frames,
         dep_steps: args.dep_steps,
         history: args.history,
+        cuda_graphs: args.cuda_graphs,
         quant: args.quant.into(),
     };
     let report = duplex::bench::step::run(&options)?;

@@ -139,3 +139,68 @@ fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
         assert!(output.iter().all(|v| v.is_finite()), "step {step}");
     }
 }
+
+/// The depformer half replayed as a CUDA graph gives, frame for frame, the tokens the eager path
+/// gives: 50 frames of three slots (greedy, and two seeded top-k samplers), on the tiny
+/// checkpoint in bf16 and on random mid-size weights in int8 (w8a16 needs widths of 16s).
+#[test]
+fn fifty_replayed_frames_equal_fifty_eager_frames() {
+    let Some(gpu) = tiny::gpu() else { return };
+    let fx = tiny::load("lm_greedy.safetensors");
+    let mid = LmConfig::preset("mid").unwrap();
+    let models = [
+        ("tiny bf16", tiny::model(8, DType::BF16, &gpu, Quant::None)),
+        (
+            "mid int8",
+            LmModel::load_quantized(
+                &Checkpoint::random("mid", DType::BF16, &gpu),
+                &mid,
+                8,
+                Quant::Int8,
+            )
+            .unwrap(),
+        ),
+    ];
+    for (name, model) in &models {
+        let run = |graphs: bool| {
+            let positions = RingPositions::PersonaPlex;
+            let mut generator =
+                Generator::new(model, 3, model.config().context, positions).unwrap();
+            if graphs {
+                generator.use_cuda_graphs(model).unwrap();
+            }
+            generator.open(0, 0, SamplingConfig::GREEDY);
+            generator.open(1, 11, SamplingConfig::DEFAULT);
+            generator.open(2, 12, SamplingConfig::DEFAULT);
+            let frames = fx["user_codes"].dim(1).unwrap().min(50);
+            let mut tokens = Vec::new();
+            for frame in 0..50 {
+                let user: Vec<i64> = fx["user_codes"]
+                    .i((.., frame % frames))
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let input = CallInput::Tokens(Forced {
+                    user: Some(user.try_into().unwrap()),
+                    ..Default::default()
+                });
+                let out = generator.step(model, &vec![Some(input); 3]).unwrap();
+                tokens.push(
+                    out.into_iter()
+                        .map(|o| o.unwrap().tokens)
+                        .collect::<Vec<_>>(),
+                );
+            }
+            (tokens, generator.replays_cuda_graph())
+        };
+        let (eager, _) = run(false);
+        let (replayed, replaying) = run(true);
+        assert!(
+            replaying,
+            "{name}: the graph was not captured (see the log)"
+        );
+        for (frame, (e, r)) in eager.iter().zip(&replayed).enumerate() {
+            assert_eq!(e, r, "{name}: frame {frame}");
+        }
+    }
+}

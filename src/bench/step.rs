@@ -31,6 +31,8 @@ pub struct StepBenchOptions {
     pub dep_steps: usize,
     /// Frames of history each session starts with (`None`: the model's whole context).
     pub history: Option<usize>,
+    /// Replay the depformer half of each frame as a CUDA graph.
+    pub cuda_graphs: bool,
     pub quant: Quant,
 }
 
@@ -45,6 +47,8 @@ pub struct StepBenchReport {
     pub depformer_steps: usize,
     /// Temporal positions each session's attention read (its history when timing started).
     pub history: usize,
+    /// Whether the timed frames replayed a CUDA graph (asked for and captured).
+    pub cuda_graph_replayed: bool,
     pub quant: String,
     pub encode_ms: Percentiles,
     pub temporal_ms: Percentiles,
@@ -74,7 +78,7 @@ impl StepBenchReport {
         [
             format!(
                 "bench step: {} ({} weights) on {} {}, batch {}, {} frames, {} depformer steps, \
-                 history {} frames",
+                 history {} frames, CUDA graph {}",
                 self.config,
                 self.weights,
                 self.device,
@@ -82,7 +86,12 @@ impl StepBenchReport {
                 self.batch,
                 self.frames,
                 self.depformer_steps,
-                self.history
+                self.history,
+                if self.cuda_graph_replayed {
+                    "replayed"
+                } else {
+                    "off"
+                }
             ),
             format!(
                 "{:<12} {:>9} {:>9} {:>9} {:>9}",
@@ -163,6 +172,9 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         state.open_fresh(slot, slot as u64, SamplingConfig::DEFAULT)?;
         state.generator.skip_history(slot, history as u64);
     }
+    if options.cuda_graphs {
+        state.generator.use_cuda_graphs(&lm)?;
+    }
     let speech = signal::speech_like(FRAME_SAMPLES * 50, 3);
     let active = vec![true; batch];
     let mut output = vec![0.0; batch * FRAME_SAMPLES];
@@ -218,6 +230,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         frames: options.frames,
         depformer_steps: lm.depformer_steps(),
         history,
+        cuda_graph_replayed: state.generator.replays_cuda_graph(),
         quant: format!("{:?}", options.quant),
         real_time_factor: total.p50 / FRAME_MS as f64,
         encode_ms: encode,

@@ -208,6 +208,19 @@ pub struct Generator {
     slots: Vec<Option<SlotState>>,
     /// Whether calls copy their text logits to the host (tests; it costs a transfer a call).
     record_text_logits: bool,
+    depformer_graph: GraphMode,
+}
+
+/// Whether a frame's depformer half (its draws and 8 steps) replays a CUDA graph.
+enum GraphMode {
+    Off,
+    /// Asked for; captured at the next frame that forces nothing on the drawn streams.
+    Pending,
+    #[cfg(feature = "cuda")]
+    Ready(super::graph::FrameGraph),
+    /// Capture failed or the replay disagreed with the eager frame: eager for good.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Failed,
 }
 
 /// A call between its temporal half and its depformer half.
@@ -238,7 +251,30 @@ impl Generator {
             depformer: model.depformer_state(batch, positions)?,
             slots: (0..batch).map(|_| None).collect(),
             record_text_logits: false,
+            depformer_graph: GraphMode::Off,
         })
+    }
+
+    /// Replays the depformer half of each frame as a CUDA graph (captured at the first frame
+    /// that forces nothing on the drawn streams, and checked once against that frame's eager
+    /// tokens; on any failure it logs why and stays eager).
+    pub fn use_cuda_graphs(&mut self, model: &LmModel) -> Result<()> {
+        if !cfg!(feature = "cuda") || !model.device().is_cuda() {
+            candle_core::bail!(
+                "CUDA graphs need a CUDA device and a build with the `cuda` feature"
+            );
+        }
+        self.depformer_graph = GraphMode::Pending;
+        Ok(())
+    }
+
+    /// Whether frames now replay the captured depformer graph.
+    pub fn replays_cuda_graph(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let GraphMode::Ready(_) = self.depformer_graph {
+            return true;
+        }
+        false
     }
 
     /// Makes every call return its text logits (`CallOutput::text_logits`).
@@ -450,14 +486,7 @@ impl Generator {
     ) -> Result<Vec<Column>> {
         let steps = model.depformer_steps();
         let plan = DrawPlan::new(&self.slots, prepared, running, steps + 1, model.device())?;
-        let mut drawn = vec![sampling::draw(text_logits, &plan.params(0)?)?];
-        self.depformer.reset();
-        for k in 0..steps {
-            let prev = plan.feed(k, &drawn[k])?;
-            let logits = model.depformer_step(k, hidden, &prev, &mut self.depformer, running)?;
-            drawn.push(sampling::draw(&logits, &plan.params(k + 1)?)?);
-        }
-        let drawn: Vec<Vec<u32>> = Tensor::stack(&drawn, 1)?.to_vec2()?;
+        let drawn = self.draw_tokens(model, hidden, text_logits, &plan, running)?;
         let mut generated = vec![[0i64; STREAMS]; self.slots.len()];
         for slot_idx in (0..self.slots.len()).filter(|&b| running[b]) {
             let slot = self.slots[slot_idx]
@@ -476,6 +505,126 @@ impl Generator {
         }
         Ok(generated)
     }
+}
+
+impl Generator {
+    /// The frame's drawn tokens `[slot][stream]`, from the graph when one replays.
+    fn draw_tokens(
+        &mut self,
+        model: &LmModel,
+        hidden: &Tensor,
+        text_logits: &Tensor,
+        plan: &DrawPlan,
+        running: &[bool],
+    ) -> Result<Vec<Vec<u32>>> {
+        #[cfg(feature = "cuda")]
+        if let Some(drawn) = self.replay_depformer(model, hidden, text_logits, plan, running)? {
+            return Ok(drawn);
+        }
+        draw_frame(
+            model,
+            &mut self.depformer,
+            hidden,
+            text_logits,
+            plan,
+            running,
+        )?
+        .to_vec2()
+    }
+
+    /// Replays the depformer graph, capturing it first if it is pending; `None` when this frame
+    /// runs eagerly.
+    #[cfg(feature = "cuda")]
+    fn replay_depformer(
+        &mut self,
+        model: &LmModel,
+        hidden: &Tensor,
+        text_logits: &Tensor,
+        plan: &DrawPlan,
+        running: &[bool],
+    ) -> Result<Option<Vec<Vec<u32>>>> {
+        use super::graph::FrameGraph;
+        if plan.forces_any() {
+            return Ok(None);
+        }
+        let inputs = [hidden, text_logits, &plan.ints, &plan.temperature];
+        match &self.depformer_graph {
+            GraphMode::Ready(graph) => return Ok(Some(graph.replay(&inputs)?.to_vec2()?)),
+            GraphMode::Pending => {}
+            GraphMode::Off | GraphMode::Failed => return Ok(None),
+        }
+        let eager: Vec<Vec<u32>> = draw_frame(
+            model,
+            &mut self.depformer,
+            hidden,
+            text_logits,
+            plan,
+            running,
+        )?
+        .to_vec2()?;
+        // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
+        // does not depend on which slots are open.
+        let all_rows = vec![true; running.len()];
+        let depformer = &mut self.depformer;
+        let captured = FrameGraph::capture(
+            &inputs,
+            (running.len(), plan.streams()),
+            DType::U32,
+            |buffers| {
+                let plan = plan.with_buffers(&buffers[2], &buffers[3]);
+                draw_frame(model, depformer, &buffers[0], &buffers[1], &plan, &all_rows)
+            },
+        )
+        .and_then(|graph| {
+            let replayed: Vec<Vec<u32>> = graph.replay(&inputs)?.to_vec2()?;
+            Ok((graph, replayed))
+        });
+        let agrees = |replayed: &[Vec<u32>]| {
+            (0..running.len())
+                .filter(|&b| running[b])
+                .all(|b| replayed[b] == eager[b])
+        };
+        self.depformer_graph = match captured {
+            Ok((graph, replayed)) if agrees(&replayed) => {
+                tracing::info!(
+                    batch = running.len(),
+                    "depformer CUDA graph captured; replaying it"
+                );
+                GraphMode::Ready(graph)
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    "the depformer graph's replay differs from the eager frame; staying eager"
+                );
+                GraphMode::Failed
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "capturing the depformer graph failed; staying eager");
+                GraphMode::Failed
+            }
+        };
+        Ok(Some(eager))
+    }
+}
+
+/// Draws the text token, runs the depformer steps and draws each codebook, all on the model's
+/// device: the frame's tokens `[batch, streams]` u32, still there.
+fn draw_frame(
+    model: &LmModel,
+    depformer: &mut DepformerState,
+    hidden: &Tensor,
+    text_logits: &Tensor,
+    plan: &DrawPlan,
+    running: &[bool],
+) -> Result<Tensor> {
+    let mut drawn = vec![sampling::draw(text_logits, &plan.params(0)?)?];
+    depformer.reset();
+    for k in 0..model.depformer_steps() {
+        let prev = plan.feed(k, &drawn[k])?;
+        let logits = model.depformer_step(k, hidden, &prev, depformer, running)?;
+        drawn.push(sampling::draw(&logits, &plan.params(k + 1)?)?);
+    }
+    Tensor::stack(&drawn, 1)
 }
 
 /// How one call draws its tokens: per drawn stream (text, then each depformer step) and slot,
@@ -514,10 +663,8 @@ impl DrawPlan {
                 let at = |field: usize| (field * streams + stream) * batch + slot_idx;
                 let slot = slots[slot_idx].as_ref().filter(|_| running[slot_idx]);
                 let Some((slot, (_, target))) = slot.zip(prepared[slot_idx]) else {
-                    // Idle rows: a greedy draw, fed token 0.
+                    // Idle rows: a greedy draw nobody reads.
                     ints[at(Self::TOP_K)] = 1;
-                    ints[at(Self::FORCED)] = 1;
-                    forced[stream].0 = true;
                     continue;
                 };
                 let setting = if stream == 0 {
@@ -542,6 +689,28 @@ impl DrawPlan {
             temperature: Tensor::from_vec(temperature, (streams, batch), device)?,
             forced,
         })
+    }
+
+    /// Streams drawn per call (text and each depformer step).
+    #[cfg(feature = "cuda")]
+    fn streams(&self) -> usize {
+        self.forced.len()
+    }
+
+    /// Whether any slot has a token forced on a drawn stream.
+    #[cfg(feature = "cuda")]
+    fn forces_any(&self) -> bool {
+        self.forced.iter().any(|(forced, _)| *forced)
+    }
+
+    /// This plan reading its numbers from other tensors of the same shapes (a graph's buffers).
+    #[cfg(feature = "cuda")]
+    fn with_buffers(&self, ints: &Tensor, temperature: &Tensor) -> Self {
+        Self {
+            ints: ints.clone(),
+            temperature: temperature.clone(),
+            forced: self.forced.clone(),
+        }
     }
 
     fn field(&self, field: usize, stream: usize) -> Result<Tensor> {

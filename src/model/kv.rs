@@ -261,7 +261,10 @@ impl RingCache {
         (longest.min(self.capacity as u64) as usize).max(1)
     }
 
+    /// The additive mask; all zeros (nothing hidden) is made on the device without a host
+    /// copy, which keeps the depformer's steps capturable in a CUDA graph.
     fn mask(&self, time: usize, len: usize, active: &[bool]) -> Result<Tensor> {
+        let shape = (self.ends.len(), 1, time, len);
         let mut mask = vec![0f32; self.ends.len() * time * len];
         for (slot_idx, rows) in mask.chunks_exact_mut(time * len).enumerate() {
             if !active[slot_idx] {
@@ -278,7 +281,10 @@ impl RingCache {
                 }
             }
         }
-        Tensor::from_vec(mask, (self.ends.len(), 1, time, len), &self.device)?.to_dtype(self.dtype)
+        if mask.iter().all(|&cell| cell == 0.0) {
+            return Tensor::zeros(shape, self.dtype, &self.device);
+        }
+        Tensor::from_vec(mask, shape, &self.device)?.to_dtype(self.dtype)
     }
 
     /// Whether ring entry `ring_idx` is visible to a query at `query_pos` after `end` writes,

@@ -9,6 +9,8 @@ pub mod cuda;
 pub mod depformer;
 pub mod files;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod graph;
 pub mod kv;
 pub mod lm;
 pub mod mimi;

@@ -87,6 +87,35 @@ fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     super::cuda::w8a16(xs, weight)
 }
 
+/// Whether `xs` goes through our fused kernels (`kernels/norm.cu`): bf16 on a GPU, unless
+/// `DUPLEX_KERNELS=candle` asks for candle's own ops (to compare the two in one benchmark run).
+fn fused(xs: &Tensor) -> bool {
+    static CANDLE_OPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle_ops =
+        *CANDLE_OPS.get_or_init(|| std::env::var("DUPLEX_KERNELS").is_ok_and(|v| v == "candle"));
+    cfg!(feature = "cuda") && xs.device().is_cuda() && xs.dtype() == DType::BF16 && !candle_ops
+}
+
+#[cfg(feature = "cuda")]
+fn rms_norm_fused(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    super::cuda::rms_norm(xs, alpha, eps)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn rms_norm_fused(_xs: &Tensor, _alpha: &Tensor, _eps: f32) -> Result<Tensor> {
+    unreachable!("fused kernels are only chosen in a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn swiglu_fused(gated: &Tensor) -> Result<Tensor> {
+    super::cuda::swiglu(gated)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn swiglu_fused(_gated: &Tensor) -> Result<Tensor> {
+    unreachable!("fused kernels are only chosen in a build with the `cuda` feature")
+}
+
 #[cfg(not(feature = "cuda"))]
 fn w8a16_device(_xs: &Tensor, _weight: &Int8Weight) -> Result<Tensor> {
     candle_core::bail!("int8 weights on this device need a build with the `cuda` feature")
@@ -110,6 +139,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if fused(xs) {
+            return rms_norm_fused(xs, &self.alpha, self.eps);
+        }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?.contiguous()?;
         candle_nn::ops::rms_norm(&xs, &self.alpha, self.eps)?.to_dtype(dtype)
@@ -156,6 +188,9 @@ impl SwiGlu {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gated = self.linear_in.forward(xs)?;
+        if fused(&gated) {
+            return self.linear_out.forward(&swiglu_fused(&gated)?);
+        }
         let hidden = gated.dim(D::Minus1)? / 2;
         let act = candle_nn::ops::silu(&gated.narrow(D::Minus1, 0, hidden)?)?;
         let up = gated.narrow(D::Minus1, hidden, hidden)?;

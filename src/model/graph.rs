@@ -1,0 +1,98 @@
+//! CUDA-graph capture and replay (`cuda` feature): a piece of a frame is captured once as a graph
+//! over persistent input and output buffers, then every later frame copies its inputs into those
+//! buffers and launches the graph — one launch instead of hundreds of kernel launches from the
+//! host.
+//!
+//! What may run inside a capture: kernels, device-to-device copies and memsets, allocations that
+//! are freed before the capture ends. Not: host transfers (no `Tensor::new`, no `to_vec`), and
+//! nothing whose shape or host-side branch changes between frames.
+
+use super::Result;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
+use candle_core::{DType, Device, Shape, Tensor};
+use std::sync::Arc;
+
+/// A captured computation with its persistent buffers.
+pub struct FrameGraph {
+    graph: CudaGraph,
+    inputs: Vec<Tensor>,
+    output: Tensor,
+}
+
+// SAFETY: a graph is not internally synchronised and must not be used from two threads at once;
+// `FrameGraph` owns its graph and is used through `&self` only by its owner, so moving it to
+// another thread (the engine moves to the step loop's) is sound.
+unsafe impl Send for FrameGraph {}
+
+fn stream(device: &Device) -> Result<Arc<CudaStream>> {
+    Ok(device.as_cuda_device()?.cuda_stream())
+}
+
+impl FrameGraph {
+    /// Captures `run` on persistent copies of `inputs`; its result (of `output_shape` and
+    /// `output_dtype`) is copied into a persistent output buffer inside the graph. `run` must
+    /// drop everything it allocates before it returns.
+    pub fn capture(
+        inputs: &[&Tensor],
+        output_shape: impl Into<Shape>,
+        output_dtype: DType,
+        run: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let Some(first) = inputs.first() else {
+            candle_core::bail!("a graph needs at least one input")
+        };
+        let device = first.device().clone();
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.copy()).collect::<Result<_>>()?;
+        let output = Tensor::zeros(output_shape, output_dtype, &device)?;
+        let stream = stream(&device)?;
+        stream.synchronize().w()?;
+        // Relaxed: a first use inside the capture (a module load, cuBLAS's workspace) may call
+        // APIs that global capture forbids.
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .w()?;
+        let captured = run(&inputs).and_then(|out| output.slice_set(&out, 0, 0));
+        // The capture must end even when the run failed, or the stream stays unusable.
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        captured?;
+        let Some(graph) = ended.w()? else {
+            candle_core::bail!("the capture recorded nothing")
+        };
+        graph.upload().w()?;
+        Ok(Self {
+            graph,
+            inputs,
+            output,
+        })
+    }
+
+    /// Copies `inputs` (the shapes and dtypes captured) into the graph's buffers, replays it and
+    /// returns its output buffer (overwritten by the next replay).
+    pub fn replay(&self, inputs: &[&Tensor]) -> Result<&Tensor> {
+        if inputs.len() != self.inputs.len() {
+            candle_core::bail!(
+                "a graph of {} inputs replayed with {}",
+                self.inputs.len(),
+                inputs.len()
+            );
+        }
+        for (buffer, input) in self.inputs.iter().zip(inputs) {
+            if buffer.shape() != input.shape() || buffer.dtype() != input.dtype() {
+                candle_core::bail!(
+                    "a graph captured for {:?} {:?} replayed with {:?} {:?}",
+                    buffer.dtype(),
+                    buffer.shape(),
+                    input.dtype(),
+                    input.shape()
+                );
+            }
+            buffer.slice_set(&input.contiguous()?, 0, 0)?;
+        }
+        self.graph.launch().w()?;
+        Ok(&self.output)
+    }
+}
