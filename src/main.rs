@@ -72,6 +72,36 @@ struct ModelArgs {
     /// bf16; on the GPU the w8a16 kernel, on the CPU its reference).
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
+    /// Where the model runs: the first CUDA GPU when this build has the `cuda` feature and the
+    /// driver shows one (bf16), else the CPU (f32).
+    #[arg(long, value_enum, default_value = "auto", env = "DUPLEX_DEVICE")]
+    device: DeviceArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// The GPU if there is one this build can use, else the CPU.
+    Auto,
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// The first CUDA GPU, or why there is none to use.
+fn cuda_device() -> Result<candle_core::Device> {
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "this build has no CUDA support: build with `cargo build --release --features cuda`"
+        );
+    }
+    let report = duplex::doctor::gpu::probe();
+    if report.devices.is_empty() {
+        anyhow::bail!(
+            "no CUDA GPU: {}",
+            report.problem.as_deref().unwrap_or("the driver lists none")
+        );
+    }
+    candle_core::Device::new_cuda(0).context("opening CUDA GPU 0")
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -93,16 +123,32 @@ impl From<QuantArg> for duplex::model::quant::Quant {
 }
 
 impl ModelArgs {
-    fn pipeline_config(&self) -> PipelineConfig {
+    fn pipeline_config(&self) -> Result<PipelineConfig> {
         let positions = if self.exact_window {
             RingPositions::Exact
         } else {
             RingPositions::PersonaPlex
         };
-        PipelineConfig {
+        let device = match self.device {
+            DeviceArg::Cpu => candle_core::Device::Cpu,
+            DeviceArg::Cuda => cuda_device()?,
+            DeviceArg::Auto => cuda_device().unwrap_or_else(|why| {
+                tracing::info!("the model runs on the CPU ({why:#})");
+                candle_core::Device::Cpu
+            }),
+        };
+        let dtype = if device.is_cuda() {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        };
+        Ok(PipelineConfig {
+            device,
+            dtype,
             positions,
+            quant: self.quant.into(),
             ..Default::default()
-        }
+        })
     }
 
     fn sampling(&self) -> SamplingConfig {
@@ -492,9 +538,10 @@ async fn start_personaplex(
     let (files, model) = (files.clone(), args.model.clone());
     let slots = args.max_sessions;
     let engine = tokio::task::spawn_blocking(move || -> Result<PersonaPlexEngine> {
-        tracing::info!(dir = %files.dir.display(), "loading PersonaPlex (f32 on the CPU); this can take a while");
+        let cfg = model.pipeline_config()?;
+        tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({}); this can take a while", cfg.describe());
         let started = std::time::Instant::now();
-        let pipeline = Pipeline::load(&files, &model.pipeline_config()).context("loading the model")?;
+        let pipeline = Pipeline::load(&files, &cfg).context("loading the model")?;
         tracing::info!(seconds = started.elapsed().as_secs_f32(), "model loaded");
         let name = files.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| model.repo.clone());
         let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name: name, pin_persona: model.pin_persona };
@@ -533,8 +580,9 @@ async fn local(args: LocalArgs) -> Result<()> {
     let (model, delay) = (args.model.clone(), args.echo_delay_frames);
     tokio::task::spawn_blocking(move || match files {
         Some(files) => {
-            tracing::info!(dir = %files.dir.display(), "loading PersonaPlex (f32 on the CPU)");
-            let pipeline = Pipeline::load(&files, &model.pipeline_config())?;
+            let cfg = model.pipeline_config()?;
+            tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({})", cfg.describe());
+            let pipeline = Pipeline::load(&files, &cfg)?;
             let options = PersonaPlexOptions {
                 slots: 1,
                 sampling: model.sampling(),
@@ -612,7 +660,7 @@ fn offline(args: OfflineArgs) -> Result<()> {
         prompt: args.prompt,
         seed: args.seed,
         greedy: args.model.greedy,
-        pipeline: args.model.pipeline_config(),
+        pipeline: args.model.pipeline_config()?,
     };
     let report = duplex::offline::run(&options)?;
     tracing::info!(frames = report.frames.len(), output = %args.output.display(), "done");

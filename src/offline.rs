@@ -59,7 +59,7 @@ pub struct OfflineReport {
 /// Runs the whole conversation and writes the outputs.
 pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
     let files = ModelFiles::locate(options.model_dir.as_deref(), DEFAULT_REPO)?;
-    tracing::info!(dir = %files.dir.display(), "loading the model (f32 on the CPU)");
+    tracing::info!(dir = %files.dir.display(), "loading the model ({})", options.pipeline.describe());
     let pipeline = Pipeline::load(&files, &options.pipeline).context("loading the model")?;
     let input = read_24k(&options.input)?;
     let (voice, voice_name) = voice_prompt(&pipeline, options)?;

@@ -167,3 +167,36 @@ fn a_voice_recording_can_be_the_voice_prompt() {
     .to_string();
     assert!(err.contains("shorter voice recording"), "{err}");
 }
+
+/// `--device cuda` in a build without the `cuda` feature says how to get one instead of quietly
+/// running on the CPU; `--device cpu` runs.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn asking_for_a_gpu_in_a_cpu_build_is_a_clear_error() {
+    let out = scratch("device");
+    let input = out.join("user.wav");
+    std::fs::copy(tiny::fixtures().join("persona_user.wav"), &input).unwrap();
+    let offline = |device: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args(["offline", "--device", device, "--greedy", "--prompt", "hi"])
+            .arg("--model-dir")
+            .arg(tiny::fixtures().join("tiny"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(out.join(format!("agent-{device}.wav")))
+            .env_remove("DUPLEX_DEVICE")
+            .output()
+            .unwrap()
+    };
+    let gpu = offline("cuda");
+    let stderr = String::from_utf8_lossy(&gpu.stderr);
+    assert!(!gpu.status.success());
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+    let cpu = offline("cpu");
+    assert!(
+        cpu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cpu.stderr)
+    );
+}

@@ -159,7 +159,10 @@ impl Engine for PersonaPlexEngine {
             name: "personaplex",
             model: Some(self.options.model_name.clone()),
             delay_frames: 1,
-            notice: None,
+            notice: self.pipeline.lm.device().is_cpu().then(|| {
+                "PersonaPlex runs on the CPU here (no GPU this build can use): replies may lag"
+                    .to_string()
+            }),
             catalog,
         }
     }

@@ -29,6 +29,19 @@ pub struct PipelineConfig {
     pub quant: Quant,
 }
 
+impl PipelineConfig {
+    /// Where and how the model runs, for the log: `bf16 on the GPU, int8 weights`.
+    pub fn describe(&self) -> String {
+        let place = if self.device.is_cuda() { "GPU" } else { "CPU" };
+        let dtype = format!("{:?}", self.dtype).to_lowercase();
+        let weights = match self.quant {
+            Quant::None => dtype.clone(),
+            Quant::Int8 => "int8".to_string(),
+        };
+        format!("{dtype} on the {place}, {weights} weights")
+    }
+}
+
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
