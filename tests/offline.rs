@@ -200,3 +200,20 @@ fn asking_for_a_gpu_in_a_cpu_build_is_a_clear_error() {
         String::from_utf8_lossy(&cpu.stderr)
     );
 }
+
+/// The engine serves only as many conversations as the free memory holds: each keeps its whole
+/// attention window, and a tenth plus 1 GiB stay back for a step's work.
+#[test]
+fn conversations_are_capped_by_the_memory_their_state_needs() {
+    use duplex::model::files::{DEFAULT_REPO, ModelFiles};
+    use duplex::model::pipeline::Pipeline;
+    let files = ModelFiles::locate(Some(&tiny::fixtures().join("tiny")), DEFAULT_REPO).unwrap();
+    let pipeline = Pipeline::load(&files, &PipelineConfig::default()).unwrap();
+    let per_slot = pipeline.slot_state_bytes();
+    let lm = pipeline.lm.config();
+    assert!(per_slot >= (2 * lm.num_layers * lm.context * lm.dim * 4) as u64);
+    let gib = 1u64 << 30;
+    assert_eq!(pipeline.slots_that_fit(gib), 0, "1 GiB is kept back");
+    let room_for_ten = (gib + 10 * per_slot + per_slot / 2) / 9 * 10 + 10;
+    assert_eq!(pipeline.slots_that_fit(room_for_ten), 10);
+}

@@ -49,7 +49,10 @@ impl PromptCounter for TokenCounter {
 }
 
 impl PersonaPlexEngine {
-    pub fn new(pipeline: Pipeline, options: PersonaPlexOptions) -> Result<Self, EngineError> {
+    /// Builds the engine with as many of `options.slots` conversations as the device's free
+    /// memory holds (each keeps a whole attention window: 1.6 GB in bf16 for the 7B).
+    pub fn new(pipeline: Pipeline, mut options: PersonaPlexOptions) -> Result<Self, EngineError> {
+        options.slots = slots_that_fit(&pipeline, options.slots)?;
         let state = pipeline.state(options.slots).map_err(model_error)?;
         Ok(Self {
             pipeline: Arc::new(pipeline),
@@ -136,6 +139,33 @@ impl PersonaPlexEngine {
             None => rand::random(),
         }
     }
+}
+
+/// `requested` slots, or as many as the free memory holds; an error when not even one fits.
+fn slots_that_fit(pipeline: &Pipeline, requested: usize) -> Result<usize, EngineError> {
+    let device = pipeline.lm.device();
+    let free = crate::model::memory::available(device).map_err(model_error)?;
+    let fit = pipeline.slots_that_fit(free);
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    let per_slot = pipeline.slot_state_bytes();
+    if fit == 0 {
+        return Err(EngineError(format!(
+            "not enough memory for one conversation: its state needs {:.2} GiB and {:.2} GiB are \
+             free on {device:?}",
+            gib(per_slot),
+            gib(free)
+        )));
+    }
+    if fit < requested {
+        tracing::warn!(
+            requested,
+            serving = fit,
+            per_slot_gib = gib(per_slot),
+            free_gib = gib(free),
+            "fewer conversations at once than asked: that many fit the free memory"
+        );
+    }
+    Ok(requested.min(fit))
 }
 
 fn model_error(err: candle_core::Error) -> EngineError {

@@ -79,6 +79,15 @@ impl LmModel {
         self.dtype
     }
 
+    /// Bytes of one slot's attention caches: keys and values of every temporal layer over the
+    /// context, and of every depformer layer over one frame's steps.
+    pub fn slot_state_bytes(&self) -> u64 {
+        let cfg = &self.cfg;
+        let temporal = cfg.num_layers * cfg.context * cfg.dim;
+        let depformer = cfg.depformer_num_layers * cfg.dep_q * cfg.depformer_dim;
+        (2 * (temporal + depformer) * self.dtype.size_in_bytes()) as u64
+    }
+
     pub fn depformer_steps(&self) -> usize {
         self.depformer.num_steps()
     }

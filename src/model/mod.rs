@@ -13,6 +13,7 @@ pub mod generate;
 pub mod graph;
 pub mod kv;
 pub mod lm;
+pub mod memory;
 pub mod mimi;
 pub mod nn;
 pub mod persona;

@@ -180,6 +180,18 @@ impl Pipeline {
         generator.snapshot(0)
     }
 
+    /// Bytes one more conversation's streaming state takes.
+    pub fn slot_state_bytes(&self) -> u64 {
+        self.lm.slot_state_bytes() + self.mimi.slot_state_bytes()
+    }
+
+    /// How many conversations' states fit in `available` bytes, keeping a tenth and 1 GiB back
+    /// for a step's activations.
+    pub fn slots_that_fit(&self, available: u64) -> usize {
+        let budget = (available / 10 * 9).saturating_sub(1 << 30);
+        (budget / self.slot_state_bytes().max(1)) as usize
+    }
+
     /// Streaming state for `batch` conversations.
     pub fn state(&self, batch: usize) -> Result<PipelineState> {
         PipelineState::new(self.models(), batch, self.positions)

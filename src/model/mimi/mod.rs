@@ -160,6 +160,14 @@ impl Mimi {
         })
     }
 
+    /// Bytes of one slot's streaming state: the encoder's and the decoder's attention rings (f32;
+    /// the convolutions' few frames of history are small beside them).
+    pub fn slot_state_bytes(&self) -> u64 {
+        let t = &self.cfg.transformer;
+        let ring = t.num_layers * t.context.unwrap_or(0) * t.d_model;
+        (2 * 2 * ring * std::mem::size_of::<f32>()) as u64
+    }
+
     pub fn config(&self) -> &MimiConfig {
         &self.cfg
     }
