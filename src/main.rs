@@ -373,6 +373,10 @@ struct StepArgs {
     /// Sessions stepped together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Of those, how many are in a conversation (the first ones; default: all): an engine sized
+    /// for many sessions with few of them busy.
+    #[arg(long)]
+    busy: Option<usize>,
     /// Frames to time (after 3 warm-up frames).
     #[arg(long, default_value_t = 50)]
     frames: usize,
@@ -747,6 +751,7 @@ fn bench_step(args: StepArgs) -> Result<()> {
         device,
         dtype,
         batch: args.batch,
+        busy: args.busy,
         frames: args.frames,
         dep_steps: args.dep_steps,
         history: args.history,

@@ -105,23 +105,29 @@ fn user_frame(codes: &Tensor, frame: usize) -> [i64; 8] {
 
 /// PyPI LMGen (8 depformer steps) returns at call t what PersonaPlex returns at call t + 1.
 fn greedy_stream(positions: RingPositions, tokens_key: &str) {
+    greedy_stream_in_slot(positions, tokens_key, 1, 0);
+}
+
+/// The same, from slot `slot` of a generator of `batch` slots (the others idle).
+fn greedy_stream_in_slot(positions: RingPositions, tokens_key: &str, batch: usize, slot: usize) {
     let fx = tiny::load("lm_greedy.safetensors");
     let model = tiny::cpu_model(8);
-    let mut generator = Generator::new(&model, 1, model.config().context, positions).unwrap();
-    generator.open(0, 0, SamplingConfig::GREEDY);
+    let mut generator = Generator::new(&model, batch, model.config().context, positions).unwrap();
+    generator.open(slot, 0, SamplingConfig::GREEDY);
     let frames = fx["user_codes"].dim(1).unwrap();
     let expected = &fx[tokens_key];
     let valid: Vec<i64> = fx["out_valid"].to_vec1().unwrap();
     let mut compared = 0;
     for frame in 0..frames {
-        let input = CallInput::Tokens(Forced {
+        let mut inputs = vec![None; batch];
+        inputs[slot] = Some(CallInput::Tokens(Forced {
             user: Some(user_frame(&fx["user_codes"], frame)),
             ..Default::default()
-        });
+        }));
         let out = generator
-            .step(&model, &[Some(input)])
+            .step(&model, &inputs)
             .unwrap()
-            .remove(0)
+            .remove(slot)
             .unwrap();
         // Our call `frame` corresponds to PyPI's call `frame - 1`.
         let Some(reference_call) = frame.checked_sub(1) else {
@@ -156,4 +162,12 @@ fn greedy_tokens_match_pypi_lmgen_one_call_later_with_exact_positions() {
 #[test]
 fn greedy_tokens_match_pypi_lmgen_one_call_later_with_personaplex_positions() {
     greedy_stream(RingPositions::PersonaPlex, "out_tokens_pp");
+}
+
+/// A call computes only the rows up to its last busy slot (rounded up to a power of two): slot
+/// 2 of 7 runs in a 4-row step, slot 6 in the full 7, and both give the reference's tokens.
+#[test]
+fn greedy_tokens_match_from_any_slot_of_a_larger_batch() {
+    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 7, 2);
+    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 7, 6);
 }

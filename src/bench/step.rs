@@ -27,6 +27,8 @@ pub struct StepBenchOptions {
     pub device: Device,
     pub dtype: DType,
     pub batch: usize,
+    /// Slots in a conversation (the first ones; `None`: all).
+    pub busy: Option<usize>,
     pub frames: usize,
     pub dep_steps: usize,
     /// Frames of history each session starts with (`None`: the model's whole context).
@@ -43,6 +45,7 @@ pub struct StepBenchReport {
     pub device: String,
     pub dtype: String,
     pub batch: usize,
+    pub busy: usize,
     pub frames: usize,
     pub depformer_steps: usize,
     /// Temporal positions each session's attention read (its history when timing started).
@@ -77,13 +80,14 @@ impl StepBenchReport {
         };
         [
             format!(
-                "bench step: {} ({} weights) on {} {}, batch {}, {} frames, {} depformer steps, \
-                 history {} frames, CUDA graph {}",
+                "bench step: {} ({} weights) on {} {}, batch {} ({} busy), {} frames, {} depformer \
+                 steps, history {} frames, CUDA graph {}",
                 self.config,
                 self.weights,
                 self.device,
                 self.dtype,
                 self.batch,
+                self.busy,
                 self.frames,
                 self.depformer_steps,
                 self.history,
@@ -176,7 +180,8 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         state.generator.use_cuda_graphs(&lm)?;
     }
     let speech = signal::speech_like(FRAME_SAMPLES * 50, 3);
-    let active = vec![true; batch];
+    let busy = options.busy.unwrap_or(batch).min(batch);
+    let active: Vec<bool> = (0..batch).map(|slot| slot < busy).collect();
     let mut output = vec![0.0; batch * FRAME_SAMPLES];
     let mut stages: [Vec<f64>; 5] = Default::default();
     let warm_up = 3;
@@ -227,6 +232,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         device: format!("{:?}", options.device),
         dtype: format!("{:?}", options.dtype),
         batch,
+        busy,
         frames: options.frames,
         depformer_steps: lm.depformer_steps(),
         history,

@@ -63,17 +63,20 @@ impl PersonaPlexEngine {
         })
     }
 
-    /// Prefills `persona` (the default one) and runs `frames` silent frames on slot 0, so the
-    /// first session starts at once; returns the slowest step, which sets the output phase.
+    /// Prefills `persona` (the default one) and runs `frames` silent frames with every slot
+    /// busy, so the first session starts at once; returns the slowest step — a full engine's,
+    /// since a step computes only the slots up to the last busy one — which sets the output
+    /// phase.
     pub fn warm_up(
         &mut self,
         persona: &Persona,
         frames: usize,
     ) -> Result<std::time::Duration, EngineError> {
-        self.open_slot(0, persona)?;
         let slots = self.options.slots;
-        let mut active = vec![false; slots];
-        active[0] = true;
+        for slot in 0..slots {
+            self.open_slot(slot, persona)?;
+        }
+        let active = vec![true; slots];
         let input = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
         let mut output = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
         let mut slowest = std::time::Duration::ZERO;
@@ -88,7 +91,7 @@ impl PersonaPlexEngine {
             })?;
             slowest = slowest.max(started.elapsed());
         }
-        self.close_slot(0);
+        (0..slots).for_each(|slot| self.close_slot(slot));
         Ok(slowest)
     }
 

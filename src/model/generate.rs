@@ -214,13 +214,28 @@ pub struct Generator {
 /// Whether a frame's depformer half (its draws and 8 steps) replays a CUDA graph.
 enum GraphMode {
     Off,
-    /// Asked for; captured at the next frame that forces nothing on the drawn streams.
-    Pending,
-    #[cfg(feature = "cuda")]
-    Ready(super::graph::FrameGraph),
-    /// Capture failed or the replay disagreed with the eager frame: eager for good.
+    /// One graph per row bucket, each captured at the first frame of that bucket that forces
+    /// nothing on the drawn streams.
+    On(GraphCache),
+    /// Capture failed or a replay disagreed with the eager frame: eager for good.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Failed,
+}
+
+#[derive(Default)]
+struct GraphCache {
+    #[cfg(feature = "cuda")]
+    graphs: std::collections::BTreeMap<usize, super::graph::FrameGraph>,
+}
+
+/// The rows a call computes: the slots up to the last running one, rounded up to a power of two
+/// (so idle slots past the busy ones cost nothing, and a few shapes — one CUDA graph each —
+/// cover every occupancy).
+fn rows_to_run(running: &[bool]) -> usize {
+    match running.iter().rposition(|r| *r) {
+        Some(last) => (last + 1).next_power_of_two().min(running.len()),
+        None => 0,
+    }
 }
 
 /// A call between its temporal half and its depformer half.
@@ -228,6 +243,8 @@ pub struct PendingCall {
     prepared: Vec<Option<(usize, usize)>>,
     running: Vec<bool>,
     had_input: Vec<bool>,
+    /// The rows (slots from 0) the model computes (`rows_to_run`).
+    rows: usize,
     /// The temporal output `[batch, dim]` and text logits `[batch, text_card]`, when the model ran.
     temporal: Option<(Tensor, Tensor)>,
 }
@@ -264,15 +281,15 @@ impl Generator {
                 "CUDA graphs need a CUDA device and a build with the `cuda` feature"
             );
         }
-        self.depformer_graph = GraphMode::Pending;
+        self.depformer_graph = GraphMode::On(GraphCache::default());
         Ok(())
     }
 
-    /// Whether frames now replay the captured depformer graph.
+    /// Whether frames now replay a captured depformer graph.
     pub fn replays_cuda_graph(&self) -> bool {
         #[cfg(feature = "cuda")]
-        if let GraphMode::Ready(_) = self.depformer_graph {
-            return true;
+        if let GraphMode::On(cache) = &self.depformer_graph {
+            return !cache.graphs.is_empty();
         }
         false
     }
@@ -388,16 +405,18 @@ impl Generator {
             }
         }
         let running: Vec<bool> = prepared.iter().map(Option::is_some).collect();
+        let rows = rows_to_run(&running);
         let mut pending = PendingCall {
             prepared,
             running,
+            rows,
             temporal: None,
             had_input: inputs.iter().map(Option::is_some).collect(),
         };
-        if pending.running.iter().any(|r| *r) {
-            let emb = self.input_embeddings(model, &columns, &embeddings)?;
+        if rows > 0 {
+            let emb = self.input_embeddings(model, &columns[..rows], &embeddings[..rows])?;
             let (hidden, text_logits) =
-                model.temporal(&emb, &mut self.temporal, &pending.running)?;
+                model.temporal(&emb, &mut self.temporal, &pending.running[..rows])?;
             pending.temporal = Some((hidden.squeeze(1)?, text_logits.squeeze(1)?));
         }
         Ok(pending)
@@ -422,19 +441,21 @@ impl Generator {
         let Some((hidden, text_logits)) = &pending.temporal else {
             return Ok(outputs);
         };
+        let rows = pending.rows;
         let generated = self.generate(
             model,
             hidden,
             text_logits,
-            &pending.prepared,
-            &pending.running,
+            &pending.prepared[..rows],
+            &pending.running[..rows],
         )?;
-        let mut text_logits: Vec<Option<Vec<f32>>> = if self.record_text_logits {
-            let rows: Vec<Vec<f32>> = text_logits.to_dtype(DType::F32)?.to_vec2()?;
-            rows.into_iter().map(Some).collect()
-        } else {
-            vec![None; self.slots.len()]
-        };
+        let mut logits_out: Vec<Option<Vec<f32>>> = vec![None; self.slots.len()];
+        if self.record_text_logits {
+            let logits: Vec<Vec<f32>> = text_logits.to_dtype(DType::F32)?.to_vec2()?;
+            for (slot, row) in logits_out.iter_mut().zip(logits) {
+                *slot = Some(row);
+            }
+        }
         let delays = &model.config().delays;
         for slot_idx in (0..self.slots.len()).filter(|&b| pending.running[b]) {
             let slot = self.slots[slot_idx]
@@ -448,7 +469,7 @@ impl Generator {
             out.tokens = slot
                 .tokens
                 .finish(input_col, target_col, &generated[slot_idx], delays);
-            out.text_logits = text_logits[slot_idx].take();
+            out.text_logits = logits_out[slot_idx].take();
         }
         Ok(outputs)
     }
@@ -485,10 +506,17 @@ impl Generator {
         running: &[bool],
     ) -> Result<Vec<Column>> {
         let steps = model.depformer_steps();
-        let plan = DrawPlan::new(&self.slots, prepared, running, steps + 1, model.device())?;
+        let rows = running.len();
+        let plan = DrawPlan::new(
+            &self.slots[..rows],
+            prepared,
+            running,
+            steps + 1,
+            model.device(),
+        )?;
         let drawn = self.draw_tokens(model, hidden, text_logits, &plan, running)?;
         let mut generated = vec![[0i64; STREAMS]; self.slots.len()];
-        for slot_idx in (0..self.slots.len()).filter(|&b| running[b]) {
+        for slot_idx in (0..rows).filter(|&b| running[b]) {
             let slot = self.slots[slot_idx]
                 .as_mut()
                 .expect("running slots are open");
@@ -548,9 +576,13 @@ impl Generator {
             return Ok(None);
         }
         let inputs = [hidden, text_logits, &plan.ints, &plan.temperature];
+        let rows = running.len();
         match &self.depformer_graph {
-            GraphMode::Ready(graph) => return Ok(Some(graph.replay(&inputs)?.to_vec2()?)),
-            GraphMode::Pending => {}
+            GraphMode::On(cache) => {
+                if let Some(graph) = cache.graphs.get(&rows) {
+                    return Ok(Some(graph.replay(&inputs)?.to_vec2()?));
+                }
+            }
             GraphMode::Off | GraphMode::Failed => return Ok(None),
         }
         let eager: Vec<Vec<u32>> = draw_frame(
@@ -563,46 +595,40 @@ impl Generator {
         )?
         .to_vec2()?;
         // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
-        // does not depend on which slots are open.
-        let all_rows = vec![true; running.len()];
+        // depends only on the number of rows.
+        let all_rows = vec![true; rows];
         let depformer = &mut self.depformer;
-        let captured = FrameGraph::capture(
-            &inputs,
-            (running.len(), plan.streams()),
-            DType::U32,
-            |buffers| {
+        let captured =
+            FrameGraph::capture(&inputs, (rows, plan.streams()), DType::U32, |buffers| {
                 let plan = plan.with_buffers(&buffers[2], &buffers[3]);
                 draw_frame(model, depformer, &buffers[0], &buffers[1], &plan, &all_rows)
-            },
-        )
-        .and_then(|graph| {
-            let replayed: Vec<Vec<u32>> = graph.replay(&inputs)?.to_vec2()?;
-            Ok((graph, replayed))
-        });
+            })
+            .and_then(|graph| {
+                let replayed: Vec<Vec<u32>> = graph.replay(&inputs)?.to_vec2()?;
+                Ok((graph, replayed))
+            });
         let agrees = |replayed: &[Vec<u32>]| {
             (0..running.len())
                 .filter(|&b| running[b])
                 .all(|b| replayed[b] == eager[b])
         };
-        self.depformer_graph = match captured {
-            Ok((graph, replayed)) if agrees(&replayed) => {
-                tracing::info!(
-                    batch = running.len(),
-                    "depformer CUDA graph captured; replaying it"
-                );
-                GraphMode::Ready(graph)
+        match (captured, &mut self.depformer_graph) {
+            (Ok((graph, replayed)), GraphMode::On(cache)) if agrees(&replayed) => {
+                tracing::info!(rows, "depformer CUDA graph captured; replaying it");
+                cache.graphs.insert(rows, graph);
             }
-            Ok(_) => {
+            (Ok(_), _) => {
                 tracing::warn!(
+                    rows,
                     "the depformer graph's replay differs from the eager frame; staying eager"
                 );
-                GraphMode::Failed
+                self.depformer_graph = GraphMode::Failed;
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "capturing the depformer graph failed; staying eager");
-                GraphMode::Failed
+            (Err(err), _) => {
+                tracing::warn!(rows, error = %err, "capturing the depformer graph failed; staying eager");
+                self.depformer_graph = GraphMode::Failed;
             }
-        };
+        }
         Ok(Some(eager))
     }
 }
@@ -752,5 +778,25 @@ fn embedding_forcing(initial: &Column) -> Forced {
         text: Some(TEXT_PAD),
         agent: Some(agent),
         user: Some(user),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_to_run;
+
+    #[test]
+    fn a_call_computes_up_to_its_last_busy_slot_in_powers_of_two() {
+        let busy = |slots: &[usize], batch: usize| {
+            let mut running = vec![false; batch];
+            slots.iter().for_each(|&s| running[s] = true);
+            rows_to_run(&running)
+        };
+        assert_eq!(busy(&[], 64), 0);
+        assert_eq!(busy(&[0], 64), 1);
+        assert_eq!(busy(&[0, 2], 64), 4);
+        assert_eq!(busy(&[4], 64), 8);
+        assert_eq!(busy(&[6], 7), 7, "never more than the batch");
+        assert_eq!(busy(&[40], 64), 64);
     }
 }

@@ -163,16 +163,20 @@ impl RingCache {
         self.pinned.fill(0);
     }
 
-    /// Starts a step of `time` tokens: every active slot advances by `time`. The returned plan
+    /// Starts a step of `time` tokens for the first `active.len()` slots (the rows the step
+    /// computes; the rest sit it out): every active one advances by `time`. The returned plan
     /// says where each layer's `append` writes and what its queries see.
     pub fn begin(&mut self, time: usize, active: &[bool]) -> Result<RingStep> {
-        let positions = self
-            .ends
+        let rows = active.len();
+        if rows > self.ends.len() {
+            candle_core::bail!("a step of {rows} rows on a cache of {}", self.ends.len());
+        }
+        let positions = self.ends[..rows]
             .iter()
             .map(|&end| (end..end + time as u64).collect())
             .collect();
-        let mut writes = vec![None; self.ends.len()];
-        for slot_idx in (0..self.ends.len()).filter(|&b| active[b]) {
+        let mut writes = vec![None; rows];
+        for slot_idx in (0..rows).filter(|&b| active[b]) {
             let region = self.pinned[slot_idx]..self.capacity;
             if time >= region.len() {
                 candle_core::bail!(
@@ -185,13 +189,13 @@ impl RingCache {
             writes[slot_idx] = Some((start, region));
             self.ends[slot_idx] += time as u64;
         }
-        let len = self.visible_len();
+        let len = self.visible_len(rows);
         Ok(RingStep {
             writes,
             len,
             positions,
             mask: self.mask(time, len, active)?,
-            pinned_rotation: self.pinned_rotation()?,
+            pinned_rotation: self.pinned_rotation(rows)?,
         })
     }
 
@@ -199,6 +203,7 @@ impl RingCache {
     /// returns what its queries attend to.
     pub fn append(&self, layer: usize, step: &RingStep, k: &Tensor, v: &Tensor) -> Result<Attend> {
         let (ring_k, ring_v) = &self.layers[layer];
+        let rows = step.writes.len();
         for (slot_idx, write) in step.writes.iter().enumerate() {
             let Some((start, region)) = write else {
                 continue;
@@ -206,14 +211,14 @@ impl RingCache {
             write_ring(ring_k, &k.narrow(0, slot_idx, 1)?, slot_idx, *start, region)?;
             write_ring(ring_v, &v.narrow(0, slot_idx, 1)?, slot_idx, *start, region)?;
         }
-        let keys = ring_k.narrow(2, 0, step.len)?;
+        let keys = ring_k.narrow(0, 0, rows)?.narrow(2, 0, step.len)?;
         let keys = match &step.pinned_rotation {
             Some((longest, rotation)) => rotate_prefix(keys, *longest, rotation)?,
             None => keys,
         };
         Ok(Attend {
             k: keys,
-            v: ring_v.narrow(2, 0, step.len)?,
+            v: ring_v.narrow(0, 0, rows)?.narrow(2, 0, step.len)?,
             mask: step.mask.clone(),
         })
     }
@@ -228,17 +233,17 @@ impl RingCache {
         }
     }
 
-    /// The rotation that moves every pinned prefix to sit just before its window, when any has
-    /// to move.
-    fn pinned_rotation(&self) -> Result<Option<(usize, RopeTables)>> {
+    /// The rotation that moves the pinned prefix of each of the first `rows` slots to sit just
+    /// before its window, when any has to move.
+    fn pinned_rotation(&self, rows: usize) -> Result<Option<(usize, RopeTables)>> {
         let Some(rope) = &self.rope else {
             return Ok(None);
         };
-        let longest = self.pinned.iter().copied().max().unwrap_or(0);
-        if longest == 0 || (0..self.ends.len()).all(|b| self.pin_shift(b) == 0) {
+        let longest = self.pinned[..rows].iter().copied().max().unwrap_or(0);
+        if longest == 0 || (0..rows).all(|b| self.pin_shift(b) == 0) {
             return Ok(None);
         }
-        let positions: Vec<Vec<u64>> = (0..self.ends.len())
+        let positions: Vec<Vec<u64>> = (0..rows)
             .map(|b| {
                 (0..longest)
                     .map(|i| {
@@ -255,17 +260,18 @@ impl RingCache {
         Ok(Some((longest, tables)))
     }
 
-    /// Ring entries any slot has written (all of them once one slot has wrapped).
-    fn visible_len(&self) -> usize {
-        let longest = self.ends.iter().copied().max().unwrap_or(0);
+    /// Ring entries any of the first `rows` slots has written (all of them once one has
+    /// wrapped).
+    fn visible_len(&self, rows: usize) -> usize {
+        let longest = self.ends[..rows].iter().copied().max().unwrap_or(0);
         (longest.min(self.capacity as u64) as usize).max(1)
     }
 
     /// The additive mask; all zeros (nothing hidden) is made on the device without a host
     /// copy, which keeps the depformer's steps capturable in a CUDA graph.
     fn mask(&self, time: usize, len: usize, active: &[bool]) -> Result<Tensor> {
-        let shape = (self.ends.len(), 1, time, len);
-        let mut mask = vec![0f32; self.ends.len() * time * len];
+        let shape = (active.len(), 1, time, len);
+        let mut mask = vec![0f32; active.len() * time * len];
         for (slot_idx, rows) in mask.chunks_exact_mut(time * len).enumerate() {
             if !active[slot_idx] {
                 continue;
