@@ -231,7 +231,7 @@ struct GraphCache {
 /// The rows a call computes: the slots up to the last running one, rounded up to a power of two
 /// (so idle slots past the busy ones cost nothing, and a few shapes — one CUDA graph each —
 /// cover every occupancy).
-fn rows_to_run(running: &[bool]) -> usize {
+pub fn rows_to_run(running: &[bool]) -> usize {
     match running.iter().rposition(|r| *r) {
         Some(last) => (last + 1).next_power_of_two().min(running.len()),
         None => 0,

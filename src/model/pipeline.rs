@@ -5,7 +5,7 @@ use super::Result;
 use super::checkpoint::Checkpoint;
 use super::config::LmConfig;
 use super::files::ModelFiles;
-use super::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot};
+use super::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot, rows_to_run};
 use super::kv::RingPositions;
 use super::lm::{Column, LmModel};
 use super::mimi::{DecoderState, EncoderState, Mimi, MimiConfig};
@@ -291,7 +291,8 @@ impl PipelineState {
     }
 
     /// One frame for every active slot: `pcm_in`/`pcm_out` hold one frame per slot, back to back.
-    /// `mark` is called as each stage ends (for timing).
+    /// Only the slots up to the last active one are computed (`rows_to_run`). `mark` is called
+    /// as each stage ends (for timing).
     pub fn step(
         &mut self,
         pipeline: Models<'_>,
@@ -301,12 +302,18 @@ impl PipelineState {
         mark: &mut impl FnMut(Stage),
     ) -> Result<Vec<Option<SlotFrame>>> {
         let (batch, frame) = (active.len(), pipeline.mimi.frame_samples());
+        let rows = rows_to_run(active);
         let device = pipeline.lm.device();
-        let input = Tensor::from_slice(pcm_in, (batch, 1, frame), device)?;
-        let user: Vec<Vec<u32>> = pipeline
-            .mimi
-            .encode_step(&input, &mut self.encoder, active)?
-            .to_vec2()?;
+        let input = Tensor::from_slice(&pcm_in[..rows * frame], (rows, 1, frame), device)?;
+        let mut user: Vec<Vec<u32>> = if rows == 0 {
+            Vec::new()
+        } else {
+            pipeline
+                .mimi
+                .encode_step(&input, &mut self.encoder, &active[..rows])?
+                .to_vec2()?
+        };
+        user.resize(batch, vec![0; 8]);
         mark(Stage::Encode);
         let user: Vec<[i64; 8]> = user
             .iter()
@@ -353,7 +360,8 @@ impl PipelineState {
             .iter()
             .map(|f| f.as_ref().is_some_and(|f| f.tokens.is_some()))
             .collect();
-        let mut codes = vec![0u32; frames.len() * 8];
+        let rows = rows_to_run(&speaking);
+        let mut codes = vec![0u32; rows * 8];
         for (row, frame_out) in codes.chunks_exact_mut(8).zip(frames) {
             if let Some(tokens) = frame_out.as_ref().and_then(|f| f.tokens) {
                 for (dst, &src) in row.iter_mut().zip(&tokens[1..9]) {
@@ -366,13 +374,13 @@ impl PipelineState {
                 out.fill(0.0);
             }
         }
-        if !speaking.iter().any(|s| *s) {
+        if rows == 0 {
             return Ok(());
         }
-        let codes = Tensor::from_vec(codes, (frames.len(), 8), pipeline.lm.device())?;
+        let codes = Tensor::from_vec(codes, (rows, 8), pipeline.lm.device())?;
         let pcm = pipeline
             .mimi
-            .decode_step(&codes, &mut self.decoder, &speaking)?;
+            .decode_step(&codes, &mut self.decoder, &speaking[..rows])?;
         let pcm: Vec<f32> = pcm.flatten_all()?.to_vec1()?;
         for ((out, decoded), &speaks) in pcm_out
             .chunks_exact_mut(frame)

@@ -29,6 +29,16 @@ pub(super) fn select_rows(take: &[bool], new: &Tensor, old: &Tensor) -> Result<T
     mask.where_cond(new, old)
 }
 
+/// `all` with its first `prefix.dim(0)` rows replaced by `prefix` (a step that computed only
+/// the first slots leaves the others as they were).
+pub(super) fn with_prefix(all: &Tensor, prefix: Tensor) -> Result<Tensor> {
+    let (rows, batch) = (prefix.dim(0)?, all.dim(0)?);
+    if rows == batch {
+        return Ok(prefix);
+    }
+    Tensor::cat(&[&prefix, &all.narrow(0, rows, batch - rows)?], 0)
+}
+
 /// `old` with the rows of the slots in `reset` set to zero.
 pub(super) fn zero_rows(reset: &[bool], old: &Tensor) -> Result<Tensor> {
     select_rows(reset, &old.zeros_like()?, old)
@@ -123,9 +133,10 @@ impl Conv1d {
         })
     }
 
-    /// `xs` `[batch, in, t]` with `t` a multiple of the stride → `[batch, out, t / stride]`.
+    /// `xs` `[rows, in, t]` with `t` a multiple of the stride → `[rows, out, t / stride]`, for
+    /// the first `rows` slots of the state.
     pub fn step(&self, xs: &Tensor, state: &mut Conv1dState, active: &[bool]) -> Result<Tensor> {
-        let (batch, _, time) = xs.dims3()?;
+        let (rows, _, time) = xs.dims3()?;
         if time == 0 || time % self.stride != 0 {
             candle_core::bail!(
                 "a streaming conv of stride {} got a chunk of {time} samples",
@@ -133,17 +144,18 @@ impl Conv1d {
             );
         }
         let context = self.context;
+        let mut prev = state.prev.narrow(0, 0, rows)?;
         let xs = if context == 0 {
             xs.clone()
         } else {
             if self.pad == Pad::Replicate {
-                let init: Vec<bool> = (0..batch).map(|b| state.first[b] && active[b]).collect();
+                let init: Vec<bool> = (0..rows).map(|b| state.first[b] && active[b]).collect();
                 if init.iter().any(|&i| i) {
-                    let first = xs.narrow(2, 0, 1)?.broadcast_as(state.prev.shape())?;
-                    state.prev = select_rows(&init, &first.contiguous()?, &state.prev)?;
+                    let first = xs.narrow(2, 0, 1)?.broadcast_as(prev.shape())?;
+                    prev = select_rows(&init, &first.contiguous()?, &prev)?;
                 }
             }
-            Tensor::cat(&[&state.prev, xs], 2)?
+            Tensor::cat(&[&prev, xs], 2)?
         };
         let mut ys = xs.conv1d(&self.weight, 0, self.stride, self.dilation, 1)?;
         if let Some(bias) = &self.bias {
@@ -152,7 +164,7 @@ impl Conv1d {
         if context > 0 {
             let len = xs.dim(2)?;
             let tail = xs.narrow(2, len - context, context)?.contiguous()?;
-            state.prev = select_rows(active, &tail, &state.prev)?;
+            state.prev = with_prefix(&state.prev, select_rows(active, &tail, &prev)?)?;
             for (first, _) in state.first.iter_mut().zip(active).filter(|(_, a)| **a) {
                 *first = false;
             }
@@ -282,7 +294,8 @@ impl ConvTr1d {
             .narrow(2, 0, (time - 1) * stride + kernel)
     }
 
-    /// `xs` `[batch, in, t]` → `[batch, out, t · stride]`.
+    /// `xs` `[rows, in, t]` → `[rows, out, t · stride]`, for the first `rows` slots of the
+    /// state.
     pub fn step(&self, xs: &Tensor, state: &mut ConvTr1dState, active: &[bool]) -> Result<Tensor> {
         let mut ys = self.full(xs)?;
         if let Some(bias) = &self.bias {
@@ -293,13 +306,17 @@ impl ConvTr1d {
             return Ok(ys);
         }
         let len = ys.dim(2)?;
-        let head = (ys.narrow(2, 0, overlap)? + &state.partial)?;
+        let partial = state.partial.narrow(0, 0, ys.dim(0)?)?;
+        let head = (ys.narrow(2, 0, overlap)? + &partial)?;
         let ys = Tensor::cat(&[&head, &ys.narrow(2, overlap, len - overlap)?], 2)?;
         let mut tail = ys.narrow(2, len - overlap, overlap)?;
         if let Some(bias) = &self.bias {
             tail = tail.broadcast_sub(bias)?;
         }
-        state.partial = select_rows(active, &tail.contiguous()?, &state.partial)?;
+        state.partial = with_prefix(
+            &state.partial,
+            select_rows(active, &tail.contiguous()?, &partial)?,
+        )?;
         ys.narrow(2, 0, len - overlap)
     }
 }

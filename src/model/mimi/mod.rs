@@ -203,8 +203,9 @@ impl Mimi {
         })
     }
 
-    /// One 80 ms frame per slot: `pcm` `[batch, channels, frame_samples]` → codes
-    /// `[batch, num_codebooks]` (u32). Slots with `active[i] == false` keep their state.
+    /// One 80 ms frame for each of the first `rows` slots: `pcm` `[rows, channels,
+    /// frame_samples]` → codes `[rows, num_codebooks]` (u32). Slots with `active[i] == false`,
+    /// and all past `rows`, keep their state.
     pub fn encode_step(
         &self,
         pcm: &Tensor,
@@ -213,10 +214,9 @@ impl Mimi {
     ) -> Result<Tensor> {
         let _enter = self.span_encode.enter();
         let (batch, channels, samples) = pcm.dims3()?;
-        if batch != state.batch || channels != self.cfg.channels || samples != self.frame_samples()
-        {
+        if batch > state.batch || channels != self.cfg.channels || samples != self.frame_samples() {
             candle_core::bail!(
-                "mimi encode_step: pcm {:?}, expected [{}, {}, {}]",
+                "mimi encode_step: pcm {:?}, expected [at most {}, {}, {}]",
                 pcm.dims(),
                 state.batch,
                 self.cfg.channels,
@@ -236,8 +236,9 @@ impl Mimi {
         self.quantizer.encode(&latent)?.squeeze(2)
     }
 
-    /// One frame of codes per slot: `codes` `[batch, num_codebooks]` (u32) → PCM
-    /// `[batch, channels, frame_samples]` (f32). Slots with `active[i] == false` keep their state.
+    /// One frame of codes for each of the first `rows` slots: `codes` `[rows, num_codebooks]`
+    /// (u32) → PCM `[rows, channels, frame_samples]` (f32). Slots with `active[i] == false`,
+    /// and all past `rows`, keep their state.
     pub fn decode_step(
         &self,
         codes: &Tensor,
@@ -246,9 +247,9 @@ impl Mimi {
     ) -> Result<Tensor> {
         let _enter = self.span_decode.enter();
         let (batch, n) = codes.dims2()?;
-        if batch != state.batch || n != self.num_codebooks() {
+        if batch > state.batch || n != self.num_codebooks() {
             candle_core::bail!(
-                "mimi decode_step: codes {:?}, expected [{}, {}]",
+                "mimi decode_step: codes {:?}, expected [at most {}, {}]",
                 codes.dims(),
                 state.batch,
                 self.num_codebooks()

@@ -305,6 +305,41 @@ fn slots_are_independent_and_reset_restarts_one() -> Result<()> {
     Ok(())
 }
 
+/// A step of only the first rows leaves the other slots exactly as they were: slot 0 streams
+/// alone in 1-row steps, then slot 2 joins from a state untouched all along (3-row steps, slot 1
+/// idle); both give the reference's codes.
+#[test]
+fn stepping_the_first_rows_leaves_the_rest_untouched() -> Result<()> {
+    let p = parity();
+    let mimi = tiny(RingPositions::PersonaPlex);
+    let frame = mimi.frame_samples();
+    let pcm = get(&p, "pcm_in");
+    let want = get(&p, "codes_stream_pp");
+    let (frames, joins) = (want.dim(1)?, 6);
+    let mut enc = mimi.encoder_state(3)?;
+    let (mut slot0, mut slot2) = (vec![], vec![]);
+    for f in 0..frames {
+        let own = pcm.narrow(2, f * frame, frame)?;
+        if f < joins {
+            slot0.push(mimi.encode_step(&own, &mut enc, &[true])?);
+            continue;
+        }
+        let joined = pcm.narrow(2, (f - joins) * frame, frame)?;
+        let xs = Tensor::cat(&[&own, &own.zeros_like()?, &joined], 0)?;
+        let codes = mimi.encode_step(&xs, &mut enc, &[true, false, true])?;
+        slot0.push(codes.narrow(0, 0, 1)?);
+        slot2.push(codes.narrow(0, 2, 1)?);
+    }
+    assert_codes("slot 0", &Tensor::cat(&slot0, 0)?.t()?, &want, None);
+    assert_codes(
+        "slot 2, joined late",
+        &Tensor::cat(&slot2, 0)?.t()?,
+        &want.narrow(1, 0, frames - joins)?,
+        None,
+    );
+    Ok(())
+}
+
 #[test]
 fn reset_all_twice_gives_the_same_result() -> Result<()> {
     let p = parity();
