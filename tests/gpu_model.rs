@@ -210,41 +210,16 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
 #[test]
 fn an_offline_persona_run_on_the_gpu_gives_the_reference_tokens() {
     use duplex::model::pipeline::PipelineConfig;
-    use duplex::offline::{OfflineOptions, run};
+    use duplex::offline::run;
     let Some(gpu) = tiny::gpu() else { return };
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gpu-offline");
     std::fs::create_dir_all(&out).unwrap();
-    let report = run(&OfflineOptions {
-        model_dir: Some(tiny::fixtures().join("tiny")),
-        input: tiny::fixtures().join("persona_user.wav"),
-        output: out.join("agent.wav"),
-        tokens: None,
-        voice: Some("NATF0".into()),
-        voice_wav: None,
-        prompt: Some("You are a wise and friendly teacher.".into()),
-        seed: 42,
-        greedy: true,
-        pipeline: PipelineConfig {
-            device: gpu,
-            dtype: DType::F32,
-            positions: RingPositions::PersonaPlex,
-            ..Default::default()
-        },
-    })
-    .unwrap();
-    let reference = tiny::load("persona_greedy.safetensors");
-    let tokens: Vec<Vec<i64>> = reference["out_tokens_pp"].t().unwrap().to_vec2().unwrap();
-    assert_eq!(report.frames.len(), 40);
-    for (frame, ours) in report.frames.iter().enumerate() {
-        assert_eq!(
-            ours.text_id,
-            Some(tokens[frame][0]),
-            "text of frame {frame}"
-        );
-        assert_eq!(
-            ours.agent.map(|a| a.to_vec()),
-            Some(tokens[frame][1..9].to_vec()),
-            "agent codes of frame {frame}"
-        );
-    }
+    let pipeline = PipelineConfig {
+        device: gpu,
+        dtype: DType::F32,
+        positions: RingPositions::PersonaPlex,
+        ..Default::default()
+    };
+    let report = run(&tiny::persona_offline(&out, pipeline)).unwrap();
+    tiny::assert_reference_persona_tokens(&report);
 }

@@ -61,3 +61,42 @@ pub fn gpu() -> Option<Device> {
         }
     }
 }
+
+/// `duplex offline`'s options for the reference's persona run (the tiny checkpoint, voice NATF0,
+/// the teacher prompt, greedy), writing under `out`, with `pipeline`.
+pub fn persona_offline(
+    out: &Path,
+    pipeline: duplex::model::pipeline::PipelineConfig,
+) -> duplex::offline::OfflineOptions {
+    duplex::offline::OfflineOptions {
+        model_dir: Some(fixtures().join("tiny")),
+        input: fixtures().join("persona_user.wav"),
+        output: out.join("agent.wav"),
+        tokens: Some(out.join("tokens.json")),
+        voice: Some("NATF0".into()),
+        voice_wav: None,
+        prompt: Some("You are a wise and friendly teacher.".into()),
+        seed: 42,
+        greedy: true,
+        pipeline,
+    }
+}
+
+/// Asserts an offline run's 40 live frames carry the reference's text and agent tokens.
+pub fn assert_reference_persona_tokens(report: &duplex::offline::OfflineReport) {
+    let reference = load("persona_greedy.safetensors");
+    let tokens: Vec<Vec<i64>> = reference["out_tokens_pp"].t().unwrap().to_vec2().unwrap();
+    assert_eq!(report.frames.len(), 40);
+    for (frame, ours) in report.frames.iter().enumerate() {
+        assert_eq!(
+            ours.text_id,
+            Some(tokens[frame][0]),
+            "text of frame {frame}"
+        );
+        assert_eq!(
+            ours.agent.map(|a| a.to_vec()),
+            Some(tokens[frame][1..9].to_vec()),
+            "agent codes of frame {frame}"
+        );
+    }
+}
