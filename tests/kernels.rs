@@ -106,6 +106,140 @@ fn device_sampling_draws_what_the_cpu_reference_draws() {
     );
 }
 
+/// RoPE on the query and key with the key and value written into the ring at a device index,
+/// against the CPU path (`RopeTables::apply` and a plain copy into the ring).
+#[test]
+fn rope_and_ring_write_match_the_cpu_path() {
+    use duplex::model::nn::Rope;
+    let Some(gpu) = tiny::gpu() else { return };
+    let (rows, heads, capacity, head_dim) = (3, 4, 16, 128);
+    let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let qkv = bf16(Tensor::randn(0f32, 1.0, (rows, 1, 3, heads, head_dim), &Device::Cpu).unwrap());
+    let ring =
+        bf16(Tensor::randn(0f32, 1.0, (rows, heads, capacity, head_dim), &Device::Cpu).unwrap());
+    let write_idx = [5i64, -1, 15];
+    let positions = vec![vec![7u64], vec![0], vec![3001]];
+    let tables = Rope::new(head_dim, 10_000.0)
+        .tables(&positions, DType::F32, &Device::Cpu)
+        .unwrap();
+    let (cos, sin) = tables.cos_sin();
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let (ring_k, ring_v) = (on_gpu(&ring), on_gpu(&ring.affine(-1.0, 0.0).unwrap()));
+    let q = cuda::rope_kv_write(
+        &on_gpu(&qkv),
+        &on_gpu(&cos.squeeze(1).unwrap()),
+        &on_gpu(&sin.squeeze(1).unwrap()),
+        &ring_k,
+        &ring_v,
+        &on_gpu(&Tensor::new(&write_idx, &Device::Cpu).unwrap()),
+    )
+    .unwrap();
+    // The CPU path: split, rotate (in f32), copy into the ring.
+    let part = |i: usize| {
+        qkv.to_dtype(DType::F32)
+            .unwrap()
+            .narrow(2, i, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (want_q, want_k, want_v) = (
+        tables.apply(&part(0)).unwrap(),
+        tables.apply(&part(1)).unwrap(),
+        part(2),
+    );
+    assert!(tiny::max_abs_diff(&q, &want_q) < 0.05, "rotated query");
+    for (slot, &at) in write_idx.iter().enumerate() {
+        let got = |ring: &Tensor| ring.narrow(0, slot, 1).unwrap();
+        let (k_row, v_row) = (got(&ring_k), got(&ring_v));
+        let untouched = |t: &Tensor, sign: f64| {
+            ring.narrow(0, slot, 1)
+                .unwrap()
+                .affine(sign, 0.0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .broadcast_as(t.shape())
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        if at < 0 {
+            assert_eq!(
+                tiny::max_abs_diff(&k_row, &untouched(&k_row, 1.0)),
+                0.0,
+                "slot {slot} skipped"
+            );
+            continue;
+        }
+        let at = at as usize;
+        let entry = |t: &Tensor| t.narrow(2, at, 1).unwrap();
+        let want = |t: &Tensor| t.narrow(0, slot, 1).unwrap();
+        assert!(
+            tiny::max_abs_diff(&entry(&k_row), &want(&want_k)) < 0.05,
+            "slot {slot} key"
+        );
+        assert!(
+            tiny::max_abs_diff(&entry(&v_row), &want(&want_v)) < 0.01,
+            "slot {slot} value"
+        );
+        let before = |t: &Tensor| t.narrow(2, 0, at).unwrap();
+        assert_eq!(
+            tiny::max_abs_diff(&before(&k_row), &before(&untouched(&k_row, 1.0))),
+            0.0,
+            "slot {slot}: other entries kept"
+        );
+    }
+}
+
+/// Attention over the filled part of the ring against `kv::attention` on the CPU, with hidden
+/// entries and a length short of the capacity.
+#[test]
+fn ring_attention_matches_the_cpu_path() {
+    use duplex::model::kv::{Attend, attention};
+    let Some(gpu) = tiny::gpu() else { return };
+    let (rows, heads, capacity, head_dim, len) = (3, 4, 40, 128, 33);
+    let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let q = bf16(Tensor::randn(0f32, 1.0, (rows, heads, 1, head_dim), &Device::Cpu).unwrap());
+    let ring_k =
+        bf16(Tensor::randn(0f32, 1.0, (rows, heads, capacity, head_dim), &Device::Cpu).unwrap());
+    let ring_v =
+        bf16(Tensor::randn(0f32, 1.0, (rows, heads, capacity, head_dim), &Device::Cpu).unwrap());
+    let mask: Vec<f32> = (0..rows * len)
+        .map(|i| {
+            if (i % len) % 5 == 3 || (i / len == 2 && i % len > 20) {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (rows, 1, 1, len), &Device::Cpu).unwrap();
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let want = attention(
+        &f32_of(&q),
+        &Attend {
+            k: f32_of(&ring_k.narrow(2, 0, len).unwrap()),
+            v: f32_of(&ring_v.narrow(2, 0, len).unwrap()),
+            mask: mask.clone(),
+        },
+    )
+    .unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let got = cuda::ring_attention(
+        &on_gpu(&q),
+        &on_gpu(&ring_k),
+        &on_gpu(&ring_v),
+        &on_gpu(&mask),
+    )
+    .unwrap();
+    assert!(tiny::max_abs_diff(&got, &want) < 0.02, "attention");
+}
+
 #[test]
 fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
     let Some(gpu) = tiny::gpu() else { return };

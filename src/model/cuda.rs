@@ -265,3 +265,204 @@ pub fn draw(
     unsafe { builder.launch(config) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
 }
+
+const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+/// Threads per block of `ring_attention_bf16`.
+const ATTENTION_THREADS: u32 = 128;
+/// Keys `ring_attention_bf16` can score: its scores live in 48 KB of shared memory.
+const MAX_ATTENTION_LEN: usize = 11_000;
+
+/// The step's ring writes and the query rotation of `rope_kv_write`.
+struct RopeKvWrite<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    ring_k: &'a Tensor,
+    ring_v: &'a Tensor,
+    write_idx: &'a Tensor,
+}
+
+impl CustomOp1 for RopeKvWrite<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-rope-kv-write"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("on the CPU this is `RopeTables::apply` and `RingCache::append`")
+    }
+
+    fn cuda_fwd(&self, qkv: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "qkv")?;
+        let (rows, heads, capacity, head_dim) = self.ring_k.dims4()?;
+        if layout.shape().elem_count() != rows * 3 * heads * head_dim || head_dim % 2 != 0 {
+            candle_core::bail!(
+                "rope_kv_write: qkv {:?} for a ring of {:?}",
+                layout.shape(),
+                self.ring_k.dims()
+            );
+        }
+        let device = qkv.device().clone();
+        let qkv = qkv.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+        let (cos, cos_layout) = self.cos.storage_and_layout();
+        let (sin, sin_layout) = self.sin.storage_and_layout();
+        let (ring_k, ring_k_layout) = self.ring_k.storage_and_layout();
+        let (ring_v, ring_v_layout) = self.ring_v.storage_and_layout();
+        let (write_idx, write_idx_layout) = self.write_idx.storage_and_layout();
+        let cos = gpu_view::<f32>(&cos, cos_layout, "cos")?;
+        let sin = gpu_view::<f32>(&sin, sin_layout, "sin")?;
+        // The ring is written in place: its buffers are device memory the kernel owns for the
+        // launch; nothing on the host reads them meanwhile.
+        let ring_k = gpu_view::<bf16>(&ring_k, ring_k_layout, "ring_k")?;
+        let ring_v = gpu_view::<bf16>(&ring_v, ring_v_layout, "ring_v")?;
+        let write_idx = gpu_view::<i64>(&write_idx, write_idx_layout, "write_idx")?;
+        // SAFETY: every element is written by the kernel.
+        let q_out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
+        let func = device.get_or_load_custom_func(
+            "rope_kv_write_bf16",
+            "duplex_attention",
+            ATTENTION_PTX,
+        )?;
+        let (heads_i, head_dim_i, capacity_i) = (heads as i32, head_dim as i32, capacity as i32);
+        let mut builder = func.builder();
+        builder
+            .arg(&qkv)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&q_out)
+            .arg(&ring_k)
+            .arg(&ring_v)
+            .arg(&write_idx)
+            .arg(&heads_i)
+            .arg(&head_dim_i)
+            .arg(&capacity_i);
+        let config = LaunchConfig {
+            grid_dim: ((rows * heads) as u32, 1, 1),
+            block_dim: ((head_dim / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(q_out, device),
+            Shape::from((rows, heads, 1, head_dim)),
+        ))
+    }
+}
+
+/// One token per slot: `qkv` (bf16, `rows · 3 · heads · head_dim` elements: the packed
+/// in-projection) → the query rotated by interleaved RoPE (`cos`/`sin` f32 `[rows, head_dim/2]`),
+/// `[rows, heads, 1, head_dim]`; the rotated key and the value are written into `ring_k`/`ring_v`
+/// (`[rows, heads, capacity, head_dim]` bf16) at `write_idx` (i64 `[rows]`, < 0: not written).
+pub fn rope_kv_write(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    ring_k: &Tensor,
+    ring_v: &Tensor,
+    write_idx: &Tensor,
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1_no_bwd(&RopeKvWrite {
+        cos,
+        sin,
+        ring_k,
+        ring_v,
+        write_idx,
+    })
+}
+
+struct RingAttention<'a> {
+    ring_k: &'a Tensor,
+    ring_v: &'a Tensor,
+    mask: &'a Tensor,
+}
+
+impl CustomOp1 for RingAttention<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-ring-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("on the CPU this is `kv::attention`")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "q")?;
+        let (rows, heads, capacity, head_dim) = self.ring_k.dims4()?;
+        let len = self.mask.elem_count() / rows.max(1);
+        if layout.shape().elem_count() != rows * heads * head_dim
+            || head_dim > 128
+            || !head_dim.is_multiple_of(32)
+            || len == 0
+            || len > capacity
+            || len > MAX_ATTENTION_LEN
+            || self.mask.elem_count() != rows * len
+        {
+            candle_core::bail!(
+                "ring_attention: q {:?}, ring {:?}, mask {:?}",
+                layout.shape(),
+                self.ring_k.dims(),
+                self.mask.dims()
+            );
+        }
+        let device = q.device().clone();
+        let q = q.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+        let (ring_k, ring_k_layout) = self.ring_k.storage_and_layout();
+        let (ring_v, ring_v_layout) = self.ring_v.storage_and_layout();
+        let (mask, mask_layout) = self.mask.storage_and_layout();
+        let ring_k = gpu_view::<bf16>(&ring_k, ring_k_layout, "ring_k")?;
+        let ring_v = gpu_view::<bf16>(&ring_v, ring_v_layout, "ring_v")?;
+        let mask = gpu_view::<f32>(&mask, mask_layout, "mask")?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
+        let func = device.get_or_load_custom_func(
+            "ring_attention_bf16",
+            "duplex_attention",
+            ATTENTION_PTX,
+        )?;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (heads_i, head_dim_i, capacity_i, len_i) =
+            (heads as i32, head_dim as i32, capacity as i32, len as i32);
+        let mut builder = func.builder();
+        builder
+            .arg(&q)
+            .arg(&ring_k)
+            .arg(&ring_v)
+            .arg(&mask)
+            .arg(&out)
+            .arg(&heads_i)
+            .arg(&head_dim_i)
+            .arg(&capacity_i)
+            .arg(&len_i)
+            .arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: ((rows * heads) as u32, 1, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: (len * std::mem::size_of::<f32>()) as u32,
+        };
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, heads, 1, head_dim)),
+        ))
+    }
+}
+
+/// Attention of one query per slot (`q` bf16 `[rows, heads, 1, head_dim]`) over the first `len`
+/// entries of the ring (`len` = the mask's last dim; `mask` f32 `[rows, 1, 1, len]`, 0 visible,
+/// −∞ hidden): `[rows, heads, 1, head_dim]`, reading only the filled part of the ring.
+pub fn ring_attention(
+    q: &Tensor,
+    ring_k: &Tensor,
+    ring_v: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?.contiguous()?;
+    q.to_dtype(DType::BF16)?
+        .contiguous()?
+        .apply_op1_no_bwd(&RingAttention {
+            ring_k,
+            ring_v,
+            mask: &mask,
+        })
+}

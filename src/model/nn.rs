@@ -265,6 +265,11 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
+    /// The cos and sin tables, `[b, t, d/2]` each.
+    pub fn cos_sin(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `xs` `[b, h, t, d]` (its `b` and `t` those the tables were built for).
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &self.cos, &self.sin)
