@@ -10,7 +10,6 @@
 use super::Result;
 use super::nn::{Rope, RopeTables};
 use candle_core::{D, DType, Device, Tensor};
-use std::ops::Range;
 
 /// How a full ring labels its oldest entry — the one difference between the two references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,9 +40,12 @@ pub struct SlotKv {
 
 /// What one step writes and sees, worked out once and shared by every layer.
 pub struct RingStep {
-    /// Where each slot writes its first new token and the ring indices that turn over for it;
-    /// `None` for a slot that sits the step out.
-    writes: Vec<Option<(usize, Range<usize>)>>,
+    /// The ring index of each new token, i64 `[rows, heads, time, head_dim]` (broadcast over
+    /// heads and the head dimension): one scatter per layer writes every slot. A slot sitting
+    /// the step out writes where its own next token will go, which that token overwrites before
+    /// any query of the slot reads it.
+    write_index: Option<Tensor>,
+    rows: usize,
     /// Ring entries read (the filled part, all of it once a slot has wrapped).
     len: usize,
     /// The absolute position of every new token, `[slot][token]`.
@@ -175,23 +177,28 @@ impl RingCache {
             .iter()
             .map(|&end| (end..end + time as u64).collect())
             .collect();
-        let mut writes = vec![None; rows];
-        for slot_idx in (0..rows).filter(|&b| active[b]) {
+        let mut index = Vec::with_capacity(rows * time);
+        for (slot_idx, &is_active) in active.iter().enumerate() {
             let region = self.pinned[slot_idx]..self.capacity;
-            if time >= region.len() {
+            if is_active && time >= region.len() {
                 candle_core::bail!(
                     "a step of {time} tokens does not fit a ring of {} entries",
                     region.len()
                 );
             }
-            let start = region.start
-                + ((self.ends[slot_idx] - region.start as u64) % region.len() as u64) as usize;
-            writes[slot_idx] = Some((start, region));
-            self.ends[slot_idx] += time as u64;
+            let turned = self.ends[slot_idx] - region.start as u64;
+            index.extend(
+                (0..time as u64)
+                    .map(|t| (region.start as u64 + (turned + t) % region.len() as u64) as i64),
+            );
+            if is_active {
+                self.ends[slot_idx] += time as u64;
+            }
         }
         let len = self.visible_len(rows);
         Ok(RingStep {
-            writes,
+            write_index: self.write_index(index, rows, time)?,
+            rows,
             len,
             positions,
             mask: self.mask(time, len, active)?,
@@ -199,18 +206,34 @@ impl RingCache {
         })
     }
 
-    /// Writes layer `layer`'s `k`/`v` `[batch, heads, time, head_dim]` where `step` says and
+    /// The ring indices `[rows][time]` as the scatter's index tensor.
+    fn write_index(&self, index: Vec<i64>, rows: usize, time: usize) -> Result<Option<Tensor>> {
+        let Some((ring_k, _)) = self.layers.first() else {
+            return Ok(None);
+        };
+        let (_, heads, _, head_dim) = ring_k.dims4()?;
+        let index = Tensor::from_vec(index, (rows, 1, time, 1), &self.device)?;
+        Ok(Some(
+            index
+                .broadcast_as((rows, heads, time, head_dim))?
+                .contiguous()?,
+        ))
+    }
+
+    /// Writes layer `layer`'s `k`/`v` `[rows, heads, time, head_dim]` where `step` says and
     /// returns what its queries attend to.
     pub fn append(&self, layer: usize, step: &RingStep, k: &Tensor, v: &Tensor) -> Result<Attend> {
         let (ring_k, ring_v) = &self.layers[layer];
-        let rows = step.writes.len();
-        for (slot_idx, write) in step.writes.iter().enumerate() {
-            let Some((start, region)) = write else {
-                continue;
-            };
-            write_ring(ring_k, &k.narrow(0, slot_idx, 1)?, slot_idx, *start, region)?;
-            write_ring(ring_v, &v.narrow(0, slot_idx, 1)?, slot_idx, *start, region)?;
-        }
+        let rows = step.rows;
+        let Some(index) = &step.write_index else {
+            candle_core::bail!("internal error: a step planned for a cache without layers")
+        };
+        ring_k
+            .narrow(0, 0, rows)?
+            .scatter_set(index, &k.contiguous()?, 2)?;
+        ring_v
+            .narrow(0, 0, rows)?
+            .scatter_set(index, &v.contiguous()?, 2)?;
         let keys = ring_k.narrow(0, 0, rows)?.narrow(2, 0, step.len)?;
         let keys = match &step.pinned_rotation {
             Some((longest, rotation)) => rotate_prefix(keys, *longest, rotation)?,
@@ -357,29 +380,6 @@ fn rotate_prefix(keys: Tensor, longest: usize, rotation: &RopeTables) -> Result<
     Tensor::cat(&[&prefix, &rest], 2)
 }
 
-/// Writes `new` `[1, heads, time, head_dim]` into row `slot_idx` of `ring` from `start`,
-/// wrapping within `region` (the ring indices that turn over).
-fn write_ring(
-    ring: &Tensor,
-    new: &Tensor,
-    slot_idx: usize,
-    start: usize,
-    region: &Range<usize>,
-) -> Result<()> {
-    let time = new.dim(2)?;
-    let row = ring.narrow(0, slot_idx, 1)?;
-    let first = time.min(region.end - start);
-    row.slice_set(&new.narrow(2, 0, first)?.contiguous()?, 2, start)?;
-    if first < time {
-        row.slice_set(
-            &new.narrow(2, first, time - first)?.contiguous()?,
-            2,
-            region.start,
-        )?;
-    }
-    Ok(())
-}
-
 /// Scaled dot-product attention of `q` `[batch, heads, time, head_dim]` over `attend`.
 pub fn attention(q: &Tensor, attend: &Attend) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
@@ -502,6 +502,35 @@ mod tests {
         assert_eq!((r.end(0), r.end(1)), (3, 0));
         r.reset_slot(0);
         assert_eq!(visible(&write(&mut r, 1)), vec![vec![0.0]]);
+    }
+
+    /// A slot sitting steps out is written where its next token goes (one scatter writes every
+    /// row); its next step overwrites that entry before reading, so its window is intact.
+    #[test]
+    fn an_idle_slot_of_a_full_exact_ring_sees_exactly_its_own_keys() -> Result<()> {
+        let mut r = ring(4, RingPositions::Exact);
+        let step_with = |r: &mut RingCache, active: [bool; 2], values: [f32; 2]| {
+            let data: Vec<f32> = values.iter().flat_map(|&v| [v; HEAD_DIM]).collect();
+            let kv = Tensor::from_vec(data, (2, 1, 1, HEAD_DIM), &Device::Cpu).unwrap();
+            let step = r.begin(1, &active).unwrap();
+            r.append(0, &step, &kv, &kv).unwrap()
+        };
+        for pos in 0..6 {
+            step_with(&mut r, [false, true], [-7.0, pos as f32]);
+        }
+        for _ in 0..2 {
+            step_with(&mut r, [true, false], [-7.0, 99.0]);
+        }
+        let attend = step_with(&mut r, [false, true], [-7.0, 6.0]);
+        let keys: Vec<f32> = attend.k.narrow(0, 1, 1)?.flatten_all()?.to_vec1()?;
+        let mut seen: Vec<f32> = keys.iter().step_by(HEAD_DIM).copied().collect();
+        seen.sort_by(f32::total_cmp);
+        assert_eq!(
+            seen,
+            vec![3.0, 4.0, 5.0, 6.0],
+            "no idle-step write survives"
+        );
+        Ok(())
     }
 
     #[test]
