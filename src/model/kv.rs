@@ -78,7 +78,13 @@ pub struct RingCache {
     rope: Option<Rope>,
     dtype: DType,
     device: Device,
+    /// Recent write-index tensors by (rows, indices): the depformer's repeat every frame, so
+    /// they are uploaded once (and a CUDA graph capturing them needs no host copy).
+    index_memo: Vec<(usize, Vec<i64>, Tensor)>,
 }
+
+/// Write-index tensors `RingCache` keeps (enough for two row buckets of a 16-step depformer).
+const INDEX_MEMO: usize = 32;
 
 /// The shape of a `RingCache`.
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +121,7 @@ impl RingCache {
             rope: None,
             dtype,
             device: device.clone(),
+            index_memo: Vec::new(),
         })
     }
 
@@ -207,17 +214,27 @@ impl RingCache {
     }
 
     /// The ring indices `[rows][time]` as the scatter's index tensor.
-    fn write_index(&self, index: Vec<i64>, rows: usize, time: usize) -> Result<Option<Tensor>> {
+    fn write_index(&mut self, index: Vec<i64>, rows: usize, time: usize) -> Result<Option<Tensor>> {
         let Some((ring_k, _)) = self.layers.first() else {
             return Ok(None);
         };
+        if let Some((_, _, known)) = self
+            .index_memo
+            .iter()
+            .find(|(r, i, _)| *r == rows && *i == index)
+        {
+            return Ok(Some(known.clone()));
+        }
         let (_, heads, _, head_dim) = ring_k.dims4()?;
-        let index = Tensor::from_vec(index, (rows, 1, time, 1), &self.device)?;
-        Ok(Some(
-            index
-                .broadcast_as((rows, heads, time, head_dim))?
-                .contiguous()?,
-        ))
+        let tensor = Tensor::new(index.as_slice(), &self.device)?
+            .reshape((rows, 1, time, 1))?
+            .broadcast_as((rows, heads, time, head_dim))?
+            .contiguous()?;
+        if self.index_memo.len() == INDEX_MEMO {
+            self.index_memo.remove(0);
+        }
+        self.index_memo.push((rows, index, tensor.clone()));
+        Ok(Some(tensor))
     }
 
     /// Writes layer `layer`'s `k`/`v` `[rows, heads, time, head_dim]` where `step` says and
