@@ -585,18 +585,20 @@ impl Generator {
             }
             GraphMode::Off | GraphMode::Failed => return Ok(None),
         }
+        // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
+        // depends only on the number of rows. The eager frame runs the same way: its tokens for
+        // the busy rows are the same (rows are independent), and it leaves the ring's
+        // write-index tensors for all rows in its memo, so the capture uploads nothing.
+        let all_rows = vec![true; rows];
         let eager: Vec<Vec<u32>> = draw_frame(
             model,
             &mut self.depformer,
             hidden,
             text_logits,
             plan,
-            running,
+            &all_rows,
         )?
         .to_vec2()?;
-        // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
-        // depends only on the number of rows.
-        let all_rows = vec![true; rows];
         let depformer = &mut self.depformer;
         let captured =
             FrameGraph::capture(&inputs, (rows, plan.streams()), DType::U32, |buffers| {
