@@ -54,6 +54,9 @@ impl PersonaPlexEngine {
     pub fn new(pipeline: Pipeline, mut options: PersonaPlexOptions) -> Result<Self, EngineError> {
         options.slots = slots_that_fit(&pipeline, options.slots)?;
         let state = pipeline.state(options.slots).map_err(model_error)?;
+        // The engine moves to the step loop's thread; on a GPU each thread has its own default
+        // stream, so the weights' and state's uploads must be finished before it goes.
+        pipeline.lm.device().synchronize().map_err(model_error)?;
         Ok(Self {
             pipeline: Arc::new(pipeline),
             state,
@@ -92,6 +95,12 @@ impl PersonaPlexEngine {
             slowest = slowest.max(started.elapsed());
         }
         (0..slots).for_each(|slot| self.close_slot(slot));
+        // As in `new`: the prefill snapshots were made on this thread's stream.
+        self.pipeline
+            .lm
+            .device()
+            .synchronize()
+            .map_err(model_error)?;
         Ok(slowest)
     }
 
