@@ -94,15 +94,7 @@ fn check_live(
             "live frame {frame} ({positions:?})"
         );
         let got_logits = Tensor::new(out.text_logits.unwrap().as_slice(), &Device::Cpu).unwrap();
-        let diff = (got_logits - logits.i(frame).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        worst = worst.max(diff);
+        worst = worst.max(tiny::max_abs_diff(&got_logits, &logits.i(frame).unwrap()));
     }
     eprintln!("{positions:?}: live text logits max |diff| {worst:e}");
     assert!(worst < 1e-4);

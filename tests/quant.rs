@@ -42,14 +42,7 @@ fn relative_error(a: &[Tensor], b: &[Tensor]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(a, b)| {
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = tiny::max_abs_diff(a, b);
             let rms = b
                 .sqr()
                 .unwrap()
