@@ -172,16 +172,20 @@ fn espeak(text: &str) -> Option<Vec<f32>> {
         .arg(&at_24k)
         .status()
         .ok()?;
-    if !spoke.success() || !converted.success() {
-        return None;
-    }
-    wav::read_mono_24k(&at_24k).ok()
+    let pcm = (spoke.success() && converted.success())
+        .then(|| wav::read_mono_24k(&at_24k).ok())
+        .flatten();
+    let _ = std::fs::remove_dir_all(&dir);
+    pcm
 }
 
-/// A fresh scratch directory under the target dir.
+/// A fresh scratch directory under the target dir, its own for each call: tests of one binary
+/// run on parallel threads of one process.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
