@@ -44,7 +44,7 @@ extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ 
 // q [rows, heads, head_dim]; ring_k, ring_v [rows, heads, capacity, head_dim]; mask [rows, len]
 // f32 additive (0 visible, -inf hidden); out [rows, heads, head_dim].
 // Grid: rows * heads blocks; block: 128 threads (4 warps); dynamic shared memory: len floats.
-// head_dim <= 128 and a multiple of 32.
+// head_dim <= 128 and even (lanes past head_dim add nothing to a dot product).
 extern "C" __global__ void ring_attention_bf16(const __nv_bfloat16* __restrict__ q,
                                                const __nv_bfloat16* __restrict__ ring_k,
                                                const __nv_bfloat16* __restrict__ ring_v,

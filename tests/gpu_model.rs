@@ -8,6 +8,7 @@ mod tiny;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use duplex::model::checkpoint::Checkpoint;
 use duplex::model::config::LmConfig;
+use duplex::model::decode::DecodeAttention;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::{Column, LmModel};
@@ -18,14 +19,16 @@ fn column(tokens: &Tensor, step: usize) -> Column {
     values.try_into().unwrap()
 }
 
-/// Worst text-logit difference against the fixture over the teacher-forced sequence.
-fn teacher_forced_logit_error(dtype: DType, device: &Device) -> f32 {
+/// Worst text-logit difference against the fixture over the teacher-forced sequence, the
+/// temporal transformer attending through `decode`.
+fn teacher_forced_logit_error(dtype: DType, device: &Device, decode: DecodeAttention) -> f32 {
     let fx = tiny::load("lm_parity.safetensors");
     let model = tiny::model(16, dtype, device, Quant::None);
     let positions = RingPositions::PersonaPlex;
     let mut state = model
         .transformer_state(1, model.config().context, positions)
         .unwrap();
+    state.set_decode(decode);
     let mut worst = 0f32;
     for step in 0..fx["input_tokens"].dim(1).unwrap() {
         let emb = model
@@ -43,10 +46,13 @@ fn teacher_forced_logit_error(dtype: DType, device: &Device) -> f32 {
 #[test]
 fn teacher_forced_logits_on_the_gpu_match_the_reference() {
     let Some(gpu) = tiny::gpu() else { return };
-    let f32_error = teacher_forced_logit_error(DType::F32, &gpu);
-    let bf16_error = teacher_forced_logit_error(DType::BF16, &gpu);
+    let f32_error = teacher_forced_logit_error(DType::F32, &gpu, DecodeAttention::Composed);
+    let bf16_error = teacher_forced_logit_error(DType::BF16, &gpu, DecodeAttention::Composed);
+    // bf16 through kernels/attention.cu (RoPE + ring write, attention over the filled ring).
+    let kernels_error = teacher_forced_logit_error(DType::BF16, &gpu, DecodeAttention::Kernels);
     eprintln!(
-        "text logits on the GPU, max |diff| vs PyTorch: f32 {f32_error:e}, bf16 {bf16_error:e}"
+        "text logits on the GPU, max |diff| vs PyTorch: f32 {f32_error:e}, bf16 {bf16_error:e}, \
+         bf16 through the attention kernels {kernels_error:e}"
     );
     assert!(f32_error < 1e-3, "f32 logits differ by {f32_error}");
     // bf16 rounds weights and activations to 8 bits of mantissa: allow 5% of the largest logit.
@@ -59,10 +65,12 @@ fn teacher_forced_logits_on_the_gpu_match_the_reference() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert!(
-        bf16_error < 0.05 * largest,
-        "bf16 logits differ by {bf16_error} (largest logit {largest})"
-    );
+    for (what, error) in [("bf16", bf16_error), ("bf16 kernels", kernels_error)] {
+        assert!(
+            error < 0.05 * largest,
+            "{what} logits differ by {error} (largest logit {largest})"
+        );
+    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod tiny;
 
 use candle_core::{Device, IndexOp, Tensor};
+use duplex::model::decode::DecodeAttention;
 use duplex::model::depformer::TokenFeed;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
 use duplex::model::kv::RingPositions;
@@ -105,14 +106,22 @@ fn user_frame(codes: &Tensor, frame: usize) -> [i64; 8] {
 
 /// PyPI LMGen (8 depformer steps) returns at call t what PersonaPlex returns at call t + 1.
 fn greedy_stream(positions: RingPositions, tokens_key: &str) {
-    greedy_stream_in_slot(positions, tokens_key, 1, 0);
+    greedy_stream_in_slot(positions, tokens_key, 1, 0, DecodeAttention::Composed);
 }
 
-/// The same, from slot `slot` of a generator of `batch` slots (the others idle).
-fn greedy_stream_in_slot(positions: RingPositions, tokens_key: &str, batch: usize, slot: usize) {
+/// The same, from slot `slot` of a generator of `batch` slots (the others idle), the temporal
+/// transformer attending through `decode`.
+fn greedy_stream_in_slot(
+    positions: RingPositions,
+    tokens_key: &str,
+    batch: usize,
+    slot: usize,
+    decode: DecodeAttention,
+) {
     let fx = tiny::load("lm_greedy.safetensors");
     let model = tiny::cpu_model(8);
     let mut generator = Generator::new(&model, batch, model.config().context, positions).unwrap();
+    generator.set_decode_attention(decode);
     generator.open(slot, 0, SamplingConfig::GREEDY);
     let frames = fx["user_codes"].dim(1).unwrap();
     let expected = &fx[tokens_key];
@@ -168,6 +177,18 @@ fn greedy_tokens_match_pypi_lmgen_one_call_later_with_personaplex_positions() {
 /// 2 of 7 runs in a 4-row step, slot 6 in the full 7, and both give the reference's tokens.
 #[test]
 fn greedy_tokens_match_from_any_slot_of_a_larger_batch() {
-    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 7, 2);
-    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 7, 6);
+    let composed = DecodeAttention::Composed;
+    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 7, 2, composed);
+    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 7, 6, composed);
+}
+
+/// The attention kernels' CPU references (RoPE fused with a ring write at a device index, then
+/// attention over the filled ring) drive the same model code a GPU runs: the reference's tokens,
+/// alone and from a slot with idle rows around it, in both ring-position modes.
+#[test]
+fn greedy_tokens_match_through_the_attention_kernels_references() {
+    let kernels = DecodeAttention::Kernels;
+    greedy_stream_in_slot(RingPositions::Exact, "out_tokens", 1, 0, kernels);
+    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 1, 0, kernels);
+    greedy_stream_in_slot(RingPositions::PersonaPlex, "out_tokens_pp", 4, 2, kernels);
 }

@@ -390,8 +390,8 @@ impl CustomOp1 for RingAttention<'_> {
         let (rows, heads, capacity, head_dim) = self.ring_k.dims4()?;
         let len = self.mask.elem_count() / rows.max(1);
         if layout.shape().elem_count() != rows * heads * head_dim
-            || head_dim > 128
-            || !head_dim.is_multiple_of(32)
+            || head_dim > super::decode::MAX_HEAD_DIM
+            || !head_dim.is_multiple_of(2)
             || len == 0
             || len > capacity
             || len > MAX_ATTENTION_LEN

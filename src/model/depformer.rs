@@ -101,7 +101,7 @@ impl Depformer {
             head_dim: self.head_dim,
         };
         Ok(DepformerState {
-            cache: RingCache::new(shape, dtype, device, positions)?,
+            cache: RingCache::new(shape, dtype, device, positions)?.with_index_memo(),
         })
     }
 

@@ -294,6 +294,11 @@ impl Generator {
         false
     }
 
+    /// How the temporal transformer attends (the CPU runs the kernels' references when asked).
+    pub fn set_decode_attention(&mut self, decode: super::decode::DecodeAttention) {
+        self.temporal.set_decode(decode);
+    }
+
     /// Makes every call return its text logits (`CallOutput::text_logits`).
     pub fn record_text_logits(&mut self, record: bool) {
         self.record_text_logits = record;

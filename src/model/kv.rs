@@ -8,6 +8,7 @@
 //! every layer reuses them (`append`): one upload per step instead of one per layer.
 
 use super::Result;
+use super::decode::{self, DecodeAttention};
 use super::nn::{Rope, RopeTables};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -45,6 +46,9 @@ pub struct RingStep {
     /// the step out writes where its own next token will go, which that token overwrites before
     /// any query of the slot reads it.
     write_index: Option<Tensor>,
+    /// With `DecodeAttention::Kernels` (one token, no prefix to rotate): the ring index of each
+    /// row's token, i64 `[rows]`, instead of `write_index`; the mask is then f32.
+    slot_index: Option<Tensor>,
     rows: usize,
     /// Ring entries read (the filled part, all of it once a slot has wrapped).
     len: usize,
@@ -59,6 +63,12 @@ impl RingStep {
     /// The absolute positions of the step's tokens, `[slot][token]` (RoPE's input).
     pub fn positions(&self) -> &[Vec<u64>] {
         &self.positions
+    }
+
+    /// Whether layers attend through `RingCache::attend_kernels` (RoPE tables in f32) rather
+    /// than `append` and `attention`.
+    pub fn uses_kernels(&self) -> bool {
+        self.slot_index.is_some()
     }
 }
 
@@ -78,9 +88,12 @@ pub struct RingCache {
     rope: Option<Rope>,
     dtype: DType,
     device: Device,
-    /// Recent write-index tensors by (rows, indices): the depformer's repeat every frame, so
-    /// they are uploaded once (and a CUDA graph capturing them needs no host copy).
+    /// Recent write-index tensors by (rows, indices), when `memo_indices`: the depformer's
+    /// repeat every frame, so they are uploaded once (and a CUDA graph capturing them needs no
+    /// host copy). Other caches' indices change every frame and are not kept.
     index_memo: Vec<(usize, Vec<i64>, Tensor)>,
+    memo_indices: bool,
+    decode: DecodeAttention,
 }
 
 /// Write-index tensors `RingCache` keeps (enough for two row buckets of a 16-step depformer).
@@ -122,7 +135,20 @@ impl RingCache {
             dtype,
             device: device.clone(),
             index_memo: Vec::new(),
+            memo_indices: false,
+            decode: DecodeAttention::Composed,
         })
+    }
+
+    /// Keeps recent write-index tensors for reuse (for caches whose steps repeat them).
+    pub fn with_index_memo(mut self) -> Self {
+        self.memo_indices = true;
+        self
+    }
+
+    /// How one-token steps attend from now on.
+    pub fn set_decode(&mut self, decode: DecodeAttention) {
+        self.decode = decode;
     }
 
     /// Allows pinned prefixes, re-rotating them with `rope` as the window slides.
@@ -203,13 +229,25 @@ impl RingCache {
             }
         }
         let len = self.visible_len(rows);
+        let pinned_rotation = self.pinned_rotation(rows)?;
+        // The kernels read the ring as it lies, so a step that rotates a pinned prefix is
+        // composed from candle ops.
+        let kernels =
+            self.decode == DecodeAttention::Kernels && time == 1 && pinned_rotation.is_none();
+        let (write_index, slot_index, mask_dtype) = if kernels {
+            let slot_index = Tensor::new(index.as_slice(), &self.device)?;
+            (None, Some(slot_index), DType::F32)
+        } else {
+            (self.write_index(index, rows, time)?, None, self.dtype)
+        };
         Ok(RingStep {
-            write_index: self.write_index(index, rows, time)?,
+            write_index,
+            slot_index,
             rows,
             len,
             positions,
-            mask: self.mask(time, len, active)?,
-            pinned_rotation: self.pinned_rotation(rows)?,
+            mask: self.mask(time, len, active, mask_dtype)?,
+            pinned_rotation,
         })
     }
 
@@ -230,6 +268,9 @@ impl RingCache {
             .reshape((rows, 1, time, 1))?
             .broadcast_as((rows, heads, time, head_dim))?
             .contiguous()?;
+        if !self.memo_indices {
+            return Ok(Some(tensor));
+        }
         if self.index_memo.len() == INDEX_MEMO {
             self.index_memo.remove(0);
         }
@@ -243,7 +284,7 @@ impl RingCache {
         let (ring_k, ring_v) = &self.layers[layer];
         let rows = step.rows;
         let Some(index) = &step.write_index else {
-            candle_core::bail!("internal error: a step planned for a cache without layers")
+            candle_core::bail!("internal error: a step planned for the kernels, or without layers")
         };
         ring_k
             .narrow(0, 0, rows)?
@@ -261,6 +302,28 @@ impl RingCache {
             v: ring_v.narrow(0, 0, rows)?.narrow(2, 0, step.len)?,
             mask: step.mask.clone(),
         })
+    }
+
+    /// Layer `layer`'s attention for a step planned for the kernels: `qkv` `[rows, 1, 3 · heads
+    /// · head_dim]` is rotated by `rope` (f32 tables), its key and value written into the ring,
+    /// and the query attends: `[rows, heads, 1, head_dim]`.
+    pub fn attend_kernels(
+        &self,
+        layer: usize,
+        step: &RingStep,
+        qkv: &Tensor,
+        rope: &RopeTables,
+    ) -> Result<Tensor> {
+        let Some(slot_index) = &step.slot_index else {
+            candle_core::bail!("internal error: a step not planned for the kernels")
+        };
+        let (ring_k, ring_v) = &self.layers[layer];
+        let (ring_k, ring_v) = (
+            ring_k.narrow(0, 0, step.rows)?,
+            ring_v.narrow(0, 0, step.rows)?,
+        );
+        let q = decode::rope_kv_write(qkv, rope, &ring_k, &ring_v, slot_index)?;
+        decode::ring_attention(&q, &ring_k, &ring_v, &step.mask)
     }
 
     /// How far slot `slot_idx`'s pinned prefix is rotated forward: the distance the window has
@@ -309,7 +372,7 @@ impl RingCache {
 
     /// The additive mask; all zeros (nothing hidden) is made on the device without a host
     /// copy, which keeps the depformer's steps capturable in a CUDA graph.
-    fn mask(&self, time: usize, len: usize, active: &[bool]) -> Result<Tensor> {
+    fn mask(&self, time: usize, len: usize, active: &[bool], dtype: DType) -> Result<Tensor> {
         let shape = (active.len(), 1, time, len);
         let mut mask = vec![0f32; active.len() * time * len];
         for (slot_idx, rows) in mask.chunks_exact_mut(time * len).enumerate() {
@@ -328,9 +391,9 @@ impl RingCache {
             }
         }
         if mask.iter().all(|&cell| cell == 0.0) {
-            return Tensor::zeros(shape, self.dtype, &self.device);
+            return Tensor::zeros(shape, dtype, &self.device);
         }
-        Tensor::from_vec(mask, shape, &self.device)?.to_dtype(self.dtype)
+        Tensor::from_vec(mask, shape, &self.device)?.to_dtype(dtype)
     }
 
     /// Whether ring entry `ring_idx` is visible to a query at `query_pos` after `end` writes,
@@ -627,6 +690,57 @@ mod tests {
         let q = Tensor::zeros((1, 1, 2, 1), DType::F32, &Device::Cpu)?;
         let out = attention(&q, &attend)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(out, vec![2.0, 3.0]);
+        Ok(())
+    }
+
+    /// A step planned for the kernels (device write index, f32 mask) leaves the ring and gives
+    /// the attention of the composed path, across a wrap, with a row sitting steps out.
+    #[test]
+    fn the_kernels_plan_matches_the_composed_path() -> Result<()> {
+        let (heads, head_dim) = (2, 4);
+        let shape = RingShape {
+            layers: 1,
+            batch: 3,
+            heads,
+            capacity: 5,
+            head_dim,
+        };
+        let rope = Rope::new(head_dim, 10_000.0);
+        for positions in [RingPositions::PersonaPlex, RingPositions::Exact] {
+            let new_ring = || -> Result<RingCache> {
+                Ok(RingCache::new(shape, DType::F32, &Device::Cpu, positions)?
+                    .with_pinning(rope.clone()))
+            };
+            let (mut composed, mut kernels) = (new_ring()?, new_ring()?);
+            kernels.set_decode(DecodeAttention::Kernels);
+            for frame in 0..9 {
+                let active = [true, frame % 3 != 1, true];
+                let qkv = Tensor::randn(0f32, 1.0, (3, 1, 3 * heads * head_dim), &Device::Cpu)?;
+                let plan = composed.begin(1, &active)?;
+                let tables = rope.tables(plan.positions(), DType::F32, &Device::Cpu)?;
+                let split = qkv.reshape((3, 1, 3, heads, head_dim))?;
+                let part = |i: usize| split.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+                let q = tables.apply(&part(0)?)?;
+                let k = tables.apply(&part(1)?)?;
+                let attend = composed.append(0, &plan, &k, &part(2)?.contiguous()?)?;
+                let want = attention(&q, &attend)?;
+                let plan = kernels.begin(1, &active)?;
+                assert!(plan.uses_kernels());
+                let got = kernels.attend_kernels(0, &plan, &qkv, &tables)?;
+                let diff = (got - want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{positions:?} frame {frame}: {diff}");
+            }
+            let ((keys, values), (kernel_keys, kernel_values)) =
+                (&composed.layers[0], &kernels.layers[0]);
+            for (a, b) in [(keys, kernel_keys), (values, kernel_values)] {
+                let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{positions:?} rings differ by {diff}");
+            }
+        }
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod decode;
 pub mod depformer;
 pub mod files;
 pub mod generate;

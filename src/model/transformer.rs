@@ -3,6 +3,7 @@
 
 use super::Result;
 use super::checkpoint::lm::TemporalLayerWeights;
+use super::decode::DecodeAttention;
 use super::kv::{RingCache, RingPositions, RingShape, RingStep, SlotKv, attention};
 use super::nn::{Linear, RmsNorm, Rope, RopeTables, SwiGlu};
 use super::quant::Quant;
@@ -84,8 +85,9 @@ impl Transformer {
             capacity,
             head_dim: self.head_dim,
         };
-        let cache =
+        let mut cache =
             RingCache::new(shape, dtype, device, positions)?.with_pinning(self.rope.clone());
+        cache.set_decode(DecodeAttention::for_device(dtype, device, self.head_dim));
         Ok(TransformerState { cache })
     }
 
@@ -99,9 +101,14 @@ impl Transformer {
         let _span = tracing::trace_span!("temporal").entered();
         let (_, time, _) = xs.dims3()?;
         let step = state.cache.begin(time, active)?;
+        let rope_dtype = if step.uses_kernels() {
+            DType::F32
+        } else {
+            xs.dtype()
+        };
         let rope = self
             .rope
-            .tables(step.positions(), xs.dtype(), xs.device())?;
+            .tables(step.positions(), rope_dtype, xs.device())?;
         let mut xs = xs.clone();
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let normed = layer.norm1.forward(&xs)?;
@@ -122,12 +129,16 @@ impl Transformer {
     ) -> Result<Tensor> {
         let layer = &self.layers[layer_idx];
         let (batch, time, dim) = xs.dims3()?;
+        let qkv = layer.in_proj.forward(xs)?;
+        if step.uses_kernels() {
+            let out = cache
+                .attend_kernels(layer_idx, step, &qkv, rope)?
+                .transpose(1, 2)?
+                .reshape((batch, time, dim))?;
+            return layer.out_proj.forward(&out);
+        }
         // b, t, (3 h d) -> 3 × (b, h, t, d)
-        let qkv =
-            layer
-                .in_proj
-                .forward(xs)?
-                .reshape((batch, time, 3, self.heads, self.head_dim))?;
+        let qkv = qkv.reshape((batch, time, 3, self.heads, self.head_dim))?;
         let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
         let q = rope.apply(&split(0)?)?;
         let k = rope.apply(&split(1)?)?;
@@ -148,6 +159,11 @@ impl TransformerState {
 
     pub fn reset_slot(&mut self, slot_idx: usize) {
         self.cache.reset_slot(slot_idx);
+    }
+
+    /// How one-token steps attend (by default the kernels where they run natively).
+    pub fn set_decode(&mut self, decode: DecodeAttention) {
+        self.cache.set_decode(decode);
     }
 
     /// Advances slot `slot_idx` by `frames` without computing them (benchmarks).

@@ -1,0 +1,117 @@
+//! One-token attention over a ring cache as two kernels (`kernels/attention.cu`): RoPE on the
+//! query and key fused with the ring write at a *device* index, then attention over the filled
+//! part of the ring. A bf16 GPU runs the CUDA kernels; everything else runs their CPU references
+//! here, composed from candle ops, so the model code that drives them is tested on any machine.
+
+use super::Result;
+use super::nn::RopeTables;
+use candle_core::{DType, Tensor};
+
+/// The widest head `ring_attention_bf16` holds (its query lives in shared memory).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// How the temporal transformer attends one new token per slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeAttention {
+    /// Candle ops: RoPE, a scatter into the ring, attention over the filled part.
+    Composed,
+    /// `rope_kv_write` then `ring_attention`: the ring write index is a device tensor, so a
+    /// step needs no host-side index.
+    Kernels,
+}
+
+impl DecodeAttention {
+    /// The kernels where they run natively (bf16 on a GPU in a `cuda` build, heads of at most
+    /// 128, unless `DUPLEX_KERNELS=candle`), candle's ops elsewhere.
+    pub fn for_device(dtype: DType, device: &candle_core::Device, head_dim: usize) -> Self {
+        let candle_ops = std::env::var("DUPLEX_KERNELS").is_ok_and(|v| v == "candle");
+        let fits = head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(2);
+        if cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::BF16 && fits && !candle_ops
+        {
+            Self::Kernels
+        } else {
+            Self::Composed
+        }
+    }
+}
+
+/// `qkv` `[rows, 1, 3 · heads · head_dim]` (one token's packed in-projection per slot) → the
+/// query rotated by `rope` (f32 tables `[rows, 1, head_dim / 2]`), `[rows, heads, 1, head_dim]`.
+/// The rotated key and the value are written into `ring_k`/`ring_v` (`[rows, heads, capacity,
+/// head_dim]`) at `write_idx` (i64 `[rows]`; a negative index leaves that row's ring alone).
+pub fn rope_kv_write(
+    qkv: &Tensor,
+    rope: &RopeTables,
+    ring_k: &Tensor,
+    ring_v: &Tensor,
+    write_idx: &Tensor,
+) -> Result<Tensor> {
+    if native(qkv) {
+        let (cos, sin) = rope.cos_sin();
+        return gpu::rope_kv_write(qkv, cos, sin, ring_k, ring_v, write_idx);
+    }
+    let (rows, heads, _, head_dim) = ring_k.dims4()?;
+    let qkv = qkv.reshape((rows, 1, 3, heads, head_dim))?;
+    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+    let rotate = |xs: Tensor| rope.apply(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype());
+    let (q, k, v) = (rotate(part(0)?)?, rotate(part(1)?)?, part(2)?);
+    for (row, at) in write_idx.to_vec1::<i64>()?.into_iter().enumerate() {
+        let Ok(at) = usize::try_from(at) else {
+            continue;
+        };
+        let key = k.narrow(0, row, 1)?.contiguous()?;
+        ring_k.narrow(0, row, 1)?.slice_set(&key, 2, at)?;
+        let value = v.narrow(0, row, 1)?.contiguous()?;
+        ring_v.narrow(0, row, 1)?.slice_set(&value, 2, at)?;
+    }
+    Ok(q)
+}
+
+/// Attention of one query per slot (`q` `[rows, heads, 1, head_dim]`) over the first `len`
+/// ring entries, `len` being the last dim of `mask` (f32 `[rows, 1, 1, len]`, 0 visible, −∞
+/// hidden): `[rows, heads, 1, head_dim]`.
+pub fn ring_attention(
+    q: &Tensor,
+    ring_k: &Tensor,
+    ring_v: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    if native(q) {
+        return gpu::ring_attention(q, ring_k, ring_v, mask);
+    }
+    let len = mask.dim(3)?;
+    let attend = super::kv::Attend {
+        k: ring_k.narrow(2, 0, len)?,
+        v: ring_v.narrow(2, 0, len)?,
+        mask: mask.clone(),
+    };
+    super::kv::attention(q, &attend)
+}
+
+/// Whether the CUDA kernels take `xs` (they are written for bf16).
+fn native(xs: &Tensor) -> bool {
+    cfg!(feature = "cuda") && xs.device().is_cuda() && xs.dtype() == DType::BF16
+}
+
+#[cfg(feature = "cuda")]
+use super::cuda as gpu;
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use super::{Result, Tensor};
+
+    pub fn rope_kv_write(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<Tensor> {
+        unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
+    }
+
+    pub fn ring_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
+    }
+}
