@@ -5,6 +5,7 @@ use crate::audio::{FRAME_MS, FRAME_SAMPLES, signal};
 use crate::bench::loopback::Percentiles;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::LmConfig;
+use crate::model::decode::DecodeAttention;
 use crate::model::files::ModelFiles;
 use crate::model::generate::SamplingConfig;
 use crate::model::kv::RingPositions;
@@ -38,6 +39,15 @@ pub struct StepBenchOptions {
     pub quant: Quant,
 }
 
+/// What attends in the temporal transformer for this run (`DecodeAttention::for_device`).
+fn attention_path(cfg: &LmConfig, options: &StepBenchOptions) -> String {
+    let head_dim = cfg.dim / cfg.num_heads;
+    match DecodeAttention::for_device(options.dtype, &options.device, head_dim) {
+        DecodeAttention::Kernels => "kernels".into(),
+        DecodeAttention::Composed => "candle".into(),
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBenchReport {
     pub config: String,
@@ -52,6 +62,8 @@ pub struct StepBenchReport {
     pub history: usize,
     /// Whether the timed frames replayed a CUDA graph (asked for and captured).
     pub cuda_graph_replayed: bool,
+    /// How the temporal transformer attended: `kernels` (kernels/attention.cu) or `candle`.
+    pub attention: String,
     pub quant: String,
     pub encode_ms: Percentiles,
     pub temporal_ms: Percentiles,
@@ -81,7 +93,7 @@ impl StepBenchReport {
         [
             format!(
                 "bench step: {} ({} weights) on {} {}, batch {} ({} busy), {} frames, {} depformer \
-                 steps, history {} frames, CUDA graph {}",
+                 steps, history {} frames, CUDA graph {}, attention by {}",
                 self.config,
                 self.weights,
                 self.device,
@@ -95,7 +107,8 @@ impl StepBenchReport {
                     "replayed"
                 } else {
                     "off"
-                }
+                },
+                self.attention
             ),
             format!(
                 "{:<12} {:>9} {:>9} {:>9} {:>9}",
@@ -237,6 +250,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         depformer_steps: lm.depformer_steps(),
         history,
         cuda_graph_replayed: state.generator.replays_cuda_graph(),
+        attention: attention_path(lm.config(), options),
         quant: format!("{:?}", options.quant),
         real_time_factor: total.p50 / FRAME_MS as f64,
         encode_ms: encode,

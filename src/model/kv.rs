@@ -229,11 +229,7 @@ impl RingCache {
             }
         }
         let len = self.visible_len(rows);
-        let pinned_rotation = self.pinned_rotation(rows)?;
-        // The kernels read the ring as it lies, so a step that rotates a pinned prefix is
-        // composed from candle ops.
-        let kernels =
-            self.decode == DecodeAttention::Kernels && time == 1 && pinned_rotation.is_none();
+        let kernels = self.decode == DecodeAttention::Kernels && time == 1;
         let (write_index, slot_index, mask_dtype) = if kernels {
             let slot_index = Tensor::new(index.as_slice(), &self.device)?;
             (None, Some(slot_index), DType::F32)
@@ -247,7 +243,7 @@ impl RingCache {
             len,
             positions,
             mask: self.mask(time, len, active, mask_dtype)?,
-            pinned_rotation,
+            pinned_rotation: self.pinned_rotation(rows)?,
         })
     }
 
@@ -323,7 +319,14 @@ impl RingCache {
             ring_v.narrow(0, 0, step.rows)?,
         );
         let q = decode::rope_kv_write(qkv, rope, &ring_k, &ring_v, slot_index)?;
-        decode::ring_attention(&q, &ring_k, &ring_v, &step.mask)
+        let Some((longest, rotation)) = &step.pinned_rotation else {
+            return decode::ring_attention(&q, &ring_k, &ring_v, &step.mask);
+        };
+        // The kernel reads keys and values where they lie, with one stride: a rotated prefix
+        // takes a copy of the filled window of both.
+        let keys = rotate_prefix(ring_k.narrow(2, 0, step.len)?, *longest, rotation)?;
+        let values = ring_v.narrow(2, 0, step.len)?.contiguous()?;
+        decode::ring_attention(&q, &keys, &values, &step.mask)
     }
 
     /// How far slot `slot_idx`'s pinned prefix is rotated forward: the distance the window has
@@ -694,7 +697,8 @@ mod tests {
     }
 
     /// A step planned for the kernels (device write index, f32 mask) leaves the ring and gives
-    /// the attention of the composed path, across a wrap, with a row sitting steps out.
+    /// the attention of the composed path, across a wrap, with a row sitting steps out and a
+    /// pinned prefix the window slides past.
     #[test]
     fn the_kernels_plan_matches_the_composed_path() -> Result<()> {
         let (heads, head_dim) = (2, 4);
@@ -713,7 +717,11 @@ mod tests {
             };
             let (mut composed, mut kernels) = (new_ring()?, new_ring()?);
             kernels.set_decode(DecodeAttention::Kernels);
-            for frame in 0..9 {
+            for frame in 0..12 {
+                if frame == 2 {
+                    composed.pin_prefix(0, 2)?;
+                    kernels.pin_prefix(0, 2)?;
+                }
                 let active = [true, frame % 3 != 1, true];
                 let qkv = Tensor::randn(0f32, 1.0, (3, 1, 3 * heads * head_dim), &Device::Cpu)?;
                 let plan = composed.begin(1, &active)?;
