@@ -388,7 +388,8 @@ struct StepArgs {
     /// four minutes; 0 times a fresh session).
     #[arg(long)]
     history: Option<usize>,
-    /// Replay each frame's depformer half as a CUDA graph (`--device cuda`; not yet run on a GPU).
+    /// Replay each frame's temporal step and depformer half as CUDA graphs (`--device cuda`; not
+    /// yet run on a GPU).
     #[arg(long)]
     cuda_graphs: bool,
     /// Weight storage of the language model's matrices.

@@ -148,7 +148,8 @@ fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
     }
 }
 
-/// The depformer half replayed as a CUDA graph gives, frame for frame, the tokens the eager path
+/// Both halves of a frame replayed as CUDA graphs (the temporal step, its attention then over
+/// the whole ring, and the depformer half) give, frame for frame, the tokens the eager path
 /// gives: 50 frames of three busy slots and an idle one between them (greedy, and two seeded
 /// top-k samplers), on the tiny checkpoint in bf16 and on random mid-size weights in int8
 /// (w8a16 needs widths of 16s).
@@ -201,13 +202,18 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
                         .collect::<Vec<_>>(),
                 );
             }
-            (tokens, generator.replays_cuda_graph())
+            let replaying = [
+                generator.replays_temporal_graph(),
+                generator.replays_cuda_graph(),
+            ];
+            (tokens, replaying)
         };
         let (eager, _) = run(false);
-        let (replayed, replaying) = run(true);
+        let (replayed, [temporal, depformer]) = run(true);
         assert!(
-            replaying,
-            "{name}: the graph was not captured (see the log)"
+            temporal && depformer,
+            "{name}: a graph was not captured (temporal {temporal}, depformer {depformer}; see \
+             the log)"
         );
         for (frame, (e, r)) in eager.iter().zip(&replayed).enumerate() {
             assert_eq!(e, r, "{name}: frame {frame}");

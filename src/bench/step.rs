@@ -60,8 +60,11 @@ pub struct StepBenchReport {
     pub depformer_steps: usize,
     /// Temporal positions each session's attention read (its history when timing started).
     pub history: usize,
-    /// Whether the timed frames replayed a CUDA graph (asked for and captured).
+    /// Whether the timed frames replayed a CUDA graph of the depformer half (asked for and
+    /// captured).
     pub cuda_graph_replayed: bool,
+    /// Whether they replayed one of the temporal step too.
+    pub temporal_graph_replayed: bool,
     /// How the temporal transformer attended: `kernels` (kernels/attention.cu) or `candle`.
     pub attention: String,
     pub quant: String,
@@ -93,7 +96,7 @@ impl StepBenchReport {
         [
             format!(
                 "bench step: {} ({} weights) on {} {}, batch {} ({} busy), {} frames, {} depformer \
-                 steps, history {} frames, CUDA graph {}, attention by {}",
+                 steps, history {} frames, CUDA graphs {}, attention by {}",
                 self.config,
                 self.weights,
                 self.device,
@@ -103,10 +106,11 @@ impl StepBenchReport {
                 self.frames,
                 self.depformer_steps,
                 self.history,
-                if self.cuda_graph_replayed {
-                    "replayed"
-                } else {
-                    "off"
+                match (self.temporal_graph_replayed, self.cuda_graph_replayed) {
+                    (true, true) => "temporal + depformer",
+                    (true, false) => "temporal",
+                    (false, true) => "depformer",
+                    (false, false) => "off",
                 },
                 self.attention
             ),
@@ -250,6 +254,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         depformer_steps: lm.depformer_steps(),
         history,
         cuda_graph_replayed: state.generator.replays_cuda_graph(),
+        temporal_graph_replayed: state.generator.replays_temporal_graph(),
         attention: attention_path(lm.config(), options),
         quant: format!("{:?}", options.quant),
         real_time_factor: total.p50 / FRAME_MS as f64,

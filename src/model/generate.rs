@@ -209,13 +209,16 @@ pub struct Generator {
     /// Whether calls copy their text logits to the host (tests; it costs a transfer a call).
     record_text_logits: bool,
     depformer_graph: GraphMode,
+    temporal_graph: GraphMode,
 }
 
-/// Whether a frame's depformer half (its draws and 8 steps) replays a CUDA graph.
+/// Whether a frame's half (the temporal step, or the depformer's draws and 8 steps) replays a
+/// CUDA graph.
 enum GraphMode {
     Off,
-    /// One graph per row bucket, each captured at the first frame of that bucket that forces
-    /// nothing on the drawn streams.
+    /// One graph per row bucket, each captured at the first frame of that bucket it can run
+    /// (the depformer's: nothing forced on the drawn streams; the temporal step's: the
+    /// attention kernels and no pinned prefix to rotate).
     On(GraphCache),
     /// Capture failed or a replay disagreed with the eager frame: eager for good.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -269,12 +272,14 @@ impl Generator {
             slots: (0..batch).map(|_| None).collect(),
             record_text_logits: false,
             depformer_graph: GraphMode::Off,
+            temporal_graph: GraphMode::Off,
         })
     }
 
-    /// Replays the depformer half of each frame as a CUDA graph (captured at the first frame
-    /// that forces nothing on the drawn streams, and checked once against that frame's eager
-    /// tokens; on any failure it logs why and stays eager).
+    /// Replays both halves of each frame as CUDA graphs: the temporal step (its attention then
+    /// reads the whole ring, so its shapes never change) and the depformer half. Each graph is
+    /// captured at the first frame it can run and checked once against that frame's eager
+    /// result; on any failure it logs why and that half stays eager.
     pub fn use_cuda_graphs(&mut self, model: &LmModel) -> Result<()> {
         if !cfg!(feature = "cuda") || !model.device().is_cuda() {
             candle_core::bail!(
@@ -282,16 +287,19 @@ impl Generator {
             );
         }
         self.depformer_graph = GraphMode::On(GraphCache::default());
+        self.temporal_graph = GraphMode::On(GraphCache::default());
+        self.temporal.set_whole_ring(true);
         Ok(())
     }
 
     /// Whether frames now replay a captured depformer graph.
     pub fn replays_cuda_graph(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        if let GraphMode::On(cache) = &self.depformer_graph {
-            return !cache.graphs.is_empty();
-        }
-        false
+        self.depformer_graph.replays()
+    }
+
+    /// Whether frames now replay a captured temporal-step graph.
+    pub fn replays_temporal_graph(&self) -> bool {
+        self.temporal_graph.replays()
     }
 
     /// How the temporal transformer attends (the CPU runs the kernels' references when asked).
@@ -420,8 +428,7 @@ impl Generator {
         };
         if rows > 0 {
             let emb = self.input_embeddings(model, &columns[..rows], &embeddings[..rows])?;
-            let (hidden, text_logits) =
-                model.temporal(&emb, &mut self.temporal, &pending.running[..rows])?;
+            let (hidden, text_logits) = self.run_temporal(model, &emb, &pending.running[..rows])?;
             pending.temporal = Some((hidden.squeeze(1)?, text_logits.squeeze(1)?));
         }
         Ok(pending)
@@ -540,7 +547,119 @@ impl Generator {
     }
 }
 
+impl GraphMode {
+    fn replays(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let GraphMode::On(cache) = self {
+            return !cache.graphs.is_empty();
+        }
+        false
+    }
+}
+
+/// How far a temporal graph's first replay may stray from the eager step, relative to the
+/// largest output: bf16 rounding, not a misplaced key.
+#[cfg(feature = "cuda")]
+const TEMPORAL_GRAPH_TOLERANCE: f32 = 1e-2;
+
 impl Generator {
+    /// The temporal step for the first `running.len()` slots: hidden states and text logits,
+    /// `[rows, 1, …]`, from the graph when one replays.
+    fn run_temporal(
+        &mut self,
+        model: &LmModel,
+        emb: &Tensor,
+        running: &[bool],
+    ) -> Result<(Tensor, Tensor)> {
+        let (step, rope) = model.plan_temporal(&mut self.temporal, running)?;
+        #[cfg(feature = "cuda")]
+        if let Some(out) = self.replay_temporal(model, emb, &step, &rope)? {
+            return Ok(out);
+        }
+        model.temporal_planned(emb, &self.temporal, &step, &rope)
+    }
+
+    /// Replays the temporal graph of this row bucket, capturing it first if it is pending;
+    /// `None` when this step runs eagerly. On the capture frame the eager step runs first and
+    /// the replay then writes the same keys and values at the same ring entries again.
+    #[cfg(feature = "cuda")]
+    fn replay_temporal(
+        &mut self,
+        model: &LmModel,
+        emb: &Tensor,
+        step: &super::kv::RingStep,
+        rope: &super::nn::RopeTables,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        use super::graph::FrameGraph;
+        let Some([slot_index, mask]) = step.graph_inputs() else {
+            return Ok(None);
+        };
+        let (cos, sin) = rope.cos_sin();
+        let inputs = [emb, cos, sin, slot_index, mask];
+        let (rows, _, dim) = emb.dims3()?;
+        let split = |joined: &Tensor| -> Result<(Tensor, Tensor)> {
+            let width = joined.dim(2)?;
+            Ok((
+                joined.narrow(2, 0, dim)?.copy()?,
+                joined.narrow(2, dim, width - dim)?.copy()?,
+            ))
+        };
+        match &self.temporal_graph {
+            GraphMode::On(cache) => {
+                if let Some(graph) = cache.graphs.get(&rows) {
+                    return Ok(Some(split(graph.replay(&inputs)?)?));
+                }
+            }
+            GraphMode::Off | GraphMode::Failed => return Ok(None),
+        }
+        let (hidden, logits) = model.temporal_planned(emb, &self.temporal, step, rope)?;
+        let eager = Tensor::cat(&[&hidden, &logits], 2)?;
+        let temporal = &self.temporal;
+        let captured =
+            FrameGraph::capture(&inputs, eager.shape().clone(), eager.dtype(), |buffers| {
+                let [emb, cos, sin, step_inputs @ ..] = buffers else {
+                    candle_core::bail!("internal error: the temporal graph has 5 inputs")
+                };
+                let step = step.with_graph_inputs(step_inputs)?;
+                let rope = super::nn::RopeTables::from_cos_sin(cos.clone(), sin.clone());
+                let (hidden, logits) = model.temporal_planned(emb, temporal, &step, &rope)?;
+                Tensor::cat(&[&hidden, &logits], 2)
+            })
+            .and_then(|graph| {
+                let replayed = graph.replay(&inputs)?.to_dtype(DType::F32)?;
+                let eager = eager.to_dtype(DType::F32)?;
+                let largest = eager.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let diff = (replayed - eager)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                Ok((graph, diff, largest))
+            });
+        match (captured, &mut self.temporal_graph) {
+            (Ok((graph, diff, largest)), GraphMode::On(cache))
+                if diff <= TEMPORAL_GRAPH_TOLERANCE * largest.max(1.0) =>
+            {
+                tracing::info!(rows, diff, "temporal CUDA graph captured; replaying it");
+                cache.graphs.insert(rows, graph);
+            }
+            (Ok((_, diff, largest)), _) => {
+                tracing::warn!(
+                    rows,
+                    diff,
+                    largest,
+                    "the temporal graph's replay differs from the eager step; staying eager"
+                );
+                self.temporal_graph = GraphMode::Failed;
+            }
+            (Err(err), _) => {
+                tracing::warn!(rows, error = %err, "capturing the temporal graph failed; staying eager");
+                self.temporal_graph = GraphMode::Failed;
+            }
+        }
+        Ok(Some((hidden, logits)))
+    }
+
     /// The frame's drawn tokens `[slot][stream]`, from the graph when one replays.
     fn draw_tokens(
         &mut self,

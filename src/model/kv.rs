@@ -70,6 +70,35 @@ impl RingStep {
     pub fn uses_kernels(&self) -> bool {
         self.slot_index.is_some()
     }
+
+    /// The step's device inputs, write index then mask, when they are all it needs (a kernels
+    /// step with no prefix to rotate): a CUDA graph copies these into its buffers.
+    pub fn graph_inputs(&self) -> Option<[&Tensor; 2]> {
+        match (&self.slot_index, &self.pinned_rotation) {
+            (Some(slot_index), None) => Some([slot_index, &self.mask]),
+            _ => None,
+        }
+    }
+
+    /// This step reading its write index and mask from `buffers` (as `graph_inputs` orders
+    /// them) instead.
+    pub fn with_graph_inputs(&self, buffers: &[Tensor]) -> Result<RingStep> {
+        let [slot_index, mask] = buffers else {
+            candle_core::bail!("a step takes 2 graph inputs, not {}", buffers.len())
+        };
+        if self.graph_inputs().is_none() {
+            candle_core::bail!("internal error: this step cannot run from graph inputs");
+        }
+        Ok(RingStep {
+            write_index: None,
+            slot_index: Some(slot_index.clone()),
+            rows: self.rows,
+            len: self.len,
+            positions: self.positions.clone(),
+            mask: mask.clone(),
+            pinned_rotation: None,
+        })
+    }
 }
 
 /// The ring caches of one transformer: a key and a value buffer per layer, one row per slot.
@@ -94,6 +123,9 @@ pub struct RingCache {
     index_memo: Vec<(usize, Vec<i64>, Tensor)>,
     memo_indices: bool,
     decode: DecodeAttention,
+    /// Every step reads the whole ring (the mask hides what is not written): a step's shapes
+    /// never change, so it can be captured as a CUDA graph.
+    whole_ring: bool,
 }
 
 /// Write-index tensors `RingCache` keeps (enough for two row buckets of a 16-step depformer).
@@ -137,6 +169,7 @@ impl RingCache {
             index_memo: Vec::new(),
             memo_indices: false,
             decode: DecodeAttention::Composed,
+            whole_ring: false,
         })
     }
 
@@ -144,6 +177,11 @@ impl RingCache {
     pub fn with_index_memo(mut self) -> Self {
         self.memo_indices = true;
         self
+    }
+
+    /// Makes every step read the whole ring (see `whole_ring`).
+    pub fn set_whole_ring(&mut self, whole: bool) {
+        self.whole_ring = whole;
     }
 
     /// How one-token steps attend from now on.
@@ -228,7 +266,11 @@ impl RingCache {
                 self.ends[slot_idx] += time as u64;
             }
         }
-        let len = self.visible_len(rows);
+        let len = if self.whole_ring {
+            self.capacity
+        } else {
+            self.visible_len(rows)
+        };
         let kernels = self.decode == DecodeAttention::Kernels && time == 1;
         let (write_index, slot_index, mask_dtype) = if kernels {
             let slot_index = Tensor::new(index.as_slice(), &self.device)?;
@@ -696,9 +738,20 @@ mod tests {
         Ok(())
     }
 
+    /// Largest |a − b| over the rows that ran (an idle row's output is never read).
+    fn max_diff(a: &Tensor, b: &Tensor, active: &[bool]) -> Result<f32> {
+        let mut worst = 0f32;
+        for row in (0..active.len()).filter(|&row| active[row]) {
+            let diff = (a.narrow(0, row, 1)? - b.narrow(0, row, 1)?)?;
+            worst = worst.max(diff.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
+        }
+        Ok(worst)
+    }
+
     /// A step planned for the kernels (device write index, f32 mask) leaves the ring and gives
     /// the attention of the composed path, across a wrap, with a row sitting steps out and a
-    /// pinned prefix the window slides past.
+    /// pinned prefix the window slides past; so does one reading the whole ring from copies of
+    /// its graph inputs (as a CUDA graph's replay does), wherever it has them.
     #[test]
     fn the_kernels_plan_matches_the_composed_path() -> Result<()> {
         let (heads, head_dim) = (2, 4);
@@ -715,12 +768,16 @@ mod tests {
                 Ok(RingCache::new(shape, DType::F32, &Device::Cpu, positions)?
                     .with_pinning(rope.clone()))
             };
-            let (mut composed, mut kernels) = (new_ring()?, new_ring()?);
+            let (mut composed, mut kernels, mut whole) = (new_ring()?, new_ring()?, new_ring()?);
             kernels.set_decode(DecodeAttention::Kernels);
+            whole.set_decode(DecodeAttention::Kernels);
+            whole.set_whole_ring(true);
+            let mut from_buffers = 0;
             for frame in 0..12 {
                 if frame == 2 {
                     composed.pin_prefix(0, 2)?;
                     kernels.pin_prefix(0, 2)?;
+                    whole.pin_prefix(0, 2)?;
                 }
                 let active = [true, frame % 3 != 1, true];
                 let qkv = Tensor::randn(0f32, 1.0, (3, 1, 3 * heads * head_dim), &Device::Cpu)?;
@@ -735,13 +792,28 @@ mod tests {
                 let plan = kernels.begin(1, &active)?;
                 assert!(plan.uses_kernels());
                 let got = kernels.attend_kernels(0, &plan, &qkv, &tables)?;
-                let diff = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                let diff = max_diff(&got, &want, &active)?;
                 assert!(diff < 1e-5, "{positions:?} frame {frame}: {diff}");
+                let plan = whole.begin(1, &active)?;
+                let plan = match plan.graph_inputs() {
+                    Some(inputs) => {
+                        from_buffers += 1;
+                        let buffers = inputs.map(|t| t.copy()).into_iter();
+                        plan.with_graph_inputs(&buffers.collect::<Result<Vec<_>>>()?)?
+                    }
+                    None => plan,
+                };
+                let got = whole.attend_kernels(0, &plan, &qkv, &tables)?;
+                let diff = max_diff(&got, &want, &active)?;
+                assert!(
+                    diff < 1e-5,
+                    "{positions:?} frame {frame}, whole ring: {diff}"
+                );
             }
+            assert!(
+                from_buffers >= 5,
+                "{from_buffers} steps ran from graph inputs"
+            );
             let ((keys, values), (kernel_keys, kernel_values)) =
                 (&composed.layers[0], &kernels.layers[0]);
             for (a, b) in [(keys, kernel_keys), (values, kernel_values)] {

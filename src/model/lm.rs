@@ -6,8 +6,8 @@ use super::checkpoint::Checkpoint;
 use super::checkpoint::lm::LmWeights;
 use super::config::LmConfig;
 use super::depformer::{Depformer, DepformerState, TokenFeed};
-use super::kv::RingPositions;
-use super::nn::{Linear, RmsNorm};
+use super::kv::{RingPositions, RingStep};
+use super::nn::{Linear, RmsNorm, RopeTables};
 use super::quant::Quant;
 use super::transformer::{RMS_EPS, Transformer, TransformerState};
 use candle_core::{DType, Device, Tensor};
@@ -145,9 +145,32 @@ impl LmModel {
         state: &mut TransformerState,
         active: &[bool],
     ) -> Result<(Tensor, Tensor)> {
+        let (step, rope) = self.plan_temporal(state, active)?;
+        self.temporal_planned(emb, state, &step, &rope)
+    }
+
+    /// Starts a one-token temporal step for the first `active.len()` slots (see
+    /// `Transformer::plan`).
+    pub fn plan_temporal(
+        &self,
+        state: &mut TransformerState,
+        active: &[bool],
+    ) -> Result<(RingStep, RopeTables)> {
+        self.transformer
+            .plan(state, 1, active, self.dtype, &self.device)
+    }
+
+    /// `temporal` for a step already planned: `[batch, 1, dim]` hidden states and text logits.
+    pub fn temporal_planned(
+        &self,
+        emb: &Tensor,
+        state: &TransformerState,
+        step: &RingStep,
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor)> {
         let hidden = self
             .out_norm
-            .forward(&self.transformer.forward(emb, state, active)?)?;
+            .forward(&self.transformer.forward_planned(emb, state, step, rope)?)?;
         let logits = self.text_linear.forward(&hidden)?;
         Ok((hidden, logits))
     }

@@ -265,6 +265,11 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
+    /// Tables from their tensors (a CUDA graph's buffers holding what `Rope::tables` built).
+    pub fn from_cos_sin(cos: Tensor, sin: Tensor) -> Self {
+        Self { cos, sin }
+    }
+
     /// The cos and sin tables, `[b, t, d/2]` each.
     pub fn cos_sin(&self) -> (&Tensor, &Tensor) {
         (&self.cos, &self.sin)

@@ -98,21 +98,44 @@ impl Transformer {
         state: &mut TransformerState,
         active: &[bool],
     ) -> Result<Tensor> {
-        let _span = tracing::trace_span!("temporal").entered();
         let (_, time, _) = xs.dims3()?;
+        let (step, rope) = self.plan(state, time, active, xs.dtype(), xs.device())?;
+        self.forward_planned(xs, state, &step, &rope)
+    }
+
+    /// Starts a step of `time` tokens for the first `active.len()` slots: where each layer
+    /// writes, what it sees, and the RoPE tables of the new tokens (`dtype` the activations').
+    pub fn plan(
+        &self,
+        state: &mut TransformerState,
+        time: usize,
+        active: &[bool],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(RingStep, RopeTables)> {
         let step = state.cache.begin(time, active)?;
         let rope_dtype = if step.uses_kernels() {
             DType::F32
         } else {
-            xs.dtype()
+            dtype
         };
-        let rope = self
-            .rope
-            .tables(step.positions(), rope_dtype, xs.device())?;
+        let rope = self.rope.tables(step.positions(), rope_dtype, device)?;
+        Ok((step, rope))
+    }
+
+    /// Runs `xs` through every layer as `step` and `rope` (from `plan`) say.
+    pub fn forward_planned(
+        &self,
+        xs: &Tensor,
+        state: &TransformerState,
+        step: &RingStep,
+        rope: &RopeTables,
+    ) -> Result<Tensor> {
+        let _span = tracing::trace_span!("temporal").entered();
         let mut xs = xs.clone();
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let normed = layer.norm1.forward(&xs)?;
-            let attended = self.attend(layer_idx, &normed, &state.cache, &step, &rope)?;
+            let attended = self.attend(layer_idx, &normed, &state.cache, step, rope)?;
             xs = (xs + attended)?;
             xs = (&xs + layer.ffn.forward(&layer.norm2.forward(&xs)?)?)?;
         }
@@ -164,6 +187,11 @@ impl TransformerState {
     /// How one-token steps attend (by default the kernels where they run natively).
     pub fn set_decode(&mut self, decode: DecodeAttention) {
         self.cache.set_decode(decode);
+    }
+
+    /// Makes every step read the whole ring, so its shapes never change (CUDA graphs).
+    pub fn set_whole_ring(&mut self, whole: bool) {
+        self.cache.set_whole_ring(whole);
     }
 
     /// Advances slot `slot_idx` by `frames` without computing them (benchmarks).
