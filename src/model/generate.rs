@@ -555,6 +555,37 @@ impl GraphMode {
         }
         false
     }
+
+    /// Keeps the graph just captured for `rows` when its first replay agreed with the eager
+    /// run (`Ok(())`, else why not); on any failure logs why, and that half stays eager.
+    #[cfg(feature = "cuda")]
+    fn settle(
+        &mut self,
+        half: &str,
+        rows: usize,
+        captured: Result<(super::graph::FrameGraph, std::result::Result<(), String>)>,
+    ) {
+        match (captured, &mut *self) {
+            (Ok((graph, Ok(()))), GraphMode::On(cache)) => {
+                tracing::info!(rows, half, "CUDA graph captured; replaying it");
+                cache.graphs.insert(rows, graph);
+            }
+            (Ok((_, Ok(()))), _) => {}
+            (Ok((_, Err(why))), _) => {
+                tracing::warn!(
+                    rows,
+                    half,
+                    why,
+                    "a graph's first replay differs from the eager run; staying eager"
+                );
+                *self = GraphMode::Failed;
+            }
+            (Err(err), _) => {
+                tracing::warn!(rows, half, error = %err, "capturing a graph failed; staying eager");
+                *self = GraphMode::Failed;
+            }
+        }
+    }
 }
 
 /// How far a temporal graph's first replay may stray from the eager step, relative to the
@@ -634,29 +665,12 @@ impl Generator {
                     .flatten_all()?
                     .max(0)?
                     .to_scalar::<f32>()?;
-                Ok((graph, diff, largest))
+                let agrees = (diff <= TEMPORAL_GRAPH_TOLERANCE * largest.max(1.0))
+                    .then_some(())
+                    .ok_or_else(|| format!("max |diff| {diff} in outputs up to {largest}"));
+                Ok((graph, agrees))
             });
-        match (captured, &mut self.temporal_graph) {
-            (Ok((graph, diff, largest)), GraphMode::On(cache))
-                if diff <= TEMPORAL_GRAPH_TOLERANCE * largest.max(1.0) =>
-            {
-                tracing::info!(rows, diff, "temporal CUDA graph captured; replaying it");
-                cache.graphs.insert(rows, graph);
-            }
-            (Ok((_, diff, largest)), _) => {
-                tracing::warn!(
-                    rows,
-                    diff,
-                    largest,
-                    "the temporal graph's replay differs from the eager step; staying eager"
-                );
-                self.temporal_graph = GraphMode::Failed;
-            }
-            (Err(err), _) => {
-                tracing::warn!(rows, error = %err, "capturing the temporal graph failed; staying eager");
-                self.temporal_graph = GraphMode::Failed;
-            }
-        }
+        self.temporal_graph.settle("temporal", rows, captured);
         Ok(Some((hidden, logits)))
     }
 
@@ -731,30 +745,14 @@ impl Generator {
             })
             .and_then(|graph| {
                 let replayed: Vec<Vec<u32>> = graph.replay(&inputs)?.to_vec2()?;
-                Ok((graph, replayed))
+                let agrees = (0..running.len())
+                    .filter(|&b| running[b])
+                    .all(|b| replayed[b] == eager[b])
+                    .then_some(())
+                    .ok_or_else(|| "the drawn tokens differ".to_owned());
+                Ok((graph, agrees))
             });
-        let agrees = |replayed: &[Vec<u32>]| {
-            (0..running.len())
-                .filter(|&b| running[b])
-                .all(|b| replayed[b] == eager[b])
-        };
-        match (captured, &mut self.depformer_graph) {
-            (Ok((graph, replayed)), GraphMode::On(cache)) if agrees(&replayed) => {
-                tracing::info!(rows, "depformer CUDA graph captured; replaying it");
-                cache.graphs.insert(rows, graph);
-            }
-            (Ok(_), _) => {
-                tracing::warn!(
-                    rows,
-                    "the depformer graph's replay differs from the eager frame; staying eager"
-                );
-                self.depformer_graph = GraphMode::Failed;
-            }
-            (Err(err), _) => {
-                tracing::warn!(rows, error = %err, "capturing the depformer graph failed; staying eager");
-                self.depformer_graph = GraphMode::Failed;
-            }
-        }
+        self.depformer_graph.settle("depformer", rows, captured);
         Ok(Some(eager))
     }
 }
