@@ -24,7 +24,7 @@ impl DecodeAttention {
     /// The kernels where they run natively (bf16 on a GPU in a `cuda` build, heads of at most
     /// 128, unless `DUPLEX_KERNELS=candle`), candle's ops elsewhere.
     pub fn for_device(dtype: DType, device: &candle_core::Device, head_dim: usize) -> Self {
-        let candle_ops = std::env::var("DUPLEX_KERNELS").is_ok_and(|v| v == "candle");
+        let candle_ops = super::nn::candle_ops_requested();
         let fits = head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(2);
         if cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::BF16 && fits && !candle_ops
         {
@@ -50,11 +50,10 @@ pub fn rope_kv_write(
         let (cos, sin) = rope.cos_sin();
         return gpu::rope_kv_write(qkv, cos, sin, ring_k, ring_v, write_idx);
     }
-    let (rows, heads, _, head_dim) = ring_k.dims4()?;
-    let qkv = qkv.reshape((rows, 1, 3, heads, head_dim))?;
-    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+    let (_, heads, _, head_dim) = ring_k.dims4()?;
+    let [q, k, v] = super::kv::split_qkv(qkv, heads, head_dim)?;
     let rotate = |xs: Tensor| rope.apply(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype());
-    let (q, k, v) = (rotate(part(0)?)?, rotate(part(1)?)?, part(2)?);
+    let (q, k) = (rotate(q)?, rotate(k)?);
     for (row, at) in write_idx.to_vec1::<i64>()?.into_iter().enumerate() {
         let Ok(at) = usize::try_from(at) else {
             continue;

@@ -123,7 +123,7 @@ pub struct RingCache {
     index_memo: Vec<(usize, Vec<i64>, Tensor)>,
     memo_indices: bool,
     decode: DecodeAttention,
-    /// Every step reads the whole ring (the mask hides what is not written): a step's shapes
+    /// Every kernels step reads the whole ring (the mask hides what is not written): its shapes
     /// never change, so it can be captured as a CUDA graph.
     whole_ring: bool,
 }
@@ -266,12 +266,13 @@ impl RingCache {
                 self.ends[slot_idx] += time as u64;
             }
         }
-        let len = if self.whole_ring {
+        let kernels = self.decode == DecodeAttention::Kernels && time == 1;
+        // Only a kernels step can be captured, so only it pays for reading the whole ring.
+        let len = if self.whole_ring && kernels {
             self.capacity
         } else {
             self.visible_len(rows)
         };
-        let kernels = self.decode == DecodeAttention::Kernels && time == 1;
         let (write_index, slot_index, mask_dtype) = if kernels {
             let slot_index = Tensor::new(index.as_slice(), &self.device)?;
             (None, Some(slot_index), DType::F32)
@@ -503,6 +504,15 @@ fn rotate_prefix(keys: Tensor, longest: usize, rotation: &RopeTables) -> Result<
     let prefix = rotation.apply(&keys.narrow(2, 0, longest)?)?;
     let rest = keys.narrow(2, longest, keys.dim(2)? - longest)?;
     Tensor::cat(&[&prefix, &rest], 2)
+}
+
+/// A packed in-projection `[batch, time, 3 · heads · head_dim]` → its query, key and value,
+/// `[batch, heads, time, head_dim]` each (views, not copies).
+pub fn split_qkv(qkv: &Tensor, heads: usize, head_dim: usize) -> Result<[Tensor; 3]> {
+    let (batch, time, _) = qkv.dims3()?;
+    let qkv = qkv.reshape((batch, time, 3, heads, head_dim))?;
+    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+    Ok([part(0)?, part(1)?, part(2)?])
 }
 
 /// Scaled dot-product attention of `q` `[batch, heads, time, head_dim]` over `attend`.
@@ -783,11 +793,9 @@ mod tests {
                 let qkv = Tensor::randn(0f32, 1.0, (3, 1, 3 * heads * head_dim), &Device::Cpu)?;
                 let plan = composed.begin(1, &active)?;
                 let tables = rope.tables(plan.positions(), DType::F32, &Device::Cpu)?;
-                let split = qkv.reshape((3, 1, 3, heads, head_dim))?;
-                let part = |i: usize| split.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
-                let q = tables.apply(&part(0)?)?;
-                let k = tables.apply(&part(1)?)?;
-                let attend = composed.append(0, &plan, &k, &part(2)?.contiguous()?)?;
+                let [q, k, v] = split_qkv(&qkv, heads, head_dim)?;
+                let (q, k) = (tables.apply(&q)?, tables.apply(&k)?);
+                let attend = composed.append(0, &plan, &k, &v.contiguous()?)?;
                 let want = attention(&q, &attend)?;
                 let plan = kernels.begin(1, &active)?;
                 assert!(plan.uses_kernels());

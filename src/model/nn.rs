@@ -87,13 +87,20 @@ fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     super::cuda::w8a16(xs, weight)
 }
 
-/// Whether `xs` goes through our fused kernels (`kernels/norm.cu`): bf16 on a GPU, unless
-/// `DUPLEX_KERNELS=candle` asks for candle's own ops (to compare the two in one benchmark run).
-fn fused(xs: &Tensor) -> bool {
+/// Whether `DUPLEX_KERNELS=candle` asks for candle's own ops instead of our kernels (to compare
+/// the two in one benchmark run).
+pub fn candle_ops_requested() -> bool {
     static CANDLE_OPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let candle_ops =
-        *CANDLE_OPS.get_or_init(|| std::env::var("DUPLEX_KERNELS").is_ok_and(|v| v == "candle"));
-    cfg!(feature = "cuda") && xs.device().is_cuda() && xs.dtype() == DType::BF16 && !candle_ops
+    *CANDLE_OPS.get_or_init(|| std::env::var("DUPLEX_KERNELS").is_ok_and(|v| v == "candle"))
+}
+
+/// Whether `xs` goes through our fused kernels (`kernels/norm.cu`): bf16 on a GPU, unless
+/// candle's ops are asked for.
+fn fused(xs: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && xs.device().is_cuda()
+        && xs.dtype() == DType::BF16
+        && !candle_ops_requested()
 }
 
 #[cfg(feature = "cuda")]

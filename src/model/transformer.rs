@@ -4,7 +4,7 @@
 use super::Result;
 use super::checkpoint::lm::TemporalLayerWeights;
 use super::decode::DecodeAttention;
-use super::kv::{RingCache, RingPositions, RingShape, RingStep, SlotKv, attention};
+use super::kv::{RingCache, RingPositions, RingShape, RingStep, SlotKv, attention, split_qkv};
 use super::nn::{Linear, RmsNorm, Rope, RopeTables, SwiGlu};
 use super::quant::Quant;
 use candle_core::{DType, Device, Tensor};
@@ -160,12 +160,8 @@ impl Transformer {
                 .reshape((batch, time, dim))?;
             return layer.out_proj.forward(&out);
         }
-        // b, t, (3 h d) -> 3 × (b, h, t, d)
-        let qkv = qkv.reshape((batch, time, 3, self.heads, self.head_dim))?;
-        let split = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
-        let q = rope.apply(&split(0)?)?;
-        let k = rope.apply(&split(1)?)?;
-        let v = split(2)?.contiguous()?;
+        let [q, k, v] = split_qkv(&qkv, self.heads, self.head_dim)?;
+        let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
         let attend = cache.append(layer_idx, step, &k, &v)?;
         let out = attention(&q, &attend)?
             .transpose(1, 2)?

@@ -6,7 +6,7 @@
 
 use crate::model::Result;
 use crate::model::checkpoint::mimi::TransformerLayerWeights;
-use crate::model::kv::{Attend, RingCache, RingPositions, RingShape, attention};
+use crate::model::kv::{Attend, RingCache, RingPositions, RingShape, attention, split_qkv};
 use crate::model::mimi::MimiConfig;
 use crate::model::nn::{LayerNorm, Rope, RopeTables};
 use candle_core::{Device, Tensor};
@@ -218,20 +218,9 @@ impl Transformer {
         let (batch, time, d) = xs.dims3()?;
         let head_dim = d / self.heads;
         // 1. project and split q|k|v, each heads × head_dim
-        let qkv = layer
-            .in_proj
-            .forward(xs)?
-            .reshape((batch, time, 3, self.heads, head_dim))?;
-        let part = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous() // b,h,t,hd
-        };
+        let [q, k, v] = split_qkv(&layer.in_proj.forward(xs)?, self.heads, head_dim)?;
         // 2. rotate q and k by absolute position
-        let q = rope.apply(&part(0)?)?;
-        let k = rope.apply(&part(1)?)?;
-        let v = part(2)?;
+        let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
         // 3. attend over the cache (or the whole sequence)
         let attend = kv(&k, &v)?;
         let out = attention(&q, &attend)?; // b,h,t,hd
