@@ -2,11 +2,11 @@
 //  - rope_kv_write_bf16: interleaved RoPE on the step's query and key, the rotated key and the
 //    value written straight into the ring at each slot's write index (a device value, so a CUDA
 //    graph can replay the step);
-//  - ring_attention_bf16: softmax(q·kᵀ·scale + mask)·v over only the first `len` ring entries
-//    (the filled part), one block per (slot, head), f32 inside.
+//  - ring_attention_part_bf16 + ring_attention_join: softmax(q·kᵀ·scale + mask)·v over only the
+//    first `len` ring entries (the filled part), split into chunks of keys, f32 inside.
 // CPU references: `nn::RopeTables::apply`, `kv::RingCache::append`, `kv::attention`.
 #include "common.cuh"
-#include <float.h>
+#include <math.h>
 
 // qkv [rows, 3, heads, head_dim] (the packed in-projection of one token per slot);
 // cos, sin [rows, head_dim / 2] f32; q_out [rows, heads, head_dim];
@@ -41,54 +41,141 @@ extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ 
   ring_v[slot + odd] = v[odd];
 }
 
-// q [rows, heads, head_dim]; ring_k, ring_v [rows, heads, capacity, head_dim]; mask [rows, len]
-// f32 additive (0 visible, -inf hidden); out [rows, heads, head_dim].
-// Grid: rows * heads blocks; block: 128 threads (4 warps); dynamic shared memory: len floats.
-// head_dim <= 128 and even (lanes past head_dim add nothing to a dot product).
-extern "C" __global__ void ring_attention_bf16(const __nv_bfloat16* __restrict__ q,
-                                               const __nv_bfloat16* __restrict__ ring_k,
-                                               const __nv_bfloat16* __restrict__ ring_v,
-                                               const float* __restrict__ mask, __nv_bfloat16* __restrict__ out,
-                                               int heads, int head_dim, int capacity, int len, float scale) {
-  extern __shared__ float scores[];
-  __shared__ float qs[128];
-  __shared__ float reduce[32];
-  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
-  const size_t head = (size_t)b * heads + h;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = __bfloat162float(q[head * head_dim + d]);
+// Attention of one query per (slot, head) over the first `len` ring entries, split over the keys
+// so that a long ring keeps every SM busy (flash-decoding): `ring_attention_part_bf16` scores one
+// chunk of ATTENTION_CHUNK keys per block and writes its running max, its sum of exponentials and
+// its unnormalised weighted values; `ring_attention_join` folds the chunks of a head together.
+// Shared memory is static, so no launch can size it wrong.
+#define ATTENTION_CHUNK 128
+#define ATTENTION_THREADS 128
+
+// Loads 8 bf16 from 16-byte aligned memory as floats.
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* out) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// Max of `v` over the block; every thread gets it.
+__device__ __forceinline__ float block_max(float v, float* shared32) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) shared32[warp] = v;
   __syncthreads();
+  float m = shared32[0];
+  for (int w = 1; w < warps; ++w) m = fmaxf(m, shared32[w]);
+  __syncthreads();
+  return m;
+}
+
+// q [rows, heads, head_dim]; ring_k, ring_v [rows, heads, capacity, head_dim]; mask [rows, len] f32
+// additive (0 visible, -inf hidden); part [rows * heads, chunks, head_dim + 2] f32: per chunk the
+// weighted values, then its max score and its sum of exponentials (max -inf, sum 0 when the mask
+// hides the whole chunk).
+// Grid: (rows * heads, chunks) blocks of ATTENTION_THREADS threads. head_dim a multiple of 8, at
+// most 128; rows of ring_k/ring_v 16-byte aligned.
+extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restrict__ q,
+                                                    const __nv_bfloat16* __restrict__ ring_k,
+                                                    const __nv_bfloat16* __restrict__ ring_v,
+                                                    const float* __restrict__ mask, float* __restrict__ part,
+                                                    int heads, int head_dim, int capacity, int len, float scale) {
+  __shared__ float qs[128];
+  __shared__ float scores[ATTENTION_CHUNK];
+  __shared__ float sums[2 * ATTENTION_THREADS];
+  __shared__ float scratch[32];
+  const int head = blockIdx.x, b = head / heads, chunk = blockIdx.y, chunks = gridDim.y;
+  const int first = chunk * ATTENTION_CHUNK, count = min(ATTENTION_CHUNK, len - first);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = __bfloat162float(q[(size_t)head * head_dim + d]) * scale;
+  __syncthreads();
+
+  // Scores: a team of lanes per key, 8 dimensions per lane (one 16-byte load).
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const __nv_bfloat16* keys = ring_k + head * capacity * head_dim;
-  // Scores: a warp per key, lanes across the head dimension (coalesced reads of one key row).
-  for (int j = warp; j < len; j += warps) {
+  const int octets = head_dim / 8;
+  int team = 1;
+  while (team < octets) team <<= 1;
+  const int keys_per_warp = 32 / team, member = lane % team;
+  const __nv_bfloat16* keys = ring_k + ((size_t)head * capacity + first) * head_dim;
+  for (int j0 = warp * keys_per_warp; j0 < count; j0 += warps * keys_per_warp) {
+    const int j = j0 + lane / team;
     float dot = 0.f;
-    for (int d = lane; d < head_dim; d += 32) dot += qs[d] * __bfloat162float(keys[(size_t)j * head_dim + d]);
-    dot = warp_sum(dot);
-    if (lane == 0) scores[j] = dot * scale + mask[(size_t)b * len + j];
+    if (j < count && member < octets) {
+      float k8[8];
+      load8(keys + (size_t)j * head_dim + member * 8, k8);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot += qs[member * 8 + i] * k8[i];
+    }
+    for (int offset = team / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    if (member == 0 && j < count) scores[j] = dot + mask[(size_t)b * len + first + j];
   }
   __syncthreads();
-  float local_max = -FLT_MAX;
-  for (int j = threadIdx.x; j < len; j += blockDim.x) local_max = fmaxf(local_max, scores[j]);
-  // Block max via the shared scratch (block_sum's pattern with fmaxf).
-  for (int offset = 16; offset > 0; offset >>= 1) local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, offset));
-  if (lane == 0) reduce[warp] = local_max;
-  __syncthreads();
-  float max_score = reduce[0];
-  for (int w = 1; w < warps; ++w) max_score = fmaxf(max_score, reduce[w]);
-  __syncthreads();
+
+  float local_max = -INFINITY;
+  for (int j = threadIdx.x; j < count; j += blockDim.x) local_max = fmaxf(local_max, scores[j]);
+  const float max_score = block_max(local_max, scratch);
+  float* out = part + ((size_t)head * chunks + chunk) * (head_dim + 2);
+  if (max_score == -INFINITY) {
+    for (int d = threadIdx.x; d < head_dim + 2; d += blockDim.x) out[d] = d == head_dim ? -INFINITY : 0.f;
+    return;
+  }
   float local_sum = 0.f;
-  for (int j = threadIdx.x; j < len; j += blockDim.x) {
+  for (int j = threadIdx.x; j < count; j += blockDim.x) {
     const float p = __expf(scores[j] - max_score);
     scores[j] = p;
     local_sum += p;
   }
-  const float total = block_sum(local_sum, reduce);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  // Output: a thread per head dimension, summing over keys (coalesced reads of each value row).
-  const __nv_bfloat16* values = ring_v + head * capacity * head_dim;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j < len; ++j) acc += scores[j] * __bfloat162float(values[(size_t)j * head_dim + d]);
-    out[head * head_dim + d] = __float2bfloat16(acc * inv);
+  const float total = block_sum(local_sum, scratch);
+
+  // Weighted values: a thread per pair of dimensions and per group of keys, the groups summed
+  // through shared memory (groups · head_dim = 2 · ATTENTION_THREADS floats).
+  const int pairs = head_dim / 2, groups = blockDim.x / pairs;
+  const int pair = threadIdx.x % pairs, group = threadIdx.x / pairs;
+  float2 acc = make_float2(0.f, 0.f);
+  if (group < groups) {
+    const __nv_bfloat162* values =
+        reinterpret_cast<const __nv_bfloat162*>(ring_v + ((size_t)head * capacity + first) * head_dim);
+    for (int j = group; j < count; j += groups) {
+      const float2 v = __bfloat1622float2(values[(size_t)j * pairs + pair]);
+      acc.x += scores[j] * v.x;
+      acc.y += scores[j] * v.y;
+    }
+    sums[group * head_dim + 2 * pair] = acc.x;
+    sums[group * head_dim + 2 * pair + 1] = acc.y;
   }
+  __syncthreads();
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float v = 0.f;
+    for (int g = 0; g < groups; ++g) v += sums[g * head_dim + d];
+    out[d] = v;
+  }
+  if (threadIdx.x == 0) {
+    out[head_dim] = max_score;
+    out[head_dim + 1] = total;
+  }
+}
+
+// part as written by ring_attention_part_bf16 → out [rows, heads, head_dim] bf16 (zeros where
+// the mask hides every key). Grid: rows * heads blocks of at least head_dim threads.
+extern "C" __global__ void ring_attention_join(const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
+                                               int head_dim, int chunks) {
+  const int head = blockIdx.x, d = threadIdx.x;
+  const float* parts = part + (size_t)head * chunks * (head_dim + 2);
+  float max_score = -INFINITY;
+  for (int c = 0; c < chunks; ++c) max_score = fmaxf(max_score, parts[(size_t)c * (head_dim + 2) + head_dim]);
+  if (d >= head_dim) return;
+  float total = 0.f, acc = 0.f;
+  if (max_score != -INFINITY) {
+    for (int c = 0; c < chunks; ++c) {
+      const float* p = parts + (size_t)c * (head_dim + 2);
+      if (p[head_dim] == -INFINITY) continue;
+      const float weight = __expf(p[head_dim] - max_score);
+      total += weight * p[head_dim + 1];
+      acc += weight * p[d];
+    }
+  }
+  out[(size_t)head * head_dim + d] = __float2bfloat16(total > 0.f ? acc / total : 0.f);
 }

@@ -197,18 +197,38 @@ fn rope_and_ring_write_match_the_cpu_path() {
 }
 
 /// Attention over the filled part of the ring against `kv::attention` on the CPU, with hidden
-/// entries and a length short of the capacity.
+/// entries and a length short of the capacity: the 7B model's heads, and the tiny model's over a
+/// ring of several key chunks, some of them wholly hidden.
 #[test]
 fn ring_attention_matches_the_cpu_path() {
-    use duplex::model::kv::{Attend, attention};
     let Some(gpu) = tiny::gpu() else { return };
-    let (rows, heads, capacity, head_dim, len) = (3, 4, 40, 128, 33);
+    for (heads, capacity, head_dim, len) in [(4, 40, 128, 33), (2, 700, 16, 650), (2, 384, 64, 384)]
+    {
+        let diff = ring_attention_error(&gpu, heads, capacity, head_dim, len);
+        assert!(
+            diff < 0.02,
+            "head_dim {head_dim}, {len} keys: max |diff| {diff}"
+        );
+    }
+}
+
+fn ring_attention_error(
+    gpu: &Device,
+    heads: usize,
+    capacity: usize,
+    head_dim: usize,
+    len: usize,
+) -> f32 {
+    use duplex::model::kv::{Attend, attention};
+    let rows = 3;
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
-    let q = bf16(Tensor::randn(0f32, 1.0, (rows, heads, 1, head_dim), &Device::Cpu).unwrap());
-    let ring_k =
-        bf16(Tensor::randn(0f32, 1.0, (rows, heads, capacity, head_dim), &Device::Cpu).unwrap());
-    let ring_v =
-        bf16(Tensor::randn(0f32, 1.0, (rows, heads, capacity, head_dim), &Device::Cpu).unwrap());
+    let randn = |shape: (usize, usize, usize, usize)| {
+        bf16(Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap())
+    };
+    let q = randn((rows, heads, 1, head_dim));
+    let ring_k = randn((rows, heads, capacity, head_dim));
+    let ring_v = randn((rows, heads, capacity, head_dim));
+    // Row 2 sees only its first 21 entries, so its later chunks are hidden whole.
     let mask: Vec<f32> = (0..rows * len)
         .map(|i| {
             if (i % len) % 5 == 3 || (i / len == 2 && i % len > 20) {
@@ -229,7 +249,7 @@ fn ring_attention_matches_the_cpu_path() {
         },
     )
     .unwrap();
-    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
     let got = cuda::ring_attention(
         &on_gpu(&q),
         &on_gpu(&ring_k),
@@ -237,7 +257,7 @@ fn ring_attention_matches_the_cpu_path() {
         &on_gpu(&mask),
     )
     .unwrap();
-    assert!(tiny::max_abs_diff(&got, &want) < 0.02, "attention");
+    tiny::max_abs_diff(&got, &want)
 }
 
 #[test]

@@ -268,10 +268,10 @@ pub fn draw(
 
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
-/// Threads per block of `ring_attention_bf16`.
+/// Threads per block of `ring_attention_part_bf16` (`ATTENTION_THREADS` in the kernel).
 const ATTENTION_THREADS: u32 = 128;
-/// Keys `ring_attention_bf16` can score: its scores live in 48 KB of shared memory.
-const MAX_ATTENTION_LEN: usize = 11_000;
+/// Keys per block of `ring_attention_part_bf16` (`ATTENTION_CHUNK` in the kernel).
+const ATTENTION_CHUNK: usize = 128;
 
 /// The step's ring writes and the query rotation of `rope_kv_write`.
 struct RopeKvWrite<'a> {
@@ -389,16 +389,18 @@ impl CustomOp1 for RingAttention<'_> {
         contiguous(layout, "q")?;
         let (rows, heads, capacity, head_dim) = self.ring_k.dims4()?;
         let len = self.mask.elem_count() / rows.max(1);
+        let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
         if layout.shape().elem_count() != rows * heads * head_dim
-            || head_dim > super::decode::MAX_HEAD_DIM
-            || !head_dim.is_multiple_of(2)
+            || !super::decode::head_dim_fits(head_dim)
             || len == 0
             || len > capacity
-            || len > MAX_ATTENTION_LEN
             || self.mask.elem_count() != rows * len
+            || self.ring_v.dims4()? != (rows, heads, capacity, head_dim)
+            || !aligned(self.ring_k)
+            || !aligned(self.ring_v)
         {
             candle_core::bail!(
-                "ring_attention: q {:?}, ring {:?}, mask {:?}",
+                "ring_attention: q {:?}, ring {:?} (16-byte aligned rows), mask {:?}",
                 layout.shape(),
                 self.ring_k.dims(),
                 self.mask.dims()
@@ -412,34 +414,56 @@ impl CustomOp1 for RingAttention<'_> {
         let ring_k = gpu_view::<bf16>(&ring_k, ring_k_layout, "ring_k")?;
         let ring_v = gpu_view::<bf16>(&ring_v, ring_v_layout, "ring_v")?;
         let mask = gpu_view::<f32>(&mask, mask_layout, "mask")?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
+        let chunks = len.div_ceil(ATTENTION_CHUNK);
+        let heads_total = rows * heads;
+        // SAFETY: every element is written by the kernels.
+        let part = unsafe { device.alloc::<f32>(heads_total * chunks * (head_dim + 2))? };
+        let out = unsafe { device.alloc::<bf16>(heads_total * head_dim)? };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (heads_i, head_dim_i, capacity_i, len_i, chunks_i) = (
+            heads as i32,
+            head_dim as i32,
+            capacity as i32,
+            len as i32,
+            chunks as i32,
+        );
         let func = device.get_or_load_custom_func(
-            "ring_attention_bf16",
+            "ring_attention_part_bf16",
             "duplex_attention",
             ATTENTION_PTX,
         )?;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let (heads_i, head_dim_i, capacity_i, len_i) =
-            (heads as i32, head_dim as i32, capacity as i32, len as i32);
         let mut builder = func.builder();
         builder
             .arg(&q)
             .arg(&ring_k)
             .arg(&ring_v)
             .arg(&mask)
-            .arg(&out)
+            .arg(&part)
             .arg(&heads_i)
             .arg(&head_dim_i)
             .arg(&capacity_i)
             .arg(&len_i)
             .arg(&scale);
         let config = LaunchConfig {
-            grid_dim: ((rows * heads) as u32, 1, 1),
+            grid_dim: (heads_total as u32, chunks as u32, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
-            shared_mem_bytes: (len * std::mem::size_of::<f32>()) as u32,
+            shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        let func = device.get_or_load_custom_func(
+            "ring_attention_join",
+            "duplex_attention",
+            ATTENTION_PTX,
+        )?;
+        let mut builder = func.builder();
+        builder.arg(&part).arg(&out).arg(&head_dim_i).arg(&chunks_i);
+        let config = LaunchConfig {
+            grid_dim: (heads_total as u32, 1, 1),
+            block_dim: (head_dim.next_multiple_of(32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; `part` holds `chunks` entries per head.
         unsafe { builder.launch(config) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),

@@ -7,8 +7,14 @@ use super::Result;
 use super::nn::RopeTables;
 use candle_core::{DType, Tensor};
 
-/// The widest head `ring_attention_bf16` holds (its query lives in shared memory).
+/// The widest head the attention kernels hold (their query lives in shared memory).
 pub const MAX_HEAD_DIM: usize = 128;
+
+/// Whether the attention kernels take heads of `head_dim`: at most `MAX_HEAD_DIM`, in whole
+/// 16-byte loads of bf16.
+pub fn head_dim_fits(head_dim: usize) -> bool {
+    head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(8)
+}
 
 /// How the temporal transformer attends one new token per slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,10 +28,10 @@ pub enum DecodeAttention {
 
 impl DecodeAttention {
     /// The kernels where they run natively (bf16 on a GPU in a `cuda` build, heads of at most
-    /// 128, unless `DUPLEX_KERNELS=candle`), candle's ops elsewhere.
+    /// 128 and a multiple of 8, unless `DUPLEX_KERNELS=candle`), candle's ops elsewhere.
     pub fn for_device(dtype: DType, device: &candle_core::Device, head_dim: usize) -> Self {
         let candle_ops = super::nn::candle_ops_requested();
-        let fits = head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(2);
+        let fits = head_dim_fits(head_dim);
         if cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::BF16 && fits && !candle_ops
         {
             Self::Kernels
