@@ -101,7 +101,7 @@ fn cuda_device() -> Result<candle_core::Device> {
             report.problem.as_deref().unwrap_or("the driver lists none")
         );
     }
-    candle_core::Device::new_cuda(0).context("opening CUDA GPU 0")
+    duplex::model::open_gpu(0).context("opening CUDA GPU 0")
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -737,7 +737,7 @@ async fn shutdown_signal() {
 fn bench_step(args: StepArgs) -> Result<()> {
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0)
+        "cuda" => duplex::model::open_gpu(0)
             .context("--device cuda (a build with --features cuda and a GPU are needed)")?,
         other => anyhow::bail!("unknown device {other:?}: cpu or cuda"),
     };

@@ -29,3 +29,19 @@ pub use candle_core::{DType, Device, Tensor};
 
 /// Errors from the model code: candle's, plus our own messages.
 pub type Result<T> = candle_core::Result<T>;
+
+/// Opens CUDA GPU `ordinal` for the model (an error in a build without the `cuda` feature).
+///
+/// All of a device's work runs on its one stream, in order, so cudarc's per-buffer event
+/// tracking (for buffers shared between streams) is turned off: it would wait on and record an
+/// event for every buffer of every launch, and inside a CUDA-graph capture it records events
+/// that later eager launches then wait on.
+pub fn open_gpu(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = &device {
+        // SAFETY: one stream per device (above); no tensor is used on another stream.
+        unsafe { gpu.disable_event_tracking() };
+    }
+    Ok(device)
+}

@@ -53,7 +53,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// The first GPU, or `None` (with a note) when there is none.
 pub fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
+    match duplex::model::open_gpu(0) {
         Ok(device) => Some(device),
         Err(err) => {
             eprintln!("skipped: no GPU ({err})");
