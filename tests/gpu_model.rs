@@ -155,6 +155,8 @@ fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
 /// (w8a16 needs widths of 16s).
 #[test]
 fn fifty_replayed_frames_equal_fifty_eager_frames() {
+    // The captures log why a graph was refused.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let Some(gpu) = tiny::gpu() else { return };
     let fx = tiny::load("lm_greedy.safetensors");
     let mid = LmConfig::preset("mid").unwrap();

@@ -3,8 +3,9 @@
 
 use super::Result;
 use super::checkpoint::lm::DepformerWeights;
-use super::kv::{RingCache, RingPositions, RingShape, attention};
-use super::nn::{Linear, RmsNorm, SwiGlu};
+use super::decode::DecodeAttention;
+use super::kv::{RingCache, RingPositions, RingShape, attention, split_qkv};
+use super::nn::{Linear, RmsNorm, RopeTables, SwiGlu};
 use super::quant::Quant;
 use super::transformer::RMS_EPS;
 use candle_core::{DType, Device, Tensor};
@@ -34,6 +35,9 @@ pub struct Depformer {
 /// The per-frame KV state of the depformer, one row per slot; reset at every frame.
 pub struct DepformerState {
     cache: RingCache,
+    /// RoPE tables that rotate nothing, by rows: the depformer has no positions, but the
+    /// attention kernels rotate as they write the ring.
+    identity_rope: Vec<(usize, RopeTables)>,
 }
 
 impl Depformer {
@@ -100,8 +104,11 @@ impl Depformer {
             capacity: self.cache_steps,
             head_dim: self.head_dim,
         };
+        let mut cache = RingCache::new(shape, dtype, device, positions)?.with_index_memo();
+        cache.set_decode(DecodeAttention::for_device(dtype, device, self.head_dim));
         Ok(DepformerState {
-            cache: RingCache::new(shape, dtype, device, positions)?.with_index_memo(),
+            cache,
+            identity_rope: Vec::new(),
         })
     }
 
@@ -119,26 +126,24 @@ impl Depformer {
         let batch = hidden.dim(0)?;
         let mut xs = (step.input.forward(hidden)? + prev.embed(&step.emb)?)?.unsqueeze(1)?;
         let ring_step = state.cache.begin(1, active)?;
+        let identity_rope = match ring_step.uses_kernels() {
+            true => Some(state.identity_rope(active.len(), self.head_dim, hidden.device())?),
+            false => None,
+        };
         for (layer_idx, (layer, (norm1, norm2))) in step.layers.iter().zip(&self.norms).enumerate()
         {
-            let h = norm1.forward(&xs)?;
-            let qkv =
-                layer
-                    .in_proj
-                    .forward(&h)?
-                    .reshape((batch, 1, 3, self.heads, self.head_dim))?;
-            let split = |i: usize| {
-                qkv.narrow(2, i, 1)?
-                    .squeeze(2)?
-                    .transpose(1, 2)?
-                    .contiguous()
+            let qkv = layer.in_proj.forward(&norm1.forward(&xs)?)?;
+            let out = match &identity_rope {
+                Some(rope) => state
+                    .cache
+                    .attend_kernels(layer_idx, &ring_step, &qkv, rope)?,
+                None => {
+                    let [q, k, v] = split_qkv(&qkv, self.heads, self.head_dim)?;
+                    let attend = state.cache.append(layer_idx, &ring_step, &k, &v)?;
+                    attention(&q.contiguous()?, &attend)?
+                }
             };
-            let attend = state
-                .cache
-                .append(layer_idx, &ring_step, &split(1)?, &split(2)?)?;
-            let out = attention(&split(0)?, &attend)?
-                .transpose(1, 2)?
-                .reshape((batch, 1, ()))?;
+            let out = out.transpose(1, 2)?.reshape((batch, 1, ()))?;
             xs = (xs + layer.out_proj.forward(&out)?)?;
             xs = (&xs + layer.ffn.forward(&norm2.forward(&xs)?)?)?;
         }
@@ -150,6 +155,31 @@ impl DepformerState {
     /// Forgets the previous frame (the depformer attends within one frame only).
     pub fn reset(&mut self) {
         self.cache.reset_all();
+    }
+
+    /// How its steps attend from now on.
+    pub fn set_decode(&mut self, decode: DecodeAttention) {
+        self.cache.set_decode(decode);
+    }
+
+    /// Tables that rotate nothing for `rows` rows, made once per row count (outside any CUDA
+    /// graph capture: the eager frame before a capture makes them).
+    fn identity_rope(
+        &mut self,
+        rows: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<RopeTables> {
+        if let Some((_, rope)) = self.identity_rope.iter().find(|(r, _)| *r == rows) {
+            return Ok(rope.clone());
+        }
+        let shape = (rows, 1, head_dim / 2);
+        let rope = RopeTables::from_cos_sin(
+            Tensor::ones(shape, DType::F32, device)?,
+            Tensor::zeros(shape, DType::F32, device)?,
+        );
+        self.identity_rope.push((rows, rope.clone()));
+        Ok(rope)
     }
 }
 

@@ -302,9 +302,10 @@ impl Generator {
         self.temporal_graph.replays()
     }
 
-    /// How the temporal transformer attends (the CPU runs the kernels' references when asked).
+    /// How both transformers attend (the CPU runs the kernels' references when asked).
     pub fn set_decode_attention(&mut self, decode: super::decode::DecodeAttention) {
         self.temporal.set_decode(decode);
+        self.depformer.set_decode(decode);
     }
 
     /// Makes every call return its text logits (`CallOutput::text_logits`).
@@ -621,7 +622,7 @@ impl Generator {
         step: &super::kv::RingStep,
         rope: &super::nn::RopeTables,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        use super::graph::FrameGraph;
+        use super::graph::{FrameGraph, detached};
         let Some([slot_index, mask]) = step.graph_inputs() else {
             return Ok(None);
         };
@@ -631,8 +632,8 @@ impl Generator {
         let split = |joined: &Tensor| -> Result<(Tensor, Tensor)> {
             let width = joined.dim(2)?;
             Ok((
-                joined.narrow(2, 0, dim)?.copy()?,
-                joined.narrow(2, dim, width - dim)?.copy()?,
+                detached(&joined.narrow(2, 0, dim)?)?,
+                detached(&joined.narrow(2, dim, width - dim)?)?,
             ))
         };
         match &self.temporal_graph {
@@ -643,6 +644,7 @@ impl Generator {
             }
             GraphMode::Off | GraphMode::Failed => return Ok(None),
         }
+        let _uploads = super::graph::cached_uploads(emb.device())?;
         let (hidden, logits) = model.temporal_planned(emb, &self.temporal, step, rope)?;
         let eager = Tensor::cat(&[&hidden, &logits], 2)?;
         let temporal = &self.temporal;
@@ -726,8 +728,9 @@ impl Generator {
         // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
         // depends only on the number of rows. The eager frame runs the same way: its tokens for
         // the busy rows are the same (rows are independent), and it leaves the ring's
-        // write-index tensors for all rows in its memo, so the capture uploads nothing.
+        // write-index tensors for all rows in its memo and candle's upload cache filled.
         let all_rows = vec![true; rows];
+        let _uploads = super::graph::cached_uploads(hidden.device())?;
         let eager: Vec<Vec<u32>> = draw_frame(
             model,
             &mut self.depformer,

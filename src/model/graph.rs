@@ -4,8 +4,9 @@
 //! host.
 //!
 //! What may run inside a capture: kernels, device-to-device copies and memsets, allocations that
-//! are freed before the capture ends. Not: host transfers (no `Tensor::new`, no `to_vec`), and
-//! nothing whose shape or host-side branch changes between frames.
+//! are freed before the capture ends, uploads already in candle's cache (`cached_uploads`). Not:
+//! other host transfers (no fresh `Tensor::new`, no `to_vec`), and nothing whose shape or
+//! host-side branch changes between frames.
 
 use super::Result;
 use candle_core::cuda_backend::WrapErr;
@@ -15,6 +16,26 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
 use candle_core::{DType, Device, Shape, Tensor};
 use std::sync::Arc;
+
+/// While the returned guard lives, candle caches every host-to-device upload (kernel shape
+/// parameters, small tensors) by content in device buffers that outlive any graph. Hold it over
+/// the eager run just before a capture and over the capture: the eager run fills the cache, so
+/// the capture copies from those buffers. Without it a captured upload reads host memory freed
+/// right after the capture, at every replay (garbage indices, illegal addresses); with it, an
+/// upload the eager run did not make fails the capture with candle's error.
+pub fn cached_uploads(device: &Device) -> Result<impl Sized> {
+    Ok(device.as_cuda_device()?.enable_cuda_graph_htod_cache())
+}
+
+/// A compact copy of `t` in a buffer of its own (`Tensor::copy` keeps the layout, so a copy of a
+/// narrowed view is neither compact nor writable by `slice_set`).
+pub fn detached(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() {
+        t.contiguous()?.copy()
+    } else {
+        t.contiguous()
+    }
+}
 
 /// A captured computation with its persistent buffers.
 pub struct FrameGraph {
@@ -46,7 +67,7 @@ impl FrameGraph {
             candle_core::bail!("a graph needs at least one input")
         };
         let device = first.device().clone();
-        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.copy()).collect::<Result<_>>()?;
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| detached(t)).collect::<Result<_>>()?;
         let output = Tensor::zeros(output_shape, output_dtype, &device)?;
         let stream = stream(&device)?;
         stream.synchronize().w()?;

@@ -117,10 +117,10 @@ pub struct RingCache {
     rope: Option<Rope>,
     dtype: DType,
     device: Device,
-    /// Recent write-index tensors by (rows, indices), when `memo_indices`: the depformer's
-    /// repeat every frame, so they are uploaded once (and a CUDA graph capturing them needs no
-    /// host copy). Other caches' indices change every frame and are not kept.
-    index_memo: Vec<(usize, Vec<i64>, Tensor)>,
+    /// Recent index tensors by (kernels form, rows, indices), when `memo_indices`: the
+    /// depformer's repeat every frame, so they are uploaded once (and a CUDA graph capturing
+    /// them needs no host copy). Other caches' indices change every frame and are not kept.
+    index_memo: Vec<(bool, usize, Vec<i64>, Tensor)>,
     memo_indices: bool,
     decode: DecodeAttention,
     /// Every kernels step reads the whole ring (the mask hides what is not written): its shapes
@@ -273,11 +273,11 @@ impl RingCache {
         } else {
             self.visible_len(rows)
         };
+        let index = self.index_tensor(index, rows, time, kernels)?;
         let (write_index, slot_index, mask_dtype) = if kernels {
-            let slot_index = Tensor::new(index.as_slice(), &self.device)?;
-            (None, Some(slot_index), DType::F32)
+            (None, index, DType::F32)
         } else {
-            (self.write_index(index, rows, time)?, None, self.dtype)
+            (index, None, self.dtype)
         };
         Ok(RingStep {
             write_index,
@@ -290,30 +290,40 @@ impl RingCache {
         })
     }
 
-    /// The ring indices `[rows][time]` as the scatter's index tensor.
-    fn write_index(&mut self, index: Vec<i64>, rows: usize, time: usize) -> Result<Option<Tensor>> {
-        let Some((ring_k, _)) = self.layers.first() else {
-            return Ok(None);
+    /// The ring indices `[rows][time]` on the device: for the kernels (`kernels`, one token),
+    /// i64 `[rows]`; else as the scatter's index tensor `[rows, heads, time, head_dim]`.
+    fn index_tensor(
+        &mut self,
+        index: Vec<i64>,
+        rows: usize,
+        time: usize,
+        kernels: bool,
+    ) -> Result<Option<Tensor>> {
+        let known = |(k, r, i, _): &&(bool, usize, Vec<i64>, Tensor)| {
+            *k == kernels && *r == rows && *i == index
         };
-        if let Some((_, _, known)) = self
-            .index_memo
-            .iter()
-            .find(|(r, i, _)| *r == rows && *i == index)
-        {
-            return Ok(Some(known.clone()));
+        if let Some((.., tensor)) = self.index_memo.iter().find(known) {
+            return Ok(Some(tensor.clone()));
         }
-        let (_, heads, _, head_dim) = ring_k.dims4()?;
-        let tensor = Tensor::new(index.as_slice(), &self.device)?
-            .reshape((rows, 1, time, 1))?
-            .broadcast_as((rows, heads, time, head_dim))?
-            .contiguous()?;
+        let tensor = Tensor::new(index.as_slice(), &self.device)?;
+        let tensor = match self.layers.first() {
+            _ if kernels => tensor,
+            None => return Ok(None),
+            Some((ring_k, _)) => {
+                let (_, heads, _, head_dim) = ring_k.dims4()?;
+                tensor
+                    .reshape((rows, 1, time, 1))?
+                    .broadcast_as((rows, heads, time, head_dim))?
+                    .contiguous()?
+            }
+        };
         if !self.memo_indices {
             return Ok(Some(tensor));
         }
         if self.index_memo.len() == INDEX_MEMO {
             self.index_memo.remove(0);
         }
-        self.index_memo.push((rows, index, tensor.clone()));
+        self.index_memo.push((kernels, rows, index, tensor.clone()));
         Ok(Some(tensor))
     }
 
