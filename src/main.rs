@@ -76,6 +76,10 @@ struct ModelArgs {
     /// driver shows one (bf16), else the CPU (f32).
     #[arg(long, value_enum, default_value = "auto", env = "DUPLEX_DEVICE")]
     device: DeviceArg,
+    /// Run every frame eagerly on the GPU instead of replaying it as CUDA graphs (graphs are
+    /// used for bf16 on a GPU; each capture is checked against an eager frame first).
+    #[arg(long)]
+    no_cuda_graphs: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -147,6 +151,7 @@ impl ModelArgs {
             dtype,
             positions,
             quant: self.quant.into(),
+            cuda_graphs: !self.no_cuda_graphs,
             ..Default::default()
         })
     }

@@ -54,6 +54,8 @@ pub struct OfflineReport {
     /// The agent's audio as written (before 16-bit quantisation).
     #[serde(skip)]
     pub agent_pcm: Vec<f32>,
+    /// Whether the last frames replayed CUDA graphs (both halves).
+    pub graphs_replayed: bool,
 }
 
 /// Runs the whole conversation and writes the outputs.
@@ -103,6 +105,8 @@ pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
         frames,
         transcript,
         agent_pcm,
+        graphs_replayed: state.generator.replays_temporal_graph()
+            && state.generator.replays_cuda_graph(),
     };
     if let Some(path) = &options.tokens {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -241,3 +241,35 @@ fn an_offline_persona_run_on_the_gpu_gives_the_reference_tokens() {
     let report = run(&tiny::persona_offline(&out, pipeline)).unwrap();
     tiny::assert_reference_persona_tokens(&report);
 }
+
+/// The serving path in bf16 with CUDA graphs (the default on a GPU: the prefilled persona,
+/// Mimi both ways, 40 live frames) draws the same tokens as with every frame eager.
+#[test]
+fn an_offline_bf16_run_replays_graphs_with_the_eager_tokens() {
+    use duplex::model::pipeline::PipelineConfig;
+    use duplex::offline::run;
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let Some(gpu) = tiny::gpu() else { return };
+    let tokens = |cuda_graphs: bool| {
+        let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("gpu-offline-bf16-{cuda_graphs}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let pipeline = PipelineConfig {
+            device: gpu.clone(),
+            dtype: DType::BF16,
+            positions: RingPositions::PersonaPlex,
+            cuda_graphs,
+            ..Default::default()
+        };
+        let report = run(&tiny::persona_offline(&out, pipeline)).unwrap();
+        assert_eq!(report.graphs_replayed, cuda_graphs, "see the log");
+        report
+            .frames
+            .iter()
+            .map(|f| (f.text_id, f.agent))
+            .collect::<Vec<_>>()
+    };
+    let (eager, replayed) = (tokens(false), tokens(true));
+    assert_eq!(eager.len(), 40);
+    assert_eq!(eager, replayed);
+}

@@ -27,6 +27,10 @@ pub struct PipelineConfig {
     pub positions: RingPositions,
     /// How the language model's large matrices are stored.
     pub quant: Quant,
+    /// Replay each frame's temporal step and depformer half as CUDA graphs when the model runs
+    /// in bf16 on a GPU (each capture is checked against an eager frame; a refused one logs why
+    /// and runs eagerly).
+    pub cuda_graphs: bool,
 }
 
 impl PipelineConfig {
@@ -38,7 +42,18 @@ impl PipelineConfig {
             Quant::None => dtype.clone(),
             Quant::Int8 => "int8".to_string(),
         };
-        format!("{dtype} on the {place}, {weights} weights")
+        let graphs = if self.graphs_apply() {
+            ", CUDA graphs"
+        } else {
+            ""
+        };
+        format!("{dtype} on the {place}, {weights} weights{graphs}")
+    }
+
+    /// Whether frames replay CUDA graphs: asked for, and bf16 on a GPU (the path whose
+    /// captures the GPU tests check).
+    fn graphs_apply(&self) -> bool {
+        self.cuda_graphs && self.device.is_cuda() && self.dtype == DType::BF16
     }
 }
 
@@ -50,6 +65,7 @@ impl Default for PipelineConfig {
             dep_steps: 8,
             positions: RingPositions::PersonaPlex,
             quant: Quant::None,
+            cuda_graphs: true,
         }
     }
 }
@@ -72,6 +88,7 @@ pub struct Pipeline {
     /// Model calls each voice preset's prompt takes.
     voice_calls: BTreeMap<String, usize>,
     positions: RingPositions,
+    cuda_graphs: bool,
 }
 
 impl Pipeline {
@@ -109,6 +126,7 @@ impl Pipeline {
             voices,
             voice_calls: BTreeMap::new(),
             positions: cfg.positions,
+            cuda_graphs: cfg.graphs_apply(),
         };
         for name in pipeline.voices.names() {
             let calls = prompt_calls(&pipeline.voice_preset(&name)?, &[])
@@ -192,9 +210,14 @@ impl Pipeline {
         (budget / self.slot_state_bytes().max(1)) as usize
     }
 
-    /// Streaming state for `batch` conversations.
+    /// Streaming state for `batch` conversations (replaying CUDA graphs where the config asked
+    /// for them and they apply).
     pub fn state(&self, batch: usize) -> Result<PipelineState> {
-        PipelineState::new(self.models(), batch, self.positions)
+        let mut state = PipelineState::new(self.models(), batch, self.positions)?;
+        if self.cuda_graphs {
+            state.generator.use_cuda_graphs(&self.lm)?;
+        }
+        Ok(state)
     }
 }
 
