@@ -6,6 +6,10 @@
 //! the model reads column `(t − 1) % 4` and fills column `t % 4` where nothing was forced; the
 //! output of call `t` is column `(t − 1 + delay[k]) % 4` of every stream.
 
+mod replay;
+
+use replay::GraphMode;
+
 use super::Result;
 use super::depformer::{DepformerState, TokenFeed};
 use super::kv::RingPositions;
@@ -212,25 +216,6 @@ pub struct Generator {
     temporal_graph: GraphMode,
 }
 
-/// Whether a frame's half (the temporal step, or the depformer's draws and 8 steps) replays a
-/// CUDA graph.
-enum GraphMode {
-    Off,
-    /// One graph per row bucket, each captured at the first frame of that bucket it can run
-    /// (the depformer's: nothing forced on the drawn streams; the temporal step's: the
-    /// attention kernels and no pinned prefix to rotate).
-    On(GraphCache),
-    /// Capture failed or a replay disagreed with the eager frame: eager for good.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Failed,
-}
-
-#[derive(Default)]
-struct GraphCache {
-    #[cfg(feature = "cuda")]
-    graphs: std::collections::BTreeMap<usize, super::graph::FrameGraph>,
-}
-
 /// The rows a call computes: the slots up to the last running one, rounded up to a power of two
 /// (so idle slots past the busy ones cost nothing, and a few shapes — one CUDA graph each —
 /// cover every occupancy).
@@ -274,32 +259,6 @@ impl Generator {
             depformer_graph: GraphMode::Off,
             temporal_graph: GraphMode::Off,
         })
-    }
-
-    /// Replays both halves of each frame as CUDA graphs: the temporal step (its attention then
-    /// reads the whole ring, so its shapes never change) and the depformer half. Each graph is
-    /// captured at the first frame it can run and checked once against that frame's eager
-    /// result; on any failure it logs why and that half stays eager.
-    pub fn use_cuda_graphs(&mut self, model: &LmModel) -> Result<()> {
-        if !cfg!(feature = "cuda") || !model.device().is_cuda() {
-            candle_core::bail!(
-                "CUDA graphs need a CUDA device and a build with the `cuda` feature"
-            );
-        }
-        self.depformer_graph = GraphMode::On(GraphCache::default());
-        self.temporal_graph = GraphMode::On(GraphCache::default());
-        self.temporal.set_whole_ring(true);
-        Ok(())
-    }
-
-    /// Whether frames now replay a captured depformer graph.
-    pub fn replays_cuda_graph(&self) -> bool {
-        self.depformer_graph.replays()
-    }
-
-    /// Whether frames now replay a captured temporal-step graph.
-    pub fn replays_temporal_graph(&self) -> bool {
-        self.temporal_graph.replays()
     }
 
     /// How both transformers attend (the CPU runs the kernels' references when asked).
@@ -548,52 +507,6 @@ impl Generator {
     }
 }
 
-impl GraphMode {
-    fn replays(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        if let GraphMode::On(cache) = self {
-            return !cache.graphs.is_empty();
-        }
-        false
-    }
-
-    /// Keeps the graph just captured for `rows` when its first replay agreed with the eager
-    /// run (`Ok(())`, else why not); on any failure logs why, and that half stays eager.
-    #[cfg(feature = "cuda")]
-    fn settle(
-        &mut self,
-        half: &str,
-        rows: usize,
-        captured: Result<(super::graph::FrameGraph, std::result::Result<(), String>)>,
-    ) {
-        match (captured, &mut *self) {
-            (Ok((graph, Ok(()))), GraphMode::On(cache)) => {
-                tracing::info!(rows, half, "CUDA graph captured; replaying it");
-                cache.graphs.insert(rows, graph);
-            }
-            (Ok((_, Ok(()))), _) => {}
-            (Ok((_, Err(why))), _) => {
-                tracing::warn!(
-                    rows,
-                    half,
-                    why,
-                    "a graph's first replay differs from the eager run; staying eager"
-                );
-                *self = GraphMode::Failed;
-            }
-            (Err(err), _) => {
-                tracing::warn!(rows, half, error = %err, "capturing a graph failed; staying eager");
-                *self = GraphMode::Failed;
-            }
-        }
-    }
-}
-
-/// How far a temporal graph's first replay may stray from the eager step, relative to the
-/// largest output: bf16 rounding, not a misplaced key.
-#[cfg(feature = "cuda")]
-const TEMPORAL_GRAPH_TOLERANCE: f32 = 1e-2;
-
 impl Generator {
     /// The temporal step for the first `running.len()` slots: hidden states and text logits,
     /// `[rows, 1, …]`, from the graph when one replays.
@@ -609,71 +522,6 @@ impl Generator {
             return Ok(out);
         }
         model.temporal_planned(emb, &self.temporal, &step, &rope)
-    }
-
-    /// Replays the temporal graph of this row bucket, capturing it first if it is pending;
-    /// `None` when this step runs eagerly. On the capture frame the eager step runs first and
-    /// the replay then writes the same keys and values at the same ring entries again.
-    #[cfg(feature = "cuda")]
-    fn replay_temporal(
-        &mut self,
-        model: &LmModel,
-        emb: &Tensor,
-        step: &super::kv::RingStep,
-        rope: &super::nn::RopeTables,
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        use super::graph::{FrameGraph, detached};
-        let Some([slot_index, mask]) = step.graph_inputs() else {
-            return Ok(None);
-        };
-        let (cos, sin) = rope.cos_sin();
-        let inputs = [emb, cos, sin, slot_index, mask];
-        let (rows, _, dim) = emb.dims3()?;
-        let split = |joined: &Tensor| -> Result<(Tensor, Tensor)> {
-            let width = joined.dim(2)?;
-            Ok((
-                detached(&joined.narrow(2, 0, dim)?)?,
-                detached(&joined.narrow(2, dim, width - dim)?)?,
-            ))
-        };
-        match &self.temporal_graph {
-            GraphMode::On(cache) => {
-                if let Some(graph) = cache.graphs.get(&rows) {
-                    return Ok(Some(split(graph.replay(&inputs)?)?));
-                }
-            }
-            GraphMode::Off | GraphMode::Failed => return Ok(None),
-        }
-        let _uploads = super::graph::cached_uploads(emb.device())?;
-        let (hidden, logits) = model.temporal_planned(emb, &self.temporal, step, rope)?;
-        let eager = Tensor::cat(&[&hidden, &logits], 2)?;
-        let temporal = &self.temporal;
-        let captured =
-            FrameGraph::capture(&inputs, eager.shape().clone(), eager.dtype(), |buffers| {
-                let [emb, cos, sin, step_inputs @ ..] = buffers else {
-                    candle_core::bail!("internal error: the temporal graph has 5 inputs")
-                };
-                let step = step.with_graph_inputs(step_inputs)?;
-                let rope = super::nn::RopeTables::from_cos_sin(cos.clone(), sin.clone());
-                let (hidden, logits) = model.temporal_planned(emb, temporal, &step, &rope)?;
-                Tensor::cat(&[&hidden, &logits], 2)
-            })
-            .and_then(|graph| {
-                let replayed = graph.replay(&inputs)?.to_dtype(DType::F32)?;
-                let eager = eager.to_dtype(DType::F32)?;
-                let largest = eager.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                let diff = (replayed - eager)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                let agrees = (diff <= TEMPORAL_GRAPH_TOLERANCE * largest.max(1.0))
-                    .then_some(())
-                    .ok_or_else(|| format!("max |diff| {diff} in outputs up to {largest}"));
-                Ok((graph, agrees))
-            });
-        self.temporal_graph.settle("temporal", rows, captured);
-        Ok(Some((hidden, logits)))
     }
 
     /// The frame's drawn tokens `[slot][stream]`, from the graph when one replays.
@@ -698,65 +546,6 @@ impl Generator {
             running,
         )?
         .to_vec2()
-    }
-
-    /// Replays the depformer graph, capturing it first if it is pending; `None` when this frame
-    /// runs eagerly.
-    #[cfg(feature = "cuda")]
-    fn replay_depformer(
-        &mut self,
-        model: &LmModel,
-        hidden: &Tensor,
-        text_logits: &Tensor,
-        plan: &DrawPlan,
-        running: &[bool],
-    ) -> Result<Option<Vec<Vec<u32>>>> {
-        use super::graph::FrameGraph;
-        if plan.forces_any() {
-            return Ok(None);
-        }
-        let inputs = [hidden, text_logits, &plan.ints, &plan.temperature];
-        let rows = running.len();
-        match &self.depformer_graph {
-            GraphMode::On(cache) => {
-                if let Some(graph) = cache.graphs.get(&rows) {
-                    return Ok(Some(graph.replay(&inputs)?.to_vec2()?));
-                }
-            }
-            GraphMode::Off | GraphMode::Failed => return Ok(None),
-        }
-        // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
-        // depends only on the number of rows. The eager frame runs the same way: its tokens for
-        // the busy rows are the same (rows are independent), and it leaves the ring's
-        // write-index tensors for all rows in its memo and candle's upload cache filled.
-        let all_rows = vec![true; rows];
-        let _uploads = super::graph::cached_uploads(hidden.device())?;
-        let eager: Vec<Vec<u32>> = draw_frame(
-            model,
-            &mut self.depformer,
-            hidden,
-            text_logits,
-            plan,
-            &all_rows,
-        )?
-        .to_vec2()?;
-        let depformer = &mut self.depformer;
-        let captured =
-            FrameGraph::capture(&inputs, (rows, plan.streams()), DType::U32, |buffers| {
-                let plan = plan.with_buffers(&buffers[2], &buffers[3]);
-                draw_frame(model, depformer, &buffers[0], &buffers[1], &plan, &all_rows)
-            })
-            .and_then(|graph| {
-                let replayed: Vec<Vec<u32>> = graph.replay(&inputs)?.to_vec2()?;
-                let agrees = (0..running.len())
-                    .filter(|&b| running[b])
-                    .all(|b| replayed[b] == eager[b])
-                    .then_some(())
-                    .ok_or_else(|| "the drawn tokens differ".to_owned());
-                Ok((graph, agrees))
-            });
-        self.depformer_graph.settle("depformer", rows, captured);
-        Ok(Some(eager))
     }
 }
 
