@@ -68,3 +68,79 @@ extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const
     }
   }
 }
+
+// The same product on the tensor cores, for batches where the matrix-vector kernel above loses
+// to cuBLAS bf16: int8 weights are exact in bf16, so each block converts a 64-channel slice of
+// weights to bf16 in shared memory once and multiplies every row of its tile by it with WMMA
+// (16x16x16 bf16 in, f32 accumulate); the scale is applied to the output columns at the end.
+// Block: 4 warps, one per 16 output channels; a tile of up to 64 rows (gridDim.y tiles).
+// Host requirements: k % 16 == 0, x and w 16-byte aligned.
+#include <mma.h>
+
+#define W8A16_MMA_CHANNELS 64
+#define W8A16_MMA_ROWS 64
+#define W8A16_MMA_K 64
+#define W8A16_MMA_LD (W8A16_MMA_K + 8)
+#define W8A16_MMA_OUT_LD (W8A16_MMA_CHANNELS + 4)
+
+extern "C" __global__ void w8a16_mma_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
+                                          const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
+                                          int batch, int n, int k) {
+  using namespace nvcuda;
+  __shared__ __align__(32) __nv_bfloat16 xs[W8A16_MMA_ROWS * W8A16_MMA_LD];
+  __shared__ __align__(32) __nv_bfloat16 ws[W8A16_MMA_CHANNELS * W8A16_MMA_LD];
+  __shared__ __align__(32) float out[W8A16_MMA_ROWS * W8A16_MMA_OUT_LD];
+  const int warp = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * W8A16_MMA_CHANNELS, b0 = blockIdx.y * W8A16_MMA_ROWS;
+  const int rows = min(W8A16_MMA_ROWS, batch - b0);
+  const int frags = (rows + 15) / 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[W8A16_MMA_ROWS / 16];
+#pragma unroll
+  for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m) wmma::fill_fragment(acc[m], 0.f);
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int k0 = 0; k0 < k; k0 += W8A16_MMA_K) {
+    // Activations: rows x 64 bf16, 8 per 16-byte load; rows past the batch and k are zero.
+    for (int i = threadIdx.x; i < W8A16_MMA_ROWS * W8A16_MMA_K / 8; i += blockDim.x) {
+      const int r = i / (W8A16_MMA_K / 8), c = (i % (W8A16_MMA_K / 8)) * 8;
+      const bool inside = r < rows && k0 + c < k;
+      const uint4 v = inside ? *reinterpret_cast<const uint4*>(x + (size_t)(b0 + r) * k + k0 + c) : zero;
+      *reinterpret_cast<uint4*>(xs + r * W8A16_MMA_LD + c) = v;
+    }
+    // Weights: 64 channels x 64 int8, 16 per load, widened to bf16 (exact).
+    for (int i = threadIdx.x; i < W8A16_MMA_CHANNELS * W8A16_MMA_K / 16; i += blockDim.x) {
+      const int ch = i / (W8A16_MMA_K / 16), c = (i % (W8A16_MMA_K / 16)) * 16;
+      const bool inside = n0 + ch < n && k0 + c < k;
+      const uint4 raw = inside ? __ldg(reinterpret_cast<const uint4*>(w + (size_t)(n0 + ch) * k + k0 + c)) : zero;
+      const int8_t* q = reinterpret_cast<const int8_t*>(&raw);
+      __nv_bfloat16* dst = ws + ch * W8A16_MMA_LD + c;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) dst[j] = __int2bfloat16_rn((int)q[j]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < W8A16_MMA_K; kk += 16) {
+      // B is k x channels; ws holds it channel-major, i.e. column-major with ld W8A16_MMA_LD.
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+      wmma::load_matrix_sync(b, ws + warp * 16 * W8A16_MMA_LD + kk, W8A16_MMA_LD);
+#pragma unroll
+      for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m) {
+        if (m < frags) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+          wmma::load_matrix_sync(a, xs + m * 16 * W8A16_MMA_LD + kk, W8A16_MMA_LD);
+          wmma::mma_sync(acc[m], a, b, acc[m]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m)
+    if (m < frags)
+      wmma::store_matrix_sync(out + m * 16 * W8A16_MMA_OUT_LD + warp * 16, acc[m], W8A16_MMA_OUT_LD, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < rows * W8A16_MMA_CHANNELS; i += blockDim.x) {
+    const int r = i / W8A16_MMA_CHANNELS, ch = i % W8A16_MMA_CHANNELS;
+    if (n0 + ch < n)
+      y[(size_t)(b0 + r) * n + n0 + ch] = __float2bfloat16(out[r * W8A16_MMA_OUT_LD + ch] * scale[n0 + ch]);
+  }
+}

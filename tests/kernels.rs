@@ -7,19 +7,25 @@ mod tiny;
 use candle_core::{DType, Device, Tensor};
 use duplex::model::{cuda, quant, sampling};
 
+/// Both w8a16 kernels, the matrix-vector one and the tensor-core one, for batches up to two
+/// tiles of the latter.
 #[test]
-fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
+fn w8a16_matches_the_cpu_reference_for_batches_1_to_100() {
     let Some(gpu) = tiny::gpu() else { return };
-    // 771 rows: a partial block and a partial group of four rows.
-    let weight = Tensor::randn(0f32, 0.05, (771, 1024), &Device::Cpu).unwrap();
+    // 771 channels: a partial block and a partial group of four; 1040 inputs: a partial chunk
+    // of the tensor-core kernel's 64.
+    let weight = Tensor::randn(0f32, 0.05, (771, 1040), &Device::Cpu).unwrap();
     let q = quant::quantize(&weight).unwrap();
     let q_gpu = quant::Int8Weight {
         q: q.q.to_device(&gpu).unwrap(),
         scale: q.scale.to_device(&gpu).unwrap(),
     };
     let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
-    for batch in [1, 3, 8, 17, 64] {
-        let x = Tensor::randn(0f32, 1.0, (batch, 1024), &Device::Cpu)
+    for (batch, tensor_cores) in [1, 3, 8, 17, 64, 100]
+        .into_iter()
+        .flat_map(|batch| [(batch, false), (batch, true)])
+    {
+        let x = Tensor::randn(0f32, 1.0, (batch, 1040), &Device::Cpu)
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
@@ -34,11 +40,11 @@ fn w8a16_matches_the_cpu_reference_for_batches_1_to_64() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let got = cuda::w8a16(&x.to_device(&gpu).unwrap(), &q_gpu).unwrap();
+        let got = cuda::w8a16_on(&x.to_device(&gpu).unwrap(), &q_gpu, tensor_cores).unwrap();
         let diff = tiny::max_abs_diff(&got, &want);
         assert!(
             diff <= 0.01 * scale,
-            "batch {batch}: max |diff| {diff} (output scale {scale})"
+            "batch {batch}, tensor cores {tensor_cores}: max |diff| {diff} (output scale {scale})"
         );
     }
 }
@@ -304,10 +310,12 @@ fn w8a16_speed() {
             "batch {batch:>2}: bf16 matmul {bf16_us:>8.1} µs ({:.0} GB/s of weights)",
             (n * k * 2) as f64 / bf16_us / 1e3
         );
-        let int8_us = time(&|| cuda::w8a16(&x, &q).unwrap());
-        eprintln!(
-            "batch {batch:>2}: w8a16 {int8_us:>8.1} µs ({:.0} GB/s of weights)",
-            (n * k) as f64 / int8_us / 1e3
-        );
+        for tensor_cores in [false, true] {
+            let int8_us = time(&|| cuda::w8a16_on(&x, &q, tensor_cores).unwrap());
+            eprintln!(
+                "batch {batch:>2}: w8a16 (tensor cores {tensor_cores}) {int8_us:>8.1} µs ({:.0} GB/s of weights)",
+                (n * k) as f64 / int8_us / 1e3
+            );
+        }
     }
 }

@@ -25,7 +25,14 @@ fn contiguous(layout: &Layout, what: &str) -> Result<()> {
     Ok(())
 }
 
-struct W8a16;
+/// Rows of a tile of `w8a16_mma_bf16` and its output channels per block.
+const W8A16_MMA_ROWS: usize = 64;
+const W8A16_MMA_CHANNELS: usize = 64;
+
+/// The w8a16 product; `tensor_cores`: the WMMA kernel rather than the matrix-vector one.
+struct W8a16 {
+    tensor_cores: bool,
+}
 
 impl CustomOp3 for W8a16 {
     fn name(&self) -> &'static str {
@@ -70,7 +77,11 @@ impl CustomOp3 for W8a16 {
             .slice(scale_layout.start_offset()..);
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * n)? };
-        let func = device.get_or_load_custom_func("w8a16_bf16", "duplex_w8a16", W8A16_PTX)?;
+        let name = match self.tensor_cores {
+            true => "w8a16_mma_bf16",
+            false => "w8a16_bf16",
+        };
+        let func = device.get_or_load_custom_func(name, "duplex_w8a16", W8A16_PTX)?;
         let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
         let mut builder = func.builder();
         builder
@@ -81,9 +92,20 @@ impl CustomOp3 for W8a16 {
             .arg(&batch)
             .arg(&n_i)
             .arg(&k_i);
-        let blocks = n.div_ceil(W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP) as u32;
+        let grid_dim = match self.tensor_cores {
+            true => (
+                n.div_ceil(W8A16_MMA_CHANNELS) as u32,
+                rows.div_ceil(W8A16_MMA_ROWS) as u32,
+                1,
+            ),
+            false => (
+                n.div_ceil(W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP) as u32,
+                1,
+                1,
+            ),
+        };
         let config = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            grid_dim,
             block_dim: (32 * W8A16_WARPS_PER_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -96,13 +118,30 @@ impl CustomOp3 for W8a16 {
     }
 }
 
+/// Rows from which `w8a16` takes the tensor-core kernel, when `DUPLEX_W8A16_MMA=1` asks for it.
+const W8A16_MMA_MIN_ROWS: usize = 4;
+
+/// Whether `DUPLEX_W8A16_MMA=1`: the tensor-core kernel is opt-in until a GPU run has checked
+/// and timed it (docs/benchmarks.md).
+fn tensor_core_w8a16_requested() -> bool {
+    static REQUESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REQUESTED.get_or_init(|| std::env::var("DUPLEX_W8A16_MMA").is_ok_and(|v| v == "1"))
+}
+
 /// `x · (q · scale)ᵀ` on the GPU with int8 weights; `x` any leading dims, bf16 compute.
 pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
+    let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?;
+    let tensor_cores = rows >= W8A16_MMA_MIN_ROWS && tensor_core_w8a16_requested();
+    w8a16_on(xs, weight, tensor_cores)
+}
+
+/// `w8a16` on the tensor cores (`tensor_cores`) or with the matrix-vector kernel.
+pub fn w8a16_on(xs: &Tensor, weight: &Int8Weight, tensor_cores: bool) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = xs.elem_count() / k;
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
-    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16)?;
+    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16 { tensor_cores })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("a linear input has dims") = weight.out_features()?;
     y.reshape(out_dims)?.to_dtype(xs.dtype())
