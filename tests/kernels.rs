@@ -319,3 +319,49 @@ fn w8a16_speed() {
         }
     }
 }
+
+/// Not a test: times one layer's decode attention over a full 7B ring (32 heads of 128, 3000
+/// keys) with the kernels and with candle's ops, in GB/s of keys and values read, for the GPU
+/// benchmark notes. `--ignored --nocapture` to run.
+#[test]
+#[ignore]
+fn ring_attention_speed() {
+    use duplex::model::kv::{Attend, attention};
+    let Some(gpu) = tiny::gpu() else { return };
+    let (heads, len, head_dim) = (32, 3000, 128);
+    for rows in [1, 8, 32] {
+        let randn = |shape: (usize, usize, usize, usize)| {
+            Tensor::randn(0f32, 1.0, shape, &gpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let q = randn((rows, heads, 1, head_dim));
+        let ring_k = randn((rows, heads, len, head_dim));
+        let ring_v = randn((rows, heads, len, head_dim));
+        let mask = Tensor::zeros((rows, 1, 1, len), DType::F32, &gpu).unwrap();
+        let time = |f: &dyn Fn() -> Tensor| {
+            f();
+            gpu.synchronize().unwrap();
+            let started = std::time::Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            gpu.synchronize().unwrap();
+            started.elapsed().as_secs_f64() * 1e6 / 20.0
+        };
+        let bytes = (2 * rows * heads * len * head_dim * 2) as f64;
+        let kernels_us = time(&|| cuda::ring_attention(&q, &ring_k, &ring_v, &mask).unwrap());
+        let attend = Attend {
+            k: ring_k.clone(),
+            v: ring_v.clone(),
+            mask: mask.to_dtype(DType::BF16).unwrap(),
+        };
+        let candle_us = time(&|| attention(&q, &attend).unwrap());
+        eprintln!(
+            "rows {rows:>2}: kernels {kernels_us:>8.1} µs ({:.0} GB/s), candle {candle_us:>8.1} µs ({:.0} GB/s)",
+            bytes / kernels_us / 1e3,
+            bytes / candle_us / 1e3
+        );
+    }
+}
