@@ -74,7 +74,11 @@ __device__ __forceinline__ float block_max(float v, float* shared32) {
 }
 
 // q [rows, heads, head_dim]; ring_k, ring_v [rows, heads, capacity, head_dim]; mask [rows, len] f32
-// additive (0 visible, -inf hidden); part [rows * heads, chunks, head_dim + 2] f32: per chunk the
+// additive (0 visible, -inf hidden); prefix_len [rows]: a row's first prefix_len entries are a
+// pinned prefix stored at its prompt positions, scored against the query turned back by
+// unturn_cos/unturn_sin ([rows, head_dim / 2] f32, RoPE by minus the distance the window has slid
+// past the prefix), which equals turning those keys forward; part [rows * heads, chunks,
+// head_dim + 2] f32: per chunk the
 // weighted values, then its max score and its sum of exponentials (max -inf, sum 0 when the mask
 // hides the whole chunk).
 // Grid: (rows * heads, chunks) blocks of ATTENTION_THREADS threads. head_dim a multiple of 8, at
@@ -82,15 +86,29 @@ __device__ __forceinline__ float block_max(float v, float* shared32) {
 extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restrict__ q,
                                                     const __nv_bfloat16* __restrict__ ring_k,
                                                     const __nv_bfloat16* __restrict__ ring_v,
-                                                    const float* __restrict__ mask, float* __restrict__ part,
+                                                    const float* __restrict__ mask,
+                                                    const unsigned int* __restrict__ prefix_len,
+                                                    const float* __restrict__ unturn_cos,
+                                                    const float* __restrict__ unturn_sin, float* __restrict__ part,
                                                     int heads, int head_dim, int capacity, int len, float scale) {
   __shared__ float qs[128];
+  __shared__ float qp[128];
   __shared__ float scores[ATTENTION_CHUNK];
   __shared__ float sums[2 * ATTENTION_THREADS];
   __shared__ float scratch[32];
   const int head = blockIdx.x, b = head / heads, chunk = blockIdx.y, chunks = gridDim.y;
   const int first = chunk * ATTENTION_CHUNK, count = min(ATTENTION_CHUNK, len - first);
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = __bfloat162float(q[(size_t)head * head_dim + d]) * scale;
+  const int half = head_dim / 2;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float q0 = __bfloat162float(q[(size_t)head * head_dim + 2 * i]);
+    const float q1 = __bfloat162float(q[(size_t)head * head_dim + 2 * i + 1]);
+    const float c = unturn_cos[(size_t)b * half + i], s = unturn_sin[(size_t)b * half + i];
+    qs[2 * i] = q0 * scale;
+    qs[2 * i + 1] = q1 * scale;
+    qp[2 * i] = (q0 * c - q1 * s) * scale;
+    qp[2 * i + 1] = (q0 * s + q1 * c) * scale;
+  }
+  const int pinned = (int)prefix_len[b];
   __syncthreads();
 
   // Scores: a team of lanes per key, 8 dimensions per lane (one 16-byte load).
@@ -106,8 +124,9 @@ extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restr
     if (j < count && member < octets) {
       float k8[8];
       load8(keys + (size_t)j * head_dim + member * 8, k8);
+      const float* query = first + j < pinned ? qp : qs;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dot += qs[member * 8 + i] * k8[i];
+      for (int i = 0; i < 8; ++i) dot += query[member * 8 + i] * k8[i];
     }
     for (int offset = team / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
     if (member == 0 && j < count) scores[j] = dot + mask[(size_t)b * len + first + j];

@@ -204,19 +204,29 @@ fn rope_and_ring_write_match_the_cpu_path() {
 
 /// Attention over the filled part of the ring against `kv::attention` on the CPU, with hidden
 /// entries and a length short of the capacity: the 7B model's heads, and the tiny model's over a
-/// ring of several key chunks, some of them wholly hidden.
+/// ring of several key chunks, some of them wholly hidden; and pinned prefixes seen through the
+/// turned-back query against keys turned forward on the CPU.
 #[test]
 fn ring_attention_matches_the_cpu_path() {
     let Some(gpu) = tiny::gpu() else { return };
-    for (heads, capacity, head_dim, len) in [(4, 40, 128, 33), (2, 700, 16, 650), (2, 384, 64, 384)]
-    {
-        let diff = ring_attention_error(&gpu, heads, capacity, head_dim, len);
+    for (heads, capacity, head_dim, len, pinned) in [
+        (4, 40, 128, 33, false),
+        (2, 700, 16, 650, false),
+        (2, 384, 64, 384, false),
+        (4, 300, 128, 290, true),
+    ] {
+        let diff = ring_attention_error(&gpu, heads, capacity, head_dim, len, pinned);
         assert!(
             diff < 0.02,
-            "head_dim {head_dim}, {len} keys: max |diff| {diff}"
+            "head_dim {head_dim}, {len} keys, pinned {pinned}: max |diff| {diff}"
         );
     }
 }
+
+/// Rows 0 and 2 keep a pinned prefix (3 and 9 entries) that the window has slid 500 and 7
+/// positions past; row 1 none.
+const PREFIX_LENS: [u32; 3] = [3, 0, 9];
+const PREFIX_SHIFTS: [u64; 3] = [500, 0, 7];
 
 fn ring_attention_error(
     gpu: &Device,
@@ -224,8 +234,11 @@ fn ring_attention_error(
     capacity: usize,
     head_dim: usize,
     len: usize,
+    pinned: bool,
 ) -> f32 {
+    use duplex::model::decode::PinnedPrefix;
     use duplex::model::kv::{Attend, attention};
+    use duplex::model::nn::{Rope, RopeTables};
     let rows = 3;
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
     let randn = |shape: (usize, usize, usize, usize)| {
@@ -246,21 +259,45 @@ fn ring_attention_error(
         .collect();
     let mask = Tensor::from_vec(mask, (rows, 1, 1, len), &Device::Cpu).unwrap();
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let rope = Rope::new(head_dim, 10_000.0);
+    let lens = if pinned { PREFIX_LENS } else { [0; 3] };
+    // The CPU turns each prefix key forward by its shift.
+    let turn_keys: Vec<Vec<u64>> = (0..rows)
+        .map(|b| {
+            (0..len as u32)
+                .map(|j| if j < lens[b] { PREFIX_SHIFTS[b] } else { 0 })
+                .collect()
+        })
+        .collect();
+    let keys = f32_of(&ring_k.narrow(2, 0, len).unwrap());
+    let keys = rope
+        .tables(&turn_keys, DType::F32, &Device::Cpu)
+        .unwrap()
+        .apply(&keys)
+        .unwrap();
     let want = attention(
         &f32_of(&q),
         &Attend {
-            k: f32_of(&ring_k.narrow(2, 0, len).unwrap()),
+            k: keys,
             v: f32_of(&ring_v.narrow(2, 0, len).unwrap()),
             mask: mask.clone(),
         },
     )
     .unwrap();
     let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
+    let shifts: Vec<Vec<u64>> = PREFIX_SHIFTS.iter().map(|&s| vec![s]).collect();
+    let turn = rope.tables(&shifts, DType::F32, &Device::Cpu).unwrap();
+    let (cos, sin) = turn.cos_sin();
+    let prefix = PinnedPrefix {
+        lens: on_gpu(&Tensor::new(&lens, &Device::Cpu).unwrap()),
+        unturn: RopeTables::from_cos_sin(on_gpu(cos), on_gpu(&sin.neg().unwrap())),
+    };
     let got = cuda::ring_attention(
         &on_gpu(&q),
         &on_gpu(&ring_k),
         &on_gpu(&ring_v),
         &on_gpu(&mask),
+        &prefix,
     )
     .unwrap();
     tiny::max_abs_diff(&got, &want)
@@ -351,7 +388,9 @@ fn ring_attention_speed() {
             started.elapsed().as_secs_f64() * 1e6 / 20.0
         };
         let bytes = (2 * rows * heads * len * head_dim * 2) as f64;
-        let kernels_us = time(&|| cuda::ring_attention(&q, &ring_k, &ring_v, &mask).unwrap());
+        let prefix = duplex::model::decode::PinnedPrefix::none(rows, head_dim, &gpu).unwrap();
+        let kernels_us =
+            time(&|| cuda::ring_attention(&q, &ring_k, &ring_v, &mask, &prefix).unwrap());
         let attend = Attend {
             k: ring_k.clone(),
             v: ring_v.clone(),

@@ -4,6 +4,7 @@
 mod tiny;
 
 use candle_core::{Device, IndexOp, Tensor};
+use duplex::model::decode::DecodeAttention;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::LmModel;
@@ -173,43 +174,43 @@ fn a_restored_prefill_snapshot_continues_exactly() {
     check_live(&model, &mut serving, 1, RingPositions::PersonaPlex, 17);
 }
 
+/// The text logits of the reference's live frames after the persona prompt, with the persona
+/// pinned or not, attending as `decode` says.
+fn live_text_logits(model: &LmModel, pin: bool, decode: DecodeAttention) -> Vec<Vec<f32>> {
+    let (voice, text) = (voice(), prompt_tokens());
+    let mut generator =
+        Generator::new(model, 1, model.config().context, RingPositions::PersonaPlex).unwrap();
+    generator.set_decode_attention(decode);
+    generator.record_text_logits(true);
+    generator.open(0, 0, SamplingConfig::GREEDY);
+    run_prompt(model, &mut generator, 0, &voice, &text).unwrap();
+    if pin {
+        generator.pin_prefix(0).unwrap();
+    }
+    user_codes(&reference(), RingPositions::PersonaPlex)
+        .into_iter()
+        .map(|user| {
+            let input = CallInput::Tokens(Forced {
+                user: Some(user),
+                ..Default::default()
+            });
+            generator
+                .step(model, &[Some(input)])
+                .unwrap()
+                .remove(0)
+                .unwrap()
+                .text_logits
+                .unwrap()
+        })
+        .collect()
+}
+
 /// With the persona pinned, nothing changes until the window would slide past the prompt; after
 /// that the prompt stays in attention, so the model's outputs differ from the reference's.
 #[test]
 fn pinning_the_persona_changes_nothing_until_the_window_slides() {
     let model = tiny::cpu_model(8);
-    let (voice, text) = (voice(), prompt_tokens());
-    let run = |pin: bool| {
-        let mut generator = Generator::new(
-            &model,
-            1,
-            model.config().context,
-            RingPositions::PersonaPlex,
-        )
-        .unwrap();
-        generator.record_text_logits(true);
-        generator.open(0, 0, SamplingConfig::GREEDY);
-        run_prompt(&model, &mut generator, 0, &voice, &text).unwrap();
-        if pin {
-            generator.pin_prefix(0).unwrap();
-        }
-        user_codes(&reference(), RingPositions::PersonaPlex)
-            .into_iter()
-            .map(|user| {
-                let input = CallInput::Tokens(Forced {
-                    user: Some(user),
-                    ..Default::default()
-                });
-                generator
-                    .step(&model, &[Some(input)])
-                    .unwrap()
-                    .remove(0)
-                    .unwrap()
-                    .text_logits
-                    .unwrap()
-            })
-            .collect::<Vec<_>>()
-    };
+    let run = |pin: bool| live_text_logits(&model, pin, DecodeAttention::Composed);
     let (plain, pinned) = (run(false), run(true));
     // The prompt fills 37 of the 40 positions; PersonaPlex's ring drops its oldest key once it
     // holds 40, so the first 2 live frames see all of the prompt either way.
@@ -221,4 +222,23 @@ fn pinning_the_persona_changes_nothing_until_the_window_slides() {
         plain[2..].iter().zip(&pinned[2..]).any(|(a, b)| a != b),
         "pinning had no effect"
     );
+}
+
+/// A pinned persona seen through the attention kernels' CPU references (the query turned back
+/// to meet the prefix where it is stored) gives the composed path's logits (the prefix keys
+/// turned forward), frame by frame as the window slides.
+#[test]
+fn a_pinned_persona_through_the_kernels_references_matches_the_composed_path() {
+    let model = tiny::cpu_model(8);
+    let composed = live_text_logits(&model, true, DecodeAttention::Composed);
+    let kernels = live_text_logits(&model, true, DecodeAttention::Kernels);
+    assert!(composed.len() > 2, "the window must slide past the prompt");
+    for (frame, (a, b)) in composed.iter().zip(&kernels).enumerate() {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "frame {frame}: max |diff| {diff}");
+    }
 }

@@ -2,6 +2,7 @@
 //! has a CPU reference elsewhere in `model` and a GPU test comparing the two (`tests/kernels.rs`).
 
 use super::Result;
+use super::decode::PinnedPrefix;
 use super::quant::Int8Weight;
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
@@ -413,6 +414,7 @@ struct RingAttention<'a> {
     ring_k: &'a Tensor,
     ring_v: &'a Tensor,
     mask: &'a Tensor,
+    prefix: &'a PinnedPrefix,
 }
 
 impl CustomOp1 for RingAttention<'_> {
@@ -453,6 +455,24 @@ impl CustomOp1 for RingAttention<'_> {
         let ring_k = gpu_view::<bf16>(&ring_k, ring_k_layout, "ring_k")?;
         let ring_v = gpu_view::<bf16>(&ring_v, ring_v_layout, "ring_v")?;
         let mask = gpu_view::<f32>(&mask, mask_layout, "mask")?;
+        let (cos, sin) = self.prefix.unturn.cos_sin();
+        if self.prefix.lens.dims() != [rows]
+            || self.prefix.lens.dtype() != DType::U32
+            || cos.elem_count() != rows * head_dim / 2
+            || sin.elem_count() != rows * head_dim / 2
+        {
+            candle_core::bail!(
+                "ring_attention: prefix lengths {:?} and rotation {:?} for {rows} rows",
+                self.prefix.lens.dims(),
+                cos.dims()
+            );
+        }
+        let (lens, lens_layout) = self.prefix.lens.storage_and_layout();
+        let (cos, cos_layout) = cos.storage_and_layout();
+        let (sin, sin_layout) = sin.storage_and_layout();
+        let lens = gpu_view::<u32>(&lens, lens_layout, "prefix lengths")?;
+        let cos = gpu_view::<f32>(&cos, cos_layout, "unturn cos")?;
+        let sin = gpu_view::<f32>(&sin, sin_layout, "unturn sin")?;
         let chunks = len.div_ceil(ATTENTION_CHUNK);
         let heads_total = rows * heads;
         // SAFETY: every element is written by the kernels.
@@ -477,6 +497,9 @@ impl CustomOp1 for RingAttention<'_> {
             .arg(&ring_k)
             .arg(&ring_v)
             .arg(&mask)
+            .arg(&lens)
+            .arg(&cos)
+            .arg(&sin)
             .arg(&part)
             .arg(&heads_i)
             .arg(&head_dim_i)
@@ -513,12 +536,14 @@ impl CustomOp1 for RingAttention<'_> {
 
 /// Attention of one query per slot (`q` bf16 `[rows, heads, 1, head_dim]`) over the first `len`
 /// entries of the ring (`len` = the mask's last dim; `mask` f32 `[rows, 1, 1, len]`, 0 visible,
-/// −∞ hidden): `[rows, heads, 1, head_dim]`, reading only the filled part of the ring.
+/// −∞ hidden), each row's pinned prefix seen as `prefix` says: `[rows, heads, 1, head_dim]`,
+/// reading only the filled part of the ring.
 pub fn ring_attention(
     q: &Tensor,
     ring_k: &Tensor,
     ring_v: &Tensor,
     mask: &Tensor,
+    prefix: &PinnedPrefix,
 ) -> Result<Tensor> {
     let mask = mask.to_dtype(DType::F32)?.contiguous()?;
     q.to_dtype(DType::BF16)?
@@ -527,5 +552,6 @@ pub fn ring_attention(
             ring_k,
             ring_v,
             mask: &mask,
+            prefix,
         })
 }

@@ -5,7 +5,7 @@
 
 use super::Result;
 use super::nn::RopeTables;
-use candle_core::{DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
 /// The widest head the attention kernels hold (their query lives in shared memory).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -14,6 +14,31 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// 16-byte loads of bf16.
 pub fn head_dim_fits(head_dim: usize) -> bool {
     head_dim <= MAX_HEAD_DIM && head_dim.is_multiple_of(8)
+}
+
+/// How a step's rows see their pinned prefix (a persona prompt kept in the ring): row `b`'s
+/// first `lens[b]` entries (u32 `[rows]`) hold keys at their prompt positions and are scored
+/// against the query turned back by `unturn` (RoPE by minus the distance the window has slid past
+/// them; f32 `[rows, 1, head_dim / 2]`). Rotations compose, so this equals turning those keys
+/// forward to sit just before the window, without rewriting or copying them.
+#[derive(Debug, Clone)]
+pub struct PinnedPrefix {
+    pub lens: Tensor,
+    pub unturn: RopeTables,
+}
+
+impl PinnedPrefix {
+    /// No prefix on any of `rows` rows (heads of `head_dim`).
+    pub fn none(rows: usize, head_dim: usize, device: &Device) -> Result<Self> {
+        let shape = (rows, 1, head_dim / 2);
+        Ok(Self {
+            lens: Tensor::zeros(rows, DType::U32, device)?,
+            unturn: RopeTables::from_cos_sin(
+                Tensor::ones(shape, DType::F32, device)?,
+                Tensor::zeros(shape, DType::F32, device)?,
+            ),
+        })
+    }
 }
 
 /// How the temporal transformer attends one new token per slot.
@@ -74,23 +99,47 @@ pub fn rope_kv_write(
 
 /// Attention of one query per slot (`q` `[rows, heads, 1, head_dim]`) over the first `len`
 /// ring entries, `len` being the last dim of `mask` (f32 `[rows, 1, 1, len]`, 0 visible, −∞
-/// hidden): `[rows, heads, 1, head_dim]`.
+/// hidden), each row's pinned prefix seen as `prefix` says: `[rows, heads, 1, head_dim]`.
 pub fn ring_attention(
     q: &Tensor,
     ring_k: &Tensor,
     ring_v: &Tensor,
     mask: &Tensor,
+    prefix: &PinnedPrefix,
 ) -> Result<Tensor> {
     if native(q) {
-        return gpu::ring_attention(q, ring_k, ring_v, mask);
+        return gpu::ring_attention(q, ring_k, ring_v, mask, prefix);
     }
     let len = mask.dim(3)?;
-    let attend = super::kv::Attend {
-        k: ring_k.narrow(2, 0, len)?,
-        v: ring_v.narrow(2, 0, len)?,
-        mask: mask.clone(),
-    };
-    super::kv::attention(q, &attend)
+    let (keys, values) = (ring_k.narrow(2, 0, len)?, ring_v.narrow(2, 0, len)?);
+    let lens = prefix.lens.to_vec1::<u32>()?;
+    if lens.iter().all(|&pinned| pinned == 0) {
+        let attend = super::kv::Attend {
+            k: keys,
+            v: values,
+            mask: mask.clone(),
+        };
+        return super::kv::attention(q, &attend);
+    }
+    // Every entry scored against the query and against the turned-back query; the prefix
+    // entries take the latter.
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores =
+        |q: &Tensor| -> Result<Tensor> { keys.matmul(&q.t()?.contiguous()?)?.t()? * scale };
+    let turned_back = prefix
+        .unturn
+        .apply(&q.to_dtype(DType::F32)?)?
+        .to_dtype(q.dtype())?;
+    let (plain, turned) = (scores(q)?, scores(&turned_back)?);
+    let in_prefix: Vec<f32> = lens
+        .iter()
+        .flat_map(|&pinned| (0..len).map(move |j| f32::from(u8::from(j < pinned as usize))))
+        .collect();
+    let in_prefix = Tensor::from_vec(in_prefix, (lens.len(), 1, 1, len), q.device())?
+        .to_dtype(plain.dtype())?;
+    let scores = (&plain + (turned - &plain)?.broadcast_mul(&in_prefix)?)?
+        .broadcast_add(&mask.to_dtype(plain.dtype())?)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&values.contiguous()?)
 }
 
 /// Whether the CUDA kernels take `xs` (they are written for bf16).
@@ -116,7 +165,13 @@ mod gpu {
         unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
     }
 
-    pub fn ring_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+    pub fn ring_attention(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &super::PinnedPrefix,
+    ) -> Result<Tensor> {
         unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
     }
 }

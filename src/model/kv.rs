@@ -8,7 +8,7 @@
 //! every layer reuses them (`append`): one upload per step instead of one per layer.
 
 use super::Result;
-use super::decode::{self, DecodeAttention};
+use super::decode::{self, DecodeAttention, PinnedPrefix};
 use super::nn::{Rope, RopeTables};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -55,8 +55,12 @@ pub struct RingStep {
     /// The absolute position of every new token, `[slot][token]`.
     positions: Vec<Vec<u64>>,
     mask: Tensor,
-    /// The longest pinned prefix and the rotation that moves each slot's prefix up to its window.
+    /// Composed steps: the longest pinned prefix and the rotation that moves each slot's
+    /// prefix up to its window (the keys are rotated).
     pinned_rotation: Option<(usize, RopeTables)>,
+    /// Kernels steps: each row's pinned prefix and how its query turns back to meet it (the
+    /// keys stay as stored).
+    prefix: Option<PinnedPrefix>,
 }
 
 impl RingStep {
@@ -71,20 +75,20 @@ impl RingStep {
         self.slot_index.is_some()
     }
 
-    /// The step's device inputs, write index then mask, when they are all it needs (a kernels
-    /// step with no prefix to rotate): a CUDA graph copies these into its buffers.
-    pub fn graph_inputs(&self) -> Option<[&Tensor; 2]> {
-        match (&self.slot_index, &self.pinned_rotation) {
-            (Some(slot_index), None) => Some([slot_index, &self.mask]),
-            _ => None,
-        }
+    /// A kernels step's device inputs (write index, mask, prefix lengths, the prefix rotation's
+    /// cos and sin): a CUDA graph copies these into its buffers.
+    pub fn graph_inputs(&self) -> Option<[&Tensor; 5]> {
+        let (Some(slot_index), Some(prefix)) = (&self.slot_index, &self.prefix) else {
+            return None;
+        };
+        let (cos, sin) = prefix.unturn.cos_sin();
+        Some([slot_index, &self.mask, &prefix.lens, cos, sin])
     }
 
-    /// This step reading its write index and mask from `buffers` (as `graph_inputs` orders
-    /// them) instead.
+    /// This step reading its inputs from `buffers` (as `graph_inputs` orders them) instead.
     pub fn with_graph_inputs(&self, buffers: &[Tensor]) -> Result<RingStep> {
-        let [slot_index, mask] = buffers else {
-            candle_core::bail!("a step takes 2 graph inputs, not {}", buffers.len())
+        let [slot_index, mask, lens, cos, sin] = buffers else {
+            candle_core::bail!("a step takes 5 graph inputs, not {}", buffers.len())
         };
         if self.graph_inputs().is_none() {
             candle_core::bail!("internal error: this step cannot run from graph inputs");
@@ -97,6 +101,10 @@ impl RingStep {
             positions: self.positions.clone(),
             mask: mask.clone(),
             pinned_rotation: None,
+            prefix: Some(PinnedPrefix {
+                lens: lens.clone(),
+                unturn: RopeTables::from_cos_sin(cos.clone(), sin.clone()),
+            }),
         })
     }
 }
@@ -123,6 +131,8 @@ pub struct RingCache {
     index_memo: Vec<(bool, usize, Vec<i64>, Tensor)>,
     memo_indices: bool,
     decode: DecodeAttention,
+    /// The no-prefix plan of a kernels step, by rows (the same every step).
+    no_prefix: Vec<(usize, PinnedPrefix)>,
     /// Every kernels step reads the whole ring (the mask hides what is not written): its shapes
     /// never change, so it can be captured as a CUDA graph.
     whole_ring: bool,
@@ -169,6 +179,7 @@ impl RingCache {
             index_memo: Vec::new(),
             memo_indices: false,
             decode: DecodeAttention::Composed,
+            no_prefix: Vec::new(),
             whole_ring: false,
         })
     }
@@ -286,7 +297,14 @@ impl RingCache {
             len,
             positions,
             mask: self.mask(time, len, active, mask_dtype)?,
-            pinned_rotation: self.pinned_rotation(rows)?,
+            pinned_rotation: match kernels {
+                true => None,
+                false => self.pinned_rotation(rows)?,
+            },
+            prefix: match kernels {
+                true => Some(self.pinned_prefix(rows)?),
+                false => None,
+            },
         })
     }
 
@@ -371,15 +389,40 @@ impl RingCache {
             ring_k.narrow(0, 0, step.rows)?,
             ring_v.narrow(0, 0, step.rows)?,
         );
-        let q = decode::rope_kv_write(qkv, rope, &ring_k, &ring_v, slot_index)?;
-        let Some((longest, rotation)) = &step.pinned_rotation else {
-            return decode::ring_attention(&q, &ring_k, &ring_v, &step.mask);
+        let Some(prefix) = &step.prefix else {
+            candle_core::bail!("internal error: a kernels step without its prefix plan")
         };
-        // The kernel reads keys and values where they lie, with one stride: a rotated prefix
-        // takes a copy of the filled window of both.
-        let keys = rotate_prefix(ring_k.narrow(2, 0, step.len)?, *longest, rotation)?;
-        let values = ring_v.narrow(2, 0, step.len)?.contiguous()?;
-        decode::ring_attention(&q, &keys, &values, &step.mask)
+        let q = decode::rope_kv_write(qkv, rope, &ring_k, &ring_v, slot_index)?;
+        decode::ring_attention(&q, &ring_k, &ring_v, &step.mask, prefix)
+    }
+
+    /// Each of the first `rows` slots' pinned prefix for the kernels: its length and the
+    /// rotation by minus its shift (`pin_shift`). With nothing pinned it is the same every step,
+    /// so it is made once per row count.
+    fn pinned_prefix(&mut self, rows: usize) -> Result<PinnedPrefix> {
+        let head_dim = match self.layers.first() {
+            Some((ring_k, _)) => ring_k.dim(3)?,
+            None => candle_core::bail!("a ring without layers has no prefix"),
+        };
+        let lens: Vec<u32> = self.pinned[..rows].iter().map(|&p| p as u32).collect();
+        if lens.iter().all(|&len| len == 0) {
+            if let Some((_, none)) = self.no_prefix.iter().find(|(r, _)| *r == rows) {
+                return Ok(none.clone());
+            }
+            let none = PinnedPrefix::none(rows, head_dim, &self.device)?;
+            self.no_prefix.push((rows, none.clone()));
+            return Ok(none);
+        }
+        let Some(rope) = &self.rope else {
+            candle_core::bail!("internal error: a pinned prefix without RoPE")
+        };
+        let shifts: Vec<Vec<u64>> = (0..rows).map(|b| vec![self.pin_shift(b)]).collect();
+        let turn = rope.tables(&shifts, DType::F32, &self.device)?;
+        let (cos, sin) = turn.cos_sin();
+        Ok(PinnedPrefix {
+            lens: Tensor::new(lens.as_slice(), &self.device)?,
+            unturn: RopeTables::from_cos_sin(cos.clone(), sin.neg()?),
+        })
     }
 
     /// How far slot `slot_idx`'s pinned prefix is rotated forward: the distance the window has
@@ -828,10 +871,7 @@ mod tests {
                     "{positions:?} frame {frame}, whole ring: {diff}"
                 );
             }
-            assert!(
-                from_buffers >= 5,
-                "{from_buffers} steps ran from graph inputs"
-            );
+            assert_eq!(from_buffers, 12, "every step, pinned rotations too");
             let ((keys, values), (kernel_keys, kernel_values)) =
                 (&composed.layers[0], &kernels.layers[0]);
             for (a, b) in [(keys, kernel_keys), (values, kernel_values)] {

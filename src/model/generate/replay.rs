@@ -16,7 +16,7 @@ pub(super) enum GraphMode {
     Off,
     /// One graph per row bucket, each captured at the first frame of that bucket it can run
     /// (the depformer's: nothing forced on the drawn streams; the temporal step's: the
-    /// attention kernels and no pinned prefix to rotate).
+    /// attention kernels).
     On(GraphCache),
     /// Capture failed or a replay disagreed with the eager frame: eager for good.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -73,11 +73,12 @@ impl Generator {
         rope: &crate::model::nn::RopeTables,
     ) -> Result<Option<(Tensor, Tensor)>> {
         use crate::model::graph::{FrameGraph, detached};
-        let Some([slot_index, mask]) = step.graph_inputs() else {
+        let Some(step_inputs) = step.graph_inputs() else {
             return Ok(None);
         };
         let (cos, sin) = rope.cos_sin();
-        let inputs = [emb, cos, sin, slot_index, mask];
+        let mut inputs = vec![emb, cos, sin];
+        inputs.extend(step_inputs);
         let (rows, _, dim) = emb.dims3()?;
         let split = |joined: &Tensor| -> Result<(Tensor, Tensor)> {
             let width = joined.dim(2)?;
@@ -101,7 +102,7 @@ impl Generator {
         let captured =
             FrameGraph::capture(&inputs, eager.shape().clone(), eager.dtype(), |buffers| {
                 let [emb, cos, sin, step_inputs @ ..] = buffers else {
-                    candle_core::bail!("internal error: the temporal graph has 5 inputs")
+                    candle_core::bail!("internal error: the temporal graph has 8 inputs")
                 };
                 let step = step.with_graph_inputs(step_inputs)?;
                 let rope = crate::model::nn::RopeTables::from_cos_sin(cos.clone(), sin.clone());
