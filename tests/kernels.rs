@@ -327,16 +327,7 @@ fn w8a16_speed() {
     let weight = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap();
     let q = quant::quantize(&weight).unwrap();
     let weight_t = weight.to_dtype(DType::BF16).unwrap().t().unwrap();
-    let time = |f: &dyn Fn() -> Tensor| {
-        f();
-        gpu.synchronize().unwrap();
-        let started = std::time::Instant::now();
-        for _ in 0..20 {
-            f();
-        }
-        gpu.synchronize().unwrap();
-        started.elapsed().as_secs_f64() * 1e6 / 20.0
-    };
+    let time = |f: &dyn Fn() -> Tensor| mean_micros(&gpu, f);
     for batch in [1, 8, 32] {
         let x = Tensor::randn(0f32, 1.0, (batch, k), &gpu)
             .unwrap()
@@ -377,16 +368,7 @@ fn ring_attention_speed() {
         let ring_k = randn((rows, heads, len, head_dim));
         let ring_v = randn((rows, heads, len, head_dim));
         let mask = Tensor::zeros((rows, 1, 1, len), DType::F32, &gpu).unwrap();
-        let time = |f: &dyn Fn() -> Tensor| {
-            f();
-            gpu.synchronize().unwrap();
-            let started = std::time::Instant::now();
-            for _ in 0..20 {
-                f();
-            }
-            gpu.synchronize().unwrap();
-            started.elapsed().as_secs_f64() * 1e6 / 20.0
-        };
+        let time = |f: &dyn Fn() -> Tensor| mean_micros(&gpu, f);
         let bytes = (2 * rows * heads * len * head_dim * 2) as f64;
         let prefix = duplex::model::decode::PinnedPrefix::none(rows, head_dim, &gpu).unwrap();
         let kernels_us =
@@ -403,4 +385,16 @@ fn ring_attention_speed() {
             bytes / candle_us / 1e3
         );
     }
+}
+
+/// The mean time of 20 calls of `f` on `gpu` after one warm-up call, in µs.
+fn mean_micros(gpu: &Device, f: &dyn Fn() -> Tensor) -> f64 {
+    f();
+    gpu.synchronize().unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        f();
+    }
+    gpu.synchronize().unwrap();
+    started.elapsed().as_secs_f64() * 1e6 / 20.0
 }
