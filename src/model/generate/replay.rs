@@ -73,12 +73,21 @@ impl Generator {
         rope: &crate::model::nn::RopeTables,
     ) -> Result<Option<(Tensor, Tensor)>> {
         use crate::model::graph::{FrameGraph, detached};
-        let Some(step_inputs) = step.graph_inputs() else {
+        let Some([slot_index, mask, prefix_lens, unturn_cos, unturn_sin]) = step.graph_inputs()
+        else {
             return Ok(None);
         };
         let (cos, sin) = rope.cos_sin();
-        let mut inputs = vec![emb, cos, sin];
-        inputs.extend(step_inputs);
+        let inputs = [
+            emb,
+            cos,
+            sin,
+            slot_index,
+            mask,
+            prefix_lens,
+            unturn_cos,
+            unturn_sin,
+        ];
         let (rows, _, dim) = emb.dims3()?;
         let split = |joined: &Tensor| -> Result<(Tensor, Tensor)> {
             let width = joined.dim(2)?;
