@@ -30,13 +30,9 @@ pub struct PinnedPrefix {
 impl PinnedPrefix {
     /// No prefix on any of `rows` rows (heads of `head_dim`).
     pub fn none(rows: usize, head_dim: usize, device: &Device) -> Result<Self> {
-        let shape = (rows, 1, head_dim / 2);
         Ok(Self {
             lens: Tensor::zeros(rows, DType::U32, device)?,
-            unturn: RopeTables::from_cos_sin(
-                Tensor::ones(shape, DType::F32, device)?,
-                Tensor::zeros(shape, DType::F32, device)?,
-            ),
+            unturn: RopeTables::identity(rows, head_dim, device)?,
         })
     }
 }

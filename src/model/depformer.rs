@@ -173,11 +173,7 @@ impl DepformerState {
         if let Some((_, rope)) = self.identity_rope.iter().find(|(r, _)| *r == rows) {
             return Ok(rope.clone());
         }
-        let shape = (rows, 1, head_dim / 2);
-        let rope = RopeTables::from_cos_sin(
-            Tensor::ones(shape, DType::F32, device)?,
-            Tensor::zeros(shape, DType::F32, device)?,
-        );
+        let rope = RopeTables::identity(rows, head_dim, device)?;
         self.identity_rope.push((rows, rope.clone()));
         Ok(rope)
     }

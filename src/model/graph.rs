@@ -27,16 +27,6 @@ pub fn cached_uploads(device: &Device) -> Result<impl Sized> {
     Ok(device.as_cuda_device()?.enable_cuda_graph_htod_cache())
 }
 
-/// A compact copy of `t` in a buffer of its own (`Tensor::copy` keeps the layout, so a copy of a
-/// narrowed view is neither compact nor writable by `slice_set`).
-pub fn detached(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() {
-        t.contiguous()?.copy()
-    } else {
-        t.contiguous()
-    }
-}
-
 /// A captured computation with its persistent buffers.
 pub struct FrameGraph {
     graph: CudaGraph,
@@ -67,7 +57,12 @@ impl FrameGraph {
             candle_core::bail!("a graph needs at least one input")
         };
         let device = first.device().clone();
-        let inputs: Vec<Tensor> = inputs.iter().map(|t| detached(t)).collect::<Result<_>>()?;
+        // Compact buffers of their own: `Tensor::copy` keeps a narrowed view's layout, which
+        // `slice_set` cannot write.
+        let inputs: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.force_contiguous())
+            .collect::<Result<_>>()?;
         let output = Tensor::zeros(output_shape, output_dtype, &device)?;
         let stream = stream(&device)?;
         stream.synchronize().w()?;

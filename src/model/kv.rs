@@ -404,8 +404,7 @@ impl RingCache {
             Some((ring_k, _)) => ring_k.dim(3)?,
             None => candle_core::bail!("a ring without layers has no prefix"),
         };
-        let lens: Vec<u32> = self.pinned[..rows].iter().map(|&p| p as u32).collect();
-        if lens.iter().all(|&len| len == 0) {
+        if self.pinned[..rows].iter().all(|&len| len == 0) {
             if let Some((_, none)) = self.no_prefix.iter().find(|(r, _)| *r == rows) {
                 return Ok(none.clone());
             }
@@ -416,6 +415,7 @@ impl RingCache {
         let Some(rope) = &self.rope else {
             candle_core::bail!("internal error: a pinned prefix without RoPE")
         };
+        let lens: Vec<u32> = self.pinned[..rows].iter().map(|&p| p as u32).collect();
         let shifts: Vec<Vec<u64>> = (0..rows).map(|b| vec![self.pin_shift(b)]).collect();
         let turn = rope.tables(&shifts, DType::F32, &self.device)?;
         let (cos, sin) = turn.cos_sin();

@@ -277,6 +277,15 @@ impl RopeTables {
         Self { cos, sin }
     }
 
+    /// f32 tables that rotate nothing, `[rows, 1, head_dim / 2]` (one token per row).
+    pub fn identity(rows: usize, head_dim: usize, device: &Device) -> Result<Self> {
+        let shape = (rows, 1, head_dim / 2);
+        Ok(Self {
+            cos: Tensor::ones(shape, DType::F32, device)?,
+            sin: Tensor::zeros(shape, DType::F32, device)?,
+        })
+    }
+
     /// The cos and sin tables, `[b, t, d/2]` each.
     pub fn cos_sin(&self) -> (&Tensor, &Tensor) {
         (&self.cos, &self.sin)

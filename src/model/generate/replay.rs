@@ -72,7 +72,7 @@ impl Generator {
         step: &crate::model::kv::RingStep,
         rope: &crate::model::nn::RopeTables,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        use crate::model::graph::{FrameGraph, detached};
+        use crate::model::graph::FrameGraph;
         let Some([slot_index, mask, prefix_lens, unturn_cos, unturn_sin]) = step.graph_inputs()
         else {
             return Ok(None);
@@ -92,8 +92,8 @@ impl Generator {
         let split = |joined: &Tensor| -> Result<(Tensor, Tensor)> {
             let width = joined.dim(2)?;
             Ok((
-                detached(&joined.narrow(2, 0, dim)?)?,
-                detached(&joined.narrow(2, dim, width - dim)?)?,
+                joined.narrow(2, 0, dim)?.force_contiguous()?,
+                joined.narrow(2, dim, width - dim)?.force_contiguous()?,
             ))
         };
         match &self.temporal_graph {
