@@ -54,7 +54,8 @@ pub struct OfflineReport {
     /// The agent's audio as written (before 16-bit quantisation).
     #[serde(skip)]
     pub agent_pcm: Vec<f32>,
-    /// Whether the last frames replayed CUDA graphs (both halves).
+    /// Whether the last frames replayed CUDA graphs (every piece: Mimi's encode and decode,
+    /// the temporal step, the depformer half).
     pub graphs_replayed: bool,
 }
 
@@ -105,8 +106,7 @@ pub fn run(options: &OfflineOptions) -> Result<OfflineReport> {
         frames,
         transcript,
         agent_pcm,
-        graphs_replayed: state.generator.replays_temporal_graph()
-            && state.generator.replays_cuda_graph(),
+        graphs_replayed: state.graphs_replayed().iter().all(|&replayed| replayed),
     };
     if let Some(path) = &options.tokens {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -223,6 +223,83 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
     }
 }
 
+/// Mimi's encode and decode replayed as CUDA graphs give the eager codes and audio, frame by
+/// frame: one slot alone (a 1-row graph), then two (a 2-row graph), the second sitting frames
+/// out and then reset.
+#[test]
+fn mimi_graphs_replay_the_eager_stream() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let Some(gpu) = tiny::gpu() else { return };
+    let mimi = tiny::mimi(&gpu);
+    let frame = mimi.frame_samples();
+    let pcm = tiny::load("mimi_parity.safetensors")["pcm_in"]
+        .to_device(&gpu)
+        .unwrap();
+    let other = (pcm.flip(&[2]).unwrap() * 0.7).unwrap();
+    let frames = pcm.dim(2).unwrap() / frame;
+    let (alone, idle, reset_at) = (4, 8..11, 13);
+    let run = |graphs: bool| {
+        let mut enc = mimi.encoder_state(2).unwrap();
+        let mut dec = mimi.decoder_state(2).unwrap();
+        if graphs {
+            enc.use_cuda_graphs(&mimi).unwrap();
+            dec.use_cuda_graphs(&mimi).unwrap();
+        }
+        let mut out = Vec::new();
+        for f in 0..frames {
+            if f == reset_at {
+                enc.reset_slot(1).unwrap();
+                dec.reset_slot(1).unwrap();
+            }
+            let own = pcm.narrow(2, f * frame, frame).unwrap();
+            let (xs, active) = if f < alone {
+                (own, vec![true])
+            } else {
+                let theirs = other.narrow(2, f * frame, frame).unwrap();
+                let xs = Tensor::cat(&[&own, &theirs], 0).unwrap();
+                (xs, vec![true, !idle.contains(&f)])
+            };
+            let codes = mimi.encode_step(&xs, &mut enc, &active).unwrap();
+            let audio = mimi.decode_step(&codes, &mut dec, &active).unwrap();
+            let codes: Vec<Vec<u32>> = codes.to_vec2().unwrap();
+            out.push((codes, audio));
+        }
+        let replaying = (enc.replays_cuda_graph(), dec.replays_cuda_graph());
+        (out, replaying)
+    };
+    let (eager, _) = run(false);
+    let (replayed, (encode, decode)) = run(true);
+    assert!(
+        encode && decode,
+        "a Mimi graph was not captured (encode {encode}, decode {decode}; see the log)"
+    );
+    for (f, ((eager_codes, eager_audio), (codes, audio))) in eager.iter().zip(&replayed).enumerate()
+    {
+        let active = if f < alone {
+            vec![true]
+        } else {
+            vec![true, !idle.contains(&f)]
+        };
+        for (slot, &is_active) in active.iter().enumerate() {
+            if !is_active {
+                continue;
+            }
+            assert_eq!(
+                eager_codes[slot], codes[slot],
+                "codes of slot {slot}, frame {f}"
+            );
+            let diff = tiny::max_abs_diff(
+                &eager_audio.narrow(0, slot, 1).unwrap(),
+                &audio.narrow(0, slot, 1).unwrap(),
+            );
+            assert!(
+                diff < 1e-4,
+                "audio of slot {slot}, frame {f}: max |diff| {diff}"
+            );
+        }
+    }
+}
+
 /// The whole offline path (Mimi, voice preset, role prompt, 40 live frames, Mimi back) on the
 /// GPU in f32 gives the reference's greedy tokens, as it does on the CPU (tests/offline.rs).
 #[test]
@@ -243,7 +320,8 @@ fn an_offline_persona_run_on_the_gpu_gives_the_reference_tokens() {
 }
 
 /// The serving path in bf16 with CUDA graphs (the default on a GPU: the prefilled persona,
-/// Mimi both ways, 40 live frames) draws the same tokens as with every frame eager.
+/// Mimi both ways, 40 live frames, every piece replayed) draws the same tokens and speaks the
+/// same audio as with every frame eager.
 #[test]
 fn an_offline_bf16_run_replays_graphs_with_the_eager_tokens() {
     use duplex::model::pipeline::PipelineConfig;
@@ -263,13 +341,17 @@ fn an_offline_bf16_run_replays_graphs_with_the_eager_tokens() {
         };
         let report = run(&tiny::persona_offline(&out, pipeline)).unwrap();
         assert_eq!(report.graphs_replayed, cuda_graphs, "see the log");
-        report
-            .frames
-            .iter()
-            .map(|f| (f.text_id, f.agent))
-            .collect::<Vec<_>>()
+        let tokens: Vec<_> = report.frames.iter().map(|f| (f.text_id, f.agent)).collect();
+        (tokens, report.agent_pcm)
     };
-    let (eager, replayed) = (tokens(false), tokens(true));
+    let ((eager, eager_pcm), (replayed, replayed_pcm)) = (tokens(false), tokens(true));
     assert_eq!(eager.len(), 40);
     assert_eq!(eager, replayed);
+    let diff = eager_pcm
+        .iter()
+        .zip(&replayed_pcm)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(eager_pcm.len(), replayed_pcm.len());
+    assert!(diff < 1e-3, "agent audio: max |diff| {diff}");
 }

@@ -34,7 +34,8 @@ pub struct StepBenchOptions {
     pub dep_steps: usize,
     /// Frames of history each session starts with (`None`: the model's whole context).
     pub history: Option<usize>,
-    /// Replay the depformer half of each frame as a CUDA graph.
+    /// Replay every piece of each frame (Mimi's encode and decode, the temporal step, the
+    /// depformer half) as CUDA graphs.
     pub cuda_graphs: bool,
     pub quant: Quant,
 }
@@ -65,6 +66,8 @@ pub struct StepBenchReport {
     pub cuda_graph_replayed: bool,
     /// Whether they replayed one of the temporal step too.
     pub temporal_graph_replayed: bool,
+    /// Whether Mimi's encode and decode replayed graphs.
+    pub mimi_graphs_replayed: bool,
     /// How the temporal transformer attended: `kernels` (kernels/attention.cu) or `candle`.
     pub attention: String,
     pub quant: String,
@@ -86,6 +89,24 @@ pub struct StepBenchReport {
 }
 
 impl StepBenchReport {
+    /// The pieces that replayed CUDA graphs: `mimi + temporal + depformer`, or `off`.
+    fn graphs_replayed(&self) -> String {
+        let pieces = [
+            ("mimi", self.mimi_graphs_replayed),
+            ("temporal", self.temporal_graph_replayed),
+            ("depformer", self.cuda_graph_replayed),
+        ];
+        let replayed: Vec<&str> = pieces
+            .iter()
+            .filter(|(_, replayed)| *replayed)
+            .map(|(piece, _)| *piece)
+            .collect();
+        match replayed.is_empty() {
+            true => "off".into(),
+            false => replayed.join(" + "),
+        }
+    }
+
     pub fn table(&self) -> String {
         let row = |name: &str, p: &Percentiles| {
             format!(
@@ -106,12 +127,7 @@ impl StepBenchReport {
                 self.frames,
                 self.depformer_steps,
                 self.history,
-                match (self.temporal_graph_replayed, self.cuda_graph_replayed) {
-                    (true, true) => "temporal + depformer",
-                    (true, false) => "temporal",
-                    (false, true) => "depformer",
-                    (false, false) => "off",
-                },
+                self.graphs_replayed(),
                 self.attention
             ),
             format!(
@@ -194,7 +210,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         state.generator.skip_history(slot, history as u64);
     }
     if options.cuda_graphs {
-        state.generator.use_cuda_graphs(&lm)?;
+        state.use_cuda_graphs(models)?;
     }
     let speech = signal::speech_like(FRAME_SAMPLES * 50, 3);
     let busy = options.busy.unwrap_or(batch).min(batch);
@@ -255,6 +271,10 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         history,
         cuda_graph_replayed: state.generator.replays_cuda_graph(),
         temporal_graph_replayed: state.generator.replays_temporal_graph(),
+        mimi_graphs_replayed: {
+            let [encode, _, _, decode] = state.graphs_replayed();
+            encode && decode
+        },
         attention: attention_path(lm.config(), options),
         quant: format!("{:?}", options.quant),
         real_time_factor: total.p50 / FRAME_MS as f64,

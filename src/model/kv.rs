@@ -85,6 +85,39 @@ impl RingStep {
         Some([slot_index, &self.mask, &prefix.lens, cos, sin])
     }
 
+    /// A composed step's device inputs (write index, mask) when it has nothing else that varies
+    /// (no pinned prefix to rotate): a CUDA graph copies these into its buffers.
+    pub fn composed_graph_inputs(&self) -> Option<[&Tensor; 2]> {
+        match (&self.write_index, &self.pinned_rotation) {
+            (Some(write_index), None) => Some([write_index, &self.mask]),
+            _ => None,
+        }
+    }
+
+    /// This composed step reading its inputs from `buffers` (as `composed_graph_inputs` orders
+    /// them) instead.
+    pub fn with_composed_graph_inputs(&self, buffers: &[Tensor]) -> Result<RingStep> {
+        let [write_index, mask] = buffers else {
+            candle_core::bail!(
+                "a composed step takes 2 graph inputs, not {}",
+                buffers.len()
+            )
+        };
+        if self.composed_graph_inputs().is_none() {
+            candle_core::bail!("internal error: this step cannot run from graph inputs");
+        }
+        Ok(RingStep {
+            write_index: Some(write_index.clone()),
+            slot_index: None,
+            rows: self.rows,
+            len: self.len,
+            positions: self.positions.clone(),
+            mask: mask.clone(),
+            pinned_rotation: None,
+            prefix: None,
+        })
+    }
+
     /// This step reading its inputs from `buffers` (as `graph_inputs` orders them) instead.
     pub fn with_graph_inputs(&self, buffers: &[Tensor]) -> Result<RingStep> {
         let [slot_index, mask, lens, cos, sin] = buffers else {
@@ -136,6 +169,9 @@ pub struct RingCache {
     /// Every kernels step reads the whole ring (the mask hides what is not written): its shapes
     /// never change, so it can be captured as a CUDA graph.
     whole_ring: bool,
+    /// Every step, composed ones too, reads the whole ring (Mimi's transformers, whose steps
+    /// are captured whole).
+    fixed_shape: bool,
 }
 
 /// Write-index tensors `RingCache` keeps (enough for two row buckets of a 16-step depformer).
@@ -181,7 +217,15 @@ impl RingCache {
             decode: DecodeAttention::Composed,
             no_prefix: Vec::new(),
             whole_ring: false,
+            fixed_shape: false,
         })
+    }
+
+    /// Makes every step read the whole ring, so a step's shapes depend only on its rows and
+    /// tokens (a cache whose composed steps are captured as CUDA graphs).
+    pub fn with_fixed_shape(mut self) -> Self {
+        self.fixed_shape = true;
+        self
     }
 
     /// Keeps recent write-index tensors for reuse (for caches whose steps repeat them).
@@ -278,8 +322,8 @@ impl RingCache {
             }
         }
         let kernels = self.decode == DecodeAttention::Kernels && time == 1;
-        // Only a kernels step can be captured, so only it pays for reading the whole ring.
-        let len = if self.whole_ring && kernels {
+        // Only steps that may be captured pay for reading the whole ring.
+        let len = if (self.whole_ring && kernels) || self.fixed_shape {
             self.capacity
         } else {
             self.visible_len(rows)

@@ -12,6 +12,7 @@ pub mod files;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graph;
+pub mod graph_cache;
 pub mod kv;
 pub mod lm;
 pub mod memory;

@@ -215,7 +215,7 @@ impl Pipeline {
     pub fn state(&self, batch: usize) -> Result<PipelineState> {
         let mut state = PipelineState::new(self.models(), batch, self.positions)?;
         if self.cuda_graphs {
-            state.generator.use_cuda_graphs(&self.lm)?;
+            state.use_cuda_graphs(self.models())?;
         }
         Ok(state)
     }
@@ -311,6 +311,24 @@ impl PipelineState {
 
     pub fn close(&mut self, slot_idx: usize) {
         self.generator.close(slot_idx);
+    }
+
+    /// Replays every piece of a frame as CUDA graphs: Mimi's encode and decode, the temporal
+    /// step and the depformer half (each captured at its first frame and checked against it).
+    pub fn use_cuda_graphs(&mut self, models: Models<'_>) -> Result<()> {
+        self.generator.use_cuda_graphs(models.lm)?;
+        self.encoder.use_cuda_graphs(models.mimi)?;
+        self.decoder.use_cuda_graphs(models.mimi)
+    }
+
+    /// Which pieces replay graphs now: `[encode, temporal, depformer, decode]`.
+    pub fn graphs_replayed(&self) -> [bool; 4] {
+        [
+            self.encoder.replays_cuda_graph(),
+            self.generator.replays_temporal_graph(),
+            self.generator.replays_cuda_graph(),
+            self.decoder.replays_cuda_graph(),
+        ]
     }
 
     /// One frame for every active slot: `pcm_in`/`pcm_out` hold one frame per slot, back to back.

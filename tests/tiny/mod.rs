@@ -26,6 +26,17 @@ pub fn model(dep_steps: usize, dtype: DType, device: &Device, quant: Quant) -> L
     LmModel::load_quantized(&ckpt, &cfg, dep_steps, quant).unwrap()
 }
 
+/// The tiny checkpoint's Mimi in f32 on `device`.
+pub fn mimi(device: &Device) -> duplex::model::mimi::Mimi {
+    use duplex::model::mimi::{Mimi, MimiConfig};
+    let dir = fixtures().join("tiny");
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = MimiConfig::from_model_config_json(&text).unwrap();
+    let weights = dir.join("tokenizer-e351c8d8-checkpoint125.safetensors");
+    let ckpt = Checkpoint::open(&weights, DType::F32, device).unwrap();
+    Mimi::load(&ckpt, &cfg, duplex::model::kv::RingPositions::PersonaPlex).unwrap()
+}
+
 /// The tiny model in f32 on the CPU, as the parity tests run it.
 pub fn cpu_model(dep_steps: usize) -> LmModel {
     model(dep_steps, DType::F32, &Device::Cpu, Quant::None)

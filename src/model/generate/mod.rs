@@ -8,7 +8,7 @@
 
 mod replay;
 
-use replay::GraphMode;
+use super::graph_cache::GraphMode;
 
 use super::Result;
 use super::depformer::{DepformerState, TokenFeed};

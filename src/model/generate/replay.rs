@@ -6,28 +6,12 @@ use super::Generator;
 #[cfg(feature = "cuda")]
 use super::{DrawPlan, draw_frame};
 use crate::model::Result;
+use crate::model::graph_cache::GraphMode;
+#[cfg(feature = "cuda")]
+use crate::model::graph_cache::agrees_within;
 use crate::model::lm::LmModel;
 #[cfg(feature = "cuda")]
 use candle_core::{DType, Tensor};
-
-/// Whether a frame's half (the temporal step, or the depformer's draws and 8 steps) replays a
-/// CUDA graph.
-pub(super) enum GraphMode {
-    Off,
-    /// One graph per row bucket, each captured at the first frame of that bucket it can run
-    /// (the depformer's: nothing forced on the drawn streams; the temporal step's: the
-    /// attention kernels).
-    On(GraphCache),
-    /// Capture failed or a replay disagreed with the eager frame: eager for good.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Failed,
-}
-
-#[derive(Default)]
-pub(super) struct GraphCache {
-    #[cfg(feature = "cuda")]
-    graphs: std::collections::BTreeMap<usize, crate::model::graph::FrameGraph>,
-}
 
 /// How far a temporal graph's first replay may stray from the eager step, relative to the
 /// largest output: bf16 rounding, not a misplaced key.
@@ -45,8 +29,8 @@ impl Generator {
                 "CUDA graphs need a CUDA device and a build with the `cuda` feature"
             );
         }
-        self.depformer_graph = GraphMode::On(GraphCache::default());
-        self.temporal_graph = GraphMode::On(GraphCache::default());
+        self.depformer_graph = GraphMode::on();
+        self.temporal_graph = GraphMode::on();
         self.temporal.set_whole_ring(true);
         Ok(())
     }
@@ -98,7 +82,7 @@ impl Generator {
         };
         match &self.temporal_graph {
             GraphMode::On(cache) => {
-                if let Some(graph) = cache.graphs.get(&rows) {
+                if let Some(graph) = cache.get(rows) {
                     return Ok(Some(split(graph.replay(&inputs)?)?));
                 }
             }
@@ -119,17 +103,8 @@ impl Generator {
                 Tensor::cat(&[&hidden, &logits], 2)
             })
             .and_then(|graph| {
-                let replayed = graph.replay(&inputs)?.to_dtype(DType::F32)?;
-                let eager = eager.to_dtype(DType::F32)?;
-                let largest = eager.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                let diff = (replayed - eager)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                let agrees = (diff <= TEMPORAL_GRAPH_TOLERANCE * largest.max(1.0))
-                    .then_some(())
-                    .ok_or_else(|| format!("max |diff| {diff} in outputs up to {largest}"));
+                let agrees =
+                    agrees_within(graph.replay(&inputs)?, &eager, TEMPORAL_GRAPH_TOLERANCE)?;
                 Ok((graph, agrees))
             });
         self.temporal_graph.settle("temporal", rows, captured);
@@ -155,7 +130,7 @@ impl Generator {
         let rows = running.len();
         match &self.depformer_graph {
             GraphMode::On(cache) => {
-                if let Some(graph) = cache.graphs.get(&rows) {
+                if let Some(graph) = cache.get(rows) {
                     return Ok(Some(graph.replay(&inputs)?.to_vec2()?));
                 }
             }
@@ -193,49 +168,5 @@ impl Generator {
             });
         self.depformer_graph.settle("depformer", rows, captured);
         Ok(Some(eager))
-    }
-}
-
-impl GraphMode {
-    fn replays(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        if let GraphMode::On(cache) = self {
-            return !cache.graphs.is_empty();
-        }
-        false
-    }
-
-    /// Keeps the graph just captured for `rows` when its first replay agreed with the eager
-    /// run (`Ok(())`, else why not); on any failure logs why, and that half stays eager.
-    #[cfg(feature = "cuda")]
-    fn settle(
-        &mut self,
-        half: &str,
-        rows: usize,
-        captured: Result<(
-            crate::model::graph::FrameGraph,
-            std::result::Result<(), String>,
-        )>,
-    ) {
-        match (captured, &mut *self) {
-            (Ok((graph, Ok(()))), GraphMode::On(cache)) => {
-                tracing::info!(rows, half, "CUDA graph captured; replaying it");
-                cache.graphs.insert(rows, graph);
-            }
-            (Ok((_, Ok(()))), _) => {}
-            (Ok((_, Err(why))), _) => {
-                tracing::warn!(
-                    rows,
-                    half,
-                    why,
-                    "a graph's first replay differs from the eager run; staying eager"
-                );
-                *self = GraphMode::Failed;
-            }
-            (Err(err), _) => {
-                tracing::warn!(rows, half, error = %err, "capturing a graph failed; staying eager");
-                *self = GraphMode::Failed;
-            }
-        }
     }
 }

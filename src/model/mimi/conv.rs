@@ -8,48 +8,91 @@
 
 use crate::model::Result;
 use crate::model::checkpoint::mimi::ConvWeights;
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
 
-/// Rows (dim 0 = slot) of `new` where `take[slot]`, of `old` elsewhere.
-pub(super) fn select_rows(take: &[bool], new: &Tensor, old: &Tensor) -> Result<Tensor> {
-    if take.iter().all(|&t| t) {
-        return Ok(new.clone());
+/// Which of a step's rows advance, as device masks `[rows]` (u8). Every step runs the same
+/// kernels whatever the masks hold, so a step can be captured once as a CUDA graph and replayed
+/// with other masks.
+#[derive(Debug, Clone)]
+pub(super) struct RowMask {
+    /// 1 for the rows that advance.
+    active: Tensor,
+    /// 1 for the rows that sit the step out.
+    idle: Tensor,
+}
+
+impl RowMask {
+    pub fn new(active: &[bool], device: &Device) -> Result<Self> {
+        let flags =
+            |value: bool| -> Vec<u8> { active.iter().map(|&a| u8::from(a == value)).collect() };
+        Ok(Self {
+            active: Tensor::new(flags(true).as_slice(), device)?,
+            idle: Tensor::new(flags(false).as_slice(), device)?,
+        })
     }
-    // An empty state (a convolution with nothing to carry): CUDA refuses zero-size launches.
-    if old.elem_count() == 0 {
-        return Ok(old.clone());
+
+    /// Every one of `rows` rows advances.
+    pub fn all(rows: usize, device: &Device) -> Result<Self> {
+        Self::new(&vec![true; rows], device)
     }
-    if !take.iter().any(|&t| t) {
-        return Ok(old.clone());
+
+    /// The masks read from other tensors (a CUDA graph's input buffers).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn from_tensors(active: Tensor, idle: Tensor) -> Self {
+        Self { active, idle }
     }
-    let mask: Vec<u8> = take.iter().map(|&t| u8::from(t)).collect();
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn tensors(&self) -> [&Tensor; 2] {
+        [&self.active, &self.idle]
+    }
+
+    /// Rows of `new` where the row advances, of `old` elsewhere.
+    pub fn select(&self, new: &Tensor, old: &Tensor) -> Result<Tensor> {
+        select_rows(&self.active, new, old)
+    }
+}
+
+/// Rows (dim 0) of `new` where `take` (u8 `[rows]`) is 1, of `old` elsewhere.
+fn select_rows(take: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1; old.rank()];
-    shape[0] = take.len();
-    let mask = Tensor::from_vec(mask, shape, old.device())?.broadcast_as(old.shape())?;
-    mask.where_cond(new, old)
+    shape[0] = take.dim(0)?;
+    take.reshape(shape)?
+        .broadcast_as(old.shape())?
+        .where_cond(new, old)
 }
 
-/// `all` with its first `prefix.dim(0)` rows replaced by `prefix` (a step that computed only
-/// the first slots leaves the others as they were).
-pub(super) fn with_prefix(all: &Tensor, prefix: Tensor) -> Result<Tensor> {
-    let (rows, batch) = (prefix.dim(0)?, all.dim(0)?);
-    if rows == batch {
-        return Ok(prefix);
+/// Writes `rows` (the first rows of `state`'s shape) into `state` in place: the state keeps its
+/// buffer, so a captured graph that updates it stays valid.
+fn store(state: &Tensor, rows: &Tensor) -> Result<()> {
+    if rows.elem_count() == 0 {
+        // CUDA refuses zero-size launches (a convolution with nothing to carry).
+        return Ok(());
     }
-    Tensor::cat(&[&prefix, &all.narrow(0, rows, batch - rows)?], 0)
+    state.slice_set(rows, 0, 0)
 }
 
-/// `old` with the rows of the slots in `reset` set to zero.
-pub(super) fn zero_rows(reset: &[bool], old: &Tensor) -> Result<Tensor> {
-    select_rows(reset, &old.zeros_like()?, old)
-}
-
-/// The one-slot mask used by `reset_slot`.
-pub(super) fn one_slot(batch: usize, slot_idx: usize) -> Result<Vec<bool>> {
-    if slot_idx >= batch {
-        candle_core::bail!("slot {slot_idx} is out of range for a batch of {batch}");
+/// Sets `slots` of `state` (dim 0) to ones or zeros, in place.
+fn fill_rows(state: &Tensor, slots: Range<usize>, ones: bool) -> Result<()> {
+    let mut dims = state.dims().to_vec();
+    dims[0] = slots.len();
+    if dims.iter().product::<usize>() == 0 {
+        return Ok(());
     }
-    Ok((0..batch).map(|b| b == slot_idx).collect())
+    let filled = match ones {
+        true => Tensor::ones(dims, state.dtype(), state.device())?,
+        false => Tensor::zeros(dims, state.dtype(), state.device())?,
+    };
+    state.slice_set(&filled, 0, slots.start)
+}
+
+/// Checks a slot range against a batch.
+pub(super) fn check_slots(slots: &Range<usize>, batch: usize) -> Result<()> {
+    if slots.end > batch {
+        candle_core::bail!("slots {slots:?} are out of range for a batch of {batch}");
+    }
+    Ok(())
 }
 
 pub(super) fn check_active(active: &[bool], batch: usize) -> Result<()> {
@@ -86,13 +129,14 @@ pub(super) struct Conv1d {
     context: usize,
 }
 
-/// One conv's left context for every slot.
+/// One conv's left context for every slot, updated in place (its buffers never change).
 #[derive(Debug)]
 pub(super) struct Conv1dState {
     /// `[batch, in_channels, context]`.
     prev: Tensor,
-    /// Replicate padding only: the slot has not seen a sample since its reset.
-    first: Vec<bool>,
+    /// Replicate padding only: 1 for a slot that has not seen a sample since its reset, u8
+    /// `[batch]`.
+    fresh: Option<Tensor>,
 }
 
 /// A bias `[n]` as `[1, n, 1]`, ready to broadcast over `[batch, n, t]`.
@@ -123,20 +167,24 @@ impl Conv1d {
     }
 
     pub fn state(&self, batch: usize) -> Result<Conv1dState> {
+        let device = self.weight.device();
         Ok(Conv1dState {
             prev: Tensor::zeros(
                 (batch, self.in_channels, self.context),
                 self.weight.dtype(),
-                self.weight.device(),
+                device,
             )?,
-            first: vec![true; batch],
+            fresh: match self.pad {
+                Pad::Replicate if self.context > 0 => Some(Tensor::ones(batch, DType::U8, device)?),
+                _ => None,
+            },
         })
     }
 
     /// `xs` `[rows, in, t]` with `t` a multiple of the stride → `[rows, out, t / stride]`, for
-    /// the first `rows` slots of the state.
-    pub fn step(&self, xs: &Tensor, state: &mut Conv1dState, active: &[bool]) -> Result<Tensor> {
-        let (rows, _, time) = xs.dims3()?;
+    /// the first `rows` slots of the state; the rows `mask` marks idle keep their context.
+    pub fn step(&self, xs: &Tensor, state: &mut Conv1dState, mask: &RowMask) -> Result<Tensor> {
+        let time = xs.dim(2)?;
         if time == 0 || time % self.stride != 0 {
             candle_core::bail!(
                 "a streaming conv of stride {} got a chunk of {time} samples",
@@ -144,42 +192,52 @@ impl Conv1d {
             );
         }
         let context = self.context;
-        let mut prev = state.prev.narrow(0, 0, rows)?;
         let xs = if context == 0 {
             xs.clone()
         } else {
-            if self.pad == Pad::Replicate {
-                let init: Vec<bool> = (0..rows).map(|b| state.first[b] && active[b]).collect();
-                if init.iter().any(|&i| i) {
-                    let first = xs.narrow(2, 0, 1)?.broadcast_as(prev.shape())?;
-                    prev = select_rows(&init, &first.contiguous()?, &prev)?;
-                }
-            }
-            Tensor::cat(&[&prev, xs], 2)?
+            let prev = state.left_context(xs, mask)?;
+            let xs = Tensor::cat(&[&prev, xs], 2)?;
+            let tail = xs.narrow(2, xs.dim(2)? - context, context)?;
+            store(&state.prev, &mask.select(&tail, &prev)?)?;
+            xs
         };
-        let mut ys = xs.conv1d(&self.weight, 0, self.stride, self.dilation, 1)?;
-        if let Some(bias) = &self.bias {
-            ys = ys.broadcast_add(bias)?;
+        let ys = xs.conv1d(&self.weight, 0, self.stride, self.dilation, 1)?;
+        match &self.bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
         }
-        if context > 0 {
-            let len = xs.dim(2)?;
-            let tail = xs.narrow(2, len - context, context)?.contiguous()?;
-            state.prev = with_prefix(&state.prev, select_rows(active, &tail, &prev)?)?;
-            for (first, _) in state.first.iter_mut().zip(active).filter(|(_, a)| **a) {
-                *first = false;
-            }
-        }
-        Ok(ys)
     }
 }
 
 impl Conv1dState {
-    pub fn reset(&mut self, reset: &[bool]) -> Result<()> {
-        self.prev = zero_rows(reset, &self.prev)?;
-        for (first, _) in self.first.iter_mut().zip(reset).filter(|(_, r)| **r) {
-            *first = true;
+    /// The context the first `rows` slots prepend to `xs`: what they kept, or for a fresh slot
+    /// of a replicate-padded conv that advances now, `xs`'s first sample repeated.
+    fn left_context(&self, xs: &Tensor, mask: &RowMask) -> Result<Tensor> {
+        let rows = xs.dim(0)?;
+        let prev = self.prev.narrow(0, 0, rows)?;
+        let Some(all_fresh) = &self.fresh else {
+            return Ok(prev);
+        };
+        let fresh = all_fresh.narrow(0, 0, rows)?;
+        let starts = (&fresh * &mask.active)?;
+        store(all_fresh, &(&fresh * &mask.idle)?)?;
+        let first = xs.narrow(2, 0, 1)?.broadcast_as(prev.shape())?;
+        select_rows(&starts, &first, &prev)
+    }
+
+    /// Returns `slots` to the start state.
+    pub fn reset(&mut self, slots: Range<usize>) -> Result<()> {
+        fill_rows(&self.prev, slots.clone(), false)?;
+        match &self.fresh {
+            Some(fresh) => fill_rows(fresh, slots, true),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The state's buffers (to save and restore around a graph capture).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn buffers(&self) -> impl Iterator<Item = &Tensor> {
+        std::iter::once(&self.prev).chain(&self.fresh)
     }
 }
 
@@ -295,8 +353,8 @@ impl ConvTr1d {
     }
 
     /// `xs` `[rows, in, t]` → `[rows, out, t · stride]`, for the first `rows` slots of the
-    /// state.
-    pub fn step(&self, xs: &Tensor, state: &mut ConvTr1dState, active: &[bool]) -> Result<Tensor> {
+    /// state; the rows `mask` marks idle keep their overlap.
+    pub fn step(&self, xs: &Tensor, state: &mut ConvTr1dState, mask: &RowMask) -> Result<Tensor> {
         let mut ys = self.full(xs)?;
         if let Some(bias) = &self.bias {
             ys = ys.broadcast_add(bias)?;
@@ -313,24 +371,22 @@ impl ConvTr1d {
         if let Some(bias) = &self.bias {
             tail = tail.broadcast_sub(bias)?;
         }
-        state.partial = with_prefix(
-            &state.partial,
-            select_rows(active, &tail.contiguous()?, &partial)?,
-        )?;
+        store(&state.partial, &mask.select(&tail, &partial)?)?;
         ys.narrow(2, 0, len - overlap)
     }
 }
 
 impl ConvTr1dState {
-    pub fn reset(&mut self, reset: &[bool]) -> Result<()> {
-        self.partial = zero_rows(reset, &self.partial)?;
-        Ok(())
+    /// Returns `slots` to the start state.
+    pub fn reset(&mut self, slots: Range<usize>) -> Result<()> {
+        fill_rows(&self.partial, slots, false)
     }
-}
 
-/// A fresh all-active mask.
-pub(super) fn all_active(batch: usize) -> Vec<bool> {
-    vec![true; batch]
+    /// The state's buffer (to save and restore around a graph capture).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn buffers(&self) -> impl Iterator<Item = &Tensor> {
+        std::iter::once(&self.partial)
+    }
 }
 
 #[cfg(test)]
@@ -391,7 +447,7 @@ mod tests {
             let dw = ConvTr1d::depthwise(&randn((5, 1, kernel), 5), stride)?;
             let frames = 12;
             let xs = randn((2, 3, frames * stride), 6);
-            let all = all_active(2);
+            let all = RowMask::all(2, &Device::Cpu)?;
             let conv_full = conv.step(&xs, &mut conv.state(2)?, &all)?;
             let tr_full = tr.step(&conv_full, &mut tr.state(2)?, &all)?;
             let dw_full = dw.step(&conv_full, &mut dw.state(2)?, &all)?;
@@ -450,9 +506,17 @@ mod tests {
         let xs = randn((2, 2, 4), 10);
         // Slot 1 sits out the first chunk; afterwards it must behave like a fresh slot.
         let mut state = conv.state(2)?;
-        conv.step(&xs, &mut state, &[true, false])?;
-        let out = conv.step(&xs, &mut state, &[true, true])?;
-        let fresh = conv.step(&xs.narrow(0, 1, 1)?, &mut conv.state(1)?, &[true])?;
+        conv.step(
+            &xs,
+            &mut state,
+            &RowMask::new(&[true, false], &Device::Cpu)?,
+        )?;
+        let out = conv.step(&xs, &mut state, &RowMask::all(2, &Device::Cpu)?)?;
+        let fresh = conv.step(
+            &xs.narrow(0, 1, 1)?,
+            &mut conv.state(1)?,
+            &RowMask::all(1, &Device::Cpu)?,
+        )?;
         assert!(max_diff(&out.narrow(0, 1, 1)?, &fresh) < 1e-6);
         // Replicate: a fresh pass equals zero padding of (x − x0) plus the response to x0.
         let x0 = xs.narrow(0, 1, 1)?.narrow(2, 0, 1)?;

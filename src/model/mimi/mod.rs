@@ -6,12 +6,15 @@
 //! SEANet decoder. The weights ([`Mimi`]) are `&self`; streaming state lives in
 //! [`EncoderState`]/[`DecoderState`], one row per slot, so one set of weights serves a batch of
 //! sessions. Every step takes an `active` mask: inactive slots compute garbage that the caller
-//! ignores and keep their state unchanged.
+//! ignores and keep their state unchanged. State is updated in place and every step runs the
+//! same kernels whatever the mask holds (device masks, the transformers' whole rings), so on a
+//! GPU each step can replay a CUDA graph (`replay.rs`).
 
 mod bench;
 mod config;
 mod conv;
 mod quantizer;
+mod replay;
 mod seanet;
 mod transformer;
 
@@ -24,12 +27,14 @@ pub use config::{MimiConfig, QuantizerConfig, SeanetConfig, TransformerConfig};
 use super::Result;
 use super::checkpoint::Checkpoint;
 use super::checkpoint::mimi::MimiWeights;
+use super::graph_cache::GraphMode;
 use super::kv::RingPositions;
 use candle_core::{DType, Device, Tensor};
-use conv::{Conv1d, Conv1dState, ConvTr1d, ConvTr1dState, Pad, all_active, check_active, one_slot};
+use conv::{Conv1d, Conv1dState, ConvTr1d, ConvTr1dState, Pad, RowMask, check_active, check_slots};
 use quantizer::SplitRvq;
 use seanet::{SeanetDecoder, SeanetEncoder, SeanetState};
-use transformer::{Transformer, TransformerState};
+use std::ops::Range;
+use transformer::{Transformer, TransformerPlan, TransformerState};
 
 /// The codec's weights.
 #[derive(Debug, Clone)]
@@ -51,21 +56,21 @@ pub struct Mimi {
 }
 
 /// Streaming encoder state for a batch of slots.
-#[derive(Debug)]
 pub struct EncoderState {
     batch: usize,
     seanet: SeanetState,
     transformer: TransformerState,
     downsample: Conv1dState,
+    graphs: GraphMode,
 }
 
 /// Streaming decoder state for a batch of slots.
-#[derive(Debug)]
 pub struct DecoderState {
     batch: usize,
     upsample: ConvTr1dState,
     transformer: TransformerState,
     seanet: SeanetState,
+    graphs: GraphMode,
 }
 
 impl EncoderState {
@@ -75,17 +80,28 @@ impl EncoderState {
 
     /// Returns slot `slot_idx` to the start state (a new stream).
     pub fn reset_slot(&mut self, slot_idx: usize) -> Result<()> {
-        self.reset(&one_slot(self.batch, slot_idx)?)
+        self.reset(slot_idx..slot_idx + 1)
     }
 
     pub fn reset_all(&mut self) -> Result<()> {
-        self.reset(&all_active(self.batch))
+        self.reset(0..self.batch)
     }
 
-    fn reset(&mut self, reset: &[bool]) -> Result<()> {
-        self.seanet.reset(reset)?;
-        self.transformer.reset(reset);
-        self.downsample.reset(reset)
+    fn reset(&mut self, slots: Range<usize>) -> Result<()> {
+        check_slots(&slots, self.batch)?;
+        self.seanet.reset(slots.clone())?;
+        self.transformer.reset(slots.clone());
+        self.downsample.reset(slots)
+    }
+
+    /// The state a step shifts along (its convolutions'; the transformer's ring is rewritten
+    /// in place at the same entries by a repeated step).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn shift_buffers(&self) -> Vec<&Tensor> {
+        self.seanet
+            .buffers()
+            .chain(self.downsample.buffers())
+            .collect()
     }
 }
 
@@ -96,17 +112,64 @@ impl DecoderState {
 
     /// Returns slot `slot_idx` to the start state (a new stream).
     pub fn reset_slot(&mut self, slot_idx: usize) -> Result<()> {
-        self.reset(&one_slot(self.batch, slot_idx)?)
+        self.reset(slot_idx..slot_idx + 1)
     }
 
     pub fn reset_all(&mut self) -> Result<()> {
-        self.reset(&all_active(self.batch))
+        self.reset(0..self.batch)
     }
 
-    fn reset(&mut self, reset: &[bool]) -> Result<()> {
-        self.upsample.reset(reset)?;
-        self.transformer.reset(reset);
-        self.seanet.reset(reset)
+    fn reset(&mut self, slots: Range<usize>) -> Result<()> {
+        check_slots(&slots, self.batch)?;
+        self.upsample.reset(slots.clone())?;
+        self.transformer.reset(slots.clone());
+        self.seanet.reset(slots)
+    }
+
+    /// See `EncoderState::shift_buffers`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn shift_buffers(&self) -> Vec<&Tensor> {
+        self.upsample
+            .buffers()
+            .chain(self.seanet.buffers())
+            .collect()
+    }
+}
+
+/// What a streaming step reads besides its input and the state, made on the host each frame:
+/// which rows advance, and the transformer's plan. A CUDA graph of the step is told these
+/// tensors each frame.
+struct StepPlan {
+    mask: RowMask,
+    transformer: Option<TransformerPlan>,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl StepPlan {
+    fn tensors(&self) -> Result<Vec<&Tensor>> {
+        let mut tensors = self.mask.tensors().to_vec();
+        if let Some(plan) = &self.transformer {
+            tensors.extend(plan.tensors()?);
+        }
+        Ok(tensors)
+    }
+
+    /// This plan reading its tensors from `buffers` (ordered as `tensors`).
+    fn with_tensors(&self, buffers: &[Tensor]) -> Result<Self> {
+        let [active, idle, rest @ ..] = buffers else {
+            candle_core::bail!(
+                "a Mimi step needs its two masks, got {} tensors",
+                buffers.len()
+            )
+        };
+        Ok(Self {
+            mask: RowMask::from_tensors(active.clone(), idle.clone()),
+            transformer: self
+                .transformer
+                .as_ref()
+                .map(|plan| plan.with_tensors(rest))
+                .transpose()?,
+        })
     }
 }
 
@@ -191,6 +254,7 @@ impl Mimi {
             seanet: self.encoder.state(batch)?,
             transformer: self.encoder_transformer.state(batch)?,
             downsample: self.downsample.state(batch)?,
+            graphs: GraphMode::Off,
         })
     }
 
@@ -200,6 +264,7 @@ impl Mimi {
             upsample: self.upsample.state(batch)?,
             transformer: self.decoder_transformer.state(batch)?,
             seanet: self.decoder.state(batch)?,
+            graphs: GraphMode::Off,
         })
     }
 
@@ -224,14 +289,43 @@ impl Mimi {
             );
         }
         check_active(active, batch)?;
+        let plan = self.plan_step(&self.encoder_transformer, &mut state.transformer, active)?;
+        if let Some(codes) = self.replay_encode(pcm, state, &plan)? {
+            return Ok(codes);
+        }
+        self.encode_planned(pcm, state, &plan)
+    }
+
+    /// Plans a step of the first `active.len()` slots: its masks, and `transformer`'s ring
+    /// writes and rotations (each active slot advances one frame of transformer tokens).
+    fn plan_step(
+        &self,
+        transformer: &Transformer,
+        state: &mut TransformerState,
+        active: &[bool],
+    ) -> Result<StepPlan> {
+        Ok(StepPlan {
+            mask: RowMask::new(active, &self.device)?,
+            transformer: transformer.plan(state, self.cfg.resample_stride(), active)?,
+        })
+    }
+
+    /// `encode_step` once the step is planned (what a CUDA graph of it captures).
+    fn encode_planned(
+        &self,
+        pcm: &Tensor,
+        state: &mut EncoderState,
+        plan: &StepPlan,
+    ) -> Result<Tensor> {
         let pcm = pcm.to_dtype(self.dtype)?;
-        let xs = self.encoder.step(&pcm, &mut state.seanet, active)?;
-        let xs = self
-            .encoder_transformer
-            .step(&xs, &mut state.transformer, active)?;
+        let xs = self.encoder.step(&pcm, &mut state.seanet, &plan.mask)?;
+        let xs =
+            self.encoder_transformer
+                .step(&xs, &state.transformer, plan.transformer.as_ref())?;
         let latent = {
             let _enter = self.span_downsample.enter();
-            self.downsample.step(&xs, &mut state.downsample, active)?
+            self.downsample
+                .step(&xs, &mut state.downsample, &plan.mask)?
         };
         self.quantizer.encode(&latent)?.squeeze(2)
     }
@@ -256,16 +350,31 @@ impl Mimi {
             );
         }
         check_active(active, batch)?;
+        let plan = self.plan_step(&self.decoder_transformer, &mut state.transformer, active)?;
+        if let Some(pcm) = self.replay_decode(codes, state, &plan)? {
+            return Ok(pcm);
+        }
+        self.decode_planned(codes, state, &plan)
+    }
+
+    /// `decode_step` once the step is planned (what a CUDA graph of it captures).
+    fn decode_planned(
+        &self,
+        codes: &Tensor,
+        state: &mut DecoderState,
+        plan: &StepPlan,
+    ) -> Result<Tensor> {
         let latent = self.quantizer.decode(&codes.unsqueeze(2)?, self.dtype)?;
         let xs = {
             let _enter = self.span_upsample.enter();
-            self.upsample.step(&latent, &mut state.upsample, active)?
+            self.upsample
+                .step(&latent, &mut state.upsample, &plan.mask)?
         };
-        let xs = self
-            .decoder_transformer
-            .step(&xs, &mut state.transformer, active)?;
+        let xs =
+            self.decoder_transformer
+                .step(&xs, &state.transformer, plan.transformer.as_ref())?;
         self.decoder
-            .step(&xs, &mut state.seanet, active)?
+            .step(&xs, &mut state.seanet, &plan.mask)?
             .to_dtype(DType::F32)
     }
 
@@ -294,7 +403,7 @@ impl Mimi {
         let pcm = pcm
             .to_dtype(self.dtype)?
             .pad_with_zeros(2, 0, t.div_ceil(frame) * frame - t)?;
-        let all = all_active(b);
+        let all = RowMask::all(b, &self.device)?;
         let seanet = self.encoder.step(&pcm, &mut self.encoder.state(b)?, &all)?;
         let transformer = self.encoder_transformer.forward(&seanet)?;
         let latent = {
@@ -317,7 +426,7 @@ impl Mimi {
         if frames == 0 {
             candle_core::bail!("mimi decode: no frames in codes {:?}", codes.dims());
         }
-        let all = all_active(b);
+        let all = RowMask::all(b, &self.device)?;
         let latent = self.quantizer.decode(codes, self.dtype)?;
         let upsampled = {
             let _enter = self.span_upsample.enter();

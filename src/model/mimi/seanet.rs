@@ -1,10 +1,11 @@
 //! The SEANet encoder (PCM → 25 Hz latent) and decoder (25 Hz latent → PCM), causal and streaming.
 
-use super::conv::{Conv1d, Conv1dState, ConvTr1d, ConvTr1dState, Pad};
+use super::conv::{Conv1d, Conv1dState, ConvTr1d, ConvTr1dState, Pad, RowMask};
 use crate::model::Result;
 use crate::model::checkpoint::mimi::{ResidualWeights, SeanetWeights};
 use crate::model::mimi::MimiConfig;
 use candle_core::Tensor;
+use std::ops::Range;
 
 /// `x + conv2(elu(conv1(elu(x))))` (true skip).
 #[derive(Debug, Clone)]
@@ -21,9 +22,9 @@ impl Residual {
         })
     }
 
-    fn step(&self, xs: &Tensor, states: &mut ConvStates, active: &[bool]) -> Result<Tensor> {
-        let ys = self.conv1.step(&elu(xs)?, states.next(), active)?;
-        let ys = self.conv2.step(&elu(&ys)?, states.next(), active)?;
+    fn step(&self, xs: &Tensor, states: &mut ConvStates, mask: &RowMask) -> Result<Tensor> {
+        let ys = self.conv1.step(&elu(xs)?, states.next(), mask)?;
+        let ys = self.conv2.step(&elu(&ys)?, states.next(), mask)?;
         xs + ys
     }
 
@@ -59,9 +60,20 @@ pub(super) struct SeanetState {
 }
 
 impl SeanetState {
-    pub fn reset(&mut self, reset: &[bool]) -> Result<()> {
-        self.convs.iter_mut().try_for_each(|s| s.reset(reset))?;
-        self.convtrs.iter_mut().try_for_each(|s| s.reset(reset))
+    pub fn reset(&mut self, slots: Range<usize>) -> Result<()> {
+        self.convs
+            .iter_mut()
+            .try_for_each(|s| s.reset(slots.clone()))?;
+        self.convtrs
+            .iter_mut()
+            .try_for_each(|s| s.reset(slots.clone()))
+    }
+
+    /// Every conv's buffers (to save and restore around a graph capture).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn buffers(&self) -> impl Iterator<Item = &Tensor> {
+        let convs = self.convs.iter().flat_map(Conv1dState::buffers);
+        convs.chain(self.convtrs.iter().flat_map(ConvTr1dState::buffers))
     }
 }
 
@@ -118,17 +130,17 @@ impl SeanetEncoder {
     }
 
     /// `[batch, channels, t]` (t a multiple of the hop) → `[batch, dimension, t / hop]`.
-    pub fn step(&self, xs: &Tensor, state: &mut SeanetState, active: &[bool]) -> Result<Tensor> {
+    pub fn step(&self, xs: &Tensor, state: &mut SeanetState, mask: &RowMask) -> Result<Tensor> {
         let _enter = self.span.enter();
         let mut states = ConvStates(state.convs.iter_mut());
-        let mut xs = self.first.step(xs, states.next(), active)?;
+        let mut xs = self.first.step(xs, states.next(), mask)?;
         for stage in &self.stages {
             for r in &stage.residuals {
-                xs = r.step(&xs, &mut states, active)?;
+                xs = r.step(&xs, &mut states, mask)?;
             }
-            xs = stage.down.step(&elu(&xs)?, states.next(), active)?;
+            xs = stage.down.step(&elu(&xs)?, states.next(), mask)?;
         }
-        self.last.step(&elu(&xs)?, states.next(), active)
+        self.last.step(&elu(&xs)?, states.next(), mask)
     }
 }
 
@@ -183,21 +195,21 @@ impl SeanetDecoder {
     }
 
     /// `[batch, dimension, t]` → `[batch, channels, t · hop]`.
-    pub fn step(&self, xs: &Tensor, state: &mut SeanetState, active: &[bool]) -> Result<Tensor> {
+    pub fn step(&self, xs: &Tensor, state: &mut SeanetState, mask: &RowMask) -> Result<Tensor> {
         let _enter = self.span.enter();
         let mut states = ConvStates(state.convs.iter_mut());
         let mut trs = state.convtrs.iter_mut();
-        let mut xs = self.first.step(xs, states.next(), active)?;
+        let mut xs = self.first.step(xs, states.next(), mask)?;
         for stage in &self.stages {
             let tr_state = trs
                 .next()
                 .expect("one conv-transpose state per stage, built from the same stages");
-            xs = stage.up.step(&elu(&xs)?, tr_state, active)?;
+            xs = stage.up.step(&elu(&xs)?, tr_state, mask)?;
             for r in &stage.residuals {
-                xs = r.step(&xs, &mut states, active)?;
+                xs = r.step(&xs, &mut states, mask)?;
             }
         }
-        self.last.step(&elu(&xs)?, states.next(), active)
+        self.last.step(&elu(&xs)?, states.next(), mask)
     }
 }
 

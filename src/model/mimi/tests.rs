@@ -234,11 +234,88 @@ fn streaming_equals_non_streaming_until_the_ring_fills() -> Result<()> {
     Ok(())
 }
 
+/// How a test runs each streaming step.
+#[derive(Clone, Copy, PartialEq)]
+enum Steps {
+    /// `encode_step` / `decode_step`.
+    Once,
+    /// As a CUDA-graph capture does at its frame: plan, save the shifted state, run, put the
+    /// state back, run again from copies of the input and the plan's tensors; the two outputs
+    /// must be equal and the stream must go on as if the frame ran once.
+    Twice,
+}
+
+fn encode(
+    mimi: &Mimi,
+    pcm: &Tensor,
+    state: &mut EncoderState,
+    active: &[bool],
+    steps: Steps,
+) -> Result<Tensor> {
+    if steps == Steps::Once {
+        return mimi.encode_step(pcm, state, active);
+    }
+    let plan = mimi.plan_step(&mimi.encoder_transformer, &mut state.transformer, active)?;
+    let saved = replay::save(&state.shift_buffers())?;
+    let first = mimi.encode_planned(pcm, state, &plan)?;
+    replay::restore(&state.shift_buffers(), &saved)?;
+    let again = mimi.encode_planned(&pcm.copy()?, state, &copied(&plan)?)?;
+    assert_eq!(
+        rows(&first),
+        rows(&again),
+        "an encode step run again from its saved state"
+    );
+    Ok(again)
+}
+
+fn decode(
+    mimi: &Mimi,
+    codes: &Tensor,
+    state: &mut DecoderState,
+    active: &[bool],
+    steps: Steps,
+) -> Result<Tensor> {
+    if steps == Steps::Once {
+        return mimi.decode_step(codes, state, active);
+    }
+    let plan = mimi.plan_step(&mimi.decoder_transformer, &mut state.transformer, active)?;
+    let saved = replay::save(&state.shift_buffers())?;
+    let first = mimi.decode_planned(codes, state, &plan)?;
+    replay::restore(&state.shift_buffers(), &saved)?;
+    let again = mimi.decode_planned(&codes.copy()?, state, &copied(&plan)?)?;
+    assert_eq!(
+        max_abs_diff(&first, &again),
+        0.0,
+        "a decode step run again from its saved state"
+    );
+    Ok(again)
+}
+
+/// `plan` reading copies of its tensors (as a graph reads its input buffers).
+fn copied(plan: &StepPlan) -> Result<StepPlan> {
+    let copies = plan
+        .tensors()?
+        .iter()
+        .map(|t| t.copy())
+        .collect::<Result<Vec<_>>>()?;
+    plan.with_tensors(&copies)
+}
+
 /// Slot 0 streams the fixture audio throughout; slot 1 streams other audio, sits out a few
 /// steps, is reset and then streams the fixture audio from its start. Both must reproduce the
 /// batch-1 codes, and slot 0's decode must not notice slot 1.
 #[test]
 fn slots_are_independent_and_reset_restarts_one() -> Result<()> {
+    slots_and_resets(Steps::Once)
+}
+
+/// The same stream with every frame run the way a CUDA-graph capture runs it.
+#[test]
+fn a_frame_run_again_from_its_saved_state_continues_the_stream() -> Result<()> {
+    slots_and_resets(Steps::Twice)
+}
+
+fn slots_and_resets(steps: Steps) -> Result<()> {
     let p = parity();
     let mimi = tiny(RingPositions::PersonaPlex);
     let frame = mimi.frame_samples();
@@ -266,7 +343,7 @@ fn slots_are_independent_and_reset_restarts_one() -> Result<()> {
             0,
         )?;
         let active = [true, !idle.contains(&f)];
-        let codes = mimi.encode_step(&xs, &mut enc, &active)?;
+        let codes = encode(&mimi, &xs, &mut enc, &active, steps)?;
         slot0.push(codes.narrow(0, 0, 1)?);
         if f >= reset_at {
             slot1.push(codes.narrow(0, 1, 1)?);
@@ -279,10 +356,7 @@ fn slots_are_independent_and_reset_restarts_one() -> Result<()> {
             ],
             0,
         )?;
-        pcm0.push(
-            mimi.decode_step(&dec_codes, &mut dec, &active)?
-                .narrow(0, 0, 1)?,
-        );
+        pcm0.push(decode(&mimi, &dec_codes, &mut dec, &active, steps)?.narrow(0, 0, 1)?);
     }
     assert_codes(
         "slot 0 (batch 2)",

@@ -6,10 +6,13 @@
 
 use crate::model::Result;
 use crate::model::checkpoint::mimi::TransformerLayerWeights;
-use crate::model::kv::{Attend, RingCache, RingPositions, RingShape, attention, split_qkv};
+use crate::model::kv::{
+    Attend, RingCache, RingPositions, RingShape, RingStep, attention, split_qkv,
+};
 use crate::model::mimi::MimiConfig;
 use crate::model::nn::{LayerNorm, Rope, RopeTables};
 use candle_core::{Device, Tensor};
+use std::ops::Range;
 
 const LAYER_NORM_EPS: f32 = 1e-5;
 
@@ -77,13 +80,49 @@ pub(super) struct TransformerState {
 }
 
 impl TransformerState {
-    pub fn reset(&mut self, reset: &[bool]) {
+    pub fn reset(&mut self, slots: Range<usize>) {
         let Some(cache) = &mut self.cache else {
             return;
         };
-        for (slot_idx, _) in reset.iter().enumerate().filter(|(_, r)| **r) {
+        for slot_idx in slots {
             cache.reset_slot(slot_idx);
         }
+    }
+}
+
+/// What a streaming step reads besides its input, planned on the host: where each layer writes
+/// and what its queries see, and the rotations of the new tokens. Its tensors are all a CUDA
+/// graph of the step needs to be told each frame.
+pub(super) struct TransformerPlan {
+    step: RingStep,
+    rope: RopeTables,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl TransformerPlan {
+    /// The plan's device inputs: write index, mask, and the rotations' cos and sin.
+    pub fn tensors(&self) -> Result<[&Tensor; 4]> {
+        let Some([write_index, mask]) = self.step.composed_graph_inputs() else {
+            candle_core::bail!("internal error: a Mimi step with a pinned prefix");
+        };
+        let (cos, sin) = self.rope.cos_sin();
+        Ok([write_index, mask, cos, sin])
+    }
+
+    /// This plan reading its tensors from `buffers` (ordered as `tensors`).
+    pub fn with_tensors(&self, buffers: &[Tensor]) -> Result<Self> {
+        let [write_index, mask, cos, sin] = buffers else {
+            candle_core::bail!(
+                "a Mimi transformer plan has 4 tensors, not {}",
+                buffers.len()
+            )
+        };
+        Ok(Self {
+            step: self
+                .step
+                .with_composed_graph_inputs(&[write_index.clone(), mask.clone()])?,
+            rope: RopeTables::from_cos_sin(cos.clone(), sin.clone()),
+        })
     }
 }
 
@@ -146,28 +185,43 @@ impl Transformer {
             head_dim: d / self.heads,
         };
         let weight = &first.out_proj.weight_t;
-        let cache = RingCache::new(shape, weight.dtype(), weight.device(), self.positions)?;
+        let cache = RingCache::new(shape, weight.dtype(), weight.device(), self.positions)?
+            .with_fixed_shape();
         Ok(TransformerState { cache: Some(cache) })
     }
 
-    /// One streaming step: `xs` `[batch, d, t]` → `[batch, d, t]`, each active slot advancing `t`.
+    /// Plans a streaming step of `time` tokens for the first `active.len()` slots, each active
+    /// one advancing `time`; `None` for a stack without layers.
+    pub fn plan(
+        &self,
+        state: &mut TransformerState,
+        time: usize,
+        active: &[bool],
+    ) -> Result<Option<TransformerPlan>> {
+        let Some(cache) = &mut state.cache else {
+            return Ok(None);
+        };
+        let step = cache.begin(time, active)?;
+        let weight = &self.layers[0].out_proj.weight_t;
+        let rope = self
+            .rope
+            .tables(step.positions(), weight.dtype(), weight.device())?;
+        Ok(Some(TransformerPlan { step, rope }))
+    }
+
+    /// One streaming step as `plan` planned it: `xs` `[rows, d, t]` → `[rows, d, t]`.
     pub fn step(
         &self,
         xs: &Tensor,
-        state: &mut TransformerState,
-        active: &[bool],
+        state: &TransformerState,
+        plan: Option<&TransformerPlan>,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let Some(cache) = &mut state.cache else {
+        let (Some(cache), Some(plan)) = (&state.cache, plan) else {
             return Ok(xs.clone());
         };
-        let step = cache.begin(xs.dim(2)?, active)?;
-        let rope = self
-            .rope
-            .tables(step.positions(), xs.dtype(), xs.device())?;
-        let cache = &*cache;
-        self.run(xs, &rope, &mut |layer_idx, k, v| {
-            cache.append(layer_idx, &step, k, v)
+        self.run(xs, &plan.rope, &mut |layer_idx, k, v| {
+            cache.append(layer_idx, &plan.step, k, v)
         })
     }
 
