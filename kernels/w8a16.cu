@@ -69,6 +69,121 @@ extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const
   }
 }
 
+// The same product for batches of 1 to 4 rows, shaped for memory bandwidth. The kernel above
+// leaves two limits: (1) for the 4096-channel matrices it runs only 256 blocks, about 8 warps
+// per SM, too few 16-byte loads in flight to cover memory latency; (2) `(float)q` is an
+// integer-to-float conversion, which Hopper issues at 16 per clock per SM, about what HBM3
+// delivers in int8 weights, so the conversions alone can hold the kernel below bandwidth.
+// Here a block of up to 8 warps shares 4 output channels, each warp reading every 8th
+// 512-byte chunk of their rows (split K), 2 chunks' loads in flight per lane, the partial sums
+// meeting in shared memory; and weights widen with a byte permute and a float subtract
+// (`int8x4_to_f32`) on the full-rate pipes.
+// Entry points `w8a16_splitk_bf16_b1` .. `_b4`, one per batch size. Host requirements:
+// k % 16 == 0, x and w 16-byte aligned; blockDim.x = 32 * min(8, ceil(k / 512)); gridDim.x =
+// ceil(n / 4).
+
+#define W8A16_SPLITK_CHANNELS 4
+#define W8A16_SPLITK_MAX_WARPS 8
+#define W8A16_SPLITK_MAX_BATCH 4
+#define W8A16_SPLITK_UNROLL 2
+#define W8A16_SPLITK_CHUNK 512
+
+// Four int8 (one word) exactly as f32: a byte with its sign bit flipped is q + 128 in 0..255;
+// placed as the low mantissa byte of 2^23 (bits 0x4B000000) it is the float 2^23 + 128 + q.
+__device__ __forceinline__ void int8x4_to_f32(uint32_t word, float* out) {
+  const uint32_t biased = word ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 | i)) - 8388736.f;
+}
+
+// One bf16 of a packed pair as f32 (bf16 is the high half of an f32).
+__device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+
+// BATCH: the rows, a compile-time constant so a batch of one keeps only its own registers.
+template <int BATCH>
+__device__ __forceinline__ void w8a16_splitk(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
+                                             const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
+                                             int n, int k) {
+  __shared__ float partial[W8A16_SPLITK_MAX_WARPS][W8A16_SPLITK_CHANNELS * W8A16_SPLITK_MAX_BATCH];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int row0 = blockIdx.x * W8A16_SPLITK_CHANNELS;
+  const int chunks = (k + W8A16_SPLITK_CHUNK - 1) / W8A16_SPLITK_CHUNK;
+  float acc[W8A16_SPLITK_CHANNELS][BATCH];
+#pragma unroll
+  for (int r = 0; r < W8A16_SPLITK_CHANNELS; ++r)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) acc[r][b] = 0.f;
+  for (int c0 = warp; c0 < chunks; c0 += warps * W8A16_SPLITK_UNROLL) {
+    // Every load of this round first, then the arithmetic: the loads overlap in flight.
+    int4 packed[W8A16_SPLITK_UNROLL][W8A16_SPLITK_CHANNELS];
+#pragma unroll
+    for (int u = 0; u < W8A16_SPLITK_UNROLL; ++u) {
+      const int i = (c0 + u * warps) * W8A16_SPLITK_CHUNK + lane * 16;
+#pragma unroll
+      for (int r = 0; r < W8A16_SPLITK_CHANNELS; ++r)
+        packed[u][r] = (i < k && row0 + r < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)(row0 + r) * k + i))
+                                               : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < W8A16_SPLITK_UNROLL; ++u) {
+      const int i = (c0 + u * warps) * W8A16_SPLITK_CHUNK + lane * 16;
+      if (i >= k) continue;
+      uint4 xs[BATCH][2];
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) {
+        const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)b * k + i);
+        xs[b][0] = xv[0];
+        xs[b][1] = xv[1];
+      }
+#pragma unroll
+      for (int r = 0; r < W8A16_SPLITK_CHANNELS; ++r) {
+        float wf[16];
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(&packed[u][r]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) int8x4_to_f32(words[j], wf + 4 * j);
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(xs[b]);
+          float s = acc[r][b];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            s = fmaf(bf16_lo(pairs[j]), wf[2 * j], s);
+            s = fmaf(bf16_hi(pairs[j]), wf[2 * j + 1], s);
+          }
+          acc[r][b] = s;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < W8A16_SPLITK_CHANNELS; ++r)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const float v = warp_sum(acc[r][b]);
+      if (lane == 0) partial[warp][r * W8A16_SPLITK_MAX_BATCH + b] = v;
+    }
+  __syncthreads();
+  const int t = threadIdx.x, r = t / W8A16_SPLITK_MAX_BATCH, b = t % W8A16_SPLITK_MAX_BATCH;
+  if (t < W8A16_SPLITK_CHANNELS * W8A16_SPLITK_MAX_BATCH && b < BATCH && row0 + r < n) {
+    float v = 0.f;
+    for (int wi = 0; wi < warps; ++wi) v += partial[wi][t];
+    y[(size_t)b * n + row0 + r] = __float2bfloat16(v * scale[row0 + r]);
+  }
+}
+
+#define W8A16_SPLITK_ENTRY(B)                                                                          \
+  extern "C" __global__ void w8a16_splitk_bf16_b##B(const __nv_bfloat16* __restrict__ x,               \
+                                                    const int8_t* __restrict__ w,                      \
+                                                    const float* __restrict__ scale,                   \
+                                                    __nv_bfloat16* __restrict__ y, int n, int k) {     \
+    w8a16_splitk<B>(x, w, scale, y, n, k);                                                              \
+  }
+W8A16_SPLITK_ENTRY(1)
+W8A16_SPLITK_ENTRY(2)
+W8A16_SPLITK_ENTRY(3)
+W8A16_SPLITK_ENTRY(4)
+
 // The same product on the tensor cores, for batches where the matrix-vector kernel above loses
 // to cuBLAS bf16: int8 weights are exact in bf16, so each block converts a 64-channel slice of
 // weights to bf16 in shared memory once and multiplies every row of its tile by it with WMMA

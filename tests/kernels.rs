@@ -7,45 +7,51 @@ mod tiny;
 use candle_core::{DType, Device, Tensor};
 use duplex::model::{cuda, quant, sampling};
 
-/// Both w8a16 kernels, the matrix-vector one and the tensor-core one, for batches up to two
-/// tiles of the latter.
+/// Every w8a16 kernel against the CPU reference: the matrix-vector and tensor-core ones for
+/// batches up to two tiles, the split-K one for 1 to 4 rows. The shapes leave partial blocks
+/// and chunks: 771 channels (a partial group of four), 1040 inputs (a partial 64-input chunk
+/// of the tensor-core kernel, a 16-input tail chunk of the split-K one), 4224 inputs (9
+/// chunks over 8 warps: a warp's second round), 11264 (22 chunks: rounds of two).
 #[test]
-fn w8a16_matches_the_cpu_reference_for_batches_1_to_100() {
+fn w8a16_kernels_match_the_cpu_reference() {
+    use cuda::W8a16Kernel::{Rows, SplitK, TensorCores};
     let Some(gpu) = tiny::gpu() else { return };
-    // 771 channels: a partial block and a partial group of four; 1040 inputs: a partial chunk
-    // of the tensor-core kernel's 64.
-    let weight = Tensor::randn(0f32, 0.05, (771, 1040), &Device::Cpu).unwrap();
-    let q = quant::quantize(&weight).unwrap();
-    let q_gpu = quant::Int8Weight {
-        q: q.q.to_device(&gpu).unwrap(),
-        scale: q.scale.to_device(&gpu).unwrap(),
-    };
-    let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
-    for (batch, tensor_cores) in [1, 3, 8, 17, 64, 100]
-        .into_iter()
-        .flat_map(|batch| [(batch, false), (batch, true)])
-    {
-        let x = Tensor::randn(0f32, 1.0, (batch, 1040), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let want =
-            quant::w8a16_reference(&x.to_dtype(DType::F32).unwrap(), &values_t, &q.scale).unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let got = cuda::w8a16_on(&x.to_device(&gpu).unwrap(), &q_gpu, tensor_cores).unwrap();
-        let diff = tiny::max_abs_diff(&got, &want);
-        assert!(
-            diff <= 0.01 * scale,
-            "batch {batch}, tensor cores {tensor_cores}: max |diff| {diff} (output scale {scale})"
-        );
+    for (n, k) in [(771, 1040), (37, 4224), (5, 11264)] {
+        let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+        let q = quant::quantize(&weight).unwrap();
+        let q_gpu = quant::Int8Weight {
+            q: q.q.to_device(&gpu).unwrap(),
+            scale: q.scale.to_device(&gpu).unwrap(),
+        };
+        let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
+        let runs = [1, 3, 8, 17, 64, 100]
+            .into_iter()
+            .flat_map(|batch| [(batch, Rows), (batch, TensorCores)])
+            .chain((1..=cuda::W8A16_SPLITK_MAX_ROWS).map(|batch| (batch, SplitK)));
+        for (batch, kernel) in runs {
+            let x = Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let want =
+                quant::w8a16_reference(&x.to_dtype(DType::F32).unwrap(), &values_t, &q.scale)
+                    .unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let got = cuda::w8a16_on(&x.to_device(&gpu).unwrap(), &q_gpu, kernel).unwrap();
+            let diff = tiny::max_abs_diff(&got, &want);
+            assert!(
+                diff <= 0.01 * scale,
+                "{n}x{k}, batch {batch}, {kernel:?}: max |diff| {diff} (output scale {scale})"
+            );
+        }
     }
 }
 
@@ -317,33 +323,74 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
     assert_eq!(tiny::max_abs_diff(&on_cpu.scale, &on_gpu.scale), 0.0);
 }
 
-/// Not a test: times w8a16 against candle's bf16 matmul on the temporal transformer's largest
-/// matrix (4096 → 2 × 11264), for the GPU benchmark notes. `--ignored --nocapture` to run.
+/// Not a test: times every matrix product of a 7B frame (the temporal layer's four, the
+/// depformer step's five) at batch 1, 4, 8 and 32: candle's bf16 matmul with the weight as the
+/// model holds it (`[in, out]`, contiguous) and as PyTorch does (`[out, in]`, read transposed),
+/// and each w8a16 kernel that takes the batch, in µs and GB/s of weights, for the GPU benchmark
+/// notes. `--ignored --nocapture` to run.
 #[test]
 #[ignore]
 fn w8a16_speed() {
+    use cuda::W8a16Kernel::{Rows, SplitK, TensorCores};
     let Some(gpu) = tiny::gpu() else { return };
-    let (n, k) = (2 * 11264, 4096);
-    let weight = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap();
-    let q = quant::quantize(&weight).unwrap();
-    let weight_t = weight.to_dtype(DType::BF16).unwrap().t().unwrap();
+    let cfg = duplex::model::config::LmConfig::preset("personaplex-7b").unwrap();
+    let (d, h, dd, dh) = (
+        cfg.dim,
+        cfg.hidden(),
+        cfg.depformer_dim,
+        cfg.depformer_hidden(),
+    );
+    let shapes = [
+        ("temporal qkv", 3 * d, d),
+        ("temporal out", d, d),
+        ("temporal gate+up", 2 * h, d),
+        ("temporal down", d, h),
+        ("depformer input", dd, d),
+        ("depformer qkv", 3 * dd, dd),
+        ("depformer out", dd, dd),
+        ("depformer gate+up", 2 * dh, dd),
+        ("depformer down", dd, dh),
+    ];
     let time = |f: &dyn Fn() -> Tensor| mean_micros(&gpu, f);
-    for batch in [1, 8, 32] {
-        let x = Tensor::randn(0f32, 1.0, (batch, k), &gpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let bf16_us = time(&|| x.matmul(&weight_t).unwrap());
-        eprintln!(
-            "batch {batch:>2}: bf16 matmul {bf16_us:>8.1} µs ({:.0} GB/s of weights)",
-            (n * k * 2) as f64 / bf16_us / 1e3
-        );
-        for tensor_cores in [false, true] {
-            let int8_us = time(&|| cuda::w8a16_on(&x, &q, tensor_cores).unwrap());
+    for (name, n, k) in shapes {
+        let weight = Tensor::randn(0f32, 0.02, (n, k), &gpu).unwrap();
+        let q = quant::quantize(&weight).unwrap();
+        let weight = weight.to_dtype(DType::BF16).unwrap();
+        let weight_t = weight.t().unwrap().contiguous().unwrap();
+        let report = |batch: usize, what: &str, us: f64, bytes_per_weight: usize| {
+            let gb_per_s = (n * k * bytes_per_weight) as f64 / us / 1e3;
             eprintln!(
-                "batch {batch:>2}: w8a16 (tensor cores {tensor_cores}) {int8_us:>8.1} µs ({:.0} GB/s of weights)",
-                (n * k) as f64 / int8_us / 1e3
+                "{name:<18} {n:>5}x{k:<5} batch {batch:>2}: {what:<28} {us:>8.1} µs {gb_per_s:>6.0} GB/s"
             );
+        };
+        for batch in [1, 4, 8, 32] {
+            let x = Tensor::randn(0f32, 1.0, (batch, k), &gpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            report(
+                batch,
+                "bf16 matmul, [in, out]",
+                time(&|| x.matmul(&weight_t).unwrap()),
+                2,
+            );
+            report(
+                batch,
+                "bf16 matmul, [out, in]ᵀ",
+                time(&|| x.matmul(&weight.t().unwrap()).unwrap()),
+                2,
+            );
+            let kernels = [Rows, SplitK, TensorCores]
+                .into_iter()
+                .filter(|kernel| match kernel {
+                    SplitK => batch <= cuda::W8A16_SPLITK_MAX_ROWS,
+                    TensorCores => batch >= 4,
+                    Rows => true,
+                });
+            for kernel in kernels {
+                let us = time(&|| cuda::w8a16_on(&x, &q, kernel).unwrap());
+                report(batch, &format!("w8a16 {kernel:?}"), us, 1);
+            }
         }
     }
 }

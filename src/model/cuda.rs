@@ -30,9 +30,70 @@ fn contiguous(layout: &Layout, what: &str) -> Result<()> {
 const W8A16_MMA_ROWS: usize = 64;
 const W8A16_MMA_CHANNELS: usize = 64;
 
-/// The w8a16 product; `tensor_cores`: the WMMA kernel rather than the matrix-vector one.
+/// `w8a16_splitk_bf16_b*`: output channels per block, the most warps sharing them, the int8
+/// inputs one warp reads per round, and the most rows.
+const W8A16_SPLITK_CHANNELS: usize = 4;
+const W8A16_SPLITK_MAX_WARPS: usize = 8;
+const W8A16_SPLITK_CHUNK: usize = 512;
+pub const W8A16_SPLITK_MAX_ROWS: usize = 4;
+
+/// Which w8a16 kernel runs a product (`kernels/w8a16.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum W8a16Kernel {
+    /// `w8a16_bf16`: four output channels per warp, any number of rows.
+    Rows,
+    /// `w8a16_splitk_bf16_b*`: up to 8 warps split each channel's inputs, 1 to 4 rows.
+    SplitK,
+    /// `w8a16_mma_bf16`: tiles of rows on the tensor cores.
+    TensorCores,
+}
+
+/// The w8a16 product by `kernel`.
 struct W8a16 {
-    tensor_cores: bool,
+    kernel: W8a16Kernel,
+}
+
+impl W8a16 {
+    /// The kernel's name, grid and block for `rows` x `k` inputs and `n` outputs.
+    fn launch(&self, rows: usize, n: usize, k: usize) -> Result<(String, LaunchConfig)> {
+        let (name, grid_dim, warps) = match self.kernel {
+            W8a16Kernel::Rows => (
+                "w8a16_bf16".to_owned(),
+                (
+                    n.div_ceil(W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP) as u32,
+                    1,
+                    1,
+                ),
+                W8A16_WARPS_PER_BLOCK,
+            ),
+            W8a16Kernel::SplitK => {
+                if rows == 0 || rows > W8A16_SPLITK_MAX_ROWS {
+                    candle_core::bail!("the split-K w8a16 kernel takes 1 to 4 rows, not {rows}");
+                }
+                (
+                    format!("w8a16_splitk_bf16_b{rows}"),
+                    (n.div_ceil(W8A16_SPLITK_CHANNELS) as u32, 1, 1),
+                    k.div_ceil(W8A16_SPLITK_CHUNK)
+                        .clamp(1, W8A16_SPLITK_MAX_WARPS),
+                )
+            }
+            W8a16Kernel::TensorCores => (
+                "w8a16_mma_bf16".to_owned(),
+                (
+                    n.div_ceil(W8A16_MMA_CHANNELS) as u32,
+                    rows.div_ceil(W8A16_MMA_ROWS) as u32,
+                    1,
+                ),
+                W8A16_WARPS_PER_BLOCK,
+            ),
+        };
+        let config = LaunchConfig {
+            grid_dim,
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((name, config))
+    }
 }
 
 impl CustomOp3 for W8a16 {
@@ -78,38 +139,16 @@ impl CustomOp3 for W8a16 {
             .slice(scale_layout.start_offset()..);
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * n)? };
-        let name = match self.tensor_cores {
-            true => "w8a16_mma_bf16",
-            false => "w8a16_bf16",
-        };
-        let func = device.get_or_load_custom_func(name, "duplex_w8a16", W8A16_PTX)?;
+        let (name, config) = self.launch(rows, n, k)?;
+        let func = device.get_or_load_custom_func(&name, "duplex_w8a16", W8A16_PTX)?;
         let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
         let mut builder = func.builder();
-        builder
-            .arg(&xs)
-            .arg(&qs)
-            .arg(&ss)
-            .arg(&out)
-            .arg(&batch)
-            .arg(&n_i)
-            .arg(&k_i);
-        let grid_dim = match self.tensor_cores {
-            true => (
-                n.div_ceil(W8A16_MMA_CHANNELS) as u32,
-                rows.div_ceil(W8A16_MMA_ROWS) as u32,
-                1,
-            ),
-            false => (
-                n.div_ceil(W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP) as u32,
-                1,
-                1,
-            ),
-        };
-        let config = LaunchConfig {
-            grid_dim,
-            block_dim: (32 * W8A16_WARPS_PER_BLOCK as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        builder.arg(&xs).arg(&qs).arg(&ss).arg(&out);
+        // The split-K entry points have the batch in their name.
+        if self.kernel != W8a16Kernel::SplitK {
+            builder.arg(&batch);
+        }
+        builder.arg(&n_i).arg(&k_i);
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
@@ -122,27 +161,40 @@ impl CustomOp3 for W8a16 {
 /// Rows from which `w8a16` takes the tensor-core kernel, when `DUPLEX_W8A16_MMA=1` asks for it.
 const W8A16_MMA_MIN_ROWS: usize = 4;
 
-/// Whether `DUPLEX_W8A16_MMA=1`: the tensor-core kernel is opt-in until a GPU run has checked
-/// and timed it (docs/benchmarks.md).
-fn tensor_core_w8a16_requested() -> bool {
-    static REQUESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *REQUESTED.get_or_init(|| std::env::var("DUPLEX_W8A16_MMA").is_ok_and(|v| v == "1"))
+/// Whether environment variable `name` is `1`: the newer w8a16 kernels are opt-in until a GPU
+/// run has checked and timed them (docs/benchmarks.md).
+fn requested(name: &str, flag: &'static std::sync::OnceLock<bool>) -> bool {
+    *flag.get_or_init(|| std::env::var(name).is_ok_and(|v| v == "1"))
+}
+
+/// The kernel `w8a16` uses for `rows` rows: the split-K one for 1 to 4 rows when
+/// `DUPLEX_W8A16_SPLITK=1`, the tensor-core one from 4 rows when `DUPLEX_W8A16_MMA=1`, else
+/// the matrix-vector one.
+pub fn w8a16_kernel(rows: usize) -> W8a16Kernel {
+    static SPLITK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if (1..=W8A16_SPLITK_MAX_ROWS).contains(&rows) && requested("DUPLEX_W8A16_SPLITK", &SPLITK) {
+        W8a16Kernel::SplitK
+    } else if rows >= W8A16_MMA_MIN_ROWS && requested("DUPLEX_W8A16_MMA", &MMA) {
+        W8a16Kernel::TensorCores
+    } else {
+        W8a16Kernel::Rows
+    }
 }
 
 /// `x · (q · scale)ᵀ` on the GPU with int8 weights; `x` any leading dims, bf16 compute.
 pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?;
-    let tensor_cores = rows >= W8A16_MMA_MIN_ROWS && tensor_core_w8a16_requested();
-    w8a16_on(xs, weight, tensor_cores)
+    w8a16_on(xs, weight, w8a16_kernel(rows))
 }
 
-/// `w8a16` on the tensor cores (`tensor_cores`) or with the matrix-vector kernel.
-pub fn w8a16_on(xs: &Tensor, weight: &Int8Weight, tensor_cores: bool) -> Result<Tensor> {
+/// `w8a16` by `kernel`.
+pub fn w8a16_on(xs: &Tensor, weight: &Int8Weight, kernel: W8a16Kernel) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = xs.elem_count() / k;
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
-    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16 { tensor_cores })?;
+    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16 { kernel })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("a linear input has dims") = weight.out_features()?;
     y.reshape(out_dims)?.to_dtype(xs.dtype())
