@@ -27,7 +27,7 @@ fn w8a16_kernels_match_the_cpu_reference() {
         let runs = [1, 3, 8, 17, 64, 100]
             .into_iter()
             .flat_map(|batch| [(batch, Rows), (batch, TensorCores)])
-            .chain((1..=cuda::W8A16_SPLITK_MAX_ROWS).map(|batch| (batch, SplitK)));
+            .chain((1..=cuda::GEMV_MAX_ROWS).map(|batch| (batch, SplitK)));
         for (batch, kernel) in runs {
             let x = Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu)
                 .unwrap()
@@ -50,6 +50,38 @@ fn w8a16_kernels_match_the_cpu_reference() {
             assert!(
                 diff <= 0.01 * scale,
                 "{n}x{k}, batch {batch}, {kernel:?}: max |diff| {diff} (output scale {scale})"
+            );
+        }
+    }
+}
+
+/// The bf16 split-K product against candle's f32 matmul of the same bf16 values, for 1 to 4
+/// rows and the shapes of the w8a16 test (1032 inputs leave an 8-input tail).
+#[test]
+fn the_bf16_split_k_product_matches_a_matmul() {
+    let Some(gpu) = tiny::gpu() else { return };
+    for (n, k) in [(771, 1032), (37, 4224), (5, 11264)] {
+        let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let weight = bf16(Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap());
+        let weight_gpu = weight.to_device(&gpu).unwrap();
+        for batch in 1..=cuda::GEMV_MAX_ROWS {
+            let x = bf16(Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu).unwrap());
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let want = f32(&x).matmul(&f32(&weight).t().unwrap()).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let got = cuda::gemv_bf16(&x.to_device(&gpu).unwrap(), &weight_gpu).unwrap();
+            let diff = tiny::max_abs_diff(&got, &want);
+            assert!(
+                diff <= 0.01 * scale,
+                "{n}x{k}, batch {batch}: max |diff| {diff} (output scale {scale})"
             );
         }
     }
@@ -326,8 +358,8 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
 /// Not a test: times every matrix product of a 7B frame (the temporal layer's four, the
 /// depformer step's five) at batch 1, 4, 8 and 32: candle's bf16 matmul with the weight as the
 /// model holds it (`[in, out]`, contiguous) and as PyTorch does (`[out, in]`, read transposed),
-/// and each w8a16 kernel that takes the batch, in µs and GB/s of weights, for the GPU benchmark
-/// notes. `--ignored --nocapture` to run.
+/// the bf16 split-K kernel, and each w8a16 kernel that takes the batch, in µs and GB/s of
+/// weights, for the GPU benchmark notes. `--ignored --nocapture` to run.
 #[test]
 #[ignore]
 fn w8a16_speed() {
@@ -380,10 +412,14 @@ fn w8a16_speed() {
                 time(&|| x.matmul(&weight.t().unwrap()).unwrap()),
                 2,
             );
+            if batch <= cuda::GEMV_MAX_ROWS {
+                let us = time(&|| cuda::gemv_bf16(&x, &weight).unwrap());
+                report(batch, "bf16 split-K, [out, in]", us, 2);
+            }
             let kernels = [Rows, SplitK, TensorCores]
                 .into_iter()
                 .filter(|kernel| match kernel {
-                    SplitK => batch <= cuda::W8A16_SPLITK_MAX_ROWS,
+                    SplitK => batch <= cuda::GEMV_MAX_ROWS,
                     TensorCores => batch >= 4,
                     Rows => true,
                 });

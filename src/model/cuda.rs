@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, 
 use half::bf16;
 
 const W8A16_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a16.ptx"));
+const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
 const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
@@ -30,19 +31,43 @@ fn contiguous(layout: &Layout, what: &str) -> Result<()> {
 const W8A16_MMA_ROWS: usize = 64;
 const W8A16_MMA_CHANNELS: usize = 64;
 
-/// `w8a16_splitk_bf16_b*`: output channels per block, the most warps sharing them, the int8
-/// inputs one warp reads per round, and the most rows.
-const W8A16_SPLITK_CHANNELS: usize = 4;
-const W8A16_SPLITK_MAX_WARPS: usize = 8;
-const W8A16_SPLITK_CHUNK: usize = 512;
-pub const W8A16_SPLITK_MAX_ROWS: usize = 4;
+/// `gemv_splitk_*` (kernels/gemv.cu): output channels per block, the most warps sharing them,
+/// and the most rows.
+const GEMV_CHANNELS: usize = 4;
+const GEMV_MAX_WARPS: usize = 8;
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// The entry point, grid and block of `gemv.cu`'s `family` (`int8`, `bf16`) for `rows` x `k`
+/// inputs, `n` outputs and weights of `weight_bytes` each.
+fn gemv_launch(
+    family: &str,
+    rows: usize,
+    n: usize,
+    k: usize,
+    weight_bytes: usize,
+) -> Result<(String, LaunchConfig)> {
+    let per_load = 16 / weight_bytes;
+    if rows == 0 || rows > GEMV_MAX_ROWS || !k.is_multiple_of(per_load) {
+        candle_core::bail!(
+            "the split-K products take 1 to {GEMV_MAX_ROWS} rows and inputs in whole 16-byte loads, not {rows} x {k}"
+        );
+    }
+    let warps = k.div_ceil(32 * per_load).clamp(1, GEMV_MAX_WARPS);
+    let config = LaunchConfig {
+        grid_dim: (n.div_ceil(GEMV_CHANNELS) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((format!("gemv_splitk_{family}_b{rows}"), config))
+}
 
 /// Which w8a16 kernel runs a product (`kernels/w8a16.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W8a16Kernel {
     /// `w8a16_bf16`: four output channels per warp, any number of rows.
     Rows,
-    /// `w8a16_splitk_bf16_b*`: up to 8 warps split each channel's inputs, 1 to 4 rows.
+    /// `gemv_splitk_int8_b*` (kernels/gemv.cu): up to 8 warps split each channel's inputs, 1
+    /// to 4 rows.
     SplitK,
     /// `w8a16_mma_bf16`: tiles of rows on the tensor cores.
     TensorCores,
@@ -66,17 +91,7 @@ impl W8a16 {
                 ),
                 W8A16_WARPS_PER_BLOCK,
             ),
-            W8a16Kernel::SplitK => {
-                if rows == 0 || rows > W8A16_SPLITK_MAX_ROWS {
-                    candle_core::bail!("the split-K w8a16 kernel takes 1 to 4 rows, not {rows}");
-                }
-                (
-                    format!("w8a16_splitk_bf16_b{rows}"),
-                    (n.div_ceil(W8A16_SPLITK_CHANNELS) as u32, 1, 1),
-                    k.div_ceil(W8A16_SPLITK_CHUNK)
-                        .clamp(1, W8A16_SPLITK_MAX_WARPS),
-                )
-            }
+            W8a16Kernel::SplitK => return gemv_launch("int8", rows, n, k, 1),
             W8a16Kernel::TensorCores => (
                 "w8a16_mma_bf16".to_owned(),
                 (
@@ -140,7 +155,12 @@ impl CustomOp3 for W8a16 {
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * n)? };
         let (name, config) = self.launch(rows, n, k)?;
-        let func = device.get_or_load_custom_func(&name, "duplex_w8a16", W8A16_PTX)?;
+        let func = match self.kernel {
+            W8a16Kernel::SplitK => {
+                device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?
+            }
+            _ => device.get_or_load_custom_func(&name, "duplex_w8a16", W8A16_PTX)?,
+        };
         let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
         let mut builder = func.builder();
         builder.arg(&xs).arg(&qs).arg(&ss).arg(&out);
@@ -173,7 +193,7 @@ fn requested(name: &str, flag: &'static std::sync::OnceLock<bool>) -> bool {
 pub fn w8a16_kernel(rows: usize) -> W8a16Kernel {
     static SPLITK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if (1..=W8A16_SPLITK_MAX_ROWS).contains(&rows) && requested("DUPLEX_W8A16_SPLITK", &SPLITK) {
+    if (1..=GEMV_MAX_ROWS).contains(&rows) && requested("DUPLEX_W8A16_SPLITK", &SPLITK) {
         W8a16Kernel::SplitK
     } else if rows >= W8A16_MMA_MIN_ROWS && requested("DUPLEX_W8A16_MMA", &MMA) {
         W8a16Kernel::TensorCores
@@ -197,6 +217,81 @@ pub fn w8a16_on(xs: &Tensor, weight: &Int8Weight, kernel: W8a16Kernel) -> Result
     let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16 { kernel })?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("a linear input has dims") = weight.out_features()?;
+    y.reshape(out_dims)?.to_dtype(xs.dtype())
+}
+
+/// `x · wᵀ` with bf16 weights `[n, k]` by `gemv_splitk_bf16_b*`.
+struct GemvBf16;
+
+impl candle_core::CustomOp2 for GemvBf16 {
+    fn name(&self) -> &'static str {
+        "gemv-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the bf16 matrix-vector kernel has no CPU path; use a matmul")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous(x_layout, "gemv input")?;
+        contiguous(w_layout, "gemv weight")?;
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, k_w) = w_layout.shape().dims2()?;
+        let aligned = |offset: usize| offset.is_multiple_of(8);
+        if k != k_w || !aligned(x_layout.start_offset()) || !aligned(w_layout.start_offset()) {
+            candle_core::bail!(
+                "gemv: input width {k} vs weight {k_w} (must match; both 16-byte aligned)"
+            );
+        }
+        let (name, config) = gemv_launch("bf16", rows, n, k, 2)?;
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<bf16>()?.slice(x_layout.start_offset()..);
+        let ws = w.as_cuda_slice::<bf16>()?.slice(w_layout.start_offset()..);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * n)? };
+        let func = device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?;
+        let (n_i, k_i) = (n as i32, k as i32);
+        let mut builder = func.builder();
+        // The bf16 entry points take a scale pointer they never read, like the int8 ones' scale:
+        // the input stands in for it.
+        builder
+            .arg(&xs)
+            .arg(&ws)
+            .arg(&xs)
+            .arg(&out)
+            .arg(&n_i)
+            .arg(&k_i);
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, n)),
+        ))
+    }
+}
+
+/// `x · wᵀ` for 1 to 4 rows of `x` with bf16 weights `w` `[out, in]` (PyTorch's layout), by
+/// the split-K matrix-vector kernel; `x` any leading dims.
+pub fn gemv_bf16(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows = xs.elem_count() / k;
+    let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
+    let y = x.apply_op2_no_bwd(&weight.to_dtype(DType::BF16)?.contiguous()?, &GemvBf16)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("a linear input has dims") = weight.dim(0)?;
     y.reshape(out_dims)?.to_dtype(xs.dtype())
 }
 

@@ -1,0 +1,145 @@
+// Matrix-vector products for 1 to 4 rows, shaped for memory bandwidth: y[b, n] = scale[n] *
+// sum_k x[b, k] * w[n, k], bf16 activations, weights stored [n, k] row-major as int8 (one f32
+// scale per output channel) or bf16 (no scale), f32 accumulation.
+//
+// Why not `w8a16_bf16` (w8a16.cu) for these rows: (1) for the 4096-channel matrices it runs only
+// 256 blocks, about 8 warps per SM, too few 16-byte loads in flight to cover memory latency;
+// (2) `(float)q` is an integer-to-float conversion, which Hopper issues at 16 per clock per SM,
+// about what HBM3 delivers in int8 weights, so the conversions alone can hold it below
+// bandwidth. Here a block of up to 8 warps shares 4 output channels, each warp reading every
+// 8th 512-byte chunk of their rows (split K) with two chunks' loads in flight per lane, the
+// partial sums meeting in shared memory; int8 weights widen with a byte permute and a float
+// subtract (`int8x4_to_f32`) on the full-rate pipes.
+//
+// Entry points `gemv_splitk_int8_b1` .. `_b4` and `gemv_splitk_bf16_b1` .. `_b4`, one per
+// batch size (a compile-time batch keeps a batch of one to its own registers). Host
+// requirements: k a multiple of the elements in 16 bytes (16 int8, 8 bf16), x and w 16-byte
+// aligned; blockDim.x = 32 * min(8, ceil(k / chunk)) with chunk = 32 * those elements;
+// gridDim.x = ceil(n / 4).
+#include "common.cuh"
+
+#define GEMV_CHANNELS 4
+#define GEMV_MAX_WARPS 8
+#define GEMV_MAX_BATCH 4
+#define GEMV_UNROLL 2
+
+// Four int8 (one word) exactly as f32: a byte with its sign bit flipped is q + 128 in 0..255;
+// placed as the low mantissa byte of 2^23 (bits 0x4B000000) it is the float 2^23 + 128 + q.
+__device__ __forceinline__ void int8x4_to_f32(uint32_t word, float* out) {
+  const uint32_t biased = word ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 | i)) - 8388736.f;
+}
+
+// One bf16 of a packed pair as f32 (bf16 is the high half of an f32).
+__device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+
+// How each kind of weight is read: elements per 16-byte load, widening, the channel's scale.
+struct Int8Weights {
+  typedef int8_t T;
+  static constexpr int PER_LOAD = 16;
+  __device__ static void widen(const int4& packed, float* out) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) int8x4_to_f32(words[j], out + 4 * j);
+  }
+  __device__ static float scale(const float* scale, int channel) { return scale[channel]; }
+};
+
+struct Bf16Weights {
+  typedef __nv_bfloat16 T;
+  static constexpr int PER_LOAD = 8;
+  __device__ static void widen(const int4& packed, float* out) {
+    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[2 * j] = bf16_lo(pairs[j]);
+      out[2 * j + 1] = bf16_hi(pairs[j]);
+    }
+  }
+  __device__ static float scale(const float*, int) { return 1.f; }
+};
+
+template <typename W, int BATCH>
+__device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x, const typename W::T* __restrict__ w,
+                                            const float* __restrict__ scale, __nv_bfloat16* __restrict__ y, int n,
+                                            int k) {
+  constexpr int PER = W::PER_LOAD, CHUNK = 32 * PER, X_LOADS = PER / 8;
+  __shared__ float partial[GEMV_MAX_WARPS][GEMV_CHANNELS * GEMV_MAX_BATCH];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int row0 = blockIdx.x * GEMV_CHANNELS;
+  const int chunks = (k + CHUNK - 1) / CHUNK;
+  float acc[GEMV_CHANNELS][BATCH];
+#pragma unroll
+  for (int r = 0; r < GEMV_CHANNELS; ++r)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) acc[r][b] = 0.f;
+  for (int c0 = warp; c0 < chunks; c0 += warps * GEMV_UNROLL) {
+    // Every load of this round first, then the arithmetic: the loads overlap in flight.
+    int4 packed[GEMV_UNROLL][GEMV_CHANNELS];
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+      const int i = (c0 + u * warps) * CHUNK + lane * PER;
+#pragma unroll
+      for (int r = 0; r < GEMV_CHANNELS; ++r)
+        packed[u][r] = (i < k && row0 + r < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)(row0 + r) * k + i))
+                                               : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+      const int i = (c0 + u * warps) * CHUNK + lane * PER;
+      if (i >= k) continue;
+      uint4 xs[BATCH][X_LOADS];
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+        for (int l = 0; l < X_LOADS; ++l) xs[b][l] = reinterpret_cast<const uint4*>(x + (size_t)b * k + i)[l];
+#pragma unroll
+      for (int r = 0; r < GEMV_CHANNELS; ++r) {
+        float wf[PER];
+        W::widen(packed[u][r], wf);
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(xs[b]);
+          float s = acc[r][b];
+#pragma unroll
+          for (int j = 0; j < PER / 2; ++j) {
+            s = fmaf(bf16_lo(pairs[j]), wf[2 * j], s);
+            s = fmaf(bf16_hi(pairs[j]), wf[2 * j + 1], s);
+          }
+          acc[r][b] = s;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_CHANNELS; ++r)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const float v = warp_sum(acc[r][b]);
+      if (lane == 0) partial[warp][r * GEMV_MAX_BATCH + b] = v;
+    }
+  __syncthreads();
+  const int t = threadIdx.x, r = t / GEMV_MAX_BATCH, b = t % GEMV_MAX_BATCH;
+  if (t < GEMV_CHANNELS * GEMV_MAX_BATCH && b < BATCH && row0 + r < n) {
+    float v = 0.f;
+    for (int wi = 0; wi < warps; ++wi) v += partial[wi][t];
+    y[(size_t)b * n + row0 + r] = __float2bfloat16(v * W::scale(scale, row0 + r));
+  }
+}
+
+#define GEMV_ENTRY(NAME, W, B)                                                                            \
+  extern "C" __global__ void NAME##_b##B(const __nv_bfloat16* __restrict__ x, const W::T* __restrict__ w,  \
+                                         const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,   \
+                                         int n, int k) {                                                   \
+    gemv_splitk<W, B>(x, w, scale, y, n, k);                                                               \
+  }
+GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 1)
+GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 2)
+GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 3)
+GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 4)
+GEMV_ENTRY(gemv_splitk_bf16, Bf16Weights, 1)
+GEMV_ENTRY(gemv_splitk_bf16, Bf16Weights, 2)
+GEMV_ENTRY(gemv_splitk_bf16, Bf16Weights, 3)
+GEMV_ENTRY(gemv_splitk_bf16, Bf16Weights, 4)
