@@ -86,6 +86,11 @@ pub struct StepBenchReport {
     pub copy_gb_per_s: f64,
     /// Time to read the weights once at that bandwidth: the frame's floor at batch 1.
     pub bandwidth_floor_ms: f64,
+    /// Keys and values the temporal transformer's attention reads per frame (every busy slot's
+    /// history, up to the context).
+    pub kv_bytes: u64,
+    /// Time to read the weights and those keys and values once: no step can do less.
+    pub floor_with_kv_ms: f64,
 }
 
 impl StepBenchReport {
@@ -142,6 +147,15 @@ impl StepBenchReport {
             format!(
                 "real-time factor (p50 / {FRAME_MS} ms): {:.3}",
                 self.real_time_factor
+            ),
+            format!(
+                "bandwidth floor at {:.0} GB/s: weights {:.2} ms, with keys and values {:.2} ms; \
+                 language model p50 {:.2} ms ({:.0} GB/s of weights)",
+                self.copy_gb_per_s,
+                self.bandwidth_floor_ms,
+                self.floor_with_kv_ms,
+                self.temporal_ms.p50 + self.depformer_ms.p50,
+                self.achieved_gb_per_s
             ),
         ]
         .join("\n")
@@ -258,6 +272,8 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         options.quant,
     );
     let copy_gb_per_s = copy_bandwidth(&options.device)?;
+    let kv_bytes = kv_bytes(lm.config(), busy, history, options.dtype);
+    let floor_ms = |bytes: u64| bytes as f64 / 1e6 / copy_gb_per_s.max(1e-9);
     let lm_ms = temporal.p50 + depformer.p50;
     Ok(StepBenchReport {
         config,
@@ -286,8 +302,18 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         weight_bytes,
         achieved_gb_per_s: weight_bytes as f64 / 1e6 / lm_ms.max(1e-9),
         copy_gb_per_s,
-        bandwidth_floor_ms: weight_bytes as f64 / 1e6 / copy_gb_per_s.max(1e-9),
+        bandwidth_floor_ms: floor_ms(weight_bytes),
+        kv_bytes,
+        floor_with_kv_ms: floor_ms(weight_bytes + kv_bytes),
     })
+}
+
+/// Bytes of keys and values the temporal attention of `busy` slots reads with `history`
+/// frames behind each.
+fn kv_bytes(cfg: &LmConfig, busy: usize, history: usize, dtype: DType) -> u64 {
+    let entries = history.min(cfg.context) as u64;
+    let per_slot = cfg.num_layers as u64 * 2 * entries * cfg.dim as u64;
+    busy as u64 * per_slot * dtype.size_in_bytes() as u64
 }
 
 /// Bytes of the matrices a frame reads: every temporal layer, and `dep_steps` depformer steps.

@@ -25,6 +25,12 @@ pub enum Linear {
     Dense {
         weight_t: Tensor,
     },
+    /// bf16 on a GPU with `DUPLEX_GEMV_BF16=1`: PyTorch's `[out, in]`, read by our split-K
+    /// kernel (kernels/gemv.cu) for up to 4 rows and by cuBLAS, transposed, beyond. Opt-in
+    /// until a GPU run has timed it against `Dense`.
+    OutIn {
+        weight: Tensor,
+    },
     Int8 {
         weight: Int8Weight,
         /// The int8 values as f32 `[in, out]` for the CPU reference path (absent on the GPU).
@@ -35,6 +41,11 @@ pub enum Linear {
 impl Linear {
     /// From a PyTorch-style `[out, in]` weight.
     pub fn new(weight: &Tensor) -> Result<Self> {
+        if out_in_requested(weight) {
+            return Ok(Self::OutIn {
+                weight: weight.contiguous()?,
+            });
+        }
         Ok(Self::Dense {
             weight_t: weight.t()?.contiguous()?,
         })
@@ -70,6 +81,7 @@ impl Linear {
                     weight_t.dim(1)?;
                 out.reshape(out_dims)
             }
+            Self::OutIn { weight } => out_in_device(xs, weight),
             Self::Int8 {
                 weight,
                 values_t: Some(values_t),
@@ -85,6 +97,31 @@ impl Linear {
 #[cfg(feature = "cuda")]
 fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     super::cuda::w8a16(xs, weight)
+}
+
+/// Whether `weight` is held `[out, in]` for our bf16 kernel: bf16 on a GPU, in a build with the
+/// `cuda` feature, with `DUPLEX_GEMV_BF16=1`.
+fn out_in_requested(weight: &Tensor) -> bool {
+    static REQUESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "cuda")
+        && weight.device().is_cuda()
+        && weight.dtype() == DType::BF16
+        && *REQUESTED.get_or_init(|| std::env::var("DUPLEX_GEMV_BF16").is_ok_and(|v| v == "1"))
+}
+
+#[cfg(feature = "cuda")]
+fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let rows = xs.elem_count() / xs.dim(D::Minus1)?;
+    if rows <= super::cuda::GEMV_MAX_ROWS {
+        super::cuda::gemv_bf16(xs, weight)
+    } else {
+        linear(xs, weight)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn out_in_device(_xs: &Tensor, _weight: &Tensor) -> Result<Tensor> {
+    unreachable!("`[out, in]` weights are only chosen in a build with the `cuda` feature")
 }
 
 /// Whether `DUPLEX_KERNELS=candle` asks for candle's own ops instead of our kernels (to compare
