@@ -1,6 +1,7 @@
-// Matrix-vector products for 1 to 4 rows, shaped for memory bandwidth: y[b, n] = scale[n] *
-// sum_k x[b, k] * w[n, k], bf16 activations, weights stored [n, k] row-major as int8 (one f32
-// scale per output channel) or bf16 (no scale), f32 accumulation.
+// Matrix-vector products for 1 to 4 rows, shaped for memory bandwidth: y[b, n] = residual[b, n]
+// + scale[n] * sum_k x[b, k] * w[n, k], bf16 activations, weights stored [n, k] row-major as
+// int8 (one f32 scale per output channel) or bf16 (no scale), f32 accumulation; `residual`
+// (bf16, may be null) is a transformer's skip connection, added before the one rounding.
 //
 // Why not `w8a16_bf16` (w8a16.cu) for these rows: (1) for the 4096-channel matrices it runs only
 // 256 blocks, about 8 warps per SM, too few 16-byte loads in flight to cover memory latency;
@@ -63,8 +64,9 @@ struct Bf16Weights {
 
 template <typename W, int BATCH>
 __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x, const typename W::T* __restrict__ w,
-                                            const float* __restrict__ scale, __nv_bfloat16* __restrict__ y, int n,
-                                            int k) {
+                                            const float* __restrict__ scale,
+                                            const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ y,
+                                            int n, int k) {
   constexpr int PER = W::PER_LOAD, CHUNK = 32 * PER, X_LOADS = PER / 8;
   __shared__ float partial[GEMV_MAX_WARPS][GEMV_CHANNELS * GEMV_MAX_BATCH];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -125,15 +127,18 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
   if (t < GEMV_CHANNELS * GEMV_MAX_BATCH && b < BATCH && row0 + r < n) {
     float v = 0.f;
     for (int wi = 0; wi < warps; ++wi) v += partial[wi][t];
-    y[(size_t)b * n + row0 + r] = __float2bfloat16(v * W::scale(scale, row0 + r));
+    const size_t out = (size_t)b * n + row0 + r;
+    const float skip = residual ? __bfloat162float(residual[out]) : 0.f;
+    y[out] = __float2bfloat16(skip + v * W::scale(scale, row0 + r));
   }
 }
 
 #define GEMV_ENTRY(NAME, W, B)                                                                            \
   extern "C" __global__ void NAME##_b##B(const __nv_bfloat16* __restrict__ x, const W::T* __restrict__ w,  \
-                                         const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,   \
-                                         int n, int k) {                                                   \
-    gemv_splitk<W, B>(x, w, scale, y, n, k);                                                               \
+                                         const float* __restrict__ scale,                                  \
+                                         const __nv_bfloat16* __restrict__ residual,                       \
+                                         __nv_bfloat16* __restrict__ y, int n, int k) {                    \
+    gemv_splitk<W, B>(x, w, scale, residual, y, n, k);                                                     \
   }
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 1)
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 2)

@@ -45,12 +45,27 @@ fn w8a16_kernels_match_the_cpu_reference() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let got = cuda::w8a16_on(&x.to_device(&gpu).unwrap(), &q_gpu, kernel).unwrap();
+            let x = x.to_device(&gpu).unwrap();
+            let got = cuda::w8a16_on(&x, &q_gpu, kernel).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);
             assert!(
                 diff <= 0.01 * scale,
                 "{n}x{k}, batch {batch}, {kernel:?}: max |diff| {diff} (output scale {scale})"
             );
+            if kernel == SplitK {
+                let residual = Tensor::randn(0f32, 1.0, (batch, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let want = (&want + residual.to_dtype(DType::F32).unwrap()).unwrap();
+                let residual = residual.to_device(&gpu).unwrap();
+                let got = cuda::w8a16_fused(&x, &q_gpu, kernel, Some(&residual)).unwrap();
+                let diff = tiny::max_abs_diff(&got, &want);
+                assert!(
+                    diff <= 0.01 * scale,
+                    "{n}x{k}, batch {batch}, with residual: {diff}"
+                );
+            }
         }
     }
 }
@@ -77,11 +92,22 @@ fn the_bf16_split_k_product_matches_a_matmul() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let got = cuda::gemv_bf16(&x.to_device(&gpu).unwrap(), &weight_gpu).unwrap();
+            let x = x.to_device(&gpu).unwrap();
+            let got = cuda::gemv_bf16(&x, &weight_gpu, None).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);
             assert!(
                 diff <= 0.01 * scale,
                 "{n}x{k}, batch {batch}: max |diff| {diff} (output scale {scale})"
+            );
+            // With a skip connection added inside the kernel.
+            let residual = bf16(Tensor::randn(0f32, 1.0, (batch, n), &Device::Cpu).unwrap());
+            let want = (&want + f32(&residual)).unwrap();
+            let residual = residual.to_device(&gpu).unwrap();
+            let got = cuda::gemv_bf16(&x, &weight_gpu, Some(&residual)).unwrap();
+            let diff = tiny::max_abs_diff(&got, &want);
+            assert!(
+                diff <= 0.01 * scale,
+                "{n}x{k}, batch {batch}, with residual: {diff}"
             );
         }
     }
@@ -413,7 +439,7 @@ fn w8a16_speed() {
                 2,
             );
             if batch <= cuda::GEMV_MAX_ROWS {
-                let us = time(&|| cuda::gemv_bf16(&x, &weight).unwrap());
+                let us = time(&|| cuda::gemv_bf16(&x, &weight, None).unwrap());
                 report(batch, "bf16 split-K, [out, in]", us, 2);
             }
             let kernels = [Rows, SplitK, TensorCores]

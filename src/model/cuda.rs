@@ -73,9 +73,24 @@ pub enum W8a16Kernel {
     TensorCores,
 }
 
-/// The w8a16 product by `kernel`.
+/// The w8a16 product by `kernel`; with the split-K kernel, `residual` (bf16, the output's
+/// shape) is added before the one rounding.
 struct W8a16 {
     kernel: W8a16Kernel,
+    residual: Option<Tensor>,
+}
+
+/// Checks a skip connection for a split-K product's `[rows, n]` output.
+fn check_residual(residual: &Tensor, rows: usize, n: usize) -> Result<()> {
+    if residual.dims() != [rows, n] || residual.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "a fused skip connection must be bf16 {:?}, got {:?} {:?}",
+            [rows, n],
+            residual.dtype(),
+            residual.dims()
+        );
+    }
+    Ok(())
 }
 
 impl W8a16 {
@@ -155,6 +170,21 @@ impl CustomOp3 for W8a16 {
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * n)? };
         let (name, config) = self.launch(rows, n, k)?;
+        let residual = match (&self.residual, self.kernel) {
+            (None, _) => None,
+            (Some(residual), W8a16Kernel::SplitK) => {
+                check_residual(residual, rows, n)?;
+                Some(residual.storage_and_layout())
+            }
+            (Some(_), kernel) => {
+                candle_core::bail!("the {kernel:?} w8a16 kernel adds no skip connection")
+            }
+        };
+        let residual = residual
+            .as_ref()
+            .map(|(storage, layout)| gpu_view::<bf16>(storage, layout, "skip connection"))
+            .transpose()?;
+        let no_residual = 0u64;
         let func = match self.kernel {
             W8a16Kernel::SplitK => {
                 device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?
@@ -163,8 +193,16 @@ impl CustomOp3 for W8a16 {
         };
         let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
         let mut builder = func.builder();
-        builder.arg(&xs).arg(&qs).arg(&ss).arg(&out);
-        // The split-K entry points have the batch in their name.
+        builder.arg(&xs).arg(&qs).arg(&ss);
+        // The split-K entry points take a skip connection (null for none) and have the batch in
+        // their name.
+        if self.kernel == W8a16Kernel::SplitK {
+            match &residual {
+                Some(residual) => builder.arg(residual),
+                None => builder.arg(&no_residual),
+            };
+        }
+        builder.arg(&out);
         if self.kernel != W8a16Kernel::SplitK {
             builder.arg(&batch);
         }
@@ -208,20 +246,56 @@ pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     w8a16_on(xs, weight, w8a16_kernel(rows))
 }
 
+/// `residual + w8a16(xs, weight)`, the sum fused into the split-K kernel when `w8a16` would
+/// take it.
+pub fn w8a16_add(xs: &Tensor, weight: &Int8Weight, residual: &Tensor) -> Result<Tensor> {
+    let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?;
+    match w8a16_kernel(rows) {
+        W8a16Kernel::SplitK => w8a16_fused(xs, weight, W8a16Kernel::SplitK, Some(residual)),
+        kernel => residual + w8a16_on(xs, weight, kernel)?,
+    }
+}
+
 /// `w8a16` by `kernel`.
 pub fn w8a16_on(xs: &Tensor, weight: &Int8Weight, kernel: W8a16Kernel) -> Result<Tensor> {
+    w8a16_fused(xs, weight, kernel, None)
+}
+
+/// `w8a16` by `kernel`, plus `residual` (shaped as the output) inside the kernel.
+pub fn w8a16_fused(
+    xs: &Tensor,
+    weight: &Int8Weight,
+    kernel: W8a16Kernel,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = xs.elem_count() / k;
+    let n = weight.out_features()?;
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
-    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &W8a16 { kernel })?;
+    let op = W8a16 {
+        kernel,
+        residual: residual.map(|r| as_rows(r, rows, n)).transpose()?,
+    };
+    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &op)?;
     let mut out_dims = dims;
-    *out_dims.last_mut().expect("a linear input has dims") = weight.out_features()?;
+    *out_dims.last_mut().expect("a linear input has dims") = n;
     y.reshape(out_dims)?.to_dtype(xs.dtype())
 }
 
-/// `x · wᵀ` with bf16 weights `[n, k]` by `gemv_splitk_bf16_b*`.
-struct GemvBf16;
+/// `residual` as a compact bf16 `[rows, n]`.
+fn as_rows(residual: &Tensor, rows: usize, n: usize) -> Result<Tensor> {
+    residual
+        .reshape((rows, n))?
+        .to_dtype(DType::BF16)?
+        .contiguous()
+}
+
+/// `x · wᵀ` with bf16 weights `[n, k]` by `gemv_splitk_bf16_b*`, plus `residual` (bf16 `[rows,
+/// n]`) when given.
+struct GemvBf16 {
+    residual: Option<Tensor>,
+}
 
 impl candle_core::CustomOp2 for GemvBf16 {
     fn name(&self) -> &'static str {
@@ -256,6 +330,15 @@ impl candle_core::CustomOp2 for GemvBf16 {
             );
         }
         let (name, config) = gemv_launch("bf16", rows, n, k, 2)?;
+        if let Some(residual) = &self.residual {
+            check_residual(residual, rows, n)?;
+        }
+        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = residual
+            .as_ref()
+            .map(|(storage, layout)| gpu_view::<bf16>(storage, layout, "skip connection"))
+            .transpose()?;
+        let no_residual = 0u64;
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(x_layout.start_offset()..);
         let ws = w.as_cuda_slice::<bf16>()?.slice(w_layout.start_offset()..);
@@ -266,13 +349,12 @@ impl candle_core::CustomOp2 for GemvBf16 {
         let mut builder = func.builder();
         // The bf16 entry points take a scale pointer they never read, like the int8 ones' scale:
         // the input stands in for it.
-        builder
-            .arg(&xs)
-            .arg(&ws)
-            .arg(&xs)
-            .arg(&out)
-            .arg(&n_i)
-            .arg(&k_i);
+        builder.arg(&xs).arg(&ws).arg(&xs);
+        match &residual {
+            Some(residual) => builder.arg(residual),
+            None => builder.arg(&no_residual),
+        };
+        builder.arg(&out).arg(&n_i).arg(&k_i);
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
@@ -283,15 +365,20 @@ impl candle_core::CustomOp2 for GemvBf16 {
 }
 
 /// `x · wᵀ` for 1 to 4 rows of `x` with bf16 weights `w` `[out, in]` (PyTorch's layout), by
-/// the split-K matrix-vector kernel; `x` any leading dims.
-pub fn gemv_bf16(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// the split-K matrix-vector kernel; `x` any leading dims; plus `residual` (shaped as the
+/// output) inside the kernel when given.
+pub fn gemv_bf16(xs: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = xs.elem_count() / k;
+    let n = weight.dim(0)?;
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
-    let y = x.apply_op2_no_bwd(&weight.to_dtype(DType::BF16)?.contiguous()?, &GemvBf16)?;
+    let op = GemvBf16 {
+        residual: residual.map(|r| as_rows(r, rows, n)).transpose()?,
+    };
+    let y = x.apply_op2_no_bwd(&weight.to_dtype(DType::BF16)?.contiguous()?, &op)?;
     let mut out_dims = dims;
-    *out_dims.last_mut().expect("a linear input has dims") = weight.dim(0)?;
+    *out_dims.last_mut().expect("a linear input has dims") = n;
     y.reshape(out_dims)?.to_dtype(xs.dtype())
 }
 

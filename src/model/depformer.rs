@@ -144,8 +144,8 @@ impl Depformer {
                 }
             };
             let out = out.transpose(1, 2)?.reshape((batch, 1, ()))?;
-            xs = (xs + layer.out_proj.forward(&out)?)?;
-            xs = (&xs + layer.ffn.forward(&norm2.forward(&xs)?)?)?;
+            xs = layer.out_proj.forward_add(&out, &xs)?;
+            xs = layer.ffn.forward_add(&norm2.forward(&xs)?, &xs)?;
         }
         step.head.forward(&xs.squeeze(1)?)
     }

@@ -67,6 +67,19 @@ impl Linear {
         }
     }
 
+    /// `residual + self.forward(xs)` (a transformer's skip connection), added inside the
+    /// split-K kernels where they run the product (one rounding, one launch fewer).
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::OutIn { weight } => out_in_device(xs, weight, Some(residual)),
+            Self::Int8 {
+                weight,
+                values_t: None,
+            } => w8a16_add_device(xs, weight, residual),
+            _ => residual + self.forward(xs)?,
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense { weight_t } => {
@@ -81,7 +94,7 @@ impl Linear {
                     weight_t.dim(1)?;
                 out.reshape(out_dims)
             }
-            Self::OutIn { weight } => out_in_device(xs, weight),
+            Self::OutIn { weight } => out_in_device(xs, weight, None),
             Self::Int8 {
                 weight,
                 values_t: Some(values_t),
@@ -99,6 +112,11 @@ fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     super::cuda::w8a16(xs, weight)
 }
 
+#[cfg(feature = "cuda")]
+fn w8a16_add_device(xs: &Tensor, weight: &Int8Weight, residual: &Tensor) -> Result<Tensor> {
+    super::cuda::w8a16_add(xs, weight, residual)
+}
+
 /// Whether `weight` is held `[out, in]` for our bf16 kernel: bf16 on a GPU, in a build with the
 /// `cuda` feature, with `DUPLEX_GEMV_BF16=1`.
 fn out_in_requested(weight: &Tensor) -> bool {
@@ -110,17 +128,20 @@ fn out_in_requested(weight: &Tensor) -> bool {
 }
 
 #[cfg(feature = "cuda")]
-fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn out_in_device(xs: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let rows = xs.elem_count() / xs.dim(D::Minus1)?;
     if rows <= super::cuda::GEMV_MAX_ROWS {
-        super::cuda::gemv_bf16(xs, weight)
-    } else {
-        linear(xs, weight)
+        return super::cuda::gemv_bf16(xs, weight, residual);
+    }
+    let product = linear(xs, weight)?;
+    match residual {
+        Some(residual) => residual + product,
+        None => Ok(product),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn out_in_device(_xs: &Tensor, _weight: &Tensor) -> Result<Tensor> {
+fn out_in_device(_xs: &Tensor, _weight: &Tensor, _residual: Option<&Tensor>) -> Result<Tensor> {
     unreachable!("`[out, in]` weights are only chosen in a build with the `cuda` feature")
 }
 
@@ -163,6 +184,11 @@ fn swiglu_fused(_gated: &Tensor) -> Result<Tensor> {
 #[cfg(not(feature = "cuda"))]
 fn w8a16_device(_xs: &Tensor, _weight: &Int8Weight) -> Result<Tensor> {
     candle_core::bail!("int8 weights on this device need a build with the `cuda` feature")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn w8a16_add_device(xs: &Tensor, weight: &Int8Weight, residual: &Tensor) -> Result<Tensor> {
+    residual + w8a16_device(xs, weight)?
 }
 
 /// RMS normalisation computed in f32: `x · alpha / sqrt(mean(x²) + eps)`.
@@ -231,14 +257,25 @@ impl SwiGlu {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_out.forward(&self.gate(xs)?)
+    }
+
+    /// `residual + self.forward(xs)`, the sum fused into the out-projection where it can be
+    /// (`Linear::forward_add`).
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.linear_out.forward_add(&self.gate(xs)?, residual)
+    }
+
+    /// `silu(a) · b` where `[a, b] = linear_in(xs)`.
+    fn gate(&self, xs: &Tensor) -> Result<Tensor> {
         let gated = self.linear_in.forward(xs)?;
         if fused(&gated) {
-            return self.linear_out.forward(&swiglu_fused(&gated)?);
+            return swiglu_fused(&gated);
         }
         let hidden = gated.dim(D::Minus1)? / 2;
         let act = candle_nn::ops::silu(&gated.narrow(D::Minus1, 0, hidden)?)?;
         let up = gated.narrow(D::Minus1, hidden, hidden)?;
-        self.linear_out.forward(&(act * up)?)
+        act * up
     }
 }
 

@@ -135,17 +135,18 @@ impl Transformer {
         let mut xs = xs.clone();
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             let normed = layer.norm1.forward(&xs)?;
-            let attended = self.attend(layer_idx, &normed, &state.cache, step, rope)?;
-            xs = (xs + attended)?;
-            xs = (&xs + layer.ffn.forward(&layer.norm2.forward(&xs)?)?)?;
+            xs = self.attend(layer_idx, &normed, &xs, &state.cache, step, rope)?;
+            xs = layer.ffn.forward_add(&layer.norm2.forward(&xs)?, &xs)?;
         }
         Ok(xs)
     }
 
+    /// `residual` plus layer `layer_idx`'s attention over `xs` (normalised).
     fn attend(
         &self,
         layer_idx: usize,
         xs: &Tensor,
+        residual: &Tensor,
         cache: &RingCache,
         step: &RingStep,
         rope: &RopeTables,
@@ -158,7 +159,7 @@ impl Transformer {
                 .attend_kernels(layer_idx, step, &qkv, rope)?
                 .transpose(1, 2)?
                 .reshape((batch, time, dim))?;
-            return layer.out_proj.forward(&out);
+            return layer.out_proj.forward_add(&out, residual);
         }
         let [q, k, v] = split_qkv(&qkv, self.heads, self.head_dim)?;
         let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
@@ -166,7 +167,7 @@ impl Transformer {
         let out = attention(&q, &attend)?
             .transpose(1, 2)?
             .reshape((batch, time, dim))?;
-        layer.out_proj.forward(&out)
+        layer.out_proj.forward_add(&out, residual)
     }
 }
 
