@@ -1,7 +1,9 @@
 // Matrix-vector products for 1 to 4 rows, shaped for memory bandwidth: y[b, n] = residual[b, n]
-// + scale[n] * sum_k x[b, k] * w[n, k], bf16 activations, weights stored [n, k] row-major as
-// int8 (one f32 scale per output channel) or bf16 (no scale), f32 accumulation; `residual`
-// (bf16, may be null) is a transformer's skip connection, added before the one rounding.
+// + scale[n] * sum_k x'[b, k] * w[n, k], bf16 activations, weights stored [n, k] row-major as
+// int8 (one f32 scale per output channel) or bf16 (no scale), f32 accumulation. The two ends of
+// a transformer's sublayer can ride along, each optional (null): `residual` (bf16), the skip
+// connection, added before the one rounding; `alpha` (f32 [k]), a pre-norm: x' = x * alpha /
+// sqrt(mean(x^2) + eps) per row (norm.cu's RMSNorm, not rounded to bf16 in between), else x' = x.
 //
 // Why not `w8a16_bf16` (w8a16.cu) for these rows: (1) for the 4096-channel matrices it runs only
 // 256 blocks, about 8 warps per SM, too few 16-byte loads in flight to cover memory latency;
@@ -62,14 +64,37 @@ struct Bf16Weights {
   __device__ static float scale(const float*, int) { return 1.f; }
 };
 
+// 1 / sqrt(mean(x[b]^2) + eps) of each of the BATCH rows of x, computed by the whole block.
+template <int BATCH>
+__device__ __forceinline__ void inv_rms_rows(const __nv_bfloat16* __restrict__ x, int k, float eps, float* inv) {
+  __shared__ float shared32[32];
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b) {
+    float sum = 0.f;
+    for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + (size_t)b * k + i);
+      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(&raw);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float lo = bf16_lo(pairs[j]), hi = bf16_hi(pairs[j]);
+        sum += lo * lo + hi * hi;
+      }
+    }
+    inv[b] = rsqrtf(block_sum(sum, shared32) / (float)k + eps);
+  }
+}
+
 template <typename W, int BATCH>
 __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x, const typename W::T* __restrict__ w,
                                             const float* __restrict__ scale,
-                                            const __nv_bfloat16* __restrict__ residual, __nv_bfloat16* __restrict__ y,
-                                            int n, int k) {
+                                            const __nv_bfloat16* __restrict__ residual,
+                                            const float* __restrict__ alpha, float eps,
+                                            __nv_bfloat16* __restrict__ y, int n, int k) {
   constexpr int PER = W::PER_LOAD, CHUNK = 32 * PER, X_LOADS = PER / 8;
   __shared__ float partial[GEMV_MAX_WARPS][GEMV_CHANNELS * GEMV_MAX_BATCH];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float inv_rms[BATCH];
+  if (alpha) inv_rms_rows<BATCH>(x, k, eps, inv_rms);
   const int row0 = blockIdx.x * GEMV_CHANNELS;
   const int chunks = (k + CHUNK - 1) / CHUNK;
   float acc[GEMV_CHANNELS][BATCH];
@@ -92,24 +117,34 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
     for (int u = 0; u < GEMV_UNROLL; ++u) {
       const int i = (c0 + u * warps) * CHUNK + lane * PER;
       if (i >= k) continue;
-      uint4 xs[BATCH][X_LOADS];
+      // This chunk of each row's input as f32 (normalised when asked), shared by the channels.
+      float xf[BATCH][PER];
 #pragma unroll
-      for (int b = 0; b < BATCH; ++b)
+      for (int b = 0; b < BATCH; ++b) {
 #pragma unroll
-        for (int l = 0; l < X_LOADS; ++l) xs[b][l] = reinterpret_cast<const uint4*>(x + (size_t)b * k + i)[l];
+        for (int l = 0; l < X_LOADS; ++l) {
+          const uint4 raw = reinterpret_cast<const uint4*>(x + (size_t)b * k + i)[l];
+          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(&raw);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            xf[b][8 * l + 2 * j] = bf16_lo(pairs[j]);
+            xf[b][8 * l + 2 * j + 1] = bf16_hi(pairs[j]);
+          }
+        }
+        if (alpha) {
+#pragma unroll
+          for (int j = 0; j < PER; ++j) xf[b][j] *= alpha[i + j] * inv_rms[b];
+        }
+      }
 #pragma unroll
       for (int r = 0; r < GEMV_CHANNELS; ++r) {
         float wf[PER];
         W::widen(packed[u][r], wf);
 #pragma unroll
         for (int b = 0; b < BATCH; ++b) {
-          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(xs[b]);
           float s = acc[r][b];
 #pragma unroll
-          for (int j = 0; j < PER / 2; ++j) {
-            s = fmaf(bf16_lo(pairs[j]), wf[2 * j], s);
-            s = fmaf(bf16_hi(pairs[j]), wf[2 * j + 1], s);
-          }
+          for (int j = 0; j < PER; ++j) s = fmaf(xf[b][j], wf[j], s);
           acc[r][b] = s;
         }
       }
@@ -137,8 +172,9 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
   extern "C" __global__ void NAME##_b##B(const __nv_bfloat16* __restrict__ x, const W::T* __restrict__ w,  \
                                          const float* __restrict__ scale,                                  \
                                          const __nv_bfloat16* __restrict__ residual,                       \
+                                         const float* __restrict__ alpha, float eps,                       \
                                          __nv_bfloat16* __restrict__ y, int n, int k) {                    \
-    gemv_splitk<W, B>(x, w, scale, residual, y, n, k);                                                     \
+    gemv_splitk<W, B>(x, w, scale, residual, alpha, eps, y, n, k);                                         \
   }
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 1)
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 2)

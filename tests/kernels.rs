@@ -29,7 +29,8 @@ fn w8a16_kernels_match_the_cpu_reference() {
             .flat_map(|batch| [(batch, Rows), (batch, TensorCores)])
             .chain((1..=cuda::GEMV_MAX_ROWS).map(|batch| (batch, SplitK)));
         for (batch, kernel) in runs {
-            let x = Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu)
+            // RMS 4, far from the unit RMS of a normalised input (see `check_sublayer_ends`).
+            let x = Tensor::randn(0f32, 4.0, (batch, k), &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
@@ -45,29 +46,70 @@ fn w8a16_kernels_match_the_cpu_reference() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let x = x.to_device(&gpu).unwrap();
-            let got = cuda::w8a16_on(&x, &q_gpu, kernel).unwrap();
+            let x_gpu = x.to_device(&gpu).unwrap();
+            let got = cuda::w8a16_on(&x_gpu, &q_gpu, kernel).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);
             assert!(
                 diff <= 0.01 * scale,
                 "{n}x{k}, batch {batch}, {kernel:?}: max |diff| {diff} (output scale {scale})"
             );
             if kernel == SplitK {
-                let residual = Tensor::randn(0f32, 1.0, (batch, n), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap();
-                let want = (&want + residual.to_dtype(DType::F32).unwrap()).unwrap();
-                let residual = residual.to_device(&gpu).unwrap();
-                let got = cuda::w8a16_fused(&x, &q_gpu, kernel, Some(&residual)).unwrap();
-                let diff = tiny::max_abs_diff(&got, &want);
-                assert!(
-                    diff <= 0.01 * scale,
-                    "{n}x{k}, batch {batch}, with residual: {diff}"
-                );
+                let product = |x: &Tensor| {
+                    let x = x.to_dtype(DType::F32).unwrap();
+                    quant::w8a16_reference(&x, &values_t, &q.scale).unwrap()
+                };
+                let fused =
+                    |ends: &cuda::Ends| cuda::w8a16_fused(&x_gpu, &q_gpu, kernel, ends).unwrap();
+                let what = format!("int8 {n}x{k}, batch {batch}");
+                check_sublayer_ends(&x, product, fused, &gpu, &what);
             }
         }
     }
+}
+
+/// A split-K product with its sublayer's ends inside (`fused`) against the composition on the
+/// CPU (`product` of a bf16 `x` `[rows, k]` on the CPU, in f32): with a skip connection, and
+/// with an RMS pre-norm. `x` must be far from unit RMS, so that a norm that skips the division
+/// cannot pass.
+fn check_sublayer_ends(
+    x: &Tensor,
+    product: impl Fn(&Tensor) -> Tensor,
+    fused: impl Fn(&cuda::Ends) -> Tensor,
+    gpu: &Device,
+    what: &str,
+) {
+    let largest = |t: &Tensor| {
+        let flat = t.abs().unwrap().flatten_all().unwrap();
+        flat.max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let plain = product(x);
+    let (rows, n) = plain.dims2().unwrap();
+    let residual = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let want = (&plain + residual.to_dtype(DType::F32).unwrap()).unwrap();
+    let got = fused(&cuda::Ends {
+        residual: Some(residual.to_device(gpu).unwrap()),
+        norm: None,
+    });
+    let diff = tiny::max_abs_diff(&got, &want);
+    assert!(
+        diff <= 0.01 * largest(&want),
+        "{what}, with a skip connection: {diff}"
+    );
+    let alpha = Tensor::randn(1f32, 0.1, x.dim(1).unwrap(), &Device::Cpu).unwrap();
+    let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &alpha, 1e-5).unwrap();
+    let want = product(&normed);
+    let got = fused(&cuda::Ends {
+        residual: None,
+        norm: Some((alpha.to_device(gpu).unwrap(), 1e-5)),
+    });
+    let diff = tiny::max_abs_diff(&got, &want);
+    assert!(
+        diff <= 0.01 * largest(&want),
+        "{what}, with a pre-norm: {diff}"
+    );
 }
 
 /// The bf16 split-K product against candle's f32 matmul of the same bf16 values, for 1 to 4
@@ -80,7 +122,8 @@ fn the_bf16_split_k_product_matches_a_matmul() {
         let weight = bf16(Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap());
         let weight_gpu = weight.to_device(&gpu).unwrap();
         for batch in 1..=cuda::GEMV_MAX_ROWS {
-            let x = bf16(Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu).unwrap());
+            // RMS 4, far from the unit RMS of a normalised input (see `check_sublayer_ends`).
+            let x = bf16(Tensor::randn(0f32, 4.0, (batch, k), &Device::Cpu).unwrap());
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let want = f32(&x).matmul(&f32(&weight).t().unwrap()).unwrap();
             let scale = want
@@ -92,23 +135,17 @@ fn the_bf16_split_k_product_matches_a_matmul() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let x = x.to_device(&gpu).unwrap();
-            let got = cuda::gemv_bf16(&x, &weight_gpu, None).unwrap();
+            let x_gpu = x.to_device(&gpu).unwrap();
+            let got = cuda::gemv_bf16(&x_gpu, &weight_gpu, &cuda::Ends::default()).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);
             assert!(
                 diff <= 0.01 * scale,
                 "{n}x{k}, batch {batch}: max |diff| {diff} (output scale {scale})"
             );
-            // With a skip connection added inside the kernel.
-            let residual = bf16(Tensor::randn(0f32, 1.0, (batch, n), &Device::Cpu).unwrap());
-            let want = (&want + f32(&residual)).unwrap();
-            let residual = residual.to_device(&gpu).unwrap();
-            let got = cuda::gemv_bf16(&x, &weight_gpu, Some(&residual)).unwrap();
-            let diff = tiny::max_abs_diff(&got, &want);
-            assert!(
-                diff <= 0.01 * scale,
-                "{n}x{k}, batch {batch}, with residual: {diff}"
-            );
+            let product = |x: &Tensor| f32(x).matmul(&f32(&weight).t().unwrap()).unwrap();
+            let fused = |ends: &cuda::Ends| cuda::gemv_bf16(&x_gpu, &weight_gpu, ends).unwrap();
+            let what = format!("bf16 {n}x{k}, batch {batch}");
+            check_sublayer_ends(&x, product, fused, &gpu, &what);
         }
     }
 }
@@ -439,7 +476,8 @@ fn w8a16_speed() {
                 2,
             );
             if batch <= cuda::GEMV_MAX_ROWS {
-                let us = time(&|| cuda::gemv_bf16(&x, &weight, None).unwrap());
+                let none = cuda::Ends::default();
+                let us = time(&|| cuda::gemv_bf16(&x, &weight, &none).unwrap());
                 report(batch, "bf16 split-K, [out, in]", us, 2);
             }
             let kernels = [Rows, SplitK, TensorCores]

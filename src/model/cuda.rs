@@ -73,24 +73,86 @@ pub enum W8a16Kernel {
     TensorCores,
 }
 
-/// The w8a16 product by `kernel`; with the split-K kernel, `residual` (bf16, the output's
-/// shape) is added before the one rounding.
-struct W8a16 {
-    kernel: W8a16Kernel,
-    residual: Option<Tensor>,
+/// What a split-K product takes of its transformer sublayer besides the matrix, each optional:
+/// the skip connection added to its output and the RMS pre-norm of its input.
+#[derive(Debug, Clone, Default)]
+pub struct Ends {
+    /// bf16, the output's shape.
+    pub residual: Option<Tensor>,
+    /// The norm's f32 weight `[k]` and epsilon.
+    pub norm: Option<(Tensor, f32)>,
 }
 
-/// Checks a skip connection for a split-K product's `[rows, n]` output.
-fn check_residual(residual: &Tensor, rows: usize, n: usize) -> Result<()> {
-    if residual.dims() != [rows, n] || residual.dtype() != DType::BF16 {
-        candle_core::bail!(
-            "a fused skip connection must be bf16 {:?}, got {:?} {:?}",
-            [rows, n],
-            residual.dtype(),
-            residual.dims()
-        );
+impl Ends {
+    pub fn is_empty(&self) -> bool {
+        self.residual.is_none() && self.norm.is_none()
     }
-    Ok(())
+
+    /// Compact copies for a `[rows, k]` → `[rows, n]` product, checked.
+    fn for_product(&self, rows: usize, n: usize, k: usize) -> Result<Self> {
+        let residual = match &self.residual {
+            Some(r) => Some(r.reshape((rows, n))?.to_dtype(DType::BF16)?.contiguous()?),
+            None => None,
+        };
+        let norm = match &self.norm {
+            Some((alpha, eps)) if alpha.elem_count() == k => Some((
+                alpha.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
+                *eps,
+            )),
+            Some((alpha, _)) => candle_core::bail!(
+                "a fused norm of {} weights for inputs of {k}",
+                alpha.elem_count()
+            ),
+            None => None,
+        };
+        Ok(Self { residual, norm })
+    }
+}
+
+/// `Ends` as kernel arguments: residual, alpha (null pointers for what is absent) and eps.
+struct EndsArgs<'a> {
+    residual: Option<CudaView<'a, bf16>>,
+    alpha: Option<CudaView<'a, f32>>,
+    eps: f32,
+    null: u64,
+}
+
+impl<'a> EndsArgs<'a> {
+    /// From read locks on `ends`' residual and norm weight (`Tensor::storage_and_layout`).
+    fn new<G: std::ops::Deref<Target = candle_core::Storage>>(
+        ends: &Ends,
+        residual: Option<&'a (G, &'a Layout)>,
+        alpha: Option<&'a (G, &'a Layout)>,
+    ) -> Result<Self> {
+        Ok(Self {
+            residual: residual
+                .map(|(storage, layout)| gpu_view::<bf16>(storage, layout, "skip connection"))
+                .transpose()?,
+            alpha: alpha
+                .map(|(storage, layout)| gpu_view::<f32>(storage, layout, "norm weight"))
+                .transpose()?,
+            eps: ends.norm.as_ref().map_or(0.0, |(_, eps)| *eps),
+            null: 0,
+        })
+    }
+
+    fn push(&'a self, builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
+        match &self.residual {
+            Some(residual) => builder.arg(residual),
+            None => builder.arg(&self.null),
+        };
+        match &self.alpha {
+            Some(alpha) => builder.arg(alpha),
+            None => builder.arg(&self.null),
+        };
+        builder.arg(&self.eps);
+    }
+}
+
+/// The w8a16 product by `kernel`; the split-K kernel also takes its sublayer's `ends`.
+struct W8a16 {
+    kernel: W8a16Kernel,
+    ends: Ends,
 }
 
 impl W8a16 {
@@ -170,21 +232,12 @@ impl CustomOp3 for W8a16 {
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * n)? };
         let (name, config) = self.launch(rows, n, k)?;
-        let residual = match (&self.residual, self.kernel) {
-            (None, _) => None,
-            (Some(residual), W8a16Kernel::SplitK) => {
-                check_residual(residual, rows, n)?;
-                Some(residual.storage_and_layout())
-            }
-            (Some(_), kernel) => {
-                candle_core::bail!("the {kernel:?} w8a16 kernel adds no skip connection")
-            }
-        };
-        let residual = residual
-            .as_ref()
-            .map(|(storage, layout)| gpu_view::<bf16>(storage, layout, "skip connection"))
-            .transpose()?;
-        let no_residual = 0u64;
+        if self.kernel != W8a16Kernel::SplitK && !self.ends.is_empty() {
+            candle_core::bail!("the {:?} w8a16 kernel fuses nothing", self.kernel);
+        }
+        let residual = self.ends.residual.as_ref().map(|r| r.storage_and_layout());
+        let alpha = self.ends.norm.as_ref().map(|(a, _)| a.storage_and_layout());
+        let ends = EndsArgs::new(&self.ends, residual.as_ref(), alpha.as_ref())?;
         let func = match self.kernel {
             W8a16Kernel::SplitK => {
                 device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?
@@ -194,13 +247,9 @@ impl CustomOp3 for W8a16 {
         let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
         let mut builder = func.builder();
         builder.arg(&xs).arg(&qs).arg(&ss);
-        // The split-K entry points take a skip connection (null for none) and have the batch in
-        // their name.
+        // The split-K entry points take their sublayer's ends and have the batch in their name.
         if self.kernel == W8a16Kernel::SplitK {
-            match &residual {
-                Some(residual) => builder.arg(residual),
-                None => builder.arg(&no_residual),
-            };
+            ends.push(&mut builder);
         }
         builder.arg(&out);
         if self.kernel != W8a16Kernel::SplitK {
@@ -246,27 +295,22 @@ pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     w8a16_on(xs, weight, w8a16_kernel(rows))
 }
 
-/// `residual + w8a16(xs, weight)`, the sum fused into the split-K kernel when `w8a16` would
-/// take it.
-pub fn w8a16_add(xs: &Tensor, weight: &Int8Weight, residual: &Tensor) -> Result<Tensor> {
-    let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?;
-    match w8a16_kernel(rows) {
-        W8a16Kernel::SplitK => w8a16_fused(xs, weight, W8a16Kernel::SplitK, Some(residual)),
-        kernel => residual + w8a16_on(xs, weight, kernel)?,
-    }
+/// Whether `w8a16` runs `rows` rows on the split-K kernel, which can take a sublayer's ends.
+pub fn w8a16_fuses(rows: usize) -> bool {
+    w8a16_kernel(rows) == W8a16Kernel::SplitK
 }
 
 /// `w8a16` by `kernel`.
 pub fn w8a16_on(xs: &Tensor, weight: &Int8Weight, kernel: W8a16Kernel) -> Result<Tensor> {
-    w8a16_fused(xs, weight, kernel, None)
+    w8a16_fused(xs, weight, kernel, &Ends::default())
 }
 
-/// `w8a16` by `kernel`, plus `residual` (shaped as the output) inside the kernel.
+/// `w8a16` by `kernel` with its sublayer's `ends` inside the kernel (the split-K one only).
 pub fn w8a16_fused(
     xs: &Tensor,
     weight: &Int8Weight,
     kernel: W8a16Kernel,
-    residual: Option<&Tensor>,
+    ends: &Ends,
 ) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
@@ -275,7 +319,7 @@ pub fn w8a16_fused(
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
     let op = W8a16 {
         kernel,
-        residual: residual.map(|r| as_rows(r, rows, n)).transpose()?,
+        ends: ends.for_product(rows, n, k)?,
     };
     let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &op)?;
     let mut out_dims = dims;
@@ -283,18 +327,9 @@ pub fn w8a16_fused(
     y.reshape(out_dims)?.to_dtype(xs.dtype())
 }
 
-/// `residual` as a compact bf16 `[rows, n]`.
-fn as_rows(residual: &Tensor, rows: usize, n: usize) -> Result<Tensor> {
-    residual
-        .reshape((rows, n))?
-        .to_dtype(DType::BF16)?
-        .contiguous()
-}
-
-/// `x · wᵀ` with bf16 weights `[n, k]` by `gemv_splitk_bf16_b*`, plus `residual` (bf16 `[rows,
-/// n]`) when given.
+/// `x · wᵀ` with bf16 weights `[n, k]` by `gemv_splitk_bf16_b*`, with its sublayer's `ends`.
 struct GemvBf16 {
-    residual: Option<Tensor>,
+    ends: Ends,
 }
 
 impl candle_core::CustomOp2 for GemvBf16 {
@@ -330,15 +365,9 @@ impl candle_core::CustomOp2 for GemvBf16 {
             );
         }
         let (name, config) = gemv_launch("bf16", rows, n, k, 2)?;
-        if let Some(residual) = &self.residual {
-            check_residual(residual, rows, n)?;
-        }
-        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
-        let residual = residual
-            .as_ref()
-            .map(|(storage, layout)| gpu_view::<bf16>(storage, layout, "skip connection"))
-            .transpose()?;
-        let no_residual = 0u64;
+        let residual = self.ends.residual.as_ref().map(|r| r.storage_and_layout());
+        let alpha = self.ends.norm.as_ref().map(|(a, _)| a.storage_and_layout());
+        let ends = EndsArgs::new(&self.ends, residual.as_ref(), alpha.as_ref())?;
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(x_layout.start_offset()..);
         let ws = w.as_cuda_slice::<bf16>()?.slice(w_layout.start_offset()..);
@@ -350,10 +379,7 @@ impl candle_core::CustomOp2 for GemvBf16 {
         // The bf16 entry points take a scale pointer they never read, like the int8 ones' scale:
         // the input stands in for it.
         builder.arg(&xs).arg(&ws).arg(&xs);
-        match &residual {
-            Some(residual) => builder.arg(residual),
-            None => builder.arg(&no_residual),
-        };
+        ends.push(&mut builder);
         builder.arg(&out).arg(&n_i).arg(&k_i);
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
@@ -365,16 +391,15 @@ impl candle_core::CustomOp2 for GemvBf16 {
 }
 
 /// `x · wᵀ` for 1 to 4 rows of `x` with bf16 weights `w` `[out, in]` (PyTorch's layout), by
-/// the split-K matrix-vector kernel; `x` any leading dims; plus `residual` (shaped as the
-/// output) inside the kernel when given.
-pub fn gemv_bf16(xs: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+/// the split-K matrix-vector kernel, with its sublayer's `ends` inside; `x` any leading dims.
+pub fn gemv_bf16(xs: &Tensor, weight: &Tensor, ends: &Ends) -> Result<Tensor> {
     let dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = xs.elem_count() / k;
     let n = weight.dim(0)?;
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
     let op = GemvBf16 {
-        residual: residual.map(|r| as_rows(r, rows, n)).transpose()?,
+        ends: ends.for_product(rows, n, k)?,
     };
     let y = x.apply_op2_no_bwd(&weight.to_dtype(DType::BF16)?.contiguous()?, &op)?;
     let mut out_dims = dims;

@@ -132,7 +132,7 @@ impl Depformer {
         };
         for (layer_idx, (layer, (norm1, norm2))) in step.layers.iter().zip(&self.norms).enumerate()
         {
-            let qkv = layer.in_proj.forward(&norm1.forward(&xs)?)?;
+            let qkv = layer.in_proj.forward_normed(&xs, norm1)?;
             let out = match &identity_rope {
                 Some(rope) => state
                     .cache
@@ -145,7 +145,7 @@ impl Depformer {
             };
             let out = out.transpose(1, 2)?.reshape((batch, 1, ()))?;
             xs = layer.out_proj.forward_add(&out, &xs)?;
-            xs = layer.ffn.forward_add(&norm2.forward(&xs)?, &xs)?;
+            xs = layer.ffn.sublayer(&xs, norm2)?;
         }
         step.head.forward(&xs.squeeze(1)?)
     }

@@ -70,13 +70,18 @@ impl Linear {
     /// `residual + self.forward(xs)` (a transformer's skip connection), added inside the
     /// split-K kernels where they run the product (one rounding, one launch fewer).
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::OutIn { weight } => out_in_device(xs, weight, Some(residual)),
-            Self::Int8 {
-                weight,
-                values_t: None,
-            } => w8a16_add_device(xs, weight, residual),
-            _ => residual + self.forward(xs)?,
+        match fused_device(self, xs, Some(residual), None)? {
+            Some(ys) => Ok(ys),
+            None => residual + self.forward(xs)?,
+        }
+    }
+
+    /// `self.forward(norm.forward(xs))` (a transformer's pre-norm), the norm computed inside
+    /// the split-K kernels where they run the product (one launch fewer).
+    pub fn forward_normed(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        match fused_device(self, xs, None, Some(norm))? {
+            Some(ys) => Ok(ys),
+            None => self.forward(&norm.forward(xs)?),
         }
     }
 
@@ -94,7 +99,7 @@ impl Linear {
                     weight_t.dim(1)?;
                 out.reshape(out_dims)
             }
-            Self::OutIn { weight } => out_in_device(xs, weight, None),
+            Self::OutIn { weight } => out_in_device(xs, weight),
             Self::Int8 {
                 weight,
                 values_t: Some(values_t),
@@ -112,9 +117,43 @@ fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     super::cuda::w8a16(xs, weight)
 }
 
+/// `linear`'s product with its sublayer's ends (`residual`, `norm`) inside a split-K kernel,
+/// when one runs it (`None`: the caller composes them).
 #[cfg(feature = "cuda")]
-fn w8a16_add_device(xs: &Tensor, weight: &Int8Weight, residual: &Tensor) -> Result<Tensor> {
-    super::cuda::w8a16_add(xs, weight, residual)
+fn fused_device(
+    linear: &Linear,
+    xs: &Tensor,
+    residual: Option<&Tensor>,
+    norm: Option<&RmsNorm>,
+) -> Result<Option<Tensor>> {
+    use super::cuda::{self, Ends, W8a16Kernel};
+    let rows = xs.elem_count() / xs.dim(D::Minus1)?;
+    let ends = || Ends {
+        residual: residual.cloned(),
+        norm: norm.map(|n| (n.alpha.clone(), n.eps)),
+    };
+    Ok(match linear {
+        Linear::OutIn { weight } if rows <= cuda::GEMV_MAX_ROWS => {
+            Some(cuda::gemv_bf16(xs, weight, &ends())?)
+        }
+        Linear::Int8 {
+            weight,
+            values_t: None,
+        } if cuda::w8a16_fuses(rows) => {
+            Some(cuda::w8a16_fused(xs, weight, W8a16Kernel::SplitK, &ends())?)
+        }
+        _ => None,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_device(
+    _linear: &Linear,
+    _xs: &Tensor,
+    _residual: Option<&Tensor>,
+    _norm: Option<&RmsNorm>,
+) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// Whether `weight` is held `[out, in]` for our bf16 kernel: bf16 on a GPU, in a build with the
@@ -128,20 +167,16 @@ fn out_in_requested(weight: &Tensor) -> bool {
 }
 
 #[cfg(feature = "cuda")]
-fn out_in_device(xs: &Tensor, weight: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let rows = xs.elem_count() / xs.dim(D::Minus1)?;
     if rows <= super::cuda::GEMV_MAX_ROWS {
-        return super::cuda::gemv_bf16(xs, weight, residual);
+        return super::cuda::gemv_bf16(xs, weight, &Default::default());
     }
-    let product = linear(xs, weight)?;
-    match residual {
-        Some(residual) => residual + product,
-        None => Ok(product),
-    }
+    linear(xs, weight)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn out_in_device(_xs: &Tensor, _weight: &Tensor, _residual: Option<&Tensor>) -> Result<Tensor> {
+fn out_in_device(_xs: &Tensor, _weight: &Tensor) -> Result<Tensor> {
     unreachable!("`[out, in]` weights are only chosen in a build with the `cuda` feature")
 }
 
@@ -184,11 +219,6 @@ fn swiglu_fused(_gated: &Tensor) -> Result<Tensor> {
 #[cfg(not(feature = "cuda"))]
 fn w8a16_device(_xs: &Tensor, _weight: &Int8Weight) -> Result<Tensor> {
     candle_core::bail!("int8 weights on this device need a build with the `cuda` feature")
-}
-
-#[cfg(not(feature = "cuda"))]
-fn w8a16_add_device(xs: &Tensor, weight: &Int8Weight, residual: &Tensor) -> Result<Tensor> {
-    residual + w8a16_device(xs, weight)?
 }
 
 /// RMS normalisation computed in f32: `x · alpha / sqrt(mean(x²) + eps)`.
@@ -257,18 +287,20 @@ impl SwiGlu {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_out.forward(&self.gate(xs)?)
+        self.linear_out
+            .forward(&self.gate(self.linear_in.forward(xs)?)?)
     }
 
-    /// `residual + self.forward(xs)`, the sum fused into the out-projection where it can be
-    /// (`Linear::forward_add`).
-    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.linear_out.forward_add(&self.gate(xs)?, residual)
+    /// `xs + self.forward(norm.forward(xs))`, a transformer's whole feed-forward sublayer: the
+    /// norm and the sum fused into the two products where they can be
+    /// (`Linear::forward_normed`, `Linear::forward_add`).
+    pub fn sublayer(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        let gated = self.linear_in.forward_normed(xs, norm)?;
+        self.linear_out.forward_add(&self.gate(gated)?, xs)
     }
 
     /// `silu(a) · b` where `[a, b] = linear_in(xs)`.
-    fn gate(&self, xs: &Tensor) -> Result<Tensor> {
-        let gated = self.linear_in.forward(xs)?;
+    fn gate(&self, gated: Tensor) -> Result<Tensor> {
         if fused(&gated) {
             return swiglu_fused(&gated);
         }

@@ -134,32 +134,30 @@ impl Transformer {
         let _span = tracing::trace_span!("temporal").entered();
         let mut xs = xs.clone();
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let normed = layer.norm1.forward(&xs)?;
-            xs = self.attend(layer_idx, &normed, &xs, &state.cache, step, rope)?;
-            xs = layer.ffn.forward_add(&layer.norm2.forward(&xs)?, &xs)?;
+            xs = self.attend(layer_idx, &xs, &state.cache, step, rope)?;
+            xs = layer.ffn.sublayer(&xs, &layer.norm2)?;
         }
         Ok(xs)
     }
 
-    /// `residual` plus layer `layer_idx`'s attention over `xs` (normalised).
+    /// Layer `layer_idx`'s attention sublayer: `xs` plus the attention over `xs` normalised.
     fn attend(
         &self,
         layer_idx: usize,
         xs: &Tensor,
-        residual: &Tensor,
         cache: &RingCache,
         step: &RingStep,
         rope: &RopeTables,
     ) -> Result<Tensor> {
         let layer = &self.layers[layer_idx];
         let (batch, time, dim) = xs.dims3()?;
-        let qkv = layer.in_proj.forward(xs)?;
+        let qkv = layer.in_proj.forward_normed(xs, &layer.norm1)?;
         if step.uses_kernels() {
             let out = cache
                 .attend_kernels(layer_idx, step, &qkv, rope)?
                 .transpose(1, 2)?
                 .reshape((batch, time, dim))?;
-            return layer.out_proj.forward_add(&out, residual);
+            return layer.out_proj.forward_add(&out, xs);
         }
         let [q, k, v] = split_qkv(&qkv, self.heads, self.head_dim)?;
         let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
@@ -167,7 +165,7 @@ impl Transformer {
         let out = attention(&q, &attend)?
             .transpose(1, 2)?
             .reshape((batch, time, dim))?;
-        layer.out_proj.forward_add(&out, residual)
+        layer.out_proj.forward_add(&out, xs)
     }
 }
 
