@@ -37,6 +37,12 @@ const GEMV_CHANNELS: usize = 4;
 const GEMV_MAX_WARPS: usize = 8;
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// Whether the split-K kernels take `rows` rows of `k` inputs with weights of `weight_bytes`:
+/// 1 to 4 rows, and rows in whole 16-byte loads.
+pub fn gemv_takes(rows: usize, k: usize, weight_bytes: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&rows) && k.is_multiple_of(16 / weight_bytes)
+}
+
 /// The entry point, grid and block of `gemv.cu`'s `family` (`int8`, `bf16`) for `rows` x `k`
 /// inputs, `n` outputs and weights of `weight_bytes` each.
 fn gemv_launch(
@@ -47,7 +53,7 @@ fn gemv_launch(
     weight_bytes: usize,
 ) -> Result<(String, LaunchConfig)> {
     let per_load = 16 / weight_bytes;
-    if rows == 0 || rows > GEMV_MAX_ROWS || !k.is_multiple_of(per_load) {
+    if !gemv_takes(rows, k, weight_bytes) {
         candle_core::bail!(
             "the split-K products take 1 to {GEMV_MAX_ROWS} rows and inputs in whole 16-byte loads, not {rows} x {k}"
         );

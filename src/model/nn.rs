@@ -127,13 +127,14 @@ fn fused_device(
     norm: Option<&RmsNorm>,
 ) -> Result<Option<Tensor>> {
     use super::cuda::{self, Ends, W8a16Kernel};
-    let rows = xs.elem_count() / xs.dim(D::Minus1)?;
+    let k = xs.dim(D::Minus1)?;
+    let rows = xs.elem_count() / k;
     let ends = || Ends {
         residual: residual.cloned(),
         norm: norm.map(|n| (n.alpha.clone(), n.eps)),
     };
     Ok(match linear {
-        Linear::OutIn { weight } if rows <= cuda::GEMV_MAX_ROWS => {
+        Linear::OutIn { weight } if cuda::gemv_takes(rows, k, 2) => {
             Some(cuda::gemv_bf16(xs, weight, &ends())?)
         }
         Linear::Int8 {
@@ -168,8 +169,8 @@ fn out_in_requested(weight: &Tensor) -> bool {
 
 #[cfg(feature = "cuda")]
 fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let rows = xs.elem_count() / xs.dim(D::Minus1)?;
-    if rows <= super::cuda::GEMV_MAX_ROWS {
+    let k = xs.dim(D::Minus1)?;
+    if super::cuda::gemv_takes(xs.elem_count() / k, k, 2) {
         return super::cuda::gemv_bf16(xs, weight, &Default::default());
     }
     linear(xs, weight)
