@@ -37,15 +37,7 @@ fn w8a16_kernels_match_the_cpu_reference() {
             let want =
                 quant::w8a16_reference(&x.to_dtype(DType::F32).unwrap(), &values_t, &q.scale)
                     .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = tiny::largest_abs(&want);
             let x_gpu = x.to_device(&gpu).unwrap();
             let got = cuda::w8a16_on(&x_gpu, &q_gpu, kernel).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);
@@ -78,10 +70,6 @@ fn check_sublayer_ends(
     gpu: &Device,
     what: &str,
 ) {
-    let largest = |t: &Tensor| {
-        let flat = t.abs().unwrap().flatten_all().unwrap();
-        flat.max(0).unwrap().to_scalar::<f32>().unwrap()
-    };
     let plain = product(x);
     let (rows, n) = plain.dims2().unwrap();
     let residual = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu)
@@ -95,7 +83,7 @@ fn check_sublayer_ends(
     });
     let diff = tiny::max_abs_diff(&got, &want);
     assert!(
-        diff <= 0.01 * largest(&want),
+        diff <= 0.01 * tiny::largest_abs(&want),
         "{what}, with a skip connection: {diff}"
     );
     let alpha = Tensor::randn(1f32, 0.1, x.dim(1).unwrap(), &Device::Cpu).unwrap();
@@ -107,7 +95,7 @@ fn check_sublayer_ends(
     });
     let diff = tiny::max_abs_diff(&got, &want);
     assert!(
-        diff <= 0.01 * largest(&want),
+        diff <= 0.01 * tiny::largest_abs(&want),
         "{what}, with a pre-norm: {diff}"
     );
 }
@@ -126,15 +114,7 @@ fn the_bf16_split_k_product_matches_a_matmul() {
             let x = bf16(Tensor::randn(0f32, 4.0, (batch, k), &Device::Cpu).unwrap());
             let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let want = f32(&x).matmul(&f32(&weight).t().unwrap()).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = tiny::largest_abs(&want);
             let x_gpu = x.to_device(&gpu).unwrap();
             let got = cuda::gemv_bf16(&x_gpu, &weight_gpu, &cuda::Ends::default()).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);

@@ -62,6 +62,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Largest |t| over all elements (the scale tolerances are relative to).
+pub fn largest_abs(t: &Tensor) -> f32 {
+    let flat = t
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    flat.max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
 /// The first GPU, or `None` (with a note) when there is none.
 pub fn gpu() -> Option<Device> {
     match duplex::model::open_gpu(0) {
