@@ -300,7 +300,7 @@ impl SwiGlu {
         self.linear_out.forward_add(&self.gate(gated)?, xs)
     }
 
-    /// `silu(a) · b` where `[a, b] = linear_in(xs)`.
+    /// `silu(a) · b` of `gated` = `[a, b]` (the in-projection's output).
     fn gate(&self, gated: Tensor) -> Result<Tensor> {
         if fused(&gated) {
             return swiglu_fused(&gated);
