@@ -318,19 +318,30 @@ pub fn w8a16_fused(
     kernel: W8a16Kernel,
     ends: &Ends,
 ) -> Result<Tensor> {
-    let dims = xs.dims().to_vec();
+    let n = weight.out_features()?;
+    on_rows(xs, n, |x, rows, k| {
+        let op = W8a16 {
+            kernel,
+            ends: ends.for_product(rows, n, k)?,
+        };
+        x.apply_op3_no_bwd(&weight.q, &weight.scale, &op)
+    })
+}
+
+/// `product` of `xs` as compact bf16 rows `[rows, k]` (given with `rows` and `k`), its `[rows,
+/// n]` result returned with `xs`'s leading dims and dtype.
+fn on_rows(
+    xs: &Tensor,
+    n: usize,
+    product: impl FnOnce(&Tensor, usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut dims = xs.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows = xs.elem_count() / k;
-    let n = weight.out_features()?;
     let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
-    let op = W8a16 {
-        kernel,
-        ends: ends.for_product(rows, n, k)?,
-    };
-    let y = x.apply_op3_no_bwd(&weight.q, &weight.scale, &op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("a linear input has dims") = n;
-    y.reshape(out_dims)?.to_dtype(xs.dtype())
+    let y = product(&x, rows, k)?;
+    *dims.last_mut().expect("a linear input has dims") = n;
+    y.reshape(dims)?.to_dtype(xs.dtype())
 }
 
 /// `x · wᵀ` with bf16 weights `[n, k]` by `gemv_splitk_bf16_b*`, with its sublayer's `ends`.
@@ -399,18 +410,14 @@ impl candle_core::CustomOp2 for GemvBf16 {
 /// `x · wᵀ` for 1 to 4 rows of `x` with bf16 weights `w` `[out, in]` (PyTorch's layout), by
 /// the split-K matrix-vector kernel, with its sublayer's `ends` inside; `x` any leading dims.
 pub fn gemv_bf16(xs: &Tensor, weight: &Tensor, ends: &Ends) -> Result<Tensor> {
-    let dims = xs.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let rows = xs.elem_count() / k;
     let n = weight.dim(0)?;
-    let x = xs.reshape((rows, k))?.to_dtype(DType::BF16)?.contiguous()?;
-    let op = GemvBf16 {
-        ends: ends.for_product(rows, n, k)?,
-    };
-    let y = x.apply_op2_no_bwd(&weight.to_dtype(DType::BF16)?.contiguous()?, &op)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("a linear input has dims") = n;
-    y.reshape(out_dims)?.to_dtype(xs.dtype())
+    let weight = weight.to_dtype(DType::BF16)?.contiguous()?;
+    on_rows(xs, n, |x, rows, k| {
+        let op = GemvBf16 {
+            ends: ends.for_product(rows, n, k)?,
+        };
+        x.apply_op2_no_bwd(&weight, &op)
+    })
 }
 
 struct RmsNormOp {
