@@ -93,16 +93,6 @@ impl EncoderState {
         self.transformer.reset(slots.clone());
         self.downsample.reset(slots)
     }
-
-    /// The state a step shifts along (its convolutions'; the transformer's ring is rewritten
-    /// in place at the same entries by a repeated step).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn shift_buffers(&self) -> Vec<&Tensor> {
-        self.seanet
-            .buffers()
-            .chain(self.downsample.buffers())
-            .collect()
-    }
 }
 
 impl DecoderState {
@@ -124,15 +114,6 @@ impl DecoderState {
         self.upsample.reset(slots.clone())?;
         self.transformer.reset(slots.clone());
         self.seanet.reset(slots)
-    }
-
-    /// See `EncoderState::shift_buffers`.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn shift_buffers(&self) -> Vec<&Tensor> {
-        self.upsample
-            .buffers()
-            .chain(self.seanet.buffers())
-            .collect()
     }
 }
 

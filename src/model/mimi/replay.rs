@@ -108,31 +108,35 @@ impl Mimi {
 }
 
 /// What capture needs of a streaming state.
-#[cfg(feature = "cuda")]
-trait Streaming {
+pub(super) trait Streaming {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn graphs(&mut self) -> &mut GraphMode;
+
+    /// The state a step shifts along: its convolutions'. (A repeated step rewrites the
+    /// transformer's ring in place at the same entries with the same values.)
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn shift_buffers(&self) -> Vec<&Tensor>;
 }
 
-#[cfg(feature = "cuda")]
 impl Streaming for EncoderState {
     fn graphs(&mut self) -> &mut GraphMode {
         &mut self.graphs
     }
 
     fn shift_buffers(&self) -> Vec<&Tensor> {
-        EncoderState::shift_buffers(self)
+        let seanet = self.seanet.buffers();
+        seanet.chain(self.downsample.buffers()).collect()
     }
 }
 
-#[cfg(feature = "cuda")]
 impl Streaming for DecoderState {
     fn graphs(&mut self) -> &mut GraphMode {
         &mut self.graphs
     }
 
     fn shift_buffers(&self) -> Vec<&Tensor> {
-        DecoderState::shift_buffers(self)
+        let upsample = self.upsample.buffers();
+        upsample.chain(self.seanet.buffers()).collect()
     }
 }
 

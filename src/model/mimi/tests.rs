@@ -2,6 +2,7 @@
 //! `tests/reference/make_fixtures.py` from the tiny Mimi checkpoint), streaming against
 //! non-streaming, slot masking and resets.
 
+use super::replay::Streaming;
 use super::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
