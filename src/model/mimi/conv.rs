@@ -54,6 +54,28 @@ impl RowMask {
     }
 }
 
+/// Row masks already on the device, by pattern: a stream's steps repeat a few patterns (most
+/// often every row busy), so each is uploaded once rather than every step.
+#[derive(Debug, Default)]
+pub(super) struct RowMaskMemo(Vec<(Vec<bool>, RowMask)>);
+
+/// Patterns a `RowMaskMemo` keeps.
+const ROW_MASK_MEMO: usize = 16;
+
+impl RowMaskMemo {
+    pub fn get(&mut self, active: &[bool], device: &Device) -> Result<RowMask> {
+        if let Some((_, mask)) = self.0.iter().find(|(pattern, _)| pattern == active) {
+            return Ok(mask.clone());
+        }
+        let mask = RowMask::new(active, device)?;
+        if self.0.len() == ROW_MASK_MEMO {
+            self.0.remove(0);
+        }
+        self.0.push((active.to_vec(), mask.clone()));
+        Ok(mask)
+    }
+}
+
 /// Rows (dim 0) of `new` where `take` (u8 `[rows]`) is 1, of `old` elsewhere.
 fn select_rows(take: &Tensor, new: &Tensor, old: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1; old.rank()];

@@ -30,7 +30,10 @@ use super::checkpoint::mimi::MimiWeights;
 use super::graph_cache::GraphMode;
 use super::kv::RingPositions;
 use candle_core::{DType, Device, Tensor};
-use conv::{Conv1d, Conv1dState, ConvTr1d, ConvTr1dState, Pad, RowMask, check_active, check_slots};
+use conv::{
+    Conv1d, Conv1dState, ConvTr1d, ConvTr1dState, Pad, RowMask, RowMaskMemo, check_active,
+    check_slots,
+};
 use quantizer::SplitRvq;
 use seanet::{SeanetDecoder, SeanetEncoder, SeanetState};
 use std::ops::Range;
@@ -61,6 +64,7 @@ pub struct EncoderState {
     seanet: SeanetState,
     transformer: TransformerState,
     downsample: Conv1dState,
+    masks: RowMaskMemo,
     graphs: GraphMode,
 }
 
@@ -70,6 +74,7 @@ pub struct DecoderState {
     upsample: ConvTr1dState,
     transformer: TransformerState,
     seanet: SeanetState,
+    masks: RowMaskMemo,
     graphs: GraphMode,
 }
 
@@ -235,6 +240,7 @@ impl Mimi {
             seanet: self.encoder.state(batch)?,
             transformer: self.encoder_transformer.state(batch)?,
             downsample: self.downsample.state(batch)?,
+            masks: RowMaskMemo::default(),
             graphs: GraphMode::Off,
         })
     }
@@ -245,6 +251,7 @@ impl Mimi {
             upsample: self.upsample.state(batch)?,
             transformer: self.decoder_transformer.state(batch)?,
             seanet: self.decoder.state(batch)?,
+            masks: RowMaskMemo::default(),
             graphs: GraphMode::Off,
         })
     }
@@ -270,23 +277,30 @@ impl Mimi {
             );
         }
         check_active(active, batch)?;
-        let plan = self.plan_step(&self.encoder_transformer, &mut state.transformer, active)?;
+        let plan = self.plan_step(
+            &self.encoder_transformer,
+            &mut state.transformer,
+            &mut state.masks,
+            active,
+        )?;
         if let Some(codes) = self.replay_encode(pcm, state, &plan)? {
             return Ok(codes);
         }
         self.encode_planned(pcm, state, &plan)
     }
 
-    /// Plans a step of the first `active.len()` slots: its masks, and `transformer`'s ring
-    /// writes and rotations (each active slot advances one frame of transformer tokens).
+    /// Plans a step of the first `active.len()` slots: its masks (from `masks`), and
+    /// `transformer`'s ring writes and rotations (each active slot advances one frame of
+    /// transformer tokens).
     fn plan_step(
         &self,
         transformer: &Transformer,
         state: &mut TransformerState,
+        masks: &mut RowMaskMemo,
         active: &[bool],
     ) -> Result<StepPlan> {
         Ok(StepPlan {
-            mask: RowMask::new(active, &self.device)?,
+            mask: masks.get(active, &self.device)?,
             transformer: transformer.plan(state, self.cfg.resample_stride(), active)?,
         })
     }
@@ -331,7 +345,12 @@ impl Mimi {
             );
         }
         check_active(active, batch)?;
-        let plan = self.plan_step(&self.decoder_transformer, &mut state.transformer, active)?;
+        let plan = self.plan_step(
+            &self.decoder_transformer,
+            &mut state.transformer,
+            &mut state.masks,
+            active,
+        )?;
         if let Some(pcm) = self.replay_decode(codes, state, &plan)? {
             return Ok(pcm);
         }

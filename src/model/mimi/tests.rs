@@ -256,7 +256,12 @@ fn encode(
     if steps == Steps::Once {
         return mimi.encode_step(pcm, state, active);
     }
-    let plan = mimi.plan_step(&mimi.encoder_transformer, &mut state.transformer, active)?;
+    let plan = mimi.plan_step(
+        &mimi.encoder_transformer,
+        &mut state.transformer,
+        &mut state.masks,
+        active,
+    )?;
     let saved = replay::save(&state.shift_buffers())?;
     let first = mimi.encode_planned(pcm, state, &plan)?;
     replay::restore(&state.shift_buffers(), &saved)?;
@@ -279,7 +284,12 @@ fn decode(
     if steps == Steps::Once {
         return mimi.decode_step(codes, state, active);
     }
-    let plan = mimi.plan_step(&mimi.decoder_transformer, &mut state.transformer, active)?;
+    let plan = mimi.plan_step(
+        &mimi.decoder_transformer,
+        &mut state.transformer,
+        &mut state.masks,
+        active,
+    )?;
     let saved = replay::save(&state.shift_buffers())?;
     let first = mimi.decode_planned(codes, state, &plan)?;
     replay::restore(&state.shift_buffers(), &saved)?;
