@@ -4,7 +4,11 @@
 //    graph can replay the step);
 //  - ring_attention_part_bf16 + ring_attention_join: softmax(q·kᵀ·scale + mask)·v over only the
 //    first `len` ring entries (the filled part), split into chunks of keys, f32 inside.
-// CPU references: `nn::RopeTables::apply`, `kv::RingCache::append`, `kv::attention`.
+// Each has an 8-bit twin (`rope_kv_write_int8`, `ring_attention_part_int8`) for rings that hold
+// int8 codes with one f32 scale per (row, head, entry) for the keys and one for the values:
+// half the bytes a long history costs every step.
+// CPU references: `nn::RopeTables::apply`, `kv::RingCache::append`, `kv::attention`;
+// `quant::quantize_rows` and `quant::dequantize_rows` for the 8-bit rings.
 #include "common.cuh"
 #include <math.h>
 
@@ -41,6 +45,64 @@ extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ 
   ring_v[slot + odd] = v[odd];
 }
 
+// An entry's scale (its largest magnitude / 127, 1 for an all-zero entry) and a value's code
+// x / scale rounded half away from zero: `quant::quantize_rows` on the CPU computes the same.
+__device__ __forceinline__ float int8_scale(float amax) { return amax > 0.f ? amax * (1.f / 127.f) : 1.f; }
+__device__ __forceinline__ int8_t int8_code(float x, float scale) {
+  return (int8_t)fminf(127.f, fmaxf(-127.f, roundf(x / scale)));
+}
+
+// rope_kv_write_bf16 for an 8-bit ring: ring_k, ring_v [rows, heads, capacity, head_dim] int8,
+// k_scale, v_scale [rows, heads, capacity] f32 (`int8_scale` of the entry's rotated key, of its
+// value). Grid: rows * heads blocks of head_dim / 2 threads rounded up to whole warps (the
+// block reduces the entry's largest magnitude).
+extern "C" __global__ void rope_kv_write_int8(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                                              const float* __restrict__ sin, __nv_bfloat16* __restrict__ q_out,
+                                              int8_t* __restrict__ ring_k, int8_t* __restrict__ ring_v,
+                                              float* __restrict__ k_scale, float* __restrict__ v_scale,
+                                              const int64_t* __restrict__ write_idx, int heads, int head_dim,
+                                              int capacity) {
+  __shared__ float scratch[32];
+  const int half = head_dim / 2;
+  const int pair = threadIdx.x;
+  const bool owns = pair < half;
+  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+  const size_t token = (size_t)b * 3 * heads * head_dim;
+  const __nv_bfloat16* q = qkv + token + (size_t)h * head_dim;
+  const __nv_bfloat16* k = qkv + token + (size_t)(heads + h) * head_dim;
+  const __nv_bfloat16* v = qkv + token + (size_t)(2 * heads + h) * head_dim;
+  const int even = 2 * pair, odd = 2 * pair + 1;
+  float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
+  if (owns) {
+    const float c = cos[(size_t)b * half + pair], s = sin[(size_t)b * half + pair];
+    const float q0 = __bfloat162float(q[even]), q1 = __bfloat162float(q[odd]);
+    __nv_bfloat16* qo = q_out + ((size_t)b * heads + h) * head_dim;
+    qo[even] = __float2bfloat16(q0 * c - q1 * s);
+    qo[odd] = __float2bfloat16(q0 * s + q1 * c);
+    const float kx = __bfloat162float(k[even]), ky = __bfloat162float(k[odd]);
+    k0 = kx * c - ky * s;
+    k1 = kx * s + ky * c;
+    v0 = __bfloat162float(v[even]);
+    v1 = __bfloat162float(v[odd]);
+  }
+  // The same for every thread of the block, so the reductions below are reached by all.
+  const int64_t at = write_idx[b];
+  if (at < 0 || at >= capacity) return;
+  const float ks = int8_scale(block_max(fmaxf(fabsf(k0), fabsf(k1)), scratch));
+  const float vs = int8_scale(block_max(fmaxf(fabsf(v0), fabsf(v1)), scratch));
+  const size_t entry = ((size_t)b * heads + h) * capacity + (size_t)at;
+  if (owns) {
+    ring_k[entry * head_dim + even] = int8_code(k0, ks);
+    ring_k[entry * head_dim + odd] = int8_code(k1, ks);
+    ring_v[entry * head_dim + even] = int8_code(v0, vs);
+    ring_v[entry * head_dim + odd] = int8_code(v1, vs);
+  }
+  if (threadIdx.x == 0) {
+    k_scale[entry] = ks;
+    v_scale[entry] = vs;
+  }
+}
+
 // Attention of one query per (slot, head) over the first `len` ring entries, split over the keys
 // so that a long ring keeps every SM busy (flash-decoding): `ring_attention_part_bf16` scores one
 // chunk of ATTENTION_CHUNK keys per block and writes its running max, its sum of exponentials and
@@ -49,31 +111,50 @@ extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ 
 #define ATTENTION_CHUNK 128
 #define ATTENTION_THREADS 128
 
-// Loads 8 bf16 from 16-byte aligned memory as floats.
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* out) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+// How the attention kernel reads a ring's entries (`entry` counts entries of head_dim values
+// from the ring's start): the keys 8 dimensions at a time, each key's scale, and the values a
+// pair of dimensions at a time, as f32.
+struct Bf16Ring {
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+  // 8 keys' dimensions from one 16-byte load.
+  __device__ void key8(size_t entry, int octet, int head_dim, float* out) const {
+    const uint4 raw = *reinterpret_cast<const uint4*>(k + entry * head_dim + octet * 8);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
   }
-}
+  __device__ float key_scale(size_t) const { return 1.f; }
+  __device__ float2 value2(size_t entry, int pair, int head_dim) const {
+    return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(v + entry * head_dim)[pair]);
+  }
+};
 
-// Max of `v` over the block; every thread gets it.
-__device__ __forceinline__ float block_max(float v, float* shared32) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  if (lane == 0) shared32[warp] = v;
-  __syncthreads();
-  float m = shared32[0];
-  for (int w = 1; w < warps; ++w) m = fmaxf(m, shared32[w]);
-  __syncthreads();
-  return m;
-}
+struct Int8Ring {
+  const int8_t* k;
+  const int8_t* v;
+  const float* k_scale;
+  const float* v_scale;
+  // 8 keys' dimensions from one 8-byte load, as their codes (the scale applies to the dot).
+  __device__ void key8(size_t entry, int octet, int head_dim, float* out) const {
+    const uint2 raw = *reinterpret_cast<const uint2*>(k + entry * head_dim + octet * 8);
+    int8x4_to_f32(raw.x, out);
+    int8x4_to_f32(raw.y, out + 4);
+  }
+  __device__ float key_scale(size_t entry) const { return k_scale[entry]; }
+  __device__ float2 value2(size_t entry, int pair, int head_dim) const {
+    const char2 code = reinterpret_cast<const char2*>(v + entry * head_dim)[pair];
+    const float scale = v_scale[entry];
+    return make_float2((float)code.x * scale, (float)code.y * scale);
+  }
+};
 
-// q [rows, heads, head_dim]; ring_k, ring_v [rows, heads, capacity, head_dim]; mask [rows, len] f32
+// q [rows, heads, head_dim]; the ring [rows, heads, capacity, head_dim] read through `Ring`;
+// mask [rows, len] f32
 // additive (0 visible, -inf hidden); prefix_len [rows]: a row's first prefix_len entries are a
 // pinned prefix stored at its prompt positions, scored against the query turned back by
 // unturn_cos/unturn_sin ([rows, head_dim / 2] f32, RoPE by minus the distance the window has slid
@@ -82,15 +163,13 @@ __device__ __forceinline__ float block_max(float v, float* shared32) {
 // weighted values, then its max score and its sum of exponentials (max -inf, sum 0 when the mask
 // hides the whole chunk).
 // Grid: (rows * heads, chunks) blocks of ATTENTION_THREADS threads. head_dim a multiple of 8, at
-// most 128; rows of ring_k/ring_v 16-byte aligned.
-extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restrict__ q,
-                                                    const __nv_bfloat16* __restrict__ ring_k,
-                                                    const __nv_bfloat16* __restrict__ ring_v,
-                                                    const float* __restrict__ mask,
-                                                    const unsigned int* __restrict__ prefix_len,
-                                                    const float* __restrict__ unturn_cos,
-                                                    const float* __restrict__ unturn_sin, float* __restrict__ part,
-                                                    int heads, int head_dim, int capacity, int len, float scale) {
+// most 128; rows of the ring 16-byte aligned (bf16) or 8-byte aligned (int8).
+template <class Ring>
+__device__ void ring_attention_part(const __nv_bfloat16* __restrict__ q, const Ring ring,
+                                    const float* __restrict__ mask, const unsigned int* __restrict__ prefix_len,
+                                    const float* __restrict__ unturn_cos, const float* __restrict__ unturn_sin,
+                                    float* __restrict__ part, int heads, int head_dim, int capacity, int len,
+                                    float scale) {
   __shared__ float qs[128];
   __shared__ float qp[128];
   __shared__ float scores[ATTENTION_CHUNK];
@@ -111,25 +190,25 @@ extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restr
   const int pinned = (int)prefix_len[b];
   __syncthreads();
 
-  // Scores: a team of lanes per key, 8 dimensions per lane (one 16-byte load).
+  // Scores: a team of lanes per key, 8 dimensions per lane (one load).
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int octets = head_dim / 8;
   int team = 1;
   while (team < octets) team <<= 1;
   const int keys_per_warp = 32 / team, member = lane % team;
-  const __nv_bfloat16* keys = ring_k + ((size_t)head * capacity + first) * head_dim;
+  const size_t base = (size_t)head * capacity + first;
   for (int j0 = warp * keys_per_warp; j0 < count; j0 += warps * keys_per_warp) {
     const int j = j0 + lane / team;
     float dot = 0.f;
     if (j < count && member < octets) {
       float k8[8];
-      load8(keys + (size_t)j * head_dim + member * 8, k8);
+      ring.key8(base + j, member, head_dim, k8);
       const float* query = first + j < pinned ? qp : qs;
 #pragma unroll
       for (int i = 0; i < 8; ++i) dot += query[member * 8 + i] * k8[i];
     }
     for (int offset = team / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    if (member == 0 && j < count) scores[j] = dot + mask[(size_t)b * len + first + j];
+    if (member == 0 && j < count) scores[j] = dot * ring.key_scale(base + j) + mask[(size_t)b * len + first + j];
   }
   __syncthreads();
 
@@ -155,10 +234,8 @@ extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restr
   const int pair = threadIdx.x % pairs, group = threadIdx.x / pairs;
   float2 acc = make_float2(0.f, 0.f);
   if (group < groups) {
-    const __nv_bfloat162* values =
-        reinterpret_cast<const __nv_bfloat162*>(ring_v + ((size_t)head * capacity + first) * head_dim);
     for (int j = group; j < count; j += groups) {
-      const float2 v = __bfloat1622float2(values[(size_t)j * pairs + pair]);
+      const float2 v = ring.value2(base + j, pair, head_dim);
       acc.x += scores[j] * v.x;
       acc.y += scores[j] * v.y;
     }
@@ -177,7 +254,34 @@ extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restr
   }
 }
 
-// part as written by ring_attention_part_bf16 → out [rows, heads, head_dim] bf16 (zeros where
+extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restrict__ q,
+                                                    const __nv_bfloat16* __restrict__ ring_k,
+                                                    const __nv_bfloat16* __restrict__ ring_v,
+                                                    const float* __restrict__ mask,
+                                                    const unsigned int* __restrict__ prefix_len,
+                                                    const float* __restrict__ unturn_cos,
+                                                    const float* __restrict__ unturn_sin, float* __restrict__ part,
+                                                    int heads, int head_dim, int capacity, int len, float scale) {
+  ring_attention_part(q, Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part, heads, head_dim,
+                      capacity, len, scale);
+}
+
+// ring_k, ring_v int8 codes; k_scale, v_scale [rows, heads, capacity] f32.
+extern "C" __global__ void ring_attention_part_int8(const __nv_bfloat16* __restrict__ q,
+                                                    const int8_t* __restrict__ ring_k,
+                                                    const int8_t* __restrict__ ring_v,
+                                                    const float* __restrict__ k_scale,
+                                                    const float* __restrict__ v_scale,
+                                                    const float* __restrict__ mask,
+                                                    const unsigned int* __restrict__ prefix_len,
+                                                    const float* __restrict__ unturn_cos,
+                                                    const float* __restrict__ unturn_sin, float* __restrict__ part,
+                                                    int heads, int head_dim, int capacity, int len, float scale) {
+  ring_attention_part(q, Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos, unturn_sin, part,
+                      heads, head_dim, capacity, len, scale);
+}
+
+// part as written by ring_attention_part_bf16 or _int8 → out [rows, heads, head_dim] bf16 (zeros where
 // the mask hides every key). Grid: rows * heads blocks of at least head_dim threads.
 extern "C" __global__ void ring_attention_join(const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
                                                int head_dim, int chunks) {

@@ -25,6 +25,26 @@ __device__ __forceinline__ float block_sum(float v, float* shared32) {
   return total;
 }
 
+// Max of `v` over the block; every thread gets it.
+__device__ __forceinline__ float block_max(float v, float* shared32) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  float m = shared32[0];
+  for (int w = 1; w < warps; ++w) m = fmaxf(m, shared32[w]);
+  __syncthreads();
+  return m;
+}
+
+// Four int8 (one word) exactly as f32: a byte with its sign bit flipped is q + 128 in 0..255;
+// placed as the low mantissa byte of 2^23 (bits 0x4B000000) it is the float 2^23 + 128 + q.
+__device__ __forceinline__ void int8x4_to_f32(uint32_t word, float* out) {
+  const uint32_t biased = word ^ 0x80808080u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 | i)) - 8388736.f;
+}
+
 // A counter-based random number in [0, 1): splitmix64 of (seed, counter, index). The Rust
 // reference (`model::sampling::uniform`) computes the same bits.
 __device__ __forceinline__ float uniform01(uint64_t seed, uint64_t counter, uint64_t index) {

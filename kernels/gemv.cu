@@ -26,14 +26,6 @@
 #define GEMV_MAX_BATCH 4
 #define GEMV_UNROLL 2
 
-// Four int8 (one word) exactly as f32: a byte with its sign bit flipped is q + 128 in 0..255;
-// placed as the low mantissa byte of 2^23 (bits 0x4B000000) it is the float 2^23 + 128 + q.
-__device__ __forceinline__ void int8x4_to_f32(uint32_t word, float* out) {
-  const uint32_t biased = word ^ 0x80808080u;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540 | i)) - 8388736.f;
-}
-
 // One bf16 of a packed pair as f32 (bf16 is the high half of an f32).
 __device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }

@@ -5,6 +5,8 @@
 mod tiny;
 
 use candle_core::{DType, Device, Tensor};
+use duplex::model::decode::KvRing;
+use duplex::model::quant::KvQuant;
 use duplex::model::{cuda, quant, sampling};
 
 /// Every w8a16 kernel against the CPU reference: the matrix-vector and tensor-core ones for
@@ -211,16 +213,20 @@ fn rope_and_ring_write_match_the_cpu_path() {
         .unwrap();
     let (cos, sin) = tables.cos_sin();
     let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
-    let (ring_k, ring_v) = (on_gpu(&ring), on_gpu(&ring.affine(-1.0, 0.0).unwrap()));
+    let gpu_ring = KvRing {
+        k: on_gpu(&ring),
+        v: on_gpu(&ring.affine(-1.0, 0.0).unwrap()),
+        scales: None,
+    };
     let q = cuda::rope_kv_write(
         &on_gpu(&qkv),
         &on_gpu(&cos.squeeze(1).unwrap()),
         &on_gpu(&sin.squeeze(1).unwrap()),
-        &ring_k,
-        &ring_v,
+        &gpu_ring,
         &on_gpu(&Tensor::new(&write_idx, &Device::Cpu).unwrap()),
     )
     .unwrap();
+    let (ring_k, ring_v) = (gpu_ring.k, gpu_ring.v);
     // The CPU path: split, rotate (in f32), copy into the ring.
     let part = |i: usize| {
         qkv.to_dtype(DType::F32)
@@ -287,20 +293,24 @@ fn rope_and_ring_write_match_the_cpu_path() {
 /// entries and a length short of the capacity: the 7B model's heads, and the tiny model's over a
 /// ring of several key chunks, some of them wholly hidden; and pinned prefixes seen through the
 /// turned-back query against keys turned forward on the CPU.
+/// Int8 rings the same way, against the CPU's attention over their codes scaled back.
 #[test]
 fn ring_attention_matches_the_cpu_path() {
     let Some(gpu) = tiny::gpu() else { return };
-    for (heads, capacity, head_dim, len, pinned) in [
-        (4, 40, 128, 33, false),
-        (2, 700, 16, 650, false),
-        (2, 384, 64, 384, false),
-        (4, 300, 128, 290, true),
-    ] {
-        let diff = ring_attention_error(&gpu, heads, capacity, head_dim, len, pinned);
-        assert!(
-            diff < 0.02,
-            "head_dim {head_dim}, {len} keys, pinned {pinned}: max |diff| {diff}"
-        );
+    for quant in [KvQuant::None, KvQuant::Int8] {
+        for (heads, capacity, head_dim, len, pinned) in [
+            (4, 40, 128, 33, false),
+            (2, 700, 16, 650, false),
+            (2, 384, 64, 384, false),
+            (4, 300, 128, 290, true),
+        ] {
+            let shape = (heads, capacity, head_dim, len);
+            let diff = ring_attention_error(&gpu, shape, pinned, quant);
+            assert!(
+                diff < 0.02,
+                "{quant:?} head_dim {head_dim}, {len} keys, pinned {pinned}: max |diff| {diff}"
+            );
+        }
     }
 }
 
@@ -309,13 +319,13 @@ fn ring_attention_matches_the_cpu_path() {
 const PREFIX_LENS: [u32; 3] = [3, 0, 9];
 const PREFIX_SHIFTS: [u64; 3] = [500, 0, 7];
 
+/// The largest difference between the GPU's attention and the CPU's over a random ring of
+/// (heads, capacity, head_dim, filled entries), stored as `quant` says.
 fn ring_attention_error(
     gpu: &Device,
-    heads: usize,
-    capacity: usize,
-    head_dim: usize,
-    len: usize,
+    (heads, capacity, head_dim, len): (usize, usize, usize, usize),
     pinned: bool,
+    quant: KvQuant,
 ) -> f32 {
     use duplex::model::decode::PinnedPrefix;
     use duplex::model::kv::{Attend, attention};
@@ -326,8 +336,7 @@ fn ring_attention_error(
         bf16(Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap())
     };
     let q = randn((rows, heads, 1, head_dim));
-    let ring_k = randn((rows, heads, capacity, head_dim));
-    let ring_v = randn((rows, heads, capacity, head_dim));
+    let ring = random_ring((rows, heads, capacity, head_dim), quant);
     // Row 2 sees only its first 21 entries, so its later chunks are hidden whole.
     let mask: Vec<f32> = (0..rows * len)
         .map(|i| {
@@ -350,7 +359,7 @@ fn ring_attention_error(
                 .collect()
         })
         .collect();
-    let keys = f32_of(&ring_k.narrow(2, 0, len).unwrap());
+    let (keys, values) = ring.entries(len).unwrap().values_in(DType::F32).unwrap();
     let keys = rope
         .tables(&turn_keys, DType::F32, &Device::Cpu)
         .unwrap()
@@ -360,7 +369,7 @@ fn ring_attention_error(
         &f32_of(&q),
         &Attend {
             k: keys,
-            v: f32_of(&ring_v.narrow(2, 0, len).unwrap()),
+            v: values,
             mask: mask.clone(),
         },
     )
@@ -373,15 +382,107 @@ fn ring_attention_error(
         lens: on_gpu(&Tensor::new(&lens, &Device::Cpu).unwrap()),
         unturn: RopeTables::from_cos_sin(on_gpu(cos), on_gpu(&sin.neg().unwrap())),
     };
-    let got = cuda::ring_attention(
-        &on_gpu(&q),
-        &on_gpu(&ring_k),
-        &on_gpu(&ring_v),
-        &on_gpu(&mask),
-        &prefix,
-    )
-    .unwrap();
+    let got =
+        cuda::ring_attention(&on_gpu(&q), &ring_on(&ring, gpu), &on_gpu(&mask), &prefix).unwrap();
     tiny::max_abs_diff(&got, &want)
+}
+
+/// A ring of standard normal keys and values (bf16), or their int8 codes and scales.
+fn random_ring(dims: (usize, usize, usize, usize), quant: KvQuant) -> KvRing {
+    let randn = || Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+    let (k, v) = (randn(), randn());
+    match quant {
+        KvQuant::None => KvRing {
+            k: k.to_dtype(DType::BF16).unwrap(),
+            v: v.to_dtype(DType::BF16).unwrap(),
+            scales: None,
+        },
+        KvQuant::Int8 => {
+            let (k, k_scale) = quant::quantize_rows(&k).unwrap();
+            let (v, v_scale) = quant::quantize_rows(&v).unwrap();
+            KvRing {
+                k,
+                v,
+                scales: Some([k_scale, v_scale]),
+            }
+        }
+    }
+}
+
+/// A copy of `ring` on `device`.
+fn ring_on(ring: &KvRing, device: &Device) -> KvRing {
+    let to = |t: &Tensor| t.to_device(device).unwrap();
+    KvRing {
+        k: to(&ring.k),
+        v: to(&ring.v),
+        scales: ring.scales.as_ref().map(|[k, v]| [to(k), to(v)]),
+    }
+}
+
+/// The int8 ring write (RoPE on the key, each entry quantised with its own scale) against
+/// `decode::rope_kv_write`'s CPU reference from the same inputs, for the 7B model's heads and
+/// the tiny model's (8 pairs: a block of one partly idle warp): codes within one step of each
+/// other (rounding of products the GPU may fuse), the same scales, the same query, and every
+/// other entry untouched.
+#[test]
+fn the_int8_ring_write_matches_the_cpu_reference() {
+    use duplex::model::decode;
+    use duplex::model::nn::Rope;
+    let Some(gpu) = tiny::gpu() else { return };
+    for (heads, head_dim) in [(4, 128), (2, 16)] {
+        let (rows, capacity) = (3, 16);
+        let qkv = Tensor::randn(0f32, 1.0, (rows, 1, 3 * heads * head_dim), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let ring = random_ring((rows, heads, capacity, head_dim), KvQuant::Int8);
+        let gpu_ring = ring_on(&ring, &gpu);
+        let write_idx = Tensor::new(&[5i64, -1, 15], &Device::Cpu).unwrap();
+        let positions = vec![vec![7u64], vec![0], vec![3001]];
+        let tables = Rope::new(head_dim, 10_000.0)
+            .tables(&positions, DType::F32, &Device::Cpu)
+            .unwrap();
+        let want_q = decode::rope_kv_write(&qkv, &tables, &ring, &write_idx).unwrap();
+        let (cos, sin) = tables.cos_sin();
+        let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+        let q = cuda::rope_kv_write(
+            &on_gpu(&qkv),
+            &on_gpu(&cos.squeeze(1).unwrap()),
+            &on_gpu(&sin.squeeze(1).unwrap()),
+            &gpu_ring,
+            &on_gpu(&write_idx),
+        )
+        .unwrap();
+        assert!(tiny::max_abs_diff(&q, &want_q) < 0.05, "rotated query");
+        let signed = |codes: &Tensor| -> Vec<i32> {
+            let bytes: Vec<u8> = codes
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            bytes.iter().map(|&b| i32::from(b as i8)).collect()
+        };
+        for (got, want) in [(&gpu_ring.k, &ring.k), (&gpu_ring.v, &ring.v)] {
+            let worst = signed(got)
+                .iter()
+                .zip(signed(want))
+                .map(|(a, b)| (a - b).abs())
+                .max();
+            assert!(
+                worst <= Some(1),
+                "head_dim {head_dim}: codes differ by {worst:?}"
+            );
+        }
+        let (Some(got), Some(want)) = (&gpu_ring.scales, &ring.scales) else {
+            unreachable!("both rings are int8")
+        };
+        for (got, want) in got.iter().zip(want) {
+            let diff = tiny::max_abs_diff(got, want);
+            assert!(diff < 1e-6, "head_dim {head_dim}: scales differ by {diff}");
+        }
+    }
 }
 
 #[test]
@@ -476,8 +577,9 @@ fn w8a16_speed() {
 }
 
 /// Not a test: times one layer's decode attention over a full 7B ring (32 heads of 128, 3000
-/// keys) with the kernels and with candle's ops, in GB/s of keys and values read, for the GPU
-/// benchmark notes. `--ignored --nocapture` to run.
+/// keys) with the kernels over a bf16 ring and an int8 one, and with candle's ops, in GB/s of
+/// keys and values read (scales included), for the GPU benchmark notes. `--ignored --nocapture`
+/// to run.
 #[test]
 #[ignore]
 fn ring_attention_speed() {
@@ -492,23 +594,35 @@ fn ring_attention_speed() {
                 .unwrap()
         };
         let q = randn((rows, heads, 1, head_dim));
-        let ring_k = randn((rows, heads, len, head_dim));
-        let ring_v = randn((rows, heads, len, head_dim));
+        let ring = KvRing {
+            k: randn((rows, heads, len, head_dim)),
+            v: randn((rows, heads, len, head_dim)),
+            scales: None,
+        };
+        let int8_ring = KvRing::zeros(
+            (rows, heads, len, head_dim),
+            DType::BF16,
+            KvQuant::Int8,
+            &gpu,
+        )
+        .unwrap();
         let mask = Tensor::zeros((rows, 1, 1, len), DType::F32, &gpu).unwrap();
         let time = |f: &dyn Fn() -> Tensor| mean_micros(&gpu, f);
         let bytes = (2 * rows * heads * len * head_dim * 2) as f64;
+        let int8_bytes = (2 * rows * heads * len * (head_dim + 4)) as f64;
         let prefix = duplex::model::decode::PinnedPrefix::none(rows, head_dim, &gpu).unwrap();
-        let kernels_us =
-            time(&|| cuda::ring_attention(&q, &ring_k, &ring_v, &mask, &prefix).unwrap());
+        let kernels_us = time(&|| cuda::ring_attention(&q, &ring, &mask, &prefix).unwrap());
+        let int8_us = time(&|| cuda::ring_attention(&q, &int8_ring, &mask, &prefix).unwrap());
         let attend = Attend {
-            k: ring_k.clone(),
-            v: ring_v.clone(),
+            k: ring.k.clone(),
+            v: ring.v.clone(),
             mask: mask.to_dtype(DType::BF16).unwrap(),
         };
         let candle_us = time(&|| attention(&q, &attend).unwrap());
         eprintln!(
-            "rows {rows:>2}: kernels {kernels_us:>8.1} µs ({:.0} GB/s), candle {candle_us:>8.1} µs ({:.0} GB/s)",
+            "rows {rows:>2}: kernels {kernels_us:>8.1} µs ({:.0} GB/s), int8 ring {int8_us:>8.1} µs ({:.0} GB/s), candle {candle_us:>8.1} µs ({:.0} GB/s)",
             bytes / kernels_us / 1e3,
+            int8_bytes / int8_us / 1e3,
             bytes / candle_us / 1e3
         );
     }

@@ -2,12 +2,14 @@
 //! has a CPU reference elsewhere in `model` and a GPU test comparing the two (`tests/kernels.rs`).
 
 use super::Result;
-use super::decode::PinnedPrefix;
+use super::decode::{KvRing, PinnedPrefix};
 use super::quant::Int8Weight;
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 
@@ -580,17 +582,129 @@ pub fn draw(
 
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
-/// Threads per block of `ring_attention_part_bf16` (`ATTENTION_THREADS` in the kernel).
+/// Threads per block of `ring_attention_part_*` (`ATTENTION_THREADS` in the kernel).
 const ATTENTION_THREADS: u32 = 128;
-/// Keys per block of `ring_attention_part_bf16` (`ATTENTION_CHUNK` in the kernel).
+/// Keys per block of `ring_attention_part_*` (`ATTENTION_CHUNK` in the kernel).
 const ATTENTION_CHUNK: usize = 128;
+
+/// A tensor's storage, held (read-locked) for a launch, and its layout.
+type Held<'a, G> = (G, &'a Layout);
+
+/// A ring's buffers held for a launch (see `KvRing`).
+struct RingStorage<'a, G> {
+    k: Held<'a, G>,
+    v: Held<'a, G>,
+    scales: Option<[Held<'a, G>; 2]>,
+}
+
+/// A ring's buffers as the attention kernels take them: bf16 keys and values, or int8 codes
+/// (as bytes) and their f32 scales.
+enum RingViews<'a> {
+    Bf16([CudaView<'a, bf16>; 2]),
+    Int8([CudaView<'a, u8>; 2], [CudaView<'a, f32>; 2]),
+}
+
+/// `ring`'s buffers, checked to be `[rows, heads, capacity, head_dim]` each (scales `[rows,
+/// heads, capacity]`), with 16-byte aligned rows (8-byte for int8), and its dims.
+#[allow(clippy::type_complexity)]
+fn hold_ring<'a>(
+    ring: &'a KvRing,
+    what: &str,
+) -> Result<(
+    RingStorage<'a, impl std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    (usize, usize, usize, usize),
+)> {
+    let dims = ring.k.dims4()?;
+    let (rows, heads, capacity, _) = dims;
+    let expected_dtype = if ring.is_int8() {
+        DType::U8
+    } else {
+        DType::BF16
+    };
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
+    let scales_fit = ring.scales.as_ref().is_none_or(|scales| {
+        scales
+            .iter()
+            .all(|s| s.dims() == [rows, heads, capacity] && s.dtype() == DType::F32)
+    });
+    if ring.v.dims4()? != dims
+        || ring.k.dtype() != expected_dtype
+        || ring.v.dtype() != expected_dtype
+        || !aligned(&ring.k)
+        || !aligned(&ring.v)
+        || !scales_fit
+    {
+        candle_core::bail!(
+            "{what}: ring {:?} {:?} / {:?} {:?}, scales {:?} (bf16, or u8 codes with f32 \
+                 scales; aligned rows)",
+            ring.k.dims(),
+            ring.k.dtype(),
+            ring.v.dims(),
+            ring.v.dtype(),
+            ring.scales.as_ref().map(|[k, _]| k.dims().to_vec())
+        );
+    }
+    let storage = RingStorage {
+        k: ring.k.storage_and_layout(),
+        v: ring.v.storage_and_layout(),
+        scales: ring
+            .scales
+            .as_ref()
+            .map(|[k, v]| [k.storage_and_layout(), v.storage_and_layout()]),
+    };
+    Ok((storage, dims))
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> RingStorage<'_, G> {
+    /// The kernels' views of the buffers; they write the ring in place (device memory the kernel
+    /// owns for the launch; nothing on the host reads it meanwhile).
+    fn views(&self) -> Result<RingViews<'_>> {
+        Ok(match &self.scales {
+            None => RingViews::Bf16([
+                gpu_view::<bf16>(&self.k.0, self.k.1, "ring keys")?,
+                gpu_view::<bf16>(&self.v.0, self.v.1, "ring values")?,
+            ]),
+            Some([k_scale, v_scale]) => RingViews::Int8(
+                [
+                    gpu_view::<u8>(&self.k.0, self.k.1, "ring keys")?,
+                    gpu_view::<u8>(&self.v.0, self.v.1, "ring values")?,
+                ],
+                [
+                    gpu_view::<f32>(&k_scale.0, k_scale.1, "key scales")?,
+                    gpu_view::<f32>(&v_scale.0, v_scale.1, "value scales")?,
+                ],
+            ),
+        })
+    }
+}
+
+impl RingViews<'_> {
+    /// The kernel of `family` for this ring's kind: `{family}_bf16` or `{family}_int8`.
+    fn kernel(&self, family: &str) -> String {
+        match self {
+            Self::Bf16(_) => format!("{family}_bf16"),
+            Self::Int8(..) => format!("{family}_int8"),
+        }
+    }
+
+    /// Pushes the ring's arguments: keys and values, then for int8 their scales.
+    fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>) {
+        match self {
+            Self::Bf16([k, v]) => {
+                builder.arg(k).arg(v);
+            }
+            Self::Int8([k, v], [k_scale, v_scale]) => {
+                builder.arg(k).arg(v).arg(k_scale).arg(v_scale);
+            }
+        }
+    }
+}
 
 /// The step's ring writes and the query rotation of `rope_kv_write`.
 struct RopeKvWrite<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
-    ring_k: &'a Tensor,
-    ring_v: &'a Tensor,
+    ring: &'a KvRing,
     write_idx: &'a Tensor,
 }
 
@@ -600,56 +714,52 @@ impl CustomOp1 for RopeKvWrite<'_> {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("on the CPU this is `RopeTables::apply` and `RingCache::append`")
+        candle_core::bail!("on the CPU this is `decode::rope_kv_write`'s reference")
     }
 
     fn cuda_fwd(&self, qkv: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         contiguous(layout, "qkv")?;
-        let (rows, heads, capacity, head_dim) = self.ring_k.dims4()?;
+        let (ring, (rows, heads, capacity, head_dim)) = hold_ring(self.ring, "rope_kv_write")?;
         if layout.shape().elem_count() != rows * 3 * heads * head_dim || head_dim % 2 != 0 {
             candle_core::bail!(
                 "rope_kv_write: qkv {:?} for a ring of {:?}",
                 layout.shape(),
-                self.ring_k.dims()
+                self.ring.k.dims()
             );
         }
         let device = qkv.device().clone();
         let qkv = qkv.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (cos, cos_layout) = self.cos.storage_and_layout();
         let (sin, sin_layout) = self.sin.storage_and_layout();
-        let (ring_k, ring_k_layout) = self.ring_k.storage_and_layout();
-        let (ring_v, ring_v_layout) = self.ring_v.storage_and_layout();
         let (write_idx, write_idx_layout) = self.write_idx.storage_and_layout();
         let cos = gpu_view::<f32>(&cos, cos_layout, "cos")?;
         let sin = gpu_view::<f32>(&sin, sin_layout, "sin")?;
-        // The ring is written in place: its buffers are device memory the kernel owns for the
-        // launch; nothing on the host reads them meanwhile.
-        let ring_k = gpu_view::<bf16>(&ring_k, ring_k_layout, "ring_k")?;
-        let ring_v = gpu_view::<bf16>(&ring_v, ring_v_layout, "ring_v")?;
+        let ring = ring.views()?;
         let write_idx = gpu_view::<i64>(&write_idx, write_idx_layout, "write_idx")?;
         // SAFETY: every element is written by the kernel.
         let q_out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
         let func = device.get_or_load_custom_func(
-            "rope_kv_write_bf16",
+            &ring.kernel("rope_kv_write"),
             "duplex_attention",
             ATTENTION_PTX,
         )?;
         let (heads_i, head_dim_i, capacity_i) = (heads as i32, head_dim as i32, capacity as i32);
         let mut builder = func.builder();
+        builder.arg(&qkv).arg(&cos).arg(&sin).arg(&q_out);
+        ring.push(&mut builder);
         builder
-            .arg(&qkv)
-            .arg(&cos)
-            .arg(&sin)
-            .arg(&q_out)
-            .arg(&ring_k)
-            .arg(&ring_v)
             .arg(&write_idx)
             .arg(&heads_i)
             .arg(&head_dim_i)
             .arg(&capacity_i);
+        // The int8 kernel reduces each entry's largest magnitude over whole warps.
+        let threads = match ring {
+            RingViews::Bf16(_) => head_dim / 2,
+            RingViews::Int8(..) => (head_dim / 2).next_multiple_of(32),
+        };
         let config = LaunchConfig {
             grid_dim: ((rows * heads) as u32, 1, 1),
-            block_dim: ((head_dim / 2) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
@@ -663,28 +773,26 @@ impl CustomOp1 for RopeKvWrite<'_> {
 
 /// One token per slot: `qkv` (bf16, `rows · 3 · heads · head_dim` elements: the packed
 /// in-projection) → the query rotated by interleaved RoPE (`cos`/`sin` f32 `[rows, head_dim/2]`),
-/// `[rows, heads, 1, head_dim]`; the rotated key and the value are written into `ring_k`/`ring_v`
-/// (`[rows, heads, capacity, head_dim]` bf16) at `write_idx` (i64 `[rows]`, < 0: not written).
+/// `[rows, heads, 1, head_dim]`; the rotated key and the value are written into `ring`
+/// (`[rows, heads, capacity, head_dim]`, bf16 or int8 codes and scales) at `write_idx` (i64
+/// `[rows]`, < 0: not written).
 pub fn rope_kv_write(
     qkv: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    ring_k: &Tensor,
-    ring_v: &Tensor,
+    ring: &KvRing,
     write_idx: &Tensor,
 ) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1_no_bwd(&RopeKvWrite {
         cos,
         sin,
-        ring_k,
-        ring_v,
+        ring,
         write_idx,
     })
 }
 
 struct RingAttention<'a> {
-    ring_k: &'a Tensor,
-    ring_v: &'a Tensor,
+    ring: &'a KvRing,
     mask: &'a Tensor,
     prefix: &'a PinnedPrefix,
 }
@@ -695,37 +803,30 @@ impl CustomOp1 for RingAttention<'_> {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("on the CPU this is `kv::attention`")
+        candle_core::bail!("on the CPU this is `decode::ring_attention`'s reference")
     }
 
     fn cuda_fwd(&self, q: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         contiguous(layout, "q")?;
-        let (rows, heads, capacity, head_dim) = self.ring_k.dims4()?;
+        let (ring, (rows, heads, capacity, head_dim)) = hold_ring(self.ring, "ring_attention")?;
         let len = self.mask.elem_count() / rows.max(1);
-        let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
         if layout.shape().elem_count() != rows * heads * head_dim
             || !super::decode::head_dim_fits(head_dim)
             || len == 0
             || len > capacity
             || self.mask.elem_count() != rows * len
-            || self.ring_v.dims4()? != (rows, heads, capacity, head_dim)
-            || !aligned(self.ring_k)
-            || !aligned(self.ring_v)
         {
             candle_core::bail!(
-                "ring_attention: q {:?}, ring {:?} (16-byte aligned rows), mask {:?}",
+                "ring_attention: q {:?}, ring {:?}, mask {:?}",
                 layout.shape(),
-                self.ring_k.dims(),
+                self.ring.k.dims(),
                 self.mask.dims()
             );
         }
         let device = q.device().clone();
         let q = q.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
-        let (ring_k, ring_k_layout) = self.ring_k.storage_and_layout();
-        let (ring_v, ring_v_layout) = self.ring_v.storage_and_layout();
         let (mask, mask_layout) = self.mask.storage_and_layout();
-        let ring_k = gpu_view::<bf16>(&ring_k, ring_k_layout, "ring_k")?;
-        let ring_v = gpu_view::<bf16>(&ring_v, ring_v_layout, "ring_v")?;
+        let ring = ring.views()?;
         let mask = gpu_view::<f32>(&mask, mask_layout, "mask")?;
         let (cos, sin) = self.prefix.unturn.cos_sin();
         if self.prefix.lens.dims() != [rows]
@@ -759,15 +860,14 @@ impl CustomOp1 for RingAttention<'_> {
             chunks as i32,
         );
         let func = device.get_or_load_custom_func(
-            "ring_attention_part_bf16",
+            &ring.kernel("ring_attention_part"),
             "duplex_attention",
             ATTENTION_PTX,
         )?;
         let mut builder = func.builder();
+        builder.arg(&q);
+        ring.push(&mut builder);
         builder
-            .arg(&q)
-            .arg(&ring_k)
-            .arg(&ring_v)
             .arg(&mask)
             .arg(&lens)
             .arg(&cos)
@@ -807,13 +907,12 @@ impl CustomOp1 for RingAttention<'_> {
 }
 
 /// Attention of one query per slot (`q` bf16 `[rows, heads, 1, head_dim]`) over the first `len`
-/// entries of the ring (`len` = the mask's last dim; `mask` f32 `[rows, 1, 1, len]`, 0 visible,
-/// −∞ hidden), each row's pinned prefix seen as `prefix` says: `[rows, heads, 1, head_dim]`,
-/// reading only the filled part of the ring.
+/// entries of `ring` (bf16, or int8 codes and scales; `len` = the mask's last dim; `mask` f32
+/// `[rows, 1, 1, len]`, 0 visible, −∞ hidden), each row's pinned prefix seen as `prefix` says:
+/// `[rows, heads, 1, head_dim]`, reading only the filled part of the ring.
 pub fn ring_attention(
     q: &Tensor,
-    ring_k: &Tensor,
-    ring_v: &Tensor,
+    ring: &KvRing,
     mask: &Tensor,
     prefix: &PinnedPrefix,
 ) -> Result<Tensor> {
@@ -821,8 +920,7 @@ pub fn ring_attention(
     q.to_dtype(DType::BF16)?
         .contiguous()?
         .apply_op1_no_bwd(&RingAttention {
-            ring_k,
-            ring_v,
+            ring,
             mask: &mask,
             prefix,
         })

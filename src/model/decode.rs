@@ -2,10 +2,106 @@
 //! query and key fused with the ring write at a *device* index, then attention over the filled
 //! part of the ring. A bf16 GPU runs the CUDA kernels; everything else runs their CPU references
 //! here, composed from candle ops, so the model code that drives them is tested on any machine.
+//! A ring may hold 8-bit keys and values (`KvRing` with scales); the kernels and references then
+//! quantise on write and scale on read.
 
 use super::Result;
 use super::nn::RopeTables;
+use super::quant::{KvQuant, dequantize_rows, quantize_rows};
 use candle_core::{D, DType, Device, Tensor};
+
+/// One layer's ring of keys and values, `[rows, heads, capacity, head_dim]` each: in the model's
+/// dtype, or, with `scales`, int8 codes (two's-complement bytes, `quant::quantize_rows`) with
+/// f32 scales `[rows, heads, capacity]` for the keys and for the values.
+#[derive(Debug, Clone)]
+pub struct KvRing {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub scales: Option<[Tensor; 2]>,
+}
+
+impl KvRing {
+    /// An empty ring of `dims` (rows, heads, capacity, head_dim), stored as `quant` says.
+    pub fn zeros(
+        dims: (usize, usize, usize, usize),
+        dtype: DType,
+        quant: KvQuant,
+        device: &Device,
+    ) -> Result<Self> {
+        let (rows, heads, capacity, _) = dims;
+        let codes_dtype = match quant {
+            KvQuant::None => dtype,
+            KvQuant::Int8 => DType::U8,
+        };
+        let scales = match quant {
+            KvQuant::None => None,
+            KvQuant::Int8 => {
+                let scale = || Tensor::ones((rows, heads, capacity), DType::F32, device);
+                Some([scale()?, scale()?])
+            }
+        };
+        Ok(Self {
+            k: Tensor::zeros(dims, codes_dtype, device)?,
+            v: Tensor::zeros(dims, codes_dtype, device)?,
+            scales,
+        })
+    }
+
+    pub fn is_int8(&self) -> bool {
+        self.scales.is_some()
+    }
+
+    /// Rows `start..start + len` (views: writes through them land in this ring).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        self.map(|t| t.narrow(0, start, len))
+    }
+
+    /// Its first `len` entries of every row (views).
+    pub fn entries(&self, len: usize) -> Result<Self> {
+        self.map(|t| t.narrow(2, 0, len))
+    }
+
+    /// A contiguous copy.
+    pub fn copy(&self) -> Result<Self> {
+        self.map(|t| t.force_contiguous())
+    }
+
+    /// Writes `other` (a ring of this one's kind) over this one's first entries.
+    pub fn set_entries(&self, other: &KvRing) -> Result<()> {
+        self.k.slice_set(&other.k, 2, 0)?;
+        self.v.slice_set(&other.v, 2, 0)?;
+        if let (Some([k, v]), Some([other_k, other_v])) = (&self.scales, &other.scales) {
+            k.slice_set(other_k, 2, 0)?;
+            v.slice_set(other_v, 2, 0)?;
+        } else if self.is_int8() != other.is_int8() {
+            candle_core::bail!("an int8 ring and a dense one do not mix");
+        }
+        Ok(())
+    }
+
+    /// Keys and values in `dtype` (scaled back from their codes in an int8 ring).
+    pub fn values_in(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        match &self.scales {
+            None => Ok((self.k.to_dtype(dtype)?, self.v.to_dtype(dtype)?)),
+            Some([k_scale, v_scale]) => Ok((
+                dequantize_rows(&self.k, k_scale, dtype)?,
+                dequantize_rows(&self.v, v_scale, dtype)?,
+            )),
+        }
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let scales = match &self.scales {
+            Some([k, v]) => Some([f(k)?, f(v)?]),
+            None => None,
+        };
+        Ok(Self {
+            k: f(&self.k)?,
+            v: f(&self.v)?,
+            scales,
+        })
+    }
+}
 
 /// The widest head the attention kernels hold (their query lives in shared memory).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -64,31 +160,51 @@ impl DecodeAttention {
 
 /// `qkv` `[rows, 1, 3 · heads · head_dim]` (one token's packed in-projection per slot) → the
 /// query rotated by `rope` (f32 tables `[rows, 1, head_dim / 2]`), `[rows, heads, 1, head_dim]`.
-/// The rotated key and the value are written into `ring_k`/`ring_v` (`[rows, heads, capacity,
-/// head_dim]`) at `write_idx` (i64 `[rows]`; a negative index leaves that row's ring alone).
+/// The rotated key and the value are written into `ring` (`[rows, heads, capacity, head_dim]`;
+/// quantised if it is int8) at `write_idx` (i64 `[rows]`; a negative index leaves that row's
+/// ring alone).
 pub fn rope_kv_write(
     qkv: &Tensor,
     rope: &RopeTables,
-    ring_k: &Tensor,
-    ring_v: &Tensor,
+    ring: &KvRing,
     write_idx: &Tensor,
 ) -> Result<Tensor> {
     if native(qkv) {
         let (cos, sin) = rope.cos_sin();
-        return gpu::rope_kv_write(qkv, cos, sin, ring_k, ring_v, write_idx);
+        return gpu::rope_kv_write(qkv, cos, sin, ring, write_idx);
     }
-    let (_, heads, _, head_dim) = ring_k.dims4()?;
+    let (_, heads, _, head_dim) = ring.k.dims4()?;
     let [q, k, v] = super::kv::split_qkv(qkv, heads, head_dim)?;
-    let rotate = |xs: Tensor| rope.apply(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype());
-    let (q, k) = (rotate(q)?, rotate(k)?);
+    let rotate = |xs: Tensor| rope.apply(&xs.to_dtype(DType::F32)?);
+    let (q, k) = (rotate(q)?.to_dtype(qkv.dtype())?, rotate(k)?);
+    let entry = match ring.scales {
+        None => KvRing {
+            k: k.to_dtype(qkv.dtype())?,
+            v,
+            scales: None,
+        },
+        Some(_) => {
+            let (k, k_scale) = quantize_rows(&k)?;
+            let (v, v_scale) = quantize_rows(&v)?;
+            KvRing {
+                k,
+                v,
+                scales: Some([k_scale, v_scale]),
+            }
+        }
+    };
     for (row, at) in write_idx.to_vec1::<i64>()?.into_iter().enumerate() {
         let Ok(at) = usize::try_from(at) else {
             continue;
         };
-        let key = k.narrow(0, row, 1)?.contiguous()?;
-        ring_k.narrow(0, row, 1)?.slice_set(&key, 2, at)?;
-        let value = v.narrow(0, row, 1)?.contiguous()?;
-        ring_v.narrow(0, row, 1)?.slice_set(&value, 2, at)?;
+        let written = entry.rows(row, 1)?.copy()?;
+        let slot = ring.rows(row, 1)?;
+        slot.k.slice_set(&written.k, 2, at)?;
+        slot.v.slice_set(&written.v, 2, at)?;
+        if let (Some([k, v]), Some([written_k, written_v])) = (&slot.scales, &written.scales) {
+            k.slice_set(written_k, 2, at)?;
+            v.slice_set(written_v, 2, at)?;
+        }
     }
     Ok(q)
 }
@@ -98,16 +214,15 @@ pub fn rope_kv_write(
 /// hidden), each row's pinned prefix seen as `prefix` says: `[rows, heads, 1, head_dim]`.
 pub fn ring_attention(
     q: &Tensor,
-    ring_k: &Tensor,
-    ring_v: &Tensor,
+    ring: &KvRing,
     mask: &Tensor,
     prefix: &PinnedPrefix,
 ) -> Result<Tensor> {
     if native(q) {
-        return gpu::ring_attention(q, ring_k, ring_v, mask, prefix);
+        return gpu::ring_attention(q, ring, mask, prefix);
     }
     let len = mask.dim(3)?;
-    let (keys, values) = (ring_k.narrow(2, 0, len)?, ring_v.narrow(2, 0, len)?);
+    let (keys, values) = ring.entries(len)?.values_in(q.dtype())?;
     let lens = prefix.lens.to_vec1::<u32>()?;
     if lens.iter().all(|&pinned| pinned == 0) {
         let attend = super::kv::Attend {
@@ -148,14 +263,13 @@ use super::cuda as gpu;
 
 #[cfg(not(feature = "cuda"))]
 mod gpu {
-    use super::{Result, Tensor};
+    use super::{KvRing, Result, Tensor};
 
     pub fn rope_kv_write(
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
+        _: &KvRing,
         _: &Tensor,
     ) -> Result<Tensor> {
         unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
@@ -163,8 +277,7 @@ mod gpu {
 
     pub fn ring_attention(
         _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
+        _: &KvRing,
         _: &Tensor,
         _: &super::PinnedPrefix,
     ) -> Result<Tensor> {

@@ -1,7 +1,8 @@
 //! Weight-only int8 quantisation (w8a16): each output channel of a `[out, in]` weight is scaled
 //! by its largest magnitude / 127 and rounded. Activations stay in bf16/f32; products are summed
 //! in f32 and scaled at the end — on the GPU by the `w8a16` kernel, on the CPU by the reference
-//! here, which computes the same thing.
+//! here, which computes the same thing. The temporal transformer's keys and values may be kept
+//! the same way, one scale per cached entry (`KvQuant`).
 
 use super::Result;
 use candle_core::{D, DType, Tensor};
@@ -13,6 +14,17 @@ pub enum Quant {
     #[default]
     None,
     /// Weight-only int8 per output channel.
+    Int8,
+}
+
+/// How the temporal transformer's ring of keys and values is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvQuant {
+    /// In the model's dtype.
+    #[default]
+    None,
+    /// 8-bit codes with one f32 scale per (slot, head, entry), for the keys and for the values:
+    /// half the bytes a step reads over a long history.
     Int8,
 }
 
@@ -51,19 +63,33 @@ impl Int8Weight {
 /// Quantises a PyTorch-style `[out, in]` weight per output channel, on the weight's own device
 /// (a 7B model quantises in seconds on the GPU instead of a minute through host memory).
 pub fn quantize(weight: &Tensor) -> Result<Int8Weight> {
-    let w = weight.to_dtype(DType::F32)?;
-    w.dims2()?;
-    let max = w.abs()?.max_keepdim(1)?;
+    weight.dims2()?;
+    let (q, scale) = quantize_rows(weight)?;
+    Ok(Int8Weight { q, scale })
+}
+
+/// Int8 codes of `xs` along its last dim: each row's scale is its largest magnitude / 127 (1 for
+/// an all-zero row), each code `x / scale` rounded half away from zero. Returns the codes as
+/// two's-complement bytes (candle has no i8 dtype; -1 is 255), `xs`'s shape, and the scales
+/// (f32, the last dim dropped). `rope_kv_write_int8` quantises ring entries the same way.
+pub fn quantize_rows(xs: &Tensor) -> Result<(Tensor, Tensor)> {
+    let xs = xs.to_dtype(DType::F32)?;
+    let max = xs.abs()?.max_keepdim(D::Minus1)?;
     let scale = max
         .eq(0f64)?
         .where_cond(&max.ones_like()?, &(max / 127.0)?)?;
-    let values = w.broadcast_div(&scale)?.round()?.clamp(-127f32, 127f32)?;
-    // Two's-complement bytes: -1 is stored as 255.
+    let values = xs.broadcast_div(&scale)?.round()?.clamp(-127f32, 127f32)?;
     let wrapped = (values.lt(0f64)?.to_dtype(DType::F32)? * 256.0)?.add(&values)?;
-    Ok(Int8Weight {
-        q: wrapped.to_dtype(DType::U8)?,
-        scale: scale.squeeze(1)?,
-    })
+    Ok((wrapped.to_dtype(DType::U8)?, scale.squeeze(D::Minus1)?))
+}
+
+/// `quantize_rows` undone: codes (two's-complement bytes) times their row's scale, in `dtype`.
+pub fn dequantize_rows(codes: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tensor> {
+    let codes = codes.to_dtype(DType::F32)?;
+    let signed = (codes.ge(128f64)?.to_dtype(DType::F32)? * -256.0)?.add(&codes)?;
+    signed
+        .broadcast_mul(&scales.unsqueeze(D::Minus1)?)?
+        .to_dtype(dtype)
 }
 
 /// The CPU reference of the w8a16 kernel: `y[.., n] = scale[n] · Σ_k x[.., k] · q[n, k]`,
@@ -96,6 +122,32 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(err <= 0.5 + 1e-4, "{err}");
+        Ok(())
+    }
+
+    /// Ring entries (`[rows, heads, entries, head_dim]`) quantise along their last dim the way
+    /// weights do along their rows, and scale back within half a step.
+    #[test]
+    fn entries_round_trip_within_half_a_step_along_their_last_dim() -> Result<()> {
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 5, 16), &Device::Cpu)?;
+        let (codes, scales) = quantize_rows(&xs)?;
+        assert_eq!(codes.dims(), xs.dims());
+        assert_eq!(scales.dims(), [2, 3, 5]);
+        let back = dequantize_rows(&codes, &scales, DType::F32)?;
+        let step = scales.unsqueeze(3)?.broadcast_as(xs.shape())?;
+        let err = ((back - &xs)?.abs()? / step)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(err <= 0.5 + 1e-4, "{err}");
+        let weight = quantize(&xs.reshape((30, 16))?)?;
+        let as_rows = dequantize_rows(&weight.q, &weight.scale, DType::F32)?;
+        let diff = (weight.dequantize(DType::F32)? - as_rows)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 
