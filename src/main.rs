@@ -72,6 +72,11 @@ struct ModelArgs {
     /// bf16; on the GPU the w8a16 kernel, on the CPU its reference).
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
+    /// Store the temporal transformer's keys and values as int8 with a scale per head and
+    /// position: half the bytes each frame reads over a long conversation (what a 273 GB/s
+    /// DGX Spark needs at full context), at a small cost in accuracy (docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "none")]
+    kv_quant: KvQuantArg,
     /// Where the model runs: the first CUDA GPU when this build has the `cuda` feature and the
     /// driver shows one (bf16), else the CPU (f32).
     #[arg(long, value_enum, default_value = "auto", env = "DUPLEX_DEVICE")]
@@ -117,6 +122,23 @@ enum QuantArg {
     Int8,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum KvQuantArg {
+    /// In the model's dtype (bf16 on the GPU, f32 on the CPU).
+    None,
+    /// Int8 codes with one f32 scale per head and position.
+    Int8,
+}
+
+impl From<KvQuantArg> for duplex::model::quant::KvQuant {
+    fn from(arg: KvQuantArg) -> Self {
+        match arg {
+            KvQuantArg::None => Self::None,
+            KvQuantArg::Int8 => Self::Int8,
+        }
+    }
+}
+
 impl From<QuantArg> for duplex::model::quant::Quant {
     fn from(arg: QuantArg) -> Self {
         match arg {
@@ -151,6 +173,7 @@ impl ModelArgs {
             dtype,
             positions,
             quant: self.quant.into(),
+            kv_quant: self.kv_quant.into(),
             cuda_graphs: !self.no_cuda_graphs,
             ..Default::default()
         })
@@ -400,6 +423,9 @@ struct StepArgs {
     /// Weight storage of the language model's matrices.
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
+    /// Storage of the temporal transformer's keys and values.
+    #[arg(long, value_enum, default_value = "none")]
+    kv_quant: KvQuantArg,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -763,6 +789,7 @@ fn bench_step(args: StepArgs) -> Result<()> {
         history: args.history,
         cuda_graphs: args.cuda_graphs,
         quant: args.quant.into(),
+        kv_quant: args.kv_quant.into(),
     };
     let report = duplex::bench::step::run(&options)?;
     println!("{}", report.table());

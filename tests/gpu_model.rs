@@ -12,7 +12,7 @@ use duplex::model::decode::DecodeAttention;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::{Column, LmModel};
-use duplex::model::quant::Quant;
+use duplex::model::quant::{KvQuant, Quant};
 
 fn column(tokens: &Tensor, step: usize) -> Column {
     let values: Vec<i64> = tokens.i((.., step)).unwrap().to_vec1().unwrap();
@@ -20,10 +20,16 @@ fn column(tokens: &Tensor, step: usize) -> Column {
 }
 
 /// Worst text-logit difference against the fixture over the teacher-forced sequence, the
-/// temporal transformer attending through `decode`.
-fn teacher_forced_logit_error(dtype: DType, device: &Device, decode: DecodeAttention) -> f32 {
+/// temporal transformer attending through `decode` over a ring stored as `kv` says.
+fn teacher_forced_logit_error(
+    dtype: DType,
+    device: &Device,
+    decode: DecodeAttention,
+    kv: KvQuant,
+) -> f32 {
     let fx = tiny::load("lm_parity.safetensors");
-    let model = tiny::model(16, dtype, device, Quant::None);
+    let mut model = tiny::model(16, dtype, device, Quant::None);
+    model.set_kv_quant(kv);
     let positions = RingPositions::PersonaPlex;
     let mut state = model
         .transformer_state(1, model.config().context, positions)
@@ -46,18 +52,26 @@ fn teacher_forced_logit_error(dtype: DType, device: &Device, decode: DecodeAtten
 #[test]
 fn teacher_forced_logits_on_the_gpu_match_the_reference() {
     let Some(gpu) = tiny::gpu() else { return };
-    let f32_error = teacher_forced_logit_error(DType::F32, &gpu, DecodeAttention::Composed);
-    let bf16_error = teacher_forced_logit_error(DType::BF16, &gpu, DecodeAttention::Composed);
+    let error = |dtype, decode, kv| teacher_forced_logit_error(dtype, &gpu, decode, kv);
+    let f32_error = error(DType::F32, DecodeAttention::Composed, KvQuant::None);
+    let bf16_error = error(DType::BF16, DecodeAttention::Composed, KvQuant::None);
     // bf16 through kernels/attention.cu (RoPE + ring write, attention over the filled ring).
-    let kernels_error = teacher_forced_logit_error(DType::BF16, &gpu, DecodeAttention::Kernels);
+    let kernels_error = error(DType::BF16, DecodeAttention::Kernels, KvQuant::None);
+    // The same over an int8 ring (rope_kv_write_int8, ring_attention_part_int8).
+    let int8_kv_error = error(DType::BF16, DecodeAttention::Kernels, KvQuant::Int8);
     eprintln!(
         "text logits on the GPU, max |diff| vs PyTorch: f32 {f32_error:e}, bf16 {bf16_error:e}, \
-         bf16 through the attention kernels {kernels_error:e}"
+         bf16 through the attention kernels {kernels_error:e}, with int8 keys and values \
+         {int8_kv_error:e}"
     );
     assert!(f32_error < 1e-3, "f32 logits differ by {f32_error}");
     // bf16 rounds weights and activations to 8 bits of mantissa: allow 5% of the largest logit.
     let largest = tiny::largest_abs(&tiny::load("lm_parity.safetensors")["text_logits_pp"]);
-    for (what, error) in [("bf16", bf16_error), ("bf16 kernels", kernels_error)] {
+    for (what, error) in [
+        ("bf16", bf16_error),
+        ("bf16 kernels", kernels_error),
+        ("bf16 kernels, int8 keys and values", int8_kv_error),
+    ] {
         assert!(
             error < 0.05 * largest,
             "{what} logits differ by {error} (largest logit {largest})"
@@ -144,7 +158,7 @@ fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
 /// the whole ring, and the depformer half) give, frame for frame, the tokens the eager path
 /// gives: 50 frames of three busy slots and an idle one between them (greedy, and two seeded
 /// top-k samplers), on the tiny checkpoint in bf16 and on random mid-size weights in int8
-/// (w8a16 needs widths of 16s).
+/// (w8a16 needs widths of 16s), and on the tiny checkpoint with int8 keys and values.
 #[test]
 fn fifty_replayed_frames_equal_fifty_eager_frames() {
     // The captures log why a graph was refused.
@@ -152,8 +166,11 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
     let Some(gpu) = tiny::gpu() else { return };
     let fx = tiny::load("lm_greedy.safetensors");
     let mid = LmConfig::preset("mid").unwrap();
+    let mut int8_ring = tiny::model(8, DType::BF16, &gpu, Quant::None);
+    int8_ring.set_kv_quant(KvQuant::Int8);
     let models = [
         ("tiny bf16", tiny::model(8, DType::BF16, &gpu, Quant::None)),
+        ("tiny bf16, int8 keys and values", int8_ring),
         (
             "mid int8",
             LmModel::load_quantized(

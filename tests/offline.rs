@@ -191,3 +191,30 @@ fn conversations_are_capped_by_the_memory_their_state_needs() {
     let room_for_ten = (gib + 10 * per_slot + per_slot / 2) / 9 * 10 + 10;
     assert_eq!(pipeline.slots_that_fit(room_for_ten), 10);
 }
+
+/// With int8 keys and values (`--kv-quant int8`) the greedy run through the persona prompt and
+/// 40 live frames stays with the reference for most of the run: a greedy choice between
+/// near-equal logits flips at some point (frame 36 here, two agent codes), and from there the
+/// streams part, as any rounding does to a greedy stream.
+#[test]
+fn an_offline_run_with_int8_keys_and_values_stays_with_the_reference() {
+    use duplex::model::quant::KvQuant;
+    let out = scratch("int8-kv");
+    let config = PipelineConfig {
+        positions: RingPositions::PersonaPlex,
+        kv_quant: KvQuant::Int8,
+        ..Default::default()
+    };
+    assert!(config.describe().contains("int8 keys and values"));
+    let report = run(&tiny::persona_offline(&out, config)).unwrap();
+    let reference = tiny::load("persona_greedy.safetensors");
+    let tokens: Vec<Vec<i64>> = reference["out_tokens_pp"].t().unwrap().to_vec2().unwrap();
+    assert_eq!(report.frames.len(), 40);
+    let same = |(frame, ours): &(usize, &duplex::offline::FrameTokens)| {
+        ours.text_id == Some(tokens[*frame][0])
+            && ours.agent.map(|a| a.to_vec()) == Some(tokens[*frame][1..9].to_vec())
+    };
+    let kept = report.frames.iter().enumerate().take_while(same).count();
+    eprintln!("frames equal to the reference's before the first difference: {kept} of 40");
+    assert!(kept >= 30, "only {kept} frames kept the reference's tokens");
+}

@@ -12,7 +12,7 @@ use crate::model::kv::RingPositions;
 use crate::model::lm::LmModel;
 use crate::model::mimi::{Mimi, MimiConfig};
 use crate::model::pipeline::{Models, PipelineState, Stage};
-use crate::model::quant::Quant;
+use crate::model::quant::{KvQuant, Quant};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -38,14 +38,19 @@ pub struct StepBenchOptions {
     /// depformer half) as CUDA graphs.
     pub cuda_graphs: bool,
     pub quant: Quant,
+    pub kv_quant: KvQuant,
 }
 
-/// What attends in the temporal transformer for this run (`DecodeAttention::for_device`).
+/// What attends in the temporal transformer for this run (`DecodeAttention::for_device`; an
+/// int8 ring always takes the kernels' path, their CPU references where they do not run).
 fn attention_path(cfg: &LmConfig, options: &StepBenchOptions) -> String {
     let head_dim = cfg.dim / cfg.num_heads;
-    match DecodeAttention::for_device(options.dtype, &options.device, head_dim) {
-        DecodeAttention::Kernels => "kernels".into(),
-        DecodeAttention::Composed => "candle".into(),
+    let kernels = DecodeAttention::for_device(options.dtype, &options.device, head_dim);
+    match (kernels, options.kv_quant) {
+        (DecodeAttention::Kernels, KvQuant::None) => "kernels".into(),
+        (DecodeAttention::Kernels, KvQuant::Int8) => "kernels, int8 ring".into(),
+        (DecodeAttention::Composed, KvQuant::None) => "candle".into(),
+        (DecodeAttention::Composed, KvQuant::Int8) => "kernel references, int8 ring".into(),
     }
 }
 
@@ -68,9 +73,12 @@ pub struct StepBenchReport {
     pub temporal_graph_replayed: bool,
     /// Whether Mimi's encode and decode replayed graphs.
     pub mimi_graphs_replayed: bool,
-    /// How the temporal transformer attended: `kernels` (kernels/attention.cu) or `candle`.
+    /// How the temporal transformer attended: `kernels` (kernels/attention.cu) or `candle`,
+    /// and whether over an int8 ring.
     pub attention: String,
     pub quant: String,
+    /// How the temporal keys and values were stored: `None` (the model's dtype) or `Int8`.
+    pub kv_quant: String,
     pub encode_ms: Percentiles,
     pub temporal_ms: Percentiles,
     pub depformer_ms: Percentiles,
@@ -122,7 +130,8 @@ impl StepBenchReport {
         [
             format!(
                 "bench step: {} ({} weights) on {} {}, batch {} ({} busy), {} frames, {} depformer \
-                 steps, history {} frames, CUDA graphs {}, attention by {}",
+                 steps, history {} frames, CUDA graphs {}, attention by {}, weight quant {}, \
+                 key/value quant {}",
                 self.config,
                 self.weights,
                 self.device,
@@ -133,7 +142,9 @@ impl StepBenchReport {
                 self.depformer_steps,
                 self.history,
                 self.graphs_replayed(),
-                self.attention
+                self.attention,
+                self.quant.to_lowercase(),
+                self.kv_quant.to_lowercase()
             ),
             format!(
                 "{:<12} {:>9} {:>9} {:>9} {:>9}",
@@ -163,6 +174,12 @@ impl StepBenchReport {
 }
 
 fn load_models(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, String)> {
+    let (mut lm, mimi, config, weights) = load_weights(options)?;
+    lm.set_kv_quant(options.kv_quant);
+    Ok((lm, mimi, config, weights))
+}
+
+fn load_weights(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, String)> {
     let (dtype, device) = (options.dtype, &options.device);
     if let Some(dir) = &options.model_dir {
         let files = ModelFiles::in_dir(dir)?;
@@ -272,7 +289,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         options.quant,
     );
     let copy_gb_per_s = copy_bandwidth(&options.device)?;
-    let kv_bytes = kv_bytes(lm.config(), busy, history, options.dtype);
+    let kv_bytes = busy as u64 * lm.temporal_kv_bytes(history.min(lm.config().context));
     let floor_ms = |bytes: u64| bytes as f64 / 1e6 / copy_gb_per_s.max(1e-9);
     let lm_ms = temporal.p50 + depformer.p50;
     Ok(StepBenchReport {
@@ -293,6 +310,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         },
         attention: attention_path(lm.config(), options),
         quant: format!("{:?}", options.quant),
+        kv_quant: format!("{:?}", options.kv_quant),
         real_time_factor: total.p50 / FRAME_MS as f64,
         encode_ms: encode,
         temporal_ms: temporal,
@@ -306,14 +324,6 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         kv_bytes,
         floor_with_kv_ms: floor_ms(weight_bytes + kv_bytes),
     })
-}
-
-/// Bytes of keys and values the temporal attention of `busy` slots reads with `history`
-/// frames behind each.
-fn kv_bytes(cfg: &LmConfig, busy: usize, history: usize, dtype: DType) -> u64 {
-    let entries = history.min(cfg.context) as u64;
-    let per_slot = cfg.num_layers as u64 * 2 * entries * cfg.dim as u64;
-    busy as u64 * per_slot * dtype.size_in_bytes() as u64
 }
 
 /// Bytes of the matrices a frame reads: every temporal layer, and `dep_steps` depformer steps.

@@ -8,7 +8,7 @@ use super::config::LmConfig;
 use super::depformer::{Depformer, DepformerState, TokenFeed};
 use super::kv::{RingPositions, RingStep};
 use super::nn::{Linear, RmsNorm, RopeTables};
-use super::quant::Quant;
+use super::quant::{KvQuant, Quant};
 use super::transformer::{RMS_EPS, Transformer, TransformerState};
 use candle_core::{DType, Device, Tensor};
 
@@ -26,6 +26,8 @@ pub struct LmModel {
     out_norm: RmsNorm,
     text_linear: Linear,
     depformer: Depformer,
+    /// How the temporal transformer's keys and values are kept (states made from now on).
+    kv_quant: KvQuant,
     dtype: DType,
     device: Device,
 }
@@ -62,6 +64,7 @@ impl LmModel {
             audio_emb: w.audio_emb,
             text_linear: Linear::new(&w.text_linear)?,
             cfg: cfg.clone(),
+            kv_quant: KvQuant::None,
             dtype: ckpt.dtype(),
             device: ckpt.device().clone(),
         })
@@ -79,13 +82,33 @@ impl LmModel {
         self.dtype
     }
 
-    /// Bytes of one slot's attention caches: keys and values of every temporal layer over the
-    /// context, and of every depformer layer over one frame's steps.
+    /// Makes the temporal transformer's states from now on keep their keys and values as
+    /// `quant` says.
+    pub fn set_kv_quant(&mut self, quant: KvQuant) {
+        self.kv_quant = quant;
+    }
+
+    pub fn kv_quant(&self) -> KvQuant {
+        self.kv_quant
+    }
+
+    /// Bytes of one slot's temporal keys and values over `entries` positions, every layer
+    /// (int8 codes and an f32 scale per head and entry with `KvQuant::Int8`).
+    pub fn temporal_kv_bytes(&self, entries: usize) -> u64 {
+        let cfg = &self.cfg;
+        let entry = match self.kv_quant {
+            KvQuant::None => cfg.dim * self.dtype.size_in_bytes(),
+            KvQuant::Int8 => cfg.dim + cfg.num_heads * DType::F32.size_in_bytes(),
+        };
+        (2 * cfg.num_layers * entries * entry) as u64
+    }
+
+    /// Bytes of one slot's attention caches: the temporal keys and values over the context,
+    /// and every depformer layer's over one frame's steps.
     pub fn slot_state_bytes(&self) -> u64 {
         let cfg = &self.cfg;
-        let temporal = cfg.num_layers * cfg.context * cfg.dim;
         let depformer = cfg.depformer_num_layers * cfg.dep_q * cfg.depformer_dim;
-        (2 * (temporal + depformer) * self.dtype.size_in_bytes()) as u64
+        self.temporal_kv_bytes(cfg.context) + (2 * depformer * self.dtype.size_in_bytes()) as u64
     }
 
     pub fn depformer_steps(&self) -> usize {
@@ -105,8 +128,9 @@ impl LmModel {
         capacity: usize,
         positions: RingPositions,
     ) -> Result<TransformerState> {
+        let ring = (positions, self.kv_quant);
         self.transformer
-            .state(batch, capacity, positions, self.dtype, &self.device)
+            .state(batch, capacity, ring, self.dtype, &self.device)
     }
 
     pub fn depformer_state(

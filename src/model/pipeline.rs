@@ -10,7 +10,7 @@ use super::kv::RingPositions;
 use super::lm::{Column, LmModel};
 use super::mimi::{DecoderState, EncoderState, Mimi, MimiConfig};
 use super::persona::{VoicePrompt, prompt_calls, run_prompt};
-use super::quant::Quant;
+use super::quant::{KvQuant, Quant};
 use super::tokenizer::{TextTokenizer, wrap_system_prompt};
 use super::voice::{VoiceLibrary, VoicePreset};
 use candle_core::{DType, Device, Tensor};
@@ -27,6 +27,8 @@ pub struct PipelineConfig {
     pub positions: RingPositions,
     /// How the language model's large matrices are stored.
     pub quant: Quant,
+    /// How the temporal transformer's keys and values are stored.
+    pub kv_quant: KvQuant,
     /// Replay each frame's temporal step and depformer half as CUDA graphs when the model runs
     /// in bf16 on a GPU (each capture is checked against an eager frame; a refused one logs why
     /// and runs eagerly).
@@ -42,12 +44,16 @@ impl PipelineConfig {
             Quant::None => dtype.clone(),
             Quant::Int8 => "int8".to_string(),
         };
+        let kv = match self.kv_quant {
+            KvQuant::None => "",
+            KvQuant::Int8 => ", int8 keys and values",
+        };
         let graphs = if self.graphs_apply() {
             ", CUDA graphs"
         } else {
             ""
         };
-        format!("{dtype} on the {place}, {weights} weights{graphs}")
+        format!("{dtype} on the {place}, {weights} weights{kv}{graphs}")
     }
 
     /// Whether frames replay CUDA graphs: asked for, and bf16 on a GPU (the path whose
@@ -65,6 +71,7 @@ impl Default for PipelineConfig {
             dep_steps: 8,
             positions: RingPositions::PersonaPlex,
             quant: Quant::None,
+            kv_quant: KvQuant::None,
             cuda_graphs: true,
         }
     }
@@ -94,12 +101,13 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn load(files: &ModelFiles, cfg: &PipelineConfig) -> Result<Self> {
         let (lm_cfg, mimi_cfg) = configs(files)?;
-        let lm = LmModel::load_quantized(
+        let mut lm = LmModel::load_quantized(
             &Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?,
             &lm_cfg,
             cfg.dep_steps,
             cfg.quant,
         )?;
+        lm.set_kv_quant(cfg.kv_quant);
         let mimi_ckpt = Checkpoint::open(&files.mimi, DType::F32, &cfg.device)?;
         let mimi = Mimi::load(&mimi_ckpt, &mimi_cfg, cfg.positions)?;
         if mimi.num_codebooks() != lm_cfg.codebooks() {

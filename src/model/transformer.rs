@@ -6,7 +6,7 @@ use super::checkpoint::lm::TemporalLayerWeights;
 use super::decode::DecodeAttention;
 use super::kv::{RingCache, RingPositions, RingShape, RingStep, SlotKv, attention, split_qkv};
 use super::nn::{Linear, RmsNorm, Rope, RopeTables, SwiGlu};
-use super::quant::Quant;
+use super::quant::{KvQuant, Quant};
 use candle_core::{DType, Device, Tensor};
 
 /// RMSNorm epsilon of the Moshi language model.
@@ -69,12 +69,13 @@ impl Transformer {
         })
     }
 
-    /// Fresh state for `batch` slots with a ring of `capacity` frames.
+    /// Fresh state for `batch` slots with a ring of `capacity` frames, labelled and stored as
+    /// `(positions, quant)` say.
     pub fn state(
         &self,
         batch: usize,
         capacity: usize,
-        positions: RingPositions,
+        (positions, quant): (RingPositions, KvQuant),
         dtype: DType,
         device: &Device,
     ) -> Result<TransformerState> {
@@ -85,8 +86,8 @@ impl Transformer {
             capacity,
             head_dim: self.head_dim,
         };
-        let mut cache =
-            RingCache::new(shape, dtype, device, positions)?.with_pinning(self.rope.clone());
+        let mut cache = RingCache::stored(shape, dtype, quant, device, positions)?
+            .with_pinning(self.rope.clone());
         cache.set_decode(DecodeAttention::for_device(dtype, device, self.head_dim));
         Ok(TransformerState { cache })
     }
