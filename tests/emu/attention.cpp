@@ -1,0 +1,469 @@
+// Checks kernels/attention.cu on the CPU emulator against double-precision references written from the
+// kernels' documented contracts: rope_kv_write_{bf16,int8}, ring_attention_part_{bf16,int8} and
+// ring_attention_join. Build and run: tests/emu/README.md.
+#include "check.h"
+
+#include "attention.cu"
+
+namespace {
+
+constexpr int kRows = 3;            // slots of the decode step
+constexpr int kRopeCapacity = 16;  // ring entries per (row, head) in the RoPE cases
+constexpr bf16 kUntouched = {0xDEAD};
+constexpr bf16 kNanBf16 = {0x7FC0};
+constexpr int8_t kUntouchedCode = 0x5A;
+constexpr float kUntouchedScale = -7.f;
+
+// A bf16 result rounded from f32: off by at most 2^-8 of the value, plus f32 arithmetic's slack.
+bool within_bf16_rounding(double got, double expected) {
+  return std::abs(got - expected) <= std::abs(expected) / 256 + 1e-6;
+}
+
+std::vector<double> widened(const bf16* x, int count) {
+  std::vector<double> out(count);
+  for (int i = 0; i < count; ++i) out[i] = to_double(x[i]);
+  return out;
+}
+
+// Interleaved RoPE of one head: each pair (x[2i], x[2i + 1]) turned by the angle of cosine cos_row[i]
+// and sine sin_row[i].
+std::vector<double> rotated(const bf16* x, const float* cos_row, const float* sin_row, int head_dim) {
+  std::vector<double> out(head_dim);
+  for (int i = 0; i < head_dim / 2; ++i) {
+    const double even = to_double(x[2 * i]), odd = to_double(x[2 * i + 1]);
+    out[2 * i] = even * cos_row[i] - odd * sin_row[i];
+    out[2 * i + 1] = even * sin_row[i] + odd * cos_row[i];
+  }
+  return out;
+}
+
+// Cosines and sines of random angles, [rows, head_dim / 2] each.
+struct Angles {
+  float* cos;
+  float* sin;
+};
+
+Angles random_angles(emu::DeviceMemory& memory, int head_dim) {
+  const int count = kRows * head_dim / 2;
+  const Angles angles{memory.alloc<float>(count), memory.alloc<float>(count)};
+  for (int i = 0; i < count; ++i) {
+    const double angle = uniform(-3.2, 3.2);
+    angles.cos[i] = float(std::cos(angle));
+    angles.sin[i] = float(std::sin(angle));
+  }
+  return angles;
+}
+
+struct Bf16RingBuffers {
+  bf16* k;  // [rows, heads, capacity, head_dim]
+  bf16* v;
+};
+
+struct Int8RingBuffers {
+  int8_t* k;  // [rows, heads, capacity, head_dim]
+  int8_t* v;
+  float* k_scale;  // [rows, heads, capacity]
+  float* v_scale;
+};
+
+// ---- rope_kv_write ----
+
+struct RopeCase {
+  int heads, head_dim;
+  std::array<int64_t, kRows> write_idx;
+
+  std::string title(const char* kernel) const {
+    return format("%s heads=%d head_dim=%d write_idx={%ld,%ld,%ld}", kernel, heads, head_dim, long(write_idx[0]),
+                  long(write_idx[1]), long(write_idx[2]));
+  }
+  size_t entries() const { return size_t(kRows) * heads * kRopeCapacity; }
+};
+
+struct RopeInputs {
+  bf16* qkv;  // [rows, 3, heads, head_dim]
+  Angles angles;
+  int64_t* write_idx;
+  bf16* q_out;  // [rows, heads, head_dim]
+};
+
+// Head `head` of part `part` (0 query, 1 key, 2 value) of row `row` of qkv.
+bf16* qkv_head(const RopeInputs& in, const RopeCase& rope, int row, int part, int head) {
+  return in.qkv + ((size_t(row) * 3 + part) * rope.heads + head) * rope.head_dim;
+}
+
+// Random q, k, v, except an all-zero value (row 0, head 1) and key (row 2, head 0): int8 scale 1.
+RopeInputs make_rope_inputs(emu::DeviceMemory& memory, const RopeCase& rope) {
+  const size_t head_values = size_t(kRows) * rope.heads * rope.head_dim;
+  const RopeInputs in{memory.alloc<bf16>(3 * head_values), random_angles(memory, rope.head_dim),
+                      memory.alloc<int64_t>(kRows), memory.alloc<bf16>(head_values)};
+  for (size_t i = 0; i < 3 * head_values; ++i) in.qkv[i] = to_bf16(uniform(-2, 2));
+  std::fill_n(qkv_head(in, rope, 0, 2, 1), rope.head_dim, to_bf16(0));
+  std::fill_n(qkv_head(in, rope, 2, 1, 0), rope.head_dim, to_bf16(0));
+  std::copy(rope.write_idx.begin(), rope.write_idx.end(), in.write_idx);
+  return in;
+}
+
+// The rotated query, key, or the value of (row, head), as the contract defines them.
+std::vector<double> rope_reference(const RopeInputs& in, const RopeCase& rope, int row, int part, int head) {
+  const bf16* x = qkv_head(in, rope, row, part, head);
+  if (part == 2) return widened(x, rope.head_dim);
+  const size_t angle_row = size_t(row) * rope.head_dim / 2;
+  return rotated(x, in.angles.cos + angle_row, in.angles.sin + angle_row, rope.head_dim);
+}
+
+double check_q_out(Case& check, const RopeInputs& in, const RopeCase& rope) {
+  double max_error = 0;
+  for (int row = 0; row < kRows; ++row)
+    for (int head = 0; head < rope.heads; ++head) {
+      const std::vector<double> expected = rope_reference(in, rope, row, 0, head);
+      const bf16* got = in.q_out + (size_t(row) * rope.heads + head) * rope.head_dim;
+      for (int d = 0; d < rope.head_dim; ++d) {
+        const double value = to_double(got[d]);
+        max_error = std::max(max_error, std::abs(value - expected[d]));
+        check.expect(within_bf16_rounding(value, expected[d]), "q row %d head %d dim %d: %g, expected %g", row,
+                     head, d, value, expected[d]);
+      }
+    }
+  return max_error;
+}
+
+// Calls visit(row, head, slot, entry) for every ring entry, `entry` counting from the ring's start.
+template <class Visit>
+void for_each_entry(const RopeCase& rope, Visit visit) {
+  for (int row = 0; row < kRows; ++row)
+    for (int head = 0; head < rope.heads; ++head)
+      for (int slot = 0; slot < kRopeCapacity; ++slot)
+        visit(row, head, slot, (size_t(row) * rope.heads + head) * kRopeCapacity + slot);
+}
+
+template <class T>
+bool all_equal(const T* values, int count, T expected) {
+  return std::all_of(values, values + count, [&](T value) { return memcmp(&value, &expected, sizeof value) == 0; });
+}
+
+// The written entries hold the rotated key and the value, the others are untouched. Returns the largest key error.
+double check_bf16_ring(Case& check, const RopeInputs& in, const RopeCase& rope, const Bf16RingBuffers& ring) {
+  const int head_dim = rope.head_dim;
+  double k_error = 0;
+  for_each_entry(rope, [&](int row, int head, int slot, size_t entry) {
+    const bf16* key = ring.k + entry * head_dim;
+    const bf16* value = ring.v + entry * head_dim;
+    if (slot != rope.write_idx[row]) {
+      check.expect(all_equal(key, head_dim, kUntouched) && all_equal(value, head_dim, kUntouched),
+                   "row %d head %d slot %d written", row, head, slot);
+      return;
+    }
+    const std::vector<double> key_expected = rope_reference(in, rope, row, 1, head);
+    const std::vector<double> value_expected = rope_reference(in, rope, row, 2, head);
+    for (int d = 0; d < head_dim; ++d) {
+      const double key_got = to_double(key[d]), value_got = to_double(value[d]);
+      k_error = std::max(k_error, std::abs(key_got - key_expected[d]));
+      check.expect(within_bf16_rounding(key_got, key_expected[d]), "k row %d head %d dim %d: %g, expected %g", row,
+                   head, d, key_got, key_expected[d]);
+      check.expect(value_got == value_expected[d], "v row %d head %d dim %d: %g, expected %g", row, head, d,
+                   value_got, value_expected[d]);
+    }
+  });
+  return k_error;
+}
+
+Bf16RingBuffers make_untouched_bf16_ring(emu::DeviceMemory& memory, size_t entries, int head_dim) {
+  const Bf16RingBuffers ring{memory.alloc<bf16>(entries * head_dim), memory.alloc<bf16>(entries * head_dim)};
+  std::fill_n(ring.k, entries * head_dim, kUntouched);
+  std::fill_n(ring.v, entries * head_dim, kUntouched);
+  return ring;
+}
+
+void test_rope_bf16(const RopeCase& rope) {
+  Case check(rope.title("rope_kv_write_bf16"));
+  emu::DeviceMemory memory;
+  const RopeInputs in = make_rope_inputs(memory, rope);
+  const Bf16RingBuffers ring = make_untouched_bf16_ring(memory, rope.entries(), rope.head_dim);
+  emu::launch("rope_kv_write_bf16", dim3(kRows * rope.heads), dim3(rope.head_dim / 2), [&] {
+    rope_kv_write_bf16(in.qkv, in.angles.cos, in.angles.sin, in.q_out, ring.k, ring.v, in.write_idx, rope.heads,
+                       rope.head_dim, kRopeCapacity);
+  });
+  const double q_error = check_q_out(check, in, rope);
+  const double k_error = check_bf16_ring(check, in, rope, ring);
+  check.finish(format("max |q error| %.3g, max |k error| %.3g", q_error, k_error));
+}
+
+// The contract: scale = largest |x| / 127 (1 for all zeros), codes = x / scale rounded half away from zero
+// (std::round), clamped to ±127. Codes may differ by one where f32 rotation lands across a rounding
+// boundary. Returns the largest code difference.
+int check_int8_entry(Case& check, const std::vector<double>& expected, const int8_t* codes, float scale,
+                     const char* what, int row, int head) {
+  double largest = 0;
+  for (double x : expected) largest = std::max(largest, std::abs(x));
+  const double expected_scale = largest > 0 ? largest / 127 : 1;
+  check.expect(std::abs(scale - expected_scale) <= 1e-5 * expected_scale, "%s scale row %d head %d: %g, expected %g",
+               what, row, head, scale, expected_scale);
+  int worst = 0;
+  for (size_t d = 0; d < expected.size(); ++d) {
+    const double code = std::clamp(std::round(expected[d] / expected_scale), -127.0, 127.0);
+    const int difference = int(std::abs(codes[d] - code));
+    worst = std::max(worst, difference);
+    check.expect(difference <= 1, "%s code row %d head %d dim %zu: %d, expected %g", what, row, head, d, codes[d],
+                 code);
+  }
+  return worst;
+}
+
+// Returns the largest code difference.
+int check_int8_ring(Case& check, const RopeInputs& in, const RopeCase& rope, const Int8RingBuffers& ring) {
+  const int head_dim = rope.head_dim;
+  int code_difference = 0;
+  for_each_entry(rope, [&](int row, int head, int slot, size_t entry) {
+    const int8_t* key = ring.k + entry * head_dim;
+    const int8_t* value = ring.v + entry * head_dim;
+    const float k_scale = ring.k_scale[entry], v_scale = ring.v_scale[entry];
+    if (slot != rope.write_idx[row]) {
+      check.expect(all_equal(key, head_dim, kUntouchedCode) && all_equal(value, head_dim, kUntouchedCode) &&
+                       k_scale == kUntouchedScale && v_scale == kUntouchedScale,
+                   "row %d head %d slot %d written", row, head, slot);
+      return;
+    }
+    const int key_difference =
+        check_int8_entry(check, rope_reference(in, rope, row, 1, head), key, k_scale, "k", row, head);
+    const int value_difference =
+        check_int8_entry(check, rope_reference(in, rope, row, 2, head), value, v_scale, "v", row, head);
+    code_difference = std::max({code_difference, key_difference, value_difference});
+  });
+  return code_difference;
+}
+
+Int8RingBuffers make_untouched_int8_ring(emu::DeviceMemory& memory, size_t entries, int head_dim) {
+  const Int8RingBuffers ring{memory.alloc<int8_t>(entries * head_dim), memory.alloc<int8_t>(entries * head_dim),
+                             memory.alloc<float>(entries), memory.alloc<float>(entries)};
+  std::fill_n(ring.k, entries * head_dim, kUntouchedCode);
+  std::fill_n(ring.v, entries * head_dim, kUntouchedCode);
+  std::fill_n(ring.k_scale, entries, kUntouchedScale);
+  std::fill_n(ring.v_scale, entries, kUntouchedScale);
+  return ring;
+}
+
+void test_rope_int8(const RopeCase& rope) {
+  Case check(rope.title("rope_kv_write_int8"));
+  emu::DeviceMemory memory;
+  const RopeInputs in = make_rope_inputs(memory, rope);
+  const Int8RingBuffers ring = make_untouched_int8_ring(memory, rope.entries(), rope.head_dim);
+  const unsigned threads = (rope.head_dim / 2 + 31) / 32 * 32;
+  emu::launch("rope_kv_write_int8", dim3(kRows * rope.heads), dim3(threads), [&] {
+    rope_kv_write_int8(in.qkv, in.angles.cos, in.angles.sin, in.q_out, ring.k, ring.v, ring.k_scale, ring.v_scale,
+                       in.write_idx, rope.heads, rope.head_dim, kRopeCapacity);
+  });
+  const double q_error = check_q_out(check, in, rope);
+  const int code_difference = check_int8_ring(check, in, rope, ring);
+  check.finish(format("max |q error| %.3g, codes off by at most %d", q_error, code_difference));
+}
+
+// ---- ring_attention_part + ring_attention_join ----
+
+// Pinned prefix lengths of the rows (clipped to len).
+constexpr std::array<unsigned, kRows> kPrefixLengths = {3, 0, 9};
+
+struct AttentionCase {
+  int heads, capacity, head_dim, len;
+  bool row1_hidden;  // the mask hides every key of row 1
+
+  std::string title(const char* kernel) const {
+    return format("%s heads=%d capacity=%d head_dim=%d len=%d%s", kernel, heads, capacity, head_dim, len,
+                  row1_hidden ? " row 1 hidden" : "");
+  }
+  int chunks() const { return (len + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK; }
+  size_t ring_values() const { return size_t(kRows) * heads * capacity * head_dim; }
+  size_t part_values() const { return size_t(kRows) * heads * chunks() * (head_dim + 2); }
+  // Whether ring value `i` belongs to one of the first `len` entries of its (row, head).
+  bool filled(size_t i) const { return (i / head_dim) % capacity < size_t(len); }
+  float scale() const { return 1.f / std::sqrt(float(head_dim)); }
+};
+
+struct AttentionInputs {
+  bf16* q;     // [rows, heads, head_dim]
+  float* mask;  // [rows, len]
+  unsigned* prefix_len;
+  Angles unturn;
+  std::vector<double> keys, values;  // the ring as the kernel should read it, [rows, heads, capacity, head_dim]
+};
+
+// Keys hidden at random, row 2's past key 20 (so its later chunks are wholly hidden), row 1's all if asked;
+// row 0's first key visible.
+void fill_mask(float* mask, const AttentionCase& shape) {
+  for (int row = 0; row < kRows; ++row)
+    for (int key = 0; key < shape.len; ++key) {
+      const bool hidden = uniform(0, 1) < 0.15 || (row == 2 && key > 20) || (row == 1 && shape.row1_hidden);
+      mask[row * shape.len + key] = hidden ? -INFINITY : 0.f;
+    }
+  mask[0] = 0.f;
+}
+
+AttentionInputs make_attention_inputs(emu::DeviceMemory& memory, const AttentionCase& shape) {
+  const size_t query_values = size_t(kRows) * shape.heads * shape.head_dim;
+  AttentionInputs in{memory.alloc<bf16>(query_values),
+                     memory.alloc<float>(size_t(kRows) * shape.len),
+                     memory.alloc<unsigned>(kRows),
+                     random_angles(memory, shape.head_dim),
+                     std::vector<double>(shape.ring_values()),
+                     std::vector<double>(shape.ring_values())};
+  for (size_t i = 0; i < query_values; ++i) in.q[i] = to_bf16(uniform(-3, 3));
+  fill_mask(in.mask, shape);
+  for (int row = 0; row < kRows; ++row) in.prefix_len[row] = std::min(kPrefixLengths[row], unsigned(shape.len));
+  return in;
+}
+
+// Random entries up to len, NaN past it: reading those would poison the output.
+Bf16RingBuffers make_bf16_ring(emu::DeviceMemory& memory, const AttentionCase& shape, AttentionInputs& in) {
+  const Bf16RingBuffers ring{memory.alloc<bf16>(shape.ring_values()), memory.alloc<bf16>(shape.ring_values())};
+  for (size_t i = 0; i < shape.ring_values(); ++i) {
+    ring.k[i] = shape.filled(i) ? to_bf16(uniform(-1, 1)) : kNanBf16;
+    ring.v[i] = shape.filled(i) ? to_bf16(uniform(-1, 1)) : kNanBf16;
+    in.keys[i] = to_double(ring.k[i]);
+    in.values[i] = to_double(ring.v[i]);
+  }
+  return ring;
+}
+
+// Random codes; random scales up to len, NaN past it.
+Int8RingBuffers make_int8_ring(emu::DeviceMemory& memory, const AttentionCase& shape, AttentionInputs& in) {
+  const size_t entries = shape.ring_values() / shape.head_dim;
+  const Int8RingBuffers ring{memory.alloc<int8_t>(shape.ring_values()), memory.alloc<int8_t>(shape.ring_values()),
+                             memory.alloc<float>(entries), memory.alloc<float>(entries)};
+  for (size_t entry = 0; entry < entries; ++entry) {
+    const bool filled = shape.filled(entry * shape.head_dim);
+    ring.k_scale[entry] = filled ? float(uniform(0.005, 0.012)) : NAN;
+    ring.v_scale[entry] = filled ? float(uniform(0.005, 0.012)) : NAN;
+  }
+  for (size_t i = 0; i < shape.ring_values(); ++i) {
+    ring.k[i] = int8_t(uniform_int(-127, 127));
+    ring.v[i] = int8_t(uniform_int(-127, 127));
+    in.keys[i] = ring.k[i] * double(ring.k_scale[i / shape.head_dim]);
+    in.values[i] = ring.v[i] * double(ring.v_scale[i / shape.head_dim]);
+  }
+  return ring;
+}
+
+// softmax(q·kᵀ·scale + mask)·v over the first len entries of (row, head), the query turned back by the
+// unturn angles for the row's pinned prefix; zeros when the mask hides every key.
+std::vector<double> reference_attention(const AttentionCase& shape, const AttentionInputs& in, int row, int head) {
+  const int head_dim = shape.head_dim;
+  const size_t head_index = size_t(row) * shape.heads + head;
+  const bf16* q = in.q + head_index * head_dim;
+  const size_t angle_row = size_t(row) * head_dim / 2;
+  const std::vector<double> query = widened(q, head_dim);
+  const std::vector<double> unturned = rotated(q, in.unturn.cos + angle_row, in.unturn.sin + angle_row, head_dim);
+  std::vector<double> scores(shape.len);
+  for (int key = 0; key < shape.len; ++key) {
+    const std::vector<double>& used = unsigned(key) < in.prefix_len[row] ? unturned : query;
+    const double* k = &in.keys[(head_index * shape.capacity + key) * head_dim];
+    double dot = 0;
+    for (int d = 0; d < head_dim; ++d) dot += used[d] * k[d];
+    scores[key] = dot * shape.scale() + in.mask[row * shape.len + key];
+  }
+  std::vector<double> out(head_dim, 0.0);
+  const double max_score = *std::max_element(scores.begin(), scores.end());
+  if (max_score == -INFINITY) return out;
+  double total = 0;
+  for (int key = 0; key < shape.len; ++key) {
+    const double weight = std::exp(scores[key] - max_score);
+    if (weight == 0) continue;
+    total += weight;
+    const double* v = &in.values[(head_index * shape.capacity + key) * head_dim];
+    for (int d = 0; d < head_dim; ++d) out[d] += weight * v[d];
+  }
+  for (double& x : out) x /= total;
+  return out;
+}
+
+float* make_part(emu::DeviceMemory& memory, const AttentionCase& shape) {
+  float* part = memory.alloc<float>(shape.part_values());
+  std::fill_n(part, shape.part_values(), NAN);
+  return part;
+}
+
+bf16* run_join(emu::DeviceMemory& memory, const AttentionCase& shape, const float* part) {
+  const size_t out_values = size_t(kRows) * shape.heads * shape.head_dim;
+  bf16* out = memory.alloc<bf16>(out_values);
+  std::fill_n(out, out_values, kUntouched);
+  const unsigned threads = (shape.head_dim + 31) / 32 * 32;
+  emu::launch("ring_attention_join", dim3(kRows * shape.heads), dim3(threads),
+              [&] { ring_attention_join(part, out, shape.head_dim, shape.chunks()); });
+  return out;
+}
+
+// Every part value written; each head's output within 1% of its largest magnitude (bf16 rounding, f32
+// softmax and sums), exactly zero where the mask hides every key.
+void check_attention(Case& check, const AttentionCase& shape, const AttentionInputs& in, const float* part,
+                     const bf16* out) {
+  const long unwritten = std::count_if(part, part + shape.part_values(), [](float x) { return std::isnan(x); });
+  check.expect(unwritten == 0, "%ld part values unwritten or NaN", unwritten);
+  double max_error = 0, max_relative = 0;
+  for (int row = 0; row < kRows; ++row)
+    for (int head = 0; head < shape.heads; ++head) {
+      const std::vector<double> expected = reference_attention(shape, in, row, head);
+      double magnitude = 0;
+      for (double x : expected) magnitude = std::max(magnitude, std::abs(x));
+      const bf16* got = out + (size_t(row) * shape.heads + head) * shape.head_dim;
+      for (int d = 0; d < shape.head_dim; ++d) {
+        const double value = to_double(got[d]), error = std::abs(value - expected[d]);
+        max_error = std::max(max_error, error);
+        if (magnitude > 0) max_relative = std::max(max_relative, error / magnitude);
+        check.expect(magnitude > 0 ? error <= 1e-2 * magnitude : value == 0, "row %d head %d dim %d: %g, expected %g",
+                     row, head, d, value, expected[d]);
+      }
+    }
+  check.finish(format("max |error| %.3g (%.3g of the head's largest output)", max_error, max_relative));
+}
+
+void test_attention_bf16(const AttentionCase& shape) {
+  Case check(shape.title("ring_attention_part_bf16 + join"));
+  emu::DeviceMemory memory;
+  AttentionInputs in = make_attention_inputs(memory, shape);
+  const Bf16RingBuffers ring = make_bf16_ring(memory, shape, in);
+  float* part = make_part(memory, shape);
+  emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads, shape.chunks()), dim3(ATTENTION_THREADS), [&] {
+    ring_attention_part_bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part,
+                             shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale());
+  });
+  check_attention(check, shape, in, part, run_join(memory, shape, part));
+}
+
+void test_attention_int8(const AttentionCase& shape) {
+  Case check(shape.title("ring_attention_part_int8 + join"));
+  emu::DeviceMemory memory;
+  AttentionInputs in = make_attention_inputs(memory, shape);
+  const Int8RingBuffers ring = make_int8_ring(memory, shape, in);
+  float* part = make_part(memory, shape);
+  emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads, shape.chunks()), dim3(ATTENTION_THREADS), [&] {
+    ring_attention_part_int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len, in.unturn.cos,
+                             in.unturn.sin, part, shape.heads, shape.head_dim, shape.capacity, shape.len,
+                             shape.scale());
+  });
+  check_attention(check, shape, in, part, run_join(memory, shape, part));
+}
+
+}  // namespace
+
+int main() {
+  // Write indices inside the ring, negative (leave it alone) and at or past its capacity.
+  const std::array<int64_t, kRows> write_sets[] = {{5, -1, 15}, {16, 0, -2}};
+  for (int heads : {2, 4})
+    for (int head_dim : {16, 128})
+      for (const auto& write_idx : write_sets) {
+        test_rope_bf16({heads, head_dim, write_idx});
+        test_rope_int8({heads, head_dim, write_idx});
+      }
+  for (int head_dim : {24, 64}) {
+    test_rope_bf16({2, head_dim, write_sets[0]});
+    test_rope_int8({2, head_dim, write_sets[0]});
+  }
+  // One chunk; many chunks with a short team (head_dim 16, 8); a full ring; 128-dim heads; a head_dim of
+  // 3 octets (a team with an idle member); len just past a chunk boundary.
+  const AttentionCase shapes[] = {{4, 40, 128, 33, false}, {2, 700, 16, 650, false}, {2, 384, 64, 384, false},
+                                  {4, 300, 128, 290, false}, {2, 200, 24, 129, false}, {2, 260, 8, 257, false},
+                                  {2, 300, 64, 290, true}};
+  for (const AttentionCase& shape : shapes) {
+    test_attention_bf16(shape);
+    test_attention_int8(shape);
+  }
+  return summarise("attention");
+}

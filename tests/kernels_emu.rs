@@ -1,0 +1,65 @@
+//! Our CUDA kernels' own source, run on the CPU: `tests/emu/` emulates the part of CUDA they use
+//! (threads of a block as fibers, barriers and warp shuffles as scheduling points, guarded
+//! device buffers) and checks each kernel against a double-precision reference of its
+//! documented contract. This catches indexing, synchronisation and arithmetic mistakes on any
+//! machine, before a GPU is at hand; speed and the GPU's own rounding still need one
+//! (`tests/kernels.rs`). Needs a C++20 compiler (`g++`, from `bash .ci/setup test`; or `CXX`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Compiles `tests/emu/{name}.cpp` with the kernels on its include path and runs it; panics
+/// with its output unless every check passed.
+fn run_emulated(name: &str) {
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let binary = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("emu-{name}"));
+    let source = root().join("tests/emu").join(format!("{name}.cpp"));
+    let compiled = Command::new(&compiler)
+        .args(["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas"])
+        .arg("-I")
+        .arg(root().join("tests/emu/include"))
+        .arg("-I")
+        .arg(root().join("kernels"))
+        .arg(&source)
+        .arg("-o")
+        .arg(&binary)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the C++ compiler {compiler:?} ({e}): `bash .ci/setup test`")
+        });
+    assert!(
+        compiled.status.success(),
+        "{} does not compile:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    let ran = Command::new(&binary)
+        .output()
+        .expect("the emulated test runs");
+    let report = String::from_utf8_lossy(&ran.stdout);
+    eprintln!("{report}");
+    assert!(
+        ran.status.success(),
+        "{name}: a kernel failed its check ({}):\n{report}\n{}",
+        ran.status,
+        String::from_utf8_lossy(&ran.stderr)
+    );
+}
+
+/// `kernels/attention.cu`: RoPE with the ring write (bf16 and int8 rings) and attention over
+/// the filled part of the ring, with hidden chunks and pinned prefixes.
+#[test]
+fn attention_kernels_meet_their_references_on_the_emulator() {
+    run_emulated("attention");
+}
+
+/// `kernels/gemv.cu`: the split-K products, int8 and bf16 weights, 1 to 4 rows, with and
+/// without the fused pre-norm and skip connection.
+#[test]
+fn split_k_products_meet_their_references_on_the_emulator() {
+    run_emulated("gemv");
+}
