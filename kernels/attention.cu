@@ -1,4 +1,4 @@
-// One decode step of attention over a ring KV cache, in two kernels:
+// One decode step of attention over a ring KV cache, in two kernels (or one, below):
 //  - rope_kv_write_bf16: interleaved RoPE on the step's query and key, the rotated key and the
 //    value written straight into the ring at each slot's write index (a device value, so a CUDA
 //    graph can replay the step);
@@ -6,43 +6,41 @@
 //    first `len` ring entries (the filled part), split into chunks of keys, f32 inside.
 // Each has an 8-bit twin (`rope_kv_write_int8`, `ring_attention_part_int8`) for rings that hold
 // int8 codes with one f32 scale per (row, head, entry) for the keys and one for the values:
-// half the bytes a long history costs every step.
+// half the bytes a long history costs every step. When the attended entries fit one chunk (the
+// depformer's few steps), `ring_write_attend_{bf16,int8}` does the write and the attention in
+// one launch.
 // CPU references: `nn::RopeTables::apply`, `kv::RingCache::append`, `kv::attention`;
 // `quant::quantize_rows` and `quant::dequantize_rows` for the 8-bit rings.
 #include "common.cuh"
 #include <math.h>
 
-// qkv [rows, 3, heads, head_dim] (the packed in-projection of one token per slot);
-// cos, sin [rows, head_dim / 2] f32; q_out [rows, heads, head_dim];
-// ring_k, ring_v [rows, heads, capacity, head_dim]; write_idx [rows] (< 0: leave the ring alone).
-// Grid: rows * heads blocks of head_dim / 2 threads, one per rotated pair.
-extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
-                                              const float* __restrict__ sin, __nv_bfloat16* __restrict__ q_out,
-                                              __nv_bfloat16* __restrict__ ring_k, __nv_bfloat16* __restrict__ ring_v,
-                                              const int64_t* __restrict__ write_idx, int heads, int head_dim,
-                                              int capacity) {
-  const int half = head_dim / 2;
-  const int pair = threadIdx.x;
-  if (pair >= half) return;
-  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+// One thread's pair (2 · pair, 2 · pair + 1) of a (row, head)'s new token: the query and key turned
+// by interleaved RoPE, the value as it is.
+struct TokenPair {
+  float q0, q1, k0, k1, v0, v1;
+};
+
+// qkv [rows, 3, heads, head_dim] (the packed in-projection of one token per slot); cos, sin
+// [rows, head_dim / 2] f32.
+__device__ __forceinline__ TokenPair rotate_pair(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                                                 const float* __restrict__ sin, int b, int h, int pair, int heads,
+                                                 int head_dim) {
+  const int half = head_dim / 2, even = 2 * pair, odd = 2 * pair + 1;
   const size_t token = (size_t)b * 3 * heads * head_dim;
   const __nv_bfloat16* q = qkv + token + (size_t)h * head_dim;
   const __nv_bfloat16* k = qkv + token + (size_t)(heads + h) * head_dim;
   const __nv_bfloat16* v = qkv + token + (size_t)(2 * heads + h) * head_dim;
   const float c = cos[(size_t)b * half + pair], s = sin[(size_t)b * half + pair];
-  const int even = 2 * pair, odd = 2 * pair + 1;
   const float q0 = __bfloat162float(q[even]), q1 = __bfloat162float(q[odd]);
-  __nv_bfloat16* qo = q_out + ((size_t)b * heads + h) * head_dim;
-  qo[even] = __float2bfloat16(q0 * c - q1 * s);
-  qo[odd] = __float2bfloat16(q0 * s + q1 * c);
-  const int64_t at = write_idx[b];
-  if (at < 0 || at >= capacity) return;
-  const size_t slot = (((size_t)b * heads + h) * capacity + (size_t)at) * head_dim;
   const float k0 = __bfloat162float(k[even]), k1 = __bfloat162float(k[odd]);
-  ring_k[slot + even] = __float2bfloat16(k0 * c - k1 * s);
-  ring_k[slot + odd] = __float2bfloat16(k0 * s + k1 * c);
-  ring_v[slot + even] = v[even];
-  ring_v[slot + odd] = v[odd];
+  TokenPair t;
+  t.q0 = q0 * c - q1 * s;
+  t.q1 = q0 * s + q1 * c;
+  t.k0 = k0 * c - k1 * s;
+  t.k1 = k0 * s + k1 * c;
+  t.v0 = __bfloat162float(v[even]);
+  t.v1 = __bfloat162float(v[odd]);
+  return t;
 }
 
 // An entry's scale (its largest magnitude / 127, 1 for an all-zero entry) and a value's code
@@ -52,10 +50,84 @@ __device__ __forceinline__ int8_t int8_code(float x, float scale) {
   return (int8_t)fminf(127.f, fmaxf(-127.f, roundf(x / scale)));
 }
 
-// rope_kv_write_bf16 for an 8-bit ring: ring_k, ring_v [rows, heads, capacity, head_dim] int8,
-// k_scale, v_scale [rows, heads, capacity] f32 (`int8_scale` of the entry's rotated key, of its
-// value). Grid: rows * heads blocks of head_dim / 2 threads rounded up to whole warps (the
-// block reduces the entry's largest magnitude).
+// How a new token's key and value go into a ring, at entry `entry` (counted in entries of
+// head_dim values from the ring's start). Every thread of the block calls `write`; those past
+// the head's pairs pass owns = false.
+struct Bf16RingWriter {
+  __nv_bfloat16* k;
+  __nv_bfloat16* v;
+  __device__ void write(size_t entry, int pair, bool owns, const TokenPair& t, int head_dim, float*) const {
+    if (!owns) return;
+    const size_t at = entry * head_dim + 2 * pair;
+    k[at] = __float2bfloat16(t.k0);
+    k[at + 1] = __float2bfloat16(t.k1);
+    v[at] = __float2bfloat16(t.v0);
+    v[at + 1] = __float2bfloat16(t.v1);
+  }
+};
+
+// int8 codes with `int8_scale` of the entry's rotated key, of its value; the block reduces the
+// entry's largest magnitude, so its threads are whole warps.
+struct Int8RingWriter {
+  int8_t* k;
+  int8_t* v;
+  float* k_scale;
+  float* v_scale;
+  __device__ void write(size_t entry, int pair, bool owns, const TokenPair& t, int head_dim, float* scratch) const {
+    const float ks = int8_scale(block_max(fmaxf(fabsf(t.k0), fabsf(t.k1)), scratch));
+    const float vs = int8_scale(block_max(fmaxf(fabsf(t.v0), fabsf(t.v1)), scratch));
+    if (owns) {
+      const size_t at = entry * head_dim + 2 * pair;
+      k[at] = int8_code(t.k0, ks);
+      k[at + 1] = int8_code(t.k1, ks);
+      v[at] = int8_code(t.v0, vs);
+      v[at + 1] = int8_code(t.v1, vs);
+    }
+    if (threadIdx.x == 0) {
+      k_scale[entry] = ks;
+      v_scale[entry] = vs;
+    }
+  }
+};
+
+// The block's (row, head) = blockIdx.x: its rotated query (bf16) into q_out [head_dim], its key
+// and value into the ring at write_idx[row] (< 0 or past capacity: left alone). Returns whether
+// it wrote. Every thread of the block calls it.
+template <class Writer>
+__device__ __forceinline__ bool rope_write_token(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                                                 const float* __restrict__ sin, __nv_bfloat16* q_out,
+                                                 const Writer ring, const int64_t* __restrict__ write_idx, int heads,
+                                                 int head_dim, int capacity, float* scratch) {
+  const int pair = threadIdx.x;
+  const bool owns = pair < head_dim / 2;
+  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+  TokenPair t = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (owns) {
+    t = rotate_pair(qkv, cos, sin, b, h, pair, heads, head_dim);
+    q_out[2 * pair] = __float2bfloat16(t.q0);
+    q_out[2 * pair + 1] = __float2bfloat16(t.q1);
+  }
+  // The same for every thread of the block, so a writer's reductions are reached by all.
+  const int64_t at = write_idx[b];
+  if (at < 0 || at >= capacity) return false;
+  ring.write(((size_t)b * heads + h) * capacity + (size_t)at, pair, owns, t, head_dim, scratch);
+  return true;
+}
+
+// q_out [rows, heads, head_dim]; ring_k, ring_v [rows, heads, capacity, head_dim]; write_idx
+// [rows] (< 0: leave the ring alone). Grid: rows * heads blocks of head_dim / 2 threads, one per
+// rotated pair.
+extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                                              const float* __restrict__ sin, __nv_bfloat16* __restrict__ q_out,
+                                              __nv_bfloat16* __restrict__ ring_k, __nv_bfloat16* __restrict__ ring_v,
+                                              const int64_t* __restrict__ write_idx, int heads, int head_dim,
+                                              int capacity) {
+  rope_write_token(qkv, cos, sin, q_out + (size_t)blockIdx.x * head_dim, Bf16RingWriter{ring_k, ring_v}, write_idx,
+                   heads, head_dim, capacity, nullptr);
+}
+
+// rope_kv_write_bf16 for an 8-bit ring: ring_k, ring_v int8 codes, k_scale, v_scale [rows, heads,
+// capacity] f32. Grid: rows * heads blocks of head_dim / 2 threads rounded up to whole warps.
 extern "C" __global__ void rope_kv_write_int8(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
                                               const float* __restrict__ sin, __nv_bfloat16* __restrict__ q_out,
                                               int8_t* __restrict__ ring_k, int8_t* __restrict__ ring_v,
@@ -63,44 +135,8 @@ extern "C" __global__ void rope_kv_write_int8(const __nv_bfloat16* __restrict__ 
                                               const int64_t* __restrict__ write_idx, int heads, int head_dim,
                                               int capacity) {
   __shared__ float scratch[32];
-  const int half = head_dim / 2;
-  const int pair = threadIdx.x;
-  const bool owns = pair < half;
-  const int b = blockIdx.x / heads, h = blockIdx.x % heads;
-  const size_t token = (size_t)b * 3 * heads * head_dim;
-  const __nv_bfloat16* q = qkv + token + (size_t)h * head_dim;
-  const __nv_bfloat16* k = qkv + token + (size_t)(heads + h) * head_dim;
-  const __nv_bfloat16* v = qkv + token + (size_t)(2 * heads + h) * head_dim;
-  const int even = 2 * pair, odd = 2 * pair + 1;
-  float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
-  if (owns) {
-    const float c = cos[(size_t)b * half + pair], s = sin[(size_t)b * half + pair];
-    const float q0 = __bfloat162float(q[even]), q1 = __bfloat162float(q[odd]);
-    __nv_bfloat16* qo = q_out + ((size_t)b * heads + h) * head_dim;
-    qo[even] = __float2bfloat16(q0 * c - q1 * s);
-    qo[odd] = __float2bfloat16(q0 * s + q1 * c);
-    const float kx = __bfloat162float(k[even]), ky = __bfloat162float(k[odd]);
-    k0 = kx * c - ky * s;
-    k1 = kx * s + ky * c;
-    v0 = __bfloat162float(v[even]);
-    v1 = __bfloat162float(v[odd]);
-  }
-  // The same for every thread of the block, so the reductions below are reached by all.
-  const int64_t at = write_idx[b];
-  if (at < 0 || at >= capacity) return;
-  const float ks = int8_scale(block_max(fmaxf(fabsf(k0), fabsf(k1)), scratch));
-  const float vs = int8_scale(block_max(fmaxf(fabsf(v0), fabsf(v1)), scratch));
-  const size_t entry = ((size_t)b * heads + h) * capacity + (size_t)at;
-  if (owns) {
-    ring_k[entry * head_dim + even] = int8_code(k0, ks);
-    ring_k[entry * head_dim + odd] = int8_code(k1, ks);
-    ring_v[entry * head_dim + even] = int8_code(v0, vs);
-    ring_v[entry * head_dim + odd] = int8_code(v1, vs);
-  }
-  if (threadIdx.x == 0) {
-    k_scale[entry] = ks;
-    v_scale[entry] = vs;
-  }
+  rope_write_token(qkv, cos, sin, q_out + (size_t)blockIdx.x * head_dim,
+                   Int8RingWriter{ring_k, ring_v, k_scale, v_scale}, write_idx, heads, head_dim, capacity, scratch);
 }
 
 // Attention of one query per (slot, head) over the first `len` ring entries, split over the keys
@@ -153,23 +189,25 @@ struct Int8Ring {
   }
 };
 
-// q [rows, heads, head_dim]; the ring [rows, heads, capacity, head_dim] read through `Ring`;
-// mask [rows, len] f32
-// additive (0 visible, -inf hidden); prefix_len [rows]: a row's first prefix_len entries are a
-// pinned prefix stored at its prompt positions, scored against the query turned back by
-// unturn_cos/unturn_sin ([rows, head_dim / 2] f32, RoPE by minus the distance the window has slid
-// past the prefix), which equals turning those keys forward; part [rows * heads, chunks,
-// head_dim + 2] f32: per chunk the
-// weighted values, then its max score and its sum of exponentials (max -inf, sum 0 when the mask
-// hides the whole chunk).
-// Grid: (rows * heads, chunks) blocks of ATTENTION_THREADS threads. head_dim a multiple of 8, at
-// most 128; rows of the ring 16-byte aligned (bf16) or 8-byte aligned (int8).
+// The attention of block (row · heads + head, chunk) over its chunk of ATTENTION_CHUNK ring
+// entries. query [head_dim] f32 (block-visible: shared memory); the ring [rows, heads, capacity,
+// head_dim] read through `Ring`; mask [rows, len] f32 additive (0 visible, -inf hidden);
+// prefix_len [rows]: a row's first prefix_len entries are a pinned prefix stored at its prompt
+// positions, scored against the query turned back by unturn_cos/unturn_sin ([rows, head_dim / 2]
+// f32, RoPE by minus the distance the window has slid past the prefix), which equals turning
+// those keys forward.
+// With `out` null it writes part [rows * heads, chunks, head_dim + 2] f32: per chunk the weighted
+// values, then its max score and its sum of exponentials (max -inf, sum 0 when the mask hides the
+// whole chunk), for ring_attention_join. With one chunk it may instead write the normalised
+// result straight to out [rows * heads, head_dim] bf16 (zeros where the mask hides every key).
+// Blocks of ATTENTION_THREADS threads; head_dim a multiple of 8, at most 128; rows of the ring
+// 16-byte aligned (bf16) or 8-byte aligned (int8).
 template <class Ring>
-__device__ void ring_attention_part(const __nv_bfloat16* __restrict__ q, const Ring ring,
-                                    const float* __restrict__ mask, const unsigned int* __restrict__ prefix_len,
-                                    const float* __restrict__ unturn_cos, const float* __restrict__ unturn_sin,
-                                    float* __restrict__ part, int heads, int head_dim, int capacity, int len,
-                                    float scale) {
+__device__ void attend_chunk(const float* query, const Ring ring, const float* __restrict__ mask,
+                             const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+                             const float* __restrict__ unturn_sin, float* __restrict__ part,
+                             __nv_bfloat16* __restrict__ out, int heads, int head_dim, int capacity, int len,
+                             float scale) {
   __shared__ float qs[128];
   __shared__ float qp[128];
   __shared__ float scores[ATTENTION_CHUNK];
@@ -179,8 +217,7 @@ __device__ void ring_attention_part(const __nv_bfloat16* __restrict__ q, const R
   const int first = chunk * ATTENTION_CHUNK, count = min(ATTENTION_CHUNK, len - first);
   const int half = head_dim / 2;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float q0 = __bfloat162float(q[(size_t)head * head_dim + 2 * i]);
-    const float q1 = __bfloat162float(q[(size_t)head * head_dim + 2 * i + 1]);
+    const float q0 = query[2 * i], q1 = query[2 * i + 1];
     const float c = unturn_cos[(size_t)b * half + i], s = unturn_sin[(size_t)b * half + i];
     qs[2 * i] = q0 * scale;
     qs[2 * i + 1] = q1 * scale;
@@ -203,9 +240,9 @@ __device__ void ring_attention_part(const __nv_bfloat16* __restrict__ q, const R
     if (j < count && member < octets) {
       float k8[8];
       ring.key8(base + j, member, head_dim, k8);
-      const float* query = first + j < pinned ? qp : qs;
+      const float* q = first + j < pinned ? qp : qs;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dot += query[member * 8 + i] * k8[i];
+      for (int i = 0; i < 8; ++i) dot += q[member * 8 + i] * k8[i];
     }
     for (int offset = team / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
     if (member == 0 && j < count) scores[j] = dot * ring.key_scale(base + j) + mask[(size_t)b * len + first + j];
@@ -215,9 +252,14 @@ __device__ void ring_attention_part(const __nv_bfloat16* __restrict__ q, const R
   float local_max = -INFINITY;
   for (int j = threadIdx.x; j < count; j += blockDim.x) local_max = fmaxf(local_max, scores[j]);
   const float max_score = block_max(local_max, scratch);
-  float* out = part + ((size_t)head * chunks + chunk) * (head_dim + 2);
+  const bool final = out != nullptr && chunks == 1;
+  float* partial = final ? nullptr : part + ((size_t)head * chunks + chunk) * (head_dim + 2);
   if (max_score == -INFINITY) {
-    for (int d = threadIdx.x; d < head_dim + 2; d += blockDim.x) out[d] = d == head_dim ? -INFINITY : 0.f;
+    if (final) {
+      for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out[(size_t)head * head_dim + d] = __float2bfloat16(0.f);
+    } else {
+      for (int d = threadIdx.x; d < head_dim + 2; d += blockDim.x) partial[d] = d == head_dim ? -INFINITY : 0.f;
+    }
     return;
   }
   float local_sum = 0.f;
@@ -246,14 +288,28 @@ __device__ void ring_attention_part(const __nv_bfloat16* __restrict__ q, const R
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float v = 0.f;
     for (int g = 0; g < groups; ++g) v += sums[g * head_dim + d];
-    out[d] = v;
+    if (final) {
+      out[(size_t)head * head_dim + d] = __float2bfloat16(total > 0.f ? v / total : 0.f);
+    } else {
+      partial[d] = v;
+    }
   }
-  if (threadIdx.x == 0) {
-    out[head_dim] = max_score;
-    out[head_dim + 1] = total;
+  if (threadIdx.x == 0 && !final) {
+    partial[head_dim] = max_score;
+    partial[head_dim + 1] = total;
   }
 }
 
+// The block's query (bf16, [rows * heads, head_dim]) as f32 in shared memory.
+__device__ __forceinline__ const float* load_query(const __nv_bfloat16* __restrict__ q, int head_dim) {
+  __shared__ float query[128];
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = __bfloat162float(q[(size_t)blockIdx.x * head_dim + d]);
+  __syncthreads();
+  return query;
+}
+
+// q [rows, heads, head_dim] bf16; the rest as `attend_chunk` says. Grid: (rows * heads, chunks)
+// blocks of ATTENTION_THREADS threads; out non-null only with one chunk (no join needed).
 extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restrict__ q,
                                                     const __nv_bfloat16* __restrict__ ring_k,
                                                     const __nv_bfloat16* __restrict__ ring_v,
@@ -261,9 +317,10 @@ extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restr
                                                     const unsigned int* __restrict__ prefix_len,
                                                     const float* __restrict__ unturn_cos,
                                                     const float* __restrict__ unturn_sin, float* __restrict__ part,
-                                                    int heads, int head_dim, int capacity, int len, float scale) {
-  ring_attention_part(q, Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part, heads, head_dim,
-                      capacity, len, scale);
+                                                    __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+                                                    int capacity, int len, float scale) {
+  attend_chunk(load_query(q, head_dim), Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part,
+               out, heads, head_dim, capacity, len, scale);
 }
 
 // ring_k, ring_v int8 codes; k_scale, v_scale [rows, heads, capacity] f32.
@@ -276,9 +333,63 @@ extern "C" __global__ void ring_attention_part_int8(const __nv_bfloat16* __restr
                                                     const unsigned int* __restrict__ prefix_len,
                                                     const float* __restrict__ unturn_cos,
                                                     const float* __restrict__ unturn_sin, float* __restrict__ part,
-                                                    int heads, int head_dim, int capacity, int len, float scale) {
-  ring_attention_part(q, Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos, unturn_sin, part,
-                      heads, head_dim, capacity, len, scale);
+                                                    __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+                                                    int capacity, int len, float scale) {
+  attend_chunk(load_query(q, head_dim), Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos,
+               unturn_sin, part, out, heads, head_dim, capacity, len, scale);
+}
+
+// rope_kv_write then the attention, in one launch, when the attended entries fit one chunk
+// (len <= ATTENTION_CHUNK): each block writes its (row, head)'s entry, then reads the chunk
+// holding it, after a barrier; no other block reads that ring. Arguments as the two kernels'
+// (out [rows, heads, head_dim] bf16); the ring is written and read here, so its pointers are not
+// __restrict__. Grid: rows * heads blocks of ATTENTION_THREADS threads.
+template <class Writer, class Ring>
+__device__ void write_attend(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                             const float* __restrict__ sin, const Writer writer, const Ring ring,
+                             const int64_t* __restrict__ write_idx, const float* __restrict__ mask,
+                             const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+                             const float* __restrict__ unturn_sin, __nv_bfloat16* __restrict__ out, int heads,
+                             int head_dim, int capacity, int len, float scale) {
+  __shared__ __nv_bfloat16 rotated[128];
+  __shared__ float query[128];
+  __shared__ float scratch[32];
+  rope_write_token(qkv, cos, sin, rotated, writer, write_idx, heads, head_dim, capacity, scratch);
+  __syncthreads();
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = __bfloat162float(rotated[d]);
+  __syncthreads();
+  attend_chunk(query, ring, mask, prefix_len, unturn_cos, unturn_sin, nullptr, out, heads, head_dim, capacity, len,
+               scale);
+}
+
+extern "C" __global__ void ring_write_attend_bf16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                                                  const float* __restrict__ sin, __nv_bfloat16* ring_k,
+                                                  __nv_bfloat16* ring_v,
+                                                  const int64_t* __restrict__ write_idx,
+                                                  const float* __restrict__ mask,
+                                                  const unsigned int* __restrict__ prefix_len,
+                                                  const float* __restrict__ unturn_cos,
+                                                  const float* __restrict__ unturn_sin,
+                                                  __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+                                                  int capacity, int len, float scale) {
+  write_attend(qkv, cos, sin, Bf16RingWriter{ring_k, ring_v}, Bf16Ring{ring_k, ring_v}, write_idx, mask, prefix_len,
+               unturn_cos, unturn_sin, out, heads, head_dim, capacity, len, scale);
+}
+
+extern "C" __global__ void ring_write_attend_int8(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,
+                                                  const float* __restrict__ sin, int8_t* ring_k,
+                                                  int8_t* ring_v, float* k_scale,
+                                                  float* v_scale,
+                                                  const int64_t* __restrict__ write_idx,
+                                                  const float* __restrict__ mask,
+                                                  const unsigned int* __restrict__ prefix_len,
+                                                  const float* __restrict__ unturn_cos,
+                                                  const float* __restrict__ unturn_sin,
+                                                  __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+                                                  int capacity, int len, float scale) {
+  write_attend(qkv, cos, sin, Int8RingWriter{ring_k, ring_v, k_scale, v_scale},
+               Int8Ring{ring_k, ring_v, k_scale, v_scale}, write_idx, mask, prefix_len, unturn_cos, unturn_sin, out,
+               heads, head_dim, capacity, len, scale);
 }
 
 // part as written by ring_attention_part_bf16 or _int8 → out [rows, heads, head_dim] bf16 (zeros where

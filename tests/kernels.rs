@@ -485,6 +485,75 @@ fn the_int8_ring_write_matches_the_cpu_reference() {
     }
 }
 
+/// `cuda::write_and_attend` (one kernel, for steps attending one chunk: the depformer's) gives
+/// what `rope_kv_write` then `ring_attention` give, output and ring, for bf16 and int8 rings,
+/// with a pinned prefix, hidden keys and a row that writes nothing.
+#[test]
+fn the_one_kernel_write_and_attention_equals_the_two() {
+    use duplex::model::decode::PinnedPrefix;
+    use duplex::model::nn::{Rope, RopeTables};
+    let Some(gpu) = tiny::gpu() else { return };
+    let rows = 3;
+    for quant in [KvQuant::None, KvQuant::Int8] {
+        for (heads, capacity, head_dim, len) in [(16, 16, 64, 8), (4, 128, 128, 128)] {
+            let ring = random_ring((rows, heads, capacity, head_dim), quant);
+            let (two_ring, one_ring) = (ring_on(&ring, &gpu), ring_on(&ring, &gpu));
+            let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+            let qkv = Tensor::randn(0f32, 1.0, (rows, 1, 3 * heads * head_dim), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let write_idx = Tensor::new(&[len as i64 - 1, -1, 0], &Device::Cpu).unwrap();
+            let rope = Rope::new(head_dim, 10_000.0);
+            let positions: Vec<Vec<u64>> = vec![vec![len as u64 + 40], vec![7], vec![0]];
+            let tables = rope.tables(&positions, DType::F32, &Device::Cpu).unwrap();
+            let (cos, sin) = tables.cos_sin();
+            let (cos, sin) = (
+                on_gpu(&cos.squeeze(1).unwrap()),
+                on_gpu(&sin.squeeze(1).unwrap()),
+            );
+            let mask: Vec<f32> = (0..rows * len)
+                .map(|i| if i % 7 == 5 { f32::NEG_INFINITY } else { 0.0 })
+                .collect();
+            let mask = on_gpu(&Tensor::from_vec(mask, (rows, 1, 1, len), &Device::Cpu).unwrap());
+            let shifts: Vec<Vec<u64>> = PREFIX_SHIFTS.iter().map(|&s| vec![s]).collect();
+            let turn = rope.tables(&shifts, DType::F32, &Device::Cpu).unwrap();
+            let (turn_cos, turn_sin) = turn.cos_sin();
+            let prefix = PinnedPrefix {
+                lens: on_gpu(&Tensor::new(&PREFIX_LENS, &Device::Cpu).unwrap()),
+                unturn: RopeTables::from_cos_sin(
+                    on_gpu(turn_cos),
+                    on_gpu(&turn_sin.neg().unwrap()),
+                ),
+            };
+            let (qkv, write_idx) = (on_gpu(&qkv), on_gpu(&write_idx));
+            let q = cuda::rope_kv_write(&qkv, &cos, &sin, &two_ring, &write_idx).unwrap();
+            let two = cuda::ring_attention(&q, &two_ring, &mask, &prefix).unwrap();
+            let one =
+                cuda::write_and_attend(&qkv, &cos, &sin, &one_ring, &write_idx, &mask, &prefix)
+                    .unwrap();
+            let diff = tiny::max_abs_diff(&one, &two);
+            eprintln!("{quant:?} {heads}x{head_dim}, {len} entries: one kernel vs two {diff:e}");
+            assert!(
+                diff < 1e-2,
+                "{quant:?} {heads}x{head_dim}: outputs differ by {diff}"
+            );
+            let parts = |r: &KvRing| {
+                let mut parts = vec![r.k.clone(), r.v.clone()];
+                parts.extend(r.scales.iter().flatten().cloned());
+                parts
+            };
+            for (a, b) in parts(&one_ring).iter().zip(parts(&two_ring)) {
+                assert_eq!(
+                    tiny::max_abs_diff(a, &b),
+                    0.0,
+                    "{quant:?}: the rings differ"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
     let Some(gpu) = tiny::gpu() else { return };

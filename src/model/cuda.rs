@@ -584,8 +584,7 @@ const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.pt
 
 /// Threads per block of `ring_attention_part_*` (`ATTENTION_THREADS` in the kernel).
 const ATTENTION_THREADS: u32 = 128;
-/// Keys per block of `ring_attention_part_*` (`ATTENTION_CHUNK` in the kernel).
-const ATTENTION_CHUNK: usize = 128;
+use super::decode::ATTENTION_CHUNK;
 
 /// A tensor's storage, held (read-locked) for a launch, and its layout.
 type Held<'a, G> = (G, &'a Layout);
@@ -791,6 +790,120 @@ pub fn rope_kv_write(
     })
 }
 
+/// What the attention kernels read besides the query and the ring, held for a launch: the mask
+/// and each row's pinned prefix (lengths, turn-back rotation).
+struct AttendStorage<'a, G> {
+    mask: Held<'a, G>,
+    lens: Held<'a, G>,
+    cos: Held<'a, G>,
+    sin: Held<'a, G>,
+}
+
+/// `mask` (f32, `rows · len` values, `len` ≤ `capacity`) and `prefix` checked for `rows` rows of
+/// `head_dim`-wide heads, and `len`.
+#[allow(clippy::type_complexity)]
+fn hold_attend_inputs<'a>(
+    mask: &'a Tensor,
+    prefix: &'a PinnedPrefix,
+    (rows, capacity, head_dim): (usize, usize, usize),
+    what: &str,
+) -> Result<(
+    AttendStorage<'a, impl std::ops::Deref<Target = candle_core::Storage> + 'a>,
+    usize,
+)> {
+    let len = mask.elem_count() / rows.max(1);
+    if !super::decode::head_dim_fits(head_dim)
+        || len == 0
+        || len > capacity
+        || mask.elem_count() != rows * len
+        || mask.dtype() != DType::F32
+    {
+        candle_core::bail!(
+            "{what}: mask {:?} {:?} for {rows} rows of a ring of {capacity} entries of {head_dim}",
+            mask.dims(),
+            mask.dtype()
+        );
+    }
+    let (cos, sin) = prefix.unturn.cos_sin();
+    if prefix.lens.dims() != [rows]
+        || prefix.lens.dtype() != DType::U32
+        || cos.elem_count() != rows * head_dim / 2
+        || sin.elem_count() != rows * head_dim / 2
+    {
+        candle_core::bail!(
+            "{what}: prefix lengths {:?} and rotation {:?} for {rows} rows",
+            prefix.lens.dims(),
+            cos.dims()
+        );
+    }
+    let storage = AttendStorage {
+        mask: mask.storage_and_layout(),
+        lens: prefix.lens.storage_and_layout(),
+        cos: cos.storage_and_layout(),
+        sin: sin.storage_and_layout(),
+    };
+    Ok((storage, len))
+}
+
+/// The attention inputs' views, pushed in the kernels' order: mask, prefix lengths, cos, sin.
+struct AttendViews<'a> {
+    mask: CudaView<'a, f32>,
+    lens: CudaView<'a, u32>,
+    cos: CudaView<'a, f32>,
+    sin: CudaView<'a, f32>,
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> AttendStorage<'_, G> {
+    fn views(&self) -> Result<AttendViews<'_>> {
+        Ok(AttendViews {
+            mask: gpu_view::<f32>(&self.mask.0, self.mask.1, "mask")?,
+            lens: gpu_view::<u32>(&self.lens.0, self.lens.1, "prefix lengths")?,
+            cos: gpu_view::<f32>(&self.cos.0, self.cos.1, "unturn cos")?,
+            sin: gpu_view::<f32>(&self.sin.0, self.sin.1, "unturn sin")?,
+        })
+    }
+}
+
+impl AttendViews<'_> {
+    fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>) {
+        builder
+            .arg(&self.mask)
+            .arg(&self.lens)
+            .arg(&self.cos)
+            .arg(&self.sin);
+    }
+}
+
+/// The trailing arguments of every attention kernel: heads, head_dim, capacity, len, scale.
+struct AttendShape {
+    heads: i32,
+    head_dim: i32,
+    capacity: i32,
+    len: i32,
+    scale: f32,
+}
+
+impl AttendShape {
+    fn new(heads: usize, head_dim: usize, capacity: usize, len: usize) -> Self {
+        Self {
+            heads: heads as i32,
+            head_dim: head_dim as i32,
+            capacity: capacity as i32,
+            len: len as i32,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    fn push<'b>(&'b self, builder: &mut LaunchArgs<'b>) {
+        builder
+            .arg(&self.heads)
+            .arg(&self.head_dim)
+            .arg(&self.capacity)
+            .arg(&self.len)
+            .arg(&self.scale);
+    }
+}
+
 struct RingAttention<'a> {
     ring: &'a KvRing,
     mask: &'a Tensor,
@@ -809,56 +922,30 @@ impl CustomOp1 for RingAttention<'_> {
     fn cuda_fwd(&self, q: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         contiguous(layout, "q")?;
         let (ring, (rows, heads, capacity, head_dim)) = hold_ring(self.ring, "ring_attention")?;
-        let len = self.mask.elem_count() / rows.max(1);
-        if layout.shape().elem_count() != rows * heads * head_dim
-            || !super::decode::head_dim_fits(head_dim)
-            || len == 0
-            || len > capacity
-            || self.mask.elem_count() != rows * len
-        {
+        let dims = (rows, capacity, head_dim);
+        let (inputs, len) = hold_attend_inputs(self.mask, self.prefix, dims, "ring_attention")?;
+        if layout.shape().elem_count() != rows * heads * head_dim {
             candle_core::bail!(
-                "ring_attention: q {:?}, ring {:?}, mask {:?}",
+                "ring_attention: q {:?} for a ring of {:?}",
                 layout.shape(),
-                self.ring.k.dims(),
-                self.mask.dims()
+                self.ring.k.dims()
             );
         }
         let device = q.device().clone();
         let q = q.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
-        let (mask, mask_layout) = self.mask.storage_and_layout();
-        let ring = ring.views()?;
-        let mask = gpu_view::<f32>(&mask, mask_layout, "mask")?;
-        let (cos, sin) = self.prefix.unturn.cos_sin();
-        if self.prefix.lens.dims() != [rows]
-            || self.prefix.lens.dtype() != DType::U32
-            || cos.elem_count() != rows * head_dim / 2
-            || sin.elem_count() != rows * head_dim / 2
-        {
-            candle_core::bail!(
-                "ring_attention: prefix lengths {:?} and rotation {:?} for {rows} rows",
-                self.prefix.lens.dims(),
-                cos.dims()
-            );
-        }
-        let (lens, lens_layout) = self.prefix.lens.storage_and_layout();
-        let (cos, cos_layout) = cos.storage_and_layout();
-        let (sin, sin_layout) = sin.storage_and_layout();
-        let lens = gpu_view::<u32>(&lens, lens_layout, "prefix lengths")?;
-        let cos = gpu_view::<f32>(&cos, cos_layout, "unturn cos")?;
-        let sin = gpu_view::<f32>(&sin, sin_layout, "unturn sin")?;
+        let (ring, inputs) = (ring.views()?, inputs.views()?);
+        let shape = AttendShape::new(heads, head_dim, capacity, len);
         let chunks = len.div_ceil(ATTENTION_CHUNK);
         let heads_total = rows * heads;
+        // One chunk normalises its own result; more leave parts for the join.
+        let part = match chunks {
+            1 => None,
+            // SAFETY: every element is written by the part kernel.
+            _ => Some(unsafe { device.alloc::<f32>(heads_total * chunks * (head_dim + 2))? }),
+        };
         // SAFETY: every element is written by the kernels.
-        let part = unsafe { device.alloc::<f32>(heads_total * chunks * (head_dim + 2))? };
         let out = unsafe { device.alloc::<bf16>(heads_total * head_dim)? };
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let (heads_i, head_dim_i, capacity_i, len_i, chunks_i) = (
-            heads as i32,
-            head_dim as i32,
-            capacity as i32,
-            len as i32,
-            chunks as i32,
-        );
+        let null = 0u64;
         let func = device.get_or_load_custom_func(
             &ring.kernel("ring_attention_part"),
             "duplex_attention",
@@ -867,17 +954,12 @@ impl CustomOp1 for RingAttention<'_> {
         let mut builder = func.builder();
         builder.arg(&q);
         ring.push(&mut builder);
-        builder
-            .arg(&mask)
-            .arg(&lens)
-            .arg(&cos)
-            .arg(&sin)
-            .arg(&part)
-            .arg(&heads_i)
-            .arg(&head_dim_i)
-            .arg(&capacity_i)
-            .arg(&len_i)
-            .arg(&scale);
+        inputs.push(&mut builder);
+        match &part {
+            Some(part) => builder.arg(part).arg(&null),
+            None => builder.arg(&null).arg(&out),
+        };
+        shape.push(&mut builder);
         let config = LaunchConfig {
             grid_dim: (heads_total as u32, chunks as u32, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
@@ -885,25 +967,126 @@ impl CustomOp1 for RingAttention<'_> {
         };
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
+        if let Some(part) = &part {
+            let func = device.get_or_load_custom_func(
+                "ring_attention_join",
+                "duplex_attention",
+                ATTENTION_PTX,
+            )?;
+            let mut builder = func.builder();
+            let chunks_i = chunks as i32;
+            builder
+                .arg(part)
+                .arg(&out)
+                .arg(&shape.head_dim)
+                .arg(&chunks_i);
+            let config = LaunchConfig {
+                grid_dim: (heads_total as u32, 1, 1),
+                block_dim: (head_dim.next_multiple_of(32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above; `part` holds `chunks` entries per head.
+            unsafe { builder.launch(config) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, heads, 1, head_dim)),
+        ))
+    }
+}
+
+/// `rope_kv_write` and `ring_attention` in one launch, for rings attended over one chunk.
+struct RingWriteAttend<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    ring: &'a KvRing,
+    write_idx: &'a Tensor,
+    mask: &'a Tensor,
+    prefix: &'a PinnedPrefix,
+}
+
+impl CustomOp1 for RingWriteAttend<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-ring-write-attend"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("on the CPU this is `decode::write_and_attend`'s reference")
+    }
+
+    fn cuda_fwd(&self, qkv: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "qkv")?;
+        let what = "ring_write_attend";
+        let (ring, (rows, heads, capacity, head_dim)) = hold_ring(self.ring, what)?;
+        let dims = (rows, capacity, head_dim);
+        let (inputs, len) = hold_attend_inputs(self.mask, self.prefix, dims, what)?;
+        if layout.shape().elem_count() != rows * 3 * heads * head_dim || len > ATTENTION_CHUNK {
+            candle_core::bail!(
+                "{what}: qkv {:?} for a ring of {:?}, {len} entries attended (one chunk at most)",
+                layout.shape(),
+                self.ring.k.dims()
+            );
+        }
+        let device = qkv.device().clone();
+        let qkv = qkv.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+        let (cos, cos_layout) = self.cos.storage_and_layout();
+        let (sin, sin_layout) = self.sin.storage_and_layout();
+        let (write_idx, write_idx_layout) = self.write_idx.storage_and_layout();
+        let cos = gpu_view::<f32>(&cos, cos_layout, "cos")?;
+        let sin = gpu_view::<f32>(&sin, sin_layout, "sin")?;
+        let write_idx = gpu_view::<i64>(&write_idx, write_idx_layout, "write_idx")?;
+        let (ring, inputs) = (ring.views()?, inputs.views()?);
+        let shape = AttendShape::new(heads, head_dim, capacity, len);
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
         let func = device.get_or_load_custom_func(
-            "ring_attention_join",
+            &ring.kernel("ring_write_attend"),
             "duplex_attention",
             ATTENTION_PTX,
         )?;
         let mut builder = func.builder();
-        builder.arg(&part).arg(&out).arg(&head_dim_i).arg(&chunks_i);
+        builder.arg(&qkv).arg(&cos).arg(&sin);
+        ring.push(&mut builder);
+        builder.arg(&write_idx);
+        inputs.push(&mut builder);
+        builder.arg(&out);
+        shape.push(&mut builder);
         let config = LaunchConfig {
-            grid_dim: (heads_total as u32, 1, 1),
-            block_dim: (head_dim.next_multiple_of(32) as u32, 1, 1),
+            grid_dim: ((rows * heads) as u32, 1, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as above; `part` holds `chunks` entries per head.
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
             Shape::from((rows, heads, 1, head_dim)),
         ))
     }
+}
+
+/// `rope_kv_write` then `ring_attention` as one kernel, when the mask's `len` (the entries
+/// attended) is at most `decode::ATTENTION_CHUNK`: `qkv` bf16 (`rows · 3 · heads · head_dim`
+/// values), RoPE tables `cos`/`sin` f32 `[rows, head_dim / 2]`, the ring written at `write_idx`
+/// (i64 `[rows]`, < 0: not written) → `[rows, heads, 1, head_dim]`.
+pub fn write_and_attend(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    ring: &KvRing,
+    write_idx: &Tensor,
+    mask: &Tensor,
+    prefix: &PinnedPrefix,
+) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?.contiguous()?;
+    qkv.contiguous()?.apply_op1_no_bwd(&RingWriteAttend {
+        cos,
+        sin,
+        ring,
+        write_idx,
+        mask: &mask,
+        prefix,
+    })
 }
 
 /// Attention of one query per slot (`q` bf16 `[rows, heads, 1, head_dim]`) over the first `len`

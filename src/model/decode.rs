@@ -106,6 +106,11 @@ impl KvRing {
 /// The widest head the attention kernels hold (their query lives in shared memory).
 pub const MAX_HEAD_DIM: usize = 128;
 
+/// Ring entries one block of the attention kernel scores (`ATTENTION_CHUNK` in
+/// `kernels/attention.cu`): a step attending at most this many needs no join, and its ring
+/// write and attention run as one kernel (`write_and_attend`).
+pub const ATTENTION_CHUNK: usize = 128;
+
 /// Whether the attention kernels take heads of `head_dim`: at most `MAX_HEAD_DIM`, in whole
 /// 16-byte loads of bf16.
 pub fn head_dim_fits(head_dim: usize) -> bool {
@@ -253,6 +258,24 @@ pub fn ring_attention(
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(&values.contiguous()?)
 }
 
+/// `rope_kv_write` then `ring_attention` (arguments as theirs): on a GPU one kernel when the
+/// entries attended fit one chunk (the depformer's few steps), else the two.
+pub fn write_and_attend(
+    qkv: &Tensor,
+    rope: &RopeTables,
+    ring: &KvRing,
+    write_idx: &Tensor,
+    mask: &Tensor,
+    prefix: &PinnedPrefix,
+) -> Result<Tensor> {
+    if native(qkv) && mask.dim(3)? <= ATTENTION_CHUNK {
+        let (cos, sin) = rope.cos_sin();
+        return gpu::write_and_attend(qkv, cos, sin, ring, write_idx, mask, prefix);
+    }
+    let q = rope_kv_write(qkv, rope, ring, write_idx)?;
+    ring_attention(&q, ring, mask, prefix)
+}
+
 /// Whether the CUDA kernels take `xs` (they are written for bf16).
 fn native(xs: &Tensor) -> bool {
     cfg!(feature = "cuda") && xs.device().is_cuda() && xs.dtype() == DType::BF16
@@ -271,6 +294,18 @@ mod gpu {
         _: &Tensor,
         _: &KvRing,
         _: &Tensor,
+    ) -> Result<Tensor> {
+        unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
+    }
+
+    pub fn write_and_attend(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &KvRing,
+        _: &Tensor,
+        _: &Tensor,
+        _: &super::PinnedPrefix,
     ) -> Result<Tensor> {
         unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
     }

@@ -455,8 +455,7 @@ impl RingCache {
         let Some(prefix) = &step.prefix else {
             candle_core::bail!("internal error: a kernels step without its prefix plan")
         };
-        let q = decode::rope_kv_write(qkv, rope, &ring, slot_index)?;
-        decode::ring_attention(&q, &ring, &step.mask, prefix)
+        decode::write_and_attend(qkv, rope, &ring, slot_index, &step.mask, prefix)
     }
 
     /// Each of the first `rows` slots' pinned prefix for the kernels: its length and the

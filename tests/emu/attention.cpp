@@ -1,6 +1,7 @@
 // Checks kernels/attention.cu on the CPU emulator against double-precision references written from the
-// kernels' documented contracts: rope_kv_write_{bf16,int8}, ring_attention_part_{bf16,int8} and
-// ring_attention_join. Build and run: tests/emu/README.md.
+// kernels' documented contracts: rope_kv_write_{bf16,int8}, ring_attention_part_{bf16,int8} with
+// ring_attention_join or writing a single chunk's result itself, and ring_write_attend_{bf16,int8}.
+// Build and run: tests/emu/README.md.
 #include "check.h"
 
 #include "attention.cu"
@@ -390,12 +391,14 @@ bf16* run_join(emu::DeviceMemory& memory, const AttentionCase& shape, const floa
   return out;
 }
 
-// Every part value written; each head's output within 1% of its largest magnitude (bf16 rounding, f32
+// Every part value written (when there is a part buffer); each head's output within 1% of its largest magnitude (bf16 rounding, f32
 // softmax and sums), exactly zero where the mask hides every key.
 void check_attention(Case& check, const AttentionCase& shape, const AttentionInputs& in, const float* part,
                      const bf16* out) {
-  const long unwritten = std::count_if(part, part + shape.part_values(), [](float x) { return std::isnan(x); });
-  check.expect(unwritten == 0, "%ld part values unwritten or NaN", unwritten);
+  if (part) {
+    const long unwritten = std::count_if(part, part + shape.part_values(), [](float x) { return std::isnan(x); });
+    check.expect(unwritten == 0, "%ld part values unwritten or NaN", unwritten);
+  }
   double max_error = 0, max_relative = 0;
   for (int row = 0; row < kRows; ++row)
     for (int head = 0; head < shape.heads; ++head) {
@@ -422,7 +425,7 @@ void test_attention_bf16(const AttentionCase& shape) {
   float* part = make_part(memory, shape);
   emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads, shape.chunks()), dim3(ATTENTION_THREADS), [&] {
     ring_attention_part_bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part,
-                             shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale());
+                             nullptr, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale());
   });
   check_attention(check, shape, in, part, run_join(memory, shape, part));
 }
@@ -435,10 +438,98 @@ void test_attention_int8(const AttentionCase& shape) {
   float* part = make_part(memory, shape);
   emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads, shape.chunks()), dim3(ATTENTION_THREADS), [&] {
     ring_attention_part_int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len, in.unturn.cos,
-                             in.unturn.sin, part, shape.heads, shape.head_dim, shape.capacity, shape.len,
+                             in.unturn.sin, part, nullptr, shape.heads, shape.head_dim, shape.capacity, shape.len,
                              shape.scale());
   });
   check_attention(check, shape, in, part, run_join(memory, shape, part));
+}
+
+// ---- one chunk: the part kernel's own result, and ring_write_attend ----
+
+bf16* make_out(emu::DeviceMemory& memory, const AttentionCase& shape) {
+  const size_t out_values = size_t(kRows) * shape.heads * shape.head_dim;
+  bf16* out = memory.alloc<bf16>(out_values);
+  std::fill_n(out, out_values, kUntouched);
+  return out;
+}
+
+// A single chunk's part kernel given `out` normalises its result itself (no part buffer, no join).
+void test_one_chunk_part(const AttentionCase& shape, bool int8) {
+  Case check(shape.title(int8 ? "ring_attention_part_int8, one chunk" : "ring_attention_part_bf16, one chunk"));
+  emu::DeviceMemory memory;
+  AttentionInputs in = make_attention_inputs(memory, shape);
+  bf16* out = make_out(memory, shape);
+  if (int8) {
+    const Int8RingBuffers ring = make_int8_ring(memory, shape, in);
+    emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
+      ring_attention_part_int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len,
+                               in.unturn.cos, in.unturn.sin, nullptr, out, shape.heads, shape.head_dim,
+                               shape.capacity, shape.len, shape.scale());
+    });
+  } else {
+    const Bf16RingBuffers ring = make_bf16_ring(memory, shape, in);
+    emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
+      ring_attention_part_bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, nullptr,
+                               out, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale());
+    });
+  }
+  check_attention(check, shape, in, nullptr, out);
+}
+
+// Rows 0 and 1 write their new token inside the attended entries (the last one, the first one); row 2 writes
+// nothing.
+std::array<int64_t, kRows> attended_write_idx(const AttentionCase& shape) { return {shape.len - 1, 0, -1}; }
+
+// What ring_write_attend should leave in the reference ring for (row, head): the rotated key (rounded to
+// bf16, or to int8 codes at the entry's scale) and the value at the row's write index.
+void write_reference_entry(const AttentionCase& shape, AttentionInputs& in, const RopeInputs& token,
+                           const RopeCase& rope, int row, int head, bool int8) {
+  const int64_t at = token.write_idx[row];
+  if (at < 0) return;
+  const size_t first = ((size_t(row) * shape.heads + head) * shape.capacity + at) * shape.head_dim;
+  for (int part = 1; part <= 2; ++part) {
+    const std::vector<double> x = rope_reference(token, rope, row, part, head);
+    double amax = 0;
+    for (double value : x) amax = std::max(amax, std::abs(value));
+    const double scale = amax > 0 ? amax / 127 : 1;
+    std::vector<double>& ring = part == 1 ? in.keys : in.values;
+    for (int d = 0; d < shape.head_dim; ++d)
+      ring[first + d] = int8 ? std::round(x[d] / scale) * scale : to_double(to_bf16(x[d]));
+  }
+}
+
+void test_write_attend(const AttentionCase& shape, bool int8) {
+  Case check(shape.title(int8 ? "ring_write_attend_int8" : "ring_write_attend_bf16"));
+  emu::DeviceMemory memory;
+  AttentionInputs in = make_attention_inputs(memory, shape);
+  const RopeCase rope{shape.heads, shape.head_dim, attended_write_idx(shape)};
+  const RopeInputs token = make_rope_inputs(memory, rope);
+  bf16* out = make_out(memory, shape);
+  const Bf16RingBuffers bf16_ring = int8 ? Bf16RingBuffers{} : make_bf16_ring(memory, shape, in);
+  const Int8RingBuffers int8_ring = int8 ? make_int8_ring(memory, shape, in) : Int8RingBuffers{};
+  const char* name = int8 ? "ring_write_attend_int8" : "ring_write_attend_bf16";
+  emu::launch(name, dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
+    if (int8) {
+      ring_write_attend_int8(token.qkv, token.angles.cos, token.angles.sin, int8_ring.k, int8_ring.v,
+                             int8_ring.k_scale, int8_ring.v_scale, token.write_idx, in.mask, in.prefix_len,
+                             in.unturn.cos, in.unturn.sin, out, shape.heads, shape.head_dim, shape.capacity, shape.len,
+                             shape.scale());
+    } else {
+      ring_write_attend_bf16(token.qkv, token.angles.cos, token.angles.sin, bf16_ring.k, bf16_ring.v,
+                             token.write_idx, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, out, shape.heads,
+                             shape.head_dim, shape.capacity, shape.len, shape.scale());
+    }
+  });
+  // The reference: the token's rotated query (rounded to bf16, as the kernel hands it on) attends over the
+  // ring with the token's entry written.
+  for (int row = 0; row < kRows; ++row)
+    for (int head = 0; head < shape.heads; ++head) {
+      write_reference_entry(shape, in, token, rope, row, head, int8);
+      const std::vector<double> query = rope_reference(token, rope, row, 0, head);
+      bf16* q = in.q + (size_t(row) * shape.heads + head) * shape.head_dim;
+      for (int d = 0; d < shape.head_dim; ++d) q[d] = to_bf16(query[d]);
+    }
+  check_attention(check, shape, in, nullptr, out);
 }
 
 }  // namespace
@@ -465,5 +556,12 @@ int main() {
     test_attention_bf16(shape);
     test_attention_int8(shape);
   }
+  // One chunk: the depformer's few entries (16 heads of 64, 8 entries), a whole chunk, a pinned prefix.
+  const AttentionCase one_chunk[] = {{16, 16, 64, 8, false}, {4, 128, 128, 128, false}, {2, 40, 16, 33, true}};
+  for (const AttentionCase& shape : one_chunk)
+    for (bool int8 : {false, true}) {
+      test_one_chunk_part(shape, int8);
+      test_write_attend(shape, int8);
+    }
   return summarise("attention");
 }
