@@ -63,3 +63,23 @@ fn attention_kernels_meet_their_references_on_the_emulator() {
 fn split_k_products_meet_their_references_on_the_emulator() {
     run_emulated("gemv");
 }
+
+/// `kernels/w8a16.cu`: the int8 matrix-vector kernel for 1 to 64 rows (the tensor-core one needs
+/// wmma, which the emulator lacks).
+#[test]
+fn w8a16_products_meet_their_references_on_the_emulator() {
+    run_emulated("w8a16");
+}
+
+/// `kernels/norm.cu`: RMSNorm and the SwiGLU gate.
+#[test]
+fn norm_and_swiglu_meet_their_references_on_the_emulator() {
+    run_emulated("norm");
+}
+
+/// `kernels/sampling.cu`: temperature and top-k draws with the counter-based random numbers,
+/// greedy, ties and partial blocks.
+#[test]
+fn device_sampling_draws_the_reference_tokens_on_the_emulator() {
+    run_emulated("sampling");
+}

@@ -104,6 +104,8 @@ inline __nv_bfloat16 __float2bfloat16(float value) {
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return {uint16_t(bits >> 16)};
 }
+// Exact for |value| < 2^24 (through f32), all that kernels/w8a16.cu converts.
+inline __nv_bfloat16 __int2bfloat16_rn(int value) { return __float2bfloat16(float(value)); }
 inline float2 __bfloat1622float2(__nv_bfloat162 pair) { return {__bfloat162float(pair.x), __bfloat162float(pair.y)}; }
 
 // ---- Arithmetic intrinsics (computed exactly where the GPU approximates) ----

@@ -1,0 +1,103 @@
+// Checks kernels/w8a16.cu's matrix-vector kernel (w8a16_bf16, four output rows per warp) on the CPU emulator
+// against a double-precision reference written from the documented contract. Not the tensor-core
+// w8a16_mma_bf16: the emulator has no wmma. Build and run: tests/emu/README.md.
+#include "check.h"
+
+#include "w8a16.cu"
+
+namespace {
+
+constexpr bf16 kUntouched = {0xDEAD};
+
+// The int8 weights [n, k] (also as doubles) and their per-channel scales, on the device.
+struct Problem {
+  int n, k;
+  int8_t* weights;
+  std::vector<double> weight_values;
+  float* scale;  // [n]
+};
+
+Problem make_problem(emu::DeviceMemory& memory, int n, int k) {
+  Problem problem{n, k, memory.alloc<int8_t>(size_t(n) * k), std::vector<double>(size_t(n) * k),
+                  memory.alloc<float>(n)};
+  for (size_t i = 0; i < problem.weight_values.size(); ++i) {
+    problem.weights[i] = int8_t(uniform_int(-128, 127));
+    problem.weight_values[i] = problem.weights[i];
+  }
+  for (int i = 0; i < n; ++i) problem.scale[i] = float(uniform(0.002, 0.01));
+  return problem;
+}
+
+// x [batch, k]; row b spans ±(1 + b % 7), so rows differ in size.
+bf16* make_rows(emu::DeviceMemory& memory, int batch, int k) {
+  bf16* x = memory.alloc<bf16>(size_t(batch) * k);
+  for (int b = 0; b < batch; ++b)
+    for (int i = 0; i < k; ++i) x[size_t(b) * k + i] = to_bf16(uniform(-1, 1) * (1 + b % 7));
+  return x;
+}
+
+struct Expected {
+  double value;
+  double tolerance;  // bf16 rounding of the output, plus f32 accumulation of the k products
+};
+
+// y[b, o] = scale[o] * sum_i x[b, i] * w[o, i].
+Expected expected_output(const Problem& problem, const bf16* x, int b, int o) {
+  double sum = 0, sum_of_squares = 0;
+  for (int i = 0; i < problem.k; ++i) {
+    const double product = to_double(x[size_t(b) * problem.k + i]) * problem.weight_values[size_t(o) * problem.k + i];
+    sum += product;
+    sum_of_squares += product * product;
+  }
+  const double value = sum * problem.scale[o];
+  return {value, std::abs(value) / 256 + 1e-5 * std::sqrt(sum_of_squares) * problem.scale[o]};
+}
+
+// The host contract: gridDim.x = ceil(n / 16), 4 warps a block, 4 output rows a warp.
+void run_w8a16(const Problem& problem, const bf16* x, int batch, bf16* y) {
+  const int rows_per_block = W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP;
+  emu::launch("w8a16_bf16", dim3((problem.n + rows_per_block - 1) / rows_per_block),
+              dim3(32 * W8A16_WARPS_PER_BLOCK),
+              [&] { w8a16_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
+}
+
+void check_w8a16(const Problem& problem, int batch) {
+  const int n = problem.n;
+  Case check(format("w8a16_bf16 batch=%d n=%d k=%d", batch, n, problem.k));
+  emu::DeviceMemory memory;
+  const bf16* x = make_rows(memory, batch, problem.k);
+  bf16* y = memory.alloc<bf16>(size_t(batch) * n);
+  std::fill_n(y, size_t(batch) * n, kUntouched);
+  run_w8a16(problem, x, batch, y);
+  double max_error = 0, max_relative = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int o = 0; o < n; ++o) {
+      const Expected expected = expected_output(problem, x, b, o);
+      const double got = to_double(y[size_t(b) * n + o]), error = std::abs(got - expected.value);
+      max_error = std::max(max_error, error);
+      if (std::abs(expected.value) > 1e-3) max_relative = std::max(max_relative, error / std::abs(expected.value));
+      check.expect(error <= expected.tolerance, "row %d channel %d: %g, expected %g", b, o, got, expected.value);
+    }
+  check.finish(format("max |error| %.3g, max relative error %.3g", max_error, max_relative));
+}
+
+void test_w8a16(int n, int k, std::initializer_list<int> batches) {
+  emu::DeviceMemory memory;
+  const Problem problem = make_problem(memory, n, k);
+  for (int batch : batches) check_w8a16(problem, batch);
+}
+
+}  // namespace
+
+int main() {
+  // Batches: one tile, partial tiles (1, 3, 5, 33, 63) and the largest, 64. n = 37 leaves the last block one
+  // warp with a single row and two idle warps; 771 leaves its last warp 3 rows; 64 fills every block.
+  // k = 16 is lane 0's alone; 528 sends lane 0 round twice; 2000 ends in a pass of 29 lanes; 4096 is whole.
+  const std::initializer_list<int> all_batches = {1, 2, 3, 4, 5, 8, 16, 33, 63, 64};
+  test_w8a16(37, 16, all_batches);
+  test_w8a16(37, 528, all_batches);
+  test_w8a16(64, 2000, all_batches);
+  test_w8a16(19, 1040, {1, 4, 7, 64});
+  test_w8a16(771, 4096, {1, 4, 5, 64});
+  return summarise("w8a16");
+}
