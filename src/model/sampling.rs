@@ -76,16 +76,27 @@ impl Sampler {
     }
 }
 
-/// The index of the largest value (the first one on ties).
+/// The index of the largest value (the first one on ties), ranking values as `ranked` does; 0
+/// when none is above -inf.
 pub fn argmax(values: &[f32]) -> usize {
     values
         .iter()
         .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |best, (idx, &v)| if v > best.1 { (idx, v) } else { best },
-        )
+        .fold((0, f32::NEG_INFINITY), |best, (idx, &v)| {
+            let v = ranked(v);
+            if v > best.1 { (idx, v) } else { best }
+        })
         .0
+}
+
+/// A logit as sampling ranks it: NaN is -inf (never drawn), +inf the largest finite value (so
+/// several tie and every score stays a number).
+pub fn ranked(logit: f32) -> f32 {
+    if logit.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        logit.min(f32::MAX)
+    }
 }
 
 /// A uniform number in [0, 1) from (seed, counter, index): splitmix64 on their mix, the same bits
@@ -103,7 +114,9 @@ pub fn uniform01(seed: u64, counter: u64, index: u64) -> f32 {
 
 /// softmax(logits / t) restricted to the k largest, drawn as argmax(p / E) with E ~ Exp(1) —
 /// the reference's sync-free multinomial, an exact draw. The k-th largest logit is found by
-/// bisection on the value, step for step as the kernel does.
+/// bisection on the value, step for step as the kernel does. Logits are `ranked`: -inf and NaN
+/// are never drawn (nor counted among the k) unless no logit is above -inf, and then, as when
+/// greedy, the token is `argmax`'s.
 pub fn topk_reference(
     logits: &[f32],
     k: usize,
@@ -112,22 +125,30 @@ pub fn topk_reference(
     counter: u64,
 ) -> usize {
     let best = argmax(logits);
-    if temperature <= 0.0 || k <= 1 || logits.is_empty() {
+    let max = logits.get(best).map_or(f32::NEG_INFINITY, |&v| ranked(v));
+    if temperature.is_nan() || temperature <= 0.0 || k <= 1 || max == f32::NEG_INFINITY {
         return best;
     }
-    let max = logits[best];
-    let min = logits.iter().copied().fold(f32::MAX, f32::min);
+    let min = logits
+        .iter()
+        .map(|&v| ranked(v))
+        .filter(|v| v.is_finite())
+        .fold(f32::MAX, f32::min);
     let (mut low, mut high) = (min - 1.0, max);
     for _ in 0..BISECTION_STEPS {
-        let mid = 0.5 * (low + high);
-        if logits.iter().filter(|&&v| v >= mid).count() >= k {
+        // Halves first: low + high can overflow.
+        let mid = 0.5 * low + 0.5 * high;
+        if logits.iter().filter(|&&v| ranked(v) >= mid).count() >= k {
             low = mid;
         } else {
             high = mid;
         }
     }
     let mut chosen = (-1f32, logits.len());
-    for (idx, &v) in logits.iter().enumerate().filter(|(_, v)| **v >= low) {
+    for (idx, v) in logits.iter().map(|&v| ranked(v)).enumerate() {
+        if v < low {
+            continue;
+        }
         let p = ((v - max) / temperature).exp();
         let e = -(1.0 - uniform01(seed, counter, idx as u64)).max(1e-30).ln();
         let score = p / e.max(1e-30);
@@ -138,7 +159,7 @@ pub fn topk_reference(
     chosen.1
 }
 
-/// One row's draw, as the kernel makes it: greedy when `temperature <= 0` or `top_k <= 1`.
+/// One row's draw, as the kernel makes it: greedy when `temperature` is not above 0 or `top_k <= 1`.
 fn draw_row(logits: &[f32], top_k: i64, temperature: f32, seed: u64, counter: u64) -> usize {
     topk_reference(logits, top_k.max(1) as usize, temperature, seed, counter)
 }
@@ -320,6 +341,58 @@ mod tests {
         };
         assert!(draw(&logits, &short).is_err(), "a parameter per row");
         Ok(())
+    }
+
+    fn draws(logits: &[f32], top_k: usize, times: usize) -> Vec<usize> {
+        let mut sampler = Sampler::new(11);
+        let sampling = Sampling::TopK {
+            temperature: 1.0,
+            top_k,
+        };
+        (0..times)
+            .map(|_| sampler.sample(logits, sampling))
+            .collect()
+    }
+
+    #[test]
+    fn masked_logits_are_never_drawn_nor_counted_among_the_k() {
+        // -inf masks every third token; the top 3 of the rest are tokens 7, 8 and 10.
+        let logits: Vec<f32> = (0..11)
+            .map(|i| {
+                if i % 3 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    i as f32
+                }
+            })
+            .collect();
+        let seen = draws(&logits, 3, 500);
+        assert!(seen.iter().all(|t| [7, 8, 10].contains(t)), "{seen:?}");
+        // Fewer tokens left than k: any unmasked one, never a masked one.
+        let seen = draws(&logits, 10, 2000);
+        assert!(seen.iter().all(|t| t % 3 != 0), "{seen:?}");
+    }
+
+    #[test]
+    fn nothing_above_minus_infinity_gives_token_zero() {
+        let logits = [f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY];
+        assert_eq!(argmax(&logits), 0);
+        assert_eq!(draws(&logits, 25, 20), vec![0; 20]);
+        assert_eq!(draws(&[], 25, 1), vec![0]);
+    }
+
+    #[test]
+    fn nan_is_never_drawn_and_infinite_logits_tie_at_the_top() {
+        let logits = [f32::NAN, 1.0, f32::INFINITY, f32::NAN, 2.0, f32::INFINITY];
+        assert_eq!(argmax(&logits), 2);
+        let seen = draws(&logits, 2, 400);
+        assert!(seen.iter().all(|t| [2, 5].contains(t)), "{seen:?}");
+        assert!(
+            seen.contains(&2) && seen.contains(&5),
+            "both infinite logits are drawn"
+        );
+        let seen = draws(&logits, 6, 400);
+        assert!(seen.iter().all(|t| [1, 2, 4, 5].contains(t)), "{seen:?}");
     }
 
     #[test]

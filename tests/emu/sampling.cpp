@@ -24,12 +24,15 @@ float reference_uniform01(uint64_t seed, uint64_t counter, uint64_t index) {
   return float(z >> 40) * (1.0f / 16777216.0f);
 }
 
-// The index of the largest value, the first one on ties.
+// NaN ranks as -inf, +inf as the largest finite value.
+float reference_ranked(float logit) { return std::isnan(logit) ? -INFINITY : std::min(logit, FLT_MAX); }
+
+// The index of the largest ranked value, the first one on ties; 0 when none is above -inf.
 int reference_argmax(const float* values, int count) {
   int best = 0;
-  float best_value = -FLT_MAX;
+  float best_value = -INFINITY;
   for (int i = 0; i < count; ++i)
-    if (values[i] > best_value) best = i, best_value = values[i];
+    if (reference_ranked(values[i]) > best_value) best = i, best_value = reference_ranked(values[i]);
   return best;
 }
 
@@ -40,34 +43,37 @@ struct RowSetting {
   uint64_t seed, counter;
 };
 
-bool is_greedy(const RowSetting& setting) { return setting.temperature <= 0 || setting.top_k <= 1; }
+bool is_greedy(const RowSetting& setting) { return !(setting.temperature > 0) || setting.top_k <= 1; }
 
-// The value the k-th largest logit at least reaches: bisection between min - 1 and max, 40 steps, keeping at
-// least k logits at or above `low`.
+// The value the k-th largest logit at least reaches: bisection between the smallest finite ranked logit - 1 and
+// the largest, 40 steps (the midpoint as halves added), keeping at least k logits at or above `low`.
 float reference_threshold(const float* logits, int vocab, int64_t k, float max_logit) {
   float min_logit = FLT_MAX;
-  for (int i = 0; i < vocab; ++i) min_logit = fminf(min_logit, logits[i]);
+  for (int i = 0; i < vocab; ++i)
+    if (std::isfinite(reference_ranked(logits[i]))) min_logit = std::min(min_logit, reference_ranked(logits[i]));
   float low = min_logit - 1.f, high = max_logit;
   for (int step = 0; step < 40; ++step) {
-    const float mid = 0.5f * (low + high);
-    const int64_t count = std::count_if(logits, logits + vocab, [&](float v) { return v >= mid; });
+    const float mid = 0.5f * low + 0.5f * high;
+    const int64_t count =
+        std::count_if(logits, logits + vocab, [&](float v) { return reference_ranked(v) >= mid; });
     (count >= k ? low : high) = mid;
   }
   return low;
 }
 
-// Greedy, or among the logits at or above the threshold the first maximiser of exp((l - max) / t) / E,
-// E = -ln(1 - uniform01(seed, counter, index)).
+// Greedy (also when no logit is above -inf), or among the ranked logits at or above the threshold the first
+// maximiser of exp((l - max) / t) / E, E = -ln(1 - uniform01(seed, counter, index)).
 int reference_draw(const float* logits, int vocab, const RowSetting& setting) {
   const int best = reference_argmax(logits, vocab);
-  if (is_greedy(setting)) return best;
-  const float max_logit = logits[best], t = setting.temperature;
+  const float max_logit = reference_ranked(logits[best]), t = setting.temperature;
+  if (is_greedy(setting) || max_logit == -INFINITY) return best;
   const float low = reference_threshold(logits, vocab, setting.top_k, max_logit);
   float chosen_score = -1.f;
   int chosen = vocab;
   for (int i = 0; i < vocab; ++i) {
-    if (!(logits[i] >= low)) continue;
-    const float p = expf((logits[i] - max_logit) / t);
+    const float v = reference_ranked(logits[i]);
+    if (!(v >= low)) continue;
+    const float p = expf((v - max_logit) / t);
     const float e = -logf(fmaxf(1.f - reference_uniform01(setting.seed, setting.counter, uint64_t(i)), 1e-30f));
     const float score = p / fmaxf(e, 1e-30f);
     if (score > chosen_score) chosen_score = score, chosen = i;
@@ -75,11 +81,13 @@ int reference_draw(const float* logits, int vocab, const RowSetting& setting) {
   return chosen;
 }
 
-// The k-th largest logit (ties counted), or -infinity when k passes the vocabulary: a sampled token's logit
-// reaches it, whatever the bisection did.
+// The k-th largest ranked logit above -inf (ties counted), or -infinity when k passes their number: a sampled
+// token's logit reaches it, whatever the bisection did.
 float kth_largest(const float* logits, int vocab, int64_t k) {
-  if (k > vocab) return -INFINITY;
-  std::vector<float> sorted(logits, logits + vocab);
+  std::vector<float> sorted;
+  for (int i = 0; i < vocab; ++i)
+    if (reference_ranked(logits[i]) > -INFINITY) sorted.push_back(reference_ranked(logits[i]));
+  if (k > int64_t(sorted.size())) return -INFINITY;
   std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<float>());
   return sorted[k - 1];
 }
@@ -148,9 +156,11 @@ std::string check_tokens(Case& check, const Batch& batch, const std::vector<uint
     }
     ++sampled;
     off_argmax += got != argmax;
-    const float floor = kth_largest(logits, batch.vocab, setting.top_k);
-    check.expect(logits[got] >= floor, "row %d: token %d (%g) outside the top %ld (from %g)", r, got, logits[got],
+    const float floor = kth_largest(logits, batch.vocab, setting.top_k), logit = reference_ranked(logits[got]);
+    check.expect(logit >= floor, "row %d: token %d (%g) outside the top %ld (from %g)", r, got, logits[got],
                  long(setting.top_k), floor);
+    check.expect(logit > -INFINITY || reference_ranked(logits[argmax]) == -INFINITY,
+                 "row %d: token %d has logit %g while others are above -inf", r, got, logits[got]);
   }
   return format("%d greedy rows, %d sampled (%d off the argmax)", batch.rows() - sampled, sampled, off_argmax);
 }
@@ -200,6 +210,34 @@ void test_tied_logits(int vocab) {
   const Batch batch = make_batch(memory, vocab, settings);
   for (size_t i = 0; i < size_t(batch.rows()) * vocab; ++i) batch.logits[i] = float(uniform_int(0, 9));
   check.finish(check_tokens(check, batch, run_sampling(memory, batch)));
+}
+
+// Masked and broken logits: rows with -inf here and there (k still counts only the others), fewer logits above
+// -inf than k, NaN, +inf (ties among the largest), nothing above -inf (token 0, greedy or not), and the largest
+// finite magnitudes (no overflow in the bisection). Greedy and sampled settings alternate.
+void test_non_finite_logits(int vocab) {
+  Case check(format("topk_sample_f32 vocab=%d, -inf, NaN and +inf logits", vocab));
+  emu::DeviceMemory memory;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<std::function<float(int)>> rows = {
+      [](int i) { return i % 3 == 0 ? -INFINITY : float(i % 11); },
+      [&](int i) { return i < 3 ? float(i) : (i % 2 ? -INFINITY : nan); },
+      [&](int i) { return i % 5 == 1 ? nan : float(i % 7); },
+      [](int i) { return i % 9 == 4 ? INFINITY : float(i % 13); },
+      [&](int i) { return i % 2 ? -INFINITY : nan; },
+      [](int i) { return i % 2 ? FLT_MAX : -FLT_MAX; },
+      [&](int i) { return i == vocab - 1 ? 1.f : -INFINITY; },
+  };
+  std::vector<RowSetting> settings;
+  for (size_t r = 0; r < rows.size(); ++r)
+    for (RowSetting s : {setting(25, 0.7f), setting(1, 0.f), setting(250, 1.3f), setting(4, 1.f)}) settings.push_back(s);
+  const Batch batch = make_batch(memory, vocab, settings);
+  for (int r = 0; r < batch.rows(); ++r)
+    for (int i = 0; i < vocab; ++i) batch.logits[size_t(r) * vocab + i] = rows[r / 4](i);
+  const std::vector<uint32_t> tokens = run_sampling(memory, batch);
+  for (int r = 16; r < 20; ++r)
+    check.expect(tokens[r] == 0, "row %d: nothing above -inf, token %u, expected 0", r, tokens[r]);
+  check.finish(check_tokens(check, batch, tokens));
 }
 
 // One row of logits drawn `rows` times (counters 0..rows-1): besides matching the reference, the shares
@@ -253,6 +291,7 @@ int main() {
   // 2049: one token past 8 blocks' worth), Mimi's 2048 and the text vocabulary 32000.
   for (int vocab : {5, 37, 256, 1000, 2048, 2049, 32000}) test_mixed_rows(vocab);
   for (int vocab : {37, 1000}) test_tied_logits(vocab);
+  for (int vocab : {5, 300, 2049}) test_non_finite_logits(vocab);
   test_distribution(7, 4, 1.f, 500);
   test_distribution(300, 3, 0.5f, 300);
   return summarise("sampling");
