@@ -4,6 +4,10 @@
 // a transformer's sublayer can ride along, each optional (null): `residual` (bf16), the skip
 // connection, added before the one rounding; `alpha` (f32 [k]), a pre-norm: x' = x * alpha /
 // sqrt(mean(x^2) + eps) per row (norm.cu's RMSNorm, not rounded to bf16 in between), else x' = x.
+// With `gated` set, the product is a gated FFN's in-projection and leaves its gate applied: n = 2h
+// channels, gate then up, give y[b, j] = silu(a) * u of a = y'[b, j] and u = y'[b, h + j], each
+// rounded to bf16 first as the product alone would be (so the bits equal the product followed by
+// norm.cu's swiglu_bf16); y is [batch, h], and residual must be null.
 //
 // Why not `w8a16_bf16` (w8a16.cu) for these rows: (1) for the 4096-channel matrices it runs only
 // 256 blocks, about 8 warps per SM, too few 16-byte loads in flight to cover memory latency;
@@ -18,7 +22,7 @@
 // batch size (a compile-time batch keeps a batch of one to its own registers). Host
 // requirements: k a multiple of the elements in 16 bytes (16 int8, 8 bf16), x and w 16-byte
 // aligned; blockDim.x = 32 * min(8, ceil(k / chunk)) with chunk = 32 * those elements;
-// gridDim.x = ceil(n / 4).
+// gridDim.x = ceil(n / 4) (when gated, n even: a block's four channels are two gate and two up).
 #include "common.cuh"
 
 #define GEMV_CHANNELS 4
@@ -76,18 +80,39 @@ __device__ __forceinline__ void inv_rms_rows(const __nv_bfloat16* __restrict__ x
   }
 }
 
+// The weight row of this block's output channel r (n when there is none): four consecutive channels, or when
+// gated, gate channels j, j + 1 (r = 0, 1) and their up channels h + j, h + j + 1 (r = 2, 3).
+__device__ __forceinline__ int block_channel(int r, int gated, int n) {
+  if (!gated) {
+    const int channel = blockIdx.x * GEMV_CHANNELS + r;
+    return channel < n ? channel : n;
+  }
+  const int h = n / 2, j = blockIdx.x * (GEMV_CHANNELS / 2) + r % (GEMV_CHANNELS / 2);
+  return j < h ? j + (r / (GEMV_CHANNELS / 2)) * h : n;
+}
+
+// Channel r's sum for row b, its warps' partial sums added in warp order.
+__device__ __forceinline__ float channel_sum(const float (*partial)[GEMV_CHANNELS * GEMV_MAX_BATCH], int warps, int r,
+                                             int b) {
+  float v = 0.f;
+  for (int wi = 0; wi < warps; ++wi) v += partial[wi][r * GEMV_MAX_BATCH + b];
+  return v;
+}
+
 template <typename W, int BATCH>
 __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x, const typename W::T* __restrict__ w,
                                             const float* __restrict__ scale,
                                             const __nv_bfloat16* __restrict__ residual,
-                                            const float* __restrict__ alpha, float eps,
+                                            const float* __restrict__ alpha, float eps, int gated,
                                             __nv_bfloat16* __restrict__ y, int n, int k) {
   constexpr int PER = W::PER_LOAD, CHUNK = 32 * PER, X_LOADS = PER / 8;
   __shared__ float partial[GEMV_MAX_WARPS][GEMV_CHANNELS * GEMV_MAX_BATCH];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   float inv_rms[BATCH];
   if (alpha) inv_rms_rows<BATCH>(x, k, eps, inv_rms);
-  const int row0 = blockIdx.x * GEMV_CHANNELS;
+  int channel[GEMV_CHANNELS];
+#pragma unroll
+  for (int r = 0; r < GEMV_CHANNELS; ++r) channel[r] = block_channel(r, gated, n);
   const int chunks = (k + CHUNK - 1) / CHUNK;
   float acc[GEMV_CHANNELS][BATCH];
 #pragma unroll
@@ -102,8 +127,8 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
       const int i = (c0 + u * warps) * CHUNK + lane * PER;
 #pragma unroll
       for (int r = 0; r < GEMV_CHANNELS; ++r)
-        packed[u][r] = (i < k && row0 + r < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)(row0 + r) * k + i))
-                                               : make_int4(0, 0, 0, 0);
+        packed[u][r] = (i < k && channel[r] < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)channel[r] * k + i))
+                                                 : make_int4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u) {
@@ -151,22 +176,29 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
     }
   __syncthreads();
   const int t = threadIdx.x, r = t / GEMV_MAX_BATCH, b = t % GEMV_MAX_BATCH;
-  if (t < GEMV_CHANNELS * GEMV_MAX_BATCH && b < BATCH && row0 + r < n) {
-    float v = 0.f;
-    for (int wi = 0; wi < warps; ++wi) v += partial[wi][t];
-    const size_t out = (size_t)b * n + row0 + r;
+  if (b >= BATCH || t >= GEMV_CHANNELS * GEMV_MAX_BATCH) return;
+  if (!gated) {
+    if (channel[r] >= n) return;
+    const size_t out = (size_t)b * n + channel[r];
     const float skip = residual ? __bfloat162float(residual[out]) : 0.f;
-    y[out] = __float2bfloat16(skip + v * W::scale(scale, row0 + r));
+    y[out] = __float2bfloat16(skip + channel_sum(partial, warps, r, b) * W::scale(scale, channel[r]));
+    return;
   }
+  // Thread (r, b) of the first two r: gate channel r and its up channel r + 2.
+  if (r >= GEMV_CHANNELS / 2 || channel[r] >= n) return;
+  const int up = r + GEMV_CHANNELS / 2;
+  const float a = __bfloat162float(__float2bfloat16(0.f + channel_sum(partial, warps, r, b) * W::scale(scale, channel[r])));
+  const float u = __bfloat162float(__float2bfloat16(0.f + channel_sum(partial, warps, up, b) * W::scale(scale, channel[up])));
+  y[(size_t)b * (n / 2) + channel[r]] = __float2bfloat16(a / (1.f + __expf(-a)) * u);
 }
 
 #define GEMV_ENTRY(NAME, W, B)                                                                            \
   extern "C" __global__ void NAME##_b##B(const __nv_bfloat16* __restrict__ x, const W::T* __restrict__ w,  \
                                          const float* __restrict__ scale,                                  \
                                          const __nv_bfloat16* __restrict__ residual,                       \
-                                         const float* __restrict__ alpha, float eps,                       \
+                                         const float* __restrict__ alpha, float eps, int gated,            \
                                          __nv_bfloat16* __restrict__ y, int n, int k) {                    \
-    gemv_splitk<W, B>(x, w, scale, residual, alpha, eps, y, n, k);                                         \
+    gemv_splitk<W, B>(x, w, scale, residual, alpha, eps, gated, y, n, k);                                  \
   }
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 1)
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 2)

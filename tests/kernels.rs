@@ -81,7 +81,7 @@ fn check_sublayer_ends(
     let want = (&plain + residual.to_dtype(DType::F32).unwrap()).unwrap();
     let got = fused(&cuda::Ends {
         residual: Some(residual.to_device(gpu).unwrap()),
-        norm: None,
+        ..Default::default()
     });
     let diff = tiny::max_abs_diff(&got, &want);
     assert!(
@@ -92,8 +92,8 @@ fn check_sublayer_ends(
     let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &alpha, 1e-5).unwrap();
     let want = product(&normed);
     let got = fused(&cuda::Ends {
-        residual: None,
         norm: Some((alpha.to_device(gpu).unwrap(), 1e-5)),
+        ..Default::default()
     });
     let diff = tiny::max_abs_diff(&got, &want);
     assert!(
@@ -128,6 +128,71 @@ fn the_bf16_split_k_product_matches_a_matmul() {
             let fused = |ends: &cuda::Ends| cuda::gemv_bf16(&x_gpu, &weight_gpu, ends).unwrap();
             let what = format!("bf16 {n}x{k}, batch {batch}");
             check_sublayer_ends(&x, product, fused, &gpu, &what);
+        }
+    }
+}
+
+/// A gated FFN's in-projection with its pre-norm and gate inside the split-K kernel equals the
+/// same product followed by the swiglu kernel, value for value, and the CPU composition within
+/// bf16 rounding; int8 and bf16 weights, 1 to 4 rows. Shapes: h = 385 (the last block holds
+/// one gate and its up channel), the depformer's (2 x 2816, 1024) and the temporal
+/// transformer's (2 x 11264, 4096).
+#[test]
+fn a_gated_split_k_product_equals_the_product_then_the_gate() {
+    let Some(gpu) = tiny::gpu() else { return };
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    for (n, k) in [(770, 1040), (2 * 2816, 1024), (2 * 11264, 4096)] {
+        let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+        let q = quant::quantize(&weight).unwrap();
+        let q_gpu = quant::Int8Weight {
+            q: q.q.to_device(&gpu).unwrap(),
+            scale: q.scale.to_device(&gpu).unwrap(),
+        };
+        let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
+        let bf16_weight = weight.to_dtype(DType::BF16).unwrap();
+        let bf16_gpu = bf16_weight.to_device(&gpu).unwrap();
+        let alpha = Tensor::randn(1f32, 0.1, k, &Device::Cpu).unwrap();
+        let ends = |gate| cuda::Ends {
+            residual: None,
+            norm: Some((alpha.to_device(&gpu).unwrap(), 1e-5)),
+            gate,
+        };
+        for rows in 1..=cuda::GEMV_MAX_ROWS {
+            let x = Tensor::randn(0f32, 4.0, (rows, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let x_gpu = x.to_device(&gpu).unwrap();
+            let normed = candle_nn::ops::rms_norm(&f32(&x), &alpha, 1e-5).unwrap();
+            let int8 = |ends: &cuda::Ends| {
+                cuda::w8a16_fused(&x_gpu, &q_gpu, cuda::W8a16Kernel::SplitK, ends).unwrap()
+            };
+            let bf16 = |ends: &cuda::Ends| cuda::gemv_bf16(&x_gpu, &bf16_gpu, ends).unwrap();
+            let cpu_int8 = quant::w8a16_reference(&normed, &values_t, &q.scale).unwrap();
+            let cpu_bf16 = normed.matmul(&f32(&bf16_weight).t().unwrap()).unwrap();
+            for (kind, product, cpu) in [
+                ("int8", &int8 as &dyn Fn(&cuda::Ends) -> Tensor, cpu_int8),
+                ("bf16", &bf16, cpu_bf16),
+            ] {
+                let what = format!("{kind} {n}x{k}, {rows} rows");
+                let gated = product(&ends(true));
+                let then_gate = cuda::swiglu(&product(&ends(false))).unwrap();
+                assert_eq!(gated.dims(), [rows, n / 2], "{what}");
+                assert_eq!(
+                    f32(&gated).to_vec2::<f32>().unwrap(),
+                    f32(&then_gate).to_vec2::<f32>().unwrap(),
+                    "{what}: the gated product differs from the product then the gate"
+                );
+                let h = n / 2;
+                let want = (candle_nn::ops::silu(&cpu.narrow(1, 0, h).unwrap()).unwrap()
+                    * cpu.narrow(1, h, h).unwrap())
+                .unwrap();
+                let diff = tiny::max_abs_diff(&gated, &want);
+                assert!(
+                    diff <= 0.02 * tiny::largest_abs(&want),
+                    "{what}: max |diff| {diff} from the CPU composition"
+                );
+            }
         }
     }
 }
@@ -191,6 +256,70 @@ fn device_sampling_draws_what_the_cpu_reference_draws() {
     let greedy_rows = (0..rows).filter(|r| r % 4 >= 2);
     assert!(
         greedy_rows.clone().all(|r| got[r] == want[r]),
+        "greedy rows must agree exactly"
+    );
+}
+
+/// Masked logits on the device as in the CPU reference: -inf over a different half of each
+/// row, NaN in some rows, and rows with nothing above -inf (token 0).
+#[test]
+fn device_sampling_never_draws_a_masked_logit() {
+    let Some(gpu) = tiny::gpu() else { return };
+    let (rows, vocab) = (32usize, 2048usize);
+    let noise: Vec<f32> = Tensor::randn(0f32, 3.0, rows * vocab, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| {
+            let (r, j) = (i / vocab, i % vocab);
+            match r % 8 {
+                7 => f32::NEG_INFINITY,
+                6 if j % 5 == 0 => f32::NAN,
+                _ if (j * 7 + r) % 2 == 0 => f32::NEG_INFINITY,
+                _ => noise[i],
+            }
+        })
+        .collect();
+    let logits = Tensor::from_vec(logits, (rows, vocab), &Device::Cpu).unwrap();
+    let settings = [(250i64, 0.8f32), (25, 0.7), (1, 0.8), (4, 1.5)];
+    let params = |device: &Device| sampling::DrawParams {
+        seeds: Tensor::new(&[9i64; 32], device).unwrap(),
+        counters: Tensor::arange(0i64, rows as i64, device).unwrap(),
+        top_k: Tensor::new(&settings.map(|s| s.0), device)
+            .unwrap()
+            .repeat(8)
+            .unwrap(),
+        temperature: Tensor::new(&settings.map(|s| s.1), device)
+            .unwrap()
+            .repeat(8)
+            .unwrap(),
+    };
+    let got: Vec<u32> = sampling::draw(&logits.to_device(&gpu).unwrap(), &params(&gpu))
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<u32> = sampling::draw(&logits, &params(&Device::Cpu))
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let values: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+    for r in 0..rows {
+        if r % 8 == 7 {
+            assert_eq!((got[r], want[r]), (0, 0), "row {r}: nothing above -inf");
+        } else {
+            let logit = values[r][got[r] as usize];
+            assert!(
+                logit.is_finite(),
+                "row {r}: token {} has logit {logit}",
+                got[r]
+            );
+        }
+    }
+    let agree = (0..rows).filter(|&r| got[r] == want[r]).count();
+    assert!(agree * 100 >= rows * 90, "{agree}/{rows} rows agree");
+    assert!(
+        (0..rows).filter(|r| r % 4 == 2).all(|r| got[r] == want[r]),
         "greedy rows must agree exactly"
     );
 }

@@ -82,22 +82,37 @@ pub enum W8a16Kernel {
 }
 
 /// What a split-K product takes of its transformer sublayer besides the matrix, each optional:
-/// the skip connection added to its output and the RMS pre-norm of its input.
+/// the skip connection added to its output, the RMS pre-norm of its input, and a gated FFN's
+/// gate applied to its output.
 #[derive(Debug, Clone, Default)]
 pub struct Ends {
     /// bf16, the output's shape.
     pub residual: Option<Tensor>,
     /// The norm's f32 weight `[k]` and epsilon.
     pub norm: Option<(Tensor, f32)>,
+    /// The product is a gated FFN's in-projection, `[a, u]` of `n = 2h` channels: the output is
+    /// `silu(a) · u` `[rows, h]`, as `swiglu` would make it (no residual with it).
+    pub gate: bool,
 }
 
 impl Ends {
     pub fn is_empty(&self) -> bool {
-        self.residual.is_none() && self.norm.is_none()
+        self.residual.is_none() && self.norm.is_none() && !self.gate
+    }
+
+    /// The output width of a product of `n` channels.
+    fn out_features(&self, n: usize) -> usize {
+        if self.gate { n / 2 } else { n }
     }
 
     /// Compact copies for a `[rows, k]` → `[rows, n]` product, checked.
     fn for_product(&self, rows: usize, n: usize, k: usize) -> Result<Self> {
+        if self.gate && (!n.is_multiple_of(2) || self.residual.is_some()) {
+            candle_core::bail!(
+                "a fused gate needs an even number of channels ({n}) and no skip connection"
+            );
+        }
+        let n = self.out_features(n);
         let residual = match &self.residual {
             Some(r) => Some(r.reshape((rows, n))?.to_dtype(DType::BF16)?.contiguous()?),
             None => None,
@@ -113,15 +128,21 @@ impl Ends {
             ),
             None => None,
         };
-        Ok(Self { residual, norm })
+        Ok(Self {
+            residual,
+            norm,
+            gate: self.gate,
+        })
     }
 }
 
-/// `Ends` as kernel arguments: residual, alpha (null pointers for what is absent) and eps.
+/// `Ends` as kernel arguments: residual, alpha (null pointers for what is absent), eps and
+/// whether gated.
 struct EndsArgs<'a> {
     residual: Option<CudaView<'a, bf16>>,
     alpha: Option<CudaView<'a, f32>>,
     eps: f32,
+    gated: i32,
     null: u64,
 }
 
@@ -140,6 +161,7 @@ impl<'a> EndsArgs<'a> {
                 .map(|(storage, layout)| gpu_view::<f32>(storage, layout, "norm weight"))
                 .transpose()?,
             eps: ends.norm.as_ref().map_or(0.0, |(_, eps)| *eps),
+            gated: i32::from(ends.gate),
             null: 0,
         })
     }
@@ -153,7 +175,7 @@ impl<'a> EndsArgs<'a> {
             Some(alpha) => builder.arg(alpha),
             None => builder.arg(&self.null),
         };
-        builder.arg(&self.eps);
+        builder.arg(&self.eps).arg(&self.gated);
     }
 }
 
@@ -237,8 +259,9 @@ impl CustomOp3 for W8a16 {
         let ss = scale
             .as_cuda_slice::<f32>()?
             .slice(scale_layout.start_offset()..);
+        let n_out = self.ends.out_features(n);
         // SAFETY: every element is written by the kernel.
-        let out = unsafe { device.alloc::<bf16>(rows * n)? };
+        let out = unsafe { device.alloc::<bf16>(rows * n_out)? };
         let (name, config) = self.launch(rows, n, k)?;
         if self.kernel != W8a16Kernel::SplitK && !self.ends.is_empty() {
             candle_core::bail!("the {:?} w8a16 kernel fuses nothing", self.kernel);
@@ -268,7 +291,7 @@ impl CustomOp3 for W8a16 {
         unsafe { builder.launch(config) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from((rows, n)),
+            Shape::from((rows, n_out)),
         ))
     }
 }
@@ -321,7 +344,7 @@ pub fn w8a16_fused(
     ends: &Ends,
 ) -> Result<Tensor> {
     let n = weight.out_features()?;
-    on_rows(xs, n, |x, rows, k| {
+    on_rows(xs, ends.out_features(n), |x, rows, k| {
         let op = W8a16 {
             kernel,
             ends: ends.for_product(rows, n, k)?,
@@ -390,8 +413,9 @@ impl candle_core::CustomOp2 for GemvBf16 {
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(x_layout.start_offset()..);
         let ws = w.as_cuda_slice::<bf16>()?.slice(w_layout.start_offset()..);
+        let n_out = self.ends.out_features(n);
         // SAFETY: every element is written by the kernel.
-        let out = unsafe { device.alloc::<bf16>(rows * n)? };
+        let out = unsafe { device.alloc::<bf16>(rows * n_out)? };
         let func = device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?;
         let (n_i, k_i) = (n as i32, k as i32);
         let mut builder = func.builder();
@@ -404,7 +428,7 @@ impl candle_core::CustomOp2 for GemvBf16 {
         unsafe { builder.launch(config) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from((rows, n)),
+            Shape::from((rows, n_out)),
         ))
     }
 }
@@ -414,7 +438,7 @@ impl candle_core::CustomOp2 for GemvBf16 {
 pub fn gemv_bf16(xs: &Tensor, weight: &Tensor, ends: &Ends) -> Result<Tensor> {
     let n = weight.dim(0)?;
     let weight = weight.to_dtype(DType::BF16)?.contiguous()?;
-    on_rows(xs, n, |x, rows, k| {
+    on_rows(xs, ends.out_features(n), |x, rows, k| {
         let op = GemvBf16 {
             ends: ends.for_product(rows, n, k)?,
         };

@@ -70,7 +70,7 @@ impl Linear {
     /// `residual + self.forward(xs)` (a transformer's skip connection), added inside the
     /// split-K kernels where they run the product (one rounding, one launch fewer).
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match fused_device(self, xs, Some(residual), None)? {
+        match fused_device(self, xs, Some(residual), None, false)? {
             Some(ys) => Ok(ys),
             None => residual + self.forward(xs)?,
         }
@@ -79,10 +79,17 @@ impl Linear {
     /// `self.forward(norm.forward(xs))` (a transformer's pre-norm), the norm computed inside
     /// the split-K kernels where they run the product (one launch fewer).
     pub fn forward_normed(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
-        match fused_device(self, xs, None, Some(norm))? {
+        match fused_device(self, xs, None, Some(norm), false)? {
             Some(ys) => Ok(ys),
             None => self.forward(&norm.forward(xs)?),
         }
+    }
+
+    /// `forward_normed` followed by a gated FFN's gate (`silu(a) · u` of the output's halves),
+    /// the gate also inside the split-K kernel where one runs the product; `None` where none
+    /// does (the caller composes them).
+    fn forward_normed_gated(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Option<Tensor>> {
+        fused_device(self, xs, None, Some(norm), true)
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -117,14 +124,15 @@ fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     super::cuda::w8a16(xs, weight)
 }
 
-/// `linear`'s product with its sublayer's ends (`residual`, `norm`) inside a split-K kernel,
-/// when one runs it (`None`: the caller composes them).
+/// `linear`'s product with its sublayer's ends (`residual`, `norm`, a gated FFN's `gate`) inside
+/// a split-K kernel, when one runs it (`None`: the caller composes them).
 #[cfg(feature = "cuda")]
 fn fused_device(
     linear: &Linear,
     xs: &Tensor,
     residual: Option<&Tensor>,
     norm: Option<&RmsNorm>,
+    gate: bool,
 ) -> Result<Option<Tensor>> {
     use super::cuda::{self, Ends, W8a16Kernel};
     let k = xs.dim(D::Minus1)?;
@@ -132,6 +140,7 @@ fn fused_device(
     let ends = || Ends {
         residual: residual.cloned(),
         norm: norm.map(|n| (n.alpha.clone(), n.eps)),
+        gate,
     };
     Ok(match linear {
         Linear::OutIn { weight } if cuda::gemv_takes(rows, k, 2) => {
@@ -153,6 +162,7 @@ fn fused_device(
     _xs: &Tensor,
     _residual: Option<&Tensor>,
     _norm: Option<&RmsNorm>,
+    _gate: bool,
 ) -> Result<Option<Tensor>> {
     Ok(None)
 }
@@ -293,11 +303,14 @@ impl SwiGlu {
     }
 
     /// `xs + self.forward(norm.forward(xs))`, a transformer's whole feed-forward sublayer: the
-    /// norm and the sum fused into the two products where they can be
-    /// (`Linear::forward_normed`, `Linear::forward_add`).
+    /// norm and the gate fused into the first product, the sum into the second, where they can
+    /// be (`Linear::forward_normed_gated`, `Linear::forward_add`).
     pub fn sublayer(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
-        let gated = self.linear_in.forward_normed(xs, norm)?;
-        self.linear_out.forward_add(&self.gate(gated)?, xs)
+        let hidden = match self.linear_in.forward_normed_gated(xs, norm)? {
+            Some(hidden) => hidden,
+            None => self.gate(self.linear_in.forward_normed(xs, norm)?)?,
+        };
+        self.linear_out.forward_add(&hidden, xs)
     }
 
     /// `silu(a) · b` of `gated` = `[a, b]` (the in-projection's output).

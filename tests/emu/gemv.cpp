@@ -1,8 +1,10 @@
 // Checks kernels/gemv.cu's split-K products (gemv_splitk_{int8,bf16}_b1..b4) on the CPU emulator against a
-// double-precision reference written from the documented contract. Build and run: tests/emu/README.md.
+// double-precision reference written from the documented contract, and their gated form against the product
+// followed by norm.cu's swiglu_bf16. Build and run: tests/emu/README.md.
 #include "check.h"
 
 #include "gemv.cu"
+#include "norm.cu"
 
 namespace {
 
@@ -10,8 +12,8 @@ constexpr bf16 kUntouched = {0xDEAD};
 constexpr float kEps = 1e-5f;
 
 template <class Weight>
-using GemvEntry = void (*)(const bf16*, const Weight*, const float*, const bf16*, const float*, float, bf16*, int,
-                           int);
+using GemvEntry = void (*)(const bf16*, const Weight*, const float*, const bf16*, const float*, float, int, bf16*,
+                           int, int);
 
 template <class Weight>
 constexpr bool kInt8 = std::is_same_v<Weight, int8_t>;
@@ -127,14 +129,43 @@ Expected expected_output(const Problem<Weight>& problem, const Rows& rows, const
 
 // Launches the kernel for the batch as the host contract says: gridDim.x = ceil(n / 4).
 template <class Weight>
-void run_gemv(const Problem<Weight>& problem, const Rows& rows, bool norm, bool residual, bf16* y) {
+void run_gemv(const Problem<Weight>& problem, const Rows& rows, bool norm, bool residual, bf16* y,
+              bool gated = false) {
   const int n = problem.n, k = problem.k;
   const GemvEntry<Weight> gemv = entry_point<Weight>(rows.batch);
-  emu::launch(format("gemv_splitk_%s_b%d", weight_kind<Weight>(), rows.batch), dim3((n + 3) / 4),
-              block_for<Weight>(k), [&] {
+  emu::launch(format("gemv_splitk_%s_b%d%s", weight_kind<Weight>(), rows.batch, gated ? " gated" : ""),
+              dim3((n + 3) / 4), block_for<Weight>(k), [&] {
                 gemv(rows.x, problem.weights, problem.scale, residual ? rows.residual : nullptr,
-                     norm ? problem.alpha : nullptr, kEps, y, n, k);
+                     norm ? problem.alpha : nullptr, kEps, gated, y, n, k);
               });
+}
+
+// The gated product y [batch, n / 2] equals the product [batch, n] followed by swiglu_bf16 (as the host
+// launches it: 256 threads, ceil(total / 256) blocks), value for value; every output written once.
+template <class Weight>
+void check_gated(const Problem<Weight>& problem, const Rows& rows, bool norm) {
+  const int n = problem.n, hidden = n / 2, batch = rows.batch;
+  const size_t total = size_t(batch) * hidden;
+  Case check(format("gemv_splitk_%s_b%d gated n=%d k=%d norm=%s", weight_kind<Weight>(), batch, n, problem.k,
+                    norm ? "on" : "off"));
+  emu::DeviceMemory memory;
+  bf16* product = memory.alloc<bf16>(size_t(batch) * n);
+  bf16* gate_after = memory.alloc<bf16>(total);
+  bf16* gated = memory.alloc<bf16>(total);
+  std::fill_n(gated, total, kUntouched);
+  run_gemv(problem, rows, norm, false, product);
+  emu::launch("swiglu_bf16", dim3(unsigned((total + 255) / 256)), dim3(256),
+              [&] { swiglu_bf16(product, gate_after, batch, hidden); });
+  run_gemv(problem, rows, norm, false, gated, true);
+  int nonzero = 0;
+  for (size_t i = 0; i < total; ++i) {
+    const float got = __bfloat162float(gated[i]), want = __bfloat162float(gate_after[i]);
+    nonzero += want != 0;
+    check.expect(got == want && gated[i].bits != kUntouched.bits, "row %zu unit %zu: %g, expected %g",
+                 i / hidden, i % hidden, got, want);
+  }
+  check.expect(nonzero > int(total / 2), "only %d of %zu gated outputs are nonzero", nonzero, total);
+  check.finish(format("%zu outputs equal the product then the gate", total));
 }
 
 template <class Weight>
@@ -166,8 +197,10 @@ void test_gemv(int n, int k) {
   const Problem<Weight> problem = make_problem<Weight>(memory, n, k);
   for (int batch = 1; batch <= GEMV_MAX_BATCH; ++batch) {
     const Rows rows = make_rows(memory, batch, n, k);
-    for (bool norm : {false, true})
+    for (bool norm : {false, true}) {
       for (bool residual : {false, true}) check_gemv(problem, rows, norm, residual);
+      if (n % 2 == 0) check_gated(problem, rows, norm);
+    }
   }
 }
 
@@ -177,11 +210,14 @@ int main() {
   // n = 771 leaves the last block 3 channels. k = 1040 ends in a partial chunk; 4224 sends bf16 warps round
   // the chunk loop twice (int8 warp 0 once, with a partial second chunk); 48 is part of one warp's chunk;
   // 8448 sends int8 warps round twice.
+  // Gated products (even n): 64 fills its blocks; 770 (h = 385) leaves the last block one gate and its up channel.
   for (int n : {771, 64})
     for (int k : {1040, 4224, 48}) {
       test_gemv<int8_t>(n, k);
       test_gemv<bf16>(n, k);
     }
   test_gemv<int8_t>(67, 8448);
+  test_gemv<int8_t>(770, 1040);
+  test_gemv<bf16>(770, 1040);
   return summarise("gemv");
 }
