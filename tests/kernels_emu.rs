@@ -64,8 +64,8 @@ fn split_k_products_meet_their_references_on_the_emulator() {
     run_emulated("gemv");
 }
 
-/// `kernels/w8a16.cu`: the int8 matrix-vector kernel for 1 to 64 rows (the tensor-core one needs
-/// wmma, which the emulator lacks).
+/// `kernels/w8a16.cu`: the int8 matrix-vector kernel for 1 to 64 rows, and the tensor-core one
+/// (wmma emulated by `tests/emu/include/mma.h`) for 1 to 100 rows.
 #[test]
 fn w8a16_products_meet_their_references_on_the_emulator() {
     run_emulated("w8a16");

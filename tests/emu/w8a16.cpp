@@ -1,6 +1,7 @@
-// Checks kernels/w8a16.cu's matrix-vector kernel (w8a16_bf16, four output rows per warp) on the CPU emulator
-// against a double-precision reference written from the documented contract. Not the tensor-core
-// w8a16_mma_bf16: the emulator has no wmma. Build and run: tests/emu/README.md.
+// Checks kernels/w8a16.cu's matrix-vector kernel (w8a16_bf16, four output rows per warp) and its tensor-core
+// kernel (w8a16_mma_bf16, tiles of 64 rows by 64 channels through wmma, emulated by include/mma.h) on the CPU
+// emulator against a double-precision reference written from the documented contract. Build and run:
+// tests/emu/README.md.
 #include "check.h"
 
 #include "w8a16.cu"
@@ -61,14 +62,25 @@ void run_w8a16(const Problem& problem, const bf16* x, int batch, bf16* y) {
               [&] { w8a16_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
 }
 
-void check_w8a16(const Problem& problem, int batch) {
+// The host contract of the tensor-core kernel: gridDim = (ceil(n / 64), ceil(batch / 64)), 4 warps a block.
+void run_w8a16_mma(const Problem& problem, const bf16* x, int batch, bf16* y) {
+  emu::launch("w8a16_mma_bf16",
+              dim3((problem.n + W8A16_MMA_CHANNELS - 1) / W8A16_MMA_CHANNELS,
+                   (batch + W8A16_MMA_ROWS - 1) / W8A16_MMA_ROWS),
+              dim3(32 * 4), [&] { w8a16_mma_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
+}
+
+enum class Kernel { rows, tensor_cores };
+
+void check_w8a16(const Problem& problem, int batch, Kernel kernel) {
   const int n = problem.n;
-  Case check(format("w8a16_bf16 batch=%d n=%d k=%d", batch, n, problem.k));
+  const char* name = kernel == Kernel::rows ? "w8a16_bf16" : "w8a16_mma_bf16";
+  Case check(format("%s batch=%d n=%d k=%d", name, batch, n, problem.k));
   emu::DeviceMemory memory;
   const bf16* x = make_rows(memory, batch, problem.k);
   bf16* y = memory.alloc<bf16>(size_t(batch) * n);
   std::fill_n(y, size_t(batch) * n, kUntouched);
-  run_w8a16(problem, x, batch, y);
+  (kernel == Kernel::rows ? run_w8a16 : run_w8a16_mma)(problem, x, batch, y);
   double max_error = 0, max_relative = 0;
   for (int b = 0; b < batch; ++b)
     for (int o = 0; o < n; ++o) {
@@ -81,10 +93,10 @@ void check_w8a16(const Problem& problem, int batch) {
   check.finish(format("max |error| %.3g, max relative error %.3g", max_error, max_relative));
 }
 
-void test_w8a16(int n, int k, std::initializer_list<int> batches) {
+void test_w8a16(int n, int k, std::initializer_list<int> batches, Kernel kernel = Kernel::rows) {
   emu::DeviceMemory memory;
   const Problem problem = make_problem(memory, n, k);
-  for (int batch : batches) check_w8a16(problem, batch);
+  for (int batch : batches) check_w8a16(problem, batch, kernel);
 }
 
 }  // namespace
@@ -99,5 +111,11 @@ int main() {
   test_w8a16(64, 2000, all_batches);
   test_w8a16(19, 1040, {1, 4, 7, 64});
   test_w8a16(771, 4096, {1, 4, 5, 64});
+  // Tensor cores: tiles of 64 rows (1 and 17: partial 16-row fragments; 65 and 100: a second, partial tile);
+  // 771 channels leave the last block 3; k = 1040 ends in a partial 64-input slice, 16 is a quarter of one.
+  const std::initializer_list<int> tile_batches = {1, 4, 17, 64, 65, 100};
+  test_w8a16(771, 1040, tile_batches, Kernel::tensor_cores);
+  test_w8a16(64, 16, tile_batches, Kernel::tensor_cores);
+  test_w8a16(130, 4096, {4, 64}, Kernel::tensor_cores);
   return summarise("w8a16");
 }
