@@ -9,6 +9,33 @@ use duplex::model::decode::KvRing;
 use duplex::model::quant::KvQuant;
 use duplex::model::{cuda, quant, sampling};
 
+/// A weight quantised to int8, on the GPU, with its CPU reference product.
+struct Int8Case {
+    on_gpu: quant::Int8Weight,
+    scale: Tensor,
+    values_t: Tensor,
+}
+
+impl Int8Case {
+    fn new(weight: &Tensor, gpu: &Device) -> Self {
+        let q = quant::quantize(weight).unwrap();
+        Self {
+            on_gpu: quant::Int8Weight {
+                q: q.q.to_device(gpu).unwrap(),
+                scale: q.scale.to_device(gpu).unwrap(),
+            },
+            values_t: q.values_f32().unwrap().t().unwrap().contiguous().unwrap(),
+            scale: q.scale,
+        }
+    }
+
+    /// `quant::w8a16_reference` of `x` `[rows, k]` (any dtype) on the CPU, in f32.
+    fn reference(&self, x: &Tensor) -> Tensor {
+        let x = x.to_dtype(DType::F32).unwrap();
+        quant::w8a16_reference(&x, &self.values_t, &self.scale).unwrap()
+    }
+}
+
 /// Every w8a16 kernel against the CPU reference: the matrix-vector and tensor-core ones for
 /// batches up to two tiles, the split-K one for 1 to 4 rows. The shapes leave partial blocks
 /// and chunks: 771 channels (a partial group of four), 1040 inputs (a partial 64-input chunk
@@ -20,12 +47,7 @@ fn w8a16_kernels_match_the_cpu_reference() {
     let Some(gpu) = tiny::gpu() else { return };
     for (n, k) in [(771, 1040), (37, 4224), (5, 11264)] {
         let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
-        let q = quant::quantize(&weight).unwrap();
-        let q_gpu = quant::Int8Weight {
-            q: q.q.to_device(&gpu).unwrap(),
-            scale: q.scale.to_device(&gpu).unwrap(),
-        };
-        let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
+        let int8 = Int8Case::new(&weight, &gpu);
         let runs = [1, 3, 8, 17, 64, 100]
             .into_iter()
             .flat_map(|batch| [(batch, Rows), (batch, TensorCores)])
@@ -36,24 +58,20 @@ fn w8a16_kernels_match_the_cpu_reference() {
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
-            let want =
-                quant::w8a16_reference(&x.to_dtype(DType::F32).unwrap(), &values_t, &q.scale)
-                    .unwrap();
+            let want = int8.reference(&x);
             let scale = tiny::largest_abs(&want);
             let x_gpu = x.to_device(&gpu).unwrap();
-            let got = cuda::w8a16_on(&x_gpu, &q_gpu, kernel).unwrap();
+            let got = cuda::w8a16_on(&x_gpu, &int8.on_gpu, kernel).unwrap();
             let diff = tiny::max_abs_diff(&got, &want);
             assert!(
                 diff <= 0.01 * scale,
                 "{n}x{k}, batch {batch}, {kernel:?}: max |diff| {diff} (output scale {scale})"
             );
             if kernel == SplitK {
-                let product = |x: &Tensor| {
-                    let x = x.to_dtype(DType::F32).unwrap();
-                    quant::w8a16_reference(&x, &values_t, &q.scale).unwrap()
+                let product = |x: &Tensor| int8.reference(x);
+                let fused = |ends: &cuda::Ends| {
+                    cuda::w8a16_fused(&x_gpu, &int8.on_gpu, kernel, ends).unwrap()
                 };
-                let fused =
-                    |ends: &cuda::Ends| cuda::w8a16_fused(&x_gpu, &q_gpu, kernel, ends).unwrap();
                 let what = format!("int8 {n}x{k}, batch {batch}");
                 check_sublayer_ends(&x, product, fused, &gpu, &what);
             }
@@ -143,12 +161,7 @@ fn a_gated_split_k_product_equals_the_product_then_the_gate() {
     let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     for (n, k) in [(770, 1040), (2 * 2816, 1024), (2 * 11264, 4096)] {
         let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
-        let q = quant::quantize(&weight).unwrap();
-        let q_gpu = quant::Int8Weight {
-            q: q.q.to_device(&gpu).unwrap(),
-            scale: q.scale.to_device(&gpu).unwrap(),
-        };
-        let values_t = q.values_f32().unwrap().t().unwrap().contiguous().unwrap();
+        let int8 = Int8Case::new(&weight, &gpu);
         let bf16_weight = weight.to_dtype(DType::BF16).unwrap();
         let bf16_gpu = bf16_weight.to_device(&gpu).unwrap();
         let alpha = Tensor::randn(1f32, 0.1, k, &Device::Cpu).unwrap();
@@ -164,15 +177,19 @@ fn a_gated_split_k_product_equals_the_product_then_the_gate() {
                 .unwrap();
             let x_gpu = x.to_device(&gpu).unwrap();
             let normed = candle_nn::ops::rms_norm(&f32(&x), &alpha, 1e-5).unwrap();
-            let int8 = |ends: &cuda::Ends| {
-                cuda::w8a16_fused(&x_gpu, &q_gpu, cuda::W8a16Kernel::SplitK, ends).unwrap()
+            let int8_product = |ends: &cuda::Ends| {
+                cuda::w8a16_fused(&x_gpu, &int8.on_gpu, cuda::W8a16Kernel::SplitK, ends).unwrap()
             };
-            let bf16 = |ends: &cuda::Ends| cuda::gemv_bf16(&x_gpu, &bf16_gpu, ends).unwrap();
-            let cpu_int8 = quant::w8a16_reference(&normed, &values_t, &q.scale).unwrap();
+            let bf16_product =
+                |ends: &cuda::Ends| cuda::gemv_bf16(&x_gpu, &bf16_gpu, ends).unwrap();
             let cpu_bf16 = normed.matmul(&f32(&bf16_weight).t().unwrap()).unwrap();
             for (kind, product, cpu) in [
-                ("int8", &int8 as &dyn Fn(&cuda::Ends) -> Tensor, cpu_int8),
-                ("bf16", &bf16, cpu_bf16),
+                (
+                    "int8",
+                    &int8_product as &dyn Fn(&cuda::Ends) -> Tensor,
+                    int8.reference(&normed),
+                ),
+                ("bf16", &bf16_product, cpu_bf16),
             ] {
                 let what = format!("{kind} {n}x{k}, {rows} rows");
                 let gated = product(&ends(true));
@@ -225,6 +242,22 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
     assert!(tiny::max_abs_diff(&got, &want) < 0.05, "swiglu");
 }
 
+/// `sampling::draw` of `logits` on the GPU and on the CPU, each with `params` on its device.
+fn draws_on_both(
+    logits: &Tensor,
+    gpu: &Device,
+    params: impl Fn(&Device) -> sampling::DrawParams,
+) -> (Vec<u32>, Vec<u32>) {
+    let draw = |device: &Device| -> Vec<u32> {
+        let logits = logits.to_device(device).unwrap();
+        sampling::draw(&logits, &params(device))
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    (draw(gpu), draw(&Device::Cpu))
+}
+
 #[test]
 fn device_sampling_draws_what_the_cpu_reference_draws() {
     let Some(gpu) = tiny::gpu() else { return };
@@ -242,14 +275,7 @@ fn device_sampling_draws_what_the_cpu_reference_draws() {
         top_k: Tensor::new(top_k.as_slice(), device).unwrap(),
         temperature: Tensor::new(temperature.as_slice(), device).unwrap(),
     };
-    let got: Vec<u32> = sampling::draw(&logits.to_device(&gpu).unwrap(), &params(&gpu))
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<u32> = sampling::draw(&logits, &params(&Device::Cpu))
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (got, want) = draws_on_both(&logits, &gpu, params);
     let agree = (0..rows).filter(|&r| got[r] == want[r]).count();
     // exp/log may differ by an ulp between the GPU and the CPU; ties are rare.
     assert!(agree * 100 >= rows * 98, "{agree}/{rows} rows agree");
@@ -295,14 +321,7 @@ fn device_sampling_never_draws_a_masked_logit() {
             .repeat(8)
             .unwrap(),
     };
-    let got: Vec<u32> = sampling::draw(&logits.to_device(&gpu).unwrap(), &params(&gpu))
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<u32> = sampling::draw(&logits, &params(&Device::Cpu))
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (got, want) = draws_on_both(&logits, &gpu, params);
     let values: Vec<Vec<f32>> = logits.to_vec2().unwrap();
     for r in 0..rows {
         if r % 8 == 7 {
@@ -769,6 +788,18 @@ fn w8a16_speed() {
             for kernel in kernels {
                 let us = time(&|| cuda::w8a16_on(&x, &q, kernel).unwrap());
                 report(batch, &format!("w8a16 {kernel:?}"), us, 1);
+            }
+            if name.ends_with("gate+up") && batch <= cuda::GEMV_MAX_ROWS {
+                let gate = cuda::Ends {
+                    gate: true,
+                    ..Default::default()
+                };
+                let none = cuda::Ends::default();
+                let split_k = |ends: &cuda::Ends| cuda::w8a16_fused(&x, &q, SplitK, ends).unwrap();
+                let us = time(&|| cuda::swiglu(&split_k(&none)).unwrap());
+                report(batch, "w8a16 SplitK, then swiglu", us, 1);
+                let us = time(&|| split_k(&gate));
+                report(batch, "w8a16 SplitK, gate inside", us, 1);
             }
         }
     }
