@@ -91,7 +91,7 @@ pub fn argmax(values: &[f32]) -> usize {
 
 /// A logit as sampling ranks it: NaN is -inf (never drawn), +inf the largest finite value (so
 /// several tie and every score stays a number).
-pub fn ranked(logit: f32) -> f32 {
+fn ranked(logit: f32) -> f32 {
     if logit.is_nan() {
         f32::NEG_INFINITY
     } else {
