@@ -13,3 +13,4 @@ pub mod local;
 pub mod metrics;
 pub mod model;
 pub mod offline;
+pub mod tune;

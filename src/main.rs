@@ -9,11 +9,14 @@ use duplex::fetch::FetchOptions;
 use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, ports};
 use duplex::metrics::Metrics;
+use duplex::model::config::LmConfig;
 use duplex::model::files::{DEFAULT_REPO, ModelFiles};
 use duplex::model::generate::SamplingConfig;
+use duplex::model::kernel_plan::Matrix;
 use duplex::model::kv::RingPositions;
-use duplex::model::pipeline::{Pipeline, PipelineConfig};
+use duplex::model::pipeline::{Pipeline, PipelineConfig, model_configs};
 use duplex::offline::OfflineOptions;
+use duplex::tune::TuneRequest;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,6 +48,35 @@ enum Command {
     /// Measure the server: `duplex bench loopback --sessions N --seconds S`.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Time every candidate kernel of the model's matrix products on this GPU, check each
+    /// against the built-in one, and keep the fastest (what `--kernels measured` uses).
+    Tune(TuneArgs),
+}
+
+#[derive(Args)]
+struct TuneArgs {
+    /// Model preset whose matrices are measured: personaplex-7b, moshiko, mid.
+    #[arg(long, default_value = "personaplex-7b")]
+    config: String,
+    /// The matrices of this model directory's config instead.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Weight storage of the language model's matrices.
+    #[arg(long, value_enum, default_value = "none")]
+    quant: QuantArg,
+    /// The most sessions stepped together: rows are measured up to the power of two that holds
+    /// them.
+    #[arg(long, default_value_t = 64)]
+    max_rows: usize,
+    /// Exactly these matrices instead of a model's (`int8:12288x4096,bf16:32000x4096`).
+    #[arg(long, value_delimiter = ',', value_parser = Matrix::parse)]
+    matrices: Vec<Matrix>,
+    /// Exactly these row counts instead.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    rows: Vec<u16>,
+    /// Also write the plan as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -85,6 +117,30 @@ struct ModelArgs {
     /// used for bf16 on a GPU; each capture is checked against an eager frame first).
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Which kernel runs each matrix product on a GPU: `measured` times the candidates on this
+    /// card once (`duplex tune`, kept in ~/.cache/duplex/kernels) and keeps the fastest that
+    /// agrees with the built-in one; `builtin` runs the built-in ones (cuBLAS for bf16).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "measured",
+        env = "DUPLEX_KERNEL_CHOICE"
+    )]
+    kernels: KernelsArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KernelsArg {
+    Measured,
+    Builtin,
+}
+
+/// On a GPU with `--kernels measured`, installs the kernel plan for the model in `files` with
+/// `rows` sessions stepped together, before the model loads.
+fn prepare_kernels(kernels: KernelsArg, cfg: &PipelineConfig, lm: &LmConfig, rows: usize) {
+    if kernels == KernelsArg::Measured {
+        duplex::tune::prepare(&cfg.device, &TuneRequest::for_model(lm, cfg.quant, rows));
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -416,10 +472,13 @@ struct StepArgs {
     /// four minutes; 0 times a fresh session).
     #[arg(long)]
     history: Option<usize>,
-    /// Replay each frame's temporal step and depformer half as CUDA graphs (`--device cuda`; not
-    /// yet run on a GPU).
+    /// Replay each frame's pieces as CUDA graphs (`--device cuda`).
     #[arg(long)]
     cuda_graphs: bool,
+    /// Which kernel runs each matrix product (`duplex tune`): measured on this card, or the
+    /// built-in ones.
+    #[arg(long, value_enum, default_value = "measured")]
+    kernels: KernelsArg,
     /// Weight storage of the language model's matrices.
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
@@ -461,6 +520,7 @@ fn main() -> Result<()> {
         Command::Doctor(args) => doctor(args),
         Command::Bench(BenchCommand::Loopback(args)) => runtime.block_on(bench_loopback(args)),
         Command::Bench(BenchCommand::Step(args)) => bench_step(args),
+        Command::Tune(args) => tune(args),
     }
 }
 
@@ -575,6 +635,7 @@ async fn start_personaplex(
     let slots = args.max_sessions;
     let engine = tokio::task::spawn_blocking(move || -> Result<PersonaPlexEngine> {
         let cfg = model.pipeline_config()?;
+        prepare_kernels(model.kernels, &cfg, &model_configs(&files)?.0, slots);
         tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({}); this can take a while", cfg.describe());
         let started = std::time::Instant::now();
         let pipeline = Pipeline::load(&files, &cfg).context("loading the model")?;
@@ -617,6 +678,7 @@ async fn local(args: LocalArgs) -> Result<()> {
     tokio::task::spawn_blocking(move || match files {
         Some(files) => {
             let cfg = model.pipeline_config()?;
+            prepare_kernels(model.kernels, &cfg, &model_configs(&files)?.0, 1);
             tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({})", cfg.describe());
             let pipeline = Pipeline::load(&files, &cfg)?;
             let options = PersonaPlexOptions {
@@ -686,6 +748,10 @@ fn local_with(engine: impl Engine, args: LocalArgs) -> Result<()> {
 }
 
 fn offline(args: OfflineArgs) -> Result<()> {
+    let pipeline = args.model.pipeline_config()?;
+    if let Ok(files) = ModelFiles::locate(args.model.model_dir.as_deref(), DEFAULT_REPO) {
+        prepare_kernels(args.model.kernels, &pipeline, &model_configs(&files)?.0, 1);
+    }
     let options = OfflineOptions {
         model_dir: args.model.model_dir.clone(),
         input: args.input,
@@ -696,7 +762,7 @@ fn offline(args: OfflineArgs) -> Result<()> {
         prompt: args.prompt,
         seed: args.seed,
         greedy: args.model.greedy,
-        pipeline: args.model.pipeline_config()?,
+        pipeline,
     };
     let report = duplex::offline::run(&options)?;
     tracing::info!(frames = report.frames.len(), output = %args.output.display(), "done");
@@ -765,6 +831,41 @@ async fn shutdown_signal() {
     }
 }
 
+/// The language model config of a preset or a model directory.
+fn lm_config(preset: &str, model_dir: Option<&std::path::Path>) -> Result<LmConfig> {
+    match model_dir {
+        Some(dir) => Ok(model_configs(&ModelFiles::in_dir(dir)?)?.0),
+        None => LmConfig::preset(preset).with_context(|| {
+            format!("unknown config {preset:?}; presets: personaplex-7b, moshiko, mid")
+        }),
+    }
+}
+
+fn tune(args: TuneArgs) -> Result<()> {
+    let mut request = if args.matrices.is_empty() {
+        let lm = lm_config(&args.config, args.model_dir.as_deref())?;
+        TuneRequest::for_model(&lm, args.quant.into(), args.max_rows)
+    } else {
+        TuneRequest {
+            matrices: args.matrices,
+            rows: duplex::model::kernel_plan::ROW_BUCKETS.to_vec(),
+        }
+    };
+    if !args.rows.is_empty() {
+        request.rows = args.rows.iter().map(|&r| usize::from(r)).collect();
+    }
+    let device = cuda_device()?;
+    let (plan, path) =
+        duplex::tune::measure_and_keep(&device, &request, &duplex::tune::cache_dir())?;
+    println!("{}", plan.table());
+    tracing::info!(path = %path.display(), "kernel plan kept");
+    if let Some(json) = args.json {
+        std::fs::write(&json, serde_json::to_string_pretty(&plan)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+    }
+    Ok(())
+}
+
 fn bench_step(args: StepArgs) -> Result<()> {
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
@@ -777,6 +878,11 @@ fn bench_step(args: StepArgs) -> Result<()> {
     } else {
         candle_core::DType::F32
     };
+    if args.kernels == KernelsArg::Measured && device.is_cuda() {
+        let lm = lm_config(&args.config, args.model_dir.as_deref())?;
+        let request = TuneRequest::for_model(&lm, args.quant.into(), args.batch);
+        duplex::tune::prepare(&device, &request);
+    }
     let options = duplex::bench::step::StepBenchOptions {
         config: args.config,
         model_dir: args.model_dir,

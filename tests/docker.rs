@@ -79,6 +79,14 @@ fn runtime_images_are_non_root_with_a_health_check_and_the_ports() {
             !runtime.contains("devel"),
             "{file}: the runtime image must be slim"
         );
+        // A named volume mounted where the image has no folder is created owned by root, and
+        // the non-root server could then write neither weights nor its kernel plan.
+        assert!(
+            runtime.contains(
+                "install -d -o duplex -g duplex /home/duplex/.cache/huggingface /home/duplex/.cache/duplex"
+            ),
+            "{file}: the volumes' folders must exist, owned by the server's user"
+        );
     }
     let spark = std::fs::read_to_string(docker_dir().join("Dockerfile.spark")).unwrap();
     assert!(
@@ -107,6 +115,7 @@ fn compose_file_is_valid_and_deploys_what_webrtc_needs() {
         "40000-40100:40000-40100/udp",
         "DUPLEX_PUBLIC_IP",
         "hf-cache:/home/duplex/.cache/huggingface",
+        "duplex-cache:/home/duplex/.cache/duplex",
         "/health",
         "restart: on-failure",
         "platform: linux/arm64",

@@ -716,6 +716,51 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
     assert_eq!(tiny::max_abs_diff(&on_cpu.scale, &on_gpu.scale), 0.0);
 }
 
+/// `duplex tune`'s measurement on shapes with partial blocks: every candidate of every matrix
+/// and row count runs, agrees with the built-in kernel (none is rejected), and the kept one is
+/// the built-in one or one measured faster.
+#[test]
+fn a_measured_plan_tries_every_candidate_and_each_agrees() {
+    use duplex::model::kernel_plan::{Matrix, WeightKind, measure};
+    let Some(gpu) = tiny::gpu() else { return };
+    let matrix = |weights, out_features, in_features| Matrix {
+        weights,
+        out_features,
+        in_features,
+    };
+    let matrices = [
+        matrix(WeightKind::Bf16, 771, 1040),
+        matrix(WeightKind::Int8, 771, 1040),
+        matrix(WeightKind::Int8, 37, 4224),
+    ];
+    let rows = [1, 3, 8, 64];
+    let plan = measure::measure(&gpu, &matrices, &rows, "test".into(), "this GPU".into()).unwrap();
+    eprintln!("{}", plan.table());
+    assert_eq!(plan.choices.len(), matrices.len() * rows.len());
+    for choice in &plan.choices {
+        let tried: Vec<_> = choice.trials.iter().map(|t| t.kernel).collect();
+        assert_eq!(tried, choice.matrix.candidates(choice.rows));
+        for trial in &choice.trials {
+            assert_eq!(
+                trial.rejected, None,
+                "{:?} at {} rows",
+                choice.matrix, choice.rows
+            );
+            assert!(trial.median_us.is_some_and(|us| us > 0.0));
+        }
+        let median = |kernel| {
+            choice
+                .trials
+                .iter()
+                .find(|t| t.kernel == kernel)
+                .and_then(|t| t.median_us)
+                .unwrap()
+        };
+        let baseline = choice.matrix.baseline();
+        assert!(choice.kernel == baseline || median(choice.kernel) < median(baseline));
+    }
+}
+
 /// Not a test: times every matrix product of a 7B frame (the temporal layer's four, the
 /// depformer step's five) at batch 1, 4, 8 and 32: candle's bf16 matmul with the weight as the
 /// model holds it (`[in, out]`, contiguous) and as PyTorch does (`[out, in]`, read transposed),

@@ -76,6 +76,9 @@ pub struct StepBenchReport {
     /// How the temporal transformer attended: `kernels` (kernels/attention.cu) or `candle`,
     /// and whether over an int8 ring.
     pub attention: String,
+    /// Which kernels ran the matrix products: the installed kernel plan's choices
+    /// (`duplex tune`), or the built-in ones.
+    pub kernels: String,
     pub quant: String,
     /// How the temporal keys and values were stored: `None` (the model's dtype) or `Int8`.
     pub kv_quant: String,
@@ -155,6 +158,7 @@ impl StepBenchReport {
             row("depformer", &self.depformer_ms),
             row("mimi decode", &self.decode_ms),
             row("total", &self.total_ms),
+            format!("matrix products: {}", self.kernels),
             format!(
                 "real-time factor (p50 / {FRAME_MS} ms): {:.3}",
                 self.real_time_factor
@@ -224,6 +228,15 @@ fn load_weights(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, St
         RingPositions::PersonaPlex,
     )?;
     Ok((lm, mimi, options.config.clone(), "random".into()))
+}
+
+/// The kernels the matrix products ran on, for the report.
+fn kernels_used(options: &StepBenchOptions) -> String {
+    match crate::model::kernel_plan::installed() {
+        _ if !options.device.is_cuda() => "candle on the CPU".into(),
+        Some(plan) => plan.summary(),
+        None => "built-in (cuBLAS for bf16, the row kernel for int8)".into(),
+    }
 }
 
 /// Runs the benchmark.
@@ -309,6 +322,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
             encode && decode
         },
         attention: attention_path(lm.config(), options),
+        kernels: kernels_used(options),
         quant: format!("{:?}", options.quant),
         kv_quant: format!("{:?}", options.kv_quant),
         real_time_factor: total.p50 / FRAME_MS as f64,

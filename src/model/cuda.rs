@@ -3,6 +3,7 @@
 
 use super::Result;
 use super::decode::{KvRing, PinnedPrefix};
+use super::kernel_plan::{Kernel, W8A16_MMA_MIN_ROWS};
 use super::quant::Int8Weight;
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
@@ -17,6 +18,15 @@ const W8A16_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a16.ptx"));
 const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
 const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
+/// A digest of the matrix-product kernels' code: a kernel plan measured on other code is stale.
+pub fn product_kernels_digest() -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same binary gives the same digest in every run.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (W8A16_PTX, GEMV_PTX).hash(&mut hasher);
+    hasher.finish()
+}
 
 /// Warps (output rows) per block of the w8a16 kernel.
 const W8A16_WARPS_PER_BLOCK: usize = 4;
@@ -37,13 +47,7 @@ const W8A16_MMA_CHANNELS: usize = 64;
 /// and the most rows.
 const GEMV_CHANNELS: usize = 4;
 const GEMV_MAX_WARPS: usize = 8;
-pub const GEMV_MAX_ROWS: usize = 4;
-
-/// Whether the split-K kernels take `rows` rows of `k` inputs with weights of `weight_bytes`:
-/// 1 to 4 rows, and rows in whole 16-byte loads.
-pub fn gemv_takes(rows: usize, k: usize, weight_bytes: usize) -> bool {
-    (1..=GEMV_MAX_ROWS).contains(&rows) && k.is_multiple_of(16 / weight_bytes)
-}
+pub use super::kernel_plan::{GEMV_MAX_ROWS, gemv_takes};
 
 /// The entry point, grid and block of `gemv.cu`'s `family` (`int8`, `bf16`) for `rows` x `k`
 /// inputs, `n` outputs and weights of `weight_bytes` each.
@@ -296,39 +300,43 @@ impl CustomOp3 for W8a16 {
     }
 }
 
-/// Rows from which `w8a16` takes the tensor-core kernel, when `DUPLEX_W8A16_MMA=1` asks for it.
-const W8A16_MMA_MIN_ROWS: usize = 4;
-
-/// Whether environment variable `name` is `1`: the newer w8a16 kernels are opt-in until a GPU
-/// run has checked and timed them (docs/benchmarks.md).
+/// Whether environment variable `name` is `1`.
 fn requested(name: &str, flag: &'static std::sync::OnceLock<bool>) -> bool {
     *flag.get_or_init(|| std::env::var(name).is_ok_and(|v| v == "1"))
 }
 
-/// The kernel `w8a16` uses for `rows` rows: the split-K one for 1 to 4 rows when
-/// `DUPLEX_W8A16_SPLITK=1`, the tensor-core one from 4 rows when `DUPLEX_W8A16_MMA=1`, else
-/// the matrix-vector one.
-pub fn w8a16_kernel(rows: usize) -> W8a16Kernel {
+/// The kernel `w8a16` uses for `rows` rows of an int8 `[n, k]` matrix: the split-K one for 1
+/// to 4 rows when `DUPLEX_W8A16_SPLITK=1`, the tensor-core one from 4 rows when
+/// `DUPLEX_W8A16_MMA=1` (to compare them by hand); else the installed kernel plan's choice
+/// (`kernel_plan`), else the matrix-vector one.
+pub fn w8a16_kernel(n: usize, k: usize, rows: usize) -> W8a16Kernel {
     static SPLITK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if (1..=GEMV_MAX_ROWS).contains(&rows) && requested("DUPLEX_W8A16_SPLITK", &SPLITK) {
-        W8a16Kernel::SplitK
-    } else if rows >= W8A16_MMA_MIN_ROWS && requested("DUPLEX_W8A16_MMA", &MMA) {
-        W8a16Kernel::TensorCores
-    } else {
-        W8a16Kernel::Rows
+    if gemv_takes(rows, k, 1) && requested("DUPLEX_W8A16_SPLITK", &SPLITK) {
+        return W8a16Kernel::SplitK;
+    }
+    if rows >= W8A16_MMA_MIN_ROWS && requested("DUPLEX_W8A16_MMA", &MMA) {
+        return W8a16Kernel::TensorCores;
+    }
+    let planned = super::kernel_plan::installed().and_then(|plan| plan.int8_kernel(n, k, rows));
+    match planned {
+        Some(Kernel::SplitK) if gemv_takes(rows, k, 1) => W8a16Kernel::SplitK,
+        Some(Kernel::TensorCores) if rows >= W8A16_MMA_MIN_ROWS => W8a16Kernel::TensorCores,
+        _ => W8a16Kernel::Rows,
     }
 }
 
 /// `x · (q · scale)ᵀ` on the GPU with int8 weights; `x` any leading dims, bf16 compute.
 pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
-    let rows = xs.elem_count() / xs.dim(candle_core::D::Minus1)?;
-    w8a16_on(xs, weight, w8a16_kernel(rows))
+    let k = xs.dim(candle_core::D::Minus1)?;
+    let kernel = w8a16_kernel(weight.out_features()?, k, xs.elem_count() / k);
+    w8a16_on(xs, weight, kernel)
 }
 
 /// Whether `w8a16` runs `rows` rows on the split-K kernel, which can take a sublayer's ends.
-pub fn w8a16_fuses(rows: usize) -> bool {
-    w8a16_kernel(rows) == W8a16Kernel::SplitK
+pub fn w8a16_fuses(weight: &Int8Weight, rows: usize) -> Result<bool> {
+    let (n, k) = (weight.out_features()?, weight.in_features()?);
+    Ok(w8a16_kernel(n, k, rows) == W8a16Kernel::SplitK)
 }
 
 /// `w8a16` by `kernel`.

@@ -13,6 +13,7 @@ pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graph;
 pub mod graph_cache;
+pub mod kernel_plan;
 pub mod kv;
 pub mod lm;
 pub mod memory;

@@ -1,6 +1,7 @@
 //! Small building blocks shared by Mimi and the language model.
 
 use super::Result;
+use super::kernel_plan;
 use super::quant::{Int8Weight, Quant, quantize, w8a16_reference};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -25,9 +26,10 @@ pub enum Linear {
     Dense {
         weight_t: Tensor,
     },
-    /// bf16 on a GPU with `DUPLEX_GEMV_BF16=1`: PyTorch's `[out, in]`, read by our split-K
-    /// kernel (kernels/gemv.cu) for up to 4 rows and by cuBLAS, transposed, beyond. Opt-in
-    /// until a GPU run has timed it against `Dense`.
+    /// bf16 on a GPU where the kernel plan (`kernel_plan`) measured our split-K kernel
+    /// (kernels/gemv.cu) faster for one row, or with `DUPLEX_GEMV_BF16=1`: PyTorch's `[out,
+    /// in]`, read by that kernel for up to 4 rows where it won them and by cuBLAS, transposed,
+    /// elsewhere.
     OutIn {
         weight: Tensor,
     },
@@ -41,7 +43,7 @@ pub enum Linear {
 impl Linear {
     /// From a PyTorch-style `[out, in]` weight.
     pub fn new(weight: &Tensor) -> Result<Self> {
-        if out_in_requested(weight) {
+        if out_in_requested(weight)? {
             return Ok(Self::OutIn {
                 weight: weight.contiguous()?,
             });
@@ -143,13 +145,13 @@ fn fused_device(
         gate,
     };
     Ok(match linear {
-        Linear::OutIn { weight } if cuda::gemv_takes(rows, k, 2) => {
+        Linear::OutIn { weight } if out_in_split_k(weight, rows)? => {
             Some(cuda::gemv_bf16(xs, weight, &ends())?)
         }
         Linear::Int8 {
             weight,
             values_t: None,
-        } if cuda::w8a16_fuses(rows) => {
+        } if cuda::w8a16_fuses(weight, rows)? => {
             Some(cuda::w8a16_fused(xs, weight, W8a16Kernel::SplitK, &ends())?)
         }
         _ => None,
@@ -167,20 +169,36 @@ fn fused_device(
     Ok(None)
 }
 
-/// Whether `weight` is held `[out, in]` for our bf16 kernel: bf16 on a GPU, in a build with the
-/// `cuda` feature, with `DUPLEX_GEMV_BF16=1`.
-fn out_in_requested(weight: &Tensor) -> bool {
-    static REQUESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(feature = "cuda")
-        && weight.device().is_cuda()
-        && weight.dtype() == DType::BF16
-        && *REQUESTED.get_or_init(|| std::env::var("DUPLEX_GEMV_BF16").is_ok_and(|v| v == "1"))
+/// Whether `DUPLEX_GEMV_BF16=1` asks for every bf16 weight `[out, in]` and the split-K kernel
+/// wherever it runs, whatever the kernel plan says (to compare them by hand).
+fn gemv_bf16_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("DUPLEX_GEMV_BF16").is_ok_and(|v| v == "1"))
+}
+
+/// Whether `weight` `[out, in]` is held that way for our split-K kernel: bf16 on a GPU, in a
+/// build with the `cuda` feature, where the kernel plan chose it or `DUPLEX_GEMV_BF16=1`.
+fn out_in_requested(weight: &Tensor) -> Result<bool> {
+    if !(cfg!(feature = "cuda") && weight.device().is_cuda() && weight.dtype() == DType::BF16) {
+        return Ok(false);
+    }
+    let (n, k) = weight.dims2()?;
+    Ok(gemv_bf16_forced() || kernel_plan::installed().is_some_and(|plan| plan.bf16_out_in(n, k)))
+}
+
+/// Whether `rows` rows through a weight held `[out, in]` go to the split-K kernel.
+#[cfg(feature = "cuda")]
+fn out_in_split_k(weight: &Tensor, rows: usize) -> Result<bool> {
+    let (n, k) = weight.dims2()?;
+    Ok(kernel_plan::gemv_takes(rows, k, 2)
+        && (gemv_bf16_forced()
+            || kernel_plan::installed().is_some_and(|plan| plan.bf16_split_k(n, k, rows))))
 }
 
 #[cfg(feature = "cuda")]
 fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let k = xs.dim(D::Minus1)?;
-    if super::cuda::gemv_takes(xs.elem_count() / k, k, 2) {
+    if out_in_split_k(weight, xs.elem_count() / k)? {
         return super::cuda::gemv_bf16(xs, weight, &Default::default());
     }
     linear(xs, weight)

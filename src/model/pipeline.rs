@@ -100,7 +100,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn load(files: &ModelFiles, cfg: &PipelineConfig) -> Result<Self> {
-        let (lm_cfg, mimi_cfg) = configs(files)?;
+        let (lm_cfg, mimi_cfg) = model_configs(files)?;
         let mut lm = LmModel::load_quantized(
             &Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?,
             &lm_cfg,
@@ -231,7 +231,7 @@ impl Pipeline {
 
 /// The language model's and Mimi's configs: from `config.json` where it has them, else the
 /// PersonaPlex 7B presets (the published `config.json` carries neither).
-fn configs(files: &ModelFiles) -> Result<(LmConfig, MimiConfig)> {
+pub fn model_configs(files: &ModelFiles) -> Result<(LmConfig, MimiConfig)> {
     let Some(path) = &files.config else {
         return Ok((LmConfig::personaplex_7b(), MimiConfig::v0_1()));
     };

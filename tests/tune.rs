@@ -1,0 +1,57 @@
+//! `duplex tune` where it cannot measure: a build or machine without a GPU, and bad requests,
+//! each a clear error and a non-zero exit. (On a GPU, `tests/kernels.rs` checks the measurement.)
+
+use std::process::{Command, Output};
+
+fn tune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .arg("tune")
+        .args(args)
+        .env("HOME", env!("CARGO_TARGET_TMPDIR"))
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn without_a_gpu_it_says_why_and_measures_nothing() {
+    if duplex::doctor::gpu::probe().devices.first().is_some() && cfg!(feature = "cuda") {
+        eprintln!("this machine has a GPU and the build CUDA: tests/kernels.rs measures");
+        return;
+    }
+    let output = tune(&["--config", "mid", "--quant", "int8"]);
+    assert!(!output.status.success());
+    let why = stderr(&output);
+    let expected = if cfg!(feature = "cuda") {
+        "no CUDA GPU"
+    } else {
+        "this build has no CUDA support"
+    };
+    assert!(why.contains(expected), "{why}");
+    let kept = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(".cache/duplex/kernels");
+    assert!(!kept.exists(), "a plan was kept at {}", kept.display());
+}
+
+#[test]
+fn bad_matrices_rows_and_presets_are_named() {
+    let output = tune(&["--matrices", "int8:4096x4096,fp8:1x2"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("\"fp8:1x2\" is not a matrix"),
+        "{}",
+        stderr(&output)
+    );
+    let output = tune(&["--rows", "1,0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--rows"), "{}", stderr(&output));
+    let output = tune(&["--config", "gpt-9"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("unknown config \"gpt-9\""),
+        "{}",
+        stderr(&output)
+    );
+}
