@@ -39,6 +39,14 @@ impl Weights {
     }
 
     fn run(&self, kernel: Kernel, xs: &Tensor) -> Result<Tensor> {
+        self.run_fused(kernel, xs, &Ends::default())
+    }
+
+    /// `run` with a sublayer's `ends` inside, which only the split-K kernels take.
+    fn run_fused(&self, kernel: Kernel, xs: &Tensor, ends: &Ends) -> Result<Tensor> {
+        if kernel != Kernel::SplitK && !ends.is_empty() {
+            candle_core::bail!("{kernel:?} fuses nothing");
+        }
         let int8 = || {
             self.int8
                 .as_ref()
@@ -48,8 +56,8 @@ impl Weights {
             Kernel::Cublas => xs.matmul(&self.in_out),
             Kernel::CublasOutIn => xs.matmul(&self.out_in.t()?),
             Kernel::SplitK => match &self.int8 {
-                Some(int8) => cuda::w8a16_on(xs, int8, W8a16Kernel::SplitK),
-                None => cuda::gemv_bf16(xs, &self.out_in, &Ends::default()),
+                Some(int8) => cuda::w8a16_fused(xs, int8, W8a16Kernel::SplitK, ends),
+                None => cuda::gemv_bf16(xs, &self.out_in, ends),
             },
             Kernel::Rows => cuda::w8a16_on(xs, int8()?, W8a16Kernel::Rows),
             Kernel::TensorCores => cuda::w8a16_on(xs, int8()?, W8a16Kernel::TensorCores),
@@ -84,13 +92,12 @@ pub fn measure(
 fn choose(weights: &Weights, matrix: &Matrix, rows: usize, device: &Device) -> Result<Choice> {
     let xs =
         Tensor::randn(0f32, 1f32, (rows, matrix.in_features), device)?.to_dtype(DType::BF16)?;
-    let expected = weights.run(matrix.baseline(), &xs)?.to_dtype(DType::F32)?;
-    let largest = expected.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let expected = weights.run(matrix.baseline(), &xs)?;
     let trials = matrix
         .candidates(rows)
         .into_iter()
         .map(|kernel| {
-            trial(weights, kernel, &xs, &expected, largest, device)
+            trial(weights, matrix, kernel, &xs, &expected)
                 .unwrap_or_else(|err| Trial::failed(kernel, err.to_string()))
         })
         .collect();
@@ -99,17 +106,64 @@ fn choose(weights: &Weights, matrix: &Matrix, rows: usize, device: &Device) -> R
 
 fn trial(
     weights: &Weights,
+    matrix: &Matrix,
     kernel: Kernel,
     xs: &Tensor,
     expected: &Tensor,
-    largest: f64,
-    device: &Device,
 ) -> Result<Trial> {
-    let got = weights.run(kernel, xs)?.to_dtype(DType::F32)?;
-    let diff = (got - expected)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    let error = diff / largest.max(f64::MIN_POSITIVE);
-    let median = median_time(device, || weights.run(kernel, xs).map(drop))?;
+    let mut error = relative_error(&weights.run(kernel, xs)?, expected)?;
+    if kernel == Kernel::SplitK {
+        error = error.max(ends_error(weights, matrix, xs)?);
+    }
+    let median = median_time(xs.device(), || weights.run(kernel, xs).map(drop))?;
     Ok(Trial::judged(kernel, median.as_secs_f64() * 1e6, error))
+}
+
+/// The largest difference of `got` from `expected` over `expected`'s largest magnitude
+/// (infinite when `got` is not finite).
+fn relative_error(got: &Tensor, expected: &Tensor) -> Result<f64> {
+    let expected = expected.to_dtype(DType::F32)?;
+    let largest = expected.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let diff = (got.to_dtype(DType::F32)? - expected)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()? as f64;
+    Ok(match diff.is_finite() {
+        true => diff / largest.max(f64::MIN_POSITIVE),
+        false => f64::INFINITY,
+    })
+}
+
+/// How far the split-K kernel with a sublayer's ends inside (the pre-norm with the skip
+/// connection; with an even channel count, the pre-norm with the FFN gate) is from the same
+/// sublayer composed of the built-in kernel and our separate norm, add and gate: the plan
+/// turns those on wherever it keeps the split-K kernel.
+fn ends_error(weights: &Weights, matrix: &Matrix, xs: &Tensor) -> Result<f64> {
+    let (rows, n, k) = (xs.dim(0)?, matrix.out_features, matrix.in_features);
+    let device = xs.device();
+    let alpha = Tensor::rand(0.5f32, 1.5f32, k, device)?;
+    let eps = 1e-5;
+    let residual = Tensor::randn(0f32, 1f32, (rows, n), device)?.to_dtype(DType::BF16)?;
+    let projected = weights.run(matrix.baseline(), &cuda::rms_norm(xs, &alpha, eps)?)?;
+    let with_skip = Ends {
+        residual: Some(residual.clone()),
+        norm: Some((alpha.clone(), eps)),
+        gate: false,
+    };
+    let mut error = relative_error(
+        &weights.run_fused(Kernel::SplitK, xs, &with_skip)?,
+        &(&projected + &residual)?,
+    )?;
+    if n.is_multiple_of(2) {
+        let gated = Ends {
+            residual: None,
+            norm: Some((alpha, eps)),
+            gate: true,
+        };
+        let fused = weights.run_fused(Kernel::SplitK, xs, &gated)?;
+        error = error.max(relative_error(&fused, &cuda::swiglu(&projected)?)?);
+    }
+    Ok(error)
 }
 
 /// The median over `SAMPLES` of one call's time, each sample `SAMPLE` long of calls queued
