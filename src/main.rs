@@ -12,7 +12,7 @@ use duplex::metrics::Metrics;
 use duplex::model::config::LmConfig;
 use duplex::model::files::{DEFAULT_REPO, ModelFiles};
 use duplex::model::generate::SamplingConfig;
-use duplex::model::kernel_plan::Matrix;
+use duplex::model::kernel_plan::{Kernel, Matrix};
 use duplex::model::kv::RingPositions;
 use duplex::model::pipeline::{Pipeline, PipelineConfig, model_configs};
 use duplex::offline::OfflineOptions;
@@ -77,6 +77,13 @@ struct TuneArgs {
     /// Also write the plan as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Leave these kernels out (each trial of theirs says so).
+    #[arg(long, value_delimiter = ',', value_parser = Kernel::parse)]
+    exclude: Vec<Kernel>,
+    /// Append `kernel matrix rows` to this file before each trial, so that whoever started
+    /// this run knows which kernel was running should it die.
+    #[arg(long)]
+    progress: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -135,11 +142,40 @@ enum KernelsArg {
     Builtin,
 }
 
-/// On a GPU with `--kernels measured`, installs the kernel plan for the model in `files` with
-/// `rows` sessions stepped together, before the model loads.
-fn prepare_kernels(kernels: KernelsArg, cfg: &PipelineConfig, lm: &LmConfig, rows: usize) {
-    if kernels == KernelsArg::Measured {
-        duplex::tune::prepare(&cfg.device, &TuneRequest::for_model(lm, cfg.quant, rows));
+/// With `--kernels measured`, when the model is to run on a GPU, installs the kernel plan for
+/// `lm` with `quant` weights and up to `rows` sessions stepped together. Call it before this
+/// process opens the GPU and before the model loads.
+fn prepare_kernels(
+    kernels: KernelsArg,
+    device: DeviceArg,
+    lm: &LmConfig,
+    quant: QuantArg,
+    rows: usize,
+) {
+    let on_gpu = match device {
+        DeviceArg::Cpu => false,
+        DeviceArg::Cuda | DeviceArg::Auto => {
+            cfg!(feature = "cuda") && !duplex::doctor::gpu::probe().devices.is_empty()
+        }
+    };
+    if kernels == KernelsArg::Builtin || !on_gpu {
+        return;
+    }
+    let request = TuneRequest::for_model(lm, quant.into(), rows);
+    match std::env::current_exe() {
+        Ok(exe) => duplex::tune::prepare(&request, &exe, &duplex::tune::cache_dir()),
+        Err(err) => {
+            tracing::warn!("no kernel plan (this program's path: {err}): the built-in kernels run")
+        }
+    }
+}
+
+impl ModelArgs {
+    /// `prepare_kernels` for the model in `files`.
+    fn prepare_kernels(&self, files: &ModelFiles, rows: usize) -> Result<()> {
+        let lm = model_configs(files)?.0;
+        prepare_kernels(self.kernels, self.device, &lm, self.quant, rows);
+        Ok(())
     }
 }
 
@@ -477,7 +513,12 @@ struct StepArgs {
     cuda_graphs: bool,
     /// Which kernel runs each matrix product (`duplex tune`): measured on this card, or the
     /// built-in ones.
-    #[arg(long, value_enum, default_value = "measured")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "measured",
+        env = "DUPLEX_KERNEL_CHOICE"
+    )]
     kernels: KernelsArg,
     /// Weight storage of the language model's matrices.
     #[arg(long, value_enum, default_value = "none")]
@@ -634,8 +675,8 @@ async fn start_personaplex(
     let (files, model) = (files.clone(), args.model.clone());
     let slots = args.max_sessions;
     let engine = tokio::task::spawn_blocking(move || -> Result<PersonaPlexEngine> {
+        model.prepare_kernels(&files, slots)?;
         let cfg = model.pipeline_config()?;
-        prepare_kernels(model.kernels, &cfg, &model_configs(&files)?.0, slots);
         tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({}); this can take a while", cfg.describe());
         let started = std::time::Instant::now();
         let pipeline = Pipeline::load(&files, &cfg).context("loading the model")?;
@@ -677,8 +718,8 @@ async fn local(args: LocalArgs) -> Result<()> {
     let (model, delay) = (args.model.clone(), args.echo_delay_frames);
     tokio::task::spawn_blocking(move || match files {
         Some(files) => {
+            model.prepare_kernels(&files, 1)?;
             let cfg = model.pipeline_config()?;
-            prepare_kernels(model.kernels, &cfg, &model_configs(&files)?.0, 1);
             tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({})", cfg.describe());
             let pipeline = Pipeline::load(&files, &cfg)?;
             let options = PersonaPlexOptions {
@@ -748,10 +789,10 @@ fn local_with(engine: impl Engine, args: LocalArgs) -> Result<()> {
 }
 
 fn offline(args: OfflineArgs) -> Result<()> {
-    let pipeline = args.model.pipeline_config()?;
     if let Ok(files) = ModelFiles::locate(args.model.model_dir.as_deref(), DEFAULT_REPO) {
-        prepare_kernels(args.model.kernels, &pipeline, &model_configs(&files)?.0, 1);
+        args.model.prepare_kernels(&files, 1)?;
     }
+    let pipeline = args.model.pipeline_config()?;
     let options = OfflineOptions {
         model_dir: args.model.model_dir.clone(),
         input: args.input,
@@ -855,18 +896,26 @@ fn tune(args: TuneArgs) -> Result<()> {
         request.rows = args.rows.iter().map(|&r| usize::from(r)).collect();
     }
     let device = cuda_device()?;
-    let (plan, path) =
-        duplex::tune::measure_and_keep(&device, &request, &duplex::tune::cache_dir())?;
+    let plan =
+        duplex::tune::measure_here(&device, &request, &args.exclude, args.progress.as_deref())?;
     println!("{}", plan.table());
-    tracing::info!(path = %path.display(), "kernel plan kept");
+    match duplex::tune::keep(&duplex::tune::cache_dir(), &plan) {
+        Ok(path) => tracing::info!(path = %path.display(), "kernel plan kept"),
+        // The server that asked for the plan reads it from --json and keeps it itself.
+        Err(err) if args.json.is_some() => tracing::warn!("the kernel plan is not kept: {err:#}"),
+        Err(err) => return Err(err),
+    }
     if let Some(json) = args.json {
-        std::fs::write(&json, serde_json::to_string_pretty(&plan)?)
-            .with_context(|| format!("writing {}", json.display()))?;
+        duplex::tune::write_whole(&json, &serde_json::to_string_pretty(&plan)?)?;
     }
     Ok(())
 }
 
 fn bench_step(args: StepArgs) -> Result<()> {
+    if args.device == "cuda" {
+        let lm = lm_config(&args.config, args.model_dir.as_deref())?;
+        prepare_kernels(args.kernels, DeviceArg::Cuda, &lm, args.quant, args.batch);
+    }
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
         "cuda" => duplex::model::open_gpu(0)
@@ -878,11 +927,6 @@ fn bench_step(args: StepArgs) -> Result<()> {
     } else {
         candle_core::DType::F32
     };
-    if args.kernels == KernelsArg::Measured && device.is_cuda() {
-        let lm = lm_config(&args.config, args.model_dir.as_deref())?;
-        let request = TuneRequest::for_model(&lm, args.quant.into(), args.batch);
-        duplex::tune::prepare(&device, &request);
-    }
     let options = duplex::bench::step::StepBenchOptions {
         config: args.config,
         model_dir: args.model_dir,

@@ -6,7 +6,7 @@
 
 use crate::doctor::gpu;
 use crate::model::config::LmConfig;
-use crate::model::kernel_plan::{self, KernelPlan, Matrix, ROW_BUCKETS};
+use crate::model::kernel_plan::{self, Kernel, KernelPlan, Matrix, ROW_BUCKETS};
 use crate::model::quant::Quant;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -86,13 +86,21 @@ fn card() -> Result<(String, String)> {
     Ok((shown, key))
 }
 
-/// The key a plan for `request` holds for on this machine: card, driver, this build's kernels
-/// and the request.
-fn plan_key(request: &TuneRequest) -> Result<String> {
+/// The key a plan for `request` holds for on this machine: the card and driver, the program
+/// `exe` (its size and time: any rebuild, whatever it changed), this build's kernels, and the
+/// request.
+pub fn plan_key(request: &TuneRequest, exe: &Path) -> Result<String> {
     let (_, card) = card()?;
+    let meta = std::fs::metadata(exe).with_context(|| format!("reading {}", exe.display()))?;
+    let built = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
     let key = format!(
-        "{card}-duplex{}-kernels{:016x}-matrices{:016x}",
+        "{card}-duplex{}-exe{:x}.{built:x}-kernels{:016x}-matrices{:016x}",
         env!("CARGO_PKG_VERSION"),
+        meta.len(),
         kernels_digest()?,
         request.digest()
     );
@@ -130,91 +138,127 @@ fn plan_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(format!("{key}.json"))
 }
 
-/// Measures `request` on `device` in this process (`duplex tune`) and keeps the plan in
-/// `dir`; returns it and where it was written.
-pub fn measure_and_keep(
+/// Where a failed measurement of `key` is remembered, so that a kernel that takes the process
+/// down is not run again at every start.
+fn failure_path(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("{key}.failed"))
+}
+
+/// The reason given in a trial of a kernel left out because it stopped an earlier measurement.
+pub const EXCLUDED: &str = "left out: it stopped an earlier measurement on this card";
+
+/// Measures `request` on `device` in this process (`duplex tune`), without the `excluded`
+/// kernels, appending `kernel matrix rows` to `progress` before each trial.
+pub fn measure_here(
     device: &Device,
     request: &TuneRequest,
-    dir: &Path,
-) -> Result<(KernelPlan, PathBuf)> {
+    excluded: &[Kernel],
+    progress: Option<&Path>,
+) -> Result<KernelPlan> {
     if !device.is_cuda() {
         bail!("kernels are measured on a CUDA GPU; this one is {device:?}");
     }
-    let key = plan_key(request)?;
+    let exe = std::env::current_exe().context("finding this program")?;
+    let key = plan_key(request, &exe)?;
     let (card, _) = card()?;
-    let plan = measure(device, request, key.clone(), card)?;
-    let path = plan_path(dir, &key);
-    write_plan(&path, &plan)?;
-    Ok((plan, path))
+    let mut trace = match progress {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut before_trial = |matrix: &Matrix, rows: usize, kernel: Kernel| {
+        if let Some(file) = trace.as_mut() {
+            use std::io::Write;
+            // Unbuffered and synced: the line must survive the process dying in the trial.
+            let _ = writeln!(file, "{} {} {rows}", kernel.name(), matrix.spec());
+            let _ = file.sync_data();
+        }
+    };
+    let excluded: Vec<(Kernel, String)> = excluded.iter().map(|&k| (k, EXCLUDED.into())).collect();
+    measure(device, request, &excluded, &mut before_trial, key, card)
 }
 
 #[cfg(feature = "cuda")]
 fn measure(
     device: &Device,
     request: &TuneRequest,
+    excluded: &[(Kernel, String)],
+    before_trial: &mut dyn FnMut(&Matrix, usize, Kernel),
     key: String,
     card: String,
 ) -> Result<KernelPlan> {
-    Ok(kernel_plan::measure::measure(
-        device,
-        &request.matrices,
-        &request.rows,
-        key,
-        card,
-    )?)
+    use crate::model::kernel_plan::measure::{Measurement, measure};
+    let measurement = Measurement {
+        matrices: &request.matrices,
+        rows: &request.rows,
+        excluded,
+        before_trial,
+    };
+    Ok(measure(device, measurement, key, card)?)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn measure(_: &Device, _: &TuneRequest, _: String, _: String) -> Result<KernelPlan> {
+fn measure(
+    _: &Device,
+    _: &TuneRequest,
+    _: &[(Kernel, String)],
+    _: &mut dyn FnMut(&Matrix, usize, Kernel),
+    _: String,
+    _: String,
+) -> Result<KernelPlan> {
     bail!("this build has no CUDA support: build with `cargo build --release --features cuda`")
 }
 
-/// Writes `plan` to `path` whole or not at all.
-fn write_plan(path: &Path, plan: &KernelPlan) -> Result<()> {
-    let dir = path.parent().context("a plan's path has a folder")?;
+/// Keeps `plan` in `dir` under its key, and forgets an earlier failure; returns the path.
+pub fn keep(dir: &Path, plan: &KernelPlan) -> Result<PathBuf> {
+    let path = plan_path(dir, &plan.key);
+    write_whole(&path, &serde_json::to_string_pretty(plan)?)?;
+    let _ = std::fs::remove_file(failure_path(dir, &plan.key));
+    Ok(path)
+}
+
+/// Writes `text` to `path` whole or not at all.
+pub fn write_whole(path: &Path, text: &str) -> Result<()> {
+    let dir = path.parent().context("a file's path has a folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, serde_json::to_string_pretty(plan)?)
-        .with_context(|| format!("writing {}", partial.display()))?;
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
-/// The plan kept at `path`, if there is one for `key`; an unreadable one is reported and
-/// measured again.
+/// The plan at `path`, if there is one for `key`; an unreadable one is reported.
 pub fn read_plan(path: &Path, key: &str) -> Option<KernelPlan> {
     let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str::<KernelPlan>(&text) {
         Ok(plan) if plan.key == key => Some(plan),
         Ok(plan) => {
-            tracing::warn!(path = %path.display(), "the kept kernel plan is for {:?}, not this machine: measuring again", plan.key);
+            tracing::warn!(path = %path.display(), "the kernel plan there is for {:?}, not this machine", plan.key);
             None
         }
         Err(err) => {
-            tracing::warn!(path = %path.display(), "the kept kernel plan is unreadable ({err}): measuring again");
+            tracing::warn!(path = %path.display(), "the kernel plan there is unreadable ({err})");
             None
         }
     }
 }
 
-/// Installs the plan for `request` on `device`, kept or measured by a child `duplex tune`, so
-/// the model about to load uses the kernels measured fastest on this card. On the CPU this
-/// does nothing; when no plan can be had, the log says why and the built-in kernels run.
-pub fn prepare(device: &Device, request: &TuneRequest) {
-    if !device.is_cuda() {
-        return;
-    }
-    match kept_or_measured(request, &cache_dir()) {
+/// Installs the plan for `request`, kept in `dir` or measured by a child `exe tune`, so the
+/// model about to load uses the kernels measured fastest on this card. Call it before this
+/// process opens the GPU (a GPU in exclusive-process mode takes one process at a time). When
+/// no plan can be had, the log says why and the built-in kernels run.
+pub fn prepare(request: &TuneRequest, exe: &Path, dir: &Path) {
+    let plan = plan_key(request, exe).and_then(|key| kept_or_measured(&key, request, exe, dir));
+    match plan {
         Ok(plan) => {
-            let changed = plan
-                .choices
-                .iter()
-                .filter(|c| c.kernel != c.matrix.baseline())
-                .count();
             tracing::info!(
-                "kernel plan for {}: {changed} of {} products leave the built-in kernel (`duplex tune` prints the table)",
-                plan.card,
-                plan.choices.len()
+                "kernel plan: {} (`duplex tune` prints the table)",
+                plan.summary()
             );
             if kernel_plan::install(plan).is_err() {
                 tracing::warn!("a kernel plan was already installed: keeping it");
@@ -224,30 +268,119 @@ pub fn prepare(device: &Device, request: &TuneRequest) {
     }
 }
 
-fn kept_or_measured(request: &TuneRequest, dir: &Path) -> Result<KernelPlan> {
-    let key = plan_key(request)?;
-    let path = plan_path(dir, &key);
-    if let Some(plan) = read_plan(&path, &key) {
+/// How many times a measurement is started, each without the kernel that stopped the last.
+const ATTEMPTS: usize = 3;
+
+/// The plan kept in `dir` under `key`, else one measured by a child `exe tune` (again without
+/// a kernel that stopped it, up to `ATTEMPTS` tries) and kept; a failure is remembered.
+fn kept_or_measured(
+    key: &str,
+    request: &TuneRequest,
+    exe: &Path,
+    dir: &Path,
+) -> Result<KernelPlan> {
+    if let Some(plan) = read_plan(&plan_path(dir, key), key) {
         return Ok(plan);
     }
+    let failed = failure_path(dir, key);
+    if let Ok(why) = std::fs::read_to_string(&failed) {
+        bail!(
+            "measuring this card's kernels failed before ({}); `duplex tune` measures again",
+            why.trim()
+        );
+    }
     tracing::info!(
-        "measuring this card's kernels once (at most {} s; kept in {})",
+        "measuring this card's kernels once (at most {} s a try; kept in {})",
         MEASURE_TIMEOUT.as_secs(),
-        path.display()
+        dir.display()
     );
-    let exe = std::env::current_exe().context("finding this program to run `duplex tune`")?;
-    let mut child = Command::new(exe);
-    child.args(request.args());
-    run_child(child, MEASURE_TIMEOUT)?;
-    read_plan(&path, &key).with_context(|| {
-        format!(
-            "`duplex tune` succeeded but left no plan at {}",
-            path.display()
-        )
-    })
+    let mut excluded: Vec<Kernel> = Vec::new();
+    let outcome = loop {
+        match measure_in_child(request, exe, &excluded, key) {
+            Ok(plan) => break Ok(plan),
+            Err((err, Some(culprit)))
+                if !culprit.is_builtin()
+                    && !excluded.contains(&culprit)
+                    && excluded.len() + 1 < ATTEMPTS =>
+            {
+                tracing::warn!(
+                    "{} stopped the measurement ({err:#}): measuring again without it",
+                    culprit.name()
+                );
+                excluded.push(culprit);
+            }
+            Err((err, _)) => break Err(err),
+        }
+    };
+    match &outcome {
+        Ok(plan) => {
+            // The child keeps it too; this covers a child that could not write there.
+            if let Err(err) = keep(dir, plan) {
+                tracing::warn!(
+                    "the kernel plan is not kept ({err:#}): it is measured again at the next start"
+                );
+            }
+        }
+        Err(err) => {
+            let _ = write_whole(&failed, &format!("{err:#}"));
+        }
+    }
+    outcome
 }
 
-/// Runs `command` (its output goes to ours) and waits at most `timeout` for it to succeed.
+/// Runs `exe tune` for `request` without `excluded`; on failure, also the kernel it was last
+/// trying.
+fn measure_in_child(
+    request: &TuneRequest,
+    exe: &Path,
+    excluded: &[Kernel],
+    key: &str,
+) -> std::result::Result<KernelPlan, (anyhow::Error, Option<Kernel>)> {
+    let scratch = std::env::temp_dir().join(format!(
+        "duplex-tune-{}-{}",
+        std::process::id(),
+        excluded.len()
+    ));
+    let (json, progress) = (
+        scratch.with_extension("json"),
+        scratch.with_extension("progress"),
+    );
+    let mut child = Command::new(exe);
+    child
+        .args(request.args())
+        .arg("--json")
+        .arg(&json)
+        .arg("--progress")
+        .arg(&progress);
+    if !excluded.is_empty() {
+        let names: Vec<&str> = excluded.iter().map(|k| k.name()).collect();
+        child.arg("--exclude").arg(names.join(","));
+    }
+    let outcome = match run_child(child, MEASURE_TIMEOUT) {
+        Ok(()) => read_plan(&json, key)
+            .with_context(|| {
+                format!(
+                    "`duplex tune` succeeded but left no plan at {}",
+                    json.display()
+                )
+            })
+            .map_err(|err| (err, None)),
+        Err(err) => Err((err, last_kernel_tried(&progress))),
+    };
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&progress);
+    outcome
+}
+
+/// The kernel named on the last line of a measurement's progress file.
+fn last_kernel_tried(progress: &Path) -> Option<Kernel> {
+    let text = std::fs::read_to_string(progress).ok()?;
+    let name = text.lines().last()?.split(' ').next()?;
+    Kernel::parse(name).ok()
+}
+
+/// Runs `command` (its output goes to our standard error) and waits at most `timeout` for it
+/// to succeed.
 pub fn run_child(mut command: Command, timeout: Duration) -> Result<()> {
     let shown = format!("{command:?}");
     let mut child = command
@@ -279,7 +412,7 @@ pub fn run_child(mut command: Command, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernel_plan::{Choice, Kernel, Trial, WeightKind};
+    use crate::model::kernel_plan::{Choice, Sublayer, Trial, WeightKind};
 
     #[test]
     fn a_request_covers_the_row_buckets_up_to_the_first_holding_the_sessions() {
@@ -293,7 +426,7 @@ mod tests {
         let args = request.args();
         assert_eq!(args[..2], ["tune", "--matrices"]);
         assert!(
-            args[2].starts_with("int8:12288x4096,int8:4096x4096,"),
+            args[2].starts_with("int8:12288x4096:norm,int8:4096x4096:skip,"),
             "{}",
             args[2]
         );
@@ -305,29 +438,151 @@ mod tests {
             weights: WeightKind::Int8,
             out_features: 64,
             in_features: 32,
+            sublayer: Sublayer::Plain,
         };
         KernelPlan {
             key: key.into(),
             card: "test".into(),
-            choices: vec![Choice::pick(
+            choices: vec![Choice {
                 matrix,
-                1,
-                vec![Trial::judged(Kernel::Rows, 3.0, 0.0)],
-            )],
+                rows: 1,
+                trials: vec![Trial::judged(Kernel::Rows, 3.0, 0.0)],
+            }],
         }
     }
 
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("duplex-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
-    fn a_kept_plan_is_used_only_for_its_own_key_and_a_broken_one_is_measured_again() {
-        let dir = std::env::temp_dir().join(format!("duplex-plan-{}", std::process::id()));
+    fn a_kept_plan_is_used_only_for_its_own_key() {
+        let dir = scratch("plan");
         let path = plan_path(&dir, "card-a");
         assert_eq!(read_plan(&path, "card-a"), None, "nothing kept yet");
-        write_plan(&path, &plan("card-a")).unwrap();
+        assert_eq!(keep(&dir, &plan("card-a")).unwrap(), path);
         assert_eq!(read_plan(&path, "card-a"), Some(plan("card-a")));
         assert_eq!(read_plan(&path, "card-b"), None, "another card's plan");
         std::fs::write(&path, "{\"key\": \"card-a\", \"choices\": [").unwrap();
         assert_eq!(read_plan(&path, "card-a"), None, "a truncated file");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A stand-in for `duplex tune` (the real one needs a GPU): a shell script that answers
+    /// the same arguments. It appends each run's `--exclude` to `runs`; unless `--exclude`
+    /// holds `spared_by`, it writes the run's line of `crashes` (the last one once they run
+    /// out) to the progress file and dies; else it writes the plan for `key` to `--json`.
+    fn child(dir: &Path, key: &str, crashes: &[&str], spared_by: &str) -> PathBuf {
+        let plan_file = dir.join("plan.json");
+        std::fs::write(&plan_file, serde_json::to_string(&plan(key)).unwrap()).unwrap();
+        std::fs::write(dir.join("crashes"), crashes.join("\n") + "\n").unwrap();
+        let script = dir.join("duplex");
+        let text = format!(
+            r#"#!/bin/sh
+json=""; progress=""; exclude=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --json) json="$2"; shift;;
+    --progress) progress="$2"; shift;;
+    --exclude) exclude="$2"; shift;;
+  esac
+  shift
+done
+echo "[$exclude]" >> "{runs}"
+case ",$exclude," in
+  *,{spared_by},*) ;;
+  *)
+    line=$(sed -n "$(wc -l < "{runs}")p" "{crashes}")
+    [ -n "$line" ] || line=$(tail -n 1 "{crashes}")
+    echo "$line" >> "$progress"
+    kill -SEGV $$;;
+esac
+cp "{plan}" "$json"
+"#,
+            runs = dir.join("runs").display(),
+            crashes = dir.join("crashes").display(),
+            plan = plan_file.display(),
+        );
+        std::fs::write(&script, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    fn runs(dir: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("runs")).unwrap_or_default();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    fn request() -> TuneRequest {
+        TuneRequest::for_model(&LmConfig::mid(), Quant::Int8, 1)
+    }
+
+    #[test]
+    fn a_kernel_that_kills_the_measurement_is_left_out_and_the_plan_kept() {
+        let dir = scratch("crash");
+        let exe = child(&dir, "key-1", &["split-k int8:3072x1024:norm 1"], "split-k");
+        let kept = dir.join("kept");
+        let plan = kept_or_measured("key-1", &request(), &exe, &kept).unwrap();
+        assert_eq!(plan, super::tests::plan("key-1"));
+        assert_eq!(
+            runs(&dir),
+            ["[]", "[split-k]"],
+            "measured again without split-k"
+        );
+        assert_eq!(read_plan(&plan_path(&kept, "key-1"), "key-1"), Some(plan));
+        kept_or_measured("key-1", &request(), &exe, &kept).unwrap();
+        assert_eq!(
+            runs(&dir).len(),
+            2,
+            "the kept plan is used, nothing measured"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failure_of_a_built_in_kernel_is_remembered_and_not_measured_again() {
+        let dir = scratch("builtin-crash");
+        let exe = child(&dir, "key-2", &["rows int8:3072x1024:norm 1"], "never");
+        let kept = dir.join("kept");
+        let err = kept_or_measured("key-2", &request(), &exe, &kept).unwrap_err();
+        assert!(format!("{err:#}").contains("signal: 11"), "{err:#}");
+        assert_eq!(
+            runs(&dir),
+            ["[]"],
+            "no use measuring without a built-in kernel"
+        );
+        let err = kept_or_measured("key-2", &request(), &exe, &kept).unwrap_err();
+        assert!(format!("{err:#}").contains("failed before"), "{err:#}");
+        assert_eq!(runs(&dir).len(), 1, "not measured again at the next start");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn measuring_gives_up_after_three_tries_or_the_same_culprit_twice() {
+        let dir = scratch("three");
+        let crashes = [
+            "split-k int8:3072x1024:norm 1",
+            "tensor-cores int8:3072x1024:norm 8",
+            "cublas-out-in bf16:2048x1024:plain 1",
+        ];
+        let exe = child(&dir, "key-3", &crashes, "never");
+        let err = kept_or_measured("key-3", &request(), &exe, &dir.join("kept")).unwrap_err();
+        assert!(format!("{err:#}").contains("signal: 11"), "{err:#}");
+        assert_eq!(runs(&dir), ["[]", "[split-k]", "[split-k,tensor-cores]"]);
+        let again = scratch("again");
+        let exe = child(&again, "key-4", &[crashes[0]], "never");
+        kept_or_measured("key-4", &request(), &exe, &again.join("kept")).unwrap_err();
+        assert_eq!(
+            runs(&again),
+            ["[]", "[split-k]"],
+            "split-k again: no use going on"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&again).unwrap();
     }
 
     #[test]
@@ -349,18 +604,8 @@ mod tests {
     }
 
     #[test]
-    fn on_the_cpu_nothing_is_measured_or_installed() {
-        prepare(
-            &Device::Cpu,
-            &TuneRequest::for_model(&LmConfig::mid(), Quant::None, 4),
-        );
-        assert!(kernel_plan::installed().is_none());
-        let err = measure_and_keep(
-            &Device::Cpu,
-            &TuneRequest::for_model(&LmConfig::mid(), Quant::None, 4),
-            &std::env::temp_dir(),
-        )
-        .unwrap_err();
+    fn nothing_is_measured_on_the_cpu() {
+        let err = measure_here(&Device::Cpu, &request(), &[], None).unwrap_err();
         assert!(format!("{err}").contains("CUDA GPU"), "{err}");
     }
 }

@@ -716,49 +716,68 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
     assert_eq!(tiny::max_abs_diff(&on_cpu.scale, &on_gpu.scale), 0.0);
 }
 
-/// `duplex tune`'s measurement on shapes with partial blocks: every candidate of every matrix
-/// and row count runs, agrees with the built-in kernel (none is rejected), and the kept one is
-/// the built-in one or one measured faster.
+/// `duplex tune`'s measurement on shapes with partial blocks, in every sublayer: every
+/// candidate of every matrix and row bucket runs (the split-K ones with their norm, skip
+/// connection or gate inside) and agrees with the built-in kernel composed with our separate
+/// norm, add and gate (none is rejected); an excluded kernel is recorded, not run.
 #[test]
 fn a_measured_plan_tries_every_candidate_and_each_agrees() {
-    use duplex::model::kernel_plan::{Matrix, WeightKind, measure};
+    use duplex::model::kernel_plan::measure::{Measurement, measure};
+    use duplex::model::kernel_plan::{Kernel, Matrix, Sublayer, WeightKind};
     let Some(gpu) = tiny::gpu() else { return };
-    let matrix = |weights, out_features, in_features| Matrix {
+    let matrix = |weights, out_features, in_features, sublayer| Matrix {
         weights,
         out_features,
         in_features,
+        sublayer,
     };
     let matrices = [
-        matrix(WeightKind::Bf16, 771, 1040),
-        matrix(WeightKind::Int8, 771, 1040),
-        matrix(WeightKind::Int8, 37, 4224),
+        matrix(WeightKind::Bf16, 771, 1040, Sublayer::Plain),
+        matrix(WeightKind::Bf16, 772, 1040, Sublayer::NormGate),
+        matrix(WeightKind::Int8, 771, 1040, Sublayer::Norm),
+        matrix(WeightKind::Int8, 772, 1040, Sublayer::NormGate),
+        matrix(WeightKind::Int8, 37, 4224, Sublayer::Skip),
+        matrix(WeightKind::Bf16, 37, 4224, Sublayer::Skip),
     ];
-    let rows = [1, 3, 8, 64];
-    let plan = measure::measure(&gpu, &matrices, &rows, "test".into(), "this GPU".into()).unwrap();
+    let rows = [1, 2, 4, 8, 64];
+    let mut tried = Vec::new();
+    let mut before_trial = |m: &Matrix, rows: usize, kernel: Kernel| tried.push((*m, rows, kernel));
+    let excluded = [(Kernel::CublasOutIn, "left out".to_owned())];
+    let measurement = Measurement {
+        matrices: &matrices,
+        rows: &rows,
+        excluded: &excluded,
+        before_trial: &mut before_trial,
+    };
+    let plan = measure(&gpu, measurement, "test".into(), "this GPU".into()).unwrap();
     eprintln!("{}", plan.table());
     assert_eq!(plan.choices.len(), matrices.len() * rows.len());
+    let mut expected_tries = 0;
     for choice in &plan.choices {
-        let tried: Vec<_> = choice.trials.iter().map(|t| t.kernel).collect();
-        assert_eq!(tried, choice.matrix.candidates(choice.rows));
+        let kernels: Vec<_> = choice.trials.iter().map(|t| t.kernel).collect();
+        assert_eq!(kernels, choice.matrix.candidates(choice.rows));
         for trial in &choice.trials {
-            assert_eq!(
-                trial.rejected, None,
-                "{:?} at {} rows",
-                choice.matrix, choice.rows
-            );
-            assert!(trial.median_us.is_some_and(|us| us > 0.0));
+            let what = format!("{:?} at {} rows", choice.matrix, choice.rows);
+            if trial.kernel == Kernel::CublasOutIn {
+                assert_eq!(trial.rejected.as_deref(), Some("left out"), "{what}");
+                continue;
+            }
+            expected_tries += 1;
+            assert_eq!(trial.rejected, None, "{what}: {:?}", trial.kernel);
+            assert!(trial.median_us.is_some_and(|us| us > 0.0), "{what}");
         }
-        let median = |kernel| {
-            choice
-                .trials
-                .iter()
-                .find(|t| t.kernel == kernel)
-                .and_then(|t| t.median_us)
-                .unwrap()
-        };
-        let baseline = choice.matrix.baseline();
-        assert!(choice.kernel == baseline || median(choice.kernel) < median(baseline));
     }
+    assert_eq!(tried.len(), expected_tries, "each trial announced once");
+    let split_k_gated = plan.choices.iter().any(|c| {
+        c.matrix.sublayer == Sublayer::NormGate
+            && c.trials
+                .iter()
+                .any(|t| t.kernel == Kernel::SplitK && t.rejected.is_none())
+    });
+    assert!(
+        split_k_gated,
+        "the gate inside the split-K kernel was checked"
+    );
 }
 
 /// Not a test: times every matrix product of a 7B frame (the temporal layer's four, the

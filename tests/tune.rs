@@ -36,11 +36,18 @@ fn without_a_gpu_it_says_why_and_measures_nothing() {
 }
 
 #[test]
-fn bad_matrices_rows_and_presets_are_named() {
-    let output = tune(&["--matrices", "int8:4096x4096,fp8:1x2"]);
+fn bad_matrices_kernels_rows_and_presets_are_named() {
+    let output = tune(&["--matrices", "int8:4096x4096:norm,fp8:1x2:plain"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("\"fp8:1x2\" is not a matrix"),
+        stderr(&output).contains("\"fp8:1x2:plain\" is not a matrix"),
+        "{}",
+        stderr(&output)
+    );
+    let output = tune(&["--exclude", "split-k,cutlass"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("\"cutlass\" is not a kernel"),
         "{}",
         stderr(&output)
     );

@@ -234,7 +234,7 @@ fn load_weights(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, St
 fn kernels_used(options: &StepBenchOptions) -> String {
     match crate::model::kernel_plan::installed() {
         _ if !options.device.is_cuda() => "candle on the CPU".into(),
-        Some(plan) => plan.summary(),
+        Some(installed) => installed.plan.summary(),
         None => "built-in (cuBLAS for bf16, the row kernel for int8)".into(),
     }
 }

@@ -3,7 +3,7 @@
 
 use super::Result;
 use super::decode::{KvRing, PinnedPrefix};
-use super::kernel_plan::{Kernel, W8A16_MMA_MIN_ROWS};
+use super::kernel_plan::{Kernel, Sublayer, W8A16_MMA_MIN_ROWS};
 use super::quant::Int8Weight;
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
@@ -305,11 +305,11 @@ fn requested(name: &str, flag: &'static std::sync::OnceLock<bool>) -> bool {
     *flag.get_or_init(|| std::env::var(name).is_ok_and(|v| v == "1"))
 }
 
-/// The kernel `w8a16` uses for `rows` rows of an int8 `[n, k]` matrix: the split-K one for 1
-/// to 4 rows when `DUPLEX_W8A16_SPLITK=1`, the tensor-core one from 4 rows when
-/// `DUPLEX_W8A16_MMA=1` (to compare them by hand); else the installed kernel plan's choice
+/// The kernel `w8a16` uses for `rows` rows of an int8 `[n, k]` matrix in `sublayer`: the
+/// split-K one for 1 to 4 rows when `DUPLEX_W8A16_SPLITK=1`, the tensor-core one from 4 rows
+/// when `DUPLEX_W8A16_MMA=1` (to compare them by hand); else the installed kernel plan's choice
 /// (`kernel_plan`), else the matrix-vector one.
-pub fn w8a16_kernel(n: usize, k: usize, rows: usize) -> W8a16Kernel {
+pub fn w8a16_kernel(n: usize, k: usize, sublayer: Option<Sublayer>, rows: usize) -> W8a16Kernel {
     static SPLITK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if gemv_takes(rows, k, 1) && requested("DUPLEX_W8A16_SPLITK", &SPLITK) {
@@ -318,7 +318,9 @@ pub fn w8a16_kernel(n: usize, k: usize, rows: usize) -> W8a16Kernel {
     if rows >= W8A16_MMA_MIN_ROWS && requested("DUPLEX_W8A16_MMA", &MMA) {
         return W8a16Kernel::TensorCores;
     }
-    let planned = super::kernel_plan::installed().and_then(|plan| plan.int8_kernel(n, k, rows));
+    let planned = super::kernel_plan::installed()
+        .zip(sublayer)
+        .and_then(|(plan, sublayer)| plan.int8_kernel(n, k, sublayer, rows));
     match planned {
         Some(Kernel::SplitK) if gemv_takes(rows, k, 1) => W8a16Kernel::SplitK,
         Some(Kernel::TensorCores) if rows >= W8A16_MMA_MIN_ROWS => W8a16Kernel::TensorCores,
@@ -329,14 +331,15 @@ pub fn w8a16_kernel(n: usize, k: usize, rows: usize) -> W8a16Kernel {
 /// `x · (q · scale)ᵀ` on the GPU with int8 weights; `x` any leading dims, bf16 compute.
 pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
     let k = xs.dim(candle_core::D::Minus1)?;
-    let kernel = w8a16_kernel(weight.out_features()?, k, xs.elem_count() / k);
-    w8a16_on(xs, weight, kernel)
+    let (n, rows) = (weight.out_features()?, xs.elem_count() / k);
+    w8a16_on(xs, weight, w8a16_kernel(n, k, Some(Sublayer::Plain), rows))
 }
 
-/// Whether `w8a16` runs `rows` rows on the split-K kernel, which can take a sublayer's ends.
-pub fn w8a16_fuses(weight: &Int8Weight, rows: usize) -> Result<bool> {
+/// Whether `w8a16` runs `rows` rows in `sublayer` on the split-K kernel, which takes the
+/// sublayer's ends inside.
+pub fn w8a16_fuses(weight: &Int8Weight, sublayer: Option<Sublayer>, rows: usize) -> Result<bool> {
     let (n, k) = (weight.out_features()?, weight.in_features()?);
-    Ok(w8a16_kernel(n, k, rows) == W8a16Kernel::SplitK)
+    Ok(w8a16_kernel(n, k, sublayer, rows) == W8a16Kernel::SplitK)
 }
 
 /// `w8a16` by `kernel`.

@@ -2,10 +2,11 @@
 //!
 //! The fastest kernel depends on the card: HBM3 at 3 TB/s on an H100 and LPDDR5x at 273 GB/s
 //! on DGX Spark reward different shapes of work. So every candidate for every matrix of the
-//! model and every row bucket is timed on the card itself, its output compared with the
-//! built-in kernel's, and the fastest one that agrees is kept (`measure`, run by `duplex tune`).
-//! A plan is installed once, before the model loads; `nn` and `cuda` ask it, and without one
-//! they use the built-in kernels.
+//! model, in the sublayer it serves, at every row bucket, is timed on the card itself and its
+//! output compared with the built-in kernel's (`measure`, run by `duplex tune`). From those
+//! trials a plan's `routes` say what runs: a bf16 matrix's layout, and a kernel per bucket. A
+//! plan is installed once, before the model loads; `nn` and `cuda` ask it, and without one they
+//! use the built-in kernels.
 
 #[cfg(feature = "cuda")]
 pub mod measure;
@@ -13,14 +14,16 @@ pub mod measure;
 use super::config::LmConfig;
 use super::quant::Quant;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 /// The most rows the split-K kernels (kernels/gemv.cu) take.
 pub const GEMV_MAX_ROWS: usize = 4;
-/// Rows from which the tensor-core w8a16 kernel is a candidate.
+/// The fewest rows the tensor-core w8a16 kernel takes.
 pub const W8A16_MMA_MIN_ROWS: usize = 4;
-/// The row counts a plan is measured at: the step loop runs a power of two of rows.
+/// The row counts a plan is measured at. Each stands for the counts above the previous one
+/// (the step loop runs a power of two of rows, or all its slots).
 pub const ROW_BUCKETS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// A candidate whose output differs from the baseline's by more than this fraction of the
 /// baseline's largest magnitude is wrong, not merely summed in another order.
@@ -28,8 +31,8 @@ pub const TOLERANCE: f64 = 0.02;
 /// A candidate replaces the built-in kernel only when its median is at most this fraction of
 /// the built-in one's: closer than that is timing noise.
 pub const MARGIN: f64 = 0.97;
-/// With bf16 weights held `[out, in]` for the split-K kernel, the products beyond its rows go
-/// to cuBLAS transposed; that layout is kept only when those stay within this factor.
+/// bf16 weights are held `[out, in]` only when that layout's best kernel stays within this
+/// factor of cuBLAS over `[in, out]` at every bucket.
 pub const OUT_IN_SLACK: f64 = 1.05;
 
 /// Whether the split-K kernels take `rows` rows of `k` inputs with weights of `weight_bytes`:
@@ -38,12 +41,54 @@ pub fn gemv_takes(rows: usize, k: usize, weight_bytes: usize) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&rows) && k.is_multiple_of(16 / weight_bytes)
 }
 
+/// The fewest rows a bucket of `rows` stands for.
+fn bucket_floor(rows: usize) -> usize {
+    rows / 2 + 1
+}
+
 /// How a matrix's weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightKind {
     Bf16,
     Int8,
+}
+
+/// What of its transformer sublayer a product takes, as the model calls it: the split-K
+/// kernels take it inside; every other kernel is followed or preceded by our separate kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sublayer {
+    /// The product alone (output heads, the depformer's input).
+    Plain,
+    /// The RMS pre-norm of its input (attention in-projections).
+    Norm,
+    /// The skip connection added to its output (out-projections).
+    Skip,
+    /// The pre-norm, and the gate `silu(a) · u` of its output (FFN in-projections).
+    NormGate,
+}
+
+impl Sublayer {
+    /// The sublayer of a call with these ends, if the model makes such calls.
+    pub fn of(residual: bool, norm: bool, gate: bool) -> Option<Self> {
+        match (residual, norm, gate) {
+            (false, false, false) => Some(Self::Plain),
+            (false, true, false) => Some(Self::Norm),
+            (true, false, false) => Some(Self::Skip),
+            (false, true, true) => Some(Self::NormGate),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Norm => "norm",
+            Self::Skip => "skip",
+            Self::NormGate => "norm-gate",
+        }
+    }
 }
 
 /// A kernel that can run a product.
@@ -63,6 +108,14 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    pub const ALL: [Self; 5] = [
+        Self::Cublas,
+        Self::CublasOutIn,
+        Self::SplitK,
+        Self::Rows,
+        Self::TensorCores,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Cublas => "cublas",
@@ -72,14 +125,30 @@ impl Kernel {
             Self::TensorCores => "tensor-cores",
         }
     }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == text)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!("{text:?} is not a kernel ({})", names.join(", "))
+            })
+    }
+
+    /// Whether it is a built-in kernel, which every plan falls back to.
+    pub fn is_builtin(self) -> bool {
+        matches!(self, Self::Cublas | Self::Rows)
+    }
 }
 
-/// One matrix of the model: `[out_features, in_features]`, as PyTorch holds it.
+/// One matrix of the model, `[out_features, in_features]` as PyTorch holds it, in its sublayer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Matrix {
     pub weights: WeightKind,
     pub out_features: usize,
     pub in_features: usize,
+    pub sublayer: Sublayer,
 }
 
 impl Matrix {
@@ -91,23 +160,25 @@ impl Matrix {
         }
     }
 
-    /// The kernels that can run `rows` rows of this matrix, the baseline first.
+    /// The kernels that can run every row count of the bucket `rows`, the baseline first.
     pub fn candidates(&self, rows: usize) -> Vec<Kernel> {
         let k = self.in_features;
+        let gate_fits = self.sublayer != Sublayer::NormGate || self.out_features.is_multiple_of(2);
+        let split_k = |bytes| gemv_takes(rows, k, bytes) && gate_fits;
         match self.weights {
             WeightKind::Bf16 => {
                 let mut kernels = vec![Kernel::Cublas, Kernel::CublasOutIn];
-                if gemv_takes(rows, k, 2) {
+                if split_k(2) {
                     kernels.push(Kernel::SplitK);
                 }
                 kernels
             }
             WeightKind::Int8 => {
                 let mut kernels = vec![Kernel::Rows];
-                if gemv_takes(rows, k, 1) {
+                if split_k(1) {
                     kernels.push(Kernel::SplitK);
                 }
-                if rows >= W8A16_MMA_MIN_ROWS {
+                if bucket_floor(rows) >= W8A16_MMA_MIN_ROWS {
                     kernels.push(Kernel::TensorCores);
                 }
                 kernels
@@ -115,30 +186,50 @@ impl Matrix {
         }
     }
 
-    /// `bf16 12288x4096`.
+    /// `int8 12288x4096 norm`.
     pub fn label(&self) -> String {
         let kind = match self.weights {
             WeightKind::Bf16 => "bf16",
             WeightKind::Int8 => "int8",
         };
-        format!("{kind} {}x{}", self.out_features, self.in_features)
+        let (n, k) = (self.out_features, self.in_features);
+        format!("{kind} {n}x{k} {}", self.sublayer.name())
     }
 
-    /// Parses `label`'s form with a colon: `int8:12288x4096`.
+    /// Parses `label`'s form with colons: `int8:12288x4096:norm`.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = || format!("{text:?} is not a matrix like bf16:12288x4096 or int8:4096x4096");
-        let (kind, dims) = text.split_once(':').ok_or_else(bad)?;
-        let weights = match kind {
-            "bf16" => WeightKind::Bf16,
-            "int8" => WeightKind::Int8,
+        let bad = || {
+            format!(
+                "{text:?} is not a matrix like bf16:32000x4096:plain or int8:12288x4096:norm \
+                 (sublayers: plain, norm, skip, norm-gate)"
+            )
+        };
+        let mut parts = text.split(':');
+        let weights = match parts.next() {
+            Some("bf16") => WeightKind::Bf16,
+            Some("int8") => WeightKind::Int8,
             _ => return Err(bad()),
         };
-        let (out, input) = dims.split_once('x').ok_or_else(bad)?;
+        let (out, input) = parts
+            .next()
+            .and_then(|d| d.split_once('x'))
+            .ok_or_else(bad)?;
         let parse = |s: &str| s.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
+        let sublayer = match parts.next() {
+            Some("plain") => Sublayer::Plain,
+            Some("norm") => Sublayer::Norm,
+            Some("skip") => Sublayer::Skip,
+            Some("norm-gate") => Sublayer::NormGate,
+            _ => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
         Ok(Self {
             weights,
             out_features: parse(out)?,
             in_features: parse(input)?,
+            sublayer,
         })
     }
 
@@ -148,32 +239,35 @@ impl Matrix {
     }
 }
 
-/// The distinct matrices of a language model's products with `quant` weights: the temporal
-/// transformer's and the depformer's (quantised as asked) and the output heads (bf16 always).
+/// The distinct matrices of a language model's products with `quant` weights, each in its
+/// sublayer: the temporal transformer's and the depformer's (quantised as asked) and the
+/// output heads (bf16 always).
 pub fn matrices(cfg: &LmConfig, quant: Quant) -> Vec<Matrix> {
+    use Sublayer::{Norm, NormGate, Plain, Skip};
     let quantised = match quant {
         Quant::None => WeightKind::Bf16,
         Quant::Int8 => WeightKind::Int8,
     };
     let (d, h) = (cfg.dim, cfg.hidden());
     let (dd, dh) = (cfg.depformer_dim, cfg.depformer_hidden());
-    let shaped = |weights, out_features, in_features| Matrix {
+    let shaped = |weights, out_features, in_features, sublayer| Matrix {
         weights,
         out_features,
         in_features,
+        sublayer,
     };
     let all = [
-        shaped(quantised, 3 * d, d),
-        shaped(quantised, d, d),
-        shaped(quantised, 2 * h, d),
-        shaped(quantised, d, h),
-        shaped(WeightKind::Bf16, cfg.text_card, d),
-        shaped(quantised, dd, d),
-        shaped(quantised, 3 * dd, dd),
-        shaped(quantised, dd, dd),
-        shaped(quantised, 2 * dh, dd),
-        shaped(quantised, dd, dh),
-        shaped(WeightKind::Bf16, cfg.card, dd),
+        shaped(quantised, 3 * d, d, Norm),
+        shaped(quantised, d, d, Skip),
+        shaped(quantised, 2 * h, d, NormGate),
+        shaped(quantised, d, h, Skip),
+        shaped(WeightKind::Bf16, cfg.text_card, d, Plain),
+        shaped(quantised, dd, d, Plain),
+        shaped(quantised, 3 * dd, dd, Norm),
+        shaped(quantised, dd, dd, Skip),
+        shaped(quantised, 2 * dh, dd, NormGate),
+        shaped(quantised, dd, dh, Skip),
+        shaped(WeightKind::Bf16, cfg.card, dd, Plain),
     ];
     let mut distinct = Vec::new();
     for matrix in all {
@@ -233,118 +327,150 @@ impl Trial {
     }
 }
 
-/// The kernel kept for `rows` rows of a matrix, and every trial behind the choice.
+/// Every trial of one matrix at one row bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     pub matrix: Matrix,
     pub rows: usize,
-    pub kernel: Kernel,
     pub trials: Vec<Trial>,
 }
 
 impl Choice {
-    /// Keeps the fastest trial that agrees with the baseline, if it beats the baseline by the
-    /// margin; else the baseline.
-    pub fn pick(matrix: Matrix, rows: usize, trials: Vec<Trial>) -> Self {
-        let baseline = matrix.baseline();
-        let base = trials
-            .iter()
-            .find(|t| t.kernel == baseline)
-            .and_then(Trial::accepted_median);
-        let kernel = match base {
-            // Without a working baseline nothing can be judged: keep the built-in kernel.
-            None => baseline,
-            Some(base) => trials
-                .iter()
-                .filter_map(|t| Some((t.kernel, t.accepted_median()?)))
-                .filter(|&(kernel, median)| kernel == baseline || median <= MARGIN * base)
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .map_or(baseline, |(kernel, _)| kernel),
-        };
-        Self {
-            matrix,
-            rows,
-            kernel,
-            trials,
-        }
-    }
-
     fn median(&self, kernel: Kernel) -> Option<f64> {
         self.trials
             .iter()
             .find(|t| t.kernel == kernel)
             .and_then(Trial::accepted_median)
     }
+
+    /// The fastest of `kernels` that ran and agreed, with its median.
+    fn fastest(&self, kernels: &[Kernel]) -> Option<(Kernel, f64)> {
+        kernels
+            .iter()
+            .filter_map(|&k| Some((k, self.median(k)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// The fastest accepted kernel if it beats the baseline by the margin; else the baseline.
+    fn pick_int8(&self) -> Kernel {
+        let baseline = self.matrix.baseline();
+        let Some(base) = self.median(baseline) else {
+            // Without a working baseline nothing can be judged: keep the built-in kernel.
+            return baseline;
+        };
+        match self.fastest(&self.matrix.candidates(self.rows)) {
+            Some((kernel, median)) if median <= MARGIN * base => kernel,
+            _ => baseline,
+        }
+    }
 }
 
-/// Every choice measured on one card for one build.
+/// What runs one matrix: whether its bf16 weights are held `[out, in]`, and the kernel for
+/// each measured bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub out_in: bool,
+    /// `(bucket, kernel)`, by bucket.
+    pub kernels: Vec<(usize, Kernel)>,
+}
+
+impl Route {
+    /// The kernel for `rows` rows: the smallest bucket holding them, else the largest.
+    pub fn kernel(&self, rows: usize) -> Kernel {
+        self.kernels
+            .iter()
+            .find(|(bucket, _)| *bucket >= rows)
+            .or(self.kernels.last())
+            .map(|(_, kernel)| *kernel)
+            .unwrap_or(if self.out_in {
+                Kernel::CublasOutIn
+            } else {
+                Kernel::Cublas
+            })
+    }
+
+    /// The bf16 route of `choices` (one matrix, by bucket): `[out, in]` when that layout's best
+    /// kernel beats cuBLAS over `[in, out]` by the margin at the smallest bucket and stays
+    /// within `OUT_IN_SLACK` of it at every bucket.
+    fn bf16(choices: &[&Choice]) -> Self {
+        let out_in_kernels = [Kernel::CublasOutIn, Kernel::SplitK];
+        let best = |c: &Choice| c.fastest(&out_in_kernels);
+        let turned =
+            choices
+                .iter()
+                .enumerate()
+                .all(|(i, c)| match (best(c), c.median(Kernel::Cublas)) {
+                    (Some((_, out_in)), Some(in_out)) => {
+                        let factor = if i == 0 { MARGIN } else { OUT_IN_SLACK };
+                        out_in <= factor * in_out
+                    }
+                    _ => false,
+                });
+        let kernels = choices
+            .iter()
+            .map(|c| {
+                let kernel = match turned {
+                    true => best(c).map_or(Kernel::CublasOutIn, |(k, _)| k),
+                    false => Kernel::Cublas,
+                };
+                (c.rows, kernel)
+            })
+            .collect();
+        Self {
+            out_in: turned && !choices.is_empty(),
+            kernels,
+        }
+    }
+}
+
+/// Every trial measured on one card for one build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelPlan {
     /// What the plan holds for: card, driver, build and matrices (`tune::plan_key`).
     pub key: String,
-    /// The card, for people: `NVIDIA H100 80GB HBM3 (sm_90)`.
+    /// The card, for people: `NVIDIA H100 80GB HBM3 (compute capability 9.0, driver …)`.
     pub card: String,
     pub choices: Vec<Choice>,
 }
 
 impl KernelPlan {
-    /// The choice for `rows` rows of a matrix: the smallest measured bucket that holds them.
-    fn choice(&self, weights: WeightKind, n: usize, k: usize, rows: usize) -> Option<&Choice> {
-        self.choices
-            .iter()
-            .filter(|c| c.matrix.weights == weights)
-            .filter(|c| (c.matrix.out_features, c.matrix.in_features) == (n, k))
-            .filter(|c| c.rows >= rows)
-            .min_by_key(|c| c.rows)
-    }
-
-    /// The kernel for `rows` rows of an int8 `[n, k]` matrix, when the plan measured it.
-    pub fn int8_kernel(&self, n: usize, k: usize, rows: usize) -> Option<Kernel> {
-        self.choice(WeightKind::Int8, n, k, rows).map(|c| c.kernel)
-    }
-
-    /// Whether a bf16 `[n, k]` matrix is held `[out, in]` for the split-K kernel: when that
-    /// kernel wins a single row, and cuBLAS over that layout stays within `OUT_IN_SLACK` of
-    /// the `[in, out]` one wherever the split-K kernel cannot run.
-    pub fn bf16_out_in(&self, n: usize, k: usize) -> bool {
-        let Some(single) = self.choice(WeightKind::Bf16, n, k, 1) else {
-            return false;
-        };
-        if single.rows != 1 || single.kernel != Kernel::SplitK {
-            return false;
+    /// What runs each measured matrix.
+    pub fn routes(&self) -> HashMap<Matrix, Route> {
+        let mut by_matrix: HashMap<Matrix, Vec<&Choice>> = HashMap::new();
+        for choice in &self.choices {
+            by_matrix.entry(choice.matrix).or_default().push(choice);
         }
-        self.choices
-            .iter()
-            .filter(|c| c.matrix == single.matrix && c.kernel != Kernel::SplitK)
-            .all(
-                |c| match (c.median(Kernel::CublasOutIn), c.median(Kernel::Cublas)) {
-                    (Some(out_in), Some(in_out)) => out_in <= OUT_IN_SLACK * in_out,
-                    _ => false,
-                },
-            )
+        by_matrix
+            .into_iter()
+            .map(|(matrix, mut choices)| {
+                choices.sort_by_key(|c| c.rows);
+                let route = match matrix.weights {
+                    WeightKind::Bf16 => Route::bf16(&choices),
+                    WeightKind::Int8 => Route {
+                        out_in: false,
+                        kernels: choices.iter().map(|c| (c.rows, c.pick_int8())).collect(),
+                    },
+                };
+                (matrix, route)
+            })
+            .collect()
     }
 
-    /// Whether `rows` rows of a bf16 `[n, k]` matrix held `[out, in]` go to the split-K kernel.
-    pub fn bf16_split_k(&self, n: usize, k: usize, rows: usize) -> bool {
-        self.choice(WeightKind::Bf16, n, k, rows)
-            .is_some_and(|c| c.kernel == Kernel::SplitK)
-    }
-
-    /// The choices that leave the built-in kernel, in one line: `measured on <card>: split-k for
-    /// int8 12288x4096 at 1 row, …`.
+    /// What leaves the built-in kernels, in one line: `measured on <card>: split-k for int8
+    /// 12288x4096 norm at 1 row, …`.
     pub fn summary(&self) -> String {
-        let changed: Vec<String> = self
-            .choices
+        let routes = self.routes();
+        let mut changed: Vec<(Matrix, usize, Kernel)> = routes
             .iter()
-            .filter(|c| c.kernel != c.matrix.baseline())
-            .map(|c| {
-                let rows = if c.rows == 1 { "row" } else { "rows" };
-                format!(
-                    "{} for {} at {} {rows}",
-                    c.kernel.name(),
-                    c.matrix.label(),
-                    c.rows
-                )
+            .flat_map(|(m, r)| r.kernels.iter().map(|&(rows, k)| (*m, rows, k)))
+            .filter(|(m, _, k)| *k != m.baseline())
+            .collect();
+        changed.sort_by_key(|(m, rows, _)| (*m, *rows));
+        let changed: Vec<String> = changed
+            .iter()
+            .map(|(m, rows, k)| {
+                let unit = if *rows == 1 { "row" } else { "rows" };
+                format!("{} for {} at {rows} {unit}", k.name(), m.label())
             })
             .collect();
         match changed.is_empty() {
@@ -356,26 +482,26 @@ impl KernelPlan {
         }
     }
 
-    /// The choices as a table: one line per matrix and rows, each trial's median in µs, the
-    /// kept one starred, rejected ones with an `x`.
+    /// The trials as a table: one line per matrix and bucket, what runs it, and each trial's
+    /// median in µs (`*` runs, `x` rejected); then why each rejected trial was.
     pub fn table(&self) -> String {
+        let routes = self.routes();
         let mut text = format!("kernels measured on {}\n", self.card);
         let _ = writeln!(
             text,
-            "{:<18} {:>4}  {:<14} trials (median µs; * kept, x rejected)",
-            "matrix", "rows", "kept"
+            "{:<28} {:>4}  {:<14} trials (median µs; * runs, x rejected)",
+            "matrix", "rows", "runs"
         );
         for choice in &self.choices {
+            let runs = routes[&choice.matrix].kernel(choice.rows);
             let trials: Vec<String> = choice
                 .trials
                 .iter()
                 .map(|t| {
-                    let mark = if t.rejected.is_some() {
-                        "x"
-                    } else if t.kernel == choice.kernel {
-                        "*"
-                    } else {
-                        ""
+                    let mark = match (t.rejected.is_some(), t.kernel == runs) {
+                        (true, _) => "x",
+                        (false, true) => "*",
+                        (false, false) => "",
                     };
                     match t.median_us {
                         Some(us) => format!("{}{mark} {us:.1}", t.kernel.name()),
@@ -385,10 +511,10 @@ impl KernelPlan {
                 .collect();
             let _ = writeln!(
                 text,
-                "{:<18} {:>4}  {:<14} {}",
+                "{:<28} {:>4}  {:<14} {}",
                 choice.matrix.label(),
                 choice.rows,
-                choice.kernel.name(),
+                runs.name(),
                 trials.join(", ")
             );
         }
@@ -409,16 +535,71 @@ impl KernelPlan {
     }
 }
 
-static INSTALLED: OnceLock<KernelPlan> = OnceLock::new();
+/// An installed plan and its routes, looked up by every product.
+pub struct Installed {
+    pub plan: KernelPlan,
+    routes: HashMap<Matrix, Route>,
+}
+
+impl Installed {
+    pub fn new(plan: KernelPlan) -> Self {
+        let routes = plan.routes();
+        Self { plan, routes }
+    }
+
+    fn route(&self, weights: WeightKind, n: usize, k: usize, sublayer: Sublayer) -> Option<&Route> {
+        self.routes.get(&Matrix {
+            weights,
+            out_features: n,
+            in_features: k,
+            sublayer,
+        })
+    }
+
+    /// The kernel for `rows` rows of an int8 `[n, k]` matrix in `sublayer`, when measured.
+    pub fn int8_kernel(
+        &self,
+        n: usize,
+        k: usize,
+        sublayer: Sublayer,
+        rows: usize,
+    ) -> Option<Kernel> {
+        self.route(WeightKind::Int8, n, k, sublayer)
+            .map(|r| r.kernel(rows))
+    }
+
+    /// Whether a bf16 `[n, k]` weight is held `[out, in]`: every measured sublayer of that
+    /// shape chose it.
+    pub fn bf16_out_in(&self, n: usize, k: usize) -> bool {
+        let mut routes = self
+            .routes
+            .iter()
+            .filter(|(m, _)| m.weights == WeightKind::Bf16)
+            .filter(|(m, _)| (m.out_features, m.in_features) == (n, k))
+            .peekable();
+        routes.peek().is_some() && routes.all(|(_, r)| r.out_in)
+    }
+
+    /// Whether `rows` rows of a bf16 `[n, k]` weight held `[out, in]` in `sublayer` go to the
+    /// split-K kernel.
+    pub fn bf16_split_k(&self, n: usize, k: usize, sublayer: Sublayer, rows: usize) -> bool {
+        self.route(WeightKind::Bf16, n, k, sublayer)
+            .is_some_and(|r| r.out_in && r.kernel(rows) == Kernel::SplitK)
+    }
+}
+
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
 /// Makes `plan` the one the model's products ask, for the rest of the process. Install it
 /// before the model loads: bf16 weights are laid out by it. A second plan is refused.
 pub fn install(plan: KernelPlan) -> Result<(), KernelPlan> {
-    INSTALLED.set(plan)
+    INSTALLED
+        .set(Installed::new(plan))
+        .map_err(|refused| refused.plan)
 }
 
 /// The installed plan, if any.
-pub fn installed() -> Option<&'static KernelPlan> {
+pub fn installed() -> Option<&'static Installed> {
     INSTALLED.get()
 }
 
@@ -430,63 +611,76 @@ mod tests {
         weights: WeightKind::Int8,
         out_features: 12288,
         in_features: 4096,
+        sublayer: Sublayer::Norm,
     };
     const HEAD: Matrix = Matrix {
         weights: WeightKind::Bf16,
         out_features: 32000,
         in_features: 4096,
+        sublayer: Sublayer::Plain,
     };
 
     fn trial(kernel: Kernel, median_us: f64) -> Trial {
         Trial::judged(kernel, median_us, 0.001)
     }
 
-    #[test]
-    fn the_fastest_agreeing_kernel_is_kept_only_beyond_the_margin() {
-        let faster = Choice::pick(
-            QKV,
-            1,
-            vec![trial(Kernel::Rows, 100.0), trial(Kernel::SplitK, 60.0)],
-        );
-        assert_eq!(faster.kernel, Kernel::SplitK);
-        let within_noise = Choice::pick(
-            QKV,
-            1,
-            vec![trial(Kernel::Rows, 100.0), trial(Kernel::SplitK, 98.0)],
-        );
-        assert_eq!(within_noise.kernel, Kernel::Rows);
-        let wrong = Choice::pick(
-            QKV,
-            1,
-            vec![
-                trial(Kernel::Rows, 100.0),
-                Trial::judged(Kernel::SplitK, 10.0, 0.5),
-            ],
-        );
-        assert_eq!(wrong.kernel, Kernel::Rows);
-        let not_finite = Trial::judged(Kernel::SplitK, 10.0, f64::NAN);
-        assert!(not_finite.rejected.is_some());
-        let no_baseline = Choice::pick(
-            QKV,
-            8,
-            vec![
-                Trial::failed(Kernel::Rows, "launch failed".into()),
-                trial(Kernel::TensorCores, 10.0),
-            ],
-        );
-        assert_eq!(no_baseline.kernel, Kernel::Rows);
+    fn choice(matrix: Matrix, rows: usize, trials: Vec<Trial>) -> Choice {
+        Choice {
+            matrix,
+            rows,
+            trials,
+        }
+    }
+
+    fn plan(choices: Vec<Choice>) -> KernelPlan {
+        KernelPlan {
+            key: "test".into(),
+            card: "test card".into(),
+            choices,
+        }
+    }
+
+    fn runs(plan: &KernelPlan, matrix: Matrix, rows: usize) -> Kernel {
+        plan.routes()[&matrix].kernel(rows)
     }
 
     #[test]
-    fn candidates_follow_each_kernels_limits() {
-        assert_eq!(
-            QKV.candidates(1),
-            [Kernel::Rows, Kernel::SplitK],
-            "no tensor cores for one row"
+    fn the_fastest_agreeing_kernel_runs_only_beyond_the_margin() {
+        let int8 = |trials| plan(vec![choice(QKV, 1, trials)]);
+        let faster = int8(vec![
+            trial(Kernel::Rows, 100.0),
+            trial(Kernel::SplitK, 60.0),
+        ]);
+        assert_eq!(runs(&faster, QKV, 1), Kernel::SplitK);
+        let within_noise = int8(vec![
+            trial(Kernel::Rows, 100.0),
+            trial(Kernel::SplitK, 98.0),
+        ]);
+        assert_eq!(runs(&within_noise, QKV, 1), Kernel::Rows);
+        let wrong = int8(vec![
+            trial(Kernel::Rows, 100.0),
+            Trial::judged(Kernel::SplitK, 10.0, 0.5),
+        ]);
+        assert_eq!(runs(&wrong, QKV, 1), Kernel::Rows);
+        assert!(
+            Trial::judged(Kernel::SplitK, 10.0, f64::NAN)
+                .rejected
+                .is_some()
         );
+        let no_baseline = int8(vec![
+            Trial::failed(Kernel::Rows, "launch failed".into()),
+            trial(Kernel::SplitK, 10.0),
+        ]);
+        assert_eq!(runs(&no_baseline, QKV, 1), Kernel::Rows);
+    }
+
+    #[test]
+    fn candidates_take_every_row_count_of_their_bucket() {
+        assert_eq!(QKV.candidates(1), [Kernel::Rows, Kernel::SplitK]);
         assert_eq!(
             QKV.candidates(4),
-            [Kernel::Rows, Kernel::SplitK, Kernel::TensorCores]
+            [Kernel::Rows, Kernel::SplitK],
+            "bucket 4 holds 3 rows, too few for the tensor cores"
         );
         assert_eq!(QKV.candidates(8), [Kernel::Rows, Kernel::TensorCores]);
         assert_eq!(
@@ -498,67 +692,116 @@ mod tests {
             ..HEAD
         };
         assert_eq!(ragged.candidates(1), [Kernel::Cublas, Kernel::CublasOutIn]);
-    }
-
-    fn plan(choices: Vec<Choice>) -> KernelPlan {
-        KernelPlan {
-            key: "test".into(),
-            card: "test card".into(),
-            choices,
-        }
+        let odd_gate = Matrix {
+            out_features: 771,
+            sublayer: Sublayer::NormGate,
+            ..QKV
+        };
+        assert_eq!(odd_gate.candidates(1), [Kernel::Rows]);
     }
 
     #[test]
-    fn a_lookup_takes_the_smallest_bucket_holding_the_rows() {
+    fn a_lookup_takes_the_smallest_bucket_holding_the_rows_else_the_largest() {
         let plan = plan(vec![
-            Choice::pick(
+            choice(
                 QKV,
                 1,
                 vec![trial(Kernel::Rows, 9.0), trial(Kernel::SplitK, 5.0)],
             ),
-            Choice::pick(QKV, 4, vec![trial(Kernel::Rows, 9.0)]),
-            Choice::pick(
+            choice(QKV, 4, vec![trial(Kernel::Rows, 9.0)]),
+            choice(
                 QKV,
                 32,
                 vec![trial(Kernel::Rows, 90.0), trial(Kernel::TensorCores, 20.0)],
             ),
         ]);
-        assert_eq!(plan.int8_kernel(12288, 4096, 1), Some(Kernel::SplitK));
-        assert_eq!(plan.int8_kernel(12288, 4096, 3), Some(Kernel::Rows));
-        assert_eq!(plan.int8_kernel(12288, 4096, 9), Some(Kernel::TensorCores));
+        let installed = Installed::new(plan);
+        let int8 = |n, k, sublayer, rows| installed.int8_kernel(n, k, sublayer, rows);
+        assert_eq!(int8(12288, 4096, Sublayer::Norm, 1), Some(Kernel::SplitK));
+        assert_eq!(int8(12288, 4096, Sublayer::Norm, 3), Some(Kernel::Rows));
         assert_eq!(
-            plan.int8_kernel(12288, 4096, 33),
-            None,
-            "beyond every bucket"
+            int8(12288, 4096, Sublayer::Norm, 9),
+            Some(Kernel::TensorCores)
         );
-        assert_eq!(plan.int8_kernel(4096, 4096, 1), None, "another matrix");
+        assert_eq!(
+            int8(12288, 4096, Sublayer::Norm, 200),
+            Some(Kernel::TensorCores),
+            "beyond every bucket: the largest"
+        );
+        assert_eq!(
+            int8(12288, 4096, Sublayer::Plain, 1),
+            None,
+            "another sublayer"
+        );
+        assert_eq!(int8(4096, 4096, Sublayer::Norm, 1), None, "another matrix");
+    }
+
+    fn bf16(rows: usize, cublas: f64, out_in: f64, split_k: Option<f64>) -> Choice {
+        let mut trials = vec![
+            trial(Kernel::Cublas, cublas),
+            trial(Kernel::CublasOutIn, out_in),
+        ];
+        trials.extend(split_k.map(|t| trial(Kernel::SplitK, t)));
+        choice(HEAD, rows, trials)
     }
 
     #[test]
-    fn bf16_weights_turn_only_when_split_k_wins_one_row_and_cublas_keeps_up() {
-        let bf16 = |rows, cublas, out_in, split_k: Option<f64>| {
-            let mut trials = vec![
-                trial(Kernel::Cublas, cublas),
-                trial(Kernel::CublasOutIn, out_in),
-            ];
-            trials.extend(split_k.map(|t| trial(Kernel::SplitK, t)));
-            Choice::pick(HEAD, rows, trials)
-        };
+    fn bf16_weights_turn_when_their_layout_wins_the_smallest_bucket_and_keeps_up() {
         let turned = plan(vec![
             bf16(1, 100.0, 110.0, Some(70.0)),
             bf16(8, 200.0, 204.0, None),
         ]);
-        assert!(turned.bf16_out_in(32000, 4096));
-        assert!(turned.bf16_split_k(32000, 4096, 1));
-        assert!(!turned.bf16_split_k(32000, 4096, 8));
+        let route = &turned.routes()[&HEAD];
+        assert!(route.out_in);
+        assert_eq!(route.kernel(1), Kernel::SplitK);
+        assert_eq!(
+            route.kernel(8),
+            Kernel::CublasOutIn,
+            "cuBLAS over the turned layout"
+        );
+        let by_cublas = plan(vec![
+            bf16(1, 100.0, 90.0, Some(95.0)),
+            bf16(8, 200.0, 190.0, None),
+        ]);
+        let route = &by_cublas.routes()[&HEAD];
+        assert!(route.out_in, "cuBLAS over [out, in] wins alone");
+        assert_eq!(route.kernel(1), Kernel::CublasOutIn);
         let slow_beyond = plan(vec![
             bf16(1, 100.0, 110.0, Some(70.0)),
             bf16(8, 200.0, 260.0, None),
         ]);
-        assert!(!slow_beyond.bf16_out_in(32000, 4096));
-        let cublas_wins = plan(vec![bf16(1, 100.0, 110.0, Some(99.0))]);
-        assert!(!cublas_wins.bf16_out_in(32000, 4096));
-        assert!(!plan(vec![]).bf16_out_in(32000, 4096));
+        let route = &slow_beyond.routes()[&HEAD];
+        assert!(!route.out_in);
+        assert_eq!(route.kernels, [(1, Kernel::Cublas), (8, Kernel::Cublas)]);
+        let within_noise = plan(vec![bf16(1, 100.0, 110.0, Some(99.0))]);
+        assert!(!within_noise.routes()[&HEAD].out_in);
+        let installed = Installed::new(turned);
+        assert!(installed.bf16_out_in(32000, 4096));
+        assert!(installed.bf16_split_k(32000, 4096, Sublayer::Plain, 1));
+        assert!(!installed.bf16_split_k(32000, 4096, Sublayer::Plain, 8));
+        assert!(
+            !installed.bf16_split_k(32000, 4096, Sublayer::Norm, 1),
+            "not measured"
+        );
+        assert!(!installed.bf16_out_in(4096, 4096), "not measured");
+        let mixed = Installed::new(plan(vec![
+            bf16(1, 100.0, 110.0, Some(70.0)),
+            choice(
+                Matrix {
+                    sublayer: Sublayer::Skip,
+                    ..HEAD
+                },
+                1,
+                vec![
+                    trial(Kernel::Cublas, 100.0),
+                    trial(Kernel::CublasOutIn, 150.0),
+                ],
+            ),
+        ]));
+        assert!(
+            !mixed.bf16_out_in(32000, 4096),
+            "one layout per weight: every sublayer of the shape must want it"
+        );
     }
 
     #[test]
@@ -569,14 +812,15 @@ mod tests {
         assert!(int8.contains(&Matrix {
             weights: WeightKind::Int8,
             out_features: 2 * 11264,
-            in_features: 4096
+            in_features: 4096,
+            sublayer: Sublayer::NormGate,
         }));
         let heads: Vec<_> = int8
             .iter()
             .filter(|m| m.weights == WeightKind::Bf16)
-            .map(|m| m.out_features)
+            .map(|m| (m.out_features, m.sublayer))
             .collect();
-        assert_eq!(heads, [32000, 2048]);
+        assert_eq!(heads, [(32000, Sublayer::Plain), (2048, Sublayer::Plain)]);
         assert!(
             matrices(&cfg, Quant::None)
                 .iter()
@@ -585,19 +829,32 @@ mod tests {
     }
 
     #[test]
-    fn matrices_parse_back_from_their_spec_and_bad_specs_say_why() {
+    fn matrices_and_kernels_parse_back_and_bad_ones_say_why() {
         for matrix in [QKV, HEAD] {
             assert_eq!(Matrix::parse(&matrix.spec()), Ok(matrix));
         }
-        for bad in ["fp8:1x2", "int8:12x", "int8:0x16", "bf16", "bf16:4096"] {
+        for bad in [
+            "fp8:1x2:plain",
+            "int8:12x:norm",
+            "int8:0x16:norm",
+            "bf16",
+            "bf16:4096",
+            "bf16:8x8",
+            "bf16:8x8:fused",
+            "bf16:8x8:plain:more",
+        ] {
             let err = Matrix::parse(bad).unwrap_err();
             assert!(err.contains(bad), "{err}");
         }
+        for kernel in Kernel::ALL {
+            assert_eq!(Kernel::parse(kernel.name()), Ok(kernel));
+        }
+        assert!(Kernel::parse("cutlass").unwrap_err().contains("split-k"));
     }
 
     #[test]
-    fn a_plan_reads_back_from_json_and_its_table_names_rejections() {
-        let plan = plan(vec![Choice::pick(
+    fn a_plan_reads_back_from_json_and_its_table_says_what_runs() {
+        let rejected = plan(vec![choice(
             QKV,
             1,
             vec![
@@ -605,29 +862,38 @@ mod tests {
                 Trial::judged(Kernel::SplitK, 5.0, 0.5),
             ],
         )]);
-        let json = serde_json::to_string(&plan).unwrap();
-        assert_eq!(serde_json::from_str::<KernelPlan>(&json).unwrap(), plan);
-        let table = plan.table();
+        let json = serde_json::to_string(&rejected).unwrap();
+        assert_eq!(serde_json::from_str::<KernelPlan>(&json).unwrap(), rejected);
+        let table = rejected.table();
         assert!(table.contains("rows* 9.0"), "{table}");
         assert!(
-            plan.summary()
-                .ends_with("the built-in kernels won every product")
-        );
-        let faster = KernelPlan {
-            choices: vec![Choice::pick(
-                QKV,
-                1,
-                vec![trial(Kernel::Rows, 9.0), trial(Kernel::SplitK, 5.0)],
-            )],
-            ..plan.clone()
-        };
-        assert_eq!(
-            faster.summary(),
-            "measured on test card: split-k for int8 12288x4096 at 1 row"
-        );
-        assert!(
-            table.contains("rejected split-k for int8 12288x4096 at 1 rows"),
+            table.contains("rejected split-k for int8 12288x4096 norm at 1 rows"),
             "{table}"
         );
+        assert!(
+            rejected
+                .summary()
+                .ends_with("the built-in kernels won every product")
+        );
+        let faster = plan(vec![choice(
+            QKV,
+            1,
+            vec![trial(Kernel::Rows, 9.0), trial(Kernel::SplitK, 5.0)],
+        )]);
+        assert_eq!(
+            faster.summary(),
+            "measured on test card: split-k for int8 12288x4096 norm at 1 row"
+        );
+        let failed = plan(vec![choice(
+            QKV,
+            1,
+            vec![
+                trial(Kernel::Rows, 9.0),
+                Trial::failed(Kernel::SplitK, "excluded".into()),
+            ],
+        )]);
+        let json = serde_json::to_string(&failed).unwrap();
+        assert_eq!(serde_json::from_str::<KernelPlan>(&json).unwrap(), failed);
+        assert!(failed.table().contains("split-kx -"), "{}", failed.table());
     }
 }

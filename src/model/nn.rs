@@ -2,6 +2,8 @@
 
 use super::Result;
 use super::kernel_plan;
+#[cfg(feature = "cuda")]
+use super::kernel_plan::Sublayer;
 use super::quant::{Int8Weight, Quant, quantize, w8a16_reference};
 use candle_core::{D, DType, Device, Tensor};
 
@@ -139,19 +141,20 @@ fn fused_device(
     use super::cuda::{self, Ends, W8a16Kernel};
     let k = xs.dim(D::Minus1)?;
     let rows = xs.elem_count() / k;
+    let sublayer = Sublayer::of(residual.is_some(), norm.is_some(), gate);
     let ends = || Ends {
         residual: residual.cloned(),
         norm: norm.map(|n| (n.alpha.clone(), n.eps)),
         gate,
     };
     Ok(match linear {
-        Linear::OutIn { weight } if out_in_split_k(weight, rows)? => {
+        Linear::OutIn { weight } if out_in_split_k(weight, sublayer, rows)? => {
             Some(cuda::gemv_bf16(xs, weight, &ends())?)
         }
         Linear::Int8 {
             weight,
             values_t: None,
-        } if cuda::w8a16_fuses(weight, rows)? => {
+        } if cuda::w8a16_fuses(weight, sublayer, rows)? => {
             Some(cuda::w8a16_fused(xs, weight, W8a16Kernel::SplitK, &ends())?)
         }
         _ => None,
@@ -186,19 +189,23 @@ fn out_in_requested(weight: &Tensor) -> Result<bool> {
     Ok(gemv_bf16_forced() || kernel_plan::installed().is_some_and(|plan| plan.bf16_out_in(n, k)))
 }
 
-/// Whether `rows` rows through a weight held `[out, in]` go to the split-K kernel.
+/// Whether `rows` rows through a weight held `[out, in]`, in `sublayer`, go to the split-K
+/// kernel.
 #[cfg(feature = "cuda")]
-fn out_in_split_k(weight: &Tensor, rows: usize) -> Result<bool> {
+fn out_in_split_k(weight: &Tensor, sublayer: Option<Sublayer>, rows: usize) -> Result<bool> {
     let (n, k) = weight.dims2()?;
-    Ok(kernel_plan::gemv_takes(rows, k, 2)
-        && (gemv_bf16_forced()
-            || kernel_plan::installed().is_some_and(|plan| plan.bf16_split_k(n, k, rows))))
+    let planned = || {
+        kernel_plan::installed()
+            .zip(sublayer)
+            .is_some_and(|(plan, sublayer)| plan.bf16_split_k(n, k, sublayer, rows))
+    };
+    Ok(kernel_plan::gemv_takes(rows, k, 2) && (gemv_bf16_forced() || planned()))
 }
 
 #[cfg(feature = "cuda")]
 fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let k = xs.dim(D::Minus1)?;
-    if out_in_split_k(weight, xs.elem_count() / k)? {
+    if out_in_split_k(weight, Some(Sublayer::Plain), xs.elem_count() / k)? {
         return super::cuda::gemv_bf16(xs, weight, &Default::default());
     }
     linear(xs, weight)

@@ -1,7 +1,7 @@
-//! Times every candidate kernel of every matrix on the GPU, on random weights of the model's
-//! shapes, and checks each against the built-in kernel's output.
+//! Times every candidate kernel of every matrix on the GPU, in the sublayer the model calls it
+//! in, on random operands of the model's shapes, and checks each against the built-in kernel.
 
-use super::{Choice, Kernel, KernelPlan, Matrix, Trial, WeightKind};
+use super::{Choice, Kernel, KernelPlan, Matrix, Sublayer, Trial, WeightKind};
 use crate::model::Result;
 use crate::model::cuda::{self, Ends, W8a16Kernel};
 use crate::model::quant::{Int8Weight, quantize};
@@ -12,6 +12,17 @@ use std::time::{Duration, Instant};
 /// hides behind the previous launch's work as it does in a frame.
 const SAMPLE: Duration = Duration::from_millis(3);
 const SAMPLES: usize = 7;
+const EPS: f64 = 1e-5;
+
+/// What a measurement runs and skips, and whom it tells before each trial.
+pub struct Measurement<'a> {
+    pub matrices: &'a [Matrix],
+    pub rows: &'a [usize],
+    /// Kernels not to run, each with the reason recorded in its trials.
+    pub excluded: &'a [(Kernel, String)],
+    /// Called before each trial (to leave a trace should the trial take the process down).
+    pub before_trial: &'a mut dyn FnMut(&Matrix, usize, Kernel),
+}
 
 /// One matrix's weights in every layout its candidates read.
 struct Weights {
@@ -38,15 +49,8 @@ impl Weights {
         })
     }
 
-    fn run(&self, kernel: Kernel, xs: &Tensor) -> Result<Tensor> {
-        self.run_fused(kernel, xs, &Ends::default())
-    }
-
-    /// `run` with a sublayer's `ends` inside, which only the split-K kernels take.
-    fn run_fused(&self, kernel: Kernel, xs: &Tensor, ends: &Ends) -> Result<Tensor> {
-        if kernel != Kernel::SplitK && !ends.is_empty() {
-            candle_core::bail!("{kernel:?} fuses nothing");
-        }
+    /// The product alone by `kernel`, or with `ends` inside for the split-K kernels.
+    fn product(&self, kernel: Kernel, xs: &Tensor, ends: &Ends) -> Result<Tensor> {
         let int8 = || {
             self.int8
                 .as_ref()
@@ -65,19 +69,92 @@ impl Weights {
     }
 }
 
-/// Measures `matrices` at each of `rows` on `device` into a plan named `key` for `card`.
+/// The operands of one sublayer call: its input, and the norm's weight and the skip
+/// connection where the sublayer has them.
+struct Operands {
+    xs: Tensor,
+    alpha: Tensor,
+    residual: Option<Tensor>,
+}
+
+impl Operands {
+    fn random(matrix: &Matrix, rows: usize, device: &Device) -> Result<Self> {
+        let randn = |cols| -> Result<Tensor> {
+            Tensor::randn(0f32, 1f32, (rows, cols), device)?.to_dtype(DType::BF16)
+        };
+        let residual = match matrix.sublayer {
+            Sublayer::Skip => Some(randn(matrix.out_features)?),
+            _ => None,
+        };
+        Ok(Self {
+            xs: randn(matrix.in_features)?,
+            alpha: Tensor::rand(0.5f32, 1.5f32, matrix.in_features, device)?,
+            residual,
+        })
+    }
+
+    /// The sublayer as the model runs it by `kernel`: the split-K kernels with its ends inside,
+    /// any other kernel between our separate norm and add or gate (`nn::Linear`, `SwiGlu`).
+    fn run(&self, weights: &Weights, kernel: Kernel, sublayer: Sublayer) -> Result<Tensor> {
+        let normed = matches!(sublayer, Sublayer::Norm | Sublayer::NormGate);
+        let gate = sublayer == Sublayer::NormGate;
+        if kernel == Kernel::SplitK {
+            let ends = Ends {
+                residual: self.residual.clone(),
+                norm: normed.then(|| (self.alpha.clone(), EPS as f32)),
+                gate,
+            };
+            return weights.product(kernel, &self.xs, &ends);
+        }
+        let input = match normed {
+            true => cuda::rms_norm(&self.xs, &self.alpha, EPS as f32)?,
+            false => self.xs.clone(),
+        };
+        let out = weights.product(kernel, &input, &Ends::default())?;
+        match (&self.residual, gate) {
+            (Some(residual), _) => residual + out,
+            (None, true) => cuda::swiglu(&out),
+            (None, false) => Ok(out),
+        }
+    }
+}
+
+/// Measures every matrix at every row count into a plan named `key` for `card`.
 pub fn measure(
     device: &Device,
-    matrices: &[Matrix],
-    rows: &[usize],
+    measurement: Measurement,
     key: String,
     card: String,
 ) -> Result<KernelPlan> {
+    let Measurement {
+        matrices,
+        rows,
+        excluded,
+        before_trial,
+    } = measurement;
     let mut choices = Vec::new();
     for (done, matrix) in matrices.iter().enumerate() {
         let weights = Weights::random(matrix, device)?;
         for &count in rows {
-            choices.push(choose(&weights, matrix, count, device)?);
+            let operands = Operands::random(matrix, count, device)?;
+            let expected = operands.run(&weights, matrix.baseline(), matrix.sublayer)?;
+            let trials = matrix
+                .candidates(count)
+                .into_iter()
+                .map(|kernel| {
+                    if let Some((_, why)) = excluded.iter().find(|(k, _)| *k == kernel) {
+                        return Trial::failed(kernel, why.clone());
+                    }
+                    before_trial(matrix, count, kernel);
+                    trial(&weights, matrix, kernel, &operands, &expected)
+                        .unwrap_or_else(|err| Trial::failed(kernel, err.to_string()))
+                })
+                .collect();
+            choices.push(Choice {
+                matrix: *matrix,
+                rows: count,
+                trials,
+            });
         }
         tracing::info!(
             "kernels timed for {} ({} of {})",
@@ -89,33 +166,16 @@ pub fn measure(
     Ok(KernelPlan { key, card, choices })
 }
 
-fn choose(weights: &Weights, matrix: &Matrix, rows: usize, device: &Device) -> Result<Choice> {
-    let xs =
-        Tensor::randn(0f32, 1f32, (rows, matrix.in_features), device)?.to_dtype(DType::BF16)?;
-    let expected = weights.run(matrix.baseline(), &xs)?;
-    let trials = matrix
-        .candidates(rows)
-        .into_iter()
-        .map(|kernel| {
-            trial(weights, matrix, kernel, &xs, &expected)
-                .unwrap_or_else(|err| Trial::failed(kernel, err.to_string()))
-        })
-        .collect();
-    Ok(Choice::pick(*matrix, rows, trials))
-}
-
 fn trial(
     weights: &Weights,
     matrix: &Matrix,
     kernel: Kernel,
-    xs: &Tensor,
+    operands: &Operands,
     expected: &Tensor,
 ) -> Result<Trial> {
-    let mut error = relative_error(&weights.run(kernel, xs)?, expected)?;
-    if kernel == Kernel::SplitK {
-        error = error.max(ends_error(weights, matrix, xs)?);
-    }
-    let median = median_time(xs.device(), || weights.run(kernel, xs).map(drop))?;
+    let run = || operands.run(weights, kernel, matrix.sublayer);
+    let error = relative_error(&run()?, expected)?;
+    let median = median_time(operands.xs.device(), || run().map(drop))?;
     Ok(Trial::judged(kernel, median.as_secs_f64() * 1e6, error))
 }
 
@@ -132,38 +192,6 @@ fn relative_error(got: &Tensor, expected: &Tensor) -> Result<f64> {
         true => diff / largest.max(f64::MIN_POSITIVE),
         false => f64::INFINITY,
     })
-}
-
-/// How far the split-K kernel with a sublayer's ends inside (the pre-norm with the skip
-/// connection; with an even channel count, the pre-norm with the FFN gate) is from the same
-/// sublayer composed of the built-in kernel and our separate norm, add and gate: the plan
-/// turns those on wherever it keeps the split-K kernel.
-fn ends_error(weights: &Weights, matrix: &Matrix, xs: &Tensor) -> Result<f64> {
-    let (rows, n, k) = (xs.dim(0)?, matrix.out_features, matrix.in_features);
-    let device = xs.device();
-    let alpha = Tensor::rand(0.5f32, 1.5f32, k, device)?;
-    let eps = 1e-5;
-    let residual = Tensor::randn(0f32, 1f32, (rows, n), device)?.to_dtype(DType::BF16)?;
-    let projected = weights.run(matrix.baseline(), &cuda::rms_norm(xs, &alpha, eps)?)?;
-    let with_skip = Ends {
-        residual: Some(residual.clone()),
-        norm: Some((alpha.clone(), eps)),
-        gate: false,
-    };
-    let mut error = relative_error(
-        &weights.run_fused(Kernel::SplitK, xs, &with_skip)?,
-        &(&projected + &residual)?,
-    )?;
-    if n.is_multiple_of(2) {
-        let gated = Ends {
-            residual: None,
-            norm: Some((alpha, eps)),
-            gate: true,
-        };
-        let fused = weights.run_fused(Kernel::SplitK, xs, &gated)?;
-        error = error.max(relative_error(&fused, &cuda::swiglu(&projected)?)?);
-    }
-    Ok(error)
 }
 
 /// The median over `SAMPLES` of one call's time, each sample `SAMPLE` long of calls queued
