@@ -186,6 +186,15 @@ impl Matrix {
         }
     }
 
+    /// The bytes of its weights a product reads (int8: the values and a scale per channel).
+    pub fn weight_bytes(&self) -> usize {
+        let (n, k) = (self.out_features, self.in_features);
+        match self.weights {
+            WeightKind::Bf16 => 2 * n * k,
+            WeightKind::Int8 => n * k + 4 * n,
+        }
+    }
+
     /// `int8 12288x4096 norm`.
     pub fn label(&self) -> String {
         let kind = match self.weights {
@@ -482,18 +491,23 @@ impl KernelPlan {
         }
     }
 
-    /// The trials as a table: one line per matrix and bucket, what runs it, and each trial's
-    /// median in µs (`*` runs, `x` rejected); then why each rejected trial was.
+    /// The trials as a table: one line per matrix and bucket, what runs it and the weight
+    /// bytes it reads a second, and each trial's median in µs (`*` runs, `x` rejected); then
+    /// why each rejected trial was.
     pub fn table(&self) -> String {
         let routes = self.routes();
         let mut text = format!("kernels measured on {}\n", self.card);
         let _ = writeln!(
             text,
-            "{:<28} {:>4}  {:<14} trials (median µs; * runs, x rejected)",
-            "matrix", "rows", "runs"
+            "{:<28} {:>4}  {:<14} {:>6}  trials (median µs; * runs, x rejected)",
+            "matrix", "rows", "runs", "GB/s"
         );
         for choice in &self.choices {
             let runs = routes[&choice.matrix].kernel(choice.rows);
+            let gb_per_s = match choice.median(runs) {
+                Some(us) => format!("{:.0}", choice.matrix.weight_bytes() as f64 / us / 1e3),
+                None => "-".into(),
+            };
             let trials: Vec<String> = choice
                 .trials
                 .iter()
@@ -511,7 +525,7 @@ impl KernelPlan {
                 .collect();
             let _ = writeln!(
                 text,
-                "{:<28} {:>4}  {:<14} {}",
+                "{:<28} {:>4}  {:<14} {gb_per_s:>6}  {}",
                 choice.matrix.label(),
                 choice.rows,
                 runs.name(),
@@ -866,6 +880,8 @@ mod tests {
         assert_eq!(serde_json::from_str::<KernelPlan>(&json).unwrap(), rejected);
         let table = rejected.table();
         assert!(table.contains("rows* 9.0"), "{table}");
+        // 12288 x 4096 bytes and 12288 scales in 9 µs.
+        assert!(table.contains(" 5598  rows*"), "{table}");
         assert!(
             table.contains("rejected split-k for int8 12288x4096 norm at 1 rows"),
             "{table}"
