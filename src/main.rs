@@ -827,7 +827,11 @@ fn doctor(args: DoctorArgs) -> Result<()> {
         model_dir: args.model_dir,
         repo: args.repo,
     };
-    let report = duplex::doctor::examine(&options);
+    let mut report = duplex::doctor::examine(&options);
+    let exe = std::env::current_exe().context("finding this program")?;
+    report
+        .checks
+        .extend(duplex::tune::doctor_check(&exe, &duplex::tune::cache_dir()));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -4,7 +4,7 @@
 //! `~/.cache/duplex/kernels`. Whatever goes wrong, the model runs with the built-in kernels
 //! and the log says why.
 
-use crate::doctor::gpu;
+use crate::doctor::{Check, Status, gpu};
 use crate::model::config::LmConfig;
 use crate::model::kernel_plan::{self, Kernel, KernelPlan, Matrix, ROW_BUCKETS};
 use crate::model::quant::Quant;
@@ -86,10 +86,18 @@ fn card() -> Result<(String, String)> {
     Ok((shown, key))
 }
 
-/// The key a plan for `request` holds for on this machine: the card and driver, the program
-/// `exe` (its size and time: any rebuild, whatever it changed), this build's kernels, and the
-/// request.
+/// The key a plan for `request` holds for on this machine: `key_prefix`, and the request.
 pub fn plan_key(request: &TuneRequest, exe: &Path) -> Result<String> {
+    Ok(format!(
+        "{}-matrices{:016x}",
+        key_prefix(exe)?,
+        request.digest()
+    ))
+}
+
+/// What every plan key on this machine starts with: the card and driver, the program `exe`
+/// (its size and time: any rebuild, whatever it changed) and this build's kernels.
+fn key_prefix(exe: &Path) -> Result<String> {
     let (_, card) = card()?;
     let meta = std::fs::metadata(exe).with_context(|| format!("reading {}", exe.display()))?;
     let built = meta
@@ -97,14 +105,13 @@ pub fn plan_key(request: &TuneRequest, exe: &Path) -> Result<String> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
-    let key = format!(
-        "{card}-duplex{}-exe{:x}.{built:x}-kernels{:016x}-matrices{:016x}",
+    let prefix = format!(
+        "{card}-duplex{}-exe{:x}.{built:x}-kernels{:016x}",
         env!("CARGO_PKG_VERSION"),
         meta.len(),
         kernels_digest()?,
-        request.digest()
     );
-    Ok(key
+    Ok(prefix
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' {
@@ -114,6 +121,60 @@ pub fn plan_key(request: &TuneRequest, exe: &Path) -> Result<String> {
             }
         })
         .collect())
+}
+
+/// What `duplex doctor` says of the kernel plans kept for this card and program: the plans,
+/// or a remembered failure, or none yet. `None` where no plan applies (a CPU build, no GPU).
+pub fn doctor_check(exe: &Path, dir: &Path) -> Option<Check> {
+    if !cfg!(feature = "cuda") {
+        return None;
+    }
+    Some(kept_for(dir, &key_prefix(exe).ok()?))
+}
+
+/// The plans and failures kept in `dir` under keys starting with `prefix`, as a doctor's check.
+fn kept_for(dir: &Path, prefix: &str) -> Check {
+    let (mut plans, mut failures) = (Vec::new(), Vec::new());
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    for path in entries.map(|entry| entry.path()) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if !name.is_some_and(|n| n.starts_with(prefix)) {
+            continue;
+        }
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("failed") => failures.extend(std::fs::read_to_string(&path).ok()),
+            Some("json") => plans.extend(
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<KernelPlan>(&text).ok())
+                    .map(|plan| plan.summary()),
+            ),
+            _ => {}
+        }
+    }
+    let (status, detail, fix) = match (failures.first(), plans.is_empty()) {
+        (Some(why), _) => (
+            Status::Warn,
+            format!(
+                "measuring this GPU's kernels failed, so the built-in kernels run: {}",
+                why.trim()
+            ),
+            Some("run `duplex tune --quant none|int8` (as you serve) to measure again".to_owned()),
+        ),
+        (None, true) => (
+            Status::Ok,
+            "none kept for this GPU and program yet: the first start on the GPU measures one"
+                .into(),
+            None,
+        ),
+        (None, false) => (Status::Ok, plans.join("; "), None),
+    };
+    Check {
+        name: "plan",
+        status,
+        detail,
+        fix,
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -601,6 +662,36 @@ cp "{plan}" "$json"
         let missing = Command::new("/nonexistent/duplex");
         let err = run_child(missing, Duration::from_secs(1)).unwrap_err();
         assert!(format!("{err:#}").contains("starting"), "{err:#}");
+    }
+
+    #[test]
+    fn the_doctor_names_kept_plans_and_a_remembered_failure() {
+        let dir = scratch("doctor");
+        let check = kept_for(&dir, "card-a");
+        assert_eq!(check.status, Status::Ok);
+        assert!(check.detail.contains("first start"), "{}", check.detail);
+        keep(&dir, &plan("card-b-matrices1")).unwrap();
+        assert!(
+            kept_for(&dir, "card-a").detail.contains("first start"),
+            "another card's"
+        );
+        keep(&dir, &plan("card-a-matrices1")).unwrap();
+        let check = kept_for(&dir, "card-a");
+        assert_eq!(check.status, Status::Ok);
+        assert_eq!(
+            check.detail,
+            "measured on test: the built-in kernels won every product"
+        );
+        write_whole(&failure_path(&dir, "card-a-matrices2"), "split-k crashed\n").unwrap();
+        let check = kept_for(&dir, "card-a");
+        assert_eq!(check.status, Status::Warn);
+        assert!(
+            check.detail.ends_with("run: split-k crashed"),
+            "{}",
+            check.detail
+        );
+        assert!(check.fix.unwrap().contains("duplex tune"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
