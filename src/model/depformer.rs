@@ -124,7 +124,10 @@ impl Depformer {
     ) -> Result<Tensor> {
         let step = &self.steps[k];
         let batch = hidden.dim(0)?;
-        let mut xs = (step.input.forward(hidden)? + prev.embed(&step.emb)?)?.unsqueeze(1)?;
+        let mut xs = step
+            .input
+            .forward_add(hidden, &prev.embed(&step.emb)?)?
+            .unsqueeze(1)?;
         let ring_step = state.cache.begin(1, active)?;
         let identity_rope = match ring_step.uses_kernels() {
             true => Some(state.identity_rope(active.len(), self.head_dim, hidden.device())?),

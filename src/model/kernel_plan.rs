@@ -59,11 +59,12 @@ pub enum WeightKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Sublayer {
-    /// The product alone (output heads, the depformer's input).
+    /// The product alone (output heads).
     Plain,
     /// The RMS pre-norm of its input (attention in-projections).
     Norm,
-    /// The skip connection added to its output (out-projections).
+    /// The skip connection added to its output (out-projections; the depformer's input, to
+    /// which the previous token's embedding is added).
     Skip,
     /// The pre-norm, and the gate `silu(a) · u` of its output (FFN in-projections).
     NormGate,
@@ -271,7 +272,7 @@ pub fn matrices(cfg: &LmConfig, quant: Quant) -> Vec<Matrix> {
         shaped(quantised, 2 * h, d, NormGate),
         shaped(quantised, d, h, Skip),
         shaped(WeightKind::Bf16, cfg.text_card, d, Plain),
-        shaped(quantised, dd, d, Plain),
+        shaped(quantised, dd, d, Skip),
         shaped(quantised, 3 * dd, dd, Norm),
         shaped(quantised, dd, dd, Skip),
         shaped(quantised, 2 * dh, dd, NormGate),
