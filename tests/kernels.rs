@@ -345,6 +345,39 @@ fn device_sampling_never_draws_a_masked_logit() {
 
 /// RoPE on the query and key with the key and value written into the ring at a device index,
 /// against the CPU path (`RopeTables::apply` and a plain copy into the ring).
+/// Misshaped inputs the kernels would read past are refused with the reason: rotation tables
+/// and write indices for fewer rows, an int8 weight's scales for fewer channels.
+#[test]
+fn misshaped_kernel_inputs_are_refused() {
+    let Some(gpu) = tiny::gpu() else { return };
+    let (rows, heads, capacity, head_dim) = (2, 2, 8, 64);
+    let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &gpu).unwrap();
+    let qkv = zeros(&[rows, 1, 3, heads, head_dim], DType::BF16);
+    let ring = KvRing::zeros(
+        (rows, heads, capacity, head_dim),
+        DType::BF16,
+        KvQuant::None,
+        &gpu,
+    )
+    .unwrap();
+    let table = zeros(&[rows, head_dim / 2], DType::F32);
+    let short_table = zeros(&[1, head_dim / 2], DType::F32);
+    let write_idx = zeros(&[rows], DType::I64);
+    let short_idx = zeros(&[1], DType::I64);
+    cuda::rope_kv_write(&qkv, &table, &table, &ring, &write_idx).unwrap();
+    let err = cuda::rope_kv_write(&qkv, &short_table, &table, &ring, &write_idx).unwrap_err();
+    assert!(err.to_string().contains("rotation tables"), "{err}");
+    let err = cuda::rope_kv_write(&qkv, &table, &table, &ring, &short_idx).unwrap_err();
+    assert!(err.to_string().contains("write indices"), "{err}");
+    let weight = Tensor::randn(0f32, 0.05, (32, 64), &Device::Cpu).unwrap();
+    let mut int8 = Int8Case::new(&weight, &gpu).on_gpu;
+    let x = zeros(&[1, 64], DType::BF16);
+    cuda::w8a16(&x, &int8).unwrap();
+    int8.scale = int8.scale.narrow(0, 0, 31).unwrap();
+    let err = cuda::w8a16(&x, &int8).unwrap_err();
+    assert!(err.to_string().contains("31] scales for 32"), "{err}");
+}
+
 #[test]
 fn rope_and_ring_write_match_the_cpu_path() {
     use duplex::model::nn::Rope;

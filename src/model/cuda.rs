@@ -252,9 +252,19 @@ impl CustomOp3 for W8a16 {
         contiguous(q_layout, "w8a16 weight")?;
         let (rows, k) = x_layout.shape().dims2()?;
         let (n, k_w) = q_layout.shape().dims2()?;
-        if k != k_w || !k.is_multiple_of(16) || !x_layout.start_offset().is_multiple_of(8) {
+        if k != k_w
+            || !k.is_multiple_of(16)
+            || !x_layout.start_offset().is_multiple_of(8)
+            || !q_layout.start_offset().is_multiple_of(16)
+        {
             candle_core::bail!(
-                "w8a16: input width {k} vs weight {k_w} (must match and divide by 16; input 16-byte aligned)"
+                "w8a16: input width {k} vs weight {k_w} (must match and divide by 16; input and weight 16-byte aligned)"
+            );
+        }
+        if scale_layout.shape().elem_count() != n || !scale_layout.is_contiguous() {
+            candle_core::bail!(
+                "w8a16: {:?} scales for {n} output channels",
+                scale_layout.shape()
             );
         }
         let device = x.device().clone();
@@ -761,6 +771,8 @@ impl CustomOp1 for RopeKvWrite<'_> {
                 self.ring.k.dims()
             );
         }
+        let what = "rope_kv_write";
+        check_rope_inputs(self.cos, self.sin, self.write_idx, rows, head_dim, what)?;
         let device = qkv.device().clone();
         let qkv = qkv.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (cos, cos_layout) = self.cos.storage_and_layout();
@@ -823,6 +835,35 @@ pub fn rope_kv_write(
         ring,
         write_idx,
     })
+}
+
+/// Checks a RoPE launch's per-row inputs for `rows` rows of `head_dim`-wide heads: `cos` and
+/// `sin` f32 with `head_dim / 2` values a row, `write_idx` one i64 a row.
+fn check_rope_inputs(
+    cos: &Tensor,
+    sin: &Tensor,
+    write_idx: &Tensor,
+    rows: usize,
+    head_dim: usize,
+    what: &str,
+) -> Result<()> {
+    let table = |t: &Tensor| t.elem_count() == rows * head_dim / 2 && t.dtype() == DType::F32;
+    if !table(cos) || !table(sin) {
+        candle_core::bail!(
+            "{what}: rotation tables {:?} {:?} for {rows} rows of {head_dim} (f32, {} a row)",
+            cos.dims(),
+            cos.dtype(),
+            head_dim / 2
+        );
+    }
+    if write_idx.elem_count() != rows || write_idx.dtype() != DType::I64 {
+        candle_core::bail!(
+            "{what}: write indices {:?} {:?} for {rows} rows (i64, one a row)",
+            write_idx.dims(),
+            write_idx.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// What the attention kernels read besides the query and the ring, held for a launch: the mask
@@ -1062,6 +1103,7 @@ impl CustomOp1 for RingWriteAttend<'_> {
                 self.ring.k.dims()
             );
         }
+        check_rope_inputs(self.cos, self.sin, self.write_idx, rows, head_dim, what)?;
         let device = qkv.device().clone();
         let qkv = qkv.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (cos, cos_layout) = self.cos.storage_and_layout();
