@@ -124,6 +124,12 @@ struct ModelArgs {
     /// used for bf16 on a GPU; each capture is checked against an eager frame first).
     #[arg(long)]
     no_cuda_graphs: bool,
+    #[command(flatten)]
+    kernel_choice: KernelChoice,
+}
+
+#[derive(Args, Clone, Copy)]
+struct KernelChoice {
     /// Which kernel runs each matrix product on a GPU: `measured` times the candidates on this
     /// card once (`duplex tune`, kept in ~/.cache/duplex/kernels) and keeps the fastest that
     /// agrees with the built-in one; `builtin` runs the built-in ones (cuBLAS for bf16).
@@ -174,7 +180,13 @@ impl ModelArgs {
     /// `prepare_kernels` for the model in `files`.
     fn prepare_kernels(&self, files: &ModelFiles, rows: usize) -> Result<()> {
         let lm = model_configs(files)?.0;
-        prepare_kernels(self.kernels, self.device, &lm, self.quant, rows);
+        prepare_kernels(
+            self.kernel_choice.kernels,
+            self.device,
+            &lm,
+            self.quant,
+            rows,
+        );
         Ok(())
     }
 }
@@ -511,15 +523,8 @@ struct StepArgs {
     /// Replay each frame's pieces as CUDA graphs (`--device cuda`).
     #[arg(long)]
     cuda_graphs: bool,
-    /// Which kernel runs each matrix product (`duplex tune`): measured on this card, or the
-    /// built-in ones.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "measured",
-        env = "DUPLEX_KERNEL_CHOICE"
-    )]
-    kernels: KernelsArg,
+    #[command(flatten)]
+    kernel_choice: KernelChoice,
     /// Weight storage of the language model's matrices.
     #[arg(long, value_enum, default_value = "none")]
     quant: QuantArg,
@@ -918,7 +923,13 @@ fn tune(args: TuneArgs) -> Result<()> {
 fn bench_step(args: StepArgs) -> Result<()> {
     if args.device == "cuda" {
         let lm = lm_config(&args.config, args.model_dir.as_deref())?;
-        prepare_kernels(args.kernels, DeviceArg::Cuda, &lm, args.quant, args.batch);
+        prepare_kernels(
+            args.kernel_choice.kernels,
+            DeviceArg::Cuda,
+            &lm,
+            args.quant,
+            args.batch,
+        );
     }
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,

@@ -758,12 +758,7 @@ fn a_measured_plan_tries_every_candidate_and_each_agrees() {
     use duplex::model::kernel_plan::measure::{Measurement, measure};
     use duplex::model::kernel_plan::{Kernel, Matrix, Sublayer, WeightKind};
     let Some(gpu) = tiny::gpu() else { return };
-    let matrix = |weights, out_features, in_features, sublayer| Matrix {
-        weights,
-        out_features,
-        in_features,
-        sublayer,
-    };
+    let matrix = Matrix::new;
     let matrices = [
         matrix(WeightKind::Bf16, 771, 1040, Sublayer::Plain),
         matrix(WeightKind::Bf16, 772, 1040, Sublayer::NormGate),

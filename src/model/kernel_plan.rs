@@ -153,6 +153,20 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    pub const fn new(
+        weights: WeightKind,
+        out_features: usize,
+        in_features: usize,
+        sublayer: Sublayer,
+    ) -> Self {
+        Self {
+            weights,
+            out_features,
+            in_features,
+            sublayer,
+        }
+    }
+
     /// The built-in kernel, every candidate's reference.
     pub fn baseline(&self) -> Kernel {
         match self.weights {
@@ -260,12 +274,7 @@ pub fn matrices(cfg: &LmConfig, quant: Quant) -> Vec<Matrix> {
     };
     let (d, h) = (cfg.dim, cfg.hidden());
     let (dd, dh) = (cfg.depformer_dim, cfg.depformer_hidden());
-    let shaped = |weights, out_features, in_features, sublayer| Matrix {
-        weights,
-        out_features,
-        in_features,
-        sublayer,
-    };
+    let shaped = Matrix::new;
     let all = [
         shaped(quantised, 3 * d, d, Norm),
         shaped(quantised, d, d, Skip),
