@@ -14,3 +14,12 @@ pub mod metrics;
 pub mod model;
 pub mod offline;
 pub mod tune;
+
+/// Where duplex keeps what it makes for this machine (certificates, kernel plans):
+/// `~/.cache/duplex`.
+pub fn cache_dir() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    home.join(".cache").join("duplex")
+}

@@ -189,10 +189,7 @@ fn kernels_digest() -> Result<u64> {
 
 /// Where plans are kept: `~/.cache/duplex/kernels`.
 pub fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("duplex").join("kernels")
+    crate::cache_dir().join("kernels")
 }
 
 fn plan_path(dir: &Path, key: &str) -> PathBuf {

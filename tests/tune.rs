@@ -35,30 +35,26 @@ fn without_a_gpu_it_says_why_and_measures_nothing() {
     assert!(!kept.exists(), "a plan was kept at {}", kept.display());
 }
 
+/// Runs `duplex tune` with `args` and checks it exits with `code` naming `why`.
+fn refused(args: &[&str], code: i32, why: &str) {
+    let output = tune(args);
+    assert_eq!(output.status.code(), Some(code), "{args:?}");
+    assert!(
+        stderr(&output).contains(why),
+        "{args:?}: {}",
+        stderr(&output)
+    );
+}
+
 #[test]
 fn bad_matrices_kernels_rows_and_presets_are_named() {
-    let output = tune(&["--matrices", "int8:4096x4096:norm,fp8:1x2:plain"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("\"fp8:1x2:plain\" is not a matrix"),
-        "{}",
-        stderr(&output)
+    let bad_matrix = ["--matrices", "int8:4096x4096:norm,fp8:1x2:plain"];
+    refused(&bad_matrix, 2, "\"fp8:1x2:plain\" is not a matrix");
+    refused(
+        &["--exclude", "split-k,cutlass"],
+        2,
+        "\"cutlass\" is not a kernel",
     );
-    let output = tune(&["--exclude", "split-k,cutlass"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("\"cutlass\" is not a kernel"),
-        "{}",
-        stderr(&output)
-    );
-    let output = tune(&["--rows", "1,0"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("--rows"), "{}", stderr(&output));
-    let output = tune(&["--config", "gpt-9"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("unknown config \"gpt-9\""),
-        "{}",
-        stderr(&output)
-    );
+    refused(&["--rows", "1,0"], 2, "--rows");
+    refused(&["--config", "gpt-9"], 1, "unknown config \"gpt-9\"");
 }

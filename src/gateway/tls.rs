@@ -127,8 +127,5 @@ pub fn lan_address() -> Option<IpAddr> {
 
 /// Where self-signed certificates live by default.
 pub fn default_dir() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("duplex").join("tls")
+    crate::cache_dir().join("tls")
 }
