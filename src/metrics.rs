@@ -113,7 +113,7 @@ impl Metrics {
             ),
             input_underruns: counter(
                 "input_underruns_total",
-                "Frames fed as silence because a session had no input",
+                "Frames made up with silence because less than a frame of a session's input had arrived",
             ),
             input_dropped_samples: counter(
                 "input_dropped_samples_total",

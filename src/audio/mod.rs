@@ -34,6 +34,11 @@ pub fn samples_to_ms(samples: u64) -> f64 {
     samples as f64 * 1000.0 / SAMPLE_RATE as f64
 }
 
+/// The samples at [`SAMPLE_RATE`] that play in `duration` (rounded down).
+pub fn duration_to_samples(duration: std::time::Duration) -> usize {
+    (duration.as_nanos() * u128::from(SAMPLE_RATE) / 1_000_000_000) as usize
+}
+
 const _: () = assert!(FRAME_SAMPLES as u64 * 1000 == FRAME_MS * SAMPLE_RATE as u64);
 const _: () = assert!(PACKET_SAMPLES as u64 * 1000 == PACKET_MS * SAMPLE_RATE as u64);
 

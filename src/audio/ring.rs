@@ -10,6 +10,9 @@
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 /// Marker for the user's audio on its way into the model.
 pub enum Inbound {}
@@ -19,13 +22,51 @@ pub enum Outbound {}
 /// The writing end of a session ring.
 pub struct RingProducer<Dir> {
     inner: HeapProd<f32>,
+    last_push: Arc<PushTime>,
     _dir: PhantomData<Dir>,
 }
 
 /// The reading end of a session ring.
 pub struct RingConsumer<Dir> {
     inner: HeapCons<f32>,
+    last_push: Arc<PushTime>,
     _dir: PhantomData<Dir>,
+}
+
+/// When a ring was last pushed to, shared by its two ends without a lock.
+struct PushTime {
+    /// Signed nanoseconds from [`EPOCH`]; `NEVER` until the first push.
+    nanos: AtomicI64,
+}
+
+const NEVER: i64 = i64::MIN;
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl PushTime {
+    fn new() -> Self {
+        Self {
+            nanos: AtomicI64::new(NEVER),
+        }
+    }
+
+    fn record(&self, at: Instant) {
+        let nanos = match at.checked_duration_since(*EPOCH) {
+            Some(after) => after.as_nanos() as i64,
+            None => -(EPOCH.duration_since(at).as_nanos() as i64),
+        };
+        self.nanos.store(nanos, Ordering::Release);
+    }
+
+    fn get(&self) -> Option<Instant> {
+        let nanos = self.nanos.load(Ordering::Acquire);
+        let offset = Duration::from_nanos(nanos.unsigned_abs());
+        match nanos {
+            NEVER => None,
+            0.. => Some(*EPOCH + offset),
+            _ => Some(*EPOCH - offset),
+        }
+    }
 }
 
 pub type InputProducer = RingProducer<Inbound>;
@@ -36,13 +77,16 @@ pub type OutputConsumer = RingConsumer<Outbound>;
 /// Creates a ring holding up to `capacity_samples` samples and returns its two ends.
 pub fn ring<Dir>(capacity_samples: usize) -> (RingProducer<Dir>, RingConsumer<Dir>) {
     let (inner_prod, inner_cons) = HeapRb::<f32>::new(capacity_samples).split();
+    let last_push = Arc::new(PushTime::new());
     (
         RingProducer {
             inner: inner_prod,
+            last_push: last_push.clone(),
             _dir: PhantomData,
         },
         RingConsumer {
             inner: inner_cons,
+            last_push,
             _dir: PhantomData,
         },
     )
@@ -51,7 +95,14 @@ pub fn ring<Dir>(capacity_samples: usize) -> (RingProducer<Dir>, RingConsumer<Di
 impl<Dir> RingProducer<Dir> {
     /// Pushes as many samples as fit; returns how many did not fit (the caller counts them).
     pub fn push(&mut self, samples: &[f32]) -> usize {
-        samples.len() - self.inner.push_slice(samples)
+        self.push_at(samples, Instant::now())
+    }
+
+    /// [`push`](Self::push) with the time the samples arrived given (tests replay time).
+    pub fn push_at(&mut self, samples: &[f32], at: Instant) -> usize {
+        let pushed = self.inner.push_slice(samples);
+        self.last_push.record(at);
+        samples.len() - pushed
     }
 
     /// Samples currently queued.
@@ -68,6 +119,11 @@ impl<Dir> RingConsumer<Dir> {
     /// Samples currently queued.
     pub fn queued(&self) -> usize {
         self.inner.occupied_len()
+    }
+
+    /// When the producer last pushed (`None` before its first push).
+    pub fn last_push(&self) -> Option<Instant> {
+        self.last_push.get()
     }
 
     /// Pops exactly `out.len()` samples if that many are queued; otherwise pops nothing.
@@ -119,6 +175,21 @@ mod tests {
         assert!(!cons.pop_exact(&mut out));
         assert_eq!(cons.queued(), 3);
         assert_eq!(cons.pop(&mut out), 3);
+    }
+
+    #[test]
+    fn the_consumer_sees_when_the_producer_last_pushed() {
+        let (mut prod, cons) = ring::<Inbound>(16);
+        assert_eq!(cons.last_push(), None);
+        // Tests replay time, so a push may be dated before the ring existed.
+        let now = Instant::now();
+        for at in [
+            now + Duration::from_millis(30),
+            now - Duration::from_millis(30),
+        ] {
+            prod.push_at(&[1.0; 4], at);
+            assert_eq!(cons.last_push(), Some(at));
+        }
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub struct LoopbackReport {
     /// Frames dropped for latency (input or output) or skipped by missed ticks.
     pub frames_dropped: f64,
     pub dropped_percent: f64,
+    /// The drops by side, in 20 ms packets: input the step loop dropped, output the
+    /// transports dropped.
+    pub input_dropped_packets: f64,
+    pub output_dropped_packets: f64,
     pub input_underruns: u64,
     pub output_underruns: u64,
     pub ticks_overrun: u64,
@@ -118,10 +122,12 @@ impl LoopbackReport {
             ),
             format!("probes found: {}/{}", self.probes_found, self.probes_sent),
             format!(
-                "frames: {} total, {:.1} dropped ({:.3} %), underruns in {} / out {}, ticks overrun {} missed {}",
+                "frames: {} total, {:.1} dropped ({:.3} %; packets in {:.0} / out {:.0}), underruns in {} / out {}, ticks overrun {} missed {}",
                 self.frames_total,
                 self.frames_dropped,
                 self.dropped_percent,
+                self.input_dropped_packets,
+                self.output_dropped_packets,
                 self.input_underruns,
                 self.output_underruns,
                 self.ticks_overrun,
@@ -321,8 +327,9 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
         * 1000.0
         / SAMPLE_RATE as f64;
     let frames_total = (connected as f64 * options.seconds * 1000.0 / FRAME_MS as f64) as u64;
-    let dropped_samples = (after.input_dropped - before.input_dropped)
-        + (after.output_dropped - before.output_dropped);
+    let input_dropped = after.input_dropped - before.input_dropped;
+    let output_dropped = after.output_dropped - before.output_dropped;
+    let dropped_samples = input_dropped + output_dropped;
     let missed = after.missed - before.missed;
     let frames_dropped =
         dropped_samples as f64 / FRAME_SAMPLES as f64 + (missed * connected as u64) as f64;
@@ -352,6 +359,8 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
         frames_total,
         frames_dropped,
         dropped_percent,
+        input_dropped_packets: input_dropped as f64 / PACKET_SAMPLES as f64,
+        output_dropped_packets: output_dropped as f64 / PACKET_SAMPLES as f64,
         input_underruns: after.input_underruns - before.input_underruns,
         output_underruns: after.output_underruns - before.output_underruns,
         ticks_overrun: after.overrun - before.overrun,

@@ -86,14 +86,16 @@ pub const TRIM_WINDOW_TICKS: u32 = 25;
 /// The same window counted in 20 ms packets, for the output side.
 pub const TRIM_WINDOW_PACKETS: u32 = 100;
 
-/// Watches a ring's backlog each time it is read (input: after a tick pops its frame; output:
-/// after a packet is taken). When even the smallest backlog over a window held whole packets,
-/// those packets are delay that no jitter needed: they are trimmed, so in steady state a frame
-/// waits less than one packet, while a backlog that jitter does use is left alone.
+/// Watches a ring's slack each time it is read: how many samples could have been missing
+/// without an underrun (output: the backlog left after a packet is taken; input: the backlog
+/// left after a tick pops its frame plus how long the newest audio has waited). When even the
+/// smallest slack over a window held whole packets, those packets are delay that no jitter
+/// needed: they are trimmed, so in steady state a frame waits less than one packet, while a
+/// backlog that jitter does use is left alone.
 #[derive(Debug, Clone)]
 pub struct BacklogTrim {
     window: u32,
-    min_backlog: usize,
+    min_slack: usize,
     observed: u32,
 }
 
@@ -102,20 +104,20 @@ impl BacklogTrim {
     pub fn new(window: u32) -> Self {
         Self {
             window,
-            min_backlog: usize::MAX,
+            min_slack: usize::MAX,
             observed: 0,
         }
     }
 
-    /// Records the samples left queued (0 after an underrun) and returns how many of the
-    /// oldest to drop now.
-    pub fn observe(&mut self, backlog_samples: usize) -> usize {
-        self.min_backlog = self.min_backlog.min(backlog_samples);
+    /// Records the slack in samples (0 after an underrun) and returns how many of the oldest
+    /// to drop now.
+    pub fn observe(&mut self, slack_samples: usize) -> usize {
+        self.min_slack = self.min_slack.min(slack_samples);
         self.observed += 1;
         if self.observed < self.window {
             return 0;
         }
-        let surplus = self.min_backlog / PACKET_SAMPLES * PACKET_SAMPLES;
+        let surplus = self.min_slack / PACKET_SAMPLES * PACKET_SAMPLES;
         *self = Self::new(self.window);
         surplus
     }

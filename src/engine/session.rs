@@ -44,17 +44,17 @@ pub enum SessionEvent {
 }
 
 macro_rules! counters {
-    ($(#[$doc:meta] $name:ident),* $(,)?) => {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Per-session counters, written by the step loop and the transport without locks.
         #[derive(Debug, Default)]
         pub struct SessionStats {
-            $(#[$doc] pub $name: AtomicU64,)*
+            $($(#[$doc])* pub $name: AtomicU64,)*
         }
 
         /// A copy of [`SessionStats`] at one moment, for the `stats` event and logs.
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
         pub struct StatsSnapshot {
-            $(#[$doc] pub $name: u64,)*
+            $($(#[$doc])* pub $name: u64,)*
         }
 
         impl SessionStats {
@@ -68,7 +68,8 @@ macro_rules! counters {
 counters! {
     /// Frames of real input the model consumed.
     frames,
-    /// Ticks at which the session had less than a frame queued and got silence.
+    /// Ticks at which less than a frame of the session's flowing audio was queued: the frame
+    /// was made up with silence before what had arrived.
     input_underruns,
     /// Input samples dropped because the backlog exceeded the latency bound.
     input_dropped_samples,

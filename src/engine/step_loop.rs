@@ -5,7 +5,7 @@
 use super::clock::{BacklogTrim, TRIM_WINDOW_TICKS, TickClock, TickOutcome, input_excess};
 use super::session::{SessionEvent, SessionId, SlotSession};
 use super::{Engine, Persona, StageTimes, StepIo};
-use crate::audio::{FRAME_PERIOD, FRAME_SAMPLES};
+use crate::audio::{FRAME_PERIOD, FRAME_SAMPLES, SAMPLE_RATE, duration_to_samples};
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +26,7 @@ pub struct TickReport {
 pub struct StepLoop<E: Engine> {
     engine: E,
     slots: Vec<Option<SlotSession>>,
-    trims: Vec<BacklogTrim>,
+    inputs: Vec<InputPacing>,
     clock: TickClock,
     active: Vec<bool>,
     input: Vec<f32>,
@@ -50,7 +50,7 @@ impl<E: Engine> StepLoop<E> {
         Self {
             engine,
             slots: (0..slots).map(|_| None).collect(),
-            trims: vec![BacklogTrim::new(TRIM_WINDOW_TICKS); slots],
+            inputs: vec![InputPacing::new(); slots],
             clock: TickClock::new(origin, FRAME_PERIOD),
             active: vec![false; slots],
             input: vec![0.0; slots * FRAME_SAMPLES],
@@ -85,7 +85,7 @@ impl<E: Engine> StepLoop<E> {
         let _ = session.events.try_send(SessionEvent::Ready);
         tracing::info!(session = %session.id, slot_idx, "session joined");
         self.metrics.sessions_active.inc();
-        self.trims[slot_idx] = BacklogTrim::new(TRIM_WINDOW_TICKS);
+        self.inputs[slot_idx] = InputPacing::new();
         self.slots[slot_idx] = Some(session);
     }
 
@@ -128,7 +128,7 @@ impl<E: Engine> StepLoop<E> {
     /// (the real clock in the driver, a scripted one in tests).
     pub fn tick(&mut self, clock: &mut impl FnMut() -> Instant) -> TickReport {
         let started = clock();
-        self.gather();
+        self.gather(started);
         let gathered = clock();
         let io = StepIo {
             active: &self.active,
@@ -159,28 +159,24 @@ impl<E: Engine> StepLoop<E> {
         report
     }
 
-    fn gather(&mut self) {
+    fn gather(&mut self, now: Instant) {
         let frames = self.input.chunks_exact_mut(FRAME_SAMPLES);
         let slots = self
             .slots
             .iter_mut()
-            .zip(self.trims.iter_mut())
+            .zip(self.inputs.iter_mut())
             .zip(self.active.iter_mut());
-        for (((slot, trim), active), frame) in slots.zip(frames) {
+        for (((slot, pacing), active), frame) in slots.zip(frames) {
             *active = slot.is_some();
             let Some(session) = slot else { continue };
             let excess = input_excess(session.input.queued(), self.max_wait_samples);
             drop_input(session, excess, &self.metrics);
-            let backlog = if session.input.pop_exact(frame) {
-                session.stats.add(&session.stats.frames, 1);
-                session.input.queued()
-            } else {
-                frame.fill(0.0);
-                session.stats.add(&session.stats.input_underruns, 1);
-                self.metrics.input_underruns.inc();
-                0
-            };
-            drop_input(session, trim.observe(backlog), &self.metrics);
+            let slack = pacing.take_frame(session, frame, now, &self.metrics);
+            let surplus = pacing
+                .trim
+                .observe(slack.saturating_sub(TRIM_MARGIN_SAMPLES));
+            let surplus = surplus.min(session.input.queued());
+            drop_input(session, surplus, &self.metrics);
         }
     }
 
@@ -239,6 +235,64 @@ impl<E: Engine> StepLoop<E> {
             m.ticks_overrun.inc();
         }
         m.ticks_missed.inc_by(report.outcome.missed);
+    }
+}
+
+/// Slack the input trim leaves a session against jitter it has not seen yet (4 ms).
+const TRIM_MARGIN_SAMPLES: usize = SAMPLE_RATE as usize / 250;
+
+/// The step loop's side of one session's input stream.
+#[derive(Debug, Clone)]
+struct InputPacing {
+    trim: BacklogTrim,
+    /// Audio has arrived. Before that an empty ring is a client not sending yet (still
+    /// connecting), and the frame the first audio ends is the stream's start: neither is an
+    /// underrun.
+    started: bool,
+}
+
+impl InputPacing {
+    fn new() -> Self {
+        Self {
+            trim: BacklogTrim::new(TRIM_WINDOW_TICKS),
+            started: false,
+        }
+    }
+
+    /// Fills `frame` with the session's next frame of input and returns its slack: how much
+    /// later (in samples) its last packet could have arrived and still made this tick, that is
+    /// the samples left queued plus how long the newest of them has waited. A frame short of
+    /// samples has no slack. It takes what has arrived at its end, after silence:
+    /// nothing is lost, and the next frame starts with the next packet. (Silence for the whole
+    /// frame would leave those samples to make a standing backlog, dropped later to bound the
+    /// latency: 80 ms of silence and up to 60 ms of speech lost for one late packet.)
+    fn take_frame(
+        &mut self,
+        session: &mut SlotSession,
+        frame: &mut [f32],
+        now: Instant,
+        metrics: &Metrics,
+    ) -> usize {
+        let queued = session.input.queued();
+        let underrun = self.started;
+        self.started |= queued > 0;
+        if queued >= FRAME_SAMPLES {
+            session.input.pop_exact(frame);
+            session.stats.add(&session.stats.frames, 1);
+            let waited = session
+                .input
+                .last_push()
+                .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+            return session.input.queued() + duration_to_samples(waited);
+        }
+        let (silence, arrived) = frame.split_at_mut(FRAME_SAMPLES - queued);
+        silence.fill(0.0);
+        session.input.pop_exact(arrived);
+        if underrun {
+            session.stats.add(&session.stats.input_underruns, 1);
+            metrics.input_underruns.inc();
+        }
+        0
     }
 }
 
@@ -340,6 +394,14 @@ mod tests {
         fn tick(&mut self) -> TickReport {
             self.tick_taking(Duration::from_micros(300))
         }
+
+        /// Pushes `samples` into a session's input as if they arrived `early` before the
+        /// next tick.
+        fn arrive(&self, client: &mut Client, samples: &[f32], early: Duration) {
+            client
+                .input
+                .push_at(samples, self.step_loop.deadline() - early);
+        }
     }
 
     fn packets(value: f32, count: usize) -> Vec<f32> {
@@ -354,7 +416,11 @@ mod tests {
         let mut out = vec![0.0; FRAME_SAMPLES];
         // 7500 ticks = 10 minutes. Four packets arrive before every tick.
         for idx in 0..7500u32 {
-            assert_eq!(client.input.push(&packets(idx as f32, 4)), 0);
+            h.arrive(
+                &mut client,
+                &packets(idx as f32, 4),
+                Duration::from_millis(10),
+            );
             let report = h.tick();
             assert_eq!(report.outcome, TickOutcome::default());
             assert!(client.output.pop_exact(&mut out));
@@ -381,20 +447,110 @@ mod tests {
     }
 
     #[test]
-    fn missing_input_is_silence_and_counted() {
+    fn a_frame_short_of_input_ends_with_what_arrived_after_silence() {
         let mut h = Harness::new(1, 0);
         let mut client = h.join(1);
         let mut out = vec![1.0; FRAME_SAMPLES];
+        // A client still connecting sends nothing: silence, and not an underrun.
         for _ in 0..3 {
             h.tick();
-        }
-        client.input.push(&packets(0.5, 3));
-        h.tick();
-        assert_eq!(client.stats.snapshot().input_underruns, 4);
-        for _ in 0..4 {
             assert!(client.output.pop_exact(&mut out));
             assert!(out.iter().all(|s| *s == 0.0));
         }
+        assert_eq!(client.stats.snapshot().input_underruns, 0);
+        // The stream starts with three packets before a tick: they end the frame.
+        client.input.push(&packets(0.5, 3));
+        h.tick();
+        assert!(client.output.pop_exact(&mut out));
+        assert_eq!(out, [packets(0.0, 1), packets(0.5, 3)].concat());
+        assert_eq!(client.input.queued(), 0);
+        // From then on every frame is whole and nothing is dropped.
+        for _ in 0..(3 * TRIM_WINDOW_TICKS) {
+            client.input.push(&packets(0.25, 4));
+            h.tick();
+            assert!(client.output.pop_exact(&mut out));
+            assert!(out.iter().all(|s| *s == 0.25));
+        }
+        let stats = client.stats.snapshot();
+        assert_eq!(stats.input_underruns, 0, "nothing was missing");
+        assert_eq!(stats.input_dropped_samples, 0);
+    }
+
+    /// Runs `ticks` ticks of one session whose packets arrive `early` before each tick,
+    /// except that at tick 10 the fourth comes just after it; returns the first sample of
+    /// every 20 ms of output (each packet carries its number).
+    fn one_late_packet(
+        h: &mut Harness,
+        client: &mut Client,
+        early: Duration,
+        ticks: u32,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; FRAME_SAMPLES];
+        let mut sent = 0.0;
+        let mut heard = Vec::new();
+        for tick in 0..ticks {
+            let due = match tick {
+                10 => 3,
+                11 => 5,
+                _ => 4,
+            };
+            for idx in 0..due {
+                sent += 1.0;
+                // The late packet lands 1 ms after tick 10.
+                let at = if tick == 11 && idx == 0 {
+                    FRAME_PERIOD - Duration::from_millis(1)
+                } else {
+                    early
+                };
+                h.arrive(client, &packets(sent, 1), at);
+            }
+            h.tick();
+            assert!(client.output.pop_exact(&mut out));
+            heard.extend(out.chunks(PACKET_SAMPLES).map(|packet| packet[0]));
+        }
+        heard
+    }
+
+    #[test]
+    fn a_late_packet_costs_one_packet_of_silence_and_later_one_of_audio() {
+        let mut h = Harness::new(1, 0);
+        let mut client = h.join(1);
+        let heard = one_late_packet(
+            &mut h,
+            &mut client,
+            Duration::from_millis(10),
+            4 * TRIM_WINDOW_TICKS,
+        );
+        let stats = client.stats.snapshot();
+        assert_eq!(
+            (stats.input_underruns, stats.input_dropped_samples),
+            (1, PACKET_SAMPLES as u64)
+        );
+        // The packets were heard in order, with one packet of silence where the late one
+        // was due; the packet of backlog it left, 30 ms of slack that no jitter used, was
+        // trimmed once it had stood a whole window.
+        let audio: Vec<f32> = heard.iter().copied().filter(|v| *v != 0.0).collect();
+        assert!(audio.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(audio[audio.len() - 1] as usize - audio.len(), 1);
+        assert_eq!(heard.iter().filter(|v| **v == 0.0).count(), 1);
+    }
+
+    #[test]
+    fn a_packet_of_backlog_that_jitter_needed_is_kept() {
+        // Packets land 1 ms before each tick, so one 2 ms late makes a short frame. Trimming
+        // the packet of backlog that follows would leave 1 ms of slack: it is kept.
+        let mut h = Harness::new(1, 0);
+        let mut client = h.join(1);
+        let heard = one_late_packet(
+            &mut h,
+            &mut client,
+            Duration::from_millis(1),
+            10 * TRIM_WINDOW_TICKS,
+        );
+        let stats = client.stats.snapshot();
+        assert_eq!((stats.input_underruns, stats.input_dropped_samples), (1, 0));
+        assert_eq!(heard.iter().filter(|v| **v == 0.0).count(), 1);
+        assert_eq!(client.input.queued(), PACKET_SAMPLES);
     }
 
     #[test]
@@ -402,7 +558,7 @@ mod tests {
         let mut h = Harness::new(1, 0);
         let mut client = h.join(1);
         // A client that sent 7 frames at once (e.g. after a network stall).
-        client.input.push(&packets(1.0, 28));
+        h.arrive(&mut client, &packets(1.0, 28), Duration::from_millis(10));
         h.tick();
         let stats = client.stats.snapshot();
         assert_eq!(
@@ -416,7 +572,7 @@ mod tests {
         );
         // That standing packet is kept while the window lasts, then trimmed once.
         for _ in 1..crate::engine::clock::TRIM_WINDOW_TICKS {
-            client.input.push(&packets(1.0, 4));
+            h.arrive(&mut client, &packets(1.0, 4), Duration::from_millis(10));
             h.tick();
         }
         assert_eq!(
@@ -424,7 +580,7 @@ mod tests {
             stats.input_dropped_samples + PACKET_SAMPLES as u64
         );
         assert_eq!(client.input.queued(), 0);
-        client.input.push(&packets(1.0, 4));
+        h.arrive(&mut client, &packets(1.0, 4), Duration::from_millis(10));
         h.tick();
         assert_eq!(client.stats.snapshot().input_underruns, 0);
     }

@@ -139,6 +139,7 @@ impl OutboundAudio {
             encoder,
             payload_type,
         } = self;
+        source.wait_for_late_output().await;
         let pcm = source.next_packet(stats, metrics);
         if !connected {
             return;

@@ -334,6 +334,7 @@ impl Outbound {
             if !self.ready {
                 continue;
             }
+            self.source.wait_for_late_output().await;
             let pcm = self.source.next_packet(stats, metrics);
             let Ok(packet) = self.encoder.encode(pcm) else {
                 continue;

@@ -21,6 +21,10 @@ pub fn packet_ticker(schedule: (Instant, Duration)) -> Interval {
     ticker
 }
 
+/// The longest a packet waits for output the engine is late with.
+pub const LATE_OUTPUT_WAIT: Duration = Duration::from_millis(15);
+const LATE_OUTPUT_POLL: Duration = Duration::from_millis(1);
+
 /// Takes the session's output 20 ms at a time: silence before the first output and when the
 /// engine falls behind (counted as an underrun), and drops output beyond a frame and a packet.
 pub struct PacketSource {
@@ -37,6 +41,20 @@ impl PacketSource {
             pcm: vec![0.0; PACKET_SAMPLES],
             started: false,
             trim: BacklogTrim::new(TRIM_WINDOW_PACKETS),
+        }
+    }
+
+    /// Waits, once the agent's audio has started, up to [`LATE_OUTPUT_WAIT`] for a packet the
+    /// engine is late with (a step thread woken late, a slow step). Sending it a few
+    /// milliseconds late costs the listener nothing; silence instead would cost 20 ms of the
+    /// agent's voice now and, once the late frame has stood as backlog, 20 ms dropped later.
+    pub async fn wait_for_late_output(&mut self) {
+        let give_up = tokio::time::Instant::now() + LATE_OUTPUT_WAIT;
+        while self.started
+            && self.output.queued() < PACKET_SAMPLES
+            && tokio::time::Instant::now() < give_up
+        {
+            tokio::time::sleep(LATE_OUTPUT_POLL).await;
         }
     }
 
@@ -129,6 +147,48 @@ mod tests {
             stats.snapshot().output_dropped_samples as usize,
             3 * FRAME_SAMPLES - FRAME_SAMPLES - PACKET_SAMPLES
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_packet_the_engine_is_late_with_is_waited_for() {
+        let (mut prod, cons) = ring(4 * FRAME_SAMPLES);
+        let mut source = PacketSource::new(cons);
+        let stats = SessionStats::default();
+        let metrics = Metrics::new();
+        prod.push(&[0.5; PACKET_SAMPLES]);
+        source.next_packet(&stats, &metrics);
+        // The next frame lands 6 ms after its packet was due.
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(6)).await;
+            prod.push(&[0.25; FRAME_SAMPLES]);
+            prod
+        });
+        let due = tokio::time::Instant::now();
+        source.wait_for_late_output().await;
+        let waited = due.elapsed();
+        assert!(waited >= Duration::from_millis(6) && waited < LATE_OUTPUT_WAIT);
+        assert!(
+            source
+                .next_packet(&stats, &metrics)
+                .iter()
+                .all(|s| *s == 0.25)
+        );
+        assert_eq!(stats.snapshot().output_underruns, 0);
+        // A frame later than the bound is not waited for any longer: silence, counted.
+        let _prod = late.await.unwrap();
+        for _ in 0..3 {
+            source.next_packet(&stats, &metrics);
+        }
+        let due = tokio::time::Instant::now();
+        source.wait_for_late_output().await;
+        assert!(due.elapsed() >= LATE_OUTPUT_WAIT);
+        assert!(
+            source
+                .next_packet(&stats, &metrics)
+                .iter()
+                .all(|s| *s == 0.0)
+        );
+        assert_eq!(stats.snapshot().output_underruns, 1);
     }
 
     #[test]

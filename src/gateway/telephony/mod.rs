@@ -573,6 +573,7 @@ impl Call {
                             }
                         }
                     }
+                    self.outbound.source.wait_for_late_output().await;
                     let format = self.outbound.format;
                     let (payload, output_level) = self.outbound.next(&self.stats, metrics);
                     let frame = provider.media(payload, format);
