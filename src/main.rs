@@ -486,6 +486,18 @@ enum BenchCommand {
     Loopback(LoopbackArgs),
     /// Time of one model frame by stage (Mimi encode, temporal, depformer, Mimi decode).
     Step(StepArgs),
+    /// CPU one stream's Opus costs, for each encoder setting the server uses.
+    Opus(OpusBenchArgs),
+}
+
+#[derive(Args)]
+struct OpusBenchArgs {
+    /// Seconds of speech-like audio per pass.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -566,6 +578,7 @@ fn main() -> Result<()> {
         Command::Doctor(args) => doctor(args),
         Command::Bench(BenchCommand::Loopback(args)) => runtime.block_on(bench_loopback(args)),
         Command::Bench(BenchCommand::Step(args)) => bench_step(args),
+        Command::Bench(BenchCommand::Opus(args)) => bench_opus(args),
         Command::Tune(args) => tune(args),
     }
 }
@@ -957,13 +970,30 @@ fn bench_step(args: StepArgs) -> Result<()> {
         kv_quant: args.kv_quant.into(),
     };
     let report = duplex::bench::step::run(&options)?;
-    println!("{}", report.table());
-    let json = serde_json::to_string_pretty(&report)?;
+    print_report(report.table(), &report, args.json.as_deref())
+}
+
+/// A benchmark's table, then its JSON on stdout and, when asked, in a file.
+fn print_report(
+    table: String,
+    report: &impl serde::Serialize,
+    json_path: Option<&std::path::Path>,
+) -> Result<()> {
+    println!("{table}");
+    let json = serde_json::to_string_pretty(report)?;
     println!("{json}");
-    if let Some(path) = args.json {
-        std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(path) = json_path {
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+fn bench_opus(args: OpusBenchArgs) -> Result<()> {
+    if !(args.seconds > 0.0 && args.seconds <= 3600.0) {
+        anyhow::bail!("--seconds must be between 0 and 3600, got {}", args.seconds);
+    }
+    let report = duplex::bench::opus::run(args.seconds)?;
+    print_report(report.table(), &report, args.json.as_deref())
 }
 
 async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
@@ -973,11 +1003,5 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
         echo_delay_frames: args.echo_delay_frames,
     };
     let report = loopback::run(options).await?;
-    println!("{}", report.table());
-    let json = serde_json::to_string_pretty(&report)?;
-    println!("{json}");
-    if let Some(path) = args.json {
-        std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    print_report(report.table(), &report, args.json.as_deref())
 }

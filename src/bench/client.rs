@@ -251,11 +251,18 @@ impl ClientPeer {
 
     /// Sends `pcm` in real time, one packet every 20 ms; returns when each packet was sent.
     pub async fn play(&mut self, pcm: &[f32]) -> Result<Vec<Instant>> {
+        let packets = encode_packets(pcm)?;
+        self.play_encoded(&packets).await
+    }
+
+    /// Sends Opus packets in real time, one every 20 ms; returns when each was sent. (Many
+    /// clients sending the same audio encode it once.)
+    pub async fn play_encoded(&mut self, packets: &[Bytes]) -> Result<Vec<Instant>> {
         let mut ticker = tokio::time::interval(PACKET_PERIOD);
-        let mut sent = Vec::with_capacity(pcm.len() / PACKET_SAMPLES);
-        for packet in pcm.chunks_exact(PACKET_SAMPLES) {
+        let mut sent = Vec::with_capacity(packets.len());
+        for packet in packets {
             ticker.tick().await;
-            self.send_pcm(packet).await?;
+            self.send_payload(packet.clone()).await?;
             sent.push(Instant::now());
         }
         Ok(sent)
@@ -291,6 +298,14 @@ impl ClientPeer {
     pub async fn hang_up(self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// `pcm` as the 20 ms Opus packets a client sends.
+pub fn encode_packets(pcm: &[f32]) -> Result<Vec<Bytes>> {
+    let mut encoder = OpusEncoder::new(EncoderConfig::default())?;
+    pcm.chunks_exact(PACKET_SAMPLES)
+        .map(|packet| Ok(Bytes::copy_from_slice(encoder.encode(packet)?)))
+        .collect()
 }
 
 async fn post_offer(

@@ -7,13 +7,17 @@
 //! left is the tick phase, the output pacing phase, the Opus lookahead of both directions and
 //! scheduling.
 
-use super::client::{ClientOptions, ClientPeer, Recording};
+use super::client::{ClientOptions, ClientPeer, Recording, encode_packets};
 use crate::audio::opus::{EncoderConfig, OpusEncoder};
-use crate::audio::{FRAME_MS, FRAME_SAMPLES, PACKET_MS, PACKET_SAMPLES, SAMPLE_RATE, signal};
+use crate::audio::{
+    FRAME_MS, FRAME_SAMPLES, PACKET_MS, PACKET_PERIOD, PACKET_SAMPLES, SAMPLE_RATE, samples_to_ms,
+    signal,
+};
 use crate::engine::{EchoEngine, EngineConfig, EngineHandle};
 use crate::gateway::{AppState, GatewayConfig, PeerSettings, Server};
 use crate::metrics::Metrics;
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -70,7 +74,7 @@ pub struct LatencyParts {
     /// A frame is complete only when its last sample has arrived.
     pub frame_gathering_ms: f64,
     pub engine_delay_ms: f64,
-    /// Opus algorithmic delay, client encoder + server encoder.
+    /// Opus algorithmic delay: the client's encoder (voice) + the server's (the agent's).
     pub codec_lookahead_ms: f64,
 }
 
@@ -101,6 +105,10 @@ pub struct LoopbackReport {
     /// CPU time of the whole process (server and clients) per session, in percent of one core.
     pub cpu_percent_per_session: Option<f64>,
     pub cpu_percent_total: Option<f64>,
+    /// The server's part (everything but the client peers' threads), per session.
+    pub server_cpu_percent_per_session: Option<f64>,
+    /// The client peers' part, all of them together.
+    pub clients_cpu_percent: Option<f64>,
     pub real_time: bool,
 }
 
@@ -133,7 +141,13 @@ impl LoopbackReport {
                 self.ticks_overrun,
                 self.ticks_missed
             ),
-            format!("cpu: {} per session, {} total", cpu(self.cpu_percent_per_session), cpu(self.cpu_percent_total)),
+            format!(
+                "cpu: {} per session, {} total; the server {} per session, the clients {} in all",
+                cpu(self.cpu_percent_per_session),
+                cpu(self.cpu_percent_total),
+                cpu(self.server_cpu_percent_per_session),
+                cpu(self.clients_cpu_percent)
+            ),
             format!("real time: {}", if self.real_time { "yes" } else { "NO" }),
         ]
         .join("\n")
@@ -221,12 +235,32 @@ fn probe_latencies(
     latencies
 }
 
-/// CPU seconds this process has used (Linux; `None` elsewhere).
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+/// Names the threads of the runtime the client peers run on, so their CPU time can be told
+/// apart from the server's.
+const CLIENT_THREADS: &str = "bench-client";
+
+/// CPU seconds used so far: (by the whole process, by the client peers' threads). Linux only
+/// (`None` elsewhere).
+fn cpu_seconds() -> Option<(f64, f64)> {
+    let (_, all) = thread_cpu(std::path::Path::new("/proc/self/stat"))?;
+    let clients = std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .filter_map(|task| thread_cpu(&task.path().join("stat")))
+        .filter(|(name, _)| name.starts_with(CLIENT_THREADS))
+        .map(|(_, seconds)| seconds)
+        .sum();
+    Some((all, clients))
+}
+
+/// A thread's (or the process's) name and CPU seconds from its `stat` file.
+fn thread_cpu(stat_path: &std::path::Path) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    let (head, tail) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = tail.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    Some((name, ticks / 100.0))
 }
 
 struct Counters {
@@ -249,6 +283,57 @@ fn counters(metrics: &Metrics) -> Counters {
     }
 }
 
+/// Connects `sessions` client peers on `runtime`; those that fail are logged and left out.
+async fn connect_clients(
+    runtime: &tokio::runtime::Runtime,
+    base_url: &str,
+    sessions: usize,
+) -> Result<Vec<ClientPeer>> {
+    let mut clients = Vec::with_capacity(sessions);
+    for _ in 0..sessions {
+        let options = ClientOptions {
+            base_url: base_url.to_owned(),
+            ..Default::default()
+        };
+        match runtime.spawn(ClientPeer::connect(options)).await? {
+            Ok(client) => clients.push(client),
+            Err(err) => tracing::warn!(%err, "a client could not connect"),
+        }
+    }
+    Ok(clients)
+}
+
+/// Every client sends `packets` in real time, at once but each at its own phase; returns each client with the times
+/// its packets were sent.
+async fn play_all(
+    runtime: &tokio::runtime::Runtime,
+    clients: Vec<ClientPeer>,
+    packets: Arc<Vec<Bytes>>,
+) -> Result<Vec<(ClientPeer, Vec<Instant>)>> {
+    // People join at unrelated moments, so their packets reach the server at unrelated phases
+    // of the 20 ms grid: client `idx` starts `idx / count` of a packet period after the first.
+    let count = clients.len().max(1) as u32;
+    let players: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(idx, mut client)| {
+            let packets = packets.clone();
+            let phase = PACKET_PERIOD * idx as u32 / count;
+            runtime.spawn(async move {
+                tokio::time::sleep(phase).await;
+                let sent = client.play_encoded(&packets).await;
+                (client, sent)
+            })
+        })
+        .collect();
+    let mut finished = Vec::with_capacity(players.len());
+    for player in players {
+        let (client, sent) = player.await.context("client task")?;
+        finished.push((client, sent?));
+    }
+    Ok(finished)
+}
+
 /// Runs the benchmark.
 pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
     let metrics = Arc::new(Metrics::new());
@@ -268,42 +353,28 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
     let stop = CancellationToken::new();
     let server_task = tokio::spawn(server.run(stop.clone().cancelled_owned()));
 
-    let mut clients = Vec::with_capacity(options.sessions);
-    for _ in 0..options.sessions {
-        let client = ClientPeer::connect(ClientOptions {
-            base_url: base_url.clone(),
-            ..Default::default()
-        })
-        .await;
-        match client {
-            Ok(client) => clients.push(client),
-            Err(err) => tracing::warn!(%err, "a client could not connect"),
-        }
-    }
+    // The client peers run on their own threads, so the server's CPU time can be told apart.
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(CLIENT_THREADS)
+        .enable_all()
+        .build()?;
+    let clients = connect_clients(&client_runtime, &base_url, options.sessions).await?;
     let connected = clients.len();
     let (pcm, starts, probe) = probe_signal(options.seconds);
+    let packets = Arc::new(encode_packets(&pcm)?);
     // Let every session settle into its tick phase before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = counters(&metrics);
-    let cpu_before = process_cpu_seconds();
+    let cpu_before = cpu_seconds();
     let wall_start = Instant::now();
-    let players: Vec<_> = clients
-        .into_iter()
-        .map(|mut client| {
-            let pcm = pcm.clone();
-            tokio::spawn(async move {
-                let sent = client.play(&pcm).await;
-                (client, sent)
-            })
-        })
-        .collect();
-    let mut finished = Vec::with_capacity(players.len());
-    for player in players {
-        let (client, sent) = player.await.context("client task")?;
-        finished.push((client, sent?));
-    }
+    let finished = play_all(&client_runtime, clients, packets).await?;
     let wall = wall_start.elapsed().as_secs_f64();
-    let cpu = cpu_before.zip(process_cpu_seconds()).map(|(a, b)| b - a);
+    let cpu = cpu_before
+        .zip(cpu_seconds())
+        .map(|((all, clients), (all_after, clients_after))| {
+            (all_after - all, clients_after - clients)
+        });
     let after = counters(&metrics);
     // The last probe's echo is already back (probes stop four frames before the end); this
     // only lets in-flight packets land.
@@ -316,6 +387,7 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
     for (client, _) in finished {
         let _ = client.close().await;
     }
+    client_runtime.shutdown_background();
     stop.cancel();
     let _ = server_task.await;
     engine.shutdown();
@@ -323,9 +395,13 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
     let engine_delay_ms = (options.echo_delay_frames as u64 * FRAME_MS) as f64;
     let floor = FRAME_MS as f64 + engine_delay_ms;
     let added: Vec<f64> = latencies.iter().map(|l| l - floor).collect();
-    let lookahead_ms = OpusEncoder::new(EncoderConfig::default())?.lookahead_samples()? as f64
-        * 1000.0
-        / SAMPLE_RATE as f64;
+    let lookahead_ms = |config| -> Result<f64> {
+        Ok(samples_to_ms(
+            OpusEncoder::new(config)?.lookahead_samples()? as u64,
+        ))
+    };
+    let codec_lookahead_ms =
+        lookahead_ms(EncoderConfig::default())? + lookahead_ms(EncoderConfig::agent())?;
     let frames_total = (connected as f64 * options.seconds * 1000.0 / FRAME_MS as f64) as u64;
     let input_dropped = after.input_dropped - before.input_dropped;
     let output_dropped = after.output_dropped - before.output_dropped;
@@ -339,6 +415,8 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
         100.0 * frames_dropped / frames_total as f64
     };
     let probes_sent = starts.len() * connected;
+    let percent = |seconds: f64| 100.0 * seconds / wall;
+    let sessions = connected.max(1) as f64;
     let real_time = connected == options.sessions
         && dropped_percent <= 0.1
         && latencies.len() * 100 >= probes_sent * 99;
@@ -352,7 +430,7 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
             client_playout_ms: 0.0,
             frame_gathering_ms: FRAME_MS as f64,
             engine_delay_ms,
-            codec_lookahead_ms: 2.0 * lookahead_ms,
+            codec_lookahead_ms,
         },
         probes_sent,
         probes_found: latencies.len(),
@@ -365,8 +443,10 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
         output_underruns: after.output_underruns - before.output_underruns,
         ticks_overrun: after.overrun - before.overrun,
         ticks_missed: missed,
-        cpu_percent_per_session: cpu.map(|c| 100.0 * c / wall / connected.max(1) as f64),
-        cpu_percent_total: cpu.map(|c| 100.0 * c / wall),
+        cpu_percent_per_session: cpu.map(|(all, _)| percent(all) / sessions),
+        cpu_percent_total: cpu.map(|(all, _)| percent(all)),
+        server_cpu_percent_per_session: cpu.map(|(all, clients)| percent(all - clients) / sessions),
+        clients_cpu_percent: cpu.map(|(_, clients)| percent(clients)),
         real_time,
     })
 }

@@ -3,4 +3,5 @@
 
 pub mod client;
 pub mod loopback;
+pub mod opus;
 pub mod step;

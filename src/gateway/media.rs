@@ -121,7 +121,7 @@ impl OutboundAudio {
     fn new(output: OutputConsumer) -> Result<Self, crate::audio::opus::OpusError> {
         Ok(Self {
             source: PacketSource::new(output),
-            encoder: OpusEncoder::new(EncoderConfig::default())?,
+            encoder: OpusEncoder::new(EncoderConfig::agent())?,
             payload_type: None,
         })
     }

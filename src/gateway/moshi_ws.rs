@@ -227,10 +227,7 @@ where
         cancel,
         metrics,
     } = task;
-    let (encoder, decoder) = match (
-        OpusEncoder::new(EncoderConfig::default()),
-        OpusDecoder::new(),
-    ) {
+    let (encoder, decoder) = match (OpusEncoder::new(EncoderConfig::agent()), OpusDecoder::new()) {
         (Ok(e), Ok(d)) => (e, d),
         (Err(err), _) | (_, Err(err)) => {
             tracing::error!(session = %id, %err, "cannot create the Opus codec");
