@@ -92,17 +92,27 @@ pub const TRIM_WINDOW_PACKETS: u32 = 100;
 /// smallest slack over a window held whole packets, those packets are delay that no jitter
 /// needed: they are trimmed, so in steady state a frame waits less than one packet, while a
 /// backlog that jitter does use is left alone.
+///
+/// A window in which the slack ran out (an underrun) doubles the next one, up to
+/// `MAX_WINDOW_GROWTH` times the first, and a window without one halves it back: a backlog that
+/// jitter once needed is kept longer before it is judged again, so jitter rarer than a window
+/// does not make a session swing between underruns and trims.
 #[derive(Debug, Clone)]
 pub struct BacklogTrim {
+    base_window: u32,
     window: u32,
     min_slack: usize,
     observed: u32,
 }
 
+/// How far an underrun can lengthen a trim window (16 × 2 s for the input).
+const MAX_WINDOW_GROWTH: u32 = 16;
+
 impl BacklogTrim {
     /// Trims after `window` observations.
     pub fn new(window: u32) -> Self {
         Self {
+            base_window: window,
             window,
             min_slack: usize::MAX,
             observed: 0,
@@ -118,7 +128,13 @@ impl BacklogTrim {
             return 0;
         }
         let surplus = self.min_slack / PACKET_SAMPLES * PACKET_SAMPLES;
-        *self = Self::new(self.window);
+        self.window = if self.min_slack == 0 {
+            (self.window * 2).min(self.base_window * MAX_WINDOW_GROWTH)
+        } else {
+            (self.window / 2).max(self.base_window)
+        };
+        self.min_slack = usize::MAX;
+        self.observed = 0;
         surplus
     }
 }
@@ -217,6 +233,37 @@ mod tests {
             };
             assert_eq!(trim.observe(backlog), 0);
         }
+    }
+
+    #[test]
+    fn an_underrun_lengthens_the_next_window_and_a_clean_one_shortens_it() {
+        let window = TRIM_WINDOW_TICKS as usize;
+        let mut trim = BacklogTrim::new(TRIM_WINDOW_TICKS);
+        // Ticks until a standing packet is trimmed, with an underrun in the first window or not.
+        let mut ticks_to_trim = |underrun: bool| {
+            (1..)
+                .find(|idx| {
+                    let slack = if underrun && *idx == 1 {
+                        0
+                    } else {
+                        PACKET_SAMPLES
+                    };
+                    trim.observe(slack) > 0
+                })
+                .unwrap()
+        };
+        assert_eq!(ticks_to_trim(false), window);
+        // The window with the underrun trims nothing; the next is twice as long.
+        assert_eq!(ticks_to_trim(true), window + 2 * window);
+        // A clean window halves it again.
+        assert_eq!(ticks_to_trim(false), window);
+        // Underruns in window after window lengthen it up to 16 times.
+        for _ in 0..6 {
+            for _ in 0..trim.window {
+                trim.observe(0);
+            }
+        }
+        assert_eq!(trim.window, 16 * TRIM_WINDOW_TICKS);
     }
 
     #[test]

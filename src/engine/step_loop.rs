@@ -238,8 +238,8 @@ impl<E: Engine> StepLoop<E> {
     }
 }
 
-/// Slack the input trim leaves a session against jitter it has not seen yet (4 ms).
-const TRIM_MARGIN_SAMPLES: usize = SAMPLE_RATE as usize / 250;
+/// Slack the input trim leaves a session against jitter it has not seen yet (2 ms).
+const TRIM_MARGIN_SAMPLES: usize = SAMPLE_RATE as usize / 500;
 
 /// The step loop's side of one session's input stream.
 #[derive(Debug, Clone)]
