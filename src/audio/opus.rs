@@ -29,7 +29,7 @@ fn codec(op: &'static str) -> impl FnOnce(opus::Error) -> OpusError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpusMode {
     /// SILK, hybrid or CELT as libopus judges the signal, with in-band FEC: what a browser
-    /// sends. 6.5 ms of lookahead; about four times `LowDelay`'s CPU for speech.
+    /// sends. 6.5 ms of lookahead; three to four times `LowDelay`'s CPU for speech.
     Voice,
     /// CELT only: 2.5 ms of lookahead, but no in-band FEC (a lost packet is concealed).
     /// `duplex bench opus` measures both.

@@ -110,7 +110,6 @@ pub struct ClientPeer {
     track: Arc<TrackLocalStaticSample>,
     ssrc: u32,
     payload_type: u8,
-    encoder: OpusEncoder,
     states: watch::Receiver<RTCPeerConnectionState>,
     recording: Arc<Mutex<Recording>>,
     events: Arc<Mutex<Vec<Value>>>,
@@ -180,7 +179,6 @@ impl ClientPeer {
             track,
             ssrc,
             payload_type: 0,
-            encoder: OpusEncoder::new(EncoderConfig::default())?,
             states,
             recording,
             events,
@@ -227,12 +225,6 @@ impl ClientPeer {
         .await
         .context("still connected")??;
         Ok(*state)
-    }
-
-    /// Encodes and sends one 20 ms packet of 24 kHz PCM.
-    pub async fn send_pcm(&mut self, pcm: &[f32]) -> Result<()> {
-        let packet = Bytes::copy_from_slice(self.encoder.encode(pcm)?);
-        self.send_payload(packet).await
     }
 
     /// Sends one RTP payload as is (used to send garbage).

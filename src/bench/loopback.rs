@@ -303,8 +303,8 @@ async fn connect_clients(
     Ok(clients)
 }
 
-/// Every client sends `packets` in real time, at once but each at its own phase; returns each client with the times
-/// its packets were sent.
+/// Every client sends `packets` in real time, all at once but each at its own phase; returns
+/// each client with the times its packets were sent.
 async fn play_all(
     runtime: &tokio::runtime::Runtime,
     clients: Vec<ClientPeer>,

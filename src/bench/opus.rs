@@ -1,6 +1,7 @@
 //! `duplex bench opus`: what one stream's Opus costs the server, per encoder setting, on
 //! speech-like audio: the CPU that decides how many sessions a core can carry.
 
+use super::loopback::Percentiles;
 use crate::audio::opus::{EncoderConfig, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use crate::audio::{PACKET_SAMPLES, SAMPLE_RATE, samples_to_ms, signal};
 use anyhow::Result;
@@ -95,15 +96,10 @@ fn measure(setting: &'static str, config: EncoderConfig, pcm: &[f32]) -> Result<
         setting,
         config: format!("{config:?}"),
         lookahead_ms: samples_to_ms(lookahead as u64),
-        encode_core_percent: 100.0 * median(&mut encode_seconds) / audio_seconds,
-        decode_core_percent: 100.0 * median(&mut decode_seconds) / audio_seconds,
+        encode_core_percent: 100.0 * Percentiles::of(&encode_seconds).p50 / audio_seconds,
+        decode_core_percent: 100.0 * Percentiles::of(&decode_seconds).p50 / audio_seconds,
         mean_packet_bytes: bytes as f64 / packets.len().max(1) as f64,
     })
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 #[cfg(test)]

@@ -123,12 +123,7 @@ mod tests {
         let mut source = PacketSource::new(cons);
         let stats = SessionStats::default();
         let metrics = Metrics::new();
-        assert!(
-            source
-                .next_packet(&stats, &metrics)
-                .iter()
-                .all(|s| *s == 0.0)
-        );
+        assert_eq!(source.next_packet(&stats, &metrics), [0.0; PACKET_SAMPLES]);
         assert_eq!(stats.snapshot().output_underruns, 0, "not started yet");
         prod.push(&[0.5; PACKET_SAMPLES]);
         assert!(
@@ -167,12 +162,7 @@ mod tests {
         source.wait_for_late_output().await;
         let waited = due.elapsed();
         assert!(waited >= Duration::from_millis(6) && waited < LATE_OUTPUT_WAIT);
-        assert!(
-            source
-                .next_packet(&stats, &metrics)
-                .iter()
-                .all(|s| *s == 0.25)
-        );
+        assert_eq!(source.next_packet(&stats, &metrics), [0.25; PACKET_SAMPLES]);
         assert_eq!(stats.snapshot().output_underruns, 0);
         // A frame later than the bound is not waited for any longer: silence, counted.
         let _prod = late.await.unwrap();
@@ -182,12 +172,7 @@ mod tests {
         let due = tokio::time::Instant::now();
         source.wait_for_late_output().await;
         assert!(due.elapsed() >= LATE_OUTPUT_WAIT);
-        assert!(
-            source
-                .next_packet(&stats, &metrics)
-                .iter()
-                .all(|s| *s == 0.0)
-        );
+        assert_eq!(source.next_packet(&stats, &metrics), [0.0; PACKET_SAMPLES]);
         assert_eq!(stats.snapshot().output_underruns, 1);
     }
 
