@@ -123,3 +123,88 @@ fn compose_file_is_valid_and_deploys_what_webrtc_needs() {
         assert!(text.contains(needle), "compose.yml lacks {needle}");
     }
 }
+
+/// A program linked against a `libcuda.so.1` that is gone by the time it runs: the dynamic
+/// loader refuses it exactly as it refuses the CUDA build in a container started without a GPU.
+fn program_missing_libcuda(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("cuda.c"),
+        "int cuInit(unsigned flags) { return 0; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("main.c"),
+        "int cuInit(unsigned flags);\nint main(void) { return cuInit(0); }\n",
+    )
+    .unwrap();
+    let cc = |args: &[&str]| {
+        let status = Command::new("cc")
+            .current_dir(dir)
+            .args(args)
+            .status()
+            .unwrap_or_else(|e| panic!("cc not found ({e}): run `bash .ci/setup test`"));
+        assert!(status.success(), "cc {args:?}");
+    };
+    cc(&[
+        "-shared",
+        "-fPIC",
+        "-Wl,-soname,libcuda.so.1",
+        "-o",
+        "libcuda.so",
+        "cuda.c",
+    ]);
+    cc(&["-o", "needs-libcuda", "main.c", "-L.", "-lcuda"]);
+    std::fs::remove_file(dir.join("libcuda.so")).unwrap();
+    dir.join("needs-libcuda")
+}
+
+fn run_entrypoint(gpu_build: &Path) -> std::process::Output {
+    Command::new(docker_dir().join("gpu-entrypoint.sh"))
+        .arg("--version")
+        .env("DUPLEX_GPU_BUILD", gpu_build)
+        .env("DUPLEX_CPU_BUILD", env!("CARGO_BIN_EXE_duplex"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_gpu_image_without_a_gpu_runs_the_cpu_build_and_says_why() {
+    let dir = std::env::temp_dir().join(format!("duplex-entrypoint-{}", std::process::id()));
+    let unloadable = program_missing_libcuda(&dir);
+    let output = run_entrypoint(&unloadable);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("duplex "),
+        "the CPU build answered"
+    );
+    assert!(
+        stderr.contains("libcuda.so.1"),
+        "names the library: {stderr}"
+    );
+    assert!(
+        stderr.contains("--gpus all"),
+        "says how to fix it: {stderr}"
+    );
+
+    let output = run_entrypoint(Path::new(env!("CARGO_BIN_EXE_duplex")));
+    assert!(output.status.success());
+    assert!(output.stderr.is_empty(), "a build that loads runs as is");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gpu_images_carry_the_cpu_build_behind_their_entry_point() {
+    for file in ["Dockerfile.spark", "Dockerfile.cuda"] {
+        let text = std::fs::read_to_string(docker_dir().join(file)).unwrap();
+        let runtime = runtime_stage(&text);
+        for needle in [
+            "COPY docker/gpu-entrypoint.sh /usr/local/bin/duplex-entrypoint",
+            "/usr/local/bin/duplex-cpu",
+            "ENTRYPOINT [\"duplex-entrypoint\"]",
+        ] {
+            assert!(runtime.contains(needle), "{file} lacks {needle}");
+        }
+    }
+}
