@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long the child measuring a plan may take before it is killed.
@@ -394,10 +395,13 @@ fn measure_in_child(
     excluded: &[Kernel],
     key: &str,
 ) -> std::result::Result<KernelPlan, (anyhow::Error, Option<Kernel>)> {
+    // Unique per call: measurements in one process (tests run them in parallel) must not
+    // read each other's plan or progress.
+    static MEASUREMENTS: AtomicUsize = AtomicUsize::new(0);
     let scratch = std::env::temp_dir().join(format!(
         "duplex-tune-{}-{}",
         std::process::id(),
-        excluded.len()
+        MEASUREMENTS.fetch_add(1, Ordering::Relaxed)
     ));
     let (json, progress) = (
         scratch.with_extension("json"),
