@@ -232,6 +232,69 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
     }
 }
 
+/// Graphs of three row buckets, each captured once and replayed after the others: frames go
+/// from one busy slot (1 row) to two (2 rows) to three with slot 3 busy (4 rows), then back to
+/// one. With 16 depformer steps the three buckets turn over the depformer ring's memo of index
+/// tensors, so a graph that did not own the ones it reads would replay over freed memory. The
+/// tokens equal the eager run's, frame for frame.
+#[test]
+fn graphs_of_three_row_buckets_replay_the_eager_tokens_after_each_other() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let Some(gpu) = tiny::gpu() else { return };
+    let fx = tiny::load("lm_greedy.safetensors");
+    let model = tiny::model(16, DType::BF16, &gpu, Quant::None);
+    let busy_slots = |frame: usize| match frame / 10 {
+        1 => [true, true, false, false],
+        2 => [true, true, false, true],
+        _ => [true, false, false, false],
+    };
+    let run = |graphs: bool| {
+        let mut generator = Generator::new(
+            &model,
+            4,
+            model.config().context,
+            RingPositions::PersonaPlex,
+        )
+        .unwrap();
+        if graphs {
+            generator.use_cuda_graphs(&model).unwrap();
+        }
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        generator.open(1, 11, SamplingConfig::DEFAULT);
+        generator.open(3, 12, SamplingConfig::DEFAULT);
+        let frames = fx["user_codes"].dim(1).unwrap();
+        let mut tokens = Vec::new();
+        for frame in 0..40 {
+            let user: Vec<i64> = fx["user_codes"]
+                .i((.., frame % frames))
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let input = CallInput::Tokens(Forced {
+                user: Some(user.try_into().unwrap()),
+                ..Default::default()
+            });
+            let inputs = busy_slots(frame).map(|busy| busy.then(|| input.clone()));
+            let out = generator.step(&model, &inputs).unwrap();
+            tokens.push(
+                out.into_iter()
+                    .map(|o| o.and_then(|o| o.tokens))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        (tokens, generator.replays_cuda_graph())
+    };
+    let (eager, _) = run(false);
+    let (replayed, depformer) = run(true);
+    assert!(
+        depformer,
+        "the depformer graph was not captured (see the log)"
+    );
+    for (frame, (e, r)) in eager.iter().zip(&replayed).enumerate() {
+        assert_eq!(e, r, "frame {frame}, busy slots {:?}", busy_slots(frame));
+    }
+}
+
 /// Mimi's encode and decode replayed as CUDA graphs give the eager codes and audio, frame by
 /// frame: one slot alone (a 1-row graph), then two (a 2-row graph), the second sitting frames
 /// out and then reset.

@@ -483,7 +483,13 @@ impl CustomOp1 for RmsNormOp {
 
     fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         contiguous(layout, "rms norm input")?;
-        let dim = layout.shape().dims()[layout.shape().rank() - 1];
+        let dim = layout.shape().dims().last().copied().unwrap_or(0);
+        if dim == 0 || self.alpha.elem_count() != dim {
+            candle_core::bail!(
+                "rms norm: {} weights for rows of {dim}",
+                self.alpha.elem_count()
+            );
+        }
         let rows = layout.shape().elem_count() / dim;
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
@@ -533,7 +539,11 @@ impl CustomOp1 for SwiGluOp {
     fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
         contiguous(layout, "swiglu input")?;
         let dims = layout.shape().dims();
-        let hidden = dims[dims.len() - 1] / 2;
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || !width.is_multiple_of(2) {
+            candle_core::bail!("swiglu takes rows of [a, b] halves, not of {width}");
+        }
+        let hidden = width / 2;
         let rows = layout.shape().elem_count() / (2 * hidden);
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);

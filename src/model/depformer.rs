@@ -165,6 +165,19 @@ impl DepformerState {
         self.cache.set_decode(decode);
     }
 
+    /// Keeps the device tensors the steps read from now on, until `take_kept`: see
+    /// `RingCache::keep_indices`.
+    #[cfg(feature = "cuda")]
+    pub fn keep_for_capture(&mut self) {
+        self.cache.keep_indices();
+    }
+
+    /// What the steps read since `keep_for_capture`, for the captured graph to own.
+    #[cfg(feature = "cuda")]
+    pub fn take_kept(&mut self) -> Vec<Tensor> {
+        self.cache.take_kept_indices()
+    }
+
     /// Tables that rotate nothing for `rows` rows, made once per row count (outside any CUDA
     /// graph capture: the eager frame before a capture makes them).
     fn identity_rope(

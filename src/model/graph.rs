@@ -23,6 +23,10 @@ use std::sync::Arc;
 /// the capture copies from those buffers. Without it a captured upload reads host memory freed
 /// right after the capture, at every replay (garbage indices, illegal addresses); with it, an
 /// upload the eager run did not make fails the capture with candle's error.
+///
+/// candle keeps that cache per thread and frees it when the thread ends, so capture only on a
+/// thread that outlives the graphs: the step loop's, or the one `serve`'s warm-up runs on (the
+/// main thread); never a pool thread that exits when idle (`spawn_blocking`'s).
 pub fn cached_uploads(device: &Device) -> Result<impl Sized> {
     Ok(device.as_cuda_device()?.enable_cuda_graph_htod_cache())
 }
@@ -32,6 +36,8 @@ pub struct FrameGraph {
     graph: CudaGraph,
     inputs: Vec<Tensor>,
     output: Tensor,
+    /// Tensors made before the capture that it reads where they lie (`keep_alive`).
+    kept: Vec<Tensor>,
 }
 
 // SAFETY: a graph is not internally synchronised and must not be used from two threads at once;
@@ -83,7 +89,14 @@ impl FrameGraph {
             graph,
             inputs,
             output,
+            kept: Vec::new(),
         })
+    }
+
+    /// Owns `tensors`, which the capture read where they lie: a tensor another owner drops
+    /// would free memory every replay still reads.
+    pub fn keep_alive(&mut self, tensors: Vec<Tensor>) {
+        self.kept.extend(tensors);
     }
 
     /// Copies `inputs` (the shapes and dtypes captured) into the graph's buffers, replays it and

@@ -164,6 +164,9 @@ pub struct RingCache {
     /// them needs no host copy). Other caches' indices change every frame and are not kept.
     index_memo: Vec<(bool, usize, Vec<i64>, Tensor)>,
     memo_indices: bool,
+    /// While a CUDA graph is captured (`keep_indices`), every index tensor a step uses: the
+    /// graph reads them at every replay, long after the memo may have dropped them.
+    kept_indices: Option<Vec<Tensor>>,
     decode: DecodeAttention,
     /// The no-prefix plan of a kernels step, by rows (the same every step).
     no_prefix: Vec<(usize, PinnedPrefix)>,
@@ -222,6 +225,7 @@ impl RingCache {
             device: device.clone(),
             index_memo: Vec::new(),
             memo_indices: false,
+            kept_indices: None,
             decode: DecodeAttention::Composed,
             no_prefix: Vec::new(),
             whole_ring: false,
@@ -240,6 +244,20 @@ impl RingCache {
     pub fn with_index_memo(mut self) -> Self {
         self.memo_indices = true;
         self
+    }
+
+    /// Keeps every index tensor the steps use from now until `take_kept_indices`: call it
+    /// before capturing a CUDA graph, whose replays read those tensors where they lie.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn keep_indices(&mut self) {
+        self.kept_indices = Some(Vec::new());
+    }
+
+    /// The index tensors used since `keep_indices`, for the captured graph to own; stops
+    /// keeping them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn take_kept_indices(&mut self) -> Vec<Tensor> {
+        self.kept_indices.take().unwrap_or_default()
     }
 
     /// Makes every step read the whole ring (see `whole_ring`).
@@ -371,6 +389,21 @@ impl RingCache {
     /// The ring indices `[rows][time]` on the device: for the kernels (`kernels`, one token),
     /// i64 `[rows]`; else as the scatter's index tensor `[rows, heads, time, head_dim]`.
     fn index_tensor(
+        &mut self,
+        index: Vec<i64>,
+        rows: usize,
+        time: usize,
+        kernels: bool,
+    ) -> Result<Option<Tensor>> {
+        let tensor = self.memo_or_upload(index, rows, time, kernels)?;
+        if let (Some(kept), Some(tensor)) = (&mut self.kept_indices, &tensor) {
+            kept.push(tensor.clone());
+        }
+        Ok(tensor)
+    }
+
+    /// `index_tensor`'s tensor from the memo, else uploaded (and remembered, with the memo).
+    fn memo_or_upload(
         &mut self,
         index: Vec<i64>,
         rows: usize,
@@ -639,6 +672,7 @@ pub fn attention(q: &Tensor, attend: &Attend) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::TensorId;
 
     const HEAD_DIM: usize = 2;
 
@@ -703,6 +737,40 @@ mod tests {
                 seen
             })
             .collect()
+    }
+
+    /// A CUDA graph captured over the depformer's memoised ring reads the index tensors its
+    /// steps used at every replay, long after the memo has turned them over: the capture
+    /// keeps each one it used, and only those.
+    #[test]
+    fn a_capture_keeps_the_index_tensors_its_steps_used_after_the_memo_drops_them() {
+        let shape = RingShape {
+            layers: 1,
+            batch: 4,
+            heads: 1,
+            capacity: 64,
+            head_dim: HEAD_DIM,
+        };
+        let mut r = RingCache::new(shape, DType::F32, &Device::Cpu, RingPositions::PersonaPlex)
+            .unwrap()
+            .with_index_memo();
+        r.begin(1, &[true; 4]).unwrap();
+        r.keep_indices();
+        let used: Vec<TensorId> = (0..3)
+            .map(|_| r.begin(1, &[true; 4]).unwrap().write_index.unwrap().id())
+            .collect();
+        let kept: Vec<TensorId> = r.take_kept_indices().iter().map(Tensor::id).collect();
+        assert_eq!(kept, used);
+        // Each later step writes elsewhere: the memo drops the captured steps' tensors.
+        for _ in 0..INDEX_MEMO {
+            r.begin(1, &[true, false, true, false]).unwrap();
+        }
+        let memo: Vec<TensorId> = r.index_memo.iter().map(|(.., t)| t.id()).collect();
+        assert!(
+            used.iter().all(|id| !memo.contains(id)),
+            "the memo kept them"
+        );
+        assert!(r.take_kept_indices().is_empty(), "keeping did not stop");
     }
 
     #[test]

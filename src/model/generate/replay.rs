@@ -152,10 +152,18 @@ impl Generator {
         )?
         .to_vec2()?;
         let depformer = &mut self.depformer;
+        depformer.keep_for_capture();
         let captured =
             FrameGraph::capture(&inputs, (rows, plan.streams()), DType::U32, |buffers| {
                 let plan = plan.with_buffers(&buffers[2], &buffers[3]);
                 draw_frame(model, depformer, &buffers[0], &buffers[1], &plan, &all_rows)
+            });
+        // The ring's write indices come from its memo, which later row buckets turn over.
+        let ring_indices = self.depformer.take_kept();
+        let captured = captured
+            .map(|mut graph| {
+                graph.keep_alive(ring_indices);
+                graph
             })
             .and_then(|graph| {
                 let replayed: Vec<Vec<u32>> = graph.replay(&inputs)?.to_vec2()?;
