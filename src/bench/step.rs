@@ -12,6 +12,7 @@ use crate::model::kv::RingPositions;
 use crate::model::lm::LmModel;
 use crate::model::mimi::{Mimi, MimiConfig};
 use crate::model::pipeline::{Models, PipelineState, Stage};
+use crate::model::profile_span;
 use crate::model::quant::{KvQuant, Quant};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
@@ -263,6 +264,9 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
     let mut stages: [Vec<f64>; 5] = Default::default();
     let warm_up = 3;
     for frame in 0..options.frames + warm_up {
+        if frame == warm_up {
+            profile_span(&options.device, true)?;
+        }
         let chunk = &speech[(frame % 50) * FRAME_SAMPLES..][..FRAME_SAMPLES];
         let input: Vec<f32> = chunk
             .iter()
@@ -294,6 +298,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
             stages[4].push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
+    profile_span(&options.device, false)?;
     let [encode, temporal, depformer, decode, total] = stages.map(|s| Percentiles::of(&s));
     let weight_bytes = lm_weight_bytes(
         lm.config(),

@@ -47,3 +47,28 @@ pub fn open_gpu(ordinal: usize) -> Result<Device> {
     }
     Ok(device)
 }
+
+/// Opens (`open`) or closes the span of GPU work a profiler records: `cuProfilerStart` and
+/// `cuProfilerStop`, which `.ci/kprof.cpp` and Nsight Systems' `--capture-range=cudaProfilerApi`
+/// follow. It waits for the device first, so a span holds exactly the work launched inside it.
+/// With no profiler attached the driver does nothing, and on the CPU neither does this.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn profile_span(device: &Device, open: bool) -> Result<()> {
+    device.synchronize()?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = device {
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        gpu.cuda_stream().context().bind_to_thread().w()?;
+        // SAFETY: no arguments; the device's context is current on this thread.
+        let marked = unsafe {
+            if open {
+                sys::cuProfilerStart()
+            } else {
+                sys::cuProfilerStop()
+            }
+        };
+        marked.result().w()?;
+    }
+    Ok(())
+}

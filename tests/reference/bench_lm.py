@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -36,6 +37,17 @@ from moshi.models.lm import LMGen, LMModel
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
+
+
+def mark_profile_span(device: str, open_span: bool) -> None:
+    """Opens or closes the span a profiler records (cudaProfilerStart/Stop: .ci/kprof.cpp, Nsight
+    Systems), as `duplex bench step` marks its own timed frames. A failure only costs the profile."""
+    if device != "cuda":
+        return
+    try:
+        (torch.cuda.profiler.start if open_span else torch.cuda.profiler.stop)()
+    except Exception as error:  # noqa: BLE001 - the timing must not depend on the profiler
+        print(f"profile span not marked: {error}", file=sys.stderr)
 
 
 def build(args: argparse.Namespace) -> LMModel:
@@ -73,11 +85,14 @@ def main() -> None:
         for frame in range(args.frames + args.warm_up):
             codes = torch.randint(0, model.card, (args.batch, user_codebooks, 1), device=args.device)
             sync()
+            if frame == args.warm_up:
+                mark_profile_span(args.device, open_span=True)
             started = time.perf_counter()
             lm_gen.step(codes)
             sync()
             if frame >= args.warm_up:
                 times.append((time.perf_counter() - started) * 1000.0)
+        mark_profile_span(args.device, open_span=False)
     print(
         json.dumps(
             {
