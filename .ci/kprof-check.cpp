@@ -39,7 +39,7 @@ int main() {
   CUpti_ActivityMemcpy6 copy{};
   copy.kind = CUPTI_ACTIVITY_KIND_MEMCPY;
   copy.copyKind = CUPTI_ACTIVITY_MEMCPY_KIND_DTOH;
-  copy.correlationId = 13;
+  copy.runtimeCorrelationId = 13;  // a runtime call's copy: no driver call's id
   copy.start = 5000, copy.end = 5500, copy.bytes = 4096;
   records.push_back(copy_record(copy));
   call(CUPTI_CB_DOMAIN_DRIVER_API, CUPTI_DRIVER_TRACE_CBID_cuProfilerStop, CUPTI_API_ENTER, 20);

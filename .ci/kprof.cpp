@@ -42,13 +42,15 @@ struct Range {
   uint64_t started, stopped;  // host timestamps, CUPTI's clock
 };
 
-std::mutex lock;
-std::vector<Record> records;
-std::vector<Range> ranges;
+// Never destroyed: CUPTI's thread may still deliver a buffer while the process exits.
+std::mutex& lock = *new std::mutex;
+std::vector<Record>& records = *new std::vector<Record>;
+std::vector<Range>& ranges = *new std::vector<Range>;
 bool range_open = false;
-std::vector<std::string> names;
-std::unordered_map<std::string, uint32_t> name_ids;
+std::vector<std::string>& names = *new std::vector<std::string>;
+std::unordered_map<std::string, uint32_t>& name_ids = *new std::unordered_map<std::string, uint32_t>;
 uint64_t dropped = 0;
+uint64_t unreadable = 0;  // buffers that ended at an incomplete record
 
 // Whether `result` is success; else says which call failed and why.
 bool succeeded(const char* call, CUptiResult result) {
@@ -91,7 +93,9 @@ Record kernel_record(const CUpti_ActivityKernel10& kernel) {
 }
 
 Record copy_record(const CUpti_ActivityMemcpy6& copy) {
-  return {'C', copy.correlationId, copy.start, copy.end, copy.graphId, {}, {}, 0, 0, copy.bytes,
+  // A runtime call's copy may carry no driver call's id.
+  const uint32_t correlation = copy.correlationId ? copy.correlationId : copy.runtimeCorrelationId;
+  return {'C', correlation, copy.start, copy.end, copy.graphId, {}, {}, 0, 0, copy.bytes,
           name_id(copy_direction(copy.copyKind))};
 }
 
@@ -108,7 +112,11 @@ void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_recor
 void CUPTIAPI buffer_completed(CUcontext context, uint32_t stream, uint8_t* buffer, size_t, size_t valid) {
   std::lock_guard<std::mutex> held(lock);
   CUpti_Activity* activity = nullptr;
-  while (cuptiActivityGetNextRecord(buffer, valid, &activity) == CUPTI_SUCCESS) {
+  for (;;) {
+    const CUptiResult next = cuptiActivityGetNextRecord(buffer, valid, &activity);
+    // An incomplete record ends the buffer (CUPTI's documented loop): say so in the file.
+    if (next == CUPTI_ERROR_INVALID_KIND) ++unreadable;
+    if (next != CUPTI_SUCCESS) break;
     switch (activity->kind) {
       case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL:
         records.push_back(kernel_record(*reinterpret_cast<CUpti_ActivityKernel10*>(activity)));
@@ -149,6 +157,7 @@ void write_report() {
   }
   fprintf(file, "# kprof: %s\n", command_line().c_str());
   fprintf(file, "# dropped records: %llu\n", (unsigned long long)dropped);
+  fprintf(file, "# buffers cut at an incomplete record: %llu\n", (unsigned long long)unreadable);
   for (const Range& range : ranges)
     fprintf(file, "# range\t%u\t%u\t%llu\t%llu\n", range.first_correlation, range.last_correlation,
             (unsigned long long)range.started, (unsigned long long)range.stopped);
@@ -191,10 +200,8 @@ void CUPTIAPI on_api(void*, CUpti_CallbackDomain domain, CUpti_CallbackId id, co
   }
 }
 
-void at_exit() {
-  std::lock_guard<std::mutex> held(lock);
-  write_report();  // a range never stopped keeps its open bounds: every later record
-}
+// A range never stopped keeps its open bound: every later record.
+void at_exit() { flush_and_write(); }
 
 }  // namespace
 

@@ -6,7 +6,7 @@
 
 use crate::doctor::{Check, Status, gpu};
 use crate::model::config::LmConfig;
-use crate::model::kernel_plan::{self, Kernel, KernelPlan, Matrix, ROW_BUCKETS};
+use crate::model::kernel_plan::{self, Kernel, KernelPlan, Matrix, ROW_BUCKETS, TrialTrace};
 use crate::model::quant::Quant;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -207,7 +207,8 @@ fn failure_path(dir: &Path, key: &str) -> PathBuf {
 pub const EXCLUDED: &str = "left out: it stopped an earlier measurement on this card";
 
 /// Measures `request` on `device` in this process (`duplex tune`), without the `excluded`
-/// kernels, appending `kernel matrix rows` to `progress` before each trial.
+/// kernels, appending `kernel matrix rows` to `progress` before each trial and `done` after
+/// it.
 pub fn measure_here(
     device: &Device,
     request: &TuneRequest,
@@ -230,24 +231,32 @@ pub fn measure_here(
         ),
         None => None,
     };
-    let mut before_trial = |matrix: &Matrix, rows: usize, kernel: Kernel| {
+    let mut mark = |trial: Option<(&Matrix, usize, Kernel)>| {
         if let Some(file) = trace.as_mut() {
             use std::io::Write;
             // Unbuffered and synced: the line must survive the process dying in the trial.
-            let _ = writeln!(file, "{} {} {rows}", kernel.name(), matrix.spec());
+            let _ = match trial {
+                Some((matrix, rows, kernel)) => {
+                    writeln!(file, "{} {} {rows}", kernel.name(), matrix.spec())
+                }
+                None => writeln!(file, "{TRIAL_DONE}"),
+            };
             let _ = file.sync_data();
         }
     };
     let excluded: Vec<(Kernel, String)> = excluded.iter().map(|&k| (k, EXCLUDED.into())).collect();
-    measure(device, request, &excluded, &mut before_trial, key, card)
+    measure(device, request, &excluded, &mut mark, key, card)
 }
+
+/// A progress line: the trial traced before it is over.
+const TRIAL_DONE: &str = "done";
 
 #[cfg(feature = "cuda")]
 fn measure(
     device: &Device,
     request: &TuneRequest,
     excluded: &[(Kernel, String)],
-    before_trial: &mut dyn FnMut(&Matrix, usize, Kernel),
+    trace: &mut TrialTrace<'_>,
     key: String,
     card: String,
 ) -> Result<KernelPlan> {
@@ -256,7 +265,7 @@ fn measure(
         matrices: &request.matrices,
         rows: &request.rows,
         excluded,
-        before_trial,
+        trace,
     };
     Ok(measure(device, measurement, key, card)?)
 }
@@ -266,7 +275,7 @@ fn measure(
     _: &Device,
     _: &TuneRequest,
     _: &[(Kernel, String)],
-    _: &mut dyn FnMut(&Matrix, usize, Kernel),
+    _: &mut TrialTrace<'_>,
     _: String,
     _: String,
 ) -> Result<KernelPlan> {
@@ -434,7 +443,8 @@ fn measure_in_child(
     outcome
 }
 
-/// The kernel named on the last line of a measurement's progress file.
+/// The kernel of the trial a measurement's progress file shows unfinished: its last line,
+/// unless that line says the last trial was over (the failure came between trials).
 fn last_kernel_tried(progress: &Path) -> Option<Kernel> {
     let text = std::fs::read_to_string(progress).ok()?;
     let name = text.lines().last()?.split(' ').next()?;
@@ -602,6 +612,19 @@ cp "{plan}" "$json"
             2,
             "the kept plan is used, nothing measured"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A child that dies after its last trial was over (out of memory making the next
+    /// matrix's weights, say) blames no kernel: nothing is left out, and the failure stands.
+    #[test]
+    fn a_failure_between_trials_blames_no_kernel() {
+        let dir = scratch("between-trials");
+        let exe = child(&dir, "key-5", &[TRIAL_DONE], "split-k");
+        let kept = dir.join("kept");
+        let err = kept_or_measured("key-5", &request(), &exe, &kept).unwrap_err();
+        assert!(format!("{err:#}").contains("signal: 11"), "{err:#}");
+        assert_eq!(runs(&dir), ["[]"], "measured once, nothing left out");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

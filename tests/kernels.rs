@@ -769,13 +769,17 @@ fn a_measured_plan_tries_every_candidate_and_each_agrees() {
     ];
     let rows = [1, 2, 4, 8, 64];
     let mut tried = Vec::new();
-    let mut before_trial = |m: &Matrix, rows: usize, kernel: Kernel| tried.push((*m, rows, kernel));
+    let mut finished = 0;
+    let mut trace = |trial: Option<(&Matrix, usize, Kernel)>| match trial {
+        Some((m, rows, kernel)) => tried.push((*m, rows, kernel)),
+        None => finished += 1,
+    };
     let excluded = [(Kernel::CublasOutIn, "left out".to_owned())];
     let measurement = Measurement {
         matrices: &matrices,
         rows: &rows,
         excluded: &excluded,
-        before_trial: &mut before_trial,
+        trace: &mut trace,
     };
     let plan = measure(&gpu, measurement, "test".into(), "this GPU".into()).unwrap();
     eprintln!("{}", plan.table());
@@ -796,6 +800,7 @@ fn a_measured_plan_tries_every_candidate_and_each_agrees() {
         }
     }
     assert_eq!(tried.len(), expected_tries, "each trial announced once");
+    assert_eq!(finished, expected_tries, "each trial's end announced once");
     let split_k_gated = plan.choices.iter().any(|c| {
         c.matrix.sublayer == Sublayer::NormGate
             && c.trials

@@ -2,8 +2,8 @@
 //! replays CUDA graphs: one graph per row bucket, each captured at the first frame of that
 //! bucket and checked once against that frame's eager result.
 
-#[cfg(feature = "cuda")]
 use super::Result;
+use candle_core::{DType, Tensor};
 
 /// How a piece of a frame runs.
 pub enum GraphMode {
@@ -78,24 +78,53 @@ impl GraphMode {
     }
 }
 
+/// The largest `|a - b|`, infinite when either holds a NaN or an infinity. A maximum alone
+/// would not say: candle's on a GPU skips NaN (`fmaxf`), so an output of NaN would pass.
+pub fn largest_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let diff = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
+    if !diff.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        return Ok(f32::INFINITY);
+    }
+    diff.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
 /// Whether a replayed output is the eager one up to `tolerance` relative to its largest value
 /// (`Err` says by how much it is not).
 #[cfg(feature = "cuda")]
 pub fn agrees_within(
-    replayed: &candle_core::Tensor,
-    eager: &candle_core::Tensor,
+    replayed: &Tensor,
+    eager: &Tensor,
     tolerance: f32,
 ) -> Result<std::result::Result<(), String>> {
-    use candle_core::DType;
-    let replayed = replayed.to_dtype(DType::F32)?;
-    let eager = eager.to_dtype(DType::F32)?;
-    let largest = eager.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let diff = (replayed - eager)?
+    let largest = eager
+        .to_dtype(DType::F32)?
         .abs()?
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?;
+    let diff = largest_difference(replayed, eager)?;
     Ok((diff <= tolerance * largest.max(1.0))
         .then_some(())
         .ok_or_else(|| format!("max |diff| {diff} in outputs up to {largest}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_nan_or_an_infinity_is_an_infinite_difference() {
+        let eager = Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let close = Tensor::new(&[1.0f32, -2.5, 3.0], &Device::Cpu).unwrap();
+        assert_eq!(largest_difference(&close, &eager).unwrap(), 0.5);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let replayed = Tensor::new(&[1.0f32, bad, 3.0], &Device::Cpu).unwrap();
+            assert_eq!(
+                largest_difference(&replayed, &eager).unwrap(),
+                f32::INFINITY,
+                "{bad}"
+            );
+        }
+    }
 }

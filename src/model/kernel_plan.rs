@@ -143,6 +143,9 @@ impl Kernel {
     }
 }
 
+/// Told of each trial of a measurement: `Some` before it starts, `None` once it is over.
+pub type TrialTrace<'a> = dyn FnMut(Option<(&Matrix, usize, Kernel)>) + 'a;
+
 /// One matrix of the model, `[out_features, in_features]` as PyTorch holds it, in its sublayer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Matrix {

@@ -1,9 +1,11 @@
 //! Times every candidate kernel of every matrix on the GPU, in the sublayer the model calls it
 //! in, on random operands of the model's shapes, and checks each against the built-in kernel.
 
-use super::{Choice, Kernel, KernelPlan, Matrix, Sublayer, Trial, WeightKind};
+use super::{Choice, Kernel, KernelPlan, Matrix, Sublayer, Trial, TrialTrace, WeightKind};
 use crate::model::Result;
 use crate::model::cuda::{self, Ends, W8a16Kernel};
+use crate::model::graph::{self, FrameGraph};
+use crate::model::graph_cache::largest_difference;
 use crate::model::quant::{Int8Weight, quantize};
 use candle_core::{DType, Device, Tensor};
 use std::time::{Duration, Instant};
@@ -14,54 +16,91 @@ const SAMPLE: Duration = Duration::from_millis(3);
 const SAMPLES: usize = 7;
 const EPS: f64 = 1e-5;
 
-/// What a measurement runs and skips, and whom it tells before each trial.
+/// What a measurement runs and skips, and whom it tells of each trial.
 pub struct Measurement<'a> {
     pub matrices: &'a [Matrix],
     pub rows: &'a [usize],
     /// Kernels not to run, each with the reason recorded in its trials.
     pub excluded: &'a [(Kernel, String)],
-    /// Called before each trial (to leave a trace should the trial take the process down).
-    pub before_trial: &'a mut dyn FnMut(&Matrix, usize, Kernel),
+    /// Called with the trial before it starts and with `None` once it is over, to leave a
+    /// trace that names the trial should it take the process down.
+    pub trace: &'a mut TrialTrace<'a>,
 }
 
-/// One matrix's weights in every layout its candidates read.
+/// Weight bytes a timed sample streams at least: over twice the L2 of the cards we serve on
+/// (50 MB on an H100, 60 on an H200, 24 on GB10), so each call reads its weights from DRAM as
+/// in a frame, not from a cache the previous call filled.
+const STREAMED_BYTES: usize = 256 << 20;
+const MAX_COPIES: usize = 256;
+
+/// One matrix's weights in every layout its candidates read, in copies that the timed calls
+/// take in turn (`STREAMED_BYTES`).
 struct Weights {
-    /// bf16 `[out, in]` (PyTorch's layout).
-    out_in: Tensor,
-    /// bf16 `[in, out]`.
-    in_out: Tensor,
-    int8: Option<Int8Weight>,
+    /// bf16 `[out, in]` (PyTorch's layout); bf16 matrices only.
+    out_in: Vec<Tensor>,
+    /// bf16 `[in, out]`; bf16 matrices only.
+    in_out: Vec<Tensor>,
+    /// Int8 matrices only.
+    int8: Vec<Int8Weight>,
 }
 
 impl Weights {
     fn random(matrix: &Matrix, device: &Device) -> Result<Self> {
         let (n, k) = (matrix.out_features, matrix.in_features);
+        let copies = STREAMED_BYTES
+            .div_ceil(matrix.weight_bytes().max(1))
+            .clamp(1, MAX_COPIES);
         let out_in = (Tensor::randn(0f32, 1f32, (n, k), device)? * (1.0 / (k as f64).sqrt()))?
             .to_dtype(DType::BF16)?;
-        let int8 = match matrix.weights {
-            WeightKind::Int8 => Some(quantize(&out_in)?),
-            WeightKind::Bf16 => None,
-        };
-        Ok(Self {
-            in_out: out_in.t()?.contiguous()?,
-            out_in,
-            int8,
+        let copy = |t: &Tensor| -> Result<Vec<Tensor>> { (0..copies).map(|_| t.copy()).collect() };
+        Ok(match matrix.weights {
+            WeightKind::Int8 => {
+                let int8 = quantize(&out_in)?;
+                let (q, scale) = (copy(&int8.q)?, copy(&int8.scale)?);
+                Self {
+                    out_in: Vec::new(),
+                    in_out: Vec::new(),
+                    int8: q
+                        .into_iter()
+                        .zip(scale)
+                        .map(|(q, scale)| Int8Weight { q, scale })
+                        .collect(),
+                }
+            }
+            WeightKind::Bf16 => Self {
+                in_out: copy(&out_in.t()?.contiguous()?)?,
+                out_in: copy(&out_in)?,
+                int8: Vec::new(),
+            },
         })
     }
 
-    /// The product alone by `kernel`, or with `ends` inside for the split-K kernels.
-    fn product(&self, kernel: Kernel, xs: &Tensor, ends: &Ends) -> Result<Tensor> {
-        let int8 = || {
-            self.int8
-                .as_ref()
-                .ok_or_else(|| candle_core::Error::msg(format!("{kernel:?} needs int8 weights")))
+    /// How many copies the calls take in turn.
+    fn copies(&self) -> usize {
+        self.out_in.len().max(self.int8.len())
+    }
+
+    /// The product alone by `kernel` on weight copy `copy`, or with `ends` inside for the
+    /// split-K kernels.
+    fn product(&self, kernel: Kernel, xs: &Tensor, ends: &Ends, copy: usize) -> Result<Tensor> {
+        let pick = |layout: &'_ [Tensor]| -> Result<Tensor> {
+            match layout.get(copy % layout.len().max(1)) {
+                Some(t) => Ok(t.clone()),
+                None => candle_core::bail!("{kernel:?} needs bf16 weights"),
+            }
+        };
+        let int8 = || -> Result<&Int8Weight> {
+            match self.int8.get(copy % self.int8.len().max(1)) {
+                Some(w) => Ok(w),
+                None => candle_core::bail!("{kernel:?} needs int8 weights"),
+            }
         };
         match kernel {
-            Kernel::Cublas => xs.matmul(&self.in_out),
-            Kernel::CublasOutIn => xs.matmul(&self.out_in.t()?),
-            Kernel::SplitK => match &self.int8 {
-                Some(int8) => cuda::w8a16_fused(xs, int8, W8a16Kernel::SplitK, ends),
-                None => cuda::gemv_bf16(xs, &self.out_in, ends),
+            Kernel::Cublas => xs.matmul(&pick(&self.in_out)?),
+            Kernel::CublasOutIn => xs.matmul(&pick(&self.out_in)?.t()?),
+            Kernel::SplitK => match self.int8.is_empty() {
+                false => cuda::w8a16_fused(xs, int8()?, W8a16Kernel::SplitK, ends),
+                true => cuda::gemv_bf16(xs, &pick(&self.out_in)?, ends),
             },
             Kernel::Rows => cuda::w8a16_on(xs, int8()?, W8a16Kernel::Rows),
             Kernel::TensorCores => cuda::w8a16_on(xs, int8()?, W8a16Kernel::TensorCores),
@@ -95,7 +134,13 @@ impl Operands {
 
     /// The sublayer as the model runs it by `kernel`: the split-K kernels with its ends inside,
     /// any other kernel between our separate norm and add or gate (`nn::Linear`, `SwiGlu`).
-    fn run(&self, weights: &Weights, kernel: Kernel, sublayer: Sublayer) -> Result<Tensor> {
+    fn run(
+        &self,
+        weights: &Weights,
+        kernel: Kernel,
+        sublayer: Sublayer,
+        copy: usize,
+    ) -> Result<Tensor> {
         let normed = matches!(sublayer, Sublayer::Norm | Sublayer::NormGate);
         let gate = sublayer == Sublayer::NormGate;
         if kernel == Kernel::SplitK {
@@ -104,13 +149,13 @@ impl Operands {
                 norm: normed.then(|| (self.alpha.clone(), EPS as f32)),
                 gate,
             };
-            return weights.product(kernel, &self.xs, &ends);
+            return weights.product(kernel, &self.xs, &ends, copy);
         }
         let input = match normed {
             true => cuda::rms_norm(&self.xs, &self.alpha, EPS as f32)?,
             false => self.xs.clone(),
         };
-        let out = weights.product(kernel, &input, &Ends::default())?;
+        let out = weights.product(kernel, &input, &Ends::default(), copy)?;
         match (&self.residual, gate) {
             (Some(residual), _) => residual + out,
             (None, true) => cuda::swiglu(&out),
@@ -130,26 +175,38 @@ pub fn measure(
         matrices,
         rows,
         excluded,
-        before_trial,
+        trace,
     } = measurement;
     let mut choices = Vec::new();
     for (done, matrix) in matrices.iter().enumerate() {
         let weights = Weights::random(matrix, device)?;
         for &count in rows {
             let operands = Operands::random(matrix, count, device)?;
-            let expected = operands.run(&weights, matrix.baseline(), matrix.sublayer)?;
-            let trials = matrix
-                .candidates(count)
-                .into_iter()
-                .map(|kernel| {
-                    if let Some((_, why)) = excluded.iter().find(|(k, _)| *k == kernel) {
-                        return Trial::failed(kernel, why.clone());
+            let expected = operands.run(&weights, matrix.baseline(), matrix.sublayer, 0)?;
+            let mut trials = Vec::new();
+            for kernel in matrix.candidates(count) {
+                if let Some((_, why)) = excluded.iter().find(|(k, _)| *k == kernel) {
+                    trials.push(Trial::failed(kernel, why.clone()));
+                    continue;
+                }
+                trace(Some((matrix, count, kernel)));
+                let judged = match trial(&weights, matrix, kernel, &operands, &expected) {
+                    Ok(judged) => judged,
+                    Err(err) => {
+                        // A fault leaves the context unusable: stop here, with this trial
+                        // still the last one traced, before a later one takes the blame.
+                        device.synchronize().map_err(|dead| {
+                            candle_core::Error::Msg(format!(
+                                "{} left the GPU unusable ({err}): {dead}",
+                                kernel.name()
+                            ))
+                        })?;
+                        Trial::failed(kernel, err.to_string())
                     }
-                    before_trial(matrix, count, kernel);
-                    trial(&weights, matrix, kernel, &operands, &expected)
-                        .unwrap_or_else(|err| Trial::failed(kernel, err.to_string()))
-                })
-                .collect();
+                };
+                trace(None);
+                trials.push(judged);
+            }
             choices.push(Choice {
                 matrix: *matrix,
                 rows: count,
@@ -173,46 +230,97 @@ fn trial(
     operands: &Operands,
     expected: &Tensor,
 ) -> Result<Trial> {
-    let run = || operands.run(weights, kernel, matrix.sublayer);
-    let error = relative_error(&run()?, expected)?;
-    let median = median_time(operands.xs.device(), || run().map(drop))?;
+    let run = |copy| operands.run(weights, kernel, matrix.sublayer, copy);
+    let error = relative_error(&run(0)?, expected)?;
+    let device = operands.xs.device();
+    let median = match replayed_time(device, weights.copies(), &run) {
+        Ok(median) => median,
+        Err(err) => {
+            tracing::warn!(
+                "{} for {}: timed eagerly, host launches and all, as no CUDA graph of it \
+                 could be captured ({err})",
+                kernel.name(),
+                matrix.spec()
+            );
+            eager_time(device, weights.copies(), &run)?
+        }
+    };
     Ok(Trial::judged(kernel, median.as_secs_f64() * 1e6, error))
+}
+
+/// One call's time as the model pays it, inside a CUDA graph (no host launches): the median
+/// over `SAMPLES` of back-to-back replays of a graph that makes one call per weight copy.
+fn replayed_time(
+    device: &Device,
+    copies: usize,
+    run: &dyn Fn(usize) -> Result<Tensor>,
+) -> Result<Duration> {
+    let calls = |copies: usize| -> Result<()> { (0..copies).try_for_each(|c| run(c).map(drop)) };
+    let _uploads = graph::cached_uploads(device)?;
+    // Eagerly first: candle's uploads are cached, cuBLAS has its workspace.
+    calls(copies)?;
+    let probe = Tensor::zeros(1, DType::F32, device)?;
+    let graph = FrameGraph::capture(&[&probe], 1, DType::F32, |_| {
+        calls(copies)?;
+        Tensor::zeros(1, DType::F32, device)
+    })?;
+    let replays = |count: u32| -> Result<Duration> {
+        device.synchronize()?;
+        let started = Instant::now();
+        for _ in 0..count {
+            graph.replay(&[&probe])?;
+        }
+        device.synchronize()?;
+        Ok(started.elapsed())
+    };
+    let one = replays(1)?.max(Duration::from_micros(1));
+    let count = (SAMPLE.as_secs_f64() / one.as_secs_f64()).clamp(1.0, 100.0) as u32;
+    let mut samples = (0..SAMPLES)
+        .map(|_| Ok(replays(count)? / (count * copies as u32)))
+        .collect::<Result<Vec<_>>>()?;
+    samples.sort();
+    Ok(samples[SAMPLES / 2])
+}
+
+/// One call's time launched from the host (`replayed_time`'s fallback): the median over
+/// `SAMPLES` of one call's share of `SAMPLE` of calls queued back to back, taking the weight
+/// copies in turn.
+fn eager_time(
+    device: &Device,
+    copies: usize,
+    run: &dyn Fn(usize) -> Result<Tensor>,
+) -> Result<Duration> {
+    run(0)?;
+    device.synchronize()?;
+    let started = Instant::now();
+    run(0)?;
+    device.synchronize()?;
+    let one = started.elapsed().max(Duration::from_micros(1));
+    let calls = (SAMPLE.as_secs_f64() / one.as_secs_f64()).clamp(1.0, 500.0) as usize;
+    let mut samples = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        let started = Instant::now();
+        for call in 0..calls {
+            drop(run(call % copies)?);
+        }
+        device.synchronize()?;
+        samples.push(started.elapsed() / calls as u32);
+    }
+    samples.sort();
+    Ok(samples[SAMPLES / 2])
 }
 
 /// The largest difference of `got` from `expected` over `expected`'s largest magnitude
 /// (infinite when `got` is not finite).
 fn relative_error(got: &Tensor, expected: &Tensor) -> Result<f64> {
-    let expected = expected.to_dtype(DType::F32)?;
-    let largest = expected.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    let diff = (got.to_dtype(DType::F32)? - expected)?
+    let largest = expected
+        .to_dtype(DType::F32)?
         .abs()?
         .max_all()?
         .to_scalar::<f32>()? as f64;
+    let diff = largest_difference(got, expected)? as f64;
     Ok(match diff.is_finite() {
         true => diff / largest.max(f64::MIN_POSITIVE),
         false => f64::INFINITY,
     })
-}
-
-/// The median over `SAMPLES` of one call's time, each sample `SAMPLE` long of calls queued
-/// back to back.
-fn median_time(device: &Device, mut call: impl FnMut() -> Result<()>) -> Result<Duration> {
-    call()?;
-    device.synchronize()?;
-    let started = Instant::now();
-    call()?;
-    device.synchronize()?;
-    let one = started.elapsed().max(Duration::from_micros(1));
-    let calls = (SAMPLE.as_secs_f64() / one.as_secs_f64()).clamp(1.0, 500.0) as u32;
-    let mut samples = Vec::with_capacity(SAMPLES);
-    for _ in 0..SAMPLES {
-        let started = Instant::now();
-        for _ in 0..calls {
-            call()?;
-        }
-        device.synchronize()?;
-        samples.push(started.elapsed() / calls);
-    }
-    samples.sort();
-    Ok(samples[SAMPLES / 2])
 }
