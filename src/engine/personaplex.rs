@@ -3,7 +3,7 @@
 
 use super::persona::{Persona, PersonaCatalog, PromptCounter};
 use super::{Engine, EngineError, EngineInfo, StageTimes, StepIo};
-use crate::model::generate::{SamplingConfig, Snapshot};
+use crate::model::generate::{SamplingConfig, Snapshot, rows_to_run};
 use crate::model::persona::VoicePrompt;
 use crate::model::pipeline::{Pipeline, PipelineState, Stage};
 use std::collections::VecDeque;
@@ -36,6 +36,28 @@ pub struct PersonaPlexEngine {
     sessions_opened: u64,
 }
 
+/// Untimed warm-up frames per row bucket: a bucket's first frame captures its graphs (after
+/// an eager run); the next replays them once.
+const FRAMES_PER_BUCKET: usize = 2;
+
+/// The warm-up's frames as (busy slots from 0, timed): `FRAMES_PER_BUCKET` untimed frames for
+/// each row bucket an engine of `slots` computes (`rows_to_run`), smallest first, then `timed`
+/// frames with every slot busy. Timing a capture would set the output phase, and with it every
+/// session's latency, to a cost no served frame pays.
+fn warm_up_schedule(slots: usize, timed: usize) -> Vec<(usize, bool)> {
+    let busy_first = |busy: usize| (0..slots).map(|slot| slot < busy).collect::<Vec<_>>();
+    let mut buckets: Vec<usize> = (1..=slots)
+        .map(|busy| rows_to_run(&busy_first(busy)))
+        .collect();
+    buckets.dedup();
+    let untimed = buckets
+        .into_iter()
+        .flat_map(|bucket| std::iter::repeat_n((bucket, false), FRAMES_PER_BUCKET));
+    untimed
+        .chain(std::iter::repeat_n((slots, true), timed))
+        .collect()
+}
+
 /// Counts a role prompt's tokens the way the engine will feed them.
 struct TokenCounter(Arc<Pipeline>);
 
@@ -66,10 +88,11 @@ impl PersonaPlexEngine {
         })
     }
 
-    /// Prefills `persona` (the default one) and runs `frames` silent frames with every slot
-    /// busy, so the first session starts at once; returns the slowest step — a full engine's,
-    /// since a step computes only the slots up to the last busy one — which sets the output
-    /// phase.
+    /// Prefills `persona` (the default one) and runs silent frames (`warm_up_schedule`): first
+    /// every row bucket's, which capture its CUDA graphs on a GPU so no session's frame pays
+    /// for a capture, then `frames` timed ones with every slot busy. Returns the slowest timed
+    /// step — a full engine's, since a step computes only the slots up to the last busy one —
+    /// which sets the output phase.
     pub fn warm_up(
         &mut self,
         persona: &Persona,
@@ -79,11 +102,11 @@ impl PersonaPlexEngine {
         for slot in 0..slots {
             self.open_slot(slot, persona)?;
         }
-        let active = vec![true; slots];
         let input = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
         let mut output = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
         let mut slowest = std::time::Duration::ZERO;
-        for _ in 0..frames {
+        for (busy, timed) in warm_up_schedule(slots, frames) {
+            let active: Vec<bool> = (0..slots).map(|slot| slot < busy).collect();
             let started = Instant::now();
             let mut text = Vec::new();
             self.step(StepIo {
@@ -92,7 +115,9 @@ impl PersonaPlexEngine {
                 output: &mut output,
                 text: &mut text,
             })?;
-            slowest = slowest.max(started.elapsed());
+            if timed {
+                slowest = slowest.max(started.elapsed());
+            }
         }
         (0..slots).for_each(|slot| self.close_slot(slot));
         // As in `new`: the prefill snapshots were made on this thread's stream.
@@ -258,5 +283,28 @@ impl Engine for PersonaPlexEngine {
             }
         }
         Ok(times)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warm_up_visits_every_row_bucket_untimed_before_timing_a_full_engine() {
+        let schedule = warm_up_schedule(6, 3);
+        let untimed: Vec<usize> = schedule
+            .iter()
+            .filter(|(_, timed)| !timed)
+            .map(|(busy, _)| *busy)
+            .collect();
+        // rows_to_run(busy slots): 1 → 1, 2 → 2, 3..4 → 4, 5..6 → 6 (the engine's size).
+        assert_eq!(untimed, [1, 1, 2, 2, 4, 4, 6, 6]);
+        let timed: Vec<_> = schedule.iter().skip(untimed.len()).collect();
+        assert_eq!(timed, [&(6, true); 3]);
+        assert_eq!(
+            warm_up_schedule(1, 2),
+            [(1, false), (1, false), (1, true), (1, true)]
+        );
     }
 }
