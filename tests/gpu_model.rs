@@ -154,6 +154,47 @@ fn a_batch_of_three_steps_and_resets_slots_on_the_gpu() {
     }
 }
 
+/// The tokens of each slot, frame by frame.
+type SlotFrames = Vec<Vec<Option<Column>>>;
+
+/// Runs `frames` frames of the fixture's user codes through a 4-slot generator (slot 0 greedy,
+/// slots 1 and 3 seeded top-k, slot 2 never opened), with CUDA graphs or eagerly, feeding the
+/// slots `busy(frame)` marks; returns each frame's tokens and the generator, to ask what it
+/// replayed.
+fn four_slot_frames(
+    model: &LmModel,
+    graphs: bool,
+    frames: usize,
+    busy: impl Fn(usize) -> [bool; 4],
+) -> (SlotFrames, Generator) {
+    let fx = tiny::load("lm_greedy.safetensors");
+    let mut generator =
+        Generator::new(model, 4, model.config().context, RingPositions::PersonaPlex).unwrap();
+    if graphs {
+        generator.use_cuda_graphs(model).unwrap();
+    }
+    generator.open(0, 0, SamplingConfig::GREEDY);
+    generator.open(1, 11, SamplingConfig::DEFAULT);
+    generator.open(3, 12, SamplingConfig::DEFAULT);
+    let recorded = fx["user_codes"].dim(1).unwrap();
+    let mut tokens = Vec::new();
+    for frame in 0..frames {
+        let user: Vec<i64> = fx["user_codes"]
+            .i((.., frame % recorded))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let input = CallInput::Tokens(Forced {
+            user: Some(user.try_into().unwrap()),
+            ..Default::default()
+        });
+        let inputs = busy(frame).map(|busy| busy.then(|| input.clone()));
+        let out = generator.step(model, &inputs).unwrap();
+        tokens.push(out.into_iter().map(|o| o.and_then(|o| o.tokens)).collect());
+    }
+    (tokens, generator)
+}
+
 /// Both halves of a frame replayed as CUDA graphs (the temporal step, its attention then over
 /// the whole ring, and the depformer half) give, frame for frame, the tokens the eager path
 /// gives: 50 frames of three busy slots and an idle one between them (greedy, and two seeded
@@ -164,7 +205,6 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
     // The captures log why a graph was refused.
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let Some(gpu) = tiny::gpu() else { return };
-    let fx = tiny::load("lm_greedy.safetensors");
     let mid = LmConfig::preset("mid").unwrap();
     let mut int8_ring = tiny::model(8, DType::BF16, &gpu, Quant::None);
     int8_ring.set_kv_quant(KvQuant::Int8);
@@ -184,35 +224,8 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
     ];
     for (name, model) in &models {
         let run = |graphs: bool| {
-            let positions = RingPositions::PersonaPlex;
-            let mut generator =
-                Generator::new(model, 4, model.config().context, positions).unwrap();
-            if graphs {
-                generator.use_cuda_graphs(model).unwrap();
-            }
-            generator.open(0, 0, SamplingConfig::GREEDY);
-            generator.open(1, 11, SamplingConfig::DEFAULT);
-            generator.open(3, 12, SamplingConfig::DEFAULT);
-            let frames = fx["user_codes"].dim(1).unwrap().min(50);
-            let mut tokens = Vec::new();
-            for frame in 0..50 {
-                let user: Vec<i64> = fx["user_codes"]
-                    .i((.., frame % frames))
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let input = CallInput::Tokens(Forced {
-                    user: Some(user.try_into().unwrap()),
-                    ..Default::default()
-                });
-                let inputs = [Some(input.clone()), Some(input.clone()), None, Some(input)];
-                let out = generator.step(model, &inputs).unwrap();
-                tokens.push(
-                    out.into_iter()
-                        .map(|o| o.and_then(|o| o.tokens))
-                        .collect::<Vec<_>>(),
-                );
-            }
+            let (tokens, generator) =
+                four_slot_frames(model, graphs, 50, |_| [true, true, false, true]);
             let replaying = [
                 generator.replays_temporal_graph(),
                 generator.replays_cuda_graph(),
@@ -241,7 +254,6 @@ fn fifty_replayed_frames_equal_fifty_eager_frames() {
 fn graphs_of_three_row_buckets_replay_the_eager_tokens_after_each_other() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let Some(gpu) = tiny::gpu() else { return };
-    let fx = tiny::load("lm_greedy.safetensors");
     let model = tiny::model(16, DType::BF16, &gpu, Quant::None);
     let busy_slots = |frame: usize| match frame / 10 {
         1 => [true, true, false, false],
@@ -249,39 +261,7 @@ fn graphs_of_three_row_buckets_replay_the_eager_tokens_after_each_other() {
         _ => [true, false, false, false],
     };
     let run = |graphs: bool| {
-        let mut generator = Generator::new(
-            &model,
-            4,
-            model.config().context,
-            RingPositions::PersonaPlex,
-        )
-        .unwrap();
-        if graphs {
-            generator.use_cuda_graphs(&model).unwrap();
-        }
-        generator.open(0, 0, SamplingConfig::GREEDY);
-        generator.open(1, 11, SamplingConfig::DEFAULT);
-        generator.open(3, 12, SamplingConfig::DEFAULT);
-        let frames = fx["user_codes"].dim(1).unwrap();
-        let mut tokens = Vec::new();
-        for frame in 0..40 {
-            let user: Vec<i64> = fx["user_codes"]
-                .i((.., frame % frames))
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let input = CallInput::Tokens(Forced {
-                user: Some(user.try_into().unwrap()),
-                ..Default::default()
-            });
-            let inputs = busy_slots(frame).map(|busy| busy.then(|| input.clone()));
-            let out = generator.step(&model, &inputs).unwrap();
-            tokens.push(
-                out.into_iter()
-                    .map(|o| o.and_then(|o| o.tokens))
-                    .collect::<Vec<_>>(),
-            );
-        }
+        let (tokens, generator) = four_slot_frames(&model, graphs, 40, busy_slots);
         (tokens, generator.replays_cuda_graph())
     };
     let (eager, _) = run(false);
