@@ -279,6 +279,7 @@ impl ModelArgs {
             quant: self.quant.into(),
             kv_quant: self.kv_quant.into(),
             cuda_graphs: !self.no_cuda_graphs,
+            pin_persona: self.pin_persona,
             ..Default::default()
         })
     }
@@ -700,7 +701,7 @@ async fn start_personaplex(
         let pipeline = Pipeline::load(&files, &cfg).context("loading the model")?;
         tracing::info!(seconds = started.elapsed().as_secs_f32(), "model loaded");
         let name = files.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| model.repo.clone());
-        let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name: name, pin_persona: model.pin_persona };
+        let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name: name };
         Ok(PersonaPlexEngine::new(pipeline, options)?)
     })
     .await??;
@@ -745,7 +746,6 @@ async fn local(args: LocalArgs) -> Result<()> {
                 sampling: model.sampling(),
                 seed: None,
                 model_name: model.repo.clone(),
-                pin_persona: model.pin_persona,
             };
             local_with(PersonaPlexEngine::new(pipeline, options)?, args)
         }

@@ -61,6 +61,27 @@ fn greedy_offline_run_matches_the_reference_tokens_and_audio() {
     let _ = reference["out_valid"].i(0).unwrap();
 }
 
+/// `--pin-persona`: the run is the unpinned one until the window slides past the prompt, and
+/// differs after it, where the pinned persona is still attended.
+#[test]
+fn a_pinned_persona_changes_the_run_once_the_window_slides_past_the_prompt() {
+    let out = scratch("pinned");
+    let frames = |pin_persona| {
+        let mut options = options(&out);
+        options.pipeline.pin_persona = pin_persona;
+        run(&options).unwrap().frames
+    };
+    let (free, pinned) = (frames(false), frames(true));
+    let first_change = free.iter().zip(&pinned).position(|(a, b)| a != b);
+    // The tiny model's window is 40 frames and its persona prompt about 35: the window leaves
+    // the prompt's start a few live frames in (frame 5 when this was written).
+    match first_change {
+        None => panic!("pinning the persona changed nothing"),
+        Some(0) => panic!("pinning changed the run while the window still held the prompt"),
+        Some(frame) => eprintln!("the runs part at live frame {frame}"),
+    }
+}
+
 #[test]
 fn sampled_runs_repeat_with_the_same_seed_and_differ_with_another() {
     let out = scratch("sampled");

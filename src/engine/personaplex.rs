@@ -22,8 +22,6 @@ pub struct PersonaPlexOptions {
     pub seed: Option<u64>,
     /// Shown in `/api/info` and logs.
     pub model_name: String,
-    /// Keep each session's persona in attention for good (see `Generator::pin_prefix`).
-    pub pin_persona: bool,
 }
 
 type PersonaKey = (Option<String>, String);

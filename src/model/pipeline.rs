@@ -33,6 +33,9 @@ pub struct PipelineConfig {
     /// in bf16 on a GPU (each capture is checked against an eager frame; a refused one logs why
     /// and runs eagerly).
     pub cuda_graphs: bool,
+    /// Keep each conversation's persona (its prefilled prompt) in attention for good, after the
+    /// window slides past it (`Generator::pin_prefix`).
+    pub pin_persona: bool,
 }
 
 impl PipelineConfig {
@@ -73,6 +76,7 @@ impl Default for PipelineConfig {
             quant: Quant::None,
             kv_quant: KvQuant::None,
             cuda_graphs: true,
+            pin_persona: false,
         }
     }
 }
@@ -96,6 +100,7 @@ pub struct Pipeline {
     voice_calls: BTreeMap<String, usize>,
     positions: RingPositions,
     cuda_graphs: bool,
+    pin_persona: bool,
 }
 
 impl Pipeline {
@@ -135,6 +140,7 @@ impl Pipeline {
             voice_calls: BTreeMap::new(),
             positions: cfg.positions,
             cuda_graphs: cfg.graphs_apply(),
+            pin_persona: cfg.pin_persona,
         };
         for name in pipeline.voices.names() {
             let calls = prompt_calls(&pipeline.voice_preset(&name)?, &[])
@@ -225,6 +231,7 @@ impl Pipeline {
         if self.cuda_graphs {
             state.use_cuda_graphs(self.models())?;
         }
+        state.pin_persona = self.pin_persona;
         Ok(state)
     }
 }
@@ -281,6 +288,8 @@ pub struct PipelineState {
     pub generator: Generator,
     encoder: EncoderState,
     decoder: DecoderState,
+    /// `open` pins the snapshot's persona (`PipelineConfig::pin_persona`).
+    pin_persona: bool,
 }
 
 impl PipelineState {
@@ -289,6 +298,7 @@ impl PipelineState {
             generator: Generator::new(models.lm, batch, models.lm.config().context, positions)?,
             encoder: models.mimi.encoder_state(batch)?,
             decoder: models.mimi.decoder_state(batch)?,
+            pin_persona: false,
         })
     }
 
@@ -301,6 +311,9 @@ impl PipelineState {
         sampling: SamplingConfig,
     ) -> Result<()> {
         self.generator.restore(slot_idx, snapshot, seed, sampling)?;
+        if self.pin_persona {
+            self.generator.pin_prefix(slot_idx)?;
+        }
         self.encoder.reset_slot(slot_idx)?;
         self.decoder.reset_slot(slot_idx)
     }

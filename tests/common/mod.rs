@@ -130,7 +130,6 @@ pub fn tiny_personaplex(slots: usize) -> duplex::engine::personaplex::PersonaPle
         sampling: SamplingConfig::DEFAULT,
         seed: Some(7),
         model_name: "tiny".into(),
-        pin_persona: false,
     };
     PersonaPlexEngine::new(pipeline, options).unwrap()
 }
