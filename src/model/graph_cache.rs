@@ -48,6 +48,34 @@ impl GraphMode {
         false
     }
 
+    /// Replays the graph of `rows` through `replay` when there is one. A replay that fails logs
+    /// why and leaves `piece` eager for good (`None`, as when there is no graph), so the frame
+    /// runs eagerly rather than the same replay failing every frame after.
+    #[cfg(feature = "cuda")]
+    pub fn replay_with<T>(
+        &mut self,
+        piece: &str,
+        rows: usize,
+        replay: impl FnOnce(&super::graph::FrameGraph) -> Result<T>,
+    ) -> Option<T> {
+        let GraphMode::On(cache) = self else {
+            return None;
+        };
+        match replay(cache.get(rows)?) {
+            Ok(out) => Some(out),
+            Err(err) => {
+                tracing::warn!(rows, piece, error = %err, "replaying a graph failed; running eagerly from now on");
+                *self = GraphMode::Failed;
+                None
+            }
+        }
+    }
+
+    /// Whether a frame without a graph for its rows should capture one (graphs are on).
+    pub fn captures(&self) -> bool {
+        matches!(self, GraphMode::On(_))
+    }
+
     /// Keeps the graph just captured for `rows` when its first replay agreed with the eager
     /// run; on any failure logs why, and `piece` stays eager for good. Returns whether the graph
     /// was kept.

@@ -80,13 +80,11 @@ impl Generator {
                 joined.narrow(2, dim, width - dim)?.force_contiguous()?,
             ))
         };
-        match &self.temporal_graph {
-            GraphMode::On(cache) => {
-                if let Some(graph) = cache.get(rows) {
-                    return Ok(Some(split(graph.replay(&inputs)?)?));
-                }
-            }
-            GraphMode::Off | GraphMode::Failed => return Ok(None),
+        let replayed = self
+            .temporal_graph
+            .replay_with("temporal", rows, |graph| split(graph.replay(&inputs)?));
+        if replayed.is_some() || !self.temporal_graph.captures() {
+            return Ok(replayed);
         }
         let _uploads = crate::model::graph::cached_uploads(emb.device())?;
         let (hidden, logits) = model.temporal_planned(emb, &self.temporal, step, rope)?;
@@ -128,13 +126,11 @@ impl Generator {
         }
         let inputs = [hidden, text_logits, &plan.ints, &plan.temperature];
         let rows = running.len();
-        match &self.depformer_graph {
-            GraphMode::On(cache) => {
-                if let Some(graph) = cache.get(rows) {
-                    return Ok(Some(graph.replay(&inputs)?.to_vec2()?));
-                }
-            }
-            GraphMode::Off | GraphMode::Failed => return Ok(None),
+        let replayed = self
+            .depformer_graph
+            .replay_with("depformer", rows, |graph| graph.replay(&inputs)?.to_vec2());
+        if replayed.is_some() || !self.depformer_graph.captures() {
+            return Ok(replayed);
         }
         // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
         // depends only on the number of rows. The eager frame runs the same way: its tokens for

@@ -161,14 +161,12 @@ fn replay_or_capture<S: Streaming>(
     let mut inputs = vec![input];
     inputs.extend(plan.tensors()?);
     let rows = input.dim(0)?;
-    match state.graphs() {
-        GraphMode::On(cache) => {
-            if let Some(graph) = cache.get(rows) {
-                // The output buffer is overwritten by the next replay.
-                return Ok(Some(graph.replay(&inputs)?.copy()?));
-            }
-        }
-        GraphMode::Off | GraphMode::Failed => return Ok(None),
+    // The output buffer is overwritten by the next replay: copied out.
+    let replayed = state
+        .graphs()
+        .replay_with(piece, rows, |graph| graph.replay(&inputs)?.copy());
+    if replayed.is_some() || !state.graphs().captures() {
+        return Ok(replayed);
     }
     let _uploads = cached_uploads(input.device())?;
     // Laid out as the graph's buffer will be, so the eager run makes the uploads (shapes and
