@@ -98,3 +98,85 @@ async fn unknown_voices_and_long_prompts_are_refused_at_the_offer() {
     );
     server.stop().await;
 }
+
+/// A session joining with a persona not prefilled yet waits while the engine prefills it, one
+/// model call after each frame here (a deadline already passed); a live session meanwhile
+/// gets every frame, and the newcomer starts once its persona is in place.
+#[test]
+fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking() {
+    use duplex::audio::ring::ring;
+    use duplex::audio::{FRAME_SAMPLES, PACKET_SAMPLES};
+    use duplex::engine::session::SlotSession;
+    use duplex::engine::step_loop::StepLoop;
+    use duplex::engine::{Engine, PersonaRequest, SessionEvent, SessionId, SessionStats};
+    use duplex::metrics::Metrics;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    let engine = common::tiny_personaplex(2);
+    let catalog = engine.info().catalog;
+    let mut step_loop = StepLoop::new(
+        engine,
+        Instant::now(),
+        PACKET_SAMPLES,
+        Arc::new(AtomicUsize::new(2)),
+        Arc::new(Metrics::new()),
+    );
+    let join = |step_loop: &mut StepLoop<_>, id: u64, voice: &str, prompt: &str| {
+        let (input, input_cons) = ring(8 * FRAME_SAMPLES);
+        let (output_prod, output) = ring(4 * FRAME_SAMPLES);
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let session = SlotSession {
+            id: SessionId(id),
+            input: input_cons,
+            output: output_prod,
+            events: events_tx,
+            stats: Arc::new(SessionStats::default()),
+        };
+        let request = PersonaRequest {
+            voice: Some(voice.into()),
+            prompt: Some(prompt.into()),
+        };
+        step_loop.join(session, &catalog.resolve(&request).unwrap());
+        (input, output, events)
+    };
+    let teacher = "You are a wise and friendly teacher.";
+    let (mut live_input, mut live_output, live_events) = join(&mut step_loop, 1, "NATF0", teacher);
+    let far = Instant::now() + Duration::from_secs(3600);
+    // The live session's persona first, all at once, as a server's warm-up would.
+    while live_events.try_recv().is_err() {
+        step_loop.prepare(far);
+    }
+    let tutor = "You are a patient tutor.";
+    let (_, mut new_output, new_events) = join(&mut step_loop, 2, "NATM0", tutor);
+    let speech = speech("Can you help me with fractions?", 4.0);
+    let mut frame = vec![0.0; FRAME_SAMPLES];
+    let mut frames_waited = 0;
+    while new_events.try_recv() != Ok(SessionEvent::Ready) {
+        assert!(frames_waited < 200, "the new persona never came into place");
+        let chunk = frames_waited % (speech.len() / FRAME_SAMPLES);
+        live_input.push(&speech[chunk * FRAME_SAMPLES..][..FRAME_SAMPLES]);
+        let deadline = step_loop.deadline();
+        step_loop.tick(&mut || deadline);
+        assert!(
+            live_output.pop_exact(&mut frame),
+            "the live session missed frame {frames_waited}"
+        );
+        assert!(
+            !new_output.pop_exact(&mut frame),
+            "a frame before its persona"
+        );
+        step_loop.prepare(Instant::now());
+        frames_waited += 1;
+    }
+    // Voice NATM0's frames, a second of silence and the prompt's tokens: dozens of calls.
+    assert!(frames_waited > 20, "prefilled in {frames_waited} frames");
+    let deadline = step_loop.deadline();
+    step_loop.tick(&mut || deadline);
+    assert!(
+        new_output.pop_exact(&mut frame),
+        "the newcomer's first frame"
+    );
+    assert!(live_output.pop_exact(&mut frame));
+}

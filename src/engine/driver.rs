@@ -212,6 +212,10 @@ impl EngineHandle {
     }
 }
 
+/// Time kept free before the next tick when prefilling personas between frames: for the
+/// commands that arrive meanwhile and a late wake-up.
+const PREPARE_MARGIN: Duration = Duration::from_millis(10);
+
 fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Receiver<Command>) {
     loop {
         let deadline = step_loop.deadline();
@@ -220,6 +224,9 @@ fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Recei
             if report.outcome.overrun {
                 tracing::debug!(?report, "tick overran its frame");
             }
+            // Joining sessions' personas are prefilled in what is left of the frame.
+            let deadline = step_loop.deadline();
+            step_loop.prepare(deadline.checked_sub(PREPARE_MARGIN).unwrap_or(deadline));
             continue;
         }
         match commands.recv_deadline(deadline) {

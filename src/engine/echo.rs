@@ -2,7 +2,9 @@
 //! exact path the model uses. It also reports each utterance it heard as a text piece, so the
 //! text path is exercised end to end without a model.
 
-use super::{Engine, EngineError, EngineInfo, Persona, PersonaCatalog, StageTimes, StepIo};
+use super::{
+    Engine, EngineError, EngineInfo, Opening, Persona, PersonaCatalog, StageTimes, StepIo,
+};
 use crate::audio::{FRAME_MS, FRAME_SAMPLES, signal};
 
 /// Frame RMS above which the echo engine counts a frame as speech.
@@ -99,13 +101,13 @@ impl Engine for EchoEngine {
         self.slots.len()
     }
 
-    fn open_slot(&mut self, slot_idx: usize, _persona: &Persona) -> Result<(), EngineError> {
+    fn open_slot(&mut self, slot_idx: usize, _persona: &Persona) -> Result<Opening, EngineError> {
         let slot = self
             .slots
             .get_mut(slot_idx)
             .ok_or_else(|| EngineError(format!("no slot {slot_idx}")))?;
         slot.reset();
-        Ok(())
+        Ok(Opening::Ready)
     }
 
     fn close_slot(&mut self, slot_idx: usize) {

@@ -19,7 +19,7 @@ pub use echo::EchoEngine;
 pub use persona::{Persona, PersonaCatalog, PersonaError, PersonaRequest};
 pub use session::{SessionEvent, SessionHandle, SessionId, SessionStats, StatsSnapshot};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What an engine is, for logs, `/api/info` and latency reports.
 #[derive(Debug, Clone)]
@@ -59,14 +59,29 @@ pub struct StageTimes {
 #[error("{0}")]
 pub struct EngineError(pub String);
 
+/// How a slot just opened stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Its persona is in place: the slot runs from the next frame.
+    Ready,
+    /// Its persona is still being prefilled; `Engine::prepare` finishes it between frames.
+    Preparing,
+}
+
 /// A speech model (or a stand-in) that advances a fixed set of slots one frame per call.
 pub trait Engine: Send + 'static {
     fn info(&self) -> EngineInfo;
     /// How many sessions the engine can step at once.
     fn slots(&self) -> usize;
-    /// Resets slot `slot_idx` and puts `persona` in place, before its first frame.
-    fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<(), EngineError>;
-    /// Releases slot `slot_idx`.
+    /// Resets slot `slot_idx` and puts `persona` in place, before its first frame, or starts
+    /// doing so (`Opening::Preparing`).
+    fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<Opening, EngineError>;
+    /// Advances the openings still preparing: some work whatever the time, then more until
+    /// `deadline`. Returns the slots whose opening ended, in place (`Ok`) or failed.
+    fn prepare(&mut self, _deadline: Instant) -> Vec<(usize, Result<(), EngineError>)> {
+        Vec::new()
+    }
+    /// Releases slot `slot_idx` (also one still preparing).
     fn close_slot(&mut self, slot_idx: usize);
     /// Advances every active slot by one frame.
     fn step(&mut self, io: StepIo<'_>) -> Result<StageTimes, EngineError>;

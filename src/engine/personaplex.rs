@@ -2,10 +2,10 @@
 //! once per (voice, role prompt) and restored into a slot when a session opens.
 
 use super::persona::{Persona, PersonaCatalog, PromptCounter};
-use super::{Engine, EngineError, EngineInfo, StageTimes, StepIo};
+use super::{Engine, EngineError, EngineInfo, Opening, StageTimes, StepIo};
 use crate::model::generate::{SamplingConfig, Snapshot, rows_to_run};
 use crate::model::persona::VoicePrompt;
-use crate::model::pipeline::{Pipeline, PipelineState, Stage};
+use crate::model::pipeline::{Pipeline, PipelineState, Prefill, Stage};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +31,18 @@ pub struct PersonaPlexEngine {
     state: PipelineState,
     options: PersonaPlexOptions,
     snapshots: VecDeque<(PersonaKey, Arc<Snapshot>)>,
+    /// Personas being prefilled between frames, oldest first.
+    pending: VecDeque<PendingPersona>,
     sessions_opened: u64,
+}
+
+/// A persona being prefilled a model call at a time between frames, and the slots waiting for
+/// it: a prefill runs hundreds of calls, which at once would stall every live conversation.
+struct PendingPersona {
+    key: PersonaKey,
+    prefill: Prefill,
+    slots: Vec<usize>,
+    started: Instant,
 }
 
 /// Untimed warm-up frames per row bucket: a bucket's first frame captures its graphs (after
@@ -82,6 +93,7 @@ impl PersonaPlexEngine {
             state,
             options,
             snapshots: VecDeque::new(),
+            pending: VecDeque::new(),
             sessions_opened: 0,
         })
     }
@@ -99,6 +111,12 @@ impl PersonaPlexEngine {
         let slots = self.options.slots;
         for slot in 0..slots {
             self.open_slot(slot, persona)?;
+        }
+        let far = Instant::now() + std::time::Duration::from_secs(24 * 3600);
+        while !self.pending.is_empty() {
+            for (_, opened) in self.prepare(far) {
+                opened?;
+            }
         }
         let input = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
         let mut output = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
@@ -132,15 +150,17 @@ impl PersonaPlexEngine {
         self.pipeline.max_prompt_tokens(None)
     }
 
-    fn snapshot(&mut self, persona: &Persona) -> Result<Arc<Snapshot>, EngineError> {
-        let key = (persona.voice.clone(), persona.prompt.clone());
-        if let Some(idx) = self.snapshots.iter().position(|(k, _)| *k == key) {
-            let entry = self.snapshots.remove(idx).expect("index found above");
-            let snapshot = entry.1.clone();
-            self.snapshots.push_front(entry);
-            return Ok(snapshot);
-        }
-        let started = Instant::now();
+    /// The prefilled state of `key`, if kept (and now the most recently used).
+    fn cached(&mut self, key: &PersonaKey) -> Option<Arc<Snapshot>> {
+        let idx = self.snapshots.iter().position(|(k, _)| k == key)?;
+        let entry = self.snapshots.remove(idx)?;
+        let snapshot = entry.1.clone();
+        self.snapshots.push_front(entry);
+        Some(snapshot)
+    }
+
+    /// A prefill of `persona`, its role prompt checked against the window.
+    fn start_prefill(&self, persona: &Persona) -> Result<Prefill, EngineError> {
         let voice = match &persona.voice {
             Some(name) => self.pipeline.voice_preset(name).map_err(model_error)?,
             None => VoicePrompt::None,
@@ -156,15 +176,34 @@ impl PersonaPlexEngine {
                 tokens.len()
             )));
         }
-        let snapshot = Arc::new(
-            self.pipeline
-                .prefill(&voice, &tokens)
-                .map_err(model_error)?,
-        );
-        tracing::info!(voice = ?persona.voice, tokens = tokens.len(), ms = started.elapsed().as_millis() as u64, "persona prefilled");
-        self.snapshots.push_front((key, snapshot.clone()));
+        self.pipeline
+            .start_prefill(&voice, &tokens)
+            .map_err(model_error)
+    }
+
+    /// Starts slot `slot_idx` from a prefilled persona.
+    fn start_slot(&mut self, slot_idx: usize, snapshot: &Snapshot) -> Result<(), EngineError> {
+        let seed = self.next_seed();
+        self.state
+            .open(slot_idx, snapshot, seed, self.options.sampling)
+            .map_err(model_error)
+    }
+
+    /// Keeps a finished prefill and starts the slots that waited for it.
+    fn finish(
+        &mut self,
+        done: PendingPersona,
+        snapshot: Snapshot,
+    ) -> Vec<(usize, Result<(), EngineError>)> {
+        let ms = done.started.elapsed().as_millis() as u64;
+        tracing::info!(voice = ?done.key.0, ms, "persona prefilled");
+        let snapshot = Arc::new(snapshot);
+        self.snapshots.push_front((done.key, snapshot.clone()));
         self.snapshots.truncate(SNAPSHOT_CACHE_ENTRIES);
-        Ok(snapshot)
+        let slots = done.slots.into_iter();
+        slots
+            .map(|slot| (slot, self.start_slot(slot, &snapshot)))
+            .collect()
     }
 
     fn next_seed(&mut self) -> u64 {
@@ -236,15 +275,70 @@ impl Engine for PersonaPlexEngine {
         self.options.slots
     }
 
-    fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<(), EngineError> {
-        let snapshot = self.snapshot(persona)?;
-        let seed = self.next_seed();
-        self.state
-            .open(slot_idx, &snapshot, seed, self.options.sampling)
-            .map_err(model_error)
+    fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<Opening, EngineError> {
+        let key = (persona.voice.clone(), persona.prompt.clone());
+        if let Some(snapshot) = self.cached(&key) {
+            self.start_slot(slot_idx, &snapshot)?;
+            return Ok(Opening::Ready);
+        }
+        if let Some(pending) = self.pending.iter_mut().find(|p| p.key == key) {
+            pending.slots.push(slot_idx);
+            return Ok(Opening::Preparing);
+        }
+        let prefill = self.start_prefill(persona)?;
+        tracing::info!(voice = ?persona.voice, calls = prefill.calls_left(), "prefilling a persona between frames");
+        self.pending.push_back(PendingPersona {
+            key,
+            prefill,
+            slots: vec![slot_idx],
+            started: Instant::now(),
+        });
+        Ok(Opening::Preparing)
+    }
+
+    fn prepare(&mut self, deadline: Instant) -> Vec<(usize, Result<(), EngineError>)> {
+        let mut ended = Vec::new();
+        let mut first_call = true;
+        while let Some(pending) = self.pending.front_mut() {
+            if !first_call && Instant::now() >= deadline {
+                break;
+            }
+            first_call = false;
+            let advanced = pending.prefill.advance(&self.pipeline.lm, 1);
+            match advanced {
+                Ok(None) => {}
+                Ok(Some(snapshot)) => {
+                    let done = self
+                        .pending
+                        .pop_front()
+                        .expect("the front was just advanced");
+                    ended.extend(self.finish(done, snapshot));
+                }
+                Err(err) => {
+                    let failed = self
+                        .pending
+                        .pop_front()
+                        .expect("the front was just advanced");
+                    let why = model_error(err);
+                    tracing::warn!(voice = ?failed.key.0, %why, "prefilling a persona failed");
+                    ended.extend(
+                        failed
+                            .slots
+                            .into_iter()
+                            .map(|slot| (slot, Err(why.clone()))),
+                    );
+                }
+            }
+        }
+        ended
     }
 
     fn close_slot(&mut self, slot_idx: usize) {
+        for pending in &mut self.pending {
+            pending.slots.retain(|&slot| slot != slot_idx);
+        }
+        // A prefill no slot waits for any more stops.
+        self.pending.retain(|pending| !pending.slots.is_empty());
         self.state.close(slot_idx);
     }
 

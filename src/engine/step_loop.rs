@@ -4,7 +4,7 @@
 
 use super::clock::{BacklogTrim, TRIM_WINDOW_TICKS, TickClock, TickOutcome, input_excess};
 use super::session::{SessionEvent, SessionId, SlotSession};
-use super::{Engine, Persona, StageTimes, StepIo};
+use super::{Engine, Opening, Persona, StageTimes, StepIo};
 use crate::audio::{FRAME_PERIOD, FRAME_SAMPLES, SAMPLE_RATE, duration_to_samples};
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -26,6 +26,9 @@ pub struct TickReport {
 pub struct StepLoop<E: Engine> {
     engine: E,
     slots: Vec<Option<SlotSession>>,
+    /// Slots whose persona the engine is still prefilling (`Opening::Preparing`): they sit out
+    /// the frames until `prepare` reports them in place.
+    preparing: Vec<bool>,
     inputs: Vec<InputPacing>,
     clock: TickClock,
     active: Vec<bool>,
@@ -50,6 +53,7 @@ impl<E: Engine> StepLoop<E> {
         Self {
             engine,
             slots: (0..slots).map(|_| None).collect(),
+            preparing: vec![false; slots],
             inputs: vec![InputPacing::new(); slots],
             clock: TickClock::new(origin, FRAME_PERIOD),
             active: vec![false; slots],
@@ -77,16 +81,58 @@ impl<E: Engine> StepLoop<E> {
             self.release(&session, "the server is full");
             return;
         };
-        if let Err(err) = self.engine.open_slot(slot_idx, persona) {
-            tracing::warn!(session = %session.id, %err, "could not open a slot");
-            self.release(&session, &err.0);
+        let opening = match self.engine.open_slot(slot_idx, persona) {
+            Ok(opening) => opening,
+            Err(err) => {
+                tracing::warn!(session = %session.id, %err, "could not open a slot");
+                self.release(&session, &err.0);
+                return;
+            }
+        };
+        tracing::info!(session = %session.id, slot_idx, ?opening, "session joined");
+        self.metrics.sessions_active.inc();
+        self.slots[slot_idx] = Some(session);
+        self.preparing[slot_idx] = opening == Opening::Preparing;
+        if opening == Opening::Ready {
+            self.start(slot_idx);
+        }
+    }
+
+    /// Starts slot `slot_idx`'s conversation at the next frame.
+    fn start(&mut self, slot_idx: usize) {
+        self.inputs[slot_idx] = InputPacing::new();
+        if let Some(session) = &mut self.slots[slot_idx] {
+            if std::mem::take(&mut self.preparing[slot_idx]) {
+                // What the caller said while the persona was prefilled is not part of the call.
+                session.input.skip(session.input.queued());
+            }
+            let _ = session.events.try_send(SessionEvent::Ready);
+        }
+    }
+
+    /// Lets the engine prefill the personas of joining sessions until `deadline` (at least one
+    /// model call), and starts those now in place.
+    pub fn prepare(&mut self, deadline: Instant) {
+        if !self.preparing.contains(&true) {
             return;
         }
-        let _ = session.events.try_send(SessionEvent::Ready);
-        tracing::info!(session = %session.id, slot_idx, "session joined");
-        self.metrics.sessions_active.inc();
-        self.inputs[slot_idx] = InputPacing::new();
-        self.slots[slot_idx] = Some(session);
+        for (slot_idx, opened) in self.engine.prepare(deadline) {
+            if !self.preparing.get(slot_idx).copied().unwrap_or(false) {
+                continue;
+            }
+            match opened {
+                Ok(()) => {
+                    self.start(slot_idx);
+                    tracing::info!(slot_idx, "persona in place; the conversation starts");
+                }
+                Err(err) => {
+                    if let Some(session) = &self.slots[slot_idx] {
+                        let _ = session.events.try_send(SessionEvent::Error(err.0.clone()));
+                    }
+                    self.free(slot_idx);
+                }
+            }
+        }
     }
 
     /// Frees the slot of session `id`, if it still has one.
@@ -113,6 +159,7 @@ impl<E: Engine> StepLoop<E> {
     fn free(&mut self, slot_idx: usize) {
         self.engine.close_slot(slot_idx);
         self.slots[slot_idx] = None;
+        self.preparing[slot_idx] = false;
         self.occupancy.fetch_sub(1, Ordering::AcqRel);
         self.metrics.sessions_active.dec();
     }
@@ -166,9 +213,12 @@ impl<E: Engine> StepLoop<E> {
             .iter_mut()
             .zip(self.inputs.iter_mut())
             .zip(self.active.iter_mut());
-        for (((slot, pacing), active), frame) in slots.zip(frames) {
-            *active = slot.is_some();
-            let Some(session) = slot else { continue };
+        let slots = slots.zip(&self.preparing);
+        for ((((slot, pacing), active), &preparing), frame) in slots.zip(frames) {
+            *active = slot.is_some() && !preparing;
+            let Some(session) = slot.as_mut().filter(|_| *active) else {
+                continue;
+            };
             let excess = input_excess(session.input.queued(), self.max_wait_samples);
             drop_input(session, excess, &self.metrics);
             let slack = pacing.take_frame(session, frame, now, &self.metrics);

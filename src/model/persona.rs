@@ -4,9 +4,11 @@
 //! while the user stream hears a 440 Hz sine.
 
 use super::Result;
-use super::generate::{CallInput, Forced, Generator, TEXT_PAD};
-use super::lm::LmModel;
+use super::config::LmConfig;
+use super::generate::{CACHE_COLUMNS, CallInput, Forced, Generator, TEXT_PAD};
+use super::lm::{LmModel, STREAMS};
 use super::voice::VoicePreset;
+use std::collections::VecDeque;
 
 /// Frames of silence after the voice and after the text (0.5 s at 12.5 Hz).
 pub const SILENCE_FRAMES: usize = 6;
@@ -31,6 +33,103 @@ pub fn prompt_calls(voice: &VoicePrompt, text_tokens: &[u32]) -> usize {
     voice_calls + 2 * SILENCE_FRAMES + text_tokens.len()
 }
 
+/// One step of the system prompt.
+enum PromptStep {
+    /// A model call with this input on the prompt's slot.
+    Call(CallInput),
+    /// The voice preset's token ring, put in place once its embeddings have run.
+    LoadCache(Box<[[i64; CACHE_COLUMNS]; STREAMS]>),
+}
+
+/// The system prompt as a queue of model calls, run a few at a time (`advance`) so a server can
+/// prefill a new persona between the frames of live conversations, or all at once
+/// (`run_prompt`).
+pub struct PromptRun {
+    slot_idx: usize,
+    steps: VecDeque<PromptStep>,
+}
+
+impl PromptRun {
+    /// The prompt of `voice` and `text_tokens` for slot `slot_idx` of a model of config `cfg`.
+    pub fn new(
+        cfg: &LmConfig,
+        slot_idx: usize,
+        voice: &VoicePrompt,
+        text_tokens: &[u32],
+    ) -> Result<Self> {
+        let (silence, sine) = (cfg.silence().map(i64::from), cfg.sine().map(i64::from));
+        let mut steps = VecDeque::with_capacity(prompt_calls(voice, text_tokens));
+        match voice {
+            VoicePrompt::None => {}
+            VoicePrompt::Preset(preset) => {
+                for frame in 0..preset.embeddings.dim(0)? {
+                    steps.push_back(PromptStep::Call(CallInput::Embedding(
+                        preset.embeddings.get(frame)?,
+                    )));
+                }
+                steps.push_back(PromptStep::LoadCache(Box::new(preset.cache)));
+            }
+            VoicePrompt::Codes(codes) => {
+                steps.extend(codes.iter().map(|frame| {
+                    PromptStep::Call(CallInput::Tokens(Forced {
+                        text: Some(TEXT_PAD),
+                        agent: Some(*frame),
+                        user: Some(sine),
+                    }))
+                }));
+            }
+        }
+        let quiet = |text: i64| {
+            PromptStep::Call(CallInput::Tokens(Forced {
+                text: Some(text),
+                agent: Some(silence),
+                user: Some(sine),
+            }))
+        };
+        let pad = || (0..SILENCE_FRAMES).map(|_| quiet(TEXT_PAD));
+        steps.extend(pad());
+        steps.extend(text_tokens.iter().map(|&token| quiet(i64::from(token))));
+        steps.extend(pad());
+        Ok(Self { slot_idx, steps })
+    }
+
+    /// Runs at most `calls` more model calls of the prompt on `generator` (whose slot must have
+    /// been freshly opened before the first); returns whether the prompt is done.
+    pub fn advance(
+        &mut self,
+        model: &LmModel,
+        generator: &mut Generator,
+        calls: usize,
+    ) -> Result<bool> {
+        let mut made = 0;
+        while made < calls {
+            let Some(step) = self.steps.pop_front() else {
+                break;
+            };
+            match step {
+                PromptStep::Call(input) => {
+                    let mut inputs = vec![None; generator.batch()];
+                    inputs[self.slot_idx] = Some(input);
+                    generator.step(model, &inputs)?;
+                    made += 1;
+                }
+                PromptStep::LoadCache(cache) => generator
+                    .slot_mut(self.slot_idx)
+                    .ok_or_else(|| candle_core::Error::msg("prompt on a closed slot"))?
+                    .tokens
+                    .load_cache(&cache),
+            }
+        }
+        Ok(self.steps.is_empty())
+    }
+
+    /// Model calls still to run.
+    pub fn calls_left(&self) -> usize {
+        let calls = |step: &&PromptStep| matches!(step, PromptStep::Call(_));
+        self.steps.iter().filter(calls).count()
+    }
+}
+
 /// Runs the system prompt on `slot_idx` of `generator` (which must be freshly opened).
 pub fn run_prompt(
     model: &LmModel,
@@ -40,56 +139,7 @@ pub fn run_prompt(
     text_tokens: &[u32],
 ) -> Result<()> {
     let _span = tracing::debug_span!("system_prompt", text_tokens = text_tokens.len()).entered();
-    let cfg = model.config();
-    let (silence, sine) = (cfg.silence().map(i64::from), cfg.sine().map(i64::from));
-    let mut call = |input: CallInput| -> Result<()> {
-        let mut inputs = vec![None; generator.batch()];
-        inputs[slot_idx] = Some(input);
-        generator.step(model, &inputs).map(|_| ())
-    };
-    match voice {
-        VoicePrompt::None => {}
-        VoicePrompt::Preset(preset) => {
-            for frame in 0..preset.embeddings.dim(0)? {
-                call(CallInput::Embedding(preset.embeddings.get(frame)?))?;
-            }
-        }
-        VoicePrompt::Codes(codes) => {
-            for frame in codes {
-                call(CallInput::Tokens(Forced {
-                    text: Some(TEXT_PAD),
-                    agent: Some(*frame),
-                    user: Some(sine),
-                }))?;
-            }
-        }
-    }
-    if let VoicePrompt::Preset(preset) = voice {
-        let slot = generator
-            .slot_mut(slot_idx)
-            .ok_or_else(|| candle_core::Error::msg("prompt on a closed slot"))?;
-        slot.tokens.load_cache(&preset.cache);
-    }
-    let quiet = |text: i64| {
-        CallInput::Tokens(Forced {
-            text: Some(text),
-            agent: Some(silence),
-            user: Some(sine),
-        })
-    };
-    let mut call = |input: CallInput| -> Result<()> {
-        let mut inputs = vec![None; generator.batch()];
-        inputs[slot_idx] = Some(input);
-        generator.step(model, &inputs).map(|_| ())
-    };
-    for _ in 0..SILENCE_FRAMES {
-        call(quiet(TEXT_PAD))?;
-    }
-    for &token in text_tokens {
-        call(quiet(i64::from(token)))?;
-    }
-    for _ in 0..SILENCE_FRAMES {
-        call(quiet(TEXT_PAD))?;
-    }
+    let mut run = PromptRun::new(model.config(), slot_idx, voice, text_tokens)?;
+    run.advance(model, generator, usize::MAX)?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use super::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot, ro
 use super::kv::RingPositions;
 use super::lm::{Column, LmModel};
 use super::mimi::{DecoderState, EncoderState, Mimi, MimiConfig};
-use super::persona::{VoicePrompt, prompt_calls, run_prompt};
+use super::persona::{PromptRun, VoicePrompt, prompt_calls};
 use super::quant::{KvQuant, Quant};
 use super::tokenizer::{TextTokenizer, wrap_system_prompt};
 use super::voice::{VoiceLibrary, VoicePreset};
@@ -205,11 +205,22 @@ impl Pipeline {
 
     /// Runs the system prompt once and returns the state to start conversations from.
     pub fn prefill(&self, voice: &VoicePrompt, text_tokens: &[u32]) -> Result<Snapshot> {
+        let mut prefill = self.start_prefill(voice, text_tokens)?;
+        loop {
+            if let Some(snapshot) = prefill.advance(&self.lm, usize::MAX)? {
+                return Ok(snapshot);
+            }
+        }
+    }
+
+    /// A prefill to run a few model calls at a time (`Prefill::advance`), between the frames of
+    /// live conversations.
+    pub fn start_prefill(&self, voice: &VoicePrompt, text_tokens: &[u32]) -> Result<Prefill> {
         let capacity = (prompt_calls(voice, text_tokens) + 2).min(self.lm.config().context);
         let mut generator = Generator::new(&self.lm, 1, capacity, self.positions)?;
         generator.open(0, 0, SamplingConfig::GREEDY);
-        run_prompt(&self.lm, &mut generator, 0, voice, text_tokens)?;
-        generator.snapshot(0)
+        let prompt = PromptRun::new(self.lm.config(), 0, voice, text_tokens)?;
+        Ok(Prefill { generator, prompt })
     }
 
     /// Bytes one more conversation's streaming state takes.
@@ -233,6 +244,28 @@ impl Pipeline {
         }
         state.pin_persona = self.pin_persona;
         Ok(state)
+    }
+}
+
+/// A system prompt being run on a generator of its own (`Pipeline::start_prefill`).
+pub struct Prefill {
+    generator: Generator,
+    prompt: PromptRun,
+}
+
+impl Prefill {
+    /// Runs at most `calls` more of the prompt's model calls; the state to start
+    /// conversations from once the prompt is done.
+    pub fn advance(&mut self, lm: &LmModel, calls: usize) -> Result<Option<Snapshot>> {
+        match self.prompt.advance(lm, &mut self.generator, calls)? {
+            true => Ok(Some(self.generator.snapshot(0)?)),
+            false => Ok(None),
+        }
+    }
+
+    /// Model calls still to run.
+    pub fn calls_left(&self) -> usize {
+        self.prompt.calls_left()
     }
 }
 
