@@ -2,7 +2,7 @@
 
 use super::persona::{PersonaError, PersonaRequest};
 use super::session::{SessionCloser, SessionHandle, SessionId, SessionStats, SlotSession};
-use super::step_loop::StepLoop;
+use super::step_loop::{Health, LoopHealth, StepLoop};
 use super::{Engine, EngineInfo, Persona};
 use crate::audio::ring::ring;
 use crate::audio::{FRAME_SAMPLES, PACKET_SAMPLES};
@@ -71,6 +71,7 @@ struct Shared {
     origin: Instant,
     thread: Mutex<Option<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
+    health: Arc<LoopHealth>,
 }
 
 /// A running step loop. Cheap to clone; every clone reaches the same thread.
@@ -98,9 +99,27 @@ impl EngineHandle {
             occupancy.clone(),
             metrics.clone(),
         );
+        let health = step_loop.health();
+        let loop_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("duplex-step".into())
-            .spawn(move || run(step_loop, command_rx))?;
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(step_loop, command_rx)
+                }));
+                match ran {
+                    Ok(()) => loop_health.stop("the engine has shut down"),
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(%what, "the step loop panicked: no session can be served");
+                        loop_health.stop(&format!("the step loop panicked: {what}"));
+                    }
+                }
+            })?;
         tracing::info!(engine = info.name, max_sessions, "step loop started");
         let shared = Shared {
             commands,
@@ -112,6 +131,7 @@ impl EngineHandle {
             origin,
             thread: Mutex::new(Some(thread)),
             metrics,
+            health,
         };
         Ok(Self {
             shared: Arc::new(shared),
@@ -120,6 +140,11 @@ impl EngineHandle {
 
     pub fn info(&self) -> &EngineInfo {
         &self.shared.info
+    }
+
+    /// Whether the step loop serves: steps failing in a row, or the loop ended.
+    pub fn health(&self) -> Health {
+        self.shared.health.state()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

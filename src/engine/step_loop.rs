@@ -22,6 +22,65 @@ pub struct TickReport {
     pub outcome: TickOutcome,
 }
 
+/// Steps failing in a row from which `/health` reports the engine failing.
+pub const FAILING_STEPS: usize = 3;
+
+/// How the step loop fares, for `/health`: steps failing in a row (each ends every session),
+/// the last error, and whether the loop has stopped.
+#[derive(Debug, Default)]
+pub struct LoopHealth {
+    failed_in_a_row: AtomicUsize,
+    last_error: std::sync::Mutex<Option<String>>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// What `LoopHealth` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Serving,
+    /// `FAILING_STEPS` or more steps failed in a row, the last with this error.
+    Failing {
+        steps: usize,
+        error: String,
+    },
+    /// The loop has ended (shutdown, or a panic), for this reason.
+    Stopped(String),
+}
+
+impl LoopHealth {
+    fn step_failed(&self, error: &str) {
+        self.failed_in_a_row.fetch_add(1, Ordering::AcqRel);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    }
+
+    fn step_ok(&self) {
+        self.failed_in_a_row.store(0, Ordering::Release);
+    }
+
+    /// The loop has ended, for `why`.
+    pub fn stop(&self, why: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    pub fn state(&self) -> Health {
+        let error = || {
+            let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+            last.clone().unwrap_or_default()
+        };
+        if self.stopped.load(Ordering::Acquire) {
+            return Health::Stopped(error());
+        }
+        match self.failed_in_a_row.load(Ordering::Acquire) {
+            steps if steps >= FAILING_STEPS => Health::Failing {
+                steps,
+                error: error(),
+            },
+            _ => Health::Serving,
+        }
+    }
+}
+
 /// All sessions of one engine, stepped together.
 pub struct StepLoop<E: Engine> {
     engine: E,
@@ -38,6 +97,7 @@ pub struct StepLoop<E: Engine> {
     max_wait_samples: usize,
     occupancy: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    health: Arc<LoopHealth>,
 }
 
 impl<E: Engine> StepLoop<E> {
@@ -63,7 +123,13 @@ impl<E: Engine> StepLoop<E> {
             max_wait_samples,
             occupancy,
             metrics,
+            health: Arc::default(),
         }
+    }
+
+    /// How the loop fares, shared with whoever reports it.
+    pub fn health(&self) -> Arc<LoopHealth> {
+        self.health.clone()
     }
 
     /// When the next tick is due.
@@ -186,8 +252,12 @@ impl<E: Engine> StepLoop<E> {
         let step_result = self.engine.step(io);
         let stepped = clock();
         let stages = match step_result {
-            Ok(stages) => stages,
+            Ok(stages) => {
+                self.health.step_ok();
+                stages
+            }
             Err(err) => {
+                self.health.step_failed(&err.0);
                 self.evict_all(&err.0);
                 StageTimes::default()
             }
@@ -452,6 +522,71 @@ mod tests {
                 .input
                 .push_at(samples, self.step_loop.deadline() - early);
         }
+    }
+
+    /// The echo engine, whose first `failures` steps fail.
+    struct Failing {
+        echo: EchoEngine,
+        failures: usize,
+    }
+
+    impl Engine for Failing {
+        fn info(&self) -> crate::engine::EngineInfo {
+            self.echo.info()
+        }
+        fn slots(&self) -> usize {
+            self.echo.slots()
+        }
+        fn open_slot(
+            &mut self,
+            slot_idx: usize,
+            persona: &Persona,
+        ) -> Result<Opening, crate::engine::EngineError> {
+            self.echo.open_slot(slot_idx, persona)
+        }
+        fn close_slot(&mut self, slot_idx: usize) {
+            self.echo.close_slot(slot_idx)
+        }
+        fn step(&mut self, io: StepIo<'_>) -> Result<StageTimes, crate::engine::EngineError> {
+            if self.failures == 0 {
+                return self.echo.step(io);
+            }
+            self.failures -= 1;
+            Err(crate::engine::EngineError("the GPU fell over".into()))
+        }
+    }
+
+    #[test]
+    fn steps_failing_in_a_row_report_the_engine_failing_until_one_succeeds() {
+        let engine = Failing {
+            echo: EchoEngine::new(1, 0),
+            failures: FAILING_STEPS,
+        };
+        let occupancy = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(Metrics::new());
+        let mut step_loop =
+            StepLoop::new(engine, Instant::now(), PACKET_SAMPLES, occupancy, metrics);
+        let health = step_loop.health();
+        let mut tick = || {
+            let deadline = step_loop.deadline();
+            step_loop.tick(&mut || deadline);
+        };
+        for failed in 0..FAILING_STEPS {
+            assert_eq!(
+                health.state(),
+                Health::Serving,
+                "after {failed} failed steps"
+            );
+            tick();
+        }
+        let error = "the GPU fell over".to_owned();
+        let failing = Health::Failing {
+            steps: FAILING_STEPS,
+            error,
+        };
+        assert_eq!(health.state(), failing);
+        tick();
+        assert_eq!(health.state(), Health::Serving, "a step succeeded");
     }
 
     fn packets(value: f32, count: usize) -> Vec<f32> {

@@ -4,6 +4,7 @@
 use super::AppState;
 use super::error::ApiError;
 use super::sdp::MAX_OFFER_BYTES;
+use crate::engine::step_loop::Health;
 use crate::engine::{PersonaRequest, SessionId};
 use axum::Json;
 use axum::Router;
@@ -73,19 +74,29 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     }))
 }
 
+/// 200 while the engine serves; 503 while draining, once its steps keep failing (each ends
+/// every session), or once its step loop has stopped, with the error.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let status = if state.is_draining() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
+    let (status, error) = match state.engine.health() {
+        _ if state.is_draining() => ("draining", None),
+        Health::Serving => ("ok", None),
+        Health::Failing { error, .. } => ("failing", Some(error)),
+        Health::Stopped(why) => ("stopped", Some(why)),
     };
-    let body = json!({
-        "status": if state.is_draining() { "draining" } else { "ok" },
+    let code = match status {
+        "ok" => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut body = json!({
+        "status": status,
         "engine": state.engine.info().name,
         "sessions": state.engine.active_sessions(),
         "max_sessions": state.engine.max_sessions(),
     });
-    (status, Json(body)).into_response()
+    if let Some(error) = error {
+        body["error"] = json!(error);
+    }
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -412,5 +423,19 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("duplex_step_seconds"));
         state.engine.shutdown();
+    }
+
+    /// A load balancer must stop sending callers to a server whose step loop has ended (a
+    /// panic, or here a shutdown without draining): `/health` says so, with why.
+    #[tokio::test]
+    async fn health_is_unavailable_once_the_step_loop_has_stopped() {
+        let (app, state) = app(None, 2);
+        state.engine.shutdown();
+        let (status, _, body) =
+            send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["status"], "stopped");
+        assert_eq!(body["error"], "the engine has shut down");
     }
 }
