@@ -4,14 +4,16 @@
 use super::persona::{Persona, PersonaCatalog, PromptCounter};
 use super::{Engine, EngineError, EngineInfo, Opening, StageTimes, StepIo};
 use crate::model::generate::{SamplingConfig, Snapshot, rows_to_run};
-use crate::model::persona::VoicePrompt;
+use crate::model::persona::{VoicePrompt, prompt_calls};
 use crate::model::pipeline::{Pipeline, PipelineState, Prefill, Stage};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Prefilled personas kept in memory.
+/// Prefilled personas kept in memory: at most this many, and (but for the newest) this many
+/// bytes of the model's device memory, which slot sizing leaves free for them.
 const SNAPSHOT_CACHE_ENTRIES: usize = 32;
+const SNAPSHOT_CACHE_BYTES: u64 = 2 << 30;
 
 /// Options beyond the model itself.
 #[derive(Debug, Clone)]
@@ -40,9 +42,29 @@ pub struct PersonaPlexEngine {
 /// it: a prefill runs hundreds of calls, which at once would stall every live conversation.
 struct PendingPersona {
     key: PersonaKey,
-    prefill: Prefill,
+    /// The checked voice and prompt tokens, until the prefill starts (at the queue's front:
+    /// one prefill's state in memory at a time).
+    prompt: Option<(VoicePrompt, Vec<u32>)>,
+    prefill: Option<Prefill>,
     slots: Vec<usize>,
     started: Instant,
+}
+
+impl PendingPersona {
+    /// Runs one more model call of the prefill (starting it first if need be); the snapshot
+    /// once it is done.
+    fn advance(&mut self, pipeline: &Pipeline) -> Result<Option<Snapshot>, EngineError> {
+        if let Some((voice, tokens)) = self.prompt.take() {
+            let prefill = pipeline.start_prefill(&voice, &tokens);
+            self.prefill = Some(prefill.map_err(model_error)?);
+        }
+        let Some(prefill) = &mut self.prefill else {
+            return Err(EngineError(
+                "internal error: a prefill never started".into(),
+            ));
+        };
+        prefill.advance(&pipeline.lm, 1).map_err(model_error)
+    }
 }
 
 /// Untimed warm-up frames per row bucket: a bucket's first frame captures its graphs (after
@@ -65,6 +87,20 @@ fn warm_up_schedule(slots: usize, timed: usize) -> Vec<(usize, bool)> {
     untimed
         .chain(std::iter::repeat_n((slots, true), timed))
         .collect()
+}
+
+/// Drops the oldest (last) of `entries` while there are more than `most` or, but for the
+/// newest, they hold more than `most_bytes`.
+fn keep_within<T>(
+    entries: &mut VecDeque<T>,
+    most: usize,
+    most_bytes: u64,
+    bytes: impl Fn(&T) -> u64,
+) {
+    entries.truncate(most);
+    while entries.len() > 1 && entries.iter().map(&bytes).sum::<u64>() > most_bytes {
+        entries.pop_back();
+    }
 }
 
 /// Counts a role prompt's tokens the way the engine will feed them.
@@ -159,8 +195,8 @@ impl PersonaPlexEngine {
         Some(snapshot)
     }
 
-    /// A prefill of `persona`, its role prompt checked against the window.
-    fn start_prefill(&self, persona: &Persona) -> Result<Prefill, EngineError> {
+    /// The voice and prompt tokens of `persona`, its role prompt checked against the window.
+    fn checked_prompt(&self, persona: &Persona) -> Result<(VoicePrompt, Vec<u32>), EngineError> {
         let voice = match &persona.voice {
             Some(name) => self.pipeline.voice_preset(name).map_err(model_error)?,
             None => VoicePrompt::None,
@@ -176,9 +212,7 @@ impl PersonaPlexEngine {
                 tokens.len()
             )));
         }
-        self.pipeline
-            .start_prefill(&voice, &tokens)
-            .map_err(model_error)
+        Ok((voice, tokens))
     }
 
     /// Starts slot `slot_idx` from a prefilled persona.
@@ -199,7 +233,12 @@ impl PersonaPlexEngine {
         tracing::info!(voice = ?done.key.0, ms, "persona prefilled");
         let snapshot = Arc::new(snapshot);
         self.snapshots.push_front((done.key, snapshot.clone()));
-        self.snapshots.truncate(SNAPSHOT_CACHE_ENTRIES);
+        keep_within(
+            &mut self.snapshots,
+            SNAPSHOT_CACHE_ENTRIES,
+            SNAPSHOT_CACHE_BYTES,
+            |(_, s)| s.bytes(),
+        );
         let slots = done.slots.into_iter();
         slots
             .map(|slot| (slot, self.start_slot(slot, &snapshot)))
@@ -215,18 +254,21 @@ impl PersonaPlexEngine {
     }
 }
 
-/// `requested` slots, or as many as the free memory holds; an error when not even one fits.
+/// `requested` slots, or as many as the free memory holds besides the kept personas and one
+/// prefill (at most a slot's state); an error when not even one fits.
 fn slots_that_fit(pipeline: &Pipeline, requested: usize) -> Result<usize, EngineError> {
     let device = pipeline.lm.device();
     let free = crate::model::memory::available(device).map_err(model_error)?;
-    let fit = pipeline.slots_that_fit(free);
+    let personas = SNAPSHOT_CACHE_BYTES + pipeline.slot_state_bytes();
+    let fit = pipeline.slots_that_fit(free.saturating_sub(personas));
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     let per_slot = pipeline.slot_state_bytes();
     if fit == 0 {
         return Err(EngineError(format!(
-            "not enough memory for one conversation: its state needs {:.2} GiB and {:.2} GiB are \
-             free on {device:?}",
+            "not enough memory for one conversation: its state needs {:.2} GiB, prefilled personas \
+             {:.2} GiB more, and {:.2} GiB are free on {device:?}",
             gib(per_slot),
+            gib(personas),
             gib(free)
         )));
     }
@@ -285,11 +327,12 @@ impl Engine for PersonaPlexEngine {
             pending.slots.push(slot_idx);
             return Ok(Opening::Preparing);
         }
-        let prefill = self.start_prefill(persona)?;
-        tracing::info!(voice = ?persona.voice, calls = prefill.calls_left(), "prefilling a persona between frames");
+        let (voice, tokens) = self.checked_prompt(persona)?;
+        tracing::info!(voice = ?persona.voice, calls = prompt_calls(&voice, &tokens), "prefilling a persona between frames");
         self.pending.push_back(PendingPersona {
             key,
-            prefill,
+            prompt: Some((voice, tokens)),
+            prefill: None,
             slots: vec![slot_idx],
             started: Instant::now(),
         });
@@ -304,7 +347,7 @@ impl Engine for PersonaPlexEngine {
                 break;
             }
             first_call = false;
-            let advanced = pending.prefill.advance(&self.pipeline.lm, 1);
+            let advanced = pending.advance(&self.pipeline);
             match advanced {
                 Ok(None) => {}
                 Ok(Some(snapshot)) => {
@@ -314,12 +357,11 @@ impl Engine for PersonaPlexEngine {
                         .expect("the front was just advanced");
                     ended.extend(self.finish(done, snapshot));
                 }
-                Err(err) => {
+                Err(why) => {
                     let failed = self
                         .pending
                         .pop_front()
                         .expect("the front was just advanced");
-                    let why = model_error(err);
                     tracing::warn!(voice = ?failed.key.0, %why, "prefilling a persona failed");
                     ended.extend(
                         failed
@@ -398,5 +440,17 @@ mod tests {
             warm_up_schedule(1, 2),
             [(1, false), (1, false), (1, true), (1, true)]
         );
+    }
+
+    #[test]
+    fn kept_personas_stay_within_their_count_and_bytes_but_the_newest_stays() {
+        let kept = |sizes: &[u64], most, most_bytes| {
+            let mut entries: VecDeque<u64> = sizes.iter().copied().collect();
+            keep_within(&mut entries, most, most_bytes, |&size| size);
+            Vec::from(entries)
+        };
+        assert_eq!(kept(&[1, 2, 3, 4], 3, 100), [1, 2, 3]);
+        assert_eq!(kept(&[5, 4, 3], 10, 9), [5, 4]);
+        assert_eq!(kept(&[50, 1], 10, 9), [50], "the newest, however big");
     }
 }

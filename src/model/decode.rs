@@ -21,6 +21,13 @@ pub struct KvRing {
 }
 
 impl KvRing {
+    /// Bytes its tensors hold.
+    pub fn bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let scales = self.scales.iter().flatten().map(bytes).sum::<u64>();
+        bytes(&self.k) + bytes(&self.v) + scales
+    }
+
     /// An empty ring of `dims` (rows, heads, capacity, head_dim), stored as `quant` says.
     pub fn zeros(
         dims: (usize, usize, usize, usize),

@@ -40,6 +40,13 @@ pub struct SlotKv {
     end: u64,
 }
 
+impl SlotKv {
+    /// Bytes its keys and values hold.
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().map(KvRing::bytes).sum()
+    }
+}
+
 /// What one step writes and sees, worked out once and shared by every layer.
 pub struct RingStep {
     /// The ring index of each new token, i64 `[rows, heads, time, head_dim]` (broadcast over

@@ -40,6 +40,13 @@ pub struct TransformerSlot {
     kv: SlotKv,
 }
 
+impl TransformerSlot {
+    /// Bytes of device memory it holds.
+    pub fn bytes(&self) -> u64 {
+        self.kv.bytes()
+    }
+}
+
 impl Transformer {
     pub fn new(
         weights: Vec<TemporalLayerWeights>,

@@ -196,6 +196,13 @@ pub struct Snapshot {
     pub tokens: SlotTokens,
 }
 
+impl Snapshot {
+    /// Bytes of the model's device memory it holds (its keys and values).
+    pub fn bytes(&self) -> u64 {
+        self.transformer.bytes()
+    }
+}
+
 /// What one call produced for one slot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallOutput {
