@@ -10,9 +10,6 @@ pub enum GraphMode {
     Off,
     /// One graph per row bucket, each captured at the first frame of that bucket it can run.
     On(GraphCache),
-    /// Capture failed or a replay disagreed with the eager frame: eager for good.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Failed,
 }
 
 /// The captured graphs, by rows.
@@ -20,6 +17,9 @@ pub enum GraphMode {
 pub struct GraphCache {
     #[cfg(feature = "cuda")]
     graphs: std::collections::BTreeMap<usize, super::graph::FrameGraph>,
+    /// Row buckets whose capture failed, whose first replay disagreed with the eager frame, or
+    /// whose replay failed: they run eagerly for good, the other buckets keep their graphs.
+    refused: std::collections::BTreeSet<usize>,
 }
 
 #[cfg(feature = "cuda")]
@@ -49,8 +49,8 @@ impl GraphMode {
     }
 
     /// Replays the graph of `rows` through `replay` when there is one. A replay that fails logs
-    /// why and leaves `piece` eager for good (`None`, as when there is no graph), so the frame
-    /// runs eagerly rather than the same replay failing every frame after.
+    /// why and leaves `piece` eager for good at these rows (`None`, as when there is no graph),
+    /// so the frame runs eagerly rather than the same replay failing every frame after.
     #[cfg(feature = "cuda")]
     pub fn replay_with<T>(
         &mut self,
@@ -64,44 +64,45 @@ impl GraphMode {
         match replay(cache.get(rows)?) {
             Ok(out) => Some(out),
             Err(err) => {
-                tracing::warn!(rows, piece, error = %err, "replaying a graph failed; running eagerly from now on");
-                *self = GraphMode::Failed;
+                tracing::warn!(rows, piece, error = %err, "replaying a graph failed; these rows run eagerly from now on");
+                cache.graphs.remove(&rows);
+                cache.refused.insert(rows);
                 None
             }
         }
     }
 
-    /// Whether a frame without a graph for its rows should capture one (graphs are on).
-    pub fn captures(&self) -> bool {
-        matches!(self, GraphMode::On(_))
+    /// Whether a frame of `rows` rows without a graph should capture one (graphs are on, and
+    /// these rows were not refused).
+    pub fn captures(&self, rows: usize) -> bool {
+        matches!(self, GraphMode::On(cache) if !cache.refused.contains(&rows))
     }
 
     /// Keeps the graph just captured for `rows` when its first replay agreed with the eager
-    /// run; on any failure logs why, and `piece` stays eager for good. Returns whether the graph
-    /// was kept.
+    /// run; on any failure logs why, and `piece` stays eager for good at these rows. Returns
+    /// whether the graph was kept.
     #[cfg(feature = "cuda")]
     pub fn settle(&mut self, piece: &str, rows: usize, captured: Captured) -> bool {
-        match (captured, &mut *self) {
-            (Ok((graph, Ok(()))), GraphMode::On(cache)) => {
+        let GraphMode::On(cache) = self else {
+            return false;
+        };
+        match captured {
+            Ok((graph, Ok(()))) => {
                 tracing::info!(rows, piece, "CUDA graph captured; replaying it");
                 cache.graphs.insert(rows, graph);
                 return true;
             }
-            (Ok((_, Ok(()))), _) => {}
-            (Ok((_, Err(why))), _) => {
-                tracing::warn!(
-                    rows,
-                    piece,
-                    why,
-                    "a graph's first replay differs from the eager run; staying eager"
-                );
-                *self = GraphMode::Failed;
-            }
-            (Err(err), _) => {
-                tracing::warn!(rows, piece, error = %err, "capturing a graph failed; staying eager");
-                *self = GraphMode::Failed;
+            Ok((_, Err(why))) => tracing::warn!(
+                rows,
+                piece,
+                why,
+                "a graph's first replay differs from the eager run; these rows stay eager"
+            ),
+            Err(err) => {
+                tracing::warn!(rows, piece, error = %err, "capturing a graph failed; these rows stay eager")
             }
         }
+        cache.refused.insert(rows);
         false
     }
 }

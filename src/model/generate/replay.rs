@@ -83,7 +83,7 @@ impl Generator {
         let replayed = self
             .temporal_graph
             .replay_with("temporal", rows, |graph| split(graph.replay(&inputs)?));
-        if replayed.is_some() || !self.temporal_graph.captures() {
+        if replayed.is_some() || !self.temporal_graph.captures(rows) {
             return Ok(replayed);
         }
         let _uploads = crate::model::graph::cached_uploads(emb.device())?;
@@ -129,7 +129,7 @@ impl Generator {
         let replayed = self
             .depformer_graph
             .replay_with("depformer", rows, |graph| graph.replay(&inputs)?.to_vec2());
-        if replayed.is_some() || !self.depformer_graph.captures() {
+        if replayed.is_some() || !self.depformer_graph.captures(rows) {
             return Ok(replayed);
         }
         // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph

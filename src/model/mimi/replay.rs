@@ -165,7 +165,7 @@ fn replay_or_capture<S: Streaming>(
     let replayed = state
         .graphs()
         .replay_with(piece, rows, |graph| graph.replay(&inputs)?.copy());
-    if replayed.is_some() || !state.graphs().captures() {
+    if replayed.is_some() || !state.graphs().captures(rows) {
         return Ok(replayed);
     }
     let _uploads = cached_uploads(input.device())?;
