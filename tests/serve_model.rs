@@ -99,9 +99,10 @@ async fn unknown_voices_and_long_prompts_are_refused_at_the_offer() {
     server.stop().await;
 }
 
-/// A session joining with a persona not prefilled yet waits while the engine prefills it, one
-/// model call after each frame here (a deadline already passed); a live session meanwhile
-/// gets every frame, and the newcomer starts once its persona is in place.
+/// A session joining with a persona not prefilled yet waits while the engine prefills it
+/// between frames; a live session meanwhile gets every frame, and the newcomer starts once its
+/// persona is in place. Here no frame leaves room (the deadline has passed), so the engine
+/// makes one model call every eighth frame, the progress it must make whatever the time.
 #[test]
 fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking() {
     use duplex::audio::ring::ring;
@@ -154,7 +155,7 @@ fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking(
     let mut frame = vec![0.0; FRAME_SAMPLES];
     let mut frames_waited = 0;
     while new_events.try_recv() != Ok(SessionEvent::Ready) {
-        assert!(frames_waited < 200, "the new persona never came into place");
+        assert!(frames_waited < 2000, "the new persona never came into place");
         let chunk = frames_waited % (speech.len() / FRAME_SAMPLES);
         live_input.push(&speech[chunk * FRAME_SAMPLES..][..FRAME_SAMPLES]);
         let deadline = step_loop.deadline();
@@ -170,8 +171,9 @@ fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking(
         step_loop.prepare(Instant::now());
         frames_waited += 1;
     }
-    // Voice NATM0's frames, a second of silence and the prompt's tokens: dozens of calls.
-    assert!(frames_waited > 20, "prefilled in {frames_waited} frames");
+    // Voice NATM0's frames, a second of silence and the prompt's tokens: dozens of calls, one
+    // every eighth frame.
+    assert!(frames_waited > 8 * 20, "prefilled in {frames_waited} frames");
     let deadline = step_loop.deadline();
     step_loop.tick(&mut || deadline);
     assert!(

@@ -59,6 +59,8 @@ pub enum OpenError {
     Persona(#[from] PersonaError),
     #[error("the engine is shutting down")]
     Stopped,
+    #[error("the model is failing ({0}); retry later")]
+    Failing(String),
 }
 
 struct Shared {
@@ -172,6 +174,11 @@ impl EngineHandle {
     /// See [`SessionHandle`] for a complete example.
     pub fn open_session(&self, request: &PersonaRequest) -> Result<SessionHandle, OpenError> {
         let persona = self.shared.info.catalog.resolve(request)?;
+        match self.shared.health.state() {
+            Health::Serving => {}
+            Health::Failing { error, .. } => return Err(OpenError::Failing(error)),
+            Health::Stopped(_) => return Err(OpenError::Stopped),
+        }
         self.reserve()?;
         let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (input, input_cons) = ring(self.shared.config.input_ring_samples);

@@ -76,9 +76,14 @@ pub trait Engine: Send + 'static {
     /// Resets slot `slot_idx` and puts `persona` in place, before its first frame, or starts
     /// doing so (`Opening::Preparing`).
     fn open_slot(&mut self, slot_idx: usize, persona: &Persona) -> Result<Opening, EngineError>;
-    /// Advances the openings still preparing: some work whatever the time, then more until
-    /// `deadline`. Returns the slots whose opening ended, in place (`Ok`) or failed.
-    fn prepare(&mut self, _deadline: Instant) -> Vec<(usize, Result<(), EngineError>)> {
+    /// Advances the openings still preparing, a piece of work at a time while the next is
+    /// expected to end before `deadline` (and one piece whatever the time when `must_progress`).
+    /// Returns the slots whose opening ended, in place (`Ok`) or failed.
+    fn prepare(
+        &mut self,
+        _deadline: Instant,
+        _must_progress: bool,
+    ) -> Vec<(usize, Result<(), EngineError>)> {
         Vec::new()
     }
     /// Releases slot `slot_idx` (also one still preparing).

@@ -35,6 +35,8 @@ pub struct PersonaPlexEngine {
     snapshots: VecDeque<(PersonaKey, Arc<Snapshot>)>,
     /// Personas being prefilled between frames, oldest first.
     pending: VecDeque<PendingPersona>,
+    /// How long a prefill's model call takes, of late: one starts only if it should end in time.
+    prefill_call: std::time::Duration,
     sessions_opened: u64,
 }
 
@@ -130,6 +132,7 @@ impl PersonaPlexEngine {
             options,
             snapshots: VecDeque::new(),
             pending: VecDeque::new(),
+            prefill_call: std::time::Duration::ZERO,
             sessions_opened: 0,
         })
     }
@@ -150,7 +153,7 @@ impl PersonaPlexEngine {
         }
         let far = Instant::now() + std::time::Duration::from_secs(24 * 3600);
         while !self.pending.is_empty() {
-            for (_, opened) in self.prepare(far) {
+            for (_, opened) in self.prepare(far, true) {
                 opened?;
             }
         }
@@ -254,12 +257,16 @@ impl PersonaPlexEngine {
     }
 }
 
-/// `requested` slots, or as many as the free memory holds besides the kept personas and one
-/// prefill (at most a slot's state); an error when not even one fits.
+/// `requested` slots, or as many as the free memory holds besides, on a GPU, the kept personas
+/// and one prefill (at most a slot's state); an error when not even one fits. (On the CPU they
+/// live in the host's memory, which the kernel can page.)
 fn slots_that_fit(pipeline: &Pipeline, requested: usize) -> Result<usize, EngineError> {
     let device = pipeline.lm.device();
     let free = crate::model::memory::available(device).map_err(model_error)?;
-    let personas = SNAPSHOT_CACHE_BYTES + pipeline.slot_state_bytes();
+    let personas = match device.is_cuda() {
+        true => SNAPSHOT_CACHE_BYTES + pipeline.slot_state_bytes(),
+        false => 0,
+    };
     let fit = pipeline.slots_that_fit(free.saturating_sub(personas));
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     let per_slot = pipeline.slot_state_bytes();
@@ -339,15 +346,23 @@ impl Engine for PersonaPlexEngine {
         Ok(Opening::Preparing)
     }
 
-    fn prepare(&mut self, deadline: Instant) -> Vec<(usize, Result<(), EngineError>)> {
+    fn prepare(
+        &mut self,
+        deadline: Instant,
+        must_progress: bool,
+    ) -> Vec<(usize, Result<(), EngineError>)> {
         let mut ended = Vec::new();
-        let mut first_call = true;
+        let mut forced = must_progress;
         while let Some(pending) = self.pending.front_mut() {
-            if !first_call && Instant::now() >= deadline {
+            let started = Instant::now();
+            if !std::mem::take(&mut forced) && started + self.prefill_call > deadline {
                 break;
             }
-            first_call = false;
             let advanced = pending.advance(&self.pipeline);
+            self.prefill_call = match self.prefill_call.is_zero() {
+                true => started.elapsed(),
+                false => (self.prefill_call * 3 + started.elapsed()) / 4,
+            };
             match advanced {
                 Ok(None) => {}
                 Ok(Some(snapshot)) => {

@@ -22,6 +22,9 @@ pub struct TickReport {
     pub outcome: TickOutcome,
 }
 
+/// `StepLoop::prepare` makes the engine progress whatever the time once in this many calls.
+const FORCED_PREPARE_TICKS: u64 = 8;
+
 /// Steps failing in a row from which `/health` reports the engine failing.
 pub const FAILING_STEPS: usize = 3;
 
@@ -88,6 +91,8 @@ pub struct StepLoop<E: Engine> {
     /// Slots whose persona the engine is still prefilling (`Opening::Preparing`): they sit out
     /// the frames until `prepare` reports them in place.
     preparing: Vec<bool>,
+    /// `prepare` calls while some slot was preparing.
+    prepares: u64,
     inputs: Vec<InputPacing>,
     clock: TickClock,
     active: Vec<bool>,
@@ -114,6 +119,7 @@ impl<E: Engine> StepLoop<E> {
             engine,
             slots: (0..slots).map(|_| None).collect(),
             preparing: vec![false; slots],
+            prepares: 0,
             inputs: vec![InputPacing::new(); slots],
             clock: TickClock::new(origin, FRAME_PERIOD),
             active: vec![false; slots],
@@ -176,13 +182,18 @@ impl<E: Engine> StepLoop<E> {
         }
     }
 
-    /// Lets the engine prefill the personas of joining sessions until `deadline` (at least one
-    /// model call), and starts those now in place.
+    /// Lets the engine prefill the personas of joining sessions while its work fits before
+    /// `deadline`, and starts those now in place. With no conversation live, or every
+    /// `FORCED_PREPARE_TICKS`-th call, one piece of work runs whatever the time: an engine too
+    /// busy to leave room still gets its newcomers in, a frame late at most that often.
     pub fn prepare(&mut self, deadline: Instant) {
         if !self.preparing.contains(&true) {
             return;
         }
-        for (slot_idx, opened) in self.engine.prepare(deadline) {
+        self.prepares += 1;
+        let live = self.active.contains(&true);
+        let must_progress = !live || self.prepares.is_multiple_of(FORCED_PREPARE_TICKS);
+        for (slot_idx, opened) in self.engine.prepare(deadline, must_progress) {
             if !self.preparing.get(slot_idx).copied().unwrap_or(false) {
                 continue;
             }
@@ -251,13 +262,19 @@ impl<E: Engine> StepLoop<E> {
         };
         let step_result = self.engine.step(io);
         let stepped = clock();
+        // A step with no conversation in it proves nothing either way.
+        let live = self.active.contains(&true);
         let stages = match step_result {
             Ok(stages) => {
-                self.health.step_ok();
+                if live {
+                    self.health.step_ok();
+                }
                 stages
             }
             Err(err) => {
-                self.health.step_failed(&err.0);
+                if live {
+                    self.health.step_failed(&err.0);
+                }
                 self.evict_all(&err.0);
                 StageTimes::default()
             }
@@ -322,9 +339,13 @@ impl<E: Engine> StepLoop<E> {
         }
     }
 
+    /// Ends every session the failed step ran (those still preparing took no part in it).
     fn evict_all(&mut self, reason: &str) {
-        tracing::error!(%reason, "engine step failed; ending every session");
+        tracing::error!(%reason, "engine step failed; ending every session in it");
         for slot_idx in 0..self.slots.len() {
+            if self.preparing[slot_idx] {
+                continue;
+            }
             if let Some(session) = &self.slots[slot_idx] {
                 let _ = session
                     .events
@@ -437,8 +458,8 @@ mod tests {
     use crate::engine::{EchoEngine, PersonaCatalog, SessionEvent};
     use crossbeam_channel::unbounded;
 
-    struct Harness {
-        step_loop: StepLoop<EchoEngine>,
+    struct Harness<E: Engine = EchoEngine> {
+        step_loop: StepLoop<E>,
         now: Instant,
         occupancy: Arc<AtomicUsize>,
     }
@@ -454,10 +475,16 @@ mod tests {
 
     impl Harness {
         fn new(slots: usize, delay_frames: usize) -> Self {
+            Harness::with(EchoEngine::new(slots, delay_frames))
+        }
+    }
+
+    impl<E: Engine> Harness<E> {
+        fn with(engine: E) -> Self {
             let occupancy = Arc::new(AtomicUsize::new(0));
             let now = Instant::now();
             let step_loop = StepLoop::new(
-                EchoEngine::new(slots, delay_frames),
+                engine,
                 now,
                 PACKET_SAMPLES,
                 occupancy.clone(),
@@ -558,34 +585,39 @@ mod tests {
 
     #[test]
     fn steps_failing_in_a_row_report_the_engine_failing_until_one_succeeds() {
-        let engine = Failing {
+        let mut h = Harness::with(Failing {
             echo: EchoEngine::new(1, 0),
-            failures: FAILING_STEPS,
-        };
-        let occupancy = Arc::new(AtomicUsize::new(0));
-        let metrics = Arc::new(Metrics::new());
-        let mut step_loop =
-            StepLoop::new(engine, Instant::now(), PACKET_SAMPLES, occupancy, metrics);
-        let health = step_loop.health();
-        let mut tick = || {
-            let deadline = step_loop.deadline();
-            step_loop.tick(&mut || deadline);
-        };
+            failures: 2 * FAILING_STEPS,
+        });
+        let health = h.step_loop.health();
+        // Steps with nobody in them say nothing of the engine.
+        for _ in 0..FAILING_STEPS {
+            h.tick();
+        }
+        assert_eq!(health.state(), Health::Serving, "failed with no session");
         for failed in 0..FAILING_STEPS {
             assert_eq!(
                 health.state(),
                 Health::Serving,
                 "after {failed} failed steps"
             );
-            tick();
+            let client = h.join(failed as u64);
+            h.tick();
+            assert!(
+                client
+                    .events
+                    .try_iter()
+                    .any(|e| matches!(e, SessionEvent::Error(_))),
+                "the session in a failed step is told"
+            );
         }
-        let error = "the GPU fell over".to_owned();
         let failing = Health::Failing {
             steps: FAILING_STEPS,
-            error,
+            error: "the GPU fell over".into(),
         };
         assert_eq!(health.state(), failing);
-        tick();
+        let _client = h.join(99);
+        h.tick();
         assert_eq!(health.state(), Health::Serving, "a step succeeded");
     }
 

@@ -29,6 +29,8 @@ pub enum ApiError {
     Full { max: usize },
     #[error("the server is shutting down")]
     Draining,
+    #[error("the model is failing ({0}); retry later")]
+    Failing(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,6 +41,7 @@ impl From<OpenError> for ApiError {
             OpenError::Full { max } => Self::Full { max },
             OpenError::Persona(err) => Self::Persona(err),
             OpenError::Stopped => Self::Draining,
+            OpenError::Failing(why) => Self::Failing(why),
         }
     }
 }
@@ -53,7 +56,9 @@ impl ApiError {
             | Self::Persona(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NoSession(_) => StatusCode::NOT_FOUND,
-            Self::Full { .. } | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Full { .. } | Self::Draining | Self::Failing(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,6 +75,7 @@ impl ApiError {
             Self::NoSession(_) => "no_session",
             Self::Full { .. } => "full",
             Self::Draining => "draining",
+            Self::Failing(_) => "failing",
             Self::Internal(_) => "internal",
         }
     }
