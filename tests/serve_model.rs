@@ -155,7 +155,10 @@ fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking(
     let mut frame = vec![0.0; FRAME_SAMPLES];
     let mut frames_waited = 0;
     while new_events.try_recv() != Ok(SessionEvent::Ready) {
-        assert!(frames_waited < 2000, "the new persona never came into place");
+        assert!(
+            frames_waited < 2000,
+            "the new persona never came into place"
+        );
         let chunk = frames_waited % (speech.len() / FRAME_SAMPLES);
         live_input.push(&speech[chunk * FRAME_SAMPLES..][..FRAME_SAMPLES]);
         let deadline = step_loop.deadline();
@@ -173,7 +176,10 @@ fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking(
     }
     // Voice NATM0's frames, a second of silence and the prompt's tokens: dozens of calls, one
     // every eighth frame.
-    assert!(frames_waited > 8 * 20, "prefilled in {frames_waited} frames");
+    assert!(
+        frames_waited > 8 * 20,
+        "prefilled in {frames_waited} frames"
+    );
     let deadline = step_loop.deadline();
     step_loop.tick(&mut || deadline);
     assert!(
