@@ -242,3 +242,42 @@ fn a_pinned_persona_through_the_kernels_references_matches_the_composed_path() {
         assert!(diff < 1e-4, "frame {frame}: max |diff| {diff}");
     }
 }
+
+/// Voice presets are read once, when the model loads: a join parses no `.pt` file on the step
+/// thread, and a preset file removed after loading still serves its voice.
+#[test]
+fn voice_presets_are_read_once_at_load() {
+    use duplex::model::files::ModelFiles;
+    use duplex::model::pipeline::{Pipeline, PipelineConfig};
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("voices-read-once-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("voices")).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for voice in ["NATF0", "NATM0"] {
+        let file = format!("voices/{voice}.pt");
+        std::fs::copy(source.join(&file), dir.join(&file)).unwrap();
+    }
+    let files = ModelFiles::in_dir(&dir).unwrap();
+    let pipeline = Pipeline::load(&files, &PipelineConfig::default()).unwrap();
+    std::fs::remove_dir_all(dir.join("voices")).unwrap();
+    let VoicePrompt::Preset(preset) = pipeline.voice_preset("NATF0").unwrap() else {
+        panic!("NATF0 is a preset");
+    };
+    let VoicePrompt::Preset(expected) = voice() else {
+        unreachable!()
+    };
+    assert_eq!(preset.cache, expected.cache);
+    assert_eq!(
+        preset.embeddings.dims(),
+        expected.embeddings.dims(),
+        "the preset read at load"
+    );
+    assert!(pipeline.voice_preset("NOBODY").is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

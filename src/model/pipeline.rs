@@ -96,6 +96,8 @@ pub struct Pipeline {
     pub mimi: Mimi,
     pub tokenizer: TextTokenizer,
     pub voices: VoiceLibrary,
+    /// Every voice preset, read once at load: a join reads no `.pt` file on the step thread.
+    presets: BTreeMap<String, VoicePreset>,
     /// Model calls each voice preset's prompt takes.
     voice_calls: BTreeMap<String, usize>,
     positions: RingPositions,
@@ -137,15 +139,21 @@ impl Pipeline {
             mimi,
             tokenizer,
             voices,
+            presets: BTreeMap::new(),
             voice_calls: BTreeMap::new(),
             positions: cfg.positions,
             cuda_graphs: cfg.graphs_apply(),
             pin_persona: cfg.pin_persona,
         };
         for name in pipeline.voices.names() {
-            let calls = prompt_calls(&pipeline.voice_preset(&name)?, &[])
+            let path = pipeline.voices.path(&name).ok_or_else(|| {
+                candle_core::Error::msg(format!("voice preset {name:?} has no file"))
+            })?;
+            let preset = VoicePreset::load(path, lm_cfg.dim, pipeline.lm.device())?;
+            let calls = prompt_calls(&VoicePrompt::Preset(Box::new(preset.clone())), &[])
                 - prompt_calls(&VoicePrompt::None, &[]);
-            pipeline.voice_calls.insert(name, calls);
+            pipeline.voice_calls.insert(name.clone(), calls);
+            pipeline.presets.insert(name, preset);
         }
         Ok(pipeline)
     }
@@ -163,15 +171,11 @@ impl Pipeline {
 
     /// Reads preset `name` from the voice library.
     pub fn voice_preset(&self, name: &str) -> Result<VoicePrompt> {
-        let path = self
-            .voices
-            .path(name)
+        let preset = self
+            .presets
+            .get(name)
             .ok_or_else(|| candle_core::Error::msg(format!("no voice preset {name:?}")))?;
-        Ok(VoicePrompt::Preset(Box::new(VoicePreset::load(
-            path,
-            self.lm.config().dim,
-            self.lm.device(),
-        )?)))
+        Ok(VoicePrompt::Preset(Box::new(preset.clone())))
     }
 
     /// A voice prompt from 24 kHz audio: its Mimi codes, frame by frame.
