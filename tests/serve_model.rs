@@ -144,11 +144,9 @@ fn a_new_persona_is_prefilled_between_frames_while_a_live_session_keeps_talking(
     };
     let teacher = "You are a wise and friendly teacher.";
     let (mut live_input, mut live_output, live_events) = join(&mut step_loop, 1, "NATF0", teacher);
-    let far = Instant::now() + Duration::from_secs(3600);
     // The live session's persona first, all at once, as a server's warm-up would.
-    while live_events.try_recv().is_err() {
-        step_loop.prepare(far);
-    }
+    step_loop.prepare_all();
+    assert_eq!(live_events.try_recv(), Ok(SessionEvent::Ready));
     let tutor = "You are a patient tutor.";
     let (_, mut new_output, new_events) = join(&mut step_loop, 2, "NATM0", tutor);
     let speech = speech("Can you help me with fractions?", 4.0);

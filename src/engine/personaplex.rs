@@ -41,7 +41,8 @@ pub struct PersonaPlexEngine {
 }
 
 /// A persona being prefilled a model call at a time between frames, and the slots waiting for
-/// it: a prefill runs hundreds of calls, which at once would stall every live conversation.
+/// it: a prefill runs one call per prompt frame (60 to 100 for PersonaPlex's presets), which at
+/// once would stall every live conversation.
 struct PendingPersona {
     key: PersonaKey,
     /// The checked voice and prompt tokens, until the prefill starts (at the queue's front:

@@ -212,6 +212,12 @@ impl<E: Engine> StepLoop<E> {
         }
     }
 
+    /// Finishes every opening still preparing now, however long it takes (before a run that
+    /// needs no clock, or before the first frame of one that does).
+    pub fn prepare_all(&mut self) {
+        self.prepare(Instant::now() + Duration::from_secs(24 * 3600));
+    }
+
     /// Frees the slot of session `id`, if it still has one.
     pub fn leave(&mut self, id: SessionId) {
         if let Some(slot_idx) = self

@@ -154,7 +154,7 @@ fn files_fast<E: Engine>(
         &persona,
     );
     // Faster than real time: the persona is prefilled before the first frame, however long.
-    step_loop.prepare(Instant::now() + std::time::Duration::from_secs(24 * 3600));
+    step_loop.prepare_all();
     let mut text = Vec::new();
     let mut frame = vec![0.0; FRAME_SAMPLES];
     let mut recorded = Vec::with_capacity(frames * FRAME_SAMPLES);

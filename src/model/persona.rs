@@ -122,12 +122,6 @@ impl PromptRun {
         }
         Ok(self.steps.is_empty())
     }
-
-    /// Model calls still to run.
-    pub fn calls_left(&self) -> usize {
-        let calls = |step: &&PromptStep| matches!(step, PromptStep::Call(_));
-        self.steps.iter().filter(calls).count()
-    }
 }
 
 /// Runs the system prompt on `slot_idx` of `generator` (which must be freshly opened).

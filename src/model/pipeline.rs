@@ -266,11 +266,6 @@ impl Prefill {
             false => Ok(None),
         }
     }
-
-    /// Model calls still to run.
-    pub fn calls_left(&self) -> usize {
-        self.prompt.calls_left()
-    }
 }
 
 /// The language model's and Mimi's configs: from `config.json` where it has them, else the

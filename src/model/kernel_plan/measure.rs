@@ -27,9 +27,9 @@ pub struct Measurement<'a> {
     pub trace: &'a mut TrialTrace<'a>,
 }
 
-/// Weight bytes a timed sample streams at least: over twice the L2 of the cards we serve on
-/// (50 MB on an H100, 60 on an H200, 24 on GB10), so each call reads its weights from DRAM as
-/// in a frame, not from a cache the previous call filled.
+/// Weight bytes a timed sample streams at least: over four times the L2 that PyTorch reported
+/// on our H100 (50 MB) and H200 (60 MB), so each call reads its weights from DRAM as in a
+/// frame, not from a cache the previous call filled.
 const STREAMED_BYTES: usize = 256 << 20;
 const MAX_COPIES: usize = 256;
 
