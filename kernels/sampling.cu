@@ -1,18 +1,26 @@
 // Temperature + top-k sampling on the device, one block per row (slot), no host round trip.
-// The k-th largest logit is found by bisection on the value (a block-wide count per probe);
-// among logits at or above it, the token maximising exp((l - max) / t) / E with E ~ Exp(1) is an
-// exact draw from softmax(l / t) restricted to the top k. temperature not above 0, or k <= 1: argmax.
+// The k-th largest logit is found exactly by a radix select on the value's bits (four passes of
+// a 256-bin histogram, most significant byte first); among logits at or above it, the token
+// maximising exp((l - max) / t) / E with E ~ Exp(1) is an exact draw from softmax(l / t)
+// restricted to the top k. temperature not above 0, or k <= 1: argmax.
 // Logits are ranked as `ranked` says: -inf and NaN are never drawn nor counted among the k, unless no
-// logit is above -inf; then the token is 0.
+// logit is above -inf; then the token is 0. With fewer than k logits above -inf, all of them are kept.
 // E comes from the counter-based generator in common.cuh, and the CPU reference
-// (`model::sampling::topk_reference`) follows the same steps, so both draw the same tokens.
+// (`model::sampling::topk_reference`) selects the same logits, so both draw the same tokens.
 #include "common.cuh"
 #include <float.h>
 
-#define BISECTION_STEPS 40
-
 // NaN as -inf, +inf as the largest finite value: every score stays a number and +inf logits tie.
 __device__ __forceinline__ float ranked(float logit) { return isnan(logit) ? -INFINITY : fminf(logit, FLT_MAX); }
+
+// A float's bits reordered so that a larger value is a larger unsigned key, and back.
+__device__ __forceinline__ uint32_t order_key(float v) {
+  const uint32_t bits = __float_as_uint(v);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
 
 // Largest (value, lowest index) over the block; every thread gets the winner.
 __device__ __forceinline__ void block_argmax(float* v, int* idx, float* sv, int* si) {
@@ -37,6 +45,66 @@ __device__ __forceinline__ void block_argmax(float* v, int* idx, float* sv, int*
   __syncthreads();
 }
 
+// The value of the k-th largest logit above -inf (the smallest of them when fewer than k are):
+// per pass, a histogram of the next byte of the keys that share the bytes chosen so far, and the
+// byte whose bin holds the k-th. Every thread of the block gets it.
+__device__ float kth_largest(const float* __restrict__ row, int vocab, unsigned int k) {
+  __shared__ unsigned int bins[256];
+  __shared__ uint32_t chosen_prefix;
+  __shared__ unsigned int chosen_rank;
+  uint32_t prefix = 0, mask = 0;
+  unsigned int rank = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = 0;
+    __syncthreads();
+    // Lanes holding the same byte add once (most logits share their first byte): the whole
+    // block walks the row together, so every lane reaches the match.
+    for (int start = 0; start < vocab; start += blockDim.x) {
+      const int i = start + threadIdx.x;
+      const float v = i < vocab ? ranked(row[i]) : -INFINITY;
+      const uint32_t key = order_key(v);
+      const uint32_t digit = v > -INFINITY && (key & mask) == prefix ? (key >> shift) & 255u : 256u;
+      const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256u && (int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&bins[digit], (unsigned int)__popc(peers));
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // Lane l holds bins 255 - 8l down to 248 - 8l; `above` counts the keys in higher bins.
+      const int lane = threadIdx.x;
+      unsigned int counts[8], own = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        counts[j] = bins[255 - (lane * 8 + j)];
+        own += counts[j];
+      }
+      unsigned int through = own;
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const unsigned int other = __shfl_up_sync(0xffffffffu, through, offset);
+        if (lane >= offset) through += other;
+      }
+      // The first pass counts every logit above -inf: fewer than k keep them all.
+      const unsigned int total = __shfl_sync(0xffffffffu, through, 31);
+      const unsigned int wanted = min(rank, total);
+      unsigned int above = through - own;
+      if (above < wanted && wanted <= through) {
+        for (int j = 0; j < 8; ++j) {
+          if (above + counts[j] >= wanted) {
+            chosen_prefix = prefix | ((uint32_t)(255 - (lane * 8 + j)) << shift);
+            chosen_rank = wanted - above;
+            break;
+          }
+          above += counts[j];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = chosen_prefix;
+    rank = chosen_rank;
+    mask |= 255u << shift;
+  }
+  return key_value(prefix);
+}
+
 // Row r uses its own seeds[r], counters[r], top_k[r] and temperatures[r].
 extern "C" __global__ void topk_sample_f32(const float* __restrict__ logits, uint32_t* __restrict__ tokens,
                                            const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ counters,
@@ -44,33 +112,22 @@ extern "C" __global__ void topk_sample_f32(const float* __restrict__ logits, uin
                                            int vocab) {
   const int k = (int)min(top_k[blockIdx.x], (int64_t)vocab + 1);
   const float temperature = temperatures[blockIdx.x];
-  __shared__ float shared[32];
   __shared__ float sv[32];
   __shared__ int si[32];
   const float* row = logits + (size_t)blockIdx.x * vocab;
-  float max_logit = -INFINITY, neg_min = -FLT_MAX;
-  int argmax = vocab, unused = 0;
+  float max_logit = -INFINITY;
+  int argmax = vocab;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
     const float v = ranked(row[i]);
     if (v > max_logit) { max_logit = v; argmax = i; }
-    if (v > -INFINITY) neg_min = fmaxf(neg_min, -v);
   }
   block_argmax(&max_logit, &argmax, sv, si);
-  block_argmax(&neg_min, &unused, sv, si);
   if (argmax == vocab) argmax = 0;  // nothing above -inf
   if (!(temperature > 0.f) || k <= 1 || max_logit == -INFINITY) {
     if (threadIdx.x == 0) tokens[blockIdx.x] = (uint32_t)argmax;
     return;
   }
-  // Invariant: at least k logits are >= low, fewer than k are >= high (unless all tie). Halves first: low + high
-  // can overflow.
-  float low = -neg_min - 1.f, high = max_logit;
-  for (int step = 0; step < BISECTION_STEPS; ++step) {
-    const float mid = 0.5f * low + 0.5f * high;
-    float count = 0.f;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) count += ranked(row[i]) >= mid ? 1.f : 0.f;
-    if (block_sum(count, shared) >= (float)k) low = mid; else high = mid;
-  }
+  const float low = kth_largest(row, vocab, (unsigned int)k);
   const uint64_t seed = seeds[blockIdx.x], counter = counters[blockIdx.x];
   float best = -1.f;
   int token = vocab;

@@ -35,9 +35,6 @@ impl Sampling {
     }
 }
 
-/// Bisection steps that locate the k-th largest logit (as in the kernel).
-const BISECTION_STEPS: usize = 40;
-
 /// A slot's random source: a seed and a count of draws.
 pub struct Sampler {
     seed: u64,
@@ -113,9 +110,9 @@ pub fn uniform01(seed: u64, counter: u64, index: u64) -> f32 {
 }
 
 /// softmax(logits / t) restricted to the k largest, drawn as argmax(p / E) with E ~ Exp(1) —
-/// the reference's sync-free multinomial, an exact draw. The k-th largest logit is found by
-/// bisection on the value, step for step as the kernel does. Logits are `ranked`: -inf and NaN
-/// are never drawn (nor counted among the k) unless no logit is above -inf, and then, as when
+/// the reference's sync-free multinomial, an exact draw. Every logit at or above the k-th largest
+/// value is kept (ties too), as the kernel's radix select keeps them. Logits are `ranked`: -inf and
+/// NaN are never drawn (nor counted among the k) unless no logit is above -inf, and then, as when
 /// greedy, the token is `argmax`'s.
 pub fn topk_reference(
     logits: &[f32],
@@ -129,21 +126,7 @@ pub fn topk_reference(
     if temperature.is_nan() || temperature <= 0.0 || k <= 1 || max == f32::NEG_INFINITY {
         return best;
     }
-    let min = logits
-        .iter()
-        .map(|&v| ranked(v))
-        .filter(|v| v.is_finite())
-        .fold(f32::MAX, f32::min);
-    let (mut low, mut high) = (min - 1.0, max);
-    for _ in 0..BISECTION_STEPS {
-        // Halves first: low + high can overflow.
-        let mid = 0.5 * low + 0.5 * high;
-        if logits.iter().filter(|&&v| ranked(v) >= mid).count() >= k {
-            low = mid;
-        } else {
-            high = mid;
-        }
-    }
+    let low = kth_largest(logits, k);
     let mut chosen = (-1f32, logits.len());
     for (idx, v) in logits.iter().map(|&v| ranked(v)).enumerate() {
         if v < low {
@@ -157,6 +140,17 @@ pub fn topk_reference(
         }
     }
     chosen.1
+}
+
+/// The k-th largest ranked logit above -inf, or the smallest of them when fewer than k are.
+fn kth_largest(logits: &[f32], k: usize) -> f32 {
+    let mut kept: Vec<f32> = logits
+        .iter()
+        .map(|&v| ranked(v))
+        .filter(|&v| v > f32::NEG_INFINITY)
+        .collect();
+    let rank = k.min(kept.len()) - 1;
+    *kept.select_nth_unstable_by(rank, |a, b| b.total_cmp(a)).1
 }
 
 /// One row's draw, as the kernel makes it: greedy when `temperature` is not above 0 or `top_k <= 1`.

@@ -45,20 +45,15 @@ struct RowSetting {
 
 bool is_greedy(const RowSetting& setting) { return !(setting.temperature > 0) || setting.top_k <= 1; }
 
-// The value the k-th largest logit at least reaches: bisection between the smallest finite ranked logit - 1 and
-// the largest, 40 steps (the midpoint as halves added), keeping at least k logits at or above `low`.
-float reference_threshold(const float* logits, int vocab, int64_t k, float max_logit) {
-  float min_logit = FLT_MAX;
+// The k-th largest ranked logit above -inf (ties counted), or the smallest of them when k passes their number:
+// the logits at or above it are the ones drawn from.
+float reference_threshold(const float* logits, int vocab, int64_t k) {
+  std::vector<float> kept;
   for (int i = 0; i < vocab; ++i)
-    if (std::isfinite(reference_ranked(logits[i]))) min_logit = std::min(min_logit, reference_ranked(logits[i]));
-  float low = min_logit - 1.f, high = max_logit;
-  for (int step = 0; step < 40; ++step) {
-    const float mid = 0.5f * low + 0.5f * high;
-    const int64_t count =
-        std::count_if(logits, logits + vocab, [&](float v) { return reference_ranked(v) >= mid; });
-    (count >= k ? low : high) = mid;
-  }
-  return low;
+    if (reference_ranked(logits[i]) > -INFINITY) kept.push_back(reference_ranked(logits[i]));
+  const size_t rank = size_t(std::min<int64_t>(k, int64_t(kept.size()))) - 1;
+  std::nth_element(kept.begin(), kept.begin() + rank, kept.end(), std::greater<float>());
+  return kept[rank];
 }
 
 // Greedy (also when no logit is above -inf), or among the ranked logits at or above the threshold the first
@@ -67,7 +62,7 @@ int reference_draw(const float* logits, int vocab, const RowSetting& setting) {
   const int best = reference_argmax(logits, vocab);
   const float max_logit = reference_ranked(logits[best]), t = setting.temperature;
   if (is_greedy(setting) || max_logit == -INFINITY) return best;
-  const float low = reference_threshold(logits, vocab, setting.top_k, max_logit);
+  const float low = reference_threshold(logits, vocab, setting.top_k);
   float chosen_score = -1.f;
   int chosen = vocab;
   for (int i = 0; i < vocab; ++i) {
@@ -82,7 +77,7 @@ int reference_draw(const float* logits, int vocab, const RowSetting& setting) {
 }
 
 // The k-th largest ranked logit above -inf (ties counted), or -infinity when k passes their number: a sampled
-// token's logit reaches it, whatever the bisection did.
+// token's logit reaches it, whatever the select did.
 float kth_largest(const float* logits, int vocab, int64_t k) {
   std::vector<float> sorted;
   for (int i = 0; i < vocab; ++i)
@@ -214,7 +209,7 @@ void test_tied_logits(int vocab) {
 
 // Masked and broken logits: rows with -inf here and there (k still counts only the others), fewer logits above
 // -inf than k, NaN, +inf (ties among the largest), nothing above -inf (token 0, greedy or not), and the largest
-// finite magnitudes (no overflow in the bisection). Greedy and sampled settings alternate.
+// finite magnitudes (no overflow in the scores). Greedy and sampled settings alternate.
 void test_non_finite_logits(int vocab) {
   Case check(format("topk_sample_f32 vocab=%d, -inf, NaN and +inf logits", vocab));
   emu::DeviceMemory memory;
