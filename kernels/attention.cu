@@ -146,10 +146,13 @@ extern "C" __global__ void rope_kv_write_int8(const __nv_bfloat16* __restrict__ 
 // Shared memory is static, so no launch can size it wrong.
 #define ATTENTION_CHUNK 128
 #define ATTENTION_THREADS 128
+// Keys whose loads each thread has in flight at once, in the scores and in the weighted values.
+#define SCORE_BATCH 4
+#define VALUE_BATCH 4
 
 // How the attention kernel reads a ring's entries (`entry` counts entries of head_dim values
-// from the ring's start): the keys 8 dimensions at a time, each key's scale, and the values a
-// pair of dimensions at a time, as f32.
+// from the ring's start): the keys and the values 8 dimensions at a time, as f32 (a key's scale
+// apart, applied to its dot).
 struct Bf16Ring {
   const __nv_bfloat16* k;
   const __nv_bfloat16* v;
@@ -165,8 +168,16 @@ struct Bf16Ring {
     }
   }
   __device__ float key_scale(size_t) const { return 1.f; }
-  __device__ float2 value2(size_t entry, int pair, int head_dim) const {
-    return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(v + entry * head_dim)[pair]);
+  // 8 values' dimensions from one 16-byte load.
+  __device__ void value8(size_t entry, int octet, int head_dim, float* out) const {
+    const uint4 raw = *reinterpret_cast<const uint4*>(v + entry * head_dim + octet * 8);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
   }
 };
 
@@ -182,10 +193,14 @@ struct Int8Ring {
     int8x4_to_f32(raw.y, out + 4);
   }
   __device__ float key_scale(size_t entry) const { return k_scale[entry]; }
-  __device__ float2 value2(size_t entry, int pair, int head_dim) const {
-    const char2 code = reinterpret_cast<const char2*>(v + entry * head_dim)[pair];
+  // 8 values' dimensions from one 8-byte load, scaled.
+  __device__ void value8(size_t entry, int octet, int head_dim, float* out) const {
+    const uint2 raw = *reinterpret_cast<const uint2*>(v + entry * head_dim + octet * 8);
+    int8x4_to_f32(raw.x, out);
+    int8x4_to_f32(raw.y, out + 4);
     const float scale = v_scale[entry];
-    return make_float2((float)code.x * scale, (float)code.y * scale);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] *= scale;
   }
 };
 
@@ -211,7 +226,7 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   __shared__ float qs[128];
   __shared__ float qp[128];
   __shared__ float scores[ATTENTION_CHUNK];
-  __shared__ float sums[2 * ATTENTION_THREADS];
+  __shared__ float sums[8 * ATTENTION_THREADS];
   __shared__ float scratch[32];
   const int head = blockIdx.x, b = head / heads, chunk = blockIdx.y, chunks = gridDim.y;
   const int first = chunk * ATTENTION_CHUNK, count = min(ATTENTION_CHUNK, len - first);
@@ -227,25 +242,42 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   const int pinned = (int)prefix_len[b];
   __syncthreads();
 
-  // Scores: a team of lanes per key, 8 dimensions per lane (one load).
+  // Scores: a team of lanes per key, 8 dimensions per lane (one load), SCORE_BATCH keys' loads
+  // in flight per lane before any is used: a block's time is the latency of its loads.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int octets = head_dim / 8;
   int team = 1;
   while (team < octets) team <<= 1;
-  const int keys_per_warp = 32 / team, member = lane % team;
+  const int keys_per_warp = 32 / team, member = lane % team, stride = warps * keys_per_warp;
   const size_t base = (size_t)head * capacity + first;
-  for (int j0 = warp * keys_per_warp; j0 < count; j0 += warps * keys_per_warp) {
-    const int j = j0 + lane / team;
-    float dot = 0.f;
-    if (j < count && member < octets) {
-      float k8[8];
-      ring.key8(base + j, member, head_dim, k8);
-      const float* q = first + j < pinned ? qp : qs;
+  // j0 is the warp's: every lane runs the same iterations, as the shuffles need.
+  for (int j0 = warp * keys_per_warp; j0 < count; j0 += stride * SCORE_BATCH) {
+    float k8[SCORE_BATCH][8];
+    float masked[SCORE_BATCH];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dot += q[member * 8 + i] * k8[i];
+    for (int u = 0; u < SCORE_BATCH; ++u) {
+      const int j = j0 + u * stride + lane / team;
+      masked[u] = 0.f;
+      if (j < count && member < octets) {
+        ring.key8(base + j, member, head_dim, k8[u]);
+        masked[u] = mask[(size_t)b * len + first + j];
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) k8[u][i] = 0.f;
+      }
     }
-    for (int offset = team / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    if (member == 0 && j < count) scores[j] = dot * ring.key_scale(base + j) + mask[(size_t)b * len + first + j];
+#pragma unroll
+    for (int u = 0; u < SCORE_BATCH; ++u) {
+      const int j = j0 + u * stride + lane / team;
+      const float* q = first + j < pinned ? qp : qs;
+      float dot = 0.f;
+      if (member < octets) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot += q[member * 8 + i] * k8[u][i];
+      }
+      for (int offset = team / 2; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+      if (member == 0 && j < count) scores[j] = dot * ring.key_scale(base + j) + masked[u];
+    }
   }
   __syncthreads();
 
@@ -270,19 +302,36 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   }
   const float total = block_sum(local_sum, scratch);
 
-  // Weighted values: a thread per pair of dimensions and per group of keys, the groups summed
-  // through shared memory (groups · head_dim = 2 · ATTENTION_THREADS floats).
-  const int pairs = head_dim / 2, groups = blockDim.x / pairs;
-  const int pair = threadIdx.x % pairs, group = threadIdx.x / pairs;
-  float2 acc = make_float2(0.f, 0.f);
+  // Weighted values: a thread per 8 dimensions (one load) and per group of keys, VALUE_BATCH
+  // loads in flight, the groups summed through shared memory (groups · head_dim is at most
+  // 8 · ATTENTION_THREADS floats).
+  const int groups = blockDim.x / octets;
+  const int octet = threadIdx.x % octets, group = threadIdx.x / octets;
   if (group < groups) {
-    for (int j = group; j < count; j += groups) {
-      const float2 v = ring.value2(base + j, pair, head_dim);
-      acc.x += scores[j] * v.x;
-      acc.y += scores[j] * v.y;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j0 = group; j0 < count; j0 += groups * VALUE_BATCH) {
+      float v8[VALUE_BATCH][8];
+      float weight[VALUE_BATCH];
+#pragma unroll
+      for (int u = 0; u < VALUE_BATCH; ++u) {
+        const int j = j0 + u * groups;
+        weight[u] = 0.f;
+        if (j < count) {
+          ring.value8(base + j, octet, head_dim, v8[u]);
+          weight[u] = scores[j];
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v8[u][i] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < VALUE_BATCH; ++u) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += weight[u] * v8[u][i];
+      }
     }
-    sums[group * head_dim + 2 * pair] = acc.x;
-    sums[group * head_dim + 2 * pair + 1] = acc.y;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sums[group * head_dim + octet * 8 + i] = acc[i];
   }
   __syncthreads();
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -399,10 +448,12 @@ extern "C" __global__ void ring_attention_join(const float* __restrict__ part, _
   const int head = blockIdx.x, d = threadIdx.x;
   const float* parts = part + (size_t)head * chunks * (head_dim + 2);
   float max_score = -INFINITY;
+#pragma unroll 8
   for (int c = 0; c < chunks; ++c) max_score = fmaxf(max_score, parts[(size_t)c * (head_dim + 2) + head_dim]);
   if (d >= head_dim) return;
   float total = 0.f, acc = 0.f;
   if (max_score != -INFINITY) {
+#pragma unroll 8
     for (int c = 0; c < chunks; ++c) {
       const float* p = parts + (size_t)c * (head_dim + 2);
       if (p[head_dim] == -INFINITY) continue;

@@ -1,20 +1,67 @@
 // Fused RMS normalisation of bf16 rows, computed in f32: y = x * alpha / sqrt(mean(x^2) + eps).
-// One block per row.
+// One block per row. Rows of whole 16-byte words (8 values, all three buffers aligned) are read
+// a word per load, several loads in flight per thread: the block is alone on its SM, so its
+// time is the latency of its loads.
 #include "common.cuh"
+
+// Eight bf16 values of a 16-byte word as f32.
+__device__ __forceinline__ void bf16x8_to_f32(const uint4& word, float* out) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&word);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
 
 extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ alpha,
                                          __nv_bfloat16* __restrict__ y, int dim, float eps) {
   __shared__ float shared[32];
   const __nv_bfloat16* xr = x + (size_t)blockIdx.x * dim;
   __nv_bfloat16* yr = y + (size_t)blockIdx.x * dim;
+  const bool words = dim % 8 == 0 && (((size_t)xr | (size_t)yr | (size_t)alpha) & 15) == 0;
+  const int word_count = dim / 8;
   float sum = 0.f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = __bfloat162float(xr[i]);
-    sum += v * v;
+  if (words) {
+    const uint4* xw = reinterpret_cast<const uint4*>(xr);
+#pragma unroll 4
+    for (int w = threadIdx.x; w < word_count; w += blockDim.x) {
+      float v[8];
+      bf16x8_to_f32(xw[w], v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum += v[i] * v[i];
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float v = __bfloat162float(xr[i]);
+      sum += v * v;
+    }
   }
   const float inv = rsqrtf(block_sum(sum, shared) / (float)dim + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    yr[i] = __float2bfloat16(__bfloat162float(xr[i]) * inv * alpha[i]);
+  if (words) {
+    const uint4* xw = reinterpret_cast<const uint4*>(xr);
+    const float4* aw = reinterpret_cast<const float4*>(alpha);
+    uint4* yw = reinterpret_cast<uint4*>(yr);
+#pragma unroll 4
+    for (int w = threadIdx.x; w < word_count; w += blockDim.x) {
+      float v[8];
+      bf16x8_to_f32(xw[w], v);
+      const float4 a0 = aw[2 * w], a1 = aw[2 * w + 1];
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      uint4 out;
+      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pairs[i].x = __float2bfloat16(v[2 * i] * inv * a[2 * i]);
+        pairs[i].y = __float2bfloat16(v[2 * i + 1] * inv * a[2 * i + 1]);
+      }
+      yw[w] = out;
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+      yr[i] = __float2bfloat16(__bfloat162float(xr[i]) * inv * alpha[i]);
+    }
   }
 }
 

@@ -58,6 +58,9 @@ struct dim3 {
 struct EMU_VECTOR_TYPE(8) float2 {
   float x, y;
 };
+struct EMU_VECTOR_TYPE(16) float4 {
+  float x, y, z, w;
+};
 struct EMU_VECTOR_TYPE(8) uint2 {
   unsigned x, y;
 };
@@ -560,6 +563,33 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = warpSize,
                    std::source_location site = std::source_location::current()) {
   const unsigned source = emu::lane() + delta;
   return emu::shuffle(mask, value, width, source < 32 ? source : emu::lane(), site);
+}
+
+// A lane whose source would lie before the warp keeps its own value.
+template <class T>
+T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = warpSize,
+                 std::source_location site = std::source_location::current()) {
+  const unsigned self = emu::lane();
+  return emu::shuffle(mask, value, width, self >= delta ? self - delta : self, site);
+}
+
+// The lanes whose `value` equals this lane's, as a bit mask (a shuffle from every lane in turn).
+template <class T>
+unsigned __match_any_sync(unsigned mask, T value, std::source_location site = std::source_location::current()) {
+  unsigned peers = 0;
+  for (unsigned source = 0; source < 32; ++source)
+    if (emu::shuffle(mask, value, warpSize, source, site) == value) peers |= 1u << source;
+  return peers;
+}
+
+inline int __popc(unsigned bits) { return __builtin_popcount(bits); }
+inline int __ffs(unsigned bits) { return __builtin_ffs(int(bits)); }
+
+// Threads switch only at barriers and shuffles, so a plain read-modify-write is atomic here.
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
 }
 
 template <class T>
