@@ -1,31 +1,45 @@
 //! Whether a piece of a frame (the temporal step, the depformer half, Mimi's encode or decode)
-//! replays CUDA graphs: one graph per row bucket, each captured at the first frame of that
-//! bucket and checked once against that frame's eager result.
+//! replays CUDA graphs: one graph per key (a row bucket, or for the depformer a row bucket and
+//! the streams it forces), each captured at the first frame of that key and checked once
+//! against that frame's eager result.
 
 use super::Result;
 use candle_core::{DType, Tensor};
 
+/// What a graph is captured for: frames of the same key replay the same graph.
+pub trait GraphKey: Ord + Clone + std::fmt::Debug {}
+impl<K: Ord + Clone + std::fmt::Debug> GraphKey for K {}
+
 /// How a piece of a frame runs.
-pub enum GraphMode {
+pub enum GraphMode<K = usize> {
     Off,
-    /// One graph per row bucket, each captured at the first frame of that bucket it can run.
-    On(GraphCache),
+    /// One graph per key, each captured at the first frame of that key it can run.
+    On(GraphCache<K>),
 }
 
-/// The captured graphs, by rows.
-#[derive(Default)]
-pub struct GraphCache {
+/// The captured graphs, by key (rows, unless the piece says otherwise).
+pub struct GraphCache<K = usize> {
     #[cfg(feature = "cuda")]
-    graphs: std::collections::BTreeMap<usize, super::graph::FrameGraph>,
-    /// Row buckets whose capture failed, whose first replay disagreed with the eager frame, or
-    /// whose replay failed: they run eagerly for good, the other buckets keep their graphs.
-    refused: std::collections::BTreeSet<usize>,
+    graphs: std::collections::BTreeMap<K, super::graph::FrameGraph>,
+    /// Keys whose capture failed, whose first replay disagreed with the eager frame, or whose
+    /// replay failed: they run eagerly for good, the other keys keep their graphs.
+    refused: std::collections::BTreeSet<K>,
+}
+
+impl<K: GraphKey> Default for GraphCache<K> {
+    fn default() -> Self {
+        Self {
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
+            refused: Default::default(),
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
-impl GraphCache {
-    pub fn get(&self, rows: usize) -> Option<&super::graph::FrameGraph> {
-        self.graphs.get(&rows)
+impl<K: GraphKey> GraphCache<K> {
+    pub fn get(&self, key: &K) -> Option<&super::graph::FrameGraph> {
+        self.graphs.get(key)
     }
 }
 
@@ -33,7 +47,7 @@ impl GraphCache {
 #[cfg(feature = "cuda")]
 pub type Captured = Result<(super::graph::FrameGraph, std::result::Result<(), String>)>;
 
-impl GraphMode {
+impl<K: GraphKey> GraphMode<K> {
     /// Graphs are wanted (for the pieces that have captured none yet, at their next frame).
     pub fn on() -> Self {
         GraphMode::On(GraphCache::default())
@@ -48,61 +62,61 @@ impl GraphMode {
         false
     }
 
-    /// Replays the graph of `rows` through `replay` when there is one. A replay that fails logs
-    /// why and leaves `piece` eager for good at these rows (`None`, as when there is no graph),
+    /// Replays the graph of `key` through `replay` when there is one. A replay that fails logs
+    /// why and leaves `piece` eager for good at this key (`None`, as when there is no graph),
     /// so the frame runs eagerly rather than the same replay failing every frame after.
     #[cfg(feature = "cuda")]
     pub fn replay_with<T>(
         &mut self,
         piece: &str,
-        rows: usize,
+        key: &K,
         replay: impl FnOnce(&super::graph::FrameGraph) -> Result<T>,
     ) -> Option<T> {
         let GraphMode::On(cache) = self else {
             return None;
         };
-        match replay(cache.get(rows)?) {
+        match replay(cache.get(key)?) {
             Ok(out) => Some(out),
             Err(err) => {
-                tracing::warn!(rows, piece, error = %err, "replaying a graph failed; these rows run eagerly from now on");
-                cache.graphs.remove(&rows);
-                cache.refused.insert(rows);
+                tracing::warn!(graph = ?key, piece, error = %err, "replaying a graph failed; its frames run eagerly from now on");
+                cache.graphs.remove(key);
+                cache.refused.insert(key.clone());
                 None
             }
         }
     }
 
-    /// Whether a frame of `rows` rows without a graph should capture one (graphs are on, and
-    /// these rows were not refused).
-    pub fn captures(&self, rows: usize) -> bool {
-        matches!(self, GraphMode::On(cache) if !cache.refused.contains(&rows))
+    /// Whether a frame of `key` without a graph should capture one (graphs are on, and this key
+    /// was not refused).
+    pub fn captures(&self, key: &K) -> bool {
+        matches!(self, GraphMode::On(cache) if !cache.refused.contains(key))
     }
 
-    /// Keeps the graph just captured for `rows` when its first replay agreed with the eager
-    /// run; on any failure logs why, and `piece` stays eager for good at these rows. Returns
+    /// Keeps the graph just captured for `key` when its first replay agreed with the eager
+    /// run; on any failure logs why, and `piece` stays eager for good at this key. Returns
     /// whether the graph was kept.
     #[cfg(feature = "cuda")]
-    pub fn settle(&mut self, piece: &str, rows: usize, captured: Captured) -> bool {
+    pub fn settle(&mut self, piece: &str, key: K, captured: Captured) -> bool {
         let GraphMode::On(cache) = self else {
             return false;
         };
         match captured {
             Ok((graph, Ok(()))) => {
-                tracing::info!(rows, piece, "CUDA graph captured; replaying it");
-                cache.graphs.insert(rows, graph);
+                tracing::info!(graph = ?key, piece, "CUDA graph captured; replaying it");
+                cache.graphs.insert(key, graph);
                 return true;
             }
             Ok((_, Err(why))) => tracing::warn!(
-                rows,
+                graph = ?key,
                 piece,
                 why,
-                "a graph's first replay differs from the eager run; these rows stay eager"
+                "a graph's first replay differs from the eager run; its frames stay eager"
             ),
             Err(err) => {
-                tracing::warn!(rows, piece, error = %err, "capturing a graph failed; these rows stay eager")
+                tracing::warn!(graph = ?key, piece, error = %err, "capturing a graph failed; its frames stay eager")
             }
         }
-        cache.refused.insert(rows);
+        cache.refused.insert(key);
         false
     }
 }

@@ -219,7 +219,7 @@ pub struct Generator {
     slots: Vec<Option<SlotState>>,
     /// Whether calls copy their text logits to the host (tests; it costs a transfer a call).
     record_text_logits: bool,
-    depformer_graph: GraphMode,
+    depformer_graph: GraphMode<replay::DepformerGraphKey>,
     temporal_graph: GraphMode,
 }
 
@@ -644,12 +644,6 @@ impl DrawPlan {
     #[cfg(feature = "cuda")]
     fn streams(&self) -> usize {
         self.forced.len()
-    }
-
-    /// Whether any slot has a token forced on a drawn stream.
-    #[cfg(feature = "cuda")]
-    fn forces_any(&self) -> bool {
-        self.forced.iter().any(|(forced, _)| *forced)
     }
 
     /// This plan reading its numbers from other tensors of the same shapes (a graph's buffers).

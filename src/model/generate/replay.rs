@@ -18,6 +18,26 @@ use candle_core::{DType, Tensor};
 #[cfg(feature = "cuda")]
 const TEMPORAL_GRAPH_TOLERANCE: f32 = 1e-2;
 
+/// What a depformer graph is captured for: its rows, and per drawn stream whether some slot
+/// forces its token and whether a forced token may be −1 (both shape the graph's kernels; the
+/// forced tokens themselves are its inputs). The forcing changes rarely: a live call forces the
+/// user's streams when the depformer draws them (16 steps), a prompt forces everything.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) struct DepformerGraphKey {
+    rows: usize,
+    forced: Vec<(bool, bool)>,
+}
+
+impl std::fmt::Debug for DepformerGraphKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let forced: Vec<usize> = (0..self.forced.len())
+            .filter(|&stream| self.forced[stream].0)
+            .collect();
+        write!(f, "{} rows, forced streams {forced:?}", self.rows)
+    }
+}
+
 impl Generator {
     /// Replays both halves of each frame as CUDA graphs: the temporal step (its attention then
     /// reads the whole ring, so its shapes never change) and the depformer half. Each graph is
@@ -82,8 +102,8 @@ impl Generator {
         };
         let replayed = self
             .temporal_graph
-            .replay_with("temporal", rows, |graph| split(graph.replay(&inputs)?));
-        if replayed.is_some() || !self.temporal_graph.captures(rows) {
+            .replay_with("temporal", &rows, |graph| split(graph.replay(&inputs)?));
+        if replayed.is_some() || !self.temporal_graph.captures(&rows) {
             return Ok(replayed);
         }
         let _uploads = crate::model::graph::cached_uploads(emb.device())?;
@@ -121,15 +141,16 @@ impl Generator {
         running: &[bool],
     ) -> Result<Option<Vec<Vec<u32>>>> {
         use crate::model::graph::FrameGraph;
-        if plan.forces_any() {
-            return Ok(None);
-        }
         let inputs = [hidden, text_logits, &plan.ints, &plan.temperature];
         let rows = running.len();
+        let key = DepformerGraphKey {
+            rows,
+            forced: plan.forced.clone(),
+        };
         let replayed = self
             .depformer_graph
-            .replay_with("depformer", rows, |graph| graph.replay(&inputs)?.to_vec2());
-        if replayed.is_some() || !self.depformer_graph.captures(rows) {
+            .replay_with("depformer", &key, |graph| graph.replay(&inputs)?.to_vec2());
+        if replayed.is_some() || !self.depformer_graph.captures(&key) {
             return Ok(replayed);
         }
         // Every row runs in the graph (idle rows draw greedily and are ignored), so the graph
@@ -170,7 +191,7 @@ impl Generator {
                     .ok_or_else(|| "the drawn tokens differ".to_owned());
                 Ok((graph, agrees))
             });
-        self.depformer_graph.settle("depformer", rows, captured);
+        self.depformer_graph.settle("depformer", key, captured);
         Ok(Some(eager))
     }
 }

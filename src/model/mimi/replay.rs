@@ -164,8 +164,8 @@ fn replay_or_capture<S: Streaming>(
     // The output buffer is overwritten by the next replay: copied out.
     let replayed = state
         .graphs()
-        .replay_with(piece, rows, |graph| graph.replay(&inputs)?.copy());
-    if replayed.is_some() || !state.graphs().captures(rows) {
+        .replay_with(piece, &rows, |graph| graph.replay(&inputs)?.copy());
+    if replayed.is_some() || !state.graphs().captures(&rows) {
         return Ok(replayed);
     }
     let _uploads = cached_uploads(input.device())?;
