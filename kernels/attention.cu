@@ -144,11 +144,13 @@ extern "C" __global__ void rope_kv_write_int8(const __nv_bfloat16* __restrict__ 
 // chunk of ATTENTION_CHUNK keys per block and writes its running max, its sum of exponentials and
 // its unnormalised weighted values; `ring_attention_join` folds the chunks of a head together.
 // Shared memory is static, so no launch can size it wrong.
+// ATTENTION_CHUNK keys per block by default, and in the one-launch write and attention;
+// ring_attention_part takes its keys per block (at most MAX_KEYS_PER_BLOCK) as an argument, and
+// blocks of up to MAX_ATTENTION_THREADS threads (the host's choice: `cuda::AttentionLaunch`).
 #define ATTENTION_CHUNK 128
 #define ATTENTION_THREADS 128
-// Keys whose loads each thread has in flight at once, in the scores and in the weighted values.
-#define SCORE_BATCH 4
-#define VALUE_BATCH 4
+#define MAX_KEYS_PER_BLOCK 256
+#define MAX_ATTENTION_THREADS 256
 
 // How the attention kernel reads a ring's entries (`entry` counts entries of head_dim values
 // from the ring's start): the keys and the values 8 dimensions at a time, as f32 (a key's scale
@@ -217,19 +219,21 @@ struct Int8Ring {
 // result straight to out [rows * heads, head_dim] bf16 (zeros where the mask hides every key).
 // Blocks of ATTENTION_THREADS threads; head_dim a multiple of 8, at most 128; rows of the ring
 // 16-byte aligned (bf16) or 8-byte aligned (int8).
-template <class Ring>
+// SCORE_BATCH and VALUE_BATCH: the keys whose loads each thread has in flight at once, in the
+// scores and in the weighted values.
+template <int SCORE_BATCH, int VALUE_BATCH, class Ring>
 __device__ void attend_chunk(const float* query, const Ring ring, const float* __restrict__ mask,
                              const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
                              const float* __restrict__ unturn_sin, float* __restrict__ part,
                              __nv_bfloat16* __restrict__ out, int heads, int head_dim, int capacity, int len,
-                             float scale) {
+                             float scale, int keys_per_block) {
   __shared__ float qs[128];
   __shared__ float qp[128];
-  __shared__ float scores[ATTENTION_CHUNK];
-  __shared__ float sums[8 * ATTENTION_THREADS];
+  __shared__ float scores[MAX_KEYS_PER_BLOCK];
+  __shared__ float sums[8 * MAX_ATTENTION_THREADS];
   __shared__ float scratch[32];
   const int head = blockIdx.x, b = head / heads, chunk = blockIdx.y, chunks = gridDim.y;
-  const int first = chunk * ATTENTION_CHUNK, count = min(ATTENTION_CHUNK, len - first);
+  const int first = chunk * keys_per_block, count = min(keys_per_block, len - first);
   const int half = head_dim / 2;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     const float q0 = query[2 * i], q1 = query[2 * i + 1];
@@ -304,7 +308,7 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
 
   // Weighted values: a thread per 8 dimensions (one load) and per group of keys, VALUE_BATCH
   // loads in flight, the groups summed through shared memory (groups · head_dim is at most
-  // 8 · ATTENTION_THREADS floats).
+  // 8 · MAX_ATTENTION_THREADS floats).
   const int groups = blockDim.x / octets;
   const int octet = threadIdx.x % octets, group = threadIdx.x / octets;
   if (group < groups) {
@@ -358,35 +362,36 @@ __device__ __forceinline__ const float* load_query(const __nv_bfloat16* __restri
 }
 
 // q [rows, heads, head_dim] bf16; the rest as `attend_chunk` says. Grid: (rows * heads, chunks)
-// blocks of ATTENTION_THREADS threads; out non-null only with one chunk (no join needed).
-extern "C" __global__ void ring_attention_part_bf16(const __nv_bfloat16* __restrict__ q,
-                                                    const __nv_bfloat16* __restrict__ ring_k,
-                                                    const __nv_bfloat16* __restrict__ ring_v,
-                                                    const float* __restrict__ mask,
-                                                    const unsigned int* __restrict__ prefix_len,
-                                                    const float* __restrict__ unturn_cos,
-                                                    const float* __restrict__ unturn_sin, float* __restrict__ part,
-                                                    __nv_bfloat16* __restrict__ out, int heads, int head_dim,
-                                                    int capacity, int len, float scale) {
-  attend_chunk(load_query(q, head_dim), Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part,
-               out, heads, head_dim, capacity, len, scale);
-}
+// blocks of at most MAX_ATTENTION_THREADS threads, each over keys_per_block ring entries (at most
+// MAX_KEYS_PER_BLOCK); out non-null only with one chunk (no join needed). The int8 twin reads
+// ring_k, ring_v as int8 codes and k_scale, v_scale [rows, heads, capacity] f32. Each
+// (SCORE_BATCH, VALUE_BATCH) pair is a kernel of its own; the unsuffixed one is the default.
+#define RING_ATTENTION_PART(suffix, score_batch, value_batch)                                                       \
+  extern "C" __global__ void ring_attention_part_bf16##suffix(                                                      \
+      const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,                                \
+      const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,                                     \
+      const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,                            \
+      const float* __restrict__ unturn_sin, float* __restrict__ part, __nv_bfloat16* __restrict__ out, int heads,   \
+      int head_dim, int capacity, int len, float scale, int keys_per_block) {                                       \
+    attend_chunk<score_batch, value_batch>(load_query(q, head_dim), Bf16Ring{ring_k, ring_v}, mask, prefix_len,     \
+                                           unturn_cos, unturn_sin, part, out, heads, head_dim, capacity, len,       \
+                                           scale, keys_per_block);                                                  \
+  }                                                                                                                 \
+  extern "C" __global__ void ring_attention_part_int8##suffix(                                                      \
+      const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,    \
+      const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,         \
+      const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,                            \
+      const float* __restrict__ unturn_sin, float* __restrict__ part, __nv_bfloat16* __restrict__ out, int heads,   \
+      int head_dim, int capacity, int len, float scale, int keys_per_block) {                                       \
+    attend_chunk<score_batch, value_batch>(load_query(q, head_dim), Int8Ring{ring_k, ring_v, k_scale, v_scale},     \
+                                           mask, prefix_len, unturn_cos, unturn_sin, part, out, heads, head_dim,    \
+                                           capacity, len, scale, keys_per_block);                                   \
+  }
 
-// ring_k, ring_v int8 codes; k_scale, v_scale [rows, heads, capacity] f32.
-extern "C" __global__ void ring_attention_part_int8(const __nv_bfloat16* __restrict__ q,
-                                                    const int8_t* __restrict__ ring_k,
-                                                    const int8_t* __restrict__ ring_v,
-                                                    const float* __restrict__ k_scale,
-                                                    const float* __restrict__ v_scale,
-                                                    const float* __restrict__ mask,
-                                                    const unsigned int* __restrict__ prefix_len,
-                                                    const float* __restrict__ unturn_cos,
-                                                    const float* __restrict__ unturn_sin, float* __restrict__ part,
-                                                    __nv_bfloat16* __restrict__ out, int heads, int head_dim,
-                                                    int capacity, int len, float scale) {
-  attend_chunk(load_query(q, head_dim), Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos,
-               unturn_sin, part, out, heads, head_dim, capacity, len, scale);
-}
+RING_ATTENTION_PART(, 4, 4)
+RING_ATTENTION_PART(_s2v2, 2, 2)
+RING_ATTENTION_PART(_s4v8, 4, 8)
+RING_ATTENTION_PART(_s8v8, 8, 8)
 
 // rope_kv_write then the attention, in one launch, when the attended entries fit one chunk
 // (len <= ATTENTION_CHUNK): each block writes its (row, head)'s entry, then reads the chunk
@@ -407,8 +412,8 @@ __device__ void write_attend(const __nv_bfloat16* __restrict__ qkv, const float*
   __syncthreads();
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = __bfloat162float(rotated[d]);
   __syncthreads();
-  attend_chunk(query, ring, mask, prefix_len, unturn_cos, unturn_sin, nullptr, out, heads, head_dim, capacity, len,
-               scale);
+  attend_chunk<4, 4>(query, ring, mask, prefix_len, unturn_cos, unturn_sin, nullptr, out, heads, head_dim, capacity,
+                     len, scale, ATTENTION_CHUNK);
 }
 
 extern "C" __global__ void ring_write_attend_bf16(const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ cos,

@@ -10,6 +10,10 @@
 #include "common.cuh"
 #include <float.h>
 
+// Logits each thread loads at once in a pass over the row: a block is alone on its SM, so a
+// pass takes as many load latencies as it has rounds.
+#define SAMPLE_LOADS 4
+
 // NaN as -inf, +inf as the largest finite value: every score stays a number and +inf logits tie.
 __device__ __forceinline__ float ranked(float logit) { return isnan(logit) ? -INFINITY : fminf(logit, FLT_MAX); }
 
@@ -58,14 +62,22 @@ __device__ float kth_largest(const float* __restrict__ row, int vocab, unsigned 
     for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = 0;
     __syncthreads();
     // Lanes holding the same byte add once (most logits share their first byte): the whole
-    // block walks the row together, so every lane reaches the match.
-    for (int start = 0; start < vocab; start += blockDim.x) {
-      const int i = start + threadIdx.x;
-      const float v = i < vocab ? ranked(row[i]) : -INFINITY;
-      const uint32_t key = order_key(v);
-      const uint32_t digit = v > -INFINITY && (key & mask) == prefix ? (key >> shift) & 255u : 256u;
-      const unsigned int peers = __match_any_sync(0xffffffffu, digit);
-      if (digit < 256u && (int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&bins[digit], (unsigned int)__popc(peers));
+    // block walks the row together, so every lane reaches the match; SAMPLE_LOADS loads in
+    // flight per thread.
+    for (int start = 0; start < vocab; start += SAMPLE_LOADS * blockDim.x) {
+      float v[SAMPLE_LOADS];
+#pragma unroll
+      for (int u = 0; u < SAMPLE_LOADS; ++u) {
+        const int i = start + u * blockDim.x + threadIdx.x;
+        v[u] = i < vocab ? ranked(row[i]) : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < SAMPLE_LOADS; ++u) {
+        const uint32_t key = order_key(v[u]);
+        const uint32_t digit = v[u] > -INFINITY && (key & mask) == prefix ? (key >> shift) & 255u : 256u;
+        const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256u && (int)(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&bins[digit], (unsigned int)__popc(peers));
+      }
     }
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -117,9 +129,16 @@ extern "C" __global__ void topk_sample_f32(const float* __restrict__ logits, uin
   const float* row = logits + (size_t)blockIdx.x * vocab;
   float max_logit = -INFINITY;
   int argmax = vocab;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = ranked(row[i]);
-    if (v > max_logit) { max_logit = v; argmax = i; }
+  for (int start = threadIdx.x; start < vocab; start += SAMPLE_LOADS * blockDim.x) {
+    float v[SAMPLE_LOADS];
+#pragma unroll
+    for (int u = 0; u < SAMPLE_LOADS; ++u) {
+      const int i = start + u * blockDim.x;
+      v[u] = i < vocab ? ranked(row[i]) : -INFINITY;
+    }
+#pragma unroll
+    for (int u = 0; u < SAMPLE_LOADS; ++u)
+      if (v[u] > max_logit) { max_logit = v[u]; argmax = start + u * blockDim.x; }
   }
   block_argmax(&max_logit, &argmax, sv, si);
   if (argmax == vocab) argmax = 0;  // nothing above -inf

@@ -624,9 +624,10 @@ pub fn draw(
         .arg(&top_k)
         .arg(&temperature)
         .arg(&vocab_i);
+    let threads = super::sampling::sampling_threads(vocab).map_err(candle_core::Error::Msg)?;
     let config = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match the kernel's signature (i64 seeds and counters are read as
@@ -637,9 +638,19 @@ pub fn draw(
 
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
-/// Threads per block of `ring_attention_part_*` (`ATTENTION_THREADS` in the kernel).
+/// Threads per block of `ring_write_attend_*` (`ATTENTION_THREADS` in the kernel).
 const ATTENTION_THREADS: u32 = 128;
-use super::decode::ATTENTION_CHUNK;
+use super::decode::{ATTENTION_CHUNK, AttentionLaunch};
+
+/// The part kernel's launch, read once (`AttentionLaunch::from_env`).
+fn attention_launch() -> Result<AttentionLaunch> {
+    static LAUNCH: std::sync::OnceLock<std::result::Result<AttentionLaunch, String>> =
+        std::sync::OnceLock::new();
+    LAUNCH
+        .get_or_init(AttentionLaunch::from_env)
+        .clone()
+        .map_err(candle_core::Error::Msg)
+}
 
 /// A tensor's storage, held (read-locked) for a launch, and its layout.
 type Held<'a, G> = (G, &'a Layout);
@@ -1021,7 +1032,8 @@ impl CustomOp1 for RingAttention<'_> {
         let q = q.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (ring, inputs) = (ring.views()?, inputs.views()?);
         let shape = AttendShape::new(heads, head_dim, capacity, len);
-        let chunks = len.div_ceil(ATTENTION_CHUNK);
+        let launch = attention_launch()?;
+        let chunks = len.div_ceil(launch.keys_per_block);
         let heads_total = rows * heads;
         // One chunk normalises its own result; more leave parts for the join.
         let part = match chunks {
@@ -1033,10 +1045,11 @@ impl CustomOp1 for RingAttention<'_> {
         let out = unsafe { device.alloc::<bf16>(heads_total * head_dim)? };
         let null = 0u64;
         let func = device.get_or_load_custom_func(
-            &ring.kernel("ring_attention_part"),
+            &(ring.kernel("ring_attention_part") + launch.suffix),
             "duplex_attention",
             ATTENTION_PTX,
         )?;
+        let keys_per_block = launch.keys_per_block as i32;
         let mut builder = func.builder();
         builder.arg(&q);
         ring.push(&mut builder);
@@ -1046,9 +1059,10 @@ impl CustomOp1 for RingAttention<'_> {
             None => builder.arg(&null).arg(&out),
         };
         shape.push(&mut builder);
+        builder.arg(&keys_per_block);
         let config = LaunchConfig {
             grid_dim: (heads_total as u32, chunks as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
+            block_dim: (launch.threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.

@@ -118,6 +118,72 @@ pub const MAX_HEAD_DIM: usize = 128;
 /// write and attention run as one kernel (`write_and_attend`).
 pub const ATTENTION_CHUNK: usize = 128;
 
+/// How `ring_attention_part_*` is launched: its (score, value) load-batch variant (the kernel
+/// name's suffix), the ring entries each block scores, and the threads of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionLaunch {
+    pub suffix: &'static str,
+    pub keys_per_block: usize,
+    pub threads: u32,
+}
+
+impl AttentionLaunch {
+    /// The kernel variants (`RING_ATTENTION_PART` in `kernels/attention.cu`).
+    const VARIANTS: [&'static str; 4] = ["", "s2v2", "s4v8", "s8v8"];
+    /// `MAX_KEYS_PER_BLOCK` and `MAX_ATTENTION_THREADS` in the kernel.
+    const MAX_KEYS_PER_BLOCK: usize = 256;
+    const MAX_THREADS: u32 = 256;
+
+    pub const DEFAULT: Self = Self {
+        suffix: "",
+        keys_per_block: ATTENTION_CHUNK,
+        threads: 128,
+    };
+
+    /// The launch `DUPLEX_ATTENTION` names (`VARIANT,KEYS,THREADS`, e.g. `s8v8,256,128`; an empty
+    /// variant is the default kernel), for measuring the alternatives; unset, the default.
+    pub fn from_env() -> std::result::Result<Self, String> {
+        match std::env::var("DUPLEX_ATTENTION") {
+            Ok(spec) => Self::parse(&spec),
+            Err(_) => Ok(Self::DEFAULT),
+        }
+    }
+
+    pub fn parse(spec: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "DUPLEX_ATTENTION={spec:?}: expected VARIANT,KEYS,THREADS with VARIANT one of \
+                 {:?}, KEYS 8..={} and THREADS whole warps up to {}",
+                Self::VARIANTS,
+                Self::MAX_KEYS_PER_BLOCK,
+                Self::MAX_THREADS
+            )
+        };
+        let [variant, keys, threads] = spec.split(',').collect::<Vec<_>>()[..] else {
+            return Err(bad());
+        };
+        let suffix = match Self::VARIANTS.iter().position(|&v| v == variant.trim()) {
+            Some(0) => "",
+            Some(1) => "_s2v2",
+            Some(2) => "_s4v8",
+            Some(_) => "_s8v8",
+            None => return Err(bad()),
+        };
+        let keys_per_block: usize = keys.trim().parse().map_err(|_| bad())?;
+        let threads: u32 = threads.trim().parse().map_err(|_| bad())?;
+        let keys_fit = (8..=Self::MAX_KEYS_PER_BLOCK).contains(&keys_per_block);
+        let threads_fit = threads.is_multiple_of(32) && (32..=Self::MAX_THREADS).contains(&threads);
+        if !keys_fit || !threads_fit {
+            return Err(bad());
+        }
+        Ok(Self {
+            suffix,
+            keys_per_block,
+            threads,
+        })
+    }
+}
+
 /// Whether the attention kernels take heads of `head_dim`: at most `MAX_HEAD_DIM`, in whole
 /// 16-byte loads of bf16.
 pub fn head_dim_fits(head_dim: usize) -> bool {
@@ -324,5 +390,34 @@ mod gpu {
         _: &super::PinnedPrefix,
     ) -> Result<Tensor> {
         unreachable!("a tensor is only on a GPU in a build with the `cuda` feature")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionLaunch;
+
+    #[test]
+    fn an_attention_launch_is_read_from_its_spec_or_refused() {
+        assert_eq!(
+            AttentionLaunch::parse(",128,128"),
+            Ok(AttentionLaunch::DEFAULT)
+        );
+        let wide = AttentionLaunch::parse("s8v8, 256, 256").unwrap();
+        assert_eq!(
+            (wide.suffix, wide.keys_per_block, wide.threads),
+            ("_s8v8", 256, 256)
+        );
+        for bad in [
+            "",
+            "s8v8,256",
+            "s9v9,128,128",
+            "s2v2,512,128",
+            "s2v2,128,100",
+            "s2v2,4,128",
+        ] {
+            let err = AttentionLaunch::parse(bad).unwrap_err();
+            assert!(err.contains("DUPLEX_ATTENTION"), "{bad}: {err}");
+        }
     }
 }

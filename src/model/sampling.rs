@@ -158,6 +158,23 @@ fn draw_row(logits: &[f32], top_k: i64, temperature: f32, seed: u64, counter: u6
     topk_reference(logits, top_k.max(1) as usize, temperature, seed, counter)
 }
 
+/// Threads of the sampling kernel's block for rows of `vocab` logits: an eighth of the row
+/// rounded up to a power of two, 128 to 1024 (a row's block is alone on its SM, so the long text
+/// row wants every warp), unless `DUPLEX_TOPK_THREADS` names another count of whole warps.
+pub fn sampling_threads(vocab: usize) -> std::result::Result<u32, String> {
+    match std::env::var("DUPLEX_TOPK_THREADS") {
+        Ok(spec) => match spec.trim().parse::<u32>() {
+            Ok(threads) if threads.is_multiple_of(32) && (32..=1024).contains(&threads) => {
+                Ok(threads)
+            }
+            _ => Err(format!(
+                "DUPLEX_TOPK_THREADS={spec:?}: expected whole warps, 32 to 1024"
+            )),
+        },
+        Err(_) => Ok((vocab / 8).next_power_of_two().clamp(128, 1024) as u32),
+    }
+}
+
 /// Per-row parameters of one `draw`, each `[rows]` on the logits' device.
 pub struct DrawParams {
     /// i64 seeds.
@@ -238,6 +255,21 @@ pub fn draw(logits: &Tensor, params: &DrawParams) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_sampling_block_grows_with_the_row_up_to_1024_threads() {
+        let threads = |vocab| super::sampling_threads(vocab).unwrap();
+        assert_eq!(
+            [
+                threads(5),
+                threads(1000),
+                threads(2048),
+                threads(2049),
+                threads(32000)
+            ],
+            [128, 128, 256, 256, 1024]
+        );
+    }
+
     use super::*;
 
     #[test]

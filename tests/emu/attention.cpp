@@ -263,15 +263,35 @@ void test_rope_int8(const RopeCase& rope) {
 // Pinned prefix lengths of the rows (clipped to len).
 constexpr std::array<unsigned, kRows> kPrefixLengths = {3, 0, 9};
 
+// A part kernel's (SCORE_BATCH, VALUE_BATCH) variant.
+struct PartVariant {
+  const char* suffix;
+  decltype(&ring_attention_part_bf16) bf16;
+  decltype(&ring_attention_part_int8) int8;
+};
+constexpr PartVariant kDefaultPart = {"", ring_attention_part_bf16, ring_attention_part_int8};
+constexpr PartVariant kPartVariants[] = {
+    {"_s2v2", ring_attention_part_bf16_s2v2, ring_attention_part_int8_s2v2},
+    {"_s4v8", ring_attention_part_bf16_s4v8, ring_attention_part_int8_s4v8},
+    {"_s8v8", ring_attention_part_bf16_s8v8, ring_attention_part_int8_s8v8},
+};
+
 struct AttentionCase {
   int heads, capacity, head_dim, len;
   bool row1_hidden;  // the mask hides every key of row 1
+  // How the part kernel is launched: keys per block, threads per block, which variant.
+  int keys = ATTENTION_CHUNK;
+  unsigned threads = ATTENTION_THREADS;
+  PartVariant part = kDefaultPart;
 
   std::string title(const char* kernel) const {
-    return format("%s heads=%d capacity=%d head_dim=%d len=%d%s", kernel, heads, capacity, head_dim, len,
-                  row1_hidden ? " row 1 hidden" : "");
+    const bool default_launch = keys == ATTENTION_CHUNK && threads == ATTENTION_THREADS && part.suffix[0] == 0;
+    const std::string launch =
+        default_launch ? "" : format(" (%s, %d keys, %u threads a block)", part.suffix, keys, threads);
+    return format("%s heads=%d capacity=%d head_dim=%d len=%d%s%s", kernel, heads, capacity, head_dim, len,
+                  row1_hidden ? " row 1 hidden" : "", launch.c_str());
   }
-  int chunks() const { return (len + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK; }
+  int chunks() const { return (len + keys - 1) / keys; }
   size_t ring_values() const { return size_t(kRows) * heads * capacity * head_dim; }
   size_t part_values() const { return size_t(kRows) * heads * chunks() * (head_dim + 2); }
   // Whether ring value `i` belongs to one of the first `len` entries of its (row, head).
@@ -423,9 +443,9 @@ void test_attention_bf16(const AttentionCase& shape) {
   AttentionInputs in = make_attention_inputs(memory, shape);
   const Bf16RingBuffers ring = make_bf16_ring(memory, shape, in);
   float* part = make_part(memory, shape);
-  emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads, shape.chunks()), dim3(ATTENTION_THREADS), [&] {
-    ring_attention_part_bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part,
-                             nullptr, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale());
+  emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads, shape.chunks()), dim3(shape.threads), [&] {
+    shape.part.bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part, nullptr,
+                    shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys);
   });
   check_attention(check, shape, in, part, run_join(memory, shape, part));
 }
@@ -436,10 +456,10 @@ void test_attention_int8(const AttentionCase& shape) {
   AttentionInputs in = make_attention_inputs(memory, shape);
   const Int8RingBuffers ring = make_int8_ring(memory, shape, in);
   float* part = make_part(memory, shape);
-  emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads, shape.chunks()), dim3(ATTENTION_THREADS), [&] {
-    ring_attention_part_int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len, in.unturn.cos,
-                             in.unturn.sin, part, nullptr, shape.heads, shape.head_dim, shape.capacity, shape.len,
-                             shape.scale());
+  emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads, shape.chunks()), dim3(shape.threads), [&] {
+    shape.part.int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len, in.unturn.cos,
+                    in.unturn.sin, part, nullptr, shape.heads, shape.head_dim, shape.capacity, shape.len,
+                    shape.scale(), shape.keys);
   });
   check_attention(check, shape, in, part, run_join(memory, shape, part));
 }
@@ -464,13 +484,14 @@ void test_one_chunk_part(const AttentionCase& shape, bool int8) {
     emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
       ring_attention_part_int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len,
                                in.unturn.cos, in.unturn.sin, nullptr, out, shape.heads, shape.head_dim,
-                               shape.capacity, shape.len, shape.scale());
+                               shape.capacity, shape.len, shape.scale(), ATTENTION_CHUNK);
     });
   } else {
     const Bf16RingBuffers ring = make_bf16_ring(memory, shape, in);
     emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
       ring_attention_part_bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, nullptr,
-                               out, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale());
+                               out, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(),
+                               ATTENTION_CHUNK);
     });
   }
   check_attention(check, shape, in, nullptr, out);
@@ -556,6 +577,18 @@ int main() {
     test_attention_bf16(shape);
     test_attention_int8(shape);
   }
+  // The other launches the host may choose: each variant, smaller and larger blocks of keys, more threads.
+  for (const PartVariant& part : kPartVariants)
+    for (const auto& [keys, threads] : {std::pair{ATTENTION_CHUNK, unsigned(ATTENTION_THREADS)}, std::pair{64, 256u},
+                                        std::pair{MAX_KEYS_PER_BLOCK, 128u}, std::pair{MAX_KEYS_PER_BLOCK, 256u}})
+      for (AttentionCase shape : {AttentionCase{4, 300, 128, 290, false}, AttentionCase{2, 300, 64, 290, true},
+                                  AttentionCase{2, 200, 24, 129, false}}) {
+        shape.keys = keys;
+        shape.threads = threads;
+        shape.part = part;
+        test_attention_bf16(shape);
+        test_attention_int8(shape);
+      }
   // One chunk: the depformer's few entries (16 heads of 64, 8 entries), a whole chunk, a pinned prefix.
   const AttentionCase one_chunk[] = {{16, 16, 64, 8, false}, {4, 128, 128, 128, false}, {2, 40, 16, 33, true}};
   for (const AttentionCase& shape : one_chunk)

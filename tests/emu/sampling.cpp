@@ -9,7 +9,13 @@
 
 namespace {
 
-constexpr int kThreads = 256;  // the host's block
+// The host's block for a row of `vocab` logits (`cuda::sampling_threads`): an eighth of the row rounded up
+// to a power of two, 128 to 1024.
+unsigned host_threads(int vocab) {
+  unsigned threads = 128;
+  while (threads < 1024 && threads < unsigned(vocab) / 8) threads *= 2;
+  return threads;
+}
 constexpr uint32_t kUntouchedToken = 0xDEADBEEF;
 
 // ---- The reference ----
@@ -126,7 +132,7 @@ Batch make_batch(emu::DeviceMemory& memory, int vocab, std::vector<RowSetting> s
 std::vector<uint32_t> run_sampling(emu::DeviceMemory& memory, const Batch& batch) {
   uint32_t* tokens = memory.alloc<uint32_t>(batch.rows());
   std::fill_n(tokens, batch.rows(), kUntouchedToken);
-  emu::launch("topk_sample_f32", dim3(batch.rows()), dim3(kThreads), [&] {
+  emu::launch("topk_sample_f32", dim3(batch.rows()), dim3(host_threads(batch.vocab)), [&] {
     topk_sample_f32(batch.logits, tokens, batch.seeds, batch.counters, batch.top_k, batch.temperatures,
                     batch.vocab);
   });
