@@ -6,6 +6,7 @@ mod tiny;
 
 use candle_core::{DType, Device, Tensor};
 use duplex::model::decode::KvRing;
+use duplex::model::kernel_plan::Sublayer;
 use duplex::model::quant::KvQuant;
 use duplex::model::{cuda, quant, sampling};
 
@@ -372,9 +373,9 @@ fn misshaped_kernel_inputs_are_refused() {
     let weight = Tensor::randn(0f32, 0.05, (32, 64), &Device::Cpu).unwrap();
     let mut int8 = Int8Case::new(&weight, &gpu).on_gpu;
     let x = zeros(&[1, 64], DType::BF16);
-    cuda::w8a16(&x, &int8).unwrap();
+    cuda::w8a16(&x, &int8, Sublayer::Plain).unwrap();
     int8.scale = int8.scale.narrow(0, 0, 31).unwrap();
-    let err = cuda::w8a16(&x, &int8).unwrap_err();
+    let err = cuda::w8a16(&x, &int8, Sublayer::Plain).unwrap_err();
     assert!(err.to_string().contains("31] scales for 32"), "{err}");
 }
 

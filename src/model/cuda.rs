@@ -338,11 +338,12 @@ pub fn w8a16_kernel(n: usize, k: usize, sublayer: Option<Sublayer>, rows: usize)
     }
 }
 
-/// `x · (q · scale)ᵀ` on the GPU with int8 weights; `x` any leading dims, bf16 compute.
-pub fn w8a16(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
+/// `x · (q · scale)ᵀ` on the GPU with int8 weights, by the kernel the plan measured for the
+/// product in `sublayer` (its ends composed around it); `x` any leading dims, bf16 compute.
+pub fn w8a16(xs: &Tensor, weight: &Int8Weight, sublayer: Sublayer) -> Result<Tensor> {
     let k = xs.dim(candle_core::D::Minus1)?;
     let (n, rows) = (weight.out_features()?, xs.elem_count() / k);
-    w8a16_on(xs, weight, w8a16_kernel(n, k, Some(Sublayer::Plain), rows))
+    w8a16_on(xs, weight, w8a16_kernel(n, k, Some(sublayer), rows))
 }
 
 /// Whether `w8a16` runs `rows` rows in `sublayer` on the split-K kernel, which takes the

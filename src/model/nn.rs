@@ -2,7 +2,6 @@
 
 use super::Result;
 use super::kernel_plan;
-#[cfg(feature = "cuda")]
 use super::kernel_plan::Sublayer;
 use super::quant::{Int8Weight, Quant, quantize, w8a16_reference};
 use candle_core::{D, DType, Device, Tensor};
@@ -76,7 +75,7 @@ impl Linear {
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match fused_device(self, xs, Some(residual), None, false)? {
             Some(ys) => Ok(ys),
-            None => residual + self.forward(xs)?,
+            None => residual + self.forward_in(xs, Sublayer::Skip)?,
         }
     }
 
@@ -85,7 +84,7 @@ impl Linear {
     pub fn forward_normed(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
         match fused_device(self, xs, None, Some(norm), false)? {
             Some(ys) => Ok(ys),
-            None => self.forward(&norm.forward(xs)?),
+            None => self.forward_in(&norm.forward(xs)?, Sublayer::Norm),
         }
     }
 
@@ -97,6 +96,12 @@ impl Linear {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_in(xs, Sublayer::Plain)
+    }
+
+    /// The product alone where `sublayer`'s ends are composed around it: an int8 weight's
+    /// kernel is the one the kernel plan measured for that sublayer.
+    fn forward_in(&self, xs: &Tensor, sublayer: Sublayer) -> Result<Tensor> {
         match self {
             Self::Dense { weight_t } => {
                 let dims = xs.dims();
@@ -118,14 +123,14 @@ impl Linear {
             Self::Int8 {
                 weight,
                 values_t: None,
-            } => w8a16_device(xs, weight),
+            } => w8a16_device(xs, weight, sublayer),
         }
     }
 }
 
 #[cfg(feature = "cuda")]
-fn w8a16_device(xs: &Tensor, weight: &Int8Weight) -> Result<Tensor> {
-    super::cuda::w8a16(xs, weight)
+fn w8a16_device(xs: &Tensor, weight: &Int8Weight, sublayer: Sublayer) -> Result<Tensor> {
+    super::cuda::w8a16(xs, weight, sublayer)
 }
 
 /// `linear`'s product with its sublayer's ends (`residual`, `norm`, a gated FFN's `gate`) inside
@@ -253,7 +258,7 @@ fn swiglu_fused(_gated: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn w8a16_device(_xs: &Tensor, _weight: &Int8Weight) -> Result<Tensor> {
+fn w8a16_device(_xs: &Tensor, _weight: &Int8Weight, _sublayer: Sublayer) -> Result<Tensor> {
     candle_core::bail!("int8 weights on this device need a build with the `cuda` feature")
 }
 
@@ -333,7 +338,10 @@ impl SwiGlu {
     pub fn sublayer(&self, xs: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
         let hidden = match self.linear_in.forward_normed_gated(xs, norm)? {
             Some(hidden) => hidden,
-            None => self.gate(self.linear_in.forward_normed(xs, norm)?)?,
+            None => self.gate(
+                self.linear_in
+                    .forward_in(&norm.forward(xs)?, Sublayer::NormGate)?,
+            )?,
         };
         self.linear_out.forward_add(&hidden, xs)
     }
