@@ -125,7 +125,17 @@ fn prompt_then_live_frames_match_the_reference_with_all_16_depformer_steps() {
             .map(|r| r.to_vec())
             .collect();
         assert_eq!(ours, cache, "token ring after the prompt");
+        // Every stream of a prompt call is forced once the delays are filled, so those calls
+        // skip the depformer; each live call runs it.
+        let calls = prompt_calls(&voice(), &prompt_tokens()) as u64;
+        let prompt_depformer = generator.depformer_calls();
+        assert!(
+            prompt_depformer * 10 < calls,
+            "{prompt_depformer} of the prompt's {calls} calls ran the depformer"
+        );
         check_live(&model, &mut generator, 0, positions, 17);
+        let live = user_codes(&reference(), positions).len() as u64;
+        assert_eq!(generator.depformer_calls() - prompt_depformer, live);
     }
 }
 

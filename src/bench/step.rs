@@ -7,10 +7,11 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config::LmConfig;
 use crate::model::decode::DecodeAttention;
 use crate::model::files::ModelFiles;
-use crate::model::generate::SamplingConfig;
+use crate::model::generate::{Generator, SamplingConfig};
 use crate::model::kv::RingPositions;
 use crate::model::lm::LmModel;
 use crate::model::mimi::{Mimi, MimiConfig};
+use crate::model::persona::{PromptRun, VoicePrompt, prompt_calls};
 use crate::model::pipeline::{Models, PipelineState, Stage};
 use crate::model::profile_span;
 use crate::model::quant::{KvQuant, Quant};
@@ -88,6 +89,9 @@ pub struct StepBenchReport {
     pub depformer_ms: Percentiles,
     pub decode_ms: Percentiles,
     pub total_ms: Percentiles,
+    /// One call of a system prompt (`PROMPT_TOKENS` text tokens between silences, every stream
+    /// forced) in a batch-1 generator of its own: what a new persona costs per call.
+    pub prompt_call_ms: Percentiles,
     /// Median frame time over the 80 ms frame: below 1 keeps up with real time.
     pub real_time_factor: f64,
     /// Bytes of language-model weights one frame reads (temporal + the depformer steps run).
@@ -159,6 +163,7 @@ impl StepBenchReport {
             row("depformer", &self.depformer_ms),
             row("mimi decode", &self.decode_ms),
             row("total", &self.total_ms),
+            row("prompt call", &self.prompt_call_ms),
             format!("matrix products: {}", self.kernels),
             format!(
                 "real-time factor (p50 / {FRAME_MS} ms): {:.3}",
@@ -300,6 +305,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
     }
     profile_span(&options.device, false)?;
     let [encode, temporal, depformer, decode, total] = stages.map(|s| Percentiles::of(&s));
+    let prompt_call_ms = time_prompt_calls(&lm, &options.device)?;
     let weight_bytes = lm_weight_bytes(
         lm.config(),
         lm.depformer_steps(),
@@ -336,6 +342,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         depformer_ms: depformer,
         decode_ms: decode,
         total_ms: total,
+        prompt_call_ms,
         weight_bytes,
         achieved_gb_per_s: weight_bytes as f64 / 1e6 / lm_ms.max(1e-9),
         copy_gb_per_s,
@@ -343,6 +350,30 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         kv_bytes,
         floor_with_kv_ms: floor_ms(weight_bytes + kv_bytes),
     })
+}
+
+/// Text tokens of the system prompt `time_prompt_calls` runs.
+const PROMPT_TOKENS: u32 = 32;
+
+/// Each call of a system prompt, timed to a device synchronisation.
+fn time_prompt_calls(lm: &LmModel, device: &Device) -> Result<Percentiles> {
+    let text: Vec<u32> = (0..PROMPT_TOKENS).map(|i| 1000 + i).collect();
+    let context = prompt_calls(&VoicePrompt::None, &text) + 1;
+    let mut generator = Generator::new(lm, 1, context, RingPositions::PersonaPlex)?;
+    generator.open(0, 0, SamplingConfig::GREEDY);
+    let mut run = PromptRun::new(lm.config(), 0, &VoicePrompt::None, &text)?;
+    let mut times = Vec::new();
+    loop {
+        let started = Instant::now();
+        let done = run.advance(lm, &mut generator, 1)?;
+        device.synchronize()?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if done {
+            break;
+        }
+    }
+    // A generator's first call runs no model.
+    Ok(Percentiles::of(&times[1..]))
 }
 
 /// Bytes of the matrices a frame reads: every temporal layer, and `dep_steps` depformer steps.

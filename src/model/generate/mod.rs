@@ -221,6 +221,8 @@ pub struct Generator {
     record_text_logits: bool,
     depformer_graph: GraphMode<replay::DepformerGraphKey>,
     temporal_graph: GraphMode,
+    /// Calls that ran the depformer half (one whose every drawn token was forced skips it).
+    depformer_calls: u64,
 }
 
 /// The rows a call computes: the slots up to the last running one, rounded up to a power of two
@@ -265,7 +267,13 @@ impl Generator {
             record_text_logits: false,
             depformer_graph: GraphMode::Off,
             temporal_graph: GraphMode::Off,
+            depformer_calls: 0,
         })
+    }
+
+    /// Calls so far that ran the depformer half.
+    pub fn depformer_calls(&self) -> u64 {
+        self.depformer_calls
     }
 
     /// How both transformers attend (the CPU runs the kernels' references when asked).
@@ -486,14 +494,21 @@ impl Generator {
     ) -> Result<Vec<Column>> {
         let steps = model.depformer_steps();
         let rows = running.len();
-        let plan = DrawPlan::new(
-            &self.slots[..rows],
-            prepared,
-            running,
-            steps + 1,
-            model.device(),
-        )?;
-        let drawn = self.draw_tokens(model, hidden, text_logits, &plan, running)?;
+        // A prompt forces every stream of its calls: nothing drawn would be kept, and the
+        // depformer holds nothing from one call to the next, so its half is skipped.
+        let drawn = if self.forces_every_draw(prepared, running, steps + 1) {
+            vec![Vec::new(); rows]
+        } else {
+            let plan = DrawPlan::new(
+                &self.slots[..rows],
+                prepared,
+                running,
+                steps + 1,
+                model.device(),
+            )?;
+            self.depformer_calls += 1;
+            self.draw_tokens(model, hidden, text_logits, &plan, running)?
+        };
         let mut generated = vec![[0i64; STREAMS]; self.slots.len()];
         for slot_idx in (0..rows).filter(|&b| running[b]) {
             let slot = self.slots[slot_idx]
@@ -515,6 +530,23 @@ impl Generator {
 }
 
 impl Generator {
+    /// Whether every running slot has a token forced on each of the `streams` drawn streams.
+    fn forces_every_draw(
+        &self,
+        prepared: &[Option<(usize, usize)>],
+        running: &[bool],
+        streams: usize,
+    ) -> bool {
+        (0..running.len()).filter(|&b| running[b]).all(|b| {
+            match (self.slots[b].as_ref(), prepared[b]) {
+                (Some(slot), Some((_, target))) => {
+                    (0..streams).all(|stream| slot.tokens.forced_at(stream, target).is_some())
+                }
+                _ => false,
+            }
+        })
+    }
+
     /// The temporal step for the first `running.len()` slots: hidden states and text logits,
     /// `[rows, 1, …]`, from the graph when one replays.
     fn run_temporal(
