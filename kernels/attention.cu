@@ -160,26 +160,12 @@ struct Bf16Ring {
   const __nv_bfloat16* v;
   // 8 keys' dimensions from one 16-byte load.
   __device__ void key8(size_t entry, int octet, int head_dim, float* out) const {
-    const uint4 raw = *reinterpret_cast<const uint4*>(k + entry * head_dim + octet * 8);
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pairs[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>(k + entry * head_dim + octet * 8), out);
   }
   __device__ float key_scale(size_t) const { return 1.f; }
   // 8 values' dimensions from one 16-byte load.
   __device__ void value8(size_t entry, int octet, int head_dim, float* out) const {
-    const uint4 raw = *reinterpret_cast<const uint4*>(v + entry * head_dim + octet * 8);
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pairs[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>(v + entry * head_dim + octet * 8), out);
   }
 };
 

@@ -37,6 +37,17 @@ __device__ __forceinline__ float block_max(float v, float* shared32) {
   return m;
 }
 
+// Eight bf16 values of a 16-byte word as f32.
+__device__ __forceinline__ void bf16x8_to_f32(const uint4& word, float* out) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&word);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
 // Four int8 (one word) exactly as f32: a byte with its sign bit flipped is q + 128 in 0..255;
 // placed as the low mantissa byte of 2^23 (bits 0x4B000000) it is the float 2^23 + 128 + q.
 __device__ __forceinline__ void int8x4_to_f32(uint32_t word, float* out) {

@@ -4,17 +4,6 @@
 // time is the latency of its loads.
 #include "common.cuh"
 
-// Eight bf16 values of a 16-byte word as f32.
-__device__ __forceinline__ void bf16x8_to_f32(const uint4& word, float* out) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&word);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
 extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ alpha,
                                          __nv_bfloat16* __restrict__ y, int dim, float eps) {
   __shared__ float shared[32];
