@@ -192,7 +192,7 @@ struct Int8Ring {
   }
 };
 
-// The attention of block (row · heads + head, chunk) over its chunk of ATTENTION_CHUNK ring
+// The attention of block (row · heads + head, chunk) over its chunk of keys_per_block ring
 // entries. query [head_dim] f32 (block-visible: shared memory); the ring [rows, heads, capacity,
 // head_dim] read through `Ring`; mask [rows, len] f32 additive (0 visible, -inf hidden);
 // prefix_len [rows]: a row's first prefix_len entries are a pinned prefix stored at its prompt
@@ -203,7 +203,8 @@ struct Int8Ring {
 // values, then its max score and its sum of exponentials (max -inf, sum 0 when the mask hides the
 // whole chunk), for ring_attention_join. With one chunk it may instead write the normalised
 // result straight to out [rows * heads, head_dim] bf16 (zeros where the mask hides every key).
-// Blocks of ATTENTION_THREADS threads; head_dim a multiple of 8, at most 128; rows of the ring
+// Blocks of whole warps, at most MAX_ATTENTION_THREADS threads, each over keys_per_block ring
+// entries (at most MAX_KEYS_PER_BLOCK); head_dim a multiple of 8, at most 128; rows of the ring
 // 16-byte aligned (bf16) or 8-byte aligned (int8).
 // SCORE_BATCH and VALUE_BATCH: the keys whose loads each thread has in flight at once, in the
 // scores and in the weighted values.

@@ -71,7 +71,9 @@ impl PendingPersona {
 }
 
 /// Untimed warm-up frames per row bucket: a bucket's first frame captures its graphs (after
-/// an eager run); the next replays them once.
+/// an eager run), the depformer's for a fresh slot's forcing; the next captures the depformer's
+/// for a live frame's forcing (its graphs are keyed by the streams a frame forces) and replays
+/// the rest.
 const FRAMES_PER_BUCKET: usize = 2;
 
 /// The warm-up's frames as (busy slots from 0, timed): `FRAMES_PER_BUCKET` untimed frames for

@@ -115,7 +115,7 @@ impl Linear {
                     weight_t.dim(1)?;
                 out.reshape(out_dims)
             }
-            Self::OutIn { weight } => out_in_device(xs, weight),
+            Self::OutIn { weight } => out_in_device(xs, weight, sublayer),
             Self::Int8 {
                 weight,
                 values_t: Some(values_t),
@@ -208,16 +208,16 @@ fn out_in_split_k(weight: &Tensor, sublayer: Option<Sublayer>, rows: usize) -> R
 }
 
 #[cfg(feature = "cuda")]
-fn out_in_device(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn out_in_device(xs: &Tensor, weight: &Tensor, sublayer: Sublayer) -> Result<Tensor> {
     let k = xs.dim(D::Minus1)?;
-    if out_in_split_k(weight, Some(Sublayer::Plain), xs.elem_count() / k)? {
+    if out_in_split_k(weight, Some(sublayer), xs.elem_count() / k)? {
         return super::cuda::gemv_bf16(xs, weight, &Default::default());
     }
     linear(xs, weight)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn out_in_device(_xs: &Tensor, _weight: &Tensor) -> Result<Tensor> {
+fn out_in_device(_xs: &Tensor, _weight: &Tensor, _sublayer: Sublayer) -> Result<Tensor> {
     unreachable!("`[out, in]` weights are only chosen in a build with the `cuda` feature")
 }
 
