@@ -221,8 +221,8 @@ fn cuda_device() -> Result<candle_core::Device> {
 enum QuantArg {
     /// As in the checkpoint (bf16 on the GPU, f32 on the CPU).
     None,
-    /// Weight-only int8 per output channel: half the memory; faster than bf16 at batch 1-2 only
-    /// (docs/benchmarks.md).
+    /// Weight-only int8 per output channel: half the memory; faster than bf16 at batch 1, about
+    /// 2x slower from batch 8 (docs/benchmarks.md).
     Int8,
 }
 
@@ -693,7 +693,8 @@ async fn start_personaplex(
 ) -> Result<EngineHandle> {
     let (files, model) = (files.clone(), args.model.clone());
     let slots = args.max_sessions;
-    let engine = tokio::task::spawn_blocking(move || -> Result<PersonaPlexEngine> {
+    let quant = args.model.quant;
+    let (engine, on_gpu) = tokio::task::spawn_blocking(move || -> Result<(PersonaPlexEngine, bool)> {
         model.prepare_kernels(&files, slots)?;
         let cfg = model.pipeline_config()?;
         tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({}); this can take a while", cfg.describe());
@@ -702,7 +703,7 @@ async fn start_personaplex(
         tracing::info!(seconds = started.elapsed().as_secs_f32(), "model loaded");
         let name = files.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| model.repo.clone());
         let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name: name };
-        Ok(PersonaPlexEngine::new(pipeline, options)?)
+        Ok((PersonaPlexEngine::new(pipeline, options)?, cfg.device.is_cuda()))
     })
     .await??;
     let mut engine = engine;
@@ -711,12 +712,26 @@ async fn start_personaplex(
     tracing::info!(step_ms = slowest.as_secs_f32() * 1000.0, "warm-up done");
     if slowest > duplex::audio::FRAME_PERIOD {
         tracing::warn!(
-            "a step takes longer than a frame on this machine: conversations will not keep up in real time (build with --features cuda for the GPU)"
+            step_ms = slowest.as_secs_f32() * 1000.0,
+            "a step takes longer than a frame on this machine: conversations will not keep up in real time ({})",
+            slow_step_hint(on_gpu, quant)
         );
     }
     config.output_phase =
         (slowest + std::time::Duration::from_millis(5)).min(std::time::Duration::from_millis(75));
     start_engine(engine, config, metrics)
+}
+
+/// What to change when a full engine's step takes longer than a frame.
+fn slow_step_hint(on_gpu: bool, quant: QuantArg) -> &'static str {
+    match (on_gpu, quant) {
+        (false, _) => "build with --features cuda for the GPU, or serve fewer --max-sessions",
+        (true, QuantArg::Int8) => {
+            "int8 weights are about 2x slower than bf16 from 8 sessions at once (docs/benchmarks.md): \
+             drop --quant int8, or serve fewer --max-sessions"
+        }
+        (true, QuantArg::None) => "serve fewer --max-sessions",
+    }
 }
 
 async fn local(args: LocalArgs) -> Result<()> {
