@@ -160,18 +160,26 @@ fn draw_row(logits: &[f32], top_k: i64, temperature: f32, seed: u64, counter: u6
 
 /// Threads of the sampling kernel's block for rows of `vocab` logits: an eighth of the row
 /// rounded up to a power of two, 128 to 1024 (a row's block is alone on its SM, so the long text
-/// row wants every warp), unless `DUPLEX_TOPK_THREADS` names another count of whole warps.
+/// row wants every warp), unless `DUPLEX_TOPK_THREADS` names another count of whole warps (read
+/// once).
 pub fn sampling_threads(vocab: usize) -> std::result::Result<u32, String> {
-    match std::env::var("DUPLEX_TOPK_THREADS") {
+    static OVERRIDE: std::sync::OnceLock<std::result::Result<Option<u32>, String>> =
+        std::sync::OnceLock::new();
+    let chosen = OVERRIDE.get_or_init(|| match std::env::var("DUPLEX_TOPK_THREADS") {
         Ok(spec) => match spec.trim().parse::<u32>() {
             Ok(threads) if threads.is_multiple_of(32) && (32..=1024).contains(&threads) => {
-                Ok(threads)
+                Ok(Some(threads))
             }
             _ => Err(format!(
                 "DUPLEX_TOPK_THREADS={spec:?}: expected whole warps, 32 to 1024"
             )),
         },
-        Err(_) => Ok((vocab / 8).next_power_of_two().clamp(128, 1024) as u32),
+        Err(_) => Ok(None),
+    });
+    match chosen {
+        Ok(Some(threads)) => Ok(*threads),
+        Ok(None) => Ok((vocab / 8).next_power_of_two().clamp(128, 1024) as u32),
+        Err(why) => Err(why.clone()),
     }
 }
 

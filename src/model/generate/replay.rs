@@ -22,18 +22,38 @@ const TEMPORAL_GRAPH_TOLERANCE: f32 = 1e-2;
 /// forces its token and whether a forced token may be −1 (both shape the graph's kernels; the
 /// forced tokens themselves are its inputs). The forcing changes rarely: a live call forces the
 /// user's streams when the depformer draws them (16 steps), a prompt forces everything.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(super) struct DepformerGraphKey {
     rows: usize,
-    forced: Vec<(bool, bool)>,
+    /// Bit `s`: some slot forces drawn stream `s`.
+    forced: u32,
+    /// Bit `s`: a token forced on stream `s` may be −1.
+    may_be_zero: u32,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl DepformerGraphKey {
+    /// The key of `rows` rows drawn by `plan` (at most 32 streams: PersonaPlex draws 17).
+    fn of(rows: usize, plan: &super::DrawPlan) -> Self {
+        let bits = |pick: fn(&(bool, bool)) -> bool| {
+            plan.forced
+                .iter()
+                .enumerate()
+                .filter(|(_, flags)| pick(flags))
+                .fold(0u32, |mask, (stream, _)| mask | 1 << stream)
+        };
+        Self {
+            rows,
+            forced: bits(|flags| flags.0),
+            may_be_zero: bits(|flags| flags.1),
+        }
+    }
 }
 
 impl std::fmt::Debug for DepformerGraphKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let forced: Vec<usize> = (0..self.forced.len())
-            .filter(|&stream| self.forced[stream].0)
-            .collect();
+        let forced: Vec<u32> = (0..32).filter(|s| self.forced >> s & 1 == 1).collect();
         write!(f, "{} rows, forced streams {forced:?}", self.rows)
     }
 }
@@ -143,10 +163,7 @@ impl Generator {
         use crate::model::graph::FrameGraph;
         let inputs = [hidden, text_logits, &plan.ints, &plan.temperature];
         let rows = running.len();
-        let key = DepformerGraphKey {
-            rows,
-            forced: plan.forced.clone(),
-        };
+        let key = DepformerGraphKey::of(rows, plan);
         let replayed = self
             .depformer_graph
             .replay_with("depformer", &key, |graph| graph.replay(&inputs)?.to_vec2());
