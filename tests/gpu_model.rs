@@ -407,3 +407,53 @@ fn an_offline_bf16_run_replays_graphs_with_the_eager_tokens() {
     assert_eq!(eager_pcm.len(), replayed_pcm.len());
     assert!(diff < 1e-3, "agent audio: max |diff| {diff}");
 }
+
+/// A system prompt's calls run together (`Generator::run_forced`: one temporal forward over
+/// many positions, through candle's attention and cuBLAS) leave, in bf16 on the GPU, the keys
+/// and values that one call at a time (the attention kernels) leaves: live frames after it,
+/// every stream forced so both runs read the same tokens, give the same text logits within
+/// bf16's rounding.
+#[test]
+fn a_prompt_in_chunks_on_the_gpu_leaves_what_one_call_at_a_time_leaves() {
+    use duplex::model::persona::{VoicePrompt, run_prompt};
+    use duplex::model::tokenizer::{TextTokenizer, wrap_system_prompt};
+    use duplex::model::voice::VoicePreset;
+    let Some(gpu) = tiny::gpu() else { return };
+    let model = tiny::model(8, DType::BF16, &gpu, Quant::None);
+    let preset = VoicePreset::load(&tiny::fixtures().join("tiny/voices/NATF0.pt"), 32, &gpu);
+    let voice = VoicePrompt::Preset(Box::new(preset.unwrap()));
+    let text = TextTokenizer::open(&tiny::fixtures().join("tiny/tokenizer_spm_32k_3.model"))
+        .unwrap()
+        .encode(&wrap_system_prompt("You are a wise and friendly teacher."))
+        .unwrap();
+    let live_logits = |in_chunks: bool| -> Vec<Tensor> {
+        let context = model.config().context;
+        let mut generator = Generator::new(&model, 1, context, RingPositions::PersonaPlex).unwrap();
+        // Calls that record their logits run one at a time.
+        generator.record_text_logits(!in_chunks);
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        run_prompt(&model, &mut generator, 0, &voice, &text).unwrap();
+        assert_eq!(generator.forced_chunks() > 0, in_chunks);
+        generator.record_text_logits(true);
+        (0..2i64)
+            .map(|frame| {
+                let codes =
+                    |offset: i64| std::array::from_fn(|q| (frame * 5 + q as i64 + offset) % 16);
+                let input = CallInput::Tokens(Forced {
+                    text: Some(3),
+                    agent: Some(codes(0)),
+                    user: Some(codes(7)),
+                });
+                let out = generator.step(&model, &[Some(input)]).unwrap();
+                let logits = out[0].as_ref().unwrap().text_logits.clone().unwrap();
+                Tensor::new(logits.as_slice(), &Device::Cpu).unwrap()
+            })
+            .collect()
+    };
+    let (by_call, chunked) = (live_logits(false), live_logits(true));
+    for (frame, (a, b)) in by_call.iter().zip(&chunked).enumerate() {
+        let (diff, largest) = (tiny::max_abs_diff(a, b), tiny::largest_abs(a));
+        eprintln!("live frame {frame}: text logits max |diff| {diff:e} of {largest:e}");
+        assert!(diff < 0.05 * largest, "frame {frame}: {diff} of {largest}");
+    }
+}

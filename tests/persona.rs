@@ -8,7 +8,7 @@ use duplex::model::decode::DecodeAttention;
 use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig, Snapshot};
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::LmModel;
-use duplex::model::persona::{VoicePrompt, prompt_calls, run_prompt};
+use duplex::model::persona::{PromptRun, VoicePrompt, prompt_calls, run_prompt};
 use duplex::model::tokenizer::{TextTokenizer, wrap_system_prompt};
 use duplex::model::voice::VoicePreset;
 use std::collections::HashMap;
@@ -133,6 +133,8 @@ fn prompt_then_live_frames_match_the_reference_with_all_16_depformer_steps() {
             prompt_depformer * 10 < calls,
             "{prompt_depformer} of the prompt's {calls} calls ran the depformer"
         );
+        // The voice's embeddings in one forward, the silences and the role prompt in another.
+        assert_eq!(generator.forced_chunks(), 2, "forwards for {calls} calls");
         check_live(&model, &mut generator, 0, positions, 17);
         let live = user_codes(&reference(), positions).len() as u64;
         assert_eq!(generator.depformer_calls() - prompt_depformer, live);
@@ -184,16 +186,37 @@ fn a_restored_prefill_snapshot_continues_exactly() {
     check_live(&model, &mut serving, 1, RingPositions::PersonaPlex, 17);
 }
 
+/// How `live_text_logits` runs the system prompt.
+#[derive(Clone, Copy, PartialEq)]
+enum Prompt {
+    /// A temporal forward per call (as the reference does).
+    CallByCall,
+    /// As many calls a forward as fit (`Generator::run_forced`), as serving does.
+    InChunks,
+}
+
 /// The text logits of the reference's live frames after the persona prompt, with the persona
 /// pinned or not, attending as `decode` says.
-fn live_text_logits(model: &LmModel, pin: bool, decode: DecodeAttention) -> Vec<Vec<f32>> {
+fn live_text_logits(
+    model: &LmModel,
+    pin: bool,
+    decode: DecodeAttention,
+    prompt: Prompt,
+) -> Vec<Vec<f32>> {
     let (voice, text) = (voice(), prompt_tokens());
     let mut generator =
         Generator::new(model, 1, model.config().context, RingPositions::PersonaPlex).unwrap();
     generator.set_decode_attention(decode);
-    generator.record_text_logits(true);
+    // Calls that record their logits run one at a time.
+    generator.record_text_logits(prompt == Prompt::CallByCall);
     generator.open(0, 0, SamplingConfig::GREEDY);
     run_prompt(model, &mut generator, 0, &voice, &text).unwrap();
+    let chunks = generator.forced_chunks();
+    match prompt {
+        Prompt::CallByCall => assert_eq!(chunks, 0),
+        Prompt::InChunks => assert!((1..=2).contains(&chunks), "{chunks} forwards"),
+    }
+    generator.record_text_logits(true);
     if pin {
         generator.pin_prefix(0).unwrap();
     }
@@ -220,7 +243,8 @@ fn live_text_logits(model: &LmModel, pin: bool, decode: DecodeAttention) -> Vec<
 #[test]
 fn pinning_the_persona_changes_nothing_until_the_window_slides() {
     let model = tiny::cpu_model(8);
-    let run = |pin: bool| live_text_logits(&model, pin, DecodeAttention::Composed);
+    let run =
+        |pin: bool| live_text_logits(&model, pin, DecodeAttention::Composed, Prompt::InChunks);
     let (plain, pinned) = (run(false), run(true));
     // The prompt fills 37 of the 40 positions; PersonaPlex's ring drops its oldest key once it
     // holds 40, so the first 2 live frames see all of the prompt either way.
@@ -240,17 +264,100 @@ fn pinning_the_persona_changes_nothing_until_the_window_slides() {
 #[test]
 fn a_pinned_persona_through_the_kernels_references_matches_the_composed_path() {
     let model = tiny::cpu_model(8);
-    let composed = live_text_logits(&model, true, DecodeAttention::Composed);
-    let kernels = live_text_logits(&model, true, DecodeAttention::Kernels);
+    let composed = live_text_logits(&model, true, DecodeAttention::Composed, Prompt::InChunks);
+    let kernels = live_text_logits(&model, true, DecodeAttention::Kernels, Prompt::InChunks);
     assert!(composed.len() > 2, "the window must slide past the prompt");
-    for (frame, (a, b)) in composed.iter().zip(&kernels).enumerate() {
+    assert_close(&composed, &kernels, 1e-4);
+}
+
+fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], bound: f32) {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for (frame, (a, b)) in a.iter().zip(b).enumerate() {
         let diff = a
             .iter()
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "frame {frame}: max |diff| {diff}");
+        assert!(diff < bound, "frame {frame}: max |diff| {diff}");
+        worst = worst.max(diff);
     }
+    eprintln!("max |diff| over {} frames: {worst:e}", a.len());
+}
+
+/// A prompt whose calls go through the temporal transformer together leaves the keys and
+/// values one call at a time leaves, through the composed attention and the kernels'
+/// references alike: every live frame after it gives the same logits.
+#[test]
+fn a_prompt_in_chunks_leaves_what_one_call_at_a_time_leaves() {
+    let model = tiny::cpu_model(8);
+    for decode in [DecodeAttention::Composed, DecodeAttention::Kernels] {
+        let by_call = live_text_logits(&model, false, decode, Prompt::CallByCall);
+        let chunked = live_text_logits(&model, false, decode, Prompt::InChunks);
+        assert_close(&by_call, &chunked, 1e-5);
+    }
+}
+
+/// A prompt advanced a few calls at a time (as a server does between frames) makes exactly
+/// that many calls each time and ends where one run at once does.
+#[test]
+fn a_prompt_advanced_five_calls_at_a_time_ends_where_one_run_does() {
+    let model = tiny::cpu_model(8);
+    let (voice, text) = (voice(), prompt_tokens());
+    let mut whole = Generator::new(
+        &model,
+        1,
+        model.config().context,
+        RingPositions::PersonaPlex,
+    )
+    .unwrap();
+    whole.open(0, 0, SamplingConfig::GREEDY);
+    run_prompt(&model, &mut whole, 0, &voice, &text).unwrap();
+    let mut stepped = Generator::new(
+        &model,
+        1,
+        model.config().context,
+        RingPositions::PersonaPlex,
+    )
+    .unwrap();
+    stepped.open(0, 0, SamplingConfig::GREEDY);
+    let mut run = PromptRun::new(model.config(), 0, &voice, &text).unwrap();
+    // The voice's first embedding also takes the generator's first, model-free call.
+    let calls = prompt_calls(&voice, &text) as u64 - 1;
+    let mut advances = 0;
+    loop {
+        let before = stepped.slot(0).unwrap().tokens.offset();
+        let done = run.advance(&model, &mut stepped, 5).unwrap();
+        let made = stepped.slot(0).unwrap().tokens.offset() - before - u64::from(before == 0);
+        advances += 1;
+        if done {
+            assert!(made <= 5);
+            break;
+        }
+        assert_eq!(made, 5, "advance {advances}");
+    }
+    assert_eq!(advances, calls.div_ceil(5));
+    assert!(stepped.forced_chunks() >= advances, "chunks of 5 calls");
+    assert_eq!(
+        stepped.slot(0).unwrap().tokens,
+        whole.slot(0).unwrap().tokens
+    );
+    let live = |generator: &mut Generator| {
+        generator.record_text_logits(true);
+        user_codes(&reference(), RingPositions::PersonaPlex)
+            .into_iter()
+            .take(5)
+            .map(|user| {
+                let input = CallInput::Tokens(Forced {
+                    user: Some(user),
+                    ..Default::default()
+                });
+                let out = generator.step(&model, &[Some(input)]).unwrap();
+                out[0].as_ref().unwrap().text_logits.clone().unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_close(&live(&mut stepped), &live(&mut whole), 1e-5);
 }
 
 /// Voice presets are read once, when the model loads: a join parses no `.pt` file on the step

@@ -308,6 +308,29 @@ impl RingCache {
         self.capacity
     }
 
+    /// The most tokens slot `slot_idx` can take in one step of the first `rows` slots that sees
+    /// exactly what as many one-token steps would: its ring does not fill (a full PersonaPlex
+    /// ring hides its oldest entry, which a step's earlier queries would need), and no row's
+    /// writes land on an entry it has written (the others sit the step out, and write where their
+    /// own next tokens will go). 0 for an int8 ring, which takes one token a step.
+    pub fn chunk_room(&self, slot_idx: usize, rows: usize) -> usize {
+        if self.is_int8() || slot_idx >= rows || rows > self.ends.len() {
+            return 0;
+        }
+        let unwritten = |b: usize| {
+            let region = (self.capacity - self.pinned[b]) as u64;
+            let turned = self.ends[b] - self.pinned[b] as u64;
+            region.saturating_sub(turned) as usize
+        };
+        (0..rows)
+            .map(|b| match b == slot_idx {
+                true => unwritten(b).saturating_sub(1),
+                false => unwritten(b),
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Whether keys and values are stored as int8 codes.
     pub fn is_int8(&self) -> bool {
         self.layers.first().is_some_and(KvRing::is_int8)
@@ -800,6 +823,62 @@ mod tests {
             vec![vec![2.0, 3.0, 4.0, 5.0]]
         );
         assert_eq!(visible(&write(&mut pp, 1)), vec![vec![3.0, 4.0, 5.0]]);
+    }
+
+    /// A prompt's chunk of `chunk_room` tokens sees what as many one-token steps see, however
+    /// full the ring already is; one token more costs a query a key once it fills the ring.
+    #[test]
+    fn a_chunk_within_its_room_sees_what_one_token_steps_see() {
+        for positions in [RingPositions::PersonaPlex, RingPositions::Exact] {
+            for start in 0..4 {
+                let (mut chunked, mut single) = (ring(5, positions), ring(5, positions));
+                for _ in 0..start {
+                    write(&mut chunked, 1);
+                    write(&mut single, 1);
+                }
+                let room = chunked.chunk_room(0, 2);
+                assert_eq!(room, 4 - start, "{positions:?} after {start}");
+                let mut over = chunked.clone();
+                let together = visible(&write(&mut chunked, room));
+                let apart: Vec<Vec<f32>> = (0..room)
+                    .map(|_| visible(&write(&mut single, 1)).remove(0))
+                    .collect();
+                assert_eq!(together, apart, "{positions:?} after {start}");
+                if positions == RingPositions::PersonaPlex && start > 0 {
+                    let beyond = visible(&write(&mut over, room + 1));
+                    assert_ne!(beyond[..room], apart[..], "after {start}");
+                }
+            }
+        }
+    }
+
+    /// Rows that sit a chunk out write its tokens where their own next ones go: the chunk may
+    /// not reach entries they have written, and an int8 ring takes no chunks.
+    #[test]
+    fn a_chunk_never_writes_over_another_rows_keys() {
+        let mut r = ring(8, RingPositions::Exact);
+        for _ in 0..3 {
+            r.begin(1, &[false, true]).unwrap();
+        }
+        assert_eq!(r.chunk_room(0, 2), 5);
+        assert_eq!(r.chunk_room(0, 1), 7);
+        assert_eq!(r.chunk_room(1, 1), 0, "slot 1 is not among the rows");
+        let shape = RingShape {
+            layers: 1,
+            batch: 1,
+            heads: 1,
+            capacity: 8,
+            head_dim: 16,
+        };
+        let int8 = RingCache::stored(
+            shape,
+            DType::F32,
+            KvQuant::Int8,
+            &Device::Cpu,
+            RingPositions::Exact,
+        )
+        .unwrap();
+        assert_eq!(int8.chunk_room(0, 1), 0);
     }
 
     #[test]

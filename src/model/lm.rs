@@ -173,6 +173,19 @@ impl LmModel {
         self.temporal_planned(emb, state, &step, &rope)
     }
 
+    /// Runs `emb` `[rows, time, dim]` through the temporal transformer for the keys and values
+    /// it leaves in `state` alone (a system prompt's calls, whose outputs nothing reads).
+    pub fn fill_temporal(
+        &self,
+        emb: &Tensor,
+        state: &mut TransformerState,
+        active: &[bool],
+    ) -> Result<()> {
+        let _span = tracing::trace_span!("fill_temporal", time = emb.dim(1)?).entered();
+        self.transformer.forward(emb, state, active)?;
+        Ok(())
+    }
+
     /// Starts a one-token temporal step for the first `active.len()` slots (see
     /// `Transformer::plan`).
     pub fn plan_temporal(

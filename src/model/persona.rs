@@ -5,7 +5,7 @@
 
 use super::Result;
 use super::config::LmConfig;
-use super::generate::{CACHE_COLUMNS, CallInput, Forced, Generator, TEXT_PAD};
+use super::generate::{CACHE_COLUMNS, CallInput, FORCED_CHUNK, Forced, Generator, TEXT_PAD};
 use super::lm::{LmModel, STREAMS};
 use super::voice::VoicePreset;
 use std::collections::VecDeque;
@@ -94,7 +94,8 @@ impl PromptRun {
     }
 
     /// Runs at most `calls` more model calls of the prompt on `generator` (whose slot must have
-    /// been freshly opened before the first); returns whether the prompt is done.
+    /// been freshly opened before the first); returns whether the prompt is done. Runs of
+    /// calls go through the temporal transformer together (`Generator::run_forced`).
     pub fn advance(
         &mut self,
         model: &LmModel,
@@ -103,24 +104,55 @@ impl PromptRun {
     ) -> Result<bool> {
         let mut made = 0;
         while made < calls {
-            let Some(step) = self.steps.pop_front() else {
-                break;
-            };
-            match step {
-                PromptStep::Call(input) => {
-                    let mut inputs = vec![None; generator.batch()];
-                    inputs[self.slot_idx] = Some(input);
-                    generator.step(model, &inputs)?;
-                    made += 1;
+            match self.steps.front() {
+                None => break,
+                Some(PromptStep::LoadCache(_)) => self.load_cache(generator)?,
+                Some(PromptStep::Call(_)) => {
+                    made += self.run_calls(model, generator, calls - made)?
                 }
-                PromptStep::LoadCache(cache) => generator
-                    .slot_mut(self.slot_idx)
-                    .ok_or_else(|| candle_core::Error::msg("prompt on a closed slot"))?
-                    .tokens
-                    .load_cache(&cache),
             }
         }
         Ok(self.steps.is_empty())
+    }
+
+    /// Runs up to `calls` of the model calls at the front (at least one); returns how many ran.
+    fn run_calls(
+        &mut self,
+        model: &LmModel,
+        generator: &mut Generator,
+        calls: usize,
+    ) -> Result<usize> {
+        let inputs: Vec<CallInput> = self
+            .steps
+            .iter()
+            .take(calls.min(FORCED_CHUNK))
+            .map_while(|step| match step {
+                PromptStep::Call(input) => Some(input.clone()),
+                PromptStep::LoadCache(_) => None,
+            })
+            .collect();
+        let mut ran = generator.run_forced(model, self.slot_idx, &inputs)?;
+        if ran == 0 {
+            let mut batch = vec![None; generator.batch()];
+            batch[self.slot_idx] = inputs.into_iter().next();
+            generator.step(model, &batch)?;
+            ran = 1;
+        }
+        self.steps.drain(..ran);
+        Ok(ran)
+    }
+
+    /// Puts the voice preset's token ring in place (the step at the front).
+    fn load_cache(&mut self, generator: &mut Generator) -> Result<()> {
+        let Some(PromptStep::LoadCache(cache)) = self.steps.pop_front() else {
+            candle_core::bail!("internal error: no token ring to load at the prompt's front");
+        };
+        generator
+            .slot_mut(self.slot_idx)
+            .ok_or_else(|| candle_core::Error::msg("prompt on a closed slot"))?
+            .tokens
+            .load_cache(&cache);
+        Ok(())
     }
 }
 

@@ -187,6 +187,12 @@ impl TransformerState {
         self.cache.reset_slot(slot_idx);
     }
 
+    /// The most tokens slot `slot_idx` can take in one step of the first `rows` slots that
+    /// equals as many one-token steps (`RingCache::chunk_room`).
+    pub fn chunk_room(&self, slot_idx: usize, rows: usize) -> usize {
+        self.cache.chunk_room(slot_idx, rows)
+    }
+
     /// How one-token steps attend (by default the kernels where they run natively).
     pub fn set_decode(&mut self, decode: DecodeAttention) {
         self.cache.set_decode(decode);

@@ -106,6 +106,42 @@ impl SlotTokens {
         Some((Self::col(self.offset - 1), Self::col(self.offset)))
     }
 
+    /// `prepare` for `input`: an embedding goes with the reference's dummy forcing, prepared
+    /// again when the call runs no model (the reference keeps preparing until one does).
+    fn prepare_input(
+        &mut self,
+        input: &CallInput,
+        delays: &[usize],
+        initial: &Column,
+    ) -> Option<(usize, usize)> {
+        match input {
+            CallInput::Tokens(forced) => self.prepare(forced, delays, initial),
+            CallInput::Embedding(_) => {
+                let forced = embedding_forcing(initial);
+                self.prepare(&forced, delays, initial)
+                    .or_else(|| self.prepare(&forced, delays, initial))
+            }
+        }
+    }
+
+    /// Whether `target` has a forced token on each of the first `streams` streams (the drawn ones).
+    fn forces(&self, target: usize, streams: usize) -> bool {
+        (0..streams).all(|stream| self.provided[stream][target])
+    }
+
+    /// The column a call keeps for `target` when it drew `drawn` (per stream, from the text):
+    /// a stream it did not draw keeps its forced token.
+    fn kept(&self, target: usize, drawn: &[u32]) -> Column {
+        let mut column = [UNGENERATED; STREAMS];
+        for (stream, token) in column.iter_mut().enumerate() {
+            *token = match drawn.get(stream) {
+                Some(&token) => i64::from(token),
+                None => self.forced_at(stream, target).unwrap_or(UNGENERATED),
+            };
+        }
+        column
+    }
+
     fn column(&self, col: usize) -> Result<Column> {
         let mut column = [0; STREAMS];
         for (stream, value) in column.iter_mut().enumerate() {
@@ -223,6 +259,8 @@ pub struct Generator {
     temporal_graph: GraphMode,
     /// Calls that ran the depformer half (one whose every drawn token was forced skips it).
     depformer_calls: u64,
+    /// Forwards of forced calls (`run_forced`).
+    forced_chunks: u64,
 }
 
 /// The rows a call computes: the slots up to the last running one, rounded up to a power of two
@@ -253,6 +291,15 @@ pub enum CallInput {
     Embedding(Tensor),
 }
 
+/// The most calls `Generator::run_forced` runs as one forward.
+pub const FORCED_CHUNK: usize = 64;
+
+/// One position of a forced chunk: the column of tokens it reads, or its precomputed embedding.
+enum ChunkRow {
+    Column(Column),
+    Embedding(Tensor),
+}
+
 impl Generator {
     pub fn new(
         model: &LmModel,
@@ -268,12 +315,18 @@ impl Generator {
             depformer_graph: GraphMode::Off,
             temporal_graph: GraphMode::Off,
             depformer_calls: 0,
+            forced_chunks: 0,
         })
     }
 
     /// Calls so far that ran the depformer half.
     pub fn depformer_calls(&self) -> u64 {
         self.depformer_calls
+    }
+
+    /// Forwards `run_forced` has made so far (each one for one or more calls).
+    pub fn forced_chunks(&self) -> u64 {
+        self.forced_chunks
     }
 
     /// How both transformers attend (the CPU runs the kernels' references when asked).
@@ -364,6 +417,61 @@ impl Generator {
         self.complete(model, pending)
     }
 
+    /// Runs the first calls of `inputs` (slot `slot_idx`'s next ones, in order) that force
+    /// every stream the model draws, as a system prompt's do, as one forward of the temporal
+    /// transformer over all their positions: nothing they draw would be kept, so only the keys
+    /// and values they leave matter, and each product then reads its weights once for all of
+    /// them rather than once a call. Returns how many ran, up to `FORCED_CHUNK` and the room
+    /// the ring has (`TransformerState::chunk_room`); 0 when the first cannot run so (`step`
+    /// it instead), or while calls record their text logits.
+    pub fn run_forced(
+        &mut self,
+        model: &LmModel,
+        slot_idx: usize,
+        inputs: &[CallInput],
+    ) -> Result<usize> {
+        let mut running = vec![false; self.slots.len()];
+        running[slot_idx] = true;
+        running.truncate(rows_to_run(&running));
+        let Some(slot) = self.slots[slot_idx]
+            .as_ref()
+            .filter(|_| !self.record_text_logits)
+        else {
+            return Ok(0);
+        };
+        let room = self.temporal.chunk_room(slot_idx, running.len());
+        let (delays, initial) = (&model.config().delays, model.initial_column());
+        let drawn_streams = model.depformer_steps() + 1;
+        let mut tokens = slot.tokens.clone();
+        let mut rows = Vec::new();
+        for input in inputs.iter().take(room.min(FORCED_CHUNK)) {
+            let mut next = tokens.clone();
+            let Some((input_col, target)) = next.prepare_input(input, delays, &initial) else {
+                break;
+            };
+            if !next.forces(target, drawn_streams) {
+                break;
+            }
+            rows.push(match input {
+                CallInput::Tokens(_) => ChunkRow::Column(next.column(input_col)?),
+                CallInput::Embedding(emb) => ChunkRow::Embedding(emb.clone()),
+            });
+            let kept = next.kept(target, &[]);
+            next.finish(input_col, target, &kept, delays);
+            tokens = next;
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let emb = chunk_embeddings(model, &rows, slot_idx, running.len())?;
+        model.fill_temporal(&emb, &mut self.temporal, &running)?;
+        let slot = self.slots[slot_idx].as_mut().expect("checked open above");
+        slot.tokens = tokens;
+        slot.sampler.advance((drawn_streams * rows.len()) as u64);
+        self.forced_chunks += 1;
+        Ok(rows.len())
+    }
+
     /// The first half of a call: write the forced tokens and run the temporal transformer.
     pub fn begin(&mut self, model: &LmModel, inputs: &[Option<CallInput>]) -> Result<PendingCall> {
         let cfg = model.config();
@@ -376,18 +484,10 @@ impl Generator {
             let (Some(input), Some(slot)) = (input, self.slots[slot_idx].as_mut()) else {
                 continue;
             };
-            let forced = match input {
-                CallInput::Tokens(forced) => *forced,
-                CallInput::Embedding(emb) => {
-                    embeddings[slot_idx] = Some(emb.clone());
-                    embedding_forcing(&initial)
-                }
-            };
-            prepared[slot_idx] = slot.tokens.prepare(&forced, delays, &initial);
-            if prepared[slot_idx].is_none() && embeddings[slot_idx].is_some() {
-                // The reference keeps preparing until a call runs the model (the first call never does).
-                prepared[slot_idx] = slot.tokens.prepare(&forced, delays, &initial);
+            if let CallInput::Embedding(emb) = input {
+                embeddings[slot_idx] = Some(emb.clone());
             }
+            prepared[slot_idx] = slot.tokens.prepare_input(input, delays, &initial);
             if let Some((input_col, _)) = prepared[slot_idx] {
                 columns[slot_idx] = slot.tokens.column(input_col)?;
             }
@@ -516,14 +616,9 @@ impl Generator {
                 .expect("running slots are open");
             slot.sampler.advance(steps as u64 + 1);
             let target = prepared[slot_idx].expect("running slots were prepared").1;
-            for (stream, token) in generated[slot_idx].iter_mut().enumerate() {
-                *token = match drawn[slot_idx].get(stream) {
-                    Some(&token) => i64::from(token),
-                    // Streams the depformer did not run (serving skips the user's) keep their
-                    // forced values.
-                    None => slot.tokens.forced_at(stream, target).unwrap_or(UNGENERATED),
-                };
-            }
+            // Streams the depformer did not run (serving skips the user's) keep their forced
+            // values.
+            generated[slot_idx] = slot.tokens.kept(target, &drawn[slot_idx]);
         }
         Ok(generated)
     }
@@ -539,9 +634,7 @@ impl Generator {
     ) -> bool {
         (0..running.len()).filter(|&b| running[b]).all(|b| {
             match (self.slots[b].as_ref(), prepared[b]) {
-                (Some(slot), Some((_, target))) => {
-                    (0..streams).all(|stream| slot.tokens.forced_at(stream, target).is_some())
-                }
+                (Some(slot), Some((_, target))) => slot.tokens.forces(target, streams),
                 _ => false,
             }
         })
@@ -586,6 +679,51 @@ impl Generator {
         )?
         .to_vec2()
     }
+}
+
+/// The input of a forced chunk `[rows, time, dim]`: `chunk`'s embeddings on row `slot_idx`,
+/// zeros on the rows that sit it out.
+fn chunk_embeddings(
+    model: &LmModel,
+    chunk: &[ChunkRow],
+    slot_idx: usize,
+    rows: usize,
+) -> Result<Tensor> {
+    let columns: Vec<Column> = chunk
+        .iter()
+        .filter_map(|row| match row {
+            ChunkRow::Column(column) => Some(*column),
+            ChunkRow::Embedding(_) => None,
+        })
+        .collect();
+    let mut from_tokens = match columns.is_empty() {
+        true => Vec::new(),
+        false => model
+            .embed_columns(&columns)?
+            .squeeze(1)?
+            .chunk(columns.len(), 0)?,
+    }
+    .into_iter();
+    let positions = chunk
+        .iter()
+        .map(|row| match row {
+            ChunkRow::Embedding(emb) => emb.reshape((1, ()))?.to_dtype(model.dtype()),
+            ChunkRow::Column(_) => Ok(from_tokens.next().expect("one embedding per column")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let emb = Tensor::cat(&positions, 0)?.unsqueeze(0)?;
+    let (_, time, dim) = emb.dims3()?;
+    let (dtype, device) = (emb.dtype(), emb.device().clone());
+    let idle = |count: usize| Tensor::zeros((count, time, dim), dtype, &device);
+    let mut parts = Vec::with_capacity(3);
+    if slot_idx > 0 {
+        parts.push(idle(slot_idx)?);
+    }
+    parts.push(emb);
+    if rows > slot_idx + 1 {
+        parts.push(idle(rows - slot_idx - 1)?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Draws the text token, runs the depformer steps and draws each codebook, all on the model's
