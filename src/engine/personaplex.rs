@@ -3,7 +3,7 @@
 
 use super::persona::{Persona, PersonaCatalog, PromptCounter};
 use super::{Engine, EngineError, EngineInfo, Opening, StageTimes, StepIo};
-use crate::model::generate::{SamplingConfig, Snapshot, rows_to_run};
+use crate::model::generate::{FORCED_CHUNK, SamplingConfig, Snapshot, rows_to_run};
 use crate::model::persona::{VoicePrompt, prompt_calls};
 use crate::model::pipeline::{Pipeline, PipelineState, Prefill, Stage};
 use std::collections::VecDeque;
@@ -35,14 +35,14 @@ pub struct PersonaPlexEngine {
     snapshots: VecDeque<(PersonaKey, Arc<Snapshot>)>,
     /// Personas being prefilled between frames, oldest first.
     pending: VecDeque<PendingPersona>,
-    /// How long a prefill's model call takes, of late: one starts only if it should end in time.
-    prefill_call: std::time::Duration,
+    /// How many of a prefill's model calls run at once, and how long that takes of late.
+    prefill_pace: PrefillPace,
     sessions_opened: u64,
 }
 
-/// A persona being prefilled a model call at a time between frames, and the slots waiting for
-/// it: a prefill runs one call per prompt frame (60 to 100 for PersonaPlex's presets), which at
-/// once would stall every live conversation.
+/// A persona being prefilled between frames, a batch of its model calls at a time
+/// (`PrefillPace`), and the slots waiting for it: a prefill makes one call per prompt frame (60
+/// to 100 for PersonaPlex's presets), which at once would stall every live conversation.
 struct PendingPersona {
     key: PersonaKey,
     /// The checked voice and prompt tokens, until the prefill starts (at the queue's front:
@@ -54,9 +54,13 @@ struct PendingPersona {
 }
 
 impl PendingPersona {
-    /// Runs one more model call of the prefill (starting it first if need be); the snapshot
-    /// once it is done.
-    fn advance(&mut self, pipeline: &Pipeline) -> Result<Option<Snapshot>, EngineError> {
+    /// Runs `calls` more model calls of the prefill (starting it first if need be); the
+    /// snapshot once it is done.
+    fn advance(
+        &mut self,
+        pipeline: &Pipeline,
+        calls: usize,
+    ) -> Result<Option<Snapshot>, EngineError> {
         if let Some((voice, tokens)) = self.prompt.take() {
             let prefill = pipeline.start_prefill(&voice, &tokens);
             self.prefill = Some(prefill.map_err(model_error)?);
@@ -66,7 +70,53 @@ impl PendingPersona {
                 "internal error: a prefill never started".into(),
             ));
         };
-        prefill.advance(&pipeline.lm, 1).map_err(model_error)
+        prefill.advance(&pipeline.lm, calls).map_err(model_error)
+    }
+}
+
+/// How many of a prefill's model calls run between two frames, and how long that took of
+/// late. The prompt's calls run through the model together (`Generator::run_forced`), which on
+/// a GPU costs little more than one of them (the weights are read once), so the batch doubles
+/// while it ends well before its deadline and halves while it would not fit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PrefillPace {
+    calls: usize,
+    /// Zero until a batch has been timed.
+    took: std::time::Duration,
+}
+
+impl Default for PrefillPace {
+    fn default() -> Self {
+        Self {
+            calls: 8,
+            took: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl PrefillPace {
+    /// Whether a batch should end within `room`; when it would not, the next is smaller.
+    fn fits(&mut self, room: std::time::Duration) -> bool {
+        if !room.is_zero() && self.took <= room {
+            return true;
+        }
+        if self.calls > 1 {
+            self.calls /= 2;
+            self.took /= 2;
+        }
+        false
+    }
+
+    /// Records a batch that took `took`, started with `room` left before its deadline.
+    fn record(&mut self, took: std::time::Duration, room: std::time::Duration) {
+        self.took = match self.took.is_zero() {
+            true => took,
+            false => (self.took * 3 + took) / 4,
+        };
+        if self.took * 2 < room && self.calls < FORCED_CHUNK {
+            self.calls *= 2;
+            self.took *= 2;
+        }
     }
 }
 
@@ -135,7 +185,7 @@ impl PersonaPlexEngine {
             options,
             snapshots: VecDeque::new(),
             pending: VecDeque::new(),
-            prefill_call: std::time::Duration::ZERO,
+            prefill_pace: PrefillPace::default(),
             sessions_opened: 0,
         })
     }
@@ -358,16 +408,15 @@ impl Engine for PersonaPlexEngine {
         let mut forced = must_progress;
         while let Some(pending) = self.pending.front_mut() {
             let started = Instant::now();
-            if !std::mem::take(&mut forced) && started + self.prefill_call > deadline {
+            let room = deadline.saturating_duration_since(started);
+            if !self.prefill_pace.fits(room) && !forced {
                 break;
             }
-            let advanced = pending.advance(&self.pipeline);
-            self.prefill_call = match self.prefill_call.is_zero() {
-                true => started.elapsed(),
-                false => (self.prefill_call * 3 + started.elapsed()) / 4,
-            };
+            forced = false;
+            let calls = self.prefill_pace.calls;
+            let advanced = pending.advance(&self.pipeline, calls);
             match advanced {
-                Ok(None) => {}
+                Ok(None) => self.prefill_pace.record(started.elapsed(), room),
                 Ok(Some(snapshot)) => {
                     let done = self
                         .pending
@@ -458,6 +507,39 @@ mod tests {
             warm_up_schedule(1, 2),
             [(1, false), (1, false), (1, true), (1, true)]
         );
+    }
+
+    /// A prefill's batch of calls doubles while it ends well inside the room between frames,
+    /// up to a forward's most, and halves, down to one call, while it would not fit.
+    #[test]
+    fn a_prefill_batch_grows_while_it_leaves_room_and_shrinks_when_it_would_not_fit() {
+        let ms = std::time::Duration::from_millis;
+        let mut pace = PrefillPace::default();
+        assert!(!pace.fits(ms(0)), "no room at all");
+        assert_eq!(pace.calls, 4);
+        assert!(
+            pace.fits(ms(60)),
+            "an untimed batch runs where there is room"
+        );
+        pace.record(ms(10), ms(60));
+        assert_eq!((pace.calls, pace.took), (8, ms(20)));
+        for _ in 0..10 {
+            assert!(pace.fits(ms(1000)));
+            pace.record(pace.took, ms(1000));
+        }
+        assert_eq!(pace.calls, FORCED_CHUNK);
+        let mut shrinks = 0;
+        while !pace.fits(ms(5)) {
+            shrinks += 1;
+            assert!(shrinks < 20, "never fits: {pace:?}");
+        }
+        assert!(pace.calls < FORCED_CHUNK && pace.took <= ms(5));
+        let mut busy = PrefillPace {
+            calls: 1,
+            took: ms(30),
+        };
+        assert!(!busy.fits(ms(20)));
+        assert_eq!(busy.calls, 1, "never below one call");
     }
 
     #[test]
