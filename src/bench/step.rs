@@ -90,8 +90,12 @@ pub struct StepBenchReport {
     pub decode_ms: Percentiles,
     pub total_ms: Percentiles,
     /// One call of a system prompt (`PROMPT_TOKENS` text tokens between silences, every stream
-    /// forced) in a batch-1 generator of its own: what a new persona costs per call.
+    /// forced) in a batch-1 generator of its own, run alone: what a new persona costs per call
+    /// when no more fit between two frames.
     pub prompt_call_ms: Percentiles,
+    /// That whole system prompt, its calls run together as far as they go (`run_forced`):
+    /// how long a new persona takes on an idle server.
+    pub prompt_ms: Percentiles,
     /// Median frame time over the 80 ms frame: below 1 keeps up with real time.
     pub real_time_factor: f64,
     /// Bytes of language-model weights one frame reads (temporal + the depformer steps run).
@@ -164,6 +168,7 @@ impl StepBenchReport {
             row("mimi decode", &self.decode_ms),
             row("total", &self.total_ms),
             row("prompt call", &self.prompt_call_ms),
+            row("whole prompt", &self.prompt_ms),
             format!("matrix products: {}", self.kernels),
             format!(
                 "real-time factor (p50 / {FRAME_MS} ms): {:.3}",
@@ -305,7 +310,8 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
     }
     profile_span(&options.device, false)?;
     let [encode, temporal, depformer, decode, total] = stages.map(|s| Percentiles::of(&s));
-    let prompt_call_ms = time_prompt_calls(&lm, &options.device)?;
+    let prompt_call_ms = time_prompt(&lm, &options.device, 1)?;
+    let prompt_ms = time_prompt(&lm, &options.device, usize::MAX)?;
     let weight_bytes = lm_weight_bytes(
         lm.config(),
         lm.depformer_steps(),
@@ -343,6 +349,7 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
         decode_ms: decode,
         total_ms: total,
         prompt_call_ms,
+        prompt_ms,
         weight_bytes,
         achieved_gb_per_s: weight_bytes as f64 / 1e6 / lm_ms.max(1e-9),
         copy_gb_per_s,
@@ -352,28 +359,38 @@ pub fn run(options: &StepBenchOptions) -> Result<StepBenchReport> {
     })
 }
 
-/// Text tokens of the system prompt `time_prompt_calls` runs.
+/// Text tokens of the system prompt `time_prompt` runs.
 const PROMPT_TOKENS: u32 = 32;
 
-/// Each call of a system prompt, timed to a device synchronisation.
-fn time_prompt_calls(lm: &LmModel, device: &Device) -> Result<Percentiles> {
+/// Whole system prompts `time_prompt` runs when it runs them at once.
+const WHOLE_PROMPTS: usize = 3;
+
+/// A system prompt advanced `calls` model calls at a time, each advance timed to a device
+/// synchronisation: single calls (`calls` 1; the first, which runs no model, left out), or
+/// `WHOLE_PROMPTS` prompts run whole (`usize::MAX`).
+fn time_prompt(lm: &LmModel, device: &Device, calls: usize) -> Result<Percentiles> {
     let text: Vec<u32> = (0..PROMPT_TOKENS).map(|i| 1000 + i).collect();
     let context = prompt_calls(&VoicePrompt::None, &text) + 1;
-    let mut generator = Generator::new(lm, 1, context, RingPositions::PersonaPlex)?;
-    generator.open(0, 0, SamplingConfig::GREEDY);
-    let mut run = PromptRun::new(lm.config(), 0, &VoicePrompt::None, &text)?;
+    let runs = if calls == 1 { 1 } else { WHOLE_PROMPTS };
     let mut times = Vec::new();
-    loop {
-        let started = Instant::now();
-        let done = run.advance(lm, &mut generator, 1)?;
-        device.synchronize()?;
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-        if done {
-            break;
+    for _ in 0..runs {
+        let mut generator = Generator::new(lm, 1, context, RingPositions::PersonaPlex)?;
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        let mut run = PromptRun::new(lm.config(), 0, &VoicePrompt::None, &text)?;
+        loop {
+            let started = Instant::now();
+            let done = run.advance(lm, &mut generator, calls)?;
+            device.synchronize()?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            if done {
+                break;
+            }
         }
     }
-    // A generator's first call runs no model.
-    Ok(Percentiles::of(&times[1..]))
+    if calls == 1 {
+        times.remove(0);
+    }
+    Ok(Percentiles::of(&times))
 }
 
 /// Bytes of the matrices a frame reads: every temporal layer, and `dep_steps` depformer steps.
