@@ -9,6 +9,7 @@ use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig, Snap
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::LmModel;
 use duplex::model::persona::{PromptRun, VoicePrompt, prompt_calls, run_prompt};
+use duplex::model::quant::KvQuant;
 use duplex::model::tokenizer::{TextTokenizer, wrap_system_prompt};
 use duplex::model::voice::VoicePreset;
 use std::collections::HashMap;
@@ -195,14 +196,9 @@ enum Prompt {
     InChunks,
 }
 
-/// The text logits of the reference's live frames after the persona prompt, with the persona
-/// pinned or not, attending as `decode` says.
-fn live_text_logits(
-    model: &LmModel,
-    pin: bool,
-    decode: DecodeAttention,
-    prompt: Prompt,
-) -> Vec<Vec<f32>> {
+/// A generator whose slot 0 has run the persona prompt as `prompt` says, attending as `decode`
+/// says.
+fn prompted(model: &LmModel, decode: DecodeAttention, prompt: Prompt) -> Generator {
     let (voice, text) = (voice(), prompt_tokens());
     let mut generator =
         Generator::new(model, 1, model.config().context, RingPositions::PersonaPlex).unwrap();
@@ -216,10 +212,12 @@ fn live_text_logits(
         Prompt::CallByCall => assert_eq!(chunks, 0),
         Prompt::InChunks => assert!((1..=2).contains(&chunks), "{chunks} forwards"),
     }
+    generator
+}
+
+/// The text logits of the reference's live frames on slot 0 of `generator`.
+fn live_logits(model: &LmModel, generator: &mut Generator) -> Vec<Vec<f32>> {
     generator.record_text_logits(true);
-    if pin {
-        generator.pin_prefix(0).unwrap();
-    }
     user_codes(&reference(), RingPositions::PersonaPlex)
         .into_iter()
         .map(|user| {
@@ -236,6 +234,21 @@ fn live_text_logits(
                 .unwrap()
         })
         .collect()
+}
+
+/// The text logits of the reference's live frames after the persona prompt, with the persona
+/// pinned or not, attending as `decode` says.
+fn live_text_logits(
+    model: &LmModel,
+    pin: bool,
+    decode: DecodeAttention,
+    prompt: Prompt,
+) -> Vec<Vec<f32>> {
+    let mut generator = prompted(model, decode, prompt);
+    if pin {
+        generator.pin_prefix(0).unwrap();
+    }
+    live_logits(model, &mut generator)
 }
 
 /// With the persona pinned, nothing changes until the window would slide past the prompt; after
@@ -285,17 +298,76 @@ fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], bound: f32) {
     eprintln!("max |diff| over {} frames: {worst:e}", a.len());
 }
 
-/// A prompt whose calls go through the temporal transformer together leaves the keys and
-/// values one call at a time leaves, through the composed attention and the kernels'
+/// A prompt whose calls go through the temporal transformer together leaves the token ring
+/// (with what was forced where, and the call count), the sampler's counter and the keys and
+/// values that one call at a time leaves, through the composed attention and the kernels'
 /// references alike: every live frame after it gives the same logits.
 #[test]
 fn a_prompt_in_chunks_leaves_what_one_call_at_a_time_leaves() {
     let model = tiny::cpu_model(8);
     for decode in [DecodeAttention::Composed, DecodeAttention::Kernels] {
-        let by_call = live_text_logits(&model, false, decode, Prompt::CallByCall);
-        let chunked = live_text_logits(&model, false, decode, Prompt::InChunks);
-        assert_close(&by_call, &chunked, 1e-5);
+        let mut by_call = prompted(&model, decode, Prompt::CallByCall);
+        let mut chunked = prompted(&model, decode, Prompt::InChunks);
+        let (a, b) = (by_call.slot(0).unwrap(), chunked.slot(0).unwrap());
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.sampler.counter(), b.sampler.counter());
+        let by_call = live_logits(&model, &mut by_call);
+        assert_close(&by_call, &live_logits(&model, &mut chunked), 1e-5);
     }
+}
+
+/// With int8 keys and values (which a step writes one token at a time) a prompt runs in
+/// chunks over a dense ring of its own and is quantised once it is done, as `Pipeline`'s
+/// prefill does: live frames after it stay as close to the unquantised run as those after a
+/// prompt run a call at a time on the int8 ring.
+#[test]
+fn an_int8_ring_takes_a_prompt_run_in_chunks_over_a_dense_one() {
+    let dense_model = tiny::cpu_model(8);
+    let dense = live_text_logits(
+        &dense_model,
+        false,
+        DecodeAttention::Composed,
+        Prompt::InChunks,
+    );
+    let mut model = tiny::cpu_model(8);
+    model.set_kv_quant(KvQuant::Int8);
+    let (voice, text) = (voice(), prompt_tokens());
+    let context = model.config().context;
+    let mut by_call = Generator::new(&model, 1, context, RingPositions::PersonaPlex).unwrap();
+    by_call.open(0, 0, SamplingConfig::GREEDY);
+    run_prompt(&model, &mut by_call, 0, &voice, &text).unwrap();
+    assert_eq!(by_call.forced_chunks(), 0, "an int8 ring takes no chunks");
+    let mut prompt = Generator::for_prompt(&model, context, RingPositions::PersonaPlex).unwrap();
+    prompt.open(0, 0, SamplingConfig::GREEDY);
+    run_prompt(&model, &mut prompt, 0, &voice, &text).unwrap();
+    assert_eq!(prompt.forced_chunks(), 2);
+    let snapshot = prompt
+        .snapshot(0)
+        .unwrap()
+        .stored_as(KvQuant::Int8)
+        .unwrap();
+    let mut chunked = Generator::new(&model, 1, context, RingPositions::PersonaPlex).unwrap();
+    chunked
+        .restore(0, &snapshot, 0, SamplingConfig::GREEDY)
+        .unwrap();
+    // The first 30 frames: later ones may draw another token and go their own way.
+    let worst = |logits: &[Vec<f32>]| {
+        let diffs = logits[..30]
+            .iter()
+            .zip(&dense)
+            .flat_map(|(a, b)| a.iter().zip(b));
+        diffs.map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    };
+    let (by_call, chunked) = (
+        worst(&live_logits(&model, &mut by_call)),
+        worst(&live_logits(&model, &mut chunked)),
+    );
+    eprintln!(
+        "int8 ring vs dense, first 30 live frames' max |diff|: prompt by call {by_call:e}, in \
+         chunks {chunked:e}"
+    );
+    assert!(chunked > 0.0, "the int8 ring changed nothing");
+    assert!(chunked <= 1.5 * by_call, "{chunked} vs {by_call}");
 }
 
 /// A prompt advanced a few calls at a time (as a server does between frames) makes exactly

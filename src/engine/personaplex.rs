@@ -70,7 +70,10 @@ impl PendingPersona {
                 "internal error: a prefill never started".into(),
             ));
         };
-        prefill.advance(&pipeline.lm, calls).map_err(model_error)
+        let advanced = prefill.advance(&pipeline.lm, calls).map_err(model_error)?;
+        // The batch's time is what it takes the device, not what it takes to queue it.
+        pipeline.lm.device().synchronize().map_err(model_error)?;
+        Ok(advanced)
     }
 }
 
@@ -409,14 +412,18 @@ impl Engine for PersonaPlexEngine {
         while let Some(pending) = self.pending.front_mut() {
             let started = Instant::now();
             let room = deadline.saturating_duration_since(started);
-            if !self.prefill_pace.fits(room) && !forced {
-                break;
-            }
-            forced = false;
-            let calls = self.prefill_pace.calls;
+            // Progress that must be made without room is one call.
+            let calls = match (self.prefill_pace.fits(room), std::mem::take(&mut forced)) {
+                (true, _) => self.prefill_pace.calls,
+                (false, true) => 1,
+                (false, false) => break,
+            };
             let advanced = pending.advance(&self.pipeline, calls);
             match advanced {
-                Ok(None) => self.prefill_pace.record(started.elapsed(), room),
+                Ok(None) if calls == self.prefill_pace.calls => {
+                    self.prefill_pace.record(started.elapsed(), room)
+                }
+                Ok(None) => {}
                 Ok(Some(snapshot)) => {
                     let done = self
                         .pending

@@ -86,6 +86,26 @@ impl KvRing {
         Ok(())
     }
 
+    /// This ring stored as `quant` says: a dense one quantised to int8 codes and scales as
+    /// the kernels quantise a write (an int8 one is not made dense again).
+    pub fn stored_as(&self, quant: KvQuant) -> Result<Self> {
+        match (quant, self.is_int8()) {
+            (KvQuant::Int8, true) | (KvQuant::None, false) => Ok(self.clone()),
+            (KvQuant::Int8, false) => {
+                let (k, k_scale) = quantize_rows(&self.k)?;
+                let (v, v_scale) = quantize_rows(&self.v)?;
+                Ok(Self {
+                    k,
+                    v,
+                    scales: Some([k_scale, v_scale]),
+                })
+            }
+            (KvQuant::None, true) => {
+                candle_core::bail!("internal error: an int8 ring is not made dense again")
+            }
+        }
+    }
+
     /// Keys and values in `dtype` (scaled back from their codes in an int8 ring).
     pub fn values_in(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
         match &self.scales {

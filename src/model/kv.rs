@@ -45,6 +45,18 @@ impl SlotKv {
     pub fn bytes(&self) -> u64 {
         self.layers.iter().map(KvRing::bytes).sum()
     }
+
+    /// These keys and values stored as `quant` says (`KvRing::stored_as`).
+    pub fn stored_as(&self, quant: KvQuant) -> Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|ring| ring.stored_as(quant))
+                .collect::<Result<_>>()?,
+            end: self.end,
+        })
+    }
 }
 
 /// What one step writes and sees, worked out once and shared by every layer.
@@ -857,12 +869,27 @@ mod tests {
     #[test]
     fn a_chunk_never_writes_over_another_rows_keys() {
         let mut r = ring(8, RingPositions::Exact);
-        for _ in 0..3 {
-            r.begin(1, &[false, true]).unwrap();
+        // Slot 1 holds keys 100, 101, 102.
+        for pos in 0..3 {
+            let k = Tensor::new(&[0f32, 0.0, 100.0 + pos as f32, 0.0], &Device::Cpu).unwrap();
+            let k = k.reshape((2, 1, 1, HEAD_DIM)).unwrap();
+            let step = r.begin(1, &[false, true]).unwrap();
+            r.append(0, &step, &k, &k).unwrap();
         }
-        assert_eq!(r.chunk_room(0, 2), 5);
-        assert_eq!(r.chunk_room(0, 1), 7);
+        let slot_1_keys = |r: &RingCache| -> Vec<f32> {
+            let keys = r.layers[0].k.get(1).unwrap().flatten_all().unwrap();
+            keys.to_vec1::<f32>().unwrap()[..3 * HEAD_DIM].to_vec()
+        };
+        let before = slot_1_keys(&r);
+        assert_eq!(r.chunk_room(0, 1), 7, "slot 1 sits out a step of one row");
         assert_eq!(r.chunk_room(1, 1), 0, "slot 1 is not among the rows");
+        assert_eq!(r.chunk_room(0, 2), 5);
+        write(&mut r, 5);
+        assert_eq!(
+            slot_1_keys(&r),
+            before,
+            "the chunk wrote over slot 1's keys"
+        );
         let shape = RingShape {
             layers: 1,
             batch: 1,

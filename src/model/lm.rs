@@ -128,7 +128,17 @@ impl LmModel {
         capacity: usize,
         positions: RingPositions,
     ) -> Result<TransformerState> {
-        let ring = (positions, self.kv_quant);
+        self.transformer_state_stored(batch, capacity, (positions, self.kv_quant))
+    }
+
+    /// `transformer_state` with its keys and values stored as `quant` says, whatever the
+    /// model's own setting.
+    pub fn transformer_state_stored(
+        &self,
+        batch: usize,
+        capacity: usize,
+        ring: (RingPositions, KvQuant),
+    ) -> Result<TransformerState> {
         self.transformer
             .state(batch, capacity, ring, self.dtype, &self.device)
     }
@@ -193,8 +203,7 @@ impl LmModel {
         state: &mut TransformerState,
         active: &[bool],
     ) -> Result<(RingStep, RopeTables)> {
-        self.transformer
-            .plan(state, 1, active, self.dtype, &self.device)
+        self.transformer.plan(state, 1, active, &self.device)
     }
 
     /// `temporal` for a step already planned: `[batch, 1, dim]` hidden states and text logits.

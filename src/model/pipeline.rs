@@ -221,7 +221,7 @@ impl Pipeline {
     /// live conversations.
     pub fn start_prefill(&self, voice: &VoicePrompt, text_tokens: &[u32]) -> Result<Prefill> {
         let capacity = (prompt_calls(voice, text_tokens) + 2).min(self.lm.config().context);
-        let mut generator = Generator::new(&self.lm, 1, capacity, self.positions)?;
+        let mut generator = Generator::for_prompt(&self.lm, capacity, self.positions)?;
         generator.open(0, 0, SamplingConfig::GREEDY);
         let prompt = PromptRun::new(self.lm.config(), 0, voice, text_tokens)?;
         Ok(Prefill { generator, prompt })
@@ -262,7 +262,7 @@ impl Prefill {
     /// conversations from once the prompt is done.
     pub fn advance(&mut self, lm: &LmModel, calls: usize) -> Result<Option<Snapshot>> {
         match self.prompt.advance(lm, &mut self.generator, calls)? {
-            true => Ok(Some(self.generator.snapshot(0)?)),
+            true => Ok(Some(self.generator.snapshot(0)?.stored_as(lm.kv_quant())?)),
             false => Ok(None),
         }
     }

@@ -45,6 +45,13 @@ impl TransformerSlot {
     pub fn bytes(&self) -> u64 {
         self.kv.bytes()
     }
+
+    /// This slot with its keys and values stored as `quant` says.
+    pub fn stored_as(&self, quant: KvQuant) -> Result<Self> {
+        Ok(Self {
+            kv: self.kv.stored_as(quant)?,
+        })
+    }
 }
 
 impl Transformer {
@@ -107,27 +114,23 @@ impl Transformer {
         active: &[bool],
     ) -> Result<Tensor> {
         let (_, time, _) = xs.dims3()?;
-        let (step, rope) = self.plan(state, time, active, xs.dtype(), xs.device())?;
+        let (step, rope) = self.plan(state, time, active, xs.device())?;
         self.forward_planned(xs, state, &step, &rope)
     }
 
     /// Starts a step of `time` tokens for the first `active.len()` slots: where each layer
-    /// writes, what it sees, and the RoPE tables of the new tokens (`dtype` the activations').
+    /// writes, what it sees, and the RoPE tables of the new tokens.
     pub fn plan(
         &self,
         state: &mut TransformerState,
         time: usize,
         active: &[bool],
-        dtype: DType,
         device: &Device,
     ) -> Result<(RingStep, RopeTables)> {
         let step = state.cache.begin(time, active)?;
-        let rope_dtype = if step.uses_kernels() {
-            DType::F32
-        } else {
-            dtype
-        };
-        let rope = self.rope.tables(step.positions(), rope_dtype, device)?;
+        // In f32 for every path, as the reference rotates: the kernels take f32 tables, and the
+        // composed path rotates bf16 activations in f32 (`rotated`).
+        let rope = self.rope.tables(step.positions(), DType::F32, device)?;
         Ok((step, rope))
     }
 
@@ -168,13 +171,18 @@ impl Transformer {
             return layer.out_proj.forward_add(&out, xs);
         }
         let [q, k, v] = split_qkv(&qkv, self.heads, self.head_dim)?;
-        let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
+        let (q, k, v) = (rotated(&q, rope)?, rotated(&k, rope)?, v.contiguous()?);
         let attend = cache.append(layer_idx, step, &k, &v)?;
         let out = attention(&q, &attend)?
             .transpose(1, 2)?
             .reshape((batch, time, dim))?;
         layer.out_proj.forward_add(&out, xs)
     }
+}
+
+/// `xs` rotated by `rope`'s f32 tables, in f32, returned in `xs`'s dtype.
+fn rotated(xs: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+    rope.apply(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
 }
 
 impl TransformerState {

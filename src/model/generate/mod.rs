@@ -14,6 +14,7 @@ use super::Result;
 use super::depformer::{DepformerState, TokenFeed};
 use super::kv::RingPositions;
 use super::lm::{Column, LmModel, STREAMS};
+use super::quant::KvQuant;
 use super::sampling::{self, DrawParams, Sampler, Sampling};
 use super::transformer::{TransformerSlot, TransformerState};
 use candle_core::{DType, Device, Tensor};
@@ -237,6 +238,15 @@ impl Snapshot {
     pub fn bytes(&self) -> u64 {
         self.transformer.bytes()
     }
+
+    /// This snapshot with its keys and values stored as `quant` says (a prompt run over a dense
+    /// ring, for a model that keeps int8 keys and values).
+    pub fn stored_as(&self, quant: KvQuant) -> Result<Self> {
+        Ok(Self {
+            transformer: self.transformer.stored_as(quant)?,
+            tokens: self.tokens.clone(),
+        })
+    }
 }
 
 /// What one call produced for one slot.
@@ -295,7 +305,7 @@ pub enum CallInput {
 pub const FORCED_CHUNK: usize = 64;
 
 /// One position of a forced chunk: the column of tokens it reads, or its precomputed embedding.
-enum ChunkRow {
+enum ChunkPosition {
     Column(Column),
     Embedding(Tensor),
 }
@@ -307,8 +317,25 @@ impl Generator {
         context: usize,
         positions: RingPositions,
     ) -> Result<Self> {
+        Self::stored(model, batch, context, (positions, model.kv_quant()))
+    }
+
+    /// A batch-1 generator for a system prompt over `capacity` frames: its keys and values in
+    /// the model's dtype whatever the model keeps, so that its calls run together
+    /// (`run_forced`; an int8 ring takes one token a step). `Snapshot::stored_as` turns what it
+    /// leaves into the model's storage.
+    pub fn for_prompt(model: &LmModel, capacity: usize, positions: RingPositions) -> Result<Self> {
+        Self::stored(model, 1, capacity, (positions, KvQuant::None))
+    }
+
+    fn stored(
+        model: &LmModel,
+        batch: usize,
+        context: usize,
+        (positions, kv_quant): (RingPositions, KvQuant),
+    ) -> Result<Self> {
         Ok(Self {
-            temporal: model.transformer_state(batch, context, positions)?,
+            temporal: model.transformer_state_stored(batch, context, (positions, kv_quant))?,
             depformer: model.depformer_state(batch, positions)?,
             slots: (0..batch).map(|_| None).collect(),
             record_text_logits: false,
@@ -443,7 +470,7 @@ impl Generator {
         let (delays, initial) = (&model.config().delays, model.initial_column());
         let drawn_streams = model.depformer_steps() + 1;
         let mut tokens = slot.tokens.clone();
-        let mut rows = Vec::new();
+        let mut positions = Vec::new();
         for input in inputs.iter().take(room.min(FORCED_CHUNK)) {
             let mut next = tokens.clone();
             let Some((input_col, target)) = next.prepare_input(input, delays, &initial) else {
@@ -452,24 +479,25 @@ impl Generator {
             if !next.forces(target, drawn_streams) {
                 break;
             }
-            rows.push(match input {
-                CallInput::Tokens(_) => ChunkRow::Column(next.column(input_col)?),
-                CallInput::Embedding(emb) => ChunkRow::Embedding(emb.clone()),
+            positions.push(match input {
+                CallInput::Tokens(_) => ChunkPosition::Column(next.column(input_col)?),
+                CallInput::Embedding(emb) => ChunkPosition::Embedding(emb.clone()),
             });
             let kept = next.kept(target, &[]);
             next.finish(input_col, target, &kept, delays);
             tokens = next;
         }
-        if rows.is_empty() {
+        if positions.is_empty() {
             return Ok(0);
         }
-        let emb = chunk_embeddings(model, &rows, slot_idx, running.len())?;
+        let emb = chunk_embeddings(model, &positions, slot_idx, running.len())?;
         model.fill_temporal(&emb, &mut self.temporal, &running)?;
         let slot = self.slots[slot_idx].as_mut().expect("checked open above");
         slot.tokens = tokens;
-        slot.sampler.advance((drawn_streams * rows.len()) as u64);
+        slot.sampler
+            .advance((drawn_streams * positions.len()) as u64);
         self.forced_chunks += 1;
-        Ok(rows.len())
+        Ok(positions.len())
     }
 
     /// The first half of a call: write the forced tokens and run the temporal transformer.
@@ -685,15 +713,15 @@ impl Generator {
 /// zeros on the rows that sit it out.
 fn chunk_embeddings(
     model: &LmModel,
-    chunk: &[ChunkRow],
+    chunk: &[ChunkPosition],
     slot_idx: usize,
     rows: usize,
 ) -> Result<Tensor> {
     let columns: Vec<Column> = chunk
         .iter()
-        .filter_map(|row| match row {
-            ChunkRow::Column(column) => Some(*column),
-            ChunkRow::Embedding(_) => None,
+        .filter_map(|position| match position {
+            ChunkPosition::Column(column) => Some(*column),
+            ChunkPosition::Embedding(_) => None,
         })
         .collect();
     let mut from_tokens = match columns.is_empty() {
@@ -706,9 +734,9 @@ fn chunk_embeddings(
     .into_iter();
     let positions = chunk
         .iter()
-        .map(|row| match row {
-            ChunkRow::Embedding(emb) => emb.reshape((1, ()))?.to_dtype(model.dtype()),
-            ChunkRow::Column(_) => Ok(from_tokens.next().expect("one embedding per column")),
+        .map(|position| match position {
+            ChunkPosition::Embedding(emb) => emb.reshape((1, ()))?.to_dtype(model.dtype()),
+            ChunkPosition::Column(_) => Ok(from_tokens.next().expect("one embedding per column")),
         })
         .collect::<Result<Vec<_>>>()?;
     let emb = Tensor::cat(&positions, 0)?.unsqueeze(0)?;
