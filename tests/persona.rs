@@ -102,6 +102,14 @@ fn check_live(
     assert!(worst < 1e-4);
 }
 
+/// A batch-1 generator with its slot open, greedy, over the model's whole context.
+fn opened(model: &LmModel) -> Generator {
+    let context = model.config().context;
+    let mut generator = Generator::new(model, 1, context, RingPositions::PersonaPlex).unwrap();
+    generator.open(0, 0, SamplingConfig::GREEDY);
+    generator
+}
+
 #[test]
 fn the_prompt_tokens_are_the_reference_ones() {
     let expected: Vec<i64> = reference()["prompt_text_tokens"].to_vec1().unwrap();
@@ -145,14 +153,7 @@ fn prompt_then_live_frames_match_the_reference_with_all_16_depformer_steps() {
 #[test]
 fn serving_with_8_depformer_steps_gives_the_same_agent_tokens() {
     let model = tiny::cpu_model(8);
-    let mut generator = Generator::new(
-        &model,
-        1,
-        model.config().context,
-        RingPositions::PersonaPlex,
-    )
-    .unwrap();
-    generator.open(0, 0, SamplingConfig::GREEDY);
+    let mut generator = opened(&model);
     run_prompt(&model, &mut generator, 0, &voice(), &prompt_tokens()).unwrap();
     check_live(&model, &mut generator, 0, RingPositions::PersonaPlex, 17);
 }
@@ -200,12 +201,10 @@ enum Prompt {
 /// says.
 fn prompted(model: &LmModel, decode: DecodeAttention, prompt: Prompt) -> Generator {
     let (voice, text) = (voice(), prompt_tokens());
-    let mut generator =
-        Generator::new(model, 1, model.config().context, RingPositions::PersonaPlex).unwrap();
+    let mut generator = opened(model);
     generator.set_decode_attention(decode);
     // Calls that record their logits run one at a time.
     generator.record_text_logits(prompt == Prompt::CallByCall);
-    generator.open(0, 0, SamplingConfig::GREEDY);
     run_prompt(model, &mut generator, 0, &voice, &text).unwrap();
     let chunks = generator.forced_chunks();
     match prompt {
@@ -333,8 +332,7 @@ fn an_int8_ring_takes_a_prompt_run_in_chunks_over_a_dense_one() {
     model.set_kv_quant(KvQuant::Int8);
     let (voice, text) = (voice(), prompt_tokens());
     let context = model.config().context;
-    let mut by_call = Generator::new(&model, 1, context, RingPositions::PersonaPlex).unwrap();
-    by_call.open(0, 0, SamplingConfig::GREEDY);
+    let mut by_call = opened(&model);
     run_prompt(&model, &mut by_call, 0, &voice, &text).unwrap();
     assert_eq!(by_call.forced_chunks(), 0, "an int8 ring takes no chunks");
     let mut prompt = Generator::for_prompt(&model, context, RingPositions::PersonaPlex).unwrap();
@@ -376,23 +374,9 @@ fn an_int8_ring_takes_a_prompt_run_in_chunks_over_a_dense_one() {
 fn a_prompt_advanced_five_calls_at_a_time_ends_where_one_run_does() {
     let model = tiny::cpu_model(8);
     let (voice, text) = (voice(), prompt_tokens());
-    let mut whole = Generator::new(
-        &model,
-        1,
-        model.config().context,
-        RingPositions::PersonaPlex,
-    )
-    .unwrap();
-    whole.open(0, 0, SamplingConfig::GREEDY);
+    let mut whole = opened(&model);
     run_prompt(&model, &mut whole, 0, &voice, &text).unwrap();
-    let mut stepped = Generator::new(
-        &model,
-        1,
-        model.config().context,
-        RingPositions::PersonaPlex,
-    )
-    .unwrap();
-    stepped.open(0, 0, SamplingConfig::GREEDY);
+    let mut stepped = opened(&model);
     let mut run = PromptRun::new(model.config(), 0, &voice, &text).unwrap();
     // The voice's first embedding also takes the generator's first, model-free call.
     let calls = prompt_calls(&voice, &text) as u64 - 1;
