@@ -86,8 +86,9 @@ impl KvRing {
         Ok(())
     }
 
-    /// This ring stored as `quant` says: a dense one quantised to int8 codes and scales as
-    /// the kernels quantise a write (an int8 one is not made dense again).
+    /// This ring stored as `quant` says: a dense one quantised to int8 codes and scales by the
+    /// kernels' rounding, from the values it holds (a write quantises the f32 key before any
+    /// bf16 rounding, so a code may differ by one); an int8 one is not made dense again.
     pub fn stored_as(&self, quant: KvQuant) -> Result<Self> {
         match (quant, self.is_int8()) {
             (KvQuant::Int8, true) | (KvQuant::None, false) => Ok(self.clone()),

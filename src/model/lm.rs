@@ -150,8 +150,9 @@ impl LmModel {
             .state(batch, positions, self.dtype, &self.device)
     }
 
-    /// The summed input embedding of one column per slot → `[batch, 1, dim]` (audio streams in
-    /// order, then text, the reference's summation order).
+    /// The summed input embedding of one column per slot → `[batch, 1, dim]`: the audio
+    /// streams in order, then text, the reference's order, which the CPU adds in; candle's GPU
+    /// reduction adds bf16 rows in f32 and rounds once (the reference rounds at each addition).
     pub fn embed_columns(&self, columns: &[Column]) -> Result<Tensor> {
         self.input.embed(columns)
     }
