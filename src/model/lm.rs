@@ -226,8 +226,9 @@ impl LmModel {
 /// launch on a GPU).
 struct InputTables {
     table: Tensor,
-    /// Per stream, its table's first row in `table`.
+    /// Per stream, its table's first row in `table`, and its rows.
     first_row: Column,
+    rows: Column,
     zero_row: i64,
 }
 
@@ -242,31 +243,30 @@ impl InputTables {
         }
         let dim = text.dim(1)?;
         let zero = Tensor::zeros((1, dim), text.dtype(), text.device())?;
-        let mut first_row = [0i64; STREAMS];
+        let (mut first_row, mut rows) = ([0i64; STREAMS], [0i64; STREAMS]);
         let mut next = 0i64;
         for (stream, table) in (1..STREAMS).zip(&audio).chain([(0, &text)]) {
             first_row[stream] = next;
-            next += table.dim(0)? as i64;
+            rows[stream] = table.dim(0)? as i64;
+            next += rows[stream];
         }
         let tables: Vec<&Tensor> = audio.iter().chain([&text, &zero]).collect();
         Ok(Self {
             table: Tensor::cat(&tables, 0)?,
             first_row,
+            rows,
             zero_row: next,
         })
     }
 
     /// The summed embedding of each of `columns` → `[columns, 1, dim]`.
     fn embed(&self, columns: &[Column]) -> Result<Tensor> {
-        let order = (1..STREAMS).chain([0]);
-        let rows: Vec<i64> = order
-            .flat_map(|stream| {
-                columns.iter().map(move |column| match column[stream] {
-                    id if id < 0 => self.zero_row,
-                    id => self.first_row[stream] + id,
-                })
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(STREAMS * columns.len());
+        for stream in (1..STREAMS).chain([0]) {
+            for column in columns {
+                rows.push(self.row_of(stream, column[stream])?);
+            }
+        }
         let rows = Tensor::from_vec(rows, STREAMS * columns.len(), self.table.device())?;
         let dim = self.table.dim(1)?;
         self.table
@@ -274,6 +274,18 @@ impl InputTables {
             .reshape((STREAMS, columns.len(), dim))?
             .sum(0)?
             .unsqueeze(1)
+    }
+
+    /// Where token `id` of `stream` lies in `table` (−1: the zero row).
+    fn row_of(&self, stream: usize, id: i64) -> Result<i64> {
+        match id {
+            id if id < 0 => Ok(self.zero_row),
+            id if id < self.rows[stream] => Ok(self.first_row[stream] + id),
+            id => candle_core::bail!(
+                "token {id} of stream {stream} is outside its {} embeddings",
+                self.rows[stream]
+            ),
+        }
     }
 }
 
@@ -293,7 +305,7 @@ mod tests {
         };
         let text = table(11, 0.5)?;
         let audio = (0..STREAMS - 1)
-            .map(|q| table(5, q as f32 * 1.7))
+            .map(|q| table(5 + q % 3, q as f32 * 1.7))
             .collect::<Result<Vec<_>>>()?;
         let input = InputTables::new(text.clone(), audio.clone())?;
         let columns: Vec<Column> = (0..3i64)
@@ -318,6 +330,10 @@ mod tests {
             let got: Vec<f32> = input.embed(&columns)?.get(c)?.flatten_all()?.to_vec1()?;
             assert_eq!(got, want, "column {c}");
         }
+        let mut too_far = columns[0];
+        too_far[16] = 5;
+        let err = input.embed(&[too_far]).unwrap_err().to_string();
+        assert!(err.contains("token 5 of stream 16"), "{err}");
         assert!(InputTables::new(text, audio[1..].to_vec()).is_err());
         Ok(())
     }
