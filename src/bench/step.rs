@@ -374,7 +374,8 @@ fn time_prompt(lm: &LmModel, device: &Device, calls: usize) -> Result<Percentile
     let runs = if calls == 1 { 1 } else { WHOLE_PROMPTS };
     let mut times = Vec::new();
     for _ in 0..runs {
-        let mut generator = Generator::new(lm, 1, context, RingPositions::PersonaPlex)?;
+        // As the server prefills: a generator of its own, its ring dense whatever the model keeps.
+        let mut generator = Generator::for_prompt(lm, context, RingPositions::PersonaPlex)?;
         generator.open(0, 0, SamplingConfig::GREEDY);
         let mut run = PromptRun::new(lm.config(), 0, &VoicePrompt::None, &text)?;
         loop {

@@ -457,9 +457,10 @@ impl Generator {
         slot_idx: usize,
         inputs: &[CallInput],
     ) -> Result<usize> {
-        let mut running = vec![false; self.slots.len()];
+        // Only the rows up to the prompt's run: a forward of many positions is never captured,
+        // so its row count need not be a graph's bucket.
+        let mut running = vec![false; slot_idx + 1];
         running[slot_idx] = true;
-        running.truncate(rows_to_run(&running));
         let Some(slot) = self.slots[slot_idx]
             .as_ref()
             .filter(|_| !self.record_text_logits)
