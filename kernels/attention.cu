@@ -122,6 +122,7 @@ extern "C" __global__ void rope_kv_write_bf16(const __nv_bfloat16* __restrict__ 
                                               __nv_bfloat16* __restrict__ ring_k, __nv_bfloat16* __restrict__ ring_v,
                                               const int64_t* __restrict__ write_idx, int heads, int head_dim,
                                               int capacity) {
+  grid_dependency_sync();
   rope_write_token(qkv, cos, sin, q_out + (size_t)blockIdx.x * head_dim, Bf16RingWriter{ring_k, ring_v}, write_idx,
                    heads, head_dim, capacity, nullptr);
 }
@@ -134,6 +135,7 @@ extern "C" __global__ void rope_kv_write_int8(const __nv_bfloat16* __restrict__ 
                                               float* __restrict__ k_scale, float* __restrict__ v_scale,
                                               const int64_t* __restrict__ write_idx, int heads, int head_dim,
                                               int capacity) {
+  grid_dependency_sync();
   __shared__ float scratch[32];
   rope_write_token(qkv, cos, sin, q_out + (size_t)blockIdx.x * head_dim,
                    Int8RingWriter{ring_k, ring_v, k_scale, v_scale}, write_idx, heads, head_dim, capacity, scratch);
@@ -360,6 +362,7 @@ __device__ __forceinline__ const float* load_query(const __nv_bfloat16* __restri
       const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,                            \
       const float* __restrict__ unturn_sin, float* __restrict__ part, __nv_bfloat16* __restrict__ out, int heads,   \
       int head_dim, int capacity, int len, float scale, int keys_per_block) {                                       \
+    grid_dependency_sync();                                                                                         \
     attend_chunk<score_batch, value_batch>(load_query(q, head_dim), Bf16Ring{ring_k, ring_v}, mask, prefix_len,     \
                                            unturn_cos, unturn_sin, part, out, heads, head_dim, capacity, len,       \
                                            scale, keys_per_block);                                                  \
@@ -370,6 +373,7 @@ __device__ __forceinline__ const float* load_query(const __nv_bfloat16* __restri
       const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,                            \
       const float* __restrict__ unturn_sin, float* __restrict__ part, __nv_bfloat16* __restrict__ out, int heads,   \
       int head_dim, int capacity, int len, float scale, int keys_per_block) {                                       \
+    grid_dependency_sync();                                                                                         \
     attend_chunk<score_batch, value_batch>(load_query(q, head_dim), Int8Ring{ring_k, ring_v, k_scale, v_scale},     \
                                            mask, prefix_len, unturn_cos, unturn_sin, part, out, heads, head_dim,    \
                                            capacity, len, scale, keys_per_block);                                   \
@@ -413,6 +417,7 @@ extern "C" __global__ void ring_write_attend_bf16(const __nv_bfloat16* __restric
                                                   const float* __restrict__ unturn_sin,
                                                   __nv_bfloat16* __restrict__ out, int heads, int head_dim,
                                                   int capacity, int len, float scale) {
+  grid_dependency_sync();
   write_attend(qkv, cos, sin, Bf16RingWriter{ring_k, ring_v}, Bf16Ring{ring_k, ring_v}, write_idx, mask, prefix_len,
                unturn_cos, unturn_sin, out, heads, head_dim, capacity, len, scale);
 }
@@ -428,6 +433,7 @@ extern "C" __global__ void ring_write_attend_int8(const __nv_bfloat16* __restric
                                                   const float* __restrict__ unturn_sin,
                                                   __nv_bfloat16* __restrict__ out, int heads, int head_dim,
                                                   int capacity, int len, float scale) {
+  grid_dependency_sync();
   write_attend(qkv, cos, sin, Int8RingWriter{ring_k, ring_v, k_scale, v_scale},
                Int8Ring{ring_k, ring_v, k_scale, v_scale}, write_idx, mask, prefix_len, unturn_cos, unturn_sin, out,
                heads, head_dim, capacity, len, scale);
@@ -437,6 +443,7 @@ extern "C" __global__ void ring_write_attend_int8(const __nv_bfloat16* __restric
 // the mask hides every key). Grid: rows * heads blocks of at least head_dim threads.
 extern "C" __global__ void ring_attention_join(const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
                                                int head_dim, int chunks) {
+  grid_dependency_sync();
   const int head = blockIdx.x, d = threadIdx.x;
   const float* parts = part + (size_t)head * chunks * (head_dim + 2);
   float max_score = -INFINITY;

@@ -3,6 +3,29 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// Programmatic dependent launch (sm_90 and later): where a CUDA graph's edge into one of our kernels is
+// programmatic (`graph::FrameGraph`, DUPLEX_PDL=1), the kernel's blocks may be scheduled while the kernel before
+// it is still finishing. So every kernel of ours calls this before it touches global memory, weights aside
+// (`*prefetch*` calls alone may come first: nothing in a graph writes weights): it waits until the kernels it
+// depends on have completed and their writes are visible, then lets the kernel after it be scheduled in turn.
+// Outside such an edge both instructions return at once. (tests/kernels_emu.rs checks that every entry point
+// calls it first.)
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks for the 128-byte line at `p` to be brought into L2 (a hint: no fault, no result).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)*(const volatile char*)p;  // off the GPU (tests/emu), an address past a buffer faults
+#endif
+}
+
 // Sum of `v` over a warp.
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -4,10 +4,12 @@
 // a transformer's sublayer can ride along, each optional (null): `residual` (bf16), the skip
 // connection, added before the one rounding; `alpha` (f32 [k]), a pre-norm: x' = x * alpha /
 // sqrt(mean(x^2) + eps) per row (norm.cu's RMSNorm, not rounded to bf16 in between), else x' = x.
-// With `gated` set, the product is a gated FFN's in-projection and leaves its gate applied: n = 2h
+// With GEMV_GATED in `flags`, the product is a gated FFN's in-projection and leaves its gate applied: n = 2h
 // channels, gate then up, give y[b, j] = silu(a) * u of a = y'[b, j] and u = y'[b, h + j], each
 // rounded to bf16 first as the product alone would be (so the bits equal the product followed by
-// norm.cu's swiglu_bf16); y is [batch, h], and residual must be null.
+// norm.cu's swiglu_bf16); y is [batch, h], and residual must be null. With GEMV_PREFETCH, each
+// block asks for its first weights into L2 before it waits for the kernel before it (for graphs
+// whose kernels may start early: `grid_dependency_sync` in common.cuh).
 //
 // Why not `w8a16_bf16` (w8a16.cu) for these rows: (1) for the 4096-channel matrices it runs only
 // 256 blocks, about 8 warps per SM, too few 16-byte loads in flight to cover memory latency;
@@ -29,6 +31,9 @@
 #define GEMV_MAX_WARPS 8
 #define GEMV_MAX_BATCH 4
 #define GEMV_UNROLL 2
+// The bits of the entry points' `flags`.
+#define GEMV_GATED 1
+#define GEMV_PREFETCH 2
 
 // One bf16 of a packed pair as f32 (bf16 is the high half of an f32).
 __device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
@@ -97,6 +102,27 @@ __device__ __forceinline__ float channel_sum(const float (*partial)[GEMV_CHANNEL
   float v = 0.f;
   for (int wi = 0; wi < warps; ++wi) v += partial[wi][r * GEMV_MAX_BATCH + b];
   return v;
+}
+
+// With GEMV_PREFETCH in `flags`: the weight lines of each lane's first round of loads in `gemv_splitk`, asked
+// into L2 before the block waits for the kernel before it (the weights are never written, so this may run while
+// that kernel finishes).
+template <typename W>
+__device__ __forceinline__ void gemv_prefetch(const typename W::T* __restrict__ w, int flags, int n, int k) {
+  if (!(flags & GEMV_PREFETCH)) return;
+  constexpr int PER = W::PER_LOAD, CHUNK = 32 * PER, LANES_PER_LINE = 128 / 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (lane % LANES_PER_LINE != 0) return;
+#pragma unroll
+  for (int u = 0; u < GEMV_UNROLL; ++u) {
+    const int i = (warp + u * warps) * CHUNK + lane * PER;
+    if (i >= k) break;
+#pragma unroll
+    for (int r = 0; r < GEMV_CHANNELS; ++r) {
+      const int channel = block_channel(r, flags & GEMV_GATED, n);
+      if (channel < n) prefetch_l2(w + (size_t)channel * k + i);
+    }
+  }
 }
 
 template <typename W, int BATCH>
@@ -196,9 +222,11 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
   extern "C" __global__ void NAME##_b##B(const __nv_bfloat16* __restrict__ x, const W::T* __restrict__ w,  \
                                          const float* __restrict__ scale,                                  \
                                          const __nv_bfloat16* __restrict__ residual,                       \
-                                         const float* __restrict__ alpha, float eps, int gated,            \
+                                         const float* __restrict__ alpha, float eps, int flags,            \
                                          __nv_bfloat16* __restrict__ y, int n, int k) {                    \
-    gemv_splitk<W, B>(x, w, scale, residual, alpha, eps, gated, y, n, k);                                  \
+    gemv_prefetch<W>(w, flags, n, k);                                                                      \
+    grid_dependency_sync();                                                                                \
+    gemv_splitk<W, B>(x, w, scale, residual, alpha, eps, flags & GEMV_GATED, y, n, k);                     \
   }
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 1)
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 2)

@@ -6,6 +6,7 @@
 
 extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ alpha,
                                          __nv_bfloat16* __restrict__ y, int dim, float eps) {
+  grid_dependency_sync();
   __shared__ float shared[32];
   const __nv_bfloat16* xr = x + (size_t)blockIdx.x * dim;
   __nv_bfloat16* yr = y + (size_t)blockIdx.x * dim;
@@ -57,6 +58,7 @@ extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* __restrict__ x, co
 // The gated FFN's activation: out[r, j] = silu(in[r, j]) * in[r, h + j] for rows of width 2h.
 extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* __restrict__ in, __nv_bfloat16* __restrict__ out,
                                        int rows, int hidden) {
+  grid_dependency_sync();
   const size_t total = (size_t)rows * hidden;
   for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x) {
     const size_t r = idx / hidden, j = idx % hidden;

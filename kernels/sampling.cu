@@ -122,6 +122,7 @@ extern "C" __global__ void topk_sample_f32(const float* __restrict__ logits, uin
                                            const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ counters,
                                            const int64_t* __restrict__ top_k, const float* __restrict__ temperatures,
                                            int vocab) {
+  grid_dependency_sync();
   const int k = (int)min(top_k[blockIdx.x], (int64_t)vocab + 1);
   const float temperature = temperatures[blockIdx.x];
   __shared__ float sv[32];

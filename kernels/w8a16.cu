@@ -15,6 +15,7 @@
 extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                                       const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
                                       int batch, int n, int k) {
+  grid_dependency_sync();
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * W8A16_WARPS_PER_BLOCK + (threadIdx.x >> 5)) * W8A16_ROWS_PER_WARP;
   if (row0 >= n) return;
@@ -86,6 +87,7 @@ extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const
 extern "C" __global__ void w8a16_mma_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                                           const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
                                           int batch, int n, int k) {
+  grid_dependency_sync();
   using namespace nvcuda;
   __shared__ __align__(32) __nv_bfloat16 xs[W8A16_MMA_ROWS * W8A16_MMA_LD];
   __shared__ __align__(32) __nv_bfloat16 ws[W8A16_MMA_CHANNELS * W8A16_MMA_LD];

@@ -151,6 +151,72 @@ fn the_bf16_split_k_product_matches_a_matmul() {
     }
 }
 
+/// A graph whose kernels of ours start while the kernel before them finishes (`DUPLEX_PDL`)
+/// computes what eager launches compute, bit for bit: 48 dependent split-K products, each with
+/// its pre-norm and skip connection and reading the one before, and every eighth a candle
+/// kernel between them (ours after candle's starts early too), replayed 50 times on new inputs.
+/// A kernel reading its input before the one writing it finished would differ somewhere.
+#[test]
+fn a_graph_of_early_starting_kernels_replays_the_eager_chain() {
+    use duplex::model::graph::FrameGraph;
+    let Some(gpu) = tiny::gpu() else { return };
+    let k = 1024;
+    let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap();
+    let weights: Vec<Tensor> = (0..4)
+        .map(|_| bf16(Tensor::randn(0f32, 0.03, (k, k), &Device::Cpu).unwrap()))
+        .collect();
+    let alpha = Tensor::ones(k, DType::F32, &gpu).unwrap();
+    let chain = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let mut hidden = x.clone();
+        for layer in 0..48 {
+            let ends = cuda::Ends {
+                residual: Some(hidden.clone()),
+                norm: Some((alpha.clone(), 1e-5)),
+                gate: false,
+            };
+            hidden = cuda::gemv_bf16(&hidden, &weights[layer % 4], &ends)?;
+            if layer % 8 == 7 {
+                hidden = (hidden * 0.5)?;
+            }
+        }
+        Ok(hidden)
+    };
+    let input = |seed: f32| {
+        bf16((Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).unwrap() + seed as f64).unwrap())
+    };
+    let first = input(0.0);
+    // As the model captures: an eager run first fills candle's upload cache (`cached_uploads`).
+    let _uploads = duplex::model::graph::cached_uploads(&gpu).unwrap();
+    chain(&first).unwrap();
+    let graph = FrameGraph::capture_with(&[&first], (1, k), DType::BF16, true, |buffers| {
+        chain(&buffers[0])
+    })
+    .unwrap();
+    assert!(
+        graph.early_kernels() >= 40,
+        "only {} of the 48 products may start early: the capture was not one chain?",
+        graph.early_kernels()
+    );
+    let bits = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for replay in 0..50 {
+        let x = input(replay as f32 / 50.0);
+        let eager = bits(&chain(&x).unwrap());
+        let replayed = bits(graph.replay(&[&x]).unwrap());
+        let differing = eager.iter().zip(&replayed).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing, 0,
+            "replay {replay}: {differing} of {k} outputs differ"
+        );
+    }
+}
+
 /// A gated FFN's in-projection with its pre-norm and gate inside the split-K kernel equals the
 /// same product followed by the swiglu kernel, value for value, and the CPU composition within
 /// bf16 rounding; int8 and bf16 weights, 1 to 4 rows. Shapes: h = 385 (the last block holds

@@ -83,3 +83,65 @@ fn norm_and_swiglu_meet_their_references_on_the_emulator() {
 fn device_sampling_draws_the_reference_tokens_on_the_emulator() {
     run_emulated("sampling");
 }
+
+/// The body of each `__global__` function in `source`, named by the text before its parameter
+/// list (a macro's entry points included).
+fn kernel_bodies(source: &str) -> Vec<(String, String)> {
+    let mut bodies = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("__global__") {
+        let signature = &rest[at..];
+        let open = signature.find('{').expect("a kernel has a body");
+        let name = signature[..signature.find('(').expect("a parameter list")].to_owned();
+        let mut depth = 0;
+        let body_end = signature[open..]
+            .char_indices()
+            .find_map(|(i, c)| {
+                depth += match c {
+                    '{' => 1,
+                    '}' => -1,
+                    _ => 0,
+                };
+                (depth == 0).then_some(open + i)
+            })
+            .expect("a kernel's braces balance");
+        bodies.push((name, signature[open + 1..body_end].to_owned()));
+        rest = &signature[body_end..];
+    }
+    bodies
+}
+
+/// Graphs may let a kernel of ours start while the one before it finishes (`DUPLEX_PDL=1`), so
+/// each must wait for it (`grid_dependency_sync`, kernels/common.cuh) before it reads or writes
+/// anything but weights: first thing, after nothing but prefetches.
+#[test]
+fn every_kernel_waits_for_the_kernel_before_it_first() {
+    let mut kernels = 0;
+    for entry in std::fs::read_dir(root().join("kernels")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
+        for (name, body) in kernel_bodies(&source) {
+            kernels += 1;
+            let before = body
+                .split_once("grid_dependency_sync();")
+                .map(|(before, _)| before)
+                .unwrap_or_else(|| panic!("{}: {name} never waits", path.display()));
+            let before: Vec<String> = before
+                .split(';')
+                .map(|statement| statement.replace('\\', " ").trim().to_owned())
+                .filter(|statement| !statement.is_empty())
+                .collect();
+            assert!(
+                before
+                    .iter()
+                    .all(|call| call.split('(').next().unwrap().contains("prefetch")),
+                "{}: {name} runs {before:?} before it waits",
+                path.display()
+            );
+        }
+    }
+    assert!(kernels >= 13, "found only {kernels} kernels");
+}

@@ -9,7 +9,7 @@ use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaView, LaunchArgs, LaunchConfig, PushKernelArg, sys,
 };
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -26,6 +26,31 @@ pub fn product_kernels_digest() -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (W8A16_PTX, GEMV_PTX).hash(&mut hasher);
     hasher.finish()
+}
+
+/// Our kernel modules, each named by one of its entry points (loaded if need be): a CUDA graph
+/// tells our kernels, which wait for the kernel before them (`grid_dependency_sync`), from
+/// candle's and cuBLAS's by their module.
+pub fn our_modules(device: &candle_core::CudaDevice) -> Result<Vec<sys::CUmodule>> {
+    let modules = [
+        ("w8a16_bf16", "duplex_w8a16", W8A16_PTX),
+        ("gemv_splitk_bf16_b1", "duplex_gemv", GEMV_PTX),
+        ("rms_norm_bf16", "duplex_norm", NORM_PTX),
+        ("topk_sample_f32", "duplex_sampling", SAMPLING_PTX),
+        ("ring_attention_join", "duplex_attention", ATTENTION_PTX),
+    ];
+    modules
+        .iter()
+        .map(|(entry, module, ptx)| {
+            let func = device.get_or_load_custom_func(entry, module, ptx)?;
+            let mut handle = std::ptr::null_mut();
+            // SAFETY: a function just loaded, and a place for its module's handle.
+            unsafe { sys::cuFuncGetModule(&mut handle, func.cu_function()) }
+                .result()
+                .w()?;
+            Ok(handle)
+        })
+        .collect()
 }
 
 /// Warps (output rows) per block of the w8a16 kernel.
@@ -140,13 +165,18 @@ impl Ends {
     }
 }
 
+/// `gemv.cu`'s `flags`: the product is gated; it prefetches its first weights before it waits
+/// for the kernel before it (worth it only where graphs let it start early).
+const GEMV_GATED: i32 = 1;
+const GEMV_PREFETCH: i32 = 2;
+
 /// `Ends` as kernel arguments: residual, alpha (null pointers for what is absent), eps and
-/// whether gated.
+/// the flags (gated, prefetch).
 struct EndsArgs<'a> {
     residual: Option<CudaView<'a, bf16>>,
     alpha: Option<CudaView<'a, f32>>,
     eps: f32,
-    gated: i32,
+    flags: i32,
     null: u64,
 }
 
@@ -165,7 +195,12 @@ impl<'a> EndsArgs<'a> {
                 .map(|(storage, layout)| gpu_view::<f32>(storage, layout, "norm weight"))
                 .transpose()?,
             eps: ends.norm.as_ref().map_or(0.0, |(_, eps)| *eps),
-            gated: i32::from(ends.gate),
+            flags: if ends.gate { GEMV_GATED } else { 0 }
+                | if super::graph::early_launch()? {
+                    GEMV_PREFETCH
+                } else {
+                    0
+                },
             null: 0,
         })
     }
@@ -179,7 +214,7 @@ impl<'a> EndsArgs<'a> {
             Some(alpha) => builder.arg(alpha),
             None => builder.arg(&self.null),
         };
-        builder.arg(&self.eps).arg(&self.gated);
+        builder.arg(&self.eps).arg(&self.flags);
     }
 }
 

@@ -127,16 +127,18 @@ Expected expected_output(const Problem<Weight>& problem, const Rows& rows, const
   return {value, std::abs(value) / 256 + 1e-5 * std::sqrt(sum_of_squares) * scale};
 }
 
-// Launches the kernel for the batch as the host contract says: gridDim.x = ceil(n / 4).
+// Launches the kernel for the batch as the host contract says: gridDim.x = ceil(n / 4). Products with a
+// residual, and gated ones, also prefetch (GEMV_PREFETCH), whose addresses the emulator touches.
 template <class Weight>
 void run_gemv(const Problem<Weight>& problem, const Rows& rows, bool norm, bool residual, bf16* y,
               bool gated = false) {
   const int n = problem.n, k = problem.k;
   const GemvEntry<Weight> gemv = entry_point<Weight>(rows.batch);
+  const int flags = (gated ? GEMV_GATED : 0) | (gated || residual ? GEMV_PREFETCH : 0);
   emu::launch(format("gemv_splitk_%s_b%d%s", weight_kind<Weight>(), rows.batch, gated ? " gated" : ""),
               dim3((n + 3) / 4), block_for<Weight>(k), [&] {
                 gemv(rows.x, problem.weights, problem.scale, residual ? rows.residual : nullptr,
-                     norm ? problem.alpha : nullptr, kEps, gated, y, n, k);
+                     norm ? problem.alpha : nullptr, kEps, flags, y, n, k);
               });
 }
 
