@@ -4,7 +4,7 @@
 #include <stdint.h>
 
 // Programmatic dependent launch (sm_90 and later): where a CUDA graph's edge into one of our kernels is
-// programmatic (`graph::FrameGraph`, DUPLEX_PDL=1), the kernel's blocks may be scheduled while the kernel before
+// programmatic (`graph::early`, DUPLEX_PDL=1), the kernel's blocks may be scheduled while the kernel before
 // it is still finishing. So every kernel of ours calls this before it touches global memory, weights aside
 // (`*prefetch*` calls alone may come first: nothing in a graph writes weights): it waits until the kernels it
 // depends on have completed and their writes are visible, then lets the kernel after it be scheduled in turn.

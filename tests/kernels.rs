@@ -160,6 +160,10 @@ fn the_bf16_split_k_product_matches_a_matmul() {
 fn a_graph_of_early_starting_kernels_replays_the_eager_chain() {
     use duplex::model::graph::FrameGraph;
     let Some(gpu) = tiny::gpu() else { return };
+    if !duplex::model::graph::early::supported(gpu.as_cuda_device().unwrap()).unwrap() {
+        eprintln!("kernels start early only on sm_90 or later, built for it: skipped");
+        return;
+    }
     let k = 1024;
     let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap();
     let weights: Vec<Tensor> = (0..4)
@@ -194,7 +198,7 @@ fn a_graph_of_early_starting_kernels_replays_the_eager_chain() {
     .unwrap();
     assert!(
         graph.early_kernels() >= 40,
-        "only {} of the 48 products may start early: the capture was not one chain?",
+        "only {} of the 48 products may start early (each comes after a kernel and frees)",
         graph.early_kernels()
     );
     let bits = |t: &Tensor| {

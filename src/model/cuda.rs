@@ -3,13 +3,14 @@
 
 use super::Result;
 use super::decode::{KvRing, PinnedPrefix};
+use super::graph::early;
 use super::kernel_plan::{Kernel, Sublayer, W8A16_MMA_MIN_ROWS};
 use super::quant::Int8Weight;
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, LaunchArgs, LaunchConfig, PushKernelArg, sys,
+    CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -26,31 +27,6 @@ pub fn product_kernels_digest() -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (W8A16_PTX, GEMV_PTX).hash(&mut hasher);
     hasher.finish()
-}
-
-/// Our kernel modules, each named by one of its entry points (loaded if need be): a CUDA graph
-/// tells our kernels, which wait for the kernel before them (`grid_dependency_sync`), from
-/// candle's and cuBLAS's by their module.
-pub fn our_modules(device: &candle_core::CudaDevice) -> Result<Vec<sys::CUmodule>> {
-    let modules = [
-        ("w8a16_bf16", "duplex_w8a16", W8A16_PTX),
-        ("gemv_splitk_bf16_b1", "duplex_gemv", GEMV_PTX),
-        ("rms_norm_bf16", "duplex_norm", NORM_PTX),
-        ("topk_sample_f32", "duplex_sampling", SAMPLING_PTX),
-        ("ring_attention_join", "duplex_attention", ATTENTION_PTX),
-    ];
-    modules
-        .iter()
-        .map(|(entry, module, ptx)| {
-            let func = device.get_or_load_custom_func(entry, module, ptx)?;
-            let mut handle = std::ptr::null_mut();
-            // SAFETY: a function just loaded, and a place for its module's handle.
-            unsafe { sys::cuFuncGetModule(&mut handle, func.cu_function()) }
-                .result()
-                .w()?;
-            Ok(handle)
-        })
-        .collect()
 }
 
 /// Warps (output rows) per block of the w8a16 kernel.
@@ -166,7 +142,7 @@ impl Ends {
 }
 
 /// `gemv.cu`'s `flags`: the product is gated; it prefetches its first weights before it waits
-/// for the kernel before it (worth it only where graphs let it start early).
+/// for the kernel before it (worth it only where it starts early, `graph::early`).
 const GEMV_GATED: i32 = 1;
 const GEMV_PREFETCH: i32 = 2;
 
@@ -186,6 +162,7 @@ impl<'a> EndsArgs<'a> {
         ends: &Ends,
         residual: Option<&'a (G, &'a Layout)>,
         alpha: Option<&'a (G, &'a Layout)>,
+        prefetch: bool,
     ) -> Result<Self> {
         Ok(Self {
             residual: residual
@@ -196,11 +173,7 @@ impl<'a> EndsArgs<'a> {
                 .transpose()?,
             eps: ends.norm.as_ref().map_or(0.0, |(_, eps)| *eps),
             flags: if ends.gate { GEMV_GATED } else { 0 }
-                | if super::graph::early_launch()? {
-                    GEMV_PREFETCH
-                } else {
-                    0
-                },
+                | if prefetch { GEMV_PREFETCH } else { 0 },
             null: 0,
         })
     }
@@ -309,15 +282,17 @@ impl CustomOp3 for W8a16 {
             .as_cuda_slice::<f32>()?
             .slice(scale_layout.start_offset()..);
         let n_out = self.ends.out_features(n);
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { device.alloc::<bf16>(rows * n_out)? };
         let (name, config) = self.launch(rows, n, k)?;
         if self.kernel != W8a16Kernel::SplitK && !self.ends.is_empty() {
             candle_core::bail!("the {:?} w8a16 kernel fuses nothing", self.kernel);
         }
+        let early = early::prepare(&device)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<bf16>(rows * n_out)? };
         let residual = self.ends.residual.as_ref().map(|r| r.storage_and_layout());
         let alpha = self.ends.norm.as_ref().map(|(a, _)| a.storage_and_layout());
-        let ends = EndsArgs::new(&self.ends, residual.as_ref(), alpha.as_ref())?;
+        let prefetch = early.is_some();
+        let ends = EndsArgs::new(&self.ends, residual.as_ref(), alpha.as_ref(), prefetch)?;
         let func = match self.kernel {
             W8a16Kernel::SplitK => {
                 device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?
@@ -336,6 +311,7 @@ impl CustomOp3 for W8a16 {
             builder.arg(&batch);
         }
         builder.arg(&n_i).arg(&k_i);
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
@@ -464,10 +440,12 @@ impl candle_core::CustomOp2 for GemvBf16 {
             );
         }
         let (name, config) = gemv_launch("bf16", rows, n, k, 2)?;
+        let device = x.device().clone();
+        let early = early::prepare(&device)?;
         let residual = self.ends.residual.as_ref().map(|r| r.storage_and_layout());
         let alpha = self.ends.norm.as_ref().map(|(a, _)| a.storage_and_layout());
-        let ends = EndsArgs::new(&self.ends, residual.as_ref(), alpha.as_ref())?;
-        let device = x.device().clone();
+        let prefetch = early.is_some();
+        let ends = EndsArgs::new(&self.ends, residual.as_ref(), alpha.as_ref(), prefetch)?;
         let xs = x.as_cuda_slice::<bf16>()?.slice(x_layout.start_offset()..);
         let ws = w.as_cuda_slice::<bf16>()?.slice(w_layout.start_offset()..);
         let n_out = self.ends.out_features(n);
@@ -481,6 +459,7 @@ impl candle_core::CustomOp2 for GemvBf16 {
         builder.arg(&xs).arg(&ws).arg(&xs);
         ends.push(&mut builder);
         builder.arg(&out).arg(&n_i).arg(&k_i);
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
@@ -531,6 +510,7 @@ impl CustomOp1 for RmsNormOp {
         let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (alpha, alpha_layout) = self.alpha.storage_and_layout();
         let alpha = gpu_view::<f32>(&alpha, alpha_layout, "alpha")?;
+        let early = early::prepare(&device)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * dim)? };
         let func = device.get_or_load_custom_func("rms_norm_bf16", "duplex_norm", NORM_PTX)?;
@@ -542,6 +522,7 @@ impl CustomOp1 for RmsNormOp {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature.
         unsafe { builder.launch(config) }.w()?;
         Ok((
@@ -583,6 +564,7 @@ impl CustomOp1 for SwiGluOp {
         let rows = layout.shape().elem_count() / (2 * hidden);
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+        let early = early::prepare(&device)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * hidden)? };
         let func = device.get_or_load_custom_func("swiglu_bf16", "duplex_norm", NORM_PTX)?;
@@ -595,6 +577,7 @@ impl CustomOp1 for SwiGluOp {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature.
         unsafe { builder.launch(config) }.w()?;
         let mut out_dims = dims.to_vec();
@@ -646,6 +629,7 @@ pub fn draw(
     let counters = gpu_view::<i64>(&counters, counters_layout, "counters")?;
     let top_k = gpu_view::<i64>(&top_k, top_k_layout, "top_k")?;
     let temperature = gpu_view::<f32>(&temperature, temperature_layout, "temperature")?;
+    let early = early::prepare(&device)?;
     // SAFETY: every element is written by the kernel.
     let out = unsafe { device.alloc::<u32>(rows)? };
     let func =
@@ -666,6 +650,7 @@ pub fn draw(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    early::arm(early)?;
     // SAFETY: the arguments match the kernel's signature (i64 seeds and counters are read as
     // uint64).
     unsafe { builder.launch(config) }.w()?;
@@ -839,6 +824,7 @@ impl CustomOp1 for RopeKvWrite<'_> {
         let sin = gpu_view::<f32>(&sin, sin_layout, "sin")?;
         let ring = ring.views()?;
         let write_idx = gpu_view::<i64>(&write_idx, write_idx_layout, "write_idx")?;
+        let early = early::prepare(&device)?;
         // SAFETY: every element is written by the kernel.
         let q_out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
         let func = device.get_or_load_custom_func(
@@ -865,6 +851,7 @@ impl CustomOp1 for RopeKvWrite<'_> {
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
@@ -1071,6 +1058,7 @@ impl CustomOp1 for RingAttention<'_> {
         let launch = attention_launch()?;
         let chunks = len.div_ceil(launch.keys_per_block);
         let heads_total = rows * heads;
+        let early = early::prepare(&device)?;
         // One chunk normalises its own result; more leave parts for the join.
         let part = match chunks {
             1 => None,
@@ -1101,6 +1089,7 @@ impl CustomOp1 for RingAttention<'_> {
             block_dim: (launch.threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         if let Some(part) = &part {
@@ -1121,6 +1110,7 @@ impl CustomOp1 for RingAttention<'_> {
                 block_dim: (head_dim.next_multiple_of(32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
+            early::arm(early::prepare(&device)?)?;
             // SAFETY: as above; `part` holds `chunks` entries per head.
             unsafe { builder.launch(config) }.w()?;
         }
@@ -1174,6 +1164,7 @@ impl CustomOp1 for RingWriteAttend<'_> {
         let write_idx = gpu_view::<i64>(&write_idx, write_idx_layout, "write_idx")?;
         let (ring, inputs) = (ring.views()?, inputs.views()?);
         let shape = AttendShape::new(heads, head_dim, capacity, len);
+        let early = early::prepare(&device)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * heads * head_dim)? };
         let func = device.get_or_load_custom_func(
@@ -1193,6 +1184,7 @@ impl CustomOp1 for RingWriteAttend<'_> {
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
         Ok((
