@@ -152,10 +152,11 @@ fn the_bf16_split_k_product_matches_a_matmul() {
 }
 
 /// A graph whose kernels of ours start while the kernel before them finishes (`DUPLEX_PDL`)
-/// computes what eager launches compute, bit for bit: 48 dependent split-K products, each with
-/// its pre-norm and skip connection and reading the one before, and every eighth a candle
-/// kernel between them (ours after candle's starts early too), replayed 50 times on new inputs.
-/// A kernel reading its input before the one writing it finished would differ somewhere.
+/// computes what eager launches compute, bit for bit, over 50 replays on new inputs: 48
+/// dependent split-K products (each with its pre-norm and skip connection, every fourth gated
+/// and followed by the norm kernel), and every eighth a long cuBLAS product of 2048 copies of
+/// the row before ours. A kernel of ours reading its input before the kernel writing it
+/// finished, a long one above all, would differ somewhere.
 #[test]
 fn a_graph_of_early_starting_kernels_replays_the_eager_chain() {
     use duplex::model::graph::FrameGraph;
@@ -169,19 +170,32 @@ fn a_graph_of_early_starting_kernels_replays_the_eager_chain() {
     let weights: Vec<Tensor> = (0..4)
         .map(|_| bf16(Tensor::randn(0f32, 0.03, (k, k), &Device::Cpu).unwrap()))
         .collect();
+    let gate_weight = bf16(Tensor::randn(0f32, 0.03, (2 * k, k), &Device::Cpu).unwrap());
     let alpha = Tensor::ones(k, DType::F32, &gpu).unwrap();
     let chain = |x: &Tensor| -> candle_core::Result<Tensor> {
         let mut hidden = x.clone();
         for layer in 0..48 {
+            if layer % 4 == 3 {
+                let ends = cuda::Ends {
+                    residual: None,
+                    norm: Some((alpha.clone(), 1e-5)),
+                    gate: true,
+                };
+                let gated = cuda::gemv_bf16(&hidden, &gate_weight, &ends)?;
+                hidden = cuda::rms_norm(&(gated + &hidden)?, &alpha, 1e-5)?;
+                continue;
+            }
+            if layer % 8 == 0 {
+                // cuBLAS over many rows: long enough to still run when ours starts.
+                let rows = hidden.repeat((2048, 1))?;
+                hidden = rows.matmul(&weights[0])?.narrow(0, 2047, 1)?;
+            }
             let ends = cuda::Ends {
                 residual: Some(hidden.clone()),
                 norm: Some((alpha.clone(), 1e-5)),
                 gate: false,
             };
             hidden = cuda::gemv_bf16(&hidden, &weights[layer % 4], &ends)?;
-            if layer % 8 == 7 {
-                hidden = (hidden * 0.5)?;
-            }
         }
         Ok(hidden)
     };
@@ -196,9 +210,11 @@ fn a_graph_of_early_starting_kernels_replays_the_eager_chain() {
         chain(&buffers[0])
     })
     .unwrap();
+    // 36 plain products, 12 gated ones and 12 norms, each after a kernel (ours, cuBLAS's or
+    // candle's) and frees.
     assert!(
-        graph.early_kernels() >= 40,
-        "only {} of the 48 products may start early (each comes after a kernel and frees)",
+        graph.early_kernels() >= 48,
+        "only {} of 60 kernels of ours may start early (each comes after a kernel and frees)",
         graph.early_kernels()
     );
     let bits = |t: &Tensor| {

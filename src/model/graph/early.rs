@@ -34,7 +34,8 @@ thread_local! {
 }
 
 /// Whether kernels of ours on this card can start early: programmatic edges need sm_90 or
-/// later, and our kernels wait only when their PTX was built for it (`DUPLEX_CUDA_ARCHS`).
+/// later and a driver of CUDA 12.3 or later (edge data in captures), and our kernels wait only
+/// when their PTX was built for sm_90 or later (`DUPLEX_CUDA_ARCHS`).
 pub fn supported(device: &candle_core::CudaDevice) -> Result<bool> {
     let built: u32 = env!("DUPLEX_CUDA_ARCHS")
         .trim_start_matches("sm_")
@@ -46,35 +47,47 @@ pub fn supported(device: &candle_core::CudaDevice) -> Result<bool> {
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
         .w()?;
-    let supported = built >= 90 && major >= 9;
+    let mut driver = 0;
+    // SAFETY: a place for the version.
+    unsafe { sys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .w()?;
+    let supported = built >= 90 && major >= 9 && driver >= 12030;
     static WARNED: std::sync::Once = std::sync::Once::new();
     if !supported {
         WARNED.call_once(|| {
             tracing::warn!(
                 built = env!("DUPLEX_CUDA_ARCHS"),
                 major,
-                "DUPLEX_PDL: kernels start early only on sm_90 or later, built for it; not here"
+                driver,
+                "DUPLEX_PDL: kernels start early only on sm_90 or later, built for it, with a \
+                 CUDA 12.3 driver or later; not here"
             )
         });
     }
     Ok(supported)
 }
 
-/// While it lives, ops of ours captured on this thread start early where they can.
-pub struct Capturing(());
+/// While it lives, ops of ours captured on this thread start early where they can; then the
+/// thread's state is what it was (a capture inside another on this thread is its own).
+pub struct Capturing {
+    was_capturing: bool,
+    was_left_out: Vec<CUgraphNode>,
+}
 
 impl Capturing {
     pub fn begin() -> Self {
-        CAPTURING.set(true);
-        LEFT_OUT.take();
-        Self(())
+        Self {
+            was_capturing: CAPTURING.replace(true),
+            was_left_out: LEFT_OUT.take(),
+        }
     }
 }
 
 impl Drop for Capturing {
     fn drop(&mut self) {
-        CAPTURING.set(false);
-        LEFT_OUT.take();
+        CAPTURING.set(self.was_capturing);
+        LEFT_OUT.replace(std::mem::take(&mut self.was_left_out));
     }
 }
 
@@ -83,6 +96,8 @@ pub struct EarlyStart {
     stream: Arc<CudaStream>,
     /// The kernel before it.
     kernel: CUgraphNode,
+    /// What `prepare` made the op's allocations depend on.
+    prepared: Vec<CUgraphNode>,
 }
 
 fn plain() -> CUgraphEdgeData {
@@ -107,33 +122,50 @@ pub fn prepare(device: &candle_core::CudaDevice) -> Result<Option<EarlyStart>> {
         return Ok(None);
     }
     let stream = device.cuda_stream();
-    let started = find_kernel_before(&stream)?.map(|(kernel, frees)| -> Result<_> {
-        let mut dependencies = node_dependencies(kernel)?;
-        if dependencies.is_empty() {
-            return Ok(None);
+    let Some(tail) = capture_dependencies(&stream)? else {
+        return Ok(None);
+    };
+    if let Some((kernel, frees)) = kernel_before(&tail)? {
+        let mut prepared = node_dependencies(kernel)?;
+        if !prepared.is_empty() {
+            prepared.extend(LEFT_OUT.replace(frees));
+            set_capture_dependencies(&stream, &prepared, &[], programmatic(), SET)?;
+            return Ok(Some(EarlyStart {
+                stream,
+                kernel,
+                prepared,
+            }));
         }
-        dependencies.extend(LEFT_OUT.replace(frees));
-        set_capture_dependencies(&stream, &dependencies, &[], plain())?;
-        Ok(Some(EarlyStart {
-            stream: stream.clone(),
-            kernel,
-        }))
-    });
-    let started = started.transpose()?.flatten();
-    if started.is_none() {
-        LEFT_OUT.take();
     }
-    Ok(started)
+    // The frees the last early start skipped over join what comes next, as they would have in
+    // a plain capture: it comes after the kernel that started early, which waited for the
+    // last users of what they gave back.
+    let left_out = LEFT_OUT.take();
+    if !left_out.is_empty() {
+        set_capture_dependencies(&stream, &left_out, &[], programmatic(), ADD)?;
+    }
+    Ok(None)
 }
 
 /// Called by an op of ours right before it launches its kernel, with what `prepare` gave.
+/// Only the op's allocations may have been captured since: anything else would depend on what
+/// the kernel before depends on, not on that kernel, and could run beside it.
 pub fn arm(start: Option<EarlyStart>) -> Result<()> {
     let Some(start) = start else { return Ok(()) };
-    let Some(dependencies) = capture_dependencies(&start.stream)? else {
+    let Some(tail) = capture_dependencies(&start.stream)? else {
         candle_core::bail!("a capture ended between an op's allocations and its launch")
     };
-    let nodes: Vec<CUgraphNode> = dependencies.iter().map(|(node, _)| *node).collect();
-    set_capture_dependencies(&start.stream, &nodes, &[start.kernel], programmatic())
+    let nodes: Vec<CUgraphNode> = tail.iter().map(|(node, _)| *node).collect();
+    for &node in &nodes {
+        let node_type = node_type(node)?;
+        let allocation = node_type == CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC;
+        if !allocation && !start.prepared.contains(&node) {
+            candle_core::bail!(
+                "an op of ours captured {node_type:?} between its allocations and its launch"
+            )
+        }
+    }
+    set_capture_dependencies(&start.stream, &nodes, &[start.kernel], programmatic(), SET)
 }
 
 /// How many of `graph`'s edges are programmatic: the kernels that may start early, as the
@@ -165,13 +197,12 @@ pub fn programmatic_edges(graph: &CudaGraph) -> Result<usize> {
         .count())
 }
 
-/// The kernel the capture ends in, with the frees after it (newest first); `None` when the
-/// capture ends otherwise, or in more than one node.
-fn find_kernel_before(stream: &CudaStream) -> Result<Option<(CUgraphNode, Vec<CUgraphNode>)>> {
-    let Some(dependencies) = capture_dependencies(stream)? else {
-        return Ok(None);
-    };
-    let [(mut node, _)] = dependencies[..] else {
+/// The kernel a capture whose dependency set is `tail` ends in, with the frees after it
+/// (newest first); `None` when it ends otherwise, or in more than one node.
+fn kernel_before(
+    tail: &[(CUgraphNode, CUgraphEdgeData)],
+) -> Result<Option<(CUgraphNode, Vec<CUgraphNode>)>> {
+    let [(mut node, _)] = tail[..] else {
         return Ok(None);
     };
     let mut frees = Vec::new();
@@ -228,19 +259,24 @@ fn capture_dependencies(
     Ok(Some(nodes.iter().copied().zip(data).collect()))
 }
 
-/// Replaces the stream's capture dependencies with `plain_on` (plain edges) and `special_on`
-/// (edges of `special`).
+const SET: CUstreamUpdateCaptureDependencies_flags =
+    CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES;
+const ADD: CUstreamUpdateCaptureDependencies_flags =
+    CUstreamUpdateCaptureDependencies_flags::CU_STREAM_ADD_CAPTURE_DEPENDENCIES;
+
+/// Replaces (`SET`) or extends (`ADD`) the stream's capture dependencies with `plain_on` (plain
+/// edges) and `special_on` (edges of `special`).
 fn set_capture_dependencies(
     stream: &CudaStream,
     plain_on: &[CUgraphNode],
     special_on: &[CUgraphNode],
     special: CUgraphEdgeData,
+    how: CUstreamUpdateCaptureDependencies_flags,
 ) -> Result<()> {
     let mut nodes: Vec<CUgraphNode> = plain_on.iter().chain(special_on).copied().collect();
     let data: Vec<CUgraphEdgeData> = (plain_on.iter().map(|_| plain()))
         .chain(special_on.iter().map(|_| special))
         .collect();
-    let set = CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES;
     // SAFETY: a capturing stream, and as many edge data as nodes, all nodes of its graph.
     unsafe {
         sys::cuStreamUpdateCaptureDependencies_v2(
@@ -248,7 +284,7 @@ fn set_capture_dependencies(
             nodes.as_mut_ptr(),
             data.as_ptr(),
             nodes.len(),
-            set as u32,
+            how as u32,
         )
     }
     .result()
