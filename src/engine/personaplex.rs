@@ -77,48 +77,75 @@ impl PendingPersona {
     }
 }
 
-/// How many of a prefill's model calls run between two frames, and how long that took of
-/// late. The prompt's calls run through the model together (`Generator::run_forced`), which on
-/// a GPU costs little more than one of them (the weights are read once), so the batch doubles
-/// while it ends well before its deadline and halves while it would not fit.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How many of a prefill's model calls run between two frames. The prompt's calls run through
+/// the model together (`Generator::run_forced`): on a CPU a batch costs about the sum of its
+/// calls, on a GPU little more than one of them (the weights are read once). So what each batch
+/// size took is kept, and a size not yet timed is judged by the nearest timed ones: no longer
+/// than a larger batch took, nor than a smaller one's time per call makes it. The batch shrinks
+/// at once to the largest judged to end within the room before the next frame, and doubles
+/// while the double is judged to.
+#[derive(Debug, Clone, PartialEq)]
 struct PrefillPace {
+    /// A power of two, 1 to `FORCED_CHUNK`.
     calls: usize,
-    /// Zero until a batch has been timed.
-    took: std::time::Duration,
+    /// What a batch of 2^i calls took of late; zero while untimed.
+    took: [std::time::Duration; BATCH_SIZES],
 }
+
+/// The batch sizes a prefill runs: 1, 2, 4 … `FORCED_CHUNK`.
+const BATCH_SIZES: usize = FORCED_CHUNK.trailing_zeros() as usize + 1;
 
 impl Default for PrefillPace {
     fn default() -> Self {
         Self {
             calls: 8,
-            took: std::time::Duration::ZERO,
+            took: [std::time::Duration::ZERO; BATCH_SIZES],
         }
     }
 }
 
 impl PrefillPace {
-    /// Whether a batch should end within `room`; when it would not, the next is smaller.
-    fn fits(&mut self, room: std::time::Duration) -> bool {
-        if !room.is_zero() && self.took <= room {
-            return true;
+    /// How long a batch of `calls` is judged to take: zero while no size that bounds it was
+    /// timed.
+    fn judged(&self, calls: usize) -> std::time::Duration {
+        let size = calls.trailing_zeros() as usize;
+        if !self.took[size].is_zero() {
+            return self.took[size];
         }
-        if self.calls > 1 {
-            self.calls /= 2;
-            self.took /= 2;
+        let timed = |(_, took): &(usize, &std::time::Duration)| !took.is_zero();
+        let larger = self.took[size + 1..].iter().find(|took| !took.is_zero());
+        let smaller = self.took[..size].iter().enumerate().rev().find(timed);
+        let by_smaller = smaller.map(|(smaller, took)| *took * (1 << (size - smaller)));
+        match (larger, by_smaller) {
+            (Some(&larger), Some(by_smaller)) => larger.min(by_smaller),
+            (Some(&larger), None) => larger,
+            (None, Some(by_smaller)) => by_smaller,
+            (None, None) => std::time::Duration::ZERO,
         }
-        false
     }
 
-    /// Records a batch that took `took`, started with `room` left before its deadline.
+    /// Whether a batch should run within `room`; when the current one is judged not to end
+    /// within it, the batch shrinks to the largest that is.
+    fn fits(&mut self, room: std::time::Duration) -> bool {
+        if room.is_zero() {
+            return false;
+        }
+        while self.calls > 1 && self.judged(self.calls) > room {
+            self.calls /= 2;
+        }
+        self.judged(self.calls) <= room
+    }
+
+    /// Records that a batch of the current size took `took`, started with `room` left before
+    /// its deadline.
     fn record(&mut self, took: std::time::Duration, room: std::time::Duration) {
-        self.took = match self.took.is_zero() {
+        let kept = &mut self.took[self.calls.trailing_zeros() as usize];
+        *kept = match kept.is_zero() {
             true => took,
-            false => (self.took * 3 + took) / 4,
+            false => (*kept * 3 + took) / 4,
         };
-        if self.took * 2 < room && self.calls < FORCED_CHUNK {
+        if self.calls < FORCED_CHUNK && self.judged(self.calls * 2) < room {
             self.calls *= 2;
-            self.took *= 2;
         }
     }
 }
@@ -516,37 +543,85 @@ mod tests {
         );
     }
 
-    /// A prefill's batch of calls doubles while it ends well inside the room between frames,
-    /// up to a forward's most, and halves, down to one call, while it would not fit.
+    /// Frames of a busy engine as the engine paces a prefill between them: `rooms` is the room
+    /// each frame leaves, `cost` what a batch of so many calls takes; every eighth frame must
+    /// progress (one call without room). Returns the calls made and the batches that ran past
+    /// their room, over the frames from `from` on.
+    fn paced(
+        pace: &mut PrefillPace,
+        rooms: &[std::time::Duration],
+        cost: impl Fn(usize) -> std::time::Duration,
+        from: usize,
+    ) -> (usize, usize) {
+        let (mut calls, mut overruns) = (0, 0);
+        for (frame, &room) in rooms.iter().enumerate() {
+            let batch = match (pace.fits(room), frame % 8 == 7) {
+                (true, _) => pace.calls,
+                (false, true) => 1,
+                (false, false) => continue,
+            };
+            let took = cost(batch);
+            if batch == pace.calls {
+                pace.record(took, room);
+            }
+            if frame >= from {
+                calls += batch;
+                overruns += usize::from(took > room);
+            }
+        }
+        (calls, overruns)
+    }
+
+    /// A prefill's batch grows while it is judged to end inside the room, up to a forward's
+    /// most, and when the room shrinks it shrinks at once to a batch that ends inside it, on a
+    /// GPU (a batch costs about one call) and on a CPU (about the sum of its calls) alike.
     #[test]
-    fn a_prefill_batch_grows_while_it_leaves_room_and_shrinks_when_it_would_not_fit() {
-        let ms = std::time::Duration::from_millis;
+    fn a_prefill_batch_grows_into_the_room_and_shrinks_to_fit_without_running_late() {
+        let ms = std::time::Duration::from_micros;
+        let gpu = |calls: usize| ms(10_000 + 100 * calls as u64);
+        let cpu = |calls: usize| ms(3_000 * calls as u64);
+        let rooms: Vec<_> = [ms(60_000); 10]
+            .into_iter()
+            .chain([ms(12_000); 30])
+            .collect();
+
+        let mut pace = PrefillPace::default();
+        paced(&mut pace, &rooms[..10], gpu, 0);
+        assert_eq!(
+            pace.calls, FORCED_CHUNK,
+            "a GPU's batch grows to a forward's most"
+        );
+        let (calls, overruns) = paced(&mut pace, &rooms[10..], gpu, 0);
+        assert_eq!(overruns, 0, "no batch runs past its room: {pace:?}");
+        assert_eq!(
+            pace.calls, 16,
+            "the largest batch that ends in 12 ms (11.6 ms)"
+        );
+        assert!(
+            calls >= 16 * 29,
+            "it keeps going at that size: {calls} calls"
+        );
+
+        let mut pace = PrefillPace::default();
+        paced(&mut pace, &rooms[..10], cpu, 0);
+        assert_eq!(pace.calls, 16, "a CPU's batch stops growing before 96 ms");
+        let (calls, overruns) = paced(&mut pace, &rooms[10..], cpu, 0);
+        assert_eq!(overruns, 0, "no batch runs past its room: {pace:?}");
+        assert!(
+            pace.calls >= 2 && calls >= 2 * 20,
+            "it keeps going once a small batch was timed: {calls} calls, {pace:?}"
+        );
+
         let mut pace = PrefillPace::default();
         assert!(!pace.fits(ms(0)), "no room at all");
-        assert_eq!(pace.calls, 4);
+        assert_eq!(pace.calls, 8, "a frame without room changes nothing");
         assert!(
-            pace.fits(ms(60)),
+            pace.fits(ms(1)),
             "an untimed batch runs where there is room"
         );
-        pace.record(ms(10), ms(60));
-        assert_eq!((pace.calls, pace.took), (8, ms(20)));
-        for _ in 0..10 {
-            assert!(pace.fits(ms(1000)));
-            pace.record(pace.took, ms(1000));
-        }
-        assert_eq!(pace.calls, FORCED_CHUNK);
-        let mut shrinks = 0;
-        while !pace.fits(ms(5)) {
-            shrinks += 1;
-            assert!(shrinks < 20, "never fits: {pace:?}");
-        }
-        assert!(pace.calls < FORCED_CHUNK && pace.took <= ms(5));
-        let mut busy = PrefillPace {
-            calls: 1,
-            took: ms(30),
-        };
-        assert!(!busy.fits(ms(20)));
-        assert_eq!(busy.calls, 1, "never below one call");
+        pace.record(ms(30_000), ms(1));
+        assert!(!pace.fits(ms(20_000)));
+        assert_eq!(pace.calls, 1, "the smallest batch is still one call");
     }
 
     #[test]
