@@ -136,15 +136,30 @@ impl PrefillPace {
         self.judged(self.calls) <= room
     }
 
-    /// Records that a batch of the current size took `took`, started with `room` left before
-    /// its deadline.
-    fn record(&mut self, took: std::time::Duration, room: std::time::Duration) {
-        let kept = &mut self.took[self.calls.trailing_zeros() as usize];
+    /// The calls of progress made without room (`prepare`'s forced progress): the largest
+    /// batch judged to take at most a quarter longer than one call, once one call was timed.
+    /// On a GPU that is many calls for about the price of one; on a CPU, one.
+    fn forced_calls(&self) -> usize {
+        let one = self.took[0];
+        if one.is_zero() {
+            return 1;
+        }
+        (0..BATCH_SIZES)
+            .rev()
+            .map(|size| 1 << size)
+            .find(|&calls| self.judged(calls) * 4 <= one * 5)
+            .unwrap_or(1)
+    }
+
+    /// Records that a batch of `calls` (a power of two up to `FORCED_CHUNK`) took `took`,
+    /// started with `room` left before its deadline.
+    fn record(&mut self, calls: usize, took: std::time::Duration, room: std::time::Duration) {
+        let kept = &mut self.took[calls.trailing_zeros() as usize];
         *kept = match kept.is_zero() {
             true => took,
             false => (*kept * 3 + took) / 4,
         };
-        if self.calls < FORCED_CHUNK && self.judged(self.calls * 2) < room {
+        if calls == self.calls && calls < FORCED_CHUNK && self.judged(calls * 2) < room {
             self.calls *= 2;
         }
     }
@@ -439,18 +454,14 @@ impl Engine for PersonaPlexEngine {
         while let Some(pending) = self.pending.front_mut() {
             let started = Instant::now();
             let room = deadline.saturating_duration_since(started);
-            // Progress that must be made without room is one call.
             let calls = match (self.prefill_pace.fits(room), std::mem::take(&mut forced)) {
                 (true, _) => self.prefill_pace.calls,
-                (false, true) => 1,
+                (false, true) => self.prefill_pace.forced_calls(),
                 (false, false) => break,
             };
             let advanced = pending.advance(&self.pipeline, calls);
             match advanced {
-                Ok(None) if calls == self.prefill_pace.calls => {
-                    self.prefill_pace.record(started.elapsed(), room)
-                }
-                Ok(None) => {}
+                Ok(None) => self.prefill_pace.record(calls, started.elapsed(), room),
                 Ok(Some(snapshot)) => {
                     let done = self
                         .pending
@@ -557,13 +568,11 @@ mod tests {
         for (frame, &room) in rooms.iter().enumerate() {
             let batch = match (pace.fits(room), frame % 8 == 7) {
                 (true, _) => pace.calls,
-                (false, true) => 1,
+                (false, true) => pace.forced_calls(),
                 (false, false) => continue,
             };
             let took = cost(batch);
-            if batch == pace.calls {
-                pace.record(took, room);
-            }
+            pace.record(batch, took, room);
             if frame >= from {
                 calls += batch;
                 overruns += usize::from(took > room);
@@ -619,9 +628,37 @@ mod tests {
             pace.fits(ms(1)),
             "an untimed batch runs where there is room"
         );
-        pace.record(ms(30_000), ms(1));
+        pace.record(8, ms(30_000), ms(1));
         assert!(!pace.fits(ms(20_000)));
         assert_eq!(pace.calls, 1, "the smallest batch is still one call");
+    }
+
+    /// With no room between frames a prefill still makes progress every eighth frame: one call
+    /// until one call was timed, then on a GPU the largest batch costing about as much (here 16
+    /// calls for 11.6 ms against 10.1 ms), on a CPU one call.
+    #[test]
+    fn progress_without_room_takes_as_many_calls_as_one_costs() {
+        let ms = std::time::Duration::from_micros;
+        let gpu = |calls: usize| ms(10_000 + 100 * calls as u64);
+        let cpu = |calls: usize| ms(3_000 * calls as u64);
+        let warm = [ms(60_000); 10];
+        let busy = [std::time::Duration::ZERO; 64];
+
+        let mut pace = PrefillPace::default();
+        paced(&mut pace, &warm, gpu, 0);
+        assert_eq!(pace.forced_calls(), 1, "one call was never timed");
+        let (calls, _) = paced(&mut pace, &busy, gpu, 0);
+        assert_eq!(pace.forced_calls(), 16);
+        assert_eq!(calls, 1 + 7 * 16, "8 forced frames, the first of one call");
+
+        let mut pace = PrefillPace::default();
+        paced(&mut pace, &warm, cpu, 0);
+        let (calls, _) = paced(&mut pace, &busy, cpu, 0);
+        assert_eq!(
+            (pace.forced_calls(), calls),
+            (1, 8),
+            "a CPU's batch costs its calls"
+        );
     }
 
     #[test]
