@@ -129,7 +129,8 @@ pub fn prepare(device: &candle_core::CudaDevice) -> Result<Option<EarlyStart>> {
         let mut prepared = node_dependencies(kernel)?;
         if !prepared.is_empty() {
             prepared.extend(LEFT_OUT.replace(frees));
-            set_capture_dependencies(&stream, &prepared, &[], programmatic(), SET)?;
+            let edges: Vec<_> = prepared.iter().map(|&node| (node, plain())).collect();
+            set_capture_dependencies(&stream, &edges, SET)?;
             return Ok(Some(EarlyStart {
                 stream,
                 kernel,
@@ -140,9 +141,13 @@ pub fn prepare(device: &candle_core::CudaDevice) -> Result<Option<EarlyStart>> {
     // The frees the last early start skipped over join what comes next, as they would have in
     // a plain capture: it comes after the kernel that started early, which waited for the
     // last users of what they gave back.
-    let left_out = LEFT_OUT.take();
+    let left_out: Vec<_> = LEFT_OUT
+        .take()
+        .into_iter()
+        .map(|free| (free, plain()))
+        .collect();
     if !left_out.is_empty() {
-        set_capture_dependencies(&stream, &left_out, &[], programmatic(), ADD)?;
+        set_capture_dependencies(&stream, &left_out, ADD)?;
     }
     Ok(None)
 }
@@ -155,8 +160,7 @@ pub fn arm(start: Option<EarlyStart>) -> Result<()> {
     let Some(tail) = capture_dependencies(&start.stream)? else {
         candle_core::bail!("a capture ended between an op's allocations and its launch")
     };
-    let nodes: Vec<CUgraphNode> = tail.iter().map(|(node, _)| *node).collect();
-    for &node in &nodes {
+    for &node in &tail {
         let node_type = node_type(node)?;
         let allocation = node_type == CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC;
         if !allocation && !start.prepared.contains(&node) {
@@ -165,7 +169,10 @@ pub fn arm(start: Option<EarlyStart>) -> Result<()> {
             )
         }
     }
-    set_capture_dependencies(&start.stream, &nodes, &[start.kernel], programmatic(), SET)
+    let edges: Vec<_> = (tail.into_iter().map(|node| (node, plain())))
+        .chain([(start.kernel, programmatic())])
+        .collect();
+    set_capture_dependencies(&start.stream, &edges, SET)
 }
 
 /// How many of `graph`'s edges are programmatic: the kernels that may start early, as the
@@ -199,10 +206,8 @@ pub fn programmatic_edges(graph: &CudaGraph) -> Result<usize> {
 
 /// The kernel a capture whose dependency set is `tail` ends in, with the frees after it
 /// (newest first); `None` when it ends otherwise, or in more than one node.
-fn kernel_before(
-    tail: &[(CUgraphNode, CUgraphEdgeData)],
-) -> Result<Option<(CUgraphNode, Vec<CUgraphNode>)>> {
-    let [(mut node, _)] = tail[..] else {
+fn kernel_before(tail: &[CUgraphNode]) -> Result<Option<(CUgraphNode, Vec<CUgraphNode>)>> {
+    let [mut node] = tail[..] else {
         return Ok(None);
     };
     let mut frees = Vec::new();
@@ -221,11 +226,10 @@ fn kernel_before(
     }
 }
 
-/// The stream's capture dependencies (copied: the driver's array lasts until the next call on
-/// the stream); `None` when it is not capturing.
-fn capture_dependencies(
-    stream: &CudaStream,
-) -> Result<Option<Vec<(CUgraphNode, CUgraphEdgeData)>>> {
+/// The nodes the next node captured on the stream would depend on (copied: the driver's array
+/// lasts until the next call on the stream); `None` when it is not capturing. (Their edge data
+/// is asked for too: without a place for it the query fails once an edge is not plain.)
+fn capture_dependencies(stream: &CudaStream) -> Result<Option<Vec<CUgraphNode>>> {
     let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     let (mut id, mut graph) = (0u64, std::ptr::null_mut());
     let (mut nodes, mut data, mut count) = (std::ptr::null(), std::ptr::null(), 0usize);
@@ -249,14 +253,10 @@ fn capture_dependencies(
     if count == 0 {
         return Ok(Some(Vec::new()));
     }
-    // SAFETY: the driver's arrays of `count` entries (edge data absent: all plain).
-    let nodes = unsafe { std::slice::from_raw_parts(nodes, count) };
-    let data = if data.is_null() {
-        vec![plain(); count]
-    } else {
-        unsafe { std::slice::from_raw_parts(data, count) }.to_vec()
-    };
-    Ok(Some(nodes.iter().copied().zip(data).collect()))
+    // SAFETY: the driver's array of `count` nodes.
+    Ok(Some(
+        unsafe { std::slice::from_raw_parts(nodes, count) }.to_vec(),
+    ))
 }
 
 const SET: CUstreamUpdateCaptureDependencies_flags =
@@ -264,19 +264,14 @@ const SET: CUstreamUpdateCaptureDependencies_flags =
 const ADD: CUstreamUpdateCaptureDependencies_flags =
     CUstreamUpdateCaptureDependencies_flags::CU_STREAM_ADD_CAPTURE_DEPENDENCIES;
 
-/// Replaces (`SET`) or extends (`ADD`) the stream's capture dependencies with `plain_on` (plain
-/// edges) and `special_on` (edges of `special`).
+/// Replaces (`SET`) or extends (`ADD`) the stream's capture dependencies with `edges`: the
+/// nodes the next captured node will depend on, and how.
 fn set_capture_dependencies(
     stream: &CudaStream,
-    plain_on: &[CUgraphNode],
-    special_on: &[CUgraphNode],
-    special: CUgraphEdgeData,
+    edges: &[(CUgraphNode, CUgraphEdgeData)],
     how: CUstreamUpdateCaptureDependencies_flags,
 ) -> Result<()> {
-    let mut nodes: Vec<CUgraphNode> = plain_on.iter().chain(special_on).copied().collect();
-    let data: Vec<CUgraphEdgeData> = (plain_on.iter().map(|_| plain()))
-        .chain(special_on.iter().map(|_| special))
-        .collect();
+    let (mut nodes, data): (Vec<CUgraphNode>, Vec<CUgraphEdgeData>) = edges.iter().copied().unzip();
     // SAFETY: a capturing stream, and as many edge data as nodes, all nodes of its graph.
     unsafe {
         sys::cuStreamUpdateCaptureDependencies_v2(
