@@ -9,6 +9,7 @@ use duplex::model::generate::{CallInput, Forced, Generator, SamplingConfig, Snap
 use duplex::model::kv::RingPositions;
 use duplex::model::lm::LmModel;
 use duplex::model::persona::{PromptRun, VoicePrompt, prompt_calls, run_prompt};
+use duplex::model::pipeline::Prefill;
 use duplex::model::quant::KvQuant;
 use duplex::model::tokenizer::{TextTokenizer, wrap_system_prompt};
 use duplex::model::voice::VoicePreset;
@@ -335,15 +336,10 @@ fn an_int8_ring_takes_a_prompt_run_in_chunks_over_a_dense_one() {
     let mut by_call = opened(&model);
     run_prompt(&model, &mut by_call, 0, &voice, &text).unwrap();
     assert_eq!(by_call.forced_chunks(), 0, "an int8 ring takes no chunks");
-    let mut prompt = Generator::for_prompt(&model, context, RingPositions::PersonaPlex).unwrap();
-    prompt.open(0, 0, SamplingConfig::GREEDY);
-    run_prompt(&model, &mut prompt, 0, &voice, &text).unwrap();
-    assert_eq!(prompt.forced_chunks(), 2);
-    let snapshot = prompt
-        .snapshot(0)
-        .unwrap()
-        .stored_as(KvQuant::Int8)
-        .unwrap();
+    // As the server prefills (`Pipeline::start_prefill`).
+    let mut prefill = Prefill::new(&model, RingPositions::PersonaPlex, &voice, &text).unwrap();
+    let snapshot = prefill.advance(&model, usize::MAX).unwrap().unwrap();
+    assert_eq!(prefill.forced_chunks(), 2);
     let mut chunked = Generator::new(&model, 1, context, RingPositions::PersonaPlex).unwrap();
     chunked
         .restore(0, &snapshot, 0, SamplingConfig::GREEDY)

@@ -7,12 +7,12 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config::LmConfig;
 use crate::model::decode::DecodeAttention;
 use crate::model::files::ModelFiles;
-use crate::model::generate::{Generator, SamplingConfig};
+use crate::model::generate::SamplingConfig;
 use crate::model::kv::RingPositions;
 use crate::model::lm::LmModel;
 use crate::model::mimi::{Mimi, MimiConfig};
-use crate::model::persona::{PromptRun, VoicePrompt, prompt_calls};
-use crate::model::pipeline::{Models, PipelineState, Stage};
+use crate::model::persona::VoicePrompt;
+use crate::model::pipeline::{Models, PipelineState, Prefill, Stage};
 use crate::model::profile_span;
 use crate::model::quant::{KvQuant, Quant};
 use anyhow::{Context, Result, bail};
@@ -370,17 +370,14 @@ const WHOLE_PROMPTS: usize = 3;
 /// `WHOLE_PROMPTS` prompts run whole (`usize::MAX`).
 fn time_prompt(lm: &LmModel, device: &Device, calls: usize) -> Result<Percentiles> {
     let text: Vec<u32> = (0..PROMPT_TOKENS).map(|i| 1000 + i).collect();
-    let context = prompt_calls(&VoicePrompt::None, &text) + 1;
     let runs = if calls == 1 { 1 } else { WHOLE_PROMPTS };
     let mut times = Vec::new();
     for _ in 0..runs {
-        // As the server prefills: a generator of its own, its ring dense whatever the model keeps.
-        let mut generator = Generator::for_prompt(lm, context, RingPositions::PersonaPlex)?;
-        generator.open(0, 0, SamplingConfig::GREEDY);
-        let mut run = PromptRun::new(lm.config(), 0, &VoicePrompt::None, &text)?;
+        // As the server prefills.
+        let mut prefill = Prefill::new(lm, RingPositions::PersonaPlex, &VoicePrompt::None, &text)?;
         loop {
             let started = Instant::now();
-            let done = run.advance(lm, &mut generator, calls)?;
+            let done = prefill.advance(lm, calls)?.is_some();
             device.synchronize()?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             if done {

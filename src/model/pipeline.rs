@@ -220,11 +220,7 @@ impl Pipeline {
     /// A prefill to run a few model calls at a time (`Prefill::advance`), between the frames of
     /// live conversations.
     pub fn start_prefill(&self, voice: &VoicePrompt, text_tokens: &[u32]) -> Result<Prefill> {
-        let capacity = (prompt_calls(voice, text_tokens) + 2).min(self.lm.config().context);
-        let mut generator = Generator::for_prompt(&self.lm, capacity, self.positions)?;
-        generator.open(0, 0, SamplingConfig::GREEDY);
-        let prompt = PromptRun::new(self.lm.config(), 0, voice, text_tokens)?;
-        Ok(Prefill { generator, prompt })
+        Prefill::new(&self.lm, self.positions, voice, text_tokens)
     }
 
     /// Bytes one more conversation's streaming state takes.
@@ -258,6 +254,26 @@ pub struct Prefill {
 }
 
 impl Prefill {
+    /// The prompt of `voice` and `text_tokens` on a generator of its own, its ring dense
+    /// whatever `lm` keeps (`Generator::for_prompt`) and just long enough for the prompt.
+    pub fn new(
+        lm: &LmModel,
+        positions: RingPositions,
+        voice: &VoicePrompt,
+        text_tokens: &[u32],
+    ) -> Result<Self> {
+        let capacity = (prompt_calls(voice, text_tokens) + 2).min(lm.config().context);
+        let mut generator = Generator::for_prompt(lm, capacity, positions)?;
+        generator.open(0, 0, SamplingConfig::GREEDY);
+        let prompt = PromptRun::new(lm.config(), 0, voice, text_tokens)?;
+        Ok(Self { generator, prompt })
+    }
+
+    /// How many forwards of several calls the prompt has run (`Generator::forced_chunks`).
+    pub fn forced_chunks(&self) -> u64 {
+        self.generator.forced_chunks()
+    }
+
     /// Runs at most `calls` more of the prompt's model calls; the state to start
     /// conversations from once the prompt is done.
     pub fn advance(&mut self, lm: &LmModel, calls: usize) -> Result<Option<Snapshot>> {
