@@ -274,8 +274,10 @@ pub fn rope_kv_write(
     }
     let (_, heads, _, head_dim) = ring.k.dims4()?;
     let [q, k, v] = super::kv::split_qkv(qkv, heads, head_dim)?;
-    let rotate = |xs: Tensor| rope.apply(&xs.to_dtype(DType::F32)?);
-    let (q, k) = (rotate(q)?.to_dtype(qkv.dtype())?, rotate(k)?);
+    let (q, k) = (
+        rope.apply_f32(&q)?.to_dtype(qkv.dtype())?,
+        rope.apply_f32(&k)?,
+    );
     let entry = match ring.scales {
         None => KvRing {
             k: k.to_dtype(qkv.dtype())?,
@@ -336,10 +338,7 @@ pub fn ring_attention(
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let scores =
         |q: &Tensor| -> Result<Tensor> { keys.matmul(&q.t()?.contiguous()?)?.t()? * scale };
-    let turned_back = prefix
-        .unturn
-        .apply(&q.to_dtype(DType::F32)?)?
-        .to_dtype(q.dtype())?;
+    let turned_back = prefix.unturn.apply_f32(q)?.to_dtype(q.dtype())?;
     let (plain, turned) = (scores(q)?, scores(&turned_back)?);
     let in_prefix: Vec<f32> = lens
         .iter()

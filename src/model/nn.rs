@@ -448,6 +448,12 @@ impl RopeTables {
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         candle_nn::rotary_emb::rope_i(&xs.contiguous()?, &self.cos, &self.sin)
     }
+
+    /// `apply` in f32 whatever `xs`'s dtype (with f32 tables), as the reference and the kernels
+    /// rotate: the result stays f32, for the caller to round once.
+    pub fn apply_f32(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(&xs.to_dtype(DType::F32)?)
+    }
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ impl Transformer {
 
 /// `xs` rotated by `rope`'s f32 tables, in f32, returned in `xs`'s dtype.
 fn rotated(xs: &Tensor, rope: &RopeTables) -> Result<Tensor> {
-    rope.apply(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
+    rope.apply_f32(xs)?.to_dtype(xs.dtype())
 }
 
 impl TransformerState {
