@@ -304,12 +304,6 @@ pub enum CallInput {
 /// The most calls `Generator::run_forced` runs as one forward.
 pub const FORCED_CHUNK: usize = 64;
 
-/// One position of a forced chunk: the column of tokens it reads, or its precomputed embedding.
-enum ChunkPosition {
-    Column(Column),
-    Embedding(Tensor),
-}
-
 impl Generator {
     pub fn new(
         model: &LmModel,
@@ -471,7 +465,7 @@ impl Generator {
         let (delays, initial) = (&model.config().delays, model.initial_column());
         let drawn_streams = model.depformer_steps() + 1;
         let mut tokens = slot.tokens.clone();
-        let mut positions = Vec::new();
+        let (mut columns, mut embeddings) = (Vec::new(), Vec::new());
         for input in inputs.iter().take(room.min(FORCED_CHUNK)) {
             let mut next = tokens.clone();
             let Some((input_col, target)) = next.prepare_input(input, delays, &initial) else {
@@ -480,25 +474,32 @@ impl Generator {
             if !next.forces(target, drawn_streams) {
                 break;
             }
-            positions.push(match input {
-                CallInput::Tokens(_) => ChunkPosition::Column(next.column(input_col)?),
-                CallInput::Embedding(emb) => ChunkPosition::Embedding(emb.clone()),
+            columns.push(next.column(input_col)?);
+            embeddings.push(match input {
+                CallInput::Tokens(_) => None,
+                CallInput::Embedding(emb) => Some(emb.clone()),
             });
             let kept = next.kept(target, &[]);
             next.finish(input_col, target, &kept, delays);
             tokens = next;
         }
-        if positions.is_empty() {
+        if columns.is_empty() {
             return Ok(0);
         }
-        let emb = chunk_embeddings(model, &positions, slot_idx, running.len())?;
+        // The chunk's positions embedded as a batch of one-frame rows would be, then laid along
+        // time on the slot's row.
+        let emb = self.input_embeddings(model, &columns, &embeddings)?;
+        let emb = on_row(
+            emb.reshape((1, columns.len(), ()))?,
+            slot_idx,
+            running.len(),
+        )?;
         model.fill_temporal(&emb, &mut self.temporal, &running)?;
         let slot = self.slots[slot_idx].as_mut().expect("checked open above");
         slot.tokens = tokens;
-        slot.sampler
-            .advance((drawn_streams * positions.len()) as u64);
+        slot.sampler.advance((drawn_streams * columns.len()) as u64);
         self.forced_chunks += 1;
-        Ok(positions.len())
+        Ok(columns.len())
     }
 
     /// The first half of a call: write the forced tokens and run the temporal transformer.
@@ -710,37 +711,8 @@ impl Generator {
     }
 }
 
-/// The input of a forced chunk `[rows, time, dim]`: `chunk`'s embeddings on row `slot_idx`,
-/// zeros on the rows that sit it out.
-fn chunk_embeddings(
-    model: &LmModel,
-    chunk: &[ChunkPosition],
-    slot_idx: usize,
-    rows: usize,
-) -> Result<Tensor> {
-    let columns: Vec<Column> = chunk
-        .iter()
-        .filter_map(|position| match position {
-            ChunkPosition::Column(column) => Some(*column),
-            ChunkPosition::Embedding(_) => None,
-        })
-        .collect();
-    let mut from_tokens = match columns.is_empty() {
-        true => Vec::new(),
-        false => model
-            .embed_columns(&columns)?
-            .squeeze(1)?
-            .chunk(columns.len(), 0)?,
-    }
-    .into_iter();
-    let positions = chunk
-        .iter()
-        .map(|position| match position {
-            ChunkPosition::Embedding(emb) => emb.reshape((1, ()))?.to_dtype(model.dtype()),
-            ChunkPosition::Column(_) => Ok(from_tokens.next().expect("one embedding per column")),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let emb = Tensor::cat(&positions, 0)?.unsqueeze(0)?;
+/// `emb` `[1, time, dim]` on row `slot_idx` of `rows`, zeros on the rows that sit it out.
+fn on_row(emb: Tensor, slot_idx: usize, rows: usize) -> Result<Tensor> {
     let (_, time, dim) = emb.dims3()?;
     let (dtype, device) = (emb.dtype(), emb.device().clone());
     let idle = |count: usize| Tensor::zeros((count, time, dim), dtype, &device);
