@@ -566,9 +566,12 @@ mod tests {
             let page = next_binary(&mut h.from_session).await;
             assert_eq!(&page[..5], b"\x01OggS");
         }
+        // Nine intervals after the first page: 180 ms when paced. The bounds leave a late tick
+        // (the ticker then catches up) and a slow machine room, and still fail a burst or a
+        // pace twice as fast.
         let elapsed = started.elapsed();
         assert!(
-            elapsed >= Duration::from_millis(170) && elapsed < Duration::from_millis(400),
+            elapsed >= Duration::from_millis(130) && elapsed < Duration::from_millis(400),
             "10 pages took {elapsed:?}"
         );
         drop(h.to_session);

@@ -78,10 +78,24 @@ fn generate(names: &[String], cert_path: &Path, key_path: &Path) -> Result<(), T
     if let Some(dir) = cert_path.parent() {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     }
-    std::fs::write(cert_path, certified.cert.pem()).map_err(io_error(cert_path))?;
-    std::fs::write(key_path, certified.signing_key.serialize_pem()).map_err(io_error(key_path))?;
-    restrict(key_path);
-    Ok(())
+    // The key first and each file whole under its name (written aside, then renamed), so a
+    // certificate in place always has its key, and a start cut short leaves no half file.
+    write_whole(key_path, &certified.signing_key.serialize_pem(), true)?;
+    write_whole(cert_path, &certified.cert.pem(), false)
+}
+
+/// Writes `text` to a file beside `path` (readable by its owner alone when `private`) and
+/// renames it to `path`.
+fn write_whole(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".partial");
+    let aside = PathBuf::from(aside);
+    std::fs::write(&aside, "").map_err(io_error(&aside))?;
+    if private {
+        restrict(&aside);
+    }
+    std::fs::write(&aside, text).map_err(io_error(&aside))?;
+    std::fs::rename(&aside, path).map_err(io_error(path))
 }
 
 #[cfg(unix)]
@@ -128,4 +142,34 @@ pub fn lan_address() -> Option<IpAddr> {
 /// Where self-signed certificates live by default.
 pub fn default_dir() -> PathBuf {
     crate::cache_dir().join("tls")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generated pair lies whole under its names, nothing beside it, the key private.
+    #[test]
+    fn a_generated_pair_is_whole_and_its_key_private() {
+        let dir = std::env::temp_dir().join(format!("duplex-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        generate(&["localhost".to_owned()], &cert, &key).unwrap();
+        let text = |path: &Path| std::fs::read_to_string(path).unwrap();
+        assert!(text(&cert).starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(text(&key).contains("PRIVATE KEY-----"));
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["cert.pem", "key.pem"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
