@@ -67,3 +67,41 @@ extern "C" __global__ void swiglu_bf16(const __nv_bfloat16* __restrict__ in, __n
     out[idx] = __float2bfloat16(a / (1.f + __expf(-a)) * b);
   }
 }
+
+// Mimi's transformer between two sublayers, in f32: the skip connection, then the next LayerNorm.
+// v = x + scale * update (each product and sum rounded alone, as two separate f32 ops would),
+// x_out = v, y = (v - mean(v)) / sqrt(var(v) + eps) * weight + bias, the variance biased and
+// taken around the mean (two passes). `update` null: v = x and x_out is not written (a plain
+// LayerNorm); `scale` null: a scale of 1. One block per row, any block size; every pass
+// recomputes v from the inputs, so no thread reads another's output.
+__device__ __forceinline__ float skipped(const float* __restrict__ x, const float* __restrict__ update,
+                                         const float* __restrict__ scale, int i) {
+  if (!update) return x[i];
+  return __fadd_rn(x[i], scale ? __fmul_rn(scale[i], update[i]) : update[i]);
+}
+
+extern "C" __global__ void skip_layer_norm_f32(const float* __restrict__ x, const float* __restrict__ update,
+                                               const float* __restrict__ scale, const float* __restrict__ weight,
+                                               const float* __restrict__ bias, float* __restrict__ x_out,
+                                               float* __restrict__ y, int dim, float eps) {
+  grid_dependency_sync();
+  __shared__ float shared[32];
+  const size_t row = (size_t)blockIdx.x * dim;
+  const float* xr = x + row;
+  const float* ur = update ? update + row : nullptr;
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = skipped(xr, ur, scale, i);
+    if (ur) x_out[row + i] = v;
+    sum += v;
+  }
+  const float mean = block_sum(sum, shared) / (float)dim;
+  float squares = 0.f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float d = skipped(xr, ur, scale, i) - mean;
+    squares += d * d;
+  }
+  const float inv = rsqrtf(block_sum(squares, shared) / (float)dim + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x)
+    y[row + i] = (skipped(xr, ur, scale, i) - mean) * inv * weight[i] + bias[i];
+}

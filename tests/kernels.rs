@@ -329,6 +329,48 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
     assert!(tiny::max_abs_diff(&got, &want) < 0.05, "swiglu");
 }
 
+/// Mimi's skip connection and LayerNorm in one kernel equal candle's ops on the CPU: with a
+/// scaled update, an unscaled one and none (a plain LayerNorm, through `nn::LayerNorm` too);
+/// misshaped tensors are refused.
+#[test]
+fn skip_layer_norm_matches_the_cpu_layers() {
+    use duplex::model::nn::LayerNorm;
+    let Some(gpu) = tiny::gpu() else { return };
+    let cpu = Device::Cpu;
+    let (rows, dim, eps) = (3, 512, 1e-5);
+    let x = (Tensor::randn(0f32, 2.0, (rows, 1, dim), &cpu).unwrap() + 0.5).unwrap();
+    let update = Tensor::randn(0f32, 3.0, (rows, 1, dim), &cpu).unwrap();
+    let scale = Tensor::randn(0f32, 0.05, dim, &cpu).unwrap();
+    let weight = Tensor::randn(1f32, 0.2, dim, &cpu).unwrap();
+    let bias = Tensor::randn(0f32, 0.3, dim, &cpu).unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let norm = LayerNorm::new(weight.clone(), bias.clone(), eps);
+    let norm_gpu = LayerNorm::new(on_gpu(&weight), on_gpu(&bias), eps);
+    for scale in [Some(&scale), None] {
+        let want = norm.forward_after_skip(&x, &update, scale).unwrap();
+        let scale_gpu = scale.map(on_gpu);
+        let got = norm_gpu
+            .forward_after_skip(&on_gpu(&x), &on_gpu(&update), scale_gpu.as_ref())
+            .unwrap();
+        assert!(tiny::max_abs_diff(&got.0, &want.0) < 1e-5, "the sum");
+        assert!(tiny::max_abs_diff(&got.1, &want.1) < 1e-4, "the norm");
+    }
+    let plain = norm_gpu.forward(&on_gpu(&x)).unwrap();
+    let want = candle_nn::ops::layer_norm(&x, &weight, &bias, eps).unwrap();
+    assert!(
+        tiny::max_abs_diff(&plain, &want) < 1e-4,
+        "a plain layer norm"
+    );
+    let x_gpu = on_gpu(&x);
+    let short = on_gpu(&update.narrow(0, 0, 1).unwrap());
+    let (weight_gpu, bias_gpu) = (on_gpu(&weight), on_gpu(&bias));
+    let err = cuda::skip_layer_norm(&x_gpu, Some((&short, None)), &weight_gpu, &bias_gpu, eps);
+    assert!(err.unwrap_err().to_string().contains("update of"));
+    let short_bias = on_gpu(&bias.narrow(0, 0, 100).unwrap());
+    let err = cuda::skip_layer_norm(&x_gpu, None, &weight_gpu, &short_bias, eps);
+    assert!(err.unwrap_err().to_string().contains("100 bias values"));
+}
+
 /// `sampling::draw` of `logits` on the GPU and on the CPU, each with `params` on its device.
 fn draws_on_both(
     logits: &Tensor,

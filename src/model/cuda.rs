@@ -542,6 +542,130 @@ pub fn rms_norm(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
         })
 }
 
+/// `skip_layer_norm_f32`'s tensors besides its input: the update added to it and its scale
+/// (`update` absent: a plain LayerNorm), and the norm's weight and bias.
+struct SkipLayerNormOp {
+    update: Option<(Tensor, Option<Tensor>)>,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for SkipLayerNormOp {
+    fn name(&self) -> &'static str {
+        "duplex-skip-layer-norm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("layer norm on the CPU is `nn::LayerNorm`")
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "layer norm input")?;
+        let dim = layout.shape().dims().last().copied().unwrap_or(0);
+        let rows = layout.shape().elem_count() / dim.max(1);
+        let wrong = |what: &str, count: usize, want: usize| {
+            candle_core::bail!("layer norm: {count} {what} values for rows of {dim} (want {want})")
+        };
+        for (what, tensor) in [("weight", &self.weight), ("bias", &self.bias)] {
+            if dim == 0 || tensor.elem_count() != dim {
+                wrong(what, tensor.elem_count(), dim)?;
+            }
+        }
+        if let Some((update, scale)) = &self.update {
+            if update.shape() != layout.shape() {
+                candle_core::bail!(
+                    "layer norm: an update of {:?} for an input of {:?}",
+                    update.shape(),
+                    layout.shape()
+                );
+            }
+            if let Some(scale) = scale.as_ref().filter(|s| s.elem_count() != dim) {
+                wrong("scale", scale.elem_count(), dim)?;
+            }
+        }
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
+        let (weight, bias) = (
+            self.weight.storage_and_layout(),
+            self.bias.storage_and_layout(),
+        );
+        let update = self.update.as_ref().map(|(u, _)| u.storage_and_layout());
+        let scale = self
+            .update
+            .as_ref()
+            .and_then(|(_, s)| s.as_ref().map(Tensor::storage_and_layout));
+        let (weight, bias) = (f32_view(&weight, "weight")?, f32_view(&bias, "bias")?);
+        let update = update.as_ref().map(|u| f32_view(u, "update")).transpose()?;
+        let scale = scale.as_ref().map(|s| f32_view(s, "scale")).transpose()?;
+        let early = early::prepare(&device)?;
+        let halves = if update.is_some() { 2 } else { 1 };
+        // SAFETY: the kernel writes every element: y always, x_out when there is an update.
+        let out = unsafe { device.alloc::<f32>(halves * rows * dim)? };
+        let (x_out, y) = (
+            out.slice(..(halves - 1) * rows * dim),
+            out.slice((halves - 1) * rows * dim..),
+        );
+        let func =
+            device.get_or_load_custom_func("skip_layer_norm_f32", "duplex_norm", NORM_PTX)?;
+        let (null, dim_i, eps) = (0u64, dim as i32, self.eps);
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        match (&update, &scale) {
+            (Some(update), Some(scale)) => builder.arg(update).arg(scale),
+            (Some(update), None) => builder.arg(update).arg(&null),
+            (None, _) => builder.arg(&null).arg(&null),
+        };
+        builder.arg(&weight).arg(&bias);
+        match update {
+            Some(_) => builder.arg(&x_out),
+            None => builder.arg(&null),
+        };
+        builder.arg(&y).arg(&dim_i).arg(&eps);
+        let threads = dim.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        early::arm(early)?;
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        let mut dims = vec![halves];
+        dims.extend_from_slice(layout.shape().dims());
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(dims)))
+    }
+}
+
+/// Mimi's skip connection then LayerNorm, f32 rows on the GPU in one kernel: `x + scale ·
+/// update` (when an update is given) and its normalisation `· weight + bias`. Returns the sum
+/// (absent without an update) and the normalised rows.
+pub fn skip_layer_norm(
+    xs: &Tensor,
+    update: Option<(&Tensor, Option<&Tensor>)>,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let update = match update {
+        Some((u, s)) => Some((f32(u)?, s.map(f32).transpose()?)),
+        None => None,
+    };
+    let op = SkipLayerNormOp {
+        update,
+        weight: f32(weight)?,
+        bias: f32(bias)?,
+        eps,
+    };
+    let has_update = op.update.is_some();
+    let out = f32(xs)?.apply_op1_no_bwd(&op)?;
+    match has_update {
+        true => Ok((Some(out.get(0)?), out.get(1)?)),
+        false => Ok((None, out.get(0)?)),
+    }
+}
+
 struct SwiGluOp;
 
 impl CustomOp1 for SwiGluOp {
@@ -607,6 +731,14 @@ fn gpu_view<'a, T: candle_core::cuda_backend::CudaDType>(
     };
     contiguous(layout, what)?;
     Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+}
+
+/// `gpu_view` of an f32 tensor's `storage_and_layout`.
+fn f32_view<'a, S>((storage, layout): &'a (S, &Layout), what: &str) -> Result<CudaView<'a, f32>>
+where
+    S: std::ops::Deref<Target = candle_core::Storage>,
+{
+    gpu_view(storage, layout, what)
 }
 
 /// `sampling::draw` on the GPU: one block per row of `[rows, vocab]` f32 logits.

@@ -303,8 +303,69 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if layer_norm_fused(xs) {
+            return Ok(skip_layer_norm_fused(xs, None, &self.weight, &self.bias, self.eps)?.1);
+        }
         candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
     }
+
+    /// The skip connection into this norm, then the norm: `xs + scale · update` (a scale of
+    /// one when absent) and its normalisation, both returned (one kernel on a GPU).
+    pub fn forward_after_skip(
+        &self,
+        xs: &Tensor,
+        update: &Tensor,
+        scale: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        if layer_norm_fused(xs) {
+            let (sum, normed) = skip_layer_norm_fused(
+                xs,
+                Some((update, scale)),
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?;
+            let sum = sum.expect("a skip connection's sum is returned with an update");
+            return Ok((sum, normed));
+        }
+        let sum = match scale {
+            Some(scale) => (xs + update.broadcast_mul(scale)?)?,
+            None => (xs + update)?,
+        };
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
+}
+
+/// Whether a LayerNorm of `xs` runs our kernel (`kernels/norm.cu`): f32 on a GPU (Mimi's
+/// transformers), unless candle's ops are asked for.
+fn layer_norm_fused(xs: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && xs.device().is_cuda()
+        && xs.dtype() == DType::F32
+        && !candle_ops_requested()
+}
+
+#[cfg(feature = "cuda")]
+fn skip_layer_norm_fused(
+    xs: &Tensor,
+    update: Option<(&Tensor, Option<&Tensor>)>,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<(Option<Tensor>, Tensor)> {
+    super::cuda::skip_layer_norm(xs, update, weight, bias, eps)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn skip_layer_norm_fused(
+    _xs: &Tensor,
+    _update: Option<(&Tensor, Option<&Tensor>)>,
+    _weight: &Tensor,
+    _bias: &Tensor,
+    _eps: f32,
+) -> Result<(Option<Tensor>, Tensor)> {
+    unreachable!("fused kernels are only chosen in a build with the `cuda` feature")
 }
 
 /// The gated feed-forward block: `linear_out(silu(a) · b)` where `[a, b] = linear_in(x)`.

@@ -103,6 +103,68 @@ void test_swiglu(int rows, int hidden) {
   check.finish(format("max relative error %.3g", max_relative));
 }
 
+// ---- skip_layer_norm_f32 ----
+
+enum class Skip { None, Unscaled, Scaled };
+
+// `kind`: no update (a plain LayerNorm), an update added as it is, or scaled first. Row r's values lie around
+// an offset of r (so the mean matters), with spans as rms_norm's rows (row 1 constant: y = bias through eps).
+void test_skip_layer_norm(int rows, int dim, int threads, Skip kind) {
+  static const char* kNames[] = {"plain", "skip", "scaled skip"};
+  Case check(format("skip_layer_norm_f32 %s rows=%d dim=%d threads=%d", kNames[int(kind)], rows, dim, threads));
+  constexpr float kEps = 1e-5f, kSentinel = -1234.5f;
+  emu::DeviceMemory memory;
+  const size_t total = size_t(rows) * dim;
+  float* x = memory.alloc<float>(total);
+  float* update = kind == Skip::None ? nullptr : memory.alloc<float>(total);
+  float* scale = kind == Skip::Scaled ? memory.alloc<float>(dim) : nullptr;
+  float* weight = memory.alloc<float>(dim);
+  float* bias = memory.alloc<float>(dim);
+  float* x_out = memory.alloc<float>(total);
+  float* y = memory.alloc<float>(total);
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < dim; ++i) {
+      const size_t at = size_t(r) * dim + i;
+      x[at] = float(r + uniform(-1, 1) * row_span(r));
+      if (update) update[at] = r == 1 ? 0.f : float(uniform(-3, 3));
+    }
+  for (int i = 0; i < dim; ++i) {
+    if (scale) scale[i] = float(uniform(-0.1, 0.1));
+    weight[i] = float(uniform(0.5, 1.5));
+    bias[i] = float(uniform(-0.5, 0.5));
+  }
+  std::fill_n(x_out, total, kSentinel);
+  std::fill_n(y, total, kSentinel);
+  emu::launch("skip_layer_norm_f32", dim3(rows), dim3(threads),
+              [&] { skip_layer_norm_f32(x, update, scale, weight, bias, x_out, y, dim, kEps); });
+  double max_error = 0;
+  for (int r = 0; r < rows; ++r) {
+    std::vector<float> v(dim);
+    double mean = 0, var = 0;
+    for (int i = 0; i < dim; ++i) {
+      const size_t at = size_t(r) * dim + i;
+      const float scaled = update ? (scale ? scale[i] * update[at] : update[at]) : 0.f;
+      v[i] = update ? x[at] + scaled : x[at];
+      mean += v[i];
+    }
+    mean /= dim;
+    for (int i = 0; i < dim; ++i) var += (v[i] - mean) * (v[i] - mean);
+    const double inv = 1 / std::sqrt(var / dim + kEps);
+    for (int i = 0; i < dim; ++i) {
+      const size_t at = size_t(r) * dim + i;
+      const float kept = update ? v[i] : kSentinel;
+      check.expect(std::memcmp(&x_out[at], &kept, sizeof(float)) == 0, "row %d dim %d: x_out %g, expected %g", r,
+                   i, x_out[at], kept);
+      const double z = (v[i] - mean) * inv, expected = z * weight[i] + bias[i];
+      const double error = std::abs(y[at] - expected);
+      max_error = std::max(max_error, error / (std::abs(z) + 1));
+      check.expect(error <= 5e-5 * ((std::abs(z) + 1) * weight[i] + std::abs(bias[i])),
+                   "row %d dim %d: %g, expected %g", r, i, y[at], expected);
+    }
+  }
+  check.finish(format("max error %.3g of (|z| + 1)", max_error));
+}
+
 }  // namespace
 
 int main() {
@@ -114,5 +176,12 @@ int main() {
   // grid-stride loop takes the last 1263 elements round a second time.
   const std::pair<int, int> swiglu_shapes[] = {{1, 1}, {3, 100}, {5, 1000}, {7, 2731}, {2, 4096}, {1491, 11253}};
   for (const auto& [rows, hidden] : swiglu_shapes) test_swiglu(rows, hidden);
+  // Mimi's 512 at the host's 128 threads, and widths and blocks around it (a partial warp, fewer threads than
+  // values, more threads than values).
+  for (Skip kind : {Skip::None, Skip::Unscaled, Skip::Scaled}) {
+    for (int dim : {1, 7, 100, 512, 1000, 4096}) test_skip_layer_norm(4, dim, 128, kind);
+    test_skip_layer_norm(3, 512, 32, kind);
+    test_skip_layer_norm(3, 100, 1024, kind);
+  }
   return summarise("norm");
 }

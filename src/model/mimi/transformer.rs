@@ -248,16 +248,26 @@ impl Transformer {
         kv: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<Attend>,
     ) -> Result<Tensor> {
         let mut xs = xs.transpose(1, 2)?.contiguous()?; // b,t,d
+        let Some(first) = self.layers.first() else {
+            return xs.transpose(1, 2)?.contiguous();
+        };
+        // Each skip connection is added together with the norm after it (one kernel on a GPU).
+        let mut normed = first.norm1.forward(&xs)?;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let normed = layer.norm1.forward(&xs)?;
             let update = self.attend(layer, &normed, rope, &mut |k, v| kv(layer_idx, k, v))?;
-            xs = (xs + scaled(update, &layer.scale1)?)?;
-            let hidden = layer
-                .linear1
-                .forward(&layer.norm2.forward(&xs)?)?
-                .gelu_erf()?;
+            let (sum, normed2) =
+                layer
+                    .norm2
+                    .forward_after_skip(&xs, &update, layer.scale1.as_ref())?;
+            let hidden = layer.linear1.forward(&normed2)?.gelu_erf()?;
             let update = layer.linear2.forward(&hidden)?;
-            xs = (xs + scaled(update, &layer.scale2)?)?;
+            (xs, normed) = match self.layers.get(layer_idx + 1) {
+                Some(next) => {
+                    next.norm1
+                        .forward_after_skip(&sum, &update, layer.scale2.as_ref())?
+                }
+                None => ((sum + scaled(update, &layer.scale2)?)?, normed),
+            };
         }
         xs.transpose(1, 2)?.contiguous() // b,d,t
     }
