@@ -334,16 +334,24 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
 /// misshaped tensors are refused.
 #[test]
 fn skip_layer_norm_matches_the_cpu_layers() {
-    use duplex::model::nn::LayerNorm;
     let Some(gpu) = tiny::gpu() else { return };
+    for dim in [7, 100, 512, 4096] {
+        check_skip_layer_norm(&gpu, 3, dim);
+    }
+}
+
+/// `skip_layer_norm_matches_the_cpu_layers` for `rows` rows of `dim` (Mimi's is 512; 7 is fewer
+/// values than a warp has threads; 4096 takes a block of 1024).
+fn check_skip_layer_norm(gpu: &Device, rows: usize, dim: usize) {
+    use duplex::model::nn::LayerNorm;
     let cpu = Device::Cpu;
-    let (rows, dim, eps) = (3, 512, 1e-5);
+    let eps = 1e-5;
     let x = (Tensor::randn(0f32, 2.0, (rows, 1, dim), &cpu).unwrap() + 0.5).unwrap();
     let update = Tensor::randn(0f32, 3.0, (rows, 1, dim), &cpu).unwrap();
     let scale = Tensor::randn(0f32, 0.05, dim, &cpu).unwrap();
     let weight = Tensor::randn(1f32, 0.2, dim, &cpu).unwrap();
     let bias = Tensor::randn(0f32, 0.3, dim, &cpu).unwrap();
-    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
     let norm = LayerNorm::new(weight.clone(), bias.clone(), eps);
     let norm_gpu = LayerNorm::new(on_gpu(&weight), on_gpu(&bias), eps);
     for scale in [Some(&scale), None] {
@@ -366,9 +374,10 @@ fn skip_layer_norm_matches_the_cpu_layers() {
     let (weight_gpu, bias_gpu) = (on_gpu(&weight), on_gpu(&bias));
     let err = cuda::skip_layer_norm(&x_gpu, Some((&short, None)), &weight_gpu, &bias_gpu, eps);
     assert!(err.unwrap_err().to_string().contains("update of"));
-    let short_bias = on_gpu(&bias.narrow(0, 0, 100).unwrap());
+    let short_bias = on_gpu(&bias.narrow(0, 0, dim - 1).unwrap());
     let err = cuda::skip_layer_norm(&x_gpu, None, &weight_gpu, &short_bias, eps);
-    assert!(err.unwrap_err().to_string().contains("100 bias values"));
+    let want = format!("{} bias values", dim - 1);
+    assert!(err.unwrap_err().to_string().contains(&want));
 }
 
 /// `sampling::draw` of `logits` on the GPU and on the CPU, each with `params` on its device.

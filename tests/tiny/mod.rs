@@ -42,7 +42,9 @@ pub fn cpu_model(dep_steps: usize) -> LmModel {
     model(dep_steps, DType::F32, &Device::Cpu, Quant::None)
 }
 
-/// Largest |a - b| over all elements, whatever the two tensors' devices and dtypes.
+/// Largest |a - b| over all elements, whatever the two tensors' devices and dtypes (equal
+/// infinities differ by 0); NaN when any difference is NaN (candle's `max` would skip it, so a
+/// NaN output would pass a bound).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let on_cpu = |t: &Tensor| {
         t.to_device(&Device::Cpu)
@@ -51,15 +53,20 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
             .unwrap()
             .flatten_all()
             .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
-    (on_cpu(a) - on_cpu(b))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let (a, b) = (on_cpu(a), on_cpu(b));
+    assert_eq!(a.len(), b.len(), "compared tensors differ in size");
+    a.iter()
+        .zip(&b)
+        .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() })
+        .fold(0.0, |largest, diff| {
+            match diff.is_nan() || largest.is_nan() {
+                true => f32::NAN,
+                false => largest.max(diff),
+            }
+        })
 }
 
 /// Largest |t| over all elements (the scale tolerances are relative to).
