@@ -124,9 +124,16 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
   return result;
 }
 inline float __expf(float x) { return expf(x); }
-// One f32 operation, rounded alone (nvcc never fuses these into a multiply-add).
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
+// One f32 operation, rounded alone (nvcc never fuses these into a multiply-add; the volatile
+// keeps a host compiler that contracts, as GCC does on arm64, from fusing them either).
+inline float __fadd_rn(float a, float b) {
+  volatile float sum = a + b;
+  return sum;
+}
+inline float __fmul_rn(float a, float b) {
+  volatile float product = a * b;
+  return product;
+}
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline int min(int a, int b) { return std::min(a, b); }
 inline int max(int a, int b) { return std::max(a, b); }
