@@ -143,8 +143,9 @@ void test_skip_layer_norm(int rows, int dim, int threads, Skip kind) {
     double mean = 0, var = 0;
     for (int i = 0; i < dim; ++i) {
       const size_t at = size_t(r) * dim + i;
-      const float scaled = update ? (scale ? scale[i] * update[at] : update[at]) : 0.f;
-      v[i] = update ? x[at] + scaled : x[at];
+      // Two f32 operations, each rounded (the intrinsics keep the host compiler from fusing them).
+      const float scaled = update ? (scale ? __fmul_rn(scale[i], update[at]) : update[at]) : 0.f;
+      v[i] = update ? __fadd_rn(x[at], scaled) : x[at];
       mean += v[i];
     }
     mean /= dim;
