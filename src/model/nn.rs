@@ -228,12 +228,13 @@ pub fn candle_ops_requested() -> bool {
     *CANDLE_OPS.get_or_init(|| std::env::var("DUPLEX_KERNELS").is_ok_and(|v| v == "candle"))
 }
 
-/// Whether `xs` goes through our fused kernels (`kernels/norm.cu`): bf16 on a GPU, unless
-/// candle's ops are asked for.
-fn fused(xs: &Tensor) -> bool {
+/// Whether `xs` goes through our fused kernels (`kernels/norm.cu`): on a GPU, of the `dtype`
+/// they take (bf16 for the language model's, f32 for Mimi's LayerNorm), unless candle's ops
+/// are asked for.
+fn fused(xs: &Tensor, dtype: DType) -> bool {
     cfg!(feature = "cuda")
         && xs.device().is_cuda()
-        && xs.dtype() == DType::BF16
+        && xs.dtype() == dtype
         && !candle_ops_requested()
 }
 
@@ -280,7 +281,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if fused(xs) {
+        if fused(xs, DType::BF16) {
             return rms_norm_fused(xs, &self.alpha, self.eps);
         }
         let dtype = xs.dtype();
@@ -303,7 +304,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if layer_norm_fused(xs) {
+        if fused(xs, DType::F32) {
             return Ok(skip_layer_norm_fused(xs, None, &self.weight, &self.bias, self.eps)?.1);
         }
         candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
@@ -317,7 +318,7 @@ impl LayerNorm {
         update: &Tensor,
         scale: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        if layer_norm_fused(xs) {
+        if fused(xs, DType::F32) {
             let (sum, normed) = skip_layer_norm_fused(
                 xs,
                 Some((update, scale)),
@@ -335,15 +336,6 @@ impl LayerNorm {
         let normed = self.forward(&sum)?;
         Ok((sum, normed))
     }
-}
-
-/// Whether a LayerNorm of `xs` runs our kernel (`kernels/norm.cu`): f32 on a GPU (Mimi's
-/// transformers), unless candle's ops are asked for.
-fn layer_norm_fused(xs: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && xs.device().is_cuda()
-        && xs.dtype() == DType::F32
-        && !candle_ops_requested()
 }
 
 #[cfg(feature = "cuda")]
@@ -409,7 +401,7 @@ impl SwiGlu {
 
     /// `silu(a) · b` of `gated` = `[a, b]` (the in-projection's output).
     fn gate(&self, gated: Tensor) -> Result<Tensor> {
-        if fused(&gated) {
+        if fused(&gated, DType::BF16) {
             return swiglu_fused(&gated);
         }
         let hidden = gated.dim(D::Minus1)? / 2;
