@@ -304,8 +304,10 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
         if fused(xs, DType::F32) {
-            return Ok(skip_layer_norm_fused(xs, None, &self.weight, &self.bias, self.eps)?.1);
+            let (weight, bias) = (&self.weight, &self.bias);
+            return Ok(super::cuda::skip_layer_norm(xs, None, weight, bias, self.eps)?.1);
         }
         candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
     }
@@ -318,14 +320,11 @@ impl LayerNorm {
         update: &Tensor,
         scale: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
         if fused(xs, DType::F32) {
-            let (sum, normed) = skip_layer_norm_fused(
-                xs,
-                Some((update, scale)),
-                &self.weight,
-                &self.bias,
-                self.eps,
-            )?;
+            let (weight, bias) = (&self.weight, &self.bias);
+            let skip = Some((update, scale));
+            let (sum, normed) = super::cuda::skip_layer_norm(xs, skip, weight, bias, self.eps)?;
             let sum = sum.expect("a skip connection's sum is returned with an update");
             return Ok((sum, normed));
         }
@@ -336,28 +335,6 @@ impl LayerNorm {
         let normed = self.forward(&sum)?;
         Ok((sum, normed))
     }
-}
-
-#[cfg(feature = "cuda")]
-fn skip_layer_norm_fused(
-    xs: &Tensor,
-    update: Option<(&Tensor, Option<&Tensor>)>,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f32,
-) -> Result<(Option<Tensor>, Tensor)> {
-    super::cuda::skip_layer_norm(xs, update, weight, bias, eps)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn skip_layer_norm_fused(
-    _xs: &Tensor,
-    _update: Option<(&Tensor, Option<&Tensor>)>,
-    _weight: &Tensor,
-    _bias: &Tensor,
-    _eps: f32,
-) -> Result<(Option<Tensor>, Tensor)> {
-    unreachable!("fused kernels are only chosen in a build with the `cuda` feature")
 }
 
 /// The gated feed-forward block: `linear_out(silu(a) · b)` where `[a, b] = linear_in(x)`.
