@@ -9,6 +9,7 @@
 // half the bytes a long history costs every step. When the attended entries fit one chunk (the
 // depformer's few steps), `ring_write_attend_{bf16,int8}` does the write and the attention in
 // one launch.
+// `masked_attention_f32` (at the end) is Mimi's: f32, every query of a step, an explicit mask.
 // CPU references: `nn::RopeTables::apply`, `kv::RingCache::append`, `kv::attention`;
 // `quant::quantize_rows` and `quant::dequantize_rows` for the 8-bit rings.
 #include "common.cuh"
@@ -462,4 +463,55 @@ extern "C" __global__ void ring_attention_join(const float* __restrict__ part, _
     }
   }
   out[(size_t)head * head_dim + d] = __float2bfloat16(total > 0.f ? acc / total : 0.f);
+}
+
+// Mimi's streaming attention in f32, every query of a step at once, its heads merged on the way out:
+// out[b, t, h, :] = softmax(q[b, h, t, :] · k[b, h, j, :]ᵀ · scale + mask[b, 0, t, j]) · v[b, h, j, :] over
+// j < len (the reference's order of operations: scores scaled, the mask added, the softmax, then the values).
+// q [rows, heads, time, head_dim], k and v [rows, heads, len, head_dim], mask [rows, 1, time, len], all
+// contiguous; out [rows, time, heads, head_dim]. A key the mask hides (-inf) weighs 0; a query that sees no key
+// gives NaN, as the softmax does. Grid: rows * heads * time blocks (query fastest, then head); block: whole
+// warps, a warp per key for the scores and a thread per value column for the output. Host requirements:
+// len <= MASKED_ATTENTION_MAX_KEYS, head_dim <= MASKED_ATTENTION_MAX_HEAD_DIM.
+#define MASKED_ATTENTION_MAX_KEYS 1024
+#define MASKED_ATTENTION_MAX_HEAD_DIM 256
+
+extern "C" __global__ void masked_attention_f32(const float* __restrict__ q, const float* __restrict__ k,
+                                                const float* __restrict__ v, const float* __restrict__ mask,
+                                                float* __restrict__ out, int heads, int time, int len, int head_dim,
+                                                float scale) {
+  grid_dependency_sync();
+  __shared__ float query[MASKED_ATTENTION_MAX_HEAD_DIM];
+  __shared__ float weight[MASKED_ATTENTION_MAX_KEYS];
+  __shared__ float shared32[32];
+  const int t = blockIdx.x % time, h = (blockIdx.x / time) % heads, b = blockIdx.x / (time * heads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const size_t head = (size_t)b * heads + h;
+  const float* keys = k + head * len * head_dim;
+  const float* values = v + head * len * head_dim;
+  const float* hidden = mask + ((size_t)b * time + t) * len;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = q[(head * time + t) * head_dim + d];
+  __syncthreads();
+  float largest = -INFINITY;
+  for (int j = warp; j < len; j += warps) {
+    float dot = 0.f;
+    for (int d = lane; d < head_dim; d += 32) dot += query[d] * keys[(size_t)j * head_dim + d];
+    const float score = warp_sum(dot) * scale + hidden[j];
+    if (lane == 0) weight[j] = score;
+    largest = fmaxf(largest, score);
+  }
+  largest = block_max(largest, shared32);
+  float total = 0.f;
+  for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    const float e = expf(weight[j] - largest);
+    weight[j] = e;
+    total += e;
+  }
+  total = block_sum(total, shared32);
+  float* row = out + (((size_t)b * time + t) * heads + h) * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < len; ++j) acc += weight[j] * values[(size_t)j * head_dim + d];
+    row[d] = acc / total;
+  }
 }

@@ -380,6 +380,52 @@ fn check_skip_layer_norm(gpu: &Device, rows: usize, dim: usize) {
     assert!(err.unwrap_err().to_string().contains(&want));
 }
 
+/// Mimi's attention in one kernel equals the CPU's composed attention with the heads merged:
+/// a causal window, a row that sees everything and a row that sees one key; misshaped masks
+/// and rings past the kernel's keys are refused.
+#[test]
+fn masked_attention_matches_the_cpu_path() {
+    use duplex::model::kv::{Attend, attention_merged};
+    let Some(gpu) = tiny::gpu() else { return };
+    let cpu = Device::Cpu;
+    let (rows, heads, time, len, head_dim) = (3, 8, 2, 250, 64);
+    let q = Tensor::randn(0f32, 1.0, (rows, heads, time, head_dim), &cpu).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (rows, heads, len, head_dim), &cpu).unwrap();
+    let v = Tensor::randn(0f32, 2.0, (rows, heads, len, head_dim), &cpu).unwrap();
+    let cell = |row: usize, query: usize, key: usize| {
+        let newest = len - time + query;
+        let visible = match row {
+            0 => key <= newest && newest - key < 100,
+            1 => true,
+            _ => key == 0,
+        };
+        if visible { 0f32 } else { f32::NEG_INFINITY }
+    };
+    let mask: Vec<f32> = (0..rows * time * len)
+        .map(|i| cell(i / (time * len), i / len % time, i % len))
+        .collect();
+    let mask = Tensor::from_vec(mask, (rows, 1, time, len), &cpu).unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let attend = |device: &dyn Fn(&Tensor) -> Tensor| Attend {
+        k: device(&k),
+        v: device(&v),
+        mask: device(&mask),
+    };
+    let want = attention_merged(&q, &attend(&|t| t.clone())).unwrap();
+    let got = attention_merged(&on_gpu(&q), &attend(&on_gpu)).unwrap();
+    assert_eq!(got.dims(), [rows, time, heads * head_dim]);
+    let error = tiny::max_abs_diff(&got, &want);
+    assert!(error < 1e-4, "masked attention differs by {error}");
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let short_mask = on_gpu(&mask.narrow(3, 0, len - 1).unwrap());
+    let err = cuda::masked_attention(&on_gpu(&q), &on_gpu(&k), &on_gpu(&v), &short_mask, scale);
+    assert!(err.unwrap_err().to_string().contains("a mask of"));
+    let long = Tensor::zeros((rows, heads, 1025, head_dim), DType::F32, &gpu).unwrap();
+    let long_mask = Tensor::zeros((rows, 1, time, 1025), DType::F32, &gpu).unwrap();
+    let err = cuda::masked_attention(&on_gpu(&q), &long, &long, &long_mask, scale);
+    assert!(err.unwrap_err().to_string().contains("not 1025 of 64"));
+}
+
 /// `sampling::draw` of `logits` on the GPU and on the CPU, each with `params` on its device.
 fn draws_on_both(
     logits: &Tensor,

@@ -666,6 +666,112 @@ pub fn skip_layer_norm(
     }
 }
 
+/// The most ring entries and the widest heads `masked_attention_f32` takes (kernels/attention.cu).
+pub const MASKED_ATTENTION_MAX_KEYS: usize = 1024;
+pub const MASKED_ATTENTION_MAX_HEAD_DIM: usize = 256;
+
+/// `masked_attention_f32`'s keys, values and mask, for the queries it is applied to.
+struct MaskedAttentionOp {
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    scale: f32,
+}
+
+impl CustomOp1 for MaskedAttentionOp {
+    fn name(&self) -> &'static str {
+        "duplex-masked-attention"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("masked attention on the CPU is `kv::attention`")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "attention queries")?;
+        let (rows, heads, time, head_dim) = layout.shape().dims4()?;
+        let (_, _, len, _) = self.k.dims4()?;
+        let kv_dims = [rows, heads, len, head_dim];
+        if self.k.dims() != kv_dims || self.v.dims() != kv_dims {
+            candle_core::bail!(
+                "masked attention: keys {:?} and values {:?} for queries {:?}",
+                self.k.dims(),
+                self.v.dims(),
+                layout.shape().dims()
+            );
+        }
+        if self.mask.dims() != [rows, 1, time, len] {
+            candle_core::bail!(
+                "masked attention: a mask of {:?} for {rows} rows of {time} queries over {len} keys",
+                self.mask.dims()
+            );
+        }
+        if len == 0 || len > MASKED_ATTENTION_MAX_KEYS || head_dim > MASKED_ATTENTION_MAX_HEAD_DIM {
+            candle_core::bail!(
+                "masked attention takes 1 to {MASKED_ATTENTION_MAX_KEYS} keys of at most \
+                 {MASKED_ATTENTION_MAX_HEAD_DIM} values, not {len} of {head_dim}"
+            );
+        }
+        let device = q.device().clone();
+        let qs = q.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
+        let (k, v, mask) = (
+            self.k.storage_and_layout(),
+            self.v.storage_and_layout(),
+            self.mask.storage_and_layout(),
+        );
+        let (k, v) = (f32_view(&k, "keys")?, f32_view(&v, "values")?);
+        let mask = f32_view(&mask, "mask")?;
+        let early = early::prepare(&device)?;
+        let count = rows * heads * time * head_dim;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<f32>(count)? };
+        let func = device.get_or_load_custom_func(
+            "masked_attention_f32",
+            "duplex_attention",
+            ATTENTION_PTX,
+        )?;
+        let dims = [heads, time, len, head_dim].map(|d| d as i32);
+        let mut builder = func.builder();
+        builder.arg(&qs).arg(&k).arg(&v).arg(&mask).arg(&out);
+        for dim in &dims {
+            builder.arg(dim);
+        }
+        builder.arg(&self.scale);
+        let config = LaunchConfig {
+            grid_dim: ((rows * heads * time) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        early::arm(early)?;
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, time, heads * head_dim)),
+        ))
+    }
+}
+
+/// Mimi's streaming attention in f32 on the GPU, in one kernel: `q` `[rows, heads, time,
+/// head_dim]` over `k`, `v` `[rows, heads, len, head_dim]` with the additive `mask` `[rows, 1,
+/// time, len]`, scores scaled by `scale` → `[rows, time, heads · head_dim]` (heads merged).
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let op = MaskedAttentionOp {
+        k: f32(k)?,
+        v: f32(v)?,
+        mask: f32(mask)?,
+        scale,
+    };
+    f32(q)?.apply_op1_no_bwd(&op)
+}
+
 struct SwiGluOp;
 
 impl CustomOp1 for SwiGluOp {

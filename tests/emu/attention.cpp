@@ -555,6 +555,74 @@ void test_write_attend(const AttentionCase& shape, bool int8) {
 
 }  // namespace
 
+// ---- masked_attention_f32 (Mimi) ----
+
+struct MaskedCase {
+  int rows, heads, time, len, head_dim;
+  unsigned threads;
+};
+
+// Row 0 sees a causal window over the ring's last `time` entries, row 1 everything, row 2 (if any) only its
+// first key; a mask of -inf elsewhere.
+float masked_cell(int row, int query, int key, int time, int len) {
+  if (row == 1) return 0.f;
+  if (row == 2) return key == 0 ? 0.f : -INFINITY;
+  const int newest = len - time + query;
+  return key <= newest && newest - key < 100 ? 0.f : -INFINITY;
+}
+
+void test_masked_attention(const MaskedCase& c) {
+  Case check(format("masked_attention_f32 rows=%d heads=%d time=%d len=%d head_dim=%d threads=%u", c.rows, c.heads,
+                    c.time, c.len, c.head_dim, c.threads));
+  emu::DeviceMemory memory;
+  const size_t heads = size_t(c.rows) * c.heads, q_count = heads * c.time * c.head_dim;
+  const size_t kv_count = heads * c.len * c.head_dim;
+  float* q = memory.alloc<float>(q_count);
+  float* k = memory.alloc<float>(kv_count);
+  float* v = memory.alloc<float>(kv_count);
+  float* mask = memory.alloc<float>(size_t(c.rows) * c.time * c.len);
+  float* out = memory.alloc<float>(q_count);
+  for (size_t i = 0; i < q_count; ++i) q[i] = float(uniform(-1, 1));
+  for (size_t i = 0; i < kv_count; ++i) {
+    k[i] = float(uniform(-1, 1));
+    v[i] = float(uniform(-2, 2));
+  }
+  for (int r = 0; r < c.rows; ++r)
+    for (int t = 0; t < c.time; ++t)
+      for (int j = 0; j < c.len; ++j) mask[(size_t(r) * c.time + t) * c.len + j] = masked_cell(r, t, j, c.time, c.len);
+  std::fill_n(out, q_count, -1234.5f);
+  const float scale = 1.f / std::sqrt(float(c.head_dim));
+  emu::launch("masked_attention_f32", dim3(unsigned(heads) * c.time), dim3(c.threads), [&] {
+    masked_attention_f32(q, k, v, mask, out, c.heads, c.time, c.len, c.head_dim, scale);
+  });
+  double max_error = 0;
+  for (int r = 0; r < c.rows; ++r)
+    for (int h = 0; h < c.heads; ++h)
+      for (int t = 0; t < c.time; ++t) {
+        const size_t head = size_t(r) * c.heads + h;
+        std::vector<double> weights(c.len);
+        double largest = -INFINITY, total = 0;
+        for (int j = 0; j < c.len; ++j) {
+          double dot = 0;
+          for (int d = 0; d < c.head_dim; ++d)
+            dot += double(q[(head * c.time + t) * c.head_dim + d]) * k[(head * c.len + j) * c.head_dim + d];
+          weights[j] = dot * scale + mask[(size_t(r) * c.time + t) * c.len + j];
+          largest = std::max(largest, weights[j]);
+        }
+        for (double& w : weights) total += w = std::exp(w - largest);
+        for (int d = 0; d < c.head_dim; ++d) {
+          double expected = 0;
+          for (int j = 0; j < c.len; ++j) expected += weights[j] * v[(head * c.len + j) * c.head_dim + d] / total;
+          const float got = out[((size_t(r) * c.time + t) * c.heads + h) * c.head_dim + d];
+          const double error = std::abs(got - expected);
+          max_error = std::max(max_error, error);
+          check.expect(error <= 2e-5 * (1 + std::abs(expected)), "row %d head %d query %d column %d: %g, expected %g",
+                       r, h, t, d, got, expected);
+        }
+      }
+  check.finish(format("max error %.3g", max_error));
+}
+
 int main() {
   // Write indices inside the ring, negative (leave it alone) and at or past its capacity.
   const std::array<int64_t, kRows> write_sets[] = {{5, -1, 15}, {16, 0, -2}};
@@ -596,5 +664,10 @@ int main() {
       test_one_chunk_part(shape, int8);
       test_write_attend(shape, int8);
     }
+  // Mimi's 8 heads of 64 over its 250-entry ring, 2 queries a step, at the host's 128 threads; a single key;
+  // head widths below and past a warp, more keys than threads, one warp, the most keys and the widest heads.
+  const MaskedCase masked[] = {{2, 8, 2, 250, 64, 128}, {1, 1, 1, 1, 8, 32},  {3, 2, 3, 40, 24, 128},
+                               {3, 2, 2, 300, 80, 64},  {2, 2, 2, 90, 64, 32}, {2, 1, 1, 1024, 256, 256}};
+  for (const MaskedCase& c : masked) test_masked_attention(c);
   return summarise("attention");
 }

@@ -7,7 +7,7 @@
 use crate::model::Result;
 use crate::model::checkpoint::mimi::TransformerLayerWeights;
 use crate::model::kv::{
-    Attend, RingCache, RingPositions, RingShape, RingStep, attention, split_qkv,
+    Attend, RingCache, RingPositions, RingShape, RingStep, attention_merged, split_qkv,
 };
 use crate::model::mimi::MimiConfig;
 use crate::model::nn::{LayerNorm, Rope, RopeTables};
@@ -279,7 +279,7 @@ impl Transformer {
         rope: &RopeTables,
         kv: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Attend>,
     ) -> Result<Tensor> {
-        let (batch, time, d) = xs.dims3()?;
+        let d = xs.dim(2)?;
         let head_dim = d / self.heads;
         // 1. project and split q|k|v, each heads × head_dim
         let [q, k, v] = split_qkv(&layer.in_proj.forward(xs)?, self.heads, head_dim)?;
@@ -287,9 +287,8 @@ impl Transformer {
         let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
         // 3. attend over the cache (or the whole sequence)
         let attend = kv(&k, &v)?;
-        let out = attention(&q, &attend)?; // b,h,t,hd
-        // 4. merge heads and project out
-        let out = out.transpose(1, 2)?.reshape((batch, time, d))?;
+        let out = attention_merged(&q, &attend)?; // b,t,d
+        // 4. project out
         layer.out_proj.forward(&out)
     }
 }
