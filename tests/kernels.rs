@@ -381,14 +381,33 @@ fn check_skip_layer_norm(gpu: &Device, rows: usize, dim: usize) {
 }
 
 /// Mimi's attention in one kernel equals the CPU's composed attention with the heads merged:
-/// a causal window, a row that sees everything and a row that sees one key; misshaped masks
-/// and rings past the kernel's keys are refused.
+/// Mimi's shape with a causal window, a row that sees everything and a row that sees one key;
+/// fewer keys than warps with heads wider than the block. Misshaped masks and rings past the
+/// kernel's keys are refused.
 #[test]
 fn masked_attention_matches_the_cpu_path() {
-    use duplex::model::kv::{Attend, attention_merged};
     let Some(gpu) = tiny::gpu() else { return };
+    check_masked_attention(&gpu, (3, 8, 2, 250, 64));
+    check_masked_attention(&gpu, (3, 2, 1, 3, 256));
+    let zeros = |dims: (usize, usize, usize, usize)| Tensor::zeros(dims, DType::F32, &gpu).unwrap();
+    let (q, kv) = (zeros((3, 8, 2, 64)), zeros((3, 8, 250, 64)));
+    let short_mask = zeros((3, 1, 2, 249));
+    let err = cuda::masked_attention(&q, &kv, &kv, &short_mask, 0.125);
+    assert!(err.unwrap_err().to_string().contains("a mask of"));
+    let (long, long_mask) = (zeros((3, 8, 1025, 64)), zeros((3, 1, 2, 1025)));
+    let err = cuda::masked_attention(&q, &long, &long, &long_mask, 0.125);
+    assert!(err.unwrap_err().to_string().contains("not 1025 of 64"));
+}
+
+/// `masked_attention_matches_the_cpu_path` for `(rows, heads, time, len, head_dim)`, both
+/// through `kv::attention_merged` and the kernel itself (which `DUPLEX_KERNELS=candle` would
+/// leave out of the first).
+fn check_masked_attention(
+    gpu: &Device,
+    (rows, heads, time, len, head_dim): (usize, usize, usize, usize, usize),
+) {
+    use duplex::model::kv::{Attend, attention_merged};
     let cpu = Device::Cpu;
-    let (rows, heads, time, len, head_dim) = (3, 8, 2, 250, 64);
     let q = Tensor::randn(0f32, 1.0, (rows, heads, time, head_dim), &cpu).unwrap();
     let k = Tensor::randn(0f32, 1.0, (rows, heads, len, head_dim), &cpu).unwrap();
     let v = Tensor::randn(0f32, 2.0, (rows, heads, len, head_dim), &cpu).unwrap();
@@ -405,25 +424,26 @@ fn masked_attention_matches_the_cpu_path() {
         .map(|i| cell(i / (time * len), i / len % time, i % len))
         .collect();
     let mask = Tensor::from_vec(mask, (rows, 1, time, len), &cpu).unwrap();
-    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
     let attend = |device: &dyn Fn(&Tensor) -> Tensor| Attend {
         k: device(&k),
         v: device(&v),
         mask: device(&mask),
     };
     let want = attention_merged(&q, &attend(&|t| t.clone())).unwrap();
-    let got = attention_merged(&on_gpu(&q), &attend(&on_gpu)).unwrap();
-    assert_eq!(got.dims(), [rows, time, heads * head_dim]);
-    let error = tiny::max_abs_diff(&got, &want);
-    assert!(error < 1e-4, "masked attention differs by {error}");
+    let routed = attention_merged(&on_gpu(&q), &attend(&on_gpu)).unwrap();
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let short_mask = on_gpu(&mask.narrow(3, 0, len - 1).unwrap());
-    let err = cuda::masked_attention(&on_gpu(&q), &on_gpu(&k), &on_gpu(&v), &short_mask, scale);
-    assert!(err.unwrap_err().to_string().contains("a mask of"));
-    let long = Tensor::zeros((rows, heads, 1025, head_dim), DType::F32, &gpu).unwrap();
-    let long_mask = Tensor::zeros((rows, 1, time, 1025), DType::F32, &gpu).unwrap();
-    let err = cuda::masked_attention(&on_gpu(&q), &long, &long, &long_mask, scale);
-    assert!(err.unwrap_err().to_string().contains("not 1025 of 64"));
+    let kernel =
+        cuda::masked_attention(&on_gpu(&q), &on_gpu(&k), &on_gpu(&v), &on_gpu(&mask), scale)
+            .unwrap();
+    for (what, got) in [("attention_merged", routed), ("the kernel", kernel)] {
+        assert_eq!(got.dims(), [rows, time, heads * head_dim], "{what}");
+        let error = tiny::max_abs_diff(&got, &want);
+        assert!(
+            error < 1e-4,
+            "{what} differs by {error} at {len} keys of {head_dim}"
+        );
+    }
 }
 
 /// `sampling::draw` of `logits` on the GPU and on the CPU, each with `params` on its device.

@@ -762,6 +762,10 @@ pub fn masked_attention(
     mask: &Tensor,
     scale: f32,
 ) -> Result<Tensor> {
+    let (rows, heads, time, head_dim) = q.dims4()?;
+    if rows * heads * time == 0 {
+        return Tensor::zeros((rows, time, heads * head_dim), DType::F32, q.device());
+    }
     let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = MaskedAttentionOp {
         k: f32(k)?,
