@@ -228,6 +228,70 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
     grid_dependency_sync();                                                                                \
     gemv_splitk<W, B>(x, w, scale, residual, alpha, eps, flags & GEMV_GATED, y, n, k);                     \
   }
+// Mimi's products in f32 (its transformers' few rows a step): y[b, n] = sum_k x[b, k] * w[n, k], f32 rows,
+// weights and output, nothing around the product. The split of K, the blocks and the meeting of partial sums
+// are gemv_splitk's, with chunks of 32 lanes' four f32. Host requirements: k % 4 == 0, x and w 16-byte
+// aligned; the launch as above with 16-byte loads of 4 elements.
+template <int BATCH>
+__device__ __forceinline__ void gemv_splitk_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                                float* __restrict__ y, int n, int k) {
+  constexpr int PER = 4, CHUNK = 32 * PER;
+  __shared__ float partial[GEMV_MAX_WARPS][GEMV_CHANNELS * GEMV_MAX_BATCH];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int channel[GEMV_CHANNELS];
+#pragma unroll
+  for (int r = 0; r < GEMV_CHANNELS; ++r) channel[r] = block_channel(r, 0, n);
+  const int chunks = (k + CHUNK - 1) / CHUNK;
+  float acc[GEMV_CHANNELS][BATCH] = {};
+  for (int c0 = warp; c0 < chunks; c0 += warps * GEMV_UNROLL) {
+    float4 packed[GEMV_UNROLL][GEMV_CHANNELS];
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+      const int i = (c0 + u * warps) * CHUNK + lane * PER;
+#pragma unroll
+      for (int r = 0; r < GEMV_CHANNELS; ++r)
+        packed[u][r] = (i < k && channel[r] < n) ? __ldg(reinterpret_cast<const float4*>(w + (size_t)channel[r] * k + i))
+                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+      const int i = (c0 + u * warps) * CHUNK + lane * PER;
+      if (i >= k) continue;
+#pragma unroll
+      for (int b = 0; b < BATCH; ++b) {
+        const float4 xv = *reinterpret_cast<const float4*>(x + (size_t)b * k + i);
+#pragma unroll
+        for (int r = 0; r < GEMV_CHANNELS; ++r) {
+          const float4 wv = packed[u][r];
+          acc[r][b] = fmaf(xv.w, wv.w, fmaf(xv.z, wv.z, fmaf(xv.y, wv.y, fmaf(xv.x, wv.x, acc[r][b]))));
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < GEMV_CHANNELS; ++r)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const float v = warp_sum(acc[r][b]);
+      if (lane == 0) partial[warp][r * GEMV_MAX_BATCH + b] = v;
+    }
+  __syncthreads();
+  const int t = threadIdx.x, r = t / GEMV_MAX_BATCH, b = t % GEMV_MAX_BATCH;
+  if (b >= BATCH || t >= GEMV_CHANNELS * GEMV_MAX_BATCH || channel[r] >= n) return;
+  y[(size_t)b * n + channel[r]] = channel_sum(partial, warps, r, b);
+}
+
+#define GEMV_F32_ENTRY(B)                                                                                      \
+  extern "C" __global__ void gemv_splitk_f32_b##B(const float* __restrict__ x, const float* __restrict__ w,     \
+                                                  float* __restrict__ y, int n, int k) {                       \
+    grid_dependency_sync();                                                                                    \
+    gemv_splitk_f32<B>(x, w, y, n, k);                                                                         \
+  }
+GEMV_F32_ENTRY(1)
+GEMV_F32_ENTRY(2)
+GEMV_F32_ENTRY(3)
+GEMV_F32_ENTRY(4)
+
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 1)
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 2)
 GEMV_ENTRY(gemv_splitk_int8, Int8Weights, 3)

@@ -329,6 +329,28 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
     assert!(tiny::max_abs_diff(&got, &want) < 0.05, "swiglu");
 }
 
+/// Mimi's f32 products by the split-K kernel equal a CPU matmul, at each row count it takes
+/// and Mimi's shapes; five rows are refused.
+#[test]
+fn the_f32_split_k_product_matches_a_matmul() {
+    let Some(gpu) = tiny::gpu() else { return };
+    for (n, k) in [(1536, 512), (2048, 512), (512, 2048), (771, 1040)] {
+        let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
+        let weight_gpu = weight.to_device(&gpu).unwrap();
+        for rows in 1..=4 {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &Device::Cpu).unwrap();
+            let want = x.matmul(&weight.t().unwrap()).unwrap();
+            let got = cuda::gemv_f32(&x.to_device(&gpu).unwrap(), &weight_gpu).unwrap();
+            let error = tiny::max_abs_diff(&got, &want);
+            assert!(error < 1e-4, "{rows} rows of {n}x{k}: {error}");
+        }
+    }
+    let five = Tensor::zeros((5, 512), DType::F32, &gpu).unwrap();
+    let weight = Tensor::zeros((64, 512), DType::F32, &gpu).unwrap();
+    let err = cuda::gemv_f32(&five, &weight).unwrap_err();
+    assert!(err.to_string().contains("1 to 4 rows"), "{err}");
+}
+
 /// Mimi's skip connection and LayerNorm in one kernel equal candle's ops on the CPU: with a
 /// scaled update, an unscaled one and none (a plain LayerNorm, through `nn::LayerNorm` too);
 /// misshaped tensors are refused.

@@ -666,6 +666,70 @@ pub fn skip_layer_norm(
     }
 }
 
+/// `x · wᵀ` in f32 by `gemv_splitk_f32_b*` (Mimi's products): `x` `[rows, k]`, `w` `[n, k]`.
+struct GemvF32;
+
+impl candle_core::CustomOp2 for GemvF32 {
+    fn name(&self) -> &'static str {
+        "gemv-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the f32 matrix-vector kernel has no CPU path; use a matmul")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous(x_layout, "gemv input")?;
+        contiguous(w_layout, "gemv weight")?;
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, k_w) = w_layout.shape().dims2()?;
+        let aligned = |offset: usize| offset.is_multiple_of(4);
+        if k != k_w || !aligned(x_layout.start_offset()) || !aligned(w_layout.start_offset()) {
+            candle_core::bail!(
+                "gemv: input width {k} vs weight {k_w} (must match; both 16-byte aligned)"
+            );
+        }
+        let (name, config) = gemv_launch("f32", rows, n, k, 4)?;
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<f32>()?.slice(x_layout.start_offset()..);
+        let ws = w.as_cuda_slice::<f32>()?.slice(w_layout.start_offset()..);
+        let early = early::prepare(&device)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<f32>(rows * n)? };
+        let func = device.get_or_load_custom_func(&name, "duplex_gemv", GEMV_PTX)?;
+        let (n_i, k_i) = (n as i32, k as i32);
+        let mut builder = func.builder();
+        builder.arg(&xs).arg(&ws).arg(&out).arg(&n_i).arg(&k_i);
+        early::arm(early)?;
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, n)),
+        ))
+    }
+}
+
+/// `x · wᵀ` for 1 to `GEMV_MAX_ROWS` f32 rows `[rows, k]` and f32 weights `[n, k]` on the
+/// GPU, by the split-K kernel (k a multiple of 4) → `[rows, n]`.
+pub fn gemv_f32(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    xs.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2_no_bwd(&weight.to_dtype(DType::F32)?.contiguous()?, &GemvF32)
+}
+
 /// The most ring entries and the widest heads `masked_attention_f32` takes (kernels/attention.cu).
 pub const MASKED_ATTENTION_MAX_KEYS: usize = 1024;
 pub const MASKED_ATTENTION_MAX_HEAD_DIM: usize = 256;

@@ -208,6 +208,38 @@ void test_gemv(int n, int k) {
 
 }  // namespace
 
+// ---- gemv_splitk_f32_b1..b4 (Mimi) ----
+
+void test_gemv_f32(int batch, int n, int k) {
+  const dim3 block = block_for<float>(k);
+  Case check(format("gemv_splitk_f32_b%d n=%d k=%d (%u threads)", batch, n, k, block.x));
+  using Entry = void (*)(const float*, const float*, float*, int, int);
+  constexpr Entry entries[] = {gemv_splitk_f32_b1, gemv_splitk_f32_b2, gemv_splitk_f32_b3, gemv_splitk_f32_b4};
+  emu::DeviceMemory memory;
+  float* x = memory.alloc<float>(size_t(batch) * k);
+  float* w = memory.alloc<float>(size_t(n) * k);
+  float* y = memory.alloc<float>(size_t(batch) * n);
+  for (size_t i = 0; i < size_t(batch) * k; ++i) x[i] = float(uniform(-2, 2));
+  for (size_t i = 0; i < size_t(n) * k; ++i) w[i] = float(uniform(-1, 1));
+  std::fill_n(y, size_t(batch) * n, -1234.5f);
+  const unsigned blocks = unsigned((n + GEMV_CHANNELS - 1) / GEMV_CHANNELS);
+  emu::launch(format("gemv_splitk_f32_b%d", batch), dim3(blocks), block, [&] { entries[batch - 1](x, w, y, n, k); });
+  double max_error = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int c = 0; c < n; ++c) {
+      double expected = 0, magnitude = 0;
+      for (int i = 0; i < k; ++i) {
+        expected += double(x[size_t(b) * k + i]) * w[size_t(c) * k + i];
+        magnitude += std::abs(double(x[size_t(b) * k + i]) * w[size_t(c) * k + i]);
+      }
+      const double error = std::abs(y[size_t(b) * n + c] - expected);
+      max_error = std::max(max_error, error / magnitude);
+      check.expect(error <= 1e-6 * magnitude + 1e-30, "row %d channel %d: %g, expected %g", b, c,
+                   y[size_t(b) * n + c], expected);
+    }
+  check.finish(format("max error %.3g of the terms' magnitude", max_error));
+}
+
 int main() {
   // n = 771 leaves the last block 3 channels. k = 1040 ends in a partial chunk; 4224 sends bf16 warps round
   // the chunk loop twice (int8 warp 0 once, with a partial second chunk); 48 is part of one warp's chunk;
@@ -221,5 +253,12 @@ int main() {
   test_gemv<int8_t>(67, 8448);
   test_gemv<int8_t>(770, 1040);
   test_gemv<bf16>(770, 1040);
+  // Mimi's products (512 -> 1536, 512 -> 2048, 2048 -> 512) at each row count; a last block of 3 channels, a
+  // partial chunk (k = 1040), k shorter than one warp's chunk (48), and warps sent round the chunk loop three
+  // times (4224).
+  for (int batch = 1; batch <= 4; ++batch)
+    for (const auto& [n, k] : {std::pair{1536, 512}, std::pair{512, 2048}, std::pair{771, 1040}, std::pair{64, 48},
+                               std::pair{67, 4224}})
+      test_gemv_f32(batch, n, k);
   return summarise("gemv");
 }

@@ -18,16 +18,21 @@ const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// A bias-free linear layer stored as `[in, out]` (the transpose of PyTorch's `[out, in]`): with
 /// the one or two rows of a streaming step, candle's CPU matmul is about 4× faster reading a
-/// contiguous right-hand side than a transposed view of it.
+/// contiguous right-hand side than a transposed view of it. On a GPU it also keeps `[out, in]`,
+/// which the split-K kernel reads for a step's few rows (`cuda::gemv_f32`).
 #[derive(Debug, Clone)]
 pub(super) struct Linear {
     weight_t: Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    out_in: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: &Tensor) -> Result<Self> {
+        let on_gpu = cfg!(feature = "cuda") && weight.device().is_cuda();
         Ok(Self {
             weight_t: weight.t()?.contiguous()?,
+            out_in: on_gpu.then(|| weight.contiguous()).transpose()?,
         })
     }
 
@@ -43,9 +48,16 @@ impl Linear {
         *out_dims
             .last_mut()
             .expect("a linear input has at least one dim") = self.out_features();
-        xs.reshape((rows, in_features))?
-            .matmul(&self.weight_t)?
-            .reshape(out_dims)
+        let xs = xs.reshape((rows, in_features))?;
+        #[cfg(feature = "cuda")]
+        if let Some(out_in) = &self.out_in
+            && xs.dtype() == candle_core::DType::F32
+            && crate::model::cuda::gemv_takes(rows, in_features, 4)
+            && !crate::model::nn::candle_ops_requested()
+        {
+            return crate::model::cuda::gemv_f32(&xs, out_in)?.reshape(out_dims);
+        }
+        xs.matmul(&self.weight_t)?.reshape(out_dims)
     }
 }
 
