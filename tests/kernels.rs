@@ -329,12 +329,21 @@ fn rms_norm_and_swiglu_match_the_cpu_layers() {
     assert!(tiny::max_abs_diff(&got, &want) < 0.05, "swiglu");
 }
 
-/// Mimi's f32 products by the split-K kernel equal a CPU matmul, at each row count it takes
-/// and Mimi's shapes; five rows are refused.
+/// Mimi's f32 products by the split-K kernel equal a CPU matmul, at each row count it takes,
+/// for Mimi's transformer and quantizer shapes and one with a partial last block and chunk;
+/// five rows are refused.
 #[test]
 fn the_f32_split_k_product_matches_a_matmul() {
     let Some(gpu) = tiny::gpu() else { return };
-    for (n, k) in [(1536, 512), (2048, 512), (512, 2048), (771, 1040)] {
+    let mimi = [
+        (1536, 512),
+        (512, 512),
+        (2048, 512),
+        (512, 2048),
+        (256, 512),
+        (512, 256),
+    ];
+    for (n, k) in mimi.into_iter().chain([(771, 1040)]) {
         let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
         let weight_gpu = weight.to_device(&gpu).unwrap();
         for rows in 1..=4 {

@@ -253,11 +253,12 @@ int main() {
   test_gemv<int8_t>(67, 8448);
   test_gemv<int8_t>(770, 1040);
   test_gemv<bf16>(770, 1040);
-  // Mimi's products (512 -> 1536, 512 -> 2048, 2048 -> 512) at each row count; a last block of 3 channels, a
-  // partial chunk (k = 1040), k shorter than one warp's chunk (48), and warps sent round the chunk loop three
-  // times (4224).
+  // Mimi's products (its transformers' 512 -> 1536, 512 -> 512, 512 -> 2048, 2048 -> 512; its quantizer's 512 ->
+  // 256, 256 -> 512) at each row count; a last block of 3 channels, a partial chunk (k = 1040), k shorter than
+  // one warp's chunk (48), and warps sent round the chunk loop three times (4224).
   for (int batch = 1; batch <= 4; ++batch)
-    for (const auto& [n, k] : {std::pair{1536, 512}, std::pair{512, 2048}, std::pair{771, 1040}, std::pair{64, 48},
+    for (const auto& [n, k] : {std::pair{1536, 512}, std::pair{512, 512}, std::pair{2048, 512}, std::pair{512, 2048},
+                               std::pair{256, 512}, std::pair{512, 256}, std::pair{771, 1040}, std::pair{64, 48},
                                std::pair{67, 4224}})
       test_gemv_f32(batch, n, k);
   return summarise("gemv");

@@ -18,8 +18,9 @@ const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// A bias-free linear layer stored as `[in, out]` (the transpose of PyTorch's `[out, in]`): with
 /// the one or two rows of a streaming step, candle's CPU matmul is about 4× faster reading a
-/// contiguous right-hand side than a transposed view of it. On a GPU it also keeps `[out, in]`,
-/// which the split-K kernel reads for a step's few rows (`cuda::gemv_f32`).
+/// contiguous right-hand side than a transposed view of it. On a GPU it also keeps `[out, in]`
+/// (the checkpoint's tensor: about 200 MB more for Mimi's transformers and quantizer), which
+/// the split-K kernel reads for a step's 1 to 4 rows (`cuda::gemv_f32`); more stay on cuBLAS.
 #[derive(Debug, Clone)]
 pub(super) struct Linear {
     weight_t: Tensor,
