@@ -125,6 +125,37 @@ __device__ __forceinline__ void gemv_prefetch(const typename W::T* __restrict__ 
   }
 }
 
+// One round of a warp's weight loads, every one before any arithmetic so they overlap in flight: for
+// each of GEMV_UNROLL chunks (c0, c0 + warps, …) and each of the block's channels, the lane's 16 bytes
+// (zeros past k or past the last channel). PER: elements of T in 16 bytes.
+template <typename T, int PER>
+__device__ __forceinline__ void load_weight_round(int4 (&packed)[GEMV_UNROLL][GEMV_CHANNELS], const T* __restrict__ w,
+                                                  const int* channel, int c0, int warps, int lane, int n, int k) {
+  constexpr int CHUNK = 32 * PER;
+#pragma unroll
+  for (int u = 0; u < GEMV_UNROLL; ++u) {
+    const int i = (c0 + u * warps) * CHUNK + lane * PER;
+#pragma unroll
+    for (int r = 0; r < GEMV_CHANNELS; ++r)
+      packed[u][r] = (i < k && channel[r] < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)channel[r] * k + i))
+                                               : make_int4(0, 0, 0, 0);
+  }
+}
+
+// Each warp's sums of each channel and row into `partial` (read by `channel_sum`), then the block's barrier.
+template <int BATCH>
+__device__ __forceinline__ void share_partials(const float (&acc)[GEMV_CHANNELS][BATCH],
+                                               float (*partial)[GEMV_CHANNELS * GEMV_MAX_BATCH], int lane, int warp) {
+#pragma unroll
+  for (int r = 0; r < GEMV_CHANNELS; ++r)
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      const float v = warp_sum(acc[r][b]);
+      if (lane == 0) partial[warp][r * GEMV_MAX_BATCH + b] = v;
+    }
+  __syncthreads();
+}
+
 template <typename W, int BATCH>
 __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x, const typename W::T* __restrict__ w,
                                             const float* __restrict__ scale,
@@ -146,16 +177,8 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) acc[r][b] = 0.f;
   for (int c0 = warp; c0 < chunks; c0 += warps * GEMV_UNROLL) {
-    // Every load of this round first, then the arithmetic: the loads overlap in flight.
     int4 packed[GEMV_UNROLL][GEMV_CHANNELS];
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      const int i = (c0 + u * warps) * CHUNK + lane * PER;
-#pragma unroll
-      for (int r = 0; r < GEMV_CHANNELS; ++r)
-        packed[u][r] = (i < k && channel[r] < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)channel[r] * k + i))
-                                                 : make_int4(0, 0, 0, 0);
-    }
+    load_weight_round<typename W::T, PER>(packed, w, channel, c0, warps, lane, n, k);
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u) {
       const int i = (c0 + u * warps) * CHUNK + lane * PER;
@@ -193,14 +216,7 @@ __device__ __forceinline__ void gemv_splitk(const __nv_bfloat16* __restrict__ x,
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < GEMV_CHANNELS; ++r)
-#pragma unroll
-    for (int b = 0; b < BATCH; ++b) {
-      const float v = warp_sum(acc[r][b]);
-      if (lane == 0) partial[warp][r * GEMV_MAX_BATCH + b] = v;
-    }
-  __syncthreads();
+  share_partials<BATCH>(acc, partial, lane, warp);
   const int t = threadIdx.x, r = t / GEMV_MAX_BATCH, b = t % GEMV_MAX_BATCH;
   if (b >= BATCH || t >= GEMV_CHANNELS * GEMV_MAX_BATCH) return;
   if (!gated) {
@@ -244,15 +260,8 @@ __device__ __forceinline__ void gemv_splitk_f32(const float* __restrict__ x, con
   const int chunks = (k + CHUNK - 1) / CHUNK;
   float acc[GEMV_CHANNELS][BATCH] = {};
   for (int c0 = warp; c0 < chunks; c0 += warps * GEMV_UNROLL) {
-    float4 packed[GEMV_UNROLL][GEMV_CHANNELS];
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      const int i = (c0 + u * warps) * CHUNK + lane * PER;
-#pragma unroll
-      for (int r = 0; r < GEMV_CHANNELS; ++r)
-        packed[u][r] = (i < k && channel[r] < n) ? __ldg(reinterpret_cast<const float4*>(w + (size_t)channel[r] * k + i))
-                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    int4 packed[GEMV_UNROLL][GEMV_CHANNELS];
+    load_weight_round<float, PER>(packed, w, channel, c0, warps, lane, n, k);
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u) {
       const int i = (c0 + u * warps) * CHUNK + lane * PER;
@@ -262,20 +271,13 @@ __device__ __forceinline__ void gemv_splitk_f32(const float* __restrict__ x, con
         const float4 xv = *reinterpret_cast<const float4*>(x + (size_t)b * k + i);
 #pragma unroll
         for (int r = 0; r < GEMV_CHANNELS; ++r) {
-          const float4 wv = packed[u][r];
+          const float4 wv = *reinterpret_cast<const float4*>(&packed[u][r]);
           acc[r][b] = fmaf(xv.w, wv.w, fmaf(xv.z, wv.z, fmaf(xv.y, wv.y, fmaf(xv.x, wv.x, acc[r][b]))));
         }
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < GEMV_CHANNELS; ++r)
-#pragma unroll
-    for (int b = 0; b < BATCH; ++b) {
-      const float v = warp_sum(acc[r][b]);
-      if (lane == 0) partial[warp][r * GEMV_MAX_BATCH + b] = v;
-    }
-  __syncthreads();
+  share_partials<BATCH>(acc, partial, lane, warp);
   const int t = threadIdx.x, r = t / GEMV_MAX_BATCH, b = t % GEMV_MAX_BATCH;
   if (b >= BATCH || t >= GEMV_CHANNELS * GEMV_MAX_BATCH || channel[r] >= n) return;
   y[(size_t)b * n + channel[r]] = channel_sum(partial, warps, r, b);

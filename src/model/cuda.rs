@@ -74,6 +74,26 @@ fn gemv_launch(
     Ok((format!("gemv_splitk_{family}_b{rows}"), config))
 }
 
+/// A split-K product's `(rows, n, k)` from its input `[rows, k]` and weight `[n, k]` layouts,
+/// both contiguous and starting on a 16-byte boundary (elements of `elem_bytes`).
+fn gemv_operands(
+    x_layout: &Layout,
+    w_layout: &Layout,
+    elem_bytes: usize,
+) -> Result<(usize, usize, usize)> {
+    contiguous(x_layout, "gemv input")?;
+    contiguous(w_layout, "gemv weight")?;
+    let (rows, k) = x_layout.shape().dims2()?;
+    let (n, k_w) = w_layout.shape().dims2()?;
+    let aligned = |offset: usize| offset.is_multiple_of(16 / elem_bytes);
+    if k != k_w || !aligned(x_layout.start_offset()) || !aligned(w_layout.start_offset()) {
+        candle_core::bail!(
+            "gemv: input width {k} vs weight {k_w} (must match; both 16-byte aligned)"
+        );
+    }
+    Ok((rows, n, k))
+}
+
 /// Which w8a16 kernel runs a product (`kernels/w8a16.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum W8a16Kernel {
@@ -429,16 +449,7 @@ impl candle_core::CustomOp2 for GemvBf16 {
         w: &CudaStorage,
         w_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        contiguous(x_layout, "gemv input")?;
-        contiguous(w_layout, "gemv weight")?;
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, k_w) = w_layout.shape().dims2()?;
-        let aligned = |offset: usize| offset.is_multiple_of(8);
-        if k != k_w || !aligned(x_layout.start_offset()) || !aligned(w_layout.start_offset()) {
-            candle_core::bail!(
-                "gemv: input width {k} vs weight {k_w} (must match; both 16-byte aligned)"
-            );
-        }
+        let (rows, n, k) = gemv_operands(x_layout, w_layout, 2)?;
         let (name, config) = gemv_launch("bf16", rows, n, k, 2)?;
         let device = x.device().clone();
         let early = early::prepare(&device)?;
@@ -691,16 +702,7 @@ impl candle_core::CustomOp2 for GemvF32 {
         w: &CudaStorage,
         w_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        contiguous(x_layout, "gemv input")?;
-        contiguous(w_layout, "gemv weight")?;
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, k_w) = w_layout.shape().dims2()?;
-        let aligned = |offset: usize| offset.is_multiple_of(4);
-        if k != k_w || !aligned(x_layout.start_offset()) || !aligned(w_layout.start_offset()) {
-            candle_core::bail!(
-                "gemv: input width {k} vs weight {k_w} (must match; both 16-byte aligned)"
-            );
-        }
+        let (rows, n, k) = gemv_operands(x_layout, w_layout, 4)?;
         let (name, config) = gemv_launch("f32", rows, n, k, 4)?;
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<f32>()?.slice(x_layout.start_offset()..);
