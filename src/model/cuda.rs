@@ -648,33 +648,48 @@ impl CustomOp1 for SkipLayerNormOp {
     }
 }
 
-/// Mimi's skip connection then LayerNorm, f32 rows on the GPU in one kernel: `x + scale ·
-/// update` (when an update is given) and its normalisation `· weight + bias`. Returns the sum
-/// (absent without an update) and the normalised rows.
-pub fn skip_layer_norm(
+/// `t` as contiguous f32, as our f32 kernels read it (no copy when it already is).
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+fn run_skip_layer_norm(
     xs: &Tensor,
     update: Option<(&Tensor, Option<&Tensor>)>,
     weight: &Tensor,
     bias: &Tensor,
     eps: f32,
-) -> Result<(Option<Tensor>, Tensor)> {
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+) -> Result<Tensor> {
     let update = match update {
-        Some((u, s)) => Some((f32(u)?, s.map(f32).transpose()?)),
+        Some((u, s)) => Some((f32_contiguous(u)?, s.map(f32_contiguous).transpose()?)),
         None => None,
     };
     let op = SkipLayerNormOp {
         update,
-        weight: f32(weight)?,
-        bias: f32(bias)?,
+        weight: f32_contiguous(weight)?,
+        bias: f32_contiguous(bias)?,
         eps,
     };
-    let has_update = op.update.is_some();
-    let out = f32(xs)?.apply_op1_no_bwd(&op)?;
-    match has_update {
-        true => Ok((Some(out.get(0)?), out.get(1)?)),
-        false => Ok((None, out.get(0)?)),
-    }
+    f32_contiguous(xs)?.apply_op1_no_bwd(&op)
+}
+
+/// Mimi's skip connection then LayerNorm, f32 rows on the GPU in one kernel: `xs + scale ·
+/// update` (a scale of one when absent) and its normalisation `· weight + bias`, both returned.
+pub fn skip_layer_norm(
+    xs: &Tensor,
+    update: &Tensor,
+    scale: Option<&Tensor>,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let halves = run_skip_layer_norm(xs, Some((update, scale)), weight, bias, eps)?;
+    Ok((halves.get(0)?, halves.get(1)?))
+}
+
+/// LayerNorm of f32 rows on the GPU: `skip_layer_norm` without a skip connection.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    run_skip_layer_norm(xs, None, weight, bias, eps)?.get(0)
 }
 
 /// `x · wᵀ` in f32 by `gemv_splitk_f32_b*` (Mimi's products): `x` `[rows, k]`, `w` `[n, k]`.
@@ -727,9 +742,7 @@ impl candle_core::CustomOp2 for GemvF32 {
 /// `x · wᵀ` for 1 to `GEMV_MAX_ROWS` f32 rows `[rows, k]` and f32 weights `[n, k]` on the
 /// GPU, by the split-K kernel (k a multiple of 4) → `[rows, n]`.
 pub fn gemv_f32(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    xs.to_dtype(DType::F32)?
-        .contiguous()?
-        .apply_op2_no_bwd(&weight.to_dtype(DType::F32)?.contiguous()?, &GemvF32)
+    f32_contiguous(xs)?.apply_op2_no_bwd(&f32_contiguous(weight)?, &GemvF32)
 }
 
 /// The most ring entries and the widest heads `masked_attention_f32` takes (kernels/attention.cu).
@@ -832,14 +845,13 @@ pub fn masked_attention(
     if rows * heads * time == 0 {
         return Tensor::zeros((rows, time, heads * head_dim), DType::F32, q.device());
     }
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = MaskedAttentionOp {
-        k: f32(k)?,
-        v: f32(v)?,
-        mask: f32(mask)?,
+        k: f32_contiguous(k)?,
+        v: f32_contiguous(v)?,
+        mask: f32_contiguous(mask)?,
         scale,
     };
-    f32(q)?.apply_op1_no_bwd(&op)
+    f32_contiguous(q)?.apply_op1_no_bwd(&op)
 }
 
 struct SwiGluOp;

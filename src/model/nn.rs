@@ -306,8 +306,7 @@ impl LayerNorm {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if fused(xs, DType::F32) {
-            let (weight, bias) = (&self.weight, &self.bias);
-            return Ok(super::cuda::skip_layer_norm(xs, None, weight, bias, self.eps)?.1);
+            return super::cuda::layer_norm(xs, &self.weight, &self.bias, self.eps);
         }
         candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
     }
@@ -323,10 +322,7 @@ impl LayerNorm {
         #[cfg(feature = "cuda")]
         if fused(xs, DType::F32) {
             let (weight, bias) = (&self.weight, &self.bias);
-            let skip = Some((update, scale));
-            let (sum, normed) = super::cuda::skip_layer_norm(xs, skip, weight, bias, self.eps)?;
-            let sum = sum.expect("a skip connection's sum is returned with an update");
-            return Ok((sum, normed));
+            return super::cuda::skip_layer_norm(xs, update, scale, weight, bias, self.eps);
         }
         let sum = match scale {
             Some(scale) => (xs + update.broadcast_mul(scale)?)?,
