@@ -4,7 +4,11 @@
 // reads its 16 activations once (two 128-bit loads) for all four rows, so activations are read a
 // quarter as often and memory latency overlaps (on an H200 this took the 4096 -> 22528 product at
 // batch 1 from 63.5 us with one row per warp to 38.4 us; cuBLAS bf16 takes 55 us). Batch tiles of
-// 4 rows keep the 16 accumulators in registers; past a few rows cuBLAS bf16 is faster.
+// 4 rows keep the 16 accumulators in registers; past a few rows cuBLAS bf16 is faster. Weights
+// widen by a byte permute and a float subtract (`int8x4_to_f32`), not the integer-to-float
+// conversion, which Hopper issues at a quarter of the float rate (in the 22528-channel product
+// above it ran at 2.5 T conversions a second, more than half of that rate: gemv.cu has the
+// arithmetic); the values are the same, exactly.
 // Host requirements: k % 16 == 0, x and w 16-byte aligned; n need not divide by 4.
 #include "common.cuh"
 
@@ -12,7 +16,8 @@
 #define W8A16_ROWS_PER_WARP 4
 #define W8A16_BATCH_TILE 4
 
-extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
+// Five blocks an SM, as before the widening above, which left alone takes 122 registers on sm_90 (96 before).
+extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 5) w8a16_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                                       const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
                                       int batch, int n, int k) {
   grid_dependency_sync();
@@ -48,10 +53,13 @@ extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const
           }
 #pragma unroll
           for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r) {
-            const int8_t* q = reinterpret_cast<const int8_t*>(&packed[r]);
+            const uint32_t* words = reinterpret_cast<const uint32_t*>(&packed[r]);
+            float q[16];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) int8x4_to_f32(words[j], q + 4 * j);
             float s = 0.f;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) s += xf[j] * (float)q[j];
+            for (int j = 0; j < 16; ++j) s += xf[j] * q[j];
             acc[r][b] += s;
           }
         }
@@ -71,59 +79,127 @@ extern "C" __global__ void w8a16_bf16(const __nv_bfloat16* __restrict__ x, const
 }
 
 // The same product on the tensor cores, for batches where the matrix-vector kernel above loses
-// to cuBLAS bf16: int8 weights are exact in bf16, so each block converts a 64-channel slice of
-// weights to bf16 in shared memory once and multiplies every row of its tile by it with WMMA
-// (16x16x16 bf16 in, f32 accumulate); the scale is applied to the output columns at the end.
-// Block: 4 warps, one per 16 output channels; a tile of up to 64 rows (gridDim.y tiles).
-// Host requirements: k % 16 == 0, x and w 16-byte aligned.
+// to cuBLAS bf16: int8 weights are exact in bf16, so each block widens a 64-channel slice of
+// weights to bf16 in shared memory and multiplies every row of its tile by it with WMMA (16x16x16
+// bf16 in, f32 accumulate); the scale is applied to the output columns at the end.
+// A block of 8 warps takes 64 output channels and a tile of up to 64 rows (gridDim.y tiles) down
+// the whole of k, in slices of 128 inputs: warp w multiplies channels 16 (w % 4) .. + 16 over
+// inputs 64 (w / 4) .. + 64 of each slice, for every 16-row fragment of the tile that holds a row;
+// the two halves' sums meet in shared memory at the end. Each thread loads its share of the next
+// slice (2 weight and up to 4 activation 16-byte words) into registers before the warps multiply
+// the current one, so a slice's memory latency hides behind the one before it. (Before: 4 warps,
+// 64-input slices loaded only after the last was used, the whole 64-row tile staged however few
+// its rows; on an H200 at 32 rows the product ran at about 0.2 TB/s.)
+// Host requirements: k % 16 == 0, x and w 16-byte aligned; blockDim.x = 32 * W8A16_MMA_WARPS;
+// gridDim = (ceil(n / 64), ceil(batch / 64)).
 #include <mma.h>
 
 #define W8A16_MMA_CHANNELS 64
 #define W8A16_MMA_ROWS 64
-#define W8A16_MMA_K 64
+#define W8A16_MMA_K 128
+#define W8A16_MMA_WARPS 8
+#define W8A16_MMA_THREADS (32 * W8A16_MMA_WARPS)
 #define W8A16_MMA_LD (W8A16_MMA_K + 8)
 #define W8A16_MMA_OUT_LD (W8A16_MMA_CHANNELS + 4)
+// Each thread's 16-byte words of a slice: int8 weights, bf16 activations (at a full tile).
+#define W8A16_MMA_W_WORDS (W8A16_MMA_CHANNELS * W8A16_MMA_K / 16 / W8A16_MMA_THREADS)
+#define W8A16_MMA_X_WORDS (W8A16_MMA_ROWS * W8A16_MMA_K / 8 / W8A16_MMA_THREADS)
 
-extern "C" __global__ void w8a16_mma_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
+// A thread's share of one slice of weights and activations, on its way to shared memory.
+struct MmaSlice {
+  uint4 w[W8A16_MMA_W_WORDS];
+  uint4 x[W8A16_MMA_X_WORDS];
+};
+
+// The tile a block multiplies: its first output channel and row, and how many rows it stages (its
+// rows rounded up to whole 16-row fragments; rows past the batch are zeros).
+struct MmaTile {
+  int n0, b0, rows, staged;
+};
+
+// This thread's words of the slice at input k0 (zeros past k, past n and past the tile's rows).
+__device__ __forceinline__ void load_mma_slice(MmaSlice& slice, const __nv_bfloat16* __restrict__ x,
+                                               const int8_t* __restrict__ w, const MmaTile& tile, int n, int k,
+                                               int k0) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int j = 0; j < W8A16_MMA_W_WORDS; ++j) {
+    const int i = threadIdx.x + j * W8A16_MMA_THREADS;
+    const int ch = i / (W8A16_MMA_K / 16), c = (i % (W8A16_MMA_K / 16)) * 16;
+    const bool inside = tile.n0 + ch < n && k0 + c < k;
+    slice.w[j] = inside ? __ldg(reinterpret_cast<const uint4*>(w + (size_t)(tile.n0 + ch) * k + k0 + c)) : zero;
+  }
+#pragma unroll
+  for (int j = 0; j < W8A16_MMA_X_WORDS; ++j) {
+    const int i = threadIdx.x + j * W8A16_MMA_THREADS;
+    const int r = i / (W8A16_MMA_K / 8), c = (i % (W8A16_MMA_K / 8)) * 8;
+    const bool inside = r < tile.rows && k0 + c < k;
+    slice.x[j] = inside ? *reinterpret_cast<const uint4*>(x + (size_t)(tile.b0 + r) * k + k0 + c) : zero;
+  }
+}
+
+// The slice into shared memory: activations as they are, weights widened to bf16 (exact: an int8 is
+// an f32 whose low 16 bits are zero, so its bf16 is the f32's high half).
+__device__ __forceinline__ void store_mma_slice(const MmaSlice& slice, const MmaTile& tile, __nv_bfloat16* xs,
+                                                __nv_bfloat16* ws) {
+#pragma unroll
+  for (int j = 0; j < W8A16_MMA_W_WORDS; ++j) {
+    const int i = threadIdx.x + j * W8A16_MMA_THREADS;
+    const int ch = i / (W8A16_MMA_K / 16), c = (i % (W8A16_MMA_K / 16)) * 16;
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&slice.w[j]);
+    uint32_t pairs[8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float f[4];
+      int8x4_to_f32(words[q], f);
+      pairs[2 * q] = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);
+      pairs[2 * q + 1] = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(ws + ch * W8A16_MMA_LD + c);
+    dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+    dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+  }
+#pragma unroll
+  for (int j = 0; j < W8A16_MMA_X_WORDS; ++j) {
+    const int i = threadIdx.x + j * W8A16_MMA_THREADS;
+    const int r = i / (W8A16_MMA_K / 8), c = (i % (W8A16_MMA_K / 8)) * 8;
+    if (r < tile.staged) *reinterpret_cast<uint4*>(xs + r * W8A16_MMA_LD + c) = slice.x[j];
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(W8A16_MMA_THREADS, 2) w8a16_mma_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                                           const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
                                           int batch, int n, int k) {
   grid_dependency_sync();
   using namespace nvcuda;
-  __shared__ __align__(32) __nv_bfloat16 xs[W8A16_MMA_ROWS * W8A16_MMA_LD];
-  __shared__ __align__(32) __nv_bfloat16 ws[W8A16_MMA_CHANNELS * W8A16_MMA_LD];
-  __shared__ __align__(32) float out[W8A16_MMA_ROWS * W8A16_MMA_OUT_LD];
-  const int warp = threadIdx.x >> 5;
-  const int n0 = blockIdx.x * W8A16_MMA_CHANNELS, b0 = blockIdx.y * W8A16_MMA_ROWS;
-  const int rows = min(W8A16_MMA_ROWS, batch - b0);
-  const int frags = (rows + 15) / 16;
+  // The staged slice (activations, then weights) while multiplying; each k-half's sums afterwards.
+  constexpr int STAGED_BYTES = (W8A16_MMA_ROWS + W8A16_MMA_CHANNELS) * W8A16_MMA_LD * 2;
+  constexpr int SUM_BYTES = 2 * W8A16_MMA_ROWS * W8A16_MMA_OUT_LD * 4;
+  __shared__ __align__(32) unsigned char shared[STAGED_BYTES > SUM_BYTES ? STAGED_BYTES : SUM_BYTES];
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(shared);
+  __nv_bfloat16* ws = xs + W8A16_MMA_ROWS * W8A16_MMA_LD;
+  float* sums = reinterpret_cast<float*>(shared);
+  const int warp = threadIdx.x >> 5, group = warp % 4, half = warp / 4;
+  MmaTile tile;
+  tile.n0 = blockIdx.x * W8A16_MMA_CHANNELS;
+  tile.b0 = blockIdx.y * W8A16_MMA_ROWS;
+  tile.rows = min(W8A16_MMA_ROWS, batch - tile.b0);
+  const int frags = (tile.rows + 15) / 16;
+  tile.staged = frags * 16;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[W8A16_MMA_ROWS / 16];
 #pragma unroll
   for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m) wmma::fill_fragment(acc[m], 0.f);
-  const uint4 zero = make_uint4(0, 0, 0, 0);
+  MmaSlice slice;
+  load_mma_slice(slice, x, w, tile, n, k, 0);
   for (int k0 = 0; k0 < k; k0 += W8A16_MMA_K) {
-    // Activations: rows x 64 bf16, 8 per 16-byte load; rows past the batch and k are zero.
-    for (int i = threadIdx.x; i < W8A16_MMA_ROWS * W8A16_MMA_K / 8; i += blockDim.x) {
-      const int r = i / (W8A16_MMA_K / 8), c = (i % (W8A16_MMA_K / 8)) * 8;
-      const bool inside = r < rows && k0 + c < k;
-      const uint4 v = inside ? *reinterpret_cast<const uint4*>(x + (size_t)(b0 + r) * k + k0 + c) : zero;
-      *reinterpret_cast<uint4*>(xs + r * W8A16_MMA_LD + c) = v;
-    }
-    // Weights: 64 channels x 64 int8, 16 per load, widened to bf16 (exact).
-    for (int i = threadIdx.x; i < W8A16_MMA_CHANNELS * W8A16_MMA_K / 16; i += blockDim.x) {
-      const int ch = i / (W8A16_MMA_K / 16), c = (i % (W8A16_MMA_K / 16)) * 16;
-      const bool inside = n0 + ch < n && k0 + c < k;
-      const uint4 raw = inside ? __ldg(reinterpret_cast<const uint4*>(w + (size_t)(n0 + ch) * k + k0 + c)) : zero;
-      const int8_t* q = reinterpret_cast<const int8_t*>(&raw);
-      __nv_bfloat16* dst = ws + ch * W8A16_MMA_LD + c;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) dst[j] = __int2bfloat16_rn((int)q[j]);
-    }
+    store_mma_slice(slice, tile, xs, ws);
     __syncthreads();
+    if (k0 + W8A16_MMA_K < k) load_mma_slice(slice, x, w, tile, n, k, k0 + W8A16_MMA_K);
 #pragma unroll
-    for (int kk = 0; kk < W8A16_MMA_K; kk += 16) {
+    for (int kk = half * (W8A16_MMA_K / 2); kk < (half + 1) * (W8A16_MMA_K / 2); kk += 16) {
       // B is k x channels; ws holds it channel-major, i.e. column-major with ld W8A16_MMA_LD.
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-      wmma::load_matrix_sync(b, ws + warp * 16 * W8A16_MMA_LD + kk, W8A16_MMA_LD);
+      wmma::load_matrix_sync(b, ws + group * 16 * W8A16_MMA_LD + kk, W8A16_MMA_LD);
 #pragma unroll
       for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m) {
         if (m < frags) {
@@ -135,14 +211,18 @@ extern "C" __global__ void w8a16_mma_bf16(const __nv_bfloat16* __restrict__ x, c
     }
     __syncthreads();
   }
+  float* half_sums = sums + half * W8A16_MMA_ROWS * W8A16_MMA_OUT_LD;
 #pragma unroll
   for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m)
     if (m < frags)
-      wmma::store_matrix_sync(out + m * 16 * W8A16_MMA_OUT_LD + warp * 16, acc[m], W8A16_MMA_OUT_LD, wmma::mem_row_major);
+      wmma::store_matrix_sync(half_sums + m * 16 * W8A16_MMA_OUT_LD + group * 16, acc[m], W8A16_MMA_OUT_LD,
+                              wmma::mem_row_major);
   __syncthreads();
-  for (int i = threadIdx.x; i < rows * W8A16_MMA_CHANNELS; i += blockDim.x) {
-    const int r = i / W8A16_MMA_CHANNELS, ch = i % W8A16_MMA_CHANNELS;
-    if (n0 + ch < n)
-      y[(size_t)(b0 + r) * n + n0 + ch] = __float2bfloat16(out[r * W8A16_MMA_OUT_LD + ch] * scale[n0 + ch]);
+  for (int i = threadIdx.x; i < tile.rows * W8A16_MMA_CHANNELS; i += W8A16_MMA_THREADS) {
+    const int r = i / W8A16_MMA_CHANNELS, ch = i % W8A16_MMA_CHANNELS, at = r * W8A16_MMA_OUT_LD + ch;
+    if (tile.n0 + ch < n) {
+      const float sum = sums[at] + sums[W8A16_MMA_ROWS * W8A16_MMA_OUT_LD + at];
+      y[(size_t)(tile.b0 + r) * n + tile.n0 + ch] = __float2bfloat16(sum * scale[tile.n0 + ch]);
+    }
   }
 }

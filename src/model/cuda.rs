@@ -40,9 +40,10 @@ fn contiguous(layout: &Layout, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Rows of a tile of `w8a16_mma_bf16` and its output channels per block.
+/// Rows of a tile of `w8a16_mma_bf16`, its output channels and warps per block.
 const W8A16_MMA_ROWS: usize = 64;
 const W8A16_MMA_CHANNELS: usize = 64;
+const W8A16_MMA_WARPS: usize = 8;
 
 /// `gemv_splitk_*` (kernels/gemv.cu): output channels per block, the most warps sharing them,
 /// and the most rows.
@@ -238,7 +239,7 @@ impl W8a16 {
                     rows.div_ceil(W8A16_MMA_ROWS) as u32,
                     1,
                 ),
-                W8A16_WARPS_PER_BLOCK,
+                W8A16_MMA_WARPS,
             ),
         };
         let config = LaunchConfig {

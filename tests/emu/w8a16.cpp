@@ -62,12 +62,12 @@ void run_w8a16(const Problem& problem, const bf16* x, int batch, bf16* y) {
               [&] { w8a16_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
 }
 
-// The host contract of the tensor-core kernel: gridDim = (ceil(n / 64), ceil(batch / 64)), 4 warps a block.
+// The host contract of the tensor-core kernel: gridDim = (ceil(n / 64), ceil(batch / 64)), 8 warps a block.
 void run_w8a16_mma(const Problem& problem, const bf16* x, int batch, bf16* y) {
   emu::launch("w8a16_mma_bf16",
               dim3((problem.n + W8A16_MMA_CHANNELS - 1) / W8A16_MMA_CHANNELS,
                    (batch + W8A16_MMA_ROWS - 1) / W8A16_MMA_ROWS),
-              dim3(32 * 4), [&] { w8a16_mma_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
+              dim3(W8A16_MMA_THREADS), [&] { w8a16_mma_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
 }
 
 enum class Kernel { rows, tensor_cores };
@@ -117,5 +117,8 @@ int main() {
   test_w8a16(771, 1040, tile_batches, Kernel::tensor_cores);
   test_w8a16(64, 16, tile_batches, Kernel::tensor_cores);
   test_w8a16(130, 4096, {4, 64}, Kernel::tensor_cores);
+  // Slices of 128 inputs, each half to 4 warps: k = 208 ends in a slice whose second half is partly past k;
+  // 33 and 48 rows stage 3 fragments, 32 two; 192 channels are three whole blocks.
+  test_w8a16(192, 208, {32, 33, 48}, Kernel::tensor_cores);
   return summarise("w8a16");
 }

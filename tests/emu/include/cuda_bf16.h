@@ -44,6 +44,7 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __align__(bytes) __attribute__((aligned(bytes)))
+#define __launch_bounds__(...)
 
 struct uint3 {
   unsigned x, y, z;
