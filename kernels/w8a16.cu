@@ -16,11 +16,51 @@
 #define W8A16_ROWS_PER_WARP 4
 #define W8A16_BATCH_TILE 4
 
-// Five blocks an SM, as before the widening above, which left alone takes 122 registers on sm_90 (96 before).
-extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 5) w8a16_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
-                                      const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
-                                      int batch, int n, int k) {
+// The four weight rows of a warp from input i (zeros past the last channel).
+__device__ __forceinline__ void load_row_words(int4 (&packed)[W8A16_ROWS_PER_WARP], const int8_t* __restrict__ w,
+                                               int row0, int n, int k, int i) {
+#pragma unroll
+  for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r)
+    packed[r] = (row0 + r < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)(row0 + r) * k + i))
+                               : make_int4(0, 0, 0, 0);
+}
+
+// acc[r][b] += x[b0 + b, i .. i + 16) . w[row0 + r, i .. i + 16) for the tile's `rows` rows.
+__device__ __forceinline__ void multiply_row_words(float (&acc)[W8A16_ROWS_PER_WARP][W8A16_BATCH_TILE],
+                                                   const int4 (&packed)[W8A16_ROWS_PER_WARP],
+                                                   const __nv_bfloat16* __restrict__ x, int b0, int rows, int k,
+                                                   int i) {
+#pragma unroll
+  for (int b = 0; b < W8A16_BATCH_TILE; ++b) {
+    if (b < rows) {
+      const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)(b0 + b) * k + i);
+      float xf[16];
+      bf16x8_to_f32(xv[0], xf);
+      bf16x8_to_f32(xv[1], xf + 8);
+#pragma unroll
+      for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r) {
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(&packed[r]);
+        float q[16];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) int8x4_to_f32(words[j], q + 4 * j);
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) s += xf[j] * q[j];
+        acc[r][b] += s;
+      }
+    }
+  }
+}
+
+// Both entry points below. With AHEAD, a lane loads its next 16 bytes of each row before it
+// multiplies the ones it holds, so each warp keeps a round of loads in flight while it computes
+// (16 more registers, so four blocks an SM rather than five).
+template <bool AHEAD>
+__device__ __forceinline__ void w8a16_rows(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
+                                           const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
+                                           int batch, int n, int k) {
   grid_dependency_sync();
+  constexpr int STRIDE = 32 * 16;
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * W8A16_WARPS_PER_BLOCK + (threadIdx.x >> 5)) * W8A16_ROWS_PER_WARP;
   if (row0 >= n) return;
@@ -31,38 +71,20 @@ extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 5) w8a1
     for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r)
 #pragma unroll
       for (int b = 0; b < W8A16_BATCH_TILE; ++b) acc[r][b] = 0.f;
-    for (int i = lane * 16; i < k; i += 32 * 16) {
-      int4 packed[W8A16_ROWS_PER_WARP];
+    int4 packed[W8A16_ROWS_PER_WARP];
+    if (AHEAD && lane * 16 < k) load_row_words(packed, w, row0, n, k, lane * 16);
+    for (int i = lane * 16; i < k; i += STRIDE) {
+      if (AHEAD) {
+        int4 next[W8A16_ROWS_PER_WARP];
+        const bool more = i + STRIDE < k;
+        if (more) load_row_words(next, w, row0, n, k, i + STRIDE);
+        multiply_row_words(acc, packed, x, b0, rows, k, i);
+        if (more)
 #pragma unroll
-      for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r)
-        packed[r] = (row0 + r < n) ? __ldg(reinterpret_cast<const int4*>(w + (size_t)(row0 + r) * k + i))
-                                   : make_int4(0, 0, 0, 0);
-#pragma unroll
-      for (int b = 0; b < W8A16_BATCH_TILE; ++b) {
-        if (b < rows) {
-          const int4* xv = reinterpret_cast<const int4*>(x + (size_t)(b0 + b) * k + i);
-          const int4 xa = xv[0], xb = xv[1];
-          const __nv_bfloat162* xp[2] = {reinterpret_cast<const __nv_bfloat162*>(&xa),
-                                         reinterpret_cast<const __nv_bfloat162*>(&xb)};
-          float xf[16];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const float2 f = __bfloat1622float2(xp[j / 4][j % 4]);
-            xf[2 * j] = f.x;
-            xf[2 * j + 1] = f.y;
-          }
-#pragma unroll
-          for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r) {
-            const uint32_t* words = reinterpret_cast<const uint32_t*>(&packed[r]);
-            float q[16];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) int8x4_to_f32(words[j], q + 4 * j);
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) s += xf[j] * q[j];
-            acc[r][b] += s;
-          }
-        }
+          for (int r = 0; r < W8A16_ROWS_PER_WARP; ++r) packed[r] = next[r];
+      } else {
+        load_row_words(packed, w, row0, n, k, i);
+        multiply_row_words(acc, packed, x, b0, rows, k, i);
       }
     }
 #pragma unroll
@@ -76,6 +98,19 @@ extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 5) w8a1
       }
     }
   }
+}
+
+// Five blocks an SM, as before the widening above, which left alone takes 122 registers on sm_90 (96 before).
+extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 5)
+    w8a16_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scale,
+               __nv_bfloat16* __restrict__ y, int batch, int n, int k) {
+  w8a16_rows<false>(x, w, scale, y, batch, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 4)
+    w8a16_ahead_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
+                     const float* __restrict__ scale, __nv_bfloat16* __restrict__ y, int batch, int n, int k) {
+  w8a16_rows<true>(x, w, scale, y, batch, n, k);
 }
 
 // The same product on the tensor cores, for batches where the matrix-vector kernel above loses

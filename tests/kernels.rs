@@ -37,21 +37,21 @@ impl Int8Case {
     }
 }
 
-/// Every w8a16 kernel against the CPU reference: the matrix-vector and tensor-core ones for
-/// batches up to two tiles, the split-K one for 1 to 4 rows. The shapes leave partial blocks
-/// and chunks: 771 channels (a partial group of four), 1040 inputs (a partial 64-input chunk
-/// of the tensor-core kernel, a 16-input tail chunk of the split-K one), 4224 inputs (9
+/// Every w8a16 kernel against the CPU reference: the matrix-vector ones (with and without the
+/// next weights loaded ahead) and the tensor-core one for batches up to two tiles, the split-K
+/// one for 1 to 4 rows. The shapes leave partial blocks and chunks: 771 channels (a partial
+/// group of four), 1040 inputs (a partial 128-input slice of the tensor-core kernel, a 16-input tail chunk of the split-K one), 4224 inputs (9
 /// chunks over 8 warps: a warp's second round), 11264 (22 chunks: rounds of two).
 #[test]
 fn w8a16_kernels_match_the_cpu_reference() {
-    use cuda::W8a16Kernel::{Rows, SplitK, TensorCores};
+    use cuda::W8a16Kernel::{Rows, RowsAhead, SplitK, TensorCores};
     let Some(gpu) = tiny::gpu() else { return };
     for (n, k) in [(771, 1040), (37, 4224), (5, 11264)] {
         let weight = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap();
         let int8 = Int8Case::new(&weight, &gpu);
         let runs = [1, 3, 8, 17, 64, 100]
             .into_iter()
-            .flat_map(|batch| [(batch, Rows), (batch, TensorCores)])
+            .flat_map(|batch| [(batch, Rows), (batch, RowsAhead), (batch, TensorCores)])
             .chain((1..=cuda::GEMV_MAX_ROWS).map(|batch| (batch, SplitK)));
         for (batch, kernel) in runs {
             // RMS 4, far from the unit RMS of a normalised input (see `check_sublayer_ends`).

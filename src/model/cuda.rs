@@ -100,6 +100,9 @@ fn gemv_operands(
 pub enum W8a16Kernel {
     /// `w8a16_bf16`: four output channels per warp, any number of rows.
     Rows,
+    /// `w8a16_ahead_bf16`: the same, each warp's next weights loaded before it multiplies
+    /// the ones it holds.
+    RowsAhead,
     /// `gemv_splitk_int8_b*` (kernels/gemv.cu): up to 8 warps split each channel's inputs, 1
     /// to 4 rows.
     SplitK,
@@ -222,8 +225,12 @@ impl W8a16 {
     /// The kernel's name, grid and block for `rows` x `k` inputs and `n` outputs.
     fn launch(&self, rows: usize, n: usize, k: usize) -> Result<(String, LaunchConfig)> {
         let (name, grid_dim, warps) = match self.kernel {
-            W8a16Kernel::Rows => (
-                "w8a16_bf16".to_owned(),
+            W8a16Kernel::Rows | W8a16Kernel::RowsAhead => (
+                match self.kernel {
+                    W8a16Kernel::Rows => "w8a16_bf16",
+                    _ => "w8a16_ahead_bf16",
+                }
+                .to_owned(),
                 (
                     n.div_ceil(W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP) as u32,
                     1,
@@ -366,6 +373,7 @@ pub fn w8a16_kernel(n: usize, k: usize, sublayer: Option<Sublayer>, rows: usize)
     match planned {
         Some(Kernel::SplitK) if gemv_takes(rows, k, 1) => W8a16Kernel::SplitK,
         Some(Kernel::TensorCores) if rows >= W8A16_MMA_MIN_ROWS => W8a16Kernel::TensorCores,
+        Some(Kernel::RowsAhead) => W8a16Kernel::RowsAhead,
         _ => W8a16Kernel::Rows,
     }
 }

@@ -106,15 +106,19 @@ pub enum Kernel {
     Rows,
     /// `w8a16_mma_bf16`: tiles of rows on the tensor cores.
     TensorCores,
+    /// `w8a16_ahead_bf16`: `w8a16_bf16` with each warp's next weights in flight while it
+    /// multiplies, 1 to 4 rows.
+    RowsAhead,
 }
 
 impl Kernel {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Cublas,
         Self::CublasOutIn,
         Self::SplitK,
         Self::Rows,
         Self::TensorCores,
+        Self::RowsAhead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,6 +128,7 @@ impl Kernel {
             Self::SplitK => "split-k",
             Self::Rows => "rows",
             Self::TensorCores => "tensor-cores",
+            Self::RowsAhead => "rows-ahead",
         }
     }
 
@@ -193,6 +198,9 @@ impl Matrix {
             }
             WeightKind::Int8 => {
                 let mut kernels = vec![Kernel::Rows];
+                if rows <= GEMV_MAX_ROWS {
+                    kernels.push(Kernel::RowsAhead);
+                }
                 if split_k(1) {
                     kernels.push(Kernel::SplitK);
                 }
@@ -703,10 +711,13 @@ mod tests {
 
     #[test]
     fn candidates_take_every_row_count_of_their_bucket() {
-        assert_eq!(QKV.candidates(1), [Kernel::Rows, Kernel::SplitK]);
+        assert_eq!(
+            QKV.candidates(1),
+            [Kernel::Rows, Kernel::RowsAhead, Kernel::SplitK]
+        );
         assert_eq!(
             QKV.candidates(4),
-            [Kernel::Rows, Kernel::SplitK],
+            [Kernel::Rows, Kernel::RowsAhead, Kernel::SplitK],
             "bucket 4 holds 3 rows, too few for the tensor cores"
         );
         assert_eq!(QKV.candidates(8), [Kernel::Rows, Kernel::TensorCores]);
@@ -724,7 +735,7 @@ mod tests {
             sublayer: Sublayer::NormGate,
             ..QKV
         };
-        assert_eq!(odd_gate.candidates(1), [Kernel::Rows]);
+        assert_eq!(odd_gate.candidates(1), [Kernel::Rows, Kernel::RowsAhead]);
     }
 
     #[test]

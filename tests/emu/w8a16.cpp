@@ -1,5 +1,6 @@
-// Checks kernels/w8a16.cu's matrix-vector kernel (w8a16_bf16, four output rows per warp) and its tensor-core
-// kernel (w8a16_mma_bf16, tiles of 64 rows by 64 channels through wmma, emulated by include/mma.h) on the CPU
+// Checks kernels/w8a16.cu's matrix-vector kernels (w8a16_bf16, four output rows per warp, and w8a16_ahead_bf16,
+// the same with each warp's next weights loaded ahead) and its tensor-core kernel (w8a16_mma_bf16, tiles of 64
+// rows by 64 channels through wmma, emulated by include/mma.h) on the CPU
 // emulator against a double-precision reference written from the documented contract. Build and run:
 // tests/emu/README.md.
 #include "check.h"
@@ -54,12 +55,14 @@ Expected expected_output(const Problem& problem, const bf16* x, int b, int o) {
   return {value, std::abs(value) / 256 + 1e-5 * std::sqrt(sum_of_squares) * problem.scale[o]};
 }
 
-// The host contract: gridDim.x = ceil(n / 16), 4 warps a block, 4 output rows a warp.
-void run_w8a16(const Problem& problem, const bf16* x, int batch, bf16* y) {
+// The host contract of both matrix-vector kernels: gridDim.x = ceil(n / 16), 4 warps a block, 4 output rows a warp.
+void run_w8a16(const Problem& problem, const bf16* x, int batch, bf16* y, bool ahead) {
   const int rows_per_block = W8A16_WARPS_PER_BLOCK * W8A16_ROWS_PER_WARP;
-  emu::launch("w8a16_bf16", dim3((problem.n + rows_per_block - 1) / rows_per_block),
-              dim3(32 * W8A16_WARPS_PER_BLOCK),
-              [&] { w8a16_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
+  emu::launch(ahead ? "w8a16_ahead_bf16" : "w8a16_bf16", dim3((problem.n + rows_per_block - 1) / rows_per_block),
+              dim3(32 * W8A16_WARPS_PER_BLOCK), [&] {
+                (ahead ? w8a16_ahead_bf16 : w8a16_bf16)(x, problem.weights, problem.scale, y, batch, problem.n,
+                                                        problem.k);
+              });
 }
 
 // The host contract of the tensor-core kernel: gridDim = (ceil(n / 64), ceil(batch / 64)), 8 warps a block.
@@ -70,17 +73,31 @@ void run_w8a16_mma(const Problem& problem, const bf16* x, int batch, bf16* y) {
               dim3(W8A16_MMA_THREADS), [&] { w8a16_mma_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
 }
 
-enum class Kernel { rows, tensor_cores };
+enum class Kernel { rows, rows_ahead, tensor_cores };
+
+const char* kernel_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::rows:
+      return "w8a16_bf16";
+    case Kernel::rows_ahead:
+      return "w8a16_ahead_bf16";
+    case Kernel::tensor_cores:
+      return "w8a16_mma_bf16";
+  }
+  return "?";
+}
 
 void check_w8a16(const Problem& problem, int batch, Kernel kernel) {
   const int n = problem.n;
-  const char* name = kernel == Kernel::rows ? "w8a16_bf16" : "w8a16_mma_bf16";
-  Case check(format("%s batch=%d n=%d k=%d", name, batch, n, problem.k));
+  Case check(format("%s batch=%d n=%d k=%d", kernel_name(kernel), batch, n, problem.k));
   emu::DeviceMemory memory;
   const bf16* x = make_rows(memory, batch, problem.k);
   bf16* y = memory.alloc<bf16>(size_t(batch) * n);
   std::fill_n(y, size_t(batch) * n, kUntouched);
-  (kernel == Kernel::rows ? run_w8a16 : run_w8a16_mma)(problem, x, batch, y);
+  if (kernel == Kernel::tensor_cores)
+    run_w8a16_mma(problem, x, batch, y);
+  else
+    run_w8a16(problem, x, batch, y, kernel == Kernel::rows_ahead);
   double max_error = 0, max_relative = 0;
   for (int b = 0; b < batch; ++b)
     for (int o = 0; o < n; ++o) {
@@ -111,6 +128,11 @@ int main() {
   test_w8a16(64, 2000, all_batches);
   test_w8a16(19, 1040, {1, 4, 7, 64});
   test_w8a16(771, 4096, {1, 4, 5, 64});
+  // Loads one round ahead: k = 16 never loads ahead; 528, lane 0 alone; 2000, every lane but the last three.
+  test_w8a16(37, 16, {1, 3, 4}, Kernel::rows_ahead);
+  test_w8a16(37, 528, {1, 2, 4, 5}, Kernel::rows_ahead);
+  test_w8a16(64, 2000, {1, 3, 4, 9}, Kernel::rows_ahead);
+  test_w8a16(771, 4096, {1, 4}, Kernel::rows_ahead);
   // Tensor cores: tiles of 64 rows (1 and 17: partial 16-row fragments; 65 and 100: a second, partial tile);
   // 771 channels leave the last block 3; k = 1040 ends in a partial 64-input slice, 16 is a quarter of one.
   const std::initializer_list<int> tile_batches = {1, 4, 17, 64, 65, 100};

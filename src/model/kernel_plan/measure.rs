@@ -103,6 +103,7 @@ impl Weights {
                 true => cuda::gemv_bf16(xs, &pick(&self.out_in)?, ends),
             },
             Kernel::Rows => cuda::w8a16_on(xs, int8()?, W8a16Kernel::Rows),
+            Kernel::RowsAhead => cuda::w8a16_on(xs, int8()?, W8a16Kernel::RowsAhead),
             Kernel::TensorCores => cuda::w8a16_on(xs, int8()?, W8a16Kernel::TensorCores),
         }
     }
