@@ -125,8 +125,14 @@ extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 4)
 // the current one, so a slice's memory latency hides behind the one before it. (Before: 4 warps,
 // 64-input slices loaded only after the last was used, the whole 64-row tile staged however few
 // its rows; on an H200 at 32 rows the product ran at about 0.2 TB/s.)
+// Split K: where the tiles alone would leave SMs idle (64 blocks for a 4096-channel matrix, 16
+// for the depformer's 1024), gridDim.z blocks share a tile, block z taking inputs split_k z ..
+// + split_k, and write their unscaled sums to `partial` [gridDim.z, batch, n] (f32), which
+// `w8a16_mma_join` adds up in z order, scales and rounds; with a null `partial` the block
+// writes y itself.
 // Host requirements: k % 16 == 0, x and w 16-byte aligned; blockDim.x = 32 * W8A16_MMA_WARPS;
-// gridDim = (ceil(n / 64), ceil(batch / 64)).
+// gridDim = (ceil(n / 64), ceil(batch / 64), ceil(k / split_k)), split_k a multiple of 128
+// (W8A16_MMA_K); partial null exactly when gridDim.z = 1.
 #include <mma.h>
 
 #define W8A16_MMA_CHANNELS 64
@@ -152,23 +158,23 @@ struct MmaTile {
   int n0, b0, rows, staged;
 };
 
-// This thread's words of the slice at input k0 (zeros past k, past n and past the tile's rows).
+// This thread's words of the slice at input k0 (zeros from input k_end, past n and past the tile's rows).
 __device__ __forceinline__ void load_mma_slice(MmaSlice& slice, const __nv_bfloat16* __restrict__ x,
                                                const int8_t* __restrict__ w, const MmaTile& tile, int n, int k,
-                                               int k0) {
+                                               int k_end, int k0) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int j = 0; j < W8A16_MMA_W_WORDS; ++j) {
     const int i = threadIdx.x + j * W8A16_MMA_THREADS;
     const int ch = i / (W8A16_MMA_K / 16), c = (i % (W8A16_MMA_K / 16)) * 16;
-    const bool inside = tile.n0 + ch < n && k0 + c < k;
+    const bool inside = tile.n0 + ch < n && k0 + c < k_end;
     slice.w[j] = inside ? __ldg(reinterpret_cast<const uint4*>(w + (size_t)(tile.n0 + ch) * k + k0 + c)) : zero;
   }
 #pragma unroll
   for (int j = 0; j < W8A16_MMA_X_WORDS; ++j) {
     const int i = threadIdx.x + j * W8A16_MMA_THREADS;
     const int r = i / (W8A16_MMA_K / 8), c = (i % (W8A16_MMA_K / 8)) * 8;
-    const bool inside = r < tile.rows && k0 + c < k;
+    const bool inside = r < tile.rows && k0 + c < k_end;
     slice.x[j] = inside ? *reinterpret_cast<const uint4*>(x + (size_t)(tile.b0 + r) * k + k0 + c) : zero;
   }
 }
@@ -190,9 +196,14 @@ __device__ __forceinline__ void store_mma_slice(const MmaSlice& slice, const Mma
       pairs[2 * q] = __byte_perm(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632);
       pairs[2 * q + 1] = __byte_perm(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632);
     }
+    // Eight threads store 16 bytes each at a time, 32 bytes apart: threads 4-7 of each eight
+    // store their second half first, so the eight fill distinct banks.
     uint4* dst = reinterpret_cast<uint4*>(ws + ch * W8A16_MMA_LD + c);
-    dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-    dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+    const uint4 lo = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+    const uint4 hi = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+    const int second_first = (threadIdx.x >> 2) & 1;
+    dst[second_first] = second_first ? hi : lo;
+    dst[1 - second_first] = second_first ? lo : hi;
   }
 #pragma unroll
   for (int j = 0; j < W8A16_MMA_X_WORDS; ++j) {
@@ -204,7 +215,7 @@ __device__ __forceinline__ void store_mma_slice(const MmaSlice& slice, const Mma
 
 extern "C" __global__ void __launch_bounds__(W8A16_MMA_THREADS, 2) w8a16_mma_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                                           const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
-                                          int batch, int n, int k) {
+                                          float* __restrict__ partial, int batch, int n, int k, int split_k) {
   grid_dependency_sync();
   using namespace nvcuda;
   // The staged slice (activations, then weights) while multiplying; each k-half's sums afterwards.
@@ -224,12 +235,13 @@ extern "C" __global__ void __launch_bounds__(W8A16_MMA_THREADS, 2) w8a16_mma_bf1
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[W8A16_MMA_ROWS / 16];
 #pragma unroll
   for (int m = 0; m < W8A16_MMA_ROWS / 16; ++m) wmma::fill_fragment(acc[m], 0.f);
+  const int k_begin = blockIdx.z * split_k, k_end = min(k, k_begin + split_k);
   MmaSlice slice;
-  load_mma_slice(slice, x, w, tile, n, k, 0);
-  for (int k0 = 0; k0 < k; k0 += W8A16_MMA_K) {
+  load_mma_slice(slice, x, w, tile, n, k, k_end, k_begin);
+  for (int k0 = k_begin; k0 < k_end; k0 += W8A16_MMA_K) {
     store_mma_slice(slice, tile, xs, ws);
     __syncthreads();
-    if (k0 + W8A16_MMA_K < k) load_mma_slice(slice, x, w, tile, n, k, k0 + W8A16_MMA_K);
+    if (k0 + W8A16_MMA_K < k_end) load_mma_slice(slice, x, w, tile, n, k, k_end, k0 + W8A16_MMA_K);
 #pragma unroll
     for (int kk = half * (W8A16_MMA_K / 2); kk < (half + 1) * (W8A16_MMA_K / 2); kk += 16) {
       // B is k x channels; ws holds it channel-major, i.e. column-major with ld W8A16_MMA_LD.
@@ -257,7 +269,23 @@ extern "C" __global__ void __launch_bounds__(W8A16_MMA_THREADS, 2) w8a16_mma_bf1
     const int r = i / W8A16_MMA_CHANNELS, ch = i % W8A16_MMA_CHANNELS, at = r * W8A16_MMA_OUT_LD + ch;
     if (tile.n0 + ch < n) {
       const float sum = sums[at] + sums[W8A16_MMA_ROWS * W8A16_MMA_OUT_LD + at];
-      y[(size_t)(tile.b0 + r) * n + tile.n0 + ch] = __float2bfloat16(sum * scale[tile.n0 + ch]);
+      const size_t out = (size_t)(tile.b0 + r) * n + tile.n0 + ch;
+      if (partial)
+        partial[(size_t)blockIdx.z * batch * n + out] = sum;
+      else
+        y[out] = __float2bfloat16(sum * scale[tile.n0 + ch]);
     }
   }
+}
+
+// y[b, c] = scale[c] * the sum over z of partial[z, b, c], in z order: the split-K blocks of
+// `w8a16_mma_bf16` joined. One thread an output; any 1-D grid covering batch * n.
+extern "C" __global__ void w8a16_mma_join(const float* __restrict__ partial, const float* __restrict__ scale,
+                                          __nv_bfloat16* __restrict__ y, int splits, int batch, int n) {
+  grid_dependency_sync();
+  const size_t outputs = (size_t)batch * n, i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= outputs) return;
+  float sum = 0.f;
+  for (int z = 0; z < splits; ++z) sum += partial[z * outputs + i];
+  y[i] = __float2bfloat16(sum * scale[i % n]);
 }

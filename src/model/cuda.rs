@@ -4,13 +4,13 @@
 use super::Result;
 use super::decode::{KvRing, PinnedPrefix};
 use super::graph::early;
-use super::kernel_plan::{Kernel, Sublayer, W8A16_MMA_MIN_ROWS};
+use super::kernel_plan::{Kernel, Sublayer, W8A16_MMA_MIN_ROWS, mma_split_k};
 use super::quant::Int8Weight;
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -44,6 +44,15 @@ fn contiguous(layout: &Layout, what: &str) -> Result<()> {
 const W8A16_MMA_ROWS: usize = 64;
 const W8A16_MMA_CHANNELS: usize = 64;
 const W8A16_MMA_WARPS: usize = 8;
+/// The SMs of `device`'s GPU.
+fn sm_count(device: &candle_core::CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let context = device.cuda_stream().context().clone();
+    let count = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(count.max(1) as usize)
+}
 
 /// `gemv_splitk_*` (kernels/gemv.cu): output channels per block, the most warps sharing them,
 /// and the most rows.
@@ -222,8 +231,15 @@ struct W8a16 {
 }
 
 impl W8a16 {
-    /// The kernel's name, grid and block for `rows` x `k` inputs and `n` outputs.
-    fn launch(&self, rows: usize, n: usize, k: usize) -> Result<(String, LaunchConfig)> {
+    /// The kernel's name, grid and block for `rows` x `k` inputs and `n` outputs; for the
+    /// tensor-core kernel, `split_k` inputs a block.
+    fn launch(
+        &self,
+        rows: usize,
+        n: usize,
+        k: usize,
+        split_k: usize,
+    ) -> Result<(String, LaunchConfig)> {
         let (name, grid_dim, warps) = match self.kernel {
             W8a16Kernel::Rows | W8a16Kernel::RowsAhead => (
                 match self.kernel {
@@ -244,7 +260,7 @@ impl W8a16 {
                 (
                     n.div_ceil(W8A16_MMA_CHANNELS) as u32,
                     rows.div_ceil(W8A16_MMA_ROWS) as u32,
-                    1,
+                    k.div_ceil(split_k) as u32,
                 ),
                 W8A16_MMA_WARPS,
             ),
@@ -310,13 +326,24 @@ impl CustomOp3 for W8a16 {
             .as_cuda_slice::<f32>()?
             .slice(scale_layout.start_offset()..);
         let n_out = self.ends.out_features(n);
-        let (name, config) = self.launch(rows, n, k)?;
+        let tiles = n.div_ceil(W8A16_MMA_CHANNELS) * rows.div_ceil(W8A16_MMA_ROWS);
+        let split_k = match self.kernel {
+            W8a16Kernel::TensorCores => mma_split_k(tiles, k, sm_count(&device)?),
+            _ => k,
+        };
+        let (name, config) = self.launch(rows, n, k, split_k)?;
         if self.kernel != W8a16Kernel::SplitK && !self.ends.is_empty() {
             candle_core::bail!("the {:?} w8a16 kernel fuses nothing", self.kernel);
         }
         let early = early::prepare(&device)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<bf16>(rows * n_out)? };
+        let splits = k.div_ceil(split_k);
+        // SAFETY: each split's block writes its sum of every row and channel.
+        let partial = match splits {
+            1 => None,
+            _ => Some(unsafe { device.alloc::<f32>(splits * rows * n)? }),
+        };
         let residual = self.ends.residual.as_ref().map(|r| r.storage_and_layout());
         let alpha = self.ends.norm.as_ref().map(|(a, _)| a.storage_and_layout());
         let prefetch = early.is_some();
@@ -327,7 +354,8 @@ impl CustomOp3 for W8a16 {
             }
             _ => device.get_or_load_custom_func(&name, "duplex_w8a16", W8A16_PTX)?,
         };
-        let (batch, n_i, k_i) = (rows as i32, n as i32, k as i32);
+        let (batch, n_i, k_i, split_k_i, null) =
+            (rows as i32, n as i32, k as i32, split_k as i32, 0u64);
         let mut builder = func.builder();
         builder.arg(&xs).arg(&qs).arg(&ss);
         // The split-K entry points take their sublayer's ends and have the batch in their name.
@@ -335,18 +363,58 @@ impl CustomOp3 for W8a16 {
             ends.push(&mut builder);
         }
         builder.arg(&out);
+        if self.kernel == W8a16Kernel::TensorCores {
+            match &partial {
+                Some(partial) => builder.arg(partial),
+                None => builder.arg(&null),
+            };
+        }
         if self.kernel != W8a16Kernel::SplitK {
             builder.arg(&batch);
         }
         builder.arg(&n_i).arg(&k_i);
+        if self.kernel == W8a16Kernel::TensorCores {
+            builder.arg(&split_k_i);
+        }
         early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(config) }.w()?;
+        if let Some(partial) = &partial {
+            join_mma_splits(&device, partial, &ss, &out, splits, rows, n)?;
+        }
         Ok((
             CudaStorage::wrap_cuda_slice(out, device),
             Shape::from((rows, n_out)),
         ))
     }
+}
+
+/// `w8a16_mma_join`: `out` = the `splits` partial sums of `rows` x `n` outputs added in order
+/// and scaled.
+fn join_mma_splits(
+    device: &candle_core::CudaDevice,
+    partial: &CudaSlice<f32>,
+    scale: &CudaView<'_, f32>,
+    out: &CudaSlice<bf16>,
+    splits: usize,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let func = device.get_or_load_custom_func("w8a16_mma_join", "duplex_w8a16", W8A16_PTX)?;
+    let config = LaunchConfig::for_num_elems((rows * n) as u32);
+    let (splits, rows, n) = (splits as i32, rows as i32, n as i32);
+    let mut builder = func.builder();
+    builder
+        .arg(partial)
+        .arg(scale)
+        .arg(out)
+        .arg(&splits)
+        .arg(&rows)
+        .arg(&n);
+    early::arm(early::prepare(device)?)?;
+    // SAFETY: the arguments match the kernel's signature; `partial` holds `splits` x `rows` x `n`.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(())
 }
 
 /// Whether environment variable `name` is `1`.

@@ -22,6 +22,23 @@ use std::sync::OnceLock;
 pub const GEMV_MAX_ROWS: usize = 4;
 /// The fewest rows the tensor-core w8a16 kernel takes.
 pub const W8A16_MMA_MIN_ROWS: usize = 4;
+/// The inputs of a slice of the tensor-core w8a16 kernel (`W8A16_MMA_K` in kernels/w8a16.cu).
+const W8A16_MMA_K: usize = 128;
+/// The fewest slices a block of a split tensor-core product multiplies: with fewer, the partial
+/// sums cost more than the blocks gain.
+const W8A16_MMA_MIN_SLICES: usize = 2;
+
+/// The inputs each block of the tensor-core w8a16 kernel takes for `tiles` tiles (64 channels
+/// by up to 64 rows) of `k` inputs on a card of `sms` SMs: all of them when the tiles fill the
+/// two blocks an SM the kernel fits, else a share, so that tiles times shares do, each share at
+/// least `W8A16_MMA_MIN_SLICES` slices.
+pub fn mma_split_k(tiles: usize, k: usize, sms: usize) -> usize {
+    let slices = k.div_ceil(W8A16_MMA_K);
+    let wanted = (2 * sms).div_ceil(tiles.max(1));
+    let splits = wanted.min(slices / W8A16_MMA_MIN_SLICES).max(1);
+    slices.div_ceil(splits) * W8A16_MMA_K
+}
+
 /// The row counts a plan is measured at. Each stands for the counts above the previous one
 /// (the step loop runs a power of two of rows, or all its slots).
 pub const ROW_BUCKETS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
@@ -707,6 +724,40 @@ mod tests {
             trial(Kernel::SplitK, 10.0),
         ]);
         assert_eq!(runs(&no_baseline, QKV, 1), Kernel::Rows);
+    }
+
+    #[test]
+    fn tensor_core_products_split_k_until_they_fill_two_blocks_an_sm() {
+        let blocks = |tiles: usize, k: usize, sms| tiles * k.div_ceil(mma_split_k(tiles, k, sms));
+        // An H100's 132 SMs: the out-projection's 64 tiles in 5 shares of 7 slices.
+        assert_eq!(mma_split_k(64, 4096, 132), 7 * 128);
+        assert_eq!(blocks(64, 4096, 132), 320);
+        assert_eq!(blocks(64, 11264, 132), 320, "the FFN's out-projection");
+        assert_eq!(blocks(192, 4096, 132), 384, "the in-projection, in two");
+        assert_eq!(
+            mma_split_k(352, 4096, 132),
+            4096,
+            "the FFN's 352 tiles fill the card"
+        );
+        // The depformer's 1024 inputs: no more than 4 shares of 2 slices.
+        assert_eq!(mma_split_k(16, 1024, 132), 256);
+        assert_eq!(
+            mma_split_k(16, 1040, 132),
+            3 * 128,
+            "9 slices: 4 shares of at most 3"
+        );
+        assert_eq!(
+            mma_split_k(1, 16, 132),
+            128,
+            "less than a slice stays whole"
+        );
+        // GB10's 48 SMs.
+        assert_eq!(blocks(64, 4096, 48), 128);
+        assert_eq!(
+            mma_split_k(0, 4096, 48),
+            2 * 128,
+            "no tiles: no division by zero"
+        );
     }
 
     #[test]

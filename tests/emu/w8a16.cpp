@@ -65,15 +65,24 @@ void run_w8a16(const Problem& problem, const bf16* x, int batch, bf16* y, bool a
               });
 }
 
-// The host contract of the tensor-core kernel: gridDim = (ceil(n / 64), ceil(batch / 64)), 8 warps a block.
-void run_w8a16_mma(const Problem& problem, const bf16* x, int batch, bf16* y) {
+// The host contract of the tensor-core kernel: gridDim = (ceil(n / 64), ceil(batch / 64), ceil(k / split_k)), 8
+// warps a block; with more than one split, f32 partial sums joined by w8a16_mma_join.
+void run_w8a16_mma(const Problem& problem, const bf16* x, int batch, bf16* y, int split_k) {
+  const int n = problem.n, k = problem.k, splits = (k + split_k - 1) / split_k;
+  emu::DeviceMemory memory;
+  float* partial = splits > 1 ? memory.alloc<float>(size_t(splits) * batch * n) : nullptr;
   emu::launch("w8a16_mma_bf16",
-              dim3((problem.n + W8A16_MMA_CHANNELS - 1) / W8A16_MMA_CHANNELS,
-                   (batch + W8A16_MMA_ROWS - 1) / W8A16_MMA_ROWS),
-              dim3(W8A16_MMA_THREADS), [&] { w8a16_mma_bf16(x, problem.weights, problem.scale, y, batch, problem.n, problem.k); });
+              dim3((n + W8A16_MMA_CHANNELS - 1) / W8A16_MMA_CHANNELS, (batch + W8A16_MMA_ROWS - 1) / W8A16_MMA_ROWS,
+                   splits),
+              dim3(W8A16_MMA_THREADS),
+              [&] { w8a16_mma_bf16(x, problem.weights, problem.scale, y, partial, batch, n, k, split_k); });
+  if (splits == 1) return;
+  const int threads = 256, outputs = batch * n;
+  emu::launch("w8a16_mma_join", dim3((outputs + threads - 1) / threads), dim3(threads),
+              [&] { w8a16_mma_join(partial, problem.scale, y, splits, batch, n); });
 }
 
-enum class Kernel { rows, rows_ahead, tensor_cores };
+enum class Kernel { rows, rows_ahead, tensor_cores, tensor_cores_split };
 
 const char* kernel_name(Kernel kernel) {
   switch (kernel) {
@@ -83,6 +92,8 @@ const char* kernel_name(Kernel kernel) {
       return "w8a16_ahead_bf16";
     case Kernel::tensor_cores:
       return "w8a16_mma_bf16";
+    case Kernel::tensor_cores_split:
+      return "w8a16_mma_bf16 split_k=256";
   }
   return "?";
 }
@@ -95,7 +106,9 @@ void check_w8a16(const Problem& problem, int batch, Kernel kernel) {
   bf16* y = memory.alloc<bf16>(size_t(batch) * n);
   std::fill_n(y, size_t(batch) * n, kUntouched);
   if (kernel == Kernel::tensor_cores)
-    run_w8a16_mma(problem, x, batch, y);
+    run_w8a16_mma(problem, x, batch, y, std::max(problem.k, 128));
+  else if (kernel == Kernel::tensor_cores_split)
+    run_w8a16_mma(problem, x, batch, y, 256);
   else
     run_w8a16(problem, x, batch, y, kernel == Kernel::rows_ahead);
   double max_error = 0, max_relative = 0;
@@ -142,5 +155,9 @@ int main() {
   // Slices of 128 inputs, each half to 4 warps: k = 208 ends in a slice whose second half is partly past k;
   // 33 and 48 rows stage 3 fragments, 32 two; 192 channels are three whole blocks.
   test_w8a16(192, 208, {32, 33, 48}, Kernel::tensor_cores);
+  // Split K, 256 inputs a block: k = 1040 in 5 splits, the last of 16 inputs; 4096 in 16; 208 in one (no join).
+  test_w8a16(771, 1040, {4, 17, 65}, Kernel::tensor_cores_split);
+  test_w8a16(130, 4096, {8, 64}, Kernel::tensor_cores_split);
+  test_w8a16(192, 208, {32}, Kernel::tensor_cores_split);
   return summarise("w8a16");
 }
