@@ -728,36 +728,42 @@ mod tests {
 
     #[test]
     fn tensor_core_products_split_k_until_they_fill_two_blocks_an_sm() {
-        let blocks = |tiles: usize, k: usize, sms| tiles * k.div_ceil(mma_split_k(tiles, k, sms));
-        // An H100's 132 SMs: the out-projection's 64 tiles in 5 shares of 7 slices.
-        assert_eq!(mma_split_k(64, 4096, 132), 7 * 128);
-        assert_eq!(blocks(64, 4096, 132), 320);
-        assert_eq!(blocks(64, 11264, 132), 320, "the FFN's out-projection");
-        assert_eq!(blocks(192, 4096, 132), 384, "the in-projection, in two");
-        assert_eq!(
-            mma_split_k(352, 4096, 132),
-            4096,
-            "the FFN's 352 tiles fill the card"
-        );
-        // The depformer's 1024 inputs: no more than 4 shares of 2 slices.
-        assert_eq!(mma_split_k(16, 1024, 132), 256);
-        assert_eq!(
-            mma_split_k(16, 1040, 132),
-            3 * 128,
-            "9 slices: 4 shares of at most 3"
-        );
-        assert_eq!(
-            mma_split_k(1, 16, 132),
-            128,
-            "less than a slice stays whole"
-        );
-        // GB10's 48 SMs.
-        assert_eq!(blocks(64, 4096, 48), 128);
-        assert_eq!(
-            mma_split_k(0, 4096, 48),
-            2 * 128,
-            "no tiles: no division by zero"
-        );
+        // (tiles, k, SMs) -> inputs a block, blocks in all: an H100's 132 SMs, then GB10's 48.
+        let cases = [
+            (
+                (64, 4096, 132),
+                7 * 128,
+                320,
+                "the out-projection in 5 shares",
+            ),
+            ((64, 11264, 132), 18 * 128, 320, "the FFN's out-projection"),
+            ((192, 4096, 132), 2048, 384, "the in-projection, in two"),
+            (
+                (352, 4096, 132),
+                4096,
+                352,
+                "the FFN's 352 tiles fill the card",
+            ),
+            (
+                (16, 1024, 132),
+                256,
+                64,
+                "the depformer: 4 shares of 2 slices",
+            ),
+            (
+                (16, 1040, 132),
+                3 * 128,
+                48,
+                "9 slices in shares of 3: 3 of them",
+            ),
+            ((1, 16, 132), 128, 1, "less than a slice stays whole"),
+            ((64, 4096, 48), 2048, 128, "GB10"),
+            ((0, 4096, 48), 256, 0, "no tiles: no division by zero"),
+        ];
+        for ((tiles, k, sms), split_k, blocks, why) in cases {
+            let got = mma_split_k(tiles, k, sms);
+            assert_eq!((got, tiles * k.div_ceil(got)), (split_k, blocks), "{why}");
+        }
     }
 
     #[test]
