@@ -52,14 +52,13 @@ __device__ __forceinline__ void multiply_row_words(float (&acc)[W8A16_ROWS_PER_W
   }
 }
 
-// Both entry points below. With AHEAD, a lane loads its next 16 bytes of each row before it
-// multiplies the ones it holds, so each warp keeps a round of loads in flight while it computes
-// (16 more registers, so four blocks an SM rather than five).
+// Both entry points below, once they have waited for the kernel before them. With AHEAD, a lane
+// loads its next 16 bytes of each row before it multiplies the ones it holds, so each warp keeps
+// a round of loads in flight while it computes (16 more registers, four blocks an SM, not five).
 template <bool AHEAD>
 __device__ __forceinline__ void w8a16_rows(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                                            const float* __restrict__ scale, __nv_bfloat16* __restrict__ y,
                                            int batch, int n, int k) {
-  grid_dependency_sync();
   constexpr int STRIDE = 32 * 16;
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * W8A16_WARPS_PER_BLOCK + (threadIdx.x >> 5)) * W8A16_ROWS_PER_WARP;
@@ -104,12 +103,14 @@ __device__ __forceinline__ void w8a16_rows(const __nv_bfloat16* __restrict__ x, 
 extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 5)
     w8a16_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ scale,
                __nv_bfloat16* __restrict__ y, int batch, int n, int k) {
+  grid_dependency_sync();
   w8a16_rows<false>(x, w, scale, y, batch, n, k);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * W8A16_WARPS_PER_BLOCK, 4)
     w8a16_ahead_bf16(const __nv_bfloat16* __restrict__ x, const int8_t* __restrict__ w,
                      const float* __restrict__ scale, __nv_bfloat16* __restrict__ y, int batch, int n, int k) {
+  grid_dependency_sync();
   w8a16_rows<true>(x, w, scale, y, batch, n, k);
 }
 
