@@ -411,6 +411,120 @@ fn check_skip_layer_norm(gpu: &Device, rows: usize, dim: usize) {
     assert!(err.unwrap_err().to_string().contains(&want));
 }
 
+/// Mimi's streaming conv on our kernels (its input laid out by `stream_im2col` with the context
+/// and the ELU, one product, then `conv_bias_residual`) equals candle's conv over the context and
+/// the input on the CPU, for three steps in a row: a 7-tap conv without ELU, a dilated residual
+/// conv with its skip connection, the 8-tap downsample of stride 4, a 16-tap one of stride 8
+/// over as many samples as its context (one output), and a 1-tap conv without context (the
+/// emulator, `tests/emu/conv.cpp`, also runs contexts longer than the input). An idle row and a slot outside the step keep their context. Misshaped inputs are
+/// refused.
+#[test]
+fn streaming_conv_kernels_match_candle_conv() {
+    let Some(gpu) = tiny::gpu() else { return };
+    //            c_in c_out  t   kernel stride dilation elu    skip
+    check_stream_conv(&gpu, (1, 64, 1920), (7, 1, 1), false, false);
+    check_stream_conv(&gpu, (64, 32, 1920), (3, 1, 3), true, false);
+    check_stream_conv(&gpu, (32, 32, 480), (3, 1, 1), true, true);
+    check_stream_conv(&gpu, (64, 128, 1920), (8, 4, 1), true, false);
+    check_stream_conv(&gpu, (512, 1024, 8), (16, 8, 1), true, false);
+    check_stream_conv(&gpu, (32, 64, 40), (1, 1, 1), true, true);
+    let x = Tensor::zeros((2, 4, 10), DType::F32, &gpu).unwrap();
+    let active = Tensor::ones(2, DType::U8, &gpu).unwrap();
+    let conv = |kernel, stride| cuda::StreamConv {
+        kernel,
+        stride,
+        dilation: 1,
+        elu: false,
+    };
+    let prev = Tensor::zeros((2, 4, 1), DType::F32, &gpu).unwrap();
+    let err = cuda::stream_im2col(&x, Some(&prev), &active, conv(3, 1));
+    assert!(
+        err.unwrap_err()
+            .to_string()
+            .contains("a context of [2, 4, 1]")
+    );
+    let err = cuda::stream_im2col(&x, Some(&prev), &active, conv(3, 3));
+    assert!(
+        err.unwrap_err()
+            .to_string()
+            .contains("10 samples for 3 taps of stride 3")
+    );
+    let err = cuda::stream_im2col(&x, None, &active, conv(2, 1));
+    assert!(err.unwrap_err().to_string().contains("needs a state"));
+}
+
+/// One `streaming_conv_kernels_match_candle_conv` case: `(c_in, c_out, t_in)`, `(kernel,
+/// stride, dilation)`, an ELU before the conv, a skip connection after it.
+fn check_stream_conv(
+    gpu: &Device,
+    (c_in, c_out, t_in): (usize, usize, usize),
+    (kernel, stride, dilation): (usize, usize, usize),
+    elu: bool,
+    skip: bool,
+) {
+    let (cpu, rows, batch) = (Device::Cpu, 2, 3);
+    let conv = cuda::StreamConv {
+        kernel,
+        stride,
+        dilation,
+        elu,
+    };
+    let context = conv.context();
+    let t_out = t_in / stride;
+    let weight = Tensor::randn(0f32, 0.1, (c_out, c_in, kernel), &cpu).unwrap();
+    let bias = Tensor::randn(0f32, 0.5, c_out, &cpu).unwrap();
+    let mut prev = Tensor::randn(0f32, 1.0, (batch, c_in, context), &cpu).unwrap();
+    let prev_gpu = prev.to_device(gpu).unwrap();
+    let what = format!("{c_in}->{c_out} over {t_in}, {kernel} taps of stride {stride}");
+    for (step, active) in [[1u8, 1], [1, 0], [0, 1]].into_iter().enumerate() {
+        let x = Tensor::randn(0f32, 2.0, (rows, c_in, t_in), &cpu).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (rows, c_out, t_out), &cpu).unwrap();
+        let input = if elu { x.elu(1.0).unwrap() } else { x.clone() };
+        let seq = Tensor::cat(&[&prev.narrow(0, 0, rows).unwrap(), &input], 2).unwrap();
+        let mut want = seq
+            .conv1d(&weight, 0, stride, dilation, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, c_out, 1)).unwrap())
+            .unwrap();
+        if skip {
+            want = (want + &residual).unwrap();
+        }
+        let active_gpu = Tensor::new(&active, gpu).unwrap();
+        let prev_arg = (context > 0).then_some(&prev_gpu);
+        let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
+        let columns = cuda::stream_im2col(&on_gpu(&x), prev_arg, &active_gpu, conv).unwrap();
+        let got = on_gpu(&weight)
+            .reshape((c_out, c_in * kernel))
+            .unwrap()
+            .broadcast_matmul(&columns)
+            .unwrap();
+        let residual_gpu = skip.then(|| on_gpu(&residual));
+        cuda::conv_bias_residual(&got, Some(&on_gpu(&bias)), residual_gpu.as_ref()).unwrap();
+        let diff = tiny::max_abs_diff(&got, &want);
+        let scale = tiny::largest_abs(&want);
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{what}, step {step}: max |diff| {diff} (output scale {scale})"
+        );
+        if context == 0 {
+            continue;
+        }
+        let tail = seq.narrow(2, t_in, context).unwrap();
+        let kept: Vec<Tensor> = (0..batch)
+            .map(|r| match r < rows && active[r] == 1 {
+                true => tail.narrow(0, r, 1).unwrap(),
+                false => prev.narrow(0, r, 1).unwrap(),
+            })
+            .collect();
+        prev = Tensor::cat(&kept, 0).unwrap();
+        let diff = tiny::max_abs_diff(&prev_gpu, &prev);
+        assert!(
+            diff <= 1e-6,
+            "{what}, step {step}: the context is off by {diff}"
+        );
+    }
+}
+
 /// Mimi's attention in one kernel equals the CPU's composed attention with the heads merged:
 /// Mimi's shape with a causal window, a row that sees everything and a row that sees one key;
 /// fewer keys than warps with heads wider than the block. Misshaped masks and rings past the

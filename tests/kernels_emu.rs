@@ -77,6 +77,13 @@ fn norm_and_swiglu_meet_their_references_on_the_emulator() {
     run_emulated("norm");
 }
 
+/// `kernels/conv.cu`: Mimi's streaming conv input (context, ELU, im2col layout, the context's
+/// update in place) and the bias and skip connection after its product.
+#[test]
+fn streaming_conv_kernels_meet_their_references_on_the_emulator() {
+    run_emulated("conv");
+}
+
 /// `kernels/sampling.cu`: temperature and top-k draws with the counter-based random numbers,
 /// greedy, ties and partial blocks.
 #[test]

@@ -19,6 +19,7 @@ const W8A16_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a16.ptx"));
 const GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"));
 const NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
 
 /// A digest of the matrix-product kernels' code: a kernel plan measured on other code is stale.
 pub fn product_kernels_digest() -> u64 {
@@ -820,6 +821,246 @@ impl candle_core::CustomOp2 for GemvF32 {
 /// GPU, by the split-K kernel (k a multiple of 4) → `[rows, n]`.
 pub fn gemv_f32(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     f32_contiguous(xs)?.apply_op2_no_bwd(&f32_contiguous(weight)?, &GemvF32)
+}
+
+/// The most positions of context `stream_im2col_f32` keeps (kernels/conv.cu).
+pub const STREAM_CONV_MAX_CONTEXT: usize = 1024;
+
+/// A causal streaming conv's taps and step, and whether an ELU comes before it.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamConv {
+    pub kernel: usize,
+    pub stride: usize,
+    pub dilation: usize,
+    pub elu: bool,
+}
+
+impl StreamConv {
+    /// The input positions it keeps between steps.
+    pub fn context(&self) -> usize {
+        ((self.kernel - 1) * self.dilation + 1).saturating_sub(self.stride)
+    }
+}
+
+/// `stream_im2col_f32`: a streaming conv's input `[rows, c_in, t_in]` (f32) with the context it
+/// keeps in `prev` (updated in place for the rows `active` marks) as `[rows, c_in · kernel,
+/// t_out]`, ready for the product with the weights.
+struct StreamIm2col<'a> {
+    prev: Option<&'a Tensor>,
+    conv: StreamConv,
+}
+
+impl candle_core::CustomOp2 for StreamIm2col<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-stream-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("on the CPU a streaming conv is `mimi::conv::Conv1d::step`'s candle ops")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        active: &CudaStorage,
+        active_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous(x_layout, "streaming conv input")?;
+        let (rows, c_in, t_in) = x_layout.shape().dims3()?;
+        let StreamConv {
+            kernel,
+            stride,
+            dilation,
+            elu,
+        } = self.conv;
+        let context = self.conv.context();
+        if kernel == 0 || stride == 0 || t_in % stride != 0 || context > STREAM_CONV_MAX_CONTEXT {
+            candle_core::bail!(
+                "streaming conv: {t_in} samples for {kernel} taps of stride {stride}, dilation                  {dilation} (a whole number of strides, at most {STREAM_CONV_MAX_CONTEXT} of context)"
+            );
+        }
+        if active_layout.shape().dims() != [rows] || !active_layout.is_contiguous() {
+            candle_core::bail!(
+                "streaming conv: a row mask of {:?} for {rows} rows",
+                active_layout.shape()
+            );
+        }
+        let prev = match (self.prev, context) {
+            (None, 0) => None,
+            (Some(prev), context) if context > 0 => {
+                let (batch, prev_c, prev_t) = prev.dims3()?;
+                if batch < rows || prev_c != c_in || prev_t != context || !prev.is_contiguous() {
+                    candle_core::bail!(
+                        "streaming conv: a context of {:?} for {rows} rows of {c_in} channels,                          {context} positions",
+                        prev.dims()
+                    );
+                }
+                Some(prev.storage_and_layout())
+            }
+            _ => candle_core::bail!(
+                "streaming conv: a context of {context} positions needs a state, and only it"
+            ),
+        };
+        let t_out = t_in / stride;
+        let device = x.device().clone();
+        let xs = x.as_cuda_slice::<f32>()?.slice(x_layout.start_offset()..);
+        let active = active
+            .as_cuda_slice::<u8>()?
+            .slice(active_layout.start_offset()..);
+        let prev = prev
+            .as_ref()
+            .map(|(storage, layout)| gpu_view::<f32>(storage, layout, "conv context"))
+            .transpose()?;
+        let early = early::prepare(&device)?;
+        let count = rows * c_in * kernel * t_out;
+        // SAFETY: every element is written by the kernel.
+        let col = unsafe { device.alloc::<f32>(count)? };
+        let func = device.get_or_load_custom_func("stream_im2col_f32", "duplex_conv", CONV_PTX)?;
+        let null = 0u64;
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        match &prev {
+            Some(prev) => builder.arg(prev),
+            None => builder.arg(&null),
+        };
+        builder.arg(&active).arg(&col);
+        let dims = [
+            c_in,
+            t_in,
+            context,
+            kernel,
+            stride,
+            dilation,
+            t_out,
+            usize::from(elu),
+        ];
+        let dims = dims.map(|d| d as i32);
+        for dim in &dims {
+            builder.arg(dim);
+        }
+        let config = LaunchConfig {
+            grid_dim: ((rows * c_in) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        early::arm(early)?;
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above. The
+        // context is written in place: device memory nothing else uses during the launch.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(col, device),
+            Shape::from((rows, c_in * kernel, t_out)),
+        ))
+    }
+}
+
+/// A streaming conv's input `xs` `[rows, c_in, t_in]` (f32, on the GPU) with its left context
+/// (`prev` `[batch >= rows, c_in, context]`, none when `conv` keeps none) prepended and, when
+/// `conv.elu`, the ELU before the conv applied: `[rows, c_in · kernel, t_out]` with column `c ·
+/// kernel + j` holding tap `j` of channel `c` for each output. The rows `active` (u8 `[rows]`)
+/// marks move their context on, in place.
+pub fn stream_im2col(
+    xs: &Tensor,
+    prev: Option<&Tensor>,
+    active: &Tensor,
+    conv: StreamConv,
+) -> Result<Tensor> {
+    f32_contiguous(xs)?.apply_op2_no_bwd(active, &StreamIm2col { prev, conv })
+}
+
+/// `conv_bias_residual_f32`, in place on a conv's product `[rows, c_out, t]`.
+struct ConvBiasResidual<'a> {
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+}
+
+impl candle_core::InplaceOp1 for ConvBiasResidual<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-conv-bias-residual"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("on the CPU a conv's bias and skip connection are candle's adds")
+    }
+
+    fn cuda_fwd(&self, y: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        contiguous(layout, "conv output")?;
+        let (rows, c_out, t) = layout.shape().dims3()?;
+        if let Some(bias) = self.bias
+            && (bias.elem_count() != c_out || !bias.is_contiguous())
+        {
+            candle_core::bail!("conv bias: {:?} for {c_out} channels", bias.dims());
+        }
+        if let Some(residual) = self.residual
+            && (residual.dims() != [rows, c_out, t] || !residual.is_contiguous())
+        {
+            candle_core::bail!(
+                "conv skip connection: {:?} for an output of {:?}",
+                residual.dims(),
+                layout.shape()
+            );
+        }
+        let count = rows * c_out * t;
+        if count == 0 {
+            return Ok(());
+        }
+        let device = y.device().clone();
+        let (bias, residual) = (
+            self.bias.map(Tensor::storage_and_layout),
+            self.residual.map(Tensor::storage_and_layout),
+        );
+        let bias = bias
+            .as_ref()
+            .map(|(s, l)| gpu_view::<f32>(s, l, "conv bias"))
+            .transpose()?;
+        let residual = residual
+            .as_ref()
+            .map(|(s, l)| gpu_view::<f32>(s, l, "conv skip connection"))
+            .transpose()?;
+        let ys = y.as_cuda_slice_mut::<f32>()?;
+        let mut ys = ys.slice_mut(layout.start_offset()..);
+        let func =
+            device.get_or_load_custom_func("conv_bias_residual_f32", "duplex_conv", CONV_PTX)?;
+        let null = 0u64;
+        let mut builder = func.builder();
+        builder.arg(&mut ys);
+        match &bias {
+            Some(bias) => builder.arg(bias),
+            None => builder.arg(&null),
+        };
+        match &residual {
+            Some(residual) => builder.arg(residual),
+            None => builder.arg(&null),
+        };
+        let (c_out, t, count_i) = (c_out as i32, t as i32, count as i32);
+        builder.arg(&c_out).arg(&t).arg(&count_i);
+        early::arm(early::prepare(&device)?)?;
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        unsafe { builder.launch(LaunchConfig::for_num_elems(count as u32)) }.w()?;
+        Ok(())
+    }
+}
+
+/// A conv's product `ys` `[rows, c_out, t]` (f32, on the GPU) finished in place: plus `bias`
+/// (`[c_out]`) and then the skip connection `residual` (`ys`' shape), each where given.
+pub fn conv_bias_residual(
+    ys: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<()> {
+    let bias = bias.map(f32_contiguous).transpose()?;
+    let residual = residual.map(f32_contiguous).transpose()?;
+    ys.inplace_op1(&ConvBiasResidual {
+        bias: bias.as_ref(),
+        residual: residual.as_ref(),
+    })
 }
 
 /// The most ring entries and the widest heads `masked_attention_f32` takes (kernels/attention.cu).

@@ -203,6 +203,69 @@ impl Conv1d {
         })
     }
 
+    /// `step` of `elu(xs)` when `elu` (SEANet's activation before most of its convs), plus
+    /// `residual` where given (a residual block's skip connection). On a GPU in f32 it runs our
+    /// kernels around one product (`kernels/conv.cu`: the context, the ELU and the input's
+    /// layout in one launch, the bias and skip connection in another), unless candle's ops are
+    /// asked for; a replicate-padded conv's first step stays on candle's ops.
+    pub fn step_after(
+        &self,
+        xs: &Tensor,
+        state: &mut Conv1dState,
+        mask: &RowMask,
+        elu: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.runs_kernels(xs, state) {
+            return self.step_kernels(xs, state, mask, elu, residual);
+        }
+        let ys = match elu {
+            true => self.step(&xs.elu(1.0)?, state, mask)?,
+            false => self.step(xs, state, mask)?,
+        };
+        match residual {
+            Some(residual) => residual + ys,
+            None => Ok(ys),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn runs_kernels(&self, xs: &Tensor, state: &Conv1dState) -> bool {
+        xs.device().is_cuda()
+            && xs.dtype() == DType::F32
+            && state.fresh.is_none()
+            && self.context <= crate::model::cuda::STREAM_CONV_MAX_CONTEXT
+            && !crate::model::nn::candle_ops_requested()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn step_kernels(
+        &self,
+        xs: &Tensor,
+        state: &mut Conv1dState,
+        mask: &RowMask,
+        elu: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        use crate::model::cuda;
+        let (out_channels, in_channels, kernel) = self.weight.dims3()?;
+        let conv = cuda::StreamConv {
+            kernel,
+            stride: self.stride,
+            dilation: self.dilation,
+            elu,
+        };
+        let prev = (self.context > 0).then_some(&state.prev);
+        let columns = cuda::stream_im2col(xs, prev, &mask.active, conv)?;
+        let ys = self
+            .weight
+            .reshape((out_channels, in_channels * kernel))?
+            .broadcast_matmul(&columns)?;
+        cuda::conv_bias_residual(&ys, self.bias.as_ref(), residual)?;
+        Ok(ys)
+    }
+
     /// `xs` `[rows, in, t]` with `t` a multiple of the stride → `[rows, out, t / stride]`, for
     /// the first `rows` slots of the state; the rows `mask` marks idle keep their context.
     pub fn step(&self, xs: &Tensor, state: &mut Conv1dState, mask: &RowMask) -> Result<Tensor> {

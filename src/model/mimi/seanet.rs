@@ -23,9 +23,9 @@ impl Residual {
     }
 
     fn step(&self, xs: &Tensor, states: &mut ConvStates, mask: &RowMask) -> Result<Tensor> {
-        let ys = self.conv1.step(&elu(xs)?, states.next(), mask)?;
-        let ys = self.conv2.step(&elu(&ys)?, states.next(), mask)?;
-        xs + ys
+        let ys = self.conv1.step_after(xs, states.next(), mask, true, None)?;
+        self.conv2
+            .step_after(&ys, states.next(), mask, true, Some(xs))
     }
 
     fn states(&self, batch: usize, out: &mut Vec<Conv1dState>) -> Result<()> {
@@ -133,14 +133,18 @@ impl SeanetEncoder {
     pub fn step(&self, xs: &Tensor, state: &mut SeanetState, mask: &RowMask) -> Result<Tensor> {
         let _enter = self.span.enter();
         let mut states = ConvStates(state.convs.iter_mut());
-        let mut xs = self.first.step(xs, states.next(), mask)?;
+        let mut xs = self
+            .first
+            .step_after(xs, states.next(), mask, false, None)?;
         for stage in &self.stages {
             for r in &stage.residuals {
                 xs = r.step(&xs, &mut states, mask)?;
             }
-            xs = stage.down.step(&elu(&xs)?, states.next(), mask)?;
+            xs = stage
+                .down
+                .step_after(&xs, states.next(), mask, true, None)?;
         }
-        self.last.step(&elu(&xs)?, states.next(), mask)
+        self.last.step_after(&xs, states.next(), mask, true, None)
     }
 }
 
@@ -199,7 +203,9 @@ impl SeanetDecoder {
         let _enter = self.span.enter();
         let mut states = ConvStates(state.convs.iter_mut());
         let mut trs = state.convtrs.iter_mut();
-        let mut xs = self.first.step(xs, states.next(), mask)?;
+        let mut xs = self
+            .first
+            .step_after(xs, states.next(), mask, false, None)?;
         for stage in &self.stages {
             let tr_state = trs
                 .next()
@@ -209,7 +215,7 @@ impl SeanetDecoder {
                 xs = r.step(&xs, &mut states, mask)?;
             }
         }
-        self.last.step(&elu(&xs)?, states.next(), mask)
+        self.last.step_after(&xs, states.next(), mask, true, None)
     }
 }
 
