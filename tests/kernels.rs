@@ -411,23 +411,25 @@ fn check_skip_layer_norm(gpu: &Device, rows: usize, dim: usize) {
     assert!(err.unwrap_err().to_string().contains(&want));
 }
 
-/// Mimi's streaming conv on our kernels (its input laid out by `stream_im2col` with the context
-/// and the ELU, one product, then `conv_bias_residual`) equals candle's conv over the context and
-/// the input on the CPU, for three steps in a row: a 7-tap conv without ELU, a dilated residual
-/// conv with its skip connection, the 8-tap downsample of stride 4, a 16-tap one of stride 8
-/// over as many samples as its context (one output), and a 1-tap conv without context (the
-/// emulator, `tests/emu/conv.cpp`, also runs contexts longer than the input). An idle row and a slot outside the step keep their context. Misshaped inputs are
-/// refused.
+/// Mimi's streaming conv on our kernels (`cuda::stream_conv`, which `mimi::conv::Conv1d` runs on a
+/// GPU: its input laid out with the context and the ELU, one product, then the bias and skip
+/// connection) equals candle's conv over the context and the input on the CPU, for three steps
+/// in a row with row masks: a 7-tap conv without ELU, a dilated residual conv, one with its skip
+/// connection, the 8-tap downsample of stride 4, a 16-tap one of stride 8 over as many samples as
+/// its context (one output), and a 1-tap conv without context (the emulator,
+/// `tests/emu/conv.cpp`, also runs contexts longer than the input), at 2 and 9 rows. An idle row
+/// and a slot outside the step keep their context. Misshaped inputs are refused.
 #[test]
 fn streaming_conv_kernels_match_candle_conv() {
     let Some(gpu) = tiny::gpu() else { return };
-    //            c_in c_out  t   kernel stride dilation elu    skip
-    check_stream_conv(&gpu, (1, 64, 1920), (7, 1, 1), false, false);
-    check_stream_conv(&gpu, (64, 32, 1920), (3, 1, 3), true, false);
-    check_stream_conv(&gpu, (32, 32, 480), (3, 1, 1), true, true);
-    check_stream_conv(&gpu, (64, 128, 1920), (8, 4, 1), true, false);
-    check_stream_conv(&gpu, (512, 1024, 8), (16, 8, 1), true, false);
-    check_stream_conv(&gpu, (32, 64, 40), (1, 1, 1), true, true);
+    for rows in [2, 9] {
+        check_stream_conv(&gpu, rows, (1, 64, 1920), (7, 1, 1), false, false);
+        check_stream_conv(&gpu, rows, (64, 32, 1920), (3, 1, 3), true, false);
+        check_stream_conv(&gpu, rows, (32, 32, 480), (3, 1, 1), true, true);
+        check_stream_conv(&gpu, rows, (64, 128, 1920), (8, 4, 1), true, false);
+        check_stream_conv(&gpu, rows, (512, 1024, 8), (16, 8, 1), true, false);
+        check_stream_conv(&gpu, rows, (32, 64, 40), (1, 1, 1), true, true);
+    }
     let x = Tensor::zeros((2, 4, 10), DType::F32, &gpu).unwrap();
     let active = Tensor::ones(2, DType::U8, &gpu).unwrap();
     let conv = |kernel, stride| cuda::StreamConv {
@@ -436,33 +438,47 @@ fn streaming_conv_kernels_match_candle_conv() {
         dilation: 1,
         elu: false,
     };
+    let weight = |kernel| Tensor::zeros((3, 4, kernel), DType::F32, &gpu).unwrap();
     let prev = Tensor::zeros((2, 4, 1), DType::F32, &gpu).unwrap();
-    let err = cuda::stream_im2col(&x, Some(&prev), &active, conv(3, 1));
+    let run = |prev: Option<&Tensor>, kernel, stride| {
+        let weight = weight(kernel);
+        let conv = conv(kernel, stride);
+        cuda::stream_conv(&x, prev, &active, &weight, None, None, conv)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(run(Some(&prev), 3, 1).contains("a context of [2, 4, 1]"));
+    assert!(run(Some(&prev), 3, 3).contains("10 samples for 3 taps of stride 3"));
+    assert!(run(None, 2, 1).contains("needs a state"));
+    let short_bias = Tensor::zeros(2, DType::F32, &gpu).unwrap();
+    let err = cuda::stream_conv(
+        &x,
+        None,
+        &active,
+        &weight(1),
+        Some(&short_bias),
+        None,
+        conv(1, 1),
+    );
     assert!(
         err.unwrap_err()
             .to_string()
-            .contains("a context of [2, 4, 1]")
+            .contains("conv bias: [2] for 3 channels")
     );
-    let err = cuda::stream_im2col(&x, Some(&prev), &active, conv(3, 3));
-    assert!(
-        err.unwrap_err()
-            .to_string()
-            .contains("10 samples for 3 taps of stride 3")
-    );
-    let err = cuda::stream_im2col(&x, None, &active, conv(2, 1));
-    assert!(err.unwrap_err().to_string().contains("needs a state"));
 }
 
-/// One `streaming_conv_kernels_match_candle_conv` case: `(c_in, c_out, t_in)`, `(kernel,
-/// stride, dilation)`, an ELU before the conv, a skip connection after it.
+/// One `streaming_conv_kernels_match_candle_conv` case: `rows` rows of a batch of `rows + 1`
+/// slots, `(c_in, c_out, t_in)`, `(kernel, stride, dilation)`, an ELU before the conv, a skip
+/// connection after it.
 fn check_stream_conv(
     gpu: &Device,
+    rows: usize,
     (c_in, c_out, t_in): (usize, usize, usize),
     (kernel, stride, dilation): (usize, usize, usize),
     elu: bool,
     skip: bool,
 ) {
-    let (cpu, rows, batch) = (Device::Cpu, 2, 3);
+    let (cpu, batch) = (Device::Cpu, rows + 1);
     let conv = cuda::StreamConv {
         kernel,
         stride,
@@ -475,8 +491,15 @@ fn check_stream_conv(
     let bias = Tensor::randn(0f32, 0.5, c_out, &cpu).unwrap();
     let mut prev = Tensor::randn(0f32, 1.0, (batch, c_in, context), &cpu).unwrap();
     let prev_gpu = prev.to_device(gpu).unwrap();
-    let what = format!("{c_in}->{c_out} over {t_in}, {kernel} taps of stride {stride}");
-    for (step, active) in [[1u8, 1], [1, 0], [0, 1]].into_iter().enumerate() {
+    let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
+    let (weight_gpu, bias_gpu) = (on_gpu(&weight), on_gpu(&bias));
+    let what =
+        format!("{rows} rows, {c_in}->{c_out} over {t_in}, {kernel} taps of stride {stride}");
+    for step in 0..3 {
+        // Every row, then the odd rows idle, then the even ones.
+        let active: Vec<u8> = (0..rows)
+            .map(|r| u8::from(step == 0 || r % 2 == step % 2))
+            .collect();
         let x = Tensor::randn(0f32, 2.0, (rows, c_in, t_in), &cpu).unwrap();
         let residual = Tensor::randn(0f32, 1.0, (rows, c_out, t_out), &cpu).unwrap();
         let input = if elu { x.elu(1.0).unwrap() } else { x.clone() };
@@ -489,17 +512,20 @@ fn check_stream_conv(
         if skip {
             want = (want + &residual).unwrap();
         }
-        let active_gpu = Tensor::new(&active, gpu).unwrap();
+        let active_gpu = Tensor::new(active.as_slice(), gpu).unwrap();
         let prev_arg = (context > 0).then_some(&prev_gpu);
-        let on_gpu = |t: &Tensor| t.to_device(gpu).unwrap();
-        let columns = cuda::stream_im2col(&on_gpu(&x), prev_arg, &active_gpu, conv).unwrap();
-        let got = on_gpu(&weight)
-            .reshape((c_out, c_in * kernel))
-            .unwrap()
-            .broadcast_matmul(&columns)
-            .unwrap();
         let residual_gpu = skip.then(|| on_gpu(&residual));
-        cuda::conv_bias_residual(&got, Some(&on_gpu(&bias)), residual_gpu.as_ref()).unwrap();
+        let x_gpu = on_gpu(&x);
+        let got = cuda::stream_conv(
+            &x_gpu,
+            prev_arg,
+            &active_gpu,
+            &weight_gpu,
+            Some(&bias_gpu),
+            residual_gpu.as_ref(),
+            conv,
+        )
+        .unwrap();
         let diff = tiny::max_abs_diff(&got, &want);
         let scale = tiny::largest_abs(&want);
         assert!(

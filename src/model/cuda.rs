@@ -825,6 +825,8 @@ pub fn gemv_f32(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 /// The most positions of context `stream_im2col_f32` keeps (kernels/conv.cu).
 pub const STREAM_CONV_MAX_CONTEXT: usize = 1024;
+/// About how many entries of the product's input each block of `stream_im2col_f32` writes.
+const STREAM_CONV_BLOCK_ENTRIES: usize = 256;
 
 /// A causal streaming conv's taps and step, and whether an ELU comes before it.
 #[derive(Debug, Clone, Copy)]
@@ -840,14 +842,45 @@ impl StreamConv {
     pub fn context(&self) -> usize {
         ((self.kernel - 1) * self.dilation + 1).saturating_sub(self.stride)
     }
+
+    /// The outputs of a (row, channel) each block of `stream_im2col_f32` lays out: about
+    /// `STREAM_CONV_BLOCK_ENTRIES` entries, and at least every output that reads the kept context
+    /// (only the first block reads it, and moves it on).
+    fn outputs_per_block(&self) -> usize {
+        let reading_context = self.context().div_ceil(self.stride);
+        reading_context.max(STREAM_CONV_BLOCK_ENTRIES.div_ceil(self.kernel))
+    }
 }
 
 /// `stream_im2col_f32`: a streaming conv's input `[rows, c_in, t_in]` (f32) with the context it
-/// keeps in `prev` (updated in place for the rows `active` marks) as `[rows, c_in · kernel,
-/// t_out]`, ready for the product with the weights.
+/// keeps in `prev` (updated in place for the rows `active` marks) as the right-hand side of its
+/// product, `[c_in · kernel, rows · t_out]`.
 struct StreamIm2col<'a> {
     prev: Option<&'a Tensor>,
     conv: StreamConv,
+}
+
+impl StreamIm2col<'_> {
+    /// Checks `prev` against `rows` x `c_in` inputs of a conv that keeps `context` positions.
+    fn check_prev(&self, rows: usize, c_in: usize, context: usize) -> Result<()> {
+        match (self.prev, context) {
+            (None, 0) => Ok(()),
+            (Some(prev), context) if context > 0 => {
+                let (batch, prev_c, prev_t) = prev.dims3()?;
+                if batch < rows || prev_c != c_in || prev_t != context || !prev.is_contiguous() {
+                    candle_core::bail!(
+                        "streaming conv: a context of {:?} for {rows} rows of {c_in} channels, \
+                         {context} positions",
+                        prev.dims()
+                    );
+                }
+                Ok(())
+            }
+            _ => candle_core::bail!(
+                "streaming conv: a context of {context} positions needs a state, and only it"
+            ),
+        }
+    }
 }
 
 impl candle_core::CustomOp2 for StreamIm2col<'_> {
@@ -883,7 +916,8 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
         let context = self.conv.context();
         if kernel == 0 || stride == 0 || t_in % stride != 0 || context > STREAM_CONV_MAX_CONTEXT {
             candle_core::bail!(
-                "streaming conv: {t_in} samples for {kernel} taps of stride {stride}, dilation                  {dilation} (a whole number of strides, at most {STREAM_CONV_MAX_CONTEXT} of context)"
+                "streaming conv: {t_in} samples for {kernel} taps of stride {stride}, dilation \
+                 {dilation} (a whole number of strides, at most {STREAM_CONV_MAX_CONTEXT} of context)"
             );
         }
         if active_layout.shape().dims() != [rows] || !active_layout.is_contiguous() {
@@ -892,23 +926,10 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
                 active_layout.shape()
             );
         }
-        let prev = match (self.prev, context) {
-            (None, 0) => None,
-            (Some(prev), context) if context > 0 => {
-                let (batch, prev_c, prev_t) = prev.dims3()?;
-                if batch < rows || prev_c != c_in || prev_t != context || !prev.is_contiguous() {
-                    candle_core::bail!(
-                        "streaming conv: a context of {:?} for {rows} rows of {c_in} channels,                          {context} positions",
-                        prev.dims()
-                    );
-                }
-                Some(prev.storage_and_layout())
-            }
-            _ => candle_core::bail!(
-                "streaming conv: a context of {context} positions needs a state, and only it"
-            ),
-        };
+        self.check_prev(rows, c_in, context)?;
+        let prev = self.prev.map(Tensor::storage_and_layout);
         let t_out = t_in / stride;
+        let t_chunk = self.conv.outputs_per_block();
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<f32>()?.slice(x_layout.start_offset()..);
         let active = active
@@ -932,21 +953,16 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
         };
         builder.arg(&active).arg(&col);
         let dims = [
-            c_in,
-            t_in,
-            context,
-            kernel,
-            stride,
-            dilation,
-            t_out,
-            usize::from(elu),
+            c_in, t_in, context, kernel, stride, dilation, t_out, t_chunk,
         ];
         let dims = dims.map(|d| d as i32);
         for dim in &dims {
             builder.arg(dim);
         }
+        let elu = i32::from(elu);
+        builder.arg(&elu);
         let config = LaunchConfig {
-            grid_dim: ((rows * c_in) as u32, 1, 1),
+            grid_dim: ((rows * c_in) as u32, t_out.div_ceil(t_chunk) as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -956,62 +972,52 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
         unsafe { builder.launch(config) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(col, device),
-            Shape::from((rows, c_in * kernel, t_out)),
+            Shape::from((c_in * kernel, rows * t_out)),
         ))
     }
 }
 
-/// A streaming conv's input `xs` `[rows, c_in, t_in]` (f32, on the GPU) with its left context
-/// (`prev` `[batch >= rows, c_in, context]`, none when `conv` keeps none) prepended and, when
-/// `conv.elu`, the ELU before the conv applied: `[rows, c_in · kernel, t_out]` with column `c ·
-/// kernel + j` holding tap `j` of channel `c` for each output. The rows `active` (u8 `[rows]`)
-/// marks move their context on, in place.
-pub fn stream_im2col(
-    xs: &Tensor,
-    prev: Option<&Tensor>,
-    active: &Tensor,
-    conv: StreamConv,
-) -> Result<Tensor> {
-    f32_contiguous(xs)?.apply_op2_no_bwd(active, &StreamIm2col { prev, conv })
-}
-
-/// `conv_bias_residual_f32`, in place on a conv's product `[rows, c_out, t]`.
-struct ConvBiasResidual<'a> {
+/// `conv_finish_f32`: a conv's product `[c_out, rows · t]` as `[rows, c_out, t]`, with its bias
+/// and a residual block's skip connection.
+struct ConvFinish<'a> {
+    rows: usize,
     bias: Option<&'a Tensor>,
     residual: Option<&'a Tensor>,
 }
 
-impl candle_core::InplaceOp1 for ConvBiasResidual<'_> {
+impl CustomOp1 for ConvFinish<'_> {
     fn name(&self) -> &'static str {
-        "duplex-conv-bias-residual"
+        "duplex-conv-finish"
     }
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("on the CPU a conv's bias and skip connection are candle's adds")
     }
 
-    fn cuda_fwd(&self, y: &mut CudaStorage, layout: &Layout) -> Result<()> {
-        contiguous(layout, "conv output")?;
-        let (rows, c_out, t) = layout.shape().dims3()?;
+    fn cuda_fwd(&self, y: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "conv product")?;
+        let (c_out, columns) = layout.shape().dims2()?;
+        let rows = self.rows;
+        if rows == 0 || !columns.is_multiple_of(rows) {
+            candle_core::bail!("conv product: {columns} columns for {rows} rows");
+        }
+        let t = columns / rows;
         if let Some(bias) = self.bias
-            && (bias.elem_count() != c_out || !bias.is_contiguous())
+            && bias.elem_count() != c_out
         {
             candle_core::bail!("conv bias: {:?} for {c_out} channels", bias.dims());
         }
         if let Some(residual) = self.residual
-            && (residual.dims() != [rows, c_out, t] || !residual.is_contiguous())
+            && residual.dims() != [rows, c_out, t]
         {
             candle_core::bail!(
                 "conv skip connection: {:?} for an output of {:?}",
                 residual.dims(),
-                layout.shape()
+                [rows, c_out, t]
             );
         }
-        let count = rows * c_out * t;
-        if count == 0 {
-            return Ok(());
-        }
         let device = y.device().clone();
+        let ys = y.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
         let (bias, residual) = (
             self.bias.map(Tensor::storage_and_layout),
             self.residual.map(Tensor::storage_and_layout),
@@ -1024,13 +1030,14 @@ impl candle_core::InplaceOp1 for ConvBiasResidual<'_> {
             .as_ref()
             .map(|(s, l)| gpu_view::<f32>(s, l, "conv skip connection"))
             .transpose()?;
-        let ys = y.as_cuda_slice_mut::<f32>()?;
-        let mut ys = ys.slice_mut(layout.start_offset()..);
-        let func =
-            device.get_or_load_custom_func("conv_bias_residual_f32", "duplex_conv", CONV_PTX)?;
+        let early = early::prepare(&device)?;
+        let count = rows * c_out * t;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { device.alloc::<f32>(count)? };
+        let func = device.get_or_load_custom_func("conv_finish_f32", "duplex_conv", CONV_PTX)?;
         let null = 0u64;
         let mut builder = func.builder();
-        builder.arg(&mut ys);
+        builder.arg(&ys);
         match &bias {
             Some(bias) => builder.arg(bias),
             None => builder.arg(&null),
@@ -1039,25 +1046,51 @@ impl candle_core::InplaceOp1 for ConvBiasResidual<'_> {
             Some(residual) => builder.arg(residual),
             None => builder.arg(&null),
         };
-        let (c_out, t, count_i) = (c_out as i32, t as i32, count as i32);
-        builder.arg(&c_out).arg(&t).arg(&count_i);
-        early::arm(early::prepare(&device)?)?;
+        builder.arg(&out);
+        let dims = [rows, c_out, t].map(|d| d as i32);
+        for dim in &dims {
+            builder.arg(dim);
+        }
+        early::arm(early)?;
         // SAFETY: the arguments match the kernel's signature; sizes were checked above.
         unsafe { builder.launch(LaunchConfig::for_num_elems(count as u32)) }.w()?;
-        Ok(())
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from((rows, c_out, t)),
+        ))
     }
 }
 
-/// A conv's product `ys` `[rows, c_out, t]` (f32, on the GPU) finished in place: plus `bias`
-/// (`[c_out]`) and then the skip connection `residual` (`ys`' shape), each where given.
-pub fn conv_bias_residual(
-    ys: &Tensor,
+/// One step of a causal streaming conv on the GPU in f32, in three launches: `xs` `[rows, c_in,
+/// t_in]` (through the ELU first when `conv.elu`) after the context `prev` keeps (`[batch >=
+/// rows, c_in, context]`, none when `conv` keeps none; moved on in place for the rows `active`,
+/// u8 `[rows]`, marks), convolved with `weight` `[c_out, c_in, kernel]`, plus `bias` (`c_out`
+/// values) and then `residual` (`[rows, c_out, t_out]`) where given → `[rows, c_out, t_out]`.
+pub fn stream_conv(
+    xs: &Tensor,
+    prev: Option<&Tensor>,
+    active: &Tensor,
+    weight: &Tensor,
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
-) -> Result<()> {
+    conv: StreamConv,
+) -> Result<Tensor> {
+    let rows = xs.dim(0)?;
+    let (c_out, c_in, kernel) = weight.dims3()?;
+    if kernel != conv.kernel {
+        candle_core::bail!(
+            "streaming conv: {kernel} taps of weights for a conv of {}",
+            conv.kernel
+        );
+    }
+    let columns = f32_contiguous(xs)?.apply_op2_no_bwd(active, &StreamIm2col { prev, conv })?;
+    let product = f32_contiguous(weight)?
+        .reshape((c_out, c_in * kernel))?
+        .matmul(&columns)?;
     let bias = bias.map(f32_contiguous).transpose()?;
     let residual = residual.map(f32_contiguous).transpose()?;
-    ys.inplace_op1(&ConvBiasResidual {
+    product.apply_op1_no_bwd(&ConvFinish {
+        rows,
         bias: bias.as_ref(),
         residual: residual.as_ref(),
     })

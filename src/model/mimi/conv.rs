@@ -207,7 +207,7 @@ impl Conv1d {
     /// `residual` where given (a residual block's skip connection). On a GPU in f32 it runs our
     /// kernels around one product (`kernels/conv.cu`: the context, the ELU and the input's
     /// layout in one launch, the bias and skip connection in another), unless candle's ops are
-    /// asked for; a replicate-padded conv's first step stays on candle's ops.
+    /// asked for; a replicate-padded conv stays on candle's ops.
     pub fn step_after(
         &self,
         xs: &Tensor,
@@ -249,21 +249,22 @@ impl Conv1d {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         use crate::model::cuda;
-        let (out_channels, in_channels, kernel) = self.weight.dims3()?;
+        let time = xs.dim(2)?;
+        if time == 0 || time % self.stride != 0 {
+            candle_core::bail!(
+                "a streaming conv of stride {} got a chunk of {time} samples",
+                self.stride
+            );
+        }
         let conv = cuda::StreamConv {
-            kernel,
+            kernel: self.weight.dim(2)?,
             stride: self.stride,
             dilation: self.dilation,
             elu,
         };
         let prev = (self.context > 0).then_some(&state.prev);
-        let columns = cuda::stream_im2col(xs, prev, &mask.active, conv)?;
-        let ys = self
-            .weight
-            .reshape((out_channels, in_channels * kernel))?
-            .broadcast_matmul(&columns)?;
-        cuda::conv_bias_residual(&ys, self.bias.as_ref(), residual)?;
-        Ok(ys)
+        let (weight, bias) = (&self.weight, self.bias.as_ref());
+        cuda::stream_conv(xs, prev, &mask.active, weight, bias, residual, conv)
     }
 
     /// `xs` `[rows, in, t]` with `t` a multiple of the stride → `[rows, out, t / stride]`, for

@@ -23,9 +23,13 @@ impl Residual {
     }
 
     fn step(&self, xs: &Tensor, states: &mut ConvStates, mask: &RowMask) -> Result<Tensor> {
-        let ys = self.conv1.step_after(xs, states.next(), mask, true, None)?;
+        // Read twice below: one contiguous copy (the decoder's come from a narrow).
+        let xs = xs.contiguous()?;
+        let ys = self
+            .conv1
+            .step_after(&xs, states.next(), mask, true, None)?;
         self.conv2
-            .step_after(&ys, states.next(), mask, true, Some(xs))
+            .step_after(&ys, states.next(), mask, true, Some(&xs))
     }
 
     fn states(&self, batch: usize, out: &mut Vec<Conv1dState>) -> Result<()> {
