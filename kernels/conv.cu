@@ -3,7 +3,8 @@
 // prepended, the ELU before it applied, and the context updated for the next step, all in one
 // launch; after the product, its bias and skip connection in another. On candle's ops that was
 // the ELU, the concatenation, the select of the new context by the row mask, its store, the
-// im2col copy, then the transpose of the product, the bias and the skip: up to nine launches.
+// im2col copy, then the transpose of the product, the bias and the skip: up to nine launches
+// besides the product, now two.
 // CPU reference: `Conv1d::step` composed of candle's ops (`tests/kernels.rs` compares the two).
 #include "common.cuh"
 
