@@ -840,15 +840,19 @@ pub struct StreamConv {
 impl StreamConv {
     /// The input positions it keeps between steps.
     pub fn context(&self) -> usize {
-        ((self.kernel - 1) * self.dilation + 1).saturating_sub(self.stride)
+        (self.kernel.saturating_sub(1) * self.dilation + 1).saturating_sub(self.stride)
     }
 
-    /// The outputs of a (row, channel) each block of `stream_im2col_f32` lays out: about
-    /// `STREAM_CONV_BLOCK_ENTRIES` entries, and at least every output that reads the kept context
-    /// (only the first block reads it, and moves it on).
-    fn outputs_per_block(&self) -> usize {
+    /// The outputs of a (row, channel) each block of `stream_im2col_f32` lays out, of `t_out`:
+    /// about `STREAM_CONV_BLOCK_ENTRIES` entries, at least every output that reads the kept
+    /// context (only the first block reads it, and moves it on), and few enough blocks for a
+    /// grid's second dimension (a whole recording in one step).
+    fn outputs_per_block(&self, t_out: usize) -> usize {
         let reading_context = self.context().div_ceil(self.stride);
-        reading_context.max(STREAM_CONV_BLOCK_ENTRIES.div_ceil(self.kernel))
+        let grid_limit = t_out.div_ceil(u16::MAX as usize);
+        reading_context
+            .max(STREAM_CONV_BLOCK_ENTRIES.div_ceil(self.kernel))
+            .max(grid_limit)
     }
 }
 
@@ -913,11 +917,18 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
             dilation,
             elu,
         } = self.conv;
-        let context = self.conv.context();
-        if kernel == 0 || stride == 0 || t_in % stride != 0 || context > STREAM_CONV_MAX_CONTEXT {
+        let empty = rows == 0 || c_in == 0 || t_in == 0;
+        if empty || kernel == 0 || stride == 0 || t_in % stride != 0 {
             candle_core::bail!(
-                "streaming conv: {t_in} samples for {kernel} taps of stride {stride}, dilation \
-                 {dilation} (a whole number of strides, at most {STREAM_CONV_MAX_CONTEXT} of context)"
+                "streaming conv: {t_in} samples of {rows} x {c_in} for {kernel} taps of stride \
+                 {stride} (a whole, nonzero number of strides)"
+            );
+        }
+        let context = self.conv.context();
+        if context > STREAM_CONV_MAX_CONTEXT {
+            candle_core::bail!(
+                "streaming conv: {kernel} taps of dilation {dilation} keep {context} positions, \
+                 more than {STREAM_CONV_MAX_CONTEXT}"
             );
         }
         if active_layout.shape().dims() != [rows] || !active_layout.is_contiguous() {
@@ -929,7 +940,7 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
         self.check_prev(rows, c_in, context)?;
         let prev = self.prev.map(Tensor::storage_and_layout);
         let t_out = t_in / stride;
-        let t_chunk = self.conv.outputs_per_block();
+        let t_chunk = self.conv.outputs_per_block(t_out);
         let device = x.device().clone();
         let xs = x.as_cuda_slice::<f32>()?.slice(x_layout.start_offset()..);
         let active = active
