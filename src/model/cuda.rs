@@ -306,12 +306,13 @@ impl CustomOp3 for W8a16 {
         let (rows, k) = x_layout.shape().dims2()?;
         let (n, k_w) = q_layout.shape().dims2()?;
         if k != k_w
+            || k == 0
             || !k.is_multiple_of(16)
             || !x_layout.start_offset().is_multiple_of(8)
             || !q_layout.start_offset().is_multiple_of(16)
         {
             candle_core::bail!(
-                "w8a16: input width {k} vs weight {k_w} (must match and divide by 16; input and weight 16-byte aligned)"
+                "w8a16: input width {k} vs weight {k_w} (must match and be a nonzero multiple of 16; input and weight 16-byte aligned)"
             );
         }
         if scale_layout.shape().elem_count() != n || !scale_layout.is_contiguous() {

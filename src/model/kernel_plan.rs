@@ -29,12 +29,13 @@ const W8A16_MMA_K: usize = 128;
 const W8A16_MMA_MIN_SLICES: usize = 2;
 
 /// The inputs each block of the tensor-core w8a16 kernel takes for `tiles` tiles (64 channels
-/// by up to 64 rows) of `k` inputs on a card of `sms` SMs: all of them when the tiles fill the
-/// two blocks an SM the kernel fits, else a share, so that tiles times shares do, each share at
-/// least `W8A16_MMA_MIN_SLICES` slices.
+/// by up to 64 rows) of `k` inputs on a card of `sms` SMs: all of them unless the tiles leave
+/// half the two blocks an SM the kernel fits idle, else a share, as many shares as keep tiles
+/// times shares within those blocks (one wave, no tail), and no more than a share per
+/// `W8A16_MMA_MIN_SLICES` slices.
 pub fn mma_split_k(tiles: usize, k: usize, sms: usize) -> usize {
     let slices = k.div_ceil(W8A16_MMA_K);
-    let wanted = (2 * sms).div_ceil(tiles.max(1));
+    let wanted = (2 * sms) / tiles.max(1);
     let splits = wanted.min(slices / W8A16_MMA_MIN_SLICES).max(1);
     slices.div_ceil(splits) * W8A16_MMA_K
 }
@@ -728,36 +729,18 @@ mod tests {
 
     #[test]
     fn tensor_core_products_split_k_until_they_fill_two_blocks_an_sm() {
-        // (tiles, k, SMs) -> inputs a block, blocks in all: an H100's 132 SMs, then GB10's 48.
+        // (tiles, k, SMs) -> inputs a block, blocks in all: an H100's 132 SMs (264 blocks at
+        // once), then GB10's 48 (96).
         let cases = [
-            (
-                (64, 4096, 132),
-                7 * 128,
-                320,
-                "the out-projection in 5 shares",
-            ),
-            ((64, 11264, 132), 18 * 128, 320, "the FFN's out-projection"),
-            ((192, 4096, 132), 2048, 384, "the in-projection, in two"),
-            (
-                (352, 4096, 132),
-                4096,
-                352,
-                "the FFN's 352 tiles fill the card",
-            ),
-            (
-                (16, 1024, 132),
-                256,
-                64,
-                "the depformer: 4 shares of 2 slices",
-            ),
-            (
-                (16, 1040, 132),
-                3 * 128,
-                48,
-                "9 slices in shares of 3: 3 of them",
-            ),
+            ((64, 4096, 132), 8 * 128, 256, "out-projection: 4 shares"),
+            ((64, 11264, 132), 22 * 128, 256, "the FFN's out-projection"),
+            ((192, 4096, 132), 4096, 192, "in-projection: 2 need 384"),
+            ((352, 4096, 132), 4096, 352, "the FFN's 352 tiles fill it"),
+            ((16, 1024, 132), 256, 64, "depformer: 4 shares of 2 slices"),
+            ((16, 1040, 132), 3 * 128, 48, "9 slices: 3 shares of 3"),
             ((1, 16, 132), 128, 1, "less than a slice stays whole"),
-            ((64, 4096, 48), 2048, 128, "GB10"),
+            ((40, 4096, 48), 2048, 80, "GB10: two shares"),
+            ((64, 4096, 48), 4096, 64, "GB10: two shares would need 128"),
             ((0, 4096, 48), 256, 0, "no tiles: no division by zero"),
         ];
         for ((tiles, k, sms), split_k, blocks, why) in cases {
