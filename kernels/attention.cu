@@ -468,8 +468,9 @@ extern "C" __global__ void ring_attention_join(const float* __restrict__ part, _
 // Mimi's streaming attention in f32, every query of a step at once, its heads merged on the way out:
 // out[b, t, h, :] = softmax(q[b, h, t, :] · k[b, h, j, :]ᵀ · scale + mask[b, 0, t, j]) · v[b, h, j, :] over
 // j < len (the reference's order of operations: scores scaled, the mask added, the softmax, then the values).
-// q [rows, heads, time, head_dim], k and v [rows, heads, len, head_dim], mask [rows, 1, time, len], all
-// contiguous; out [rows, time, heads, head_dim]. A key the mask hides (-inf) weighs 0; a query that sees no key
+// q [rows, heads, time, head_dim] and mask [rows, 1, time, len] contiguous; k and v the first len entries of
+// rings [rows, heads, capacity, head_dim] (capacity >= len; read in place, not copied out); out [rows, time,
+// heads, head_dim]. A key the mask hides (-inf) weighs 0; a query that sees no key
 // gives NaN, as the softmax does. Grid: rows * heads * time blocks (query fastest, then head); block: whole
 // warps, a warp per key for the scores and a thread per value column for the output. Host requirements:
 // len <= MASKED_ATTENTION_MAX_KEYS, head_dim <= MASKED_ATTENTION_MAX_HEAD_DIM.
@@ -478,8 +479,8 @@ extern "C" __global__ void ring_attention_join(const float* __restrict__ part, _
 
 extern "C" __global__ void masked_attention_f32(const float* __restrict__ q, const float* __restrict__ k,
                                                 const float* __restrict__ v, const float* __restrict__ mask,
-                                                float* __restrict__ out, int heads, int time, int len, int head_dim,
-                                                float scale) {
+                                                float* __restrict__ out, int heads, int time, int len, int capacity,
+                                                int head_dim, float scale) {
   grid_dependency_sync();
   __shared__ float query[MASKED_ATTENTION_MAX_HEAD_DIM];
   __shared__ float weight[MASKED_ATTENTION_MAX_KEYS];
@@ -487,8 +488,8 @@ extern "C" __global__ void masked_attention_f32(const float* __restrict__ q, con
   const int t = blockIdx.x % time, h = (blockIdx.x / time) % heads, b = blockIdx.x / (time * heads);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const size_t head = (size_t)b * heads + h;
-  const float* keys = k + head * len * head_dim;
-  const float* values = v + head * len * head_dim;
+  const float* keys = k + head * capacity * head_dim;
+  const float* values = v + head * capacity * head_dim;
   const float* hidden = mask + ((size_t)b * time + t) * len;
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = q[(head * time + t) * head_dim + d];
   __syncthreads();

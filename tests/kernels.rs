@@ -551,7 +551,8 @@ fn check_stream_conv(
     }
 }
 
-/// Mimi's attention in one kernel equals the CPU's composed attention with the heads merged:
+/// Mimi's attention in one kernel equals the CPU's composed attention with the heads merged, also
+/// with its keys and values read in place from rings with spare entries:
 /// Mimi's shape with a causal window, a row that sees everything and a row that sees one key;
 /// fewer keys than warps with heads wider than the block. Misshaped masks and rings past the
 /// kernel's keys are refused.
@@ -607,7 +608,20 @@ fn check_masked_attention(
     let kernel =
         cuda::masked_attention(&on_gpu(&q), &on_gpu(&k), &on_gpu(&v), &on_gpu(&mask), scale)
             .unwrap();
-    for (what, got) in [("attention_merged", routed), ("the kernel", kernel)] {
+    // The keys and values as the first `len` entries of rings of `len + 7`, read in place.
+    let ring = |t: &Tensor| {
+        let spare = Tensor::zeros((rows, heads, 7, head_dim), DType::F32, &cpu).unwrap();
+        let ring = on_gpu(&Tensor::cat(&[t, &spare], 2).unwrap());
+        ring.narrow(2, 0, len).unwrap()
+    };
+    let in_rings =
+        cuda::masked_attention(&on_gpu(&q), &ring(&k), &ring(&v), &on_gpu(&mask), scale).unwrap();
+    let runs = [
+        ("attention_merged", routed),
+        ("the kernel", kernel),
+        ("the kernel over rings", in_rings),
+    ];
+    for (what, got) in runs {
         assert_eq!(got.dims(), [rows, time, heads * head_dim], "{what}");
         let error = tiny::max_abs_diff(&got, &want);
         assert!(

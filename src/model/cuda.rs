@@ -1116,8 +1116,69 @@ pub const MASKED_ATTENTION_MAX_HEAD_DIM: usize = 256;
 struct MaskedAttentionOp {
     k: Tensor,
     v: Tensor,
+    /// Entries per head of the rings `k` and `v` are the first entries of.
+    capacity: usize,
     mask: Tensor,
     scale: f32,
+}
+
+/// Keys or values `[rows, heads, len, head_dim]` as `masked_attention_f32` reads them: the
+/// first `len` entries of rings `[rows, heads, capacity, head_dim]` in place (a narrow of a
+/// contiguous f32 ring along its entries, as `kv::RingCache::append` hands them out), with the
+/// capacity; anything else made contiguous (a capacity of `len`).
+fn ring_entries(t: &Tensor) -> Result<(Tensor, usize)> {
+    let (rows, heads, len, head_dim) = t.dims4()?;
+    let stride = t.stride();
+    let capacity = stride[1] / head_dim.max(1);
+    // One head (or row) may carry any stride for it: those take the copy.
+    let in_place = t.dtype() == DType::F32
+        && heads > 1
+        && head_dim > 0
+        && stride[3] == 1
+        && stride[2] == head_dim
+        && stride[1] == capacity * head_dim
+        && capacity >= len
+        && (rows == 1 || stride[0] == heads * stride[1]);
+    match in_place {
+        true => Ok((t.clone(), capacity)),
+        false => Ok((f32_contiguous(t)?, len)),
+    }
+}
+
+/// A read-only view of the ring `t` (`ring_entries`'s) from its first entry, checked to hold
+/// every entry the kernel reads.
+fn ring_view<'a, S>(
+    (storage, layout): &'a (S, &Layout),
+    capacity: usize,
+    what: &str,
+) -> Result<CudaView<'a, f32>>
+where
+    S: std::ops::Deref<Target = candle_core::Storage>,
+{
+    let candle_core::Storage::Cuda(storage) = &**storage else {
+        candle_core::bail!("{what} must be on the GPU")
+    };
+    let (rows, heads, len, head_dim) = layout.shape().dims4()?;
+    let want = [
+        heads * capacity * head_dim,
+        capacity * head_dim,
+        head_dim,
+        1,
+    ];
+    let stride = layout.stride();
+    let rows_agree = rows == 1 || stride[0] == want[0];
+    let heads_agree = heads == 1 || stride[1] == want[1];
+    if !rows_agree || !heads_agree || stride[2..] != want[2..] {
+        candle_core::bail!("{what}: strides {stride:?} are not those of a ring of {capacity}");
+    }
+    let view = storage
+        .as_cuda_slice::<f32>()?
+        .slice(layout.start_offset()..);
+    let reads = ((rows * heads - 1) * capacity + len) * head_dim;
+    if view.len() < reads {
+        candle_core::bail!("{what}: {} values for {reads} read", view.len());
+    }
+    Ok(view)
 }
 
 impl CustomOp1 for MaskedAttentionOp {
@@ -1161,7 +1222,11 @@ impl CustomOp1 for MaskedAttentionOp {
             self.v.storage_and_layout(),
             self.mask.storage_and_layout(),
         );
-        let (k, v) = (f32_view(&k, "keys")?, f32_view(&v, "values")?);
+        let capacity = self.capacity;
+        let (k, v) = (
+            ring_view(&k, capacity, "keys")?,
+            ring_view(&v, capacity, "values")?,
+        );
         let mask = f32_view(&mask, "mask")?;
         let early = early::prepare(&device)?;
         let count = rows * heads * time * head_dim;
@@ -1172,7 +1237,7 @@ impl CustomOp1 for MaskedAttentionOp {
             "duplex_attention",
             ATTENTION_PTX,
         )?;
-        let dims = [heads, time, len, head_dim].map(|d| d as i32);
+        let dims = [heads, time, len, capacity, head_dim].map(|d| d as i32);
         let mut builder = func.builder();
         builder.arg(&qs).arg(&k).arg(&v).arg(&mask).arg(&out);
         for dim in &dims {
@@ -1208,9 +1273,16 @@ pub fn masked_attention(
     if rows * heads * time == 0 {
         return Tensor::zeros((rows, time, heads * head_dim), DType::F32, q.device());
     }
+    let (k, capacity) = ring_entries(k)?;
+    let (v, v_capacity) = ring_entries(v)?;
+    let (k, v, capacity) = match capacity == v_capacity {
+        true => (k, v, capacity),
+        false => (k.contiguous()?, v.contiguous()?, k.dim(2)?),
+    };
     let op = MaskedAttentionOp {
-        k: f32_contiguous(k)?,
-        v: f32_contiguous(v)?,
+        k,
+        v,
+        capacity,
         mask: f32_contiguous(mask)?,
         scale,
     };

@@ -560,6 +560,7 @@ void test_write_attend(const AttentionCase& shape, bool int8) {
 struct MaskedCase {
   int rows, heads, time, len, head_dim;
   unsigned threads;
+  int capacity = 0;  // the rings' entries per head; 0: len
 };
 
 // Row 0 sees a causal window over the ring's last `time` entries, row 1 everything, row 2 (if any) only its
@@ -572,11 +573,13 @@ float masked_cell(int row, int query, int key, int time, int len) {
 }
 
 void test_masked_attention(const MaskedCase& c) {
-  Case check(format("masked_attention_f32 rows=%d heads=%d time=%d len=%d head_dim=%d threads=%u", c.rows, c.heads,
-                    c.time, c.len, c.head_dim, c.threads));
+  const int capacity = c.capacity ? c.capacity : c.len;
+  Case check(format("masked_attention_f32 rows=%d heads=%d time=%d len=%d capacity=%d head_dim=%d threads=%u", c.rows,
+                    c.heads, c.time, c.len, capacity, c.head_dim, c.threads));
   emu::DeviceMemory memory;
   const size_t heads = size_t(c.rows) * c.heads, q_count = heads * c.time * c.head_dim;
-  const size_t kv_count = heads * c.len * c.head_dim;
+  // The rings end where the last head's len-th entry does: a read past it faults.
+  const size_t kv_count = ((heads - 1) * capacity + c.len) * c.head_dim;
   float* q = memory.alloc<float>(q_count);
   float* k = memory.alloc<float>(kv_count);
   float* v = memory.alloc<float>(kv_count);
@@ -593,7 +596,7 @@ void test_masked_attention(const MaskedCase& c) {
   std::fill_n(out, q_count, -1234.5f);
   const float scale = 1.f / std::sqrt(float(c.head_dim));
   emu::launch("masked_attention_f32", dim3(unsigned(heads) * c.time), dim3(c.threads), [&] {
-    masked_attention_f32(q, k, v, mask, out, c.heads, c.time, c.len, c.head_dim, scale);
+    masked_attention_f32(q, k, v, mask, out, c.heads, c.time, c.len, capacity, c.head_dim, scale);
   });
   double max_error = 0;
   for (int r = 0; r < c.rows; ++r)
@@ -605,14 +608,14 @@ void test_masked_attention(const MaskedCase& c) {
         for (int j = 0; j < c.len; ++j) {
           double dot = 0;
           for (int d = 0; d < c.head_dim; ++d)
-            dot += double(q[(head * c.time + t) * c.head_dim + d]) * k[(head * c.len + j) * c.head_dim + d];
+            dot += double(q[(head * c.time + t) * c.head_dim + d]) * k[(head * capacity + j) * c.head_dim + d];
           weights[j] = dot * scale + mask[(size_t(r) * c.time + t) * c.len + j];
           largest = std::max(largest, weights[j]);
         }
         for (double& w : weights) total += w = std::exp(w - largest);
         for (int d = 0; d < c.head_dim; ++d) {
           double expected = 0;
-          for (int j = 0; j < c.len; ++j) expected += weights[j] * v[(head * c.len + j) * c.head_dim + d] / total;
+          for (int j = 0; j < c.len; ++j) expected += weights[j] * v[(head * capacity + j) * c.head_dim + d] / total;
           const float got = out[((size_t(r) * c.time + t) * c.heads + h) * c.head_dim + d];
           const double error = std::abs(got - expected);
           max_error = std::max(max_error, error);
@@ -667,7 +670,9 @@ int main() {
   // Mimi's 8 heads of 64 over its 250-entry ring, 2 queries a step, at the host's 128 threads; a single key;
   // head widths below and past a warp, more keys than threads, one warp, the most keys and the widest heads.
   const MaskedCase masked[] = {{2, 8, 2, 250, 64, 128}, {1, 1, 1, 1, 8, 32},  {3, 2, 3, 40, 24, 128},
-                               {3, 2, 2, 300, 80, 64},  {2, 2, 2, 90, 64, 32}, {2, 1, 1, 1024, 256, 256}};
+                               {3, 2, 2, 300, 80, 64},  {2, 2, 2, 90, 64, 32}, {2, 1, 1, 1024, 256, 256},
+                               // Rings read in place: Mimi's 250 entries filled to 37 and to 249; 5 of 1000.
+                               {2, 8, 2, 37, 64, 128, 250}, {3, 2, 1, 249, 24, 64, 250}, {1, 4, 2, 5, 32, 32, 1000}};
   for (const MaskedCase& c : masked) test_masked_attention(c);
   return summarise("attention");
 }
