@@ -9,7 +9,8 @@
 // half the bytes a long history costs every step. When the attended entries fit one chunk (the
 // depformer's few steps), `ring_write_attend_{bf16,int8}` does the write and the attention in
 // one launch.
-// `masked_attention_f32` (at the end) is Mimi's: f32, every query of a step, an explicit mask.
+// `masked_attention_f32` (at the end) is Mimi's: f32, every query of a step, an explicit mask, after
+// `rope_ring_write_f32`, Mimi's RoPE and ring write in one launch.
 // CPU references: `nn::RopeTables::apply`, `kv::RingCache::append`, `kv::attention`;
 // `quant::quantize_rows` and `quant::dequantize_rows` for the 8-bit rings.
 #include "common.cuh"
@@ -463,6 +464,39 @@ extern "C" __global__ void ring_attention_join(const float* __restrict__ part, _
     }
   }
   out[(size_t)head * head_dim + d] = __float2bfloat16(total > 0.f ? acc / total : 0.f);
+}
+
+// Mimi's step before its attention, in f32: interleaved RoPE on the queries and keys of qkv [rows, time, 3,
+// heads, head_dim] (the in-projection's output) by cos, sin [rows, time, head_dim / 2]; the queries out as
+// q_out [rows, heads, time, head_dim], the rotated keys and the values written into the rings ring_k, ring_v
+// [batch >= rows, heads, capacity, head_dim] at entry index[r, 0, t, 0] of index i64 [rows, heads, time,
+// head_dim] (`kv::RingCache`'s scatter index: one entry per (row, time), repeated over heads and columns; one
+// outside the ring writes nothing). Grid: rows * time * heads blocks (head fastest), head_dim / 2 threads.
+// CPU reference: `nn::RopeTables::apply` on q and k, `kv::RingCache::append`.
+extern "C" __global__ void rope_ring_write_f32(const float* __restrict__ qkv, const float* __restrict__ cos,
+                                               const float* __restrict__ sin, const int64_t* __restrict__ index,
+                                               float* __restrict__ ring_k, float* __restrict__ ring_v,
+                                               float* __restrict__ q_out, int heads, int time, int head_dim,
+                                               int capacity) {
+  grid_dependency_sync();
+  const int h = blockIdx.x % heads, t = (blockIdx.x / heads) % time, r = blockIdx.x / (heads * time);
+  const int pair = threadIdx.x, half = head_dim / 2, even = 2 * pair, odd = even + 1;
+  if (pair >= half) return;
+  const size_t step = (size_t)r * time + t;
+  const float* q = qkv + step * 3 * heads * head_dim + (size_t)h * head_dim;
+  const float* k = q + (size_t)heads * head_dim;
+  const float* v = k + (size_t)heads * head_dim;
+  const float c = cos[step * half + pair], s = sin[step * half + pair];
+  float* rotated = q_out + (((size_t)r * heads + h) * time + t) * head_dim;
+  rotated[even] = q[even] * c - q[odd] * s;
+  rotated[odd] = q[even] * s + q[odd] * c;
+  const int64_t entry = index[((size_t)r * heads * time + t) * head_dim];
+  if (entry < 0 || entry >= capacity) return;
+  const size_t at = (((size_t)r * heads + h) * capacity + entry) * head_dim;
+  ring_k[at + even] = k[even] * c - k[odd] * s;
+  ring_k[at + odd] = k[even] * s + k[odd] * c;
+  ring_v[at + even] = v[even];
+  ring_v[at + odd] = v[odd];
 }
 
 // Mimi's streaming attention in f32, every query of a step at once, its heads merged on the way out:

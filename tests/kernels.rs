@@ -551,6 +551,72 @@ fn check_stream_conv(
     }
 }
 
+/// Mimi's RoPE and ring write in one launch (`cuda::rope_ring_write`, which
+/// `kv::RingCache::append_qkv` runs on a GPU) equals `RopeTables::apply` on the queries and keys
+/// and their keys and values put at the index's entries, on the CPU: Mimi's 8 heads of 64, 2
+/// steps a frame, two rows (the second wrapping round its 250-entry ring) of a batch of three.
+/// Misshaped operands are refused.
+#[test]
+fn mimi_ring_write_matches_rope_and_the_scatter() {
+    use duplex::model::kv::split_qkv;
+    use duplex::model::nn::Rope;
+    let Some(gpu) = tiny::gpu() else { return };
+    let (cpu, rows, time, heads, head_dim, capacity) = (Device::Cpu, 2, 2, 8, 64, 250);
+    let qkv = Tensor::randn(0f32, 1.0, (rows, time, 3 * heads * head_dim), &cpu).unwrap();
+    let positions = vec![vec![5, 6], vec![300, 301]];
+    let tables = Rope::new(head_dim, 10_000.0)
+        .tables(&positions, DType::F32, &cpu)
+        .unwrap();
+    let [q, k, v] = split_qkv(&qkv, heads, head_dim).unwrap();
+    let (q, k) = (tables.apply(&q).unwrap(), tables.apply(&k).unwrap());
+    let entries = [[10usize, 11], [249, 0]];
+    let ring = || Tensor::randn(0f32, 1.0, (rows + 1, heads, capacity, head_dim), &cpu).unwrap();
+    let (ring_k, ring_v) = (ring(), ring());
+    let (mut want_k, mut want_v) = (ring_k.clone(), ring_v.clone());
+    for (r, row) in entries.iter().enumerate() {
+        for (t, &entry) in row.iter().enumerate() {
+            let put = |ring: &Tensor, src: &Tensor| {
+                let src = src.narrow(0, r, 1).unwrap().narrow(2, t, 1).unwrap();
+                let at = [r..r + 1, 0..heads, entry..entry + 1, 0..head_dim];
+                ring.slice_assign(&at, &src.contiguous().unwrap()).unwrap()
+            };
+            want_k = put(&want_k, &k);
+            want_v = put(&want_v, &v);
+        }
+    }
+    let index: Vec<i64> = (0..rows * heads * time * head_dim)
+        .map(|i| entries[i / (heads * time * head_dim)][i / head_dim % time] as i64)
+        .collect();
+    let index = Tensor::from_vec(index, (rows, heads, time, head_dim), &gpu).unwrap();
+    let on_gpu = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let (rings_k, rings_v) = (on_gpu(&ring_k), on_gpu(&ring_v));
+    let (cos, sin) = tables.cos_sin();
+    let (cos, sin) = (on_gpu(cos), on_gpu(sin));
+    let got_q = cuda::rope_ring_write(
+        &on_gpu(&qkv),
+        (&cos, &sin),
+        &index,
+        (&rings_k, &rings_v),
+        heads,
+    )
+    .unwrap();
+    assert!(tiny::max_abs_diff(&got_q, &q) < 1e-5, "the turned queries");
+    assert!(
+        tiny::max_abs_diff(&rings_k, &want_k) < 1e-5,
+        "the keys in the ring"
+    );
+    assert!(
+        tiny::max_abs_diff(&rings_v, &want_v) == 0.0,
+        "the values in the ring"
+    );
+    let short = on_gpu(&qkv.narrow(2, 0, 3 * heads * head_dim - 3).unwrap());
+    let err = cuda::rope_ring_write(&short, (&cos, &sin), &index, (&rings_k, &rings_v), heads);
+    assert!(err.unwrap_err().to_string().contains("an in-projection of"));
+    let two_heads =
+        cuda::rope_ring_write(&on_gpu(&qkv), (&cos, &sin), &index, (&rings_k, &rings_v), 2);
+    assert!(two_heads.unwrap_err().to_string().contains("rings"));
+}
+
 /// Mimi's attention in one kernel equals the CPU's composed attention with the heads merged, also
 /// with its keys and values read in place from rings with spare entries:
 /// Mimi's shape with a causal window, a row that sees everything and a row that sees one key;

@@ -1108,6 +1108,146 @@ pub fn stream_conv(
     })
 }
 
+/// `rope_ring_write_f32`: Mimi's step's queries rotated out, its keys (rotated) and values
+/// written into the rings in place.
+struct RopeRingWrite<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    index: &'a Tensor,
+    ring_k: &'a Tensor,
+    ring_v: &'a Tensor,
+    heads: usize,
+}
+
+impl RopeRingWrite<'_> {
+    /// The ring's capacity, once every operand is checked against `rows` x `time` tokens of
+    /// `heads` heads of `head_dim`.
+    fn check(&self, rows: usize, time: usize, head_dim: usize) -> Result<usize> {
+        let heads = self.heads;
+        let (batch, ring_heads, capacity, ring_dim) = self.ring_k.dims4()?;
+        let ring_fits = batch >= rows && ring_heads == heads && ring_dim == head_dim;
+        let same_rings = self.ring_v.dims() == self.ring_k.dims();
+        let f32_rings = [self.ring_k, self.ring_v].map(|r| r.dtype() == DType::F32);
+        if !ring_fits || !same_rings || f32_rings.contains(&false) {
+            candle_core::bail!(
+                "Mimi's ring write: rings {:?} / {:?} for {rows} rows of {heads} heads of {head_dim}",
+                self.ring_k.dims(),
+                self.ring_v.dims()
+            );
+        }
+        let half = head_dim / 2;
+        for table in [self.cos, self.sin] {
+            if table.dims() != [rows, time, half] || table.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "Mimi's ring write: a RoPE table of {:?} for {rows} rows of {time} steps",
+                    table.dims()
+                );
+            }
+        }
+        if self.index.dims() != [rows, heads, time, head_dim] || self.index.dtype() != DType::I64 {
+            candle_core::bail!(
+                "Mimi's ring write: an index of {:?} {:?} for {rows} rows of {time} steps",
+                self.index.dims(),
+                self.index.dtype()
+            );
+        }
+        Ok(capacity)
+    }
+}
+
+impl CustomOp1 for RopeRingWrite<'_> {
+    fn name(&self) -> &'static str {
+        "duplex-rope-ring-write"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "on the CPU Mimi's ring write is `RopeTables::apply` and `RingCache::append`"
+        )
+    }
+
+    fn cuda_fwd(&self, qkv: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        contiguous(layout, "Mimi's in-projection")?;
+        let (rows, time, width) = layout.shape().dims3()?;
+        let heads = self.heads;
+        let head_dim = width / (3 * heads).max(1);
+        if width != 3 * heads * head_dim || !head_dim.is_multiple_of(2) || rows * time == 0 {
+            candle_core::bail!(
+                "Mimi's ring write: an in-projection of {:?} for {heads} heads",
+                layout.shape()
+            );
+        }
+        let capacity = self.check(rows, time, head_dim)?;
+        let device = qkv.device().clone();
+        let qkv = qkv.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
+        let operands =
+            [self.cos, self.sin, self.ring_k, self.ring_v].map(Tensor::storage_and_layout);
+        let [cos, sin, ring_k, ring_v] = &operands;
+        let index = self.index.storage_and_layout();
+        let cos = f32_view(cos, "cos")?;
+        let sin = f32_view(sin, "sin")?;
+        let ring_k = f32_view(ring_k, "ring keys")?;
+        let ring_v = f32_view(ring_v, "ring values")?;
+        let index = gpu_view::<i64>(&index.0, index.1, "ring index")?;
+        let early = early::prepare(&device)?;
+        // SAFETY: every element is written by the kernel.
+        let q_out = unsafe { device.alloc::<f32>(rows * heads * time * head_dim)? };
+        let func = device.get_or_load_custom_func(
+            "rope_ring_write_f32",
+            "duplex_attention",
+            ATTENTION_PTX,
+        )?;
+        let mut builder = func.builder();
+        builder
+            .arg(&qkv)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&index)
+            .arg(&ring_k)
+            .arg(&ring_v)
+            .arg(&q_out);
+        let dims = [heads, time, head_dim, capacity].map(|d| d as i32);
+        for dim in &dims {
+            builder.arg(dim);
+        }
+        let config = LaunchConfig {
+            grid_dim: ((rows * time * heads) as u32, 1, 1),
+            block_dim: ((head_dim / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        early::arm(early)?;
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above. The rings
+        // are written in place: device memory nothing else uses during the launch.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(q_out, device),
+            Shape::from((rows, heads, time, head_dim)),
+        ))
+    }
+}
+
+/// Mimi's step before its attention on the GPU, in one launch: `qkv` `[rows, time, 3 · heads ·
+/// head_dim]` (f32) → its queries turned by interleaved RoPE (`cos`, `sin` f32 `[rows, time,
+/// head_dim / 2]`), `[rows, heads, time, head_dim]`; its turned keys and its values written
+/// into `ring_k`, `ring_v` (`[batch, heads, capacity, head_dim]` f32) at the entries of `index`
+/// (i64 `[rows, heads, time, head_dim]`, `kv::RingCache`'s scatter index).
+pub fn rope_ring_write(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    index: &Tensor,
+    (ring_k, ring_v): (&Tensor, &Tensor),
+    heads: usize,
+) -> Result<Tensor> {
+    qkv.apply_op1_no_bwd(&RopeRingWrite {
+        cos: &f32_contiguous(cos)?,
+        sin: &f32_contiguous(sin)?,
+        index: &index.contiguous()?,
+        ring_k,
+        ring_v,
+        heads,
+    })
+}
+
 /// The most ring entries and the widest heads `masked_attention_f32` takes (kernels/attention.cu).
 pub const MASKED_ATTENTION_MAX_KEYS: usize = 1024;
 pub const MASKED_ATTENTION_MAX_HEAD_DIM: usize = 256;

@@ -513,6 +513,65 @@ impl RingCache {
         })
     }
 
+    /// `append` of a step's in-projection `qkv` `[rows, time, 3 · heads · head_dim]`, split and
+    /// its queries and keys turned by `rope` first: the turned queries `[rows, heads, time,
+    /// head_dim]` and what they attend to. On a GPU in f32 the turn and the ring write are one
+    /// launch (`cuda::rope_ring_write`), unless candle's ops are asked for.
+    pub fn append_qkv(
+        &self,
+        layer: usize,
+        step: &RingStep,
+        qkv: &Tensor,
+        rope: &RopeTables,
+        heads: usize,
+    ) -> Result<(Tensor, Attend)> {
+        let head_dim = qkv.dim(2)? / (3 * heads);
+        #[cfg(feature = "cuda")]
+        if let Some(attend) = self.append_qkv_kernel(layer, step, qkv, rope, heads)? {
+            return Ok(attend);
+        }
+        let [q, k, v] = split_qkv(qkv, heads, head_dim)?;
+        let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
+        Ok((q, self.append(layer, step, &k, &v)?))
+    }
+
+    /// `append_qkv` by `cuda::rope_ring_write`, where it applies: f32 on a GPU, a dense ring, no
+    /// pinned prefix to turn back.
+    #[cfg(feature = "cuda")]
+    fn append_qkv_kernel(
+        &self,
+        layer: usize,
+        step: &RingStep,
+        qkv: &Tensor,
+        rope: &RopeTables,
+        heads: usize,
+    ) -> Result<Option<(Tensor, Attend)>> {
+        let ring = &self.layers[layer];
+        let applies = qkv.device().is_cuda()
+            && qkv.dtype() == DType::F32
+            && ring.scales.is_none()
+            && step.pinned_rotation.is_none()
+            && !super::nn::candle_ops_requested();
+        let (true, Some(index)) = (applies, &step.write_index) else {
+            return Ok(None);
+        };
+        let q = super::cuda::rope_ring_write(
+            &qkv.contiguous()?,
+            rope.cos_sin(),
+            index,
+            (&ring.k, &ring.v),
+            heads,
+        )?;
+        let rows = step.rows;
+        let entries = |t: &Tensor| t.narrow(0, 0, rows)?.narrow(2, 0, step.len);
+        let attend = Attend {
+            k: entries(&ring.k)?,
+            v: entries(&ring.v)?,
+            mask: step.mask.clone(),
+        };
+        Ok(Some((q, attend)))
+    }
+
     /// Layer `layer`'s attention for a step planned for the kernels: `qkv` `[rows, 1, 3 · heads
     /// · head_dim]` is rotated by `rope` (f32 tables), its key and value written into the ring,
     /// and the query attends: `[rows, heads, 1, head_dim]`.

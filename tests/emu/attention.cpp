@@ -555,6 +555,77 @@ void test_write_attend(const AttentionCase& shape, bool int8) {
 
 }  // namespace
 
+// ---- rope_ring_write_f32 (Mimi) ----
+
+// Rows 0..rows-1 of a batch of rows + 1 slots; entries per (row, time) from `entries` (-1 and capacity: not
+// written).
+void test_rope_ring_write(int rows, int heads, int time, int head_dim, int capacity, std::vector<int64_t> entries) {
+  Case check(format("rope_ring_write_f32 rows=%d heads=%d time=%d head_dim=%d capacity=%d", rows, heads, time,
+                    head_dim, capacity));
+  emu::DeviceMemory memory;
+  const int half = head_dim / 2, batch = rows + 1;
+  const size_t qkv_count = size_t(rows) * time * 3 * heads * head_dim;
+  const size_t ring_count = size_t(batch) * heads * capacity * head_dim;
+  float* qkv = memory.alloc<float>(qkv_count);
+  float* cos = memory.alloc<float>(size_t(rows) * time * half);
+  float* sin = memory.alloc<float>(size_t(rows) * time * half);
+  int64_t* index = memory.alloc<int64_t>(size_t(rows) * heads * time * head_dim);
+  float* ring_k = memory.alloc<float>(ring_count);
+  float* ring_v = memory.alloc<float>(ring_count);
+  float* q_out = memory.alloc<float>(size_t(rows) * heads * time * head_dim);
+  for (size_t i = 0; i < qkv_count; ++i) qkv[i] = float(uniform(-2, 2));
+  for (int i = 0; i < rows * time * half; ++i) {
+    const double angle = uniform(-10, 10);
+    cos[i] = float(std::cos(angle));
+    sin[i] = float(std::sin(angle));
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < heads; ++h)
+      for (int t = 0; t < time; ++t)
+        for (int d = 0; d < head_dim; ++d)
+          index[((size_t(r) * heads + h) * time + t) * head_dim + d] = entries[size_t(r) * time + t];
+  std::vector<float> old_k(ring_count), old_v(ring_count);
+  for (size_t i = 0; i < ring_count; ++i) {
+    ring_k[i] = old_k[i] = float(uniform(-1, 1));
+    ring_v[i] = old_v[i] = float(uniform(-1, 1));
+  }
+  emu::launch("rope_ring_write_f32", dim3(rows * time * heads), dim3(half), [&] {
+    rope_ring_write_f32(qkv, cos, sin, index, ring_k, ring_v, q_out, heads, time, head_dim, capacity);
+  });
+  std::vector<float> want_k = old_k, want_v = old_v;
+  for (int r = 0; r < rows; ++r)
+    for (int t = 0; t < time; ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int p = 0; p < half; ++p) {
+          const size_t step = size_t(r) * time + t, token = step * 3 * heads * head_dim;
+          const double c = cos[step * half + p], s = sin[step * half + p];
+          auto turned = [&](int part, int which) {
+            const float* x = qkv + token + (size_t(part) * heads + h) * head_dim;
+            return which == 0 ? x[2 * p] * c - x[2 * p + 1] * s : x[2 * p] * s + x[2 * p + 1] * c;
+          };
+          for (int which = 0; which < 2; ++which) {
+            const double expected = turned(0, which);
+            const float got = q_out[((size_t(r) * heads + h) * time + t) * head_dim + 2 * p + which];
+            check.expect(std::abs(got - expected) <= 1e-5 * (1 + std::abs(expected)),
+                         "query row %d head %d time %d column %d: %g, expected %g", r, h, t, 2 * p + which, got,
+                         expected);
+          }
+          const int64_t entry = entries[step];
+          if (entry < 0 || entry >= capacity) continue;
+          const size_t at = ((size_t(r) * heads + h) * capacity + entry) * head_dim + 2 * p;
+          for (int which = 0; which < 2; ++which) {
+            want_k[at + which] = float(turned(1, which));
+            want_v[at + which] = qkv[token + (size_t(2) * heads + h) * head_dim + 2 * p + which];
+          }
+        }
+  for (size_t i = 0; i < ring_count; ++i) {
+    check.expect(std::abs(ring_k[i] - want_k[i]) <= 1e-5 * (1 + std::abs(want_k[i])), "key value %zu: %g, expected %g",
+                 i, ring_k[i], want_k[i]);
+    check.expect(ring_v[i] == want_v[i], "value %zu: %g, expected %g", i, ring_v[i], want_v[i]);
+  }
+  check.finish("rings and queries");
+}
+
 // ---- masked_attention_f32 (Mimi) ----
 
 struct MaskedCase {
@@ -674,5 +745,10 @@ int main() {
                                // Rings read in place: Mimi's 250 entries filled to 37 and to 249; 5 of 1000.
                                {2, 8, 2, 37, 64, 128, 250}, {3, 2, 1, 249, 24, 64, 250}, {1, 4, 2, 5, 32, 32, 1000}};
   for (const MaskedCase& c : masked) test_masked_attention(c);
+  // Mimi's 8 heads of 64, 2 steps a frame, 2 rows over a 250-entry ring (the second row wrapping round); an
+  // entry past the ring and a negative one (nothing written); one head of 2 columns.
+  test_rope_ring_write(2, 8, 2, 64, 250, {10, 11, 249, 0});
+  test_rope_ring_write(3, 2, 1, 16, 5, {4, -1, 5});
+  test_rope_ring_write(1, 1, 3, 2, 3, {0, 1, 2});
   return summarise("attention");
 }

@@ -233,8 +233,8 @@ impl Transformer {
         let (Some(cache), Some(plan)) = (&state.cache, plan) else {
             return Ok(xs.clone());
         };
-        self.run(xs, &plan.rope, &mut |layer_idx, k, v| {
-            cache.append(layer_idx, &plan.step, k, v)
+        self.run(xs, &mut |layer_idx, qkv| {
+            cache.append_qkv(layer_idx, &plan.step, qkv, &plan.rope, self.heads)
         })
     }
 
@@ -245,20 +245,21 @@ impl Transformer {
         let positions = vec![(0..time as u64).collect::<Vec<_>>(); batch];
         let rope = self.rope.tables(&positions, xs.dtype(), xs.device())?;
         let mask = window_mask(time, self.context, xs.device())?;
-        self.run(xs, &rope, &mut |_, k, v| {
-            Ok(Attend {
-                k: k.clone(),
-                v: v.clone(),
-                mask: mask.clone(),
-            })
+        let head_dim = xs.dim(1)? / self.heads;
+        self.run(xs, &mut |_, qkv| {
+            let [q, k, v] = split_qkv(qkv, self.heads, head_dim)?;
+            let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
+            let mask = mask.clone();
+            Ok((q, Attend { k, v, mask }))
         })
     }
 
+    /// The layers over `xs` `[batch, d, t]`; `kv` turns each layer's in-projection `[batch, t,
+    /// 3 · d]` into its turned queries and what they attend to.
     fn run(
         &self,
         xs: &Tensor,
-        rope: &RopeTables,
-        kv: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<Attend>,
+        kv: &mut dyn FnMut(usize, &Tensor) -> Result<Attending>,
     ) -> Result<Tensor> {
         let mut xs = xs.transpose(1, 2)?.contiguous()?; // b,t,d
         let Some(first) = self.layers.first() else {
@@ -267,7 +268,7 @@ impl Transformer {
         // Each skip connection is added together with the norm after it (one kernel on a GPU).
         let mut normed = first.norm1.forward(&xs)?;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
-            let update = self.attend(layer, &normed, rope, &mut |k, v| kv(layer_idx, k, v))?;
+            let update = self.attend(layer, &normed, &mut |qkv| kv(layer_idx, qkv))?;
             let (sum, normed2) =
                 layer
                     .norm2
@@ -289,22 +290,20 @@ impl Transformer {
         &self,
         layer: &Layer,
         xs: &Tensor,
-        rope: &RopeTables,
-        kv: &mut dyn FnMut(&Tensor, &Tensor) -> Result<Attend>,
+        kv: &mut dyn FnMut(&Tensor) -> Result<Attending>,
     ) -> Result<Tensor> {
-        let d = xs.dim(2)?;
-        let head_dim = d / self.heads;
-        // 1. project and split q|k|v, each heads × head_dim
-        let [q, k, v] = split_qkv(&layer.in_proj.forward(xs)?, self.heads, head_dim)?;
-        // 2. rotate q and k by absolute position
-        let (q, k, v) = (rope.apply(&q)?, rope.apply(&k)?, v.contiguous()?);
-        // 3. attend over the cache (or the whole sequence)
-        let attend = kv(&k, &v)?;
+        // 1. project; 2. split q|k|v, rotate q and k by absolute position and keep k and v (the
+        // cache, or the whole sequence)
+        let (q, attend) = kv(&layer.in_proj.forward(xs)?)?;
+        // 3. attend
         let out = attention_merged(&q, &attend)?; // b,t,d
         // 4. project out
         layer.out_proj.forward(&out)
     }
 }
+
+/// A layer's queries, turned, and what they attend to.
+type Attending = (Tensor, Attend);
 
 fn scaled(xs: Tensor, scale: &Option<Tensor>) -> Result<Tensor> {
     match scale {
