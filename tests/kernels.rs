@@ -609,7 +609,8 @@ fn mimi_ring_write_matches_rope_and_the_scatter() {
         tiny::max_abs_diff(&rings_v, &want_v) == 0.0,
         "the values in the ring"
     );
-    let short = on_gpu(&qkv.narrow(2, 0, 3 * heads * head_dim - 3).unwrap());
+    let short = qkv.narrow(2, 0, 3 * heads * head_dim - 3).unwrap();
+    let short = on_gpu(&short.contiguous().unwrap());
     let err = cuda::rope_ring_write(&short, (&cos, &sin), &index, (&rings_k, &rings_v), heads);
     assert!(err.unwrap_err().to_string().contains("an in-projection of"));
     let two_heads =
@@ -632,6 +633,13 @@ fn masked_attention_matches_the_cpu_path() {
     let short_mask = zeros((3, 1, 2, 249));
     let err = cuda::masked_attention(&q, &kv, &kv, &short_mask, 0.125);
     assert!(err.unwrap_err().to_string().contains("a mask of"));
+    // One row, one step: the split in-projection's views, which candle calls contiguous
+    // whatever the strides of their dimensions of one entry. A single key: its value comes out.
+    let qkv = Tensor::randn(0f32, 1.0, (1, 1, 3 * 8 * 64), &gpu).unwrap();
+    let [q1, k1, v1] = duplex::model::kv::split_qkv(&qkv, 8, 64).unwrap();
+    let one_key = cuda::masked_attention(&q1, &k1, &v1, &zeros((1, 1, 1, 1)), 0.125).unwrap();
+    let value = v1.transpose(1, 2).unwrap().reshape((1, 1, 8 * 64)).unwrap();
+    assert!(tiny::max_abs_diff(&one_key, &value) < 1e-6, "a single key");
     let (long, long_mask) = (zeros((3, 8, 1025, 64)), zeros((3, 1, 2, 1025)));
     let err = cuda::masked_attention(&q, &long, &long, &long_mask, 0.125);
     assert!(err.unwrap_err().to_string().contains("not 1025 of 64"));
