@@ -249,13 +249,7 @@ impl Conv1d {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         use crate::model::cuda;
-        let time = xs.dim(2)?;
-        if time == 0 || time % self.stride != 0 {
-            candle_core::bail!(
-                "a streaming conv of stride {} got a chunk of {time} samples",
-                self.stride
-            );
-        }
+        self.check_chunk(xs)?;
         let conv = cuda::StreamConv {
             kernel: self.weight.dim(2)?,
             stride: self.stride,
@@ -267,9 +261,8 @@ impl Conv1d {
         cuda::stream_conv(xs, prev, &mask.active, weight, bias, residual, conv)
     }
 
-    /// `xs` `[rows, in, t]` with `t` a multiple of the stride → `[rows, out, t / stride]`, for
-    /// the first `rows` slots of the state; the rows `mask` marks idle keep their context.
-    pub fn step(&self, xs: &Tensor, state: &mut Conv1dState, mask: &RowMask) -> Result<Tensor> {
+    /// Refuses a chunk `xs` `[rows, in, t]` of no samples or not a whole number of strides.
+    fn check_chunk(&self, xs: &Tensor) -> Result<()> {
         let time = xs.dim(2)?;
         if time == 0 || time % self.stride != 0 {
             candle_core::bail!(
@@ -277,6 +270,13 @@ impl Conv1d {
                 self.stride
             );
         }
+        Ok(())
+    }
+
+    /// `xs` `[rows, in, t]` with `t` a multiple of the stride → `[rows, out, t / stride]`, for
+    /// the first `rows` slots of the state; the rows `mask` marks idle keep their context.
+    pub fn step(&self, xs: &Tensor, state: &mut Conv1dState, mask: &RowMask) -> Result<Tensor> {
+        self.check_chunk(xs)?;
         let context = self.context;
         let xs = if context == 0 {
             xs.clone()
