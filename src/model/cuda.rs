@@ -41,6 +41,20 @@ fn contiguous(layout: &Layout, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A null device pointer: an optional buffer a kernel is launched without.
+static NULL_POINTER: u64 = 0;
+
+/// Pushes the optional buffer `value` as a kernel argument, a null pointer where it is absent.
+fn arg_or_null<'a, T>(builder: &mut LaunchArgs<'a>, value: Option<&'a T>)
+where
+    LaunchArgs<'a>: PushKernelArg<&'a T> + PushKernelArg<&'a u64>,
+{
+    match value {
+        Some(value) => PushKernelArg::<&'a T>::arg(builder, value),
+        None => PushKernelArg::<&'a u64>::arg(builder, &NULL_POINTER),
+    };
+}
+
 /// Rows of a tile of `w8a16_mma_bf16`, its output channels and warps per block.
 const W8A16_MMA_ROWS: usize = 64;
 const W8A16_MMA_CHANNELS: usize = 64;
@@ -187,7 +201,6 @@ struct EndsArgs<'a> {
     alpha: Option<CudaView<'a, f32>>,
     eps: f32,
     flags: i32,
-    null: u64,
 }
 
 impl<'a> EndsArgs<'a> {
@@ -208,19 +221,12 @@ impl<'a> EndsArgs<'a> {
             eps: ends.norm.as_ref().map_or(0.0, |(_, eps)| *eps),
             flags: if ends.gate { GEMV_GATED } else { 0 }
                 | if prefetch { GEMV_PREFETCH } else { 0 },
-            null: 0,
         })
     }
 
-    fn push(&'a self, builder: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
-        match &self.residual {
-            Some(residual) => builder.arg(residual),
-            None => builder.arg(&self.null),
-        };
-        match &self.alpha {
-            Some(alpha) => builder.arg(alpha),
-            None => builder.arg(&self.null),
-        };
+    fn push(&'a self, builder: &mut LaunchArgs<'a>) {
+        arg_or_null(builder, self.residual.as_ref());
+        arg_or_null(builder, self.alpha.as_ref());
         builder.arg(&self.eps).arg(&self.flags);
     }
 }
@@ -356,8 +362,7 @@ impl CustomOp3 for W8a16 {
             }
             _ => device.get_or_load_custom_func(&name, "duplex_w8a16", W8A16_PTX)?,
         };
-        let (batch, n_i, k_i, split_k_i, null) =
-            (rows as i32, n as i32, k as i32, split_k as i32, 0u64);
+        let (batch, n_i, k_i, split_k_i) = (rows as i32, n as i32, k as i32, split_k as i32);
         let mut builder = func.builder();
         builder.arg(&xs).arg(&qs).arg(&ss);
         // The split-K entry points take their sublayer's ends and have the batch in their name.
@@ -366,10 +371,7 @@ impl CustomOp3 for W8a16 {
         }
         builder.arg(&out);
         if self.kernel == W8a16Kernel::TensorCores {
-            match &partial {
-                Some(partial) => builder.arg(partial),
-                None => builder.arg(&null),
-            };
+            arg_or_null(&mut builder, partial.as_ref());
         }
         if self.kernel != W8a16Kernel::SplitK {
             builder.arg(&batch);
@@ -698,19 +700,13 @@ impl CustomOp1 for SkipLayerNormOp {
         );
         let func =
             device.get_or_load_custom_func("skip_layer_norm_f32", "duplex_norm", NORM_PTX)?;
-        let (null, dim_i, eps) = (0u64, dim as i32, self.eps);
+        let (dim_i, eps) = (dim as i32, self.eps);
         let mut builder = func.builder();
         builder.arg(&xs);
-        match (&update, &scale) {
-            (Some(update), Some(scale)) => builder.arg(update).arg(scale),
-            (Some(update), None) => builder.arg(update).arg(&null),
-            (None, _) => builder.arg(&null).arg(&null),
-        };
+        arg_or_null(&mut builder, update.as_ref());
+        arg_or_null(&mut builder, update.as_ref().and(scale.as_ref()));
         builder.arg(&weight).arg(&bias);
-        match update {
-            Some(_) => builder.arg(&x_out),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, update.as_ref().map(|_| &x_out));
         builder.arg(&y).arg(&dim_i).arg(&eps);
         let threads = dim.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
         let config = LaunchConfig {
@@ -956,13 +952,9 @@ impl candle_core::CustomOp2 for StreamIm2col<'_> {
         // SAFETY: every element is written by the kernel.
         let col = unsafe { device.alloc::<f32>(count)? };
         let func = device.get_or_load_custom_func("stream_im2col_f32", "duplex_conv", CONV_PTX)?;
-        let null = 0u64;
         let mut builder = func.builder();
         builder.arg(&xs);
-        match &prev {
-            Some(prev) => builder.arg(prev),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, prev.as_ref());
         builder.arg(&active).arg(&col);
         let dims = [
             c_in, t_in, context, kernel, stride, dilation, t_out, t_chunk,
@@ -1047,17 +1039,10 @@ impl CustomOp1 for ConvFinish<'_> {
         // SAFETY: every element is written by the kernel.
         let out = unsafe { device.alloc::<f32>(count)? };
         let func = device.get_or_load_custom_func("conv_finish_f32", "duplex_conv", CONV_PTX)?;
-        let null = 0u64;
         let mut builder = func.builder();
         builder.arg(&ys);
-        match &bias {
-            Some(bias) => builder.arg(bias),
-            None => builder.arg(&null),
-        };
-        match &residual {
-            Some(residual) => builder.arg(residual),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, bias.as_ref());
+        arg_or_null(&mut builder, residual.as_ref());
         builder.arg(&out);
         let dims = [rows, c_out, t].map(|d| d as i32);
         for dim in &dims {
@@ -1961,7 +1946,6 @@ impl CustomOp1 for RingAttention<'_> {
         };
         // SAFETY: every element is written by the kernels.
         let out = unsafe { device.alloc::<bf16>(heads_total * head_dim)? };
-        let null = 0u64;
         let func = device.get_or_load_custom_func(
             &(ring.kernel("ring_attention_part") + launch.suffix),
             "duplex_attention",
@@ -1972,10 +1956,8 @@ impl CustomOp1 for RingAttention<'_> {
         builder.arg(&q);
         ring.push(&mut builder);
         inputs.push(&mut builder);
-        match &part {
-            Some(part) => builder.arg(part).arg(&null),
-            None => builder.arg(&null).arg(&out),
-        };
+        arg_or_null(&mut builder, part.as_ref());
+        arg_or_null(&mut builder, part.is_none().then_some(&out));
         shape.push(&mut builder);
         builder.arg(&keys_per_block);
         let config = LaunchConfig {
