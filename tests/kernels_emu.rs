@@ -37,17 +37,22 @@ fn run_emulated(name: &str) {
         source.display(),
         String::from_utf8_lossy(&compiled.stderr)
     );
-    let ran = Command::new(&binary)
-        .output()
-        .expect("the emulated test runs");
-    let report = String::from_utf8_lossy(&ran.stdout);
-    eprintln!("{report}");
-    assert!(
-        ran.status.success(),
-        "{name}: a kernel failed its check ({}):\n{report}\n{}",
-        ran.status,
-        String::from_utf8_lossy(&ran.stderr)
-    );
+    // Threads and blocks first to last, then last to first: a kernel that passes only one way
+    // reads what another thread or block writes without a barrier between them.
+    for order in ["forward", "reverse"] {
+        let ran = Command::new(&binary)
+            .env("EMU_ORDER", order)
+            .output()
+            .expect("the emulated test runs");
+        let report = String::from_utf8_lossy(&ran.stdout);
+        eprintln!("{order}: {report}");
+        assert!(
+            ran.status.success(),
+            "{name}, threads and blocks run {order}: a kernel failed its check ({}):\n{report}\n{}",
+            ran.status,
+            String::from_utf8_lossy(&ran.stderr)
+        );
+    }
 }
 
 /// `kernels/attention.cu`: RoPE with the ring write (bf16 and int8 rings) and attention over

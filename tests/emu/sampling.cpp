@@ -168,9 +168,11 @@ std::string check_tokens(Case& check, const Batch& batch, const std::vector<uint
 
 // ---- Cases ----
 
+// Settings made so far (at namespace scope: the emulator takes a function's zeroed statics for __shared__).
+uint64_t draws = 0;
+
 // Distinct seeds and counters, the high bits set in some.
 RowSetting setting(int64_t top_k, float temperature) {
-  static uint64_t draws = 0;
   ++draws;
   return {top_k, temperature, 0x9E3779B97F4A7C15ull * draws ^ (draws << 60), draws * 1000003 + (draws << 40)};
 }

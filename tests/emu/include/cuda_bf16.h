@@ -1,8 +1,9 @@
 // A CPU emulation of the part of CUDA that kernels/*.cu use, picked up by their `#include <cuda_bf16.h>`
 // when tests/emu/include comes first on the include path (see tests/emu/README.md).
 //
-// Every CUDA thread of a block is a fiber with its own stack; blocks run one after another. A fiber runs
-// until it reaches __syncthreads or a warp shuffle, which are the only points where threads interleave.
+// Every CUDA thread of a block is a fiber with its own stack; blocks run one after another (both in index
+// order, or last first under EMU_ORDER=reverse). A fiber runs until it reaches __syncthreads or a warp
+// shuffle, which are the only points where threads interleave.
 // A block barrier opens when every thread of the block waits at it, a shuffle when all 32 lanes of the
 // warp do; when nothing can run any more the block is reported as deadlocked. Device buffers sit between
 // PROT_NONE pages, and reinterpret_cast checks the alignment its target type needs.
@@ -13,6 +14,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -22,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include <elf.h>
+#include <link.h>
 #include <math.h>
 #include <signal.h>
 #include <stdint.h>
@@ -314,11 +318,23 @@ inline void switch_to(int next) {
   emu_switch_stack(save, next < 0 ? scheduler_sp : fibers[next].saved_sp);
 }
 
-inline int find_ready(int first) {
-  for (unsigned t = first; t < block_threads; ++t)
-    if (fibers[t].state == State::ready) return int(t);
+// EMU_ORDER=reverse in the environment runs a block's threads, and a grid's blocks, last first. A kernel
+// whose result changes with the order reads what another thread or block writes without a barrier between
+// them (or reads shared memory no thread of its block wrote): on a GPU any order can happen.
+inline const bool kReverse = [] {
+  const char* order = getenv("EMU_ORDER");
+  return order && strcmp(order, "reverse") == 0;
+}();
+
+// The first ready fiber from `from` on, in the schedule's order (`from` may be -1 or block_threads).
+inline int find_ready(int from) {
+  const int step = kReverse ? -1 : 1;
+  for (int t = from; t >= 0 && t < int(block_threads); t += step)
+    if (fibers[t].state == State::ready) return t;
   return -1;
 }
+
+inline int first_thread() { return kReverse ? int(block_threads) - 1 : 0; }
 
 inline bool same_site(const std::source_location& a, const std::source_location& b) {
   return a.line() == b.line() && a.column() == b.column() && strcmp(a.file_name(), b.file_name()) == 0;
@@ -368,11 +384,11 @@ inline bool release_barriers() {
   return released;
 }
 
-// The next fiber to run, in thread order, or -1 when every thread returned or the block is stuck.
+// The next fiber to run, in the schedule's order, or -1 when every thread returned or the block is stuck.
 inline int pick_next() {
-  const int next = find_ready(current + 1);
+  const int next = find_ready(kReverse ? current - 1 : current + 1);
   if (next >= 0) return next;
-  return release_barriers() ? find_ready(0) : -1;
+  return release_barriers() ? find_ready(first_thread()) : -1;
 }
 
 inline void wait_at(State barrier, const std::source_location& site) {
@@ -381,8 +397,9 @@ inline void wait_at(State barrier, const std::source_location& site) {
   switch_to(pick_next());
 }
 
+inline constexpr const char* kWaitingFor[] = {"ready", "at __syncthreads", "at a shuffle", "returned"};
+
 inline void report_deadlock() {
-  static const char* const kWaitingFor[] = {"ready", "at __syncthreads", "at a shuffle", "returned"};
   std::map<std::pair<int, std::string>, int> threads_by_wait;
   for (unsigned t = 0; t < block_threads; ++t) {
     const Fiber& fiber = fibers[t];
@@ -395,15 +412,125 @@ inline void report_deadlock() {
   fail("deadlock (a shuffle in a partial warp or with returned lanes never completes)%s", summary.c_str());
 }
 
+// A block-shared static: where it lies and how many bytes.
+struct SharedStatic {
+  char* start;
+  size_t bytes;
+};
+
+// The program's load address (it is position-independent): the first object dl_iterate_phdr reports.
+inline uintptr_t load_bias() {
+  uintptr_t bias = 0;
+  dl_iterate_phdr([](dl_phdr_info* info, size_t, void* out) { return *static_cast<uintptr_t*>(out) = info->dlpi_addr, 1; },
+                  &bias);
+  return bias;
+}
+
+// Every __shared__ static, from the program's own symbol table: the function-local statics (mangled
+// `_ZZ…`) that start zeroed (.bss), the emulator's own (`_ZZN3emu…`) aside. Kernels hold no other
+// function-local statics (CUDA allows only __shared__ ones), and the tests keep theirs at namespace scope.
+inline std::vector<SharedStatic> find_shared_statics() {
+  std::vector<char> image;
+  if (FILE* file = fopen("/proc/self/exe", "rb")) {
+    char buffer[1 << 16];
+    for (size_t got; (got = fread(buffer, 1, sizeof buffer, file)) > 0;) image.insert(image.end(), buffer, buffer + got);
+    fclose(file);
+  }
+  const auto* header = reinterpret_cast<const Elf64_Ehdr*>(image.data());
+  if (image.size() < sizeof(Elf64_Ehdr) || memcmp(header->e_ident, ELFMAG, SELFMAG) != 0) {
+    fprintf(stderr, "EMU: cannot read this program's ELF image to find its __shared__ statics\n");
+    _exit(3);
+  }
+  const auto* sections = reinterpret_cast<const Elf64_Shdr*>(image.data() + header->e_shoff);
+  const char* section_names = image.data() + sections[header->e_shstrndx].sh_offset;
+  unsigned bss = 0;
+  const Elf64_Shdr* symtab = nullptr;
+  for (unsigned n = 0; n < header->e_shnum; ++n) {
+    if (strcmp(section_names + sections[n].sh_name, ".bss") == 0) bss = n;
+    if (sections[n].sh_type == SHT_SYMTAB) symtab = &sections[n];
+  }
+  if (!symtab) {
+    fprintf(stderr, "EMU: this program has no symbol table (stripped?), so its __shared__ statics cannot be found\n");
+    _exit(3);
+  }
+  const char* names = image.data() + sections[symtab->sh_link].sh_offset;
+  const auto* symbols = reinterpret_cast<const Elf64_Sym*>(image.data() + symtab->sh_offset);
+  const uintptr_t bias = load_bias();
+  std::vector<SharedStatic> found;
+  for (size_t n = 0; n < symtab->sh_size / sizeof(Elf64_Sym); ++n) {
+    const Elf64_Sym& symbol = symbols[n];
+    const char* name = names + symbol.st_name;
+    if (ELF64_ST_TYPE(symbol.st_info) != STT_OBJECT || symbol.st_shndx != bss || symbol.st_size == 0) continue;
+    if (strncmp(name, "_ZZ", 3) != 0 || strncmp(name, "_ZZN3emu", 8) == 0) continue;
+    found.push_back({reinterpret_cast<char*>(bias + symbol.st_value), size_t(symbol.st_size)});
+  }
+  return found;
+}
+
+inline void poison_shared_memory() {
+  static const std::vector<SharedStatic> shared = find_shared_statics();
+  for (const SharedStatic& block : shared) memset(block.start, 0xff, block.bytes);
+}
+
+// ---- Asynchronous copies (cp.async) ----
+
+// A copy a thread issued and has not waited for yet, in its group (the thread's count of commits then).
+struct PendingCopy {
+  void* to;
+  const void* from;
+  unsigned bytes, group;
+};
+
+// Per thread: its copies not made yet and how many groups it has committed.
+static std::vector<PendingCopy> pending_copies[kMaxThreads];
+static unsigned committed_groups[kMaxThreads];
+
+// Records the copy; it is made when the thread waits for its group, the latest moment the GPU allows.
+inline void cp_async(void* to, const void* from, unsigned bytes) {
+  if (reinterpret_cast<uintptr_t>(to) % bytes || reinterpret_cast<uintptr_t>(from) % bytes)
+    fail("thread %d: cp.async of %u bytes from %p to %p, not aligned to it", current, bytes, from, to);
+  pending_copies[current].push_back({to, from, bytes, committed_groups[current]});
+}
+
+inline void cp_async_commit() { ++committed_groups[current]; }
+
+// Makes the copies of every committed group but the newest `newest_left`.
+inline void cp_async_wait(int newest_left) {
+  std::vector<PendingCopy>& pending = pending_copies[current];
+  const unsigned done = committed_groups[current] - std::min<unsigned>(newest_left, committed_groups[current]);
+  std::erase_if(pending, [&](const PendingCopy& copy) {
+    if (copy.group >= done) return false;
+    memcpy(copy.to, copy.from, copy.bytes);
+    return true;
+  });
+}
+
+inline void reset_copies() {
+  for (unsigned t = 0; t < block_threads; ++t) {
+    pending_copies[t].clear();
+    committed_groups[t] = 0;
+  }
+}
+
+// A thread that ends with copies in flight leaves its shared memory to be written after it is gone.
+inline void check_copies_waited() {
+  for (unsigned t = 0; t < block_threads; ++t)
+    if (!pending_copies[t].empty())
+      return fail("thread %u ended with %zu cp.async copies not waited for", t, pending_copies[t].size());
+}
+
 // Runs one block to completion; false if it deadlocked.
 inline bool run_block() {
+  poison_shared_memory();
+  reset_copies();
   for (unsigned t = 0; t < block_threads; ++t) {
     fibers[t].state = State::ready;
     fibers[t].shuffles = 0;
   }
-  switch_to(0);
+  switch_to(first_thread());
   bool finished = true;
   for (unsigned t = 0; t < block_threads; ++t) finished &= fibers[t].state == State::done;
+  check_copies_waited();
   if (finished) return true;
   report_deadlock();
   for (Fiber& fiber : fibers) reset_frame(fiber);  // the stuck ones are still inside the kernel
@@ -453,12 +580,12 @@ inline void ensure_fibers(unsigned count) {
 }
 
 inline void run_grid(dim3 grid) {
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        if (!run_block()) return;
-      }
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  for (uint64_t n = 0; n < blocks; ++n) {
+    const uint64_t index = kReverse ? blocks - 1 - n : n;
+    blockIdx = {unsigned(index % grid.x), unsigned(index / grid.x % grid.y), unsigned(index / grid.x / grid.y)};
+    if (!run_block()) return;
+  }
 }
 
 // Runs `kernel` (a call of the kernel function with its arguments) for every thread of every block.
@@ -609,8 +736,11 @@ T __ldg(const T* pointer, std::source_location site = std::source_location::curr
   return *emu::checked_cast<const T*>(pointer, site);
 }
 
-// Blocks run one after another, so one static per declaration is exactly a block's shared memory. It is
-// not reset between blocks: a read before any write sees the previous block's values.
+// Blocks run one after another, so one static per declaration is exactly a block's shared memory.
+// run_block fills them all with 0xff bytes before each block (poison_shared_memory): a read before any
+// write sees NaN (f32 and bf16) or -1, not the previous block's values.
 #define __shared__ static
+// kernels/common.cuh calls the emulator's cp.async where it would issue the instruction.
+#define DUPLEX_EMU 1
 // Placed after every standard header: a keyword redefined as a macro would break them.
 #define reinterpret_cast emu::checked_cast
