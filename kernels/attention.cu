@@ -171,6 +171,9 @@ struct Bf16Ring {
   __device__ void value8(size_t entry, int octet, int head_dim, float* out) const {
     bf16x8_to_f32(*reinterpret_cast<const uint4*>(v + entry * head_dim + octet * 8), out);
   }
+  // Read in place: nothing to wait for.
+  __device__ void keys_ready() const {}
+  __device__ void values_ready() const {}
 };
 
 struct Int8Ring {
@@ -194,7 +197,86 @@ struct Int8Ring {
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] *= scale;
   }
+  __device__ void keys_ready() const {}
+  __device__ void values_ready() const {}
 };
+
+// The staged variant (`ring_attention_part_*_staged`): a block copies its whole chunk of the ring into
+// shared memory with asynchronous copies before it reads any of it, keys in one group and values in the
+// next, so the block waits for memory about once instead of once per batch of keys in flight. A chunk is at
+// most STAGED_MAX_KEYS entries of at most 128 dimensions: 32 KB as bf16 keys and values.
+#define STAGED_MAX_KEYS 64
+#define STAGED_BYTES (2 * STAGED_MAX_KEYS * 128 * 2)
+
+// A chunk of a ring staged in shared memory: the entries from `base` on, read through the same entry
+// numbers as the ring in global memory (8-bit codes with their scales for the int8 twin).
+template <class Code, bool SCALED>
+struct StagedRing {
+  const Code* k;
+  const Code* v;
+  const float* k_scale;  // SCALED only
+  const float* v_scale;
+  size_t base;
+  __device__ void key8(size_t entry, int octet, int head_dim, float* out) const {
+    load8(k + (entry - base) * head_dim + octet * 8, out);
+  }
+  __device__ float key_scale(size_t entry) const { return SCALED ? k_scale[entry - base] : 1.f; }
+  __device__ void value8(size_t entry, int octet, int head_dim, float* out) const {
+    load8(v + (entry - base) * head_dim + octet * 8, out);
+    if (SCALED) {
+      const float scale = v_scale[entry - base];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] *= scale;
+    }
+  }
+  // Each thread waits for its own copies; the barrier after makes them the block's (attend_chunk has one
+  // after keys_ready, values_ready brings its own).
+  __device__ void keys_ready() const { cp_async_wait<1>(); }
+  __device__ void values_ready() const {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+ private:
+  __device__ static void load8(const __nv_bfloat16* at, float* out) {
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>(at), out);
+  }
+  __device__ static void load8(const int8_t* at, float* out) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(at);
+    int8x4_to_f32(raw.x, out);
+    int8x4_to_f32(raw.y, out + 4);
+  }
+};
+
+// Issues the copies of `count` entries from `base` (keys and their scales, then values and theirs) into
+// `staged` and returns the chunk as read from there. Nothing waits.
+__device__ __forceinline__ StagedRing<__nv_bfloat16, false> stage_chunk(const Bf16Ring ring, size_t base, int count,
+                                                                        int head_dim, unsigned char* staged) {
+  const size_t values = (size_t)count * head_dim;
+  __nv_bfloat16* k = reinterpret_cast<__nv_bfloat16*>(staged);
+  __nv_bfloat16* v = k + STAGED_MAX_KEYS * 128;
+  stage_async(k, ring.k + base * head_dim, values * sizeof(__nv_bfloat16));
+  cp_async_commit();
+  stage_async(v, ring.v + base * head_dim, values * sizeof(__nv_bfloat16));
+  cp_async_commit();
+  return {k, v, nullptr, nullptr, base};
+}
+
+__device__ __forceinline__ StagedRing<int8_t, true> stage_chunk(const Int8Ring ring, size_t base, int count,
+                                                                int head_dim, unsigned char* staged) {
+  const size_t values = (size_t)count * head_dim;
+  int8_t* k = reinterpret_cast<int8_t*>(staged);
+  int8_t* v = k + STAGED_MAX_KEYS * 128;
+  float* k_scale = reinterpret_cast<float*>(v + STAGED_MAX_KEYS * 128);
+  float* v_scale = k_scale + STAGED_MAX_KEYS;
+  stage_async(k, ring.k + base * head_dim, values);
+  stage_async(k_scale, ring.k_scale + base, count * sizeof(float));
+  cp_async_commit();
+  stage_async(v, ring.v + base * head_dim, values);
+  stage_async(v_scale, ring.v_scale + base, count * sizeof(float));
+  cp_async_commit();
+  return {k, v, k_scale, v_scale, base};
+}
 
 // The attention of block (row · heads + head, chunk) over its chunk of keys_per_block ring
 // entries. query [head_dim] f32 (block-visible: shared memory); the ring [rows, heads, capacity,
@@ -235,6 +317,7 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
     qp[2 * i + 1] = (q0 * s + q1 * c) * scale;
   }
   const int pinned = (int)prefix_len[b];
+  ring.keys_ready();
   __syncthreads();
 
   // Scores: a team of lanes per key, 8 dimensions per lane (one load), SCORE_BATCH keys' loads
@@ -279,6 +362,7 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   float local_max = -INFINITY;
   for (int j = threadIdx.x; j < count; j += blockDim.x) local_max = fmaxf(local_max, scores[j]);
   const float max_score = block_max(local_max, scratch);
+  ring.values_ready();  // before any return: no copy may land after its block is gone
   const bool final = out != nullptr && chunks == 1;
   float* partial = final ? nullptr : part + ((size_t)head * chunks + chunk) * (head_dim + 2);
   if (max_score == -INFINITY) {
@@ -385,6 +469,43 @@ RING_ATTENTION_PART(, 4, 4)
 RING_ATTENTION_PART(_s2v2, 2, 2)
 RING_ATTENTION_PART(_s4v8, 4, 8)
 RING_ATTENTION_PART(_s8v8, 8, 8)
+
+// The part kernels with their chunk staged in shared memory first (`stage_chunk`): arguments and grid as
+// RING_ATTENTION_PART's, keys_per_block at most STAGED_MAX_KEYS and head_dim at most 128.
+template <class Ring>
+__device__ void attend_staged(const __nv_bfloat16* __restrict__ q, const Ring ring, const float* __restrict__ mask,
+                              const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+                              const float* __restrict__ unturn_sin, float* __restrict__ part,
+                              __nv_bfloat16* __restrict__ out, int heads, int head_dim, int capacity, int len,
+                              float scale, int keys_per_block) {
+  __shared__ __align__(16) unsigned char staged[STAGED_BYTES];
+  const int first = blockIdx.y * keys_per_block, count = min(keys_per_block, len - first);
+  const auto chunk = stage_chunk(ring, (size_t)blockIdx.x * capacity + first, count, head_dim, staged);
+  attend_chunk<4, 4>(load_query(q, head_dim), chunk, mask, prefix_len, unturn_cos, unturn_sin, part, out, heads,
+                     head_dim, capacity, len, scale, keys_per_block);
+}
+
+extern "C" __global__ void ring_attention_part_bf16_staged(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,
+    const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,
+    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+    const float* __restrict__ unturn_sin, float* __restrict__ part, __nv_bfloat16* __restrict__ out, int heads,
+    int head_dim, int capacity, int len, float scale, int keys_per_block) {
+  grid_dependency_sync();
+  attend_staged(q, Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part, out, heads, head_dim,
+                capacity, len, scale, keys_per_block);
+}
+
+extern "C" __global__ void ring_attention_part_int8_staged(
+    const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,
+    const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,
+    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+    const float* __restrict__ unturn_sin, float* __restrict__ part, __nv_bfloat16* __restrict__ out, int heads,
+    int head_dim, int capacity, int len, float scale, int keys_per_block) {
+  grid_dependency_sync();
+  attend_staged(q, Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos, unturn_sin, part, out,
+                heads, head_dim, capacity, len, scale, keys_per_block);
+}
 
 // rope_kv_write then the attention, in one launch, when the attended entries fit one chunk
 // (len <= ATTENTION_CHUNK): each block writes its (row, head)'s entry, then reads the chunk

@@ -26,6 +26,58 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
+// Asynchronous copies from global into shared memory (sm_80 and later): issued without waiting, so a block
+// can have every load of its data in flight at once. `cp_async_commit` closes the thread's open group of
+// copies; `cp_async_wait<N>` waits until all but its N newest closed groups have landed, for this thread
+// (a __syncthreads after it makes them the block's). BYTES is 4, 8 or 16 and both addresses are aligned to
+// it. tests/emu makes each copy only when it is waited for, so a read before the wait sees poison there.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* shared, const void* global) {
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__)
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(address), "l"(global), "n"(BYTES) : "memory");
+  }
+#elif defined(DUPLEX_EMU)
+  emu::cp_async(shared, global, BYTES);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(DUPLEX_EMU)
+  emu::cp_async_commit();
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(DUPLEX_EMU)
+  emu::cp_async_wait(N);
+#endif
+}
+
+// `bytes` from `global` to `shared`, spread over the block's threads as asynchronous copies of the widest
+// granule (16, 8 or 4 bytes) that both addresses and `bytes` allow (`bytes` a multiple of 4). Nothing waits.
+__device__ __forceinline__ void stage_async(void* shared, const void* global, size_t bytes) {
+  const uintptr_t alignment = (uintptr_t)shared | (uintptr_t)global | bytes;
+  char* to = static_cast<char*>(shared);
+  const char* from = static_cast<const char*>(global);
+  if (alignment % 16 == 0) {
+    for (size_t i = threadIdx.x * 16; i < bytes; i += blockDim.x * 16) cp_async<16>(to + i, from + i);
+  } else if (alignment % 8 == 0) {
+    for (size_t i = threadIdx.x * 8; i < bytes; i += blockDim.x * 8) cp_async<8>(to + i, from + i);
+  } else {
+    for (size_t i = threadIdx.x * 4; i < bytes; i += blockDim.x * 4) cp_async<4>(to + i, from + i);
+  }
+}
+
 // Sum of `v` over a warp.
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -149,10 +149,18 @@ pub struct AttentionLaunch {
 }
 
 impl AttentionLaunch {
-    /// The kernel variants (`RING_ATTENTION_PART` in `kernels/attention.cu`).
-    const VARIANTS: [&'static str; 4] = ["", "s2v2", "s4v8", "s8v8"];
-    /// `MAX_KEYS_PER_BLOCK` and `MAX_ATTENTION_THREADS` in the kernel.
-    const MAX_KEYS_PER_BLOCK: usize = 256;
+    /// The kernel variants (`RING_ATTENTION_PART` and the staged ones in
+    /// `kernels/attention.cu`): the name `DUPLEX_ATTENTION` gives, the kernel name's suffix, and
+    /// the most ring entries a block of it scores (`MAX_KEYS_PER_BLOCK`; the staged one holds its
+    /// chunk in shared memory, `STAGED_MAX_KEYS`).
+    const VARIANTS: [(&'static str, &'static str, usize); 5] = [
+        ("", "", 256),
+        ("s2v2", "_s2v2", 256),
+        ("s4v8", "_s4v8", 256),
+        ("s8v8", "_s8v8", 256),
+        ("staged", "_staged", 64),
+    ];
+    /// `MAX_ATTENTION_THREADS` in the kernel.
     const MAX_THREADS: u32 = 256;
 
     pub const DEFAULT: Self = Self {
@@ -161,8 +169,9 @@ impl AttentionLaunch {
         threads: 128,
     };
 
-    /// The launch `DUPLEX_ATTENTION` names (`VARIANT,KEYS,THREADS`, e.g. `s8v8,256,128`; an empty
-    /// variant is the default kernel), for measuring the alternatives; unset, the default.
+    /// The launch `DUPLEX_ATTENTION` names (`VARIANT,KEYS,THREADS`, e.g. `s8v8,256,128` or
+    /// `staged,64,128`; an empty variant is the default kernel), for measuring the alternatives;
+    /// unset, the default.
     pub fn from_env() -> std::result::Result<Self, String> {
         match std::env::var("DUPLEX_ATTENTION") {
             Ok(spec) => Self::parse(&spec),
@@ -172,27 +181,29 @@ impl AttentionLaunch {
 
     pub fn parse(spec: &str) -> std::result::Result<Self, String> {
         let bad = || {
+            let variants: Vec<String> = Self::VARIANTS
+                .iter()
+                .map(|(name, _, keys)| format!("{name:?} (KEYS 8..={keys})"))
+                .collect();
             format!(
                 "DUPLEX_ATTENTION={spec:?}: expected VARIANT,KEYS,THREADS with VARIANT one of \
-                 {:?}, KEYS 8..={} and THREADS whole warps up to {}",
-                Self::VARIANTS,
-                Self::MAX_KEYS_PER_BLOCK,
+                 {} and THREADS whole warps up to {}",
+                variants.join(", "),
                 Self::MAX_THREADS
             )
         };
         let [variant, keys, threads] = spec.split(',').collect::<Vec<_>>()[..] else {
             return Err(bad());
         };
-        let suffix = match Self::VARIANTS.iter().position(|&v| v == variant.trim()) {
-            Some(0) => "",
-            Some(1) => "_s2v2",
-            Some(2) => "_s4v8",
-            Some(_) => "_s8v8",
-            None => return Err(bad()),
+        let Some(&(_, suffix, max_keys)) = Self::VARIANTS
+            .iter()
+            .find(|(name, _, _)| *name == variant.trim())
+        else {
+            return Err(bad());
         };
         let keys_per_block: usize = keys.trim().parse().map_err(|_| bad())?;
         let threads: u32 = threads.trim().parse().map_err(|_| bad())?;
-        let keys_fit = (8..=Self::MAX_KEYS_PER_BLOCK).contains(&keys_per_block);
+        let keys_fit = (8..=max_keys).contains(&keys_per_block);
         let threads_fit = threads.is_multiple_of(32) && (32..=Self::MAX_THREADS).contains(&threads);
         if !keys_fit || !threads_fit {
             return Err(bad());
@@ -428,6 +439,11 @@ mod tests {
             (wide.suffix, wide.keys_per_block, wide.threads),
             ("_s8v8", 256, 256)
         );
+        let staged = AttentionLaunch::parse("staged,64,128").unwrap();
+        assert_eq!(
+            (staged.suffix, staged.keys_per_block, staged.threads),
+            ("_staged", 64, 128)
+        );
         for bad in [
             "",
             "s8v8,256",
@@ -435,6 +451,7 @@ mod tests {
             "s2v2,512,128",
             "s2v2,128,100",
             "s2v2,4,128",
+            "staged,128,128",
         ] {
             let err = AttentionLaunch::parse(bad).unwrap_err();
             assert!(err.contains("DUPLEX_ATTENTION"), "{bad}: {err}");

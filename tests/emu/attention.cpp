@@ -275,6 +275,8 @@ constexpr PartVariant kPartVariants[] = {
     {"_s4v8", ring_attention_part_bf16_s4v8, ring_attention_part_int8_s4v8},
     {"_s8v8", ring_attention_part_bf16_s8v8, ring_attention_part_int8_s8v8},
 };
+// Its chunk copied into shared memory first (at most STAGED_MAX_KEYS keys a block).
+constexpr PartVariant kStagedPart = {"_staged", ring_attention_part_bf16_staged, ring_attention_part_int8_staged};
 
 struct AttentionCase {
   int heads, capacity, head_dim, len;
@@ -481,17 +483,16 @@ void test_one_chunk_part(const AttentionCase& shape, bool int8) {
   bf16* out = make_out(memory, shape);
   if (int8) {
     const Int8RingBuffers ring = make_int8_ring(memory, shape, in);
-    emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
-      ring_attention_part_int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len,
-                               in.unturn.cos, in.unturn.sin, nullptr, out, shape.heads, shape.head_dim,
-                               shape.capacity, shape.len, shape.scale(), ATTENTION_CHUNK);
+    emu::launch("ring_attention_part_int8", dim3(kRows * shape.heads), dim3(shape.threads), [&] {
+      shape.part.int8(in.q, ring.k, ring.v, ring.k_scale, ring.v_scale, in.mask, in.prefix_len, in.unturn.cos,
+                      in.unturn.sin, nullptr, out, shape.heads, shape.head_dim, shape.capacity, shape.len,
+                      shape.scale(), shape.keys);
     });
   } else {
     const Bf16RingBuffers ring = make_bf16_ring(memory, shape, in);
-    emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads), dim3(ATTENTION_THREADS), [&] {
-      ring_attention_part_bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, nullptr,
-                               out, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(),
-                               ATTENTION_CHUNK);
+    emu::launch("ring_attention_part_bf16", dim3(kRows * shape.heads), dim3(shape.threads), [&] {
+      shape.part.bf16(in.q, ring.k, ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, nullptr, out,
+                      shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys);
     });
   }
   check_attention(check, shape, in, nullptr, out);
@@ -731,13 +732,31 @@ int main() {
         test_attention_bf16(shape);
         test_attention_int8(shape);
       }
-  // One chunk: the depformer's few entries (16 heads of 64, 8 entries), a whole chunk, a pinned prefix.
+  // The staged variant at its most keys a block and fewer (partial chunks, granules of 16, 8 and 4 bytes:
+  // int8 heads of 24 and 8 dimensions), with 32 to 256 threads; the temporal model's heads of 128 over 290
+  // entries, a row wholly hidden (its blocks return early, after waiting for their copies).
+  for (const auto& [keys, threads] : {std::pair{STAGED_MAX_KEYS, 128u}, std::pair{40, 256u}, std::pair{8, 32u}})
+    for (AttentionCase shape : {AttentionCase{4, 300, 128, 290, false}, AttentionCase{2, 300, 64, 290, true},
+                                AttentionCase{2, 200, 24, 129, false}, AttentionCase{2, 260, 8, 257, false}}) {
+      shape.keys = keys;
+      shape.threads = threads;
+      shape.part = kStagedPart;
+      test_attention_bf16(shape);
+      test_attention_int8(shape);
+    }
+  // One chunk: the depformer's few entries (16 heads of 64, 8 entries), a whole chunk, a pinned prefix; the
+  // staged variant with a whole chunk and a partial one, normalising its own result.
   const AttentionCase one_chunk[] = {{16, 16, 64, 8, false}, {4, 128, 128, 128, false}, {2, 40, 16, 33, true}};
   for (const AttentionCase& shape : one_chunk)
     for (bool int8 : {false, true}) {
       test_one_chunk_part(shape, int8);
       test_write_attend(shape, int8);
     }
+  for (AttentionCase shape : {AttentionCase{4, 64, 128, 64, false}, AttentionCase{2, 40, 24, 33, true}}) {
+    shape.keys = STAGED_MAX_KEYS;
+    shape.part = kStagedPart;
+    for (bool int8 : {false, true}) test_one_chunk_part(shape, int8);
+  }
   // Mimi's 8 heads of 64 over its 250-entry ring, 2 queries a step, at the host's 128 threads; a single key;
   // head widths below and past a warp, more keys than threads, one warp, the most keys and the widest heads.
   const MaskedCase masked[] = {{2, 8, 2, 250, 64, 128}, {1, 1, 1, 1, 8, 32},  {3, 2, 3, 40, 24, 128},
