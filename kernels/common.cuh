@@ -34,7 +34,13 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* shared, const void* global) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // No cp.async before sm_80: a plain copy, already landed when the wait comes.
+  struct Granule {
+    alignas(BYTES) unsigned char bytes[BYTES];
+  };
+  *static_cast<Granule*>(shared) = *static_cast<const Granule*>(global);
+#elif defined(__CUDA_ARCH__)
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
   if constexpr (BYTES == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
@@ -47,7 +53,7 @@ __device__ __forceinline__ void cp_async(void* shared, const void* global) {
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;" ::: "memory");
 #elif defined(DUPLEX_EMU)
   emu::cp_async_commit();
@@ -56,7 +62,7 @@ __device__ __forceinline__ void cp_async_commit() {
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #elif defined(DUPLEX_EMU)
   emu::cp_async_wait(N);
