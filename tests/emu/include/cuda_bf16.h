@@ -397,9 +397,8 @@ inline void wait_at(State barrier, const std::source_location& site) {
   switch_to(pick_next());
 }
 
-inline constexpr const char* kWaitingFor[] = {"ready", "at __syncthreads", "at a shuffle", "returned"};
-
 inline void report_deadlock() {
+  static const char* const kWaitingFor[] = {"ready", "at __syncthreads", "at a shuffle", "returned"};
   std::map<std::pair<int, std::string>, int> threads_by_wait;
   for (unsigned t = 0; t < block_threads; ++t) {
     const Fiber& fiber = fibers[t];
@@ -427,8 +426,16 @@ inline uintptr_t load_bias() {
 }
 
 // Every __shared__ static, from the program's own symbol table: the function-local statics (mangled
-// `_ZZ…`) that start zeroed (.bss), the emulator's own (`_ZZN3emu…`) aside. Kernels hold no other
-// function-local statics (CUDA allows only __shared__ ones), and the tests keep theirs at namespace scope.
+// `_ZZ…`) that start zeroed (.bss), the emulator's and the standard library's own aside. Kernels hold no
+// other function-local statics (CUDA allows only __shared__ ones), and the tests keep theirs at namespace
+// scope.
+inline bool is_kernel_static(const char* name) {
+  if (strncmp(name, "_ZZ", 3) != 0) return false;
+  for (const char* library : {"_ZZN3emu", "_ZZNSt", "_ZZSt", "_ZZNKSt", "_ZZN9__gnu_cxx", "_ZZNK9__gnu_cxx"})
+    if (strncmp(name, library, strlen(library)) == 0) return false;
+  return true;
+}
+
 inline std::vector<SharedStatic> find_shared_statics() {
   std::vector<char> image;
   if (FILE* file = fopen("/proc/self/exe", "rb")) {
@@ -461,7 +468,7 @@ inline std::vector<SharedStatic> find_shared_statics() {
     const Elf64_Sym& symbol = symbols[n];
     const char* name = names + symbol.st_name;
     if (ELF64_ST_TYPE(symbol.st_info) != STT_OBJECT || symbol.st_shndx != bss || symbol.st_size == 0) continue;
-    if (strncmp(name, "_ZZ", 3) != 0 || strncmp(name, "_ZZN3emu", 8) == 0) continue;
+    if (!is_kernel_static(name)) continue;
     found.push_back({reinterpret_cast<char*>(bias + symbol.st_value), size_t(symbol.st_size)});
   }
   return found;
