@@ -12,7 +12,8 @@ use duplex::metrics::Metrics;
 use duplex::model::config::LmConfig;
 use duplex::model::files::{DEFAULT_REPO, ModelFiles};
 use duplex::model::generate::SamplingConfig;
-use duplex::model::kernel_plan::{Kernel, Matrix};
+use duplex::model::kernel_plan::attention::Ring;
+use duplex::model::kernel_plan::{Candidate, Matrix};
 use duplex::model::kv::RingPositions;
 use duplex::model::pipeline::{Pipeline, PipelineConfig, model_configs};
 use duplex::offline::OfflineOptions;
@@ -77,9 +78,17 @@ struct TuneArgs {
     /// Also write the plan as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Leave these kernels out (each trial of theirs says so).
-    #[arg(long, value_delimiter = ',', value_parser = Kernel::parse)]
-    exclude: Vec<Kernel>,
+    /// Storage of the temporal keys and values whose attention is measured.
+    #[arg(long, value_enum, default_value = "none")]
+    kv_quant: KvQuantArg,
+    /// Exactly these attention rings instead of a model's (`bf16:32x128x3000`; with
+    /// `--matrices`, none unless given).
+    #[arg(long, value_delimiter = ',', value_parser = Ring::parse)]
+    rings: Vec<Ring>,
+    /// Leave these kernels or attention launches out (each trial of theirs says so):
+    /// `split-k,attention-staged-64-128`.
+    #[arg(long, value_delimiter = ',', value_parser = Candidate::parse)]
+    exclude: Vec<Candidate>,
     /// Append `kernel matrix rows` to this file before each trial, so that whoever started
     /// this run knows which kernel was running should it die.
     #[arg(long)]
@@ -155,7 +164,7 @@ fn prepare_kernels(
     kernels: KernelsArg,
     device: DeviceArg,
     lm: &LmConfig,
-    quant: QuantArg,
+    (quant, kv_quant): (QuantArg, KvQuantArg),
     rows: usize,
 ) {
     let on_gpu = match device {
@@ -167,7 +176,7 @@ fn prepare_kernels(
     if kernels == KernelsArg::Builtin || !on_gpu {
         return;
     }
-    let request = TuneRequest::for_model(lm, quant.into(), rows);
+    let request = TuneRequest::for_model(lm, quant.into(), kv_quant.into(), rows);
     match std::env::current_exe() {
         Ok(exe) => duplex::tune::prepare(&request, &exe, &duplex::tune::cache_dir()),
         Err(err) => {
@@ -184,7 +193,7 @@ impl ModelArgs {
             self.kernel_choice.kernels,
             self.device,
             &lm,
-            self.quant,
+            (self.quant, self.kv_quant),
             rows,
         );
         Ok(())
@@ -922,13 +931,17 @@ fn lm_config(preset: &str, model_dir: Option<&std::path::Path>) -> Result<LmConf
 fn tune(args: TuneArgs) -> Result<()> {
     let mut request = if args.matrices.is_empty() {
         let lm = lm_config(&args.config, args.model_dir.as_deref())?;
-        TuneRequest::for_model(&lm, args.quant.into(), args.max_rows)
+        TuneRequest::for_model(&lm, args.quant.into(), args.kv_quant.into(), args.max_rows)
     } else {
         TuneRequest {
             matrices: args.matrices,
+            rings: Vec::new(),
             rows: duplex::model::kernel_plan::ROW_BUCKETS.to_vec(),
         }
     };
+    if !args.rings.is_empty() {
+        request.rings = args.rings;
+    }
     if !args.rows.is_empty() {
         request.rows = args.rows.iter().map(|&r| usize::from(r)).collect();
     }
@@ -955,7 +968,7 @@ fn bench_step(args: StepArgs) -> Result<()> {
             args.kernel_choice.kernels,
             DeviceArg::Cuda,
             &lm,
-            args.quant,
+            (args.quant, args.kv_quant),
             args.batch,
         );
     }

@@ -6,8 +6,9 @@
 
 use crate::doctor::{Check, Status, gpu};
 use crate::model::config::LmConfig;
-use crate::model::kernel_plan::{self, Kernel, KernelPlan, Matrix, ROW_BUCKETS, TrialTrace};
-use crate::model::quant::Quant;
+use crate::model::kernel_plan::attention::Ring;
+use crate::model::kernel_plan::{self, Candidate, KernelPlan, Matrix, ROW_BUCKETS, TrialTrace};
+use crate::model::quant::{KvQuant, Quant};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -18,17 +19,20 @@ use std::time::{Duration, Instant};
 /// How long the child measuring a plan may take before it is killed.
 pub const MEASURE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// What to measure: matrices, each at the row counts the step loop runs up to `max_rows`.
+/// What to measure: matrices and the temporal attention's rings, each at the row counts the
+/// step loop runs up to `max_rows`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TuneRequest {
     pub matrices: Vec<Matrix>,
+    pub rings: Vec<Ring>,
     pub rows: Vec<usize>,
 }
 
 impl TuneRequest {
-    /// Every matrix of a model with `quant` weights, at the power-of-two row counts up to
-    /// `max_rows` (the step loop rounds its rows up to one).
-    pub fn for_model(cfg: &LmConfig, quant: Quant, max_rows: usize) -> Self {
+    /// Every matrix of a model with `quant` weights and its temporal ring of keys and values
+    /// stored as `kv_quant` (over its whole context, as the replayed step reads it), at the
+    /// power-of-two row counts up to `max_rows` (the step loop rounds its rows up to one).
+    pub fn for_model(cfg: &LmConfig, quant: Quant, kv_quant: KvQuant, max_rows: usize) -> Self {
         let top = max_rows.clamp(1, ROW_BUCKETS[ROW_BUCKETS.len() - 1]);
         let rows = ROW_BUCKETS
             .iter()
@@ -36,8 +40,19 @@ impl TuneRequest {
             .take_while(|&r| r < top)
             .chain(ROW_BUCKETS.iter().copied().find(|&r| r >= top))
             .collect();
+        let head_dim = cfg.dim / cfg.num_heads;
+        let rings = crate::model::decode::head_dim_fits(head_dim)
+            .then_some(Ring {
+                storage: kv_quant,
+                heads: cfg.num_heads,
+                head_dim,
+                capacity: cfg.context,
+            })
+            .into_iter()
+            .collect();
         Self {
             matrices: kernel_plan::matrices(cfg, quant),
+            rings,
             rows,
         }
     }
@@ -46,19 +61,24 @@ impl TuneRequest {
     pub fn args(&self) -> Vec<String> {
         let matrices: Vec<String> = self.matrices.iter().map(Matrix::spec).collect();
         let rows: Vec<String> = self.rows.iter().map(usize::to_string).collect();
-        vec![
+        let mut args = vec![
             "tune".into(),
             "--matrices".into(),
             matrices.join(","),
             "--rows".into(),
             rows.join(","),
-        ]
+        ];
+        if !self.rings.is_empty() {
+            let rings: Vec<String> = self.rings.iter().map(Ring::spec).collect();
+            args.extend(["--rings".into(), rings.join(",")]);
+        }
+        args
     }
 
     fn digest(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&self.matrices, &self.rows).hash(&mut hasher);
+        (&self.matrices, &self.rings, &self.rows).hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -212,7 +232,7 @@ pub const EXCLUDED: &str = "left out: it stopped an earlier measurement on this 
 pub fn measure_here(
     device: &Device,
     request: &TuneRequest,
-    excluded: &[Kernel],
+    excluded: &[Candidate],
     progress: Option<&Path>,
 ) -> Result<KernelPlan> {
     if !device.is_cuda() {
@@ -231,20 +251,21 @@ pub fn measure_here(
         ),
         None => None,
     };
-    let mut mark = |trial: Option<(&Matrix, usize, Kernel)>| {
+    let mut mark = |trial: Option<(Candidate, &str, usize)>| {
         if let Some(file) = trace.as_mut() {
             use std::io::Write;
             // Unbuffered and synced: the line must survive the process dying in the trial.
             let _ = match trial {
-                Some((matrix, rows, kernel)) => {
-                    writeln!(file, "{} {} {rows}", kernel.name(), matrix.spec())
+                Some((candidate, what, rows)) => {
+                    writeln!(file, "{} {what} {rows}", candidate.name())
                 }
                 None => writeln!(file, "{TRIAL_DONE}"),
             };
             let _ = file.sync_data();
         }
     };
-    let excluded: Vec<(Kernel, String)> = excluded.iter().map(|&k| (k, EXCLUDED.into())).collect();
+    let excluded: Vec<(Candidate, String)> =
+        excluded.iter().map(|&k| (k, EXCLUDED.into())).collect();
     measure(device, request, &excluded, &mut mark, key, card)
 }
 
@@ -255,7 +276,7 @@ const TRIAL_DONE: &str = "done";
 fn measure(
     device: &Device,
     request: &TuneRequest,
-    excluded: &[(Kernel, String)],
+    excluded: &[(Candidate, String)],
     trace: &mut TrialTrace<'_>,
     key: String,
     card: String,
@@ -263,6 +284,7 @@ fn measure(
     use crate::model::kernel_plan::measure::{Measurement, measure};
     let measurement = Measurement {
         matrices: &request.matrices,
+        rings: &request.rings,
         rows: &request.rows,
         excluded,
         trace,
@@ -274,7 +296,7 @@ fn measure(
 fn measure(
     _: &Device,
     _: &TuneRequest,
-    _: &[(Kernel, String)],
+    _: &[(Candidate, String)],
     _: &mut TrialTrace<'_>,
     _: String,
     _: String,
@@ -362,7 +384,7 @@ fn kept_or_measured(
         MEASURE_TIMEOUT.as_secs(),
         dir.display()
     );
-    let mut excluded: Vec<Kernel> = Vec::new();
+    let mut excluded: Vec<Candidate> = Vec::new();
     let outcome = loop {
         match measure_in_child(request, exe, &excluded, key) {
             Ok(plan) => break Ok(plan),
@@ -401,9 +423,9 @@ fn kept_or_measured(
 fn measure_in_child(
     request: &TuneRequest,
     exe: &Path,
-    excluded: &[Kernel],
+    excluded: &[Candidate],
     key: &str,
-) -> std::result::Result<KernelPlan, (anyhow::Error, Option<Kernel>)> {
+) -> std::result::Result<KernelPlan, (anyhow::Error, Option<Candidate>)> {
     // Unique per call: measurements in one process (tests run them in parallel) must not
     // read each other's plan or progress.
     static MEASUREMENTS: AtomicUsize = AtomicUsize::new(0);
@@ -424,7 +446,7 @@ fn measure_in_child(
         .arg("--progress")
         .arg(&progress);
     if !excluded.is_empty() {
-        let names: Vec<&str> = excluded.iter().map(|k| k.name()).collect();
+        let names: Vec<String> = excluded.iter().map(Candidate::name).collect();
         child.arg("--exclude").arg(names.join(","));
     }
     let outcome = match run_child(child, MEASURE_TIMEOUT) {
@@ -443,12 +465,12 @@ fn measure_in_child(
     outcome
 }
 
-/// The kernel of the trial a measurement's progress file shows unfinished: its last line,
+/// The candidate of the trial a measurement's progress file shows unfinished: its last line,
 /// unless that line says the last trial was over (the failure came between trials).
-fn last_kernel_tried(progress: &Path) -> Option<Kernel> {
+fn last_kernel_tried(progress: &Path) -> Option<Candidate> {
     let text = std::fs::read_to_string(progress).ok()?;
     let name = text.lines().last()?.split(' ').next()?;
-    Kernel::parse(name).ok()
+    Candidate::parse(name).ok()
 }
 
 /// Runs `command` (its output goes to our standard error) and waits at most `timeout` for it
@@ -484,17 +506,17 @@ pub fn run_child(mut command: Command, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernel_plan::{Choice, Sublayer, Trial, WeightKind};
+    use crate::model::kernel_plan::{Choice, Kernel, Sublayer, Trial, WeightKind};
 
     #[test]
     fn a_request_covers_the_row_buckets_up_to_the_first_holding_the_sessions() {
         let cfg = LmConfig::personaplex_7b();
-        let rows = |max| TuneRequest::for_model(&cfg, Quant::Int8, max).rows;
+        let rows = |max| TuneRequest::for_model(&cfg, Quant::Int8, KvQuant::None, max).rows;
         assert_eq!(rows(1), [1]);
         assert_eq!(rows(5), [1, 2, 4, 8]);
         assert_eq!(rows(64), [1, 2, 4, 8, 16, 32, 64]);
         assert_eq!(rows(500), [1, 2, 4, 8, 16, 32, 64]);
-        let request = TuneRequest::for_model(&cfg, Quant::Int8, 2);
+        let request = TuneRequest::for_model(&cfg, Quant::Int8, KvQuant::Int8, 2);
         let args = request.args();
         assert_eq!(args[..2], ["tune", "--matrices"]);
         assert!(
@@ -502,7 +524,7 @@ mod tests {
             "{}",
             args[2]
         );
-        assert_eq!(args[3..], ["--rows", "1,2"]);
+        assert_eq!(args[3..], ["--rows", "1,2", "--rings", "int8:32x128x3000"]);
     }
 
     fn plan(key: &str) -> KernelPlan {
@@ -520,6 +542,7 @@ mod tests {
                 rows: 1,
                 trials: vec![Trial::judged(Kernel::Rows, 3.0, 0.0)],
             }],
+            attention: Vec::new(),
         }
     }
 
@@ -590,7 +613,7 @@ cp "{plan}" "$json"
     }
 
     fn request() -> TuneRequest {
-        TuneRequest::for_model(&LmConfig::mid(), Quant::Int8, 1)
+        TuneRequest::for_model(&LmConfig::mid(), Quant::Int8, KvQuant::None, 1)
     }
 
     #[test]
@@ -612,6 +635,31 @@ cp "{plan}" "$json"
             2,
             "the kept plan is used, nothing measured"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An attention launch that takes the measurement down is left out like a kernel: the
+    /// products' plan is not lost with it.
+    #[test]
+    fn an_attention_launch_that_kills_the_measurement_is_left_out() {
+        let dir = scratch("attention-crash");
+        let crash = "attention-staged-64-128 bf16:16x64x750 4";
+        let exe = child(&dir, "key-6", &[crash], "attention-staged-64-128");
+        let plan = kept_or_measured("key-6", &request(), &exe, &dir.join("kept")).unwrap();
+        assert_eq!(plan, super::tests::plan("key-6"));
+        assert_eq!(runs(&dir), ["[]", "[attention-staged-64-128]"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The default launch is what runs without a plan: no use measuring without it.
+    #[test]
+    fn a_failure_of_the_default_attention_launch_is_remembered() {
+        let dir = scratch("attention-default-crash");
+        let crash = "attention-plain-128-128 bf16:16x64x750 1";
+        let exe = child(&dir, "key-7", &[crash], "never");
+        let err = kept_or_measured("key-7", &request(), &exe, &dir.join("kept")).unwrap_err();
+        assert!(format!("{err:#}").contains("signal: 11"), "{err:#}");
+        assert_eq!(runs(&dir), ["[]"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

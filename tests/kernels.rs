@@ -1215,11 +1215,14 @@ fn quantisation_on_the_gpu_gives_the_cpu_bytes() {
 /// `duplex tune`'s measurement on shapes with partial blocks, in every sublayer: every
 /// candidate of every matrix and row bucket runs (the split-K ones with their norm, skip
 /// connection or gate inside) and agrees with the built-in kernel composed with our separate
-/// norm, add and gate (none is rejected); an excluded kernel is recorded, not run.
+/// norm, add and gate (none is rejected); so does every attention launch over a bf16 and an
+/// int8 ring with a partial last chunk; an excluded kernel or launch is recorded, not run.
 #[test]
 fn a_measured_plan_tries_every_candidate_and_each_agrees() {
+    use duplex::model::decode::AttentionLaunch;
+    use duplex::model::kernel_plan::attention::Ring;
     use duplex::model::kernel_plan::measure::{Measurement, measure};
-    use duplex::model::kernel_plan::{Kernel, Matrix, Sublayer, WeightKind};
+    use duplex::model::kernel_plan::{Candidate, Kernel, Matrix, Sublayer, WeightKind};
     let Some(gpu) = tiny::gpu() else { return };
     let matrix = Matrix::new;
     let matrices = [
@@ -1233,13 +1236,25 @@ fn a_measured_plan_tries_every_candidate_and_each_agrees() {
     let rows = [1, 2, 4, 8, 64];
     let mut tried = Vec::new();
     let mut finished = 0;
-    let mut trace = |trial: Option<(&Matrix, usize, Kernel)>| match trial {
-        Some((m, rows, kernel)) => tried.push((*m, rows, kernel)),
+    let mut trace = |trial: Option<(Candidate, &str, usize)>| match trial {
+        Some((candidate, what, rows)) => tried.push((candidate, what.to_owned(), rows)),
         None => finished += 1,
     };
-    let excluded = [(Kernel::CublasOutIn, "left out".to_owned())];
+    let rings = [
+        Ring::parse("bf16:4x64x300").unwrap(),
+        Ring::parse("int8:3x128x257").unwrap(),
+    ];
+    let left_out = AttentionLaunch::parse("staged,32,128").unwrap();
+    let excluded = [
+        (
+            Candidate::Product(Kernel::CublasOutIn),
+            "left out".to_owned(),
+        ),
+        (Candidate::Attention(left_out), "left out".to_owned()),
+    ];
     let measurement = Measurement {
         matrices: &matrices,
+        rings: &rings,
         rows: &rows,
         excluded: &excluded,
         trace: &mut trace,
@@ -1262,6 +1277,26 @@ fn a_measured_plan_tries_every_candidate_and_each_agrees() {
             assert!(trial.median_us.is_some_and(|us| us > 0.0), "{what}");
         }
     }
+    assert_eq!(plan.attention.len(), rings.len() * rows.len());
+    for choice in &plan.attention {
+        let launches: Vec<_> = choice.trials.iter().map(|t| t.kernel).collect();
+        assert_eq!(launches, AttentionLaunch::candidates());
+        for trial in &choice.trials {
+            let what = format!("{} at {} rows", choice.ring.label(), choice.rows);
+            if trial.kernel == left_out {
+                assert_eq!(trial.rejected.as_deref(), Some("left out"), "{what}");
+                continue;
+            }
+            expected_tries += 1;
+            assert_eq!(trial.rejected, None, "{what}: {}", trial.kernel.name());
+            assert!(trial.median_us.is_some_and(|us| us > 0.0), "{what}");
+        }
+    }
+    assert!(tried.contains(&(
+        Candidate::Attention(AttentionLaunch::DEFAULT),
+        "int8:3x128x257".to_owned(),
+        64
+    )));
     assert_eq!(tried.len(), expected_tries, "each trial announced once");
     assert_eq!(finished, expected_tries, "each trial's end announced once");
     let split_k_gated = plan.choices.iter().any(|c| {

@@ -47,13 +47,26 @@ fn refused(args: &[&str], code: i32, why: &str) {
 }
 
 #[test]
-fn bad_matrices_kernels_rows_and_presets_are_named() {
+fn bad_matrices_rings_kernels_rows_and_presets_are_named() {
     let bad_matrix = ["--matrices", "int8:4096x4096:norm,fp8:1x2:plain"];
     refused(&bad_matrix, 2, "\"fp8:1x2:plain\" is not a matrix");
     refused(
         &["--exclude", "split-k,cutlass"],
         2,
         "\"cutlass\" is not a kernel",
+    );
+    refused(
+        &[
+            "--exclude",
+            "attention-staged-64-128,attention-staged-512-128",
+        ],
+        2,
+        "\"attention-staged-512-128\" is not an attention launch",
+    );
+    refused(
+        &["--rings", "bf16:32x128x3000,fp8:32x128x3000"],
+        2,
+        "\"fp8:32x128x3000\" is not a ring",
     );
     refused(&["--rows", "1,0"], 2, "--rows");
     refused(&["--config", "gpt-9"], 1, "unknown config \"gpt-9\"");

@@ -5,7 +5,7 @@ use crate::audio::{FRAME_MS, FRAME_SAMPLES, signal};
 use crate::bench::loopback::Percentiles;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::LmConfig;
-use crate::model::decode::DecodeAttention;
+use crate::model::decode::{AttentionLaunch, DecodeAttention};
 use crate::model::files::ModelFiles;
 use crate::model::generate::SamplingConfig;
 use crate::model::kv::RingPositions;
@@ -48,11 +48,17 @@ pub struct StepBenchOptions {
 fn attention_path(cfg: &LmConfig, options: &StepBenchOptions) -> String {
     let head_dim = cfg.dim / cfg.num_heads;
     let kernels = DecodeAttention::for_device(options.dtype, &options.device, head_dim);
-    match (kernels, options.kv_quant) {
-        (DecodeAttention::Kernels, KvQuant::None) => "kernels".into(),
-        (DecodeAttention::Kernels, KvQuant::Int8) => "kernels, int8 ring".into(),
-        (DecodeAttention::Composed, KvQuant::None) => "candle".into(),
-        (DecodeAttention::Composed, KvQuant::Int8) => "kernel references, int8 ring".into(),
+    let path = match (kernels, options.kv_quant) {
+        (DecodeAttention::Kernels, KvQuant::None) => "kernels",
+        (DecodeAttention::Kernels, KvQuant::Int8) => "kernels, int8 ring",
+        (DecodeAttention::Composed, KvQuant::None) => "candle",
+        (DecodeAttention::Composed, KvQuant::Int8) => "kernel references, int8 ring",
+    };
+    match (kernels, AttentionLaunch::forced()) {
+        (DecodeAttention::Kernels, Some(Ok(launch))) => {
+            format!("{path}, {} (DUPLEX_ATTENTION)", launch.name())
+        }
+        _ => path.into(),
     }
 }
 

@@ -5,7 +5,7 @@ use super::Result;
 use super::decode::{KvRing, PinnedPrefix};
 use super::graph::early;
 use super::kernel_plan::{Kernel, Sublayer, W8A16_MMA_MIN_ROWS, mma_split_k};
-use super::quant::Int8Weight;
+use super::quant::{Int8Weight, KvQuant};
 use super::sampling::DrawParams;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
@@ -1542,14 +1542,21 @@ const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.pt
 const ATTENTION_THREADS: u32 = 128;
 use super::decode::{ATTENTION_CHUNK, AttentionLaunch};
 
-/// The part kernel's launch, read once (`AttentionLaunch::from_env`).
-fn attention_launch() -> Result<AttentionLaunch> {
-    static LAUNCH: std::sync::OnceLock<std::result::Result<AttentionLaunch, String>> =
+/// The part kernel's launch for `rows` rows over a ring of `dims` (rows, heads, capacity,
+/// head_dim): the one `DUPLEX_ATTENTION` forces (read once), else the installed kernel plan's
+/// for such a ring, else the default.
+fn attention_launch(
+    storage: KvQuant,
+    (rows, heads, capacity, head_dim): (usize, usize, usize, usize),
+) -> Result<AttentionLaunch> {
+    static FORCED: std::sync::OnceLock<Option<std::result::Result<AttentionLaunch, String>>> =
         std::sync::OnceLock::new();
-    LAUNCH
-        .get_or_init(AttentionLaunch::from_env)
-        .clone()
-        .map_err(candle_core::Error::Msg)
+    if let Some(forced) = FORCED.get_or_init(AttentionLaunch::forced) {
+        return forced.clone().map_err(candle_core::Error::Msg);
+    }
+    let planned = super::kernel_plan::installed()
+        .and_then(|plan| plan.attention_launch(storage, heads, head_dim, capacity, rows));
+    Ok(planned.unwrap_or(AttentionLaunch::DEFAULT))
 }
 
 /// A tensor's storage, held (read-locked) for a launch, and its layout.
@@ -1907,6 +1914,8 @@ struct RingAttention<'a> {
     ring: &'a KvRing,
     mask: &'a Tensor,
     prefix: &'a PinnedPrefix,
+    /// `None`: as `attention_launch` says.
+    launch: Option<AttentionLaunch>,
 }
 
 impl CustomOp1 for RingAttention<'_> {
@@ -1934,7 +1943,14 @@ impl CustomOp1 for RingAttention<'_> {
         let q = q.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (ring, inputs) = (ring.views()?, inputs.views()?);
         let shape = AttendShape::new(heads, head_dim, capacity, len);
-        let launch = attention_launch()?;
+        let storage = match self.ring.is_int8() {
+            true => KvQuant::Int8,
+            false => KvQuant::None,
+        };
+        let launch = match self.launch {
+            Some(launch) => launch,
+            None => attention_launch(storage, (rows, heads, capacity, head_dim))?,
+        };
         let chunks = len.div_ceil(launch.keys_per_block);
         let heads_total = rows * heads;
         let early = early::prepare(&device)?;
@@ -2104,6 +2120,18 @@ pub fn ring_attention(
     mask: &Tensor,
     prefix: &PinnedPrefix,
 ) -> Result<Tensor> {
+    ring_attention_launched(q, ring, mask, prefix, None)
+}
+
+/// `ring_attention` by `launch` (`None`: as the plan or `DUPLEX_ATTENTION` says), to time and
+/// check the launches against each other.
+pub fn ring_attention_launched(
+    q: &Tensor,
+    ring: &KvRing,
+    mask: &Tensor,
+    prefix: &PinnedPrefix,
+    launch: Option<AttentionLaunch>,
+) -> Result<Tensor> {
     let mask = mask.to_dtype(DType::F32)?.contiguous()?;
     q.to_dtype(DType::BF16)?
         .contiguous()?
@@ -2111,5 +2139,6 @@ pub fn ring_attention(
             ring,
             mask: &mask,
             prefix,
+            launch,
         })
 }

@@ -141,7 +141,7 @@ pub const ATTENTION_CHUNK: usize = 128;
 
 /// How `ring_attention_part_*` is launched: its (score, value) load-batch variant (the kernel
 /// name's suffix), the ring entries each block scores, and the threads of a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AttentionLaunch {
     pub suffix: &'static str,
     pub keys_per_block: usize,
@@ -169,14 +169,71 @@ impl AttentionLaunch {
         threads: 128,
     };
 
-    /// The launch `DUPLEX_ATTENTION` names (`VARIANT,KEYS,THREADS`, e.g. `s8v8,256,128` or
-    /// `staged,64,128`; an empty variant is the default kernel), for measuring the alternatives;
-    /// unset, the default.
-    pub fn from_env() -> std::result::Result<Self, String> {
-        match std::env::var("DUPLEX_ATTENTION") {
-            Ok(spec) => Self::parse(&spec),
-            Err(_) => Ok(Self::DEFAULT),
-        }
+    /// The launches `duplex tune` times against the default on each card (`VARIANT,KEYS,THREADS`):
+    /// the runners-up of the H200's hand trials (`docs/benchmarks.md`) and the staged kernel,
+    /// whose copies in flight should matter most where one wave of blocks cannot hide DRAM's
+    /// latency.
+    pub const CANDIDATES: [&'static str; 6] = [
+        ",128,128",
+        "s2v2,128,128",
+        ",64,128",
+        "staged,64,128",
+        "staged,32,128",
+        "staged,64,256",
+    ];
+
+    /// The launches of `CANDIDATES`, the default first.
+    pub fn candidates() -> Vec<Self> {
+        Self::CANDIDATES
+            .iter()
+            .map(|spec| Self::parse(spec).expect("the candidates parse"))
+            .collect()
+    }
+
+    /// Its name in a kernel plan and on `duplex tune --exclude`: `attention-staged-64-128`
+    /// (`plain` for the default kernel; no commas or spaces).
+    pub fn name(&self) -> String {
+        let variant = match self.variant() {
+            "" => "plain",
+            variant => variant,
+        };
+        format!(
+            "attention-{variant}-{}-{}",
+            self.keys_per_block, self.threads
+        )
+    }
+
+    /// The launch `name` gives.
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!(
+                "{name:?} is not an attention launch like attention-plain-128-128 or \
+                 attention-staged-64-128"
+            )
+        };
+        let rest = name.strip_prefix("attention-").ok_or_else(bad)?;
+        let [variant, keys, threads] = rest.splitn(3, '-').collect::<Vec<_>>()[..] else {
+            return Err(bad());
+        };
+        let variant = if variant == "plain" { "" } else { variant };
+        Self::parse(&format!("{variant},{keys},{threads}")).map_err(|_| bad())
+    }
+
+    /// The variant's name in `DUPLEX_ATTENTION` (empty for the default kernel).
+    fn variant(&self) -> &'static str {
+        Self::VARIANTS
+            .iter()
+            .find(|(_, suffix, _)| *suffix == self.suffix)
+            .map_or("", |(name, _, _)| name)
+    }
+
+    /// The launch `DUPLEX_ATTENTION` forces (`VARIANT,KEYS,THREADS`, e.g. `s8v8,256,128` or
+    /// `staged,64,128`; an empty variant is the default kernel), whatever a kernel plan says:
+    /// `None` when unset.
+    pub fn forced() -> Option<std::result::Result<Self, String>> {
+        std::env::var("DUPLEX_ATTENTION")
+            .ok()
+            .map(|spec| Self::parse(&spec))
     }
 
     pub fn parse(spec: &str) -> std::result::Result<Self, String> {
@@ -213,6 +270,24 @@ impl AttentionLaunch {
             keys_per_block,
             threads,
         })
+    }
+}
+
+impl serde::Serialize for AttentionLaunch {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AttentionLaunch {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Self::from_name(&name).map_err(serde::de::Error::custom)
     }
 }
 
@@ -446,6 +521,7 @@ mod tests {
         );
         for bad in [
             "",
+            "plain,128,128",
             "s8v8,256",
             "s9v9,128,128",
             "s2v2,512,128",
@@ -456,5 +532,33 @@ mod tests {
             let err = AttentionLaunch::parse(bad).unwrap_err();
             assert!(err.contains("DUPLEX_ATTENTION"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_attention_launch_reads_back_from_its_name_in_a_plan() {
+        assert_eq!(AttentionLaunch::DEFAULT.name(), "attention-plain-128-128");
+        let candidates = AttentionLaunch::candidates();
+        assert_eq!(candidates[0], AttentionLaunch::DEFAULT, "the default first");
+        for launch in candidates {
+            let name = launch.name();
+            assert!(!name.contains([',', ' ']), "{name}: one word, no commas");
+            assert_eq!(AttentionLaunch::from_name(&name), Ok(launch));
+            let json = serde_json::to_string(&launch).unwrap();
+            assert_eq!(json, format!("{name:?}"));
+            assert_eq!(
+                serde_json::from_str::<AttentionLaunch>(&json).unwrap(),
+                launch
+            );
+        }
+        for bad in [
+            "attention-staged-128-128",
+            "staged-64-128",
+            "attention-plain-128",
+            "split-k",
+        ] {
+            let err = AttentionLaunch::from_name(bad).unwrap_err();
+            assert!(err.contains("attention"), "{bad}: {err}");
+        }
+        assert!(serde_json::from_str::<AttentionLaunch>("\"attention-s9v9-128-128\"").is_err());
     }
 }

@@ -8,11 +8,14 @@
 //! plan is installed once, before the model loads; `nn` and `cuda` ask it, and without one they
 //! use the built-in kernels.
 
+pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod measure;
 
 use super::config::LmConfig;
+use super::decode::AttentionLaunch;
 use super::quant::Quant;
+use attention::{AttentionChoice, AttentionRoute, Ring};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -166,8 +169,41 @@ impl Kernel {
     }
 }
 
-/// Told of each trial of a measurement: `Some` before it starts, `None` once it is over.
-pub type TrialTrace<'a> = dyn FnMut(Option<(&Matrix, usize, Kernel)>) + 'a;
+/// What a plan measures: a product's kernel, or the attention's launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Candidate {
+    Product(Kernel),
+    Attention(AttentionLaunch),
+}
+
+impl Candidate {
+    /// `split-k`, `attention-staged-64-128`: as `duplex tune --exclude` takes it.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Product(kernel) => kernel.name().to_owned(),
+            Self::Attention(launch) => launch.name(),
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.starts_with("attention-") {
+            true => AttentionLaunch::from_name(text).map(Self::Attention),
+            false => Kernel::parse(text).map(Self::Product),
+        }
+    }
+
+    /// Whether it is what runs without a plan, which every plan falls back to.
+    pub fn is_builtin(&self) -> bool {
+        match self {
+            Self::Product(kernel) => kernel.is_builtin(),
+            Self::Attention(launch) => *launch == AttentionLaunch::DEFAULT,
+        }
+    }
+}
+
+/// Told of each trial of a measurement: `Some((candidate, what it runs, rows))` before it
+/// starts (`what` a matrix's or a ring's spec), `None` once it is over.
+pub type TrialTrace<'a> = dyn FnMut(Option<(Candidate, &str, usize)>) + 'a;
 
 /// One matrix of the model, `[out_features, in_features]` as PyTorch holds it, in its sublayer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -328,8 +364,8 @@ pub fn matrices(cfg: &LmConfig, quant: Quant) -> Vec<Matrix> {
 
 /// One candidate's run: its median time and how far its output was from the baseline's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Trial {
-    pub kernel: Kernel,
+pub struct Trial<K = Kernel> {
+    pub kernel: K,
     /// Absent when it could not run.
     pub median_us: Option<f64>,
     /// The largest difference from the baseline's output over the baseline's largest magnitude
@@ -339,9 +375,9 @@ pub struct Trial {
     pub rejected: Option<String>,
 }
 
-impl Trial {
+impl<K> Trial<K> {
     /// A trial that ran: rejected when its `error` is not finite or beyond `TOLERANCE`.
-    pub fn judged(kernel: Kernel, median_us: f64, error: f64) -> Self {
+    pub fn judged(kernel: K, median_us: f64, error: f64) -> Self {
         let rejected = if !error.is_finite() {
             Some("its output is not finite where the baseline's is".to_owned())
         } else if error > TOLERANCE {
@@ -360,7 +396,7 @@ impl Trial {
     }
 
     /// A trial that could not run at all.
-    pub fn failed(kernel: Kernel, why: String) -> Self {
+    pub fn failed(kernel: K, why: String) -> Self {
         Self {
             kernel,
             median_us: None,
@@ -479,6 +515,9 @@ pub struct KernelPlan {
     /// The card, for people: `NVIDIA H100 80GB HBM3 (compute capability 9.0, driver …)`.
     pub card: String,
     pub choices: Vec<Choice>,
+    /// The temporal attention's launches (absent from plans measured before they were).
+    #[serde(default)]
+    pub attention: Vec<AttentionChoice>,
 }
 
 impl KernelPlan {
@@ -514,13 +553,23 @@ impl KernelPlan {
             .filter(|(m, _, k)| *k != m.baseline())
             .collect();
         changed.sort_by_key(|(m, rows, _)| (*m, *rows));
-        let changed: Vec<String> = changed
+        let unit = |rows: usize| if rows == 1 { "row" } else { "rows" };
+        let mut changed: Vec<String> = changed
             .iter()
-            .map(|(m, rows, k)| {
-                let unit = if *rows == 1 { "row" } else { "rows" };
-                format!("{} for {} at {rows} {unit}", k.name(), m.label())
-            })
+            .map(|(m, rows, k)| format!("{} for {} at {rows} {}", k.name(), m.label(), unit(*rows)))
             .collect();
+        for (ring, route) in attention::routes(&self.attention) {
+            for (rows, launch) in route.launches {
+                if launch != AttentionLaunch::DEFAULT {
+                    changed.push(format!(
+                        "{} for the {} at {rows} {}",
+                        launch.name(),
+                        ring.label(),
+                        unit(rows)
+                    ));
+                }
+            }
+        }
         match changed.is_empty() {
             true => format!(
                 "measured on {}: the built-in kernels won every product",
@@ -550,17 +599,7 @@ impl KernelPlan {
             let trials: Vec<String> = choice
                 .trials
                 .iter()
-                .map(|t| {
-                    let mark = match (t.rejected.is_some(), t.kernel == runs) {
-                        (true, _) => "x",
-                        (false, true) => "*",
-                        (false, false) => "",
-                    };
-                    match t.median_us {
-                        Some(us) => format!("{}{mark} {us:.1}", t.kernel.name()),
-                        None => format!("{}{mark} -", t.kernel.name()),
-                    }
-                })
+                .map(|t| trial_cell(t.kernel.name(), t, t.kernel == runs))
                 .collect();
             let _ = writeln!(
                 text,
@@ -571,6 +610,7 @@ impl KernelPlan {
                 trials.join(", ")
             );
         }
+        self.attention_table(&mut text);
         for choice in &self.choices {
             for trial in &choice.trials {
                 if let Some(why) = &trial.rejected {
@@ -584,20 +624,112 @@ impl KernelPlan {
                 }
             }
         }
+        for choice in &self.attention {
+            for trial in &choice.trials {
+                if let Some(why) = &trial.rejected {
+                    let _ = writeln!(
+                        text,
+                        "rejected {} for the {} at {} rows: {why}",
+                        trial.kernel.name(),
+                        choice.ring.label(),
+                        choice.rows
+                    );
+                }
+            }
+        }
         text
+    }
+
+    /// `table`'s lines for the attention: one per ring and bucket, the launch that runs and the
+    /// keys and values it reads a second, and each launch's median.
+    fn attention_table(&self, text: &mut String) {
+        if self.attention.is_empty() {
+            return;
+        }
+        let routes = attention::routes(&self.attention);
+        let _ = writeln!(
+            text,
+            "{:<28} {:>4}  {:<24} {:>6}  trials (median µs; * runs, x rejected)",
+            "attention", "rows", "runs", "GB/s"
+        );
+        for choice in &self.attention {
+            let runs = routes
+                .iter()
+                .find(|(ring, _)| *ring == choice.ring)
+                .map_or(AttentionLaunch::DEFAULT, |(_, route)| {
+                    route.launch(choice.rows)
+                });
+            let bytes = choice.ring.bytes_per_row() * choice.rows;
+            let gb_per_s = match choice.median(runs) {
+                Some(us) => format!("{:.0}", bytes as f64 / us / 1e3),
+                None => "-".into(),
+            };
+            let trials: Vec<String> = choice
+                .trials
+                .iter()
+                .map(|t| trial_cell(&t.kernel.name(), t, t.kernel == runs))
+                .collect();
+            let _ = writeln!(
+                text,
+                "{:<28} {:>4}  {:<24} {gb_per_s:>6}  {}",
+                choice.ring.label(),
+                choice.rows,
+                runs.name(),
+                trials.join(", ")
+            );
+        }
     }
 }
 
-/// An installed plan and its routes, looked up by every product.
+/// A trial in a plan's table: `name 12.3`, marked `*` where it runs and `x` where rejected.
+fn trial_cell<K>(name: &str, trial: &Trial<K>, runs: bool) -> String {
+    let mark = match (trial.rejected.is_some(), runs) {
+        (true, _) => "x",
+        (false, true) => "*",
+        (false, false) => "",
+    };
+    match trial.median_us {
+        Some(us) => format!("{name}{mark} {us:.1}"),
+        None => format!("{name}{mark} -"),
+    }
+}
+
+/// An installed plan and its routes, looked up by every product and attention.
 pub struct Installed {
     pub plan: KernelPlan,
     routes: HashMap<Matrix, Route>,
+    attention: Vec<(Ring, AttentionRoute)>,
 }
 
 impl Installed {
     pub fn new(plan: KernelPlan) -> Self {
         let routes = plan.routes();
-        Self { plan, routes }
+        let attention = attention::routes(&plan.attention);
+        Self {
+            plan,
+            routes,
+            attention,
+        }
+    }
+
+    /// The attention launch for `rows` rows over a ring stored as `storage` with `heads` heads
+    /// of `head_dim`, when such a ring was measured (the one of the nearest capacity: the
+    /// measured ring is the model's whole context).
+    pub fn attention_launch(
+        &self,
+        storage: super::quant::KvQuant,
+        heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        rows: usize,
+    ) -> Option<AttentionLaunch> {
+        self.attention
+            .iter()
+            .filter(|(ring, _)| {
+                (ring.storage, ring.heads, ring.head_dim) == (storage, heads, head_dim)
+            })
+            .min_by_key(|(ring, _)| ring.capacity.abs_diff(capacity))
+            .map(|(_, route)| route.launch(rows))
     }
 
     fn route(&self, weights: WeightKind, n: usize, k: usize, sublayer: Sublayer) -> Option<&Route> {
@@ -690,6 +822,7 @@ mod tests {
             key: "test".into(),
             card: "test card".into(),
             choices,
+            attention: Vec::new(),
         }
     }
 
@@ -975,5 +1108,120 @@ mod tests {
         let json = serde_json::to_string(&failed).unwrap();
         assert_eq!(serde_json::from_str::<KernelPlan>(&json).unwrap(), failed);
         assert!(failed.table().contains("split-kx -"), "{}", failed.table());
+    }
+
+    fn attention_plan(storage: crate::model::quant::KvQuant) -> KernelPlan {
+        let ring = Ring {
+            storage,
+            heads: 32,
+            head_dim: 128,
+            capacity: 3000,
+        };
+        let staged = AttentionLaunch::parse("staged,64,128").unwrap();
+        let trials = |staged_us| {
+            vec![
+                Trial::judged(AttentionLaunch::DEFAULT, 25.0, 0.0),
+                Trial::judged(staged, staged_us, 0.001),
+                Trial::failed(
+                    AttentionLaunch::parse("s2v2,128,128").unwrap(),
+                    "left out".into(),
+                ),
+            ]
+        };
+        let mut plan = plan(vec![choice(QKV, 1, vec![trial(Kernel::Rows, 9.0)])]);
+        plan.attention = vec![
+            AttentionChoice {
+                ring,
+                rows: 1,
+                trials: trials(15.0),
+            },
+            AttentionChoice {
+                ring,
+                rows: 32,
+                trials: trials(30.0),
+            },
+        ];
+        plan
+    }
+
+    #[test]
+    fn a_plan_routes_the_attention_by_ring_and_rows_and_says_so() {
+        use crate::model::quant::KvQuant;
+        let plan = attention_plan(KvQuant::None);
+        let staged = AttentionLaunch::parse("staged,64,128").unwrap();
+        assert_eq!(
+            plan.summary(),
+            "measured on test card: attention-staged-64-128 for the bf16 ring 32x128x3000 at 1 row"
+        );
+        let table = plan.table();
+        assert!(
+            table.contains("bf16 ring 32x128x3000")
+                && table.contains("attention-staged-64-128* 15.0"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "rejected attention-s2v2-128-128 for the bf16 ring 32x128x3000 at 1 rows: left out"
+            ),
+            "{table}"
+        );
+        let installed = Installed::new(plan.clone());
+        let launch = |storage, heads, capacity, rows| {
+            installed.attention_launch(storage, heads, 128, capacity, rows)
+        };
+        assert_eq!(launch(KvQuant::None, 32, 3000, 1), Some(staged));
+        assert_eq!(
+            launch(KvQuant::None, 32, 3064, 1),
+            Some(staged),
+            "the nearest ring"
+        );
+        assert_eq!(
+            launch(KvQuant::None, 32, 3000, 9),
+            Some(AttentionLaunch::DEFAULT)
+        );
+        assert_eq!(
+            launch(KvQuant::Int8, 32, 3000, 1),
+            None,
+            "an int8 ring was not measured"
+        );
+        assert_eq!(launch(KvQuant::None, 16, 3000, 1), None);
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(json.contains("\"attention-staged-64-128\""), "{json}");
+        assert_eq!(serde_json::from_str::<KernelPlan>(&json).unwrap(), plan);
+    }
+
+    /// A plan kept before plans measured the attention still reads, and changes no launch.
+    #[test]
+    fn a_plan_without_attention_reads_and_keeps_the_default_launch() {
+        let mut plan = attention_plan(crate::model::quant::KvQuant::None);
+        plan.attention.clear();
+        let mut json: serde_json::Value = serde_json::to_value(&plan).unwrap();
+        json.as_object_mut().unwrap().remove("attention");
+        let read: KernelPlan = serde_json::from_value(json).unwrap();
+        assert_eq!(read, plan);
+        let installed = Installed::new(read);
+        let launch =
+            installed.attention_launch(crate::model::quant::KvQuant::None, 32, 128, 3000, 1);
+        assert_eq!(launch, None);
+        assert!(!installed.plan.table().contains("ring"));
+    }
+
+    #[test]
+    fn a_candidate_is_a_product_kernel_or_an_attention_launch_by_name() {
+        for candidate in [
+            Candidate::Product(Kernel::SplitK),
+            Candidate::Product(Kernel::Rows),
+            Candidate::Attention(AttentionLaunch::DEFAULT),
+            Candidate::Attention(AttentionLaunch::parse("staged,64,256").unwrap()),
+        ] {
+            assert_eq!(Candidate::parse(&candidate.name()), Ok(candidate));
+        }
+        assert!(Candidate::Product(Kernel::Rows).is_builtin());
+        assert!(Candidate::Attention(AttentionLaunch::DEFAULT).is_builtin());
+        assert!(
+            !Candidate::Attention(AttentionLaunch::parse("staged,64,128").unwrap()).is_builtin()
+        );
+        assert!(Candidate::parse("attention-staged-512-128").is_err());
+        assert!(Candidate::parse("fastest").is_err());
     }
 }

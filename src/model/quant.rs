@@ -18,7 +18,20 @@ pub enum Quant {
 }
 
 /// How the temporal transformer's ring of keys and values is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum KvQuant {
     /// In the model's dtype.
     #[default]

@@ -1,9 +1,13 @@
 //! Times every candidate kernel of every matrix on the GPU, in the sublayer the model calls it
 //! in, on random operands of the model's shapes, and checks each against the built-in kernel.
 
-use super::{Choice, Kernel, KernelPlan, Matrix, Sublayer, Trial, TrialTrace, WeightKind};
+use super::attention::{AttentionChoice, Ring};
+use super::{
+    Candidate, Choice, Kernel, KernelPlan, Matrix, Sublayer, Trial, TrialTrace, WeightKind,
+};
 use crate::model::Result;
 use crate::model::cuda::{self, Ends, W8a16Kernel};
+use crate::model::decode::{AttentionLaunch, KvRing, PinnedPrefix};
 use crate::model::graph::{self, FrameGraph};
 use crate::model::graph_cache::largest_difference;
 use crate::model::quant::{Int8Weight, quantize};
@@ -19,9 +23,11 @@ const EPS: f64 = 1e-5;
 /// What a measurement runs and skips, and whom it tells of each trial.
 pub struct Measurement<'a> {
     pub matrices: &'a [Matrix],
+    /// The temporal rings whose attention launches are timed.
+    pub rings: &'a [Ring],
     pub rows: &'a [usize],
-    /// Kernels not to run, each with the reason recorded in its trials.
-    pub excluded: &'a [(Kernel, String)],
+    /// Kernels and launches not to run, each with the reason recorded in its trials.
+    pub excluded: &'a [(Candidate, String)],
     /// Called with the trial before it starts and with `None` once it is over, to leave a
     /// trace that names the trial should it take the process down.
     pub trace: &'a mut TrialTrace<'a>,
@@ -174,6 +180,7 @@ pub fn measure(
 ) -> Result<KernelPlan> {
     let Measurement {
         matrices,
+        rings,
         rows,
         excluded,
         trace,
@@ -186,22 +193,15 @@ pub fn measure(
             let expected = operands.run(&weights, matrix.baseline(), matrix.sublayer, 0)?;
             let mut trials = Vec::new();
             for kernel in matrix.candidates(count) {
-                if let Some((_, why)) = excluded.iter().find(|(k, _)| *k == kernel) {
-                    trials.push(Trial::failed(kernel, why.clone()));
+                if let Some(why) = excluded_why(excluded, Candidate::Product(kernel)) {
+                    trials.push(Trial::failed(kernel, why));
                     continue;
                 }
-                trace(Some((matrix, count, kernel)));
+                trace(Some((Candidate::Product(kernel), &matrix.spec(), count)));
                 let judged = match trial(&weights, matrix, kernel, &operands, &expected) {
                     Ok(judged) => judged,
                     Err(err) => {
-                        // A fault leaves the context unusable: stop here, with this trial
-                        // still the last one traced, before a later one takes the blame.
-                        device.synchronize().map_err(|dead| {
-                            candle_core::Error::Msg(format!(
-                                "{} left the GPU unusable ({err}): {dead}",
-                                kernel.name()
-                            ))
-                        })?;
+                        usable_after(device, Candidate::Product(kernel), &err)?;
                         Trial::failed(kernel, err.to_string())
                     }
                 };
@@ -221,7 +221,119 @@ pub fn measure(
             matrices.len()
         );
     }
-    Ok(KernelPlan { key, card, choices })
+    let mut attention = Vec::new();
+    for ring in rings {
+        for &count in rows {
+            attention.push(measure_attention(device, ring, count, excluded, trace)?);
+        }
+        tracing::info!("attention launches timed for the {}", ring.label());
+    }
+    Ok(KernelPlan {
+        key,
+        card,
+        choices,
+        attention,
+    })
+}
+
+/// Why `candidate` is left out, if it is.
+fn excluded_why(excluded: &[(Candidate, String)], candidate: Candidate) -> Option<String> {
+    excluded
+        .iter()
+        .find(|(c, _)| *c == candidate)
+        .map(|(_, why)| why.clone())
+}
+
+/// After a trial of `candidate` failed with `err`: an error if the GPU is unusable now (a fault
+/// leaves the context so), so that the measurement stops with this trial still the last one
+/// traced, before a later one takes the blame.
+fn usable_after(device: &Device, candidate: Candidate, err: &candle_core::Error) -> Result<()> {
+    device.synchronize().map_err(|dead| {
+        candle_core::Error::Msg(format!(
+            "{} left the GPU unusable ({err}): {dead}",
+            candidate.name()
+        ))
+    })
+}
+
+/// Every attention launch over `ring` at `rows` rows, each checked against the default's.
+fn measure_attention(
+    device: &Device,
+    ring: &Ring,
+    rows: usize,
+    excluded: &[(Candidate, String)],
+    trace: &mut TrialTrace<'_>,
+) -> Result<AttentionChoice> {
+    let operands = AttentionOperands::random(ring, rows, device)?;
+    let expected = operands.run(AttentionLaunch::DEFAULT, 0)?;
+    let mut trials = Vec::new();
+    for launch in AttentionLaunch::candidates() {
+        let candidate = Candidate::Attention(launch);
+        if let Some(why) = excluded_why(excluded, candidate) {
+            trials.push(Trial::failed(launch, why));
+            continue;
+        }
+        trace(Some((candidate, &ring.spec(), rows)));
+        let run = |copy| operands.run(launch, copy);
+        let judged = relative_error(&run(0)?, &expected).and_then(|error| {
+            let median = replayed_time(device, operands.rings.len(), &run)?;
+            Ok(Trial::judged(launch, median.as_secs_f64() * 1e6, error))
+        });
+        let judged = match judged {
+            Ok(judged) => judged,
+            Err(err) => {
+                usable_after(device, candidate, &err)?;
+                Trial::failed(launch, err.to_string())
+            }
+        };
+        trace(None);
+        trials.push(judged);
+    }
+    Ok(AttentionChoice {
+        ring: *ring,
+        rows,
+        trials,
+    })
+}
+
+/// One query per row over a whole random ring, in copies the timed calls take in turn
+/// (`STREAMED_BYTES`, so each call reads its ring from DRAM as a frame does), every entry
+/// visible.
+struct AttentionOperands {
+    rings: Vec<KvRing>,
+    q: Tensor,
+    mask: Tensor,
+    prefix: PinnedPrefix,
+}
+
+impl AttentionOperands {
+    fn random(ring: &Ring, rows: usize, device: &Device) -> Result<Self> {
+        let dims = (rows, ring.heads, ring.capacity, ring.head_dim);
+        let randn = || Tensor::randn(0f32, 1f32, dims, device)?.to_dtype(DType::BF16);
+        let dense = KvRing {
+            k: randn()?,
+            v: randn()?,
+            scales: None,
+        };
+        let stored = dense.stored_as(ring.storage)?;
+        let copies = STREAMED_BYTES
+            .div_ceil((ring.bytes_per_row() * rows).max(1))
+            .clamp(1, MAX_COPIES);
+        // A query of twice the keys' spread peaks the softmax, so a wrong key shows.
+        let q = Tensor::randn(0f32, 2f32, (rows, ring.heads, 1, ring.head_dim), device)?
+            .to_dtype(DType::BF16)?;
+        Ok(Self {
+            rings: (0..copies).map(|_| stored.copy()).collect::<Result<_>>()?,
+            q,
+            mask: Tensor::zeros((rows, 1, 1, ring.capacity), DType::F32, device)?,
+            prefix: PinnedPrefix::none(rows, ring.head_dim, device)?,
+        })
+    }
+
+    fn run(&self, launch: AttentionLaunch, copy: usize) -> Result<Tensor> {
+        let ring = &self.rings[copy % self.rings.len()];
+        cuda::ring_attention_launched(&self.q, ring, &self.mask, &self.prefix, Some(launch))
+    }
 }
 
 fn trial(
