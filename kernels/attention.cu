@@ -562,29 +562,107 @@ extern "C" __global__ void ring_write_attend_int8(const __nv_bfloat16* __restric
                heads, head_dim, capacity, len, scale);
 }
 
-// part as written by ring_attention_part_bf16 or _int8 → out [rows, heads, head_dim] bf16 (zeros where
-// the mask hides every key). Grid: rows * heads blocks of at least head_dim threads.
-extern "C" __global__ void ring_attention_join(const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
-                                               int head_dim, int chunks) {
-  grid_dependency_sync();
-  const int head = blockIdx.x, d = threadIdx.x;
+// Folds head `head`'s chunks of part [rows * heads, chunks, head_dim + 2] (as attend_chunk writes them) into
+// out [rows * heads, head_dim] bf16 (zeros where the mask hides every key), the block's threads taking the
+// dimensions in turn. The loads bypass L1 (`__ldcg`): the fused join reads parts other blocks wrote in its launch.
+__device__ void join_head(const float* part, __nv_bfloat16* __restrict__ out, int head, int head_dim, int chunks) {
   const float* parts = part + (size_t)head * chunks * (head_dim + 2);
   float max_score = -INFINITY;
 #pragma unroll 8
-  for (int c = 0; c < chunks; ++c) max_score = fmaxf(max_score, parts[(size_t)c * (head_dim + 2) + head_dim]);
-  if (d >= head_dim) return;
-  float total = 0.f, acc = 0.f;
-  if (max_score != -INFINITY) {
+  for (int c = 0; c < chunks; ++c) max_score = fmaxf(max_score, __ldcg(parts + (size_t)c * (head_dim + 2) + head_dim));
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float total = 0.f, acc = 0.f;
+    if (max_score != -INFINITY) {
 #pragma unroll 8
-    for (int c = 0; c < chunks; ++c) {
-      const float* p = parts + (size_t)c * (head_dim + 2);
-      if (p[head_dim] == -INFINITY) continue;
-      const float weight = __expf(p[head_dim] - max_score);
-      total += weight * p[head_dim + 1];
-      acc += weight * p[d];
+      for (int c = 0; c < chunks; ++c) {
+        const float* p = parts + (size_t)c * (head_dim + 2);
+        const float chunk_max = __ldcg(p + head_dim);
+        if (chunk_max == -INFINITY) continue;
+        const float weight = __expf(chunk_max - max_score);
+        total += weight * __ldcg(p + head_dim + 1);
+        acc += weight * __ldcg(p + d);
+      }
     }
+    out[(size_t)head * head_dim + d] = __float2bfloat16(total > 0.f ? acc / total : 0.f);
   }
-  out[(size_t)head * head_dim + d] = __float2bfloat16(total > 0.f ? acc / total : 0.f);
+}
+
+// part as written by ring_attention_part_bf16 or _int8 → out [rows, heads, head_dim] bf16 (zeros where
+// the mask hides every key). Grid: rows * heads blocks of whole warps.
+extern "C" __global__ void ring_attention_join(const float* __restrict__ part, __nv_bfloat16* __restrict__ out,
+                                               int head_dim, int chunks) {
+  grid_dependency_sync();
+  join_head(part, out, blockIdx.x, head_dim, chunks);
+}
+
+// The join inside the part kernels (`_joined`): once its chunk's part is written, the block that finishes its
+// head's chunks last (counted in arrivals[head], which it sets back to 0 for the next launch) folds them into
+// out, so no join kernel runs. Each thread's fence orders its part writes before the count; the last block's
+// orders the count before its reads. With one chunk attend_chunk wrote out itself.
+__device__ void join_if_last(const float* part, __nv_bfloat16* __restrict__ out, unsigned int* __restrict__ arrivals,
+                             int head_dim) {
+  const int chunks = gridDim.y;
+  if (chunks == 1) return;
+  __shared__ unsigned int arrived;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) arrived = atomicAdd(arrivals + blockIdx.x, 1u);
+  __syncthreads();
+  if (arrived != (unsigned int)(chunks - 1)) return;
+  __threadfence();
+  join_head(part, out, blockIdx.x, head_dim, chunks);
+  if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;
+}
+
+// The part kernels with the join fused in: arguments and grid as the default (`_joined`) or the staged
+// (`_staged_joined`) part kernel's, `out` given whatever the number of chunks, then arrivals [rows * heads]
+// u32, zero at launch and left zero.
+extern "C" __global__ void ring_attention_part_bf16_joined(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,
+    const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,
+    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
+  grid_dependency_sync();
+  attend_chunk<4, 4>(load_query(q, head_dim), Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin,
+                     part, out, heads, head_dim, capacity, len, scale, keys_per_block);
+  join_if_last(part, out, arrivals, head_dim);
+}
+
+extern "C" __global__ void ring_attention_part_int8_joined(
+    const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,
+    const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,
+    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
+  grid_dependency_sync();
+  attend_chunk<4, 4>(load_query(q, head_dim), Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len,
+                     unturn_cos, unturn_sin, part, out, heads, head_dim, capacity, len, scale, keys_per_block);
+  join_if_last(part, out, arrivals, head_dim);
+}
+
+extern "C" __global__ void ring_attention_part_bf16_staged_joined(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,
+    const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,
+    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
+  grid_dependency_sync();
+  attend_staged(q, Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part, out, heads, head_dim,
+                capacity, len, scale, keys_per_block);
+  join_if_last(part, out, arrivals, head_dim);
+}
+
+extern "C" __global__ void ring_attention_part_int8_staged_joined(
+    const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,
+    const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,
+    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
+    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
+    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
+  grid_dependency_sync();
+  attend_staged(q, Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos, unturn_sin, part, out,
+                heads, head_dim, capacity, len, scale, keys_per_block);
+  join_if_last(part, out, arrivals, head_dim);
 }
 
 // Mimi's step before its attention, in f32: interleaved RoPE on the queries and keys of qkv [rows, time, 3,

@@ -6,6 +6,7 @@
 
 use crate::doctor::{Check, Status, gpu};
 use crate::model::config::LmConfig;
+use crate::model::decode::AttentionLaunch;
 use crate::model::kernel_plan::attention::Ring;
 use crate::model::kernel_plan::{self, Candidate, KernelPlan, Matrix, ROW_BUCKETS, TrialTrace};
 use crate::model::quant::{KvQuant, Quant};
@@ -180,7 +181,11 @@ fn kept_for(dir: &Path, prefix: &str) -> Check {
                 "measuring this GPU's kernels failed, so the built-in kernels run: {}",
                 why.trim()
             ),
-            Some("run `duplex tune --quant none|int8` (as you serve) to measure again".to_owned()),
+            Some(
+                "run `duplex tune --quant none|int8 --kv-quant none|int8 --max-rows N` (as you \
+                 serve, N your --max-sessions) to measure again"
+                    .to_owned(),
+            ),
         ),
         (None, true) => (
             Status::Ok,
@@ -385,19 +390,26 @@ fn kept_or_measured(
         dir.display()
     );
     let mut excluded: Vec<Candidate> = Vec::new();
+    let mut tries = 0;
     let outcome = loop {
+        tries += 1;
         match measure_in_child(request, exe, &excluded, key) {
             Ok(plan) => break Ok(plan),
             Err((err, Some(culprit)))
-                if !culprit.is_builtin()
-                    && !excluded.contains(&culprit)
-                    && excluded.len() + 1 < ATTEMPTS =>
+                if !culprit.is_builtin() && !excluded.contains(&culprit) && tries < ATTEMPTS =>
             {
+                let left_out = with_kin(culprit);
+                let names: Vec<String> = left_out.iter().map(Candidate::name).collect();
                 tracing::warn!(
-                    "{} stopped the measurement ({err:#}): measuring again without it",
-                    culprit.name()
+                    "{} stopped the measurement ({err:#}): measuring again without {}",
+                    culprit.name(),
+                    names.join(", ")
                 );
-                excluded.push(culprit);
+                for candidate in left_out {
+                    if !excluded.contains(&candidate) {
+                        excluded.push(candidate);
+                    }
+                }
             }
             Err((err, _)) => break Err(err),
         }
@@ -416,6 +428,21 @@ fn kept_or_measured(
         }
     }
     outcome
+}
+
+/// What to leave out after `culprit` stopped a measurement: itself, and for an attention launch
+/// every other candidate launch likely to fault in the same code (`shares_code_with`; the
+/// default aside), so one faulty kernel does not spend every try on its launches one by one.
+fn with_kin(culprit: Candidate) -> Vec<Candidate> {
+    let Candidate::Attention(launch) = culprit else {
+        return vec![culprit];
+    };
+    let kin = AttentionLaunch::candidates()
+        .into_iter()
+        .filter(|other| *other != launch && other.shares_code_with(&launch))
+        .map(Candidate::Attention)
+        .filter(|candidate| !candidate.is_builtin());
+    std::iter::once(culprit).chain(kin).collect()
 }
 
 /// Runs `exe tune` for `request` without `excluded`; on failure, also the kernel it was last
@@ -647,7 +674,9 @@ cp "{plan}" "$json"
         let exe = child(&dir, "key-6", &[crash], "attention-staged-64-128");
         let plan = kept_or_measured("key-6", &request(), &exe, &dir.join("kept")).unwrap();
         assert_eq!(plan, super::tests::plan("key-6"));
-        assert_eq!(runs(&dir), ["[]", "[attention-staged-64-128]"]);
+        let staged = "attention-staged-64-128,attention-staged-32-128,attention-staged-64-256,\
+                      attention-stagedjoined-64-128";
+        assert_eq!(runs(&dir), ["[]".to_owned(), format!("[{staged}]")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1559,6 +1559,38 @@ fn attention_launch(
     Ok(planned.unwrap_or(AttentionLaunch::DEFAULT))
 }
 
+/// Arrival counts of at least `len` heads for the joined attention kernels (`join_if_last`),
+/// zeroed once per device and kept for the process: every launch leaves them zero, a device's
+/// launches run one after another on its one stream, and a captured graph goes on reading the
+/// same buffer. `None` while the stream captures a graph and none is long enough (an allocation
+/// there would belong to the graph): the caller then joins with the join kernel.
+fn arrival_counts(
+    device: &candle_core::CudaDevice,
+    len: usize,
+) -> Result<Option<&'static CudaSlice<u32>>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    type Kept = Vec<(candle_core::cuda_backend::DeviceId, &'static CudaSlice<u32>)>;
+    static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Vec::new());
+    let mut kept = KEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let found = kept
+        .iter()
+        .find(|(id, counts)| *id == device.id() && counts.len() >= len);
+    if let Some((_, counts)) = found {
+        return Ok(Some(counts));
+    }
+    let status = device.cuda_stream().capture_status().w()?;
+    if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        return Ok(None);
+    }
+    // Room for 64 rows of 64 heads, so that one buffer serves every bucket of our models.
+    let counts = device.alloc_zeros::<u32>(len.max(64 * 64))?;
+    let counts: &'static CudaSlice<u32> = Box::leak(Box::new(counts));
+    kept.push((device.id(), counts));
+    Ok(Some(counts))
+}
+
 /// A tensor's storage, held (read-locked) for a launch, and its layout.
 type Held<'a, G> = (G, &'a Layout);
 
@@ -1953,6 +1985,15 @@ impl CustomOp1 for RingAttention<'_> {
         };
         let chunks = len.div_ceil(launch.keys_per_block);
         let heads_total = rows * heads;
+        // A joined kernel needs arrival counts only to join, and may have to do without.
+        let arrivals = match launch.joins() && chunks > 1 {
+            true => arrival_counts(&device, heads_total)?,
+            false => None,
+        };
+        let suffix = match arrivals.is_some() || chunks == 1 {
+            true => launch.suffix,
+            false => launch.suffix.trim_end_matches("_joined"),
+        };
         let early = early::prepare(&device)?;
         // One chunk normalises its own result; more leave parts for the join.
         let part = match chunks {
@@ -1963,7 +2004,7 @@ impl CustomOp1 for RingAttention<'_> {
         // SAFETY: every element is written by the kernels.
         let out = unsafe { device.alloc::<bf16>(heads_total * head_dim)? };
         let func = device.get_or_load_custom_func(
-            &(ring.kernel("ring_attention_part") + launch.suffix),
+            &(ring.kernel("ring_attention_part") + suffix),
             "duplex_attention",
             ATTENTION_PTX,
         )?;
@@ -1973,18 +2014,25 @@ impl CustomOp1 for RingAttention<'_> {
         ring.push(&mut builder);
         inputs.push(&mut builder);
         arg_or_null(&mut builder, part.as_ref());
-        arg_or_null(&mut builder, part.is_none().then_some(&out));
+        arg_or_null(
+            &mut builder,
+            (part.is_none() || arrivals.is_some()).then_some(&out),
+        );
         shape.push(&mut builder);
         builder.arg(&keys_per_block);
+        if suffix.ends_with("_joined") {
+            arg_or_null(&mut builder, arrivals);
+        }
         let config = LaunchConfig {
             grid_dim: (heads_total as u32, chunks as u32, 1),
             block_dim: (launch.threads, 1, 1),
             shared_mem_bytes: 0,
         };
         early::arm(early)?;
-        // SAFETY: the arguments match the kernel's signature; sizes were checked above.
+        // SAFETY: the arguments match the kernel's signature; sizes were checked above (a joined
+        // kernel's arrival counts cover every head).
         unsafe { builder.launch(config) }.w()?;
-        if let Some(part) = &part {
+        if let Some(part) = part.as_ref().filter(|_| arrivals.is_none()) {
             let func = device.get_or_load_custom_func(
                 "ring_attention_join",
                 "duplex_attention",

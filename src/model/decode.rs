@@ -149,16 +149,18 @@ pub struct AttentionLaunch {
 }
 
 impl AttentionLaunch {
-    /// The kernel variants (`RING_ATTENTION_PART` and the staged ones in
+    /// The kernel variants (`RING_ATTENTION_PART`, the staged and the joined ones in
     /// `kernels/attention.cu`): the name `DUPLEX_ATTENTION` gives, the kernel name's suffix, and
-    /// the most ring entries a block of it scores (`MAX_KEYS_PER_BLOCK`; the staged one holds its
-    /// chunk in shared memory, `STAGED_MAX_KEYS`).
-    const VARIANTS: [(&'static str, &'static str, usize); 5] = [
+    /// the most ring entries a block of it scores (`MAX_KEYS_PER_BLOCK`; the staged ones hold
+    /// their chunk in shared memory, `STAGED_MAX_KEYS`).
+    const VARIANTS: [(&'static str, &'static str, usize); 7] = [
         ("", "", 256),
         ("s2v2", "_s2v2", 256),
         ("s4v8", "_s4v8", 256),
         ("s8v8", "_s8v8", 256),
         ("staged", "_staged", 64),
+        ("joined", "_joined", 256),
+        ("stagedjoined", "_staged_joined", 64),
     ];
     /// `MAX_ATTENTION_THREADS` in the kernel.
     const MAX_THREADS: u32 = 256;
@@ -170,16 +172,18 @@ impl AttentionLaunch {
     };
 
     /// The launches `duplex tune` times against the default on each card (`VARIANT,KEYS,THREADS`):
-    /// the runners-up of the H200's hand trials (`docs/benchmarks.md`) and the staged kernel,
-    /// whose copies in flight should matter most where one wave of blocks cannot hide DRAM's
-    /// latency.
-    pub const CANDIDATES: [&'static str; 6] = [
+    /// the runners-up of the H200's hand trials (`docs/benchmarks.md`), the staged kernel, whose
+    /// copies in flight should matter most where one wave of blocks cannot hide DRAM's latency,
+    /// and both with the join inside (no join kernel).
+    pub const CANDIDATES: [&'static str; 8] = [
         ",128,128",
         "s2v2,128,128",
         ",64,128",
         "staged,64,128",
         "staged,32,128",
         "staged,64,256",
+        "joined,128,128",
+        "stagedjoined,64,128",
     ];
 
     /// The launches of `CANDIDATES`, the default first.
@@ -217,6 +221,18 @@ impl AttentionLaunch {
         };
         let variant = if variant == "plain" { "" } else { variant };
         Self::parse(&format!("{variant},{keys},{threads}")).map_err(|_| bad())
+    }
+
+    /// Whether its kernel joins a head's chunks itself (`join_if_last`), with arrival counts.
+    pub fn joins(&self) -> bool {
+        self.suffix.ends_with("_joined")
+    }
+
+    /// Whether a fault in `other` likely lies in code it shares with this launch: the same
+    /// scoring body (the suffix without `_joined`), or both joining inside.
+    pub fn shares_code_with(&self, other: &Self) -> bool {
+        let body = |launch: &Self| launch.suffix.trim_end_matches("_joined");
+        body(self) == body(other) || (self.joins() && other.joins())
     }
 
     /// The variant's name in `DUPLEX_ATTENTION` (empty for the default kernel).
@@ -560,5 +576,28 @@ mod tests {
             assert!(err.contains("attention"), "{bad}: {err}");
         }
         assert!(serde_json::from_str::<AttentionLaunch>("\"attention-s9v9-128-128\"").is_err());
+    }
+
+    #[test]
+    fn joined_launches_say_so_and_launches_know_their_kin() {
+        let launch = |spec| AttentionLaunch::parse(spec).unwrap();
+        let (joined, staged_joined) = (launch("joined,128,128"), launch("stagedjoined,64,128"));
+        assert!(joined.joins() && staged_joined.joins());
+        assert_eq!(staged_joined.suffix, "_staged_joined");
+        assert!(!AttentionLaunch::DEFAULT.joins() && !launch("staged,64,128").joins());
+        assert!(
+            launch("staged,32,128").shares_code_with(&staged_joined),
+            "the same body"
+        );
+        assert!(joined.shares_code_with(&staged_joined), "both join");
+        assert!(
+            joined.shares_code_with(&AttentionLaunch::DEFAULT),
+            "the same body"
+        );
+        assert!(!launch("s2v2,128,128").shares_code_with(&launch("staged,64,128")));
+        assert!(
+            AttentionLaunch::parse("stagedjoined,128,128").is_err(),
+            "staged: 64 keys at most"
+        );
     }
 }

@@ -466,7 +466,7 @@ void test_attention_int8(const AttentionCase& shape) {
   check_attention(check, shape, in, part, run_join(memory, shape, part));
 }
 
-// ---- one chunk: the part kernel's own result, and ring_write_attend ----
+// ---- the part kernels with the join inside (`_joined`) ----
 
 bf16* make_out(emu::DeviceMemory& memory, const AttentionCase& shape) {
   const size_t out_values = size_t(kRows) * shape.heads * shape.head_dim;
@@ -474,6 +474,50 @@ bf16* make_out(emu::DeviceMemory& memory, const AttentionCase& shape) {
   std::fill_n(out, out_values, kUntouched);
   return out;
 }
+
+
+struct JoinedVariant {
+  const char* suffix;
+  decltype(&ring_attention_part_bf16_joined) bf16;
+  decltype(&ring_attention_part_int8_joined) int8;
+};
+constexpr JoinedVariant kJoinedParts[] = {
+    {"_joined", ring_attention_part_bf16_joined, ring_attention_part_int8_joined},
+    {"_staged_joined", ring_attention_part_bf16_staged_joined, ring_attention_part_int8_staged_joined},
+};
+
+// Three launches in a row on one arrivals buffer, each against the reference: the last block of a head must
+// leave its count at zero for the next launch (else no block of the next one joins, and out stays untouched).
+void test_joined(const AttentionCase& shape, const JoinedVariant& variant, bool int8) {
+  emu::DeviceMemory memory;
+  AttentionInputs in = make_attention_inputs(memory, shape);
+  const Bf16RingBuffers bf16_ring = int8 ? Bf16RingBuffers{} : make_bf16_ring(memory, shape, in);
+  const Int8RingBuffers int8_ring = int8 ? make_int8_ring(memory, shape, in) : Int8RingBuffers{};
+  const size_t heads_total = size_t(kRows) * shape.heads;
+  unsigned* arrivals = memory.alloc<unsigned>(heads_total);
+  std::fill_n(arrivals, heads_total, 0u);
+  const std::string kernel = format("ring_attention_part_%s%s", int8 ? "int8" : "bf16", variant.suffix);
+  for (int launch = 1; launch <= 3; ++launch) {
+    Case check(shape.title(format("%s, launch %d", kernel.c_str(), launch).c_str()));
+    float* part = shape.chunks() == 1 ? nullptr : make_part(memory, shape);
+    bf16* out = make_out(memory, shape);
+    emu::launch(kernel.c_str(), dim3(heads_total, shape.chunks()), dim3(shape.threads), [&] {
+      if (int8) {
+        variant.int8(in.q, int8_ring.k, int8_ring.v, int8_ring.k_scale, int8_ring.v_scale, in.mask, in.prefix_len,
+                     in.unturn.cos, in.unturn.sin, part, out, shape.heads, shape.head_dim, shape.capacity, shape.len,
+                     shape.scale(), shape.keys, arrivals);
+      } else {
+        variant.bf16(in.q, bf16_ring.k, bf16_ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part, out,
+                     shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys, arrivals);
+      }
+    });
+    const long counted = std::count_if(arrivals, arrivals + heads_total, [](unsigned n) { return n != 0; });
+    check.expect(counted == 0, "%ld heads' arrival counts left non-zero", counted);
+    check_attention(check, shape, in, part, out);
+  }
+}
+
+// ---- one chunk: the part kernel's own result, and ring_write_attend ----
 
 // A single chunk's part kernel given `out` normalises its result itself (no part buffer, no join).
 void test_one_chunk_part(const AttentionCase& shape, bool int8) {
@@ -744,6 +788,16 @@ int main() {
       test_attention_bf16(shape);
       test_attention_int8(shape);
     }
+  // The join inside the part kernel, default and staged: many chunks (a row wholly hidden, a head of 24 with a
+  // one-key last chunk), fewer threads than a head's dimensions, and one chunk (no join at all).
+  for (const JoinedVariant& variant : kJoinedParts)
+    for (const auto& [keys, threads] : {std::pair{STAGED_MAX_KEYS, 128u}, std::pair{8, 32u}})
+      for (AttentionCase shape : {AttentionCase{4, 300, 128, 290, false}, AttentionCase{2, 300, 64, 290, true},
+                                  AttentionCase{2, 200, 24, 129, false}, AttentionCase{2, 40, 16, 33, true}}) {
+        shape.keys = keys;
+        shape.threads = threads;
+        for (bool int8 : {false, true}) test_joined(shape, variant, int8);
+      }
   // One chunk: the depformer's few entries (16 heads of 64, 8 entries), a whole chunk, a pinned prefix; the
   // staged variant with a whole chunk and a partial one, normalising its own result.
   const AttentionCase one_chunk[] = {{16, 16, 64, 8, false}, {4, 128, 128, 128, false}, {2, 40, 16, 33, true}};

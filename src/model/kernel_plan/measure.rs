@@ -256,7 +256,8 @@ fn usable_after(device: &Device, candidate: Candidate, err: &candle_core::Error)
     })
 }
 
-/// Every attention launch over `ring` at `rows` rows, each checked against the default's.
+/// Every attention launch over `ring` at `rows` rows, each checked against the default's; when
+/// the ring cannot be set up (too little memory, say) every launch's trial says why.
 fn measure_attention(
     device: &Device,
     ring: &Ring,
@@ -264,8 +265,26 @@ fn measure_attention(
     excluded: &[(Candidate, String)],
     trace: &mut TrialTrace<'_>,
 ) -> Result<AttentionChoice> {
-    let operands = AttentionOperands::random(ring, rows, device)?;
-    let expected = operands.run(AttentionLaunch::DEFAULT, 0)?;
+    let choice = |trials| AttentionChoice {
+        ring: *ring,
+        rows,
+        trials,
+    };
+    let setup = AttentionOperands::random(ring, rows, device).and_then(|operands| {
+        let expected = operands.run(AttentionLaunch::DEFAULT, 0)?;
+        Ok((operands, expected))
+    });
+    let (operands, expected) = match setup {
+        Ok(setup) => setup,
+        Err(err) => {
+            usable_after(device, Candidate::Attention(AttentionLaunch::DEFAULT), &err)?;
+            let why = format!("the ring could not be set up: {err}");
+            let launches = AttentionLaunch::candidates().into_iter();
+            return Ok(choice(
+                launches.map(|l| Trial::failed(l, why.clone())).collect(),
+            ));
+        }
+    };
     let mut trials = Vec::new();
     for launch in AttentionLaunch::candidates() {
         let candidate = Candidate::Attention(launch);
@@ -274,12 +293,7 @@ fn measure_attention(
             continue;
         }
         trace(Some((candidate, &ring.spec(), rows)));
-        let run = |copy| operands.run(launch, copy);
-        let judged = relative_error(&run(0)?, &expected).and_then(|error| {
-            let median = replayed_time(device, operands.rings.len(), &run)?;
-            Ok(Trial::judged(launch, median.as_secs_f64() * 1e6, error))
-        });
-        let judged = match judged {
+        let judged = match attention_trial(&operands, launch, &expected, &ring.spec()) {
             Ok(judged) => judged,
             Err(err) => {
                 usable_after(device, candidate, &err)?;
@@ -289,16 +303,28 @@ fn measure_attention(
         trace(None);
         trials.push(judged);
     }
-    Ok(AttentionChoice {
-        ring: *ring,
-        rows,
-        trials,
-    })
+    Ok(choice(trials))
+}
+
+/// `launch`'s trial: its error the larger of two calls in a row (a joined kernel's second call
+/// relies on the first leaving its arrival counts at zero), and its time.
+fn attention_trial(
+    operands: &AttentionOperands,
+    launch: AttentionLaunch,
+    expected: &Tensor,
+    ring: &str,
+) -> Result<Trial<AttentionLaunch>> {
+    let run = |copy| operands.run(launch, copy);
+    let error = relative_error(&run(0)?, expected)?.max(relative_error(&run(1)?, expected)?);
+    let what = format!("{} over {ring}", launch.name());
+    let median = call_time(operands.q.device(), operands.rings.len(), &run, &what)?;
+    Ok(Trial::judged(launch, median.as_secs_f64() * 1e6, error))
 }
 
 /// One query per row over a whole random ring, in copies the timed calls take in turn
 /// (`STREAMED_BYTES`, so each call reads its ring from DRAM as a frame does), every entry
-/// visible.
+/// visible. Its rows hold the same keys and values (one row made, then copied: a full ring of
+/// 64 rows is 3 GB in bf16); their queries differ.
 struct AttentionOperands {
     rings: Vec<KvRing>,
     q: Tensor,
@@ -308,22 +334,27 @@ struct AttentionOperands {
 
 impl AttentionOperands {
     fn random(ring: &Ring, rows: usize, device: &Device) -> Result<Self> {
-        let dims = (rows, ring.heads, ring.capacity, ring.head_dim);
+        let dims = (1, ring.heads, ring.capacity, ring.head_dim);
         let randn = || Tensor::randn(0f32, 1f32, dims, device)?.to_dtype(DType::BF16);
         let dense = KvRing {
             k: randn()?,
             v: randn()?,
             scales: None,
         };
-        let stored = dense.stored_as(ring.storage)?;
+        let stored = repeated_rows(&dense.stored_as(ring.storage)?, rows)?;
         let copies = STREAMED_BYTES
             .div_ceil((ring.bytes_per_row() * rows).max(1))
             .clamp(1, MAX_COPIES);
-        // A query of twice the keys' spread peaks the softmax, so a wrong key shows.
-        let q = Tensor::randn(0f32, 2f32, (rows, ring.heads, 1, ring.head_dim), device)?
+        let mut rings = vec![stored.clone()];
+        for _ in 1..copies {
+            rings.push(stored.copy()?);
+        }
+        // A query of four times the keys' spread peaks the softmax on a few keys, so a launch
+        // that misreads one shows.
+        let q = Tensor::randn(0f32, 4f32, (rows, ring.heads, 1, ring.head_dim), device)?
             .to_dtype(DType::BF16)?;
         Ok(Self {
-            rings: (0..copies).map(|_| stored.copy()).collect::<Result<_>>()?,
+            rings,
             q,
             mask: Tensor::zeros((rows, 1, 1, ring.capacity), DType::F32, device)?,
             prefix: PinnedPrefix::none(rows, ring.head_dim, device)?,
@@ -336,6 +367,20 @@ impl AttentionOperands {
     }
 }
 
+/// `row`'s one row of keys and values `rows` times over.
+fn repeated_rows(row: &KvRing, rows: usize) -> Result<KvRing> {
+    let repeat = |t: &Tensor| Tensor::cat(&vec![t; rows], 0);
+    let scales = match &row.scales {
+        Some([k, v]) => Some([repeat(k)?, repeat(v)?]),
+        None => None,
+    };
+    Ok(KvRing {
+        k: repeat(&row.k)?,
+        v: repeat(&row.v)?,
+        scales,
+    })
+}
+
 fn trial(
     weights: &Weights,
     matrix: &Matrix,
@@ -345,20 +390,26 @@ fn trial(
 ) -> Result<Trial> {
     let run = |copy| operands.run(weights, kernel, matrix.sublayer, copy);
     let error = relative_error(&run(0)?, expected)?;
-    let device = operands.xs.device();
-    let median = match replayed_time(device, weights.copies(), &run) {
-        Ok(median) => median,
-        Err(err) => {
-            tracing::warn!(
-                "{} for {}: timed eagerly, host launches and all, as no CUDA graph of it \
-                 could be captured ({err})",
-                kernel.name(),
-                matrix.spec()
-            );
-            eager_time(device, weights.copies(), &run)?
-        }
-    };
+    let what = format!("{} for {}", kernel.name(), matrix.spec());
+    let median = call_time(operands.xs.device(), weights.copies(), &run, &what)?;
     Ok(Trial::judged(kernel, median.as_secs_f64() * 1e6, error))
+}
+
+/// One call's time in a CUDA graph (`replayed_time`), else, where no graph of it can be captured,
+/// launched from the host (`eager_time`), with a warning naming `what`.
+fn call_time(
+    device: &Device,
+    copies: usize,
+    run: &dyn Fn(usize) -> Result<Tensor>,
+    what: &str,
+) -> Result<Duration> {
+    replayed_time(device, copies, run).or_else(|err| {
+        tracing::warn!(
+            "{what}: timed eagerly, host launches and all, as no CUDA graph of it could be \
+             captured ({err})"
+        );
+        eager_time(device, copies, run)
+    })
 }
 
 /// One call's time as the model pays it, inside a CUDA graph (no host launches): the median

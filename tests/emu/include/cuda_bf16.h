@@ -743,6 +743,15 @@ T __ldg(const T* pointer, std::source_location site = std::source_location::curr
   return *emu::checked_cast<const T*>(pointer, site);
 }
 
+// A load that skips L1: the same read here (one memory, no caches).
+template <class T>
+T __ldcg(const T* pointer, std::source_location site = std::source_location::current()) {
+  return *emu::checked_cast<const T*>(pointer, site);
+}
+
+// Blocks of a launch run one after another and their writes land at once: nothing to order.
+inline void __threadfence() {}
+
 // Blocks run one after another, so one static per declaration is exactly a block's shared memory.
 // run_block fills them all with 0xff bytes before each block (poison_shared_memory): a read before any
 // write sees NaN (f32 and bf16) or -1, not the previous block's values.
