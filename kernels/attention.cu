@@ -596,9 +596,10 @@ extern "C" __global__ void ring_attention_join(const float* __restrict__ part, _
 }
 
 // The join inside the part kernels (`_joined`): once its chunk's part is written, the block that finishes its
-// head's chunks last (counted in arrivals[head], which it sets back to 0 for the next launch) folds them into
-// out, so no join kernel runs. Each thread's fence orders its part writes before the count; the last block's
-// orders the count before its reads. With one chunk attend_chunk wrote out itself.
+// head's chunks last folds them into out, so no join kernel runs. arrivals[head] counts the blocks done and
+// wraps to 0 with the last (atomicInc), ready for the next launch. Each thread's fence orders its part writes
+// before the count; the last block's orders the count before its reads. With one chunk attend_chunk wrote out
+// itself (arrivals may then be null).
 __device__ void join_if_last(const float* part, __nv_bfloat16* __restrict__ out, unsigned int* __restrict__ arrivals,
                              int head_dim) {
   const int chunks = gridDim.y;
@@ -606,17 +607,16 @@ __device__ void join_if_last(const float* part, __nv_bfloat16* __restrict__ out,
   __shared__ unsigned int arrived;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) arrived = atomicAdd(arrivals + blockIdx.x, 1u);
+  if (threadIdx.x == 0) arrived = atomicInc(arrivals + blockIdx.x, (unsigned int)(chunks - 1));
   __syncthreads();
   if (arrived != (unsigned int)(chunks - 1)) return;
   __threadfence();
   join_head(part, out, blockIdx.x, head_dim, chunks);
-  if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;
 }
 
 // The part kernels with the join fused in: arguments and grid as the default (`_joined`) or the staged
 // (`_staged_joined`) part kernel's, `out` given whatever the number of chunks, then arrivals [rows * heads]
-// u32, zero at launch and left zero.
+// u32, zero at launch and left zero (null with one chunk).
 extern "C" __global__ void ring_attention_part_bf16_joined(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,
     const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,

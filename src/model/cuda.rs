@@ -1560,24 +1560,29 @@ fn attention_launch(
 }
 
 /// Arrival counts of at least `len` heads for the joined attention kernels (`join_if_last`),
-/// zeroed once per device and kept for the process: every launch leaves them zero, a device's
-/// launches run one after another on its one stream, and a captured graph goes on reading the
-/// same buffer. `None` while the stream captures a graph and none is long enough (an allocation
-/// there would belong to the graph): the caller then joins with the join kernel.
+/// zeroed once per device and calling thread and kept for the process: every launch leaves them
+/// zero, and a thread's launches on a device run one after another on its stream (candle gives
+/// each thread its own), so no two launches in flight share them. A captured graph goes on
+/// reading the capturing thread's buffer wherever it is replayed: `serve`'s warm-up hands its
+/// graphs to the step loop's thread and launches nothing more. `None` while the stream captures
+/// a graph and none is long enough (an allocation there would belong to the graph): the caller
+/// then joins with the join kernel.
 fn arrival_counts(
     device: &candle_core::CudaDevice,
     len: usize,
 ) -> Result<Option<&'static CudaSlice<u32>>> {
+    use candle_core::cuda_backend::DeviceId;
     use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
-    type Kept = Vec<(candle_core::cuda_backend::DeviceId, &'static CudaSlice<u32>)>;
+    type Kept = Vec<(DeviceId, std::thread::ThreadId, &'static CudaSlice<u32>)>;
     static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Vec::new());
     let mut kept = KEPT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let owner = (device.id(), std::thread::current().id());
     let found = kept
         .iter()
-        .find(|(id, counts)| *id == device.id() && counts.len() >= len);
-    if let Some((_, counts)) = found {
+        .find(|(id, thread, counts)| (*id, *thread) == owner && counts.len() >= len);
+    if let Some((_, _, counts)) = found {
         return Ok(Some(counts));
     }
     let status = device.cuda_stream().capture_status().w()?;
@@ -1587,7 +1592,7 @@ fn arrival_counts(
     // Room for 64 rows of 64 heads, so that one buffer serves every bucket of our models.
     let counts = device.alloc_zeros::<u32>(len.max(64 * 64))?;
     let counts: &'static CudaSlice<u32> = Box::leak(Box::new(counts));
-    kept.push((device.id(), counts));
+    kept.push((owner.0, owner.1, counts));
     Ok(Some(counts))
 }
 

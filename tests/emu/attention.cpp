@@ -488,31 +488,51 @@ constexpr JoinedVariant kJoinedParts[] = {
 
 // Three launches in a row on one arrivals buffer, each against the reference: the last block of a head must
 // leave its count at zero for the next launch (else no block of the next one joins, and out stays untouched).
+// The first launch runs in two parts: every chunk but each head's last, after which nothing may have joined
+// yet (out untouched, each head's count one short), then the last chunks. With one chunk the buffer is null,
+// as the host passes it.
 void test_joined(const AttentionCase& shape, const JoinedVariant& variant, bool int8) {
   emu::DeviceMemory memory;
   AttentionInputs in = make_attention_inputs(memory, shape);
   const Bf16RingBuffers bf16_ring = int8 ? Bf16RingBuffers{} : make_bf16_ring(memory, shape, in);
   const Int8RingBuffers int8_ring = int8 ? make_int8_ring(memory, shape, in) : Int8RingBuffers{};
   const size_t heads_total = size_t(kRows) * shape.heads;
-  unsigned* arrivals = memory.alloc<unsigned>(heads_total);
-  std::fill_n(arrivals, heads_total, 0u);
+  const unsigned chunks = shape.chunks();
+  unsigned* arrivals = chunks == 1 ? nullptr : memory.alloc<unsigned>(heads_total);
+  if (arrivals) std::fill_n(arrivals, heads_total, 0u);
+  const auto counted = [&](unsigned count) {
+    return arrivals ? std::count(arrivals, arrivals + heads_total, count) : long(heads_total);
+  };
   const std::string kernel = format("ring_attention_part_%s%s", int8 ? "int8" : "bf16", variant.suffix);
   for (int launch = 1; launch <= 3; ++launch) {
     Case check(shape.title(format("%s, launch %d", kernel.c_str(), launch).c_str()));
-    float* part = shape.chunks() == 1 ? nullptr : make_part(memory, shape);
+    float* part = chunks == 1 ? nullptr : make_part(memory, shape);
     bf16* out = make_out(memory, shape);
-    emu::launch(kernel.c_str(), dim3(heads_total, shape.chunks()), dim3(shape.threads), [&] {
-      if (int8) {
-        variant.int8(in.q, int8_ring.k, int8_ring.v, int8_ring.k_scale, int8_ring.v_scale, in.mask, in.prefix_len,
-                     in.unturn.cos, in.unturn.sin, part, out, shape.heads, shape.head_dim, shape.capacity, shape.len,
-                     shape.scale(), shape.keys, arrivals);
-      } else {
-        variant.bf16(in.q, bf16_ring.k, bf16_ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part, out,
-                     shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys, arrivals);
-      }
-    });
-    const long counted = std::count_if(arrivals, arrivals + heads_total, [](unsigned n) { return n != 0; });
-    check.expect(counted == 0, "%ld heads' arrival counts left non-zero", counted);
+    const auto run = [&](const std::function<bool(uint3)>& runs) {
+      emu::launch(kernel.c_str(), dim3(heads_total, chunks), dim3(shape.threads), [&] {
+        if (int8) {
+          variant.int8(in.q, int8_ring.k, int8_ring.v, int8_ring.k_scale, int8_ring.v_scale, in.mask, in.prefix_len,
+                       in.unturn.cos, in.unturn.sin, part, out, shape.heads, shape.head_dim, shape.capacity,
+                       shape.len, shape.scale(), shape.keys, arrivals);
+        } else {
+          variant.bf16(in.q, bf16_ring.k, bf16_ring.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part,
+                       out, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys,
+                       arrivals);
+        }
+      }, runs);
+    };
+    if (launch == 1 && chunks > 1) {
+      run([&](uint3 block) { return block.y != chunks - 1; });
+      const size_t outputs = heads_total * shape.head_dim;
+      check.expect(all_equal(out, outputs, kUntouched), "outputs written before the last chunks ran");
+      check.expect(counted(chunks - 1) == long(heads_total), "%ld heads' counts not one short halfway",
+                   long(heads_total) - counted(chunks - 1));
+      run([&](uint3 block) { return block.y == chunks - 1; });
+    } else {
+      run(nullptr);
+    }
+    check.expect(counted(0) == long(heads_total), "%ld heads' arrival counts left non-zero",
+                 long(heads_total) - counted(0));
     check_attention(check, shape, in, part, out);
   }
 }

@@ -586,17 +586,21 @@ inline void ensure_fibers(unsigned count) {
   for (size_t t = had; t < count; ++t) reset_frame(fibers[t]);
 }
 
-inline void run_grid(dim3 grid) {
+inline void run_grid(dim3 grid, const std::function<bool(uint3)>& runs) {
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   for (uint64_t n = 0; n < blocks; ++n) {
     const uint64_t index = kReverse ? blocks - 1 - n : n;
     blockIdx = {unsigned(index % grid.x), unsigned(index / grid.x % grid.y), unsigned(index / grid.x / grid.y)};
+    if (runs && !runs(blockIdx)) continue;
     if (!run_block()) return;
   }
 }
 
-// Runs `kernel` (a call of the kernel function with its arguments) for every thread of every block.
-inline void launch(const std::string& name, dim3 grid, dim3 block, const std::function<void()>& kernel) {
+// Runs `kernel` (a call of the kernel function with its arguments) for every thread of every block, or of the
+// blocks `runs` picks: a test may run a launch in two parts, to look at it halfway, as if the blocks of the
+// second part had not started yet.
+inline void launch(const std::string& name, dim3 grid, dim3 block, const std::function<void()>& kernel,
+                   const std::function<bool(uint3)>& runs = nullptr) {
   prepare_process();
   kernel_name = name;
   if (block.y != 1 || block.z != 1) return fail("only 1-D blocks are emulated");
@@ -607,7 +611,7 @@ inline void launch(const std::string& name, dim3 grid, dim3 block, const std::fu
   gridDim = {grid.x, grid.y, grid.z};
   blockDim = {block.x, block.y, block.z};
   in_kernel = true;
-  run_grid(grid);
+  run_grid(grid, runs);
   in_kernel = false;
   kernel_body = nullptr;
 }
@@ -735,6 +739,13 @@ inline int __ffs(unsigned bits) { return __builtin_ffs(int(bits)); }
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
   const unsigned old = *address;
   *address = old + value;
+  return old;
+}
+
+// Adds 1, wrapping to 0 once the count has reached `limit`.
+inline unsigned atomicInc(unsigned* address, unsigned limit) {
+  const unsigned old = *address;
+  *address = old >= limit ? 0 : old + 1;
   return old;
 }
 
