@@ -278,6 +278,18 @@ __device__ __forceinline__ StagedRing<int8_t, true> stage_chunk(const Int8Ring r
   return {k, v, k_scale, v_scale, base};
 }
 
+// What attend_chunk writes for a chunk whose every key the mask hides: with `partial` (null when the chunk is
+// the head's only one and writes its result itself) its max -inf and its sum and weighted values 0, for the
+// join; else zeros to the head's output.
+__device__ __forceinline__ void write_hidden_chunk(float* __restrict__ partial, __nv_bfloat16* __restrict__ out,
+                                                   int head, int head_dim) {
+  if (partial == nullptr) {
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out[(size_t)head * head_dim + d] = __float2bfloat16(0.f);
+  } else {
+    for (int d = threadIdx.x; d < head_dim + 2; d += blockDim.x) partial[d] = d == head_dim ? -INFINITY : 0.f;
+  }
+}
+
 // The attention of block (row · heads + head, chunk) over its chunk of keys_per_block ring
 // entries. query [head_dim] f32 (block-visible: shared memory); the ring [rows, heads, capacity,
 // head_dim] read through `Ring`; mask [rows, len] f32 additive (0 visible, -inf hidden);
@@ -308,6 +320,12 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   const int head = blockIdx.x, b = head / heads, chunk = blockIdx.y, chunks = gridDim.y;
   const int first = chunk * keys_per_block, count = min(keys_per_block, len - first);
   const int half = head_dim / 2;
+  const bool final = out != nullptr && chunks == 1;
+  float* partial = final ? nullptr : part + ((size_t)head * chunks + chunk) * (head_dim + 2);
+  // Whether the mask leaves any key of the chunk visible, read beside the query's rotations: a chunk it wholly
+  // hides (past a young session's history, which a whole-ring step still spans) then loads no key and no value.
+  int visible = 0;
+  for (int j = threadIdx.x; j < count; j += blockDim.x) visible |= mask[(size_t)b * len + first + j] != -INFINITY;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     const float q0 = query[2 * i], q1 = query[2 * i + 1];
     const float c = unturn_cos[(size_t)b * half + i], s = unturn_sin[(size_t)b * half + i];
@@ -318,7 +336,11 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   }
   const int pinned = (int)prefix_len[b];
   ring.keys_ready();
-  __syncthreads();
+  if (!__syncthreads_or(visible)) {
+    ring.values_ready();  // a staged chunk's copies were issued all the same: they must land first
+    write_hidden_chunk(partial, out, head, head_dim);
+    return;
+  }
 
   // Scores: a team of lanes per key, 8 dimensions per lane (one load), SCORE_BATCH keys' loads
   // in flight per lane before any is used: a block's time is the latency of its loads.
@@ -363,14 +385,8 @@ __device__ void attend_chunk(const float* query, const Ring ring, const float* _
   for (int j = threadIdx.x; j < count; j += blockDim.x) local_max = fmaxf(local_max, scores[j]);
   const float max_score = block_max(local_max, scratch);
   ring.values_ready();  // before any return: no copy may land after its block is gone
-  const bool final = out != nullptr && chunks == 1;
-  float* partial = final ? nullptr : part + ((size_t)head * chunks + chunk) * (head_dim + 2);
   if (max_score == -INFINITY) {
-    if (final) {
-      for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out[(size_t)head * head_dim + d] = __float2bfloat16(0.f);
-    } else {
-      for (int d = threadIdx.x; d < head_dim + 2; d += blockDim.x) partial[d] = d == head_dim ? -INFINITY : 0.f;
-    }
+    write_hidden_chunk(partial, out, head, head_dim);
     return;
   }
   float local_sum = 0.f;

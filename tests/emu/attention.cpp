@@ -537,6 +537,112 @@ void test_joined(const AttentionCase& shape, const JoinedVariant& variant, bool 
   }
 }
 
+// ---- a young session's ring: wholly hidden chunks load nothing ----
+
+// Each row's history in a whole-ring step (row 1's ends inside a chunk).
+constexpr std::array<int, kRows> kHistory = {40, 100, 10};
+
+// 2 heads of 128 over a 256-entry ring, all of it attended, 64 keys a block: a chunk's keys and values are
+// whole pages (bf16 and int8), so they can be made to fault.
+AttentionCase young_ring() {
+  AttentionCase shape{2, 256, 128, 256, false};
+  shape.keys = 64;
+  return shape;
+}
+
+// Keys past a row's history hidden, and some before it (never its first); row 2 also sees the last 8 keys of
+// its second chunk alone (a chunk visible only at its end must still be attended).
+void hide_past_history(float* mask, const AttentionCase& shape) {
+  for (int row = 0; row < kRows; ++row)
+    for (int key = 0; key < shape.len; ++key) {
+      const bool tail = row == 2 && key >= 2 * shape.keys - 8 && key < 2 * shape.keys;
+      const bool visible = (key < kHistory[row] && (key == 0 || uniform(0, 1) >= 0.15)) || tail;
+      mask[row * shape.len + key] = visible ? 0.f : -INFINITY;
+    }
+}
+
+// The pages of every chunk the mask wholly hides, keys and values, made to fault.
+template <class T>
+void forbid_hidden_chunks(emu::DeviceMemory& memory, const AttentionCase& shape, const float* mask, const T* k,
+                          const T* v) {
+  const size_t chunk_bytes = size_t(shape.keys) * shape.head_dim * sizeof(T);
+  for (int row = 0; row < kRows; ++row)
+    for (int chunk = 0; chunk < shape.chunks(); ++chunk) {
+      const float* keys = mask + row * shape.len + chunk * shape.keys;
+      if (std::any_of(keys, keys + shape.keys, [](float m) { return m != -INFINITY; })) continue;
+      for (int head = 0; head < shape.heads; ++head) {
+        const size_t at = ((size_t(row) * shape.heads + head) * shape.capacity + chunk * shape.keys) * shape.head_dim;
+        memory.forbid(k + at, chunk_bytes);
+        memory.forbid(v + at, chunk_bytes);
+      }
+    }
+}
+
+// The part kernels (and the joined one) over a young ring whose wholly hidden chunks fault when read: the
+// result matches the reference, and no such chunk was touched (a touch ends the program with a bad access).
+// The staged kernels copy their chunk before they look at the mask, so they are not run here.
+void test_young_ring(const char* suffix, const std::function<void(AttentionInputs&, const void* ring, float* part,
+                                                                   bf16* out, unsigned* arrivals)>& launch,
+                     bool int8, bool joined) {
+  const AttentionCase shape = young_ring();
+  Case check(shape.title(format("ring_attention_part_%s%s, hidden chunks unread", int8 ? "int8" : "bf16",
+                                suffix).c_str()));
+  emu::DeviceMemory memory;
+  AttentionInputs in = make_attention_inputs(memory, shape);
+  hide_past_history(in.mask, shape);
+  const Bf16RingBuffers bf16_ring = int8 ? Bf16RingBuffers{} : make_bf16_ring(memory, shape, in);
+  const Int8RingBuffers int8_ring = int8 ? make_int8_ring(memory, shape, in) : Int8RingBuffers{};
+  if (int8) {
+    forbid_hidden_chunks(memory, shape, in.mask, int8_ring.k, int8_ring.v);
+  } else {
+    forbid_hidden_chunks(memory, shape, in.mask, bf16_ring.k, bf16_ring.v);
+  }
+  float* part = make_part(memory, shape);
+  unsigned* arrivals = memory.alloc<unsigned>(size_t(kRows) * shape.heads);
+  std::fill_n(arrivals, size_t(kRows) * shape.heads, 0u);
+  bf16* out = joined ? make_out(memory, shape) : nullptr;
+  launch(in, int8 ? static_cast<const void*>(&int8_ring) : &bf16_ring, part, out, arrivals);
+  check_attention(check, shape, in, part, joined ? out : run_join(memory, shape, part));
+}
+
+void test_young_rings() {
+  const AttentionCase shape = young_ring();
+  const dim3 grid(kRows * shape.heads, shape.chunks());
+  for (const PartVariant& variant : {kDefaultPart, kPartVariants[0], kPartVariants[1], kPartVariants[2]})
+    for (bool int8 : {false, true})
+      test_young_ring(variant.suffix, [&](AttentionInputs& in, const void* ring, float* part, bf16*, unsigned*) {
+        emu::launch("ring_attention_part", grid, dim3(shape.threads), [&] {
+          if (int8) {
+            const auto& r = *static_cast<const Int8RingBuffers*>(ring);
+            variant.int8(in.q, r.k, r.v, r.k_scale, r.v_scale, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin,
+                         part, nullptr, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(),
+                         shape.keys);
+          } else {
+            const auto& r = *static_cast<const Bf16RingBuffers*>(ring);
+            variant.bf16(in.q, r.k, r.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part, nullptr,
+                         shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys);
+          }
+        });
+      }, int8, false);
+  const JoinedVariant& joined = kJoinedParts[0];
+  for (bool int8 : {false, true})
+    test_young_ring(joined.suffix, [&](AttentionInputs& in, const void* ring, float* part, bf16* out,
+                                       unsigned* arrivals) {
+      emu::launch("ring_attention_part_joined", grid, dim3(shape.threads), [&] {
+        if (int8) {
+          const auto& r = *static_cast<const Int8RingBuffers*>(ring);
+          joined.int8(in.q, r.k, r.v, r.k_scale, r.v_scale, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin,
+                      part, out, shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys,
+                      arrivals);
+        } else {
+          const auto& r = *static_cast<const Bf16RingBuffers*>(ring);
+          joined.bf16(in.q, r.k, r.v, in.mask, in.prefix_len, in.unturn.cos, in.unturn.sin, part, out,
+                      shape.heads, shape.head_dim, shape.capacity, shape.len, shape.scale(), shape.keys, arrivals);
+        }
+      });
+    }, int8, true);
+}
+
 // ---- one chunk: the part kernel's own result, and ring_write_attend ----
 
 // A single chunk's part kernel given `out` normalises its result itself (no part buffer, no join).
@@ -818,6 +924,7 @@ int main() {
         shape.threads = threads;
         for (bool int8 : {false, true}) test_joined(shape, variant, int8);
       }
+  test_young_rings();
   // One chunk: the depformer's few entries (16 heads of 64, 8 entries), a whole chunk, a pinned prefix; the
   // staged variant with a whole chunk and a partial one, normalising its own result.
   const AttentionCase one_chunk[] = {{16, 16, 64, 8, false}, {4, 128, 128, 128, false}, {2, 40, 16, 33, true}};

@@ -263,6 +263,7 @@ struct Fiber {
   State state = State::done;
   std::source_location site;  // the barrier it waits at
   unsigned shuffles = 0;      // shuffles done in this block; its parity picks the exchange buffer
+  unsigned votes = 0;         // __syncthreads_or calls done in this block; likewise
 };
 
 inline constexpr size_t kStackBytes = 256 * 1024, kPageBytes = 4096;
@@ -277,6 +278,9 @@ inline std::function<void()> kernel_body;  // the launched kernel, called by eac
 // Values offered to a shuffle, by thread; two buffers so a warp can start the next shuffle while a slow
 // lane still reads this one.
 inline uint64_t shuffle_values[2][kMaxThreads];
+// Predicates offered to __syncthreads_or, by thread; two buffers for the same reason (no thread can be two
+// barriers ahead of another).
+inline bool barrier_votes[2][kMaxThreads];
 
 inline void switch_to(int next);
 inline int pick_next();
@@ -533,6 +537,7 @@ inline bool run_block() {
   for (unsigned t = 0; t < block_threads; ++t) {
     fibers[t].state = State::ready;
     fibers[t].shuffles = 0;
+    fibers[t].votes = 0;
   }
   switch_to(first_thread());
   bool finished = true;
@@ -683,6 +688,18 @@ class DeviceMemory {
     return reinterpret_cast<T*>(end - bytes);
   }
 
+  // Makes the whole pages of [start, start + bytes) fault when touched, as past a buffer's end: to show that a
+  // kernel never reads them. Both ends must lie on page boundaries (a buffer whose size is a multiple of a
+  // page starts on one).
+  void forbid(const void* start, size_t bytes) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(start);
+    if (address % kPageBytes != 0 || bytes % kPageBytes != 0) {
+      fprintf(stderr, "emu: forbid(%p, %zu) is not whole pages\n", start, bytes);
+      _exit(3);
+    }
+    mprotect(const_cast<void*>(start), bytes, PROT_NONE);
+  }
+
  private:
   std::vector<std::pair<void*, size_t>> mappings_;
 };
@@ -693,6 +710,14 @@ class DeviceMemory {
 
 inline void __syncthreads(std::source_location site = std::source_location::current()) {
   emu::wait_at(emu::State::at_syncthreads, site);
+}
+
+// __syncthreads that also says whether any thread of the block passed a non-zero predicate.
+inline int __syncthreads_or(int predicate, std::source_location site = std::source_location::current()) {
+  bool* votes = emu::barrier_votes[emu::fibers[emu::current].votes++ & 1];
+  votes[emu::current] = predicate != 0;
+  emu::wait_at(emu::State::at_syncthreads, site);
+  return std::any_of(votes, votes + emu::block_threads, [](bool vote) { return vote; });
 }
 
 template <class T>
