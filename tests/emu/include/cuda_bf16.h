@@ -538,6 +538,7 @@ inline bool run_block() {
     fibers[t].state = State::ready;
     fibers[t].shuffles = 0;
     fibers[t].votes = 0;
+    barrier_votes[0][t] = barrier_votes[1][t] = false;
   }
   switch_to(first_thread());
   bool finished = true;
