@@ -119,6 +119,8 @@ fn compose_file_is_valid_and_deploys_what_webrtc_needs() {
         "/health",
         "restart: on-failure",
         "platform: linux/arm64",
+        // DGX Spark's bandwidth needs int8 weights and keys and values for real time with headroom.
+        r#"command: ["serve", "--quant", "int8", "--kv-quant", "int8"]"#,
     ] {
         assert!(text.contains(needle), "compose.yml lacks {needle}");
     }
