@@ -630,56 +630,48 @@ __device__ void join_if_last(const float* part, __nv_bfloat16* __restrict__ out,
   join_head(part, out, blockIdx.x, head_dim, chunks);
 }
 
-// The part kernels with the join fused in: arguments and grid as the default (`_joined`) or the staged
-// (`_staged_joined`) part kernel's, `out` given whatever the number of chunks, then arrivals [rows * heads]
-// u32, zero at launch and left zero (null with one chunk).
-extern "C" __global__ void ring_attention_part_bf16_joined(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,
-    const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,
-    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
-    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
-    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
-  grid_dependency_sync();
-  attend_chunk<4, 4>(load_query(q, head_dim), Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin,
-                     part, out, heads, head_dim, capacity, len, scale, keys_per_block);
-  join_if_last(part, out, arrivals, head_dim);
+// The default part kernel's body with the arguments of attend_staged's.
+template <class Ring>
+__device__ __forceinline__ void attend_plain(const __nv_bfloat16* __restrict__ q, const Ring ring,
+                                             const float* __restrict__ mask,
+                                             const unsigned int* __restrict__ prefix_len,
+                                             const float* __restrict__ unturn_cos,
+                                             const float* __restrict__ unturn_sin, float* part,
+                                             __nv_bfloat16* __restrict__ out, int heads, int head_dim, int capacity,
+                                             int len, float scale, int keys_per_block) {
+  attend_chunk<4, 4>(load_query(q, head_dim), ring, mask, prefix_len, unturn_cos, unturn_sin, part, out, heads,
+                     head_dim, capacity, len, scale, keys_per_block);
 }
 
-extern "C" __global__ void ring_attention_part_int8_joined(
-    const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,
-    const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,
-    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
-    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
-    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
-  grid_dependency_sync();
-  attend_chunk<4, 4>(load_query(q, head_dim), Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len,
-                     unturn_cos, unturn_sin, part, out, heads, head_dim, capacity, len, scale, keys_per_block);
-  join_if_last(part, out, arrivals, head_dim);
-}
+// The part kernels with the join fused in: arguments and grid as the default (`_joined`, attend_plain) or the
+// staged (`_staged_joined`, attend_staged) part kernel's, `out` given whatever the number of chunks, then
+// arrivals [rows * heads] u32, zero at launch and left zero (null with one chunk).
+#define RING_ATTENTION_JOINED(suffix, attend)                                                                       \
+  extern "C" __global__ void ring_attention_part_bf16##suffix(                                                      \
+      const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,                                \
+      const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,                                     \
+      const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,                            \
+      const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,  \
+      int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {                 \
+    grid_dependency_sync();                                                                                         \
+    attend(q, Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part, out, heads, head_dim,       \
+           capacity, len, scale, keys_per_block);                                                                   \
+    join_if_last(part, out, arrivals, head_dim);                                                                    \
+  }                                                                                                                 \
+  extern "C" __global__ void ring_attention_part_int8##suffix(                                                      \
+      const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,    \
+      const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,         \
+      const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,                            \
+      const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,  \
+      int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {                 \
+    grid_dependency_sync();                                                                                         \
+    attend(q, Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos, unturn_sin, part, out,      \
+           heads, head_dim, capacity, len, scale, keys_per_block);                                                  \
+    join_if_last(part, out, arrivals, head_dim);                                                                    \
+  }
 
-extern "C" __global__ void ring_attention_part_bf16_staged_joined(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ ring_k,
-    const __nv_bfloat16* __restrict__ ring_v, const float* __restrict__ mask,
-    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
-    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
-    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
-  grid_dependency_sync();
-  attend_staged(q, Bf16Ring{ring_k, ring_v}, mask, prefix_len, unturn_cos, unturn_sin, part, out, heads, head_dim,
-                capacity, len, scale, keys_per_block);
-  join_if_last(part, out, arrivals, head_dim);
-}
-
-extern "C" __global__ void ring_attention_part_int8_staged_joined(
-    const __nv_bfloat16* __restrict__ q, const int8_t* __restrict__ ring_k, const int8_t* __restrict__ ring_v,
-    const float* __restrict__ k_scale, const float* __restrict__ v_scale, const float* __restrict__ mask,
-    const unsigned int* __restrict__ prefix_len, const float* __restrict__ unturn_cos,
-    const float* __restrict__ unturn_sin, float* part, __nv_bfloat16* __restrict__ out, int heads, int head_dim,
-    int capacity, int len, float scale, int keys_per_block, unsigned int* __restrict__ arrivals) {
-  grid_dependency_sync();
-  attend_staged(q, Int8Ring{ring_k, ring_v, k_scale, v_scale}, mask, prefix_len, unturn_cos, unturn_sin, part, out,
-                heads, head_dim, capacity, len, scale, keys_per_block);
-  join_if_last(part, out, arrivals, head_dim);
-}
+RING_ATTENTION_JOINED(_joined, attend_plain)
+RING_ATTENTION_JOINED(_staged_joined, attend_staged)
 
 // Mimi's step before its attention, in f32: interleaved RoPE on the queries and keys of qkv [rows, time, 3,
 // heads, head_dim] (the in-projection's output) by cos, sin [rows, time, head_dim / 2]; the queries out as

@@ -118,7 +118,8 @@ impl KvRing {
         }
     }
 
-    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+    /// The ring with `f` applied to each of its tensors (keys, values, scales).
+    pub fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         let scales = match &self.scales {
             Some([k, v]) => Some([f(k)?, f(v)?]),
             None => None,

@@ -458,19 +458,24 @@ pub struct Route {
     pub kernels: Vec<(usize, Kernel)>,
 }
 
+/// What `by_bucket` (`(bucket, choice)` by bucket) holds for `rows` rows: the smallest bucket
+/// holding them, else the largest.
+fn for_rows<T: Copy>(by_bucket: &[(usize, T)], rows: usize) -> Option<T> {
+    by_bucket
+        .iter()
+        .find(|(bucket, _)| *bucket >= rows)
+        .or(by_bucket.last())
+        .map(|(_, choice)| *choice)
+}
+
 impl Route {
     /// The kernel for `rows` rows: the smallest bucket holding them, else the largest.
     pub fn kernel(&self, rows: usize) -> Kernel {
-        self.kernels
-            .iter()
-            .find(|(bucket, _)| *bucket >= rows)
-            .or(self.kernels.last())
-            .map(|(_, kernel)| *kernel)
-            .unwrap_or(if self.out_in {
-                Kernel::CublasOutIn
-            } else {
-                Kernel::Cublas
-            })
+        for_rows(&self.kernels, rows).unwrap_or(if self.out_in {
+            Kernel::CublasOutIn
+        } else {
+            Kernel::Cublas
+        })
     }
 
     /// The bf16 route of `choices` (one matrix, by bucket): `[out, in]` when that layout's best
@@ -612,30 +617,14 @@ impl KernelPlan {
         }
         self.attention_table(&mut text);
         for choice in &self.choices {
-            for trial in &choice.trials {
-                if let Some(why) = &trial.rejected {
-                    let _ = writeln!(
-                        text,
-                        "rejected {} for {} at {} rows: {why}",
-                        trial.kernel.name(),
-                        choice.matrix.label(),
-                        choice.rows
-                    );
-                }
-            }
+            let what = format!("{} at {} rows", choice.matrix.label(), choice.rows);
+            let names = choice.trials.iter().map(|t| t.kernel.name().to_owned());
+            write_rejections(&mut text, names.zip(&choice.trials), &what);
         }
         for choice in &self.attention {
-            for trial in &choice.trials {
-                if let Some(why) = &trial.rejected {
-                    let _ = writeln!(
-                        text,
-                        "rejected {} for the {} at {} rows: {why}",
-                        trial.kernel.name(),
-                        choice.ring.label(),
-                        choice.rows
-                    );
-                }
-            }
+            let what = format!("the {} at {} rows", choice.ring.label(), choice.rows);
+            let names = choice.trials.iter().map(|t| t.kernel.name());
+            write_rejections(&mut text, names.zip(&choice.trials), &what);
         }
         text
     }
@@ -677,6 +666,19 @@ impl KernelPlan {
                 runs.name(),
                 trials.join(", ")
             );
+        }
+    }
+}
+
+/// `rejected NAME for WHAT: why` for each rejected one of `trials` (with their names).
+fn write_rejections<'a, K: 'a>(
+    text: &mut String,
+    trials: impl Iterator<Item = (String, &'a Trial<K>)>,
+    what: &str,
+) {
+    for (name, trial) in trials {
+        if let Some(why) = &trial.rejected {
+            let _ = writeln!(text, "rejected {name} for {what}: {why}");
         }
     }
 }

@@ -122,11 +122,7 @@ pub struct AttentionRoute {
 impl AttentionRoute {
     /// The launch for `rows` rows: the smallest bucket holding them, else the largest.
     pub fn launch(&self, rows: usize) -> AttentionLaunch {
-        self.launches
-            .iter()
-            .find(|(bucket, _)| *bucket >= rows)
-            .or(self.launches.last())
-            .map_or(AttentionLaunch::DEFAULT, |(_, launch)| *launch)
+        super::for_rows(&self.launches, rows).unwrap_or(AttentionLaunch::DEFAULT)
     }
 }
 

@@ -341,7 +341,9 @@ impl AttentionOperands {
             v: randn()?,
             scales: None,
         };
-        let stored = repeated_rows(&dense.stored_as(ring.storage)?, rows)?;
+        let stored = dense
+            .stored_as(ring.storage)?
+            .map(|row| Tensor::cat(&vec![row; rows], 0))?;
         let copies = STREAMED_BYTES
             .div_ceil((ring.bytes_per_row() * rows).max(1))
             .clamp(1, MAX_COPIES);
@@ -365,20 +367,6 @@ impl AttentionOperands {
         let ring = &self.rings[copy % self.rings.len()];
         cuda::ring_attention_launched(&self.q, ring, &self.mask, &self.prefix, Some(launch))
     }
-}
-
-/// `row`'s one row of keys and values `rows` times over.
-fn repeated_rows(row: &KvRing, rows: usize) -> Result<KvRing> {
-    let repeat = |t: &Tensor| Tensor::cat(&vec![t; rows], 0);
-    let scales = match &row.scales {
-        Some([k, v]) => Some([repeat(k)?, repeat(v)?]),
-        None => None,
-    };
-    Ok(KvRing {
-        k: repeat(&row.k)?,
-        v: repeat(&row.v)?,
-        scales,
-    })
 }
 
 fn trial(
