@@ -6,7 +6,6 @@
 
 use crate::doctor::{Check, Status, gpu};
 use crate::model::config::LmConfig;
-use crate::model::decode::AttentionLaunch;
 use crate::model::kernel_plan::attention::Ring;
 use crate::model::kernel_plan::{self, Candidate, KernelPlan, Matrix, ROW_BUCKETS, TrialTrace};
 use crate::model::quant::{KvQuant, Quant};
@@ -41,12 +40,11 @@ impl TuneRequest {
             .take_while(|&r| r < top)
             .chain(ROW_BUCKETS.iter().copied().find(|&r| r >= top))
             .collect();
-        let head_dim = cfg.dim / cfg.num_heads;
-        let rings = crate::model::decode::head_dim_fits(head_dim)
+        let rings = crate::model::decode::head_dim_fits(cfg.head_dim())
             .then_some(Ring {
                 storage: kv_quant,
                 heads: cfg.num_heads,
-                head_dim,
+                head_dim: cfg.head_dim(),
                 capacity: cfg.context,
             })
             .into_iter()
@@ -398,7 +396,7 @@ fn kept_or_measured(
             Err((err, Some(culprit)))
                 if !culprit.is_builtin() && !excluded.contains(&culprit) && tries < ATTEMPTS =>
             {
-                let left_out = with_kin(culprit);
+                let left_out = culprit.with_kin();
                 let names: Vec<String> = left_out.iter().map(Candidate::name).collect();
                 tracing::warn!(
                     "{} stopped the measurement ({err:#}): measuring again without {}",
@@ -428,21 +426,6 @@ fn kept_or_measured(
         }
     }
     outcome
-}
-
-/// What to leave out after `culprit` stopped a measurement: itself, and for an attention launch
-/// every other candidate launch likely to fault in the same code (`shares_code_with`; the
-/// default aside), so one faulty kernel does not spend every try on its launches one by one.
-fn with_kin(culprit: Candidate) -> Vec<Candidate> {
-    let Candidate::Attention(launch) = culprit else {
-        return vec![culprit];
-    };
-    let kin = AttentionLaunch::candidates()
-        .into_iter()
-        .filter(|other| *other != launch && other.shares_code_with(&launch))
-        .map(Candidate::Attention)
-        .filter(|candidate| !candidate.is_builtin());
-    std::iter::once(culprit).chain(kin).collect()
 }
 
 /// Runs `exe tune` for `request` without `excluded`; on failure, also the kernel it was last

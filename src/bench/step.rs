@@ -46,8 +46,7 @@ pub struct StepBenchOptions {
 /// What attends in the temporal transformer for this run (`DecodeAttention::for_device`; an
 /// int8 ring always takes the kernels' path, their CPU references where they do not run).
 fn attention_path(cfg: &LmConfig, options: &StepBenchOptions) -> String {
-    let head_dim = cfg.dim / cfg.num_heads;
-    let kernels = DecodeAttention::for_device(options.dtype, &options.device, head_dim);
+    let kernels = DecodeAttention::for_device(options.dtype, &options.device, cfg.head_dim());
     let path = match (kernels, options.kv_quant) {
         (DecodeAttention::Kernels, KvQuant::None) => "kernels",
         (DecodeAttention::Kernels, KvQuant::Int8) => "kernels, int8 ring",

@@ -223,6 +223,11 @@ impl LmConfig {
         self.delays.iter().copied().max().unwrap_or(0)
     }
 
+    /// Width of one of the temporal transformer's attention heads.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.num_heads
+    }
+
     /// Width of the temporal transformer's gated FFN.
     pub fn hidden(&self) -> usize {
         gated_hidden(self.dim, (self.hidden_scale * self.dim as f64) as usize)

@@ -1573,17 +1573,19 @@ fn arrival_counts(
 ) -> Result<Option<&'static CudaSlice<u32>>> {
     use candle_core::cuda_backend::DeviceId;
     use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
-    type Kept = Vec<(DeviceId, std::thread::ThreadId, &'static CudaSlice<u32>)>;
-    static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(Vec::new());
-    let mut kept = KEPT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let owner = (device.id(), std::thread::current().id());
-    let found = kept
-        .iter()
-        .find(|(id, thread, counts)| (*id, *thread) == owner && counts.len() >= len);
-    if let Some((_, _, counts)) = found {
-        return Ok(Some(counts));
+    use std::cell::RefCell;
+    // Per thread, so the step loop looks its buffer up without a lock.
+    thread_local! {
+        static KEPT: RefCell<Vec<(DeviceId, &'static CudaSlice<u32>)>> =
+            const { RefCell::new(Vec::new()) };
+    }
+    let found = KEPT.with_borrow(|kept| {
+        kept.iter()
+            .find(|(id, counts)| *id == device.id() && counts.len() >= len)
+            .map(|(_, counts)| *counts)
+    });
+    if found.is_some() {
+        return Ok(found);
     }
     let status = device.cuda_stream().capture_status().w()?;
     if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
@@ -1592,7 +1594,7 @@ fn arrival_counts(
     // Room for 64 rows of 64 heads, so that one buffer serves every bucket of our models.
     let counts = device.alloc_zeros::<u32>(len.max(64 * 64))?;
     let counts: &'static CudaSlice<u32> = Box::leak(Box::new(counts));
-    kept.push((owner.0, owner.1, counts));
+    KEPT.with_borrow_mut(|kept| kept.push((device.id(), counts)));
     Ok(Some(counts))
 }
 
@@ -1980,13 +1982,9 @@ impl CustomOp1 for RingAttention<'_> {
         let q = q.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
         let (ring, inputs) = (ring.views()?, inputs.views()?);
         let shape = AttendShape::new(heads, head_dim, capacity, len);
-        let storage = match self.ring.is_int8() {
-            true => KvQuant::Int8,
-            false => KvQuant::None,
-        };
         let launch = match self.launch {
             Some(launch) => launch,
-            None => attention_launch(storage, (rows, heads, capacity, head_dim))?,
+            None => attention_launch(self.ring.storage(), (rows, heads, capacity, head_dim))?,
         };
         let chunks = len.div_ceil(launch.keys_per_block);
         let heads_total = rows * heads;

@@ -58,6 +58,14 @@ impl KvRing {
         self.scales.is_some()
     }
 
+    /// How it stores its keys and values.
+    pub fn storage(&self) -> KvQuant {
+        match self.is_int8() {
+            true => KvQuant::Int8,
+            false => KvQuant::None,
+        }
+    }
+
     /// Rows `start..start + len` (views: writes through them land in this ring).
     pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
         self.map(|t| t.narrow(0, start, len))

@@ -199,6 +199,21 @@ impl Candidate {
             Self::Attention(launch) => *launch == AttentionLaunch::DEFAULT,
         }
     }
+
+    /// What to leave out once it stopped a measurement: itself, and for an attention launch every
+    /// other candidate launch likely to fault in the same code (`shares_code_with`; the default
+    /// aside), so one faulty kernel does not spend every try on its launches one by one.
+    pub fn with_kin(self) -> Vec<Self> {
+        let Self::Attention(launch) = self else {
+            return vec![self];
+        };
+        let kin = AttentionLaunch::candidates()
+            .into_iter()
+            .filter(|other| *other != launch && other.shares_code_with(&launch))
+            .map(Self::Attention)
+            .filter(|candidate| !candidate.is_builtin());
+        std::iter::once(self).chain(kin).collect()
+    }
 }
 
 /// Told of each trial of a measurement: `Some((candidate, what it runs, rows))` before it
@@ -1222,6 +1237,26 @@ mod tests {
         assert!(Candidate::Attention(AttentionLaunch::DEFAULT).is_builtin());
         assert!(
             !Candidate::Attention(AttentionLaunch::parse("staged,64,128").unwrap()).is_builtin()
+        );
+        assert_eq!(
+            Candidate::Product(Kernel::SplitK).with_kin(),
+            [Candidate::Product(Kernel::SplitK)]
+        );
+        let staged = Candidate::parse("attention-staged-64-128").unwrap();
+        let kin: Vec<String> = staged.with_kin().iter().map(Candidate::name).collect();
+        assert_eq!(
+            kin,
+            [
+                "attention-staged-64-128",
+                "attention-staged-32-128",
+                "attention-staged-64-256",
+                "attention-stagedjoined-64-128"
+            ]
+        );
+        let joined = Candidate::parse("attention-joined-128-128").unwrap();
+        assert!(
+            !joined.with_kin().iter().any(Candidate::is_builtin),
+            "the default is never left out"
         );
         assert!(Candidate::parse("attention-staged-512-128").is_err());
         assert!(Candidate::parse("fastest").is_err());

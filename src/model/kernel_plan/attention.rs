@@ -19,24 +19,16 @@ pub struct Ring {
 impl Ring {
     /// `bf16 ring 32x128x3000` (heads, head width, entries).
     pub fn label(&self) -> String {
-        format!(
-            "{} ring {}x{}x{}",
-            self.kind(),
-            self.heads,
-            self.head_dim,
-            self.capacity
-        )
+        format!("{} ring {}", self.kind(), self.dims())
     }
 
     /// The form `parse` reads: `bf16:32x128x3000`.
     pub fn spec(&self) -> String {
-        format!(
-            "{}:{}x{}x{}",
-            self.kind(),
-            self.heads,
-            self.head_dim,
-            self.capacity
-        )
+        format!("{}:{}", self.kind(), self.dims())
+    }
+
+    fn dims(&self) -> String {
+        format!("{}x{}x{}", self.heads, self.head_dim, self.capacity)
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
