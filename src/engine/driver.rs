@@ -250,6 +250,14 @@ const PREPARE_MARGIN: Duration = Duration::from_millis(10);
 
 fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Receiver<Command>) {
     loop {
+        // The commands that wait go first, also on an engine too slow for real time, whose
+        // next tick is always due: otherwise no session could leave and the loop never stop.
+        if commands
+            .try_iter()
+            .any(|command| apply(&mut step_loop, command))
+        {
+            break;
+        }
         let deadline = step_loop.deadline();
         if Instant::now() >= deadline {
             let report = step_loop.tick(&mut Instant::now);
@@ -261,21 +269,33 @@ fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Recei
             step_loop.prepare(deadline.checked_sub(PREPARE_MARGIN).unwrap_or(deadline));
             continue;
         }
-        match commands.recv_deadline(deadline) {
-            Ok(Command::Join { session, persona }) => step_loop.join(session, &persona),
-            Ok(Command::Leave(id)) => step_loop.leave(id),
-            Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => {}
+        let stop = match commands.recv_deadline(deadline) {
+            Ok(command) => apply(&mut step_loop, command),
+            Err(RecvTimeoutError::Disconnected) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+        };
+        if stop {
+            break;
         }
     }
     step_loop.close_all();
     tracing::info!("step loop stopped");
 }
 
+/// Carries out `command`; whether the loop is to stop.
+fn apply<E: Engine>(step_loop: &mut StepLoop<E>, command: Command) -> bool {
+    match command {
+        Command::Join { session, persona } => step_loop.join(session, &persona),
+        Command::Leave(id) => step_loop.leave(id),
+        Command::Shutdown => return true,
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{EchoEngine, SessionEvent};
+    use crate::engine::{EchoEngine, EngineError, Opening, SessionEvent, StageTimes, StepIo};
 
     fn start(max_sessions: usize) -> EngineHandle {
         let config = EngineConfig {
@@ -283,6 +303,75 @@ mod tests {
             ..Default::default()
         };
         EngineHandle::start(EchoEngine::new(4, 1), config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    /// The echo engine, with every step taking longer than a frame.
+    struct TooSlow(EchoEngine);
+
+    impl Engine for TooSlow {
+        fn info(&self) -> EngineInfo {
+            self.0.info()
+        }
+        fn slots(&self) -> usize {
+            self.0.slots()
+        }
+        fn open_slot(
+            &mut self,
+            slot_idx: usize,
+            persona: &Persona,
+        ) -> Result<Opening, EngineError> {
+            self.0.open_slot(slot_idx, persona)
+        }
+        fn close_slot(&mut self, slot_idx: usize) {
+            self.0.close_slot(slot_idx)
+        }
+        fn step(&mut self, io: StepIo<'_>) -> Result<StageTimes, EngineError> {
+            std::thread::sleep(crate::audio::FRAME_PERIOD + Duration::from_millis(40));
+            self.0.step(io)
+        }
+    }
+
+    /// Waits up to 5 s for `done`.
+    fn within_seconds(done: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done()
+    }
+
+    #[test]
+    fn an_engine_slower_than_real_time_still_takes_joins_and_leaves_and_stops() {
+        let config = EngineConfig {
+            max_sessions: 2,
+            ..Default::default()
+        };
+        let engine = EngineHandle::start(
+            TooSlow(EchoEngine::new(2, 1)),
+            config,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let session = engine.open_session(&PersonaRequest::default()).unwrap();
+        assert_eq!(
+            session.events.recv_timeout(Duration::from_secs(5)),
+            Ok(SessionEvent::Ready),
+            "the join waited behind ticks that were always due"
+        );
+        drop(session);
+        assert!(
+            within_seconds(|| engine.active_sessions() == 0),
+            "the session never left"
+        );
+        let (stopped, stopped_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            engine.shutdown();
+            let _ = stopped.send(());
+        });
+        assert!(
+            stopped_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "shutdown hangs behind a late engine"
+        );
     }
 
     #[test]
