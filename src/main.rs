@@ -186,9 +186,9 @@ fn prepare_kernels(
 }
 
 impl ModelArgs {
-    /// `prepare_kernels` for the model in `files`.
-    fn prepare_kernels(&self, files: &ModelFiles, rows: usize) -> Result<()> {
-        let lm = model_configs(files)?.0;
+    /// `prepare_kernels` for the model `source` holds.
+    fn prepare_kernels(&self, source: &ModelSource, rows: usize) -> Result<()> {
+        let lm = source.lm_config()?;
         prepare_kernels(
             self.kernel_choice.kernels,
             self.device,
@@ -198,6 +198,68 @@ impl ModelArgs {
         );
         Ok(())
     }
+}
+
+/// Where PersonaPlex's weights come from.
+#[derive(Clone)]
+enum ModelSource {
+    Files(ModelFiles),
+    /// Random weights of an `LmConfig` preset, for measuring (`Pipeline::random`).
+    Random(String),
+}
+
+impl ModelSource {
+    fn lm_config(&self) -> Result<LmConfig> {
+        Ok(match self {
+            Self::Files(files) => model_configs(files)?.0,
+            Self::Random(preset) => LmConfig::named(preset)?,
+        })
+    }
+
+    fn load(&self, cfg: &PipelineConfig) -> Result<Pipeline> {
+        let pipeline = match self {
+            Self::Files(files) => Pipeline::load(files, cfg),
+            Self::Random(preset) => Pipeline::random(preset, cfg),
+        };
+        pipeline.context("loading the model")
+    }
+
+    /// The model's name for `/api/info` (the folder, else `repo`).
+    fn name(&self, repo: &str) -> String {
+        match self {
+            Self::Files(files) => files
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| repo.to_owned()),
+            Self::Random(preset) => format!("random {preset}"),
+        }
+    }
+
+    /// Where the weights are read from, for the log.
+    fn origin(&self) -> String {
+        match self {
+            Self::Files(files) => files.dir.display().to_string(),
+            Self::Random(preset) => format!("random {preset} weights"),
+        }
+    }
+}
+
+/// The PersonaPlex weights `engine` asks for: none for echo; for auto, none (with a warning)
+/// when they are missing.
+fn weights_for(engine: EngineChoice, model: &ModelArgs) -> Result<Option<ModelSource>> {
+    let located = || ModelFiles::locate(model.model_dir.as_deref(), &model.repo);
+    Ok(match engine {
+        EngineChoice::Echo => None,
+        EngineChoice::Personaplex => Some(ModelSource::Files(located()?)),
+        EngineChoice::Auto => match located() {
+            Ok(files) => Some(ModelSource::Files(files)),
+            Err(err) => {
+                tracing::warn!("no PersonaPlex weights, so the echo engine answers: {err}");
+                None
+            }
+        },
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -569,6 +631,16 @@ struct LoopbackArgs {
     /// Frames the echo engine waits before returning the audio.
     #[arg(long, default_value_t = 1)]
     echo_delay_frames: usize,
+    /// Which engine answers: echo times the server's own latency by its echoed probes; a model
+    /// (`personaplex`) shows whether every session keeps real time and how long steps take.
+    #[arg(long, value_enum, default_value = "echo")]
+    engine: EngineChoice,
+    /// PersonaPlex with random weights of this preset (personaplex-7b, moshiko, mid) instead of
+    /// a checkpoint: no download needed, the same work per frame, noise for an answer.
+    #[arg(long, value_name = "PRESET", conflicts_with = "model_dir")]
+    random_weights: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -609,24 +681,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_sessions: args.max_sessions,
         ..Default::default()
     };
-    let files = match args.engine {
-        EngineChoice::Echo => None,
-        EngineChoice::Personaplex => Some(ModelFiles::locate(
-            args.model.model_dir.as_deref(),
-            &args.model.repo,
-        )?),
-        EngineChoice::Auto => {
-            match ModelFiles::locate(args.model.model_dir.as_deref(), &args.model.repo) {
-                Ok(files) => Some(files),
-                Err(err) => {
-                    tracing::warn!("no PersonaPlex weights: {err}");
-                    None
-                }
-            }
+    let engine = match weights_for(args.engine, &args.model)? {
+        Some(source) => {
+            start_personaplex(source, &args.model, args.max_sessions, config, metrics).await?
         }
-    };
-    let engine = match files {
-        Some(files) => start_personaplex(&files, &args, config, metrics).await?,
         None => start_engine(
             EchoEngine::new(args.max_sessions, args.echo_delay_frames),
             config,
@@ -693,30 +751,31 @@ fn start_engine(
     EngineHandle::start(engine, config, metrics).context("starting the step loop")
 }
 
-/// Loads PersonaPlex, prefills the default persona, times a few steps to place the output phase.
+/// Loads PersonaPlex for `slots` sessions, prefills the default persona, times a few steps to
+/// place the output phase.
 async fn start_personaplex(
-    files: &ModelFiles,
-    args: &ServeArgs,
+    source: ModelSource,
+    model: &ModelArgs,
+    slots: usize,
     mut config: EngineConfig,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
-    let (files, model) = (files.clone(), args.model.clone());
-    let slots = args.max_sessions;
-    let quant = args.model.quant;
+    let model = model.clone();
+    let quant = model.quant;
     let (engine, on_gpu) = tokio::task::spawn_blocking(move || -> Result<(PersonaPlexEngine, bool)> {
-        model.prepare_kernels(&files, slots)?;
+        model.prepare_kernels(&source, slots)?;
         let cfg = model.pipeline_config()?;
-        tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({}); this can take a while", cfg.describe());
+        tracing::info!(from = %source.origin(), "loading PersonaPlex ({}); this can take a while", cfg.describe());
         let started = std::time::Instant::now();
-        let pipeline = Pipeline::load(&files, &cfg).context("loading the model")?;
+        let pipeline = source.load(&cfg)?;
         tracing::info!(seconds = started.elapsed().as_secs_f32(), "model loaded");
-        let name = files.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| model.repo.clone());
-        let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name: name };
+        let model_name = source.name(&model.repo);
+        let options = PersonaPlexOptions { slots, sampling: model.sampling(), seed: None, model_name };
         Ok((PersonaPlexEngine::new(pipeline, options)?, cfg.device.is_cuda()))
     })
     .await??;
     let mut engine = engine;
-    let persona = engine.info().catalog.resolve(&PersonaRequest::default())?;
+    let (_, persona) = engine.info().catalog.default_that_fits()?;
     let slowest = engine.warm_up(&persona, 5)?;
     tracing::info!(step_ms = slowest.as_secs_f32() * 1000.0, "warm-up done");
     if slowest > duplex::audio::FRAME_PERIOD {
@@ -748,23 +807,14 @@ async fn local(args: LocalArgs) -> Result<()> {
         print!("{}", duplex::local::list_devices()?);
         return Ok(());
     }
-    let files = match args.engine {
-        EngineChoice::Echo => None,
-        EngineChoice::Personaplex => Some(ModelFiles::locate(
-            args.model.model_dir.as_deref(),
-            &args.model.repo,
-        )?),
-        EngineChoice::Auto => {
-            ModelFiles::locate(args.model.model_dir.as_deref(), &args.model.repo).ok()
-        }
-    };
+    let source = weights_for(args.engine, &args.model)?;
     let (model, delay) = (args.model.clone(), args.echo_delay_frames);
-    tokio::task::spawn_blocking(move || match files {
-        Some(files) => {
-            model.prepare_kernels(&files, 1)?;
+    tokio::task::spawn_blocking(move || match source {
+        Some(source) => {
+            model.prepare_kernels(&source, 1)?;
             let cfg = model.pipeline_config()?;
-            tracing::info!(dir = %files.dir.display(), "loading PersonaPlex ({})", cfg.describe());
-            let pipeline = Pipeline::load(&files, &cfg)?;
+            tracing::info!(from = %source.origin(), "loading PersonaPlex ({})", cfg.describe());
+            let pipeline = source.load(&cfg)?;
             let options = PersonaPlexOptions {
                 slots: 1,
                 sampling: model.sampling(),
@@ -773,10 +823,7 @@ async fn local(args: LocalArgs) -> Result<()> {
             };
             local_with(PersonaPlexEngine::new(pipeline, options)?, args)
         }
-        None => {
-            tracing::warn!("no PersonaPlex weights: the echo engine answers");
-            local_with(EchoEngine::new(1, delay), args)
-        }
+        None => local_with(EchoEngine::new(1, delay), args),
     })
     .await?
 }
@@ -832,7 +879,7 @@ fn local_with(engine: impl Engine, args: LocalArgs) -> Result<()> {
 
 fn offline(args: OfflineArgs) -> Result<()> {
     if let Ok(files) = ModelFiles::locate(args.model.model_dir.as_deref(), DEFAULT_REPO) {
-        args.model.prepare_kernels(&files, 1)?;
+        args.model.prepare_kernels(&ModelSource::Files(files), 1)?;
     }
     let pipeline = args.model.pipeline_config()?;
     let options = OfflineOptions {
@@ -922,9 +969,7 @@ async fn shutdown_signal() {
 fn lm_config(preset: &str, model_dir: Option<&std::path::Path>) -> Result<LmConfig> {
     match model_dir {
         Some(dir) => Ok(model_configs(&ModelFiles::in_dir(dir)?)?.0),
-        None => LmConfig::preset(preset).with_context(|| {
-            format!("unknown config {preset:?}; presets: personaplex-7b, moshiko, mid")
-        }),
+        None => Ok(LmConfig::named(preset)?),
     }
 }
 
@@ -1028,8 +1073,25 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
     let options = LoopbackOptions {
         sessions: args.sessions,
         seconds: args.seconds,
-        echo_delay_frames: args.echo_delay_frames,
     };
-    let report = loopback::run(options).await?;
+    let source = match (&args.random_weights, args.engine) {
+        (Some(_), EngineChoice::Echo) => {
+            anyhow::bail!("--random-weights is for the model: add --engine personaplex")
+        }
+        (Some(preset), _) => Some(ModelSource::Random(preset.clone())),
+        (None, engine) => weights_for(engine, &args.model)?,
+    };
+    let engine = match source {
+        Some(source) => {
+            let config = EngineConfig {
+                max_sessions: args.sessions,
+                ..Default::default()
+            };
+            let metrics = Arc::new(Metrics::new());
+            start_personaplex(source, &args.model, args.sessions, config, metrics).await?
+        }
+        None => loopback::echo_engine(args.sessions, args.echo_delay_frames)?,
+    };
+    let report = loopback::run(options, engine).await?;
     print_report(report.table(), &report, args.json.as_deref())
 }

@@ -163,6 +163,63 @@ impl Metrics {
     }
 }
 
+/// A histogram's counts at one moment: what happened between two of them is `since`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub count: u64,
+    pub sum: f64,
+    /// Each bucket's upper bound and how many observations were at most that.
+    pub cumulative: Vec<(f64, u64)>,
+}
+
+impl HistogramSnapshot {
+    pub fn of(histogram: &Histogram) -> Self {
+        use prometheus::core::Metric;
+        let metric = histogram.metric();
+        let cumulative = metric
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        Self {
+            count: histogram.get_sample_count(),
+            sum: histogram.get_sample_sum(),
+            cumulative,
+        }
+    }
+
+    /// The observations made after `earlier`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        let cumulative = self
+            .cumulative
+            .iter()
+            .zip(&earlier.cumulative)
+            .map(|(&(bound, now), &(_, then))| (bound, now - then))
+            .collect();
+        Self {
+            count: self.count - earlier.count,
+            sum: self.sum - earlier.sum,
+            cumulative,
+        }
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// The smallest bucket bound that at least `fraction` of the observations stay within;
+    /// infinite when they lie beyond the last bucket, `None` with no observations.
+    pub fn quantile_at_most(&self, fraction: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let needed = (fraction * self.count as f64).ceil() as u64;
+        let bound = self.cumulative.iter().find(|(_, count)| *count >= needed);
+        Some(bound.map_or(f64::INFINITY, |(bound, _)| *bound))
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -187,5 +244,25 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_counts_what_happened_since_an_earlier_one() {
+        let metrics = Metrics::new();
+        metrics.step_seconds.observe(0.3);
+        let before = HistogramSnapshot::of(&metrics.step_seconds);
+        for seconds in [0.004, 0.004, 0.015, 0.045] {
+            metrics.step_seconds.observe(seconds);
+        }
+        let since = HistogramSnapshot::of(&metrics.step_seconds).since(&before);
+        assert_eq!(since.count, 4);
+        assert!((since.mean().unwrap() - 0.017).abs() < 1e-9);
+        assert_eq!(since.quantile_at_most(0.5), Some(0.005));
+        assert_eq!(since.quantile_at_most(0.75), Some(0.02));
+        assert_eq!(since.quantile_at_most(0.99), Some(0.05));
+        metrics.step_seconds.observe(2.0);
+        let slow = HistogramSnapshot::of(&metrics.step_seconds).since(&before);
+        assert_eq!(slow.quantile_at_most(1.0), Some(f64::INFINITY));
+        assert_eq!(before.since(&before).quantile_at_most(0.5), None);
     }
 }

@@ -135,7 +135,7 @@ fn converse(
         frames.push(FrameTokens {
             frame,
             text_id,
-            text: text_id.and_then(|id| pipeline.tokenizer.text_piece(id as u32)),
+            text: text_id.and_then(|id| pipeline.text_piece(id as u32)),
             agent: slot.tokens.map(|t| std::array::from_fn(|q| t[1 + q])),
             user: slot.user_codes,
         });

@@ -1,5 +1,7 @@
-//! `duplex bench loopback`: an in-process echo server and N client peers on 127.0.0.1, each
-//! sending chirp probes; the echoed probes are found by cross-correlation and timed.
+//! `duplex bench loopback`: an in-process server and N client peers on 127.0.0.1, each sending
+//! chirp probes. Behind the echo engine the echoed probes are found by cross-correlation and
+//! timed; behind a model, whose answer is no echo, the run measures whether every session kept
+//! real time (drops, underruns, late ticks) and how long the steps took.
 //!
 //! Latency of a probe = when its echo would play on the client (packet arrival, no playout
 //! buffer) − when its first sample was captured (20 ms before its packet was sent). The
@@ -13,9 +15,9 @@ use crate::audio::{
     FRAME_MS, FRAME_SAMPLES, PACKET_MS, PACKET_PERIOD, PACKET_SAMPLES, SAMPLE_RATE, samples_to_ms,
     signal,
 };
-use crate::engine::{EchoEngine, EngineConfig, EngineHandle};
+use crate::engine::{EchoEngine, EngineConfig, EngineHandle, PersonaRequest};
 use crate::gateway::{AppState, GatewayConfig, PeerSettings, Server};
-use crate::metrics::Metrics;
+use crate::metrics::{HistogramSnapshot, Metrics};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
@@ -35,7 +37,20 @@ const PROBE_MATCH: f32 = 0.6;
 pub struct LoopbackOptions {
     pub sessions: usize,
     pub seconds: f64,
-    pub echo_delay_frames: usize,
+}
+
+/// The echo engine for `sessions` sessions, answering after `delay_frames` frames.
+pub fn echo_engine(sessions: usize, delay_frames: usize) -> Result<EngineHandle> {
+    let config = EngineConfig {
+        max_sessions: sessions,
+        ..Default::default()
+    };
+    let engine = EchoEngine::new(sessions, delay_frames);
+    Ok(EngineHandle::start(
+        engine,
+        config,
+        Arc::new(Metrics::new()),
+    )?)
 }
 
 /// Percentiles of a set of milliseconds.
@@ -78,16 +93,41 @@ pub struct LatencyParts {
     pub codec_lookahead_ms: f64,
 }
 
+/// The step loop's ticks during the run (all sessions stepped together), in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepTimes {
+    pub ticks: u64,
+    pub mean_ms: Option<f64>,
+    /// The bound of the metrics' bucket that holds the 99th percentile (null in JSON with no
+    /// ticks, or beyond the last bucket, 500 ms).
+    pub p99_at_most_ms: Option<f64>,
+}
+
+impl StepTimes {
+    fn of(run: &HistogramSnapshot) -> Self {
+        Self {
+            ticks: run.count,
+            mean_ms: run.mean().map(|s| s * 1000.0),
+            p99_at_most_ms: run.quantile_at_most(0.99).map(|s| s * 1000.0),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LoopbackReport {
+    /// The engine behind the server, and its model.
+    pub engine: String,
     pub sessions: usize,
     pub sessions_connected: usize,
     pub seconds: f64,
-    /// Mouth-to-ear latency of every echoed probe.
-    pub latency_ms: Percentiles,
+    /// Mouth-to-ear latency of every echoed probe (echo engine only: a model answers no echo).
+    pub latency_ms: Option<Percentiles>,
     /// Latency beyond frame gathering and the engine's own delay.
-    pub added_ms: Percentiles,
+    pub added_ms: Option<Percentiles>,
     pub parts: LatencyParts,
+    /// How long after a tick its output leaves (the engine's slowest warm-up step, for a model).
+    pub output_phase_ms: f64,
+    pub steps: StepTimes,
     pub probes_sent: usize,
     pub probes_found: usize,
     pub frames_total: u64,
@@ -115,18 +155,34 @@ pub struct LoopbackReport {
 impl LoopbackReport {
     /// A human-readable table.
     pub fn table(&self) -> String {
-        let l = &self.latency_ms;
-        let a = &self.added_ms;
         let p = &self.parts;
         let cpu = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} %"));
+        let ms = |v: Option<f64>| match v {
+            None => "n/a".to_owned(),
+            Some(v) if v.is_infinite() => "over the last bucket's".to_owned(),
+            Some(v) => format!("{v:.1}"),
+        };
+        let row = |name: &str, l: &Option<Percentiles>| match l {
+            Some(l) => format!(
+                "{name:<34} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+                l.p50, l.p95, l.p99, l.max
+            ),
+            None => format!("{name:<34} n/a: the engine answers no echo to time"),
+        };
         [
-            format!("loopback: {} sessions ({} connected), {:.0} s each", self.sessions, self.sessions_connected, self.seconds),
+            format!("loopback: {} sessions ({} connected), {:.0} s each, engine {}", self.sessions, self.sessions_connected, self.seconds, self.engine),
             format!("{:<34} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max"),
-            format!("{:<34} {:>8.1} {:>8.1} {:>8.1} {:>8.1}", "end-to-end latency (ms)", l.p50, l.p95, l.p99, l.max),
-            format!("{:<34} {:>8.1} {:>8.1} {:>8.1} {:>8.1}", "added beyond frame + engine (ms)", a.p50, a.p95, a.p99, a.max),
+            row("end-to-end latency (ms)", &self.latency_ms),
+            row("added beyond frame + engine (ms)", &self.added_ms),
             format!(
-                "parts (ms): client playout {:.0}, frame gathering {:.0}, engine delay {:.0}, opus lookahead {:.1}",
-                p.client_playout_ms, p.frame_gathering_ms, p.engine_delay_ms, p.codec_lookahead_ms
+                "parts (ms): client playout {:.0}, frame gathering {:.0}, engine delay {:.0}, opus lookahead {:.1}; output {:.1} after the tick",
+                p.client_playout_ms, p.frame_gathering_ms, p.engine_delay_ms, p.codec_lookahead_ms, self.output_phase_ms
+            ),
+            format!(
+                "steps: {} ticks, mean {} ms, p99 at most {} ms (a frame is {FRAME_MS} ms)",
+                self.steps.ticks,
+                ms(self.steps.mean_ms),
+                ms(self.steps.p99_at_most_ms)
             ),
             format!("probes found: {}/{}", self.probes_found, self.probes_sent),
             format!(
@@ -283,16 +339,20 @@ fn counters(metrics: &Metrics) -> Counters {
     }
 }
 
-/// Connects `sessions` client peers on `runtime`; those that fail are logged and left out.
+/// Connects `sessions` client peers on `runtime`, each asking for `persona`; those that fail
+/// are logged and left out.
 async fn connect_clients(
     runtime: &tokio::runtime::Runtime,
     base_url: &str,
     sessions: usize,
+    persona: &PersonaRequest,
 ) -> Result<Vec<ClientPeer>> {
     let mut clients = Vec::with_capacity(sessions);
     for _ in 0..sessions {
         let options = ClientOptions {
             base_url: base_url.to_owned(),
+            voice: persona.voice.clone(),
+            prompt: persona.prompt.clone(),
             ..Default::default()
         };
         match runtime.spawn(ClientPeer::connect(options)).await? {
@@ -334,15 +394,13 @@ async fn play_all(
     Ok(finished)
 }
 
-/// Runs the benchmark.
-pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
-    let metrics = Arc::new(Metrics::new());
-    let engine = EchoEngine::new(options.sessions, options.echo_delay_frames);
-    let config = EngineConfig {
-        max_sessions: options.sessions,
-        ..Default::default()
-    };
-    let engine = EngineHandle::start(engine, config, metrics.clone())?;
+/// Runs the benchmark against `engine` (started for at least `options.sessions` sessions), and
+/// shuts the engine down at the end.
+pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<LoopbackReport> {
+    let metrics = engine.metrics().clone();
+    let info = engine.info().clone();
+    let echoes = info.name == "echo";
+    let output_phase = engine.output_schedule().1;
     let peer = PeerSettings {
         bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         ..Default::default()
@@ -359,13 +417,15 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
         .thread_name(CLIENT_THREADS)
         .enable_all()
         .build()?;
-    let clients = connect_clients(&client_runtime, &base_url, options.sessions).await?;
+    let (persona, _) = info.catalog.default_that_fits()?;
+    let clients = connect_clients(&client_runtime, &base_url, options.sessions, &persona).await?;
     let connected = clients.len();
     let (pcm, starts, probe) = probe_signal(options.seconds);
     let packets = Arc::new(encode_packets(&pcm)?);
     // Let every session settle into its tick phase before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = counters(&metrics);
+    let steps_before = HistogramSnapshot::of(&metrics.step_seconds);
     let cpu_before = cpu_seconds();
     let wall_start = Instant::now();
     let finished = play_all(&client_runtime, clients, packets).await?;
@@ -376,12 +436,13 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
             (all_after - all, clients_after - clients)
         });
     let after = counters(&metrics);
+    let steps = HistogramSnapshot::of(&metrics.step_seconds).since(&steps_before);
     // The last probe's echo is already back (probes stop four frames before the end); this
     // only lets in-flight packets land.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut latencies = Vec::new();
-    for (client, sent) in &finished {
+    for (client, sent) in finished.iter().filter(|_| echoes) {
         latencies.extend(probe_latencies(&client.recording(), sent, &starts, &probe));
     }
     for (client, _) in finished {
@@ -392,7 +453,7 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
     let _ = server_task.await;
     engine.shutdown();
 
-    let engine_delay_ms = (options.echo_delay_frames as u64 * FRAME_MS) as f64;
+    let engine_delay_ms = (info.delay_frames as u64 * FRAME_MS) as f64;
     let floor = FRAME_MS as f64 + engine_delay_ms;
     let added: Vec<f64> = latencies.iter().map(|l| l - floor).collect();
     let lookahead_ms = |config| -> Result<f64> {
@@ -414,24 +475,31 @@ pub async fn run(options: LoopbackOptions) -> Result<LoopbackReport> {
     } else {
         100.0 * frames_dropped / frames_total as f64
     };
-    let probes_sent = starts.len() * connected;
+    let probes_sent = if echoes { starts.len() * connected } else { 0 };
     let percent = |seconds: f64| 100.0 * seconds / wall;
     let sessions = connected.max(1) as f64;
     let real_time = connected == options.sessions
         && dropped_percent <= 0.1
         && latencies.len() * 100 >= probes_sent * 99;
+    let engine = match &info.model {
+        Some(model) => format!("{} ({model})", info.name),
+        None => info.name.to_owned(),
+    };
     Ok(LoopbackReport {
+        engine,
         sessions: options.sessions,
         sessions_connected: connected,
         seconds: options.seconds,
-        latency_ms: Percentiles::of(&latencies),
-        added_ms: Percentiles::of(&added),
+        latency_ms: echoes.then(|| Percentiles::of(&latencies)),
+        added_ms: echoes.then(|| Percentiles::of(&added)),
         parts: LatencyParts {
             client_playout_ms: 0.0,
             frame_gathering_ms: FRAME_MS as f64,
             engine_delay_ms,
             codec_lookahead_ms,
         },
+        output_phase_ms: output_phase.as_secs_f64() * 1000.0,
+        steps: StepTimes::of(&steps),
         probes_sent,
         probes_found: latencies.len(),
         frames_total,

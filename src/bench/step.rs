@@ -15,7 +15,7 @@ use crate::model::persona::VoicePrompt;
 use crate::model::pipeline::{Models, PipelineState, Prefill, Stage};
 use crate::model::profile_span;
 use crate::model::quant::{KvQuant, Quant};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -226,12 +226,7 @@ fn load_weights(options: &StepBenchOptions) -> Result<(LmModel, Mimi, String, St
         )?;
         return Ok((lm, mimi, dir.display().to_string(), "real".into()));
     }
-    let Some(cfg) = LmConfig::preset(&options.config) else {
-        bail!(
-            "unknown config {:?}; presets: personaplex-7b, moshiko, mid",
-            options.config
-        );
-    };
+    let cfg = LmConfig::named(&options.config)?;
     let lm = LmModel::load_quantized(
         &Checkpoint::random(&options.config, dtype, device),
         &cfg,

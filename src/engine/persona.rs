@@ -40,6 +40,8 @@ pub enum PersonaError {
     PromptTooLong { len: usize, max: usize },
     #[error("role prompt is {len} tokens; the limit is {max} tokens")]
     PromptTooManyTokens { len: usize, max: usize },
+    #[error("this engine reads no role prompt: {why}")]
+    NoRolePrompts { why: String },
 }
 
 /// Counts a role prompt in the units an engine limits (tokens).
@@ -57,6 +59,9 @@ pub struct PersonaCatalog {
     /// An engine's own limit on the prompt, in its tokens, and how to count them.
     #[serde(skip)]
     pub max_prompt_tokens: Option<(usize, std::sync::Arc<dyn PromptCounter>)>,
+    /// Why this engine refuses every role prompt, when it does.
+    #[serde(skip)]
+    pub no_prompts: Option<String>,
 }
 
 impl std::fmt::Debug for PersonaCatalog {
@@ -106,6 +111,16 @@ impl PersonaCatalog {
             max_prompt_tokens: None,
             prompts: prompts.prompts,
             max_prompt_chars: DEFAULT_MAX_PROMPT_CHARS,
+            no_prompts: None,
+        }
+    }
+
+    /// This catalog with no prompt presets, refusing every role prompt for `why`.
+    pub fn without_prompts(self, why: impl Into<String>) -> Self {
+        Self {
+            prompts: Vec::new(),
+            no_prompts: Some(why.into()),
+            ..self
         }
     }
 
@@ -129,6 +144,9 @@ impl PersonaCatalog {
                 .map(|p| p.text.clone())
                 .unwrap_or_default(),
         };
+        if let Some(why) = self.no_prompts.as_ref().filter(|_| !prompt.is_empty()) {
+            return Err(PersonaError::NoRolePrompts { why: why.clone() });
+        }
         let len = prompt.chars().count();
         if len > self.max_prompt_chars {
             return Err(PersonaError::PromptTooLong {
@@ -146,6 +164,25 @@ impl PersonaCatalog {
             }
         }
         Ok(Persona { voice, prompt })
+    }
+
+    /// The default persona, or the default voice without a role prompt where the default
+    /// prompt does not fit (a small model's short window): what a client asking for nothing
+    /// should get, with the request that names it.
+    pub fn default_that_fits(&self) -> Result<(PersonaRequest, Persona), PersonaError> {
+        let asked = PersonaRequest::default();
+        match self.resolve(&asked) {
+            Ok(persona) => Ok((asked, persona)),
+            Err(why) => {
+                tracing::warn!(%why, "the default role prompt does not fit: none instead");
+                let bare = PersonaRequest {
+                    prompt: Some(String::new()),
+                    ..asked
+                };
+                let persona = self.resolve(&bare)?;
+                Ok((bare, persona))
+            }
+        }
     }
 
     /// Finds a voice by name; `NATF0` and `NATF0.pt` both name the preset (the official
@@ -188,6 +225,41 @@ mod tests {
         let persona = catalog.resolve(&request(None, None)).unwrap();
         assert_eq!(persona.voice.as_deref(), Some("NATF0"));
         assert_eq!(persona.prompt, catalog.prompts[0].text);
+    }
+
+    #[test]
+    fn a_catalog_without_prompts_takes_the_empty_one_and_refuses_the_rest() {
+        let catalog = PersonaCatalog::with_voices(Vec::new(), None).without_prompts("no tokenizer");
+        let persona = catalog.resolve(&request(None, None)).unwrap();
+        assert_eq!((persona.voice, persona.prompt.as_str()), (None, ""));
+        assert_eq!(
+            catalog.resolve(&request(None, Some("  "))).unwrap().prompt,
+            ""
+        );
+        let refused = catalog
+            .resolve(&request(None, Some("You are a pirate.")))
+            .unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "this engine reads no role prompt: no tokenizer"
+        );
+    }
+
+    #[test]
+    fn the_default_that_fits_drops_a_prompt_too_long_for_the_model() {
+        let mut catalog = PersonaCatalog::builtin();
+        let (asked, persona) = catalog.default_that_fits().unwrap();
+        assert_eq!(
+            (asked.prompt, persona.prompt),
+            (None, catalog.prompts[0].text.clone())
+        );
+        catalog.max_prompt_chars = 10;
+        let (asked, persona) = catalog.default_that_fits().unwrap();
+        assert_eq!(asked.prompt.as_deref(), Some(""));
+        assert_eq!(
+            (persona.voice.as_deref(), persona.prompt.as_str()),
+            (Some("NATF0"), "")
+        );
     }
 
     #[test]

@@ -204,6 +204,9 @@ fn keep_within<T>(
 }
 
 /// Counts a role prompt's tokens the way the engine will feed them.
+/// What a model without a tokenizer (`Pipeline::random`) tells its users.
+const RANDOM_WEIGHTS: &str = "random weights, for measuring: no tokenizer, so no role prompt and no text, and the agent's audio is noise";
+
 struct TokenCounter(Arc<Pipeline>);
 
 impl PromptCounter for TokenCounter {
@@ -406,14 +409,22 @@ impl Engine for PersonaPlexEngine {
             self.max_prompt_tokens(),
             Arc::new(TokenCounter(self.pipeline.clone())),
         ));
+        let random = !self.pipeline.reads_prompts();
+        if random {
+            catalog = catalog.without_prompts(RANDOM_WEIGHTS);
+        }
+        let notices = [
+            random.then_some(RANDOM_WEIGHTS),
+            self.pipeline.lm.device().is_cpu().then_some(
+                "PersonaPlex runs on the CPU here (no GPU this build can use): replies may lag",
+            ),
+        ];
+        let notice: Vec<&str> = notices.into_iter().flatten().collect();
         EngineInfo {
             name: "personaplex",
             model: Some(self.options.model_name.clone()),
             delay_frames: 1,
-            notice: self.pipeline.lm.device().is_cpu().then(|| {
-                "PersonaPlex runs on the CPU here (no GPU this build can use): replies may lag"
-                    .to_string()
-            }),
+            notice: (!notice.is_empty()).then(|| notice.join("; ")),
             catalog,
         }
     }
@@ -524,7 +535,7 @@ impl Engine for PersonaPlexEngine {
             let Some(text) = frame.as_ref().and_then(|f| f.tokens).map(|t| t[0]) else {
                 continue;
             };
-            if let Some(piece) = self.pipeline.tokenizer.text_piece(text as u32) {
+            if let Some(piece) = self.pipeline.text_piece(text as u32) {
                 io.text.push((slot_idx, piece));
             }
         }

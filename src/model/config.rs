@@ -134,6 +134,9 @@ impl LmConfig {
         }
     }
 
+    /// The names `preset` knows.
+    pub const PRESETS: [&str; 3] = ["personaplex-7b", "moshiko", "mid"];
+
     /// A preset by name: `personaplex-7b`, `moshiko`, `mid`.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
@@ -142,6 +145,16 @@ impl LmConfig {
             "mid" => Some(Self::mid()),
             _ => None,
         }
+    }
+
+    /// `preset`, or an error that lists the presets.
+    pub fn named(preset: &str) -> Result<Self> {
+        Self::preset(preset).ok_or_else(|| {
+            candle_core::Error::msg(format!(
+                "unknown config {preset:?}; presets: {}",
+                Self::PRESETS.join(", ")
+            ))
+        })
     }
 
     /// Reads a `config.json`.

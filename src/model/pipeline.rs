@@ -94,7 +94,8 @@ pub enum Stage {
 pub struct Pipeline {
     pub lm: LmModel,
     pub mimi: Mimi,
-    pub tokenizer: TextTokenizer,
+    /// `None` for random weights.
+    tokenizer: Option<TextTokenizer>,
     pub voices: VoiceLibrary,
     /// Every voice preset, read once at load: a join reads no `.pt` file on the step thread.
     presets: BTreeMap<String, VoicePreset>,
@@ -108,22 +109,14 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn load(files: &ModelFiles, cfg: &PipelineConfig) -> Result<Self> {
         let (lm_cfg, mimi_cfg) = model_configs(files)?;
-        let mut lm = LmModel::load_quantized(
+        let lm = LmModel::load_quantized(
             &Checkpoint::open(&files.lm, cfg.dtype, &cfg.device)?,
             &lm_cfg,
             cfg.dep_steps,
             cfg.quant,
         )?;
-        lm.set_kv_quant(cfg.kv_quant);
         let mimi_ckpt = Checkpoint::open(&files.mimi, DType::F32, &cfg.device)?;
         let mimi = Mimi::load(&mimi_ckpt, &mimi_cfg, cfg.positions)?;
-        if mimi.num_codebooks() != lm_cfg.codebooks() {
-            candle_core::bail!(
-                "Mimi yields {} codebooks, the model expects {}",
-                mimi.num_codebooks(),
-                lm_cfg.codebooks()
-            );
-        }
         let tokenizer = TextTokenizer::open(&files.tokenizer)?;
         if tokenizer.vocab_size() != lm_cfg.text_card {
             candle_core::bail!(
@@ -134,6 +127,40 @@ impl Pipeline {
         }
         files.ensure_voices().map_err(candle_core::Error::wrap)?;
         let voices = VoiceLibrary::scan(&files.voices).map_err(candle_core::Error::wrap)?;
+        Self::assemble(lm, mimi, Some(tokenizer), voices, cfg)
+    }
+
+    /// The `preset` language model (`LmConfig::preset`) and Mimi with random weights, to measure
+    /// a server without the checkpoint. With no tokenizer it reads no role prompt and shows no
+    /// text; with no voice presets every persona is the silent prompt alone.
+    pub fn random(preset: &str, cfg: &PipelineConfig) -> Result<Self> {
+        let lm_cfg = LmConfig::named(preset)?;
+        let lm = LmModel::load_quantized(
+            &Checkpoint::random(preset, cfg.dtype, &cfg.device),
+            &lm_cfg,
+            cfg.dep_steps,
+            cfg.quant,
+        )?;
+        let mimi_ckpt = Checkpoint::random("mimi", DType::F32, &cfg.device);
+        let mimi = Mimi::load(&mimi_ckpt, &MimiConfig::v0_1(), cfg.positions)?;
+        Self::assemble(lm, mimi, None, VoiceLibrary::default(), cfg)
+    }
+
+    fn assemble(
+        mut lm: LmModel,
+        mimi: Mimi,
+        tokenizer: Option<TextTokenizer>,
+        voices: VoiceLibrary,
+        cfg: &PipelineConfig,
+    ) -> Result<Self> {
+        lm.set_kv_quant(cfg.kv_quant);
+        if mimi.num_codebooks() != lm.config().codebooks() {
+            candle_core::bail!(
+                "Mimi yields {} codebooks, the model expects {}",
+                mimi.num_codebooks(),
+                lm.config().codebooks()
+            );
+        }
         let mut pipeline = Self {
             lm,
             mimi,
@@ -145,17 +172,28 @@ impl Pipeline {
             cuda_graphs: cfg.graphs_apply(),
             pin_persona: cfg.pin_persona,
         };
+        let dim = pipeline.lm.config().dim;
         for name in pipeline.voices.names() {
             let path = pipeline.voices.path(&name).ok_or_else(|| {
                 candle_core::Error::msg(format!("voice preset {name:?} has no file"))
             })?;
-            let preset = VoicePreset::load(path, lm_cfg.dim, pipeline.lm.device())?;
+            let preset = VoicePreset::load(path, dim, pipeline.lm.device())?;
             let calls = prompt_calls(&VoicePrompt::Preset(Box::new(preset.clone())), &[])
                 - prompt_calls(&VoicePrompt::None, &[]);
             pipeline.voice_calls.insert(name.clone(), calls);
             pipeline.presets.insert(name, preset);
         }
         Ok(pipeline)
+    }
+
+    /// Whether role prompts can be read (random weights come without a tokenizer).
+    pub fn reads_prompts(&self) -> bool {
+        self.tokenizer.is_some()
+    }
+
+    /// What text token `id` adds to the transcript (nothing without a tokenizer).
+    pub fn text_piece(&self, id: u32) -> Option<String> {
+        self.tokenizer.as_ref()?.text_piece(id)
     }
 
     /// The most role prompt tokens that fit the attention window with `voice` (the longest
@@ -204,7 +242,12 @@ impl Pipeline {
         if prompt.trim().is_empty() {
             return Ok(Vec::new());
         }
-        self.tokenizer.encode(&wrap_system_prompt(prompt))
+        let Some(tokenizer) = &self.tokenizer else {
+            candle_core::bail!(
+                "this model has no text tokenizer (random weights): it reads no role prompt"
+            )
+        };
+        tokenizer.encode(&wrap_system_prompt(prompt))
     }
 
     /// Runs the system prompt once and returns the state to start conversations from.

@@ -1,0 +1,116 @@
+//! `duplex bench loopback` through the model: WebRTC client peers on loopback talk to the
+//! PersonaPlex engine (the tiny checkpoint, then random weights) and the report says what the
+//! run did. Whether the CPU keeps real time is the benchmark's to measure, not these tests'.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn scratch(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{name}-{}", std::process::id()))
+}
+
+/// Runs `duplex bench loopback` on the CPU with `args`.
+fn loopback(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["bench", "loopback", "--device", "cpu"])
+        .args(args)
+        .env_remove("DUPLEX_DEVICE")
+        .env_remove("DUPLEX_MODEL_DIR")
+        .output()
+        .unwrap()
+}
+
+/// The report a successful run wrote to `json`.
+fn report(ran: &Output, json: &Path) -> Value {
+    assert!(
+        ran.status.success(),
+        "bench loopback failed:\n{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+fn tiny_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn two_sessions_through_the_tiny_model_are_counted_frame_by_frame() {
+    let json = scratch("tiny.json");
+    let dir = tiny_dir();
+    let ran = loopback(&[
+        "--engine",
+        "personaplex",
+        "--model-dir",
+        &dir,
+        "--sessions",
+        "2",
+        "--seconds",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report = report(&ran, &json);
+    assert_eq!(report["engine"], "personaplex (tiny)");
+    assert_eq!(report["sessions_connected"], 2);
+    assert_eq!(
+        report["frames_total"], 75,
+        "2 sessions × 3 s of 80 ms frames"
+    );
+    assert!(
+        report["latency_ms"].is_null() && report["probes_sent"] == 0,
+        "a model's answer is no echo to time: {report}"
+    );
+    let steps = &report["steps"];
+    assert!(steps["ticks"].as_u64().unwrap() >= 30, "{steps}");
+    assert!(steps["mean_ms"].as_f64().unwrap() > 0.0, "{steps}");
+    // The tiny model's window is shorter than the default role prompt: the warm-up and the
+    // clients take the default voice without one, and say so.
+    let log = String::from_utf8_lossy(&ran.stderr);
+    assert!(
+        log.contains("the default role prompt does not fit"),
+        "{log}"
+    );
+}
+
+#[test]
+fn random_weights_serve_a_session_without_a_checkpoint() {
+    let json = scratch("random.json");
+    let ran = loopback(&[
+        "--engine",
+        "personaplex",
+        "--random-weights",
+        "mid",
+        "--seconds",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report = report(&ran, &json);
+    assert_eq!(report["engine"], "personaplex (random mid)");
+    assert_eq!(report["sessions_connected"], 1);
+    assert!(report["steps"]["ticks"].as_u64().unwrap() > 0, "{report}");
+}
+
+#[test]
+fn random_weights_need_the_model_engine_and_a_known_preset() {
+    let echo = loopback(&["--random-weights", "mid"]);
+    assert!(!echo.status.success());
+    assert!(
+        String::from_utf8_lossy(&echo.stderr).contains("add --engine personaplex"),
+        "{}",
+        String::from_utf8_lossy(&echo.stderr)
+    );
+    let unknown = loopback(&["--engine", "personaplex", "--random-weights", "huge"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr)
+            .contains("unknown config \"huge\"; presets: personaplex-7b, moshiko, mid"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}
