@@ -65,6 +65,11 @@ fn two_sessions_through_the_tiny_model_are_counted_frame_by_frame() {
         report["latency_ms"].is_null() && report["probes_sent"] == 0,
         "a model's answer is no echo to time: {report}"
     );
+    let arrivals = &report["arrival_lateness_ms"];
+    assert!(
+        arrivals["count"].as_u64().unwrap() >= 270,
+        "the agent's packets reached both clients for 3 s, 50 a second: {arrivals}"
+    );
     let steps = &report["steps"];
     assert!(steps["ticks"].as_u64().unwrap() >= 30, "{steps}");
     assert!(steps["mean_ms"].as_f64().unwrap() > 0.0, "{steps}");

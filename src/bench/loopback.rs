@@ -125,6 +125,10 @@ pub struct LoopbackReport {
     /// Latency beyond frame gathering and the engine's own delay.
     pub added_ms: Option<Percentiles>,
     pub parts: LatencyParts,
+    /// How late each packet of the agent's audio reached its client against a steady 20 ms
+    /// grid through its earliest one: the playout buffer a client needs to play it without a
+    /// gap (every engine; a model's too).
+    pub arrival_lateness_ms: Percentiles,
     /// How long after a tick its output leaves (the engine's slowest warm-up step, for a model).
     pub output_phase_ms: f64,
     pub steps: StepTimes,
@@ -174,6 +178,7 @@ impl LoopbackReport {
             format!("{:<34} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max"),
             row("end-to-end latency (ms)", &self.latency_ms),
             row("added beyond frame + engine (ms)", &self.added_ms),
+            row("agent audio late vs 20 ms grid (ms)", &Some(self.arrival_lateness_ms)),
             format!(
                 "parts (ms): client playout {:.0}, frame gathering {:.0}, engine delay {:.0}, opus lookahead {:.1}; output {:.1} after the tick",
                 p.client_playout_ms, p.frame_gathering_ms, p.engine_delay_ms, p.codec_lookahead_ms, self.output_phase_ms
@@ -289,6 +294,25 @@ fn probe_latencies(
         }
     }
     latencies
+}
+
+/// How late each packet of `recording` arrived (ms) against a steady 20 ms grid through its
+/// earliest packet: the grid is the samples before a packet, the earliest the one that arrived
+/// most ahead of it.
+fn arrival_lateness(recording: &Recording) -> Vec<f64> {
+    let Some(&(_, start)) = recording.arrivals.first() else {
+        return Vec::new();
+    };
+    let offsets: Vec<f64> = recording
+        .arrivals
+        .iter()
+        .map(|&(first, at)| {
+            let due = first as f64 / SAMPLE_RATE as f64;
+            ((at - start).as_secs_f64() - due) * 1000.0
+        })
+        .collect();
+    let earliest = offsets.iter().copied().fold(f64::INFINITY, f64::min);
+    offsets.iter().map(|offset| offset - earliest).collect()
 }
 
 /// Names the threads of the runtime the client peers run on, so their CPU time can be told
@@ -442,8 +466,13 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut latencies = Vec::new();
-    for (client, sent) in finished.iter().filter(|_| echoes) {
-        latencies.extend(probe_latencies(&client.recording(), sent, &starts, &probe));
+    let mut lateness = Vec::new();
+    for (client, sent) in &finished {
+        let recording = client.recording();
+        lateness.extend(arrival_lateness(&recording));
+        if echoes {
+            latencies.extend(probe_latencies(&recording, sent, &starts, &probe));
+        }
     }
     for (client, _) in finished {
         let _ = client.close().await;
@@ -498,6 +527,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
             engine_delay_ms,
             codec_lookahead_ms,
         },
+        arrival_lateness_ms: Percentiles::of(&lateness),
         output_phase_ms: output_phase.as_secs_f64() * 1000.0,
         steps: StepTimes::of(&steps),
         probes_sent,
@@ -529,6 +559,32 @@ mod tests {
         let p = Percentiles::of(&values);
         assert_eq!((p.count, p.p50, p.p99, p.max), (100, 51.0, 99.0, 100.0));
         assert_eq!(Percentiles::of(&[]).count, 0);
+    }
+
+    #[test]
+    fn lateness_is_measured_from_the_packet_most_ahead_of_the_grid() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Packets due every 20 ms: the second 5 ms early, the fourth 12 ms late.
+        let recording = Recording {
+            pcm: vec![0.0; 5 * PACKET_SAMPLES],
+            arrivals: [0, 15, 40, 72, 80]
+                .into_iter()
+                .enumerate()
+                .map(|(k, ms)| (k * PACKET_SAMPLES, at(ms)))
+                .collect(),
+            packets: 5,
+        };
+        let lateness = arrival_lateness(&recording);
+        let expected = [5.0, 0.0, 5.0, 17.0, 5.0];
+        assert!(
+            lateness
+                .iter()
+                .zip(expected)
+                .all(|(got, want)| (got - want).abs() < 1e-6),
+            "{lateness:?}"
+        );
+        assert!(arrival_lateness(&Recording::default()).is_empty());
     }
 
     #[test]
