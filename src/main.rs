@@ -636,8 +636,9 @@ struct LoopbackArgs {
     #[arg(long, value_enum, default_value = "echo")]
     engine: EngineChoice,
     /// PersonaPlex with random weights of this preset (personaplex-7b, moshiko, mid) instead of
-    /// a checkpoint: no download needed, the same work per frame, noise for an answer.
-    #[arg(long, value_name = "PRESET", conflicts_with = "model_dir")]
+    /// a checkpoint (a --model-dir or DUPLEX_MODEL_DIR is then left unread): no download
+    /// needed, the same work per frame, noise for an answer.
+    #[arg(long, value_name = "PRESET")]
     random_weights: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
@@ -775,7 +776,7 @@ async fn start_personaplex(
     })
     .await??;
     let mut engine = engine;
-    let (_, persona) = engine.info().catalog.default_that_fits()?;
+    let persona = engine.info().catalog.resolve(&PersonaRequest::default())?;
     let slowest = engine.warm_up(&persona, 5)?;
     tracing::info!(step_ms = slowest.as_secs_f32() * 1000.0, "warm-up done");
     if slowest > duplex::audio::FRAME_PERIOD {
@@ -1078,7 +1079,12 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
         (Some(_), EngineChoice::Echo) => {
             anyhow::bail!("--random-weights is for the model: add --engine personaplex")
         }
-        (Some(preset), _) => Some(ModelSource::Random(preset.clone())),
+        (Some(preset), _) => {
+            if let Some(dir) = &args.model.model_dir {
+                tracing::info!(dir = %dir.display(), "random weights: the model directory is left unread");
+            }
+            Some(ModelSource::Random(preset.clone()))
+        }
         (None, engine) => weights_for(engine, &args.model)?,
     };
     let engine = match source {

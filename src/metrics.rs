@@ -175,16 +175,18 @@ pub struct HistogramSnapshot {
 impl HistogramSnapshot {
     pub fn of(histogram: &Histogram) -> Self {
         use prometheus::core::Metric;
+        // One reading of the histogram: a tick observed between separate reads of its count
+        // and its buckets would leave the count past the last bucket.
         let metric = histogram.metric();
-        let cumulative = metric
-            .get_histogram()
+        let reading = metric.get_histogram();
+        let cumulative = reading
             .get_bucket()
             .iter()
             .map(|b| (b.upper_bound(), b.cumulative_count()))
             .collect();
         Self {
-            count: histogram.get_sample_count(),
-            sum: histogram.get_sample_sum(),
+            count: reading.get_sample_count(),
+            sum: reading.get_sample_sum(),
             cumulative,
         }
     }

@@ -73,13 +73,6 @@ fn two_sessions_through_the_tiny_model_are_counted_frame_by_frame() {
     let steps = &report["steps"];
     assert!(steps["ticks"].as_u64().unwrap() >= 30, "{steps}");
     assert!(steps["mean_ms"].as_f64().unwrap() > 0.0, "{steps}");
-    // The tiny model's window is shorter than the default role prompt: the warm-up and the
-    // clients take the default voice without one, and say so.
-    let log = String::from_utf8_lossy(&ran.stderr);
-    assert!(
-        log.contains("the default role prompt does not fit"),
-        "{log}"
-    );
 }
 
 #[test]
@@ -91,7 +84,7 @@ fn random_weights_serve_a_session_without_a_checkpoint() {
         "--random-weights",
         "mid",
         "--seconds",
-        "1",
+        "3",
         "--json",
         json.to_str().unwrap(),
     ]);

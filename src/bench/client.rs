@@ -38,6 +38,8 @@ pub struct Recording {
     pub pcm: Vec<f32>,
     /// For each packet: index of its first sample in `pcm` and when it arrived.
     pub arrivals: Vec<(usize, Instant)>,
+    /// Each packet's RTP sequence number, in arrival order (as `arrivals`).
+    pub sequence_numbers: Vec<u16>,
     /// RTP packets received.
     pub packets: u64,
 }
@@ -99,6 +101,7 @@ async fn record(track: Arc<dyn TrackRemote>, recording: Arc<Mutex<Recording>>) {
         let mut rec = recording.lock().expect("recording lock");
         let first = rec.pcm.len();
         rec.arrivals.push((first, arrival));
+        rec.sequence_numbers.push(packet.header.sequence_number);
         rec.pcm.extend_from_slice(&pcm[..samples]);
         rec.packets += 1;
     }

@@ -15,7 +15,7 @@ use crate::audio::{
     FRAME_MS, FRAME_SAMPLES, PACKET_MS, PACKET_PERIOD, PACKET_SAMPLES, SAMPLE_RATE, samples_to_ms,
     signal,
 };
-use crate::engine::{EchoEngine, EngineConfig, EngineHandle, PersonaRequest};
+use crate::engine::{EchoEngine, EngineConfig, EngineHandle};
 use crate::gateway::{AppState, GatewayConfig, PeerSettings, Server};
 use crate::metrics::{HistogramSnapshot, Metrics};
 use anyhow::{Context, Result};
@@ -161,10 +161,11 @@ impl LoopbackReport {
     pub fn table(&self) -> String {
         let p = &self.parts;
         let cpu = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} %"));
-        let ms = |v: Option<f64>| match v {
+        let ms = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} ms"));
+        let p99 = match self.steps.p99_at_most_ms {
             None => "n/a".to_owned(),
-            Some(v) if v.is_infinite() => "over the last bucket's".to_owned(),
-            Some(v) => format!("{v:.1}"),
+            Some(v) if v.is_infinite() => "above the histogram's last bucket".to_owned(),
+            Some(v) => format!("at most {v:.1} ms"),
         };
         let row = |name: &str, l: &Option<Percentiles>| match l {
             Some(l) => format!(
@@ -184,10 +185,9 @@ impl LoopbackReport {
                 p.client_playout_ms, p.frame_gathering_ms, p.engine_delay_ms, p.codec_lookahead_ms, self.output_phase_ms
             ),
             format!(
-                "steps: {} ticks, mean {} ms, p99 at most {} ms (a frame is {FRAME_MS} ms)",
+                "steps: {} ticks, mean {}, p99 {p99} (a frame is {FRAME_MS} ms)",
                 self.steps.ticks,
                 ms(self.steps.mean_ms),
-                ms(self.steps.p99_at_most_ms)
             ),
             format!("probes found: {}/{}", self.probes_found, self.probes_sent),
             format!(
@@ -296,19 +296,27 @@ fn probe_latencies(
     latencies
 }
 
-/// How late each packet of `recording` arrived (ms) against a steady 20 ms grid through its
-/// earliest packet: the grid is the samples before a packet, the earliest the one that arrived
-/// most ahead of it.
+/// How late each packet of `recording` arrived (ms) against a steady 20 ms grid through the
+/// packet most ahead of it; a packet's place on the grid is its RTP sequence number, so one
+/// lost on the way does not move the packets after it.
 fn arrival_lateness(recording: &Recording) -> Vec<f64> {
-    let Some(&(_, start)) = recording.arrivals.first() else {
+    let (Some(&(_, start)), Some(&first_number)) = (
+        recording.arrivals.first(),
+        recording.sequence_numbers.first(),
+    ) else {
         return Vec::new();
     };
+    let mut place = 0i64;
+    let mut previous = first_number;
     let offsets: Vec<f64> = recording
         .arrivals
         .iter()
-        .map(|&(first, at)| {
-            let due = first as f64 / SAMPLE_RATE as f64;
-            ((at - start).as_secs_f64() - due) * 1000.0
+        .zip(&recording.sequence_numbers)
+        .map(|(&(_, at), &number)| {
+            place += i64::from(number.wrapping_sub(previous) as i16);
+            previous = number;
+            let due = place as f64 * PACKET_MS as f64;
+            (at - start).as_secs_f64() * 1000.0 - due
         })
         .collect();
     let earliest = offsets.iter().copied().fold(f64::INFINITY, f64::min);
@@ -363,20 +371,16 @@ fn counters(metrics: &Metrics) -> Counters {
     }
 }
 
-/// Connects `sessions` client peers on `runtime`, each asking for `persona`; those that fail
-/// are logged and left out.
+/// Connects `sessions` client peers on `runtime`; those that fail are logged and left out.
 async fn connect_clients(
     runtime: &tokio::runtime::Runtime,
     base_url: &str,
     sessions: usize,
-    persona: &PersonaRequest,
 ) -> Result<Vec<ClientPeer>> {
     let mut clients = Vec::with_capacity(sessions);
     for _ in 0..sessions {
         let options = ClientOptions {
             base_url: base_url.to_owned(),
-            voice: persona.voice.clone(),
-            prompt: persona.prompt.clone(),
             ..Default::default()
         };
         match runtime.spawn(ClientPeer::connect(options)).await? {
@@ -441,8 +445,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         .thread_name(CLIENT_THREADS)
         .enable_all()
         .build()?;
-    let (persona, _) = info.catalog.default_that_fits()?;
-    let clients = connect_clients(&client_runtime, &base_url, options.sessions, &persona).await?;
+    let clients = connect_clients(&client_runtime, &base_url, options.sessions).await?;
     let connected = clients.len();
     let (pcm, starts, probe) = probe_signal(options.seconds);
     let packets = Arc::new(encode_packets(&pcm)?);
@@ -565,14 +568,16 @@ mod tests {
     fn lateness_is_measured_from_the_packet_most_ahead_of_the_grid() {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
-        // Packets due every 20 ms: the second 5 ms early, the fourth 12 ms late.
+        // Packets due every 20 ms, numbered across the u16 wrap: the second 5 ms early, the
+        // fourth 12 ms late, the fifth lost, the sixth on time.
         let recording = Recording {
             pcm: vec![0.0; 5 * PACKET_SAMPLES],
-            arrivals: [0, 15, 40, 72, 80]
+            arrivals: [0, 15, 40, 72, 100]
                 .into_iter()
                 .enumerate()
                 .map(|(k, ms)| (k * PACKET_SAMPLES, at(ms)))
                 .collect(),
+            sequence_numbers: vec![65534, 65535, 0, 1, 3],
             packets: 5,
         };
         let lateness = arrival_lateness(&recording);

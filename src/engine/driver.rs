@@ -7,7 +7,7 @@ use super::{Engine, EngineInfo, Persona};
 use crate::audio::ring::ring;
 use crate::audio::{FRAME_SAMPLES, PACKET_SAMPLES};
 use crate::metrics::Metrics;
-use crossbeam_channel::{RecvTimeoutError, Sender, bounded};
+use crossbeam_channel::{RecvTimeoutError, Sender, TryRecvError, bounded};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -252,10 +252,7 @@ fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Recei
     loop {
         // The commands that wait go first, also on an engine too slow for real time, whose
         // next tick is always due: otherwise no session could leave and the loop never stop.
-        if commands
-            .try_iter()
-            .any(|command| apply(&mut step_loop, command))
-        {
+        if apply_waiting(&mut step_loop, &commands) {
             break;
         }
         let deadline = step_loop.deadline();
@@ -282,6 +279,24 @@ fn run<E: Engine>(mut step_loop: StepLoop<E>, commands: crossbeam_channel::Recei
     tracing::info!("step loop stopped");
 }
 
+/// Carries out the commands already waiting; whether the loop is to stop (a shutdown, or no
+/// handle left to send one).
+fn apply_waiting<E: Engine>(
+    step_loop: &mut StepLoop<E>,
+    commands: &crossbeam_channel::Receiver<Command>,
+) -> bool {
+    loop {
+        let stop = match commands.try_recv() {
+            Ok(command) => apply(step_loop, command),
+            Err(TryRecvError::Empty) => return false,
+            Err(TryRecvError::Disconnected) => true,
+        };
+        if stop {
+            return true;
+        }
+    }
+}
+
 /// Carries out `command`; whether the loop is to stop.
 fn apply<E: Engine>(step_loop: &mut StepLoop<E>, command: Command) -> bool {
     match command {
@@ -305,8 +320,26 @@ mod tests {
         EngineHandle::start(EchoEngine::new(4, 1), config, Arc::new(Metrics::new())).unwrap()
     }
 
-    /// The echo engine, with every step taking longer than a frame.
-    struct TooSlow(EchoEngine);
+    /// The echo engine, with every step taking longer than a frame; raises its flag when
+    /// dropped (the loop has ended).
+    struct TooSlow(EchoEngine, Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for TooSlow {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::Release);
+        }
+    }
+
+    fn too_slow() -> (EngineHandle, Arc<std::sync::atomic::AtomicBool>) {
+        let config = EngineConfig {
+            max_sessions: 2,
+            ..Default::default()
+        };
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let engine = TooSlow(EchoEngine::new(2, 1), dropped.clone());
+        let handle = EngineHandle::start(engine, config, Arc::new(Metrics::new())).unwrap();
+        (handle, dropped)
+    }
 
     impl Engine for TooSlow {
         fn info(&self) -> EngineInfo {
@@ -342,16 +375,7 @@ mod tests {
 
     #[test]
     fn an_engine_slower_than_real_time_still_takes_joins_and_leaves_and_stops() {
-        let config = EngineConfig {
-            max_sessions: 2,
-            ..Default::default()
-        };
-        let engine = EngineHandle::start(
-            TooSlow(EchoEngine::new(2, 1)),
-            config,
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let (engine, _) = too_slow();
         let session = engine.open_session(&PersonaRequest::default()).unwrap();
         assert_eq!(
             session.events.recv_timeout(Duration::from_secs(5)),
@@ -371,6 +395,16 @@ mod tests {
         assert!(
             stopped_rx.recv_timeout(Duration::from_secs(5)).is_ok(),
             "shutdown hangs behind a late engine"
+        );
+    }
+
+    #[test]
+    fn an_engine_slower_than_real_time_stops_when_no_handle_is_left() {
+        let (engine, dropped) = too_slow();
+        drop(engine);
+        assert!(
+            within_seconds(|| dropped.load(Ordering::Acquire)),
+            "the loop ticks on with nobody left to stop it"
         );
     }
 

@@ -115,6 +115,26 @@ impl PersonaCatalog {
         }
     }
 
+    /// This catalog limited to `max` of the engine's tokens, counted by `counter`, and with only
+    /// the prompt presets within it: the page never offers, and a client asking for nothing
+    /// never gets, a prompt the engine refuses (a small model's window holds few tokens).
+    pub fn limit_prompt_tokens(
+        self,
+        max: usize,
+        counter: std::sync::Arc<dyn PromptCounter>,
+    ) -> Self {
+        let prompts = self
+            .prompts
+            .into_iter()
+            .filter(|preset| counter.count(&preset.text) <= max)
+            .collect();
+        Self {
+            prompts,
+            max_prompt_tokens: Some((max, counter)),
+            ..self
+        }
+    }
+
     /// This catalog with no prompt presets, refusing every role prompt for `why`.
     pub fn without_prompts(self, why: impl Into<String>) -> Self {
         Self {
@@ -164,25 +184,6 @@ impl PersonaCatalog {
             }
         }
         Ok(Persona { voice, prompt })
-    }
-
-    /// The default persona, or the default voice without a role prompt where the default
-    /// prompt does not fit (a small model's short window): what a client asking for nothing
-    /// should get, with the request that names it.
-    pub fn default_that_fits(&self) -> Result<(PersonaRequest, Persona), PersonaError> {
-        let asked = PersonaRequest::default();
-        match self.resolve(&asked) {
-            Ok(persona) => Ok((asked, persona)),
-            Err(why) => {
-                tracing::warn!(%why, "the default role prompt does not fit: none instead");
-                let bare = PersonaRequest {
-                    prompt: Some(String::new()),
-                    ..asked
-                };
-                let persona = self.resolve(&bare)?;
-                Ok((bare, persona))
-            }
-        }
     }
 
     /// Finds a voice by name; `NATF0` and `NATF0.pt` both name the preset (the official
@@ -245,21 +246,48 @@ mod tests {
         );
     }
 
+    struct Words;
+
+    impl PromptCounter for Words {
+        fn count(&self, prompt: &str) -> usize {
+            prompt.split_whitespace().count()
+        }
+    }
+
     #[test]
-    fn the_default_that_fits_drops_a_prompt_too_long_for_the_model() {
-        let mut catalog = PersonaCatalog::builtin();
-        let (asked, persona) = catalog.default_that_fits().unwrap();
-        assert_eq!(
-            (asked.prompt, persona.prompt),
-            (None, catalog.prompts[0].text.clone())
+    fn a_token_limit_keeps_only_the_presets_within_it() {
+        let builtin = PersonaCatalog::builtin();
+        let shortest = builtin
+            .prompts
+            .iter()
+            .map(|p| Words.count(&p.text))
+            .min()
+            .unwrap();
+        let catalog = builtin
+            .clone()
+            .limit_prompt_tokens(shortest, std::sync::Arc::new(Words));
+        assert!(!catalog.prompts.is_empty());
+        assert!(catalog.prompts.len() < builtin.prompts.len());
+        assert!(
+            catalog
+                .prompts
+                .iter()
+                .all(|p| Words.count(&p.text) <= shortest)
         );
-        catalog.max_prompt_chars = 10;
-        let (asked, persona) = catalog.default_that_fits().unwrap();
-        assert_eq!(asked.prompt.as_deref(), Some(""));
+        assert_eq!(
+            catalog.resolve(&request(None, None)).unwrap().prompt,
+            catalog.prompts[0].text
+        );
+        let none_fit = builtin.limit_prompt_tokens(shortest - 1, std::sync::Arc::new(Words));
+        let persona = none_fit.resolve(&request(None, None)).unwrap();
         assert_eq!(
             (persona.voice.as_deref(), persona.prompt.as_str()),
             (Some("NATF0"), "")
         );
+        assert!(matches!(
+            none_fit.resolve(&request(None, Some(&"word ".repeat(shortest)))),
+            Err(PersonaError::PromptTooManyTokens { .. })
+        ));
     }
 
     #[test]

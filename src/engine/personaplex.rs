@@ -203,10 +203,10 @@ fn keep_within<T>(
     }
 }
 
-/// Counts a role prompt's tokens the way the engine will feed them.
 /// What a model without a tokenizer (`Pipeline::random`) tells its users.
 const RANDOM_WEIGHTS: &str = "random weights, for measuring: no tokenizer, so no role prompt and no text, and the agent's audio is noise";
 
+/// Counts a role prompt's tokens the way the engine will feed them.
 struct TokenCounter(Arc<Pipeline>);
 
 impl PromptCounter for TokenCounter {
@@ -404,11 +404,10 @@ impl Engine for PersonaPlexEngine {
             .find(|v| *v == "NATF0")
             .or(voices.first())
             .cloned();
-        let mut catalog = PersonaCatalog::with_voices(voices, default_voice);
-        catalog.max_prompt_tokens = Some((
+        let mut catalog = PersonaCatalog::with_voices(voices, default_voice).limit_prompt_tokens(
             self.max_prompt_tokens(),
             Arc::new(TokenCounter(self.pipeline.clone())),
-        ));
+        );
         let random = !self.pipeline.reads_prompts();
         if random {
             catalog = catalog.without_prompts(RANDOM_WEIGHTS);
