@@ -485,9 +485,14 @@ struct ServeArgs {
     /// Frames (80 ms each) the echo engine waits before returning the audio.
     #[arg(long, default_value_t = 1)]
     echo_delay_frames: usize,
-    /// Sessions served at once; further offers get 503 with Retry-After.
+    /// Sessions served at once; further offers get 503 with Retry-After. With the model, fewer
+    /// where the warm-up measures that fewer keep real time (unless --overload).
     #[arg(long, default_value_t = 64, env = "DUPLEX_MAX_SESSIONS")]
     max_sessions: usize,
+    /// Admit --max-sessions even where the warm-up measured that fewer keep real time (every
+    /// session then drops frames whenever more than those are talking).
+    #[arg(long)]
+    overload: bool,
     #[command(flatten)]
     network: NetworkArgs,
     /// Serve HTTPS with this certificate (PEM); browsers only open the microphone on HTTPS or localhost.
@@ -640,6 +645,10 @@ struct LoopbackArgs {
     /// needed, the same work per frame, noise for an answer.
     #[arg(long, value_name = "PRESET")]
     random_weights: Option<String>,
+    /// Admit every session even where the model's warm-up measured that fewer keep real time
+    /// (by default the rest are refused, as `serve` refuses them).
+    #[arg(long)]
+    overload: bool,
     #[command(flatten)]
     model: ModelArgs,
     /// Also write the report as JSON to this file.
@@ -684,7 +693,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let engine = match weights_for(args.engine, &args.model)? {
         Some(source) => {
-            start_personaplex(source, &args.model, args.max_sessions, config, metrics).await?
+            let (slots, overload) = (args.max_sessions, args.overload);
+            start_personaplex(source, &args.model, slots, overload, config, metrics).await?
         }
         None => start_engine(
             EchoEngine::new(args.max_sessions, args.echo_delay_frames),
@@ -752,12 +762,18 @@ fn start_engine(
     EngineHandle::start(engine, config, metrics).context("starting the step loop")
 }
 
-/// Loads PersonaPlex for `slots` sessions, prefills the default persona, times a few steps to
-/// place the output phase.
+/// The longest step that keeps real time: the frame, less room for the loop's own work and a
+/// late wake-up.
+const REAL_TIME_STEP: std::time::Duration = std::time::Duration::from_millis(70);
+
+/// Loads PersonaPlex for `slots` sessions, prefills the default persona and times steps of
+/// every row bucket: the output phase follows the slowest step served, and unless `overload`
+/// only as many sessions are admitted as keep real time.
 async fn start_personaplex(
     source: ModelSource,
     model: &ModelArgs,
     slots: usize,
+    overload: bool,
     mut config: EngineConfig,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
@@ -777,29 +793,52 @@ async fn start_personaplex(
     .await??;
     let mut engine = engine;
     let persona = engine.info().catalog.resolve(&PersonaRequest::default())?;
-    let slowest = engine.warm_up(&persona, 5)?;
-    tracing::info!(step_ms = slowest.as_secs_f32() * 1000.0, "warm-up done");
-    if slowest > duplex::audio::FRAME_PERIOD {
-        tracing::warn!(
-            step_ms = slowest.as_secs_f32() * 1000.0,
-            "a step takes longer than a frame on this machine: conversations will not keep up in real time ({})",
-            slow_step_hint(on_gpu, quant)
-        );
+    let warm = engine.warm_up(&persona, 3)?;
+    let ms = |step: std::time::Duration| step.as_secs_f32() * 1000.0;
+    let steps: Vec<String> = warm
+        .buckets
+        .iter()
+        .map(|&(busy, step)| format!("{busy}: {:.1} ms", ms(step)))
+        .collect();
+    tracing::info!(
+        "warm-up done; slowest step by sessions at once: {}",
+        steps.join(", ")
+    );
+    let asked = config.max_sessions.min(engine.slots());
+    let admission = warm.admit(asked, REAL_TIME_STEP, overload);
+    let more = more_sessions_hint(on_gpu, quant);
+    match (admission.real_time, admission.sessions < asked) {
+        (true, false) => {}
+        (true, true) => tracing::warn!(
+            "{} of {asked} sessions at once keep real time on this machine (a step within {} ms): \
+             admitting {} (--overload admits {asked}){more}",
+            admission.sessions,
+            REAL_TIME_STEP.as_millis(),
+            admission.sessions
+        ),
+        (false, _) => tracing::warn!(
+            step_ms = ms(admission.slowest_step),
+            "a step takes longer than a frame on this machine: {} sessions at once will not keep up \
+             in real time{more}",
+            admission.sessions
+        ),
     }
+    let (admitted, slowest) = (admission.sessions, admission.slowest_step);
+    config.max_sessions = admitted;
     config.output_phase =
         (slowest + std::time::Duration::from_millis(5)).min(std::time::Duration::from_millis(75));
     start_engine(engine, config, metrics)
 }
 
-/// What to change when a full engine's step takes longer than a frame.
-fn slow_step_hint(on_gpu: bool, quant: QuantArg) -> &'static str {
+/// What would keep more sessions in real time, as the end of a warning.
+fn more_sessions_hint(on_gpu: bool, quant: QuantArg) -> &'static str {
     match (on_gpu, quant) {
-        (false, _) => "build with --features cuda for the GPU, or serve fewer --max-sessions",
+        (false, _) => "; a build with --features cuda on a GPU serves more",
         (true, QuantArg::Int8) => {
-            "int8 weights are about 2x slower than bf16 from 8 sessions at once (docs/benchmarks.md): \
-             drop --quant int8, or serve fewer --max-sessions"
+            "; int8 weights are about 2x slower than bf16 from 8 sessions at once \
+             (docs/benchmarks.md): without --quant int8 more keep up"
         }
-        (true, QuantArg::None) => "serve fewer --max-sessions",
+        (true, QuantArg::None) => "",
     }
 }
 
@@ -1094,7 +1133,8 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
                 ..Default::default()
             };
             let metrics = Arc::new(Metrics::new());
-            start_personaplex(source, &args.model, args.sessions, config, metrics).await?
+            let (slots, overload) = (args.sessions, args.overload);
+            start_personaplex(source, &args.model, slots, overload, config, metrics).await?
         }
         None => loopback::echo_engine(args.sessions, args.echo_delay_frames)?,
     };

@@ -119,6 +119,9 @@ pub struct LoopbackReport {
     pub engine: String,
     pub sessions: usize,
     pub sessions_connected: usize,
+    /// The most sessions the server admits (for a model: those its warm-up found keep real
+    /// time, unless `--overload`).
+    pub sessions_admitted: usize,
     pub seconds: f64,
     /// Mouth-to-ear latency of every echoed probe (echo engine only: a model answers no echo).
     pub latency_ms: Option<Percentiles>,
@@ -175,7 +178,10 @@ impl LoopbackReport {
             None => format!("{name:<34} n/a: the engine answers no echo to time"),
         };
         [
-            format!("loopback: {} sessions ({} connected), {:.0} s each, engine {}", self.sessions, self.sessions_connected, self.seconds, self.engine),
+            format!(
+                "loopback: {} sessions ({} connected; the server admits {}), {:.0} s each, engine {}",
+                self.sessions, self.sessions_connected, self.sessions_admitted, self.seconds, self.engine
+            ),
             format!("{:<34} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max"),
             row("end-to-end latency (ms)", &self.latency_ms),
             row("added beyond frame + engine (ms)", &self.added_ms),
@@ -429,6 +435,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     let info = engine.info().clone();
     let echoes = info.name == "echo";
     let output_phase = engine.output_schedule().1;
+    let sessions_admitted = engine.max_sessions();
     let peer = PeerSettings {
         bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         ..Default::default()
@@ -521,6 +528,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         engine,
         sessions: options.sessions,
         sessions_connected: connected,
+        sessions_admitted,
         seconds: options.seconds,
         latency_ms: echoes.then(|| Percentiles::of(&latencies)),
         added_ms: echoes.then(|| Percentiles::of(&added)),

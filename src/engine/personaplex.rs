@@ -8,7 +8,7 @@ use crate::model::persona::{VoicePrompt, prompt_calls};
 use crate::model::pipeline::{Pipeline, PipelineState, Prefill, Stage};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Prefilled personas kept in memory: at most this many, and (but for the newest) this many
 /// bytes of the model's device memory, which slot sizing leaves free for them.
@@ -89,7 +89,7 @@ struct PrefillPace {
     /// A power of two, 1 to `FORCED_CHUNK`.
     calls: usize,
     /// What a batch of 2^i calls took of late; zero while untimed.
-    took: [std::time::Duration; BATCH_SIZES],
+    took: [Duration; BATCH_SIZES],
 }
 
 /// The batch sizes a prefill runs: 1, 2, 4 … `FORCED_CHUNK`.
@@ -99,7 +99,7 @@ impl Default for PrefillPace {
     fn default() -> Self {
         Self {
             calls: 8,
-            took: [std::time::Duration::ZERO; BATCH_SIZES],
+            took: [Duration::ZERO; BATCH_SIZES],
         }
     }
 }
@@ -107,12 +107,12 @@ impl Default for PrefillPace {
 impl PrefillPace {
     /// How long a batch of `calls` is judged to take: zero while no size that bounds it was
     /// timed.
-    fn judged(&self, calls: usize) -> std::time::Duration {
+    fn judged(&self, calls: usize) -> Duration {
         let size = calls.trailing_zeros() as usize;
         if !self.took[size].is_zero() {
             return self.took[size];
         }
-        let timed = |(_, took): &(usize, &std::time::Duration)| !took.is_zero();
+        let timed = |(_, took): &(usize, &Duration)| !took.is_zero();
         let larger = self.took[size + 1..].iter().find(|took| !took.is_zero());
         let smaller = self.took[..size].iter().enumerate().rev().find(timed);
         let by_smaller = smaller.map(|(smaller, took)| *took * (1 << (size - smaller)));
@@ -120,13 +120,13 @@ impl PrefillPace {
             (Some(&larger), Some(by_smaller)) => larger.min(by_smaller),
             (Some(&larger), None) => larger,
             (None, Some(by_smaller)) => by_smaller,
-            (None, None) => std::time::Duration::ZERO,
+            (None, None) => Duration::ZERO,
         }
     }
 
     /// Whether a batch should run within `room`; when the current one is judged not to end
     /// within it, the batch shrinks to the largest that is.
-    fn fits(&mut self, room: std::time::Duration) -> bool {
+    fn fits(&mut self, room: Duration) -> bool {
         if room.is_zero() {
             return false;
         }
@@ -153,7 +153,7 @@ impl PrefillPace {
 
     /// Records that a batch of `calls` (a power of two up to `FORCED_CHUNK`) took `took`,
     /// started with `room` left before its deadline.
-    fn record(&mut self, calls: usize, took: std::time::Duration, room: std::time::Duration) {
+    fn record(&mut self, calls: usize, took: Duration, room: Duration) {
         let kept = &mut self.took[calls.trailing_zeros() as usize];
         *kept = match kept.is_zero() {
             true => took,
@@ -171,9 +171,9 @@ impl PrefillPace {
 /// the rest.
 const FRAMES_PER_BUCKET: usize = 2;
 
-/// The warm-up's frames as (busy slots from 0, timed): `FRAMES_PER_BUCKET` untimed frames for
-/// each row bucket an engine of `slots` computes (`rows_to_run`), smallest first, then `timed`
-/// frames with every slot busy. Timing a capture would set the output phase, and with it every
+/// The warm-up's frames as (busy slots from 0, timed): for each row bucket an engine of
+/// `slots` computes (`rows_to_run`), smallest first, `FRAMES_PER_BUCKET` untimed frames, then
+/// `timed` timed ones. Timing a capture would set the output phase, and with it every
 /// session's latency, to a cost no served frame pays.
 fn warm_up_schedule(slots: usize, timed: usize) -> Vec<(usize, bool)> {
     let busy_first = |busy: usize| (0..slots).map(|slot| slot < busy).collect::<Vec<_>>();
@@ -181,12 +181,67 @@ fn warm_up_schedule(slots: usize, timed: usize) -> Vec<(usize, bool)> {
         .map(|busy| rows_to_run(&busy_first(busy)))
         .collect();
     buckets.dedup();
-    let untimed = buckets
+    buckets
         .into_iter()
-        .flat_map(|bucket| std::iter::repeat_n((bucket, false), FRAMES_PER_BUCKET));
-    untimed
-        .chain(std::iter::repeat_n((slots, true), timed))
+        .flat_map(|bucket| {
+            let untimed = std::iter::repeat_n((bucket, false), FRAMES_PER_BUCKET);
+            untimed.chain(std::iter::repeat_n((bucket, true), timed))
+        })
         .collect()
+}
+
+/// What the warm-up measured: the slowest timed step of each row bucket, as (sessions busy,
+/// step), smallest first; the last is the whole engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmUp {
+    pub buckets: Vec<(usize, Duration)>,
+}
+
+impl WarmUp {
+    /// The whole engine's slowest step.
+    pub fn slowest(&self) -> Duration {
+        self.buckets
+            .last()
+            .map_or(Duration::ZERO, |&(_, step)| step)
+    }
+
+    /// The most sessions whose step stays within `budget`, and that step; `None` when not even
+    /// the smallest bucket does.
+    pub fn sessions_within(&self, budget: Duration) -> Option<(usize, Duration)> {
+        self.buckets
+            .iter()
+            .rev()
+            .find(|&&(_, step)| step <= budget)
+            .copied()
+    }
+
+    /// How many of `asked` sessions to admit so each step stays within `budget`: all of them
+    /// with `overload`, else the most that keep it (at least one), with the slowest step they
+    /// take (what places the output phase).
+    pub fn admit(&self, asked: usize, budget: Duration, overload: bool) -> Admission {
+        let (sessions, slowest_step) = match self.sessions_within(budget) {
+            Some((fit, step)) if fit >= asked => (asked, step),
+            _ if overload => (asked, self.slowest()),
+            Some(fit) => fit,
+            None => self.buckets.first().copied().unwrap_or((1, Duration::ZERO)),
+        };
+        Admission {
+            sessions: sessions.min(asked),
+            slowest_step,
+            real_time: self
+                .sessions_within(budget)
+                .is_some_and(|(fit, _)| fit >= sessions),
+        }
+    }
+}
+
+/// What `WarmUp::admit` decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admission {
+    pub sessions: usize,
+    pub slowest_step: Duration,
+    /// Whether that many sessions keep within the budget.
+    pub real_time: bool,
 }
 
 /// Drops the oldest (last) of `entries` while there are more than `most` or, but for the
@@ -238,21 +293,17 @@ impl PersonaPlexEngine {
         })
     }
 
-    /// Prefills `persona` (the default one) and runs silent frames (`warm_up_schedule`): first
-    /// every row bucket's, which capture its CUDA graphs on a GPU so no session's frame pays
-    /// for a capture, then `frames` timed ones with every slot busy. Returns the slowest timed
-    /// step — a full engine's, since a step computes only the slots up to the last busy one —
-    /// which sets the output phase.
-    pub fn warm_up(
-        &mut self,
-        persona: &Persona,
-        frames: usize,
-    ) -> Result<std::time::Duration, EngineError> {
+    /// Prefills `persona` (the default one) and runs silent frames (`warm_up_schedule`) in
+    /// every row bucket: untimed ones first, which capture its CUDA graphs on a GPU so no
+    /// session's frame pays for a capture, then `frames` timed ones. Returns each bucket's
+    /// slowest timed step (a step computes only the slots up to the last busy one): what sets
+    /// the output phase, and how many sessions keep real time.
+    pub fn warm_up(&mut self, persona: &Persona, frames: usize) -> Result<WarmUp, EngineError> {
         let slots = self.options.slots;
         for slot in 0..slots {
             self.open_slot(slot, persona)?;
         }
-        let far = Instant::now() + std::time::Duration::from_secs(24 * 3600);
+        let far = Instant::now() + Duration::from_secs(24 * 3600);
         while !self.pending.is_empty() {
             for (_, opened) in self.prepare(far, true) {
                 opened?;
@@ -260,7 +311,7 @@ impl PersonaPlexEngine {
         }
         let input = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
         let mut output = vec![0.0; slots * crate::audio::FRAME_SAMPLES];
-        let mut slowest = std::time::Duration::ZERO;
+        let mut buckets: Vec<(usize, Duration)> = Vec::new();
         for (busy, timed) in warm_up_schedule(slots, frames) {
             let active: Vec<bool> = (0..slots).map(|slot| slot < busy).collect();
             let started = Instant::now();
@@ -272,7 +323,11 @@ impl PersonaPlexEngine {
                 text: &mut text,
             })?;
             if timed {
-                slowest = slowest.max(started.elapsed());
+                let took = started.elapsed();
+                match buckets.last_mut() {
+                    Some((bucket, slowest)) if *bucket == busy => *slowest = (*slowest).max(took),
+                    _ => buckets.push((busy, took)),
+                }
             }
         }
         (0..slots).for_each(|slot| self.close_slot(slot));
@@ -282,7 +337,7 @@ impl PersonaPlexEngine {
             .device()
             .synchronize()
             .map_err(model_error)?;
-        Ok(slowest)
+        Ok(WarmUp { buckets })
     }
 
     /// Frames the prompt budget allows: the whole prompt must fit the attention window.
@@ -547,21 +602,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_warm_up_visits_every_row_bucket_untimed_before_timing_a_full_engine() {
-        let schedule = warm_up_schedule(6, 3);
-        let untimed: Vec<usize> = schedule
-            .iter()
-            .filter(|(_, timed)| !timed)
-            .map(|(busy, _)| *busy)
-            .collect();
+    fn the_warm_up_times_every_row_bucket_after_its_untimed_frames() {
+        let schedule = warm_up_schedule(6, 1);
         // rows_to_run(busy slots): 1 → 1, 2 → 2, 3..4 → 4, 5..6 → 6 (the engine's size).
-        assert_eq!(untimed, [1, 1, 2, 2, 4, 4, 6, 6]);
-        let timed: Vec<_> = schedule.iter().skip(untimed.len()).collect();
-        assert_eq!(timed, [&(6, true); 3]);
+        let (u, t) = (false, true);
+        assert_eq!(
+            schedule,
+            [
+                (1, u),
+                (1, u),
+                (1, t),
+                (2, u),
+                (2, u),
+                (2, t),
+                (4, u),
+                (4, u),
+                (4, t),
+                (6, u),
+                (6, u),
+                (6, t)
+            ]
+        );
         assert_eq!(
             warm_up_schedule(1, 2),
             [(1, false), (1, false), (1, true), (1, true)]
         );
+    }
+
+    #[test]
+    fn the_sessions_within_a_budget_are_the_largest_bucket_that_keeps_it() {
+        let ms = Duration::from_millis;
+        let warm = WarmUp {
+            buckets: vec![
+                (1, ms(30)),
+                (2, ms(35)),
+                (4, ms(52)),
+                (8, ms(90)),
+                (16, ms(170)),
+            ],
+        };
+        assert_eq!(warm.slowest(), ms(170));
+        assert_eq!(warm.sessions_within(ms(70)), Some((4, ms(52))));
+        assert_eq!(warm.sessions_within(ms(200)), Some((16, ms(170))));
+        assert_eq!(warm.sessions_within(ms(20)), None);
+        assert_eq!(
+            WarmUp {
+                buckets: Vec::new()
+            }
+            .sessions_within(ms(70)),
+            None
+        );
+    }
+
+    #[test]
+    fn only_the_sessions_that_keep_real_time_are_admitted_unless_overloaded() {
+        let ms = Duration::from_millis;
+        let warm = WarmUp {
+            buckets: vec![
+                (1, ms(30)),
+                (2, ms(35)),
+                (4, ms(52)),
+                (8, ms(90)),
+                (16, ms(170)),
+            ],
+        };
+        let admission = |asked, budget, overload| {
+            let a = warm.admit(asked, ms(budget), overload);
+            (a.sessions, a.slowest_step, a.real_time)
+        };
+        assert_eq!(admission(16, 70, false), (4, ms(52), true));
+        assert_eq!(admission(16, 70, true), (16, ms(170), false));
+        assert_eq!(admission(16, 200, false), (16, ms(170), true));
+        // Fewer asked than fit: as asked, with the slowest step of the sessions that fit.
+        assert_eq!(admission(3, 70, false), (3, ms(52), true));
+        // Not even one session keeps it: one, which at least burdens nobody else.
+        assert_eq!(admission(16, 20, false), (1, ms(30), false));
+        assert_eq!(admission(16, 20, true), (16, ms(170), false));
     }
 
     /// Frames of a busy engine as the engine paces a prefill between them: `rooms` is the room
@@ -570,8 +686,8 @@ mod tests {
     /// their room, over the frames from `from` on.
     fn paced(
         pace: &mut PrefillPace,
-        rooms: &[std::time::Duration],
-        cost: impl Fn(usize) -> std::time::Duration,
+        rooms: &[Duration],
+        cost: impl Fn(usize) -> Duration,
         from: usize,
     ) -> (usize, usize) {
         let (mut calls, mut overruns) = (0, 0);
@@ -596,7 +712,7 @@ mod tests {
     /// GPU (a batch costs about one call) and on a CPU (about the sum of its calls) alike.
     #[test]
     fn a_prefill_batch_grows_into_the_room_and_shrinks_to_fit_without_running_late() {
-        let ms = std::time::Duration::from_micros;
+        let ms = Duration::from_micros;
         let gpu = |calls: usize| ms(10_000 + 100 * calls as u64);
         let cpu = |calls: usize| ms(3_000 * calls as u64);
         let rooms: Vec<_> = [ms(60_000); 10]
@@ -648,11 +764,11 @@ mod tests {
     /// calls for 11.6 ms against 10.1 ms), on a CPU one call.
     #[test]
     fn progress_without_room_takes_as_many_calls_as_one_costs() {
-        let ms = std::time::Duration::from_micros;
+        let ms = Duration::from_micros;
         let gpu = |calls: usize| ms(10_000 + 100 * calls as u64);
         let cpu = |calls: usize| ms(3_000 * calls as u64);
         let warm = [ms(60_000); 10];
-        let busy = [std::time::Duration::ZERO; 64];
+        let busy = [Duration::ZERO; 64];
 
         let mut pace = PrefillPace::default();
         paced(&mut pace, &warm, gpu, 0);
