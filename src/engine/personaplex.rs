@@ -629,18 +629,19 @@ mod tests {
         );
     }
 
+    /// A warm-up whose steps pass 70 ms beyond 4 sessions at once.
+    fn measured() -> WarmUp {
+        let ms = Duration::from_millis;
+        let steps = [(1, 30), (2, 35), (4, 52), (8, 90), (16, 170)];
+        WarmUp {
+            buckets: steps.map(|(busy, step)| (busy, ms(step))).to_vec(),
+        }
+    }
+
     #[test]
     fn the_sessions_within_a_budget_are_the_largest_bucket_that_keeps_it() {
         let ms = Duration::from_millis;
-        let warm = WarmUp {
-            buckets: vec![
-                (1, ms(30)),
-                (2, ms(35)),
-                (4, ms(52)),
-                (8, ms(90)),
-                (16, ms(170)),
-            ],
-        };
+        let warm = measured();
         assert_eq!(warm.slowest(), ms(170));
         assert_eq!(warm.sessions_within(ms(70)), Some((4, ms(52))));
         assert_eq!(warm.sessions_within(ms(200)), Some((16, ms(170))));
@@ -657,15 +658,7 @@ mod tests {
     #[test]
     fn only_the_sessions_that_keep_real_time_are_admitted_unless_overloaded() {
         let ms = Duration::from_millis;
-        let warm = WarmUp {
-            buckets: vec![
-                (1, ms(30)),
-                (2, ms(35)),
-                (4, ms(52)),
-                (8, ms(90)),
-                (16, ms(170)),
-            ],
-        };
+        let warm = measured();
         let admission = |asked, budget, overload| {
             let a = warm.admit(asked, ms(budget), overload);
             (a.sessions, a.slowest_step, a.real_time)
