@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use duplex::bench::loopback::{self, LoopbackOptions};
-use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
+use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions, REAL_TIME_STEP};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
 use duplex::gateway::tls::{self, TlsSource};
@@ -762,10 +762,6 @@ fn start_engine(
     EngineHandle::start(engine, config, metrics).context("starting the step loop")
 }
 
-/// The longest step that keeps real time: the frame, less room for the loop's own work and a
-/// late wake-up.
-const REAL_TIME_STEP: std::time::Duration = std::time::Duration::from_millis(70);
-
 /// Loads PersonaPlex for `slots` sessions, prefills the default persona and times steps of
 /// every row bucket: the output phase follows the slowest step served, and unless `overload`
 /// only as many sessions are admitted as keep real time.
@@ -806,24 +802,24 @@ async fn start_personaplex(
     );
     let asked = config.max_sessions.min(engine.slots());
     let admission = warm.admit(asked, REAL_TIME_STEP, overload);
-    let more = more_sessions_hint(on_gpu, quant);
-    match (admission.real_time, admission.sessions < asked) {
-        (true, false) => {}
-        (true, true) => tracing::warn!(
-            "{} of {asked} sessions at once keep real time on this machine (a step within {} ms): \
-             admitting {} (--overload admits {asked}){more}",
-            admission.sessions,
-            REAL_TIME_STEP.as_millis(),
-            admission.sessions
-        ),
-        (false, _) => tracing::warn!(
-            step_ms = ms(admission.slowest_step),
-            "a step takes longer than a frame on this machine: {} sessions at once will not keep up \
-             in real time{more}",
-            admission.sessions
-        ),
-    }
     let (admitted, slowest) = (admission.sessions, admission.slowest_step);
+    let (budget, more) = (
+        REAL_TIME_STEP.as_millis(),
+        more_sessions_hint(on_gpu, quant),
+    );
+    if !admission.real_time {
+        tracing::warn!(
+            "{admitted} sessions at once take {:.1} ms a step on this machine, over the {budget} ms \
+             that keeps real time: conversations will lag and drop frames{more}",
+            ms(slowest)
+        );
+    }
+    if admitted < asked {
+        tracing::warn!(
+            "admitting {admitted} of {asked} sessions at once: more would take a step past {budget} ms \
+             (--overload admits {asked}){more}"
+        );
+    }
     config.max_sessions = admitted;
     config.output_phase =
         (slowest + std::time::Duration::from_millis(5)).min(std::time::Duration::from_millis(75));
@@ -1007,10 +1003,11 @@ async fn shutdown_signal() {
 
 /// The language model config of a preset or a model directory.
 fn lm_config(preset: &str, model_dir: Option<&std::path::Path>) -> Result<LmConfig> {
-    match model_dir {
-        Some(dir) => Ok(model_configs(&ModelFiles::in_dir(dir)?)?.0),
-        None => Ok(LmConfig::named(preset)?),
-    }
+    let source = match model_dir {
+        Some(dir) => ModelSource::Files(ModelFiles::in_dir(dir)?),
+        None => ModelSource::Random(preset.to_owned()),
+    };
+    source.lm_config()
 }
 
 fn tune(args: TuneArgs) -> Result<()> {

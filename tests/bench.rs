@@ -21,8 +21,11 @@ fn loopback(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// The report a successful run wrote to `json`.
-fn report(ran: &Output, json: &Path) -> Value {
+/// The report of `duplex bench loopback --engine personaplex` with `args`, which must succeed.
+fn model_report(name: &str, args: &[&str]) -> Value {
+    let json = scratch(&format!("{name}.json"));
+    let json_arg = json.to_str().unwrap();
+    let ran = loopback(&[&["--engine", "personaplex", "--json", json_arg], args].concat());
     assert!(
         ran.status.success(),
         "bench loopback failed:\n{}",
@@ -40,24 +43,19 @@ fn tiny_dir() -> String {
 
 #[test]
 fn two_sessions_through_the_tiny_model_are_counted_frame_by_frame() {
-    let json = scratch("tiny.json");
     let dir = tiny_dir();
-    let ran = loopback(&[
-        "--engine",
-        "personaplex",
+    // Both sessions, whatever the warm-up on a busy test machine finds (`--overload`): the
+    // report is under test here, the admission in the engine's unit tests.
+    let args = [
         "--model-dir",
         &dir,
         "--sessions",
         "2",
-        // Both, whatever the warm-up on a busy test machine finds: the report is under test
-        // here, the admission in the engine's unit tests.
         "--overload",
         "--seconds",
         "3",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let report = report(&ran, &json);
+    ];
+    let report = model_report("tiny", &args);
     assert_eq!(report["engine"], "personaplex (tiny)");
     assert_eq!(report["sessions_connected"], 2);
     assert_eq!(report["sessions_admitted"], 2);
@@ -81,18 +79,7 @@ fn two_sessions_through_the_tiny_model_are_counted_frame_by_frame() {
 
 #[test]
 fn random_weights_serve_a_session_without_a_checkpoint() {
-    let json = scratch("random.json");
-    let ran = loopback(&[
-        "--engine",
-        "personaplex",
-        "--random-weights",
-        "mid",
-        "--seconds",
-        "3",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let report = report(&ran, &json);
+    let report = model_report("random", &["--random-weights", "mid", "--seconds", "3"]);
     assert_eq!(report["engine"], "personaplex (random mid)");
     assert_eq!(report["sessions_connected"], 1);
     assert!(report["steps"]["ticks"].as_u64().unwrap() > 0, "{report}");

@@ -129,10 +129,11 @@ pub struct LoopbackReport {
     pub added_ms: Option<Percentiles>,
     pub parts: LatencyParts,
     /// How late each packet of the agent's audio reached its client against a steady 20 ms
-    /// grid through its earliest one: the playout buffer a client needs to play it without a
-    /// gap (every engine; a model's too).
+    /// grid through the packet most ahead of it: the playout buffer a client needs to play it
+    /// without a gap (every engine; a model's too).
     pub arrival_lateness_ms: Percentiles,
-    /// How long after a tick its output leaves (the engine's slowest warm-up step, for a model).
+    /// How long after a tick its output leaves (for a model: the slowest warm-up step of the
+    /// sessions it admits, plus 5 ms).
     pub output_phase_ms: f64,
     pub steps: StepTimes,
     pub probes_sent: usize,

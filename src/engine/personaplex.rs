@@ -190,6 +190,10 @@ fn warm_up_schedule(slots: usize, timed: usize) -> Vec<(usize, bool)> {
         .collect()
 }
 
+/// The longest step that keeps real time: the 80 ms frame, less room for the loop's own work
+/// and a late wake-up.
+pub const REAL_TIME_STEP: Duration = Duration::from_millis(70);
+
 /// What the warm-up measured: the slowest timed step of each row bucket, as (sessions busy,
 /// step), smallest first; the last is the whole engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,18 +223,18 @@ impl WarmUp {
     /// with `overload`, else the most that keep it (at least one), with the slowest step they
     /// take (what places the output phase).
     pub fn admit(&self, asked: usize, budget: Duration, overload: bool) -> Admission {
-        let (sessions, slowest_step) = match self.sessions_within(budget) {
+        let within = self.sessions_within(budget);
+        let (sessions, slowest_step) = match within {
             Some((fit, step)) if fit >= asked => (asked, step),
             _ if overload => (asked, self.slowest()),
             Some(fit) => fit,
             None => self.buckets.first().copied().unwrap_or((1, Duration::ZERO)),
         };
+        let sessions = sessions.min(asked);
         Admission {
-            sessions: sessions.min(asked),
+            sessions,
             slowest_step,
-            real_time: self
-                .sessions_within(budget)
-                .is_some_and(|(fit, _)| fit >= sessions),
+            real_time: within.is_some_and(|(fit, _)| fit >= sessions),
         }
     }
 }
