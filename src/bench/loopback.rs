@@ -139,9 +139,14 @@ pub struct LoopbackReport {
     pub probes_sent: usize,
     pub probes_found: usize,
     pub frames_total: u64,
-    /// Frames dropped for latency (input or output) or skipped by missed ticks.
+    /// The frames the worse side lost (`FrameLoss`), and that side's share of all frames.
     pub frames_dropped: f64,
     pub dropped_percent: f64,
+    /// The user's audio the step loop dropped, in percent of all frames.
+    pub input_lost_percent: f64,
+    /// The agent's audio that never reached a client: dropped by a transport or never made
+    /// because its tick was missed, in percent of all frames.
+    pub output_lost_percent: f64,
     /// The drops by side, in 20 ms packets: input the step loop dropped, output the
     /// transports dropped.
     pub input_dropped_packets: f64,
@@ -198,10 +203,12 @@ impl LoopbackReport {
             ),
             format!("probes found: {}/{}", self.probes_found, self.probes_sent),
             format!(
-                "frames: {} total, {:.1} dropped ({:.3} %; packets in {:.0} / out {:.0}), underruns in {} / out {}, ticks overrun {} missed {}",
+                "frames: {} total, {:.1} lost ({:.3} %: in {:.3} %, out {:.3} %; packets dropped in {:.0} / out {:.0}), underruns in {} / out {}, ticks overrun {} missed {}",
                 self.frames_total,
                 self.frames_dropped,
                 self.dropped_percent,
+                self.input_lost_percent,
+                self.output_lost_percent,
                 self.input_dropped_packets,
                 self.output_dropped_packets,
                 self.input_underruns,
@@ -506,15 +513,15 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     let frames_total = (connected as f64 * options.seconds * 1000.0 / FRAME_MS as f64) as u64;
     let input_dropped = after.input_dropped - before.input_dropped;
     let output_dropped = after.output_dropped - before.output_dropped;
-    let dropped_samples = input_dropped + output_dropped;
     let missed = after.missed - before.missed;
-    let frames_dropped =
-        dropped_samples as f64 / FRAME_SAMPLES as f64 + (missed * connected as u64) as f64;
-    let dropped_percent = if frames_total == 0 {
-        0.0
-    } else {
-        100.0 * frames_dropped / frames_total as f64
+    let loss = FrameLoss {
+        input_dropped_samples: input_dropped,
+        output_dropped_samples: output_dropped,
+        ticks_missed: missed,
+        sessions: connected as u64,
+        frames_total,
     };
+    let dropped_percent = loss.percent();
     let probes_sent = if echoes { starts.len() * connected } else { 0 };
     let percent = |seconds: f64| 100.0 * seconds / wall;
     let sessions = connected.max(1) as f64;
@@ -545,8 +552,10 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         probes_sent,
         probes_found: latencies.len(),
         frames_total,
-        frames_dropped,
+        frames_dropped: loss.input_frames().max(loss.output_frames()),
         dropped_percent,
+        input_lost_percent: loss.share(loss.input_frames()),
+        output_lost_percent: loss.share(loss.output_frames()),
         input_dropped_packets: input_dropped as f64 / PACKET_SAMPLES as f64,
         output_dropped_packets: output_dropped as f64 / PACKET_SAMPLES as f64,
         input_underruns: after.input_underruns - before.input_underruns,
@@ -561,9 +570,62 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     })
 }
 
+/// What a run lost, by side. A missed tick loses a frame on both sides (its input is dropped
+/// later for latency, and its output is never made), so adding the sides would count it twice:
+/// the run's loss is the worse side's.
+struct FrameLoss {
+    input_dropped_samples: u64,
+    output_dropped_samples: u64,
+    ticks_missed: u64,
+    sessions: u64,
+    frames_total: u64,
+}
+
+impl FrameLoss {
+    fn input_frames(&self) -> f64 {
+        self.input_dropped_samples as f64 / FRAME_SAMPLES as f64
+    }
+
+    fn output_frames(&self) -> f64 {
+        self.output_dropped_samples as f64 / FRAME_SAMPLES as f64
+            + (self.ticks_missed * self.sessions) as f64
+    }
+
+    /// `frames` in percent of all frames.
+    fn share(&self, frames: f64) -> f64 {
+        match self.frames_total {
+            0 => 0.0,
+            total => 100.0 * frames / total as f64,
+        }
+    }
+
+    fn percent(&self) -> f64 {
+        self.share(self.input_frames().max(self.output_frames()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missed_tick_is_lost_once_not_once_per_side() {
+        // Two sessions, 100 frames each; 30 ticks missed, whose input was dropped later.
+        let loss = FrameLoss {
+            input_dropped_samples: 60 * FRAME_SAMPLES as u64,
+            output_dropped_samples: 0,
+            ticks_missed: 30,
+            sessions: 2,
+            frames_total: 200,
+        };
+        assert_eq!((loss.input_frames(), loss.output_frames()), (60.0, 60.0));
+        assert_eq!(loss.percent(), 30.0);
+        let output_worse = FrameLoss {
+            output_dropped_samples: 10 * FRAME_SAMPLES as u64,
+            ..loss
+        };
+        assert_eq!(output_worse.percent(), 35.0);
+    }
 
     #[test]
     fn percentiles_of_a_known_set() {
