@@ -95,6 +95,27 @@ struct TuneArgs {
     progress: Option<PathBuf>,
 }
 
+/// How many sessions the model's warm-up lets in.
+#[derive(Args, Clone, Copy)]
+struct AdmissionArgs {
+    /// Admit every session asked for even where the warm-up measured that fewer keep real time
+    /// (every session then drops frames whenever more than those are talking); by default the
+    /// rest get 503.
+    #[arg(long)]
+    overload: bool,
+    /// The longest step, in ms, that the sessions admitted may take in the warm-up (a frame is
+    /// 80 ms; lower leaves more room for a noisy machine).
+    #[arg(long, default_value_t = REAL_TIME_STEP.as_millis() as u64, env = "DUPLEX_STEP_BUDGET_MS",
+          value_parser = clap::value_parser!(u64).range(10..=75))]
+    step_budget_ms: u64,
+}
+
+impl AdmissionArgs {
+    fn step_budget(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.step_budget_ms)
+    }
+}
+
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// A directory laid out like the Hugging Face repository (model.safetensors,
@@ -489,10 +510,8 @@ struct ServeArgs {
     /// where the warm-up measures that fewer keep real time (unless --overload).
     #[arg(long, default_value_t = 64, env = "DUPLEX_MAX_SESSIONS")]
     max_sessions: usize,
-    /// Admit --max-sessions even where the warm-up measured that fewer keep real time (every
-    /// session then drops frames whenever more than those are talking).
-    #[arg(long)]
-    overload: bool,
+    #[command(flatten)]
+    admission: AdmissionArgs,
     #[command(flatten)]
     network: NetworkArgs,
     /// Serve HTTPS with this certificate (PEM); browsers only open the microphone on HTTPS or localhost.
@@ -645,10 +664,8 @@ struct LoopbackArgs {
     /// needed, the same work per frame, noise for an answer.
     #[arg(long, value_name = "PRESET")]
     random_weights: Option<String>,
-    /// Admit every session even where the model's warm-up measured that fewer keep real time
-    /// (by default the rest are refused, as `serve` refuses them).
-    #[arg(long)]
-    overload: bool,
+    #[command(flatten)]
+    admission: AdmissionArgs,
     #[command(flatten)]
     model: ModelArgs,
     /// Also write the report as JSON to this file.
@@ -693,8 +710,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let engine = match weights_for(args.engine, &args.model)? {
         Some(source) => {
-            let (slots, overload) = (args.max_sessions, args.overload);
-            start_personaplex(source, &args.model, slots, overload, config, metrics).await?
+            let slots = args.max_sessions;
+            start_personaplex(source, &args.model, slots, args.admission, config, metrics).await?
         }
         None => start_engine(
             EchoEngine::new(args.max_sessions, args.echo_delay_frames),
@@ -763,13 +780,13 @@ fn start_engine(
 }
 
 /// Loads PersonaPlex for `slots` sessions, prefills the default persona and times steps of
-/// every row bucket: the output phase follows the slowest step served, and unless `overload`
-/// only as many sessions are admitted as keep real time.
+/// every row bucket: the output phase follows the slowest step served, and unless overloaded
+/// only as many sessions are admitted as step within the budget.
 async fn start_personaplex(
     source: ModelSource,
     model: &ModelArgs,
     slots: usize,
-    overload: bool,
+    admission: AdmissionArgs,
     mut config: EngineConfig,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
@@ -801,23 +818,21 @@ async fn start_personaplex(
         steps.join(", ")
     );
     let asked = config.max_sessions.min(engine.slots());
-    let admission = warm.admit(asked, REAL_TIME_STEP, overload);
+    let budget = admission.step_budget();
+    let admission = warm.admit(asked, budget, admission.overload);
     let (admitted, slowest) = (admission.sessions, admission.slowest_step);
-    let (budget, more) = (
-        REAL_TIME_STEP.as_millis(),
-        more_sessions_hint(on_gpu, quant),
-    );
+    let (budget, more) = (budget.as_millis(), more_sessions_hint(on_gpu, quant));
     if !admission.real_time {
         tracing::warn!(
             "{admitted} sessions at once take {:.1} ms a step on this machine, over the {budget} ms \
-             that keeps real time: conversations will lag and drop frames{more}",
+             step budget (--step-budget-ms): conversations will lag and drop frames{more}",
             ms(slowest)
         );
     }
     if admitted < asked {
         tracing::warn!(
-            "admitting {admitted} of {asked} sessions at once: more would take a step past {budget} ms \
-             (--overload admits {asked}){more}"
+            "admitting {admitted} of {asked} sessions at once: more would take a step past the {budget} ms \
+             budget (--overload admits {asked}; --step-budget-ms sets the budget){more}"
         );
     }
     config.max_sessions = admitted;
@@ -1130,8 +1145,8 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
                 ..Default::default()
             };
             let metrics = Arc::new(Metrics::new());
-            let (slots, overload) = (args.sessions, args.overload);
-            start_personaplex(source, &args.model, slots, overload, config, metrics).await?
+            let slots = args.sessions;
+            start_personaplex(source, &args.model, slots, args.admission, config, metrics).await?
         }
         None => loopback::echo_engine(args.sessions, args.echo_delay_frames)?,
     };

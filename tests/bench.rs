@@ -83,6 +83,28 @@ fn random_weights_serve_a_session_without_a_checkpoint() {
     assert_eq!(report["engine"], "personaplex (random mid)");
     assert_eq!(report["sessions_connected"], 1);
     assert!(report["steps"]["ticks"].as_u64().unwrap() > 0, "{report}");
+    // Far slower than real time on a CPU, so ticks are missed: each is one frame lost, though
+    // both of its sides lose it (this was 147 % when the sides were added).
+    let lost = |field: &str| report[field].as_f64().unwrap();
+    assert!(
+        (0.0..=100.0).contains(&lost("dropped_percent"))
+            && lost("dropped_percent")
+                == lost("input_lost_percent").max(lost("output_lost_percent")),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_step_budget_outside_the_frame_is_refused() {
+    for budget in ["80", "5"] {
+        let ran = loopback(&["--engine", "personaplex", "--step-budget-ms", budget]);
+        let stderr = String::from_utf8_lossy(&ran.stderr);
+        assert!(!ran.status.success());
+        assert!(
+            stderr.contains("--step-budget-ms") && stderr.contains("10..=75"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]
