@@ -3,7 +3,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use duplex::bench::loopback::{self, LoopbackOptions};
-use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions, REAL_TIME_STEP};
+use duplex::engine::REAL_TIME_STEP;
+use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
 use duplex::gateway::tls::{self, TlsSource};
@@ -98,13 +99,14 @@ struct TuneArgs {
 /// How many sessions the model's warm-up lets in.
 #[derive(Args, Clone, Copy)]
 struct AdmissionArgs {
-    /// Admit every session asked for even where the warm-up measured that fewer keep real time
-    /// (every session then drops frames whenever more than those are talking); by default the
-    /// rest get 503.
+    /// Admit every session asked for even where the warm-up measured that fewer keep real time,
+    /// and while the steps run behind it (every session then drops frames whenever more than
+    /// those are talking); by default the rest get 503.
     #[arg(long)]
     overload: bool,
-    /// The longest step, in ms, that the sessions admitted may take in the warm-up (a frame is
-    /// 80 ms; lower leaves more room for a noisy machine).
+    /// The longest step, in ms, that the sessions admitted may take in the warm-up, and while
+    /// serving: from 3 of the last 32 steps past it, new sessions get 503 until the steps keep
+    /// it again (a frame is 80 ms; lower leaves more room for a noisy machine).
     #[arg(long, default_value_t = REAL_TIME_STEP.as_millis() as u64, env = "DUPLEX_STEP_BUDGET_MS",
           value_parser = clap::value_parser!(u64).range(10..=75))]
     step_budget_ms: u64,
@@ -818,10 +820,12 @@ async fn start_personaplex(
         steps.join(", ")
     );
     let asked = config.max_sessions.min(engine.slots());
-    let budget = admission.step_budget();
-    let admission = warm.admit(asked, budget, admission.overload);
+    config.step_budget = admission.step_budget();
+    config.overload = admission.overload;
+    let admission = warm.admit(asked, config.step_budget, admission.overload);
     let (admitted, slowest) = (admission.sessions, admission.slowest_step);
-    let (budget, more) = (budget.as_millis(), more_sessions_hint(on_gpu, quant));
+    let budget = config.step_budget.as_millis();
+    let more = more_sessions_hint(on_gpu, quant);
     if !admission.real_time {
         tracing::warn!(
             "{admitted} sessions at once take {:.1} ms a step on this machine, over the {budget} ms \

@@ -2,7 +2,7 @@
 
 use super::persona::{PersonaError, PersonaRequest};
 use super::session::{SessionCloser, SessionHandle, SessionId, SessionStats, SlotSession};
-use super::step_loop::{Health, LoopHealth, StepLoop};
+use super::step_loop::{Health, LoopHealth, REAL_TIME_STEP, StepLoop};
 use super::{Engine, EngineInfo, Persona};
 use crate::audio::ring::ring;
 use crate::audio::{FRAME_SAMPLES, PACKET_SAMPLES};
@@ -36,6 +36,11 @@ pub struct EngineConfig {
     pub output_ring_samples: usize,
     /// How long after a tick the transports take the first packet of its output.
     pub output_phase: Duration,
+    /// The longest tick that keeps real time: while too many recent ticks take longer, new
+    /// sessions are refused (`OpenError::Behind`), unless `overload`.
+    pub step_budget: Duration,
+    /// Admit sessions up to `max_sessions` even while the loop is behind real time.
+    pub overload: bool,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +51,8 @@ impl Default for EngineConfig {
             input_ring_samples: 6 * FRAME_SAMPLES,
             output_ring_samples: 4 * FRAME_SAMPLES,
             output_phase: Duration::from_millis(2),
+            step_budget: REAL_TIME_STEP,
+            overload: false,
         }
     }
 }
@@ -61,6 +68,10 @@ pub enum OpenError {
     Stopped,
     #[error("the model is failing ({0}); retry later")]
     Failing(String),
+    #[error(
+        "the server is behind real time with the {sessions} sessions it has ({slow} of the last 32 steps too slow); retry later"
+    )]
+    Behind { sessions: usize, slow: u32 },
 }
 
 struct Shared {
@@ -100,7 +111,8 @@ impl EngineHandle {
             config.max_wait_samples,
             occupancy.clone(),
             metrics.clone(),
-        );
+        )
+        .with_step_budget(config.step_budget);
         let health = step_loop.health();
         let loop_health = health.clone();
         let thread = std::thread::Builder::new()
@@ -157,6 +169,11 @@ impl EngineHandle {
         self.shared.max_sessions
     }
 
+    /// Whether the recent steps keep real time (see `LoopHealth::behind`).
+    pub fn keeps_real_time(&self) -> bool {
+        !self.shared.health.behind()
+    }
+
     /// Sessions admitted and not yet released.
     pub fn active_sessions(&self) -> usize {
         self.shared.occupancy.load(Ordering::Acquire)
@@ -179,6 +196,7 @@ impl EngineHandle {
             Health::Failing { error, .. } => return Err(OpenError::Failing(error)),
             Health::Stopped(_) => return Err(OpenError::Stopped),
         }
+        self.refuse_when_behind()?;
         self.reserve()?;
         let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (input, input_cons) = ring(self.shared.config.input_ring_samples);
@@ -214,6 +232,21 @@ impl EngineHandle {
             stats,
             closer,
         })
+    }
+
+    /// Refuses a session while the sessions already in take steps too slow for real time:
+    /// another would slow every one of them further. With none in, a slow record proves
+    /// nothing about the next. An overloaded engine takes them all.
+    fn refuse_when_behind(&self) -> Result<(), OpenError> {
+        let sessions = self.active_sessions();
+        let health = &self.shared.health;
+        match sessions > 0 && !self.shared.config.overload && health.behind() {
+            true => Err(OpenError::Behind {
+                sessions,
+                slow: health.slow_ticks(),
+            }),
+            false => Ok(()),
+        }
     }
 
     fn reserve(&self) -> Result<(), OpenError> {
@@ -331,10 +364,13 @@ mod tests {
     }
 
     fn too_slow() -> (EngineHandle, Arc<std::sync::atomic::AtomicBool>) {
-        let config = EngineConfig {
+        too_slow_with(EngineConfig {
             max_sessions: 2,
             ..Default::default()
-        };
+        })
+    }
+
+    fn too_slow_with(config: EngineConfig) -> (EngineHandle, Arc<std::sync::atomic::AtomicBool>) {
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let engine = TooSlow(EchoEngine::new(2, 1), dropped.clone());
         let handle = EngineHandle::start(engine, config, Arc::new(Metrics::new())).unwrap();
@@ -406,6 +442,47 @@ mod tests {
             within_seconds(|| dropped.load(Ordering::Acquire)),
             "the loop ticks on with nobody left to stop it"
         );
+    }
+
+    #[test]
+    fn a_loop_behind_real_time_refuses_new_sessions_until_none_is_left() {
+        let (engine, _) = too_slow();
+        let first = engine.open_session(&PersonaRequest::default()).unwrap();
+        assert_eq!(
+            first.events.recv_timeout(Duration::from_secs(5)),
+            Ok(SessionEvent::Ready)
+        );
+        assert!(
+            within_seconds(|| !engine.keeps_real_time()),
+            "steps of 120 ms never counted as behind"
+        );
+        let refused = engine.open_session(&PersonaRequest::default());
+        assert!(
+            matches!(refused, Err(OpenError::Behind { sessions: 1, slow }) if slow >= 3),
+            "{:?}",
+            refused.map(|s| s.id)
+        );
+        assert_eq!(engine.active_sessions(), 1, "a refusal takes no slot");
+        drop(first);
+        assert!(within_seconds(|| engine.active_sessions() == 0));
+        assert!(
+            engine.open_session(&PersonaRequest::default()).is_ok(),
+            "with nobody in, a slow record proves nothing about the next session"
+        );
+        engine.shutdown();
+    }
+
+    #[test]
+    fn an_overloaded_loop_admits_sessions_while_behind_real_time() {
+        let (engine, _) = too_slow_with(EngineConfig {
+            max_sessions: 2,
+            overload: true,
+            ..Default::default()
+        });
+        let _first = engine.open_session(&PersonaRequest::default()).unwrap();
+        assert!(within_seconds(|| !engine.keeps_real_time()));
+        assert!(engine.open_session(&PersonaRequest::default()).is_ok());
+        engine.shutdown();
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub use driver::{EngineConfig, EngineHandle, OpenError};
 pub use echo::EchoEngine;
 pub use persona::{Persona, PersonaCatalog, PersonaError, PersonaRequest};
 pub use session::{SessionEvent, SessionHandle, SessionId, SessionStats, StatsSnapshot};
+pub use step_loop::REAL_TIME_STEP;
 
 use std::time::{Duration, Instant};
 

@@ -190,10 +190,6 @@ fn warm_up_schedule(slots: usize, timed: usize) -> Vec<(usize, bool)> {
         .collect()
 }
 
-/// The longest step that keeps real time: the 80 ms frame, less room for the loop's own work
-/// and a late wake-up.
-pub const REAL_TIME_STEP: Duration = Duration::from_millis(70);
-
 /// What the warm-up measured: the slowest timed step of each row bucket, as (sessions busy,
 /// step), smallest first; the last is the whole engine.
 #[derive(Debug, Clone, PartialEq)]

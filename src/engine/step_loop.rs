@@ -8,7 +8,7 @@ use super::{Engine, Opening, Persona, StageTimes, StepIo};
 use crate::audio::{FRAME_PERIOD, FRAME_SAMPLES, SAMPLE_RATE, duration_to_samples};
 use crate::metrics::Metrics;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// What one tick did.
@@ -28,13 +28,25 @@ const FORCED_PREPARE_TICKS: u64 = 8;
 /// Steps failing in a row from which `/health` reports the engine failing.
 pub const FAILING_STEPS: usize = 3;
 
+/// The longest step that keeps real time: the 80 ms frame, less room for the loop's own work
+/// and a late wake-up.
+pub const REAL_TIME_STEP: Duration = Duration::from_millis(70);
+
+/// Of the last 32 ticks with a conversation in them, how many may take longer than the step
+/// budget before the loop counts as behind real time (and new sessions are refused): one or two
+/// are a hiccup, three in 2.6 s are a load the machine does not carry.
+pub const BEHIND_SLOW_TICKS: u32 = 3;
+
 /// How the step loop fares, for `/health`: steps failing in a row (each ends every session),
-/// the last error, and whether the loop has stopped.
+/// the last error, whether the loop has stopped, and which of the recent ticks were slow.
 #[derive(Debug, Default)]
 pub struct LoopHealth {
     failed_in_a_row: AtomicUsize,
     last_error: std::sync::Mutex<Option<String>>,
     stopped: std::sync::atomic::AtomicBool,
+    /// One bit per recent tick with a conversation in it, the newest lowest: set where the
+    /// tick took longer than the step budget.
+    recent_slow: AtomicU32,
 }
 
 /// What `LoopHealth` says.
@@ -58,6 +70,27 @@ impl LoopHealth {
 
     fn step_ok(&self) {
         self.failed_in_a_row.store(0, Ordering::Release);
+    }
+
+    /// Records whether the latest tick with a conversation took longer than the step budget;
+    /// whether that changed the loop from keeping real time to behind, or back.
+    fn tick_timed(&self, slow: bool) -> bool {
+        let was_behind = self.behind();
+        let recent = self.recent_slow.load(Ordering::Acquire);
+        self.recent_slow
+            .store((recent << 1) | u32::from(slow), Ordering::Release);
+        was_behind != self.behind()
+    }
+
+    /// Slow ticks among the recent 32.
+    pub fn slow_ticks(&self) -> u32 {
+        self.recent_slow.load(Ordering::Acquire).count_ones()
+    }
+
+    /// Whether the loop is behind real time: `BEHIND_SLOW_TICKS` or more of the recent ticks
+    /// took longer than the step budget.
+    pub fn behind(&self) -> bool {
+        self.slow_ticks() >= BEHIND_SLOW_TICKS
     }
 
     /// The loop has ended, for `why`.
@@ -103,6 +136,8 @@ pub struct StepLoop<E: Engine> {
     occupancy: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     health: Arc<LoopHealth>,
+    /// The longest tick that keeps real time (`REAL_TIME_STEP` unless set).
+    step_budget: Duration,
 }
 
 impl<E: Engine> StepLoop<E> {
@@ -130,7 +165,14 @@ impl<E: Engine> StepLoop<E> {
             occupancy,
             metrics,
             health: Arc::default(),
+            step_budget: REAL_TIME_STEP,
         }
+    }
+
+    /// Counts a tick longer than `budget` as slow (see `LoopHealth::behind`).
+    pub fn with_step_budget(mut self, budget: Duration) -> Self {
+        self.step_budget = budget;
+        self
     }
 
     /// How the loop fares, shared with whoever reports it.
@@ -295,8 +337,32 @@ impl<E: Engine> StepLoop<E> {
             stages,
             outcome: self.clock.complete(finished),
         };
-        self.record(&report, finished.duration_since(started));
+        let took = finished.duration_since(started);
+        self.record(&report, took);
+        if live {
+            self.note_pace(took, report.active);
+        }
         report
+    }
+
+    /// Counts a tick with `active` conversations that took `took` toward `LoopHealth::behind`,
+    /// and says when the loop falls behind real time or catches up.
+    fn note_pace(&self, took: Duration, active: usize) {
+        let slow = took > self.step_budget;
+        if !self.health.tick_timed(slow) {
+            return;
+        }
+        let budget_ms = self.step_budget.as_millis();
+        match self.health.behind() {
+            true => tracing::warn!(
+                active,
+                step_ms = took.as_secs_f32() * 1000.0,
+                "behind real time: {} of the last 32 ticks took longer than {budget_ms} ms; \
+                 refusing new sessions until they keep it",
+                self.health.slow_ticks()
+            ),
+            false => tracing::info!(active, "keeping real time again; taking new sessions"),
+        }
     }
 
     fn gather(&mut self, now: Instant) {
@@ -827,6 +893,54 @@ mod tests {
         assert!(
             deadline <= h.now && h.now - deadline < FRAME_PERIOD,
             "next tick is the latest due one"
+        );
+    }
+
+    #[test]
+    fn the_loop_is_behind_while_enough_recent_ticks_are_over_budget() {
+        let mut h = Harness::new(1, 0);
+        let health = h.step_loop.health();
+        let (fast, slow) = (Duration::from_millis(20), Duration::from_millis(71));
+        for _ in 0..40 {
+            h.tick_taking(slow);
+        }
+        assert!(!health.behind(), "ticks with no conversation prove nothing");
+        let client = h.join(1);
+        for _ in 1..BEHIND_SLOW_TICKS {
+            h.tick_taking(slow);
+            h.tick_taking(fast);
+        }
+        assert!(!health.behind(), "a slow tick now and then is a hiccup");
+        h.tick_taking(slow);
+        assert!(health.behind());
+        h.tick_taking(REAL_TIME_STEP);
+        assert_eq!(
+            health.slow_ticks(),
+            BEHIND_SLOW_TICKS,
+            "the budget itself is on time"
+        );
+        for _ in 0..32 - 2 * BEHIND_SLOW_TICKS {
+            h.tick_taking(fast);
+        }
+        assert!(
+            health.behind(),
+            "the oldest slow tick is still among the last 32"
+        );
+        h.tick_taking(fast);
+        assert!(
+            !health.behind(),
+            "caught up once slow ticks leave the window"
+        );
+        h.step_loop.leave(client.id);
+        let mut strict = Harness::new(1, 0);
+        strict.step_loop = strict.step_loop.with_step_budget(Duration::from_millis(10));
+        let _client = strict.join(1);
+        for _ in 0..BEHIND_SLOW_TICKS {
+            strict.tick_taking(fast);
+        }
+        assert!(
+            strict.step_loop.health().behind(),
+            "the budget is the loop's own"
         );
     }
 

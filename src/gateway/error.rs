@@ -31,6 +31,9 @@ pub enum ApiError {
     Draining,
     #[error("the model is failing ({0}); retry later")]
     Failing(String),
+    /// The sessions already in take steps too slow for real time (`OpenError::Behind`).
+    #[error("{0}")]
+    Behind(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -42,6 +45,7 @@ impl From<OpenError> for ApiError {
             OpenError::Persona(err) => Self::Persona(err),
             OpenError::Stopped => Self::Draining,
             OpenError::Failing(why) => Self::Failing(why),
+            behind @ OpenError::Behind { .. } => Self::Behind(behind.to_string()),
         }
     }
 }
@@ -56,7 +60,7 @@ impl ApiError {
             | Self::Persona(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NoSession(_) => StatusCode::NOT_FOUND,
-            Self::Full { .. } | Self::Draining | Self::Failing(_) => {
+            Self::Full { .. } | Self::Draining | Self::Failing(_) | Self::Behind(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,6 +80,7 @@ impl ApiError {
             Self::Full { .. } => "full",
             Self::Draining => "draining",
             Self::Failing(_) => "failing",
+            Self::Behind(_) => "behind",
             Self::Internal(_) => "internal",
         }
     }
@@ -103,5 +108,33 @@ impl IntoResponse for ApiError {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_behind_real_time_answers_503_with_retry_after_and_why() {
+        let err = ApiError::from(OpenError::Behind {
+            sessions: 3,
+            slow: 5,
+        });
+        assert_eq!(err.reason(), "behind");
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from_static(RETRY_AFTER_SECONDS))
+        );
+        assert_eq!(
+            ApiError::from(OpenError::Behind {
+                sessions: 3,
+                slow: 5
+            })
+            .to_string(),
+            "the server is behind real time with the 3 sessions it has (5 of the last 32 steps too slow); retry later"
+        );
     }
 }

@@ -92,6 +92,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "engine": state.engine.info().name,
         "sessions": state.engine.active_sessions(),
         "max_sessions": state.engine.max_sessions(),
+        "real_time": state.engine.keeps_real_time(),
     });
     if let Some(error) = error {
         body["error"] = json!(error);
@@ -418,6 +419,7 @@ mod tests {
             send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("\"max_sessions\":3"));
+        assert!(body.contains("\"real_time\":true"), "{body}");
         let (status, _, body) =
             send(&app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
         assert_eq!(status, StatusCode::OK);
