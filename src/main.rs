@@ -113,8 +113,14 @@ struct AdmissionArgs {
 }
 
 impl AdmissionArgs {
-    fn step_budget(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.step_budget_ms)
+    /// The step loop's configuration for `max_sessions`, admitted as these flags say.
+    fn engine_config(&self, max_sessions: usize) -> EngineConfig {
+        EngineConfig {
+            max_sessions,
+            step_budget: std::time::Duration::from_millis(self.step_budget_ms),
+            overload: self.overload,
+            ..Default::default()
+        }
     }
 }
 
@@ -706,14 +712,11 @@ fn init_logging() {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let config = EngineConfig {
-        max_sessions: args.max_sessions,
-        ..Default::default()
-    };
+    let config = args.admission.engine_config(args.max_sessions);
     let engine = match weights_for(args.engine, &args.model)? {
         Some(source) => {
             let slots = args.max_sessions;
-            start_personaplex(source, &args.model, slots, args.admission, config, metrics).await?
+            start_personaplex(source, &args.model, slots, config, metrics).await?
         }
         None => start_engine(
             EchoEngine::new(args.max_sessions, args.echo_delay_frames),
@@ -788,7 +791,6 @@ async fn start_personaplex(
     source: ModelSource,
     model: &ModelArgs,
     slots: usize,
-    admission: AdmissionArgs,
     mut config: EngineConfig,
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
@@ -820,9 +822,7 @@ async fn start_personaplex(
         steps.join(", ")
     );
     let asked = config.max_sessions.min(engine.slots());
-    config.step_budget = admission.step_budget();
-    config.overload = admission.overload;
-    let admission = warm.admit(asked, config.step_budget, admission.overload);
+    let admission = warm.admit(asked, config.step_budget, config.overload);
     let (admitted, slowest) = (admission.sessions, admission.slowest_step);
     let budget = config.step_budget.as_millis();
     let more = more_sessions_hint(on_gpu, quant);
@@ -1142,17 +1142,13 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
         }
         (None, engine) => weights_for(engine, &args.model)?,
     };
+    let config = args.admission.engine_config(args.sessions);
     let engine = match source {
         Some(source) => {
-            let config = EngineConfig {
-                max_sessions: args.sessions,
-                ..Default::default()
-            };
             let metrics = Arc::new(Metrics::new());
-            let slots = args.sessions;
-            start_personaplex(source, &args.model, slots, args.admission, config, metrics).await?
+            start_personaplex(source, &args.model, args.sessions, config, metrics).await?
         }
-        None => loopback::echo_engine(args.sessions, args.echo_delay_frames)?,
+        None => loopback::echo_engine(config, args.echo_delay_frames)?,
     };
     let report = loopback::run(options, engine).await?;
     print_report(report.table(), &report, args.json.as_deref())

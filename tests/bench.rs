@@ -95,6 +95,38 @@ fn random_weights_serve_a_session_without_a_checkpoint() {
 }
 
 #[test]
+fn sessions_beyond_the_step_budget_are_refused_and_counted() {
+    let dir = tiny_dir();
+    // A 10 ms budget: on a CPU the warm-up's steps take longer, so the server admits one session
+    // (at least one always) and refuses the rest as full.
+    let args = [
+        "--model-dir",
+        &dir,
+        "--sessions",
+        "3",
+        "--step-budget-ms",
+        "10",
+        "--seconds",
+        "2",
+    ];
+    let report = model_report("budget", &args);
+    let count = |field: &str| report[field].as_u64().unwrap();
+    assert_eq!(
+        count("sessions_connected")
+            + count("sessions_refused_full")
+            + count("sessions_refused_behind"),
+        3,
+        "{report}"
+    );
+    assert_eq!(
+        count("sessions_refused_full"),
+        3 - count("sessions_admitted"),
+        "{report}"
+    );
+    assert!(count("sessions_admitted") >= 1, "{report}");
+}
+
+#[test]
 fn a_step_budget_outside_the_frame_is_refused() {
     for budget in ["80", "5"] {
         let ran = loopback(&["--engine", "personaplex", "--step-budget-ms", budget]);

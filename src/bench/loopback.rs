@@ -39,13 +39,9 @@ pub struct LoopbackOptions {
     pub seconds: f64,
 }
 
-/// The echo engine for `sessions` sessions, answering after `delay_frames` frames.
-pub fn echo_engine(sessions: usize, delay_frames: usize) -> Result<EngineHandle> {
-    let config = EngineConfig {
-        max_sessions: sessions,
-        ..Default::default()
-    };
-    let engine = EchoEngine::new(sessions, delay_frames);
+/// The echo engine for `config.max_sessions` sessions, answering after `delay_frames` frames.
+pub fn echo_engine(config: EngineConfig, delay_frames: usize) -> Result<EngineHandle> {
+    let engine = EchoEngine::new(config.max_sessions, delay_frames);
     Ok(EngineHandle::start(
         engine,
         config,
@@ -119,6 +115,10 @@ pub struct LoopbackReport {
     pub engine: String,
     pub sessions: usize,
     pub sessions_connected: usize,
+    /// Sessions the server refused because it was full (its warm-up admitted fewer than asked)
+    /// and because its steps ran behind real time as sessions joined.
+    pub sessions_refused_full: u64,
+    pub sessions_refused_behind: u64,
     /// The most sessions the server admits (for a model: those its warm-up found keep real
     /// time, unless `--overload`).
     pub sessions_admitted: usize,
@@ -185,8 +185,9 @@ impl LoopbackReport {
         };
         [
             format!(
-                "loopback: {} sessions ({} connected; the server admits {}), {:.0} s each, engine {}",
-                self.sessions, self.sessions_connected, self.sessions_admitted, self.seconds, self.engine
+                "loopback: {} sessions ({} connected; the server admits {}; refused {} full, {} behind real time), {:.0} s each, engine {}",
+                self.sessions, self.sessions_connected, self.sessions_admitted,
+                self.sessions_refused_full, self.sessions_refused_behind, self.seconds, self.engine
             ),
             format!("{:<34} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max"),
             row("end-to-end latency (ms)", &self.latency_ms),
@@ -528,6 +529,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     let real_time = connected == options.sessions
         && dropped_percent <= 0.1
         && latencies.len() * 100 >= probes_sent * 99;
+    let refused = |reason| metrics.sessions_rejected.with_label_values(&[reason]).get();
     let engine = match &info.model {
         Some(model) => format!("{} ({model})", info.name),
         None => info.name.to_owned(),
@@ -536,6 +538,8 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         engine,
         sessions: options.sessions,
         sessions_connected: connected,
+        sessions_refused_full: refused("full"),
+        sessions_refused_behind: refused("behind"),
         sessions_admitted,
         seconds: options.seconds,
         latency_ms: echoes.then(|| Percentiles::of(&latencies)),
@@ -591,11 +595,12 @@ impl FrameLoss {
             + (self.ticks_missed * self.sessions) as f64
     }
 
-    /// `frames` in percent of all frames.
+    /// `frames` in percent of all frames; at most 100 (a tick already late when counting
+    /// began counts its missed ticks inside the run).
     fn share(&self, frames: f64) -> f64 {
         match self.frames_total {
             0 => 0.0,
-            total => 100.0 * frames / total as f64,
+            total => (100.0 * frames / total as f64).min(100.0),
         }
     }
 
