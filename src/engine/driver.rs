@@ -69,7 +69,7 @@ pub enum OpenError {
     #[error("the model is failing ({0}); retry later")]
     Failing(String),
     #[error(
-        "the server is behind real time with the {sessions} sessions it has ({slow} of the last 32 steps too slow); retry later"
+        "the server is behind real time: {slow} of its last 32 steps took too long, with {sessions} in; retry later"
     )]
     Behind { sessions: usize, slow: u32 },
 }
@@ -191,13 +191,13 @@ impl EngineHandle {
     /// See [`SessionHandle`] for a complete example.
     pub fn open_session(&self, request: &PersonaRequest) -> Result<SessionHandle, OpenError> {
         let persona = self.shared.info.catalog.resolve(request)?;
-        match self.shared.health.state() {
-            Health::Serving => {}
-            Health::Failing { error, .. } => return Err(OpenError::Failing(error)),
-            Health::Stopped(_) => return Err(OpenError::Stopped),
-        }
-        self.refuse_when_behind()?;
+        self.refuse_when_unwell()?;
         self.reserve()?;
+        let others = self.active_sessions().saturating_sub(1);
+        if let Err(behind) = self.refuse_when_behind(others) {
+            self.shared.occupancy.fetch_sub(1, Ordering::AcqRel);
+            return Err(behind);
+        }
         let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (input, input_cons) = ring(self.shared.config.input_ring_samples);
         let (output_prod, output) = ring(self.shared.config.output_ring_samples);
@@ -234,11 +234,29 @@ impl EngineHandle {
         })
     }
 
-    /// Refuses a session while the sessions already in take steps too slow for real time:
+    /// Whether a session would be admitted now, for a transport that answers before it knows
+    /// the persona (a telephony upgrade); reserves nothing, so `open_session` may still refuse.
+    pub fn admits(&self) -> Result<(), OpenError> {
+        self.refuse_when_unwell()?;
+        let (sessions, max) = (self.active_sessions(), self.shared.max_sessions);
+        if sessions >= max {
+            return Err(OpenError::Full { max });
+        }
+        self.refuse_when_behind(sessions)
+    }
+
+    fn refuse_when_unwell(&self) -> Result<(), OpenError> {
+        match self.shared.health.state() {
+            Health::Serving => Ok(()),
+            Health::Failing { error, .. } => Err(OpenError::Failing(error)),
+            Health::Stopped(_) => Err(OpenError::Stopped),
+        }
+    }
+
+    /// Refuses a session while the `sessions` already in take steps too slow for real time:
     /// another would slow every one of them further. With none in, a slow record proves
     /// nothing about the next. An overloaded engine takes them all.
-    fn refuse_when_behind(&self) -> Result<(), OpenError> {
-        let sessions = self.active_sessions();
+    fn refuse_when_behind(&self, sessions: usize) -> Result<(), OpenError> {
         let health = &self.shared.health;
         match sessions > 0 && !self.shared.config.overload && health.behind() {
             true => Err(OpenError::Behind {
@@ -463,12 +481,34 @@ mod tests {
             refused.map(|s| s.id)
         );
         assert_eq!(engine.active_sessions(), 1, "a refusal takes no slot");
+        assert!(matches!(engine.admits(), Err(OpenError::Behind { .. })));
         drop(first);
         assert!(within_seconds(|| engine.active_sessions() == 0));
+        assert!(engine.admits().is_ok());
         assert!(
             engine.open_session(&PersonaRequest::default()).is_ok(),
             "with nobody in, a slow record proves nothing about the next session"
         );
+        engine.shutdown();
+    }
+
+    #[test]
+    fn a_full_loop_says_full_even_while_behind_real_time() {
+        let (engine, _) = too_slow_with(EngineConfig {
+            max_sessions: 1,
+            ..Default::default()
+        });
+        let _first = engine.open_session(&PersonaRequest::default()).unwrap();
+        assert!(within_seconds(|| !engine.keeps_real_time()));
+        for refused in [
+            engine.open_session(&PersonaRequest::default()).map(|_| ()),
+            engine.admits(),
+        ] {
+            assert!(
+                matches!(refused, Err(OpenError::Full { max: 1 })),
+                "{refused:?}"
+            );
+        }
         engine.shutdown();
     }
 

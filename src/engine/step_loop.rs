@@ -82,6 +82,14 @@ impl LoopHealth {
         was_behind != self.behind()
     }
 
+    /// Forgets the slow ticks once no conversation is left: what slowed them has gone. Whether
+    /// the loop was behind.
+    fn idle(&self) -> bool {
+        let was_behind = self.behind();
+        self.recent_slow.store(0, Ordering::Release);
+        was_behind
+    }
+
     /// Slow ticks among the recent 32.
     pub fn slow_ticks(&self) -> u32 {
         self.recent_slow.load(Ordering::Acquire).count_ones()
@@ -339,29 +347,29 @@ impl<E: Engine> StepLoop<E> {
         };
         let took = finished.duration_since(started);
         self.record(&report, took);
-        if live {
-            self.note_pace(took, report.active);
-        }
+        self.note_pace(live.then_some(took), report.active);
         report
     }
 
-    /// Counts a tick with `active` conversations that took `took` toward `LoopHealth::behind`,
-    /// and says when the loop falls behind real time or catches up.
-    fn note_pace(&self, took: Duration, active: usize) {
-        let slow = took > self.step_budget;
-        if !self.health.tick_timed(slow) {
+    /// Counts a tick with `active` conversations that took `took` toward `LoopHealth::behind`
+    /// (`None`: no conversation, and the record starts over), and says when the loop falls
+    /// behind real time or catches up.
+    fn note_pace(&self, took: Option<Duration>, active: usize) {
+        let changed = match took {
+            Some(took) => self.health.tick_timed(took > self.step_budget),
+            None => self.health.idle(),
+        };
+        if !changed {
             return;
         }
         let budget_ms = self.step_budget.as_millis();
         match self.health.behind() {
             true => tracing::warn!(
                 active,
-                step_ms = took.as_secs_f32() * 1000.0,
-                "behind real time: {} of the last 32 ticks took longer than {budget_ms} ms; \
-                 refusing new sessions until they keep it",
+                "behind real time: {} of the last 32 ticks took longer than {budget_ms} ms",
                 self.health.slow_ticks()
             ),
-            false => tracing::info!(active, "keeping real time again; taking new sessions"),
+            false => tracing::info!(active, "keeping real time again"),
         }
     }
 
@@ -931,7 +939,15 @@ mod tests {
             !health.behind(),
             "caught up once slow ticks leave the window"
         );
+        h.tick_taking(slow);
+        h.tick_taking(slow);
         h.step_loop.leave(client.id);
+        h.tick_taking(fast);
+        assert_eq!(
+            health.slow_ticks(),
+            0,
+            "an idle loop forgets its slow ticks"
+        );
         let mut strict = Harness::new(1, 0);
         strict.step_loop = strict.step_loop.with_step_budget(Duration::from_millis(10));
         let _client = strict.join(1);

@@ -134,7 +134,7 @@ mod tests {
                 slow: 5
             })
             .to_string(),
-            "the server is behind real time with the 3 sessions it has (5 of the last 32 steps too slow); retry later"
+            "the server is behind real time: 5 of its last 32 steps took too long, with 3 in; retry later"
         );
     }
 }

@@ -242,16 +242,13 @@ async fn accept<P: Provider>(
         .into_response()
 }
 
-/// Refuses the upgrade while the server is full or draining (503 + Retry-After).
+/// Refuses the upgrade while the server is draining, full, failing or behind real time (503 +
+/// Retry-After).
 fn admit(state: &AppState) -> Result<(), ApiError> {
     if state.is_draining() {
         return Err(ApiError::Draining);
     }
-    let max = state.engine.max_sessions();
-    if state.engine.active_sessions() >= max {
-        return Err(ApiError::Full { max });
-    }
-    Ok(())
+    Ok(state.engine.admits()?)
 }
 
 /// What a call needs from the server.
