@@ -1,6 +1,7 @@
 //! Server-wide Prometheus metrics, shared by the step loop (step times, drops, underruns) and the
 //! transports (sessions, packets). A leaf module: it depends on nothing else in the crate.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -18,6 +19,8 @@ const STEP_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     pub sessions_active: IntGauge,
+    /// 1 while the step loop is behind real time (new sessions refused), else 0.
+    pub behind_real_time: IntGauge,
     pub sessions_opened: IntCounter,
     pub sessions_rejected: IntCounterVec,
     pub sessions_vanished: IntCounter,
@@ -42,63 +45,54 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| {
-            let metric =
-                IntCounter::new(format!("duplex_{name}"), help).expect("metric names are valid");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric registers once");
-            metric
+            register(&registry, IntCounter::new(format!("duplex_{name}"), help))
         };
-        let sessions_active = IntGauge::new(
-            "duplex_sessions_active",
-            "Sessions currently holding a slot",
-        )
-        .expect("metric names are valid");
-        registry
-            .register(Box::new(sessions_active.clone()))
-            .expect("each metric registers once");
-        let sessions_rejected = IntCounterVec::new(
-            Opts::new(
-                "duplex_sessions_rejected_total",
-                "Session requests refused, by reason",
+        let gauge = |name: &str, help: &str| {
+            register(&registry, IntGauge::new(format!("duplex_{name}"), help))
+        };
+        let sessions_active = gauge("sessions_active", "Sessions currently holding a slot");
+        let behind_real_time = gauge(
+            "behind_real_time",
+            "1 while 3 or more of the last 32 ticks with sessions took longer than the step budget (new sessions refused until 32 in a row keep it)",
+        );
+        let sessions_rejected = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "duplex_sessions_rejected_total",
+                    "Session requests refused, by reason",
+                ),
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("metric names are valid");
-        registry
-            .register(Box::new(sessions_rejected.clone()))
-            .expect("each metric registers once");
-        let step_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "duplex_step_seconds",
-                "Wall time of one step-loop tick (all sessions)",
-            )
-            .buckets(STEP_BUCKETS.to_vec()),
-        )
-        .expect("metric names are valid");
-        registry
-            .register(Box::new(step_seconds.clone()))
-            .expect("each metric registers once");
-        let stage_seconds = HistogramVec::new(
-            HistogramOpts::new("duplex_stage_seconds", "Wall time of each stage of a tick")
+        );
+        let step_seconds = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "duplex_step_seconds",
+                    "Wall time of one step-loop tick (all sessions)",
+                )
                 .buckets(STEP_BUCKETS.to_vec()),
-            &["stage"],
-        )
-        .expect("metric names are valid");
-        registry
-            .register(Box::new(stage_seconds.clone()))
-            .expect("each metric registers once");
-        let transport_events = IntCounterVec::new(
-            Opts::new(
-                "duplex_transport_events_total",
-                "WebSocket transport events (ignored messages, bad input, dtmf, marks, clears), by transport and event",
             ),
-            &["transport", "event"],
-        )
-        .expect("metric names are valid");
-        registry
-            .register(Box::new(transport_events.clone()))
-            .expect("each metric registers once");
+        );
+        let stage_seconds = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("duplex_stage_seconds", "Wall time of each stage of a tick")
+                    .buckets(STEP_BUCKETS.to_vec()),
+                &["stage"],
+            ),
+        );
+        let transport_events = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "duplex_transport_events_total",
+                    "WebSocket transport events (ignored messages, bad input, dtmf, marks, clears), by transport and event",
+                ),
+                &["transport", "event"],
+            ),
+        );
         Self {
             sessions_opened: counter("sessions_opened_total", "Sessions opened"),
             sessions_vanished: counter(
@@ -141,6 +135,7 @@ impl Metrics {
             ),
             registry,
             sessions_active,
+            behind_real_time,
             sessions_rejected,
             step_seconds,
             stage_seconds,
@@ -163,6 +158,18 @@ impl Metrics {
             .expect("encoding into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
+}
+
+/// `metric`, made with a valid name and registered once in `registry`.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("metric names are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric registers once");
+    metric
 }
 
 /// A histogram's counts at one moment: what happened between two of them is `since`.

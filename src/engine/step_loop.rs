@@ -371,7 +371,9 @@ impl<E: Engine> StepLoop<E> {
             return;
         }
         let budget_ms = self.step_budget.as_millis();
-        match self.health.behind() {
+        let behind = self.health.behind();
+        self.metrics.behind_real_time.set(i64::from(behind));
+        match behind {
             true => tracing::warn!(
                 active,
                 "behind real time: {} of the last 32 ticks took longer than {budget_ms} ms",
@@ -929,6 +931,7 @@ mod tests {
         assert!(!health.behind(), "a slow tick now and then is a hiccup");
         h.tick_taking(slow);
         assert!(health.behind());
+        assert_eq!(h.step_loop.metrics.behind_real_time.get(), 1);
         h.tick_taking(REAL_TIME_STEP);
         assert_eq!(
             health.slow_ticks(),
@@ -942,6 +945,7 @@ mod tests {
         assert!(health.behind(), "behind while any of the last 32 is slow");
         h.tick_taking(fast);
         assert!(!health.behind(), "caught up once every slow tick has left");
+        assert_eq!(h.step_loop.metrics.behind_real_time.get(), 0);
         h.tick_taking(slow);
         h.tick_taking(slow);
         h.step_loop.leave(client.id);
