@@ -96,7 +96,7 @@ struct TuneArgs {
     progress: Option<PathBuf>,
 }
 
-/// How many sessions the model's warm-up lets in.
+/// Which sessions are let in: by the model's warm-up, and while the steps run behind real time.
 #[derive(Args, Clone, Copy)]
 struct AdmissionArgs {
     /// Admit every session asked for even where the warm-up measured that fewer keep real time,

@@ -83,11 +83,11 @@ fn random_weights_serve_a_session_without_a_checkpoint() {
     assert_eq!(report["engine"], "personaplex (random mid)");
     assert_eq!(report["sessions_connected"], 1);
     assert!(report["steps"]["ticks"].as_u64().unwrap() > 0, "{report}");
-    // Far slower than real time on a CPU, so ticks are missed: each is one frame lost, though
-    // both of its sides lose it (this was 147 % when the sides were added).
+    // Far slower than real time on a CPU, so ticks are missed, and both sides of each lose its
+    // frame: the run's loss is the worse side's, not their sum (151 % on one such run).
     let lost = |field: &str| report[field].as_f64().unwrap();
     assert!(
-        (0.0..=100.0).contains(&lost("dropped_percent"))
+        lost("output_lost_percent") > 0.0
             && lost("dropped_percent")
                 == lost("input_lost_percent").max(lost("output_lost_percent")),
         "{report}"

@@ -191,13 +191,8 @@ impl EngineHandle {
     /// See [`SessionHandle`] for a complete example.
     pub fn open_session(&self, request: &PersonaRequest) -> Result<SessionHandle, OpenError> {
         let persona = self.shared.info.catalog.resolve(request)?;
-        self.refuse_when_unwell()?;
+        self.admits()?;
         self.reserve()?;
-        let others = self.active_sessions().saturating_sub(1);
-        if let Err(behind) = self.refuse_when_behind(others) {
-            self.shared.occupancy.fetch_sub(1, Ordering::AcqRel);
-            return Err(behind);
-        }
         let id = SessionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (input, input_cons) = ring(self.shared.config.input_ring_samples);
         let (output_prod, output) = ring(self.shared.config.output_ring_samples);
@@ -234,29 +229,22 @@ impl EngineHandle {
         })
     }
 
-    /// Whether a session would be admitted now, for a transport that answers before it knows
-    /// the persona (a telephony upgrade); reserves nothing, so `open_session` may still refuse.
+    /// Whether a session would be admitted now: the loop serves, a slot is free (a full engine
+    /// says so first, the lasting reason), and the sessions already in keep real time — while
+    /// they do not, another would slow every one of them further (with none in, a slow record
+    /// proves nothing; an overloaded engine takes them all). Reserves nothing: a transport that
+    /// answers before it knows the persona (a telephony upgrade) asks this, and `open_session`
+    /// then reserves.
     pub fn admits(&self) -> Result<(), OpenError> {
-        self.refuse_when_unwell()?;
+        match self.shared.health.state() {
+            Health::Serving => {}
+            Health::Failing { error, .. } => return Err(OpenError::Failing(error)),
+            Health::Stopped(_) => return Err(OpenError::Stopped),
+        }
         let (sessions, max) = (self.active_sessions(), self.shared.max_sessions);
         if sessions >= max {
             return Err(OpenError::Full { max });
         }
-        self.refuse_when_behind(sessions)
-    }
-
-    fn refuse_when_unwell(&self) -> Result<(), OpenError> {
-        match self.shared.health.state() {
-            Health::Serving => Ok(()),
-            Health::Failing { error, .. } => Err(OpenError::Failing(error)),
-            Health::Stopped(_) => Err(OpenError::Stopped),
-        }
-    }
-
-    /// Refuses a session while the `sessions` already in take steps too slow for real time:
-    /// another would slow every one of them further. With none in, a slow record proves
-    /// nothing about the next. An overloaded engine takes them all.
-    fn refuse_when_behind(&self, sessions: usize) -> Result<(), OpenError> {
         let health = &self.shared.health;
         match sessions > 0 && !self.shared.config.overload && health.behind() {
             true => Err(OpenError::Behind {
