@@ -1,12 +1,13 @@
 //! The `duplex` command line: `serve`, `local`, `offline`, `fetch` and `bench`.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use duplex::bench::loopback::{self, LoopbackOptions};
 use duplex::engine::REAL_TIME_STEP;
 use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
+use duplex::gateway::ice::{IceConfig, TurnAuth};
 use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, ports};
 use duplex::metrics::Metrics;
@@ -561,9 +562,76 @@ struct NetworkArgs {
     /// Seconds a client has to connect after receiving the answer.
     #[arg(long, default_value_t = 20.0)]
     connect_timeout_secs: f64,
+    /// A STUN or TURN server (repeat, or comma-separate in DUPLEX_ICE_SERVERS), e.g.
+    /// stun:stun.example.com:3478 or turn:turn.example.com:3478. The server's peers gather from
+    /// it (a public address from STUN, a relay from TURN over UDP) and so does the page.
+    #[arg(
+        long = "ice-server",
+        value_name = "URL",
+        env = "DUPLEX_ICE_SERVERS",
+        value_delimiter = ','
+    )]
+    ice_servers: Vec<String>,
+    /// The secret shared with the TURN servers (coturn: use-auth-secret, static-auth-secret):
+    /// each peer, and each page asking GET /api/ice, gets its own credential, valid for
+    /// --turn-credential-secs.
+    #[arg(long, env = "DUPLEX_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+    /// How long a credential minted from --turn-secret is valid: at least the longest call.
+    #[arg(long, default_value_t = 86_400)]
+    turn_credential_secs: u64,
+    /// The username of the TURN servers (they share one), instead of --turn-secret.
+    #[arg(long, env = "DUPLEX_ICE_USERNAME")]
+    ice_username: Option<String>,
+    /// The credential of --ice-username. GET /api/ice hands it to the page: anyone with the
+    /// page (and the --token, if set) can relay through the TURN servers.
+    #[arg(
+        long,
+        env = "DUPLEX_ICE_CREDENTIAL",
+        hide_env_values = true,
+        requires = "ice_username"
+    )]
+    ice_credential: Option<String>,
+    /// Send every call's media through the TURN server: peers, the server's and the page's,
+    /// gather relay candidates only.
+    #[arg(long, env = "DUPLEX_ICE_RELAY_ONLY")]
+    ice_relay_only: bool,
 }
 
 impl NetworkArgs {
+    /// The STUN and TURN URLs given, without empty items (`a,,b`, or an empty variable).
+    fn ice_urls(&self) -> Vec<String> {
+        self.ice_servers
+            .iter()
+            .map(|url| url.trim())
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The TURN credentials given; an empty value (an unset variable in Compose) is none.
+    fn turn_auth(&self) -> Result<TurnAuth> {
+        let given = |value: &Option<String>| value.clone().filter(|v| !v.is_empty());
+        let fixed = (given(&self.ice_username), given(&self.ice_credential));
+        match (given(&self.turn_secret), fixed) {
+            (Some(_), (Some(_), _) | (_, Some(_))) => {
+                bail!(
+                    "--turn-secret mints TURN credentials: leave out --ice-username and --ice-credential"
+                )
+            }
+            (Some(secret), _) => Ok(TurnAuth::Secret {
+                secret,
+                lifetime: Duration::from_secs(self.turn_credential_secs),
+            }),
+            (None, (Some(username), Some(credential))) => Ok(TurnAuth::Fixed {
+                username,
+                credential,
+            }),
+            (None, (None, None)) => Ok(TurnAuth::None),
+            (None, _) => bail!("--ice-username and --ice-credential go together"),
+        }
+    }
+
     fn peer_settings(&self) -> Result<PeerSettings> {
         let ports = match &self.udp_ports {
             Some(text) => Some(
@@ -580,6 +648,7 @@ impl NetworkArgs {
             ice_disconnected: Duration::from_secs_f64(self.ice_disconnected_secs),
             ice_failed: Duration::from_secs_f64(self.ice_failed_secs),
             connect_timeout: Duration::from_secs_f64(self.connect_timeout_secs),
+            ice: IceConfig::new(self.ice_urls(), self.turn_auth()?, self.ice_relay_only)?,
         })
     }
 }
@@ -711,6 +780,15 @@ fn init_logging() {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    // Checked before the weights load: a typo in a flag should not cost minutes.
+    let peer = args.network.peer_settings()?;
+    if !peer.ice.is_empty() {
+        tracing::info!(
+            servers = %peer.ice.urls().join(" "),
+            relay_only = peer.ice.relay_only(),
+            "peers gather candidates from STUN/TURN servers"
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let config = args.admission.engine_config(args.max_sessions);
     let engine = match weights_for(args.engine, &args.model)? {
@@ -729,7 +807,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let gateway = GatewayConfig {
         token: args.token.clone(),
-        peer: args.network.peer_settings()?,
+        peer,
     };
     let state = AppState::new(engine.clone(), gateway);
     let addr = SocketAddr::new(args.host, args.port);

@@ -61,11 +61,21 @@ fn can_isolate() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-#[test]
-fn the_page_connects_and_plays_the_agents_audio() {
+/// What runs beside the server in the page's network namespace.
+struct Scenario<'a> {
+    name: &'a str,
+    /// Shell lines run before the server starts.
+    setup: &'a str,
+    /// More `duplex serve` arguments.
+    serve_args: &'a str,
+}
+
+/// Runs the page against `duplex serve` and returns the browser script's report, once both
+/// ended well and the agent's audio was heard.
+fn run_page(scenario: Scenario) -> Option<serde_json::Value> {
     if std::env::var_os("DUPLEX_SKIP_BROWSER").is_some() {
         eprintln!("browser test skipped: DUPLEX_SKIP_BROWSER is set");
-        return;
+        return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     assert!(
@@ -78,13 +88,14 @@ fn the_page_connects_and_plays_the_agents_audio() {
             .exists(),
         "Node packages missing: run `bash .ci/setup test`"
     );
-    let dir = common::scratch_dir("browser");
+    let dir = common::scratch_dir(scenario.name);
     let wav = speech_wav(&dir);
     let screenshot = dir.join("browser.png");
     let port = free_port();
     let script = format!(
         r#"ip link set lo up 2>/dev/null
-"{duplex}" serve --host 127.0.0.1 --port {port} --max-sessions 2 &
+{setup}
+"{duplex}" serve --host 127.0.0.1 --port {port} --max-sessions 2 {serve_args} &
 server=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && break; sleep 0.1; done
 node "{e2e}" --url http://127.0.0.1:{port}/ --wav "{wav}" --screenshot "{shot}" --timeout-ms 40000
@@ -95,6 +106,8 @@ server_status=$?
 echo "server exit: $server_status" >&2
 [ $status -eq 0 ] && [ $server_status -eq 0 ]
 "#,
+        setup = scenario.setup,
+        serve_args = scenario.serve_args,
         duplex = env!("CARGO_BIN_EXE_duplex"),
         e2e = root.join("tests/browser/e2e.mjs").display(),
         wav = wav.display(),
@@ -142,4 +155,46 @@ echo "server exit: $server_status" >&2
         "server or browser exited badly\nstderr:\n{stderr}"
     );
     assert!(screenshot.exists(), "no screenshot was written");
+    Some(report)
+}
+
+#[test]
+fn the_page_connects_and_plays_the_agents_audio() {
+    let report = run_page(Scenario {
+        name: "browser",
+        setup: "",
+        serve_args: "",
+    });
+    if let Some(report) = report {
+        assert_eq!(report["link"]["localCandidateType"], "host", "{report}");
+    }
+}
+
+/// The page takes the server's TURN server from `/api/info`: with `--ice-relay-only` the
+/// browser and the server each reach the other only through relays of a coturn on loopback.
+#[test]
+fn the_page_talks_through_the_servers_turn_server() {
+    let turn_port = free_port();
+    let setup = format!(
+        r#"turnserver -n --no-cli --no-tls --no-dtls --no-tcp --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 \
+  --listening-port={turn_port} --min-port=30000 --max-port=30099 --lt-cred-mech --realm=duplex \
+  --allow-loopback-peers --user=duplex:page-secret --userdb=/tmp/duplex-turndb-{turn_port} \
+  --pidfile=/tmp/duplex-turn-{turn_port}.pid --log-file=stdout --simple-log >/dev/null 2>&1 &
+turn=$!
+trap 'kill $turn 2>/dev/null' EXIT
+sleep 1
+kill -0 $turn || {{ echo "turnserver did not start: run bash .ci/setup test" >&2; exit 1; }}"#
+    );
+    let serve_args = format!(
+        "--ice-server turn:127.0.0.1:{turn_port} --ice-username duplex --ice-credential page-secret --ice-relay-only"
+    );
+    let report = run_page(Scenario {
+        name: "browser-turn",
+        setup: &setup,
+        serve_args: &serve_args,
+    });
+    if let Some(report) = report {
+        assert_eq!(report["link"]["localCandidateType"], "relay", "{report}");
+        assert_eq!(report["link"]["remoteCandidateType"], "relay", "{report}");
+    }
 }

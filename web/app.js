@@ -2,6 +2,7 @@
 //
 // Talks only to the documented endpoints:
 //   GET    /api/info            engine, voices, role prompt presets, limits
+//   GET    /api/ice             STUN/TURN servers for this call's peer (bearer token)
 //   POST   /api/offer           SDP offer (non-trickle) → SDP answer + session id
 //   DELETE /api/sessions/<id>   hang up
 // plus the WebRTC data channel "events" (ready, text, stats, error).
@@ -297,7 +298,9 @@ async function connect() {
     ensureCurrent(thisCall);
     addMicMeter(thisCall);
 
-    const pc = createPeerConnection(thisCall);
+    const ice = await fetchIceConfig();
+    ensureCurrent(thisCall);
+    const pc = createPeerConnection(thisCall, ice);
     const micTrack = thisCall.micStream.getAudioTracks()[0];
     pc.addTransceiver(micTrack, { direction: "sendrecv", streams: [thisCall.micStream] });
     thisCall.channel = openEventChannel(thisCall);
@@ -305,6 +308,9 @@ async function connect() {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGatheringComplete(pc, ICE_GATHERING_CAP_MS);
     ensureCurrent(thisCall);
+    if (!/^a=candidate:/m.test(pc.localDescription.sdp) && ice.iceTransportPolicy === "relay") {
+      throw new Error("The server relays every call through its TURN server, and that server gave this browser no relay address. It may be unreachable from this network.");
+    }
 
     const answer = await postOffer({
       sdp: pc.localDescription.sdp,
@@ -385,8 +391,21 @@ function microphoneErrorMessage(err) {
   }
 }
 
-function createPeerConnection(thisCall) {
-  const pc = new RTCPeerConnection(); // no ICE servers: the server answers with a reachable candidate
+// The server's STUN/TURN servers (`serve --ice-server`), with TURN credentials minted for this
+// call; none: the server's answer carries a candidate this browser can reach directly.
+async function fetchIceConfig() {
+  let response;
+  try {
+    response = await fetch("/api/ice", { headers: { Accept: "application/json", ...authHeaders() }, cache: "no-store" });
+  } catch {
+    throw new Error("Couldn't reach the server. Is duplex still running?");
+  }
+  if (!response.ok) throw await errorFromResponse(response);
+  return response.json();
+}
+
+function createPeerConnection(thisCall, ice) {
+  const pc = new RTCPeerConnection({ iceServers: ice.iceServers, iceTransportPolicy: ice.iceTransportPolicy });
   thisCall.pc = pc;
   pc.addEventListener("track", (event) => onAgentTrack(thisCall, event));
   pc.addEventListener("connectionstatechange", () => onConnectionStateChange(thisCall));
@@ -707,7 +726,16 @@ function summarizeLinkStats(report) {
     uplinkLossPercent: remoteInbound?.fractionLost !== undefined ? remoteInbound.fractionLost * 100 : null,
     uplinkJitterMs: remoteInbound?.jitter !== undefined ? remoteInbound.jitter * 1000 : null,
     uplinkRttMs: rtcpRttS !== undefined ? rtcpRttS * 1000 : null,
+    // "host", "srflx", "prflx" or "relay": "relay" on either side means the audio goes through a TURN server.
+    localCandidateType: report.get(pair?.localCandidateId)?.candidateType ?? null,
+    remoteCandidateType: report.get(pair?.remoteCandidateId)?.candidateType ?? null,
   };
+}
+
+function linkPath(link) {
+  if (link.localCandidateType === null) return "";
+  const relayed = link.localCandidateType === "relay" || link.remoteCandidateType === "relay";
+  return relayed ? "Audio goes through a TURN relay." : "Audio goes straight to the server.";
 }
 
 function selectedCandidatePair(report, stats) {
@@ -717,7 +745,8 @@ function selectedCandidatePair(report, stats) {
 }
 
 function renderLinkMetrics(link) {
-  setMetric(ui.metricRtt, link.rttMs, "ms", 0, link.uplinkRttMs !== null ? `RTCP round trip ${link.uplinkRttMs.toFixed(0)} ms` : "");
+  const rttNotes = [link.uplinkRttMs !== null ? `RTCP round trip ${link.uplinkRttMs.toFixed(0)} ms.` : "", linkPath(link)];
+  setMetric(ui.metricRtt, link.rttMs, "ms", 0, rttNotes.filter(Boolean).join(" "));
   setMetric(ui.metricJitter, link.jitterMs, "ms", 1, link.uplinkJitterMs !== null ? `Server sees ${link.uplinkJitterMs.toFixed(1)} ms from you` : "");
   setMetric(
     ui.metricLoss,

@@ -4,6 +4,7 @@
 
 use crate::audio::opus::{EncoderConfig, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use crate::audio::{PACKET_PERIOD, PACKET_SAMPLES};
+use crate::gateway::ice::IceConfig;
 use crate::gateway::peer::{opus_media_engine, opus_track};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -29,6 +30,8 @@ pub struct ClientOptions {
     pub token: Option<String>,
     pub voice: Option<String>,
     pub prompt: Option<String>,
+    /// STUN and TURN servers to gather from (none: host candidates only).
+    pub ice: IceConfig,
 }
 
 /// The agent audio received so far.
@@ -120,6 +123,8 @@ pub struct ClientPeer {
     options: ClientOptions,
     /// The session id the server assigned.
     pub session: String,
+    /// The server's answer.
+    pub answer_sdp: String,
 }
 
 /// The server refused the offer.
@@ -145,6 +150,7 @@ impl ClientPeer {
         let (media, registry) = opus_media_engine()?;
         let pc: Arc<dyn PeerConnection> = Arc::new(
             PeerConnectionBuilder::new()
+                .with_configuration(options.ice.configuration())
                 .with_media_engine(media)
                 .with_interceptor_registry(registry)
                 .with_handler(handler)
@@ -175,7 +181,7 @@ impl ClientPeer {
                 return Err(err);
             }
         };
-        pc.set_remote_description(RTCSessionDescription::answer(answer_sdp)?)
+        pc.set_remote_description(RTCSessionDescription::answer(answer_sdp.clone())?)
             .await?;
         let mut client = Self {
             pc,
@@ -188,6 +194,7 @@ impl ClientPeer {
             http,
             options,
             session,
+            answer_sdp,
         };
         client.wait_connected(Duration::from_secs(10)).await?;
         client.payload_type = payload_type(&sender).await?;

@@ -3,6 +3,7 @@
 //! is checked here and turned into a session on the engine; nothing here touches tensors.
 
 mod error;
+pub mod ice;
 pub mod jitter;
 pub mod media;
 pub mod moshi_ws;

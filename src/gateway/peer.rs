@@ -2,6 +2,7 @@
 //! sendrecv, and reporting its state, the remote audio track and the `events` data channel.
 
 use super::error::ApiError;
+use super::ice::{self, IceConfig};
 use super::jitter::InboundAudio;
 use super::ports::{PortLease, PortPool};
 use crate::engine::{SessionId, SessionStats};
@@ -33,8 +34,9 @@ pub const EVENTS_CHANNEL: &str = "events";
 /// Opus as browsers offer it; the fmtp asks the other side for in-band FEC.
 const OPUS_FMTP: &str = "minptime=10;useinbandfec=1";
 const OPUS_PAYLOAD_TYPE: u8 = 111;
-/// How long ICE gathering may take before the answer is sent without it.
-const GATHER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long ICE gathering may take before the answer is sent with the candidates so far: a
+/// STUN or TURN server that does not answer delays each call's start by this much.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Network settings shared by every peer.
 #[derive(Debug, Clone)]
@@ -50,6 +52,8 @@ pub struct PeerSettings {
     pub ice_failed: Duration,
     /// Time a client has to connect after the answer.
     pub connect_timeout: Duration,
+    /// STUN and TURN servers, also handed to the page.
+    pub ice: IceConfig,
 }
 
 impl Default for PeerSettings {
@@ -61,6 +65,7 @@ impl Default for PeerSettings {
             ice_disconnected: Duration::from_secs(5),
             ice_failed: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(20),
+            ice: IceConfig::default(),
         }
     }
 }
@@ -218,7 +223,7 @@ pub async fn answer(
         metrics,
     });
     let (pc, port) = build(settings, events).await?;
-    match negotiate(&pc, offer, &mut gathered).await {
+    match negotiate(&pc, offer, &mut gathered, &settings.ice).await {
         Ok((answer_sdp, track, sender, ssrc)) => Ok(Peer {
             pc,
             answer_sdp,
@@ -250,6 +255,7 @@ async fn build(
         let (media, registry) =
             opus_media_engine().map_err(|e| ApiError::Internal(e.to_string()))?;
         let built = PeerConnectionBuilder::new()
+            .with_configuration(settings.ice.configuration())
             .with_media_engine(media)
             .with_interceptor_registry(registry)
             .with_setting_engine(setting_engine(settings))
@@ -294,12 +300,24 @@ fn udp_addrs(settings: &PeerSettings, port: u16) -> Vec<SocketAddr> {
     addrs
 }
 
+/// Why gathering found no address a client could reach.
+fn no_candidate_reason(ice: &IceConfig) -> String {
+    if ice.relay_only() {
+        "the TURN server gave this server no relay address (unreachable, or it refused the \
+         credentials of --turn-secret or --ice-username/--ice-credential)"
+            .to_owned()
+    } else {
+        "no network interface gave an address".to_owned()
+    }
+}
+
 type Negotiated = (String, Arc<TrackLocalStaticSample>, Arc<dyn RtpSender>, u32);
 
 async fn negotiate(
     pc: &Arc<dyn PeerConnection>,
     offer: RTCSessionDescription,
     gathered: &mut watch::Receiver<bool>,
+    ice: &IceConfig,
 ) -> Result<Negotiated, ApiError> {
     pc.set_remote_description(offer)
         .await
@@ -328,5 +346,8 @@ async fn negotiate(
         .local_description()
         .await
         .ok_or_else(|| ApiError::Internal("no local description".into()))?;
+    if ice::candidate_count(&local.sdp) == 0 {
+        return Err(ApiError::NoCandidate(no_candidate_reason(ice)));
+    }
     Ok((local.sdp, track, sender, ssrc))
 }

@@ -1,5 +1,5 @@
 //! HTTP routes: the page, signaling (`/api/offer`, `/api/sessions/{id}`), the WebSocket
-//! transports (`/api/chat`, `/telephony/*`), `/api/info`, `/health` and `/metrics`.
+//! transports (`/api/chat`, `/telephony/*`), `/api/info`, `/api/ice`, `/health` and `/metrics`.
 
 use super::AppState;
 use super::error::ApiError;
@@ -40,6 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { page(STYLE_CSS, "text/css; charset=utf-8") }),
         )
         .route("/api/info", get(info))
+        .route("/api/ice", get(ice))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/chat", get(super::moshi_ws::chat))
@@ -72,6 +73,14 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "auth_required": state.config.token.is_some(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
+}
+
+/// `GET /api/ice`: the STUN and TURN servers the page's peer gathers from, with credentials
+/// minted now; behind the token, like the offer it precedes.
+async fn ice(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let page = state.config.peer.ice.for_page();
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(page)).into_response())
 }
 
 /// 200 while the engine serves; 503 while draining, once its steps keep failing (each ends
@@ -312,6 +321,28 @@ mod tests {
         assert_eq!(info["engine"], "echo");
         assert!(info["notice"].as_str().unwrap().contains("Echo engine"));
         assert_eq!(info["voices"].as_array().unwrap().len(), 18);
+        state.engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn ice_servers_are_handed_out_behind_the_token_and_never_cached() {
+        let (app, state) = app(Some("s3cret"), 2);
+        let ice = |token: Option<&str>| {
+            let mut request = Request::get("/api/ice");
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            request.body(Body::empty()).unwrap()
+        };
+        let (status, _, _) = send(&app, ice(None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, _) = send(&app, ice(Some("wrong"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, headers, body) = send(&app, ice(Some("s3cret"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(page, json!({"iceServers": [], "iceTransportPolicy": "all"}));
         state.engine.shutdown();
     }
 

@@ -4,6 +4,7 @@
 
 use duplex::audio::{SAMPLE_RATE, signal, wav};
 use duplex::engine::{EchoEngine, EngineConfig, EngineHandle};
+use duplex::gateway::ice::IceConfig;
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server};
 use duplex::metrics::Metrics;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -35,6 +36,7 @@ pub struct ServerOptions {
     pub token: Option<String>,
     pub ice_disconnected: Duration,
     pub ice_failed: Duration,
+    pub ice: IceConfig,
 }
 
 impl Default for ServerOptions {
@@ -45,6 +47,7 @@ impl Default for ServerOptions {
             token: None,
             ice_disconnected: Duration::from_secs(2),
             ice_failed: Duration::from_secs(2),
+            ice: IceConfig::default(),
         }
     }
 }
@@ -74,6 +77,7 @@ impl TestServer {
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             ice_disconnected: options.ice_disconnected,
             ice_failed: options.ice_failed,
+            ice: options.ice,
             ..Default::default()
         };
         let state = AppState::new(

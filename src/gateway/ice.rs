@@ -1,0 +1,352 @@
+//! The STUN and TURN servers WebRTC peers gather candidates from: checked once at start, used by
+//! every peer the server answers with, and handed to the page (`GET /api/ice`, behind the token)
+//! so a browser gathers from them too.
+//!
+//! A STUN server lets a server behind NAT learn and announce its public address; a TURN server
+//! relays the media when no direct path exists (both sides behind NAT, UDP blocked). The
+//! server's own peers (webrtc-rs) use `stun:` and `turn:` over UDP only; `turns:`, `stuns:` and
+//! `?transport=tcp` are handed to browsers, which can use them.
+//!
+//! TURN credentials are either one fixed username and credential, or minted for each peer from
+//! a secret shared with the TURN server (the TURN REST scheme coturn's `use-auth-secret`
+//! checks): the username is the expiry time and the credential its HMAC-SHA1 under the secret,
+//! so a browser is handed a credential that lapses instead of the server's password.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rtc::ice::url::{SchemeType, Url};
+use serde::Serialize;
+use sha1::Sha1;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use webrtc::peer_connection::{
+    RTCConfiguration, RTCConfigurationBuilder, RTCIceServer, RTCIceTransportPolicy,
+};
+
+/// The name in every minted TURN username.
+const REST_USER: &str = "duplex";
+
+/// How TURN servers learn who is relaying.
+#[derive(Debug, Clone, Default)]
+pub enum TurnAuth {
+    /// No TURN server.
+    #[default]
+    None,
+    /// One username and credential, as given.
+    Fixed {
+        username: String,
+        credential: String,
+    },
+    /// Minted per peer from the secret shared with the TURN server, valid for `lifetime`.
+    Secret { secret: String, lifetime: Duration },
+}
+
+impl TurnAuth {
+    fn is_none(&self) -> bool {
+        matches!(self, Self::None)
+    }
+
+    /// A username and credential for a peer starting at `now`.
+    fn credentials(&self, now: SystemTime) -> (String, String) {
+        match self {
+            Self::None => (String::new(), String::new()),
+            Self::Fixed {
+                username,
+                credential,
+            } => (username.clone(), credential.clone()),
+            Self::Secret { secret, lifetime } => {
+                let expiry = (now + *lifetime)
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let username = format!("{expiry}:{REST_USER}");
+                (username.clone(), rest_credential(secret, &username))
+            }
+        }
+    }
+}
+
+/// The TURN REST credential of `username`: base64 of its HMAC-SHA1 under `secret`.
+fn rest_credential(secret: &str, username: &str) -> String {
+    let mut mac =
+        Hmac::<Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// The ICE servers and policy, as given on the command line and checked.
+#[derive(Debug, Clone, Default)]
+pub struct IceConfig {
+    urls: Vec<String>,
+    auth: TurnAuth,
+    relay_only: bool,
+}
+
+/// What is wrong with the ICE settings, said in the flags' terms.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IceError {
+    #[error(
+        "--ice-server {url}: {why}; write stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]"
+    )]
+    BadUrl { url: String, why: String },
+    #[error(
+        "--ice-server {0} is a TURN server: give --turn-secret (shared with it) or --ice-username and --ice-credential"
+    )]
+    NoCredentials(String),
+    #[error("TURN credentials were given, and no --ice-server is a TURN server")]
+    CredentialsWithoutTurn,
+    #[error(
+        "--ice-relay-only needs a turn: server over UDP (the server's own peers relay through no other kind)"
+    )]
+    RelayOnlyWithoutTurn,
+}
+
+/// Whether the server's own peers (webrtc-rs) can gather from `url`.
+fn server_can_use(url: &Url) -> bool {
+    match url.scheme {
+        SchemeType::Stun => true,
+        SchemeType::Turn => url.proto.to_string() == "udp",
+        _ => false,
+    }
+}
+
+fn is_turn(url: &Url) -> bool {
+    matches!(url.scheme, SchemeType::Turn | SchemeType::Turns)
+}
+
+impl IceConfig {
+    /// Checks `urls` and the TURN credentials they share. With `relay_only`, peers gather relay
+    /// candidates only: every call's media goes through the TURN server.
+    pub fn new(urls: Vec<String>, auth: TurnAuth, relay_only: bool) -> Result<Self, IceError> {
+        let mut parsed = Vec::with_capacity(urls.len());
+        for raw in &urls {
+            let url = Url::parse_url(raw).map_err(|err| IceError::BadUrl {
+                url: raw.clone(),
+                why: err.to_string(),
+            })?;
+            if is_turn(&url) && auth.is_none() {
+                return Err(IceError::NoCredentials(raw.clone()));
+            }
+            parsed.push(url);
+        }
+        if !auth.is_none() && !parsed.iter().any(is_turn) {
+            return Err(IceError::CredentialsWithoutTurn);
+        }
+        if relay_only && !parsed.iter().any(|url| is_turn(url) && server_can_use(url)) {
+            return Err(IceError::RelayOnlyWithoutTurn);
+        }
+        for (raw, url) in urls.iter().zip(&parsed) {
+            if !server_can_use(url) {
+                tracing::warn!(
+                    url = %raw,
+                    "the server's own peers use only stun: and turn: over UDP; this server is handed to browsers only"
+                );
+            }
+        }
+        Ok(Self {
+            urls,
+            auth,
+            relay_only,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    pub fn relay_only(&self) -> bool {
+        self.relay_only
+    }
+
+    /// The servers with credentials for a peer starting now.
+    fn servers(&self) -> Vec<RTCIceServer> {
+        if self.urls.is_empty() {
+            return Vec::new();
+        }
+        let (username, credential) = self.auth.credentials(SystemTime::now());
+        vec![RTCIceServer {
+            urls: self.urls.clone(),
+            username,
+            credential,
+        }]
+    }
+
+    fn policy(&self) -> RTCIceTransportPolicy {
+        if self.relay_only {
+            RTCIceTransportPolicy::Relay
+        } else {
+            RTCIceTransportPolicy::All
+        }
+    }
+
+    /// The configuration of one of the server's peers.
+    pub fn configuration(&self) -> RTCConfiguration {
+        RTCConfigurationBuilder::new()
+            .with_ice_servers(self.servers())
+            .with_ice_transport_policy(self.policy())
+            .build()
+    }
+
+    /// What the page passes to `new RTCPeerConnection(...)`: the W3C `RTCConfiguration` fields,
+    /// with credentials minted now.
+    pub fn for_page(&self) -> PageIce {
+        PageIce {
+            ice_servers: self
+                .servers()
+                .into_iter()
+                .map(|server| PageIceServer {
+                    urls: server.urls,
+                    username: (!server.username.is_empty()).then_some(server.username),
+                    credential: (!server.credential.is_empty()).then_some(server.credential),
+                })
+                .collect(),
+            ice_transport_policy: if self.relay_only { "relay" } else { "all" },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PageIce {
+    pub ice_servers: Vec<PageIceServer>,
+    pub ice_transport_policy: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PageIceServer {
+    pub urls: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// How many ICE candidates an SDP carries.
+pub fn candidate_count(sdp: &str) -> usize {
+    sdp.lines()
+        .filter(|line| line.starts_with("a=candidate:"))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(urls: &[&str], user: Option<&str>, relay_only: bool) -> Result<IceConfig, IceError> {
+        let auth = match user {
+            Some(user) => TurnAuth::Fixed {
+                username: user.to_owned(),
+                credential: "secret".to_owned(),
+            },
+            None => TurnAuth::None,
+        };
+        let urls = urls.iter().map(|url| url.to_string()).collect();
+        IceConfig::new(urls, auth, relay_only)
+    }
+
+    #[test]
+    fn no_servers_gather_host_candidates_only() {
+        let ice = config(&[], None, false).unwrap();
+        assert!(ice.is_empty());
+        assert!(ice.configuration().ice_servers().is_empty());
+        let page = serde_json::to_value(ice.for_page()).unwrap();
+        assert_eq!(
+            page,
+            serde_json::json!({"iceServers": [], "iceTransportPolicy": "all"})
+        );
+    }
+
+    #[test]
+    fn stun_and_turn_servers_reach_the_peers_and_the_page() {
+        let ice = config(
+            &["stun:stun.example.com:19302", "turn:203.0.113.7:3478"],
+            Some("duplex"),
+            true,
+        )
+        .unwrap();
+        let peer = ice.configuration();
+        assert_eq!(peer.ice_transport_policy(), RTCIceTransportPolicy::Relay);
+        assert_eq!(peer.ice_servers()[0].urls.len(), 2);
+        assert_eq!(peer.ice_servers()[0].username, "duplex");
+        let page = serde_json::to_value(ice.for_page()).unwrap();
+        assert_eq!(
+            page,
+            serde_json::json!({
+                "iceServers": [{
+                    "urls": ["stun:stun.example.com:19302", "turn:203.0.113.7:3478"],
+                    "username": "duplex",
+                    "credential": "secret",
+                }],
+                "iceTransportPolicy": "relay",
+            })
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_flag_to_fix() {
+        let bad_url = config(&["stun://stun.example.com"], None, false).unwrap_err();
+        assert!(
+            matches!(&bad_url, IceError::BadUrl { url, .. } if url == "stun://stun.example.com")
+        );
+        assert!(bad_url.to_string().contains("write stun:HOST"), "{bad_url}");
+        assert!(matches!(
+            config(&["http:example.com"], None, false),
+            Err(IceError::BadUrl { .. })
+        ));
+        assert_eq!(
+            config(&["turn:203.0.113.7"], None, false).unwrap_err(),
+            IceError::NoCredentials("turn:203.0.113.7".into())
+        );
+        assert_eq!(
+            config(&["stun:203.0.113.7"], Some("duplex"), false).unwrap_err(),
+            IceError::CredentialsWithoutTurn
+        );
+        assert_eq!(
+            config(&["stun:203.0.113.7"], None, true).unwrap_err(),
+            IceError::RelayOnlyWithoutTurn
+        );
+        // A TURN server the server's peers cannot reach over UDP leaves them nothing to relay.
+        assert_eq!(
+            config(&["turns:turn.example.com"], Some("duplex"), true).unwrap_err(),
+            IceError::RelayOnlyWithoutTurn
+        );
+        assert!(config(&["turns:turn.example.com"], Some("duplex"), false).is_ok());
+    }
+
+    #[test]
+    fn a_shared_secret_mints_credentials_that_lapse() {
+        let auth = TurnAuth::Secret {
+            secret: "north-wind".into(),
+            lifetime: Duration::from_secs(3600),
+        };
+        let (username, credential) =
+            auth.credentials(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(username, "1700003600:duplex");
+        // Python: base64(hmac.new(b"north-wind", b"1700003600:duplex", sha1).digest())
+        assert_eq!(credential, "xBj8pUUwSkO3sCNqomlLGDwBd7s=");
+
+        let ice = IceConfig::new(vec!["turn:203.0.113.7".into()], auth, false).unwrap();
+        let page = ice.for_page();
+        let minted = page.ice_servers[0].username.as_deref().unwrap();
+        let expiry: u64 = minted.strip_suffix(":duplex").unwrap().parse().unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!((now + 3599..=now + 3601).contains(&expiry), "{minted}");
+        assert_eq!(
+            page.ice_servers[0].credential.as_deref(),
+            Some(rest_credential("north-wind", minted).as_str())
+        );
+    }
+
+    #[test]
+    fn candidates_are_counted_in_an_sdp() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ relay\r\na=candidate:2 1 udp 2 127.0.0.1 5001 typ host\r\n";
+        assert_eq!(candidate_count(sdp), 2);
+        assert_eq!(candidate_count("v=0\r\n"), 0);
+    }
+}

@@ -1,0 +1,460 @@
+//! Calls through a real TURN server (coturn's `turnserver`, on loopback): the server's peers
+//! gather relay candidates from it, a relay-only call carries its audio through it both ways,
+//! and a TURN server that refuses the server's credentials gets a clear refusal, not an answer
+//! no client can reach.
+
+mod common;
+
+use common::{ServerOptions, TestServer, speech};
+use duplex::audio::SAMPLE_RATE;
+use duplex::bench::client::{ClientOptions, ClientPeer, Refused};
+use duplex::gateway::ice::{IceConfig, TurnAuth};
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::ops::RangeInclusive;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const USER: &str = "duplex";
+const PASSWORD: &str = "turn-password";
+const SHARED_SECRET: &str = "shared-with-coturn";
+
+/// How coturn checks credentials.
+enum Credentials {
+    /// One long-term user, `USER` with `PASSWORD`.
+    LongTerm,
+    /// The TURN REST scheme: usernames carry their expiry, credentials are their HMAC under
+    /// `SHARED_SECRET`.
+    Secret,
+}
+
+/// A coturn process on 127.0.0.1 with one long-term user, relaying between loopback peers.
+struct Coturn {
+    child: Child,
+    port: u16,
+    relay_ports: RangeInclusive<u16>,
+}
+
+impl Coturn {
+    fn start(credentials: Credentials) -> Self {
+        let binary = std::env::var("TURNSERVER").unwrap_or_else(|_| "turnserver".into());
+        let port = free_udp_port();
+        // Relay ports from a block the OS hands out rarely; coturn binds them on demand.
+        let first_relay = 20_000 + (port % 200) * 50;
+        let relay_ports = first_relay..=first_relay + 49;
+        let dir = common::scratch_dir("turn");
+        let child = Command::new(&binary)
+            .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
+            .args(["--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+            .arg(format!("--listening-port={port}"))
+            .arg(format!("--min-port={}", relay_ports.start()))
+            .arg(format!("--max-port={}", relay_ports.end()))
+            .args(["--realm=duplex", "--allow-loopback-peers"])
+            .args(match credentials {
+                Credentials::LongTerm => [
+                    "--lt-cred-mech".to_owned(),
+                    format!("--user={USER}:{PASSWORD}"),
+                ],
+                Credentials::Secret => [
+                    "--use-auth-secret".to_owned(),
+                    format!("--static-auth-secret={SHARED_SECRET}"),
+                ],
+            })
+            .arg(format!("--pidfile={}", dir.join("turn.pid").display()))
+            .arg(format!("--userdb={}", dir.join("turndb").display()))
+            .args(["--log-file=stdout", "--simple-log"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start {binary} ({err}): run `bash .ci/setup test` (Debian's coturn)")
+            });
+        let mut turn = Self {
+            child,
+            port,
+            relay_ports,
+        };
+        turn.drain_log();
+        turn.wait_until_it_answers();
+        turn
+    }
+
+    fn url(&self) -> String {
+        format!("turn:127.0.0.1:{}", self.port)
+    }
+
+    fn ice(&self, password: &str, relay_only: bool) -> IceConfig {
+        let auth = TurnAuth::Fixed {
+            username: USER.into(),
+            credential: password.into(),
+        };
+        IceConfig::new(vec![self.url()], auth, relay_only).unwrap()
+    }
+
+    /// Keeps coturn's pipe from filling; its log goes to the test's stderr at debug level.
+    fn drain_log(&mut self) {
+        let stdout = self.child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                tracing::debug!(target: "coturn", "{line}");
+            }
+        });
+    }
+
+    /// Sends STUN binding requests until one is answered.
+    fn wait_until_it_answers(&mut self) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        request.extend_from_slice(b"duplex-test!");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut reply = [0u8; 512];
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("turnserver exited at start: {status}");
+            }
+            socket.send_to(&request, ("127.0.0.1", self.port)).unwrap();
+            if let Ok((len, _)) = socket.recv_from(&mut reply)
+                && len >= 20
+                && reply[..2] == [0x01, 0x01]
+            {
+                return;
+            }
+        }
+        panic!("turnserver did not answer STUN on port {}", self.port);
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Each candidate line's type and port.
+fn candidates(sdp: &str) -> Vec<(String, u16)> {
+    sdp.lines()
+        .filter_map(|line| line.strip_prefix("a=candidate:"))
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let kind = fields
+                .iter()
+                .position(|field| *field == "typ")
+                .map(|at| fields[at + 1].to_owned())
+                .expect("a candidate has a type");
+            (kind, fields[5].parse().expect("a candidate has a port"))
+        })
+        .collect()
+}
+
+const SENTENCE: &str = "This call goes through a relay on both sides and still comes back.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_only_call_carries_its_audio_through_the_turn_server() {
+    let turn = Coturn::start(Credentials::LongTerm);
+    let server = TestServer::start(ServerOptions {
+        ice: turn.ice(PASSWORD, true),
+        ..Default::default()
+    })
+    .await;
+
+    let mut client = ClientPeer::connect(ClientOptions {
+        base_url: server.base_url.clone(),
+        ice: turn.ice(PASSWORD, true),
+        ..Default::default()
+    })
+    .await
+    .expect("a relay-only client reaches a relay-only server through TURN");
+    let offered = candidates(&client.answer_sdp);
+    assert!(!offered.is_empty(), "{}", client.answer_sdp);
+    for (kind, port) in &offered {
+        assert_eq!(kind, "relay", "{}", client.answer_sdp);
+        assert!(
+            turn.relay_ports.contains(port),
+            "the relay port {port} is not one of coturn's"
+        );
+    }
+
+    let sent = speech(SENTENCE, 3.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (correlation, round_trip_ms) =
+        common::echo_correlation(&sent, &client.recording().pcm, SAMPLE_RATE);
+    eprintln!("through TURN: echo correlation {correlation:.3} at {round_trip_ms:.0} ms");
+    assert!(correlation > 0.7, "correlation {correlation}");
+
+    client.close().await.unwrap();
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_server_that_refuses_the_credentials_gets_a_clear_503() {
+    let turn = Coturn::start(Credentials::LongTerm);
+    let server = TestServer::start(ServerOptions {
+        ice: turn.ice("wrong-password", true),
+        ..Default::default()
+    })
+    .await;
+    let started = Instant::now();
+    let err = ClientPeer::connect(ClientOptions {
+        base_url: server.base_url.clone(),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("no call without a relay address");
+    let refused = err
+        .downcast_ref::<Refused>()
+        .unwrap_or_else(|| panic!("not a refusal: {err:#}"));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.retry_after.is_some());
+    assert!(
+        refused
+            .body
+            .contains("TURN server gave this server no relay address"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    let rejected = server
+        .metrics
+        .sessions_rejected
+        .with_label_values(&["no_candidate"])
+        .get();
+    assert_eq!(rejected, 1);
+    assert!(
+        server.sessions_end_within(Duration::from_secs(3)).await,
+        "the refused call's slot was freed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_stun_and_turn_the_answer_offers_a_public_address_and_a_relay_beside_its_own() {
+    let turn = Coturn::start(Credentials::LongTerm);
+    // coturn answers STUN too: on loopback the address it sees is the server's own.
+    let urls = vec![format!("stun:127.0.0.1:{}", turn.port), turn.url()];
+    let auth = TurnAuth::Fixed {
+        username: USER.into(),
+        credential: PASSWORD.into(),
+    };
+    let server = TestServer::start(ServerOptions {
+        ice: IceConfig::new(urls, auth, false).unwrap(),
+        ..Default::default()
+    })
+    .await;
+    // A client that knows no TURN server still connects, straight to the server's address.
+    let started = Instant::now();
+    let mut client = ClientPeer::connect(ClientOptions {
+        base_url: server.base_url.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Gathering finished: the answer did not wait out the server's 3 s cap.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    let kinds: Vec<String> = candidates(&client.answer_sdp)
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert!(kinds.iter().any(|k| k == "host"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "relay"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "srflx"), "{kinds:?}");
+    let sent = speech(SENTENCE, 2.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (correlation, _) = common::echo_correlation(&sent, &client.recording().pcm, SAMPLE_RATE);
+    assert!(correlation > 0.7, "correlation {correlation}");
+    client.close().await.unwrap();
+    server.stop().await;
+}
+
+/// What `GET /api/ice` hands the page, as the client's settings.
+async fn ice_for_the_page(server: &TestServer) -> (IceConfig, serde_json::Value) {
+    let page: serde_json::Value = reqwest::get(format!("{}/api/ice", server.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = &page["iceServers"][0];
+    let urls = entry["urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|url| url.as_str().unwrap().to_owned())
+        .collect();
+    let auth = TurnAuth::Fixed {
+        username: entry["username"].as_str().unwrap().to_owned(),
+        credential: entry["credential"].as_str().unwrap().to_owned(),
+    };
+    let relay_only = page["iceTransportPolicy"] == "relay";
+    (IceConfig::new(urls, auth, relay_only).unwrap(), page)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_minted_from_a_shared_secret_relay_both_sides_of_a_call() {
+    let turn = Coturn::start(Credentials::Secret);
+    let auth = TurnAuth::Secret {
+        secret: SHARED_SECRET.into(),
+        lifetime: Duration::from_secs(600),
+    };
+    let server = TestServer::start(ServerOptions {
+        ice: IceConfig::new(vec![turn.url()], auth, true).unwrap(),
+        ..Default::default()
+    })
+    .await;
+    // The client relays with what the page is handed, as a browser would.
+    let (ice, page) = ice_for_the_page(&server).await;
+    let username = page["iceServers"][0]["username"].as_str().unwrap();
+    assert!(username.ends_with(":duplex"), "{page}");
+    assert_ne!(page["iceServers"][0]["credential"], SHARED_SECRET, "{page}");
+    assert_eq!(page["iceTransportPolicy"], "relay", "{page}");
+    let mut client = ClientPeer::connect(ClientOptions {
+        base_url: server.base_url.clone(),
+        ice,
+        ..Default::default()
+    })
+    .await
+    .expect("minted credentials relay the client and the server");
+    assert!(
+        candidates(&client.answer_sdp)
+            .iter()
+            .all(|(kind, port)| kind == "relay" && turn.relay_ports.contains(port)),
+        "{}",
+        client.answer_sdp
+    );
+    let sent = speech(SENTENCE, 2.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (correlation, _) = common::echo_correlation(&sent, &client.recording().pcm, SAMPLE_RATE);
+    assert!(correlation > 0.7, "correlation {correlation}");
+    client.close().await.unwrap();
+    server.stop().await;
+}
+
+/// `duplex serve` with `args`: its exit status and what it printed, once it has stopped.
+fn serve_with(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--engine",
+            "echo",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), printed)
+}
+
+#[test]
+fn serve_refuses_ice_settings_it_cannot_use_and_says_which_flag() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--ice-server", "turn:127.0.0.1:3478"],
+            "is a TURN server: give --turn-secret",
+        ),
+        (&["--ice-server", "stun://127.0.0.1"], "write stun:HOST"),
+        (
+            &["--ice-server", "stun:127.0.0.1", "--ice-relay-only"],
+            "--ice-relay-only needs a turn: server",
+        ),
+        (
+            &[
+                "--ice-server",
+                "turn:127.0.0.1",
+                "--turn-secret",
+                "s",
+                "--ice-username",
+                "u",
+                "--ice-credential",
+                "c",
+            ],
+            "leave out --ice-username and --ice-credential",
+        ),
+        (
+            &["--ice-server", "turn:127.0.0.1", "--ice-username", "u"],
+            "--ice-username and --ice-credential go together",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (ok, printed) = serve_with(args);
+        assert!(!ok, "serve {args:?} started");
+        assert!(printed.contains(expected), "serve {args:?}:\n{printed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_stun_or_turn_server_delays_the_answer_but_the_call_connects() {
+    // Nothing listens on these ports: every request to them goes unanswered.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let auth = TurnAuth::Fixed {
+        username: USER.into(),
+        credential: PASSWORD.into(),
+    };
+    let urls = vec![
+        format!("stun:127.0.0.1:{port}"),
+        format!("turn:127.0.0.1:{port}"),
+    ];
+    // The defaults of `serve`: the server's checks must outlast the wait for its gathering.
+    let server = TestServer::start(ServerOptions {
+        ice: IceConfig::new(urls, auth, false).unwrap(),
+        ice_disconnected: Duration::from_secs(5),
+        ice_failed: Duration::from_secs(10),
+        ..Default::default()
+    })
+    .await;
+    let started = Instant::now();
+    let client = ClientPeer::connect(ClientOptions {
+        base_url: server.base_url.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("the server's own address still reaches the client");
+    eprintln!("connected after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "connecting took {:?}",
+        started.elapsed()
+    );
+    let kinds: Vec<String> = candidates(&client.answer_sdp)
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|kind| kind == "host"),
+        "{}",
+        client.answer_sdp
+    );
+    client.close().await.unwrap();
+    drop(silent);
+    server.stop().await;
+}
