@@ -9,7 +9,7 @@ use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequ
 use duplex::fetch::FetchOptions;
 use duplex::gateway::ice::{IceConfig, TurnAuth};
 use duplex::gateway::tls::{self, TlsSource};
-use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, ports};
+use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, peer, ports};
 use duplex::metrics::Metrics;
 use duplex::model::config::LmConfig;
 use duplex::model::files::{DEFAULT_REPO, ModelFiles};
@@ -438,6 +438,11 @@ struct DoctorArgs {
     model_dir: Option<PathBuf>,
     #[arg(long, default_value = DEFAULT_REPO)]
     repo: String,
+    /// The UDP address `serve` would bind its media sockets to.
+    #[arg(long, default_value = "0.0.0.0", env = "DUPLEX_UDP_BIND")]
+    udp_bind: IpAddr,
+    #[command(flatten)]
+    ice: IceArgs,
 }
 
 #[derive(Args)]
@@ -562,6 +567,13 @@ struct NetworkArgs {
     /// Seconds a client has to connect after receiving the answer.
     #[arg(long, default_value_t = 20.0)]
     connect_timeout_secs: f64,
+    #[command(flatten)]
+    ice: IceArgs,
+}
+
+/// The STUN and TURN servers, for `serve` and `doctor`.
+#[derive(Args)]
+struct IceArgs {
     /// A STUN or TURN server (repeat, or comma-separate in DUPLEX_ICE_SERVERS), e.g.
     /// stun:stun.example.com:3478 or turn:turn.example.com:3478. The server's peers gather from
     /// it (a public address from STUN, a relay from TURN over UDP) and so does the page.
@@ -578,27 +590,22 @@ struct NetworkArgs {
     #[arg(long, env = "DUPLEX_TURN_SECRET", hide_env_values = true)]
     turn_secret: Option<String>,
     /// How long a credential minted from --turn-secret is valid: at least the longest call.
-    #[arg(long, default_value_t = 86_400)]
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..=31_536_000))]
     turn_credential_secs: u64,
     /// The username of the TURN servers (they share one), instead of --turn-secret.
     #[arg(long, env = "DUPLEX_ICE_USERNAME")]
     ice_username: Option<String>,
     /// The credential of --ice-username. GET /api/ice hands it to the page: anyone with the
     /// page (and the --token, if set) can relay through the TURN servers.
-    #[arg(
-        long,
-        env = "DUPLEX_ICE_CREDENTIAL",
-        hide_env_values = true,
-        requires = "ice_username"
-    )]
+    #[arg(long, env = "DUPLEX_ICE_CREDENTIAL", hide_env_values = true)]
     ice_credential: Option<String>,
     /// Send every call's media through the TURN server: peers, the server's and the page's,
     /// gather relay candidates only.
-    #[arg(long, env = "DUPLEX_ICE_RELAY_ONLY")]
+    #[arg(long, env = "DUPLEX_ICE_RELAY_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
     ice_relay_only: bool,
 }
 
-impl NetworkArgs {
+impl IceArgs {
     /// The STUN and TURN URLs given, without empty items (`a,,b`, or an empty variable).
     fn ice_urls(&self) -> Vec<String> {
         self.ice_servers
@@ -632,6 +639,16 @@ impl NetworkArgs {
         }
     }
 
+    fn config(&self) -> Result<IceConfig> {
+        Ok(IceConfig::new(
+            self.ice_urls(),
+            self.turn_auth()?,
+            self.ice_relay_only,
+        )?)
+    }
+}
+
+impl NetworkArgs {
     fn peer_settings(&self) -> Result<PeerSettings> {
         let ports = match &self.udp_ports {
             Some(text) => Some(
@@ -648,7 +665,7 @@ impl NetworkArgs {
             ice_disconnected: Duration::from_secs_f64(self.ice_disconnected_secs),
             ice_failed: Duration::from_secs_f64(self.ice_failed_secs),
             connect_timeout: Duration::from_secs_f64(self.connect_timeout_secs),
-            ice: IceConfig::new(self.ice_urls(), self.turn_auth()?, self.ice_relay_only)?,
+            ice: self.ice.config()?,
         })
     }
 }
@@ -779,15 +796,30 @@ fn init_logging() {
         .init();
 }
 
+/// Logs what the STUN and TURN servers give this server, once, while the rest starts.
+async fn report_ice_servers(peer: PeerSettings) {
+    let servers = peer.ice.urls().join(" ");
+    let relay_only = peer.ice.relay_only();
+    match peer::check_ice_servers(&peer).await {
+        Ok(found) => tracing::info!(%servers, relay_only, "STUN/TURN servers: {found}"),
+        Err(missing) => tracing::warn!(
+            %servers,
+            relay_only,
+            "STUN/TURN servers: {missing}; calls from outside this network may not connect"
+        ),
+    }
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     // Checked before the weights load: a typo in a flag should not cost minutes.
     let peer = args.network.peer_settings()?;
     if !peer.ice.is_empty() {
-        tracing::info!(
-            servers = %peer.ice.urls().join(" "),
-            relay_only = peer.ice.relay_only(),
-            "peers gather candidates from STUN/TURN servers"
-        );
+        if peer.ice.has_turn() && args.token.is_none() {
+            tracing::warn!(
+                "GET /api/ice hands TURN credentials to anyone who can reach this port: set --token (DUPLEX_TOKEN) to keep strangers from relaying through your TURN server"
+            );
+        }
+        tokio::spawn(report_ice_servers(peer.clone()));
     }
     let metrics = Arc::new(Metrics::new());
     let config = args.admission.engine_config(args.max_sessions);
@@ -1054,6 +1086,16 @@ fn doctor(args: DoctorArgs) -> Result<()> {
     report
         .checks
         .extend(duplex::tune::doctor_check(&exe, &duplex::tune::cache_dir()));
+    let ice = args.ice.config()?;
+    if !ice.is_empty() {
+        let check = ice_check(PeerSettings {
+            bind_ip: args.udp_bind,
+            ice,
+            ..Default::default()
+        })?;
+        report.ok &= check.status != duplex::doctor::Status::Fail;
+        report.checks.push(check);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -1063,6 +1105,32 @@ fn doctor(args: DoctorArgs) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `doctor`'s line for the STUN and TURN servers: what they gave a probe peer.
+fn ice_check(settings: PeerSettings) -> Result<duplex::doctor::Check> {
+    use duplex::doctor::{Check, Status};
+    let runtime = tokio::runtime::Runtime::new()?;
+    let servers = settings.ice.urls().join(" ");
+    Ok(match runtime.block_on(peer::check_ice_servers(&settings)) {
+        Ok(found) => Check {
+            name: "ice",
+            status: Status::Ok,
+            detail: format!("{servers}: {found}"),
+            fix: None,
+        },
+        Err(missing) => Check {
+            name: "ice",
+            status: Status::Fail,
+            detail: format!("{servers}: {missing}"),
+            fix: Some(
+                "check that the servers are reachable over UDP from here and that the TURN \
+                 credentials (--turn-secret, or --ice-username/--ice-credential) are the ones \
+                 the TURN server expects"
+                    .into(),
+            ),
+        },
+    })
 }
 
 async fn fetch(args: FetchArgs) -> Result<()> {

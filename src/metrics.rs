@@ -24,6 +24,8 @@ pub struct Metrics {
     pub sessions_opened: IntCounter,
     pub sessions_rejected: IntCounterVec,
     pub sessions_vanished: IntCounter,
+    /// Answers sent before ICE gathering ended: a STUN or TURN server that does not answer.
+    pub ice_gathering_timeouts: IntCounter,
     pub step_seconds: Histogram,
     pub stage_seconds: HistogramVec,
     pub ticks_overrun: IntCounter,
@@ -98,6 +100,10 @@ impl Metrics {
             sessions_vanished: counter(
                 "sessions_vanished_total",
                 "Sessions whose client disappeared without closing (ICE failure or no connection)",
+            ),
+            ice_gathering_timeouts: counter(
+                "ice_gathering_timeouts_total",
+                "Answers sent when ICE gathering had not ended after 3 s (a STUN or TURN server that does not answer)",
             ),
             ticks_overrun: counter(
                 "ticks_overrun_total",

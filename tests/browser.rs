@@ -170,7 +170,7 @@ fn the_page_connects_and_plays_the_agents_audio() {
     }
 }
 
-/// The page takes the server's TURN server from `/api/info`: with `--ice-relay-only` the
+/// The page takes the server's TURN server from `/api/ice`: with `--ice-relay-only` the
 /// browser and the server each reach the other only through relays of a coturn on loopback.
 #[test]
 fn the_page_talks_through_the_servers_turn_server() {
@@ -182,8 +182,8 @@ fn the_page_talks_through_the_servers_turn_server() {
   --pidfile=/tmp/duplex-turn-{turn_port}.pid --log-file=stdout --simple-log >/dev/null 2>&1 &
 turn=$!
 trap 'kill $turn 2>/dev/null' EXIT
-sleep 1
-kill -0 $turn || {{ echo "turnserver did not start: run bash .ci/setup test" >&2; exit 1; }}"#
+for _ in $(seq 50); do ss -Hlun "sport = :{turn_port}" | grep -q . && break; sleep 0.1; done
+ss -Hlun "sport = :{turn_port}" | grep -q . || {{ echo "turnserver did not start: run bash .ci/setup test" >&2; exit 1; }}"#
     );
     let serve_args = format!(
         "--ice-server turn:127.0.0.1:{turn_port} --ice-username duplex --ice-credential page-secret --ice-relay-only"

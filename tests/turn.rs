@@ -200,7 +200,7 @@ async fn a_relay_only_call_carries_its_audio_through_the_turn_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_turn_server_that_refuses_the_credentials_gets_a_clear_503() {
+async fn a_turn_server_that_refuses_the_credentials_gets_a_clear_502() {
     let turn = Coturn::start(Credentials::LongTerm);
     let server = TestServer::start(ServerOptions {
         ice: turn.ice("wrong-password", true),
@@ -218,8 +218,9 @@ async fn a_turn_server_that_refuses_the_credentials_gets_a_clear_503() {
     let refused = err
         .downcast_ref::<Refused>()
         .unwrap_or_else(|| panic!("not a refusal: {err:#}"));
-    assert_eq!(refused.status, 503, "{}", refused.body);
-    assert!(refused.retry_after.is_some());
+    // The deployment's fault, which retrying does not mend: no "busy", no Retry-After.
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert!(refused.retry_after.is_none());
     assert!(
         refused
             .body
@@ -228,7 +229,7 @@ async fn a_turn_server_that_refuses_the_credentials_gets_a_clear_503() {
         refused.body
     );
     assert!(
-        started.elapsed() < Duration::from_secs(8),
+        started.elapsed() < Duration::from_secs(10),
         "the refusal took {:?}",
         started.elapsed()
     );
@@ -260,7 +261,6 @@ async fn with_stun_and_turn_the_answer_offers_a_public_address_and_a_relay_besid
     })
     .await;
     // A client that knows no TURN server still connects, straight to the server's address.
-    let started = Instant::now();
     let mut client = ClientPeer::connect(ClientOptions {
         base_url: server.base_url.clone(),
         ..Default::default()
@@ -268,11 +268,7 @@ async fn with_stun_and_turn_the_answer_offers_a_public_address_and_a_relay_besid
     .await
     .unwrap();
     // Gathering finished: the answer did not wait out the server's 3 s cap.
-    assert!(
-        started.elapsed() < Duration::from_millis(2500),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_eq!(server.metrics.ice_gathering_timeouts.get(), 0);
     let kinds: Vec<String> = candidates(&client.answer_sdp)
         .into_iter()
         .map(|(kind, _)| kind)
@@ -353,37 +349,63 @@ async fn credentials_minted_from_a_shared_secret_relay_both_sides_of_a_call() {
     server.stop().await;
 }
 
-/// `duplex serve` with `args`: its exit status and what it printed, once it has stopped.
-fn serve_with(args: &[&str]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--engine",
-            "echo",
-        ])
+/// How `duplex serve` with `args` and `env` (no other `DUPLEX_` variable) turned out.
+enum Serve {
+    /// It stopped at once, with its output.
+    Refused(String),
+    /// It was still serving after a few seconds (then killed).
+    Serving,
+}
+
+/// An environment variable's name and value.
+type Variable<'a> = (&'a str, &'a str);
+
+fn serve_with(args: &[&str], env: &[Variable]) -> Serve {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_duplex"));
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("DUPLEX_")) {
+        command.env_remove(name);
+    }
+    let mut child = command
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(["--engine", "echo"])
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), printed)
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            let output = child.wait_with_output().unwrap();
+            return Serve::Refused(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Serve::Serving
 }
 
 #[test]
 fn serve_refuses_ice_settings_it_cannot_use_and_says_which_flag() {
-    let cases: [(&[&str], &str); 5] = [
+    let turn = ["--ice-server", "turn:127.0.0.1"];
+    let cases: [(&[&str], &[Variable], &str); 7] = [
+        (&turn, &[], "is a TURN server: give --turn-secret"),
         (
-            &["--ice-server", "turn:127.0.0.1:3478"],
-            "is a TURN server: give --turn-secret",
+            &["--ice-server", "stun://127.0.0.1"],
+            &[],
+            "write stun:HOST",
         ),
-        (&["--ice-server", "stun://127.0.0.1"], "write stun:HOST"),
         (
             &["--ice-server", "stun:127.0.0.1", "--ice-relay-only"],
+            &[],
+            "--ice-relay-only needs a turn: server",
+        ),
+        (
+            &["--ice-server", "stun:127.0.0.1"],
+            &[("DUPLEX_ICE_RELAY_ONLY", "1")],
             "--ice-relay-only needs a turn: server",
         ),
         (
@@ -397,17 +419,45 @@ fn serve_refuses_ice_settings_it_cannot_use_and_says_which_flag() {
                 "--ice-credential",
                 "c",
             ],
+            &[],
             "leave out --ice-username and --ice-credential",
         ),
         (
-            &["--ice-server", "turn:127.0.0.1", "--ice-username", "u"],
+            &turn,
+            &[("DUPLEX_ICE_CREDENTIAL", "c")],
             "--ice-username and --ice-credential go together",
         ),
+        (
+            &["--turn-secret", "s", "--turn-credential-secs", "0"],
+            &[],
+            "--turn-credential-secs",
+        ),
     ];
-    for (args, expected) in cases {
-        let (ok, printed) = serve_with(args);
-        assert!(!ok, "serve {args:?} started");
-        assert!(printed.contains(expected), "serve {args:?}:\n{printed}");
+    for (args, env, expected) in cases {
+        match serve_with(args, env) {
+            Serve::Refused(printed) => {
+                assert!(
+                    printed.contains(expected),
+                    "serve {args:?} {env:?}:\n{printed}"
+                )
+            }
+            Serve::Serving => panic!("serve {args:?} {env:?} started"),
+        }
+    }
+}
+
+#[test]
+fn empty_ice_variables_as_compose_passes_them_mean_none() {
+    let empty = [
+        ("DUPLEX_ICE_SERVERS", ""),
+        ("DUPLEX_TURN_SECRET", ""),
+        ("DUPLEX_ICE_USERNAME", ""),
+        ("DUPLEX_ICE_CREDENTIAL", ""),
+        ("DUPLEX_ICE_RELAY_ONLY", ""),
+    ];
+    match serve_with(&[], &empty) {
+        Serve::Serving => {}
+        Serve::Refused(printed) => panic!("serve refused empty variables:\n{printed}"),
     }
 }
 
@@ -439,9 +489,9 @@ async fn an_unreachable_stun_or_turn_server_delays_the_answer_but_the_call_conne
     })
     .await
     .expect("the server's own address still reaches the client");
-    eprintln!("connected after {:?}", started.elapsed());
+    assert_eq!(server.metrics.ice_gathering_timeouts.get(), 1);
     assert!(
-        started.elapsed() < Duration::from_secs(6),
+        started.elapsed() < Duration::from_secs(8),
         "connecting took {:?}",
         started.elapsed()
     );
@@ -456,5 +506,137 @@ async fn an_unreachable_stun_or_turn_server_delays_the_answer_but_the_call_conne
     );
     client.close().await.unwrap();
     drop(silent);
+    server.stop().await;
+}
+
+/// `duplex doctor --json`'s `ice` check with `args`.
+fn doctor_ice_check(args: &[String]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["doctor", "--json", "--port", "0", "--udp-bind", "127.0.0.1"])
+        .args(args)
+        .env("DUPLEX_MODEL_DIR", common::scratch_dir("doctor-no-weights"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "doctor printed no JSON ({err}):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == "ice")
+        .unwrap_or_else(|| panic!("no ice check: {report}"))
+        .clone()
+}
+
+#[test]
+fn doctor_says_what_the_turn_server_gave_or_why_not() {
+    let turn = Coturn::start(Credentials::LongTerm);
+    let with_password = |password: &str| {
+        vec![
+            "--ice-server".to_owned(),
+            turn.url(),
+            "--ice-username".to_owned(),
+            USER.to_owned(),
+            "--ice-credential".to_owned(),
+            password.to_owned(),
+        ]
+    };
+    let good = doctor_ice_check(&with_password(PASSWORD));
+    assert_eq!(good["status"], "ok", "{good}");
+    assert!(
+        good["detail"]
+            .as_str()
+            .unwrap()
+            .contains("relay 127.0.0.1:"),
+        "{good}"
+    );
+    let refused = doctor_ice_check(&with_password("wrong"));
+    assert_eq!(refused["status"], "fail", "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no TURN server gave this server a relay"),
+        "{refused}"
+    );
+    assert!(refused["fix"].as_str().unwrap().contains("--turn-secret"));
+}
+
+#[test]
+fn serve_logs_what_the_turn_server_gave_at_start() {
+    let turn = Coturn::start(Credentials::LongTerm);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--engine",
+            "echo",
+        ])
+        .args(["--udp-bind", "127.0.0.1", "--ice-server", &turn.url()])
+        .args(["--ice-username", USER, "--ice-credential", PASSWORD])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("STUN/TURN servers:") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no STUN/TURN line in:\n{}", seen.join("\n")));
+    assert!(line.contains("relay 127.0.0.1:"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_cannot_reach_the_servers_does_not_hold_up_the_answer() {
+    // `serve` binds loopback beside its public socket; from loopback a remote server cannot be
+    // reached at all (the send fails at once). That must end its gathering, not wait it out.
+    let auth = TurnAuth::Fixed {
+        username: USER.into(),
+        credential: PASSWORD.into(),
+    };
+    let urls = vec![
+        "stun:203.0.113.1:3478".into(),
+        "turn:203.0.113.1:3478".into(),
+    ];
+    let server = TestServer::start(ServerOptions {
+        ice: IceConfig::new(urls, auth, false).unwrap(),
+        ..Default::default()
+    })
+    .await;
+    let client = ClientPeer::connect(ClientOptions {
+        base_url: server.base_url.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(server.metrics.ice_gathering_timeouts.get(), 0);
+    client.close().await.unwrap();
     server.stop().await;
 }

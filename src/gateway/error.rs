@@ -34,8 +34,9 @@ pub enum ApiError {
     /// The sessions already in take steps too slow for real time (`OpenError::Behind`).
     #[error("{0}")]
     Behind(String),
-    /// ICE gathering left the answer without a single address to reach the server at.
-    #[error("the server has no address to offer this call: {0}; retry later")]
+    /// ICE gathering left the answer without a single address to reach the server at: a
+    /// fault of the deployment (its TURN server), which retrying does not mend.
+    #[error("the server has no address to offer this call: {0}")]
     NoCandidate(String),
     #[error("internal error: {0}")]
     Internal(String),
@@ -63,11 +64,10 @@ impl ApiError {
             | Self::Persona(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NoSession(_) => StatusCode::NOT_FOUND,
-            Self::Full { .. }
-            | Self::Draining
-            | Self::Failing(_)
-            | Self::Behind(_)
-            | Self::NoCandidate(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Full { .. } | Self::Draining | Self::Failing(_) | Self::Behind(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::NoCandidate(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

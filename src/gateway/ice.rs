@@ -26,7 +26,7 @@ use webrtc::peer_connection::{
 const REST_USER: &str = "duplex";
 
 /// How TURN servers learn who is relaying.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub enum TurnAuth {
     /// No TURN server.
     #[default]
@@ -38,6 +38,17 @@ pub enum TurnAuth {
     },
     /// Minted per peer from the secret shared with the TURN server, valid for `lifetime`.
     Secret { secret: String, lifetime: Duration },
+}
+
+/// Names the kind and the username, never a credential or the secret.
+impl std::fmt::Debug for TurnAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Fixed { username, .. } => write!(f, "Fixed {{ username: {username:?}, .. }}"),
+            Self::Secret { lifetime, .. } => write!(f, "Secret {{ lifetime: {lifetime:?}, .. }}"),
+        }
+    }
 }
 
 impl TurnAuth {
@@ -153,6 +164,11 @@ impl IceConfig {
         self.urls.is_empty()
     }
 
+    /// Whether a TURN server is among them (and with it, credentials).
+    pub fn has_turn(&self) -> bool {
+        !self.auth.is_none()
+    }
+
     pub fn urls(&self) -> &[String] {
         &self.urls
     }
@@ -222,6 +238,87 @@ pub struct PageIceServer {
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+}
+
+/// What one peer's gathering found beyond its own addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gathered {
+    /// Addresses STUN servers saw this server at (`srflx`), `ip:port`.
+    pub public: Vec<String>,
+    /// Relay addresses TURN servers gave it (`relay`), `ip:port`.
+    pub relays: Vec<String>,
+    /// Whether gathering ended within the server's cap.
+    pub complete: bool,
+}
+
+impl Gathered {
+    /// The server-reflexive and relay candidates of `sdp`, each address once.
+    pub fn from_sdp(sdp: &str, complete: bool) -> Self {
+        let mut gathered = Self {
+            complete,
+            ..Self::default()
+        };
+        for line in sdp.lines() {
+            let Some(candidate) = line.strip_prefix("a=candidate:") else {
+                continue;
+            };
+            let fields: Vec<&str> = candidate.split_whitespace().collect();
+            let (Some(ip), Some(port)) = (fields.get(4), fields.get(5)) else {
+                continue;
+            };
+            let kind = fields
+                .iter()
+                .position(|f| *f == "typ")
+                .and_then(|at| fields.get(at + 1));
+            let list = match kind {
+                Some(&"srflx") => &mut gathered.public,
+                Some(&"relay") => &mut gathered.relays,
+                _ => continue,
+            };
+            let address = format!("{ip}:{port}");
+            if !list.contains(&address) {
+                list.push(address);
+            }
+        }
+        gathered
+    }
+}
+
+impl IceConfig {
+    /// What `gathered` says of these servers: `Ok` with what they gave, or `Err` with what is
+    /// missing. Only the kinds the server's own peers use count (`stun:`, `turn:` over UDP).
+    pub fn judge(&self, gathered: &Gathered) -> Result<String, String> {
+        let parsed: Vec<Url> = self
+            .urls
+            .iter()
+            .filter_map(|raw| Url::parse_url(raw).ok())
+            .filter(server_can_use)
+            .collect();
+        let wants_public = parsed.iter().any(|url| url.scheme == SchemeType::Stun);
+        let wants_relay = parsed.iter().any(is_turn);
+        let mut missing = Vec::new();
+        if wants_public && gathered.public.is_empty() && !self.relay_only {
+            missing.push("no STUN server told this server its public address");
+        }
+        if wants_relay && gathered.relays.is_empty() {
+            missing.push("no TURN server gave this server a relay (unreachable, or it refused the credentials)");
+        }
+        if !missing.is_empty() {
+            let late = if gathered.complete { "" } else { " within 3 s" };
+            return Err(format!("{}{late}", missing.join("; ")));
+        }
+        let mut found = Vec::new();
+        if !gathered.public.is_empty() {
+            found.push(format!("public address {}", gathered.public.join(", ")));
+        }
+        if !gathered.relays.is_empty() {
+            found.push(format!("relay {}", gathered.relays.join(", ")));
+        }
+        if found.is_empty() {
+            found.push("browsers only: the server's peers use none of these servers".into());
+        }
+        Ok(found.join("; "))
+    }
 }
 
 /// How many ICE candidates an SDP carries.
@@ -341,6 +438,66 @@ mod tests {
             page.ice_servers[0].credential.as_deref(),
             Some(rest_credential("north-wind", minted).as_str())
         );
+    }
+
+    #[test]
+    fn gathering_is_judged_by_what_the_servers_should_have_given() {
+        let sdp = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+            a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\n\
+            a=candidate:2 1 udp 1694498815 203.0.113.7 40000 typ srflx raddr 10.0.0.5 rport 40000\r\n\
+            a=candidate:2 2 udp 1694498815 203.0.113.7 40000 typ srflx raddr 10.0.0.5 rport 40000\r\n\
+            a=candidate:3 1 udp 16777215 198.51.100.9 49152 typ relay raddr 203.0.113.7 rport 40000\r\n";
+        let all = Gathered::from_sdp(sdp, true);
+        assert_eq!(all.public, ["203.0.113.7:40000"]);
+        assert_eq!(all.relays, ["198.51.100.9:49152"]);
+        let both = config(
+            &["stun:s.example.com", "turn:t.example.com"],
+            Some("u"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            both.judge(&all).unwrap(),
+            "public address 203.0.113.7:40000; relay 198.51.100.9:49152"
+        );
+        let nothing = Gathered::from_sdp("", false);
+        let problem = both.judge(&nothing).unwrap_err();
+        assert!(problem.contains("no STUN server"), "{problem}");
+        assert!(problem.contains("no TURN server"), "{problem}");
+        assert!(problem.ends_with("within 3 s"), "{problem}");
+        let stun_only = config(&["stun:s.example.com"], None, false).unwrap();
+        assert!(
+            stun_only
+                .judge(&Gathered {
+                    relays: vec![],
+                    ..all.clone()
+                })
+                .is_ok()
+        );
+        let browsers_only = config(&["turns:t.example.com"], Some("u"), false).unwrap();
+        assert!(
+            browsers_only
+                .judge(&nothing)
+                .unwrap()
+                .starts_with("browsers only")
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_credential_or_the_secret() {
+        let fixed = TurnAuth::Fixed {
+            username: "duplex".into(),
+            credential: "hunter2".into(),
+        };
+        let secret = TurnAuth::Secret {
+            secret: "north-wind".into(),
+            lifetime: Duration::from_secs(60),
+        };
+        let ice = IceConfig::new(vec!["turn:203.0.113.7".into()], secret.clone(), false).unwrap();
+        let shown = format!("{fixed:?} {secret:?} {ice:?}");
+        assert!(shown.contains("duplex"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("north-wind"), "{shown}");
     }
 
     #[test]

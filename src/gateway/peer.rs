@@ -213,6 +213,7 @@ pub async fn answer(
     let (gathered_tx, mut gathered) = watch::channel(false);
     let (states_tx, states) = watch::channel(RTCPeerConnectionState::New);
     let (channel_tx, data_channel) = watch::channel(None);
+    let gather_timeouts = metrics.ice_gathering_timeouts.clone();
     let events = Arc::new(PeerEvents {
         id,
         gathered: gathered_tx,
@@ -223,7 +224,7 @@ pub async fn answer(
         metrics,
     });
     let (pc, port) = build(settings, events).await?;
-    match negotiate(&pc, offer, &mut gathered, &settings.ice).await {
+    match negotiate(&pc, offer, &mut gathered, &settings.ice, &gather_timeouts).await {
         Ok((answer_sdp, track, sender, ssrc)) => Ok(Peer {
             pc,
             answer_sdp,
@@ -244,7 +245,7 @@ pub async fn answer(
 /// Binds a peer on a free port of the pool, trying the next port when one is taken.
 async fn build(
     settings: &PeerSettings,
-    events: Arc<PeerEvents>,
+    events: Arc<dyn PeerConnectionEventHandler>,
 ) -> Result<(Arc<dyn PeerConnection>, PortLease), ApiError> {
     let mut failed_ports = BTreeSet::new();
     let mut last_error = String::from("no port tried");
@@ -318,6 +319,7 @@ async fn negotiate(
     offer: RTCSessionDescription,
     gathered: &mut watch::Receiver<bool>,
     ice: &IceConfig,
+    gather_timeouts: &prometheus::IntCounter,
 ) -> Result<Negotiated, ApiError> {
     pc.set_remote_description(offer)
         .await
@@ -338,6 +340,7 @@ async fn negotiate(
         .await
         .is_err()
     {
+        gather_timeouts.inc();
         tracing::warn!(
             "ICE gathering did not complete in time; answering with the candidates so far"
         );
@@ -350,4 +353,59 @@ async fn negotiate(
         return Err(ApiError::NoCandidate(no_candidate_reason(ice)));
     }
     Ok((local.sdp, track, sender, ssrc))
+}
+
+/// Says when a probe peer's gathering is complete.
+struct GatherEvents(watch::Sender<bool>);
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for GatherEvents {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.0.send(true);
+        }
+    }
+}
+
+/// Gathers once as a call's peer would, with no call: what the STUN and TURN servers give
+/// this server (its public address, its relays), to check them at start and in `doctor`.
+pub async fn probe_ice(settings: &PeerSettings) -> Result<ice::Gathered, ApiError> {
+    let (gathered_tx, mut gathered) = watch::channel(false);
+    let (pc, _port) = build(settings, Arc::new(GatherEvents(gathered_tx))).await?;
+    let result = offer_and_gather(&pc, &mut gathered).await;
+    let _ = pc.close().await;
+    result
+}
+
+/// Probes the STUN and TURN servers and judges what they gave: `Ok` with the public address
+/// and relays, or `Err` with what is missing.
+pub async fn check_ice_servers(settings: &PeerSettings) -> Result<String, String> {
+    let gathered = probe_ice(settings).await.map_err(|err| err.to_string())?;
+    settings.ice.judge(&gathered)
+}
+
+async fn offer_and_gather(
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &mut watch::Receiver<bool>,
+) -> Result<ice::Gathered, ApiError> {
+    let internal =
+        |what: &str, err: webrtc::error::Error| ApiError::Internal(format!("{what}: {err}"));
+    pc.create_data_channel("probe", None)
+        .await
+        .map_err(|e| internal("data channel", e))?;
+    let offer = pc
+        .create_offer(None)
+        .await
+        .map_err(|e| internal("offer", e))?;
+    pc.set_local_description(offer)
+        .await
+        .map_err(|e| internal("set local description", e))?;
+    let complete = tokio::time::timeout(GATHER_TIMEOUT, gathered.wait_for(|done| *done))
+        .await
+        .is_ok();
+    let local = pc
+        .local_description()
+        .await
+        .ok_or_else(|| ApiError::Internal("no local description".into()))?;
+    Ok(ice::Gathered::from_sdp(&local.sdp, complete))
 }
