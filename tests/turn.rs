@@ -640,3 +640,57 @@ async fn a_socket_that_cannot_reach_the_servers_does_not_hold_up_the_answer() {
     client.close().await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whip_clients_learn_the_servers_from_link_headers() {
+    let turn = Coturn::start(Credentials::Secret);
+    let urls = vec![format!("stun:127.0.0.1:{}", turn.port), turn.url()];
+    let auth = TurnAuth::Secret {
+        secret: SHARED_SECRET.into(),
+        lifetime: Duration::from_secs(600),
+    };
+    let server = TestServer::start(ServerOptions {
+        ice: IceConfig::new(urls, auth, false).unwrap(),
+        ..Default::default()
+    })
+    .await;
+    let (sdp, holder) = common::duplex_offer().await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/offer", server.base_url))
+        .header("content-type", "application/sdp")
+        .body(sdp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let links: Vec<&str> = response
+        .headers()
+        .get_all("link")
+        .iter()
+        .map(|value| value.to_str().unwrap())
+        .collect();
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert_eq!(
+        links[0],
+        format!("<stun:127.0.0.1:{}>; rel=\"ice-server\"", turn.port)
+    );
+    let turn_link = links[1];
+    assert!(
+        turn_link.starts_with(&format!(
+            "<{}>; rel=\"ice-server\"; username=\"",
+            turn.url()
+        )),
+        "{turn_link}"
+    );
+    assert!(
+        turn_link.contains(":duplex\"; credential=\""),
+        "{turn_link}"
+    );
+    assert!(
+        turn_link.ends_with("; credential-type=\"password\""),
+        "{turn_link}"
+    );
+    assert!(!turn_link.contains(SHARED_SECRET), "{turn_link}");
+    drop(holder);
+    server.stop().await;
+}

@@ -193,7 +193,7 @@ async fn an_unknown_voice_is_refused_before_any_media() {
 async fn whip_offers_get_201_location_and_delete_ends_the_session() {
     let server = TestServer::start(ServerOptions::default()).await;
     // A real offer, made by a client peer that we then drive by hand over WHIP.
-    let (sdp, holder) = duplex_offer().await;
+    let (sdp, holder) = common::duplex_offer().await;
     let http = reqwest::Client::new();
     let response = http
         .post(format!("{}/api/offer?voice=NATM1", server.base_url))
@@ -231,38 +231,6 @@ async fn whip_offers_get_201_location_and_delete_ends_the_session() {
     assert_eq!(again.status(), 404);
     drop(holder);
     server.stop().await;
-}
-
-/// An SDP offer from a webrtc-rs peer (kept alive by the returned value).
-async fn duplex_offer() -> (String, impl Drop) {
-    use duplex::gateway::peer::{opus_media_engine, opus_track};
-    use std::sync::Arc;
-    use webrtc::peer_connection::{
-        PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    };
-    struct Quiet;
-    #[async_trait::async_trait]
-    impl PeerConnectionEventHandler for Quiet {}
-    /// Keeps the offering peer alive until the test is done with it.
-    struct Holder(#[allow(dead_code)] Arc<dyn PeerConnection>);
-    impl Drop for Holder {
-        fn drop(&mut self) {}
-    }
-    let (media, registry) = opus_media_engine().unwrap();
-    let pc: Arc<dyn PeerConnection> = Arc::new(
-        PeerConnectionBuilder::new()
-            .with_media_engine(media)
-            .with_interceptor_registry(registry)
-            .with_handler(Arc::new(Quiet))
-            .with_udp_addrs(vec!["127.0.0.1:0"])
-            .build()
-            .await
-            .unwrap(),
-    );
-    pc.add_track(opus_track("user").unwrap().0).await.unwrap();
-    let offer = pc.create_offer(None).await.unwrap();
-    pc.set_local_description(offer.clone()).await.unwrap();
-    (offer.sdp, Holder(pc))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

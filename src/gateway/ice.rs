@@ -206,6 +206,27 @@ impl IceConfig {
             .build()
     }
 
+    /// WHIP's `Link` header values (RFC 9725 §4.6), one per server, TURN ones with credentials
+    /// minted now: how a WHIP client learns them, from the 201 that answers its offer.
+    pub fn link_headers(&self) -> Vec<String> {
+        let (username, credential) = self.auth.credentials(SystemTime::now());
+        self.urls
+            .iter()
+            .map(|raw| {
+                let turn = Url::parse_url(raw).is_ok_and(|url| is_turn(&url));
+                let mut link = format!("<{raw}>; rel=\"ice-server\"");
+                if turn {
+                    link += &format!(
+                        "; username=\"{}\"; credential=\"{}\"; credential-type=\"password\"",
+                        quoted(&username),
+                        quoted(&credential)
+                    );
+                }
+                link
+            })
+            .collect()
+    }
+
     /// What the page passes to `new RTCPeerConnection(...)`: the W3C `RTCConfiguration` fields,
     /// with credentials minted now.
     pub fn for_page(&self) -> PageIce {
@@ -238,6 +259,11 @@ pub struct PageIceServer {
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+}
+
+/// `text` as the inside of an HTTP quoted-string.
+fn quoted(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// What one peer's gathering found beyond its own addresses.
@@ -498,6 +524,27 @@ mod tests {
         assert!(shown.contains("duplex"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("north-wind"), "{shown}");
+    }
+
+    #[test]
+    fn whip_clients_get_a_link_per_server_with_turn_credentials_quoted() {
+        let auth = TurnAuth::Fixed {
+            username: "du\"plex".into(),
+            credential: "a\\b".into(),
+        };
+        let urls = vec![
+            "stun:s.example.com".into(),
+            "turn:t.example.com?transport=udp".into(),
+        ];
+        let links = IceConfig::new(urls, auth, false).unwrap().link_headers();
+        assert_eq!(
+            links,
+            [
+                r#"<stun:s.example.com>; rel="ice-server""#,
+                r#"<turn:t.example.com?transport=udp>; rel="ice-server"; username="du\"plex"; credential="a\\b"; credential-type="password""#,
+            ]
+        );
+        assert!(IceConfig::default().link_headers().is_empty());
     }
 
     #[test]

@@ -167,15 +167,24 @@ async fn negotiate(
             prompt: query.prompt,
         };
         let (id, answer) = state.accept_offer(sdp, &persona).await?;
-        let location =
-            HeaderValue::from_str(&format!("/api/sessions/{id}")).expect("session ids are ASCII");
-        let headers = [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/sdp"),
-            ),
-            (header::LOCATION, location),
-        ];
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/sdp"),
+        );
+        let location = format!("/api/sessions/{id}");
+        headers.insert(
+            header::LOCATION,
+            HeaderValue::from_str(&location).expect("session ids are ASCII"),
+        );
+        for link in state.config.peer.ice.link_headers() {
+            match HeaderValue::from_str(&link) {
+                Ok(value) => {
+                    headers.append(header::LINK, value);
+                }
+                Err(_) => tracing::warn!("an ICE server's Link header is not valid HTTP; left out"),
+            }
+        }
         return Ok((StatusCode::CREATED, headers, answer).into_response());
     }
     let offer: JsonOffer = serde_json::from_slice(body).map_err(|e| {

@@ -278,3 +278,35 @@ pub fn echo_correlation(sent: &[f32], received: &[f32], rate: u32) -> (f32, f64)
     lags.sort();
     (mean, lags[lags.len() / 2] as f64 * 1000.0 / rate as f64)
 }
+
+/// An SDP offer from a webrtc-rs peer (kept alive by the returned value).
+pub async fn duplex_offer() -> (String, impl Drop) {
+    use duplex::gateway::peer::{opus_media_engine, opus_track};
+    use std::sync::Arc;
+    use webrtc::peer_connection::{
+        PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    };
+    struct Quiet;
+    #[async_trait::async_trait]
+    impl PeerConnectionEventHandler for Quiet {}
+    /// Keeps the offering peer alive until the test is done with it.
+    struct Holder(#[allow(dead_code)] Arc<dyn PeerConnection>);
+    impl Drop for Holder {
+        fn drop(&mut self) {}
+    }
+    let (media, registry) = opus_media_engine().unwrap();
+    let pc: Arc<dyn PeerConnection> = Arc::new(
+        PeerConnectionBuilder::new()
+            .with_media_engine(media)
+            .with_interceptor_registry(registry)
+            .with_handler(Arc::new(Quiet))
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await
+            .unwrap(),
+    );
+    pc.add_track(opus_track("user").unwrap().0).await.unwrap();
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer.clone()).await.unwrap();
+    (offer.sdp, Holder(pc))
+}
