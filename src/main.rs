@@ -743,9 +743,13 @@ struct LoopbackArgs {
     /// Client peers talking at once.
     #[arg(long, default_value_t = 1)]
     sessions: usize,
-    /// Seconds each client talks.
+    /// Seconds each client talks (with --join-every-ms: the whole run's length).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Clients join one every this many ms and talk until the run ends, as callers arrive at
+    /// a server: shows when it starts refusing them and whether those in keep real time.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    join_every_ms: Option<u64>,
     /// Frames the echo engine waits before returning the audio.
     #[arg(long, default_value_t = 1)]
     echo_delay_frames: usize,
@@ -1275,6 +1279,7 @@ async fn bench_loopback(args: LoopbackArgs) -> Result<()> {
     let options = LoopbackOptions {
         sessions: args.sessions,
         seconds: args.seconds,
+        join_every: args.join_every_ms.map(Duration::from_millis),
     };
     let source = match (&args.random_weights, args.engine) {
         (Some(_), EngineChoice::Echo) => {

@@ -157,3 +157,109 @@ fn random_weights_need_the_model_engine_and_a_known_preset() {
         String::from_utf8_lossy(&unknown.stderr)
     );
 }
+
+/// The report of `duplex bench loopback` (the echo engine) with `args`, which must succeed.
+fn echo_report(name: &str, args: &[&str]) -> Value {
+    let json = scratch(&format!("{name}.json"));
+    let ran = loopback(&[&["--json", json.to_str().unwrap()], args].concat());
+    assert!(
+        ran.status.success(),
+        "bench loopback failed:\n{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+fn outcomes(report: &Value) -> Vec<String> {
+    report["joins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|join| join["outcome"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn callers_arriving_over_time_are_timed_from_their_own_first_packet() {
+    let args = [
+        "--sessions",
+        "3",
+        "--join-every-ms",
+        "600",
+        "--seconds",
+        "4",
+    ];
+    let report = echo_report("arrivals-echo", &args);
+    assert_eq!(report["join_every_seconds"], 0.6, "{report}");
+    assert_eq!(outcomes(&report), ["admitted"; 3], "{report}");
+    let joins = report["joins"].as_array().unwrap();
+    for (idx, join) in joins.iter().enumerate() {
+        let at = join["at_seconds"].as_f64().unwrap();
+        assert!(at >= 0.6 * idx as f64, "join {idx} at {at} s: {report}");
+        assert_eq!(join["sessions_in"], idx + 1, "{report}");
+    }
+    // Later callers talk for less of the run: fewer frames than three whole sessions.
+    let frames = report["frames_total"].as_u64().unwrap();
+    assert!(frames < 3 * 50 && frames > 50, "{frames} frames: {report}");
+    // Each caller's probes are looked for where it sent them: a late joiner's are found too.
+    let sent = report["probes_sent"].as_u64().unwrap();
+    let found = report["probes_found"].as_u64().unwrap();
+    assert!(sent >= 6, "{report}");
+    assert!(
+        found * 10 >= sent * 9,
+        "{found} of {sent} probes found: {report}"
+    );
+}
+
+#[test]
+fn callers_arriving_after_the_server_is_full_are_refused_one_by_one() {
+    let dir = tiny_dir();
+    // The 10 ms budget admits one session on a CPU (at least one always): the rest are full.
+    let args = [
+        "--model-dir",
+        &dir,
+        "--sessions",
+        "3",
+        "--step-budget-ms",
+        "10",
+        "--join-every-ms",
+        "300",
+        "--seconds",
+        "3",
+    ];
+    let report = model_report("arrivals-full", &args);
+    let admitted = report["sessions_admitted"].as_u64().unwrap() as usize;
+    let outcomes = outcomes(&report);
+    assert_eq!(outcomes.len(), 3, "{report}");
+    let connected = report["sessions_connected"].as_u64().unwrap() as usize;
+    assert!(connected >= 1 && connected <= admitted, "{report}");
+    assert!(
+        outcomes[..connected].iter().all(|o| o == "admitted"),
+        "{report}"
+    );
+    assert!(
+        outcomes[connected..]
+            .iter()
+            .all(|o| o.starts_with("refused_")),
+        "{report}"
+    );
+    let refused = |reason: &str| outcomes.iter().filter(|o| *o == reason).count() as u64;
+    assert_eq!(
+        refused("refused_full"),
+        report["sessions_refused_full"],
+        "{report}"
+    );
+    assert_eq!(
+        refused("refused_behind"),
+        report["sessions_refused_behind"],
+        "{report}"
+    );
+}
+
+#[test]
+fn a_join_interval_outside_its_range_is_refused() {
+    let ran = loopback(&["--join-every-ms", "5"]);
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(!ran.status.success());
+    assert!(stderr.contains("--join-every-ms"), "{stderr}");
+}

@@ -37,6 +37,20 @@ const PROBE_MATCH: f32 = 0.6;
 pub struct LoopbackOptions {
     pub sessions: usize,
     pub seconds: f64,
+    /// Clients join this far apart, each talking until the run ends, as callers arrive at a
+    /// server; none: every client joins before the run and talks all of it.
+    pub join_every: Option<Duration>,
+}
+
+/// One client's try to join, in a run where they arrive over time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Join {
+    /// Seconds into the run.
+    pub at_seconds: f64,
+    /// `admitted`, `refused_full`, `refused_behind`, or `failed: why`.
+    pub outcome: String,
+    /// Sessions in the server once it was answered.
+    pub sessions_in: usize,
 }
 
 /// The echo engine for `config.max_sessions` sessions, answering after `delay_frames` frames.
@@ -123,6 +137,10 @@ pub struct LoopbackReport {
     /// time, unless `--overload`).
     pub sessions_admitted: usize,
     pub seconds: f64,
+    /// Seconds between joins when clients arrive over time (`--join-every-ms`), and each
+    /// client's join; none and empty when every client joined first.
+    pub join_every_seconds: Option<f64>,
+    pub joins: Vec<Join>,
     /// Mouth-to-ear latency of every echoed probe (echo engine only: a model answers no echo).
     pub latency_ms: Option<Percentiles>,
     /// Latency beyond frame gathering and the engine's own delay.
@@ -185,10 +203,12 @@ impl LoopbackReport {
         };
         [
             format!(
-                "loopback: {} sessions ({} connected; the server admits {}; refused {} full, {} behind real time), {:.0} s each, engine {}",
+                "loopback: {} sessions ({} connected; the server admits {}; refused {} full, {} behind real time), {:.0} s {}, engine {}",
                 self.sessions, self.sessions_connected, self.sessions_admitted,
-                self.sessions_refused_full, self.sessions_refused_behind, self.seconds, self.engine
+                self.sessions_refused_full, self.sessions_refused_behind, self.seconds,
+                if self.join_every_seconds.is_some() { "in all" } else { "each" }, self.engine
             ),
+            self.arrivals_line(),
             format!("{:<34} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p95", "p99", "max"),
             row("end-to-end latency (ms)", &self.latency_ms),
             row("added beyond frame + engine (ms)", &self.added_ms),
@@ -226,7 +246,36 @@ impl LoopbackReport {
             ),
             format!("real time: {}", if self.real_time { "yes" } else { "NO" }),
         ]
+        .into_iter()
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
         .join("\n")
+    }
+
+    /// When clients arrived over time: how many got in, and the first refusal.
+    fn arrivals_line(&self) -> String {
+        let Some(every) = self.join_every_seconds else {
+            return String::new();
+        };
+        let admitted = self
+            .joins
+            .iter()
+            .filter(|j| j.outcome == "admitted")
+            .count();
+        let first_refusal = self
+            .joins
+            .iter()
+            .find(|j| j.outcome.starts_with("refused"))
+            .map_or("none refused".to_owned(), |j| {
+                format!(
+                    "first refused at {:.1} s ({}), with {} in",
+                    j.at_seconds, j.outcome, j.sessions_in
+                )
+            });
+        format!(
+            "arrivals: one every {every:.2} s, {} tried, {admitted} admitted; {first_refusal}",
+            self.joins.len()
+        )
     }
 }
 
@@ -406,13 +455,12 @@ async fn connect_clients(
     Ok(clients)
 }
 
-/// Every client sends `packets` in real time, all at once but each at its own phase; returns
-/// each client with the times its packets were sent.
+/// Every client sends `packets` in real time, all at once but each at its own phase.
 async fn play_all(
     runtime: &tokio::runtime::Runtime,
     clients: Vec<ClientPeer>,
     packets: Arc<Vec<Bytes>>,
-) -> Result<Vec<(ClientPeer, Vec<Instant>)>> {
+) -> Result<Vec<Talker>> {
     // People join at unrelated moments, so their packets reach the server at unrelated phases
     // of the 20 ms grid: client `idx` starts `idx / count` of a packet period after the first.
     let count = clients.len().max(1) as u32;
@@ -432,9 +480,100 @@ async fn play_all(
     let mut finished = Vec::with_capacity(players.len());
     for player in players {
         let (client, sent) = player.await.context("client task")?;
-        finished.push((client, sent?));
+        finished.push(Talker {
+            client,
+            sent: sent?,
+            first_packet: 0,
+        });
     }
     Ok(finished)
+}
+
+/// A client talking in the run, from packet `first_packet` of the signal on.
+struct Talker {
+    client: ClientPeer,
+    sent: Vec<Instant>,
+    first_packet: usize,
+}
+
+impl Talker {
+    /// Where the signal's probes fall in what this talker sent.
+    fn probe_starts(&self, starts: &[usize]) -> Vec<usize> {
+        let skipped = self.first_packet * PACKET_SAMPLES;
+        starts
+            .iter()
+            .filter(|&&start| start >= skipped)
+            .map(|start| start - skipped)
+            .collect()
+    }
+
+    /// The frames this talker's audio spans (a last one cut short counts in part).
+    fn frames(&self, packets_total: usize) -> f64 {
+        let packets = packets_total.saturating_sub(self.first_packet);
+        (packets as u64 * PACKET_MS) as f64 / FRAME_MS as f64
+    }
+}
+
+/// Clients join one every `every`, each talking from the signal's packet the run is at, so all
+/// stop together; returns those admitted, and every join.
+async fn arrive_and_play(
+    runtime: &tokio::runtime::Runtime,
+    base_url: &str,
+    engine: &EngineHandle,
+    sessions: usize,
+    every: Duration,
+    packets: Arc<Vec<Bytes>>,
+) -> Result<(Vec<Talker>, Vec<Join>)> {
+    let metrics = engine.metrics().clone();
+    let refused = |reason| metrics.sessions_rejected.with_label_values(&[reason]).get();
+    let run_length = PACKET_PERIOD * packets.len() as u32;
+    let start = tokio::time::Instant::now();
+    let mut joins = Vec::new();
+    let mut players = Vec::new();
+    for idx in 0..sessions as u32 {
+        let due = start + every * idx;
+        if due - start >= run_length {
+            break;
+        }
+        tokio::time::sleep_until(due).await;
+        let (full, behind) = (refused("full"), refused("behind"));
+        let options = ClientOptions {
+            base_url: base_url.to_owned(),
+            ..Default::default()
+        };
+        let connected = runtime.spawn(ClientPeer::connect(options)).await?;
+        let outcome = match &connected {
+            Ok(_) => "admitted".to_owned(),
+            Err(_) if refused("behind") > behind => "refused_behind".to_owned(),
+            Err(_) if refused("full") > full => "refused_full".to_owned(),
+            Err(err) => format!("failed: {err:#}"),
+        };
+        joins.push(Join {
+            at_seconds: start.elapsed().as_secs_f64(),
+            outcome,
+            sessions_in: engine.active_sessions(),
+        });
+        let Ok(mut client) = connected else {
+            continue;
+        };
+        let first_packet = (start.elapsed().as_millis() / PACKET_MS as u128) as usize;
+        let packets = packets.clone();
+        players.push(runtime.spawn(async move {
+            let sent = client
+                .play_encoded(&packets[first_packet.min(packets.len())..])
+                .await;
+            sent.map(|sent| Talker {
+                client,
+                sent,
+                first_packet,
+            })
+        }));
+    }
+    let mut talkers = Vec::with_capacity(players.len());
+    for player in players {
+        talkers.push(player.await.context("client task")??);
+    }
+    Ok((talkers, joins))
 }
 
 /// Runs the benchmark against `engine` (started for at least `options.sessions` sessions), and
@@ -461,17 +600,41 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         .thread_name(CLIENT_THREADS)
         .enable_all()
         .build()?;
-    let clients = connect_clients(&client_runtime, &base_url, options.sessions).await?;
-    let connected = clients.len();
     let (pcm, starts, probe) = probe_signal(options.seconds);
     let packets = Arc::new(encode_packets(&pcm)?);
-    // Let every session settle into its tick phase before measuring.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let packets_total = packets.len();
+    let clients = match options.join_every {
+        Some(_) => Vec::new(),
+        None => {
+            let clients = connect_clients(&client_runtime, &base_url, options.sessions).await?;
+            // Let every session settle into its tick phase before measuring.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            clients
+        }
+    };
     let before = counters(&metrics);
     let steps_before = HistogramSnapshot::of(&metrics.step_seconds);
     let cpu_before = cpu_seconds();
     let wall_start = Instant::now();
-    let finished = play_all(&client_runtime, clients, packets).await?;
+    let (finished, joins) = match options.join_every {
+        None => (
+            play_all(&client_runtime, clients, packets).await?,
+            Vec::new(),
+        ),
+        Some(every) => {
+            let sessions = options.sessions;
+            arrive_and_play(
+                &client_runtime,
+                &base_url,
+                &engine,
+                sessions,
+                every,
+                packets,
+            )
+            .await?
+        }
+    };
+    let connected = finished.len();
     let wall = wall_start.elapsed().as_secs_f64();
     let cpu = cpu_before
         .zip(cpu_seconds())
@@ -486,15 +649,25 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
 
     let mut latencies = Vec::new();
     let mut lateness = Vec::new();
-    for (client, sent) in &finished {
-        let recording = client.recording();
+    let mut probes_sent = 0;
+    let mut frames_spanned = 0.0;
+    for talker in &finished {
+        let recording = talker.client.recording();
         lateness.extend(arrival_lateness(&recording));
+        let own_starts = talker.probe_starts(&starts);
+        frames_spanned += talker.frames(packets_total);
         if echoes {
-            latencies.extend(probe_latencies(&recording, sent, &starts, &probe));
+            probes_sent += own_starts.len();
+            latencies.extend(probe_latencies(
+                &recording,
+                &talker.sent,
+                &own_starts,
+                &probe,
+            ));
         }
     }
-    for (client, _) in finished {
-        let _ = client.close().await;
+    for talker in finished {
+        let _ = talker.client.close().await;
     }
     client_runtime.shutdown_background();
     stop.cancel();
@@ -511,7 +684,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     };
     let codec_lookahead_ms =
         lookahead_ms(EncoderConfig::default())? + lookahead_ms(EncoderConfig::agent())?;
-    let frames_total = (connected as f64 * options.seconds * 1000.0 / FRAME_MS as f64) as u64;
+    let frames_total = frames_spanned as u64;
     let input_dropped = after.input_dropped - before.input_dropped;
     let output_dropped = after.output_dropped - before.output_dropped;
     let missed = after.missed - before.missed;
@@ -523,12 +696,15 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         frames_total,
     };
     let dropped_percent = loss.percent();
-    let probes_sent = if echoes { starts.len() * connected } else { 0 };
     let percent = |seconds: f64| 100.0 * seconds / wall;
     let sessions = connected.max(1) as f64;
-    let real_time = connected == options.sessions
-        && dropped_percent <= 0.1
-        && latencies.len() * 100 >= probes_sent * 99;
+    // Arriving callers may be refused; those admitted must keep real time.
+    let everyone_in = match options.join_every {
+        Some(_) => connected > 0,
+        None => connected == options.sessions,
+    };
+    let real_time =
+        everyone_in && dropped_percent <= 0.1 && latencies.len() * 100 >= probes_sent * 99;
     let refused = |reason| metrics.sessions_rejected.with_label_values(&[reason]).get();
     let engine = match &info.model {
         Some(model) => format!("{} ({model})", info.name),
@@ -542,6 +718,8 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
         sessions_refused_behind: refused("behind"),
         sessions_admitted,
         seconds: options.seconds,
+        join_every_seconds: options.join_every.map(|every| every.as_secs_f64()),
+        joins,
         latency_ms: echoes.then(|| Percentiles::of(&latencies)),
         added_ms: echoes.then(|| Percentiles::of(&added)),
         parts: LatencyParts {
