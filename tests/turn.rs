@@ -84,11 +84,7 @@ impl Coturn {
     }
 
     fn ice(&self, password: &str, relay_only: bool) -> IceConfig {
-        let auth = TurnAuth::Fixed {
-            username: USER.into(),
-            credential: password.into(),
-        };
-        IceConfig::new(vec![self.url()], auth, relay_only).unwrap()
+        IceConfig::new(vec![self.url()], turn_user(password), relay_only).unwrap()
     }
 
     /// Keeps coturn's pipe from filling; its log goes to the test's stderr at debug level.
@@ -134,6 +130,23 @@ impl Drop for Coturn {
     }
 }
 
+/// The long-term TURN user coturn knows.
+fn turn_user(password: &str) -> TurnAuth {
+    TurnAuth::Fixed {
+        username: USER.into(),
+        credential: password.into(),
+    }
+}
+
+/// A test server (the echo engine) whose peers gather with `ice`.
+async fn server_with(ice: IceConfig) -> TestServer {
+    TestServer::start(ServerOptions {
+        ice,
+        ..Default::default()
+    })
+    .await
+}
+
 fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -158,16 +171,21 @@ fn candidates(sdp: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// Plays a sentence and checks that its echo comes back, whatever path the call took.
+async fn assert_the_echo_comes_back(client: &mut ClientPeer) {
+    let sent = speech(SENTENCE, 2.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (correlation, _) = common::echo_correlation(&sent, &client.recording().pcm, SAMPLE_RATE);
+    assert!(correlation > 0.7, "correlation {correlation}");
+}
+
 const SENTENCE: &str = "This call goes through a relay on both sides and still comes back.";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_only_call_carries_its_audio_through_the_turn_server() {
     let turn = Coturn::start(Credentials::LongTerm);
-    let server = TestServer::start(ServerOptions {
-        ice: turn.ice(PASSWORD, true),
-        ..Default::default()
-    })
-    .await;
+    let server = server_with(turn.ice(PASSWORD, true)).await;
 
     let mut client = ClientPeer::connect(ClientOptions {
         base_url: server.base_url.clone(),
@@ -202,11 +220,7 @@ async fn a_relay_only_call_carries_its_audio_through_the_turn_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_server_that_refuses_the_credentials_gets_a_clear_502() {
     let turn = Coturn::start(Credentials::LongTerm);
-    let server = TestServer::start(ServerOptions {
-        ice: turn.ice("wrong-password", true),
-        ..Default::default()
-    })
-    .await;
+    let server = server_with(turn.ice("wrong-password", true)).await;
     let started = Instant::now();
     let err = ClientPeer::connect(ClientOptions {
         base_url: server.base_url.clone(),
@@ -251,15 +265,8 @@ async fn with_stun_and_turn_the_answer_offers_a_public_address_and_a_relay_besid
     let turn = Coturn::start(Credentials::LongTerm);
     // coturn answers STUN too: on loopback the address it sees is the server's own.
     let urls = vec![format!("stun:127.0.0.1:{}", turn.port), turn.url()];
-    let auth = TurnAuth::Fixed {
-        username: USER.into(),
-        credential: PASSWORD.into(),
-    };
-    let server = TestServer::start(ServerOptions {
-        ice: IceConfig::new(urls, auth, false).unwrap(),
-        ..Default::default()
-    })
-    .await;
+    let auth = turn_user(PASSWORD);
+    let server = server_with(IceConfig::new(urls, auth, false).unwrap()).await;
     // A client that knows no TURN server still connects, straight to the server's address.
     let mut client = ClientPeer::connect(ClientOptions {
         base_url: server.base_url.clone(),
@@ -276,11 +283,7 @@ async fn with_stun_and_turn_the_answer_offers_a_public_address_and_a_relay_besid
     assert!(kinds.iter().any(|k| k == "host"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "relay"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "srflx"), "{kinds:?}");
-    let sent = speech(SENTENCE, 2.0);
-    client.play(&sent).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (correlation, _) = common::echo_correlation(&sent, &client.recording().pcm, SAMPLE_RATE);
-    assert!(correlation > 0.7, "correlation {correlation}");
+    assert_the_echo_comes_back(&mut client).await;
     client.close().await.unwrap();
     server.stop().await;
 }
@@ -315,11 +318,7 @@ async fn credentials_minted_from_a_shared_secret_relay_both_sides_of_a_call() {
         secret: SHARED_SECRET.into(),
         lifetime: Duration::from_secs(600),
     };
-    let server = TestServer::start(ServerOptions {
-        ice: IceConfig::new(vec![turn.url()], auth, true).unwrap(),
-        ..Default::default()
-    })
-    .await;
+    let server = server_with(IceConfig::new(vec![turn.url()], auth, true).unwrap()).await;
     // The client relays with what the page is handed, as a browser would.
     let (ice, page) = ice_for_the_page(&server).await;
     let username = page["iceServers"][0]["username"].as_str().unwrap();
@@ -340,11 +339,7 @@ async fn credentials_minted_from_a_shared_secret_relay_both_sides_of_a_call() {
         "{}",
         client.answer_sdp
     );
-    let sent = speech(SENTENCE, 2.0);
-    client.play(&sent).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (correlation, _) = common::echo_correlation(&sent, &client.recording().pcm, SAMPLE_RATE);
-    assert!(correlation > 0.7, "correlation {correlation}");
+    assert_the_echo_comes_back(&mut client).await;
     client.close().await.unwrap();
     server.stop().await;
 }
@@ -466,10 +461,7 @@ async fn an_unreachable_stun_or_turn_server_delays_the_answer_but_the_call_conne
     // Nothing listens on these ports: every request to them goes unanswered.
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let auth = TurnAuth::Fixed {
-        username: USER.into(),
-        credential: PASSWORD.into(),
-    };
+    let auth = turn_user(PASSWORD);
     let urls = vec![
         format!("stun:127.0.0.1:{port}"),
         format!("turn:127.0.0.1:{port}"),
@@ -617,19 +609,12 @@ fn serve_logs_what_the_turn_server_gave_at_start() {
 async fn a_socket_that_cannot_reach_the_servers_does_not_hold_up_the_answer() {
     // `serve` binds loopback beside its public socket; from loopback a remote server cannot be
     // reached at all (the send fails at once). That must end its gathering, not wait it out.
-    let auth = TurnAuth::Fixed {
-        username: USER.into(),
-        credential: PASSWORD.into(),
-    };
+    let auth = turn_user(PASSWORD);
     let urls = vec![
         "stun:203.0.113.1:3478".into(),
         "turn:203.0.113.1:3478".into(),
     ];
-    let server = TestServer::start(ServerOptions {
-        ice: IceConfig::new(urls, auth, false).unwrap(),
-        ..Default::default()
-    })
-    .await;
+    let server = server_with(IceConfig::new(urls, auth, false).unwrap()).await;
     let client = ClientPeer::connect(ClientOptions {
         base_url: server.base_url.clone(),
         ..Default::default()
@@ -649,19 +634,9 @@ async fn whip_clients_learn_the_servers_from_link_headers() {
         secret: SHARED_SECRET.into(),
         lifetime: Duration::from_secs(600),
     };
-    let server = TestServer::start(ServerOptions {
-        ice: IceConfig::new(urls, auth, false).unwrap(),
-        ..Default::default()
-    })
-    .await;
+    let server = server_with(IceConfig::new(urls, auth, false).unwrap()).await;
     let (sdp, holder) = common::duplex_offer().await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/api/offer", server.base_url))
-        .header("content-type", "application/sdp")
-        .body(sdp)
-        .send()
-        .await
-        .unwrap();
+    let response = common::post_whip(&server.base_url, "", sdp).await;
     assert_eq!(response.status(), 201);
     let links: Vec<&str> = response
         .headers()

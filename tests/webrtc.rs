@@ -194,14 +194,8 @@ async fn whip_offers_get_201_location_and_delete_ends_the_session() {
     let server = TestServer::start(ServerOptions::default()).await;
     // A real offer, made by a client peer that we then drive by hand over WHIP.
     let (sdp, holder) = common::duplex_offer().await;
+    let response = common::post_whip(&server.base_url, "?voice=NATM1", sdp).await;
     let http = reqwest::Client::new();
-    let response = http
-        .post(format!("{}/api/offer?voice=NATM1", server.base_url))
-        .header("content-type", "application/sdp")
-        .body(sdp)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(response.status(), 201);
     assert_eq!(response.headers()["content-type"], "application/sdp");
     let location = response.headers()["location"].to_str().unwrap().to_owned();

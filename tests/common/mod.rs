@@ -279,6 +279,17 @@ pub fn echo_correlation(sent: &[f32], received: &[f32], rate: u32) -> (f32, f64)
     (mean, lags[lags.len() / 2] as f64 * 1000.0 / rate as f64)
 }
 
+/// POSTs `sdp` to the server's WHIP endpoint (`/api/offer` with `query`).
+pub async fn post_whip(base_url: &str, query: &str, sdp: String) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base_url}/api/offer{query}"))
+        .header("content-type", "application/sdp")
+        .body(sdp)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// An SDP offer from a webrtc-rs peer (kept alive by the returned value).
 pub async fn duplex_offer() -> (String, impl Drop) {
     use duplex::gateway::peer::{opus_media_engine, opus_track};
