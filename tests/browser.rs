@@ -68,6 +68,8 @@ struct Scenario<'a> {
     setup: &'a str,
     /// More `duplex serve` arguments.
     serve_args: &'a str,
+    /// More arguments of the browser script (`e2e.mjs`).
+    page_args: &'a str,
 }
 
 /// Runs the page against `duplex serve` and returns the browser script's report, once both
@@ -98,7 +100,7 @@ fn run_page(scenario: Scenario) -> Option<serde_json::Value> {
 "{duplex}" serve --host 127.0.0.1 --port {port} --max-sessions 2 {serve_args} &
 server=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && break; sleep 0.1; done
-node "{e2e}" --url http://127.0.0.1:{port}/ --wav "{wav}" --screenshot "{shot}" --timeout-ms 40000
+node "{e2e}" --url http://127.0.0.1:{port}/ --wav "{wav}" --screenshot "{shot}" --timeout-ms 40000 {page_args}
 status=$?
 kill -TERM $server
 wait $server
@@ -108,6 +110,7 @@ echo "server exit: $server_status" >&2
 "#,
         setup = scenario.setup,
         serve_args = scenario.serve_args,
+        page_args = scenario.page_args,
         duplex = env!("CARGO_BIN_EXE_duplex"),
         e2e = root.join("tests/browser/e2e.mjs").display(),
         wav = wav.display(),
@@ -164,9 +167,32 @@ fn the_page_connects_and_plays_the_agents_audio() {
         name: "browser",
         setup: "",
         serve_args: "",
+        page_args: "",
     });
     if let Some(report) = report {
         assert_eq!(report["link"]["localCandidateType"], "host", "{report}");
+    }
+}
+
+/// A network change makes the page restart ICE; the server answers it on the same session and
+/// the agent's audio goes on.
+#[test]
+fn the_page_restarts_ice_and_the_call_goes_on() {
+    let report = run_page(Scenario {
+        name: "browser-restart",
+        setup: "",
+        serve_args: "",
+        page_args: "--restart-ice yes",
+    });
+    if let Some(report) = report {
+        let restart = &report["restart"];
+        assert_eq!(restart["iceRestarts"], 1, "{report}");
+        assert_eq!(restart["lastIceRestart"], "answered", "{report}");
+        assert_eq!(restart["session"], report["session"], "{report}");
+        assert!(
+            restart["packetsAfter"].as_u64() > restart["packetsBefore"].as_u64(),
+            "{report}"
+        );
     }
 }
 
@@ -192,6 +218,7 @@ ss -Hlun "sport = :{turn_port}" | grep -q . || {{ echo "turnserver did not start
         name: "browser-turn",
         setup: &setup,
         serve_args: &serve_args,
+        page_args: "",
     });
     if let Some(report) = report {
         assert_eq!(report["link"]["localCandidateType"], "relay", "{report}");

@@ -302,3 +302,84 @@ async fn a_vanished_client_frees_its_slot() {
     assert_eq!(server.metrics.sessions_vanished.get(), 1);
     server.stop().await;
 }
+
+/// The `a=ice-ufrag` of an SDP.
+fn ice_ufrag(sdp: &str) -> &str {
+    sdp.lines()
+        .find_map(|line| line.strip_prefix("a=ice-ufrag:"))
+        .expect("an SDP with ICE credentials")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ice_restart_keeps_the_session_and_its_audio() {
+    // The test server gives up on a silent peer after 2 + 2 s: a restart that broke the path
+    // would end the session well within the 5 s of audio below.
+    let server = TestServer::start(ServerOptions::default()).await;
+    let mut client = ClientPeer::connect(options(&server)).await.unwrap();
+    let first_answer = client.answer_sdp.clone();
+    client.restart_ice().await.unwrap();
+    assert_ne!(
+        ice_ufrag(&first_answer),
+        ice_ufrag(&client.answer_sdp),
+        "the answer to a restart carries new ICE credentials"
+    );
+    let heard_before = client.recording().pcm.len();
+    let sent = speech(SENTENCE, 5.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after_restart = client.recording().pcm[heard_before..].to_vec();
+    let (correlation, _) = common::echo_correlation(&sent, &after_restart, SAMPLE_RATE);
+    assert!(
+        correlation > 0.7,
+        "after the restart: correlation {correlation}"
+    );
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    let readies = client
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "ready")
+        .count();
+    assert_eq!(readies, 1, "one session throughout");
+    client.close().await.unwrap();
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_restarts_of_unknown_sessions_or_with_bad_offers_are_refused() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    let client = ClientPeer::connect(options(&server)).await.unwrap();
+    let http = reqwest::Client::new();
+    let patch = |session: &str, body: serde_json::Value| {
+        http.patch(format!("{}/api/sessions/{session}", server.base_url))
+            .json(&body)
+            .send()
+    };
+    let (offer, holder) = common::duplex_offer().await;
+    let unknown = patch(
+        "s99999999",
+        serde_json::json!({"sdp": offer, "type": "offer"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let garbage = patch(
+        &client.session,
+        serde_json::json!({"sdp": "v=0\r\nnonsense", "type": "offer"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(garbage.status(), 400);
+    let answer_type = patch(
+        &client.session,
+        serde_json::json!({"sdp": offer, "type": "answer"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer_type.status(), 400);
+    // The session survives the bad requests.
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    drop(holder);
+    client.close().await.unwrap();
+    server.stop().await;
+}

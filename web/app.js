@@ -4,6 +4,7 @@
 //   GET    /api/info            engine, voices, role prompt presets, limits
 //   GET    /api/ice             STUN/TURN servers for this call's peer (bearer token)
 //   POST   /api/offer           SDP offer (non-trickle) → SDP answer + session id
+//   PATCH  /api/sessions/<id>   ICE restart on a network change: offer → answer, same session
 //   DELETE /api/sessions/<id>   hang up
 // plus the WebRTC data channel "events" (ready, text, stats, error).
 //
@@ -12,6 +13,9 @@
 
 const ICE_GATHERING_CAP_MS = 3000;
 const CONNECT_TIMEOUT_MS = 20000;
+// How long a live call may stay disconnected before the page restarts ICE, and how often.
+const ICE_RESTART_DELAY_MS = 1500;
+const MAX_ICE_RESTARTS = 5;
 const STATS_INTERVAL_MS = 1000;
 const TRANSCRIPT_TURN_GAP_MS = 1500;
 const RECORDER_TIMESLICE_MS = 1000;
@@ -87,6 +91,9 @@ const duplex = {
   transcript: "", // every text piece, concatenated as received
   error: null,
   recording: null, // { url, mimeType, bytes, durationMs } once a recording is ready
+  iceRestarts: 0, // ICE restarts in this call (a network change), each answered on the same session
+  lastIceRestart: null, // "answered" or "failed: why"
+  restartIce: () => call && restartIce(call),
 };
 window.duplex = duplex;
 
@@ -285,11 +292,16 @@ async function connect() {
     recording: null,
     statsTimer: 0,
     connectTimer: 0,
+    restartTimer: 0,
+    restarts: 0,
+    restarting: false,
     sessionId: null,
     ending: false,
   };
   call = thisCall;
   duplex.session = null;
+  duplex.iceRestarts = 0;
+  duplex.lastIceRestart = null;
   ui.personaSummary.textContent = personaSummary();
   setState("connecting");
 
@@ -494,7 +506,16 @@ function onConnectionStateChange(thisCall) {
   } else if (connectionState === "disconnected") {
     ui.statusText.textContent = "Reconnecting…";
     ui.status.title = "No media from the server for a moment";
+    // A network change (Wi-Fi to cellular) looks like this: find a new path if it lasts.
+    clearTimeout(thisCall.restartTimer);
+    thisCall.restartTimer = setTimeout(() => {
+      if (call === thisCall && thisCall.pc.connectionState !== "connected") restartIce(thisCall);
+    }, ICE_RESTART_DELAY_MS);
   } else if (connectionState === "failed") {
+    if (duplex.state === "connected" && thisCall.restarts < MAX_ICE_RESTARTS) {
+      restartIce(thisCall);
+      return;
+    }
     failCall(thisCall, "The audio link to the server failed. If the server is remote, check that its UDP ports are reachable.");
   } else if (connectionState === "closed") {
     endCall(thisCall, "closed");
@@ -596,6 +617,44 @@ function endCall(thisCall, finalState) {
   setState(finalState);
 }
 
+// Finds a new path for a live call (the network changed): an offer with new ICE credentials,
+// answered by the server on the same session (PATCH), which keeps its slot and its audio.
+async function restartIce(thisCall) {
+  if (thisCall.restarting || !thisCall.sessionId) return;
+  thisCall.restarting = true;
+  thisCall.restarts += 1;
+  duplex.iceRestarts = thisCall.restarts;
+  const pc = thisCall.pc;
+  try {
+    await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+    await waitForIceGatheringComplete(pc, ICE_GATHERING_CAP_MS);
+    ensureCurrent(thisCall);
+    const answer = await patchSession(thisCall.sessionId, pc.localDescription.sdp);
+    ensureCurrent(thisCall);
+    await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+    duplex.lastIceRestart = "answered";
+  } catch (err) {
+    if (call !== thisCall) return;
+    duplex.lastIceRestart = `failed: ${err.message}`;
+    console.warn("ICE restart failed:", err.message);
+    // Back to the last agreed description, so the call goes on where it still can.
+    if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+    if (pc.connectionState === "failed") failCall(thisCall, `The audio link was lost and could not be restored: ${err.message}`);
+  } finally {
+    thisCall.restarting = false;
+  }
+}
+
+async function patchSession(sessionId, sdp) {
+  const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
+    method: "PATCH",
+    headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
+    body: JSON.stringify({ sdp, type: "offer" }),
+  });
+  if (!response.ok) throw await errorFromResponse(response);
+  return response.json();
+}
+
 function deleteSession(sessionId) {
   fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
     method: "DELETE",
@@ -610,6 +669,7 @@ function hangUpOnUnload() {
 
 function releaseCall(thisCall) {
   clearTimeout(thisCall.connectTimer);
+  clearTimeout(thisCall.restartTimer);
   clearInterval(thisCall.statsTimer);
   cancelAnimationFrame(thisCall.meterFrame);
   thisCall.meters.forEach((meter) => meter.reset());

@@ -9,6 +9,7 @@ use crate::gateway::peer::{opus_media_engine, opus_track};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use rtc::media::Sample;
+use rtc::peer_connection::configuration::RTCOfferOptions;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -293,6 +294,43 @@ impl ClientPeer {
         if !status.is_success() {
             bail!("DELETE answered {status}");
         }
+        Ok(())
+    }
+
+    /// Restarts ICE as a browser does when its network changes: a new offer with new ICE
+    /// credentials, sent as `PATCH /api/sessions/{id}`, and the server's answer applied.
+    pub async fn restart_ice(&mut self) -> Result<()> {
+        let options = RTCOfferOptions { ice_restart: true };
+        let offer = self.pc.create_offer(Some(options)).await?;
+        self.pc.set_local_description(offer).await?;
+        let offer_sdp = self
+            .pc
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow!("no local description"))?
+            .sdp;
+        let url = format!("{}/api/sessions/{}", self.options.base_url, self.session);
+        let mut request = self
+            .http
+            .patch(url)
+            .json(&serde_json::json!({"sdp": offer_sdp, "type": "offer"}));
+        if let Some(token) = &self.options.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.context("PATCH the session")?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("PATCH answered {status}: {text}");
+        }
+        let answer: Value = serde_json::from_str(&text).context("answer JSON")?;
+        let sdp = answer["sdp"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no sdp in the answer: {text}"))?;
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(sdp.to_owned())?)
+            .await?;
+        self.answer_sdp = sdp.to_owned();
         Ok(())
     }
 

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use webrtc::peer_connection::PeerConnection;
 
 /// How long shutdown waits for live sessions to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -46,6 +47,8 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub config: GatewayConfig,
     sessions: Mutex<HashMap<SessionId, CancellationToken>>,
+    /// The peer of each WebRTC session, for ICE restarts.
+    peers: Mutex<HashMap<SessionId, Arc<dyn PeerConnection>>>,
     draining: AtomicBool,
     shutdown: CancellationToken,
 }
@@ -56,6 +59,7 @@ impl AppState {
             engine,
             config,
             sessions: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
         })
@@ -98,6 +102,10 @@ impl AppState {
             .lock()
             .expect("session map lock")
             .insert(id, cancel.clone());
+        self.peers
+            .lock()
+            .expect("peer map lock")
+            .insert(id, peer.pc.clone());
         let task = SessionTask {
             id,
             peer,
@@ -114,6 +122,7 @@ impl AppState {
         let state = self.clone();
         tokio::spawn(async move {
             media::run(task).await;
+            state.peers.lock().expect("peer map lock").remove(&id);
             state.sessions.lock().expect("session map lock").remove(&id);
         });
         tracing::info!(session = %id, "session started");
@@ -145,6 +154,22 @@ impl AppState {
             id,
         };
         (cancel, guard)
+    }
+
+    /// Answers `offer_sdp`, an ICE restart of WebRTC session `id` (its client's network
+    /// changed), on the session's own peer.
+    pub async fn restart_ice(&self, id: SessionId, offer_sdp: &str) -> Result<String, ApiError> {
+        let offer = sdp::parse_offer(offer_sdp)?;
+        let pc = self
+            .peers
+            .lock()
+            .expect("peer map lock")
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::NoSession(id.to_string()))?;
+        let answer = peer::renegotiate(&pc, offer).await?;
+        tracing::info!(session = %id, "ICE restarted");
+        Ok(answer)
     }
 
     /// Ends session `id` (DELETE on its resource).

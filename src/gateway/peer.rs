@@ -355,6 +355,35 @@ async fn negotiate(
     Ok((local.sdp, track, sender, ssrc))
 }
 
+/// Answers a new offer on a live peer: an ICE restart, the client's network having changed
+/// (Wi-Fi to cellular). The peer keeps its candidates through a restart, so the answer needs
+/// no new gathering; the session, its slot and its audio go on.
+pub async fn renegotiate(
+    pc: &Arc<dyn PeerConnection>,
+    offer: RTCSessionDescription,
+) -> Result<String, ApiError> {
+    pc.set_remote_description(offer)
+        .await
+        .map_err(|e| ApiError::BadSdp(e.to_string()))?;
+    let answer = pc
+        .create_answer(None)
+        .await
+        .map_err(|e| ApiError::BadSdp(format!("cannot answer the offer: {e}")))?;
+    pc.set_local_description(answer)
+        .await
+        .map_err(|e| ApiError::Internal(format!("set local description: {e}")))?;
+    let local = pc
+        .local_description()
+        .await
+        .ok_or_else(|| ApiError::Internal("no local description".into()))?;
+    if ice::candidate_count(&local.sdp) == 0 {
+        return Err(ApiError::NoCandidate(
+            "the restarted peer kept no address".into(),
+        ));
+    }
+    Ok(local.sdp)
+}
+
 /// Says when a probe peer's gathering is complete.
 struct GatherEvents(watch::Sender<bool>);
 

@@ -24,7 +24,10 @@ const STYLE_CSS: &str = include_str!("../../web/style.css");
 pub fn router(state: Arc<AppState>) -> Router {
     let signaling = Router::new()
         .route("/api/offer", post(offer))
-        .route("/api/sessions/{id}", delete(end_session))
+        .route(
+            "/api/sessions/{id}",
+            delete(end_session).patch(restart_session_ice),
+        )
         .layer(DefaultBodyLimit::max(MAX_OFFER_BYTES));
     Router::new()
         .route(
@@ -223,6 +226,29 @@ async fn end_session(
     let session = SessionId::parse(&id).ok_or_else(|| ApiError::NoSession(id.clone()))?;
     state.end_session(session)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PATCH /api/sessions/{id}` with `{"sdp","type":"offer"}`: an ICE restart of a WebRTC
+/// session (its client's network changed) → `{"sdp","type":"answer"}`.
+async fn restart_session_ice(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let session = SessionId::parse(&id).ok_or_else(|| ApiError::NoSession(id.clone()))?;
+    let offer: JsonOffer = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!("expected JSON {{\"sdp\",\"type\":\"offer\"}}: {e}"))
+    })?;
+    if offer.kind != "offer" {
+        return Err(ApiError::BadRequest(format!(
+            "type must be \"offer\", got {:?}",
+            offer.kind
+        )));
+    }
+    let answer = state.restart_ice(session, &offer.sdp).await?;
+    Ok(Json(json!({"sdp": answer, "type": "answer"})).into_response())
 }
 
 /// Checks the bearer token when one is configured, in constant time.

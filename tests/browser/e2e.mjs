@@ -18,7 +18,7 @@ import { chromium } from "playwright-core";
 
 const USAGE =
   "usage: node e2e.mjs --url http://127.0.0.1:PORT/ --wav /abs/speech48k.wav --screenshot /abs/out.png " +
-  "[--timeout-ms 30000] [--energy-threshold 1e-4] [--min-packets 50]";
+  "[--timeout-ms 30000] [--energy-threshold 1e-4] [--min-packets 50] [--restart-ice yes]";
 const CONSOLE_LINES_KEPT = 50;
 
 const options = parseArgs(process.argv.slice(2));
@@ -147,6 +147,7 @@ async function run() {
     throw new Error(`connection ended before audio arrived (${audioResult})${pageError ? `: ${pageError}` : ""}`);
   }
   const connected = await pageSnapshot();
+  const restart = options.restartIce ? await restartIceAndHearMore(connected) : null;
 
   step = "screenshot";
   await page.screenshot({ path: options.screenshot, fullPage: true, timeout: remainingMs() });
@@ -175,8 +176,37 @@ async function run() {
     serverStats: closed.lastStats,
     link: connected.link,
     recordingBytes: recording?.bytes ?? null,
+    restart,
     elapsedMs: Date.now() - startedAt,
     screenshot: options.screenshot,
+  };
+}
+
+// The page's ICE restart (what a network change triggers), then more of the agent's audio on
+// the same session.
+async function restartIceAndHearMore(before) {
+  step = "restart ICE";
+  await page.evaluate(() => window.duplex.restartIce());
+  step = "wait for more audio after the ICE restart";
+  const outcome = await page.waitForFunction(
+    ({ packetsBefore }) => {
+      const d = window.duplex;
+      if (d.state !== "connected") return `state:${d.state}`;
+      if (d.lastIceRestart?.startsWith("failed")) return d.lastIceRestart;
+      return d.lastIceRestart === "answered" && d.inboundPacketsReceived > packetsBefore + 100 ? "audio" : false;
+    },
+    { packetsBefore: before.inboundPacketsReceived },
+    { timeout: remainingMs(), polling: 200 },
+  );
+  const result = await outcome.jsonValue();
+  if (result !== "audio") throw new Error(`the call did not go on after the ICE restart (${result})`);
+  const after = await pageSnapshot();
+  return {
+    session: after.session,
+    iceRestarts: after.iceRestarts,
+    lastIceRestart: after.lastIceRestart,
+    packetsBefore: before.inboundPacketsReceived,
+    packetsAfter: after.inboundPacketsReceived,
   };
 }
 
@@ -205,6 +235,7 @@ function parseArgs(argv) {
     timeoutMs: Number(values["timeout-ms"] ?? 30000),
     energyThreshold: Number(values["energy-threshold"] ?? 1e-4),
     minPackets: Number(values["min-packets"] ?? 50),
+    restartIce: values["restart-ice"] === "yes",
   };
   for (const [name, value] of Object.entries({ "timeout-ms": options.timeoutMs, "energy-threshold": options.energyThreshold, "min-packets": options.minPackets })) {
     if (!Number.isFinite(value) || value < 0) exitUsage(2, `--${name} must be a non-negative number`);
@@ -257,6 +288,8 @@ async function pageSnapshot() {
         transcript: d.transcript,
         lastStats: d.lastStats,
         link: d.link,
+        iceRestarts: d.iceRestarts,
+        lastIceRestart: d.lastIceRestart,
       };
     })
     .catch(() => null);
