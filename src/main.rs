@@ -541,7 +541,8 @@ struct ServeArgs {
     /// Where --tls-self-signed keeps its certificate (default ~/.cache/duplex/tls).
     #[arg(long)]
     tls_dir: Option<PathBuf>,
-    /// Bearer token required on POST /api/offer and DELETE /api/sessions/* (also read from DUPLEX_TOKEN).
+    /// Bearer token required on POST /api/offer, GET /api/ice and PATCH/DELETE /api/sessions/*,
+    /// the WebSocket transports (also read from DUPLEX_TOKEN).
     #[arg(long, env = "DUPLEX_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
@@ -820,7 +821,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if !peer.ice.is_empty() {
         if peer.ice.has_turn() && args.token.is_none() {
             tracing::warn!(
-                "GET /api/ice hands TURN credentials to anyone who can reach this port: set --token (DUPLEX_TOKEN) to keep strangers from relaying through your TURN server"
+                "GET /api/ice (and WHIP's Link headers) hand TURN credentials to anyone who can reach this port: set --token (DUPLEX_TOKEN) to keep strangers from relaying through your TURN server"
             );
         }
         tokio::spawn(report_ice_servers(peer.clone()));

@@ -175,13 +175,14 @@ fn the_page_connects_and_plays_the_agents_audio() {
 }
 
 /// A network change makes the page restart ICE; the server answers it on the same session and
-/// the agent's audio goes on.
+/// the agent's audio goes on, for longer than a broken path would last (the server gives up on
+/// a silent peer after 1 + 2 s here).
 #[test]
 fn the_page_restarts_ice_and_the_call_goes_on() {
     let report = run_page(Scenario {
         name: "browser-restart",
         setup: "",
-        serve_args: "",
+        serve_args: "--ice-disconnected-secs 1 --ice-failed-secs 2",
         page_args: "--restart-ice yes",
     });
     if let Some(report) = report {

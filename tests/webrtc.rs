@@ -323,16 +323,7 @@ async fn an_ice_restart_keeps_the_session_and_its_audio() {
         ice_ufrag(&client.answer_sdp),
         "the answer to a restart carries new ICE credentials"
     );
-    let heard_before = client.recording().pcm.len();
-    let sent = speech(SENTENCE, 5.0);
-    client.play(&sent).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let after_restart = client.recording().pcm[heard_before..].to_vec();
-    let (correlation, _) = common::echo_correlation(&sent, &after_restart, SAMPLE_RATE);
-    assert!(
-        correlation > 0.7,
-        "after the restart: correlation {correlation}"
-    );
+    assert_heard_after_restart(&mut client).await;
     assert_eq!(server.state.engine.active_sessions(), 1);
     let readies = client
         .events()
@@ -377,9 +368,50 @@ async fn ice_restarts_of_unknown_sessions_or_with_bad_offers_are_refused() {
     .await
     .unwrap();
     assert_eq!(answer_type.status(), 400);
-    // The session survives the bad requests.
-    assert_eq!(server.state.engine.active_sessions(), 1);
+    // WHIP's trickle PATCH: not taken here, and said so.
+    let trickle = http
+        .patch(format!(
+            "{}/api/sessions/{}",
+            server.base_url, client.session
+        ))
+        .header("content-type", "application/trickle-ice-sdpfrag")
+        .body("a=ice-ufrag:abcd\r\na=ice-pwd:efgh\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trickle.status(), 422);
+    // A stranger's offer reaches the peer itself; whatever it makes of it, the session's own
+    // client can still restart afterwards and be heard.
+    let stranger = patch(
+        &client.session,
+        serde_json::json!({"sdp": offer, "type": "offer"}),
+    )
+    .await
+    .unwrap();
+    eprintln!("a stranger's offer: {}", stranger.status());
+    let mut client = client;
+    client
+        .restart_ice()
+        .await
+        .expect("the session's own client restarts after the bad requests");
+    assert_heard_after_restart(&mut client).await;
     drop(holder);
     client.close().await.unwrap();
     server.stop().await;
+}
+
+/// Speech played after an ICE restart (once its checks are done) comes back.
+async fn assert_heard_after_restart(client: &mut ClientPeer) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let heard_before = client.recording().pcm.len();
+    let sent = speech(SENTENCE, 5.0);
+    client.play(&sent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after_restart = client.recording().pcm[heard_before..].to_vec();
+    let (correlation, _) = common::echo_correlation(&sent, &after_restart, SAMPLE_RATE);
+    assert!(
+        correlation > 0.7,
+        "after the restart: correlation {correlation}, {} samples heard",
+        after_restart.len()
+    );
 }

@@ -500,6 +500,7 @@ function onConnectionStateChange(thisCall) {
   const connectionState = thisCall.pc.connectionState;
   if (connectionState === "connected") {
     clearTimeout(thisCall.connectTimer);
+    clearTimeout(thisCall.restartTimer);
     ui.status.title = "";
     if (duplex.state !== "connected") onConnected(thisCall);
     ui.statusText.textContent = STATE_LABELS.connected;
@@ -507,10 +508,7 @@ function onConnectionStateChange(thisCall) {
     ui.statusText.textContent = "Reconnecting…";
     ui.status.title = "No media from the server for a moment";
     // A network change (Wi-Fi to cellular) looks like this: find a new path if it lasts.
-    clearTimeout(thisCall.restartTimer);
-    thisCall.restartTimer = setTimeout(() => {
-      if (call === thisCall && thisCall.pc.connectionState !== "connected") restartIce(thisCall);
-    }, ICE_RESTART_DELAY_MS);
+    scheduleIceRestart(thisCall, ICE_RESTART_DELAY_MS);
   } else if (connectionState === "failed") {
     if (duplex.state === "connected" && thisCall.restarts < MAX_ICE_RESTARTS) {
       restartIce(thisCall);
@@ -619,8 +617,21 @@ function endCall(thisCall, finalState) {
 
 // Finds a new path for a live call (the network changed): an offer with new ICE credentials,
 // answered by the server on the same session (PATCH), which keeps its slot and its audio.
+function scheduleIceRestart(thisCall, delayMs) {
+  clearTimeout(thisCall.restartTimer);
+  thisCall.restartTimer = setTimeout(() => {
+    const linkState = thisCall.pc.connectionState;
+    if (call === thisCall && (linkState === "disconnected" || linkState === "failed")) restartIce(thisCall);
+  }, delayMs);
+}
+
 async function restartIce(thisCall) {
   if (thisCall.restarting || !thisCall.sessionId) return;
+  if (thisCall.restarts >= MAX_ICE_RESTARTS) {
+    if (thisCall.pc.connectionState === "failed") failCall(thisCall, "The audio link was lost and could not be restored.");
+    return;
+  }
+  clearTimeout(thisCall.restartTimer);
   thisCall.restarting = true;
   thisCall.restarts += 1;
   duplex.iceRestarts = thisCall.restarts;
@@ -639,7 +650,14 @@ async function restartIce(thisCall) {
     console.warn("ICE restart failed:", err.message);
     // Back to the last agreed description, so the call goes on where it still can.
     if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
-    if (pc.connectionState === "failed") failCall(thisCall, `The audio link was lost and could not be restored: ${err.message}`);
+    if (err.status === 404) {
+      failCall(thisCall, "The call ended on the server while the link was down.");
+    } else if (pc.connectionState === "failed" && thisCall.restarts >= MAX_ICE_RESTARTS) {
+      failCall(thisCall, `The audio link was lost and could not be restored: ${err.message}`);
+    } else {
+      // The network may still be changing hands: try again a little later.
+      scheduleIceRestart(thisCall, ICE_RESTART_DELAY_MS * 2 ** thisCall.restarts);
+    }
   } finally {
     thisCall.restarting = false;
   }
@@ -651,7 +669,11 @@ async function patchSession(sessionId, sdp) {
     headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
     body: JSON.stringify({ sdp, type: "offer" }),
   });
-  if (!response.ok) throw await errorFromResponse(response);
+  if (!response.ok) {
+    const err = await errorFromResponse(response);
+    err.status = response.status;
+    throw err;
+  }
   return response.json();
 }
 

@@ -45,8 +45,10 @@ pub struct LoopbackOptions {
 /// One client's try to join, in a run where they arrive over time.
 #[derive(Debug, Clone, Serialize)]
 pub struct Join {
-    /// Seconds into the run.
+    /// Seconds into the run the caller arrived (its offer was sent).
     pub at_seconds: f64,
+    /// How long the server took to answer it, in ms.
+    pub answered_after_ms: f64,
     /// `admitted`, `refused_full`, `refused_behind`, or `failed: why`.
     pub outcome: String,
     /// Sessions in the server once it was answered.
@@ -497,12 +499,13 @@ struct Talker {
 }
 
 impl Talker {
-    /// Where the signal's probes fall in what this talker sent.
+    /// Where the signal's probes fall in what this talker sent, from half a second in (a
+    /// session just admitted settles into its tick phase first, as before a run).
     fn probe_starts(&self, starts: &[usize]) -> Vec<usize> {
         let skipped = self.first_packet * PACKET_SAMPLES;
         starts
             .iter()
-            .filter(|&&start| start >= skipped)
+            .filter(|&&start| start >= skipped + SAMPLE_RATE as usize / 2)
             .map(|start| start - skipped)
             .collect()
     }
@@ -531,11 +534,12 @@ async fn arrive_and_play(
     let mut joins = Vec::new();
     let mut players = Vec::new();
     for idx in 0..sessions as u32 {
-        let due = start + every * idx;
-        if due - start >= run_length {
+        tokio::time::sleep_until(start + every * idx).await;
+        // A connect slower than the interval delays the callers after it: none past the end.
+        if start.elapsed() >= run_length {
             break;
         }
-        tokio::time::sleep_until(due).await;
+        let arrived = start.elapsed();
         let (full, behind) = (refused("full"), refused("behind"));
         let options = ClientOptions {
             base_url: base_url.to_owned(),
@@ -549,7 +553,8 @@ async fn arrive_and_play(
             Err(err) => format!("failed: {err:#}"),
         };
         joins.push(Join {
-            at_seconds: start.elapsed().as_secs_f64(),
+            at_seconds: arrived.as_secs_f64(),
+            answered_after_ms: (start.elapsed() - arrived).as_secs_f64() * 1000.0,
             outcome,
             sessions_in: engine.active_sessions(),
         });
@@ -557,11 +562,13 @@ async fn arrive_and_play(
             continue;
         };
         let first_packet = (start.elapsed().as_millis() / PACKET_MS as u128) as usize;
+        if first_packet >= packets.len() {
+            let _ = client.close().await;
+            continue;
+        }
         let packets = packets.clone();
         players.push(runtime.spawn(async move {
-            let sent = client
-                .play_encoded(&packets[first_packet.min(packets.len())..])
-                .await;
+            let sent = client.play_encoded(&packets[first_packet..]).await;
             sent.map(|sent| Talker {
                 client,
                 sent,
@@ -700,7 +707,7 @@ pub async fn run(options: LoopbackOptions, engine: EngineHandle) -> Result<Loopb
     let sessions = connected.max(1) as f64;
     // Arriving callers may be refused; those admitted must keep real time.
     let everyone_in = match options.join_every {
-        Some(_) => connected > 0,
+        Some(_) => connected > 0 && !joins.iter().any(|j| j.outcome.starts_with("failed")),
         None => connected == options.sessions,
     };
     let real_time =

@@ -38,6 +38,12 @@ pub enum ApiError {
     /// fault of the deployment (its TURN server), which retrying does not mend.
     #[error("the server has no address to offer this call: {0}")]
     NoCandidate(String),
+    /// The request clashes with one in progress on the same resource.
+    #[error("{0}")]
+    Conflict(String),
+    /// A request this server does not take on that resource (a WHIP trickle PATCH).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -68,6 +74,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::NoCandidate(_) => StatusCode::BAD_GATEWAY,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +95,8 @@ impl ApiError {
             Self::Failing(_) => "failing",
             Self::Behind(_) => "behind",
             Self::NoCandidate(_) => "no_candidate",
+            Self::Conflict(_) => "conflict",
+            Self::Unprocessable(_) => "unprocessable",
             Self::Internal(_) => "internal",
         }
     }

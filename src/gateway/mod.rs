@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use webrtc::peer_connection::PeerConnection;
+use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
 
 /// How long shutdown waits for live sessions to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -48,7 +48,7 @@ pub struct AppState {
     pub config: GatewayConfig,
     sessions: Mutex<HashMap<SessionId, CancellationToken>>,
     /// The peer of each WebRTC session, for ICE restarts.
-    peers: Mutex<HashMap<SessionId, Arc<dyn PeerConnection>>>,
+    peers: Mutex<HashMap<SessionId, LivePeer>>,
     draining: AtomicBool,
     shutdown: CancellationToken,
 }
@@ -102,10 +102,12 @@ impl AppState {
             .lock()
             .expect("session map lock")
             .insert(id, cancel.clone());
-        self.peers
-            .lock()
-            .expect("peer map lock")
-            .insert(id, peer.pc.clone());
+        let live = LivePeer {
+            pc: peer.pc.clone(),
+            states: peer.states.clone(),
+            restarting: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        self.peers.lock().expect("peer map lock").insert(id, live);
         let task = SessionTask {
             id,
             peer,
@@ -160,14 +162,26 @@ impl AppState {
     /// changed), on the session's own peer.
     pub async fn restart_ice(&self, id: SessionId, offer_sdp: &str) -> Result<String, ApiError> {
         let offer = sdp::parse_offer(offer_sdp)?;
-        let pc = self
+        let live = self
             .peers
             .lock()
             .expect("peer map lock")
             .get(&id)
             .cloned()
             .ok_or_else(|| ApiError::NoSession(id.to_string()))?;
-        let answer = peer::renegotiate(&pc, offer).await?;
+        let ended = matches!(
+            *live.states.borrow(),
+            RTCPeerConnectionState::Closed | RTCPeerConnectionState::Failed
+        );
+        if ended {
+            return Err(ApiError::NoSession(id.to_string()));
+        }
+        let Ok(_only_restart) = live.restarting.try_lock() else {
+            return Err(ApiError::Conflict(format!(
+                "session {id} is already restarting ICE; wait for that answer"
+            )));
+        };
+        let answer = peer::renegotiate(&live.pc, offer).await?;
         tracing::info!(session = %id, "ICE restarted");
         Ok(answer)
     }
@@ -197,6 +211,15 @@ impl AppState {
             );
         }
     }
+}
+
+/// A WebRTC session's peer, as an ICE restart needs it.
+#[derive(Clone)]
+struct LivePeer {
+    pc: Arc<dyn PeerConnection>,
+    states: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
+    /// Held while a restart is answered: one at a time.
+    restarting: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Keeps a session in the server's registry until dropped.

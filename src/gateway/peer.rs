@@ -365,6 +365,18 @@ pub async fn renegotiate(
     pc.set_remote_description(offer)
         .await
         .map_err(|e| ApiError::BadSdp(e.to_string()))?;
+    let answered = answer_offer_applied(pc).await;
+    if answered.is_err() {
+        // Back to the last agreed description, so a later restart finds the peer stable.
+        if let Ok(rollback) = RTCSessionDescription::rollback(None) {
+            let _ = pc.set_remote_description(rollback).await;
+        }
+    }
+    answered
+}
+
+/// The answer to the remote offer just applied, with its candidates.
+async fn answer_offer_applied(pc: &Arc<dyn PeerConnection>) -> Result<String, ApiError> {
     let answer = pc
         .create_answer(None)
         .await

@@ -210,10 +210,14 @@ async fn negotiate(
 }
 
 fn is_sdp(headers: &HeaderMap) -> bool {
+    is_content_type(headers, "application/sdp")
+}
+
+fn is_content_type(headers: &HeaderMap, media_type: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("application/sdp"))
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(media_type))
 }
 
 /// `DELETE /api/sessions/{id}`: ends the session.
@@ -238,6 +242,13 @@ async fn restart_session_ice(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let session = SessionId::parse(&id).ok_or_else(|| ApiError::NoSession(id.clone()))?;
+    if is_content_type(&headers, "application/trickle-ice-sdpfrag") {
+        return Err(ApiError::Unprocessable(
+            "this server takes no trickled candidates; restart ICE with a JSON offer \
+             ({\"sdp\",\"type\":\"offer\"})"
+                .into(),
+        ));
+    }
     let offer: JsonOffer = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("expected JSON {{\"sdp\",\"type\":\"offer\"}}: {e}"))
     })?;
