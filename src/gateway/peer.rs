@@ -329,13 +329,7 @@ async fn negotiate(
         .add_track(track.clone())
         .await
         .map_err(|e| ApiError::Internal(format!("add track: {e}")))?;
-    let answer = pc
-        .create_answer(None)
-        .await
-        .map_err(|e| ApiError::BadSdp(format!("cannot answer the offer: {e}")))?;
-    pc.set_local_description(answer)
-        .await
-        .map_err(|e| ApiError::Internal(format!("set local description: {e}")))?;
+    answer_the_offer(pc).await?;
     if tokio::time::timeout(GATHER_TIMEOUT, gathered.wait_for(|done| *done))
         .await
         .is_err()
@@ -375,15 +369,20 @@ pub async fn renegotiate(
     answered
 }
 
-/// The answer to the remote offer just applied, with its candidates.
-async fn answer_offer_applied(pc: &Arc<dyn PeerConnection>) -> Result<String, ApiError> {
+/// Makes the answer to the remote offer and applies it locally.
+async fn answer_the_offer(pc: &Arc<dyn PeerConnection>) -> Result<(), ApiError> {
     let answer = pc
         .create_answer(None)
         .await
         .map_err(|e| ApiError::BadSdp(format!("cannot answer the offer: {e}")))?;
     pc.set_local_description(answer)
         .await
-        .map_err(|e| ApiError::Internal(format!("set local description: {e}")))?;
+        .map_err(|e| ApiError::Internal(format!("set local description: {e}")))
+}
+
+/// The answer to the remote offer just applied, with its candidates.
+async fn answer_offer_applied(pc: &Arc<dyn PeerConnection>) -> Result<String, ApiError> {
+    answer_the_offer(pc).await?;
     let local = pc
         .local_description()
         .await
