@@ -8,7 +8,7 @@ mod common;
 use common::{ServerOptions, TestServer, speech};
 use duplex::audio::SAMPLE_RATE;
 use duplex::bench::client::{ClientOptions, ClientPeer, Refused};
-use duplex::gateway::ice::{IceConfig, TurnAuth};
+use duplex::gateway::ice::{self, IceConfig, TurnAuth};
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::ops::RangeInclusive;
@@ -155,20 +155,14 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-/// Each candidate line's type and port.
+/// Each candidate's type and port, through the server's own reading of an SDP; every
+/// candidate line must be one it reads.
 fn candidates(sdp: &str) -> Vec<(String, u16)> {
-    sdp.lines()
-        .filter_map(|line| line.strip_prefix("a=candidate:"))
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let kind = fields
-                .iter()
-                .position(|field| *field == "typ")
-                .map(|at| fields[at + 1].to_owned())
-                .expect("a candidate has a type");
-            (kind, fields[5].parse().expect("a candidate has a port"))
-        })
-        .collect()
+    let read: Vec<(String, u16)> = ice::candidates(sdp)
+        .map(|candidate| (candidate.kind.to_owned(), candidate.port))
+        .collect();
+    assert_eq!(read.len(), sdp.matches("a=candidate:").count(), "{sdp}");
+    read
 }
 
 /// Plays a sentence and checks that its echo comes back, whatever path the call took.

@@ -284,30 +284,46 @@ impl Gathered {
             complete,
             ..Self::default()
         };
-        for line in sdp.lines() {
-            let Some(candidate) = line.strip_prefix("a=candidate:") else {
-                continue;
-            };
-            let fields: Vec<&str> = candidate.split_whitespace().collect();
-            let (Some(ip), Some(port)) = (fields.get(4), fields.get(5)) else {
-                continue;
-            };
-            let kind = fields
-                .iter()
-                .position(|f| *f == "typ")
-                .and_then(|at| fields.get(at + 1));
-            let list = match kind {
-                Some(&"srflx") => &mut gathered.public,
-                Some(&"relay") => &mut gathered.relays,
+        for candidate in candidates(sdp) {
+            let list = match candidate.kind {
+                "srflx" => &mut gathered.public,
+                "relay" => &mut gathered.relays,
                 _ => continue,
             };
-            let address = format!("{ip}:{port}");
+            let address = format!("{}:{}", candidate.ip, candidate.port);
             if !list.contains(&address) {
                 list.push(address);
             }
         }
         gathered
     }
+}
+
+/// One `a=candidate:` line of an SDP, the parts that say where it leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    /// `host`, `srflx`, `prflx` or `relay`.
+    pub kind: &'a str,
+    pub ip: &'a str,
+    pub port: u16,
+}
+
+/// The well-formed ICE candidates an SDP carries (RFC 8839: foundation, component, transport,
+/// priority, address, port, `typ`, type).
+pub fn candidates(sdp: &str) -> impl Iterator<Item = Candidate<'_>> {
+    sdp.lines()
+        .filter_map(|line| line.strip_prefix("a=candidate:"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match *fields.get(4..8)? {
+                [ip, port, "typ", kind] => Some(Candidate {
+                    kind,
+                    ip,
+                    port: port.parse().ok()?,
+                }),
+                _ => None,
+            }
+        })
 }
 
 impl IceConfig {
@@ -349,9 +365,7 @@ impl IceConfig {
 
 /// How many ICE candidates an SDP carries.
 pub fn candidate_count(sdp: &str) -> usize {
-    sdp.lines()
-        .filter(|line| line.starts_with("a=candidate:"))
-        .count()
+    candidates(sdp).count()
 }
 
 #[cfg(test)]
@@ -549,8 +563,17 @@ mod tests {
 
     #[test]
     fn candidates_are_counted_in_an_sdp() {
-        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ relay\r\na=candidate:2 1 udp 2 127.0.0.1 5001 typ host\r\n";
-        assert_eq!(candidate_count(sdp), 2);
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ relay\r\na=candidate:2 1 udp 2 127.0.0.1 5001 typ host\r\na=candidate:3 1 udp 2 127.0.0.1\r\n";
+        assert_eq!(candidate_count(sdp), 2, "the cut-off line is no candidate");
+        let relay = candidates(sdp).next().unwrap();
+        assert_eq!(
+            relay,
+            Candidate {
+                kind: "relay",
+                ip: "127.0.0.1",
+                port: 5000
+            }
+        );
         assert_eq!(candidate_count("v=0\r\n"), 0);
     }
 }

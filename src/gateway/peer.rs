@@ -339,10 +339,7 @@ async fn negotiate(
             "ICE gathering did not complete in time; answering with the candidates so far"
         );
     }
-    let local = pc
-        .local_description()
-        .await
-        .ok_or_else(|| ApiError::Internal("no local description".into()))?;
+    let local = local_description(pc).await?;
     if ice::candidate_count(&local.sdp) == 0 {
         return Err(ApiError::NoCandidate(no_candidate_reason(ice)));
     }
@@ -369,6 +366,14 @@ pub async fn renegotiate(
     answered
 }
 
+async fn local_description(
+    pc: &Arc<dyn PeerConnection>,
+) -> Result<RTCSessionDescription, ApiError> {
+    pc.local_description()
+        .await
+        .ok_or_else(|| ApiError::Internal("no local description".into()))
+}
+
 /// Makes the answer to the remote offer and applies it locally.
 async fn answer_the_offer(pc: &Arc<dyn PeerConnection>) -> Result<(), ApiError> {
     let answer = pc
@@ -383,10 +388,7 @@ async fn answer_the_offer(pc: &Arc<dyn PeerConnection>) -> Result<(), ApiError> 
 /// The answer to the remote offer just applied, with its candidates.
 async fn answer_offer_applied(pc: &Arc<dyn PeerConnection>) -> Result<String, ApiError> {
     answer_the_offer(pc).await?;
-    let local = pc
-        .local_description()
-        .await
-        .ok_or_else(|| ApiError::Internal("no local description".into()))?;
+    let local = local_description(pc).await?;
     if ice::candidate_count(&local.sdp) == 0 {
         return Err(ApiError::NoCandidate(
             "the restarted peer kept no address".into(),
@@ -443,9 +445,6 @@ async fn offer_and_gather(
     let complete = tokio::time::timeout(GATHER_TIMEOUT, gathered.wait_for(|done| *done))
         .await
         .is_ok();
-    let local = pc
-        .local_description()
-        .await
-        .ok_or_else(|| ApiError::Internal("no local description".into()))?;
+    let local = local_description(pc).await?;
     Ok(ice::Gathered::from_sdp(&local.sdp, complete))
 }

@@ -190,9 +190,20 @@ async fn negotiate(
         }
         return Ok((StatusCode::CREATED, headers, answer).into_response());
     }
+    let offer = json_offer(body, " or an application/sdp body")?;
+    let persona = PersonaRequest {
+        voice: offer.voice,
+        prompt: offer.prompt,
+    };
+    let (id, answer) = state.accept_offer(&offer.sdp, &persona).await?;
+    Ok(Json(json!({"sdp": answer, "type": "answer", "session": id.to_string()})).into_response())
+}
+
+/// `body` as a JSON offer (`{"sdp","type":"offer"}`); `or_else` names what else the route takes.
+fn json_offer(body: &[u8], or_else: &str) -> Result<JsonOffer, ApiError> {
     let offer: JsonOffer = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadRequest(format!(
-            "expected JSON {{\"sdp\",\"type\":\"offer\"}} or an application/sdp body: {e}"
+            "expected JSON {{\"sdp\",\"type\":\"offer\"}}{or_else}: {e}"
         ))
     })?;
     if offer.kind != "offer" {
@@ -201,12 +212,7 @@ async fn negotiate(
             offer.kind
         )));
     }
-    let persona = PersonaRequest {
-        voice: offer.voice,
-        prompt: offer.prompt,
-    };
-    let (id, answer) = state.accept_offer(&offer.sdp, &persona).await?;
-    Ok(Json(json!({"sdp": answer, "type": "answer", "session": id.to_string()})).into_response())
+    Ok(offer)
 }
 
 fn is_sdp(headers: &HeaderMap) -> bool {
@@ -249,15 +255,7 @@ async fn restart_session_ice(
                 .into(),
         ));
     }
-    let offer: JsonOffer = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!("expected JSON {{\"sdp\",\"type\":\"offer\"}}: {e}"))
-    })?;
-    if offer.kind != "offer" {
-        return Err(ApiError::BadRequest(format!(
-            "type must be \"offer\", got {:?}",
-            offer.kind
-        )));
-    }
+    let offer = json_offer(&body, "")?;
     let answer = state.restart_ice(session, &offer.sdp).await?;
     Ok(Json(json!({"sdp": answer, "type": "answer"})).into_response())
 }
