@@ -405,15 +405,8 @@ function microphoneErrorMessage(err) {
 
 // The server's STUN/TURN servers (`serve --ice-server`), with TURN credentials minted for this
 // call; none: the server's answer carries a candidate this browser can reach directly.
-async function fetchIceConfig() {
-  let response;
-  try {
-    response = await fetch("/api/ice", { headers: { Accept: "application/json", ...authHeaders() }, cache: "no-store" });
-  } catch {
-    throw new Error("Couldn't reach the server. Is duplex still running?");
-  }
-  if (!response.ok) throw await errorFromResponse(response);
-  return response.json();
+function fetchIceConfig() {
+  return requestJson("/api/ice", { cache: "no-store" });
 }
 
 function createPeerConnection(thisCall, ice) {
@@ -441,20 +434,28 @@ function waitForIceGatheringComplete(pc, capMs) {
 }
 
 async function postOffer(offer) {
+  const answer = await requestJson("/api/offer", { method: "POST", body: JSON.stringify(offer) });
+  if (!answer || typeof answer.sdp !== "string") throw new Error("The server's answer wasn't a valid SDP answer.");
+  return answer;
+}
+
+// A signaling request with the access token: its JSON answer (null when unreadable), or an
+// error that reads well and carries the HTTP status.
+async function requestJson(url, init = {}) {
+  const headers = { Accept: "application/json", ...authHeaders() };
+  if (init.body) headers["Content-Type"] = "application/json";
   let response;
   try {
-    response = await fetch("/api/offer", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
-      body: JSON.stringify(offer),
-    });
+    response = await fetch(url, { ...init, headers });
   } catch {
     throw new Error("Couldn't reach the server. Is duplex still running?");
   }
-  if (!response.ok) throw await errorFromResponse(response);
-  const answer = await response.json().catch(() => null);
-  if (!answer || typeof answer.sdp !== "string") throw new Error("The server's answer wasn't a valid SDP answer.");
-  return answer;
+  if (!response.ok) {
+    const err = await errorFromResponse(response);
+    err.status = response.status;
+    throw err;
+  }
+  return response.json().catch(() => null);
 }
 
 // Builds a readable error from a {"error": "..."} response (or whatever the body is).
@@ -664,17 +665,10 @@ async function restartIce(thisCall) {
 }
 
 async function patchSession(sessionId, sdp) {
-  const response = await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
-    method: "PATCH",
-    headers: { "Content-Type": "application/json", Accept: "application/json", ...authHeaders() },
-    body: JSON.stringify({ sdp, type: "offer" }),
-  });
-  if (!response.ok) {
-    const err = await errorFromResponse(response);
-    err.status = response.status;
-    throw err;
-  }
-  return response.json();
+  const url = `/api/sessions/${encodeURIComponent(sessionId)}`;
+  const answer = await requestJson(url, { method: "PATCH", body: JSON.stringify({ sdp, type: "offer" }) });
+  if (!answer || typeof answer.sdp !== "string") throw new Error("The server's answer to the ICE restart wasn't a valid SDP answer.");
+  return answer;
 }
 
 function deleteSession(sessionId) {

@@ -310,27 +310,13 @@ impl ClientPeer {
             .ok_or_else(|| anyhow!("no local description"))?
             .sdp;
         let url = format!("{}/api/sessions/{}", self.options.base_url, self.session);
-        let mut request = self
-            .http
-            .patch(url)
-            .json(&serde_json::json!({"sdp": offer_sdp, "type": "offer"}));
-        if let Some(token) = &self.options.token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.context("PATCH the session")?;
-        let status = response.status();
-        let text = response.text().await?;
-        if !status.is_success() {
-            bail!("PATCH answered {status}: {text}");
-        }
-        let answer: Value = serde_json::from_str(&text).context("answer JSON")?;
-        let sdp = answer["sdp"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no sdp in the answer: {text}"))?;
+        let body = serde_json::json!({"sdp": offer_sdp, "type": "offer"});
+        let answer = exchange(self.http.patch(url), &self.options, &body).await?;
+        let sdp = answer_sdp(&answer)?;
         self.pc
-            .set_remote_description(RTCSessionDescription::answer(sdp.to_owned())?)
+            .set_remote_description(RTCSessionDescription::answer(sdp.clone())?)
             .await?;
-        self.answer_sdp = sdp.to_owned();
+        self.answer_sdp = sdp;
         Ok(())
     }
 
@@ -354,13 +340,26 @@ async fn post_offer(
     sdp: &str,
 ) -> Result<(String, String)> {
     let body = serde_json::json!({"sdp": sdp, "type": "offer", "voice": options.voice, "prompt": options.prompt});
-    let mut request = http
-        .post(format!("{}/api/offer", options.base_url))
-        .json(&body);
+    let request = http.post(format!("{}/api/offer", options.base_url));
+    let answer = exchange(request, options, &body).await?;
+    let session = answer["session"]
+        .as_str()
+        .ok_or_else(|| anyhow!("answer without session: {answer}"))?;
+    Ok((answer_sdp(&answer)?, session.to_owned()))
+}
+
+/// Sends `body` as JSON (with the bearer token, if any) and returns the JSON that answers
+/// it; a refusal is a [`Refused`].
+async fn exchange(
+    request: reqwest::RequestBuilder,
+    options: &ClientOptions,
+    body: &Value,
+) -> Result<Value> {
+    let mut request = request.json(body);
     if let Some(token) = &options.token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.context("POST /api/offer")?;
+    let response = request.send().await.context("the signaling request")?;
     let status = response.status();
     let retry_after = response
         .headers()
@@ -376,14 +375,14 @@ async fn post_offer(
         }
         .into());
     }
-    let answer: Value = serde_json::from_str(&text).context("answer JSON")?;
-    let sdp = answer["sdp"]
+    serde_json::from_str(&text).with_context(|| format!("answer JSON: {text}"))
+}
+
+fn answer_sdp(answer: &Value) -> Result<String> {
+    answer["sdp"]
         .as_str()
-        .ok_or_else(|| anyhow!("answer without sdp: {text}"))?;
-    let session = answer["session"]
-        .as_str()
-        .ok_or_else(|| anyhow!("answer without session: {text}"))?;
-    Ok((sdp.to_owned(), session.to_owned()))
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("answer without sdp: {answer}"))
 }
 
 async fn payload_type(sender: &Arc<dyn RtpSender>) -> Result<u8> {
