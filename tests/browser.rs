@@ -171,6 +171,12 @@ fn the_page_connects_and_plays_the_agents_audio() {
     });
     if let Some(report) = report {
         assert_eq!(report["link"]["localCandidateType"], "host", "{report}");
+        let hang_ups = report["hangUps"].as_array().expect("the page's DELETEs");
+        assert_eq!(hang_ups.len(), 1, "{report}");
+        let path = hang_ups[0]["path"].as_str().unwrap();
+        let key = path.strip_prefix("/api/sessions/").unwrap_or("");
+        assert_eq!(key.len(), 32, "the page hangs up on its resource: {report}");
+        assert_eq!(hang_ups[0]["status"], 204, "{report}");
     }
 }
 

@@ -3,9 +3,10 @@
 // Talks only to the documented endpoints:
 //   GET    /api/info            engine, voices, role prompt presets, limits
 //   GET    /api/ice             STUN/TURN servers for this call's peer (bearer token)
-//   POST   /api/offer           SDP offer (non-trickle) → SDP answer + session id
-//   PATCH  /api/sessions/<id>   ICE restart on a network change: offer → answer, same session
-//   DELETE /api/sessions/<id>   hang up
+//   POST   /api/offer           SDP offer (non-trickle) → SDP answer, session id and resource
+//   PATCH  <resource>           ICE restart on a network change: offer → answer, same session
+//   DELETE <resource>           hang up
+// (the resource, /api/sessions/<key>, is unguessable: only this page can restart or end its call)
 // plus the WebRTC data channel "events" (ready, text, stats, error).
 //
 // The agent's audio plays through an <audio> element so the browser's echo canceller hears it;
@@ -296,6 +297,7 @@ async function connect() {
     restarts: 0,
     restarting: false,
     sessionId: null,
+    resource: null,
     ending: false,
   };
   call = thisCall;
@@ -331,9 +333,10 @@ async function connect() {
       prompt: ui.prompt.value,
     });
     thisCall.sessionId = answer.session ?? null;
+    thisCall.resource = sessionResource(answer);
     if (call !== thisCall) {
       // Cancelled while the server was answering: it now holds a session nobody will use.
-      if (thisCall.sessionId) deleteSession(thisCall.sessionId);
+      if (thisCall.resource) deleteSession(thisCall.resource);
       return;
     }
     duplex.session = thisCall.sessionId;
@@ -611,7 +614,7 @@ function endCall(thisCall, finalState) {
   if (call !== thisCall || thisCall.ending) return;
   thisCall.ending = true;
   call = null;
-  if (thisCall.sessionId) deleteSession(thisCall.sessionId);
+  if (thisCall.resource) deleteSession(thisCall.resource);
   releaseCall(thisCall);
   setState(finalState);
 }
@@ -627,7 +630,7 @@ function scheduleIceRestart(thisCall, delayMs) {
 }
 
 async function restartIce(thisCall) {
-  if (thisCall.restarting || !thisCall.sessionId) return;
+  if (thisCall.restarting || !thisCall.resource) return;
   if (thisCall.restarts >= MAX_ICE_RESTARTS) {
     if (thisCall.pc.connectionState === "failed") failCall(thisCall, "The audio link was lost and could not be restored.");
     return;
@@ -641,7 +644,7 @@ async function restartIce(thisCall) {
     await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
     await waitForIceGatheringComplete(pc, ICE_GATHERING_CAP_MS);
     ensureCurrent(thisCall);
-    const answer = await patchSession(thisCall.sessionId, pc.localDescription.sdp);
+    const answer = await patchSession(thisCall.resource, pc.localDescription.sdp);
     ensureCurrent(thisCall);
     await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
     duplex.lastIceRestart = "answered";
@@ -664,15 +667,21 @@ async function restartIce(thisCall) {
   }
 }
 
-async function patchSession(sessionId, sdp) {
-  const url = `/api/sessions/${encodeURIComponent(sessionId)}`;
-  const answer = await requestJson(url, { method: "PATCH", body: JSON.stringify({ sdp, type: "offer" }) });
+// The answer's resource when it is one of this server's session paths, else null (no restarts,
+// no DELETE: the server's idle timeout ends the call).
+function sessionResource(answer) {
+  const resource = answer.resource;
+  return typeof resource === "string" && /^\/api\/sessions\/[0-9a-f]+$/.test(resource) ? resource : null;
+}
+
+async function patchSession(resource, sdp) {
+  const answer = await requestJson(resource, { method: "PATCH", body: JSON.stringify({ sdp, type: "offer" }) });
   if (!answer || typeof answer.sdp !== "string") throw new Error("The server's answer to the ICE restart wasn't a valid SDP answer.");
   return answer;
 }
 
-function deleteSession(sessionId) {
-  fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
+function deleteSession(resource) {
+  fetch(resource, {
     method: "DELETE",
     headers: authHeaders(),
     keepalive: true,
@@ -680,7 +689,7 @@ function deleteSession(sessionId) {
 }
 
 function hangUpOnUnload() {
-  if (call?.sessionId) deleteSession(call.sessionId);
+  if (call?.resource) deleteSession(call.resource);
 }
 
 function releaseCall(thisCall) {

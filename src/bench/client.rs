@@ -122,8 +122,10 @@ pub struct ClientPeer {
     events: Arc<Mutex<Vec<Value>>>,
     http: reqwest::Client,
     options: ClientOptions,
-    /// The session id the server assigned.
+    /// The session id the server assigned, as its logs name it.
     pub session: String,
+    /// The session's resource (`/api/sessions/{key}`), which alone restarts or ends it.
+    pub resource: String,
     /// The server's answer.
     pub answer_sdp: String,
 }
@@ -175,7 +177,11 @@ impl ClientPeer {
             .ok_or_else(|| anyhow!("no local description"))?
             .sdp;
         let http = reqwest::Client::new();
-        let (answer_sdp, session) = match post_offer(&http, &options, &offer_sdp).await {
+        let Offered {
+            answer_sdp,
+            session,
+            resource,
+        } = match post_offer(&http, &options, &offer_sdp).await {
             Ok(answer) => answer,
             Err(err) => {
                 let _ = pc.close().await;
@@ -195,6 +201,7 @@ impl ClientPeer {
             http,
             options,
             session,
+            resource,
             answer_sdp,
         };
         client.wait_connected(Duration::from_secs(10)).await?;
@@ -283,7 +290,7 @@ impl ClientPeer {
 
     /// Ends the session the polite way: DELETE on its resource, then close.
     pub async fn close(self) -> Result<()> {
-        let url = format!("{}/api/sessions/{}", self.options.base_url, self.session);
+        let url = format!("{}{}", self.options.base_url, self.resource);
         let mut request = self.http.delete(url);
         if let Some(token) = &self.options.token {
             request = request.bearer_auth(token);
@@ -298,7 +305,7 @@ impl ClientPeer {
     }
 
     /// Restarts ICE as a browser does when its network changes: a new offer with new ICE
-    /// credentials, sent as `PATCH /api/sessions/{id}`, and the server's answer applied.
+    /// credentials, sent as PATCH on the session's resource, and the server's answer applied.
     pub async fn restart_ice(&mut self) -> Result<()> {
         let options = RTCOfferOptions { ice_restart: true };
         let offer = self.pc.create_offer(Some(options)).await?;
@@ -309,7 +316,7 @@ impl ClientPeer {
             .await
             .ok_or_else(|| anyhow!("no local description"))?
             .sdp;
-        let url = format!("{}/api/sessions/{}", self.options.base_url, self.session);
+        let url = format!("{}{}", self.options.base_url, self.resource);
         let body = serde_json::json!({"sdp": offer_sdp, "type": "offer"});
         let answer = exchange(self.http.patch(url), &self.options, &body).await?;
         let sdp = answer_sdp(&answer)?;
@@ -334,18 +341,28 @@ pub fn encode_packets(pcm: &[f32]) -> Result<Vec<Bytes>> {
         .collect()
 }
 
-async fn post_offer(
-    http: &reqwest::Client,
-    options: &ClientOptions,
-    sdp: &str,
-) -> Result<(String, String)> {
+/// The server's answer to an offer.
+struct Offered {
+    answer_sdp: String,
+    session: String,
+    resource: String,
+}
+
+async fn post_offer(http: &reqwest::Client, options: &ClientOptions, sdp: &str) -> Result<Offered> {
     let body = serde_json::json!({"sdp": sdp, "type": "offer", "voice": options.voice, "prompt": options.prompt});
     let request = http.post(format!("{}/api/offer", options.base_url));
     let answer = exchange(request, options, &body).await?;
-    let session = answer["session"]
-        .as_str()
-        .ok_or_else(|| anyhow!("answer without session: {answer}"))?;
-    Ok((answer_sdp(&answer)?, session.to_owned()))
+    let field = |name: &str| {
+        answer[name]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("answer without {name}: {answer}"))
+    };
+    Ok(Offered {
+        answer_sdp: answer_sdp(&answer)?,
+        session: field("session")?,
+        resource: field("resource")?,
+    })
 }
 
 /// Sends `body` as JSON (with the bearer token, if any) and returns the JSON that answers

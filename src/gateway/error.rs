@@ -23,8 +23,8 @@ pub enum ApiError {
     Persona(#[from] PersonaError),
     #[error("missing or wrong bearer token")]
     Unauthorized,
-    #[error("no such session: {0}")]
-    NoSession(String),
+    #[error("no such session: it has ended, or this is not its resource")]
+    NoSession,
     #[error("server full: all {max} sessions are in use; retry later")]
     Full { max: usize },
     #[error("the server is shutting down")]
@@ -69,7 +69,7 @@ impl ApiError {
             | Self::BadRequest(_)
             | Self::Persona(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoSession(_) => StatusCode::NOT_FOUND,
+            Self::NoSession => StatusCode::NOT_FOUND,
             Self::Full { .. } | Self::Draining | Self::Failing(_) | Self::Behind(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -89,7 +89,7 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::Persona(_) => "persona",
             Self::Unauthorized => "unauthorized",
-            Self::NoSession(_) => "no_session",
+            Self::NoSession => "no_session",
             Self::Full { .. } => "full",
             Self::Draining => "draining",
             Self::Failing(_) => "failing",

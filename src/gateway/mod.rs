@@ -10,6 +10,7 @@ pub mod moshi_ws;
 pub mod outbound;
 pub mod peer;
 pub mod ports;
+pub mod resource;
 mod routes;
 pub mod sdp;
 pub mod telephony;
@@ -22,6 +23,7 @@ pub use routes::router;
 use crate::engine::{EngineHandle, PersonaRequest, SessionHandle, SessionId};
 use jitter::InboundAudio;
 use media::SessionTask;
+use resource::ResourceKey;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,8 +49,8 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub config: GatewayConfig,
     sessions: Mutex<HashMap<SessionId, CancellationToken>>,
-    /// The peer of each WebRTC session, for ICE restarts.
-    peers: Mutex<HashMap<SessionId, LivePeer>>,
+    /// Each WebRTC session by its resource, for ICE restarts and hang-ups.
+    resources: Mutex<HashMap<ResourceKey, LivePeer>>,
     draining: AtomicBool,
     shutdown: CancellationToken,
 }
@@ -59,7 +61,7 @@ impl AppState {
             engine,
             config,
             sessions: Mutex::new(HashMap::new()),
-            peers: Mutex::new(HashMap::new()),
+            resources: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
         })
@@ -73,12 +75,12 @@ impl AppState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Negotiates a WebRTC session for `offer_sdp` and starts it; returns its id and the answer.
+    /// Negotiates a WebRTC session for `offer_sdp` and starts it.
     pub async fn accept_offer(
         self: &Arc<Self>,
         offer_sdp: &str,
         persona: &PersonaRequest,
-    ) -> Result<(SessionId, String), ApiError> {
+    ) -> Result<Accepted, ApiError> {
         if self.is_draining() {
             return Err(ApiError::Draining);
         }
@@ -102,12 +104,18 @@ impl AppState {
             .lock()
             .expect("session map lock")
             .insert(id, cancel.clone());
+        let resource = ResourceKey::generate();
         let live = LivePeer {
+            id,
+            cancel: cancel.clone(),
             pc: peer.pc.clone(),
             states: peer.states.clone(),
             restarting: Arc::new(tokio::sync::Mutex::new(())),
         };
-        self.peers.lock().expect("peer map lock").insert(id, live);
+        self.resources
+            .lock()
+            .expect("resource map lock")
+            .insert(resource.clone(), live);
         let task = SessionTask {
             id,
             peer,
@@ -121,17 +129,25 @@ impl AppState {
             connect_timeout: settings.connect_timeout,
             metrics,
         };
-        let state = self.clone();
+        let (state, key) = (self.clone(), resource.clone());
         tokio::spawn(async move {
             media::run(task).await;
-            state.peers.lock().expect("peer map lock").remove(&id);
+            state
+                .resources
+                .lock()
+                .expect("resource map lock")
+                .remove(&key);
             state.sessions.lock().expect("session map lock").remove(&id);
         });
         tracing::info!(session = %id, "session started");
-        Ok((id, answer_sdp))
+        Ok(Accepted {
+            id,
+            resource,
+            answer_sdp,
+        })
     }
 
-    /// Registers a session run by a WebSocket transport, so DELETE and shutdown reach it;
+    /// Registers a session run by a WebSocket transport, so shutdown reaches it;
     /// returns the token that ends it. Pair with [`AppState::untrack`] when it ends.
     pub fn track(&self, id: SessionId) -> CancellationToken {
         let cancel = self.shutdown.child_token();
@@ -158,24 +174,23 @@ impl AppState {
         (cancel, guard)
     }
 
-    /// Answers `offer_sdp`, an ICE restart of WebRTC session `id` (its client's network
-    /// changed), on the session's own peer.
-    pub async fn restart_ice(&self, id: SessionId, offer_sdp: &str) -> Result<String, ApiError> {
+    /// Answers `offer_sdp`, an ICE restart of the WebRTC session at `resource` (its client's
+    /// network changed), on the session's own peer.
+    pub async fn restart_ice(
+        &self,
+        resource: &ResourceKey,
+        offer_sdp: &str,
+    ) -> Result<String, ApiError> {
         let offer = sdp::parse_offer(offer_sdp)?;
-        let live = self
-            .peers
-            .lock()
-            .expect("peer map lock")
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| ApiError::NoSession(id.to_string()))?;
+        let live = self.live_peer(resource)?;
         let ended = matches!(
             *live.states.borrow(),
             RTCPeerConnectionState::Closed | RTCPeerConnectionState::Failed
         );
         if ended {
-            return Err(ApiError::NoSession(id.to_string()));
+            return Err(ApiError::NoSession);
         }
+        let id = live.id;
         let Ok(_only_restart) = live.restarting.try_lock() else {
             return Err(ApiError::Conflict(format!(
                 "session {id} is already restarting ICE; wait for that answer"
@@ -186,14 +201,21 @@ impl AppState {
         Ok(answer)
     }
 
-    /// Ends session `id` (DELETE on its resource).
-    pub fn end_session(&self, id: SessionId) -> Result<(), ApiError> {
-        let sessions = self.sessions.lock().expect("session map lock");
-        let cancel = sessions
-            .get(&id)
-            .ok_or_else(|| ApiError::NoSession(id.to_string()))?;
-        cancel.cancel();
+    /// Ends the WebRTC session at `resource` (DELETE on it).
+    pub fn end_session(&self, resource: &ResourceKey) -> Result<(), ApiError> {
+        let live = self.live_peer(resource)?;
+        live.cancel.cancel();
+        tracing::info!(session = %live.id, "session ended by its client");
         Ok(())
+    }
+
+    fn live_peer(&self, resource: &ResourceKey) -> Result<LivePeer, ApiError> {
+        self.resources
+            .lock()
+            .expect("resource map lock")
+            .get(resource)
+            .cloned()
+            .ok_or(ApiError::NoSession)
     }
 
     /// Stops taking offers, closes every live session and waits (briefly) for them to finish.
@@ -213,9 +235,19 @@ impl AppState {
     }
 }
 
-/// A WebRTC session's peer, as an ICE restart needs it.
+/// A WebRTC session just negotiated: its id (for logs), the resource its client reaches it at,
+/// and the SDP answer.
+pub struct Accepted {
+    pub id: SessionId,
+    pub resource: ResourceKey,
+    pub answer_sdp: String,
+}
+
+/// A WebRTC session as its resource reaches it: to restart its ICE or end it.
 #[derive(Clone)]
 struct LivePeer {
+    id: SessionId,
+    cancel: CancellationToken,
     pc: Arc<dyn PeerConnection>,
     states: tokio::sync::watch::Receiver<RTCPeerConnectionState>,
     /// Held while a restart is answered: one at a time.

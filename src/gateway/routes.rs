@@ -1,11 +1,12 @@
-//! HTTP routes: the page, signaling (`/api/offer`, `/api/sessions/{id}`), the WebSocket
+//! HTTP routes: the page, signaling (`/api/offer`, `/api/sessions/{key}`), the WebSocket
 //! transports (`/api/chat`, `/telephony/*`), `/api/info`, `/api/ice`, `/health` and `/metrics`.
 
 use super::AppState;
 use super::error::ApiError;
+use super::resource::ResourceKey;
 use super::sdp::MAX_OFFER_BYTES;
+use crate::engine::PersonaRequest;
 use crate::engine::step_loop::Health;
-use crate::engine::{PersonaRequest, SessionId};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -25,7 +26,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let signaling = Router::new()
         .route("/api/offer", post(offer))
         .route(
-            "/api/sessions/{id}",
+            "/api/sessions/{key}",
             delete(end_session).patch(restart_session_ice),
         )
         .layer(DefaultBodyLimit::max(MAX_OFFER_BYTES));
@@ -169,16 +170,15 @@ async fn negotiate(
             voice: query.voice,
             prompt: query.prompt,
         };
-        let (id, answer) = state.accept_offer(sdp, &persona).await?;
+        let accepted = state.accept_offer(sdp, &persona).await?;
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/sdp"),
         );
-        let location = format!("/api/sessions/{id}");
         headers.insert(
             header::LOCATION,
-            HeaderValue::from_str(&location).expect("session ids are ASCII"),
+            HeaderValue::from_str(&accepted.resource.path()).expect("resource keys are hex"),
         );
         for link in state.config.peer.ice.link_headers() {
             match HeaderValue::from_str(&link) {
@@ -188,15 +188,21 @@ async fn negotiate(
                 Err(_) => tracing::warn!("an ICE server's Link header is not valid HTTP; left out"),
             }
         }
-        return Ok((StatusCode::CREATED, headers, answer).into_response());
+        return Ok((StatusCode::CREATED, headers, accepted.answer_sdp).into_response());
     }
     let offer = json_offer(body, " or an application/sdp body")?;
     let persona = PersonaRequest {
         voice: offer.voice,
         prompt: offer.prompt,
     };
-    let (id, answer) = state.accept_offer(&offer.sdp, &persona).await?;
-    Ok(Json(json!({"sdp": answer, "type": "answer", "session": id.to_string()})).into_response())
+    let accepted = state.accept_offer(&offer.sdp, &persona).await?;
+    Ok(Json(json!({
+        "sdp": accepted.answer_sdp,
+        "type": "answer",
+        "session": accepted.id.to_string(),
+        "resource": accepted.resource.path(),
+    }))
+    .into_response())
 }
 
 /// `body` as a JSON offer (`{"sdp","type":"offer"}`); `or_else` names what else the route takes.
@@ -226,28 +232,28 @@ fn is_content_type(headers: &HeaderMap, media_type: &str) -> bool {
         .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(media_type))
 }
 
-/// `DELETE /api/sessions/{id}`: ends the session.
+/// `DELETE /api/sessions/{key}`: ends the session.
 async fn end_session(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path(key): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, &headers)?;
-    let session = SessionId::parse(&id).ok_or_else(|| ApiError::NoSession(id.clone()))?;
-    state.end_session(session)?;
+    let resource = ResourceKey::parse(&key).ok_or(ApiError::NoSession)?;
+    state.end_session(&resource)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `PATCH /api/sessions/{id}` with `{"sdp","type":"offer"}`: an ICE restart of a WebRTC
+/// `PATCH /api/sessions/{key}` with `{"sdp","type":"offer"}`: an ICE restart of a WebRTC
 /// session (its client's network changed) → `{"sdp","type":"answer"}`.
 async fn restart_session_ice(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path(key): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let session = SessionId::parse(&id).ok_or_else(|| ApiError::NoSession(id.clone()))?;
+    let resource = ResourceKey::parse(&key).ok_or(ApiError::NoSession)?;
     if is_content_type(&headers, "application/trickle-ice-sdpfrag") {
         return Err(ApiError::Unprocessable(
             "this server takes no trickled candidates; restart ICE with a JSON offer \
@@ -256,7 +262,7 @@ async fn restart_session_ice(
         ));
     }
     let offer = json_offer(&body, "")?;
-    let answer = state.restart_ice(session, &offer.sdp).await?;
+    let answer = state.restart_ice(&resource, &offer.sdp).await?;
     Ok(Json(json!({"sdp": answer, "type": "answer"})).into_response())
 }
 

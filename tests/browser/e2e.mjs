@@ -29,6 +29,7 @@ const deadline = startedAt + options.timeoutMs;
 let browser = null;
 let page = null;
 let step = "start";
+const hangUps = []; // the page's DELETEs and the server's answers: {path, status}
 
 main().then(
   (code) => process.exit(code),
@@ -99,6 +100,10 @@ async function run() {
   page = await context.newPage();
   page.on("console", onConsole);
   page.on("pageerror", (err) => remember("pageerror", err.message, true));
+  page.on("response", (response) => {
+    const request = response.request();
+    if (request.method() === "DELETE") hangUps.push({ path: new URL(request.url()).pathname, status: response.status() });
+  });
   page.on("requestfailed", (request) => {
     const failure = request.failure()?.errorText ?? "failed";
     // Aborted keepalive DELETEs at teardown are expected noise.
@@ -165,6 +170,9 @@ async function run() {
     .then((handle) => handle.jsonValue())
     .catch(() => null);
 
+  step = "wait for the hang-up's answer";
+  await waitUntil(() => hangUps.length > 0, Math.min(3000, remainingMs()));
+
   const closed = await pageSnapshot();
   return {
     ok: true,
@@ -176,6 +184,7 @@ async function run() {
     serverStats: closed.lastStats,
     link: connected.link,
     recordingBytes: recording?.bytes ?? null,
+    hangUps,
     restart,
     elapsedMs: Date.now() - startedAt,
     screenshot: options.screenshot,
@@ -313,4 +322,9 @@ async function closeBrowser() {
 
 function printResult(result) {
   process.stdout.write(`${JSON.stringify(result)}\n`);
+}
+
+async function waitUntil(check, limitMs) {
+  const until = Date.now() + limitMs;
+  while (!check() && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 50));
 }
