@@ -8,6 +8,7 @@ use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
 use duplex::gateway::ice::{IceConfig, TurnAuth};
+use duplex::gateway::sip::{self, SipServer, SipSettings};
 use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, peer, ports};
 use duplex::metrics::Metrics;
@@ -20,6 +21,7 @@ use duplex::model::kv::RingPositions;
 use duplex::model::pipeline::{Pipeline, PipelineConfig, model_configs};
 use duplex::offline::OfflineOptions;
 use duplex::tune::TuneRequest;
+use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the web page, WebRTC sessions and the HTTP API on one port.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to the agent through this machine's microphone and speaker, or through WAV files.
     Local(LocalArgs),
     /// Run the model on a WAV file: the agent's audio as a WAV, and per-frame tokens as JSON.
@@ -528,6 +530,8 @@ struct ServeArgs {
     admission: AdmissionArgs,
     #[command(flatten)]
     network: NetworkArgs,
+    #[command(flatten)]
+    sip: SipArgs,
     /// Serve HTTPS with this certificate (PEM); browsers only open the microphone on HTTPS or localhost.
     #[arg(long, requires = "tls_key", env = "DUPLEX_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -545,6 +549,40 @@ struct ServeArgs {
     /// the WebSocket transports (also read from DUPLEX_TOKEN).
     #[arg(long, env = "DUPLEX_TOKEN", hide_env_values = true)]
     token: Option<String>,
+}
+
+#[derive(Args)]
+struct SipArgs {
+    /// Answer SIP calls (UDP) on this port, e.g. 5060: a PBX or SIP trunk sends its calls
+    /// here, G.711 over RTP on the --udp-ports. Off without it.
+    #[arg(long, env = "DUPLEX_SIP_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    sip_port: Option<u16>,
+    /// Networks whose SIP calls are answered (repeat, or comma-separated); others get 403.
+    /// Default: loopback and the private ranges. 0.0.0.0/0 answers anyone.
+    #[arg(long, value_delimiter = ',', env = "DUPLEX_SIP_ALLOW", value_parser = parse_network)]
+    sip_allow: Vec<IpNet>,
+}
+
+impl SipArgs {
+    fn settings(&self, host: IpAddr) -> Option<SipSettings> {
+        let port = self.sip_port?;
+        let allow = match self.sip_allow.is_empty() {
+            true => sip::private_networks(),
+            false => self.sip_allow.clone(),
+        };
+        Some(SipSettings {
+            bind: SocketAddr::new(host, port),
+            allow,
+        })
+    }
+}
+
+/// A network (`10.0.0.0/8`) or one address (`192.0.2.7`).
+fn parse_network(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is neither a network like 10.0.0.0/8 nor an address"))
 }
 
 #[derive(Args)]
@@ -779,7 +817,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Local(args) => runtime.block_on(local(args)),
         Command::Offline(args) => offline(args),
         Command::Fetch(args) => runtime.block_on(fetch(args)),
@@ -851,6 +889,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let server = Server::bind(addr, state)
         .await
         .with_context(|| format!("binding HTTP on {addr}"))?;
+    if let Some(settings) = args.sip.settings(args.host) {
+        let sip = SipServer::bind(&settings, server.state().clone())
+            .await
+            .with_context(|| format!("binding SIP on udp {}", settings.bind))?;
+        let allow: Vec<String> = settings.allow.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "answering SIP calls on udp {} (G.711 over RTP) from {}",
+            sip.local_addr()?,
+            allow.join(", ")
+        );
+        tokio::spawn(sip.run());
+    }
     let local = server.local_addr()?;
     let shown = if local.ip().is_unspecified() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port())

@@ -1,6 +1,7 @@
 //! Transports: the HTTP server, WebRTC peers and their media loops, the PersonaPlex/Moshi
-//! WebSocket protocol (`moshi_ws`) and the telephony media streams (`telephony`). Everything a client sends
-//! is checked here and turned into a session on the engine; nothing here touches tensors.
+//! WebSocket protocol (`moshi_ws`), the telephony media streams (`telephony`) and SIP calls
+//! (`sip`). Everything a client sends is checked here and turned into a session on the engine;
+//! nothing here touches tensors.
 
 mod error;
 pub mod ice;
@@ -13,6 +14,7 @@ pub mod ports;
 pub mod resource;
 mod routes;
 pub mod sdp;
+pub mod sip;
 pub mod telephony;
 pub mod tls;
 

@@ -678,7 +678,7 @@ fn check_rate(rate: u32) -> Result<(), String> {
 }
 
 /// Provider audio → 24 kHz → the session's input ring.
-struct InboundAudio {
+pub(in crate::gateway) struct InboundAudio {
     format: WireFormat,
     rate: RateIn,
     wire: Vec<f32>,
@@ -686,7 +686,7 @@ struct InboundAudio {
 }
 
 impl InboundAudio {
-    fn new(format: WireFormat) -> Result<Self, String> {
+    pub(in crate::gateway) fn new(format: WireFormat) -> Result<Self, String> {
         check_rate(format.rate)?;
         let rate = match format.rate {
             SAMPLE_RATE => RateIn::Same,
@@ -704,7 +704,7 @@ impl InboundAudio {
     }
 
     /// Decodes and queues one payload; returns its level (RMS).
-    fn push(
+    pub(in crate::gateway) fn push(
         &mut self,
         payload: &[u8],
         input: &mut InputProducer,
@@ -751,8 +751,8 @@ impl InboundAudio {
 }
 
 /// The session's output → the wire rate and codec, one 20 ms packet per tick.
-struct OutboundAudio {
-    source: PacketSource,
+pub(in crate::gateway) struct OutboundAudio {
+    pub(in crate::gateway) source: PacketSource,
     format: WireFormat,
     rate: RateOut,
     narrow: Vec<f32>,
@@ -762,7 +762,10 @@ struct OutboundAudio {
 }
 
 impl OutboundAudio {
-    fn new(source: PacketSource, format: WireFormat) -> Result<Self, String> {
+    pub(in crate::gateway) fn new(
+        source: PacketSource,
+        format: WireFormat,
+    ) -> Result<Self, String> {
         check_rate(format.rate)?;
         let rate = match format.rate {
             SAMPLE_RATE => RateOut::Same,
@@ -782,7 +785,11 @@ impl OutboundAudio {
     }
 
     /// The next packet's payload and its level before encoding.
-    fn next(&mut self, stats: &SessionStats, metrics: &Metrics) -> (&[u8], f32) {
+    pub(in crate::gateway) fn next(
+        &mut self,
+        stats: &SessionStats,
+        metrics: &Metrics,
+    ) -> (&[u8], f32) {
         let pcm = self.source.next_packet(stats, metrics);
         let level = level(pcm);
         let narrow_len = match &mut self.rate {

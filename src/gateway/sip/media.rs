@@ -1,0 +1,383 @@
+//! One SIP call's media: G.711 over plain RTP on its own UDP port. The caller's packets go
+//! into the session's input ring in sequence order; the agent's audio goes out one packet per
+//! 20 ms tick of the engine's output grid, to the address the caller's packets come from
+//! (symmetric RTP, so a caller behind NAT is reached without its SDP being right).
+
+use super::offer::AudioOffer;
+use crate::audio::g711::Law;
+use crate::audio::ring::InputProducer;
+use crate::engine::session::SessionCloser;
+use crate::engine::{SessionEvent, SessionId, SessionStats};
+use crate::gateway::outbound::{PacketSource, packet_ticker};
+use crate::gateway::telephony::{Codec, InboundAudio, OutboundAudio, WireFormat};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use crossbeam_channel::TryRecvError;
+use rtc::rtp::header::Header;
+use rtc::rtp::packet::Packet;
+use rtc::shared::marshal::{Marshal, Unmarshal};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A caller whose RTP stops for this long is gone (its BYE was lost, or its network).
+pub const RTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The metrics label of SIP events.
+pub const TRANSPORT: &str = "sip";
+/// G.711 samples per 20 ms packet, the RTP timestamp's step.
+const PACKET_TIMESTAMP_STEP: u32 = 160;
+/// An RTP datagram larger than this is not a G.711 packet of a sane length.
+const MAX_RTP_BYTES: usize = 2048;
+
+/// How a call's media ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MediaEnding {
+    /// The caller hung up (BYE) or the server is shutting down.
+    Cancelled,
+    /// No RTP from the caller for [`RTP_TIMEOUT`].
+    Silent,
+    /// The engine dropped the session.
+    Engine(String),
+}
+
+/// What the media loop needs.
+pub struct MediaCall {
+    pub id: SessionId,
+    pub socket: UdpSocket,
+    pub offer: AudioOffer,
+    /// Where RTP goes: the offer's address until the caller's packets say otherwise, or a
+    /// re-INVITE moves it.
+    pub remote: watch::Receiver<SocketAddr>,
+    pub input: InputProducer,
+    pub output: PacketSource,
+    pub events: crossbeam_channel::Receiver<SessionEvent>,
+    pub stats: Arc<SessionStats>,
+    pub closer: SessionCloser,
+    pub schedule: (Instant, Duration),
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancellationToken,
+}
+
+/// Runs the call's media until it ends.
+pub async fn run(call: MediaCall) -> MediaEnding {
+    let MediaCall {
+        id,
+        socket,
+        offer,
+        mut remote,
+        mut input,
+        output,
+        events,
+        stats,
+        closer,
+        schedule,
+        metrics,
+        cancel,
+    } = call;
+    let format = WireFormat {
+        codec: Codec::G711(offer.law),
+        rate: 8000,
+    };
+    let (mut inbound, mut outbound) = match (
+        InboundAudio::new(format),
+        OutboundAudio::new(output, format),
+    ) {
+        (Ok(inbound), Ok(outbound)) => (inbound, outbound),
+        (Err(why), _) | (_, Err(why)) => return MediaEnding::Engine(why),
+    };
+    let mut sender = RtpSender::new(offer.payload_type);
+    let mut receiver = RtpReceiver::new(offer);
+    let mut ticker = packet_ticker(schedule);
+    let mut buf = vec![0u8; MAX_RTP_BYTES];
+    let mut heard_at = tokio::time::Instant::now();
+    let mut destination = *remote.borrow_and_update();
+    // Where the caller's audio comes from, learned from its first packet: packets from
+    // anywhere else are refused (a stranger cannot take the call's media by sending to it).
+    let mut source: Option<SocketAddr> = None;
+    let ending = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(ending) = drain_events(&events) {
+                    break ending;
+                }
+                outbound.source.wait_for_late_output().await;
+                let (payload, _) = outbound.next(&stats, &metrics);
+                let _ = socket.send_to(&sender.packet(payload), destination).await;
+            }
+            received = socket.recv_from(&mut buf) => {
+                let Ok((len, from)) = received else { continue };
+                let verdict = match source {
+                    Some(known) if known != from => Received::Garbage,
+                    _ => receiver.accept(&buf[..len]),
+                };
+                match verdict {
+                    Received::Audio(payload) => {
+                        inbound.push(&payload, &mut input, &stats, &metrics);
+                        heard_at = tokio::time::Instant::now();
+                        if source.is_none() {
+                            source = Some(from);
+                            destination = from;
+                        }
+                    }
+                    Received::Late => {
+                        stats.add(&stats.packets_late, 1);
+                        heard_at = tokio::time::Instant::now();
+                    }
+                    Received::Digit(digit) => {
+                        tracing::info!(session = %id, digit = %digit, "dtmf");
+                        metrics.transport_event(TRANSPORT, "dtmf");
+                    }
+                    Received::Other => {}
+                    Received::Garbage => {
+                        stats.add(&stats.packets_bad, 1);
+                        metrics.packets_bad.inc();
+                    }
+                }
+            }
+            changed = remote.changed() => {
+                if changed.is_ok() {
+                    // A re-INVITE moved the caller's media: learn its source again.
+                    destination = *remote.borrow_and_update();
+                    source = None;
+                }
+            }
+            _ = tokio::time::sleep_until(heard_at + RTP_TIMEOUT) => break MediaEnding::Silent,
+            _ = cancel.cancelled() => break MediaEnding::Cancelled,
+        }
+    };
+    if ending == MediaEnding::Silent {
+        metrics.sessions_vanished.inc();
+    }
+    drop(closer);
+    tracing::info!(session = %id, ?ending, stats = ?stats.snapshot(), "call media ended");
+    ending
+}
+
+/// Logs the agent's text; an engine error or a stopped engine ends the call.
+fn drain_events(events: &crossbeam_channel::Receiver<SessionEvent>) -> Result<(), MediaEnding> {
+    loop {
+        match events.try_recv() {
+            Ok(SessionEvent::Error(reason)) => return Err(MediaEnding::Engine(reason)),
+            Ok(SessionEvent::Text(piece)) => tracing::trace!(piece, "agent text"),
+            Ok(SessionEvent::Ready) => {}
+            Err(TryRecvError::Empty) => return Ok(()),
+            Err(TryRecvError::Disconnected) => {
+                return Err(MediaEnding::Engine("the engine stopped".into()));
+            }
+        }
+    }
+}
+
+/// The agent's RTP stream: one SSRC, sequence numbers and timestamps from random starts.
+struct RtpSender {
+    header: Header,
+}
+
+impl RtpSender {
+    fn new(payload_type: u8) -> Self {
+        Self {
+            header: Header {
+                version: 2,
+                payload_type,
+                sequence_number: rand::random(),
+                timestamp: rand::random(),
+                ssrc: rand::random(),
+                marker: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn packet(&mut self, payload: &[u8]) -> Bytes {
+        let packet = Packet {
+            header: self.header.clone(),
+            payload: Bytes::copy_from_slice(payload),
+        };
+        self.header.marker = false;
+        self.header.sequence_number = self.header.sequence_number.wrapping_add(1);
+        self.header.timestamp = self.header.timestamp.wrapping_add(PACKET_TIMESTAMP_STEP);
+        packet
+            .marshal()
+            .expect("an RTP header and a payload always marshal")
+            .freeze()
+    }
+}
+
+/// What one datagram from the caller was.
+#[derive(Debug, PartialEq, Eq)]
+enum Received {
+    /// G.711 audio to play into the session.
+    Audio(Bytes),
+    /// Audio older than what has been played (reordered or duplicated): dropped.
+    Late,
+    /// The end of a key press (RFC 4733).
+    Digit(char),
+    /// A packet of a known kind this call does not use (comfort noise, a key press's repeats).
+    Other,
+    /// Not RTP, or RTP of a payload type that was not negotiated.
+    Garbage,
+}
+
+/// The caller's RTP stream: sequence order checked, key presses read.
+struct RtpReceiver {
+    offer: AudioOffer,
+    /// The highest sequence number played, extended past wrap-arounds.
+    last_sequence: Option<u64>,
+    /// The timestamp of the last key press reported (its end is sent three times).
+    last_digit_timestamp: Option<u32>,
+}
+
+/// RFC 3389 comfort noise, which some phones send in silences.
+const COMFORT_NOISE: u8 = 13;
+
+impl RtpReceiver {
+    fn new(offer: AudioOffer) -> Self {
+        Self {
+            offer,
+            last_sequence: None,
+            last_digit_timestamp: None,
+        }
+    }
+
+    fn accept(&mut self, datagram: &[u8]) -> Received {
+        let Ok(packet) = Packet::unmarshal(&mut &datagram[..]) else {
+            return Received::Garbage;
+        };
+        let header = &packet.header;
+        if header.version != 2 {
+            return Received::Garbage;
+        }
+        if header.payload_type == self.offer.payload_type {
+            return self.audio(header.sequence_number, packet.payload);
+        }
+        if Some(header.payload_type) == self.offer.telephone_event {
+            return self.digit(header.timestamp, &packet.payload);
+        }
+        if header.payload_type == COMFORT_NOISE {
+            return Received::Other;
+        }
+        Received::Garbage
+    }
+
+    fn audio(&mut self, sequence: u16, payload: Bytes) -> Received {
+        let extended = match self.last_sequence {
+            None => u64::from(sequence) + (1 << 16),
+            Some(last) => {
+                // The extended number nearest to the last one.
+                let delta = sequence.wrapping_sub(last as u16) as i16;
+                last.wrapping_add_signed(i64::from(delta))
+            }
+        };
+        if self.last_sequence.is_some_and(|last| extended <= last) {
+            return Received::Late;
+        }
+        self.last_sequence = Some(extended);
+        Received::Audio(payload)
+    }
+
+    fn digit(&mut self, timestamp: u32, payload: &[u8]) -> Received {
+        let (Some(&event), Some(&flags)) = (payload.first(), payload.get(1)) else {
+            return Received::Garbage;
+        };
+        let ended = flags & 0x80 != 0;
+        if !ended || self.last_digit_timestamp == Some(timestamp) {
+            return Received::Other;
+        }
+        self.last_digit_timestamp = Some(timestamp);
+        match event {
+            0..=9 => Received::Digit(char::from(b'0' + event)),
+            10 => Received::Digit('*'),
+            11 => Received::Digit('#'),
+            12..=15 => Received::Digit(char::from(b'A' + event - 12)),
+            _ => Received::Other,
+        }
+    }
+}
+
+/// The G.711 law's name, for logs.
+pub fn law_name(law: Law) -> &'static str {
+    match law {
+        Law::Mulaw => "PCMU",
+        Law::Alaw => "PCMA",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer() -> AudioOffer {
+        AudioOffer {
+            remote: "127.0.0.1:4000".parse().unwrap(),
+            law: Law::Mulaw,
+            payload_type: 0,
+            telephone_event: Some(101),
+        }
+    }
+
+    fn rtp(payload_type: u8, sequence_number: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
+        let packet = Packet {
+            header: Header {
+                version: 2,
+                payload_type,
+                sequence_number,
+                timestamp,
+                ssrc: 1,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(payload),
+        };
+        packet.marshal().unwrap().to_vec()
+    }
+
+    #[test]
+    fn audio_in_order_across_the_wrap_is_played_and_late_packets_dropped() {
+        let mut receiver = RtpReceiver::new(offer());
+        let audio = |r: &mut RtpReceiver, seq| r.accept(&rtp(0, seq, 0, &[0xff; 160]));
+        assert!(matches!(audio(&mut receiver, 65534), Received::Audio(_)));
+        assert!(matches!(audio(&mut receiver, 65535), Received::Audio(_)));
+        assert!(matches!(audio(&mut receiver, 1), Received::Audio(_)));
+        assert_eq!(audio(&mut receiver, 0), Received::Late);
+        assert_eq!(audio(&mut receiver, 1), Received::Late);
+        assert!(matches!(audio(&mut receiver, 2), Received::Audio(_)));
+    }
+
+    #[test]
+    fn a_key_press_is_reported_once_at_its_end() {
+        let mut receiver = RtpReceiver::new(offer());
+        let event = |r: &mut RtpReceiver, flags| r.accept(&rtp(101, 9, 800, &[11, flags, 0, 160]));
+        assert_eq!(event(&mut receiver, 0x0a), Received::Other);
+        assert_eq!(event(&mut receiver, 0x8a), Received::Digit('#'));
+        assert_eq!(event(&mut receiver, 0x8a), Received::Other);
+    }
+
+    #[test]
+    fn garbage_and_unnegotiated_payloads_are_counted_as_such() {
+        let mut receiver = RtpReceiver::new(offer());
+        assert_eq!(receiver.accept(b"\x00\x01"), Received::Garbage);
+        assert_eq!(receiver.accept(&rtp(8, 1, 0, &[0; 160])), Received::Garbage);
+        assert_eq!(receiver.accept(&rtp(13, 1, 0, &[40])), Received::Other);
+        assert_eq!(receiver.accept(&rtp(101, 1, 0, &[])), Received::Garbage);
+    }
+
+    #[test]
+    fn sent_packets_step_by_one_packet_of_samples() {
+        let mut sender = RtpSender::new(8);
+        let first = Packet::unmarshal(&mut &sender.packet(&[1; 160])[..]).unwrap();
+        let second = Packet::unmarshal(&mut &sender.packet(&[2; 160])[..]).unwrap();
+        assert!(first.header.marker && !second.header.marker);
+        assert_eq!(second.header.payload_type, 8);
+        assert_eq!(
+            second.header.sequence_number,
+            first.header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(
+            second.header.timestamp,
+            first.header.timestamp.wrapping_add(160)
+        );
+        assert_eq!(&second.payload[..], &[2; 160]);
+    }
+}

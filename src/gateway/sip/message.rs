@@ -1,0 +1,318 @@
+//! SIP messages (RFC 3261 §7) as far as a user agent that answers calls needs them: a request's
+//! method, URI, headers and body in; responses that copy the request's dialog headers out, and
+//! the BYE a server sends to end a call.
+
+use std::fmt::Write;
+
+/// Datagrams larger than this are refused unread (a real INVITE is one or two kilobytes).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub uri: String,
+    /// Every header in order, names in their full form (compact forms expanded).
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Why a datagram is not a request this server can answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("not UTF-8 text")]
+    NotText,
+    #[error("no request line")]
+    NoRequestLine,
+    #[error("a response, not a request")]
+    Response,
+    #[error("malformed request line {0:?}")]
+    BadRequestLine(String),
+    #[error("malformed header line {0:?}")]
+    BadHeader(String),
+    #[error("missing header {0}")]
+    Missing(&'static str),
+    #[error("Content-Length {declared} but {actual} bytes of body")]
+    BodyLength { declared: usize, actual: usize },
+}
+
+impl Request {
+    /// Parses one datagram. Every request must carry the headers a response copies.
+    pub fn parse(datagram: &[u8]) -> Result<Self, ParseError> {
+        let text = std::str::from_utf8(datagram).map_err(|_| ParseError::NotText)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .or_else(|| text.split_once("\n\n"))
+            .unwrap_or((text, ""));
+        let mut lines = head.lines().skip_while(|line| line.trim().is_empty());
+        let request_line = lines.next().ok_or(ParseError::NoRequestLine)?;
+        if request_line.starts_with("SIP/2.0 ") {
+            return Err(ParseError::Response);
+        }
+        let (method, uri) = parse_request_line(request_line)?;
+        let headers = parse_headers(lines)?;
+        let request = Self {
+            method,
+            uri,
+            headers,
+            body: body.to_owned(),
+        };
+        for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+            request.header(name).ok_or(ParseError::Missing(name))?;
+        }
+        request.check_body_length()?;
+        Ok(request)
+    }
+
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn call_id(&self) -> &str {
+        self.header("Call-ID").unwrap_or_default()
+    }
+
+    /// The tag of `From` or `To` (`header` names which), if any.
+    pub fn tag(&self, header: &str) -> Option<&str> {
+        header_param(self.header(header)?, "tag")
+    }
+
+    /// The URI of the `Contact` header: where requests within the dialog go.
+    pub fn contact_uri(&self) -> Option<&str> {
+        let contact = self.header("Contact")?;
+        match contact.split_once('<') {
+            Some((_, rest)) => rest.split_once('>').map(|(uri, _)| uri),
+            None => contact.split(';').next().map(str::trim),
+        }
+    }
+
+    /// A response to this request: its Via, From, To (with `to_tag` added when it has none),
+    /// Call-ID and CSeq copied, then `extra` headers and `body`.
+    pub fn response(
+        &self,
+        status: u16,
+        reason: &str,
+        to_tag: Option<&str>,
+        extra: &[(&str, String)],
+        body: Option<(&str, &str)>,
+    ) -> String {
+        let mut out = format!("SIP/2.0 {status} {reason}\r\n");
+        for (name, value) in &self.headers {
+            let copied = ["Via", "From", "Call-ID", "CSeq"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n));
+            if copied {
+                let _ = write!(out, "{name}: {value}\r\n");
+            }
+        }
+        let to = self.header("To").unwrap_or_default();
+        match to_tag {
+            Some(tag) if header_param(to, "tag").is_none() => {
+                let _ = write!(out, "To: {to};tag={tag}\r\n");
+            }
+            _ => {
+                let _ = write!(out, "To: {to}\r\n");
+            }
+        }
+        finish(out, extra, body)
+    }
+
+    fn check_body_length(&self) -> Result<(), ParseError> {
+        let Some(declared) = self.header("Content-Length") else {
+            return Ok(());
+        };
+        let declared: usize = declared
+            .trim()
+            .parse()
+            .map_err(|_| ParseError::BadHeader(format!("Content-Length: {declared}")))?;
+        let actual = self.body.len();
+        if declared > actual {
+            return Err(ParseError::BodyLength { declared, actual });
+        }
+        Ok(())
+    }
+}
+
+/// The extra headers, Content-Length and body after a start line and the copied headers.
+pub fn finish(mut out: String, extra: &[(&str, String)], body: Option<(&str, &str)>) -> String {
+    for (name, value) in extra {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    match body {
+        Some((content_type, body)) => {
+            let _ = write!(
+                out,
+                "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+        None => out.push_str("Content-Length: 0\r\n\r\n"),
+    }
+    out
+}
+
+/// The value of `;name=value` among a header's parameters.
+pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let params = match value.rfind('>') {
+        Some(end) => &value[end + 1..],
+        None => value,
+    };
+    params.split(';').skip(1).find_map(|param| {
+        let (key, val) = param.split_once('=')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| val.trim())
+    })
+}
+
+/// Whether a response's first line is a final (2xx–6xx) answer: the reply to our BYE.
+pub fn is_final_response(datagram: &[u8]) -> bool {
+    datagram.starts_with(b"SIP/2.0 ") && datagram.get(8).is_some_and(|d| (b'2'..=b'6').contains(d))
+}
+
+fn parse_request_line(line: &str) -> Result<(String, String), ParseError> {
+    let bad = || ParseError::BadRequestLine(line.chars().take(80).collect());
+    let mut parts = line.split(' ');
+    let (Some(method), Some(uri), Some("SIP/2.0"), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) || uri.is_empty() {
+        return Err(bad());
+    }
+    Ok((method.to_owned(), uri.to_owned()))
+}
+
+fn parse_headers<'a>(
+    lines: impl Iterator<Item = &'a str>,
+) -> Result<Vec<(String, String)>, ParseError> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        if line.starts_with([' ', '\t']) {
+            // A folded line continues the header before it.
+            let (_, value) = headers
+                .last_mut()
+                .ok_or_else(|| ParseError::BadHeader(line.into()))?;
+            value.push(' ');
+            value.push_str(line.trim());
+            continue;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| ParseError::BadHeader(line.chars().take(80).collect()))?;
+        headers.push((full_name(name.trim()).to_owned(), value.trim().to_owned()));
+    }
+    Ok(headers)
+}
+
+/// RFC 3261 §7.3.3's compact header names in their full form.
+fn full_name(name: &str) -> &str {
+    match name {
+        "v" | "V" => "Via",
+        "f" | "F" => "From",
+        "t" | "T" => "To",
+        "i" | "I" => "Call-ID",
+        "m" | "M" => "Contact",
+        "l" | "L" => "Content-Length",
+        "c" | "C" => "Content-Type",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An INVITE as baresip 1.0 sends it.
+    pub(crate) const INVITE: &str = "INVITE sip:NATF0@127.0.0.1:5070;transport=udp SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:15080;branch=z9hG4bK58c0bcad3902ad7c;rport\r\n\
+Contact: <sip:tester-0x5592561bd4a0@127.0.0.1:15080>\r\n\
+Max-Forwards: 70\r\n\
+To: <sip:NATF0@127.0.0.1:5070;transport=udp>\r\n\
+From: <sip:tester@127.0.0.1>;tag=8716cb073e5bc7b2\r\n\
+Call-ID: ee2b285254bc8bd8\r\n\
+CSeq: 60299 INVITE\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: 146\r\n\
+\r\n\
+v=0\r\n\
+o=- 579496876 2021537462 IN IP4 127.0.0.1\r\n\
+s=-\r\n\
+c=IN IP4 127.0.0.1\r\n\
+t=0 0\r\n\
+m=audio 12996 RTP/AVP 0 8 101\r\n\
+a=rtpmap:101 telephone-event/8000\r\n";
+
+    #[test]
+    fn an_invite_parses_and_its_response_copies_the_dialog_headers() {
+        let invite = Request::parse(INVITE.as_bytes()).unwrap();
+        assert_eq!(invite.method, "INVITE");
+        assert_eq!(invite.call_id(), "ee2b285254bc8bd8");
+        assert_eq!(invite.tag("From"), Some("8716cb073e5bc7b2"));
+        assert_eq!(invite.tag("To"), None);
+        assert_eq!(
+            invite.contact_uri(),
+            Some("sip:tester-0x5592561bd4a0@127.0.0.1:15080")
+        );
+        assert!(invite.body.starts_with("v=0"));
+        let ok = invite.response(
+            200,
+            "OK",
+            Some("abc"),
+            &[],
+            Some(("application/sdp", "v=0\r\n")),
+        );
+        assert!(ok.starts_with("SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:15080;branch="));
+        assert!(ok.contains("\r\nTo: <sip:NATF0@127.0.0.1:5070;transport=udp>;tag=abc\r\n"));
+        assert!(ok.contains("\r\nCSeq: 60299 INVITE\r\n"));
+        assert!(ok.ends_with("Content-Length: 5\r\n\r\nv=0\r\n"), "{ok}");
+    }
+
+    #[test]
+    fn compact_and_folded_headers_are_read() {
+        let text = "OPTIONS sip:x@h SIP/2.0\r\nv: SIP/2.0/UDP h;branch=z9hG4bK1\r\nf: <sip:a@h>;tag=1\r\n\
+t: <sip:x@h>\r\ni: abc\r\nCSeq: 1\r\n OPTIONS\r\nl: 0\r\n\r\n";
+        let request = Request::parse(text.as_bytes()).unwrap();
+        assert_eq!(request.header("Call-ID"), Some("abc"));
+        assert_eq!(request.header("cseq"), Some("1 OPTIONS"));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_the_reason() {
+        let cases: [(&[u8], ParseError); 6] = [
+            (b"\xff\xfe", ParseError::NotText),
+            (b"", ParseError::NoRequestLine),
+            (b"SIP/2.0 200 OK\r\n\r\n", ParseError::Response),
+            (
+                b"hello world\r\n\r\n",
+                ParseError::BadRequestLine("hello world".into()),
+            ),
+            (
+                b"BYE sip:x SIP/2.0\r\nVia: v\r\nFrom: f\r\nTo: t\r\nCSeq: 1 BYE\r\n\r\n",
+                ParseError::Missing("Call-ID"),
+            ),
+            (
+                b"BYE sip:x SIP/2.0\r\nVia: v\r\nFrom: f\r\nTo: t\r\nCall-ID: c\r\nCSeq: 1 BYE\r\nContent-Length: 99\r\n\r\nshort",
+                ParseError::BodyLength {
+                    declared: 99,
+                    actual: 5,
+                },
+            ),
+        ];
+        for (datagram, expected) in cases {
+            assert_eq!(Request::parse(datagram), Err(expected));
+        }
+    }
+
+    #[test]
+    fn header_params_skip_the_uri() {
+        assert_eq!(header_param("<sip:a@h;tag=no>;tag=yes", "tag"), Some("yes"));
+        assert_eq!(header_param("sip:a@h;tag=x", "tag"), Some("x"));
+        assert_eq!(header_param("<sip:a@h>", "tag"), None);
+        assert!(is_final_response(b"SIP/2.0 200 OK\r\n"));
+        assert!(!is_final_response(b"SIP/2.0 100 Trying\r\n"));
+    }
+}

@@ -1,0 +1,514 @@
+//! SIP calls end to end: a real SIP phone (baresip, Debian's `baresip-core`) dials the server's
+//! SIP endpoint and hears the echo engine back over G.711 RTP; raw datagrams check the
+//! refusals, the answer's retransmission and the server's own hang-up.
+
+mod common;
+
+use common::{ServerOptions, TestServer, eventually};
+use duplex::gateway::sip::{self, SipServer, SipSettings};
+use ipnet::IpNet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+const SENTENCE: &str =
+    "Hello, this is a test of the full duplex voice agent over a phone line. Can you hear me?";
+
+/// The test server with SIP on a loopback port.
+async fn start(options: ServerOptions, allow: Vec<IpNet>) -> (TestServer, SocketAddr) {
+    let server = TestServer::start(options).await;
+    let settings = SipSettings {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        allow,
+    };
+    let sip = SipServer::bind(&settings, server.state.clone())
+        .await
+        .unwrap();
+    let addr = sip.local_addr().unwrap();
+    tokio::spawn(sip.run());
+    (server, addr)
+}
+
+/// What baresip recorded of one call: what it sent and what it heard, at 8 kHz.
+struct PhoneCall {
+    sent: Vec<f32>,
+    heard: Vec<f32>,
+    log: String,
+}
+
+/// Dials `uri` with baresip, playing `wav` (8 kHz mono) until it ends, then hanging up.
+fn baresip_call(uri: &str, wav: &Path, seconds: u32) -> PhoneCall {
+    let dir = common::scratch_dir("baresip");
+    let recordings = dir.join("rec");
+    std::fs::create_dir_all(&recordings).unwrap();
+    let config = format!(
+        "poll_method\t\tepoll\nsip_listen\t\t127.0.0.1:0\naudio_player\t\taufile,/dev/null\n\
+audio_source\t\taufile,{}\naudio_alert\t\taufile,/dev/null\naudio_srate\t\t8000\n\
+audio_channels\t\t1\nmodule_path\t\t/usr/lib/baresip/modules\nmodule\t\t\tg711.so\n\
+module\t\t\taufile.so\nmodule\t\t\tsndfile.so\nsnd_path\t\t{}\nmodule_app\t\taccount.so\n\
+module_app\t\tmenu.so\n",
+        wav.display(),
+        recordings.display()
+    );
+    std::fs::write(dir.join("config"), config).unwrap();
+    std::fs::write(
+        dir.join("accounts"),
+        "<sip:tester@127.0.0.1;transport=udp>;regint=0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("contacts"), "").unwrap();
+    let output = Command::new("baresip")
+        .arg("-f")
+        .arg(&dir)
+        .args(["-e", &format!("/dial {uri}"), "-t", &seconds.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("baresip runs (Debian's baresip-core: bash .ci/setup test)");
+    let log = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let dump = |suffix: &str| {
+        std::fs::read_dir(&recordings)
+            .unwrap()
+            .map_while(Result::ok)
+            .map(|entry| entry.path())
+            .find(|path| path.to_string_lossy().ends_with(suffix))
+            .map(|path| read_wav(&path))
+            .unwrap_or_default()
+    };
+    PhoneCall {
+        sent: dump("-enc.wav"),
+        heard: dump("-dec.wav"),
+        log,
+    }
+}
+
+fn read_wav(path: &Path) -> Vec<f32> {
+    let mut reader = hound::WavReader::open(path).unwrap();
+    reader
+        .samples::<i16>()
+        .map(|s| f32::from(s.unwrap()) / 32768.0)
+        .collect()
+}
+
+/// Speech as an 8 kHz WAV for baresip's file source.
+fn speech_wav() -> PathBuf {
+    let raw = common::espeak_raw(SENTENCE, "signed", 8000).expect("espeak-ng and sox");
+    let path = common::scratch_dir("sip-speech").join("speech.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+    for pair in raw.chunks_exact(2) {
+        writer
+            .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
+            .unwrap();
+    }
+    writer.finalize().unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sip_phone_is_answered_and_hears_itself_back() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let wav = speech_wav();
+    let uri = format!("sip:NATM1@{sip}");
+    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, &wav, 12))
+        .await
+        .unwrap();
+    assert!(
+        call.log.contains("Call established"),
+        "baresip's log:\n{}",
+        call.log
+    );
+    assert!(
+        call.heard.len() > 8000 * 3,
+        "{} samples heard; baresip's log:\n{}",
+        call.heard.len(),
+        call.log
+    );
+    let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, 8000);
+    eprintln!("echo over SIP: correlation {correlation:.3} at {lag_ms:.0} ms");
+    assert!(correlation > 0.6, "correlation {correlation}");
+    // baresip hangs up (BYE) when its file ends: the slot is freed at once.
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .state
+            .engine
+            .active_sessions()
+            == 0)
+        .await
+    );
+    assert!(server.metrics.packets_received.get() > 200);
+    assert_eq!(server.metrics.packets_bad.get(), 0);
+    server.stop().await;
+}
+
+/// A SIP user agent written out by hand, for what a phone will not send on command.
+struct RawPhone {
+    socket: UdpSocket,
+    server: SocketAddr,
+    call_id: String,
+}
+
+impl RawPhone {
+    async fn new(server: SocketAddr) -> Self {
+        Self {
+            socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+            call_id: format!("{:x}@test", rand::random::<u64>()),
+        }
+    }
+
+    fn request(&self, method: &str, to_tag: Option<&str>, extra: &str, body: &str) -> String {
+        let local = self.socket.local_addr().unwrap();
+        let to_tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+        let content_type = match body.is_empty() {
+            true => "",
+            false => "Content-Type: application/sdp\r\n",
+        };
+        format!(
+            "{method} sip:agent@{server} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{branch:x}\r\n\
+From: <sip:raw@{local}>;tag=raw1\r\nTo: <sip:agent@{server}>{to_tag}\r\nCall-ID: {call_id}\r\n\
+CSeq: 1 {method}\r\nContact: <sip:raw@{local}>\r\nMax-Forwards: 70\r\n{extra}{content_type}\
+Content-Length: {len}\r\n\r\n{body}",
+            server = self.server,
+            branch = rand::random::<u64>(),
+            call_id = self.call_id,
+            len = body.len(),
+        )
+    }
+
+    async fn send(&self, text: &str) {
+        self.socket
+            .send_to(text.as_bytes(), self.server)
+            .await
+            .unwrap();
+    }
+
+    /// The next datagram within `limit` that is not a provisional response.
+    async fn next(&self, limit: Duration) -> Option<String> {
+        let mut buf = vec![0u8; 65536];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let received = tokio::time::timeout_at(deadline, self.socket.recv_from(&mut buf)).await;
+            let (len, _) = received.ok()?.ok()?;
+            let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+            if !text.starts_with("SIP/2.0 1") {
+                return Some(text);
+            }
+        }
+    }
+
+    async fn exchange(&self, text: &str) -> String {
+        self.send(text).await;
+        self.next(Duration::from_secs(3))
+            .await
+            .expect("a final response")
+    }
+
+    fn offer(&self, media: &str) -> String {
+        offer_at(self.socket.local_addr().unwrap().port() + 1, media)
+    }
+}
+
+fn offer_at(port: u16, media: &str) -> String {
+    format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio {port} RTP/AVP {media}\r\n"
+    )
+}
+
+/// Where an SDP answer says its RTP goes.
+fn rtp_address(answer: &str) -> SocketAddr {
+    let ip = answer
+        .lines()
+        .find_map(|line| line.strip_prefix("c=IN IP4 "))
+        .unwrap();
+    let port = answer
+        .lines()
+        .find_map(|line| line.strip_prefix("m=audio "))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap();
+    format!("{}:{port}", ip.trim()).parse().unwrap()
+}
+
+/// One PCMU packet of silence, written out by hand.
+fn pcmu_packet(sequence: u16) -> Vec<u8> {
+    let mut packet = vec![0x80, 0x00];
+    packet.extend_from_slice(&sequence.to_be_bytes());
+    packet.extend_from_slice(&(u32::from(sequence) * 160).to_be_bytes());
+    packet.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    packet.extend_from_slice(&[0xff; 160]);
+    packet
+}
+
+/// Whether `socket` receives an RTP packet within a second.
+async fn hears_rtp(socket: &UdpSocket) -> bool {
+    let mut buf = [0u8; 2048];
+    let received = tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut buf)).await;
+    matches!(received, Ok(Ok((len, _))) if len == 12 + 160 && buf[0] == 0x80)
+}
+
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_calls_get_the_sip_answer_that_says_why() {
+    let (server, sip) = start(
+        ServerOptions {
+            max_sessions: 1,
+            ..Default::default()
+        },
+        sip::private_networks(),
+    )
+    .await;
+    let phone = RawPhone::new(sip).await;
+    let opus_only = phone.offer("111\r\na=rtpmap:111 opus/48000/2");
+    let response = phone
+        .exchange(&phone.request("INVITE", None, "", &opus_only))
+        .await;
+    assert!(response.starts_with("SIP/2.0 488 "), "{response}");
+    assert!(
+        header(&response, "Warning")
+            .unwrap()
+            .contains("opus/48000/2"),
+        "{response}"
+    );
+
+    let pcmu = phone.offer("0");
+    let unknown_voice = "X-Duplex-Voice: ../../etc/passwd\r\n";
+    let response = phone
+        .exchange(&phone.request("INVITE", None, unknown_voice, &pcmu))
+        .await;
+    assert!(response.starts_with("SIP/2.0 400 "), "{response}");
+    assert!(
+        header(&response, "Warning").unwrap().contains("NATF0"),
+        "lists the voices: {response}"
+    );
+
+    let response = phone
+        .exchange(&phone.request("BYE", Some("nope"), "", ""))
+        .await;
+    assert!(response.starts_with("SIP/2.0 481 "), "{response}");
+    let response = phone
+        .exchange(&phone.request("REGISTER", None, "", ""))
+        .await;
+    assert!(response.starts_with("SIP/2.0 405 "), "{response}");
+    assert!(header(&response, "Allow").unwrap().contains("INVITE"));
+    let response = phone
+        .exchange(&phone.request("OPTIONS", None, "", ""))
+        .await;
+    assert!(response.starts_with("SIP/2.0 200 "), "{response}");
+
+    // Garbage is dropped and counted; the endpoint goes on answering.
+    phone.send("\u{1}\u{2} not sip at all").await;
+    phone.send("INVITE sip:x SIP/2.0\r\nVia: x\r\n\r\n").await;
+    assert_eq!(phone.next(Duration::from_millis(300)).await, None);
+
+    // One slot: the second call gets 503 with Retry-After.
+    let first = RawPhone::new(sip).await;
+    let answer = first
+        .exchange(&first.request("INVITE", None, "", &pcmu))
+        .await;
+    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
+    first.send(&first.request("ACK", Some("x"), "", "")).await;
+    let second = RawPhone::new(sip).await;
+    let response = second
+        .exchange(&second.request("INVITE", None, "", &pcmu))
+        .await;
+    assert!(response.starts_with("SIP/2.0 503 "), "{response}");
+    assert_eq!(header(&response, "Retry-After"), Some("5"));
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    let rejected = |reason: &str| {
+        server
+            .metrics
+            .sessions_rejected
+            .with_label_values(&[reason])
+            .get()
+    };
+    assert_eq!(
+        (rejected("bad_sdp"), rejected("persona"), rejected("full")),
+        (1, 1, 1)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_outside_the_allowed_networks_are_forbidden() {
+    let only_elsewhere = vec!["10.0.0.0/8".parse().unwrap()];
+    let (server, sip) = start(ServerOptions::default(), only_elsewhere).await;
+    let phone = RawPhone::new(sip).await;
+    let response = phone
+        .exchange(&phone.request("INVITE", None, "", &phone.offer("0")))
+        .await;
+    assert!(response.starts_with("SIP/2.0 403 "), "{response}");
+    assert!(
+        header(&response, "Warning")
+            .unwrap()
+            .contains("--sip-allow")
+    );
+    assert_eq!(server.state.engine.active_sessions(), 0);
+    server.stop().await;
+}
+
+/// Over UDP the 200 OK is sent again until the caller ACKs it; when the server shuts down it
+/// hangs up the call itself with a BYE in the caller's dialog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_is_resent_until_acked_and_shutdown_sends_a_bye() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let phone = RawPhone::new(sip).await;
+    let answer = phone
+        .exchange(&phone.request("INVITE", None, "", &phone.offer("8")))
+        .await;
+    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
+    assert!(answer.contains("a=rtpmap:8 PCMA/8000"), "{answer}");
+    let to = header(&answer, "To").unwrap().to_owned();
+    let tag = to.split(";tag=").nth(1).unwrap().to_owned();
+    let again = phone.next(Duration::from_secs(2)).await.unwrap();
+    assert!(
+        again.starts_with("SIP/2.0 200 "),
+        "resent before the ACK: {again}"
+    );
+    phone.send(&phone.request("ACK", Some(&tag), "", "")).await;
+    // Anything already in flight, then silence.
+    let _ = phone.next(Duration::from_millis(200)).await;
+    assert_eq!(phone.next(Duration::from_millis(1500)).await, None);
+
+    let stopping = tokio::spawn(server.stop());
+    let bye = phone.next(Duration::from_secs(3)).await.expect("a BYE");
+    assert!(bye.starts_with("BYE sip:raw@"), "{bye}");
+    assert_eq!(header(&bye, "Call-ID"), Some(phone.call_id.as_str()));
+    assert!(header(&bye, "From").unwrap().contains(&tag), "{bye}");
+    assert!(header(&bye, "To").unwrap().contains("tag=raw1"), "{bye}");
+    stopping.await.unwrap();
+}
+
+/// The agent's RTP goes where the caller's comes from; a stranger's packets to the call's
+/// port are refused, and a re-INVITE moves the media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_follows_the_caller_and_a_reinvite_and_strangers_are_refused() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let phone = RawPhone::new(sip).await;
+    let rtp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let offer = offer_at(rtp_a.local_addr().unwrap().port(), "0");
+    let answer = phone
+        .exchange(&phone.request("INVITE", None, "", &offer))
+        .await;
+    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
+    let tag = header(&answer, "To")
+        .unwrap()
+        .split(";tag=")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    phone.send(&phone.request("ACK", Some(&tag), "", "")).await;
+    let server_rtp = rtp_address(&answer);
+    assert!(
+        hears_rtp(&rtp_a).await,
+        "the agent's RTP reaches the offered port"
+    );
+    rtp_a.send_to(&pcmu_packet(1), server_rtp).await.unwrap();
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for sequence in 2..7 {
+        stranger
+            .send_to(&pcmu_packet(sequence), server_rtp)
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || server.metrics.packets_bad.get()
+            == 5)
+        .await,
+        "a stranger's packets are refused: {} bad",
+        server.metrics.packets_bad.get()
+    );
+    assert_eq!(server.metrics.packets_received.get(), 1);
+
+    let rtp_b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let moved = offer_at(rtp_b.local_addr().unwrap().port(), "0");
+    let reanswer = phone
+        .exchange(&phone.request("INVITE", Some(&tag), "", &moved))
+        .await;
+    assert!(reanswer.starts_with("SIP/2.0 200 "), "{reanswer}");
+    assert!(
+        reanswer.contains(" 2 IN IP4 "),
+        "the SDP version counts up: {reanswer}"
+    );
+    assert_eq!(rtp_address(&reanswer), server_rtp);
+    assert!(
+        hears_rtp(&rtp_b).await,
+        "the agent's RTP moved with the re-INVITE"
+    );
+    let bye = phone
+        .exchange(&phone.request("BYE", Some(&tag), "", ""))
+        .await;
+    assert!(bye.starts_with("SIP/2.0 200 "), "{bye}");
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
+#[test]
+fn a_bad_sip_allow_network_is_refused_by_name() {
+    let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["serve", "--engine", "echo", "--sip-port", "5060"])
+        .args(["--sip-allow", "10.0.0.0/8,nonsense"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"nonsense\" is neither a network"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_says_where_it_answers_sip() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--engine",
+            "echo",
+        ])
+        .args([
+            "--sip-port",
+            &port.to_string(),
+            "--sip-allow",
+            "192.0.2.0/24",
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let line = std::io::BufRead::lines(stderr)
+        .map_while(Result::ok)
+        .take(50)
+        .find(|line| line.contains("answering SIP calls"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a line saying SIP is answered");
+    assert!(line.contains(&format!("udp 127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("from 192.0.2.0/24"), "{line}");
+}
