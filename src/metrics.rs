@@ -2,6 +2,7 @@
 //! transports (sessions, packets). A leaf module: it depends on nothing else in the crate.
 
 use prometheus::core::Collector;
+use std::time::Instant;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -41,6 +42,27 @@ pub struct Metrics {
     /// WebSocket transports (`/api/chat`, telephony): events by transport and kind — messages
     /// ignored, bad input, DTMF digits, marks, clears.
     pub transport_events: IntCounterVec,
+    /// Calls by transport (`webrtc`, `chat`, `twilio`, …, `sip`): started, and how long each
+    /// lasted once it ended.
+    pub calls_started: IntCounterVec,
+    pub call_seconds: HistogramVec,
+}
+
+/// Buckets for call lengths in seconds: a dropped call, a short question, up to an hour.
+const CALL_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+];
+
+/// A call in progress: counted when made, its length observed when dropped.
+pub struct CallTimer {
+    seconds: Histogram,
+    started: Instant,
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        self.seconds.observe(self.started.elapsed().as_secs_f64());
+    }
 }
 
 impl Metrics {
@@ -95,6 +117,21 @@ impl Metrics {
                 &["transport", "event"],
             ),
         );
+        let calls_started = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("duplex_calls_total", "Calls started, by transport"),
+                &["transport"],
+            ),
+        );
+        let call_seconds = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("duplex_call_seconds", "Length of ended calls, by transport")
+                    .buckets(CALL_BUCKETS.to_vec()),
+                &["transport"],
+            ),
+        );
         Self {
             sessions_opened: counter("sessions_opened_total", "Sessions opened"),
             sessions_vanished: counter(
@@ -146,6 +183,17 @@ impl Metrics {
             step_seconds,
             stage_seconds,
             transport_events,
+            calls_started,
+            call_seconds,
+        }
+    }
+
+    /// Counts a call on `transport` starting now; the timer observes its length when dropped.
+    pub fn call(&self, transport: &str) -> CallTimer {
+        self.calls_started.with_label_values(&[transport]).inc();
+        CallTimer {
+            seconds: self.call_seconds.with_label_values(&[transport]),
+            started: Instant::now(),
         }
     }
 

@@ -120,6 +120,8 @@ async fn the_official_protocol_echoes_speech_with_a_handshake_and_text() {
         "the echo engine's text piece: {text:?}"
     );
     assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    let calls = &server.metrics.calls_started;
+    assert_eq!(calls.with_label_values(&["chat"]).get(), 1);
     server.stop().await;
 }
 

@@ -145,6 +145,13 @@ async fn a_sip_phone_is_answered_and_hears_itself_back() {
     );
     assert!(server.metrics.packets_received.get() > 200);
     assert_eq!(server.metrics.packets_bad.get(), 0);
+    assert_eq!(server.metrics.calls_started.with_label_values(&["sip"]).get(), 1);
+    let lengths = server.metrics.call_seconds.with_label_values(&["sip"]);
+    assert!(
+        eventually(Duration::from_secs(1), || lengths.get_sample_count() == 1).await,
+        "the ended call's length is observed"
+    );
+    assert!((3.0..15.0).contains(&lengths.get_sample_sum()), "{}", lengths.get_sample_sum());
     server.stop().await;
 }
 

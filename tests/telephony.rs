@@ -394,6 +394,8 @@ async fn call_round_trip(flavor: Flavor) {
     let name = format!("{flavor:?}").to_lowercase();
     assert_eq!(events.with_label_values(&[&name, "dtmf"]).get(), 1);
     assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    let calls = &server.metrics.calls_started;
+    assert_eq!(calls.with_label_values(&[&name]).get(), 1);
     server.stop().await;
 }
 

@@ -58,6 +58,10 @@ async fn speech_comes_back_over_the_same_connection() {
 
     client.close().await.unwrap();
     assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    let calls = &server.metrics.calls_started;
+    assert_eq!(calls.with_label_values(&["webrtc"]).get(), 1);
+    let lengths = server.metrics.call_seconds.with_label_values(&["webrtc"]);
+    assert!(eventually(Duration::from_secs(1), || lengths.get_sample_count() == 1).await);
     server.stop().await;
 }
 

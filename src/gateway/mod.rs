@@ -132,8 +132,10 @@ impl AppState {
             metrics,
         };
         let (state, key) = (self.clone(), resource.clone());
+        let call = self.engine.metrics().call("webrtc");
         tokio::spawn(async move {
             media::run(task).await;
+            drop(call);
             state
                 .resources
                 .lock()

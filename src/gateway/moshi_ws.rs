@@ -139,10 +139,12 @@ pub async fn chat(
     let id = session.id;
     let (cancel, tracked) = state.track_guard(id);
     let task = ChatTask::new(session, &state, cancel);
+    let task_metrics = state.engine.metrics().clone();
     upgrade
         .max_message_size(MAX_TRANSPORT_BYTES)
         .max_frame_size(MAX_TRANSPORT_BYTES)
         .on_upgrade(move |socket: WebSocket| async move {
+            let _call = task_metrics.call("chat");
             let (sink, stream) = socket.split();
             let ending = run(sink, stream, task).await;
             tracing::info!(session = %id, ?ending, "chat ended");

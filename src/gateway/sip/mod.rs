@@ -273,9 +273,10 @@ impl Shared {
         );
         let call = media_call(session, socket, offer, remote_rx, &self.state, cancel);
         let bye = ByeTarget::new(request, &local_tag, from, self.contact_addr(local_ip));
+        let timer = self.state.engine.metrics().call(TRANSPORT);
         tokio::spawn(async move {
             let ending = media::run(call).await;
-            drop((lease, tracked));
+            drop((lease, tracked, timer));
             self.call_ended(&call_id, ending, bye).await;
         });
         Ok(())

@@ -20,6 +20,8 @@ pub struct AudioOffer {
 /// Why an offer cannot be answered; `488 Not Acceptable Here` carries it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OfferError {
+    #[error("the INVITE carries no SDP offer (a late offer is not answered): offer G.711 in it")]
+    Missing,
     #[error("malformed SDP: {0}")]
     Malformed(String),
     #[error("no audio stream offered")]
@@ -34,6 +36,9 @@ pub enum OfferError {
 
 impl AudioOffer {
     pub fn parse(sdp: &str) -> Result<Self, OfferError> {
+        if sdp.trim().is_empty() {
+            return Err(OfferError::Missing);
+        }
         let description = SessionDescription::unmarshal(&mut Cursor::new(sdp.as_bytes()))
             .map_err(|e| OfferError::Malformed(e.to_string()))?;
         let audio = description
@@ -163,6 +168,7 @@ mod tests {
         assert_eq!(err, OfferError::Profile("RTP/SAVP".into()));
         let err = AudioOffer::parse(&offer("m=video 4000 RTP/AVP 96\r\n")).unwrap_err();
         assert_eq!(err, OfferError::NoAudio);
+        assert_eq!(AudioOffer::parse("\r\n"), Err(OfferError::Missing));
         assert!(matches!(
             AudioOffer::parse("garbage"),
             Err(OfferError::Malformed(_))

@@ -357,6 +357,7 @@ where
     if let (Some(session), Some(format)) = (session, format) {
         let id = session.id;
         summary.session = Some(id);
+        let _call = metrics.call(P::NAME);
         let (cancel, _tracked) = state.track_guard(id);
         tracing::info!(provider = P::NAME, session = %id, stream = ?summary.stream_id, ?format, "call started");
         let mut call = match Call::new(session, format) {
