@@ -554,8 +554,8 @@ struct ServeArgs {
 #[derive(Args)]
 struct SipArgs {
     /// Answer SIP calls (UDP) on this port, e.g. 5060: a PBX or SIP trunk sends its calls
-    /// here, G.711 over RTP on the --udp-ports. Off without it.
-    #[arg(long, env = "DUPLEX_SIP_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    /// here, G.711 over RTP on the --udp-ports. Off without it; 0 takes any free port.
+    #[arg(long, env = "DUPLEX_SIP_PORT")]
     sip_port: Option<u16>,
     /// Networks whose SIP calls are answered (repeat, or comma-separated); others get 403.
     /// Default: loopback and the private ranges. 0.0.0.0/0 answers anyone.

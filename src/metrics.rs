@@ -2,11 +2,11 @@
 //! transports (sessions, packets). A leaf module: it depends on nothing else in the crate.
 
 use prometheus::core::Collector;
-use std::time::Instant;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+use std::time::Instant;
 
 /// Buckets for per-frame times in seconds: 2.5 ms apart where a GPU's steps fall (10–20 ms on
 /// a datacenter card), 5 ms apart up to 50 ms (so a p99 can be held to 35 ms, DGX Spark's

@@ -145,33 +145,55 @@ async fn a_sip_phone_is_answered_and_hears_itself_back() {
     );
     assert!(server.metrics.packets_received.get() > 200);
     assert_eq!(server.metrics.packets_bad.get(), 0);
-    assert_eq!(server.metrics.calls_started.with_label_values(&["sip"]).get(), 1);
+    assert_eq!(
+        server
+            .metrics
+            .calls_started
+            .with_label_values(&["sip"])
+            .get(),
+        1
+    );
     let lengths = server.metrics.call_seconds.with_label_values(&["sip"]);
     assert!(
         eventually(Duration::from_secs(1), || lengths.get_sample_count() == 1).await,
         "the ended call's length is observed"
     );
-    assert!((3.0..15.0).contains(&lengths.get_sample_sum()), "{}", lengths.get_sample_sum());
+    assert!(
+        (3.0..15.0).contains(&lengths.get_sample_sum()),
+        "{}",
+        lengths.get_sample_sum()
+    );
     server.stop().await;
 }
 
 /// A SIP user agent written out by hand, for what a phone will not send on command.
 struct RawPhone {
     socket: UdpSocket,
+    /// Where its offers say its RTP goes.
+    rtp: UdpSocket,
     server: SocketAddr,
     call_id: String,
+    /// The CSeq of its last request other than ACK (which repeats its INVITE's).
+    cseq: std::sync::atomic::AtomicU32,
 }
 
 impl RawPhone {
     async fn new(server: SocketAddr) -> Self {
         Self {
             socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
             server,
             call_id: format!("{:x}@test", rand::random::<u64>()),
+            cseq: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
     fn request(&self, method: &str, to_tag: Option<&str>, extra: &str, body: &str) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cseq = match method {
+            "ACK" => self.cseq.load(Relaxed),
+            _ => self.cseq.fetch_add(1, Relaxed) + 1,
+        };
         let local = self.socket.local_addr().unwrap();
         let to_tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
         let content_type = match body.is_empty() {
@@ -181,7 +203,7 @@ impl RawPhone {
         format!(
             "{method} sip:agent@{server} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{branch:x}\r\n\
 From: <sip:raw@{local}>;tag=raw1\r\nTo: <sip:agent@{server}>{to_tag}\r\nCall-ID: {call_id}\r\n\
-CSeq: 1 {method}\r\nContact: <sip:raw@{local}>\r\nMax-Forwards: 70\r\n{extra}{content_type}\
+CSeq: {cseq} {method}\r\nContact: <sip:raw@{local}>\r\nMax-Forwards: 70\r\n{extra}{content_type}\
 Content-Length: {len}\r\n\r\n{body}",
             server = self.server,
             branch = rand::random::<u64>(),
@@ -218,9 +240,25 @@ Content-Length: {len}\r\n\r\n{body}",
             .expect("a final response")
     }
 
-    fn offer(&self, media: &str) -> String {
-        offer_at(self.socket.local_addr().unwrap().port() + 1, media)
+    /// INVITEs with `offer`, ACKs the 200 and returns it with our dialog's To tag.
+    async fn call(&self, offer: &str) -> (String, String) {
+        let answer = self
+            .exchange(&self.request("INVITE", None, "", offer))
+            .await;
+        assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
+        let tag = to_tag(&answer);
+        self.send(&self.request("ACK", Some(&tag), "", "")).await;
+        (answer, tag)
     }
+
+    fn offer(&self, media: &str) -> String {
+        offer_at(self.rtp.local_addr().unwrap().port(), media)
+    }
+}
+
+fn to_tag(response: &str) -> String {
+    let to = header(response, "To").unwrap();
+    to.split(";tag=").nth(1).unwrap().to_owned()
 }
 
 fn offer_at(port: u16, media: &str) -> String {
@@ -323,11 +361,7 @@ async fn bad_calls_get_the_sip_answer_that_says_why() {
 
     // One slot: the second call gets 503 with Retry-After.
     let first = RawPhone::new(sip).await;
-    let answer = first
-        .exchange(&first.request("INVITE", None, "", &pcmu))
-        .await;
-    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
-    first.send(&first.request("ACK", Some("x"), "", "")).await;
+    first.call(&first.offer("0")).await;
     let second = RawPhone::new(sip).await;
     let response = second
         .exchange(&second.request("INVITE", None, "", &pcmu))
@@ -378,8 +412,7 @@ async fn the_answer_is_resent_until_acked_and_shutdown_sends_a_bye() {
         .await;
     assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
     assert!(answer.contains("a=rtpmap:8 PCMA/8000"), "{answer}");
-    let to = header(&answer, "To").unwrap().to_owned();
-    let tag = to.split(";tag=").nth(1).unwrap().to_owned();
+    let tag = to_tag(&answer);
     let again = phone.next(Duration::from_secs(2)).await.unwrap();
     assert!(
         again.starts_with("SIP/2.0 200 "),
@@ -405,60 +438,94 @@ async fn the_answer_is_resent_until_acked_and_shutdown_sends_a_bye() {
 async fn media_follows_the_caller_and_a_reinvite_and_strangers_are_refused() {
     let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
     let phone = RawPhone::new(sip).await;
-    let rtp_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let offer = offer_at(rtp_a.local_addr().unwrap().port(), "0");
-    let answer = phone
-        .exchange(&phone.request("INVITE", None, "", &offer))
-        .await;
-    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
-    let tag = header(&answer, "To")
-        .unwrap()
-        .split(";tag=")
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    phone.send(&phone.request("ACK", Some(&tag), "", "")).await;
+    let (answer, tag) = phone.call(&phone.offer("0")).await;
     let server_rtp = rtp_address(&answer);
     assert!(
-        hears_rtp(&rtp_a).await,
+        hears_rtp(&phone.rtp).await,
         "the agent's RTP reaches the offered port"
     );
-    rtp_a.send_to(&pcmu_packet(1), server_rtp).await.unwrap();
-    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    for sequence in 2..7 {
-        stranger
+    // From another address, even before the caller's first packet: refused.
+    let stranger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    stranger.send_to(&pcmu_packet(1), server_rtp).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    phone
+        .rtp
+        .send_to(&pcmu_packet(2), server_rtp)
+        .await
+        .unwrap();
+    // From the caller's address but another port, once the caller's is known: refused.
+    let neighbour = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for sequence in 3..7 {
+        neighbour
             .send_to(&pcmu_packet(sequence), server_rtp)
             .await
             .unwrap();
     }
+    let bad = || server.metrics.packets_bad.get();
     assert!(
-        eventually(Duration::from_secs(2), || server.metrics.packets_bad.get()
-            == 5)
-        .await,
-        "a stranger's packets are refused: {} bad",
-        server.metrics.packets_bad.get()
+        eventually(Duration::from_secs(2), || bad() == 5).await,
+        "strangers' packets are refused: {} bad",
+        bad()
     );
     assert_eq!(server.metrics.packets_received.get(), 1);
+    let mut stolen = [0u8; 256];
+    let heard = tokio::time::timeout(Duration::from_millis(200), stranger.recv_from(&mut stolen));
+    assert!(heard.await.is_err(), "the stranger hears nothing");
 
     let rtp_b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let moved = offer_at(rtp_b.local_addr().unwrap().port(), "0");
-    let reanswer = phone
-        .exchange(&phone.request("INVITE", Some(&tag), "", &moved))
-        .await;
+    let reinvite = phone.request("INVITE", Some(&tag), "", &moved);
+    let reanswer = phone.exchange(&reinvite).await;
     assert!(reanswer.starts_with("SIP/2.0 200 "), "{reanswer}");
     assert!(
         reanswer.contains(" 2 IN IP4 "),
         "the SDP version counts up: {reanswer}"
     );
+    assert!(header(&reanswer, "Contact").is_some(), "{reanswer}");
     assert_eq!(rtp_address(&reanswer), server_rtp);
+    // The same re-INVITE again (its answer lost): the same answer, not a third version.
+    assert_eq!(phone.exchange(&reinvite).await, reanswer);
     assert!(
         hears_rtp(&rtp_b).await,
         "the agent's RTP moved with the re-INVITE"
     );
+    let other_codec = phone.request("INVITE", Some(&tag), "", &offer_at(4000, "8"));
+    let refused = phone.exchange(&other_codec).await;
+    assert!(
+        refused.starts_with("SIP/2.0 488 "),
+        "a codec change is refused: {refused}"
+    );
+    assert!(hears_rtp(&rtp_b).await, "and the call goes on as it was");
     let bye = phone
         .exchange(&phone.request("BYE", Some(&tag), "", ""))
         .await;
     assert!(bye.starts_with("SIP/2.0 200 "), "{bye}");
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
+/// A request within a call must carry its tags; one from outside `--sip-allow` gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_caller_can_end_its_call() {
+    let only_loopback_one = vec!["127.0.0.1/32".parse().unwrap()];
+    let (server, sip) = start(ServerOptions::default(), only_loopback_one).await;
+    let phone = RawPhone::new(sip).await;
+    let (_, tag) = phone.call(&phone.offer("0")).await;
+    let wrong_tag = phone
+        .exchange(&phone.request("BYE", Some("guess"), "", ""))
+        .await;
+    assert!(wrong_tag.starts_with("SIP/2.0 481 "), "{wrong_tag}");
+    let outsider = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let bye = phone.request("BYE", Some(&tag), "", "");
+    outsider.send_to(bye.as_bytes(), sip).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let answered = tokio::time::timeout(Duration::from_millis(500), outsider.recv_from(&mut buf));
+    assert!(answered.await.is_err(), "an outsider gets no answer");
+    assert_eq!(server.state.engine.active_sessions(), 1, "the call goes on");
+    let forbidden = &server.metrics.transport_events;
+    assert_eq!(forbidden.with_label_values(&["sip", "forbidden"]).get(), 1);
+    let own = phone.exchange(&bye).await;
+    assert!(own.starts_with("SIP/2.0 200 "), "{own}");
     assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
@@ -480,11 +547,6 @@ fn a_bad_sip_allow_network_is_refused_by_name() {
 
 #[test]
 fn serve_says_where_it_answers_sip() {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
         .args([
             "serve",
@@ -495,12 +557,7 @@ fn serve_says_where_it_answers_sip() {
             "--engine",
             "echo",
         ])
-        .args([
-            "--sip-port",
-            &port.to_string(),
-            "--sip-allow",
-            "192.0.2.0/24",
-        ])
+        .args(["--sip-port", "0", "--sip-allow", "192.0.2.0/24"])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -509,13 +566,30 @@ fn serve_says_where_it_answers_sip() {
         .spawn()
         .unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let line = std::io::BufRead::lines(stderr)
-        .map_while(Result::ok)
-        .take(50)
-        .find(|line| line.contains("answering SIP calls"));
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("answering SIP calls") => break Some(line),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
-    let line = line.expect("a line saying SIP is answered");
-    assert!(line.contains(&format!("udp 127.0.0.1:{port}")), "{line}");
+    let line = found.expect("a line saying SIP is answered");
+    assert!(line.contains("udp 127.0.0.1:"), "{line}");
+    assert!(
+        !line.contains("udp 127.0.0.1:0 "),
+        "the port taken, not 0: {line}"
+    );
     assert!(line.contains("from 192.0.2.0/24"), "{line}");
 }

@@ -1,10 +1,11 @@
 //! One SIP call's media: G.711 over plain RTP on its own UDP port. The caller's packets go
 //! into the session's input ring in sequence order; the agent's audio goes out one packet per
 //! 20 ms tick of the engine's output grid, to the address the caller's packets come from
-//! (symmetric RTP, so a caller behind NAT is reached without its SDP being right).
+//! (symmetric RTP, so a caller behind NAT is reached without its SDP being right). Only a
+//! packet from the caller's SIP address or its SDP's may teach that address; other sources
+//! are refused.
 
 use super::offer::AudioOffer;
-use crate::audio::g711::Law;
 use crate::audio::ring::InputProducer;
 use crate::engine::session::SessionCloser;
 use crate::engine::{SessionEvent, SessionId, SessionStats};
@@ -16,7 +17,7 @@ use crossbeam_channel::TryRecvError;
 use rtc::rtp::header::Header;
 use rtc::rtp::packet::Packet;
 use rtc::shared::marshal::{Marshal, Unmarshal};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -47,10 +48,11 @@ pub enum MediaEnding {
 pub struct MediaCall {
     pub id: SessionId,
     pub socket: UdpSocket,
-    pub offer: AudioOffer,
-    /// Where RTP goes: the offer's address until the caller's packets say otherwise, or a
-    /// re-INVITE moves it.
-    pub remote: watch::Receiver<SocketAddr>,
+    /// The offer in force: where RTP goes (until the caller's packets say otherwise) and
+    /// which way it flows; a re-INVITE replaces it.
+    pub offer: watch::Receiver<AudioOffer>,
+    /// The address the call's SIP came from.
+    pub caller_ip: IpAddr,
     pub input: InputProducer,
     pub output: PacketSource,
     pub events: crossbeam_channel::Receiver<SessionEvent>,
@@ -66,8 +68,8 @@ pub async fn run(call: MediaCall) -> MediaEnding {
     let MediaCall {
         id,
         socket,
-        offer,
-        mut remote,
+        mut offer,
+        caller_ip,
         mut input,
         output,
         events,
@@ -77,8 +79,9 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         metrics,
         cancel,
     } = call;
+    let mut current = offer.borrow_and_update().clone();
     let format = WireFormat {
-        codec: Codec::G711(offer.law),
+        codec: Codec::G711(current.law),
         rate: 8000,
     };
     let (mut inbound, mut outbound) = match (
@@ -88,14 +91,14 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         (Ok(inbound), Ok(outbound)) => (inbound, outbound),
         (Err(why), _) | (_, Err(why)) => return MediaEnding::Engine(why),
     };
-    let mut sender = RtpSender::new(offer.payload_type);
-    let mut receiver = RtpReceiver::new(offer);
+    let mut sender = RtpSender::new(current.payload_type);
+    let mut receiver = RtpReceiver::new(current.clone());
     let mut ticker = packet_ticker(schedule);
     let mut buf = vec![0u8; MAX_RTP_BYTES];
     let mut heard_at = tokio::time::Instant::now();
-    let mut destination = *remote.borrow_and_update();
-    // Where the caller's audio comes from, learned from its first packet: packets from
-    // anywhere else are refused (a stranger cannot take the call's media by sending to it).
+    let mut destination = current.remote;
+    // Where the caller's audio comes from, learned from its first packet from a trusted
+    // address: packets from anywhere else are refused.
     let mut source: Option<SocketAddr> = None;
     let ending = loop {
         tokio::select! {
@@ -105,27 +108,30 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 }
                 outbound.source.wait_for_late_output().await;
                 let (payload, _) = outbound.next(&stats, &metrics);
-                let _ = socket.send_to(&sender.packet(payload), destination).await;
+                if current.direction.caller_receives() {
+                    let _ = socket.send_to(&sender.packet(payload), destination).await;
+                }
             }
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
+                let trusted = from.ip() == caller_ip || from.ip() == current.remote.ip();
                 let verdict = match source {
                     Some(known) if known != from => Received::Garbage,
+                    None if !trusted => Received::Garbage,
                     _ => receiver.accept(&buf[..len]),
                 };
+                if verdict != Received::Garbage {
+                    heard_at = tokio::time::Instant::now();
+                }
                 match verdict {
                     Received::Audio(payload) => {
                         inbound.push(&payload, &mut input, &stats, &metrics);
-                        heard_at = tokio::time::Instant::now();
                         if source.is_none() {
                             source = Some(from);
                             destination = from;
                         }
                     }
-                    Received::Late => {
-                        stats.add(&stats.packets_late, 1);
-                        heard_at = tokio::time::Instant::now();
-                    }
+                    Received::Late => stats.add(&stats.packets_late, 1),
                     Received::Digit(digit) => {
                         tracing::info!(session = %id, digit = %digit, "dtmf");
                         metrics.transport_event(TRANSPORT, "dtmf");
@@ -137,14 +143,19 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                     }
                 }
             }
-            changed = remote.changed() => {
+            changed = offer.changed() => {
                 if changed.is_ok() {
-                    // A re-INVITE moved the caller's media: learn its source again.
-                    destination = *remote.borrow_and_update();
+                    // A re-INVITE: the media may have moved, to a new stream; learn it again.
+                    current = offer.borrow_and_update().clone();
+                    destination = current.remote;
                     source = None;
+                    receiver = RtpReceiver::new(current.clone());
+                    heard_at = tokio::time::Instant::now();
                 }
             }
-            _ = tokio::time::sleep_until(heard_at + RTP_TIMEOUT) => break MediaEnding::Silent,
+            _ = tokio::time::sleep_until(heard_at + RTP_TIMEOUT), if current.direction.caller_sends() => {
+                break MediaEnding::Silent;
+            }
             _ = cancel.cancelled() => break MediaEnding::Cancelled,
         }
     };
@@ -224,6 +235,8 @@ enum Received {
 /// The caller's RTP stream: sequence order checked, key presses read.
 struct RtpReceiver {
     offer: AudioOffer,
+    /// The stream's SSRC: a new one (a transfer, a bridge change) starts its numbers afresh.
+    ssrc: Option<u32>,
     /// The highest sequence number played, extended past wrap-arounds.
     last_sequence: Option<u64>,
     /// The timestamp of the last key press reported (its end is sent three times).
@@ -237,6 +250,7 @@ impl RtpReceiver {
     fn new(offer: AudioOffer) -> Self {
         Self {
             offer,
+            ssrc: None,
             last_sequence: None,
             last_digit_timestamp: None,
         }
@@ -249,6 +263,10 @@ impl RtpReceiver {
         let header = &packet.header;
         if header.version != 2 {
             return Received::Garbage;
+        }
+        if self.ssrc != Some(header.ssrc) {
+            self.ssrc = Some(header.ssrc);
+            self.last_sequence = None;
         }
         if header.payload_type == self.offer.payload_type {
             return self.audio(header.sequence_number, packet.payload);
@@ -297,25 +315,14 @@ impl RtpReceiver {
     }
 }
 
-/// The G.711 law's name, for logs.
-pub fn law_name(law: Law) -> &'static str {
-    match law {
-        Law::Mulaw => "PCMU",
-        Law::Alaw => "PCMA",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn offer() -> AudioOffer {
-        AudioOffer {
-            remote: "127.0.0.1:4000".parse().unwrap(),
-            law: Law::Mulaw,
-            payload_type: 0,
-            telephone_event: Some(101),
-        }
+        let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+        AudioOffer::parse(sdp).unwrap()
     }
 
     fn rtp(payload_type: u8, sequence_number: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
@@ -343,6 +350,18 @@ mod tests {
         assert_eq!(audio(&mut receiver, 0), Received::Late);
         assert_eq!(audio(&mut receiver, 1), Received::Late);
         assert!(matches!(audio(&mut receiver, 2), Received::Audio(_)));
+    }
+
+    #[test]
+    fn a_new_ssrc_starts_its_sequence_afresh() {
+        let mut receiver = RtpReceiver::new(offer());
+        assert!(matches!(
+            receiver.accept(&rtp(0, 40000, 0, &[0xff; 160])),
+            Received::Audio(_)
+        ));
+        let mut restarted = rtp(0, 100, 0, &[0xff; 160]);
+        restarted[8..12].copy_from_slice(&2u32.to_be_bytes());
+        assert!(matches!(receiver.accept(&restarted), Received::Audio(_)));
     }
 
     #[test]

@@ -90,8 +90,18 @@ impl Request {
         }
     }
 
-    /// A response to this request: its Via, From, To (with `to_tag` added when it has none),
-    /// Call-ID and CSeq copied, then `extra` headers and `body`.
+    /// Every header called `name`, in order.
+    pub fn headers_named(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// A response to this request: its Via, From, Call-ID and CSeq copied (and Record-Route
+    /// into an INVITE's 2xx, RFC 3261 §12.1.1), To with `to_tag` added when it has none (a
+    /// fresh tag on any final response without one, §8.2.6.2), then `extra` and `body`.
     pub fn response(
         &self,
         status: u16,
@@ -101,16 +111,27 @@ impl Request {
         body: Option<(&str, &str)>,
     ) -> String {
         let mut out = format!("SIP/2.0 {status} {reason}\r\n");
+        let routed = self.method == "INVITE" && (200..300).contains(&status);
         for (name, value) in &self.headers {
             let copied = ["Via", "From", "Call-ID", "CSeq"]
                 .iter()
-                .any(|n| name.eq_ignore_ascii_case(n));
+                .any(|n| name.eq_ignore_ascii_case(n))
+                || (routed && name.eq_ignore_ascii_case("Record-Route"));
             if copied {
                 let _ = write!(out, "{name}: {value}\r\n");
             }
         }
         let to = self.header("To").unwrap_or_default();
-        match to_tag {
+        let fresh;
+        let tag = match to_tag {
+            Some(tag) => Some(tag),
+            None if status >= 200 => {
+                fresh = format!("{:016x}", rand::random::<u64>());
+                Some(fresh.as_str())
+            }
+            None => None,
+        };
+        match tag {
             Some(tag) if header_param(to, "tag").is_none() => {
                 let _ = write!(out, "To: {to};tag={tag}\r\n");
             }

@@ -3,18 +3,21 @@
 //! Asterisk, FreeSWITCH or 3CX on the same network reaches the agent with no cloud provider.
 //!
 //! Callers are admitted by source address (`--sip-allow`, private networks by default): SIP
-//! has no bearer token, and scanners probe every public port 5060. The persona comes from the
-//! `X-Duplex-Voice` and `X-Duplex-Prompt` headers, or from a request URI whose user part is a
-//! voice's name (`sip:NATM1@agent`).
+//! has no bearer token, and scanners probe every public port 5060. Requests from elsewhere get
+//! a 403 (INVITE) or nothing. The persona comes from the `X-Duplex-Voice` and
+//! `X-Duplex-Prompt` headers, or from a request URI whose user part is a voice's name
+//! (`sip:NATM1@agent`).
 
+mod dialog;
 pub mod media;
 pub mod message;
 pub mod offer;
 
 use super::{ApiError, AppState};
-use crate::engine::{PersonaRequest, SessionHandle, SessionId};
+use crate::engine::{PersonaRequest, SessionHandle};
 use crate::gateway::outbound::PacketSource;
 use crate::gateway::ports::PortLease;
+use dialog::{ALLOW, ByeTarget, Dialog};
 use ipnet::IpNet;
 use media::{MediaCall, MediaEnding, TRANSPORT};
 use message::{MAX_MESSAGE_BYTES, Request};
@@ -33,15 +36,18 @@ const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
 /// An answered INVITE whose ACK has not come after this long (64·T1) is abandoned.
 const ACK_TIMEOUT: Duration = Duration::from_secs(32);
+/// Our BYE is sent at most this many times, waiting twice as long after each (from
+/// `BYE_FIRST_WAIT`): under two seconds in all, inside the shutdown's drain.
+const BYE_SENDS: usize = 3;
+const BYE_FIRST_WAIT: Duration = Duration::from_millis(250);
 /// Retry-After, in seconds, on a 503.
 const RETRY_AFTER_SECS: &str = "5";
-const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
 
 /// Where SIP listens and whom it answers.
 #[derive(Debug, Clone)]
 pub struct SipSettings {
     pub bind: SocketAddr,
-    /// Source networks whose INVITEs are answered; others get 403.
+    /// Source networks whose requests are answered.
     pub allow: Vec<IpNet>,
 }
 
@@ -78,22 +84,6 @@ struct Shared {
     byes: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
-/// A call between its INVITE and its end.
-struct Dialog {
-    id: SessionId,
-    /// The 200 OK, sent again while the caller retransmits its INVITE or has not ACKed it.
-    answer: String,
-    acked: Arc<Notify>,
-    /// Where the call's RTP goes; a re-INVITE may move it.
-    remote_rtp: watch::Sender<SocketAddr>,
-    /// What answers a re-INVITE: the offer, our RTP address, the SDP's ids.
-    offer: AudioOffer,
-    local_rtp: SocketAddr,
-    sdp_id: u64,
-    sdp_version: u64,
-    cancel: CancellationToken,
-}
-
 impl SipServer {
     pub async fn bind(settings: &SipSettings, state: Arc<AppState>) -> std::io::Result<Self> {
         let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
@@ -111,16 +101,14 @@ impl SipServer {
         self.socket.local_addr()
     }
 
-    /// Answers SIP until the server shuts down.
+    /// Answers SIP for as long as the server runs (through its shutdown too: the calls'
+    /// BYEs are answered then, and new INVITEs get 503).
     pub async fn run(self) {
-        let shutdown = self.shared.state.shutdown.clone();
         let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
         loop {
-            let received = tokio::select! {
-                received = self.socket.recv_from(&mut buf) => received,
-                _ = shutdown.cancelled() => break,
+            let Ok((len, from)) = self.socket.recv_from(&mut buf).await else {
+                continue;
             };
-            let Ok((len, from)) = received else { continue };
             if len > MAX_MESSAGE_BYTES {
                 self.shared.count("too_big");
                 continue;
@@ -144,6 +132,11 @@ impl Shared {
         }
     }
 
+    fn allowed(&self, from: SocketAddr) -> bool {
+        let ip = from.ip().to_canonical();
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+
     async fn handle(self: Arc<Self>, datagram: &[u8], from: SocketAddr) {
         if message::is_final_response(datagram) {
             self.response_arrived(datagram);
@@ -159,11 +152,13 @@ impl Shared {
                 return;
             }
         };
+        if !self.allowed(from) {
+            return self.refuse_stranger(&request, from).await;
+        }
         match request.method.as_str() {
+            "INVITE" if request.tag("To").is_some() => self.in_dialog(&request, from).await,
             "INVITE" => self.invite(request, from).await,
-            "ACK" => self.ack(&request),
-            "BYE" => self.bye(&request, from).await,
-            "CANCEL" => self.cancel(&request, from).await,
+            "ACK" | "BYE" | "CANCEL" => self.in_dialog(&request, from).await,
             "OPTIONS" => {
                 let allow = [("Allow", ALLOW.to_owned())];
                 self.send(&request.response(200, "OK", None, &allow, None), from)
@@ -179,15 +174,32 @@ impl Shared {
         }
     }
 
-    async fn invite(self: Arc<Self>, request: Request, from: SocketAddr) {
-        if request.tag("To").is_some() {
-            return self.reinvite(&request, from).await;
+    /// A request from outside `--sip-allow`: an INVITE gets 403 with the reason (a PBX
+    /// misconfigured on our side should learn why), anything else nothing.
+    async fn refuse_stranger(&self, request: &Request, from: SocketAddr) {
+        self.count("forbidden");
+        if request.method != "INVITE" || request.tag("To").is_some() {
+            return;
         }
+        let refusal = Refusal::Forbidden(from.ip());
+        self.rejected(&refusal, from);
+        self.send(&refusal.response(request), from).await;
+    }
+
+    fn rejected(&self, refusal: &Refusal, from: SocketAddr) {
+        let reason = refusal.reason();
+        let metrics = self.state.engine.metrics();
+        metrics.sessions_rejected.with_label_values(&[reason]).inc();
+        tracing::info!(%from, reason, why = %refusal, "SIP call refused");
+    }
+
+    async fn invite(self: Arc<Self>, request: Request, from: SocketAddr) {
         let resent = self
             .dialogs
             .lock()
             .expect("dialog lock")
             .get(request.call_id())
+            .filter(|dialog| request.tag("From") == Some(dialog.remote_tag.as_str()))
             .map(|dialog| dialog.answer.clone());
         if let Some(answer) = resent {
             return self.send(&answer, from).await;
@@ -195,14 +207,7 @@ impl Shared {
         self.send(&request.response(100, "Trying", None, &[], None), from)
             .await;
         if let Err(refusal) = self.clone().answer(&request, from).await {
-            let reason = refusal.reason();
-            self.state
-                .engine
-                .metrics()
-                .sessions_rejected
-                .with_label_values(&[reason])
-                .inc();
-            tracing::info!(%from, reason, why = %refusal, "SIP call refused");
+            self.rejected(&refusal, from);
             self.send(&refusal.response(&request), from).await;
         }
     }
@@ -210,13 +215,10 @@ impl Shared {
     /// Opens the session, binds its RTP socket and sends the 200 OK; the call then runs on
     /// its own task.
     async fn answer(self: Arc<Self>, request: &Request, from: SocketAddr) -> Result<(), Refusal> {
-        if !self.allow.iter().any(|net| net.contains(&from.ip())) {
-            return Err(Refusal::Forbidden(from.ip()));
-        }
         if self.state.is_draining() {
             return Err(Refusal::Api(ApiError::Draining));
         }
-        let offer = AudioOffer::parse(&request.body).map_err(Refusal::Offer)?;
+        let offer = AudioOffer::parse(&request.body)?;
         let persona = self.persona(request);
         let session = self
             .state
@@ -225,61 +227,74 @@ impl Shared {
             .map_err(|e| Refusal::Api(e.into()))?;
         let (socket, lease) = self.bind_rtp().await?;
         let local_ip = self.local_ip(from);
-        let local_rtp = SocketAddr::new(local_ip, socket.local_addr().map_err(Refusal::Io)?.port());
-        let local_tag = format!("{:016x}", rand::random::<u64>());
-        let sdp_id = rand::random::<u32>() as u64;
-        let contact = [
-            (
-                "Contact",
-                format!("<sip:duplex@{}>", self.contact_addr(local_ip)),
-            ),
-            ("Allow", ALLOW.to_owned()),
-        ];
-        let body = offer.answer(local_rtp, sdp_id, 1);
-        let answer = request.response(
-            200,
-            "OK",
-            Some(&local_tag),
-            &contact,
-            Some(("application/sdp", &body)),
-        );
-        let (remote_tx, remote_rx) = watch::channel(offer.remote);
+        let rtp_port = socket.local_addr().map_err(Refusal::Io)?.port();
         let (cancel, tracked) = self.state.track_guard(session.id);
-        let acked = Arc::new(Notify::new());
-        let dialog = Dialog {
-            id: session.id,
-            answer: answer.clone(),
-            acked: acked.clone(),
-            remote_rtp: remote_tx,
-            offer,
-            local_rtp,
-            sdp_id,
-            sdp_version: 1,
-            cancel: cancel.clone(),
-        };
+        let local_rtp = SocketAddr::new(local_ip, rtp_port);
+        let dialog = self.dialog_for(request, &offer, session.id, local_rtp, cancel.clone());
+        tracing::info!(
+            session = %session.id, %from, rtp = %offer.remote, codec = offer::law_name(offer.law),
+            voice = ?persona.voice, "SIP call answered"
+        );
+        let answer = dialog.answer.clone();
+        let acked = dialog.acked.clone();
+        let offers = dialog.offer.subscribe();
+        let bye = ByeTarget::new(
+            request,
+            &dialog.local_tag,
+            from,
+            self.contact_addr(local_ip),
+        );
         let call_id = request.call_id().to_owned();
         self.dialogs
             .lock()
             .expect("dialog lock")
             .insert(call_id.clone(), dialog);
-        tracing::info!(
-            session = %session.id, %from, rtp = %offer.remote, codec = media::law_name(offer.law),
-            voice = ?persona.voice, "SIP call answered"
-        );
         self.send(&answer, from).await;
-        tokio::spawn(
-            self.clone()
-                .resend_until_acked(answer, from, acked, cancel.clone()),
-        );
-        let call = media_call(session, socket, offer, remote_rx, &self.state, cancel);
-        let bye = ByeTarget::new(request, &local_tag, from, self.contact_addr(local_ip));
+        let resend = self
+            .clone()
+            .resend_until_acked(answer, from, acked, cancel.clone());
+        tokio::spawn(resend);
+        let call = media_call(session, socket, offers, from.ip(), &self.state, cancel);
         let timer = self.state.engine.metrics().call(TRANSPORT);
         tokio::spawn(async move {
             let ending = media::run(call).await;
-            drop((lease, tracked, timer));
+            drop((lease, timer));
             self.call_ended(&call_id, ending, bye).await;
+            drop(tracked);
         });
         Ok(())
+    }
+
+    /// The dialog a 200 OK to `request` sets up, with that answer.
+    fn dialog_for(
+        &self,
+        request: &Request,
+        offer: &AudioOffer,
+        id: crate::engine::SessionId,
+        local_rtp: SocketAddr,
+        cancel: CancellationToken,
+    ) -> Dialog {
+        let local_tag = format!("{:016x}", rand::random::<u64>());
+        let sdp_id = u64::from(rand::random::<u32>());
+        let contact = format!("<sip:duplex@{}>", self.contact_addr(local_rtp.ip()));
+        let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
+        let body = offer.answer(local_rtp, sdp_id, 1);
+        let sdp = Some(("application/sdp", body.as_str()));
+        let answer = request.response(200, "OK", Some(&local_tag), &extra, sdp);
+        Dialog {
+            id,
+            remote_tag: request.tag("From").unwrap_or_default().to_owned(),
+            local_tag,
+            answer,
+            acked: Arc::new(Notify::new()),
+            offer: watch::Sender::new(offer.clone()),
+            local_rtp,
+            contact,
+            sdp_id,
+            sdp_version: 1,
+            last_reinvite: None,
+            cancel,
+        }
     }
 
     fn persona(&self, request: &Request) -> PersonaRequest {
@@ -364,68 +379,31 @@ impl Shared {
         }
     }
 
-    fn ack(&self, request: &Request) {
-        if let Some(dialog) = self
-            .dialogs
-            .lock()
-            .expect("dialog lock")
-            .get(request.call_id())
-        {
-            dialog.acked.notify_one();
-        }
-    }
-
-    async fn bye(&self, request: &Request, from: SocketAddr) {
-        let dialog = self
-            .dialogs
-            .lock()
-            .expect("dialog lock")
-            .remove(request.call_id());
-        let response = match dialog {
-            Some(dialog) => {
-                tracing::info!(session = %dialog.id, "the caller hung up");
-                dialog.cancel.cancel();
-                request.response(200, "OK", None, &[], None)
-            }
-            None => request.response(481, "Call/Transaction Does Not Exist", None, &[], None),
-        };
-        self.send(&response, from).await;
-    }
-
-    /// Calls are answered at once, so a CANCEL finds either an answered call (which a BYE
-    /// ends, RFC 3261 §9.2) or nothing.
-    async fn cancel(&self, request: &Request, from: SocketAddr) {
-        let known = self
-            .dialogs
-            .lock()
-            .expect("dialog lock")
-            .contains_key(request.call_id());
-        let response = match known {
-            true => request.response(200, "OK", None, &[], None),
-            false => request.response(481, "Call/Transaction Does Not Exist", None, &[], None),
-        };
-        self.send(&response, from).await;
-    }
-
-    /// A re-INVITE (hold, a moved media address, a session timer's refresh): the same answer
-    /// with the SDP's version counted up, the RTP sent where the new offer says.
-    async fn reinvite(&self, request: &Request, from: SocketAddr) {
+    /// ACK, BYE, CANCEL or a re-INVITE: answered only within the call its Call-ID and tags
+    /// name (481 otherwise; an ACK gets no answer).
+    async fn in_dialog(&self, request: &Request, from: SocketAddr) {
         let response = {
             let mut dialogs = self.dialogs.lock().expect("dialog lock");
-            match dialogs.get_mut(request.call_id()) {
+            let call_id = request.call_id();
+            match dialogs.get_mut(call_id).filter(|d| d.owns(request)) {
+                None if request.method == "ACK" => return,
                 None => request.response(481, "Call/Transaction Does Not Exist", None, &[], None),
-                Some(dialog) => {
-                    if let Ok(offer) = AudioOffer::parse(&request.body) {
-                        dialog.remote_rtp.send_replace(offer.remote);
+                Some(dialog) => match request.method.as_str() {
+                    "ACK" => {
+                        dialog.acked.notify_one();
+                        return;
                     }
-                    dialog.sdp_version += 1;
-                    let body =
-                        dialog
-                            .offer
-                            .answer(dialog.local_rtp, dialog.sdp_id, dialog.sdp_version);
-                    let contact = [("Allow", ALLOW.to_owned())];
-                    request.response(200, "OK", None, &contact, Some(("application/sdp", &body)))
-                }
+                    "BYE" => {
+                        let dialog = dialogs.remove(call_id).expect("found above");
+                        tracing::info!(session = %dialog.id, "the caller hung up");
+                        dialog.cancel.cancel();
+                        request.response(200, "OK", None, &[], None)
+                    }
+                    // Calls are answered at once: a CANCEL finds an answered call, which
+                    // only a BYE ends (RFC 3261 §9.2).
+                    "CANCEL" => request.response(200, "OK", None, &[], None),
+                    _ => dialog.reinvite(request),
+                },
             }
         };
         self.send(&response, from).await;
@@ -433,23 +411,22 @@ impl Shared {
 
     /// Sends a BYE unless the caller's own BYE ended the call.
     async fn call_ended(&self, call_id: &str, ending: MediaEnding, bye: ByeTarget) {
-        let ours = self.dialogs.lock().expect("dialog lock").remove(call_id);
-        if ours.is_none() {
+        let Some(dialog) = self.dialogs.lock().expect("dialog lock").remove(call_id) else {
             return;
-        }
-        tracing::info!(call_id, ?ending, "ending the SIP call");
+        };
+        tracing::info!(session = %dialog.id, ?ending, "hanging up the SIP call");
         let answered = Arc::new(Notify::new());
         self.byes
             .lock()
             .expect("bye lock")
             .insert(call_id.to_owned(), answered.clone());
         let text = bye.request(call_id);
-        let mut interval = T1;
-        for _ in 0..4 {
+        let mut wait = BYE_FIRST_WAIT;
+        for _ in 0..BYE_SENDS {
             self.send(&text, bye.to).await;
             tokio::select! {
                 _ = answered.notified() => break,
-                _ = tokio::time::sleep(interval) => interval = (interval * 2).min(T2),
+                _ = tokio::time::sleep(wait) => wait *= 2,
             }
         }
         self.byes.lock().expect("bye lock").remove(call_id);
@@ -471,8 +448,8 @@ impl Shared {
 fn media_call(
     session: SessionHandle,
     socket: UdpSocket,
-    offer: AudioOffer,
-    remote: watch::Receiver<SocketAddr>,
+    offer: watch::Receiver<AudioOffer>,
+    caller_ip: IpAddr,
     state: &AppState,
     cancel: CancellationToken,
 ) -> MediaCall {
@@ -488,7 +465,7 @@ fn media_call(
         id,
         socket,
         offer,
-        remote,
+        caller_ip,
         input,
         output: PacketSource::new(output),
         events,
@@ -497,47 +474,6 @@ fn media_call(
         schedule: state.engine.output_schedule(),
         metrics: state.engine.metrics().clone(),
         cancel,
-    }
-}
-
-/// Everything a BYE from our side needs: the dialog as the INVITE set it up.
-struct ByeTarget {
-    /// The caller's Contact URI (the BYE's request URI).
-    uri: String,
-    /// Our From: the INVITE's To with our tag.
-    from: String,
-    /// Our To: the INVITE's From.
-    to_header: String,
-    /// Where the INVITE came from (its Contact may name an address behind NAT).
-    to: SocketAddr,
-    /// Our Via's address.
-    via: SocketAddr,
-}
-
-impl ByeTarget {
-    fn new(invite: &Request, local_tag: &str, from: SocketAddr, via: SocketAddr) -> Self {
-        Self {
-            uri: invite
-                .contact_uri()
-                .map_or_else(|| format!("sip:{from}"), str::to_owned),
-            from: format!(
-                "{};tag={local_tag}",
-                invite.header("To").unwrap_or_default()
-            ),
-            to_header: invite.header("From").unwrap_or_default().to_owned(),
-            to: from,
-            via,
-        }
-    }
-
-    fn request(&self, call_id: &str) -> String {
-        let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
-        let head = format!(
-            "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
-From: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 BYE\r\n",
-            self.uri, self.via, self.from, self.to_header
-        );
-        message::finish(head, &[], None)
     }
 }
 
@@ -573,8 +509,7 @@ impl Refusal {
             Self::Api(_) => (400, "Bad Request"),
             Self::Io(_) => (500, "Server Internal Error"),
         };
-        let why = self.to_string().replace('"', "'");
-        let mut extra = vec![("Warning", format!("399 duplex \"{why}\""))];
+        let mut extra = vec![dialog::warning(self)];
         if status == 503 {
             extra.push(("Retry-After", RETRY_AFTER_SECS.to_owned()));
         }

@@ -1,0 +1,154 @@
+//! A SIP call between its INVITE and its end (RFC 3261 §12): what identifies it, what answers
+//! requests within it, and the BYE that ends it from our side.
+
+use super::message::{self, Request};
+use super::offer::{AudioOffer, OfferError};
+use crate::engine::SessionId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+/// The methods this user agent answers.
+pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
+
+/// A live call, by its Call-ID in the server's table.
+pub struct Dialog {
+    pub id: SessionId,
+    /// The caller's From tag and ours (the To tag of our 200): a request within the call
+    /// carries both, so knowing the Call-ID alone reaches nothing.
+    pub remote_tag: String,
+    pub local_tag: String,
+    /// The 200 OK, sent again while the caller retransmits its INVITE or has not ACKed it.
+    pub answer: String,
+    pub acked: Arc<Notify>,
+    /// The offer in force, watched by the call's media; a re-INVITE replaces it.
+    pub offer: watch::Sender<AudioOffer>,
+    pub local_rtp: SocketAddr,
+    /// Our Contact header's value.
+    pub contact: String,
+    pub sdp_id: u64,
+    pub sdp_version: u64,
+    /// The last re-INVITE answered: its CSeq and the answer, sent again on a retransmission.
+    pub last_reinvite: Option<(String, String)>,
+    pub cancel: CancellationToken,
+}
+
+impl Dialog {
+    /// Whether `request`'s tags are this call's (the To tag only where the method has one).
+    pub fn owns(&self, request: &Request) -> bool {
+        let from_matches = request.tag("From") == Some(self.remote_tag.as_str());
+        let to_matches = match request.method.as_str() {
+            "CANCEL" => true,
+            _ => request.tag("To") == Some(self.local_tag.as_str()),
+        };
+        from_matches && to_matches
+    }
+
+    /// The answer to a re-INVITE (hold, a moved media address, a session refresh): 200 with
+    /// our SDP, its version counted up, once the new offer keeps the call's codec; 488 (and
+    /// the call goes on as it was) when it does not.
+    pub fn reinvite(&mut self, request: &Request) -> String {
+        let cseq = request.header("CSeq").unwrap_or_default();
+        if let Some((_, answer)) = self.last_reinvite.as_ref().filter(|(last, _)| last == cseq) {
+            return answer.clone();
+        }
+        let renegotiated = self.offer.borrow().renegotiate(&request.body);
+        let answer = match renegotiated {
+            Ok(offer) => {
+                self.sdp_version += 1;
+                let body = offer.answer(self.local_rtp, self.sdp_id, self.sdp_version);
+                self.offer.send_replace(offer);
+                let extra = [("Contact", self.contact.clone()), ("Allow", ALLOW.into())];
+                let sdp = Some(("application/sdp", body.as_str()));
+                request.response(200, "OK", None, &extra, sdp)
+            }
+            Err(err) => not_acceptable(request, &err),
+        };
+        self.last_reinvite = Some((cseq.to_owned(), answer.clone()));
+        answer
+    }
+}
+
+/// `488 Not Acceptable Here` with the reason.
+pub fn not_acceptable(request: &Request, err: &OfferError) -> String {
+    request.response(488, "Not Acceptable Here", None, &[warning(err)], None)
+}
+
+/// A `Warning` header (RFC 3261 §20.43) that says why.
+pub fn warning(why: &dyn std::fmt::Display) -> (&'static str, String) {
+    let text = why.to_string().replace('"', "'");
+    ("Warning", format!("399 duplex \"{text}\""))
+}
+
+/// Everything a BYE from our side needs: the dialog as the INVITE set it up.
+pub struct ByeTarget {
+    /// The caller's Contact URI (the BYE's request URI).
+    uri: String,
+    /// Our From: the INVITE's To with our tag.
+    from: String,
+    /// Our To: the INVITE's From.
+    to_header: String,
+    /// The INVITE's Record-Route, in order: the BYE's Route (RFC 3261 §12.1.1).
+    route: Vec<String>,
+    /// Where the INVITE came from (its Contact may name an address behind NAT).
+    pub to: SocketAddr,
+    /// Our Via's address.
+    via: SocketAddr,
+}
+
+impl ByeTarget {
+    pub fn new(invite: &Request, local_tag: &str, from: SocketAddr, via: SocketAddr) -> Self {
+        Self {
+            uri: invite
+                .contact_uri()
+                .map_or_else(|| format!("sip:{from}"), str::to_owned),
+            from: format!(
+                "{};tag={local_tag}",
+                invite.header("To").unwrap_or_default()
+            ),
+            to_header: invite.header("From").unwrap_or_default().to_owned(),
+            route: invite.headers_named("Record-Route"),
+            to: from,
+            via,
+        }
+    }
+
+    pub fn request(&self, call_id: &str) -> String {
+        let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
+        let head = format!(
+            "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
+From: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 BYE\r\n",
+            self.uri, self.via, self.from, self.to_header
+        );
+        let route: Vec<(&str, String)> = self.route.iter().map(|r| ("Route", r.clone())).collect();
+        message::finish(head, &route, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::sip::message::tests::INVITE;
+
+    #[test]
+    fn our_bye_swaps_the_dialog_and_follows_the_record_route() {
+        let routed = INVITE.replacen(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nRecord-Route: <sip:proxy.example;lr>\r\n",
+            1,
+        );
+        let invite = Request::parse(routed.as_bytes()).unwrap();
+        let from: SocketAddr = "127.0.0.1:15080".parse().unwrap();
+        let bye = ByeTarget::new(&invite, "ours", from, "127.0.0.1:5070".parse().unwrap());
+        let text = bye.request("ee2b285254bc8bd8");
+        assert!(text.starts_with("BYE sip:tester-0x5592561bd4a0@127.0.0.1:15080 SIP/2.0\r\n"));
+        assert!(text.contains("\r\nFrom: <sip:NATF0@127.0.0.1:5070;transport=udp>;tag=ours\r\n"));
+        assert!(text.contains("\r\nTo: <sip:tester@127.0.0.1>;tag=8716cb073e5bc7b2\r\n"));
+        assert!(
+            text.contains("\r\nRoute: <sip:proxy.example;lr>\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("Content-Length: 0\r\n\r\n"));
+    }
+}
