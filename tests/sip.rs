@@ -340,6 +340,13 @@ async fn bad_calls_get_the_sip_answer_that_says_why() {
         "lists the voices: {response}"
     );
 
+    let requires = "Require: 100rel\r\n";
+    let response = phone
+        .exchange(&phone.request("INVITE", None, requires, &pcmu))
+        .await;
+    assert!(response.starts_with("SIP/2.0 420 "), "{response}");
+    assert_eq!(header(&response, "Unsupported"), Some("100rel"));
+
     let response = phone
         .exchange(&phone.request("BYE", Some("nope"), "", ""))
         .await;

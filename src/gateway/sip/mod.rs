@@ -204,6 +204,18 @@ impl Shared {
         if let Some(answer) = resent {
             return self.send(&answer, from).await;
         }
+        if let Some(required) = request.header("Require") {
+            // No extension (100rel, timer, …) is implemented: RFC 3261 §8.2.2.3.
+            let unsupported = [("Unsupported", required.to_owned())];
+            let response = request.response(420, "Bad Extension", None, &unsupported, None);
+            return self.send(&response, from).await;
+        }
+        if let Some(required) = request.header("Require") {
+            // No extension (100rel, timer, …) is implemented: RFC 3261 §8.2.2.3.
+            let unsupported = [("Unsupported", required.to_owned())];
+            let response = request.response(420, "Bad Extension", None, &unsupported, None);
+            return self.send(&response, from).await;
+        }
         self.send(&request.response(100, "Trying", None, &[], None), from)
             .await;
         if let Err(refusal) = self.clone().answer(&request, from).await {
