@@ -173,6 +173,7 @@ struct RawPhone {
     rtp: UdpSocket,
     server: SocketAddr,
     call_id: String,
+    from_tag: String,
     /// The CSeq of its last request other than ACK (which repeats its INVITE's).
     cseq: std::sync::atomic::AtomicU32,
 }
@@ -184,6 +185,7 @@ impl RawPhone {
             rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
             server,
             call_id: format!("{:x}@test", rand::random::<u64>()),
+            from_tag: "raw1".into(),
             cseq: std::sync::atomic::AtomicU32::new(0),
         }
     }
@@ -202,12 +204,13 @@ impl RawPhone {
         };
         format!(
             "{method} sip:agent@{server} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{branch:x}\r\n\
-From: <sip:raw@{local}>;tag=raw1\r\nTo: <sip:agent@{server}>{to_tag}\r\nCall-ID: {call_id}\r\n\
+From: <sip:raw@{local}>;tag={from_tag}\r\nTo: <sip:agent@{server}>{to_tag}\r\nCall-ID: {call_id}\r\n\
 CSeq: {cseq} {method}\r\nContact: <sip:raw@{local}>\r\nMax-Forwards: 70\r\n{extra}{content_type}\
 Content-Length: {len}\r\n\r\n{body}",
             server = self.server,
             branch = rand::random::<u64>(),
             call_id = self.call_id,
+            from_tag = self.from_tag,
             len = body.len(),
         )
     }
@@ -518,6 +521,15 @@ async fn only_the_caller_can_end_its_call() {
     let (server, sip) = start(ServerOptions::default(), only_loopback_one).await;
     let phone = RawPhone::new(sip).await;
     let (_, tag) = phone.call(&phone.offer("0")).await;
+    // Another caller reusing this call's Call-ID opens nothing and takes nothing.
+    let mut intruder = RawPhone::new(sip).await;
+    intruder.call_id = phone.call_id.clone();
+    intruder.from_tag = "intruder".into();
+    let taken = intruder
+        .exchange(&intruder.request("INVITE", None, "", &intruder.offer("0")))
+        .await;
+    assert!(taken.starts_with("SIP/2.0 400 "), "{taken}");
+    assert_eq!(server.state.engine.active_sessions(), 1);
     let wrong_tag = phone
         .exchange(&phone.request("BYE", Some("guess"), "", ""))
         .await;

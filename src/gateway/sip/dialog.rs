@@ -45,6 +45,11 @@ impl Dialog {
         from_matches && to_matches
     }
 
+    /// Whether an INVITE without a To tag is this call's own, sent again.
+    pub fn owns_initial(&self, invite: &Request) -> bool {
+        invite.tag("From") == Some(self.remote_tag.as_str())
+    }
+
     /// The answer to a re-INVITE (hold, a moved media address, a session refresh): 200 with
     /// our SDP, its version counted up, once the new offer keeps the call's codec; 488 (and
     /// the call goes on as it was) when it does not.

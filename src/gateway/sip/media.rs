@@ -5,7 +5,7 @@
 //! packet from the caller's SIP address or its SDP's may teach that address; other sources
 //! are refused.
 
-use super::offer::AudioOffer;
+use super::offer::{AudioOffer, Direction};
 use crate::audio::ring::InputProducer;
 use crate::engine::session::SessionCloser;
 use crate::engine::{SessionEvent, SessionId, SessionStats};
@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 /// A caller whose RTP stops for this long is gone (its BYE was lost, or its network).
 pub const RTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A call on hold sends no RTP; one that stays so this long is ended (its caller may have
+/// crashed, with no BYE).
+pub const HOLD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The metrics label of SIP events.
 pub const TRANSPORT: &str = "sip";
 /// G.711 samples per 20 ms packet, the RTP timestamp's step.
@@ -114,7 +117,8 @@ pub async fn run(call: MediaCall) -> MediaEnding {
             }
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
-                let trusted = from.ip() == caller_ip || from.ip() == current.remote.ip();
+                let ip = from.ip().to_canonical();
+                let trusted = ip == caller_ip || ip == current.remote.ip().to_canonical();
                 let verdict = match source {
                     Some(known) if known != from => Received::Garbage,
                     None if !trusted => Received::Garbage,
@@ -144,16 +148,18 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 }
             }
             changed = offer.changed() => {
-                if changed.is_ok() {
-                    // A re-INVITE: the media may have moved, to a new stream; learn it again.
-                    current = offer.borrow_and_update().clone();
-                    destination = current.remote;
-                    source = None;
-                    receiver = RtpReceiver::new(current.clone());
-                    heard_at = tokio::time::Instant::now();
+                // The dialog is gone: the call with it.
+                if changed.is_err() {
+                    break MediaEnding::Cancelled;
                 }
+                // A re-INVITE: the media may have moved, to a new stream; learn it again.
+                current = offer.borrow_and_update().clone();
+                destination = current.remote;
+                source = None;
+                receiver = RtpReceiver::new(current.clone());
+                heard_at = tokio::time::Instant::now();
             }
-            _ = tokio::time::sleep_until(heard_at + RTP_TIMEOUT), if current.direction.caller_sends() => {
+            _ = tokio::time::sleep_until(heard_at + silence_limit(current.direction)) => {
                 break MediaEnding::Silent;
             }
             _ = cancel.cancelled() => break MediaEnding::Cancelled,
@@ -165,6 +171,14 @@ pub async fn run(call: MediaCall) -> MediaEnding {
     drop(closer);
     tracing::info!(session = %id, ?ending, stats = ?stats.snapshot(), "call media ended");
     ending
+}
+
+/// How long the caller may send nothing before the call counts as gone.
+fn silence_limit(direction: Direction) -> Duration {
+    match direction.caller_sends() {
+        true => RTP_TIMEOUT,
+        false => HOLD_TIMEOUT,
+    }
 }
 
 /// Logs the agent's text; an engine error or a stopped engine ends the call.

@@ -14,7 +14,7 @@ pub mod message;
 pub mod offer;
 
 use super::{ApiError, AppState};
-use crate::engine::{PersonaRequest, SessionHandle};
+use crate::engine::{PersonaRequest, SessionHandle, SessionId};
 use crate::gateway::outbound::PacketSource;
 use crate::gateway::ports::PortLease;
 use dialog::{ALLOW, ByeTarget, Dialog};
@@ -138,6 +138,9 @@ impl Shared {
     }
 
     async fn handle(self: Arc<Self>, datagram: &[u8], from: SocketAddr) {
+        if !self.allowed(from) {
+            return self.refuse_stranger(datagram, from).await;
+        }
         if message::is_final_response(datagram) {
             self.response_arrived(datagram);
             return;
@@ -152,9 +155,6 @@ impl Shared {
                 return;
             }
         };
-        if !self.allowed(from) {
-            return self.refuse_stranger(&request, from).await;
-        }
         match request.method.as_str() {
             "INVITE" if request.tag("To").is_some() => self.in_dialog(&request, from).await,
             "INVITE" => self.invite(request, from).await,
@@ -176,14 +176,17 @@ impl Shared {
 
     /// A request from outside `--sip-allow`: an INVITE gets 403 with the reason (a PBX
     /// misconfigured on our side should learn why), anything else nothing.
-    async fn refuse_stranger(&self, request: &Request, from: SocketAddr) {
+    async fn refuse_stranger(&self, datagram: &[u8], from: SocketAddr) {
         self.count("forbidden");
+        let Ok(request) = Request::parse(datagram) else {
+            return;
+        };
         if request.method != "INVITE" || request.tag("To").is_some() {
             return;
         }
         let refusal = Refusal::Forbidden(from.ip());
         self.rejected(&refusal, from);
-        self.send(&refusal.response(request), from).await;
+        self.send(&refusal.response(&request), from).await;
     }
 
     fn rejected(&self, refusal: &Refusal, from: SocketAddr) {
@@ -194,21 +197,22 @@ impl Shared {
     }
 
     async fn invite(self: Arc<Self>, request: Request, from: SocketAddr) {
-        let resent = self
+        let known = self
             .dialogs
             .lock()
             .expect("dialog lock")
             .get(request.call_id())
-            .filter(|dialog| request.tag("From") == Some(dialog.remote_tag.as_str()))
-            .map(|dialog| dialog.answer.clone());
-        if let Some(answer) = resent {
-            return self.send(&answer, from).await;
-        }
-        if let Some(required) = request.header("Require") {
-            // No extension (100rel, timer, …) is implemented: RFC 3261 §8.2.2.3.
-            let unsupported = [("Unsupported", required.to_owned())];
-            let response = request.response(420, "Bad Extension", None, &unsupported, None);
-            return self.send(&response, from).await;
+            .map(|dialog| (dialog.owns_initial(&request), dialog.answer.clone()));
+        match known {
+            // A retransmission: the same answer again.
+            Some((true, answer)) => return self.send(&answer, from).await,
+            // Another caller's Call-ID: it reaches nothing.
+            Some((false, _)) => {
+                let why = dialog::warning(&"this Call-ID belongs to another call");
+                let response = request.response(400, "Bad Request", None, &[why], None);
+                return self.send(&response, from).await;
+            }
+            None => {}
         }
         if let Some(required) = request.header("Require") {
             // No extension (100rel, timer, …) is implemented: RFC 3261 §8.2.2.3.
@@ -266,12 +270,14 @@ impl Shared {
             .clone()
             .resend_until_acked(answer, from, acked, cancel.clone());
         tokio::spawn(resend);
-        let call = media_call(session, socket, offers, from.ip(), &self.state, cancel);
+        let id = session.id;
+        let caller_ip = from.ip().to_canonical();
+        let call = media_call(session, socket, offers, caller_ip, &self.state, cancel);
         let timer = self.state.engine.metrics().call(TRANSPORT);
         tokio::spawn(async move {
             let ending = media::run(call).await;
             drop((lease, timer));
-            self.call_ended(&call_id, ending, bye).await;
+            self.call_ended(&call_id, id, ending, bye).await;
             drop(tracked);
         });
         Ok(())
@@ -282,7 +288,7 @@ impl Shared {
         &self,
         request: &Request,
         offer: &AudioOffer,
-        id: crate::engine::SessionId,
+        id: SessionId,
         local_rtp: SocketAddr,
         cancel: CancellationToken,
     ) -> Dialog {
@@ -357,7 +363,7 @@ impl Shared {
         if !settings.bind_ip.is_unspecified() {
             return settings.bind_ip;
         }
-        route_source(caller).unwrap_or(settings.bind_ip)
+        route_source(caller).map_or(settings.bind_ip, |ip| ip.to_canonical())
     }
 
     fn contact_addr(&self, local_ip: IpAddr) -> SocketAddr {
@@ -413,7 +419,7 @@ impl Shared {
                     }
                     // Calls are answered at once: a CANCEL finds an answered call, which
                     // only a BYE ends (RFC 3261 §9.2).
-                    "CANCEL" => request.response(200, "OK", None, &[], None),
+                    "CANCEL" => request.response(200, "OK", Some(&dialog.local_tag), &[], None),
                     _ => dialog.reinvite(request),
                 },
             }
@@ -422,8 +428,13 @@ impl Shared {
     }
 
     /// Sends a BYE unless the caller's own BYE ended the call.
-    async fn call_ended(&self, call_id: &str, ending: MediaEnding, bye: ByeTarget) {
-        let Some(dialog) = self.dialogs.lock().expect("dialog lock").remove(call_id) else {
+    async fn call_ended(&self, call_id: &str, id: SessionId, ending: MediaEnding, bye: ByeTarget) {
+        let dialog = {
+            let mut dialogs = self.dialogs.lock().expect("dialog lock");
+            let ours = dialogs.get(call_id).is_some_and(|dialog| dialog.id == id);
+            ours.then(|| dialogs.remove(call_id)).flatten()
+        };
+        let Some(dialog) = dialog else {
             return;
         };
         tracing::info!(session = %dialog.id, ?ending, "hanging up the SIP call");
