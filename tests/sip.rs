@@ -166,6 +166,33 @@ async fn a_sip_phone_is_answered_and_hears_itself_back() {
     server.stop().await;
 }
 
+/// The PersonaPlex engine (tiny reference checkpoint) behind SIP, the voice named by the
+/// request URI: the caller hears the model, resampled to 8 kHz and G.711.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_answers_a_sip_call() {
+    let options = ServerOptions {
+        engine: common::TestEngine::TinyPersonaPlex,
+        max_sessions: 2,
+        ..Default::default()
+    };
+    let (server, sip) = start(options, sip::private_networks()).await;
+    let wav = speech_wav();
+    let uri = format!("sip:NATM0@{sip}");
+    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, &wav, 12))
+        .await
+        .unwrap();
+    assert!(call.log.contains("Call established"), "{}", call.log);
+    assert!(
+        call.heard.len() > 8000 * 3,
+        "{} samples heard",
+        call.heard.len()
+    );
+    let level = duplex::audio::signal::rms(&call.heard);
+    assert!(level > 1e-4, "the model's audio is not silent: rms {level}");
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
 /// A SIP user agent written out by hand, for what a phone will not send on command.
 struct RawPhone {
     socket: UdpSocket,
