@@ -3,6 +3,7 @@
 //! the BYE a server sends to end a call.
 
 use std::fmt::Write;
+use std::net::SocketAddr;
 
 /// Datagrams larger than this are refused unread (a real INVITE is one or two kilobytes).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -88,6 +89,45 @@ impl Request {
             Some((_, rest)) => rest.split_once('>').map(|(uri, _)| uri),
             None => contact.split(';').next().map(str::trim),
         }
+    }
+
+    /// Records where the request came from in its top Via, as responses must carry it: the
+    /// source address when it differs from the Via's host (RFC 3261 §18.2.1), and with it the
+    /// source port where the Via asks for `rport` (RFC 3581, callers behind NAT).
+    pub fn note_source(&mut self, source: SocketAddr) {
+        let Some((_, via)) = self
+            .headers
+            .iter_mut()
+            .find(|(name, _)| name.eq_ignore_ascii_case("Via"))
+        else {
+            return;
+        };
+        let (top, rest) = match via.split_once(',') {
+            Some((top, rest)) => (top.to_owned(), Some(rest.to_owned())),
+            None => (via.clone(), None),
+        };
+        let mut params: Vec<String> = top.split(';').map(str::to_owned).collect();
+        let wants_rport = params
+            .iter()
+            .any(|p| p.trim().eq_ignore_ascii_case("rport"));
+        let host = params[0].split_whitespace().nth(1).unwrap_or_default();
+        let same_host = host
+            .rsplit_once(':')
+            .map_or(host, |(h, _)| h)
+            .trim_matches(['[', ']'])
+            == source.ip().to_string();
+        params.retain(|p| !p.trim().eq_ignore_ascii_case("rport"));
+        if wants_rport {
+            params.push(format!("rport={}", source.port()));
+        }
+        if wants_rport || !same_host {
+            params.push(format!("received={}", source.ip()));
+        }
+        let top = params.join(";");
+        *via = match rest {
+            Some(rest) => format!("{top},{rest}"),
+            None => top,
+        };
     }
 
     /// Every header called `name`, in order.
@@ -290,6 +330,23 @@ a=rtpmap:101 telephone-event/8000\r\n";
         assert!(ok.contains("\r\nTo: <sip:NATF0@127.0.0.1:5070;transport=udp>;tag=abc\r\n"));
         assert!(ok.contains("\r\nCSeq: 60299 INVITE\r\n"));
         assert!(ok.ends_with("Content-Length: 5\r\n\r\nv=0\r\n"), "{ok}");
+    }
+
+    #[test]
+    fn the_source_is_noted_in_the_top_via() {
+        let mut invite = Request::parse(INVITE.as_bytes()).unwrap();
+        invite.note_source("198.51.100.7:40123".parse().unwrap());
+        let ok = invite.response(200, "OK", Some("t"), &[], None);
+        assert!(
+            ok.contains("\r\nVia: SIP/2.0/UDP 127.0.0.1:15080;branch=z9hG4bK58c0bcad3902ad7c;rport=40123;received=198.51.100.7\r\n"),
+            "{ok}"
+        );
+        let mut plain = Request::parse(INVITE.replace(";rport", "").as_bytes()).unwrap();
+        plain.note_source("127.0.0.1:15080".parse().unwrap());
+        assert_eq!(
+            plain.header("Via"),
+            Some("SIP/2.0/UDP 127.0.0.1:15080;branch=z9hG4bK58c0bcad3902ad7c")
+        );
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Shared {
             self.response_arrived(datagram);
             return;
         }
-        let request = match Request::parse(datagram) {
+        let mut request = match Request::parse(datagram) {
             Ok(request) => request,
             Err(message::ParseError::Response) => return,
             Err(err) => {
@@ -155,6 +155,7 @@ impl Shared {
                 return;
             }
         };
+        request.note_source(from);
         match request.method.as_str() {
             "INVITE" if request.tag("To").is_some() => self.in_dialog(&request, from).await,
             "INVITE" => self.invite(request, from).await,
