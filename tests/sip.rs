@@ -541,6 +541,54 @@ async fn media_follows_the_caller_and_a_reinvite_and_strangers_are_refused() {
     server.stop().await;
 }
 
+/// An INVITE without SDP (a late offer, as some PBXs send by default) gets our offer in the
+/// 200, and the ACK's answer starts the media; an ACK without one ends the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_offer_is_answered_in_the_ack() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let phone = RawPhone::new(sip).await;
+    let ours = phone.exchange(&phone.request("INVITE", None, "", "")).await;
+    assert!(ours.starts_with("SIP/2.0 200 "), "{ours}");
+    assert!(
+        ours.contains("m=audio ") && ours.contains(" RTP/AVP 0 8 101\r\n"),
+        "{ours}"
+    );
+    let tag = to_tag(&ours);
+    let answer = phone.offer("8");
+    phone
+        .send(&phone.request("ACK", Some(&tag), "", &answer))
+        .await;
+    let mut buf = [0u8; 2048];
+    let received = tokio::time::timeout(Duration::from_secs(1), phone.rtp.recv_from(&mut buf));
+    let (len, _) = received.await.expect("the agent's RTP").unwrap();
+    assert_eq!(
+        (len, buf[1] & 0x7f),
+        (12 + 160, 8),
+        "PCMA, as the ACK answered"
+    );
+
+    let silent = RawPhone::new(sip).await;
+    let ours = silent
+        .exchange(&silent.request("INVITE", None, "", ""))
+        .await;
+    let tag = to_tag(&ours);
+    silent
+        .send(&silent.request("ACK", Some(&tag), "", ""))
+        .await;
+    let bye = silent.next(Duration::from_secs(3)).await.expect("a BYE");
+    assert!(bye.starts_with("BYE "), "{bye}");
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .state
+            .engine
+            .active_sessions()
+            == 1)
+        .await,
+        "the unanswered call's slot is freed"
+    );
+    server.stop().await;
+}
+
 /// A request within a call must carry its tags; one from outside `--sip-allow` gets nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_caller_can_end_its_call() {

@@ -22,8 +22,9 @@ pub struct Dialog {
     /// The 200 OK, sent again while the caller retransmits its INVITE or has not ACKed it.
     pub answer: String,
     pub acked: Arc<Notify>,
-    /// The offer in force, watched by the call's media; a re-INVITE replaces it.
-    pub offer: watch::Sender<AudioOffer>,
+    /// The offer in force, watched by the call's media; a re-INVITE replaces it. None until
+    /// the ACK answers our late offer.
+    pub offer: watch::Sender<Option<AudioOffer>>,
     pub local_rtp: SocketAddr,
     /// Our Contact header's value.
     pub contact: String,
@@ -45,6 +46,18 @@ impl Dialog {
         from_matches && to_matches
     }
 
+    /// The ACK of our 200: the retransmissions stop, and where the INVITE had no offer, the
+    /// ACK's answer to ours starts the media.
+    pub fn ack(&self, ack: &Request) -> Result<(), OfferError> {
+        self.acked.notify_one();
+        if self.offer.borrow().is_some() {
+            return Ok(());
+        }
+        let answer = AudioOffer::parse(&ack.body)?;
+        self.offer.send_replace(Some(answer));
+        Ok(())
+    }
+
     /// Whether an INVITE without a To tag is this call's own, sent again.
     pub fn owns_initial(&self, invite: &Request) -> bool {
         invite.tag("From") == Some(self.remote_tag.as_str())
@@ -58,12 +71,15 @@ impl Dialog {
         if let Some((_, answer)) = self.last_reinvite.as_ref().filter(|(last, _)| last == cseq) {
             return answer.clone();
         }
-        let renegotiated = self.offer.borrow().renegotiate(&request.body);
+        let renegotiated = match self.offer.borrow().as_ref() {
+            Some(offer) => offer.renegotiate(&request.body),
+            None => Err(OfferError::Pending),
+        };
         let answer = match renegotiated {
             Ok(offer) => {
                 self.sdp_version += 1;
                 let body = offer.answer(self.local_rtp, self.sdp_id, self.sdp_version);
-                self.offer.send_replace(offer);
+                self.offer.send_replace(Some(offer));
                 let extra = [("Contact", self.contact.clone()), ("Allow", ALLOW.into())];
                 let sdp = Some(("application/sdp", body.as_str()));
                 request.response(200, "OK", None, &extra, sdp)

@@ -52,8 +52,8 @@ pub struct MediaCall {
     pub id: SessionId,
     pub socket: UdpSocket,
     /// The offer in force: where RTP goes (until the caller's packets say otherwise) and
-    /// which way it flows; a re-INVITE replaces it.
-    pub offer: watch::Receiver<AudioOffer>,
+    /// which way it flows; a re-INVITE replaces it. None until an ACK answers our late offer.
+    pub offer: watch::Receiver<Option<AudioOffer>>,
     /// The address the call's SIP came from.
     pub caller_ip: IpAddr,
     pub input: InputProducer,
@@ -82,7 +82,10 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         metrics,
         cancel,
     } = call;
-    let mut current = offer.borrow_and_update().clone();
+    let Some(mut current) = agreed_offer(&mut offer, &cancel).await else {
+        drop(closer);
+        return MediaEnding::Cancelled;
+    };
     let format = WireFormat {
         codec: Codec::G711(current.law),
         rate: 8000,
@@ -153,7 +156,8 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                     break MediaEnding::Cancelled;
                 }
                 // A re-INVITE: the media may have moved, to a new stream; learn it again.
-                current = offer.borrow_and_update().clone();
+                let Some(next) = offer.borrow_and_update().clone() else { continue };
+                current = next;
                 destination = current.remote;
                 source = None;
                 receiver = RtpReceiver::new(current.clone());
@@ -171,6 +175,23 @@ pub async fn run(call: MediaCall) -> MediaEnding {
     drop(closer);
     tracing::info!(session = %id, ?ending, stats = ?stats.snapshot(), "call media ended");
     ending
+}
+
+/// The offer once there is one (at once, or when the ACK answers our late offer); None when
+/// the call ends first.
+async fn agreed_offer(
+    offer: &mut watch::Receiver<Option<AudioOffer>>,
+    cancel: &CancellationToken,
+) -> Option<AudioOffer> {
+    loop {
+        if let Some(agreed) = offer.borrow_and_update().clone() {
+            return Some(agreed);
+        }
+        tokio::select! {
+            changed = offer.changed() => changed.ok()?,
+            _ = cancel.cancelled() => return None,
+        }
+    }
 }
 
 /// How long the caller may send nothing before the call counts as gone.

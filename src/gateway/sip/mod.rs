@@ -235,7 +235,10 @@ impl Shared {
         if self.state.is_draining() {
             return Err(Refusal::Api(ApiError::Draining));
         }
-        let offer = AudioOffer::parse(&request.body)?;
+        let offer = match request.body.trim().is_empty() {
+            true => None,
+            false => Some(AudioOffer::parse(&request.body)?),
+        };
         let persona = self.persona(request);
         let session = self
             .state
@@ -247,10 +250,19 @@ impl Shared {
         let rtp_port = socket.local_addr().map_err(Refusal::Io)?.port();
         let (cancel, tracked) = self.state.track_guard(session.id);
         let local_rtp = SocketAddr::new(local_ip, rtp_port);
-        let dialog = self.dialog_for(request, &offer, session.id, local_rtp, cancel.clone());
+        let dialog = self.dialog_for(
+            request,
+            offer.as_ref(),
+            session.id,
+            local_rtp,
+            cancel.clone(),
+        );
+        let (rtp, codec) = match &offer {
+            Some(offer) => (offer.remote.to_string(), offer::law_name(offer.law)),
+            None => ("from the ACK".into(), "offered"),
+        };
         tracing::info!(
-            session = %session.id, %from, rtp = %offer.remote, codec = offer::law_name(offer.law),
-            voice = ?persona.voice, "SIP call answered"
+            session = %session.id, %from, rtp, codec, voice = ?persona.voice, "SIP call answered"
         );
         let answer = dialog.answer.clone();
         let acked = dialog.acked.clone();
@@ -288,7 +300,7 @@ impl Shared {
     fn dialog_for(
         &self,
         request: &Request,
-        offer: &AudioOffer,
+        offer: Option<&AudioOffer>,
         id: SessionId,
         local_rtp: SocketAddr,
         cancel: CancellationToken,
@@ -297,7 +309,10 @@ impl Shared {
         let sdp_id = u64::from(rand::random::<u32>());
         let contact = format!("<sip:duplex@{}>", self.contact_addr(local_rtp.ip()));
         let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
-        let body = offer.answer(local_rtp, sdp_id, 1);
+        let body = match offer {
+            Some(offer) => offer.answer(local_rtp, sdp_id, 1),
+            None => offer::late_offer(local_rtp, sdp_id),
+        };
         let sdp = Some(("application/sdp", body.as_str()));
         let answer = request.response(200, "OK", Some(&local_tag), &extra, sdp);
         Dialog {
@@ -306,7 +321,7 @@ impl Shared {
             local_tag,
             answer,
             acked: Arc::new(Notify::new()),
-            offer: watch::Sender::new(offer.clone()),
+            offer: watch::Sender::new(offer.cloned()),
             local_rtp,
             contact,
             sdp_id,
@@ -409,7 +424,10 @@ impl Shared {
                 None => request.response(481, "Call/Transaction Does Not Exist", None, &[], None),
                 Some(dialog) => match request.method.as_str() {
                     "ACK" => {
-                        dialog.acked.notify_one();
+                        if let Err(err) = dialog.ack(request) {
+                            tracing::info!(session = %dialog.id, %err, "the ACK did not answer our offer: ending the call");
+                            dialog.cancel.cancel();
+                        }
                         return;
                     }
                     "BYE" => {
@@ -472,7 +490,7 @@ impl Shared {
 fn media_call(
     session: SessionHandle,
     socket: UdpSocket,
-    offer: watch::Receiver<AudioOffer>,
+    offer: watch::Receiver<Option<AudioOffer>>,
     caller_ip: IpAddr,
     state: &AppState,
     cancel: CancellationToken,

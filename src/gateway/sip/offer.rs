@@ -67,8 +67,10 @@ enum MediaLine {
 /// Why an offer cannot be answered; `488 Not Acceptable Here` carries it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OfferError {
-    #[error("the INVITE carries no SDP offer (a late offer is not answered): offer G.711 in it")]
+    #[error("no SDP where one was due")]
     Missing,
+    #[error("the call's first offer (ours) has no answer yet")]
+    Pending,
     #[error("malformed SDP: {0}")]
     Malformed(String),
     #[error("no audio stream offered")]
@@ -192,6 +194,21 @@ a=ptime:20\r\na={}\r\n",
     }
 }
 
+/// Our offer, for an INVITE that came without one (a late offer, RFC 3261 §13.2.1): both
+/// G.711 laws and key presses at `local`, answered in the caller's ACK.
+pub fn late_offer(local: SocketAddr, session_id: u64) -> String {
+    let (ip, address) = match local.ip() {
+        IpAddr::V4(ip) => ("IP4", ip.to_string()),
+        IpAddr::V6(ip) => ("IP6", ip.to_string()),
+    };
+    format!(
+        "v=0\r\no=duplex {session_id} 1 IN {ip} {address}\r\ns=duplex\r\nc=IN {ip} {address}\r\n\
+t=0 0\r\nm=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
+a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\n",
+        port = local.port()
+    )
+}
+
 /// The G.711 law's name in SDP.
 pub fn law_name(law: Law) -> &'static str {
     match law {
@@ -294,6 +311,15 @@ mod tests {
         assert_eq!(lines, ["m=video 0 RTP/AVP 96", "m=audio 40000 RTP/AVP 0"]);
         assert!(answer.contains("a=recvonly\r\n"), "{answer}");
         assert!(answer.contains(" 7 2 IN IP4 "), "{answer}");
+    }
+
+    #[test]
+    fn our_late_offer_parses_as_the_caller_would_read_it() {
+        let ours = late_offer("10.0.0.1:40000".parse().unwrap(), 9);
+        let read = AudioOffer::parse(&ours).unwrap();
+        assert_eq!((read.law, read.payload_type), (Law::Mulaw, 0));
+        assert_eq!(read.telephone_event, Some(101));
+        assert_eq!(read.remote.port(), 40000);
     }
 
     #[test]
