@@ -8,6 +8,7 @@ use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
 use duplex::gateway::ice::{IceConfig, TurnAuth};
+use duplex::gateway::sip::register::RegisterSettings;
 use duplex::gateway::sip::{self, SipServer, SipSettings};
 use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, peer, ports};
@@ -561,19 +562,41 @@ struct SipArgs {
     /// Default: loopback and the private ranges. 0.0.0.0/0 answers anyone.
     #[arg(long, value_delimiter = ',', env = "DUPLEX_SIP_ALLOW", value_parser = parse_network)]
     sip_allow: Vec<IpNet>,
+    /// Register with a PBX as this extension, e.g. sip:7000@pbx.example (its registrar is
+    /// then allowed to call); needs --sip-port and --sip-password.
+    #[arg(long, env = "DUPLEX_SIP_REGISTER", requires_all = ["sip_port", "sip_password"])]
+    sip_register: Option<String>,
+    /// The extension's password for --sip-register (digest, MD5).
+    #[arg(long, env = "DUPLEX_SIP_PASSWORD", hide_env_values = true)]
+    sip_password: Option<String>,
+    /// The digest user name, where it is not the extension's number.
+    #[arg(long, env = "DUPLEX_SIP_AUTH_USER")]
+    sip_auth_user: Option<String>,
 }
 
 impl SipArgs {
-    fn settings(&self, host: IpAddr) -> Option<SipSettings> {
-        let port = self.sip_port?;
+    fn settings(&self, host: IpAddr) -> Result<Option<SipSettings>> {
+        let Some(port) = self.sip_port else {
+            return Ok(None);
+        };
         let allow = match self.sip_allow.is_empty() {
             true => sip::private_networks(),
             false => self.sip_allow.clone(),
         };
-        Some(SipSettings {
+        let register = match &self.sip_register {
+            Some(aor) => {
+                let password = self.sip_password.clone().unwrap_or_default();
+                let settings = RegisterSettings::parse(aor, password, self.sip_auth_user.clone())
+                    .map_err(|why| anyhow::anyhow!("--sip-register: {why}"))?;
+                Some(settings)
+            }
+            None => None,
+        };
+        Ok(Some(SipSettings {
             bind: SocketAddr::new(host, port),
             allow,
-        })
+            register,
+        }))
     }
 }
 
@@ -856,6 +879,7 @@ async fn report_ice_servers(peer: PeerSettings) {
 async fn serve(args: ServeArgs) -> Result<()> {
     // Checked before the weights load: a typo in a flag should not cost minutes.
     let peer = args.network.peer_settings()?;
+    let sip_settings = args.sip.settings(args.host)?;
     if !peer.ice.is_empty() {
         if peer.ice.has_turn() && args.token.is_none() {
             tracing::warn!(
@@ -889,7 +913,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let server = Server::bind(addr, state)
         .await
         .with_context(|| format!("binding HTTP on {addr}"))?;
-    if let Some(settings) = args.sip.settings(args.host) {
+    if let Some(settings) = sip_settings {
         let sip = SipServer::bind(&settings, server.state().clone())
             .await
             .with_context(|| format!("binding SIP on udp {}", settings.bind))?;

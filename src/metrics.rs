@@ -46,6 +46,8 @@ pub struct Metrics {
     /// lasted once it ended.
     pub calls_started: IntCounterVec,
     pub call_seconds: HistogramVec,
+    /// 1 while `--sip-register`'s registration stands, else 0.
+    pub sip_registered: IntGauge,
 }
 
 /// Buckets for call lengths in seconds: a dropped call, a short question, up to an hour.
@@ -117,6 +119,10 @@ impl Metrics {
                 &["transport", "event"],
             ),
         );
+        let sip_registered = gauge(
+            "sip_registered",
+            "1 while the --sip-register registration with the PBX stands",
+        );
         let calls_started = register(
             &registry,
             IntCounterVec::new(
@@ -185,6 +191,7 @@ impl Metrics {
             transport_events,
             calls_started,
             call_seconds,
+            sip_registered,
         }
     }
 

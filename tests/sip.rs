@@ -5,8 +5,10 @@
 mod common;
 
 use common::{ServerOptions, TestServer, eventually};
+use duplex::gateway::sip::register::RegisterSettings;
 use duplex::gateway::sip::{self, SipServer, SipSettings};
 use ipnet::IpNet;
+use md5::{Digest, Md5};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,10 +20,19 @@ const SENTENCE: &str =
 
 /// The test server with SIP on a loopback port.
 async fn start(options: ServerOptions, allow: Vec<IpNet>) -> (TestServer, SocketAddr) {
+    start_registering(options, allow, None).await
+}
+
+async fn start_registering(
+    options: ServerOptions,
+    allow: Vec<IpNet>,
+    register: Option<RegisterSettings>,
+) -> (TestServer, SocketAddr) {
     let server = TestServer::start(options).await;
     let settings = SipSettings {
         bind: "127.0.0.1:0".parse().unwrap(),
         allow,
+        register,
     };
     let sip = SipServer::bind(&settings, server.state.clone())
         .await
@@ -624,6 +635,121 @@ async fn only_the_caller_can_end_its_call() {
     server.stop().await;
 }
 
+fn md5_hex(text: &str) -> String {
+    Md5::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A digest parameter of an Authorization header.
+fn digest_param<'a>(header: &'a str, key: &str) -> &'a str {
+    header
+        .split(", ")
+        .find_map(|p| {
+            p.trim_start_matches("Digest ")
+                .strip_prefix(&format!("{key}="))
+        })
+        .unwrap_or_else(|| panic!("{key} in {header}"))
+        .trim_matches('"')
+}
+
+/// A PBX's registrar, written out by hand: it challenges the first REGISTER, checks the
+/// digest of the second (computed here from the password, RFC 2617 with qop=auth), grants
+/// two seconds, sees the registration refreshed, then calls the extension at its Contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_registers_as_an_extension_and_takes_its_calls() {
+    let registrar = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = registrar.local_addr().unwrap();
+    let settings =
+        RegisterSettings::parse(&format!("sip:7000@{at}"), "s3cret".into(), None).unwrap();
+    // Only the registrar's own address may call, and it is added by the registration.
+    let nobody = vec!["192.0.2.0/24".parse().unwrap()];
+    let (server, sip) = start_registering(ServerOptions::default(), nobody, Some(settings)).await;
+    let mut buf = vec![0u8; 65536];
+    let mut receive = async || {
+        let received = tokio::time::timeout(Duration::from_secs(5), registrar.recv_from(&mut buf));
+        let (len, from) = received.await.expect("a REGISTER").unwrap();
+        (String::from_utf8_lossy(&buf[..len]).into_owned(), from)
+    };
+    let (first, from) = receive().await;
+    assert!(
+        first.starts_with(&format!("REGISTER sip:{at} SIP/2.0")),
+        "{first}"
+    );
+    assert_eq!(from, sip);
+    let reply = |request: &str, status: &str, extra: &str| {
+        let copied: String = request
+            .lines()
+            .filter(|l| {
+                ["Via:", "From:", "To:", "Call-ID:", "CSeq:"]
+                    .iter()
+                    .any(|h| l.starts_with(h))
+            })
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        format!("SIP/2.0 {status}\r\n{copied}{extra}Content-Length: 0\r\n\r\n")
+    };
+    let challenge = "WWW-Authenticate: Digest realm=\"pbx\", nonce=\"n0nce\", qop=\"auth\"\r\n";
+    registrar
+        .send_to(
+            reply(&first, "401 Unauthorized", challenge).as_bytes(),
+            from,
+        )
+        .await
+        .unwrap();
+    let (second, _) = receive().await;
+    let authorization = header(&second, "Authorization").expect("an Authorization");
+    let (nc, cnonce) = (
+        digest_param(authorization, "nc"),
+        digest_param(authorization, "cnonce"),
+    );
+    let ha1 = md5_hex("7000:pbx:s3cret");
+    let ha2 = md5_hex(&format!("REGISTER:sip:{at}"));
+    let expected = md5_hex(&format!("{ha1}:n0nce:{nc}:{cnonce}:auth:{ha2}"));
+    assert_eq!(
+        digest_param(authorization, "response"),
+        expected,
+        "{second}"
+    );
+    registrar
+        .send_to(reply(&second, "200 OK", "Expires: 2\r\n").as_bytes(), from)
+        .await
+        .unwrap();
+    let registered = &server.metrics.sip_registered;
+    assert!(eventually(Duration::from_secs(2), || registered.get() == 1).await);
+    let (refresh, _) = receive().await;
+    assert!(
+        refresh.starts_with("REGISTER "),
+        "refreshed before it expired: {refresh}"
+    );
+    let contact = header(&refresh, "Contact").unwrap();
+    assert!(
+        contact.contains(&format!("@{sip}>")),
+        "calls come to our SIP port: {contact}"
+    );
+
+    // The PBX calls the extension from the registrar's address.
+    let rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let invite = format!(
+        "INVITE sip:7000@{sip} SIP/2.0\r\nVia: SIP/2.0/UDP {at};branch=z9hG4bKpbx1\r\n\
+From: <sip:100@{at}>;tag=pbx\r\nTo: <sip:7000@{sip}>\r\nCall-ID: pbx-call-1\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:pbx@{at}>\r\nContent-Type: application/sdp\r\nContent-Length: {len}\r\n\r\n{sdp}",
+        len = offer_at(rtp.local_addr().unwrap().port(), "0").len(),
+        sdp = offer_at(rtp.local_addr().unwrap().port(), "0"),
+    );
+    registrar.send_to(invite.as_bytes(), sip).await.unwrap();
+    let answered = loop {
+        let (text, _) = receive().await;
+        if text.starts_with("SIP/2.0 200 ") {
+            break text;
+        }
+    };
+    assert!(answered.contains("CSeq: 1 INVITE"), "{answered}");
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    server.stop().await;
+}
+
 #[test]
 fn a_bad_sip_allow_network_is_refused_by_name() {
     let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
@@ -636,6 +762,35 @@ fn a_bad_sip_allow_network_is_refused_by_name() {
     assert!(
         stderr.contains("\"nonsense\" is neither a network"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_registration_is_refused_before_serving() {
+    let serve = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args([
+                "serve",
+                "--engine",
+                "echo",
+                "--port",
+                "0",
+                "--sip-port",
+                "0",
+            ])
+            .args(args)
+            .env_remove("DUPLEX_SIP_PASSWORD")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let no_password = serve(&["--sip-register", "sip:7000@127.0.0.1"]);
+    assert!(no_password.contains("--sip-password"), "{no_password}");
+    let bad_uri = serve(&["--sip-register", "7000@pbx", "--sip-password", "x"]);
+    assert!(
+        bad_uri.contains("--sip-register: \"7000@pbx\" is not a sip: URI"),
+        "{bad_uri}"
     );
 }
 

@@ -12,6 +12,7 @@ mod dialog;
 pub mod media;
 pub mod message;
 pub mod offer;
+pub mod register;
 
 use super::{ApiError, AppState};
 use crate::engine::{PersonaRequest, SessionHandle, SessionId};
@@ -22,12 +23,13 @@ use ipnet::IpNet;
 use media::{MediaCall, MediaEnding, TRANSPORT};
 use message::{MAX_MESSAGE_BYTES, Request};
 use offer::AudioOffer;
+use register::{RegisterDialog, RegisterSettings};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// RFC 3261's T1: the first retransmission interval of a reliable answer over UDP.
@@ -49,7 +51,12 @@ pub struct SipSettings {
     pub bind: SocketAddr,
     /// Source networks whose requests are answered.
     pub allow: Vec<IpNet>,
+    /// The PBX extension to register as, if any (its registrar is then allowed too).
+    pub register: Option<RegisterSettings>,
 }
+
+/// A registration failed, or was refused: retried after this.
+const REGISTER_RETRY: Duration = Duration::from_secs(30);
 
 /// Loopback and the private ranges (RFC 1918, RFC 4193, link-local): a PBX on the same network.
 pub fn private_networks() -> Vec<IpNet> {
@@ -80,19 +87,31 @@ struct Shared {
     allow: Vec<IpNet>,
     /// Live calls by Call-ID.
     dialogs: Mutex<HashMap<String, Dialog>>,
-    /// BYEs we sent, by Call-ID, woken by their final response.
-    byes: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Requests we sent (BYE, REGISTER), by Call-ID: their final responses go here.
+    awaiting: Mutex<HashMap<String, mpsc::UnboundedSender<String>>>,
+    /// The registration to keep, with the registrar's address.
+    register: Option<(RegisterSettings, SocketAddr)>,
 }
 
 impl SipServer {
     pub async fn bind(settings: &SipSettings, state: Arc<AppState>) -> std::io::Result<Self> {
         let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
+        let mut allow = settings.allow.clone();
+        let register = match &settings.register {
+            Some(register) => {
+                let registrar = resolve(&register.registrar).await?;
+                allow.push(IpNet::from(registrar.ip().to_canonical()));
+                Some((register.clone(), registrar))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             socket: socket.clone(),
             state,
-            allow: settings.allow.clone(),
+            allow,
             dialogs: Mutex::new(HashMap::new()),
-            byes: Mutex::new(HashMap::new()),
+            awaiting: Mutex::new(HashMap::new()),
+            register,
         });
         Ok(Self { socket, shared })
     }
@@ -104,6 +123,9 @@ impl SipServer {
     /// Answers SIP for as long as the server runs (through its shutdown too: the calls'
     /// BYEs are answered then, and new INVITEs get 503).
     pub async fn run(self) {
+        if self.shared.register.is_some() {
+            tokio::spawn(self.shared.clone().keep_registered());
+        }
         let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
         loop {
             let Ok((len, from)) = self.socket.recv_from(&mut buf).await else {
@@ -457,33 +479,116 @@ impl Shared {
             return;
         };
         tracing::info!(session = %dialog.id, ?ending, "hanging up the SIP call");
-        let answered = Arc::new(Notify::new());
-        self.byes
-            .lock()
-            .expect("bye lock")
-            .insert(call_id.to_owned(), answered.clone());
         let text = bye.request(call_id);
         let mut wait = BYE_FIRST_WAIT;
+        let mut responses = self.await_responses(call_id);
         for _ in 0..BYE_SENDS {
             self.send(&text, bye.to).await;
-            tokio::select! {
-                _ = answered.notified() => break,
-                _ = tokio::time::sleep(wait) => wait *= 2,
+            if tokio::time::timeout(wait, responses.recv()).await.is_ok() {
+                break;
             }
+            wait *= 2;
         }
-        self.byes.lock().expect("bye lock").remove(call_id);
+        self.awaiting.lock().expect("awaiting lock").remove(call_id);
+    }
+
+    /// Where the final responses to our requests with `call_id` will arrive.
+    fn await_responses(&self, call_id: &str) -> mpsc::UnboundedReceiver<String> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.awaiting
+            .lock()
+            .expect("awaiting lock")
+            .insert(call_id.to_owned(), sender);
+        receiver
     }
 
     fn response_arrived(&self, datagram: &[u8]) {
-        let text = String::from_utf8_lossy(datagram);
+        let text = String::from_utf8_lossy(datagram).into_owned();
         let call_id = text.lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
             let name = name.trim();
-            (name.eq_ignore_ascii_case("Call-ID") || name == "i").then(|| value.trim())
+            (name.eq_ignore_ascii_case("Call-ID") || name == "i").then(|| value.trim().to_owned())
         });
-        if let Some(waiter) = call_id.and_then(|id| self.byes.lock().ok()?.get(id).cloned()) {
-            waiter.notify_one();
+        let waiter = call_id.and_then(|id| self.awaiting.lock().ok()?.get(&id).cloned());
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(text);
         }
+    }
+
+    /// Keeps `--sip-register`'s registration standing: registered again before it expires,
+    /// retried after a failure.
+    async fn keep_registered(self: Arc<Self>) {
+        let Some((settings, registrar)) = self.register.clone() else {
+            return;
+        };
+        let dialog = RegisterDialog::new();
+        let mut responses = self.await_responses(&dialog.call_id);
+        let gauge = self.state.engine.metrics().sip_registered.clone();
+        let mut cseq = 0;
+        loop {
+            let outcome = self
+                .register_once(&settings, registrar, &dialog, &mut cseq, &mut responses)
+                .await;
+            let wait = match outcome {
+                Ok(granted) => {
+                    if gauge.get() == 0 {
+                        tracing::info!(aor = %settings.aor, %registrar, granted, "registered with the PBX");
+                    }
+                    gauge.set(1);
+                    Duration::from_secs(u64::from(granted.max(2)) * 4 / 5)
+                }
+                Err(why) => {
+                    tracing::warn!(aor = %settings.aor, %registrar, %why, "SIP registration failed; retrying in 30 s");
+                    gauge.set(0);
+                    REGISTER_RETRY
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One REGISTER, answering one digest challenge; the lifetime granted.
+    async fn register_once(
+        &self,
+        settings: &RegisterSettings,
+        registrar: SocketAddr,
+        dialog: &RegisterDialog,
+        cseq: &mut u32,
+        responses: &mut mpsc::UnboundedReceiver<String>,
+    ) -> Result<u32, String> {
+        let contact = self.contact_addr(self.local_ip(registrar));
+        let mut authorization = None;
+        loop {
+            *cseq += 1;
+            let request = settings.request(dialog, *cseq, contact, authorization.as_ref());
+            let response = self.transact(&request, registrar, responses).await?;
+            match register::status(&response) {
+                Some(200..=299) => return Ok(register::granted_expires(&response)),
+                Some(401 | 407) if authorization.is_none() => {
+                    authorization = Some(settings.answer_challenge(&response)?);
+                }
+                _ => return Err(response.lines().next().unwrap_or_default().to_owned()),
+            }
+        }
+    }
+
+    /// Sends `request` (again at T1, 2·T1, … while unanswered, RFC 3261 §17.1.2) and returns
+    /// its final response.
+    async fn transact(
+        &self,
+        request: &str,
+        to: SocketAddr,
+        responses: &mut mpsc::UnboundedReceiver<String>,
+    ) -> Result<String, String> {
+        let mut wait = T1;
+        for _ in 0..6 {
+            self.send(request, to).await;
+            if let Ok(Some(response)) = tokio::time::timeout(wait, responses.recv()).await {
+                return Ok(response);
+            }
+            wait = (wait * 2).min(T2);
+        }
+        Err(format!("no answer from {to}"))
     }
 }
 
@@ -557,6 +662,16 @@ impl Refusal {
         }
         request.response(status, phrase, None, &extra, None)
     }
+}
+
+/// The first address `host:port` resolves to.
+async fn resolve(host: &str) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host(host).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        )
+    })
 }
 
 /// The local address this host sends to `peer` from (no packet is sent).
