@@ -561,7 +561,7 @@ impl Shared {
         loop {
             *cseq += 1;
             let request = settings.request(dialog, *cseq, contact, authorization.as_ref());
-            let response = self.transact(&request, registrar, responses).await?;
+            let response = self.transact(&request, *cseq, registrar, responses).await?;
             match register::status(&response) {
                 Some(200..=299) => return Ok(register::granted_expires(&response)),
                 Some(401 | 407) if authorization.is_none() => {
@@ -573,18 +573,24 @@ impl Shared {
     }
 
     /// Sends `request` (again at T1, 2·T1, … while unanswered, RFC 3261 §17.1.2) and returns
-    /// its final response.
+    /// its final response: the one with its `cseq` (a late answer to an earlier request of
+    /// the same Call-ID is skipped).
     async fn transact(
         &self,
         request: &str,
+        cseq: u32,
         to: SocketAddr,
         responses: &mut mpsc::UnboundedReceiver<String>,
     ) -> Result<String, String> {
         let mut wait = T1;
         for _ in 0..6 {
             self.send(request, to).await;
-            if let Ok(Some(response)) = tokio::time::timeout(wait, responses.recv()).await {
-                return Ok(response);
+            let deadline = tokio::time::Instant::now() + wait;
+            while let Ok(Some(response)) = tokio::time::timeout_at(deadline, responses.recv()).await
+            {
+                if register::cseq(&response) == Some(cseq) {
+                    return Ok(response);
+                }
             }
             wait = (wait * 2).min(T2);
         }

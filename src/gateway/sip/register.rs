@@ -149,6 +149,15 @@ pub fn status(response: &str) -> Option<u16> {
     response.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
 }
 
+/// A response's CSeq number.
+pub fn cseq(response: &str) -> Option<u32> {
+    header_value(response, "CSeq")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// How long the registrar granted: the Contact's `expires`, else the Expires header, else
 /// what was asked.
 pub fn granted_expires(response: &str) -> u32 {
@@ -241,5 +250,6 @@ nonce=\"dcd98b7102dd2f0e8b11d0f600bfb0c093\", opaque=\"5ccc069c403ebaf9f0171e951
         assert_eq!(granted_expires("SIP/2.0 200 OK\r\nExpires: 60\r\n\r\n"), 60);
         assert_eq!(granted_expires("SIP/2.0 200 OK\r\n\r\n"), REQUESTED_EXPIRES);
         assert_eq!(status("SIP/2.0 401 Unauthorized\r\n"), Some(401));
+        assert_eq!(cseq("SIP/2.0 200 OK\r\nCSeq: 7 REGISTER\r\n\r\n"), Some(7));
     }
 }
