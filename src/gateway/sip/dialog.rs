@@ -30,6 +30,8 @@ pub struct Dialog {
     pub contact: String,
     pub sdp_id: u64,
     pub sdp_version: u64,
+    /// The CSeq number of the INVITE that opened the call: its ACK carries the same.
+    pub invite_cseq: Option<u32>,
     /// The last re-INVITE answered: its CSeq and the answer, sent again on a retransmission.
     pub last_reinvite: Option<(String, String)>,
     pub cancel: CancellationToken,
@@ -49,6 +51,10 @@ impl Dialog {
     /// The ACK of our 200: the retransmissions stop, and where the INVITE had no offer, the
     /// ACK's answer to ours starts the media.
     pub fn ack(&self, ack: &Request) -> Result<(), OfferError> {
+        if cseq_number(ack) != self.invite_cseq {
+            // The ACK of a refused re-INVITE.
+            return Ok(());
+        }
         self.acked.notify_one();
         if self.offer.borrow().is_some() {
             return Ok(());
@@ -84,11 +90,25 @@ impl Dialog {
                 let sdp = Some(("application/sdp", body.as_str()));
                 request.response(200, "OK", None, &extra, sdp)
             }
+            Err(OfferError::Pending) => {
+                let why = [warning(&OfferError::Pending)];
+                request.response(491, "Request Pending", None, &why, None)
+            }
             Err(err) => not_acceptable(request, &err),
         };
         self.last_reinvite = Some((cseq.to_owned(), answer.clone()));
         answer
     }
+}
+
+/// The number of a request's CSeq.
+pub fn cseq_number(request: &Request) -> Option<u32> {
+    request
+        .header("CSeq")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `488 Not Acceptable Here` with the reason.

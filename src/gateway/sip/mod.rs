@@ -99,7 +99,7 @@ impl SipServer {
         let mut allow = settings.allow.clone();
         let register = match &settings.register {
             Some(register) => {
-                let registrar = resolve(&register.registrar).await?;
+                let registrar = resolve(&register.registrar, socket.local_addr()?).await?;
                 allow.push(IpNet::from(registrar.ip().to_canonical()));
                 Some((register.clone(), registrar))
             }
@@ -348,6 +348,7 @@ impl Shared {
             contact,
             sdp_id,
             sdp_version: 1,
+            invite_cseq: dialog::cseq_number(request),
             last_reinvite: None,
             cancel,
         }
@@ -521,13 +522,12 @@ impl Shared {
         let Some((settings, registrar)) = self.register.clone() else {
             return;
         };
-        let dialog = RegisterDialog::new();
+        let mut dialog = RegisterDialog::new();
         let mut responses = self.await_responses(&dialog.call_id);
         let gauge = self.state.engine.metrics().sip_registered.clone();
-        let mut cseq = 0;
         loop {
             let outcome = self
-                .register_once(&settings, registrar, &dialog, &mut cseq, &mut responses)
+                .register_once(&settings, registrar, &mut dialog, &mut responses)
                 .await;
             let wait = match outcome {
                 Ok(granted) => {
@@ -535,7 +535,7 @@ impl Shared {
                         tracing::info!(aor = %settings.aor, %registrar, granted, "registered with the PBX");
                     }
                     gauge.set(1);
-                    Duration::from_secs(u64::from(granted.max(2)) * 4 / 5)
+                    Duration::from_secs(u64::from(granted) * 4 / 5).max(Duration::from_secs(1))
                 }
                 Err(why) => {
                     tracing::warn!(aor = %settings.aor, %registrar, %why, "SIP registration failed; retrying in 30 s");
@@ -547,27 +547,42 @@ impl Shared {
         }
     }
 
-    /// One REGISTER, answering one digest challenge; the lifetime granted.
+    /// One registration: a REGISTER, answering a digest challenge (and a second when the
+    /// first nonce went stale) and a 423's `Min-Expires`; the lifetime granted.
     async fn register_once(
         &self,
         settings: &RegisterSettings,
         registrar: SocketAddr,
-        dialog: &RegisterDialog,
-        cseq: &mut u32,
+        dialog: &mut RegisterDialog,
         responses: &mut mpsc::UnboundedReceiver<String>,
     ) -> Result<u32, String> {
         let contact = self.contact_addr(self.local_ip(registrar));
         let mut authorization = None;
+        let mut challenges = 0;
         loop {
-            *cseq += 1;
-            let request = settings.request(dialog, *cseq, contact, authorization.as_ref());
-            let response = self.transact(&request, *cseq, registrar, responses).await?;
+            dialog.cseq += 1;
+            let request = settings.request(dialog, contact, authorization.as_ref());
+            let response = self
+                .transact(&request, dialog.cseq, registrar, responses)
+                .await?;
+            let refused = || response.lines().next().unwrap_or_default().to_owned();
+            let stale = register::is_stale(&response);
             match register::status(&response) {
-                Some(200..=299) => return Ok(register::granted_expires(&response)),
-                Some(401 | 407) if authorization.is_none() => {
+                Some(200..=299) => {
+                    return match register::granted_expires(&response, contact, dialog.expires) {
+                        0 => Err("the registrar granted no time".into()),
+                        granted => Ok(granted),
+                    };
+                }
+                Some(401 | 407) if challenges == 0 || (challenges == 1 && stale) => {
+                    challenges += 1;
                     authorization = Some(settings.answer_challenge(&response)?);
                 }
-                _ => return Err(response.lines().next().unwrap_or_default().to_owned()),
+                Some(423) => match register::min_expires(&response) {
+                    Some(min) if min > dialog.expires => dialog.expires = min,
+                    _ => return Err(refused()),
+                },
+                _ => return Err(refused()),
             }
         }
     }
@@ -670,13 +685,14 @@ impl Refusal {
     }
 }
 
-/// The first address `host:port` resolves to.
-async fn resolve(host: &str) -> std::io::Result<SocketAddr> {
-    tokio::net::lookup_host(host).await?.next().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{host} has no address"),
-        )
+/// The first address `host:port` resolves to that a socket bound at `local` can reach (an
+/// IPv4 socket cannot send to IPv6).
+async fn resolve(host: &str, local: SocketAddr) -> std::io::Result<SocketAddr> {
+    let reachable = |addr: &SocketAddr| local.is_ipv6() || addr.is_ipv4();
+    let found = tokio::net::lookup_host(host).await?.find(reachable);
+    found.ok_or_else(|| {
+        let why = format!("{host} has no address this SIP socket ({local}) can reach");
+        std::io::Error::new(std::io::ErrorKind::NotFound, why)
     })
 }
 

@@ -50,7 +50,6 @@ impl RegisterSettings {
     pub fn request(
         &self,
         dialog: &RegisterDialog,
-        cseq: u32,
         contact: SocketAddr,
         authorization: Option<&(String, String)>,
     ) -> String {
@@ -58,12 +57,14 @@ impl RegisterSettings {
         let mut head = format!(
             "REGISTER sip:{registrar} SIP/2.0\r\nVia: SIP/2.0/UDP {contact};branch={branch};rport\r\n\
 Max-Forwards: 70\r\nFrom: <{aor}>;tag={tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\n\
-CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{contact}>\r\nExpires: {REQUESTED_EXPIRES}\r\n\
+CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{contact}>\r\nExpires: {expires}\r\n\
 User-Agent: duplex\r\n",
             registrar = self.registrar_host(),
             aor = self.aor,
             tag = dialog.tag,
             call_id = dialog.call_id,
+            cseq = dialog.cseq,
+            expires = dialog.expires,
             user = self.user,
         );
         if let Some((name, value)) = authorization {
@@ -123,10 +124,13 @@ User-Agent: duplex\r\n",
     }
 }
 
-/// What stays the same across one registration's REGISTERs.
+/// What carries over between one registration's REGISTERs.
 pub struct RegisterDialog {
     pub call_id: String,
     pub tag: String,
+    pub cseq: u32,
+    /// The lifetime asked for: ours, or the registrar's `Min-Expires` after a 423.
+    pub expires: u32,
 }
 
 impl RegisterDialog {
@@ -134,6 +138,8 @@ impl RegisterDialog {
         Self {
             call_id: format!("{:032x}@duplex", rand::random::<u128>()),
             tag: format!("{:016x}", rand::random::<u64>()),
+            cseq: 0,
+            expires: REQUESTED_EXPIRES,
         }
     }
 }
@@ -158,13 +164,38 @@ pub fn cseq(response: &str) -> Option<u32> {
         .ok()
 }
 
-/// How long the registrar granted: the Contact's `expires`, else the Expires header, else
-/// what was asked.
-pub fn granted_expires(response: &str) -> u32 {
-    header_value(response, "Contact")
-        .and_then(|contact| header_param(contact, "expires")?.parse().ok())
+/// How long the registrar granted our binding (`contact`): its Contact's `expires` (a 200
+/// lists every binding of the address, other devices' too), else the Expires header, else
+/// what was `asked`.
+pub fn granted_expires(response: &str, contact: SocketAddr, asked: u32) -> u32 {
+    let ours = format!("@{contact}");
+    response
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            let key = key.trim();
+            (key.eq_ignore_ascii_case("Contact") || key.eq_ignore_ascii_case("m")).then_some(value)
+        })
+        .flat_map(|value| value.split(','))
+        .find(|binding| binding.contains(&ours))
+        .and_then(|binding| header_param(binding, "expires")?.trim().parse().ok())
         .or_else(|| header_value(response, "Expires")?.trim().parse().ok())
-        .unwrap_or(REQUESTED_EXPIRES)
+        .unwrap_or(asked)
+}
+
+/// The `Min-Expires` of a 423 Interval Too Brief.
+pub fn min_expires(response: &str) -> Option<u32> {
+    header_value(response, "Min-Expires")?.trim().parse().ok()
+}
+
+/// Whether a challenge says only the nonce was stale (the credentials were right).
+pub fn is_stale(response: &str) -> bool {
+    ["WWW-Authenticate", "Proxy-Authenticate"]
+        .iter()
+        .filter_map(|name| header_value(response, name))
+        .any(|challenge| {
+            digest_param(challenge, "stale").is_some_and(|s| s.eq_ignore_ascii_case("true"))
+        })
 }
 
 /// A header of a response, by name (case-insensitive; its compact form too).
@@ -243,12 +274,22 @@ nonce=\"dcd98b7102dd2f0e8b11d0f600bfb0c093\", opaque=\"5ccc069c403ebaf9f0171e951
 
     #[test]
     fn the_granted_lifetime_is_read_from_contact_or_expires() {
+        let ours: SocketAddr = "10.0.0.9:5060".parse().unwrap();
+        let both = "SIP/2.0 200 OK\r\nContact: <sip:7000@10.0.0.5:5060>;expires=3600, \
+<sip:7000@10.0.0.9:5060>;expires=120\r\nExpires: 60\r\n\r\n";
+        assert_eq!(granted_expires(both, ours, 300), 120);
         assert_eq!(
-            granted_expires("SIP/2.0 200 OK\r\nContact: <sip:7000@h>;expires=120\r\n\r\n"),
-            120
+            granted_expires("SIP/2.0 200 OK\r\nExpires: 60\r\n\r\n", ours, 300),
+            60
         );
-        assert_eq!(granted_expires("SIP/2.0 200 OK\r\nExpires: 60\r\n\r\n"), 60);
-        assert_eq!(granted_expires("SIP/2.0 200 OK\r\n\r\n"), REQUESTED_EXPIRES);
+        assert_eq!(granted_expires("SIP/2.0 200 OK\r\n\r\n", ours, 300), 300);
+        assert_eq!(
+            min_expires("SIP/2.0 423 Interval Too Brief\r\nMin-Expires: 900\r\n"),
+            Some(900)
+        );
+        assert!(is_stale(
+            "SIP/2.0 401 U\r\nWWW-Authenticate: Digest realm=\"r\", nonce=\"n\", stale=TRUE\r\n"
+        ));
         assert_eq!(status("SIP/2.0 401 Unauthorized\r\n"), Some(401));
         assert_eq!(cseq("SIP/2.0 200 OK\r\nCSeq: 7 REGISTER\r\n\r\n"), Some(7));
     }
