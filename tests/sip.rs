@@ -589,12 +589,7 @@ async fn a_late_offer_is_answered_in_the_ack() {
     let bye = silent.next(Duration::from_secs(3)).await.expect("a BYE");
     assert!(bye.starts_with("BYE "), "{bye}");
     assert!(
-        eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 1)
-        .await,
+        server.sessions_become(1, Duration::from_secs(3)).await,
         "the unanswered call's slot is freed"
     );
     server.stop().await;
@@ -808,45 +803,9 @@ fn a_bad_registration_is_refused_before_serving() {
 
 #[test]
 fn serve_says_where_it_answers_sip() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--engine",
-            "echo",
-        ])
-        .args(["--sip-port", "0", "--sip-allow", "192.0.2.0/24"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let found = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("answering SIP calls") => break Some(line),
-            Ok(_) => {}
-            Err(_) => break None,
-        }
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let line = found.expect("a line saying SIP is answered");
+    let args = ["--sip-port", "0", "--sip-allow", "192.0.2.0/24"];
+    let line = common::serve_until_logged(&args, "answering SIP calls", Duration::from_secs(20))
+        .expect("a line saying SIP is answered");
     assert!(line.contains("udp 127.0.0.1:"), "{line}");
     assert!(
         !line.contains("udp 127.0.0.1:0 "),

@@ -555,47 +555,12 @@ fn doctor_says_what_the_turn_server_gave_or_why_not() {
 #[test]
 fn serve_logs_what_the_turn_server_gave_at_start() {
     let turn = Coturn::start(Credentials::LongTerm);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--engine",
-            "echo",
-        ])
-        .args(["--udp-bind", "127.0.0.1", "--ice-server", &turn.url()])
-        .args(["--ice-username", USER, "--ice-credential", PASSWORD])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = Vec::new();
-    let found = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("STUN/TURN servers:") => break Some(line),
-            Ok(line) => seen.push(line),
-            Err(_) => break None,
-        }
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let line = found.unwrap_or_else(|| panic!("no STUN/TURN line in:\n{}", seen.join("\n")));
+    let url = turn.url();
+    let args = ["--udp-bind", "127.0.0.1", "--ice-server", &url];
+    let credentials = ["--ice-username", USER, "--ice-credential", PASSWORD];
+    let args: Vec<&str> = args.iter().chain(&credentials).copied().collect();
+    let line = common::serve_until_logged(&args, "STUN/TURN servers:", Duration::from_secs(10))
+        .expect("a STUN/TURN line");
     assert!(line.contains("relay 127.0.0.1:"), "{line}");
 }
 

@@ -429,12 +429,7 @@ async fn another_caller_cannot_end_or_restart_a_call() {
     assert_eq!(hang_up.status(), 404, "a DELETE by session id");
     other.close().await.unwrap();
     assert!(
-        eventually(Duration::from_secs(3), || server
-            .state
-            .engine
-            .active_sessions()
-            == 1)
-        .await,
+        server.sessions_become(1, Duration::from_secs(3)).await,
         "the other caller's own DELETE ends only its call"
     );
     let sent = speech(SENTENCE, 3.0);

@@ -104,7 +104,12 @@ impl TestServer {
 
     /// Whether every session has left the engine within `limit`.
     pub async fn sessions_end_within(&self, limit: Duration) -> bool {
-        eventually(limit, || self.state.engine.active_sessions() == 0).await
+        self.sessions_become(0, limit).await
+    }
+
+    /// Whether `count` sessions are in the engine within `limit`.
+    pub async fn sessions_become(&self, count: usize, limit: Duration) -> bool {
+        eventually(limit, || self.state.engine.active_sessions() == count).await
     }
 
     /// Shuts down like SIGTERM would and returns how long it took.
@@ -320,4 +325,53 @@ pub async fn duplex_offer() -> (String, impl Drop) {
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer.clone()).await.unwrap();
     (offer.sdp, Holder(pc))
+}
+
+/// Runs `duplex serve` with `args` (echo engine, loopback, any port) until it logs a line
+/// containing `needle` or `limit` passes; that line, then the server is killed.
+pub fn serve_until_logged(args: &[&str], needle: &str, limit: Duration) -> Option<String> {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--engine",
+            "echo",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if found.is_none() {
+        eprintln!("no line with {needle:?} in:\n{}", seen.join("\n"));
+    }
+    found
 }
