@@ -12,11 +12,9 @@ use crate::engine::{SessionEvent, SessionId, SessionStats};
 use crate::gateway::outbound::{PacketSource, packet_ticker};
 use crate::gateway::telephony::{Codec, InboundAudio, OutboundAudio, WireFormat};
 use crate::metrics::Metrics;
-use bytes::Bytes;
 use crossbeam_channel::TryRecvError;
 use rtc::rtp::header::Header;
-use rtc::rtp::packet::Packet;
-use rtc::shared::marshal::{Marshal, Unmarshal};
+use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,7 +113,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 outbound.source.wait_for_late_output().await;
                 let (payload, _) = outbound.next(&stats, &metrics);
                 if current.direction.caller_receives() {
-                    let _ = socket.send_to(&sender.packet(payload), destination).await;
+                    let _ = socket.send_to(sender.packet(payload), destination).await;
                 }
             }
             received = socket.recv_from(&mut buf) => {
@@ -132,7 +130,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 }
                 match verdict {
                     Received::Audio(payload) => {
-                        inbound.push(&payload, &mut input, &stats, &metrics);
+                        inbound.push(payload, &mut input, &stats, &metrics);
                         if source.is_none() {
                             source = Some(from);
                             destination = from;
@@ -217,9 +215,11 @@ fn drain_events(events: &crossbeam_channel::Receiver<SessionEvent>) -> Result<()
     }
 }
 
-/// The agent's RTP stream: one SSRC, sequence numbers and timestamps from random starts.
+/// The agent's RTP stream: one SSRC, sequence numbers and timestamps from random starts;
+/// each packet written into one buffer, kept for the call.
 struct RtpSender {
     header: Header,
+    packet: Vec<u8>,
 }
 
 impl RtpSender {
@@ -234,29 +234,29 @@ impl RtpSender {
                 marker: true,
                 ..Default::default()
             },
+            packet: Vec::with_capacity(MAX_RTP_BYTES),
         }
     }
 
-    fn packet(&mut self, payload: &[u8]) -> Bytes {
-        let packet = Packet {
-            header: self.header.clone(),
-            payload: Bytes::copy_from_slice(payload),
-        };
+    fn packet(&mut self, payload: &[u8]) -> &[u8] {
+        let header_len = self.header.marshal_size();
+        self.packet.resize(header_len, 0);
+        self.header
+            .marshal_to(&mut self.packet)
+            .expect("the buffer holds the header");
+        self.packet.extend_from_slice(payload);
         self.header.marker = false;
         self.header.sequence_number = self.header.sequence_number.wrapping_add(1);
         self.header.timestamp = self.header.timestamp.wrapping_add(PACKET_TIMESTAMP_STEP);
-        packet
-            .marshal()
-            .expect("an RTP header and a payload always marshal")
-            .freeze()
+        &self.packet
     }
 }
 
 /// What one datagram from the caller was.
 #[derive(Debug, PartialEq, Eq)]
-enum Received {
+enum Received<'a> {
     /// G.711 audio to play into the session.
-    Audio(Bytes),
+    Audio(&'a [u8]),
     /// Audio older than what has been played (reordered or duplicated): dropped.
     Late,
     /// The end of a key press (RFC 4733).
@@ -278,6 +278,16 @@ struct RtpReceiver {
     last_digit_timestamp: Option<u32>,
 }
 
+/// A packet's payload: what follows its header, less any padding (RFC 3550 §5.1); None
+/// when the padding claims more than there is.
+fn without_padding<'a>(header: &Header, rest: &'a [u8]) -> Option<&'a [u8]> {
+    if !header.padding {
+        return Some(rest);
+    }
+    let padding = usize::from(*rest.last()?);
+    (padding > 0 && padding <= rest.len()).then(|| &rest[..rest.len() - padding])
+}
+
 /// RFC 3389 comfort noise, which some phones send in silences.
 const COMFORT_NOISE: u8 = 13;
 
@@ -291,11 +301,14 @@ impl RtpReceiver {
         }
     }
 
-    fn accept(&mut self, datagram: &[u8]) -> Received {
-        let Ok(packet) = Packet::unmarshal(&mut &datagram[..]) else {
+    fn accept<'a>(&mut self, datagram: &'a [u8]) -> Received<'a> {
+        let mut rest = datagram;
+        let Ok(header) = Header::unmarshal(&mut rest) else {
             return Received::Garbage;
         };
-        let header = &packet.header;
+        let Some(payload) = without_padding(&header, rest) else {
+            return Received::Garbage;
+        };
         if header.version != 2 {
             return Received::Garbage;
         }
@@ -304,10 +317,10 @@ impl RtpReceiver {
             self.last_sequence = None;
         }
         if header.payload_type == self.offer.payload_type {
-            return self.audio(header.sequence_number, packet.payload);
+            return self.audio(header.sequence_number, payload);
         }
         if Some(header.payload_type) == self.offer.telephone_event {
-            return self.digit(header.timestamp, &packet.payload);
+            return self.digit(header.timestamp, payload);
         }
         if header.payload_type == COMFORT_NOISE {
             return Received::Other;
@@ -315,7 +328,7 @@ impl RtpReceiver {
         Received::Garbage
     }
 
-    fn audio(&mut self, sequence: u16, payload: Bytes) -> Received {
+    fn audio<'a>(&mut self, sequence: u16, payload: &'a [u8]) -> Received<'a> {
         let extended = match self.last_sequence {
             None => u64::from(sequence) + (1 << 16),
             Some(last) => {
@@ -331,7 +344,7 @@ impl RtpReceiver {
         Received::Audio(payload)
     }
 
-    fn digit(&mut self, timestamp: u32, payload: &[u8]) -> Received {
+    fn digit(&mut self, timestamp: u32, payload: &[u8]) -> Received<'static> {
         let (Some(&event), Some(&flags)) = (payload.first(), payload.get(1)) else {
             return Received::Garbage;
         };
@@ -353,6 +366,8 @@ impl RtpReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use rtc::rtp::packet::Packet;
 
     fn offer() -> AudioOffer {
         let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
@@ -378,13 +393,18 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
     #[test]
     fn audio_in_order_across_the_wrap_is_played_and_late_packets_dropped() {
         let mut receiver = RtpReceiver::new(offer());
-        let audio = |r: &mut RtpReceiver, seq| r.accept(&rtp(0, seq, 0, &[0xff; 160]));
-        assert!(matches!(audio(&mut receiver, 65534), Received::Audio(_)));
-        assert!(matches!(audio(&mut receiver, 65535), Received::Audio(_)));
-        assert!(matches!(audio(&mut receiver, 1), Received::Audio(_)));
-        assert_eq!(audio(&mut receiver, 0), Received::Late);
-        assert_eq!(audio(&mut receiver, 1), Received::Late);
-        assert!(matches!(audio(&mut receiver, 2), Received::Audio(_)));
+        let audio = |r: &mut RtpReceiver, seq| {
+            let packet = rtp(0, seq, 0, &[0xff; 160]);
+            matches!(r.accept(&packet), Received::Audio(payload) if payload == [0xff; 160])
+        };
+        let late =
+            |r: &mut RtpReceiver, seq| r.accept(&rtp(0, seq, 0, &[0xff; 160])) == Received::Late;
+        assert!(audio(&mut receiver, 65534));
+        assert!(audio(&mut receiver, 65535));
+        assert!(audio(&mut receiver, 1));
+        assert!(late(&mut receiver, 0));
+        assert!(late(&mut receiver, 1));
+        assert!(audio(&mut receiver, 2));
     }
 
     #[test]
@@ -400,12 +420,28 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
     }
 
     #[test]
+    fn padding_is_left_out_of_the_payload_and_bad_padding_refused() {
+        let mut receiver = RtpReceiver::new(offer());
+        let mut padded = rtp(0, 1, 0, &[0x7f; 160]);
+        padded[0] |= 0x20;
+        padded.extend_from_slice(&[0, 0, 3]);
+        assert!(matches!(receiver.accept(&padded), Received::Audio(p) if p == [0x7f; 160]));
+        let mut overlong = rtp(0, 2, 0, &[0x7f; 4]);
+        overlong[0] |= 0x20;
+        overlong.push(200);
+        assert_eq!(receiver.accept(&overlong), Received::Garbage);
+    }
+
+    #[test]
     fn a_key_press_is_reported_once_at_its_end() {
         let mut receiver = RtpReceiver::new(offer());
-        let event = |r: &mut RtpReceiver, flags| r.accept(&rtp(101, 9, 800, &[11, flags, 0, 160]));
-        assert_eq!(event(&mut receiver, 0x0a), Received::Other);
-        assert_eq!(event(&mut receiver, 0x8a), Received::Digit('#'));
-        assert_eq!(event(&mut receiver, 0x8a), Received::Other);
+        let event = |r: &mut RtpReceiver, flags| {
+            let packet = rtp(101, 9, 800, &[11, flags, 0, 160]);
+            format!("{:?}", r.accept(&packet))
+        };
+        assert_eq!(event(&mut receiver, 0x0a), "Other");
+        assert_eq!(event(&mut receiver, 0x8a), "Digit('#')");
+        assert_eq!(event(&mut receiver, 0x8a), "Other");
     }
 
     #[test]
@@ -420,8 +456,8 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
     #[test]
     fn sent_packets_step_by_one_packet_of_samples() {
         let mut sender = RtpSender::new(8);
-        let first = Packet::unmarshal(&mut &sender.packet(&[1; 160])[..]).unwrap();
-        let second = Packet::unmarshal(&mut &sender.packet(&[2; 160])[..]).unwrap();
+        let first = Packet::unmarshal(&mut sender.packet(&[1; 160]).to_vec().as_slice()).unwrap();
+        let second = Packet::unmarshal(&mut sender.packet(&[2; 160]).to_vec().as_slice()).unwrap();
         assert!(first.header.marker && !second.header.marker);
         assert_eq!(second.header.payload_type, 8);
         assert_eq!(
