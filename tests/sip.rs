@@ -544,6 +544,22 @@ async fn media_follows_the_caller_and_a_reinvite_and_strangers_are_refused() {
         "a codec change is refused: {refused}"
     );
     assert!(hears_rtp(&rtp_b).await, "and the call goes on as it was");
+    // A re-INVITE without SDP (a PBX taking the call off hold): our offer in the 200, the
+    // caller's answer in the ACK moves the media.
+    let reoffer = phone
+        .exchange(&phone.request("INVITE", Some(&tag), "", ""))
+        .await;
+    assert!(reoffer.starts_with("SIP/2.0 200 "), "{reoffer}");
+    assert!(
+        reoffer.contains("m=audio ") && reoffer.contains("a=sendrecv"),
+        "{reoffer}"
+    );
+    let rtp_c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let answer_c = offer_at(rtp_c.local_addr().unwrap().port(), "0");
+    phone
+        .send(&phone.request("ACK", Some(&tag), "", &answer_c))
+        .await;
+    assert!(hears_rtp(&rtp_c).await, "the ACK's answer moved the media");
     let bye = phone
         .exchange(&phone.request("BYE", Some(&tag), "", ""))
         .await;

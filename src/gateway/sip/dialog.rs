@@ -2,7 +2,7 @@
 //! requests within it, and the BYE that ends it from our side.
 
 use super::message::{self, Request};
-use super::offer::{AudioOffer, OfferError};
+use super::offer::{AudioOffer, Direction, OfferError};
 use crate::engine::SessionId;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +32,9 @@ pub struct Dialog {
     pub sdp_version: u64,
     /// The CSeq number of the INVITE that opened the call: its ACK carries the same.
     pub invite_cseq: Option<u32>,
+    /// The CSeq number of a re-INVITE without SDP that our 200 answered with an offer: its
+    /// ACK carries the caller's answer (RFC 3261 §14.2).
+    pub reoffer_cseq: Option<u32>,
     /// The last re-INVITE answered: its CSeq and the answer, sent again on a retransmission.
     pub last_reinvite: Option<(String, String)>,
     pub cancel: CancellationToken,
@@ -50,7 +53,16 @@ impl Dialog {
 
     /// The ACK of our 200: the retransmissions stop, and where the INVITE had no offer, the
     /// ACK's answer to ours starts the media.
-    pub fn ack(&self, ack: &Request) -> Result<(), OfferError> {
+    pub fn ack(&mut self, ack: &Request) -> Result<(), OfferError> {
+        if self.reoffer_cseq.is_some() && cseq_number(ack) == self.reoffer_cseq {
+            self.reoffer_cseq = None;
+            let renegotiated = match self.offer.borrow().as_ref() {
+                Some(offer) => offer.renegotiate(&ack.body),
+                None => Err(OfferError::Pending),
+            };
+            self.offer.send_replace(Some(renegotiated?));
+            return Ok(());
+        }
         if cseq_number(ack) != self.invite_cseq {
             // The ACK of a refused re-INVITE.
             return Ok(());
@@ -62,6 +74,21 @@ impl Dialog {
         let answer = AudioOffer::parse(&ack.body)?;
         self.offer.send_replace(Some(answer));
         Ok(())
+    }
+
+    /// A re-INVITE without SDP (a PBX taking a call off hold, or moving it): our offer in the
+    /// 200, the call's codec both ways; the ACK answers it.
+    fn reoffer(&mut self, request: &Request) -> String {
+        let Some(mut ours) = self.offer.borrow().clone() else {
+            let why = [warning(&OfferError::Pending)];
+            return request.response(491, "Request Pending", None, &why, None);
+        };
+        ours.direction = Direction::SendRecv;
+        self.sdp_version += 1;
+        self.reoffer_cseq = cseq_number(request);
+        let body = ours.answer(self.local_rtp, self.sdp_id, self.sdp_version);
+        let extra = [("Contact", self.contact.clone()), ("Allow", ALLOW.into())];
+        request.response(200, "OK", None, &extra, Some(("application/sdp", &body)))
     }
 
     /// Whether an INVITE without a To tag is this call's own, sent again.
@@ -76,6 +103,11 @@ impl Dialog {
         let cseq = request.header("CSeq").unwrap_or_default();
         if let Some((_, answer)) = self.last_reinvite.as_ref().filter(|(last, _)| last == cseq) {
             return answer.clone();
+        }
+        if request.body.trim().is_empty() {
+            let answer = self.reoffer(request);
+            self.last_reinvite = Some((cseq.to_owned(), answer.clone()));
+            return answer;
         }
         let renegotiated = match self.offer.borrow().as_ref() {
             Some(offer) => offer.renegotiate(&request.body),

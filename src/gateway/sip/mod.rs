@@ -349,6 +349,7 @@ impl Shared {
             sdp_id,
             sdp_version: 1,
             invite_cseq: dialog::cseq_number(request),
+            reoffer_cseq: None,
             last_reinvite: None,
             cancel,
         }
