@@ -10,7 +10,7 @@ use crate::audio::ring::InputProducer;
 use crate::engine::session::SessionCloser;
 use crate::engine::{SessionEvent, SessionId, SessionStats};
 use crate::gateway::outbound::{PacketSource, packet_ticker};
-use crate::gateway::telephony::{Codec, InboundAudio, OutboundAudio, WireFormat};
+use crate::gateway::wire::{Codec, InboundAudio, OutboundAudio, WireFormat};
 use crate::metrics::Metrics;
 use crossbeam_channel::TryRecvError;
 use rtc::rtp::header::Header;

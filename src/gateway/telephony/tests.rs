@@ -1,6 +1,7 @@
 //! The generic bridge through channels: pacing, barge-in, marks, DTMF and bad input.
 
 use super::*;
+use crate::audio::g711::{self, Law};
 use crate::engine::{EchoEngine, EngineConfig, EngineHandle};
 use crate::gateway::GatewayConfig;
 use futures::channel::mpsc;
