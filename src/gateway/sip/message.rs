@@ -228,6 +228,23 @@ pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// The headers of a message's text (a response, or a request not parsed as one): each name
+/// in its full form with its value, up to the blank line before the body.
+pub fn header_lines(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines()
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            Some((full_name(name.trim()), value.trim()))
+        })
+}
+
+/// The first header called `name` (case-insensitive, compact forms too) in a message's text.
+pub fn text_header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    header_lines(text).find_map(|(n, value)| n.eq_ignore_ascii_case(name).then_some(value))
+}
+
 /// Whether a response's first line is a final (2xx–6xx) answer: the reply to our BYE.
 pub fn is_final_response(datagram: &[u8]) -> bool {
     datagram.starts_with(b"SIP/2.0 ") && datagram.get(8).is_some_and(|d| (b'2'..=b'6').contains(d))
@@ -391,6 +408,12 @@ t: <sip:x@h>\r\ni: abc\r\nCSeq: 1\r\n OPTIONS\r\nl: 0\r\n\r\n";
         assert_eq!(header_param("sip:a@h;tag=x", "tag"), Some("x"));
         assert_eq!(header_param("<sip:a@h>", "tag"), None);
         assert!(is_final_response(b"SIP/2.0 200 OK\r\n"));
+        let response = "SIP/2.0 200 OK\r\ni: abc\r\nm: <sip:a@h>;expires=9\r\n\r\nCall-ID: body";
+        assert_eq!(text_header(response, "Call-ID"), Some("abc"));
+        assert_eq!(
+            text_header(response, "contact"),
+            Some("<sip:a@h>;expires=9")
+        );
         assert!(!is_final_response(b"SIP/2.0 100 Trying\r\n"));
     }
 }

@@ -506,12 +506,8 @@ impl Shared {
 
     fn response_arrived(&self, datagram: &[u8]) {
         let text = String::from_utf8_lossy(datagram).into_owned();
-        let call_id = text.lines().find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            let name = name.trim();
-            (name.eq_ignore_ascii_case("Call-ID") || name == "i").then(|| value.trim().to_owned())
-        });
-        let waiter = call_id.and_then(|id| self.awaiting.lock().ok()?.get(&id).cloned());
+        let call_id = message::text_header(&text, "Call-ID");
+        let waiter = call_id.and_then(|id| self.awaiting.lock().ok()?.get(id).cloned());
         if let Some(waiter) = waiter {
             let _ = waiter.send(text);
         }

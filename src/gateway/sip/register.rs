@@ -2,7 +2,7 @@
 //! with HTTP-digest credentials (RFC 3261 §10, §22; RFC 2617's MD5 with or without
 //! `qop=auth`), refreshed before it expires, so the PBX sends the extension's calls here.
 
-use super::message::{self, header_param};
+use super::message::{self, header_lines, header_param, text_header};
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
 
@@ -82,7 +82,7 @@ User-Agent: duplex\r\n",
     pub fn answer_challenge(&self, response: &str) -> Result<(String, String), String> {
         let (name, challenge) = ["WWW-Authenticate", "Proxy-Authenticate"]
             .iter()
-            .find_map(|name| Some((*name, header_value(response, name)?)))
+            .find_map(|name| Some((*name, text_header(response, name)?)))
             .ok_or("a 401/407 without a challenge")?;
         let params = challenge
             .strip_prefix("Digest ")
@@ -157,7 +157,7 @@ pub fn status(response: &str) -> Option<u16> {
 
 /// A response's CSeq number.
 pub fn cseq(response: &str) -> Option<u32> {
-    header_value(response, "CSeq")?
+    text_header(response, "CSeq")?
         .split_whitespace()
         .next()?
         .parse()
@@ -169,43 +169,28 @@ pub fn cseq(response: &str) -> Option<u32> {
 /// what was `asked`.
 pub fn granted_expires(response: &str, contact: SocketAddr, asked: u32) -> u32 {
     let ours = format!("@{contact}");
-    response
-        .lines()
-        .filter_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            let key = key.trim();
-            (key.eq_ignore_ascii_case("Contact") || key.eq_ignore_ascii_case("m")).then_some(value)
-        })
-        .flat_map(|value| value.split(','))
+    header_lines(response)
+        .filter(|(name, _)| name.eq_ignore_ascii_case("Contact"))
+        .flat_map(|(_, value)| value.split(','))
         .find(|binding| binding.contains(&ours))
         .and_then(|binding| header_param(binding, "expires")?.trim().parse().ok())
-        .or_else(|| header_value(response, "Expires")?.trim().parse().ok())
+        .or_else(|| text_header(response, "Expires")?.trim().parse().ok())
         .unwrap_or(asked)
 }
 
 /// The `Min-Expires` of a 423 Interval Too Brief.
 pub fn min_expires(response: &str) -> Option<u32> {
-    header_value(response, "Min-Expires")?.trim().parse().ok()
+    text_header(response, "Min-Expires")?.trim().parse().ok()
 }
 
 /// Whether a challenge says only the nonce was stale (the credentials were right).
 pub fn is_stale(response: &str) -> bool {
     ["WWW-Authenticate", "Proxy-Authenticate"]
         .iter()
-        .filter_map(|name| header_value(response, name))
+        .filter_map(|name| text_header(response, name))
         .any(|challenge| {
             digest_param(challenge, "stale").is_some_and(|s| s.eq_ignore_ascii_case("true"))
         })
-}
-
-/// A header of a response, by name (case-insensitive; its compact form too).
-fn header_value<'a>(response: &'a str, name: &str) -> Option<&'a str> {
-    response.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        let key = key.trim();
-        let compact = name.eq_ignore_ascii_case("Contact") && key.eq_ignore_ascii_case("m");
-        (key.eq_ignore_ascii_case(name) || compact).then(|| value.trim())
-    })
 }
 
 /// A `key="value"` or `key=value` of a digest challenge.
