@@ -96,7 +96,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         (Err(why), _) | (_, Err(why)) => return MediaEnding::Engine(why),
     };
     let mut sender = RtpSender::new(current.payload_type);
-    let mut receiver = RtpReceiver::new(current.clone());
+    let mut receiver = RtpReceiver::new(&current);
     let mut ticker = packet_ticker(schedule);
     let mut buf = vec![0u8; MAX_RTP_BYTES];
     let mut heard_at = tokio::time::Instant::now();
@@ -158,7 +158,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 current = next;
                 destination = current.remote;
                 source = None;
-                receiver = RtpReceiver::new(current.clone());
+                receiver = RtpReceiver::new(&current);
                 heard_at = tokio::time::Instant::now();
             }
             _ = tokio::time::sleep_until(heard_at + silence_limit(current.direction)) => {
@@ -269,7 +269,9 @@ enum Received<'a> {
 
 /// The caller's RTP stream: sequence order checked, key presses read.
 struct RtpReceiver {
-    offer: AudioOffer,
+    /// The audio's payload type and the key presses', as negotiated.
+    payload_type: u8,
+    telephone_event: Option<u8>,
     /// The stream's SSRC: a new one (a transfer, a bridge change) starts its numbers afresh.
     ssrc: Option<u32>,
     /// The highest sequence number played, extended past wrap-arounds.
@@ -292,9 +294,10 @@ fn without_padding<'a>(header: &Header, rest: &'a [u8]) -> Option<&'a [u8]> {
 const COMFORT_NOISE: u8 = 13;
 
 impl RtpReceiver {
-    fn new(offer: AudioOffer) -> Self {
+    fn new(offer: &AudioOffer) -> Self {
         Self {
-            offer,
+            payload_type: offer.payload_type,
+            telephone_event: offer.telephone_event,
             ssrc: None,
             last_sequence: None,
             last_digit_timestamp: None,
@@ -316,10 +319,10 @@ impl RtpReceiver {
             self.ssrc = Some(header.ssrc);
             self.last_sequence = None;
         }
-        if header.payload_type == self.offer.payload_type {
+        if header.payload_type == self.payload_type {
             return self.audio(header.sequence_number, payload);
         }
-        if Some(header.payload_type) == self.offer.telephone_event {
+        if Some(header.payload_type) == self.telephone_event {
             return self.digit(header.timestamp, payload);
         }
         if header.payload_type == COMFORT_NOISE {
@@ -392,7 +395,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
     #[test]
     fn audio_in_order_across_the_wrap_is_played_and_late_packets_dropped() {
-        let mut receiver = RtpReceiver::new(offer());
+        let mut receiver = RtpReceiver::new(&offer());
         let audio = |r: &mut RtpReceiver, seq| {
             let packet = rtp(0, seq, 0, &[0xff; 160]);
             matches!(r.accept(&packet), Received::Audio(payload) if payload == [0xff; 160])
@@ -409,7 +412,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
     #[test]
     fn a_new_ssrc_starts_its_sequence_afresh() {
-        let mut receiver = RtpReceiver::new(offer());
+        let mut receiver = RtpReceiver::new(&offer());
         assert!(matches!(
             receiver.accept(&rtp(0, 40000, 0, &[0xff; 160])),
             Received::Audio(_)
@@ -421,7 +424,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
     #[test]
     fn padding_is_left_out_of_the_payload_and_bad_padding_refused() {
-        let mut receiver = RtpReceiver::new(offer());
+        let mut receiver = RtpReceiver::new(&offer());
         let mut padded = rtp(0, 1, 0, &[0x7f; 160]);
         padded[0] |= 0x20;
         padded.extend_from_slice(&[0, 0, 3]);
@@ -434,7 +437,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
     #[test]
     fn a_key_press_is_reported_once_at_its_end() {
-        let mut receiver = RtpReceiver::new(offer());
+        let mut receiver = RtpReceiver::new(&offer());
         let event = |r: &mut RtpReceiver, flags| {
             let packet = rtp(101, 9, 800, &[11, flags, 0, 160]);
             format!("{:?}", r.accept(&packet))
@@ -446,7 +449,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
     #[test]
     fn garbage_and_unnegotiated_payloads_are_counted_as_such() {
-        let mut receiver = RtpReceiver::new(offer());
+        let mut receiver = RtpReceiver::new(&offer());
         assert_eq!(receiver.accept(b"\x00\x01"), Received::Garbage);
         assert_eq!(receiver.accept(&rtp(8, 1, 0, &[0; 160])), Received::Garbage);
         assert_eq!(receiver.accept(&rtp(13, 1, 0, &[40])), Received::Other);
