@@ -2,6 +2,7 @@
 //! the session rings, WAV files and test signals. Nothing here knows about sessions, transports or tensors.
 
 pub mod g711;
+pub mod g722;
 pub mod loudness;
 pub mod ogg_opus;
 pub mod opus;
