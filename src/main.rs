@@ -8,6 +8,7 @@ use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
 use duplex::gateway::ice::{IceConfig, TurnAuth};
+use duplex::gateway::sip::offer::SipCodec;
 use duplex::gateway::sip::register::RegisterSettings;
 use duplex::gateway::sip::{self, SipServer, SipSettings};
 use duplex::gateway::tls::{self, TlsSource};
@@ -572,6 +573,15 @@ struct SipArgs {
     /// The digest user name, where it is not the extension's number.
     #[arg(long, env = "DUPLEX_SIP_AUTH_USER")]
     sip_auth_user: Option<String>,
+    /// The codecs a call may take, the preferred first (comma-separated): a caller gets the
+    /// first of these it offers. opus and G722 carry wideband speech, PCMU and PCMA 8 kHz.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "DUPLEX_SIP_CODECS",
+        default_value = "opus,G722,PCMU,PCMA"
+    )]
+    sip_codecs: Vec<SipCodec>,
 }
 
 impl SipArgs {
@@ -596,6 +606,7 @@ impl SipArgs {
             bind: SocketAddr::new(host, port),
             allow,
             register,
+            codecs: self.sip_codecs.clone(),
         }))
     }
 }
@@ -918,9 +929,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding SIP on udp {}", settings.bind))?;
         let allow: Vec<String> = settings.allow.iter().map(ToString::to_string).collect();
+        let codecs: Vec<&str> = settings.codecs.iter().map(|c| c.name()).collect();
         tracing::info!(
-            "answering SIP calls on udp {} (G.711 over RTP) from {}",
+            "answering SIP calls on udp {} ({} over RTP) from {}",
             sip.local_addr()?,
+            codecs.join(", "),
             allow.join(", ")
         );
         tokio::spawn(sip.run());

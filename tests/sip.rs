@@ -1,10 +1,11 @@
 //! SIP calls end to end: a real SIP phone (baresip, Debian's `baresip-core`) dials the server's
-//! SIP endpoint and hears the echo engine back over G.711 RTP; raw datagrams check the
-//! refusals, the answer's retransmission and the server's own hang-up.
+//! SIP endpoint and hears the echo engine back over RTP in G.711, G.722 and Opus; raw
+//! datagrams check the refusals, the answer's retransmission and the server's own hang-up.
 
 mod common;
 
 use common::{ServerOptions, TestServer, eventually};
+use duplex::gateway::sip::offer::SipCodec;
 use duplex::gateway::sip::register::RegisterSettings;
 use duplex::gateway::sip::{self, SipServer, SipSettings};
 use ipnet::IpNet;
@@ -33,6 +34,7 @@ async fn start_registering(
         bind: "127.0.0.1:0".parse().unwrap(),
         allow,
         register,
+        codecs: SipCodec::ALL.to_vec(),
     };
     let sip = SipServer::bind(&settings, server.state.clone())
         .await
@@ -42,25 +44,55 @@ async fn start_registering(
     (server, addr)
 }
 
-/// What baresip recorded of one call: what it sent and what it heard, at 8 kHz.
+/// What baresip recorded of one call: what it sent and what it heard, at `rate`.
 struct PhoneCall {
     sent: Vec<f32>,
     heard: Vec<f32>,
+    rate: u32,
     log: String,
 }
 
-/// Dials `uri` with baresip, playing `wav` (8 kHz mono) until it ends, then hanging up.
-fn baresip_call(uri: &str, wav: &Path, seconds: u32) -> PhoneCall {
+/// A phone that speaks one codec: its baresip module, and the rate and channels its sound
+/// runs at (baresip's Opus is stereo, as RFC 7587 names it).
+#[derive(Clone, Copy)]
+struct Phone {
+    module: &'static str,
+    rate: u32,
+    channels: u16,
+}
+
+const G711_PHONE: Phone = Phone {
+    module: "g711.so",
+    rate: 8000,
+    channels: 1,
+};
+const G722_PHONE: Phone = Phone {
+    module: "g722.so",
+    rate: 16000,
+    channels: 1,
+};
+const OPUS_PHONE: Phone = Phone {
+    module: "opus.so",
+    rate: 48000,
+    channels: 2,
+};
+
+/// Dials `uri` with baresip speaking only `phone`'s codec, playing `wav` (made for the phone
+/// by `speech_wav`) until it ends, then hanging up.
+fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32) -> PhoneCall {
     let dir = common::scratch_dir("baresip");
     let recordings = dir.join("rec");
     std::fs::create_dir_all(&recordings).unwrap();
     let config = format!(
         "poll_method\t\tepoll\nsip_listen\t\t127.0.0.1:0\naudio_player\t\taufile,/dev/null\n\
-audio_source\t\taufile,{}\naudio_alert\t\taufile,/dev/null\naudio_srate\t\t8000\n\
-audio_channels\t\t1\nmodule_path\t\t/usr/lib/baresip/modules\nmodule\t\t\tg711.so\n\
+audio_source\t\taufile,{}\naudio_alert\t\taufile,/dev/null\naudio_srate\t\t{}\n\
+audio_channels\t\t{}\nmodule_path\t\t/usr/lib/baresip/modules\nmodule\t\t\t{}\n\
 module\t\t\taufile.so\nmodule\t\t\tsndfile.so\nsnd_path\t\t{}\nmodule_app\t\taccount.so\n\
 module_app\t\tmenu.so\n",
         wav.display(),
+        phone.rate,
+        phone.channels,
+        phone.module,
         recordings.display()
     );
     std::fs::write(dir.join("config"), config).unwrap();
@@ -88,47 +120,56 @@ module_app\t\tmenu.so\n",
             .map(|path| read_wav(&path))
             .unwrap_or_default()
     };
+    let (sent, rate) = dump("-enc.wav");
     PhoneCall {
-        sent: dump("-enc.wav"),
-        heard: dump("-dec.wav"),
+        sent,
+        heard: dump("-dec.wav").0,
+        rate,
         log,
     }
 }
 
-fn read_wav(path: &Path) -> Vec<f32> {
+/// A WAV file's first channel and its rate.
+fn read_wav(path: &Path) -> (Vec<f32>, u32) {
     let mut reader = hound::WavReader::open(path).unwrap();
-    reader
+    let spec = reader.spec();
+    let samples = reader
         .samples::<i16>()
+        .step_by(spec.channels.into())
         .map(|s| f32::from(s.unwrap()) / 32768.0)
-        .collect()
+        .collect();
+    (samples, spec.sample_rate)
 }
 
-/// Speech as an 8 kHz WAV for baresip's file source.
-fn speech_wav() -> PathBuf {
-    let raw = common::espeak_raw(SENTENCE, "signed", 8000).expect("espeak-ng and sox");
-    let path = common::scratch_dir("sip-speech").join("speech.wav");
+/// Speech as a WAV for `phone`'s file source (the same on every channel).
+fn speech_wav(phone: Phone) -> PathBuf {
+    let raw = common::espeak_raw(SENTENCE, "signed", phone.rate).expect("espeak-ng and sox");
+    let name = format!("speech-{}-{}.wav", phone.rate, phone.channels);
+    let path = common::scratch_dir("sip-speech").join(name);
     let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 8000,
+        channels: phone.channels,
+        sample_rate: phone.rate,
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
     let mut writer = hound::WavWriter::create(&path, spec).unwrap();
     for pair in raw.chunks_exact(2) {
-        writer
-            .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
-            .unwrap();
+        for _ in 0..phone.channels {
+            writer
+                .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
+                .unwrap();
+        }
     }
     writer.finalize().unwrap();
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sip_phone_is_answered_and_hears_itself_back() {
-    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
-    let wav = speech_wav();
-    let uri = format!("sip:NATM1@{sip}");
-    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, &wav, 12))
+/// Calls the echo engine from `phone`; returns the call once baresip has hung up, with the
+/// echo's correlation checked.
+async fn echo_call(server_sip: SocketAddr, phone: Phone) -> PhoneCall {
+    let wav = speech_wav(phone);
+    let uri = format!("sip:NATM1@{server_sip}");
+    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, phone, &wav, 12))
         .await
         .unwrap();
     assert!(
@@ -137,14 +178,86 @@ async fn a_sip_phone_is_answered_and_hears_itself_back() {
         call.log
     );
     assert!(
-        call.heard.len() > 8000 * 3,
+        call.heard.len() > call.rate as usize * 3,
         "{} samples heard; baresip's log:\n{}",
         call.heard.len(),
         call.log
     );
-    let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, 8000);
-    eprintln!("echo over SIP: correlation {correlation:.3} at {lag_ms:.0} ms");
+    let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, call.rate);
+    eprintln!(
+        "echo over SIP ({}): correlation {correlation:.3} at {lag_ms:.0} ms",
+        phone.module
+    );
     assert!(correlation > 0.6, "correlation {correlation}");
+    call
+}
+
+/// The share of a signal's energy above `cutoff_hz`: a fourth-order Butterworth high-pass
+/// (two second-order sections, RBJ's cookbook) over the whole signal.
+fn share_above(samples: &[f32], rate: u32, cutoff_hz: f32) -> f32 {
+    let w0 = 2.0 * std::f32::consts::PI * cutoff_hz / rate as f32;
+    let mut filtered = samples.to_vec();
+    for q in [0.5412, 1.3066] {
+        let alpha = w0.sin() / (2.0 * q);
+        let cos = w0.cos();
+        let a0 = 1.0 + alpha;
+        let b = [
+            (1.0 + cos) / 2.0 / a0,
+            -(1.0 + cos) / a0,
+            (1.0 + cos) / 2.0 / a0,
+        ];
+        let a = [-2.0 * cos / a0, (1.0 - alpha) / a0];
+        let (mut x1, mut x2, mut y1, mut y2) = (0.0, 0.0, 0.0, 0.0);
+        for sample in &mut filtered {
+            let x = *sample;
+            let y = b[0] * x + b[1] * x1 + b[2] * x2 - a[0] * y1 - a[1] * y2;
+            (x2, x1, y2, y1) = (x1, x, y1, y);
+            *sample = y;
+        }
+    }
+    let energy = |s: &[f32]| s.iter().map(|x| x * x).sum::<f32>();
+    energy(&filtered) / energy(samples).max(f32::MIN_POSITIVE)
+}
+
+/// A wideband phone's echo keeps the speech above 4 kHz that G.711 cannot carry: it came
+/// through the server in wideband both ways.
+async fn wideband_echo(phone: Phone) {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let call = echo_call(sip, phone).await;
+    let sent = share_above(&call.sent, call.rate, 4500.0);
+    let heard = share_above(&call.heard, call.rate, 4500.0);
+    eprintln!(
+        "{}: energy above 4.5 kHz, sent {sent:.4}, heard {heard:.4}",
+        phone.module
+    );
+    assert!(
+        sent > 0.005,
+        "the test speech has energy above 4.5 kHz: {sent}"
+    );
+    assert!(
+        heard > 0.4 * sent,
+        "heard {heard} of sent {sent} above 4.5 kHz"
+    );
+    assert_eq!(server.metrics.packets_bad.get(), 0);
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_g722_phone_hears_itself_in_wideband() {
+    wideband_echo(G722_PHONE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opus_phone_hears_itself_in_wideband() {
+    wideband_echo(OPUS_PHONE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sip_phone_is_answered_and_hears_itself_back() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let call = echo_call(sip, G711_PHONE).await;
+    assert_eq!(call.rate, 8000);
     // baresip hangs up (BYE) when its file ends: the slot is freed at once.
     assert!(
         eventually(Duration::from_secs(3), || server
@@ -187,9 +300,9 @@ async fn the_model_answers_a_sip_call() {
         ..Default::default()
     };
     let (server, sip) = start(options, sip::private_networks()).await;
-    let wav = speech_wav();
+    let wav = speech_wav(G711_PHONE);
     let uri = format!("sip:NATM0@{sip}");
-    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, &wav, 12))
+    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, G711_PHONE, &wav, 12))
         .await
         .unwrap();
     assert!(call.log.contains("Call established"), "{}", call.log);
@@ -358,15 +471,14 @@ async fn bad_calls_get_the_sip_answer_that_says_why() {
     )
     .await;
     let phone = RawPhone::new(sip).await;
-    let opus_only = phone.offer("111\r\na=rtpmap:111 opus/48000/2");
+    let g729_only = phone.offer("18\r\na=rtpmap:18 G729/8000");
     let response = phone
-        .exchange(&phone.request("INVITE", None, "", &opus_only))
+        .exchange(&phone.request("INVITE", None, "", &g729_only))
         .await;
     assert!(response.starts_with("SIP/2.0 488 "), "{response}");
+    let warning = header(&response, "Warning").unwrap();
     assert!(
-        header(&response, "Warning")
-            .unwrap()
-            .contains("opus/48000/2"),
+        warning.contains("g729/8000") && warning.contains("opus, G722, PCMU, PCMA"),
         "{response}"
     );
 
@@ -577,7 +689,7 @@ async fn a_late_offer_is_answered_in_the_ack() {
     let ours = phone.exchange(&phone.request("INVITE", None, "", "")).await;
     assert!(ours.starts_with("SIP/2.0 200 "), "{ours}");
     assert!(
-        ours.contains("m=audio ") && ours.contains(" RTP/AVP 0 8 101\r\n"),
+        ours.contains("m=audio ") && ours.contains(" RTP/AVP 111 9 0 8 101 110\r\n"),
         "{ours}"
     );
     let tag = to_tag(&ours);
@@ -774,18 +886,23 @@ Contact: <sip:pbx@{at}>\r\nContent-Type: application/sdp\r\nContent-Length: {len
 }
 
 #[test]
-fn a_bad_sip_allow_network_is_refused_by_name() {
-    let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args(["serve", "--engine", "echo", "--sip-port", "5060"])
-        .args(["--sip-allow", "10.0.0.0/8,nonsense"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+fn a_bad_sip_allow_network_or_codec_is_refused_by_name() {
+    let refused = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args(["serve", "--engine", "echo", "--sip-port", "5060"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let network = refused(&["--sip-allow", "10.0.0.0/8,nonsense"]);
     assert!(
-        stderr.contains("\"nonsense\" is neither a network"),
-        "{stderr}"
+        network.contains("\"nonsense\" is neither a network"),
+        "{network}"
     );
+    let codec = refused(&["--sip-codecs", "g722,G729"]);
+    assert!(codec.contains("unknown codec \"G729\""), "{codec}");
 }
 
 #[test]
@@ -819,9 +936,17 @@ fn a_bad_registration_is_refused_before_serving() {
 
 #[test]
 fn serve_says_where_it_answers_sip() {
-    let args = ["--sip-port", "0", "--sip-allow", "192.0.2.0/24"];
+    let args = [
+        "--sip-port",
+        "0",
+        "--sip-allow",
+        "192.0.2.0/24",
+        "--sip-codecs",
+        "g722,pcmu",
+    ];
     let line = common::serve_until_logged(&args, "answering SIP calls", Duration::from_secs(20))
         .expect("a line saying SIP is answered");
+    assert!(line.contains("(G722, PCMU over RTP)"), "{line}");
     assert!(line.contains("udp 127.0.0.1:"), "{line}");
     assert!(
         !line.contains("udp 127.0.0.1:0 "),

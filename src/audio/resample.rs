@@ -1,6 +1,6 @@
 //! Sample-rate conversion: whole signals (files) and streams of any rate with rubato's
-//! synchronous FFT resampler, and the telephone rate (8 kHz ↔ 24 kHz, an exact ratio of 3) with
-//! a small polyphase FIR. The streaming converters allocate only in `new` and write into the
+//! synchronous FFT resampler, and the phone lines' rates (8 or 16 kHz ↔ 24 kHz, small exact
+//! ratios) with a polyphase FIR of 2 ms delay. The streaming converters allocate only in `new` and write into the
 //! caller's buffer, so chunk boundaries never change the output.
 
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
@@ -43,32 +43,31 @@ pub struct OutputTooSmall {
     pub have: usize,
 }
 
-/// Taps per polyphase branch of the ratio-3 filter (96 taps at 24 kHz: about 2 ms of delay).
-const TAPS_PER_PHASE: usize = 32;
-/// Filter length at the high rate.
-const FIR_LEN: usize = 3 * TAPS_PER_PHASE;
-/// Pass band edge of the telephone-band filter (the 8 kHz side's Nyquist is 4 kHz).
-const CUTOFF_HZ: f64 = 3600.0;
+/// The low-pass filter's length in time: 4 ms at the converter's high rate (96 taps for
+/// 8 ↔ 24 kHz, 192 for 16 ↔ 24 kHz), so each conversion delays the audio by 2 ms.
+const FILTER_SECONDS: f64 = 0.004;
+/// The pass band's edge, as a share of the lower rate: 3.6 kHz for 8 kHz, 7.2 kHz for 16.
+const PASS_BAND: f64 = 0.45;
 
-/// A Kaiser-windowed sinc low-pass at 24 kHz with its cut-off below 4 kHz, unity DC gain.
-fn telephone_lowpass() -> [f32; FIR_LEN] {
+/// A Kaiser-windowed sinc low-pass of `len` taps, cut-off `cutoff` (a fraction of the rate it
+/// runs at), unity DC gain.
+fn kaiser_lowpass(len: usize, cutoff: f64) -> Vec<f64> {
     let beta = 6.0;
-    let center = (FIR_LEN - 1) as f64 / 2.0;
-    let fc = CUTOFF_HZ / super::SAMPLE_RATE as f64;
-    let mut taps = [0.0f64; FIR_LEN];
-    for (idx, tap) in taps.iter_mut().enumerate() {
-        let t = idx as f64 - center;
-        let sinc = if t == 0.0 {
-            2.0 * fc
-        } else {
-            (2.0 * PI * fc * t).sin() / (PI * t)
-        };
-        let ratio = t / center;
-        let window = bessel_i0(beta * (1.0 - ratio * ratio).max(0.0).sqrt()) / bessel_i0(beta);
-        *tap = sinc * window;
-    }
+    let center = (len - 1) as f64 / 2.0;
+    let taps: Vec<f64> = (0..len)
+        .map(|idx| {
+            let t = idx as f64 - center;
+            let sinc = if t == 0.0 {
+                2.0 * cutoff
+            } else {
+                (2.0 * PI * cutoff * t).sin() / (PI * t)
+            };
+            let ratio = t / center;
+            sinc * bessel_i0(beta * (1.0 - ratio * ratio).max(0.0).sqrt()) / bessel_i0(beta)
+        })
+        .collect();
     let sum: f64 = taps.iter().sum();
-    taps.map(|t| (t / sum) as f32)
+    taps.iter().map(|t| t / sum).collect()
 }
 
 /// The zeroth-order modified Bessel function of the first kind (series; enough for a window).
@@ -81,125 +80,97 @@ fn bessel_i0(x: f64) -> f64 {
     sum
 }
 
-/// 8 kHz → 24 kHz: each input sample yields three output samples.
-pub struct Upsampler3 {
-    /// The filter split into its three phases, each reversed for a forward dot product.
-    phases: [[f32; TAPS_PER_PHASE]; 3],
-    /// The last `TAPS_PER_PHASE` inputs, stored twice so a window is always contiguous.
-    history: [f32; 2 * TAPS_PER_PHASE],
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// A stream between two rates of a small ratio (8 or 16 kHz ↔ 24 kHz, the phone lines' rates)
+/// with a polyphase FIR: up by `up`, low-pass below the lower rate's Nyquist, down by `down`,
+/// each output computed from one branch of the filter. 2 ms of delay, where rubato's FFT
+/// converter (`StreamResampler`) buffers 10 ms chunks.
+pub struct Polyphase {
+    up: usize,
+    down: usize,
+    taps_per_branch: usize,
+    /// Branch `p` (the outputs `p` high-rate samples after an input) holds the filter's taps
+    /// `p`, `p + up`, `p + 2·up`, … reversed, so a dot product with the history (oldest first)
+    /// applies them; gain `up` makes up for the zeros the upsampling stuffs.
+    branches: Vec<f32>,
+    /// The last `taps_per_branch` inputs, stored twice so a window is always contiguous.
+    history: Vec<f32>,
     write_idx: usize,
+    /// The next output's position at the high rate, counted from the newest input.
+    next: usize,
 }
 
-impl Default for Upsampler3 {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Upsampler3 {
-    pub fn new() -> Self {
-        let taps = telephone_lowpass();
-        let mut phases = [[0.0; TAPS_PER_PHASE]; 3];
-        for (phase_idx, phase) in phases.iter_mut().enumerate() {
-            for k in 0..TAPS_PER_PHASE {
-                // Gain 3 makes up for the two zeros stuffed between input samples.
-                phase[TAPS_PER_PHASE - 1 - k] = 3.0 * taps[3 * k + phase_idx];
+impl Polyphase {
+    pub fn new(from: u32, to: u32) -> Result<Self, ResampleError> {
+        let common = gcd(from, to);
+        let (up, down) = ((to / common) as usize, (from / common) as usize);
+        if from == 0 || to == 0 || up > 16 || down > 16 {
+            let reason = "not a small ratio".into();
+            return Err(ResampleError { from, to, reason });
+        }
+        let high_rate = f64::from(from) * up as f64;
+        let taps_per_branch = ((FILTER_SECONDS * high_rate) as usize).div_ceil(up);
+        let cutoff = PASS_BAND * f64::from(from.min(to)) / high_rate;
+        // An odd length (the last slot stays zero) delays by whole samples at the high rate.
+        let mut taps = kaiser_lowpass(up * taps_per_branch - 1, cutoff);
+        taps.push(0.0);
+        let mut branches = vec![0.0; up * taps_per_branch];
+        for (branch_idx, branch) in branches.chunks_exact_mut(taps_per_branch).enumerate() {
+            for (k, tap) in branch.iter_mut().rev().enumerate() {
+                *tap = (up as f64 * taps[branch_idx + up * k]) as f32;
             }
         }
-        Self {
-            phases,
-            history: [0.0; 2 * TAPS_PER_PHASE],
+        Ok(Self {
+            up,
+            down,
+            taps_per_branch,
+            branches,
+            history: vec![0.0; 2 * taps_per_branch],
             write_idx: 0,
+            next: 0,
+        })
+    }
+
+    /// The most output samples `input_len` input samples can yield.
+    pub fn max_output_len(&self, input_len: usize) -> usize {
+        (input_len * self.up).div_ceil(self.down)
+    }
+
+    /// Output samples `input_len` inputs yield from the current phase.
+    fn output_len(&self, input_len: usize) -> usize {
+        let span = input_len * self.up;
+        match span > self.next {
+            true => (span - self.next - 1) / self.down + 1,
+            false => 0,
         }
-    }
-
-    /// Output samples for `input_len` input samples.
-    pub fn output_len(input_len: usize) -> usize {
-        3 * input_len
-    }
-
-    /// Converts `input`, writing `3 · input.len()` samples to the front of `out`.
-    pub fn process(&mut self, input: &[f32], out: &mut [f32]) -> Result<usize, OutputTooSmall> {
-        let need = Self::output_len(input.len());
-        if out.len() < need {
-            return Err(OutputTooSmall {
-                need,
-                have: out.len(),
-            });
-        }
-        for (&x, out3) in input.iter().zip(out.chunks_exact_mut(3)) {
-            self.history[self.write_idx] = x;
-            self.history[self.write_idx + TAPS_PER_PHASE] = x;
-            self.write_idx = (self.write_idx + 1) % TAPS_PER_PHASE;
-            // Oldest to newest: the reversed phases line up with it.
-            let window = &self.history[self.write_idx..self.write_idx + TAPS_PER_PHASE];
-            for (y, phase) in out3.iter_mut().zip(&self.phases) {
-                *y = dot(window, phase);
-            }
-        }
-        Ok(need)
-    }
-
-    pub fn reset(&mut self) {
-        self.history.fill(0.0);
-        self.write_idx = 0;
-    }
-}
-
-/// 24 kHz → 8 kHz: low-pass, then keep every third sample.
-pub struct Downsampler3 {
-    /// The filter reversed for a forward dot product.
-    taps: [f32; FIR_LEN],
-    history: [f32; 2 * FIR_LEN],
-    write_idx: usize,
-    /// Inputs seen since the last output (0, 1 or 2).
-    phase: usize,
-}
-
-impl Default for Downsampler3 {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Downsampler3 {
-    pub fn new() -> Self {
-        let mut taps = telephone_lowpass();
-        taps.reverse();
-        Self {
-            taps,
-            history: [0.0; 2 * FIR_LEN],
-            write_idx: 0,
-            phase: 0,
-        }
-    }
-
-    /// The most output samples `input_len` input samples can yield (depends on the phase).
-    pub fn max_output_len(input_len: usize) -> usize {
-        input_len.div_ceil(3)
     }
 
     /// Converts `input`, writing to the front of `out`; returns the samples written.
     pub fn process(&mut self, input: &[f32], out: &mut [f32]) -> Result<usize, OutputTooSmall> {
-        let need = (self.phase + input.len()) / 3;
+        let need = self.output_len(input.len());
         if out.len() < need {
             return Err(OutputTooSmall {
                 need,
                 have: out.len(),
             });
         }
+        let taps = self.taps_per_branch;
         let mut written = 0;
         for &x in input {
             self.history[self.write_idx] = x;
-            self.history[self.write_idx + FIR_LEN] = x;
-            self.write_idx = (self.write_idx + 1) % FIR_LEN;
-            self.phase += 1;
-            if self.phase == 3 {
-                self.phase = 0;
-                let window = &self.history[self.write_idx..self.write_idx + FIR_LEN];
-                out[written] = dot(window, &self.taps);
+            self.history[self.write_idx + taps] = x;
+            self.write_idx = (self.write_idx + 1) % taps;
+            let window = &self.history[self.write_idx..self.write_idx + taps];
+            while self.next < self.up {
+                let branch = &self.branches[self.next * taps..(self.next + 1) * taps];
+                out[written] = dot(window, branch);
                 written += 1;
+                self.next += self.down;
             }
+            self.next -= self.up;
         }
         Ok(written)
     }
@@ -207,7 +178,7 @@ impl Downsampler3 {
     pub fn reset(&mut self) {
         self.history.fill(0.0);
         self.write_idx = 0;
-        self.phase = 0;
+        self.next = 0;
     }
 }
 
@@ -315,105 +286,97 @@ mod tests {
             .collect()
     }
 
-    fn up_streamed(input: &[f32], chunk: usize) -> Vec<f32> {
-        let mut up = Upsampler3::new();
-        let mut out = vec![0.0; 3 * chunk];
+    fn streamed(from: u32, to: u32, input: &[f32], chunk: usize) -> Vec<f32> {
+        let mut converter = Polyphase::new(from, to).unwrap();
+        let mut out = vec![0.0; converter.max_output_len(chunk)];
         let mut all = Vec::new();
         for piece in input.chunks(chunk) {
-            let n = up.process(piece, &mut out).unwrap();
+            let n = converter.process(piece, &mut out).unwrap();
             all.extend_from_slice(&out[..n]);
         }
         all
     }
 
-    fn down_streamed(input: &[f32], chunk: usize) -> Vec<f32> {
-        let mut down = Downsampler3::new();
-        let mut out = vec![0.0; Downsampler3::max_output_len(chunk) + 1];
-        let mut all = Vec::new();
-        for piece in input.chunks(chunk) {
-            let n = down.process(piece, &mut out).unwrap();
-            all.extend_from_slice(&out[..n]);
-        }
-        all
-    }
+    const PHONE_RATES: [u32; 2] = [8000, 16_000];
 
     #[test]
-    fn ratio_3_streams_match_offline_for_any_chunking() {
-        let narrow = signal::speech_like(4800, 3)
-            .into_iter()
-            .step_by(3)
-            .collect::<Vec<_>>();
+    fn phone_rate_streams_match_offline_for_any_chunking() {
         let wide = signal::speech_like(24_000, 4);
-        let up_offline = up_streamed(&narrow, narrow.len());
-        let down_offline = down_streamed(&wide, wide.len());
-        assert_eq!(up_offline.len(), 3 * narrow.len());
-        assert_eq!(down_offline.len(), wide.len() / 3);
-        for chunk in [1, 7, 160, 1920] {
-            assert_eq!(up_streamed(&narrow, chunk), up_offline, "up, chunk {chunk}");
-            assert_eq!(
-                down_streamed(&wide, chunk),
-                down_offline,
-                "down, chunk {chunk}"
-            );
+        for rate in PHONE_RATES {
+            let narrow = resample(&wide, 24_000, rate).unwrap();
+            let up_offline = streamed(rate, 24_000, &narrow, narrow.len());
+            let down_offline = streamed(24_000, rate, &wide, wide.len());
+            assert_eq!(up_offline.len(), narrow.len() * 24_000 / rate as usize);
+            assert_eq!(down_offline.len(), wide.len() * rate as usize / 24_000);
+            for chunk in [1, 7, 160, 1920] {
+                let up = streamed(rate, 24_000, &narrow, chunk);
+                assert_eq!(up, up_offline, "{rate} up, chunk {chunk}");
+                let down = streamed(24_000, rate, &wide, chunk);
+                assert_eq!(down, down_offline, "{rate} down, chunk {chunk}");
+            }
         }
     }
 
     #[test]
-    fn telephone_band_tones_pass_and_high_tones_are_removed() {
-        // 1 kHz at 24 kHz → 8 kHz → 24 kHz comes back; 6 kHz (above 4 kHz) is removed.
-        let delay = FIR_LEN - 1; // both filters' group delays, at 24 kHz
-        let pass = signal::chirp(4800, 300.0, 3000.0, 0.5);
-        let mut down = Downsampler3::new();
-        let mut up = Upsampler3::new();
-        let mut narrow = vec![0.0; 1600];
-        let mut back = vec![0.0; 4800];
-        down.process(&pass, &mut narrow).unwrap();
-        up.process(&narrow, &mut back).unwrap();
-        let (lag, corr) = signal::best_lag(&pass[..4000], &back, 200);
-        assert!(corr > 0.99, "corr {corr}");
-        // The decimation phase moves it by up to two samples.
-        assert!(
-            lag.abs_diff(delay) <= 3,
-            "lag {lag}, expected about {delay}"
-        );
-        let rms_ratio = signal::rms(&back[lag + 600..4000 + lag]) / signal::rms(&pass[600..4000]);
-        assert!((rms_ratio - 1.0).abs() < 0.05, "gain {rms_ratio}");
-        let stop = tone(6000.0, 24_000, 4800);
-        down.reset();
-        let n = down.process(&stop, &mut narrow).unwrap();
-        let level = signal::rms(&narrow[200..n]) / signal::rms(&stop);
-        assert!(level < 0.01, "6 kHz leaks at {level}");
+    fn the_line_band_passes_both_ways_and_above_it_is_removed() {
+        for (rate, band_top, stop_hz) in [(8000, 3000.0, 6000.0), (16_000, 6500.0, 10_000.0)] {
+            // A chirp within the line's band goes down to the line's rate and back unchanged,
+            // 2 ms later each way.
+            let pass = signal::chirp(4800, 300.0, band_top, 0.5);
+            let mut down = Polyphase::new(24_000, rate).unwrap();
+            let mut up = Polyphase::new(rate, 24_000).unwrap();
+            let mut narrow = vec![0.0; down.max_output_len(pass.len())];
+            let mut back = vec![0.0; 4800];
+            let n = down.process(&pass, &mut narrow).unwrap();
+            up.process(&narrow[..n], &mut back).unwrap();
+            let (lag, corr) = signal::best_lag(&pass[..4000], &back, 200);
+            assert!(corr > 0.99, "{rate}: corr {corr}");
+            assert!(
+                lag.abs_diff(96) <= 3,
+                "{rate}: lag {lag}, expected about 96"
+            );
+            let gain = signal::rms(&back[lag + 600..4000 + lag]) / signal::rms(&pass[600..4000]);
+            assert!((gain - 1.0).abs() < 0.05, "{rate}: gain {gain}");
+            // Above the line's Nyquist nothing comes through.
+            let stop = tone(stop_hz, 24_000, 4800);
+            down.reset();
+            let n = down.process(&stop, &mut narrow).unwrap();
+            let level = signal::rms(&narrow[200..n]) / signal::rms(&stop);
+            assert!(level < 0.01, "{rate}: {stop_hz} Hz leaks at {level}");
+        }
     }
 
     #[test]
     fn reset_twice_gives_the_same_output() {
         let input = signal::speech_like(960, 1);
-        let mut down = Downsampler3::new();
-        let mut a = vec![0.0; 320];
-        let mut b = vec![0.0; 320];
-        down.process(&input[..1], &mut a).unwrap();
-        down.reset();
-        down.process(&input, &mut a).unwrap();
-        down.reset();
-        down.process(&input, &mut b).unwrap();
-        assert_eq!(a, b);
-        let mut up = Upsampler3::new();
-        let (mut c, mut d) = (vec![0.0; 2880], vec![0.0; 2880]);
-        up.process(&input, &mut c).unwrap();
-        up.reset();
-        up.process(&input, &mut d).unwrap();
-        assert_eq!(c, d);
+        for (from, to) in [
+            (24_000, 8000),
+            (8000, 24_000),
+            (24_000, 16_000),
+            (16_000, 24_000),
+        ] {
+            let mut converter = Polyphase::new(from, to).unwrap();
+            let mut a = vec![0.0; 2880];
+            let mut b = vec![0.0; 2880];
+            converter.process(&input[..1], &mut a).unwrap();
+            converter.reset();
+            converter.process(&input, &mut a).unwrap();
+            converter.reset();
+            converter.process(&input, &mut b).unwrap();
+            assert_eq!(a, b, "{from} -> {to}");
+        }
     }
 
     #[test]
     fn a_short_output_buffer_is_an_error() {
-        let mut up = Upsampler3::new();
+        let mut up = Polyphase::new(8000, 24_000).unwrap();
         assert_eq!(
             up.process(&[0.0; 10], &mut [0.0; 29]),
             Err(OutputTooSmall { need: 30, have: 29 })
         );
-        let mut down = Downsampler3::new();
-        assert!(down.process(&[0.0; 9], &mut [0.0; 2]).is_err());
+        let mut down = Polyphase::new(24_000, 16_000).unwrap();
+        assert!(down.process(&[0.0; 9], &mut [0.0; 5]).is_err());
+        assert!(Polyphase::new(44_100, 24_000).is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! requests within it, and the BYE that ends it from our side.
 
 use super::message::{self, Request};
-use super::offer::{AudioOffer, Direction, OfferError};
+use super::offer::{AudioOffer, Direction, OfferError, SipCodec};
 use crate::engine::SessionId;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub struct Dialog {
     pub reoffer_cseq: Option<u32>,
     /// The last re-INVITE answered: its CSeq and the answer, sent again on a retransmission.
     pub last_reinvite: Option<(String, String)>,
+    /// The codecs our late offer carried, the preferred first.
+    pub codecs: Vec<SipCodec>,
     pub cancel: CancellationToken,
 }
 
@@ -71,7 +73,7 @@ impl Dialog {
         if self.offer.borrow().is_some() {
             return Ok(());
         }
-        let answer = AudioOffer::parse(&ack.body)?;
+        let answer = AudioOffer::parse(&ack.body, &self.codecs)?;
         self.offer.send_replace(Some(answer));
         Ok(())
     }

@@ -1,5 +1,6 @@
-//! One SIP call's media: G.711 over plain RTP on its own UDP port. The caller's packets go
-//! into the session's input ring in sequence order; the agent's audio goes out one packet per
+//! One SIP call's media: Opus, G.722 or G.711 over plain RTP on its own UDP port. The caller's
+//! packets go into the session's input ring in sequence order (a gap counted as loss, and
+//! filled in for Opus); the agent's audio goes out one packet per
 //! 20 ms tick of the engine's output grid, to the address the caller's packets come from
 //! (symmetric RTP, so a caller behind NAT is reached without its SDP being right). Only a
 //! packet from the caller's SIP address or its SDP's may teach that address; other sources
@@ -10,7 +11,7 @@ use crate::audio::ring::InputProducer;
 use crate::engine::session::SessionCloser;
 use crate::engine::{SessionEvent, SessionId, SessionStats};
 use crate::gateway::outbound::{PacketSource, packet_ticker};
-use crate::gateway::wire::{Codec, InboundAudio, OutboundAudio, WireFormat};
+use crate::gateway::wire::{InboundAudio, OutboundAudio};
 use crate::metrics::Metrics;
 use crossbeam_channel::TryRecvError;
 use rtc::rtp::header::Header;
@@ -29,10 +30,10 @@ pub const RTP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HOLD_TIMEOUT: Duration = Duration::from_secs(600);
 /// The metrics label of SIP events.
 pub const TRANSPORT: &str = "sip";
-/// G.711 samples per 20 ms packet, the RTP timestamp's step.
-const PACKET_TIMESTAMP_STEP: u32 = 160;
-/// An RTP datagram larger than this is not a G.711 packet of a sane length.
+/// An RTP datagram larger than this is no packet a phone sends (Ethernet's MTU and more).
 const MAX_RTP_BYTES: usize = 2048;
+/// A jump in sequence numbers this large (10 s of packets) is a restarted stream, not loss.
+const RESTART_GAP: u64 = 500;
 
 /// How a call's media ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,10 +85,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         drop(closer);
         return MediaEnding::Cancelled;
     };
-    let format = WireFormat {
-        codec: Codec::G711(current.law),
-        rate: 8000,
-    };
+    let format = current.codec.wire();
     let (mut inbound, mut outbound) = match (
         InboundAudio::new(format),
         OutboundAudio::new(output, format),
@@ -95,7 +93,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         (Ok(inbound), Ok(outbound)) => (inbound, outbound),
         (Err(why), _) | (_, Err(why)) => return MediaEnding::Engine(why),
     };
-    let mut sender = RtpSender::new(current.payload_type);
+    let mut sender = RtpSender::new(current.payload_type, current.codec.timestamp_step());
     let mut receiver = RtpReceiver::new(&current);
     let mut ticker = packet_ticker(schedule);
     let mut buf = vec![0u8; MAX_RTP_BYTES];
@@ -112,7 +110,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 }
                 outbound.source.wait_for_late_output().await;
                 let (payload, _) = outbound.next(&stats, &metrics);
-                if current.direction.caller_receives() {
+                if current.direction.caller_receives() && !payload.is_empty() {
                     let _ = socket.send_to(sender.packet(payload), destination).await;
                 }
             }
@@ -129,7 +127,10 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                     heard_at = tokio::time::Instant::now();
                 }
                 match verdict {
-                    Received::Audio(payload) => {
+                    Received::Audio { payload, lost } => {
+                        if lost > 0 {
+                            inbound.lost(lost, payload, &mut input, &stats, &metrics);
+                        }
                         inbound.push(payload, &mut input, &stats, &metrics);
                         if source.is_none() {
                             source = Some(from);
@@ -159,6 +160,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 destination = current.remote;
                 source = None;
                 receiver = RtpReceiver::new(&current);
+                sender.header.payload_type = current.payload_type;
                 heard_at = tokio::time::Instant::now();
             }
             _ = tokio::time::sleep_until(heard_at + silence_limit(current.direction)) => {
@@ -219,11 +221,13 @@ fn drain_events(events: &crossbeam_channel::Receiver<SessionEvent>) -> Result<()
 /// each packet written into one buffer, kept for the call.
 struct RtpSender {
     header: Header,
+    /// The timestamp's step per 20 ms packet (the codec's RTP clock / 50).
+    timestamp_step: u32,
     packet: Vec<u8>,
 }
 
 impl RtpSender {
-    fn new(payload_type: u8) -> Self {
+    fn new(payload_type: u8, timestamp_step: u32) -> Self {
         Self {
             header: Header {
                 version: 2,
@@ -234,6 +238,7 @@ impl RtpSender {
                 marker: true,
                 ..Default::default()
             },
+            timestamp_step,
             packet: Vec::with_capacity(MAX_RTP_BYTES),
         }
     }
@@ -247,7 +252,7 @@ impl RtpSender {
         self.packet.extend_from_slice(payload);
         self.header.marker = false;
         self.header.sequence_number = self.header.sequence_number.wrapping_add(1);
-        self.header.timestamp = self.header.timestamp.wrapping_add(PACKET_TIMESTAMP_STEP);
+        self.header.timestamp = self.header.timestamp.wrapping_add(self.timestamp_step);
         &self.packet
     }
 }
@@ -255,8 +260,8 @@ impl RtpSender {
 /// What one datagram from the caller was.
 #[derive(Debug, PartialEq, Eq)]
 enum Received<'a> {
-    /// G.711 audio to play into the session.
-    Audio(&'a [u8]),
+    /// Audio to play into the session, after `lost` packets that never came.
+    Audio { payload: &'a [u8], lost: u64 },
     /// Audio older than what has been played (reordered or duplicated): dropped.
     Late,
     /// The end of a key press (RFC 4733).
@@ -340,11 +345,14 @@ impl RtpReceiver {
                 last.wrapping_add_signed(i64::from(delta))
             }
         };
-        if self.last_sequence.is_some_and(|last| extended <= last) {
-            return Received::Late;
-        }
+        let lost = match self.last_sequence {
+            Some(last) if extended <= last => return Received::Late,
+            Some(last) => extended - last - 1,
+            None => 0,
+        };
         self.last_sequence = Some(extended);
-        Received::Audio(payload)
+        let lost = if lost > RESTART_GAP { 0 } else { lost };
+        Received::Audio { payload, lost }
     }
 
     fn digit(&mut self, timestamp: u32, payload: &[u8]) -> Received<'static> {
@@ -369,13 +377,14 @@ impl RtpReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::sip::offer::SipCodec;
     use bytes::Bytes;
     use rtc::rtp::packet::Packet;
 
     fn offer() -> AudioOffer {
         let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
 m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
-        AudioOffer::parse(sdp).unwrap()
+        AudioOffer::parse(sdp, &SipCodec::ALL).unwrap()
     }
 
     fn rtp(payload_type: u8, sequence_number: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
@@ -398,7 +407,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
         let mut receiver = RtpReceiver::new(&offer());
         let audio = |r: &mut RtpReceiver, seq| {
             let packet = rtp(0, seq, 0, &[0xff; 160]);
-            matches!(r.accept(&packet), Received::Audio(payload) if payload == [0xff; 160])
+            matches!(r.accept(&packet), Received::Audio { payload, .. } if payload == [0xff; 160])
         };
         let late =
             |r: &mut RtpReceiver, seq| r.accept(&rtp(0, seq, 0, &[0xff; 160])) == Received::Late;
@@ -411,15 +420,32 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
     }
 
     #[test]
+    fn a_gap_in_the_sequence_is_counted_as_loss_unless_the_stream_restarted() {
+        let mut receiver = RtpReceiver::new(&offer());
+        let mut lost = |seq| match receiver.accept(&rtp(0, seq, 0, &[0xff; 160])) {
+            Received::Audio { lost, .. } => lost,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(lost(65534), 0);
+        assert_eq!(lost(65535), 0);
+        assert_eq!(lost(2), 2);
+        assert_eq!(lost(3), 0);
+        assert_eq!(lost(3 + 2000), 0);
+    }
+
+    #[test]
     fn a_new_ssrc_starts_its_sequence_afresh() {
         let mut receiver = RtpReceiver::new(&offer());
         assert!(matches!(
             receiver.accept(&rtp(0, 40000, 0, &[0xff; 160])),
-            Received::Audio(_)
+            Received::Audio { .. }
         ));
         let mut restarted = rtp(0, 100, 0, &[0xff; 160]);
         restarted[8..12].copy_from_slice(&2u32.to_be_bytes());
-        assert!(matches!(receiver.accept(&restarted), Received::Audio(_)));
+        assert!(matches!(
+            receiver.accept(&restarted),
+            Received::Audio { lost: 0, .. }
+        ));
     }
 
     #[test]
@@ -428,7 +454,9 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
         let mut padded = rtp(0, 1, 0, &[0x7f; 160]);
         padded[0] |= 0x20;
         padded.extend_from_slice(&[0, 0, 3]);
-        assert!(matches!(receiver.accept(&padded), Received::Audio(p) if p == [0x7f; 160]));
+        assert!(
+            matches!(receiver.accept(&padded), Received::Audio { payload, .. } if payload == [0x7f; 160])
+        );
         let mut overlong = rtp(0, 2, 0, &[0x7f; 4]);
         overlong[0] |= 0x20;
         overlong.push(200);
@@ -458,7 +486,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
 
     #[test]
     fn sent_packets_step_by_one_packet_of_samples() {
-        let mut sender = RtpSender::new(8);
+        let mut sender = RtpSender::new(8, 160);
         let first = Packet::unmarshal(&mut sender.packet(&[1; 160]).to_vec().as_slice()).unwrap();
         let second = Packet::unmarshal(&mut sender.packet(&[2; 160]).to_vec().as_slice()).unwrap();
         assert!(first.header.marker && !second.header.marker);

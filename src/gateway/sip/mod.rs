@@ -1,6 +1,7 @@
 //! Phone calls straight from a PBX or a SIP trunk (`serve --sip-port`): a SIP user agent over
-//! UDP that answers INVITEs with G.711 over plain RTP (RFC 3261, 3264, 3550, 4733), so an
-//! Asterisk, FreeSWITCH or 3CX on the same network reaches the agent with no cloud provider.
+//! UDP that answers INVITEs with Opus, G.722 or G.711 over plain RTP (RFC 3261, 3264, 3550,
+//! 4733, 7587), so an Asterisk, FreeSWITCH or 3CX on the same network reaches the agent with
+//! no cloud provider.
 //!
 //! Callers are admitted by source address (`--sip-allow`, private networks by default): SIP
 //! has no bearer token, and scanners probe every public port 5060. Requests from elsewhere get
@@ -22,7 +23,7 @@ use dialog::{ALLOW, ByeTarget, Dialog};
 use ipnet::IpNet;
 use media::{MediaCall, MediaEnding, TRANSPORT};
 use message::{MAX_MESSAGE_BYTES, Request};
-use offer::AudioOffer;
+use offer::{AudioOffer, SipCodec};
 use register::{RegisterDialog, RegisterSettings};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -53,6 +54,8 @@ pub struct SipSettings {
     pub allow: Vec<IpNet>,
     /// The PBX extension to register as, if any (its registrar is then allowed too).
     pub register: Option<RegisterSettings>,
+    /// The codecs a call may take, the preferred first (`SipCodec::ALL` by default).
+    pub codecs: Vec<SipCodec>,
 }
 
 /// A registration failed, or was refused: retried after this.
@@ -91,6 +94,7 @@ struct Shared {
     awaiting: Mutex<HashMap<String, mpsc::UnboundedSender<String>>>,
     /// The registration to keep, with the registrar's address.
     register: Option<(RegisterSettings, SocketAddr)>,
+    codecs: Vec<SipCodec>,
 }
 
 impl SipServer {
@@ -112,6 +116,7 @@ impl SipServer {
             dialogs: Mutex::new(HashMap::new()),
             awaiting: Mutex::new(HashMap::new()),
             register,
+            codecs: settings.codecs.clone(),
         });
         Ok(Self { socket, shared })
     }
@@ -259,7 +264,7 @@ impl Shared {
         }
         let offer = match request.body.trim().is_empty() {
             true => None,
-            false => Some(AudioOffer::parse(&request.body)?),
+            false => Some(AudioOffer::parse(&request.body, &self.codecs)?),
         };
         let persona = self.persona(request);
         let session = self
@@ -280,7 +285,7 @@ impl Shared {
             cancel.clone(),
         );
         let (rtp, codec) = match &offer {
-            Some(offer) => (offer.remote.to_string(), offer::law_name(offer.law)),
+            Some(offer) => (offer.remote.to_string(), offer.codec.name()),
             None => ("from the ACK".into(), "offered"),
         };
         tracing::info!(
@@ -333,7 +338,7 @@ impl Shared {
         let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
         let body = match offer {
             Some(offer) => offer.answer(local_rtp, sdp_id, 1),
-            None => offer::late_offer(local_rtp, sdp_id),
+            None => offer::late_offer(local_rtp, sdp_id, &self.codecs),
         };
         let sdp = Some(("application/sdp", body.as_str()));
         let answer = request.response(200, "OK", Some(&local_tag), &extra, sdp);
@@ -351,6 +356,7 @@ impl Shared {
             invite_cseq: dialog::cseq_number(request),
             reoffer_cseq: None,
             last_reinvite: None,
+            codecs: self.codecs.clone(),
             cancel,
         }
     }

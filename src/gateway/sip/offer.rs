@@ -1,12 +1,121 @@
-//! The SDP of a SIP call (RFC 3264, plain RTP): which G.711 law the caller offers and where its
-//! RTP goes, and the answer that names ours.
+//! The SDP of a SIP call (RFC 3264, plain RTP): which of our codecs the caller offers (Opus,
+//! G.722, G.711), where its RTP goes, and the answer that names ours.
 
 use crate::audio::g711::Law;
+use crate::gateway::wire::{Codec, WireFormat};
 use rtc::sdp::description::common::Attribute;
 use rtc::sdp::description::media::MediaDescription;
 use rtc::sdp::description::session::SessionDescription;
 use std::io::Cursor;
 use std::net::{IpAddr, SocketAddr};
+
+/// A codec a call can run in, named as SDP names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SipCodec {
+    /// Opus (RFC 7587): wideband and more, at the model's own 24 kHz.
+    Opus,
+    /// G.722: 16 kHz wideband, what desk phones call HD voice.
+    G722,
+    /// G.711 µ-law and A-law: 8 kHz, every phone has them.
+    Pcmu,
+    Pcma,
+}
+
+impl SipCodec {
+    /// Every codec, the widest band first: the default preference.
+    pub const ALL: [Self; 4] = [Self::Opus, Self::G722, Self::Pcmu, Self::Pcma];
+
+    /// The name `--sip-codecs` takes and the log shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Opus => "opus",
+            Self::G722 => "G722",
+            Self::Pcmu => "PCMU",
+            Self::Pcma => "PCMA",
+        }
+    }
+
+    /// The `rtpmap` encoding: name, RTP clock and, for Opus, channels (always 2, RFC 7587).
+    fn rtpmap(self) -> &'static str {
+        match self {
+            Self::Opus => "opus/48000/2",
+            Self::G722 => "G722/8000",
+            Self::Pcmu => "PCMU/8000",
+            Self::Pcma => "PCMA/8000",
+        }
+    }
+
+    /// Whether an offered format (its `rtpmap`, lowercase) is this codec. G.722's clock is
+    /// 8000 by a mistake kept for compatibility (RFC 3551 §4.5.2); some phones write 16000.
+    fn matches(self, codec: &str) -> bool {
+        match self {
+            Self::Opus => codec.starts_with("opus/48000"),
+            Self::G722 => codec == "g722/8000" || codec == "g722/16000",
+            Self::Pcmu => codec == "pcmu/8000",
+            Self::Pcma => codec == "pcma/8000",
+        }
+    }
+
+    /// The payload type our own offers give it (RFC 3551's static ones where they exist).
+    fn our_payload_type(self) -> u8 {
+        match self {
+            Self::Opus => 111,
+            Self::G722 => 9,
+            Self::Pcmu => 0,
+            Self::Pcma => 8,
+        }
+    }
+
+    /// The RTP clock rate, which key presses share.
+    pub fn rtp_clock(self) -> u32 {
+        match self {
+            Self::Opus => 48_000,
+            _ => 8000,
+        }
+    }
+
+    /// RTP timestamp units in one 20 ms packet.
+    pub fn timestamp_step(self) -> u32 {
+        self.rtp_clock() / 50
+    }
+
+    /// How its audio is decoded and encoded.
+    pub fn wire(self) -> WireFormat {
+        match self {
+            Self::Opus => WireFormat::OPUS,
+            Self::G722 => WireFormat::G722,
+            Self::Pcmu => WireFormat::MULAW_8K,
+            Self::Pcma => WireFormat {
+                codec: Codec::G711(Law::Alaw),
+                rate: 8000,
+            },
+        }
+    }
+
+    /// Our `fmtp` for it: for Opus, that we take mono at up to 24 kHz, with in-band FEC
+    /// welcome (a lost packet is rebuilt from the next one's).
+    fn fmtp(self) -> Option<&'static str> {
+        match self {
+            Self::Opus => Some(
+                "maxplaybackrate=24000;sprop-maxcapturerate=24000;stereo=0;sprop-stereo=0;\
+useinbandfec=1",
+            ),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for SipCodec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Self::ALL
+            .into_iter()
+            .find(|codec| codec.name().eq_ignore_ascii_case(text))
+            .ok_or_else(|| format!("unknown codec {text:?}; known: opus, G722, PCMU, PCMA"))
+    }
+}
 
 /// Which way the caller wants audio to flow (RFC 3264 §5.1): a call on hold is `SendOnly` or
 /// `Inactive` from the caller's side.
@@ -45,10 +154,12 @@ impl Direction {
 pub struct AudioOffer {
     /// Where the caller receives RTP.
     pub remote: SocketAddr,
-    pub law: Law,
+    pub codec: SipCodec,
     pub payload_type: u8,
     /// RFC 4733 `telephone-event`, when offered: its payload type (key presses).
     pub telephone_event: Option<u8>,
+    /// Its clock rate, as offered.
+    events_clock: u32,
     pub direction: Direction,
     /// Every `m=` line of the offer, in order: the answer has as many (RFC 3264 §6), the
     /// ones not taken with port 0.
@@ -75,8 +186,8 @@ pub enum OfferError {
     Malformed(String),
     #[error("no audio stream offered")]
     NoAudio,
-    #[error("no G.711 (PCMU or PCMA) among the offered codecs {0:?}")]
-    NoG711(Vec<String>),
+    #[error("none of our codecs ({ours}) among the offered {offered:?}")]
+    NoCodec { ours: String, offered: Vec<String> },
     #[error("no connection address for the audio")]
     NoAddress,
     #[error("the audio is offered over {0}, only RTP/AVP is answered (no SRTP)")]
@@ -86,7 +197,8 @@ pub enum OfferError {
 }
 
 impl AudioOffer {
-    pub fn parse(sdp: &str) -> Result<Self, OfferError> {
+    /// Reads an offer (or the answer to ours), taking the first of `codecs` it carries.
+    pub fn parse(sdp: &str, codecs: &[SipCodec]) -> Result<Self, OfferError> {
         if sdp.trim().is_empty() {
             return Err(OfferError::Missing);
         }
@@ -102,13 +214,8 @@ impl AudioOffer {
         if profile != "RTP/AVP" {
             return Err(OfferError::Profile(profile));
         }
-        let (payload_type, law) = choose_g711(audio)?;
-        let telephone_event = audio
-            .media_name
-            .formats
-            .iter()
-            .find(|pt| codec_of(audio, pt) == "telephone-event/8000")
-            .and_then(|pt| pt.parse().ok());
+        let (payload_type, codec) = choose_codec(audio, codecs)?;
+        let (telephone_event, events_clock) = telephone_event(audio, codec.rtp_clock());
         let address = audio
             .connection_information
             .as_ref()
@@ -130,32 +237,31 @@ impl AudioOffer {
             .collect();
         Ok(Self {
             remote: SocketAddr::new(address, port),
-            law,
+            codec,
             payload_type,
             telephone_event,
+            events_clock,
             direction,
             lines,
         })
     }
 
-    /// A new offer within the call: taken only when it keeps this call's codec, since the
-    /// media already runs with it.
+    /// A new offer within the call: taken only when it still carries this call's codec (its
+    /// payload type may change), since the media already runs with it.
     pub fn renegotiate(&self, sdp: &str) -> Result<Self, OfferError> {
-        let mut offer = Self::parse(sdp)?;
-        if (offer.law, offer.payload_type) != (self.law, self.payload_type) {
-            let name = law_name(self.law);
-            return Err(OfferError::CodecChanged(format!(
-                "{name}/8000 as payload type {}",
-                self.payload_type
-            )));
-        }
+        let mut offer = match Self::parse(sdp, &[self.codec]) {
+            Err(OfferError::NoCodec { .. }) => {
+                return Err(OfferError::CodecChanged(self.codec.rtpmap().to_owned()));
+            }
+            other => other?,
+        };
         offer.telephone_event = offer
             .telephone_event
             .filter(|_| self.telephone_event.is_some());
         Ok(offer)
     }
 
-    /// Our answer: the chosen law (and `telephone-event`, if offered) at `local`, `version`
+    /// Our answer: the chosen codec (and `telephone-event`, if offered) at `local`, `version`
     /// counting up with each answer in the dialog, and every other `m=` line refused.
     pub fn answer(&self, local: SocketAddr, session_id: u64, version: u64) -> String {
         let ip = match local.ip() {
@@ -177,63 +283,116 @@ c=IN {ip} {address}\r\nt=0 0\r\n"
     }
 
     fn audio_section(&self, port: u16) -> String {
-        let name = law_name(self.law);
         let pt = self.payload_type;
-        let (events_pt, events_map) = match self.telephone_event {
-            Some(events) => (
-                format!(" {events}"),
-                format!("a=rtpmap:{events} telephone-event/8000\r\na=fmtp:{events} 0-15\r\n"),
-            ),
-            None => (String::new(), String::new()),
-        };
+        let mut formats = pt.to_string();
+        let mut attributes = codec_attributes(self.codec, pt);
+        if let Some(events) = self.telephone_event {
+            formats.push_str(&format!(" {events}"));
+            attributes.push_str(&events_attributes(events, self.events_clock));
+        }
         format!(
-            "m=audio {port} RTP/AVP {pt}{events_pt}\r\na=rtpmap:{pt} {name}/8000\r\n{events_map}\
-a=ptime:20\r\na={}\r\n",
+            "m=audio {port} RTP/AVP {formats}\r\n{attributes}a=ptime:20\r\na={}\r\n",
             self.direction.answer()
         )
     }
 }
 
-/// Our offer, for an INVITE that came without one (a late offer, RFC 3261 §13.2.1): both
-/// G.711 laws and key presses at `local`, answered in the caller's ACK.
-pub fn late_offer(local: SocketAddr, session_id: u64) -> String {
+/// A codec's `rtpmap` (and `fmtp`) lines for payload type `pt`.
+fn codec_attributes(codec: SipCodec, pt: u8) -> String {
+    let mut lines = format!("a=rtpmap:{pt} {}\r\n", codec.rtpmap());
+    if let Some(fmtp) = codec.fmtp() {
+        lines.push_str(&format!("a=fmtp:{pt} {fmtp}\r\n"));
+    }
+    lines
+}
+
+/// Key presses' `rtpmap` and `fmtp` lines (the 16 DTMF events).
+fn events_attributes(pt: u8, clock: u32) -> String {
+    format!("a=rtpmap:{pt} telephone-event/{clock}\r\na=fmtp:{pt} 0-15\r\n")
+}
+
+/// Key presses' payload types in our own offers: at 8 kHz, and at Opus's 48 kHz clock.
+const OUR_EVENTS: u8 = 101;
+const OUR_EVENTS_48K: u8 = 110;
+
+/// Our offer, for an INVITE that came without one (a late offer, RFC 3261 §13.2.1): `codecs`
+/// in order and key presses at `local`, answered in the caller's ACK.
+pub fn late_offer(local: SocketAddr, session_id: u64, codecs: &[SipCodec]) -> String {
     let (ip, address) = match local.ip() {
         IpAddr::V4(ip) => ("IP4", ip.to_string()),
         IpAddr::V6(ip) => ("IP6", ip.to_string()),
     };
+    let mut formats = String::new();
+    let mut attributes = String::new();
+    for &codec in codecs {
+        formats.push_str(&format!(" {}", codec.our_payload_type()));
+        attributes.push_str(&codec_attributes(codec, codec.our_payload_type()));
+    }
+    let mut events = vec![(OUR_EVENTS, 8000)];
+    if codecs.contains(&SipCodec::Opus) {
+        events.push((OUR_EVENTS_48K, 48_000));
+    }
+    for (pt, clock) in events {
+        formats.push_str(&format!(" {pt}"));
+        attributes.push_str(&events_attributes(pt, clock));
+    }
     format!(
         "v=0\r\no=duplex {session_id} 1 IN {ip} {address}\r\ns=duplex\r\nc=IN {ip} {address}\r\n\
-t=0 0\r\nm=audio {port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
-a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\n",
+t=0 0\r\nm=audio {port} RTP/AVP{formats}\r\n{attributes}a=ptime:20\r\na=sendrecv\r\n",
         port = local.port()
     )
 }
 
-/// The G.711 law's name in SDP.
-pub fn law_name(law: Law) -> &'static str {
-    match law {
-        Law::Mulaw => "PCMU",
-        Law::Alaw => "PCMA",
+/// The first of `codecs` the audio line offers, with its payload type.
+fn choose_codec(
+    audio: &MediaDescription,
+    codecs: &[SipCodec],
+) -> Result<(u8, SipCodec), OfferError> {
+    let formats = &audio.media_name.formats;
+    let offered: Vec<(u8, String)> = formats
+        .iter()
+        .filter_map(|pt| Some((pt.parse().ok()?, codec_of(audio, pt))))
+        .collect();
+    codecs
+        .iter()
+        .find_map(|&codec| {
+            let (pt, _) = offered.iter().find(|(_, name)| codec.matches(name))?;
+            Some((*pt, codec))
+        })
+        .ok_or_else(|| OfferError::NoCodec {
+            ours: codecs
+                .iter()
+                .map(|c| c.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            offered: formats.iter().map(|pt| codec_of(audio, pt)).collect(),
+        })
+}
+
+/// The offered `telephone-event` format, preferring the one at the audio's clock, and its
+/// clock; (None, 8000) when key presses are not offered.
+fn telephone_event(audio: &MediaDescription, audio_clock: u32) -> (Option<u8>, u32) {
+    let offered: Vec<(u8, u32)> = audio
+        .media_name
+        .formats
+        .iter()
+        .filter_map(|pt| {
+            let codec = codec_of(audio, pt);
+            let clock = codec.strip_prefix("telephone-event/")?.parse().ok()?;
+            Some((pt.parse().ok()?, clock))
+        })
+        .collect();
+    let chosen = offered
+        .iter()
+        .find(|(_, clock)| *clock == audio_clock)
+        .or(offered.first());
+    match chosen {
+        Some(&(pt, clock)) => (Some(pt), clock),
+        None => (None, 8000),
     }
 }
 
-/// The first G.711 format the audio line offers, and its law.
-fn choose_g711(audio: &MediaDescription) -> Result<(u8, Law), OfferError> {
-    let formats = &audio.media_name.formats;
-    formats
-        .iter()
-        .find_map(|pt| {
-            let id: u8 = pt.parse().ok()?;
-            match codec_of(audio, pt).as_str() {
-                "pcmu/8000" => Some((id, Law::Mulaw)),
-                "pcma/8000" => Some((id, Law::Alaw)),
-                _ => None,
-            }
-        })
-        .ok_or_else(|| OfferError::NoG711(formats.iter().map(|pt| codec_of(audio, pt)).collect()))
-}
-
-/// A format's codec from its `rtpmap`, or RFC 3551's static assignment for G.711.
+/// A format's codec from its `rtpmap`, or RFC 3551's static assignment.
 fn codec_of(audio: &MediaDescription, pt: &str) -> String {
     let mapped = audio
         .attributes
@@ -246,6 +405,7 @@ fn codec_of(audio: &MediaDescription, pt: &str) -> String {
         (_, Some(codec)) => codec,
         ("0", None) => "pcmu/8000".into(),
         ("8", None) => "pcma/8000".into(),
+        ("9", None) => "g722/8000".into(),
         (other, None) => other.to_owned(),
     }
 }
@@ -276,27 +436,62 @@ mod tests {
         format!("v=0\r\no=- 1 2 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\n{media}")
     }
 
+    const LOCAL: &str = "10.0.0.1:40000";
+
     #[test]
-    fn the_first_g711_offered_is_chosen_with_telephone_events() {
+    fn our_preferred_codec_is_chosen_with_telephone_events() {
         let sdp = offer(
-            "m=audio 4000 RTP/AVP 9 8 0 101\r\na=rtpmap:9 G722/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
+            "m=audio 4000 RTP/AVP 8 0 9 101\r\na=rtpmap:9 G722/8000\r\na=rtpmap:101 telephone-event/8000\r\n",
         );
-        let offer = AudioOffer::parse(&sdp).unwrap();
+        let offer = AudioOffer::parse(&sdp, &SipCodec::ALL).unwrap();
         assert_eq!(offer.remote, "10.0.0.5:4000".parse::<SocketAddr>().unwrap());
-        assert_eq!((offer.law, offer.payload_type), (Law::Alaw, 8));
+        assert_eq!((offer.codec, offer.payload_type), (SipCodec::G722, 9));
         assert_eq!(offer.telephone_event, Some(101));
-        let answer = offer.answer("10.0.0.1:40000".parse().unwrap(), 7, 1);
+        let answer = offer.answer(LOCAL.parse().unwrap(), 7, 1);
         assert!(
-            answer.contains("m=audio 40000 RTP/AVP 8 101\r\n"),
+            answer.contains("m=audio 40000 RTP/AVP 9 101\r\n"),
             "{answer}"
         );
-        assert!(answer.contains("a=rtpmap:8 PCMA/8000\r\n"));
+        assert!(answer.contains("a=rtpmap:9 G722/8000\r\n"));
+        assert!(answer.contains("a=rtpmap:101 telephone-event/8000\r\n"));
         assert!(answer.contains("c=IN IP4 10.0.0.1\r\n"));
-        let again = AudioOffer::parse(&answer).unwrap();
-        assert_eq!(
-            again.remote,
-            "10.0.0.1:40000".parse::<SocketAddr>().unwrap()
+        let again = AudioOffer::parse(&answer, &SipCodec::ALL).unwrap();
+        assert_eq!(again.remote, LOCAL.parse::<SocketAddr>().unwrap());
+        // Our order, not the caller's, picks among what it offers.
+        let narrow = AudioOffer::parse(&sdp, &[SipCodec::Pcmu, SipCodec::Pcma]).unwrap();
+        assert_eq!((narrow.codec, narrow.payload_type), (SipCodec::Pcmu, 0));
+    }
+
+    #[test]
+    fn opus_is_answered_with_our_limits_and_key_presses_at_its_clock() {
+        let sdp = offer(
+            "m=audio 4000 RTP/AVP 0 96 101 102\r\na=rtpmap:96 opus/48000/2\r\n\
+a=fmtp:96 useinbandfec=1\r\na=rtpmap:101 telephone-event/8000\r\n\
+a=rtpmap:102 telephone-event/48000\r\n",
         );
+        let offer = AudioOffer::parse(&sdp, &SipCodec::ALL).unwrap();
+        assert_eq!((offer.codec, offer.payload_type), (SipCodec::Opus, 96));
+        assert_eq!(offer.telephone_event, Some(102));
+        assert_eq!(offer.codec.timestamp_step(), 960);
+        let answer = offer.answer(LOCAL.parse().unwrap(), 7, 1);
+        assert!(
+            answer.contains("m=audio 40000 RTP/AVP 96 102\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("a=rtpmap:96 opus/48000/2\r\n"));
+        assert!(
+            answer.contains("a=fmtp:96 maxplaybackrate=24000;"),
+            "{answer}"
+        );
+        assert!(answer.contains("a=rtpmap:102 telephone-event/48000\r\n"));
+    }
+
+    #[test]
+    fn codec_names_are_read_in_any_case_and_unknown_ones_refused() {
+        assert_eq!("g722".parse::<SipCodec>(), Ok(SipCodec::G722));
+        assert_eq!(" OPUS".parse::<SipCodec>(), Ok(SipCodec::Opus));
+        let err = "G729".parse::<SipCodec>().unwrap_err();
+        assert!(err.contains("opus, G722, PCMU, PCMA"), "{err}");
     }
 
     #[test]
@@ -304,7 +499,7 @@ mod tests {
         let sdp = offer(
             "m=video 5000 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\nm=audio 4000 RTP/AVP 0\r\na=sendonly\r\n",
         );
-        let offer = AudioOffer::parse(&sdp).unwrap();
+        let offer = AudioOffer::parse(&sdp, &SipCodec::ALL).unwrap();
         assert_eq!(offer.direction, Direction::SendOnly);
         let answer = offer.answer("10.0.0.1:40000".parse().unwrap(), 7, 2);
         let lines: Vec<&str> = answer.lines().filter(|l| l.starts_with("m=")).collect();
@@ -315,42 +510,67 @@ mod tests {
 
     #[test]
     fn our_late_offer_parses_as_the_caller_would_read_it() {
-        let ours = late_offer("10.0.0.1:40000".parse().unwrap(), 9);
-        let read = AudioOffer::parse(&ours).unwrap();
-        assert_eq!((read.law, read.payload_type), (Law::Mulaw, 0));
-        assert_eq!(read.telephone_event, Some(101));
+        let ours = late_offer(LOCAL.parse().unwrap(), 9, &SipCodec::ALL);
+        assert!(
+            ours.contains("m=audio 40000 RTP/AVP 111 9 0 8 101 110\r\n"),
+            "{ours}"
+        );
+        let read = AudioOffer::parse(&ours, &SipCodec::ALL).unwrap();
+        assert_eq!((read.codec, read.payload_type), (SipCodec::Opus, 111));
+        assert_eq!(read.telephone_event, Some(110));
         assert_eq!(read.remote.port(), 40000);
+        let narrow = late_offer(LOCAL.parse().unwrap(), 9, &[SipCodec::Pcma]);
+        assert!(
+            narrow.contains("m=audio 40000 RTP/AVP 8 101\r\n"),
+            "{narrow}"
+        );
+        let read = AudioOffer::parse(&narrow, &SipCodec::ALL).unwrap();
+        assert_eq!(
+            (read.codec, read.telephone_event),
+            (SipCodec::Pcma, Some(101))
+        );
     }
 
     #[test]
     fn a_new_offer_in_the_call_must_keep_the_codec() {
-        let first = AudioOffer::parse(&offer("m=audio 4000 RTP/AVP 0\r\n")).unwrap();
+        let first =
+            AudioOffer::parse(&offer("m=audio 4000 RTP/AVP 0\r\n"), &SipCodec::ALL).unwrap();
         let moved = first
-            .renegotiate(&offer("m=audio 4002 RTP/AVP 0 8\r\na=inactive\r\n"))
+            .renegotiate(&offer("m=audio 4002 RTP/AVP 9 0 8\r\na=inactive\r\n"))
             .unwrap();
         assert_eq!(moved.remote.port(), 4002);
         assert_eq!(moved.direction, Direction::Inactive);
+        assert_eq!(
+            moved.codec,
+            SipCodec::Pcmu,
+            "a wider codec now offered is not switched to"
+        );
         let err = first
             .renegotiate(&offer("m=audio 4002 RTP/AVP 8\r\n"))
             .unwrap_err();
-        assert!(matches!(err, OfferError::CodecChanged(_)), "{err}");
+        assert_eq!(err, OfferError::CodecChanged("PCMU/8000".into()));
     }
 
     #[test]
-    fn offers_without_g711_or_plain_rtp_are_refused_naming_what_came() {
-        let err = AudioOffer::parse(&offer(
-            "m=audio 4000 RTP/AVP 111\r\na=rtpmap:111 opus/48000/2\r\n",
+    fn offers_without_our_codecs_or_plain_rtp_are_refused_naming_what_came() {
+        let parse = |sdp: &str| AudioOffer::parse(sdp, &[SipCodec::G722, SipCodec::Pcmu]);
+        let err = parse(&offer(
+            "m=audio 4000 RTP/AVP 111 18\r\na=rtpmap:111 opus/48000/2\r\n",
         ))
         .unwrap_err();
-        assert_eq!(err, OfferError::NoG711(vec!["opus/48000/2".into()]));
-        let err = AudioOffer::parse(&offer("m=audio 4000 RTP/SAVP 0\r\n")).unwrap_err();
+        let offered = vec!["opus/48000/2".into(), "18".into()];
+        assert_eq!(
+            err,
+            OfferError::NoCodec {
+                ours: "G722, PCMU".into(),
+                offered
+            }
+        );
+        let err = parse(&offer("m=audio 4000 RTP/SAVP 0\r\n")).unwrap_err();
         assert_eq!(err, OfferError::Profile("RTP/SAVP".into()));
-        let err = AudioOffer::parse(&offer("m=video 4000 RTP/AVP 96\r\n")).unwrap_err();
+        let err = parse(&offer("m=video 4000 RTP/AVP 96\r\n")).unwrap_err();
         assert_eq!(err, OfferError::NoAudio);
-        assert_eq!(AudioOffer::parse("\r\n"), Err(OfferError::Missing));
-        assert!(matches!(
-            AudioOffer::parse("garbage"),
-            Err(OfferError::Malformed(_))
-        ));
+        assert_eq!(parse("\r\n"), Err(OfferError::Missing));
+        assert!(matches!(parse("garbage"), Err(OfferError::Malformed(_))));
     }
 }

@@ -77,6 +77,8 @@ impl Provider for Plivo {
             Codec::G711(Law::Mulaw) => "audio/x-mulaw",
             Codec::G711(Law::Alaw) => "audio/x-alaw",
             Codec::L16 => "audio/x-l16",
+            // `media_format` reads only the three above from Plivo's start message.
+            other => unreachable!("a Plivo stream in {other:?}"),
         };
         Frame::Text(
             json!({

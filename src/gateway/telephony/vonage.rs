@@ -147,7 +147,7 @@ mod tests {
                 rate: 16000
             }
         );
-        assert_eq!(format.packet_bytes(), 640);
+        assert_eq!(format.packet_bytes(), Some(640));
         assert_eq!(
             vonage.parse_binary(&[1, 2, 3, 4]).unwrap(),
             CallEvent::Media(vec![1, 2, 3, 4])
