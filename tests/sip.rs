@@ -882,7 +882,27 @@ Contact: <sip:pbx@{at}>\r\nContent-Type: application/sdp\r\nContent-Length: {len
     };
     assert!(answered.contains("CSeq: 1 INVITE"), "{answered}");
     assert_eq!(server.state.engine.active_sessions(), 1);
-    server.stop().await;
+
+    // At shutdown the call gets our BYE and the registration is withdrawn, so the PBX stops
+    // sending calls here.
+    let metrics = server.metrics.clone();
+    let stopping = tokio::spawn(server.stop());
+    let (mut bye, mut withdrawn) = (false, false);
+    while !(bye && withdrawn) {
+        let (request, _) = receive().await;
+        if request.starts_with("BYE ") {
+            bye = true;
+            let ok = reply(&request, "200 OK", "");
+            registrar.send_to(ok.as_bytes(), sip).await.unwrap();
+        } else if request.starts_with("REGISTER ") && header(&request, "Expires") == Some("0") {
+            withdrawn = true;
+            let ok = reply(&request, "200 OK", "");
+            registrar.send_to(ok.as_bytes(), sip).await.unwrap();
+        }
+    }
+    let took = stopping.await.unwrap();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    assert_eq!(metrics.sip_registered.get(), 0);
 }
 
 #[test]

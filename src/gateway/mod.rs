@@ -30,7 +30,7 @@ use resource::ResourceKey;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,8 @@ pub struct AppState {
     resources: Mutex<HashMap<ResourceKey, LivePeer>>,
     draining: AtomicBool,
     shutdown: CancellationToken,
+    /// Farewells the drain waits for besides sessions (a PBX registration being withdrawn).
+    farewells: AtomicUsize,
 }
 
 impl AppState {
@@ -67,7 +69,20 @@ impl AppState {
             resources: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
+            farewells: AtomicUsize::new(0),
         })
+    }
+
+    /// A token cancelled when shutdown begins.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.child_token()
+    }
+
+    /// Makes the drain wait (up to its limit) until the returned guard is dropped: for work
+    /// that must reach the network before the process ends.
+    pub fn hold_drain(self: &Arc<Self>) -> DrainHold {
+        self.farewells.fetch_add(1, Ordering::AcqRel);
+        DrainHold(self.clone())
     }
 
     pub fn live_sessions(&self) -> usize {
@@ -228,7 +243,8 @@ impl AppState {
         self.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        while self.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
+        let busy = || self.live_sessions() > 0 || self.farewells.load(Ordering::Acquire) > 0;
+        while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if self.live_sessions() > 0 {
@@ -268,6 +284,15 @@ pub struct Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.state.untrack(self.id);
+    }
+}
+
+/// Keeps the drain waiting while held ([`AppState::hold_drain`]).
+pub struct DrainHold(Arc<AppState>);
+
+impl Drop for DrainHold {
+    fn drop(&mut self) {
+        self.0.farewells.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

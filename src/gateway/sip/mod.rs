@@ -60,6 +60,8 @@ pub struct SipSettings {
 
 /// A registration failed, or was refused: retried after this.
 const REGISTER_RETRY: Duration = Duration::from_secs(30);
+/// How long shutdown gives the registration's withdrawal (inside the drain's 3 s).
+const UNREGISTER_LIMIT: Duration = Duration::from_secs(2);
 
 /// Loopback and the private ranges (RFC 1918, RFC 4193, link-local): a PBX on the same network.
 pub fn private_networks() -> Vec<IpNet> {
@@ -525,13 +527,24 @@ impl Shared {
         let Some((settings, registrar)) = self.register.clone() else {
             return;
         };
+        // The drain waits for the registration's withdrawal, so the PBX stops sending calls.
+        let _farewell = self.state.hold_drain();
+        let shutdown = self.state.shutdown_token();
         let mut dialog = RegisterDialog::new();
         let mut responses = self.await_responses(&dialog.call_id);
         let gauge = self.state.engine.metrics().sip_registered.clone();
         loop {
-            let outcome = self
-                .register_once(&settings, registrar, &mut dialog, &mut responses)
-                .await;
+            let attempt = self.register_once(&settings, registrar, &mut dialog, &mut responses);
+            let answer = tokio::select! {
+                answer = attempt => answer,
+                _ = shutdown.cancelled() => break,
+            };
+            let outcome = answer.and_then(|ok| {
+                match register::granted_expires(&ok, dialog.contact, dialog.expires) {
+                    0 => Err("the registrar granted no time".to_owned()),
+                    granted => Ok(granted),
+                }
+            });
             let wait = match outcome {
                 Ok(granted) => {
                     if gauge.get() == 0 {
@@ -546,37 +559,64 @@ impl Shared {
                     REGISTER_RETRY
                 }
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if gauge.get() == 1 {
+            self.unregister(&settings, registrar, &mut dialog, &mut responses)
+                .await;
+            gauge.set(0);
         }
     }
 
-    /// One registration: a REGISTER, answering a digest challenge (and a second when the
-    /// first nonce went stale) and a 423's `Min-Expires`; the lifetime granted.
+    /// Withdraws our binding (a REGISTER with `Expires: 0`), within [`UNREGISTER_LIMIT`].
+    async fn unregister(
+        &self,
+        settings: &RegisterSettings,
+        registrar: SocketAddr,
+        dialog: &mut RegisterDialog,
+        responses: &mut mpsc::UnboundedReceiver<String>,
+    ) {
+        dialog.expires = 0;
+        let withdrawn = self.register_once(settings, registrar, dialog, responses);
+        match tokio::time::timeout(UNREGISTER_LIMIT, withdrawn).await {
+            Ok(Ok(_)) => {
+                tracing::info!(aor = %settings.aor, %registrar, "unregistered from the PBX")
+            }
+            Ok(Err(why)) => {
+                tracing::warn!(aor = %settings.aor, %registrar, %why, "unregistering failed; the registration lapses")
+            }
+            Err(_) => tracing::warn!(
+                aor = %settings.aor, %registrar,
+                "no answer to unregistering; the registration lapses"
+            ),
+        }
+    }
+
+    /// One REGISTER, answering a digest challenge (and a second when the first nonce went
+    /// stale) and a 423's `Min-Expires`; the registrar's 2xx.
     async fn register_once(
         &self,
         settings: &RegisterSettings,
         registrar: SocketAddr,
         dialog: &mut RegisterDialog,
         responses: &mut mpsc::UnboundedReceiver<String>,
-    ) -> Result<u32, String> {
-        let contact = self.contact_addr(self.local_ip(registrar));
+    ) -> Result<String, String> {
+        dialog.contact = self.contact_addr(self.local_ip(registrar));
         let mut authorization = None;
         let mut challenges = 0;
         loop {
             dialog.cseq += 1;
-            let request = settings.request(dialog, contact, authorization.as_ref());
+            let request = settings.request(dialog, authorization.as_ref());
             let response = self
                 .transact(&request, dialog.cseq, registrar, responses)
                 .await?;
             let refused = || response.lines().next().unwrap_or_default().to_owned();
             let stale = register::is_stale(&response);
             match register::status(&response) {
-                Some(200..=299) => {
-                    return match register::granted_expires(&response, contact, dialog.expires) {
-                        0 => Err("the registrar granted no time".into()),
-                        granted => Ok(granted),
-                    };
-                }
+                Some(200..=299) => return Ok(response),
                 Some(401 | 407) if challenges == 0 || (challenges == 1 && stale) => {
                     challenges += 1;
                     authorization = Some(settings.answer_challenge(&response)?);

@@ -45,14 +45,14 @@ impl RegisterSettings {
         })
     }
 
-    /// One REGISTER: `contact` is where calls should come, `authorization` the header
-    /// answering a challenge, if any.
+    /// One REGISTER of `dialog`'s contact for its lifetime (0 withdraws it), `authorization`
+    /// the header answering a challenge, if any.
     pub fn request(
         &self,
         dialog: &RegisterDialog,
-        contact: SocketAddr,
         authorization: Option<&(String, String)>,
     ) -> String {
+        let contact = dialog.contact;
         let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
         let mut head = format!(
             "REGISTER sip:{registrar} SIP/2.0\r\nVia: SIP/2.0/UDP {contact};branch={branch};rport\r\n\
@@ -129,8 +129,11 @@ pub struct RegisterDialog {
     pub call_id: String,
     pub tag: String,
     pub cseq: u32,
-    /// The lifetime asked for: ours, or the registrar's `Min-Expires` after a 423.
+    /// The lifetime asked for: ours, the registrar's `Min-Expires` after a 423, or 0 to
+    /// withdraw the binding.
     pub expires: u32,
+    /// Where calls should come: our SIP address as the registrar reaches it.
+    pub contact: SocketAddr,
 }
 
 impl RegisterDialog {
@@ -140,6 +143,7 @@ impl RegisterDialog {
             tag: format!("{:016x}", rand::random::<u64>()),
             cseq: 0,
             expires: REQUESTED_EXPIRES,
+            contact: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
