@@ -555,8 +555,8 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct SipArgs {
-    /// Answer SIP calls (UDP) on this port, e.g. 5060: a PBX or SIP trunk sends its calls
-    /// here, G.711 over RTP on the --udp-ports. Off without it; 0 takes any free port.
+    /// Answer SIP calls (UDP and TCP) on this port, e.g. 5060: a PBX or SIP trunk sends its
+    /// calls here, their RTP on the --udp-ports. Off without it; 0 takes any free port.
     #[arg(long, env = "DUPLEX_SIP_PORT")]
     sip_port: Option<u16>,
     /// Networks whose SIP calls are answered (repeat, or comma-separated); others get 403.
@@ -930,8 +930,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("binding SIP on udp {}", settings.bind))?;
         let allow: Vec<String> = settings.allow.iter().map(ToString::to_string).collect();
         let codecs: Vec<&str> = settings.codecs.iter().map(|c| c.name()).collect();
+        let tcp = if sip.has_tcp() { " and tcp" } else { "" };
         tracing::info!(
-            "answering SIP calls on udp {} ({} over RTP) from {}",
+            "answering SIP calls on udp {}{tcp} ({} over RTP) from {}",
             sip.local_addr()?,
             codecs.join(", "),
             allow.join(", ")

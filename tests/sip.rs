@@ -164,11 +164,12 @@ fn speech_wav(phone: Phone) -> PathBuf {
     path
 }
 
-/// Calls the echo engine from `phone`; returns the call once baresip has hung up, with the
-/// echo's correlation checked.
-async fn echo_call(server_sip: SocketAddr, phone: Phone) -> PhoneCall {
+/// Calls the echo engine from `phone` (over UDP, or TCP with `uri_params`
+/// `;transport=tcp`); returns the call once baresip has hung up, with the echo's correlation
+/// checked.
+async fn echo_call(server_sip: SocketAddr, phone: Phone, uri_params: &str) -> PhoneCall {
     let wav = speech_wav(phone);
-    let uri = format!("sip:NATM1@{server_sip}");
+    let uri = format!("sip:NATM1@{server_sip}{uri_params}");
     let call = tokio::task::spawn_blocking(move || baresip_call(&uri, phone, &wav, 12))
         .await
         .unwrap();
@@ -223,7 +224,7 @@ fn share_above(samples: &[f32], rate: u32, cutoff_hz: f32) -> f32 {
 /// through the server in wideband both ways.
 async fn wideband_echo(phone: Phone) {
     let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
-    let call = echo_call(sip, phone).await;
+    let call = echo_call(sip, phone, "").await;
     let sent = share_above(&call.sent, call.rate, 4500.0);
     let heard = share_above(&call.heard, call.rate, 4500.0);
     eprintln!(
@@ -243,6 +244,24 @@ async fn wideband_echo(phone: Phone) {
     server.stop().await;
 }
 
+/// The phone's SIP over TCP (as a PBX sends an INVITE too big for a datagram): answered on
+/// its connection, the call's requests kept on it, its BYE ending the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sip_phone_calls_over_tcp() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    echo_call(sip, G711_PHONE, ";transport=tcp").await;
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    assert_eq!(
+        server
+            .metrics
+            .calls_started
+            .with_label_values(&["sip"])
+            .get(),
+        1
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_g722_phone_hears_itself_in_wideband() {
     wideband_echo(G722_PHONE).await;
@@ -256,7 +275,7 @@ async fn an_opus_phone_hears_itself_in_wideband() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sip_phone_is_answered_and_hears_itself_back() {
     let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
-    let call = echo_call(sip, G711_PHONE).await;
+    let call = echo_call(sip, G711_PHONE, "").await;
     assert_eq!(call.rate, 8000);
     // baresip hangs up (BYE) when its file ends: the slot is freed at once.
     assert!(
@@ -540,6 +559,140 @@ async fn bad_calls_get_the_sip_answer_that_says_why() {
         (rejected("bad_sdp"), rejected("persona"), rejected("full")),
         (1, 1, 1)
     );
+    server.stop().await;
+}
+
+/// SIP over a TCP stream, read message by message as the server frames it.
+struct SipStream {
+    stream: tokio::net::TcpStream,
+    pending: Vec<u8>,
+}
+
+impl SipStream {
+    async fn connect(server: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(server).await.unwrap();
+        Self {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    async fn write(&mut self, text: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(text.as_bytes()).await.unwrap();
+    }
+
+    /// The next message (or a keep-alive's CRLF) within 3 s; None once the server closes.
+    async fn read(&mut self) -> Option<String> {
+        use duplex::gateway::sip::message::{Framed, frame};
+        use tokio::io::AsyncReadExt;
+        loop {
+            match frame(&self.pending) {
+                Ok(Framed::Message(len) | Framed::Padding(len) | Framed::Ping(len)) => {
+                    let bytes: Vec<u8> = self.pending.drain(..len).collect();
+                    return Some(String::from_utf8(bytes).unwrap());
+                }
+                Ok(Framed::Partial) => {}
+                Err(err) => panic!("the server's stream: {err}"),
+            }
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout(Duration::from_secs(3), self.stream.read(&mut chunk));
+            match read.await.expect("the server writes or closes").unwrap() {
+                0 => return None,
+                n => self.pending.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next message that is not a provisional response.
+    async fn final_message(&mut self) -> String {
+        loop {
+            let text = self.read().await.expect("a message");
+            if !text.starts_with("SIP/2.0 1") {
+                return text;
+            }
+        }
+    }
+}
+
+/// A raw phone's requests, over TCP.
+fn over_tcp(request: &str) -> String {
+    request.replacen("Via: SIP/2.0/UDP ", "Via: SIP/2.0/TCP ", 1)
+}
+
+/// An INVITE too big for a comfortable datagram comes over TCP, as RFC 3261 §18.1.1 sends
+/// it: answered on its connection, with a Contact that keeps the call on TCP; the media
+/// runs; at shutdown our BYE comes down the same connection. Keep-alives are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_invite_over_tcp_is_answered_on_its_connection() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let phone = RawPhone::new(sip).await;
+    let mut stream = SipStream::connect(sip).await;
+    stream.write("\r\n\r\n").await;
+    assert_eq!(stream.read().await.as_deref(), Some("\r\n"), "a pong");
+    let padding: String = (0..40)
+        .map(|i| format!("\r\na=x-padding-{i}:{}", "x".repeat(40)))
+        .collect();
+    let offer = phone.offer(&format!("0{padding}"));
+    let invite = over_tcp(&phone.request("INVITE", None, "", &offer));
+    assert!(invite.len() > 1500, "{} bytes", invite.len());
+    stream.write(&invite).await;
+    let answer = stream.final_message().await;
+    assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
+    let contact = header(&answer, "Contact").unwrap();
+    assert!(contact.ends_with(";transport=tcp>"), "{contact}");
+    let tag = to_tag(&answer);
+    stream
+        .write(&over_tcp(&phone.request("ACK", Some(&tag), "", "")))
+        .await;
+    assert!(hears_rtp(&phone.rtp).await, "the agent's RTP comes");
+    assert_eq!(server.state.engine.active_sessions(), 1);
+
+    let stopping = tokio::spawn(server.stop());
+    let bye = stream.final_message().await;
+    assert!(bye.starts_with("BYE "), "{bye}");
+    assert!(bye.contains("\r\nVia: SIP/2.0/TCP "), "{bye}");
+    let ok = format!(
+        "SIP/2.0 200 OK\r\nVia: {}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
+Content-Length: 0\r\n\r\n",
+        header(&bye, "Via").unwrap(),
+        header(&bye, "From").unwrap(),
+        header(&bye, "To").unwrap(),
+        header(&bye, "Call-ID").unwrap(),
+        header(&bye, "CSeq").unwrap(),
+    );
+    stream.write(&ok).await;
+    stopping.await.unwrap();
+}
+
+/// A stream that cannot be SIP is closed; a stranger's INVITE over TCP gets its 403, then
+/// the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_and_strangers_over_tcp_are_closed() {
+    let (server, sip) = start(
+        ServerOptions::default(),
+        vec!["10.0.0.0/8".parse().unwrap()],
+    )
+    .await;
+    let phone = RawPhone::new(sip).await;
+    let mut stranger = SipStream::connect(sip).await;
+    let invite = over_tcp(&phone.request("INVITE", None, "", &phone.offer("0")));
+    stranger.write(&invite).await;
+    let refused = stranger.final_message().await;
+    assert!(refused.starts_with("SIP/2.0 403 "), "{refused}");
+    assert_eq!(stranger.read().await, None, "closed after the answer");
+    server.stop().await;
+
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let mut garbage = SipStream::connect(sip).await;
+    garbage
+        .write("OPTIONS sip:x SIP/2.0\r\nContent-Length: lots\r\n\r\n")
+        .await;
+    assert_eq!(garbage.read().await, None, "closed");
+    let mut endless = SipStream::connect(sip).await;
+    endless.write(&"x".repeat(40 * 1024)).await;
+    assert_eq!(endless.read().await, None, "closed");
+    assert_eq!(server.state.engine.active_sessions(), 0);
     server.stop().await;
 }
 
@@ -966,7 +1119,7 @@ fn serve_says_where_it_answers_sip() {
     ];
     let line = common::serve_until_logged(&args, "answering SIP calls", Duration::from_secs(20))
         .expect("a line saying SIP is answered");
-    assert!(line.contains("(G722, PCMU over RTP)"), "{line}");
+    assert!(line.contains(" and tcp (G722, PCMU over RTP)"), "{line}");
     assert!(line.contains("udp 127.0.0.1:"), "{line}");
     assert!(
         !line.contains("udp 127.0.0.1:0 "),

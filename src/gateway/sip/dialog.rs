@@ -3,6 +3,7 @@
 
 use super::message::{self, Request};
 use super::offer::{AudioOffer, Direction, OfferError, SipCodec};
+use super::transport::Peer;
 use crate::engine::SessionId;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -166,18 +167,19 @@ pub struct ByeTarget {
     to_header: String,
     /// The INVITE's Record-Route, in order: the BYE's Route (RFC 3261 §12.1.1).
     route: Vec<String>,
-    /// Where the INVITE came from (its Contact may name an address behind NAT).
-    pub to: SocketAddr,
+    /// Where the INVITE came from (its Contact may name an address behind NAT), and the way
+    /// back: over TCP, the connection it came on.
+    pub to: Peer,
     /// Our Via's address.
     via: SocketAddr,
 }
 
 impl ByeTarget {
-    pub fn new(invite: &Request, local_tag: &str, from: SocketAddr, via: SocketAddr) -> Self {
+    pub fn new(invite: &Request, local_tag: &str, from: Peer, via: SocketAddr) -> Self {
         Self {
             uri: invite
                 .contact_uri()
-                .map_or_else(|| format!("sip:{from}"), str::to_owned),
+                .map_or_else(|| format!("sip:{}", from.addr), str::to_owned),
             from: format!(
                 "{};tag={local_tag}",
                 invite.header("To").unwrap_or_default()
@@ -192,9 +194,13 @@ impl ByeTarget {
     pub fn request(&self, call_id: &str) -> String {
         let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
         let head = format!(
-            "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
+            "BYE {} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
 From: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 BYE\r\n",
-            self.uri, self.via, self.from, self.to_header
+            self.uri,
+            self.to.transport(),
+            self.via,
+            self.from,
+            self.to_header
         );
         let route: Vec<(&str, String)> = self.route.iter().map(|r| ("Route", r.clone())).collect();
         message::finish(head, &route, None)
@@ -215,9 +221,18 @@ mod tests {
         );
         let invite = Request::parse(routed.as_bytes()).unwrap();
         let from: SocketAddr = "127.0.0.1:15080".parse().unwrap();
-        let bye = ByeTarget::new(&invite, "ours", from, "127.0.0.1:5070".parse().unwrap());
+        let bye = ByeTarget::new(
+            &invite,
+            "ours",
+            Peer::udp(from),
+            "127.0.0.1:5070".parse().unwrap(),
+        );
         let text = bye.request("ee2b285254bc8bd8");
         assert!(text.starts_with("BYE sip:tester-0x5592561bd4a0@127.0.0.1:15080 SIP/2.0\r\n"));
+        assert!(
+            text.contains("\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK"),
+            "{text}"
+        );
         assert!(text.contains("\r\nFrom: <sip:NATF0@127.0.0.1:5070;transport=udp>;tag=ours\r\n"));
         assert!(text.contains("\r\nTo: <sip:tester@127.0.0.1>;tag=8716cb073e5bc7b2\r\n"));
         assert!(

@@ -250,6 +250,59 @@ pub fn is_final_response(datagram: &[u8]) -> bool {
     datagram.starts_with(b"SIP/2.0 ") && datagram.get(8).is_some_and(|d| (b'2'..=b'6').contains(d))
 }
 
+/// What the front of a stream (SIP over TCP) holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framed {
+    /// Not a whole message yet.
+    Partial,
+    /// A keep-alive (RFC 5626 §4.4.1): a double CRLF "ping" of this many bytes, answered
+    /// with one CRLF.
+    Ping(usize),
+    /// A lone CRLF (a "pong", or padding): skipped.
+    Padding(usize),
+    /// One whole message of this many bytes: its headers and the body its Content-Length
+    /// gives (none when it has none).
+    Message(usize),
+}
+
+/// Why a stream cannot be read as SIP: the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("a message longer than {MAX_MESSAGE_BYTES} bytes")]
+    TooBig,
+    #[error("a Content-Length that is not a number")]
+    BadLength,
+}
+
+/// Splits the next message off the front of a SIP stream (RFC 3261 §18.3).
+pub fn frame(stream: &[u8]) -> Result<Framed, FrameError> {
+    if stream.starts_with(b"\r\n\r\n") {
+        return Ok(Framed::Ping(4));
+    }
+    if stream.starts_with(b"\r\n") {
+        return Ok(Framed::Padding(2));
+    }
+    let Some(head_end) = stream.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return match stream.len() > MAX_MESSAGE_BYTES {
+            true => Err(FrameError::TooBig),
+            false => Ok(Framed::Partial),
+        };
+    };
+    let head = String::from_utf8_lossy(&stream[..head_end + 2]);
+    let body = match text_header(&head, "Content-Length") {
+        Some(length) => length.parse::<usize>().map_err(|_| FrameError::BadLength)?,
+        None => 0,
+    };
+    let total = head_end + 4 + body;
+    if total > MAX_MESSAGE_BYTES {
+        return Err(FrameError::TooBig);
+    }
+    Ok(match stream.len() >= total {
+        true => Framed::Message(total),
+        false => Framed::Partial,
+    })
+}
+
 fn parse_request_line(line: &str) -> Result<(String, String), ParseError> {
     let bad = || ParseError::BadRequestLine(line.chars().take(80).collect());
     let mut parts = line.split(' ');
@@ -363,6 +416,32 @@ a=rtpmap:101 telephone-event/8000\r\n";
         assert_eq!(
             plain.header("Via"),
             Some("SIP/2.0/UDP 127.0.0.1:15080;branch=z9hG4bK58c0bcad3902ad7c")
+        );
+    }
+
+    #[test]
+    fn a_stream_is_split_at_each_message_and_keep_alive() {
+        let message = "OPTIONS sip:x SIP/2.0\r\nl: 4\r\n\r\nbody";
+        assert_eq!(
+            frame(message.as_bytes()),
+            Ok(Framed::Message(message.len()))
+        );
+        let two = format!("{message}{message}");
+        assert_eq!(frame(two.as_bytes()), Ok(Framed::Message(message.len())));
+        assert_eq!(frame(&message.as_bytes()[..30]), Ok(Framed::Partial));
+        assert_eq!(
+            frame(b"OPTIONS sip:x SIP/2.0\r\n\r\n"),
+            Ok(Framed::Message(25))
+        );
+        assert_eq!(frame(b"\r\n\r\nOPTIONS"), Ok(Framed::Ping(4)));
+        assert_eq!(frame(b"\r\nOPTIONS"), Ok(Framed::Padding(2)));
+        let bad = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: lots\r\n\r\n";
+        assert_eq!(frame(bad), Err(FrameError::BadLength));
+        let huge = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 99999\r\n\r\n";
+        assert_eq!(frame(huge), Err(FrameError::TooBig));
+        assert_eq!(
+            frame(&[b'a'; MAX_MESSAGE_BYTES + 1]),
+            Err(FrameError::TooBig)
         );
     }
 

@@ -14,6 +14,7 @@ pub mod media;
 pub mod message;
 pub mod offer;
 pub mod register;
+mod transport;
 
 use super::{ApiError, AppState};
 use crate::engine::{PersonaRequest, SessionHandle, SessionId};
@@ -29,9 +30,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use transport::Peer;
 
 /// RFC 3261's T1: the first retransmission interval of a reliable answer over UDP.
 const T1: Duration = Duration::from_millis(500);
@@ -80,9 +82,12 @@ pub fn private_networks() -> Vec<IpNet> {
     .collect()
 }
 
-/// The SIP endpoint: one UDP socket for signaling, one per call for its RTP.
+/// The SIP endpoint: one UDP socket and a TCP listener on the same port for signaling, one
+/// UDP socket per call for its RTP.
 pub struct SipServer {
     socket: Arc<UdpSocket>,
+    /// None when the TCP port was taken (SIP then answers over UDP alone).
+    tcp: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -102,6 +107,13 @@ struct Shared {
 impl SipServer {
     pub async fn bind(settings: &SipSettings, state: Arc<AppState>) -> std::io::Result<Self> {
         let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
+        let tcp = match TcpListener::bind(socket.local_addr()?).await {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                tracing::warn!(%err, "SIP over TCP is off: its port is taken; UDP answers alone");
+                None
+            }
+        };
         let mut allow = settings.allow.clone();
         let register = match &settings.register {
             Some(register) => {
@@ -120,11 +132,20 @@ impl SipServer {
             register,
             codecs: settings.codecs.clone(),
         });
-        Ok(Self { socket, shared })
+        Ok(Self {
+            socket,
+            tcp,
+            shared,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// Whether SIP is answered over TCP too (on the UDP port).
+    pub fn has_tcp(&self) -> bool {
+        self.tcp.is_some()
     }
 
     /// Answers SIP for as long as the server runs (through its shutdown too: the calls'
@@ -132,6 +153,9 @@ impl SipServer {
     pub async fn run(self) {
         if self.shared.register.is_some() {
             tokio::spawn(self.shared.clone().keep_registered());
+        }
+        if let Some(listener) = self.tcp {
+            tokio::spawn(transport::serve(listener, self.shared.clone()));
         }
         let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
         loop {
@@ -142,7 +166,10 @@ impl SipServer {
                 self.shared.count("too_big");
                 continue;
             }
-            self.shared.clone().handle(&buf[..len], from).await;
+            self.shared
+                .clone()
+                .handle(&buf[..len], &Peer::udp(from))
+                .await;
         }
     }
 }
@@ -155,8 +182,11 @@ impl Shared {
             .transport_event(TRANSPORT, event);
     }
 
-    async fn send(&self, text: &str, to: SocketAddr) {
-        if let Err(err) = self.socket.send_to(text.as_bytes(), to).await {
+    async fn send(&self, text: &str, to: &Peer) {
+        if to.write_stream(text) {
+            return;
+        }
+        if let Err(err) = self.socket.send_to(text.as_bytes(), to.addr).await {
             tracing::debug!(%to, %err, "SIP send failed");
         }
     }
@@ -166,8 +196,8 @@ impl Shared {
         self.allow.iter().any(|net| net.contains(&ip))
     }
 
-    async fn handle(self: Arc<Self>, datagram: &[u8], from: SocketAddr) {
-        if !self.allowed(from) {
+    async fn handle(self: Arc<Self>, datagram: &[u8], from: &Peer) {
+        if !self.allowed(from.addr) {
             return self.refuse_stranger(datagram, from).await;
         }
         if message::is_final_response(datagram) {
@@ -184,7 +214,7 @@ impl Shared {
                 return;
             }
         };
-        request.note_source(from);
+        request.note_source(from.addr);
         match request.method.as_str() {
             "INVITE" if request.tag("To").is_some() => self.in_dialog(&request, from).await,
             "INVITE" => self.invite(request, from).await,
@@ -206,7 +236,7 @@ impl Shared {
 
     /// A request from outside `--sip-allow`: an INVITE gets 403 with the reason (a PBX
     /// misconfigured on our side should learn why), anything else nothing.
-    async fn refuse_stranger(&self, datagram: &[u8], from: SocketAddr) {
+    async fn refuse_stranger(&self, datagram: &[u8], from: &Peer) {
         self.count("forbidden");
         let Ok(request) = Request::parse(datagram) else {
             return;
@@ -214,19 +244,19 @@ impl Shared {
         if request.method != "INVITE" || request.tag("To").is_some() {
             return;
         }
-        let refusal = Refusal::Forbidden(from.ip());
+        let refusal = Refusal::Forbidden(from.addr.ip());
         self.rejected(&refusal, from);
         self.send(&refusal.response(&request), from).await;
     }
 
-    fn rejected(&self, refusal: &Refusal, from: SocketAddr) {
+    fn rejected(&self, refusal: &Refusal, from: &Peer) {
         let reason = refusal.reason();
         let metrics = self.state.engine.metrics();
         metrics.sessions_rejected.with_label_values(&[reason]).inc();
         tracing::info!(%from, reason, why = %refusal, "SIP call refused");
     }
 
-    async fn invite(self: Arc<Self>, request: Request, from: SocketAddr) {
+    async fn invite(self: Arc<Self>, request: Request, from: &Peer) {
         let known = self
             .dialogs
             .lock()
@@ -260,7 +290,7 @@ impl Shared {
 
     /// Opens the session, binds its RTP socket and sends the 200 OK; the call then runs on
     /// its own task.
-    async fn answer(self: Arc<Self>, request: &Request, from: SocketAddr) -> Result<(), Refusal> {
+    async fn answer(self: Arc<Self>, request: &Request, from: &Peer) -> Result<(), Refusal> {
         if self.state.is_draining() {
             return Err(Refusal::Api(ApiError::Draining));
         }
@@ -275,12 +305,13 @@ impl Shared {
             .open_session(&persona)
             .map_err(|e| Refusal::Api(e.into()))?;
         let (socket, lease) = self.bind_rtp().await?;
-        let local_ip = self.local_ip(from);
+        let local_ip = self.local_ip(from.addr);
         let rtp_port = socket.local_addr().map_err(Refusal::Io)?.port();
         let (cancel, tracked) = self.state.track_guard(session.id);
         let local_rtp = SocketAddr::new(local_ip, rtp_port);
         let dialog = self.dialog_for(
             request,
+            from,
             offer.as_ref(),
             session.id,
             local_rtp,
@@ -299,7 +330,7 @@ impl Shared {
         let bye = ByeTarget::new(
             request,
             &dialog.local_tag,
-            from,
+            from.clone(),
             self.contact_addr(local_ip),
         );
         let call_id = request.call_id().to_owned();
@@ -310,10 +341,10 @@ impl Shared {
         self.send(&answer, from).await;
         let resend = self
             .clone()
-            .resend_until_acked(answer, from, acked, cancel.clone());
+            .resend_until_acked(answer, from.clone(), acked, cancel.clone());
         tokio::spawn(resend);
         let id = session.id;
-        let caller_ip = from.ip().to_canonical();
+        let caller_ip = from.addr.ip().to_canonical();
         let call = media_call(session, socket, offers, caller_ip, &self.state, cancel);
         let timer = self.state.engine.metrics().call(TRANSPORT);
         tokio::spawn(async move {
@@ -329,6 +360,7 @@ impl Shared {
     fn dialog_for(
         &self,
         request: &Request,
+        from: &Peer,
         offer: Option<&AudioOffer>,
         id: SessionId,
         local_rtp: SocketAddr,
@@ -336,7 +368,11 @@ impl Shared {
     ) -> Dialog {
         let local_tag = format!("{:016x}", rand::random::<u64>());
         let sdp_id = u64::from(rand::random::<u32>());
-        let contact = format!("<sip:duplex@{}>", self.contact_addr(local_rtp.ip()));
+        let contact = format!(
+            "<sip:duplex@{}{}>",
+            self.contact_addr(local_rtp.ip()),
+            from.contact_param()
+        );
         let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
         let body = match offer {
             Some(offer) => offer.answer(local_rtp, sdp_id, 1),
@@ -422,7 +458,7 @@ impl Shared {
     async fn resend_until_acked(
         self: Arc<Self>,
         answer: String,
-        to: SocketAddr,
+        to: Peer,
         acked: Arc<Notify>,
         cancel: CancellationToken,
     ) {
@@ -440,14 +476,14 @@ impl Shared {
                 cancel.cancel();
                 return;
             }
-            self.send(&answer, to).await;
+            self.send(&answer, &to).await;
             interval = (interval * 2).min(T2);
         }
     }
 
     /// ACK, BYE, CANCEL or a re-INVITE: answered only within the call its Call-ID and tags
     /// name (481 otherwise; an ACK gets no answer).
-    async fn in_dialog(&self, request: &Request, from: SocketAddr) {
+    async fn in_dialog(&self, request: &Request, from: &Peer) {
         let response = {
             let mut dialogs = self.dialogs.lock().expect("dialog lock");
             let call_id = request.call_id();
@@ -493,7 +529,7 @@ impl Shared {
         let mut wait = BYE_FIRST_WAIT;
         let mut responses = self.await_responses(call_id);
         for _ in 0..BYE_SENDS {
-            self.send(&text, bye.to).await;
+            self.send(&text, &bye.to).await;
             if tokio::time::timeout(wait, responses.recv()).await.is_ok() {
                 break;
             }
@@ -642,7 +678,7 @@ impl Shared {
     ) -> Result<String, String> {
         let mut wait = T1;
         for _ in 0..6 {
-            self.send(request, to).await;
+            self.send(request, &Peer::udp(to)).await;
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(Some(response)) = tokio::time::timeout_at(deadline, responses.recv()).await
             {
