@@ -59,22 +59,31 @@ struct Phone {
     module: &'static str,
     rate: u32,
     channels: u16,
+    /// Parameters of its account (`;mediaenc=srtp-mand`: SRTP or no call).
+    account: &'static str,
 }
 
 const G711_PHONE: Phone = Phone {
     module: "g711.so",
     rate: 8000,
     channels: 1,
+    account: "",
 };
 const G722_PHONE: Phone = Phone {
     module: "g722.so",
     rate: 16000,
     channels: 1,
+    account: "",
 };
 const OPUS_PHONE: Phone = Phone {
     module: "opus.so",
     rate: 48000,
     channels: 2,
+    account: "",
+};
+const SRTP_PHONE: Phone = Phone {
+    account: ";mediaenc=srtp-mand",
+    ..G711_PHONE
 };
 
 /// Dials `uri` with baresip speaking only `phone`'s codec, playing `wav` (made for the phone
@@ -87,7 +96,8 @@ fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32) -> PhoneCall 
         "poll_method\t\tepoll\nsip_listen\t\t127.0.0.1:0\naudio_player\t\taufile,/dev/null\n\
 audio_source\t\taufile,{}\naudio_alert\t\taufile,/dev/null\naudio_srate\t\t{}\n\
 audio_channels\t\t{}\nmodule_path\t\t/usr/lib/baresip/modules\nmodule\t\t\t{}\n\
-module\t\t\taufile.so\nmodule\t\t\tsndfile.so\nsnd_path\t\t{}\nmodule_app\t\taccount.so\n\
+module\t\t\taufile.so\nmodule\t\t\tsndfile.so\nmodule\t\t\tsrtp.so\nsnd_path\t\t{}\n\
+module_app\t\taccount.so\n\
 module_app\t\tmenu.so\n",
         wav.display(),
         phone.rate,
@@ -96,11 +106,11 @@ module_app\t\tmenu.so\n",
         recordings.display()
     );
     std::fs::write(dir.join("config"), config).unwrap();
-    std::fs::write(
-        dir.join("accounts"),
-        "<sip:tester@127.0.0.1;transport=udp>;regint=0\n",
-    )
-    .unwrap();
+    let account = format!(
+        "<sip:tester@127.0.0.1;transport=udp>;regint=0{}\n",
+        phone.account
+    );
+    std::fs::write(dir.join("accounts"), account).unwrap();
     std::fs::write(dir.join("contacts"), "").unwrap();
     let output = Command::new("baresip")
         .arg("-f")
@@ -259,6 +269,18 @@ async fn a_sip_phone_calls_over_tcp() {
             .get(),
         1
     );
+    server.stop().await;
+}
+
+/// A phone that insists on SRTP (SDES keys in its offer, RTP/SAVP) hears itself: each side
+/// decrypts what the other encrypts, or the phone would drop every packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_that_insists_on_srtp_hears_itself() {
+    let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
+    let call = echo_call(sip, SRTP_PHONE, "").await;
+    assert!(call.log.contains("srtp"), "{}", call.log);
+    assert_eq!(server.metrics.packets_bad.get(), 0);
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
     server.stop().await;
 }
 

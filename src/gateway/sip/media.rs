@@ -1,12 +1,13 @@
-//! One SIP call's media: Opus, G.722 or G.711 over plain RTP on its own UDP port. The caller's
-//! packets go into the session's input ring in sequence order (a gap counted as loss, and
-//! filled in for Opus); the agent's audio goes out one packet per
-//! 20 ms tick of the engine's output grid, to the address the caller's packets come from
+//! One SIP call's media: Opus, G.722 or G.711 over RTP (or SRTP, `srtp.rs`) on its own UDP
+//! port. The caller's packets go into the session's input ring in sequence order (a gap
+//! counted as loss, and filled in for Opus); the agent's audio goes out one packet per 20 ms
+//! tick of the engine's output grid, to the address the caller's packets come from
 //! (symmetric RTP, so a caller behind NAT is reached without its SDP being right). Only a
 //! packet from the caller's SIP address or its SDP's may teach that address; other sources
 //! are refused.
 
 use super::offer::{AudioOffer, Direction};
+use super::srtp::SrtpSession;
 use crate::audio::ring::InputProducer;
 use crate::engine::session::SessionCloser;
 use crate::engine::{SessionEvent, SessionId, SessionStats};
@@ -93,6 +94,10 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         (Ok(inbound), Ok(outbound)) => (inbound, outbound),
         (Err(why), _) | (_, Err(why)) => return MediaEnding::Engine(why),
     };
+    let mut srtp = match current.crypto.as_ref().map(SrtpSession::new).transpose() {
+        Ok(srtp) => srtp,
+        Err(why) => return MediaEnding::Engine(why.to_string()),
+    };
     let mut sender = RtpSender::new(current.payload_type, current.codec.timestamp_step());
     let mut receiver = RtpReceiver::new(&current);
     let mut ticker = packet_ticker(schedule);
@@ -111,17 +116,35 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 outbound.source.wait_for_late_output().await;
                 let (payload, _) = outbound.next(&stats, &metrics);
                 if current.direction.caller_receives() && !payload.is_empty() {
-                    let _ = socket.send_to(sender.packet(payload), destination).await;
+                    let packet = sender.packet(payload);
+                    match &mut srtp {
+                        None => {
+                            let _ = socket.send_to(packet, destination).await;
+                        }
+                        Some(session) => {
+                            if let Some(sealed) = session.encrypt(packet) {
+                                let _ = socket.send_to(&sealed, destination).await;
+                            }
+                        }
+                    }
                 }
             }
             received = socket.recv_from(&mut buf) => {
                 let Ok((len, from)) = received else { continue };
                 let ip = from.ip().to_canonical();
                 let trusted = ip == caller_ip || ip == current.remote.ip().to_canonical();
-                let verdict = match source {
-                    Some(known) if known != from => Received::Garbage,
-                    None if !trusted => Received::Garbage,
-                    _ => receiver.accept(&buf[..len]),
+                let decrypted;
+                let verdict = match (source, &mut srtp) {
+                    (Some(known), _) if known != from => Received::Garbage,
+                    (None, _) if !trusted => Received::Garbage,
+                    (_, None) => receiver.accept(&buf[..len]),
+                    (_, Some(session)) => match session.decrypt(&buf[..len]) {
+                        Some(plain) => {
+                            decrypted = plain;
+                            receiver.accept(&decrypted)
+                        }
+                        None => Received::Garbage,
+                    },
                 };
                 if verdict != Received::Garbage {
                     heard_at = tokio::time::Instant::now();
@@ -161,6 +184,11 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                 source = None;
                 receiver = RtpReceiver::new(&current);
                 sender.header.payload_type = current.payload_type;
+                if let (Some(session), Some(crypto)) = (&mut srtp, &current.crypto)
+                    && let Err(why) = session.update(crypto)
+                {
+                    break MediaEnding::Engine(why.to_string());
+                }
                 heard_at = tokio::time::Instant::now();
             }
             _ = tokio::time::sleep_until(heard_at + silence_limit(current.direction)) => {

@@ -14,6 +14,7 @@ pub mod media;
 pub mod message;
 pub mod offer;
 pub mod register;
+pub mod srtp;
 mod transport;
 
 use super::{ApiError, AppState};

@@ -1,6 +1,7 @@
 //! The SDP of a SIP call (RFC 3264, plain RTP): which of our codecs the caller offers (Opus,
 //! G.722, G.711), where its RTP goes, and the answer that names ours.
 
+use super::srtp::Crypto;
 use crate::audio::g711::Law;
 use crate::gateway::wire::{Codec, WireFormat};
 use rtc::sdp::description::common::Attribute;
@@ -161,6 +162,10 @@ pub struct AudioOffer {
     /// Its clock rate, as offered.
     events_clock: u32,
     pub direction: Direction,
+    /// SDES keys when the offer carries `a=crypto` (SRTP), with its transport: `RTP/SAVP`, or
+    /// `RTP/AVP` when SRTP is offered as a best effort.
+    pub crypto: Option<Crypto>,
+    profile: String,
     /// Every `m=` line of the offer, in order: the answer has as many (RFC 3264 §6), the
     /// ones not taken with port 0.
     lines: Vec<MediaLine>,
@@ -190,10 +195,14 @@ pub enum OfferError {
     NoCodec { ours: String, offered: Vec<String> },
     #[error("no connection address for the audio")]
     NoAddress,
-    #[error("the audio is offered over {0}, only RTP/AVP is answered (no SRTP)")]
+    #[error("the audio is offered over {0}; RTP/AVP and RTP/SAVP (SDES keys) are answered")]
     Profile(String),
+    #[error("SRTP offered without a key we take (AES_CM_128_HMAC_SHA1_80 or _32, inline, no MKI)")]
+    NoCrypto,
     #[error("a new offer in the call must keep its codec ({0})")]
     CodecChanged(String),
+    #[error("a new offer in the call must keep its encryption ({0})")]
+    CryptoChanged(&'static str),
 }
 
 impl AudioOffer {
@@ -211,8 +220,12 @@ impl AudioOffer {
             .ok_or(OfferError::NoAudio)?;
         let audio = &media[taken];
         let profile = audio.media_name.protos.join("/");
-        if profile != "RTP/AVP" {
-            return Err(OfferError::Profile(profile));
+        let crypto_lines = audio.attributes.iter().filter(|a| a.key == "crypto");
+        let crypto = Crypto::choose(crypto_lines.filter_map(|a| a.value.as_deref()));
+        match (profile.as_str(), &crypto) {
+            ("RTP/AVP", _) | ("RTP/SAVP", Some(_)) => {}
+            ("RTP/SAVP", None) => return Err(OfferError::NoCrypto),
+            _ => return Err(OfferError::Profile(profile)),
         }
         let (payload_type, codec) = choose_codec(audio, codecs)?;
         let (telephone_event, events_clock) = telephone_event(audio, codec.rtp_clock());
@@ -242,6 +255,8 @@ impl AudioOffer {
             telephone_event,
             events_clock,
             direction,
+            crypto,
+            profile,
             lines,
         })
     }
@@ -254,6 +269,12 @@ impl AudioOffer {
                 return Err(OfferError::CodecChanged(self.codec.rtpmap().to_owned()));
             }
             other => other?,
+        };
+        offer.crypto = match (offer.crypto.take(), &self.crypto) {
+            (Some(new), Some(ours)) => Some(new.keep_ours(ours)),
+            (None, None) => None,
+            (_, Some(_)) => return Err(OfferError::CryptoChanged("SRTP")),
+            (Some(_), None) => return Err(OfferError::CryptoChanged("plain RTP")),
         };
         offer.telephone_event = offer
             .telephone_event
@@ -290,8 +311,12 @@ c=IN {ip} {address}\r\nt=0 0\r\n"
             formats.push_str(&format!(" {events}"));
             attributes.push_str(&events_attributes(events, self.events_clock));
         }
+        if let Some(crypto) = &self.crypto {
+            attributes.push_str(&crypto.answer_line());
+        }
         format!(
-            "m=audio {port} RTP/AVP {formats}\r\n{attributes}a=ptime:20\r\na={}\r\n",
+            "m=audio {port} {} {formats}\r\n{attributes}a=ptime:20\r\na={}\r\n",
+            self.profile,
             self.direction.answer()
         )
     }
@@ -487,6 +512,46 @@ a=rtpmap:102 telephone-event/48000\r\n",
     }
 
     #[test]
+    fn srtp_is_answered_with_our_key_and_kept_through_the_call() {
+        let key =
+            "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz";
+        let first = AudioOffer::parse(
+            &offer(&format!("m=audio 4000 RTP/SAVP 0\r\n{key}\r\n")),
+            &SipCodec::ALL,
+        )
+        .unwrap();
+        let answer = first.answer(LOCAL.parse().unwrap(), 7, 1);
+        assert!(answer.contains("m=audio 40000 RTP/SAVP 0\r\n"), "{answer}");
+        let ours = answer
+            .lines()
+            .find(|l| l.starts_with("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"))
+            .unwrap();
+        let moved = first
+            .renegotiate(&offer(&format!("m=audio 4002 RTP/SAVP 0\r\n{key}\r\n")))
+            .unwrap();
+        let again = moved.answer(LOCAL.parse().unwrap(), 7, 2);
+        assert!(
+            again.contains(ours),
+            "the same key of ours after a re-INVITE: {again}"
+        );
+        let plain = first
+            .renegotiate(&offer("m=audio 4002 RTP/AVP 0\r\n"))
+            .unwrap_err();
+        assert_eq!(plain, OfferError::CryptoChanged("SRTP"));
+        // Best-effort SRTP (crypto on an RTP/AVP line) is answered in kind.
+        let best_effort = AudioOffer::parse(
+            &offer(&format!("m=audio 4000 RTP/AVP 0\r\n{key}\r\n")),
+            &SipCodec::ALL,
+        )
+        .unwrap();
+        let answer = best_effort.answer(LOCAL.parse().unwrap(), 7, 1);
+        assert!(
+            answer.contains("m=audio 40000 RTP/AVP 0\r\n") && answer.contains("a=crypto:1 "),
+            "{answer}"
+        );
+    }
+
+    #[test]
     fn codec_names_are_read_in_any_case_and_unknown_ones_refused() {
         assert_eq!("g722".parse::<SipCodec>(), Ok(SipCodec::G722));
         assert_eq!(" OPUS".parse::<SipCodec>(), Ok(SipCodec::Opus));
@@ -567,7 +632,9 @@ a=rtpmap:102 telephone-event/48000\r\n",
             }
         );
         let err = parse(&offer("m=audio 4000 RTP/SAVP 0\r\n")).unwrap_err();
-        assert_eq!(err, OfferError::Profile("RTP/SAVP".into()));
+        assert_eq!(err, OfferError::NoCrypto);
+        let err = parse(&offer("m=audio 4000 UDP/TLS/RTP/SAVPF 0\r\n")).unwrap_err();
+        assert_eq!(err, OfferError::Profile("UDP/TLS/RTP/SAVPF".into()));
         let err = parse(&offer("m=video 4000 RTP/AVP 96\r\n")).unwrap_err();
         assert_eq!(err, OfferError::NoAudio);
         assert_eq!(parse("\r\n"), Err(OfferError::Missing));
