@@ -10,7 +10,7 @@ use duplex::fetch::FetchOptions;
 use duplex::gateway::ice::{IceConfig, TurnAuth};
 use duplex::gateway::sip::offer::SipCodec;
 use duplex::gateway::sip::register::RegisterSettings;
-use duplex::gateway::sip::{self, SipServer, SipSettings};
+use duplex::gateway::sip::{self, SipServer, SipSettings, SipTls};
 use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, peer, ports};
 use duplex::metrics::Metrics;
@@ -573,6 +573,10 @@ struct SipArgs {
     /// The digest user name, where it is not the extension's number.
     #[arg(long, env = "DUPLEX_SIP_AUTH_USER")]
     sip_auth_user: Option<String>,
+    /// Answer SIP over TLS on this port too, e.g. 5061, with the page's certificate
+    /// (--tls-cert/--tls-key or --tls-self-signed); 0 takes any free port.
+    #[arg(long, env = "DUPLEX_SIP_TLS_PORT", requires = "sip_port")]
+    sip_tls_port: Option<u16>,
     /// The codecs a call may take, the preferred first (comma-separated): a caller gets the
     /// first of these it offers. opus and G722 carry wideband speech, PCMU and PCMA 8 kHz.
     #[arg(
@@ -585,9 +589,23 @@ struct SipArgs {
 }
 
 impl SipArgs {
-    fn settings(&self, host: IpAddr) -> Result<Option<SipSettings>> {
+    fn settings(
+        &self,
+        host: IpAddr,
+        certificate: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Option<SipSettings>> {
         let Some(port) = self.sip_port else {
             return Ok(None);
+        };
+        let tls = match (self.sip_tls_port, certificate) {
+            (None, _) => None,
+            (Some(tls_port), Some(config)) => Some(SipTls {
+                bind: SocketAddr::new(host, tls_port),
+                config,
+            }),
+            (Some(_), None) => anyhow::bail!(
+                "--sip-tls-port needs a certificate: --tls-cert and --tls-key, or --tls-self-signed"
+            ),
         };
         let allow = match self.sip_allow.is_empty() {
             true => sip::private_networks(),
@@ -607,6 +625,7 @@ impl SipArgs {
             allow,
             register,
             codecs: self.sip_codecs.clone(),
+            tls,
         }))
     }
 }
@@ -890,7 +909,14 @@ async fn report_ice_servers(peer: PeerSettings) {
 async fn serve(args: ServeArgs) -> Result<()> {
     // Checked before the weights load: a typo in a flag should not cost minutes.
     let peer = args.network.peer_settings()?;
-    let sip_settings = args.sip.settings(args.host)?;
+    let tls = match tls_source(&args) {
+        Some(source) => Some(tls::setup(&source).await.context("setting up TLS")?),
+        None => None,
+    };
+    let sip_settings = args.sip.settings(
+        args.host,
+        tls.as_ref().map(|setup| setup.config.get_inner()),
+    )?;
     if !peer.ice.is_empty() {
         if peer.ice.has_turn() && args.token.is_none() {
             tracing::warn!(
@@ -931,8 +957,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let allow: Vec<String> = settings.allow.iter().map(ToString::to_string).collect();
         let codecs: Vec<&str> = settings.codecs.iter().map(|c| c.name()).collect();
         let tcp = if sip.has_tcp() { " and tcp" } else { "" };
+        let tls = match sip.tls_addr() {
+            Some(addr) => format!(", tls {addr}"),
+            None => String::new(),
+        };
         tracing::info!(
-            "answering SIP calls on udp {}{tcp} ({} over RTP) from {}",
+            "answering SIP calls on udp {}{tcp}{tls} ({} over RTP) from {}",
             sip.local_addr()?,
             codecs.join(", "),
             allow.join(", ")
@@ -945,22 +975,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     } else {
         local
     };
-    let tls = match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
-        (Some(cert), Some(key), _) => Some(TlsSource::Files {
-            cert: cert.clone(),
-            key: key.clone(),
-        }),
-        (_, _, true) => Some(TlsSource::SelfSigned {
-            dir: args.tls_dir.clone().unwrap_or_else(tls::default_dir),
-        }),
-        _ => None,
-    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (name, sessions) = (engine.info().name, engine.max_sessions());
     tracing::info!("serving on {scheme}://{shown}/ (engine: {name}, up to {sessions} sessions)");
     match tls {
-        Some(source) => {
-            let setup = tls::setup(&source).await.context("setting up TLS")?;
+        Some(setup) => {
             if !setup.names.is_empty() {
                 tracing::info!(
                     cert = %setup.cert_path.display(),
@@ -977,6 +996,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
     engine.shutdown();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The certificate `--tls-cert`/`--tls-key` or `--tls-self-signed` asks for.
+fn tls_source(args: &ServeArgs) -> Option<TlsSource> {
+    match (&args.tls_cert, &args.tls_key, args.tls_self_signed) {
+        (Some(cert), Some(key), _) => Some(TlsSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (_, _, true) => Some(TlsSource::SelfSigned {
+            dir: args.tls_dir.clone().unwrap_or_else(tls::default_dir),
+        }),
+        _ => None,
+    }
 }
 
 fn start_engine(

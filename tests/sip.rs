@@ -7,7 +7,7 @@ mod common;
 use common::{ServerOptions, TestServer, eventually};
 use duplex::gateway::sip::offer::SipCodec;
 use duplex::gateway::sip::register::RegisterSettings;
-use duplex::gateway::sip::{self, SipServer, SipSettings};
+use duplex::gateway::sip::{self, SipServer, SipSettings, SipTls};
 use ipnet::IpNet;
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
@@ -19,29 +19,40 @@ use tokio::net::UdpSocket;
 const SENTENCE: &str =
     "Hello, this is a test of the full duplex voice agent over a phone line. Can you hear me?";
 
-/// The test server with SIP on a loopback port.
-async fn start(options: ServerOptions, allow: Vec<IpNet>) -> (TestServer, SocketAddr) {
-    start_registering(options, allow, None).await
-}
-
-async fn start_registering(
-    options: ServerOptions,
-    allow: Vec<IpNet>,
-    register: Option<RegisterSettings>,
-) -> (TestServer, SocketAddr) {
-    let server = TestServer::start(options).await;
-    let settings = SipSettings {
+/// SIP settings on a loopback port, answering `allow`.
+fn settings(allow: Vec<IpNet>) -> SipSettings {
+    SipSettings {
         bind: "127.0.0.1:0".parse().unwrap(),
         allow,
-        register,
+        register: None,
         codecs: SipCodec::ALL.to_vec(),
-    };
+        tls: None,
+    }
+}
+
+/// The test server with SIP on a loopback port.
+async fn start(options: ServerOptions, allow: Vec<IpNet>) -> (TestServer, SocketAddr) {
+    let (server, sip) = start_sip(options, settings(allow)).await;
+    (server, sip.udp)
+}
+
+/// Where the test server's SIP answers.
+struct SipAddrs {
+    udp: SocketAddr,
+    tls: Option<SocketAddr>,
+}
+
+async fn start_sip(options: ServerOptions, settings: SipSettings) -> (TestServer, SipAddrs) {
+    let server = TestServer::start(options).await;
     let sip = SipServer::bind(&settings, server.state.clone())
         .await
         .unwrap();
-    let addr = sip.local_addr().unwrap();
+    let addrs = SipAddrs {
+        udp: sip.local_addr().unwrap(),
+        tls: sip.tls_addr(),
+    };
     tokio::spawn(sip.run());
-    (server, addr)
+    (server, addrs)
 }
 
 /// What baresip recorded of one call: what it sent and what it heard, at `rate`.
@@ -88,7 +99,7 @@ const SRTP_PHONE: Phone = Phone {
 
 /// Dials `uri` with baresip speaking only `phone`'s codec, playing `wav` (made for the phone
 /// by `speech_wav`) until it ends, then hanging up.
-fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32) -> PhoneCall {
+fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32, config: &str) -> PhoneCall {
     let dir = common::scratch_dir("baresip");
     let recordings = dir.join("rec");
     std::fs::create_dir_all(&recordings).unwrap();
@@ -98,7 +109,7 @@ audio_source\t\taufile,{}\naudio_alert\t\taufile,/dev/null\naudio_srate\t\t{}\n\
 audio_channels\t\t{}\nmodule_path\t\t/usr/lib/baresip/modules\nmodule\t\t\t{}\n\
 module\t\t\taufile.so\nmodule\t\t\tsndfile.so\nmodule\t\t\tsrtp.so\nsnd_path\t\t{}\n\
 module_app\t\taccount.so\n\
-module_app\t\tmenu.so\n",
+module_app\t\tmenu.so\n{config}",
         wav.display(),
         phone.rate,
         phone.channels,
@@ -174,13 +185,11 @@ fn speech_wav(phone: Phone) -> PathBuf {
     path
 }
 
-/// Calls the echo engine from `phone` (over UDP, or TCP with `uri_params`
-/// `;transport=tcp`); returns the call once baresip has hung up, with the echo's correlation
-/// checked.
-async fn echo_call(server_sip: SocketAddr, phone: Phone, uri_params: &str) -> PhoneCall {
+/// Calls the echo engine from `phone` at `uri` (with `config` lines added to baresip's);
+/// returns the call once baresip has hung up, with the echo's correlation checked.
+async fn echo_call_at(uri: String, phone: Phone, config: String) -> PhoneCall {
     let wav = speech_wav(phone);
-    let uri = format!("sip:NATM1@{server_sip}{uri_params}");
-    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, phone, &wav, 12))
+    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, phone, &wav, 12, &config))
         .await
         .unwrap();
     assert!(
@@ -201,6 +210,13 @@ async fn echo_call(server_sip: SocketAddr, phone: Phone, uri_params: &str) -> Ph
     );
     assert!(correlation > 0.6, "correlation {correlation}");
     call
+}
+
+/// Calls the echo engine's SIP at `server_sip` from `phone`, `uri_params` added to the URI
+/// (`;transport=tcp`).
+async fn echo_call(server_sip: SocketAddr, phone: Phone, uri_params: &str) -> PhoneCall {
+    let uri = format!("sip:NATM1@{server_sip}{uri_params}");
+    echo_call_at(uri, phone, String::new()).await
 }
 
 /// The share of a signal's energy above `cutoff_hz`: a fourth-order Butterworth high-pass
@@ -284,6 +300,31 @@ async fn a_phone_that_insists_on_srtp_hears_itself() {
     server.stop().await;
 }
 
+/// A secure trunk: SIP over TLS (our self-signed certificate, which the phone trusts) and
+/// SRTP; the call's requests stay on TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_calls_over_tls_with_srtp() {
+    use duplex::gateway::tls::{self, TlsSource};
+    let dir = common::scratch_dir("sip-tls");
+    let certificate = tls::setup(&TlsSource::SelfSigned { dir }).await.unwrap();
+    let secure = SipSettings {
+        tls: Some(SipTls {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            config: certificate.config.get_inner(),
+        }),
+        ..settings(sip::private_networks())
+    };
+    let (server, sip) = start_sip(ServerOptions::default(), secure).await;
+    let tls_addr = sip.tls.expect("a TLS listener");
+    let uri = format!("sip:NATM1@{tls_addr};transport=tls");
+    let trust = format!("sip_cafile\t\t{}\n", certificate.cert_path.display());
+    let call = echo_call_at(uri, SRTP_PHONE, trust).await;
+    assert!(call.log.contains("Call established"), "{}", call.log);
+    assert_eq!(server.metrics.packets_bad.get(), 0);
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_g722_phone_hears_itself_in_wideband() {
     wideband_echo(G722_PHONE).await;
@@ -343,7 +384,7 @@ async fn the_model_answers_a_sip_call() {
     let (server, sip) = start(options, sip::private_networks()).await;
     let wav = speech_wav(G711_PHONE);
     let uri = format!("sip:NATM0@{sip}");
-    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, G711_PHONE, &wav, 12))
+    let call = tokio::task::spawn_blocking(move || baresip_call(&uri, G711_PHONE, &wav, 12, ""))
         .await
         .unwrap();
     assert!(call.log.contains("Call established"), "{}", call.log);
@@ -604,7 +645,8 @@ impl SipStream {
         self.stream.write_all(text.as_bytes()).await.unwrap();
     }
 
-    /// The next message (or a keep-alive's CRLF) within 3 s; None once the server closes.
+    /// The next message (or a keep-alive's CRLF) within 3 s; None once the server closes
+    /// (or resets) the connection.
     async fn read(&mut self) -> Option<String> {
         use duplex::gateway::sip::message::{Framed, frame};
         use tokio::io::AsyncReadExt;
@@ -619,9 +661,12 @@ impl SipStream {
             }
             let mut chunk = [0u8; 4096];
             let read = tokio::time::timeout(Duration::from_secs(3), self.stream.read(&mut chunk));
-            match read.await.expect("the server writes or closes").unwrap() {
-                0 => return None,
-                n => self.pending.extend_from_slice(&chunk[..n]),
+            // A close with our bytes still unread arrives as a reset.
+            match read.await.expect("the server writes or closes") {
+                Ok(0) => return None,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(err) => panic!("reading the server's stream: {err}"),
             }
         }
     }
@@ -712,7 +757,7 @@ async fn bad_streams_and_strangers_over_tcp_are_closed() {
         .await;
     assert_eq!(garbage.read().await, None, "closed");
     let mut endless = SipStream::connect(sip).await;
-    endless.write(&"x".repeat(40 * 1024)).await;
+    endless.write(&"x".repeat(20 * 1024)).await;
     assert_eq!(endless.read().await, None, "closed");
     assert_eq!(server.state.engine.active_sessions(), 0);
     server.stop().await;
@@ -963,7 +1008,12 @@ async fn the_server_registers_as_an_extension_and_takes_its_calls() {
         RegisterSettings::parse(&format!("sip:7000@{at}"), "s3cret".into(), None).unwrap();
     // Only the registrar's own address may call, and it is added by the registration.
     let nobody = vec!["192.0.2.0/24".parse().unwrap()];
-    let (server, sip) = start_registering(ServerOptions::default(), nobody, Some(settings)).await;
+    let registering = SipSettings {
+        register: Some(settings),
+        ..self::settings(nobody)
+    };
+    let (server, sip) = start_sip(ServerOptions::default(), registering).await;
+    let sip = sip.udp;
     let mut buf = vec![0u8; 65536];
     let mut receive = async || {
         let received = tokio::time::timeout(Duration::from_secs(5), registrar.recv_from(&mut buf));
@@ -1098,6 +1148,11 @@ fn a_bad_sip_allow_network_or_codec_is_refused_by_name() {
     );
     let codec = refused(&["--sip-codecs", "g722,G729"]);
     assert!(codec.contains("unknown codec \"G729\""), "{codec}");
+    let no_certificate = refused(&["--sip-tls-port", "5061"]);
+    assert!(
+        no_certificate.contains("--sip-tls-port needs a certificate"),
+        "{no_certificate}"
+    );
 }
 
 #[test]
@@ -1131,6 +1186,7 @@ fn a_bad_registration_is_refused_before_serving() {
 
 #[test]
 fn serve_says_where_it_answers_sip() {
+    let certificates = common::scratch_dir("sip-serve-tls");
     let args = [
         "--sip-port",
         "0",
@@ -1138,10 +1194,16 @@ fn serve_says_where_it_answers_sip() {
         "192.0.2.0/24",
         "--sip-codecs",
         "g722,pcmu",
+        "--sip-tls-port",
+        "0",
+        "--tls-self-signed",
+        "--tls-dir",
+        certificates.to_str().unwrap(),
     ];
     let line = common::serve_until_logged(&args, "answering SIP calls", Duration::from_secs(20))
         .expect("a line saying SIP is answered");
-    assert!(line.contains(" and tcp (G722, PCMU over RTP)"), "{line}");
+    assert!(line.contains(" and tcp, tls 127.0.0.1:"), "{line}");
+    assert!(line.contains(" (G722, PCMU over RTP)"), "{line}");
     assert!(line.contains("udp 127.0.0.1:"), "{line}");
     assert!(
         !line.contains("udp 127.0.0.1:0 "),

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Notify, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use transport::Peer;
 
@@ -59,6 +60,15 @@ pub struct SipSettings {
     pub register: Option<RegisterSettings>,
     /// The codecs a call may take, the preferred first (`SipCodec::ALL` by default).
     pub codecs: Vec<SipCodec>,
+    /// SIP over TLS (`--sip-tls-port`): where it listens and the certificate it shows.
+    pub tls: Option<SipTls>,
+}
+
+/// SIP over TLS: its address and the server's TLS configuration (the page's certificate).
+#[derive(Debug, Clone)]
+pub struct SipTls {
+    pub bind: SocketAddr,
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 /// A registration failed, or was refused: retried after this.
@@ -89,6 +99,7 @@ pub struct SipServer {
     socket: Arc<UdpSocket>,
     /// None when the TCP port was taken (SIP then answers over UDP alone).
     tcp: Option<TcpListener>,
+    tls: Option<(TcpListener, TlsAcceptor)>,
     shared: Arc<Shared>,
 }
 
@@ -103,6 +114,8 @@ struct Shared {
     /// The registration to keep, with the registrar's address.
     register: Option<(RegisterSettings, SocketAddr)>,
     codecs: Vec<SipCodec>,
+    /// The TLS listener's port, for the Contact of calls that came over TLS.
+    tls_port: Option<u16>,
 }
 
 impl SipServer {
@@ -114,6 +127,17 @@ impl SipServer {
                 tracing::warn!(%err, "SIP over TCP is off: its port is taken; UDP answers alone");
                 None
             }
+        };
+        let tls = match &settings.tls {
+            Some(tls) => Some((
+                TcpListener::bind(tls.bind).await?,
+                TlsAcceptor::from(tls.config.clone()),
+            )),
+            None => None,
+        };
+        let tls_port = match &tls {
+            Some((listener, _)) => Some(listener.local_addr()?.port()),
+            None => None,
         };
         let mut allow = settings.allow.clone();
         let register = match &settings.register {
@@ -132,10 +156,12 @@ impl SipServer {
             awaiting: Mutex::new(HashMap::new()),
             register,
             codecs: settings.codecs.clone(),
+            tls_port,
         });
         Ok(Self {
             socket,
             tcp,
+            tls,
             shared,
         })
     }
@@ -149,6 +175,11 @@ impl SipServer {
         self.tcp.is_some()
     }
 
+    /// Where SIP over TLS answers, if it does.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref()?.0.local_addr().ok()
+    }
+
     /// Answers SIP for as long as the server runs (through its shutdown too: the calls'
     /// BYEs are answered then, and new INVITEs get 503).
     pub async fn run(self) {
@@ -156,7 +187,14 @@ impl SipServer {
             tokio::spawn(self.shared.clone().keep_registered());
         }
         if let Some(listener) = self.tcp {
-            tokio::spawn(transport::serve(listener, self.shared.clone()));
+            tokio::spawn(transport::serve(listener, None, self.shared.clone()));
+        }
+        if let Some((listener, acceptor)) = self.tls {
+            tokio::spawn(transport::serve(
+                listener,
+                Some(acceptor),
+                self.shared.clone(),
+            ));
         }
         let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
         loop {
@@ -332,7 +370,7 @@ impl Shared {
             request,
             &dialog.local_tag,
             from.clone(),
-            self.contact_addr(local_ip),
+            self.contact_addr(local_ip, from),
         );
         let call_id = request.call_id().to_owned();
         self.dialogs
@@ -371,7 +409,7 @@ impl Shared {
         let sdp_id = u64::from(rand::random::<u32>());
         let contact = format!(
             "<sip:duplex@{}{}>",
-            self.contact_addr(local_rtp.ip()),
+            self.contact_addr(local_rtp.ip(), from),
             from.contact_param()
         );
         let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
@@ -405,6 +443,7 @@ impl Shared {
         let uri_voice = request
             .uri
             .strip_prefix("sip:")
+            .or_else(|| request.uri.strip_prefix("sips:"))
             .and_then(|rest| rest.split_once('@'))
             .map(|(user, _)| user)
             .filter(|user| voices.iter().any(|v| v == user));
@@ -451,8 +490,12 @@ impl Shared {
         route_source(caller).map_or(settings.bind_ip, |ip| ip.to_canonical())
     }
 
-    fn contact_addr(&self, local_ip: IpAddr) -> SocketAddr {
-        let port = self.socket.local_addr().map(|a| a.port()).unwrap_or(5060);
+    /// Our SIP address for `peer`: the TLS port for a peer on TLS, else the UDP (and TCP) one.
+    fn contact_addr(&self, local_ip: IpAddr, peer: &Peer) -> SocketAddr {
+        let port = match (peer.is_tls(), self.tls_port) {
+            (true, Some(port)) => port,
+            _ => self.socket.local_addr().map(|a| a.port()).unwrap_or(5060),
+        };
         SocketAddr::new(local_ip, port)
     }
 
@@ -641,7 +684,8 @@ impl Shared {
         dialog: &mut RegisterDialog,
         responses: &mut mpsc::UnboundedReceiver<String>,
     ) -> Result<String, String> {
-        dialog.contact = self.contact_addr(self.local_ip(registrar));
+        let registrar_peer = Peer::udp(registrar);
+        dialog.contact = self.contact_addr(self.local_ip(registrar), &registrar_peer);
         let mut authorization = None;
         let mut challenges = 0;
         loop {
