@@ -624,7 +624,15 @@ impl SipArgs {
             bind: SocketAddr::new(host, port),
             allow,
             register,
-            codecs: self.sip_codecs.clone(),
+            codecs: self
+                .sip_codecs
+                .iter()
+                .fold(Vec::new(), |mut codecs, &codec| {
+                    if !codecs.contains(&codec) {
+                        codecs.push(codec);
+                    }
+                    codecs
+                }),
             tls,
         }))
     }
@@ -953,7 +961,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(settings) = sip_settings {
         let sip = SipServer::bind(&settings, server.state().clone())
             .await
-            .with_context(|| format!("binding SIP on udp {}", settings.bind))?;
+            .with_context(|| {
+                let tls = settings
+                    .tls
+                    .as_ref()
+                    .map(|tls| format!(" (tls {})", tls.bind));
+                format!(
+                    "binding SIP on {}{}",
+                    settings.bind,
+                    tls.unwrap_or_default()
+                )
+            })?;
         let allow: Vec<String> = settings.allow.iter().map(ToString::to_string).collect();
         let codecs: Vec<&str> = settings.codecs.iter().map(|c| c.name()).collect();
         let tcp = if sip.has_tcp() { " and tcp" } else { "" };

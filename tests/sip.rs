@@ -651,6 +651,11 @@ impl SipStream {
         use duplex::gateway::sip::message::{Framed, frame};
         use tokio::io::AsyncReadExt;
         loop {
+            if self.pending == b"\r\n" {
+                // A pong (framing would wait for a second CRLF, as for a split ping).
+                self.pending.clear();
+                return Some("\r\n".into());
+            }
             match frame(&self.pending) {
                 Ok(Framed::Message(len) | Framed::Padding(len) | Framed::Ping(len)) => {
                     let bytes: Vec<u8> = self.pending.drain(..len).collect();

@@ -140,8 +140,8 @@ impl OpusDecoder {
             .map_err(codec("parse packet"))
     }
 
-    /// Decodes one packet into `out` (at least [`MAX_PACKET_SAMPLES`] long); returns the samples
-    /// written.
+    /// Decodes one packet into `out` (at least as long as the packet's samples,
+    /// [`Self::packet_samples`]; [`MAX_PACKET_SAMPLES`] always is); returns the samples written.
     pub fn decode(&mut self, packet: &[u8], out: &mut [f32]) -> Result<usize, OpusError> {
         self.inner
             .decode_float(packet, out, false)

@@ -1,6 +1,6 @@
-//! Sample-rate conversion: whole signals (files) and streams of any rate with rubato's
-//! synchronous FFT resampler, and the phone lines' rates (8 or 16 kHz ↔ 24 kHz, small exact
-//! ratios) with a polyphase FIR of 2 ms delay. The streaming converters allocate only in `new` and write into the
+//! Sample-rate conversion: whole signals (files) and streams of any rate with rubato's synchronous
+//! FFT resampler, and the phone lines' rates (8 or 16 kHz ↔ 24 kHz, small exact ratios) with a
+//! polyphase FIR of 2 ms delay. The streaming converters allocate only in `new` and write into the
 //! caller's buffer, so chunk boundaries never change the output.
 
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
@@ -46,7 +46,8 @@ pub struct OutputTooSmall {
 /// The low-pass filter's length in time: 4 ms at the converter's high rate (96 taps for
 /// 8 ↔ 24 kHz, 192 for 16 ↔ 24 kHz), so each conversion delays the audio by 2 ms.
 const FILTER_SECONDS: f64 = 0.004;
-/// The pass band's edge, as a share of the lower rate: 3.6 kHz for 8 kHz, 7.2 kHz for 16.
+/// The low-pass's cut-off (its response half down), as a share of the lower rate: 3.6 kHz
+/// for 8 kHz, 7.2 kHz for 16; the band is flat to about 3.1 and 6.7 kHz.
 const PASS_BAND: f64 = 0.45;
 
 /// A Kaiser-windowed sinc low-pass of `len` taps, cut-off `cutoff` (a fraction of the rate it
@@ -105,11 +106,18 @@ pub struct Polyphase {
 
 impl Polyphase {
     pub fn new(from: u32, to: u32) -> Result<Self, ResampleError> {
+        let not_small = |reason: &str| ResampleError {
+            from,
+            to,
+            reason: reason.into(),
+        };
+        if from == 0 || to == 0 {
+            return Err(not_small("a rate of 0"));
+        }
         let common = gcd(from, to);
         let (up, down) = ((to / common) as usize, (from / common) as usize);
-        if from == 0 || to == 0 || up > 16 || down > 16 {
-            let reason = "not a small ratio".into();
-            return Err(ResampleError { from, to, reason });
+        if up > 16 || down > 16 {
+            return Err(not_small("not a small ratio"));
         }
         let high_rate = f64::from(from) * up as f64;
         let taps_per_branch = ((FILTER_SECONDS * high_rate) as usize).div_ceil(up);

@@ -75,6 +75,11 @@ impl Dialog {
             return Ok(());
         }
         let answer = AudioOffer::parse(&ack.body, &self.codecs)?;
+        if answer.crypto.is_some() {
+            // Our late offer had no keys: an answer cannot add SRTP (we would send in clear
+            // what it expects encrypted).
+            return Err(OfferError::CryptoChanged("plain RTP, as our offer"));
+        }
         self.offer.send_replace(Some(answer));
         Ok(())
     }

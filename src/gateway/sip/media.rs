@@ -127,6 +127,8 @@ pub async fn run(call: MediaCall) -> MediaEnding {
                             }
                         }
                     }
+                } else {
+                    sender.skip();
                 }
             }
             received = socket.recv_from(&mut buf) => {
@@ -271,6 +273,13 @@ impl RtpSender {
         }
     }
 
+    /// A tick with nothing sent (on hold): time moves on, and the next packet starts a new
+    /// talkspurt (marker bit), so the caller's jitter buffer takes the jump.
+    fn skip(&mut self) {
+        self.header.timestamp = self.header.timestamp.wrapping_add(self.timestamp_step);
+        self.header.marker = true;
+    }
+
     fn packet(&mut self, payload: &[u8]) -> &[u8] {
         let header_len = self.header.marshal_size();
         self.packet.resize(header_len, 0);
@@ -311,6 +320,8 @@ struct RtpReceiver {
     last_sequence: Option<u64>,
     /// The timestamp of the last key press reported (its end is sent three times).
     last_digit_timestamp: Option<u32>,
+    /// Packets found missing before a non-audio packet, reported with the next audio one.
+    unreported_lost: u64,
 }
 
 /// A packet's payload: what follows its header, less any padding (RFC 3550 §5.1); None
@@ -334,6 +345,7 @@ impl RtpReceiver {
             ssrc: None,
             last_sequence: None,
             last_digit_timestamp: None,
+            unreported_lost: 0,
         }
     }
 
@@ -352,35 +364,49 @@ impl RtpReceiver {
             self.ssrc = Some(header.ssrc);
             self.last_sequence = None;
         }
-        if header.payload_type == self.payload_type {
-            return self.audio(header.sequence_number, payload);
+        let audio = header.payload_type == self.payload_type;
+        let digit = Some(header.payload_type) == self.telephone_event;
+        if !audio && !digit && header.payload_type != COMFORT_NOISE {
+            return Received::Garbage;
         }
-        if Some(header.payload_type) == self.telephone_event {
+        // Key presses and comfort noise share the audio's numbering: every packet moves it.
+        let Some(gap) = self.advance(header.sequence_number) else {
+            return match audio {
+                true => Received::Late,
+                false => Received::Other,
+            };
+        };
+        self.unreported_lost += gap;
+        if audio {
+            let lost = std::mem::take(&mut self.unreported_lost);
+            return Received::Audio { payload, lost };
+        }
+        if digit {
             return self.digit(header.timestamp, payload);
         }
-        if header.payload_type == COMFORT_NOISE {
-            return Received::Other;
-        }
-        Received::Garbage
+        Received::Other
     }
 
-    fn audio<'a>(&mut self, sequence: u16, payload: &'a [u8]) -> Received<'a> {
-        let extended = match self.last_sequence {
-            None => u64::from(sequence) + (1 << 16),
-            Some(last) => {
-                // The extended number nearest to the last one.
-                let delta = sequence.wrapping_sub(last as u16) as i16;
-                last.wrapping_add_signed(i64::from(delta))
-            }
+    /// Takes `sequence` as the stream's newest: the packets skipped since the last (0 after a
+    /// restart of the numbering, a jump of [`RESTART_GAP`] or more either way), or None for
+    /// a packet older than the newest (late, or repeated).
+    fn advance(&mut self, sequence: u16) -> Option<u64> {
+        let Some(last) = self.last_sequence else {
+            self.last_sequence = Some(u64::from(sequence) + (1 << 16));
+            return Some(0);
         };
-        let lost = match self.last_sequence {
-            Some(last) if extended <= last => return Received::Late,
-            Some(last) => extended - last - 1,
-            None => 0,
+        let delta = i64::from(sequence.wrapping_sub(last as u16) as i16);
+        let restart = delta.unsigned_abs() >= RESTART_GAP;
+        if delta <= 0 && !restart {
+            return None;
+        }
+        // The extended number with `sequence`'s low bits, past the last.
+        let next = match restart && delta < 0 {
+            true => (last & !0xffff) + (1 << 16) + u64::from(sequence),
+            false => last.wrapping_add_signed(delta),
         };
-        self.last_sequence = Some(extended);
-        let lost = if lost > RESTART_GAP { 0 } else { lost };
-        Received::Audio { payload, lost }
+        self.last_sequence = Some(next);
+        Some(if restart { 0 } else { (delta - 1) as u64 })
     }
 
     fn digit(&mut self, timestamp: u32, payload: &[u8]) -> Received<'static> {
@@ -459,6 +485,23 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
         assert_eq!(lost(2), 2);
         assert_eq!(lost(3), 0);
         assert_eq!(lost(3 + 2000), 0);
+        // A numbering restarted far behind is taken, not dropped as late for minutes.
+        assert_eq!(lost(100), 0);
+        assert_eq!(lost(101), 0);
+    }
+
+    #[test]
+    fn key_presses_and_comfort_noise_are_not_gaps_in_the_audio() {
+        let mut receiver = RtpReceiver::new(&offer());
+        let seen =
+            |r: &mut RtpReceiver, pt, seq| format!("{:?}", r.accept(&rtp(pt, seq, 0, &[0xff; 4])));
+        assert!(seen(&mut receiver, 0, 10).contains("lost: 0"));
+        assert_eq!(seen(&mut receiver, 13, 11), "Other");
+        assert_eq!(seen(&mut receiver, 101, 12), "Other");
+        assert!(seen(&mut receiver, 0, 13).contains("lost: 0"));
+        // A gap before a key press is reported with the next audio.
+        assert_eq!(seen(&mut receiver, 101, 15), "Other");
+        assert!(seen(&mut receiver, 0, 16).contains("lost: 1"));
     }
 
     #[test]
@@ -494,13 +537,14 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
     #[test]
     fn a_key_press_is_reported_once_at_its_end() {
         let mut receiver = RtpReceiver::new(&offer());
-        let event = |r: &mut RtpReceiver, flags| {
-            let packet = rtp(101, 9, 800, &[11, flags, 0, 160]);
+        // One key press: its packets share a timestamp, each with its own sequence number.
+        let event = |r: &mut RtpReceiver, seq, flags| {
+            let packet = rtp(101, seq, 800, &[11, flags, 0, 160]);
             format!("{:?}", r.accept(&packet))
         };
-        assert_eq!(event(&mut receiver, 0x0a), "Other");
-        assert_eq!(event(&mut receiver, 0x8a), "Digit('#')");
-        assert_eq!(event(&mut receiver, 0x8a), "Other");
+        assert_eq!(event(&mut receiver, 9, 0x0a), "Other");
+        assert_eq!(event(&mut receiver, 10, 0x8a), "Digit('#')");
+        assert_eq!(event(&mut receiver, 11, 0x8a), "Other");
     }
 
     #[test]
@@ -509,7 +553,7 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
         assert_eq!(receiver.accept(b"\x00\x01"), Received::Garbage);
         assert_eq!(receiver.accept(&rtp(8, 1, 0, &[0; 160])), Received::Garbage);
         assert_eq!(receiver.accept(&rtp(13, 1, 0, &[40])), Received::Other);
-        assert_eq!(receiver.accept(&rtp(101, 1, 0, &[])), Received::Garbage);
+        assert_eq!(receiver.accept(&rtp(101, 2, 0, &[])), Received::Garbage);
     }
 
     #[test]
@@ -528,5 +572,16 @@ m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
             first.header.timestamp.wrapping_add(160)
         );
         assert_eq!(&second.payload[..], &[2; 160]);
+        sender.skip();
+        let third = Packet::unmarshal(&mut sender.packet(&[3; 160]).to_vec().as_slice()).unwrap();
+        assert!(third.header.marker, "a talkspurt after a pause");
+        assert_eq!(
+            third.header.sequence_number,
+            second.header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(
+            third.header.timestamp,
+            second.header.timestamp.wrapping_add(320)
+        );
     }
 }

@@ -279,6 +279,10 @@ pub fn frame(stream: &[u8]) -> Result<Framed, FrameError> {
     if stream.starts_with(b"\r\n\r\n") {
         return Ok(Framed::Ping(4));
     }
+    if stream == b"\r\n" {
+        // Half a ping, perhaps: wait for the rest.
+        return Ok(Framed::Partial);
+    }
     if stream.starts_with(b"\r\n") {
         return Ok(Framed::Padding(2));
     }
@@ -293,7 +297,7 @@ pub fn frame(stream: &[u8]) -> Result<Framed, FrameError> {
         Some(length) => length.parse::<usize>().map_err(|_| FrameError::BadLength)?,
         None => 0,
     };
-    let total = head_end + 4 + body;
+    let total = (head_end + 4).saturating_add(body);
     if total > MAX_MESSAGE_BYTES {
         return Err(FrameError::TooBig);
     }
@@ -435,6 +439,16 @@ a=rtpmap:101 telephone-event/8000\r\n";
         );
         assert_eq!(frame(b"\r\n\r\nOPTIONS"), Ok(Framed::Ping(4)));
         assert_eq!(frame(b"\r\nOPTIONS"), Ok(Framed::Padding(2)));
+        assert_eq!(
+            frame(b"\r\n"),
+            Ok(Framed::Partial),
+            "the rest of a ping may follow"
+        );
+        let wraps = format!(
+            "OPTIONS sip:x SIP/2.0\r\nContent-Length: {}\r\n\r\n",
+            usize::MAX - 10
+        );
+        assert_eq!(frame(wraps.as_bytes()), Err(FrameError::TooBig));
         let bad = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: lots\r\n\r\n";
         assert_eq!(frame(bad), Err(FrameError::BadLength));
         let huge = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 99999\r\n\r\n";

@@ -76,6 +76,27 @@ const REGISTER_RETRY: Duration = Duration::from_secs(30);
 /// How long shutdown gives the registration's withdrawal (inside the drain's 3 s).
 const UNREGISTER_LIMIT: Duration = Duration::from_secs(2);
 
+/// The UDP socket and the TCP listener on one port: for port 0, the first free port both
+/// can take; for a given port, TCP is left off (with a warning) when another program holds it.
+async fn bind_pair(bind: SocketAddr) -> std::io::Result<(UdpSocket, Option<TcpListener>)> {
+    let tries = if bind.port() == 0 { 20 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..tries {
+        let socket = UdpSocket::bind(bind).await?;
+        match TcpListener::bind(socket.local_addr()?).await {
+            Ok(listener) => return Ok((socket, Some(listener))),
+            Err(err) if bind.port() == 0 => last_error = Some(err),
+            Err(err) => {
+                tracing::warn!(%err, "SIP over TCP is off: its port is taken; UDP answers alone");
+                return Ok((socket, None));
+            }
+        }
+    }
+    let err = last_error.map_or_else(String::new, |e| e.to_string());
+    tracing::warn!(%err, "SIP over TCP is off: no port was free for both; UDP answers alone");
+    Ok((UdpSocket::bind(bind).await?, None))
+}
+
 /// Loopback and the private ranges (RFC 1918, RFC 4193, link-local): a PBX on the same network.
 pub fn private_networks() -> Vec<IpNet> {
     [
@@ -120,14 +141,8 @@ struct Shared {
 
 impl SipServer {
     pub async fn bind(settings: &SipSettings, state: Arc<AppState>) -> std::io::Result<Self> {
-        let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
-        let tcp = match TcpListener::bind(socket.local_addr()?).await {
-            Ok(listener) => Some(listener),
-            Err(err) => {
-                tracing::warn!(%err, "SIP over TCP is off: its port is taken; UDP answers alone");
-                None
-            }
-        };
+        let (socket, tcp) = bind_pair(settings.bind).await?;
+        let socket = Arc::new(socket);
         let tls = match &settings.tls {
             Some(tls) => Some((
                 TcpListener::bind(tls.bind).await?,
@@ -570,9 +585,14 @@ impl Shared {
         };
         tracing::info!(session = %dialog.id, ?ending, "hanging up the SIP call");
         let text = bye.request(call_id);
-        let mut wait = BYE_FIRST_WAIT;
+        // A connection delivers or fails by itself (RFC 3261 §17.1.2.2): one send, the same
+        // wait in all.
+        let (sends, mut wait) = match bye.to.is_stream() {
+            true => (1, BYE_FIRST_WAIT * 7),
+            false => (BYE_SENDS, BYE_FIRST_WAIT),
+        };
         let mut responses = self.await_responses(call_id);
-        for _ in 0..BYE_SENDS {
+        for _ in 0..sends {
             self.send(&text, &bye.to).await;
             if tokio::time::timeout(wait, responses.recv()).await.is_ok() {
                 break;
@@ -702,7 +722,8 @@ impl Shared {
                     challenges += 1;
                     authorization = Some(settings.answer_challenge(&response)?);
                 }
-                Some(423) => match register::min_expires(&response) {
+                // Withdrawing (Expires: 0) must not turn into registering for longer.
+                Some(423) if dialog.expires > 0 => match register::min_expires(&response) {
                     Some(min) if min > dialog.expires => dialog.expires = min,
                     _ => return Err(refused()),
                 },

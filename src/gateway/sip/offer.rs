@@ -1,5 +1,5 @@
-//! The SDP of a SIP call (RFC 3264, plain RTP): which of our codecs the caller offers (Opus,
-//! G.722, G.711), where its RTP goes, and the answer that names ours.
+//! The SDP of a SIP call (RFC 3264; RTP, or SRTP keyed by SDES): which of our codecs the
+//! caller offers (Opus, G.722, G.711), where its RTP goes, and the answer that names ours.
 
 use super::srtp::Crypto;
 use crate::audio::g711::Law;
@@ -46,11 +46,19 @@ impl SipCodec {
         }
     }
 
+    /// Its mapping as an offer wrote it (`name`, lowercase): only G.722's clock varies.
+    fn rtpmap_as(self, name: &str) -> &'static str {
+        match (self, name) {
+            (Self::G722, "g722/16000") => "G722/16000",
+            _ => self.rtpmap(),
+        }
+    }
+
     /// Whether an offered format (its `rtpmap`, lowercase) is this codec. G.722's clock is
     /// 8000 by a mistake kept for compatibility (RFC 3551 §4.5.2); some phones write 16000.
     fn matches(self, codec: &str) -> bool {
         match self {
-            Self::Opus => codec.starts_with("opus/48000"),
+            Self::Opus => codec == "opus/48000/2" || codec == "opus/48000",
             Self::G722 => codec == "g722/8000" || codec == "g722/16000",
             Self::Pcmu => codec == "pcmu/8000",
             Self::Pcma => codec == "pcma/8000",
@@ -157,6 +165,8 @@ pub struct AudioOffer {
     pub remote: SocketAddr,
     pub codec: SipCodec,
     pub payload_type: u8,
+    /// The payload type's mapping as the offer wrote it (RFC 3264 §6.1: the answer keeps it).
+    rtpmap: &'static str,
     /// RFC 4733 `telephone-event`, when offered: its payload type (key presses).
     pub telephone_event: Option<u8>,
     /// Its clock rate, as offered.
@@ -213,11 +223,30 @@ impl AudioOffer {
         }
         let description = SessionDescription::unmarshal(&mut Cursor::new(sdp.as_bytes()))
             .map_err(|e| OfferError::Malformed(e.to_string()))?;
+        // The first audio line we can answer (an offer may put DTLS-SRTP first and plain RTP
+        // after it); if none, why the first could not be.
+        let mut first_error = None;
+        for (idx, line) in description.media_descriptions.iter().enumerate() {
+            if line.media_name.media != "audio" || line.media_name.port.value == 0 {
+                continue;
+            }
+            match Self::take_line(&description, idx, codecs) {
+                Ok(offer) => return Ok(offer),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(OfferError::NoAudio))
+    }
+
+    /// The offer as answered on its `taken`-th media line.
+    fn take_line(
+        description: &SessionDescription,
+        taken: usize,
+        codecs: &[SipCodec],
+    ) -> Result<Self, OfferError> {
         let media = &description.media_descriptions;
-        let taken = media
-            .iter()
-            .position(|m| m.media_name.media == "audio" && m.media_name.port.value != 0)
-            .ok_or(OfferError::NoAudio)?;
         let audio = &media[taken];
         let profile = audio.media_name.protos.join("/");
         let crypto_lines = audio.attributes.iter().filter(|a| a.key == "crypto");
@@ -227,7 +256,7 @@ impl AudioOffer {
             ("RTP/SAVP", None) => return Err(OfferError::NoCrypto),
             _ => return Err(OfferError::Profile(profile)),
         }
-        let (payload_type, codec) = choose_codec(audio, codecs)?;
+        let (payload_type, codec, rtpmap) = choose_codec(audio, codecs)?;
         let (telephone_event, events_clock) = telephone_event(audio, codec.rtp_clock());
         let address = audio
             .connection_information
@@ -252,6 +281,7 @@ impl AudioOffer {
             remote: SocketAddr::new(address, port),
             codec,
             payload_type,
+            rtpmap,
             telephone_event,
             events_clock,
             direction,
@@ -271,6 +301,9 @@ impl AudioOffer {
             other => other?,
         };
         offer.crypto = match (offer.crypto.take(), &self.crypto) {
+            (Some(new), Some(ours)) if new.suite != ours.suite => {
+                return Err(OfferError::CryptoChanged("its SRTP suite"));
+            }
             (Some(new), Some(ours)) => Some(new.keep_ours(ours)),
             (None, None) => None,
             (_, Some(_)) => return Err(OfferError::CryptoChanged("SRTP")),
@@ -306,7 +339,7 @@ c=IN {ip} {address}\r\nt=0 0\r\n"
     fn audio_section(&self, port: u16) -> String {
         let pt = self.payload_type;
         let mut formats = pt.to_string();
-        let mut attributes = codec_attributes(self.codec, pt);
+        let mut attributes = codec_attributes(self.codec, pt, self.rtpmap);
         if let Some(events) = self.telephone_event {
             formats.push_str(&format!(" {events}"));
             attributes.push_str(&events_attributes(events, self.events_clock));
@@ -323,8 +356,8 @@ c=IN {ip} {address}\r\nt=0 0\r\n"
 }
 
 /// A codec's `rtpmap` (and `fmtp`) lines for payload type `pt`.
-fn codec_attributes(codec: SipCodec, pt: u8) -> String {
-    let mut lines = format!("a=rtpmap:{pt} {}\r\n", codec.rtpmap());
+fn codec_attributes(codec: SipCodec, pt: u8, rtpmap: &str) -> String {
+    let mut lines = format!("a=rtpmap:{pt} {rtpmap}\r\n");
     if let Some(fmtp) = codec.fmtp() {
         lines.push_str(&format!("a=fmtp:{pt} {fmtp}\r\n"));
     }
@@ -351,7 +384,8 @@ pub fn late_offer(local: SocketAddr, session_id: u64, codecs: &[SipCodec]) -> St
     let mut attributes = String::new();
     for &codec in codecs {
         formats.push_str(&format!(" {}", codec.our_payload_type()));
-        attributes.push_str(&codec_attributes(codec, codec.our_payload_type()));
+        let pt = codec.our_payload_type();
+        attributes.push_str(&codec_attributes(codec, pt, codec.rtpmap()));
     }
     let mut events = vec![(OUR_EVENTS, 8000)];
     if codecs.contains(&SipCodec::Opus) {
@@ -368,11 +402,11 @@ t=0 0\r\nm=audio {port} RTP/AVP{formats}\r\n{attributes}a=ptime:20\r\na=sendrecv
     )
 }
 
-/// The first of `codecs` the audio line offers, with its payload type.
+/// The first of `codecs` the audio line offers, with its payload type and mapping.
 fn choose_codec(
     audio: &MediaDescription,
     codecs: &[SipCodec],
-) -> Result<(u8, SipCodec), OfferError> {
+) -> Result<(u8, SipCodec, &'static str), OfferError> {
     let formats = &audio.media_name.formats;
     let offered: Vec<(u8, String)> = formats
         .iter()
@@ -381,8 +415,8 @@ fn choose_codec(
     codecs
         .iter()
         .find_map(|&codec| {
-            let (pt, _) = offered.iter().find(|(_, name)| codec.matches(name))?;
-            Some((*pt, codec))
+            let (pt, name) = offered.iter().find(|(_, name)| codec.matches(name))?;
+            Some((*pt, codec, codec.rtpmap_as(name)))
         })
         .ok_or_else(|| OfferError::NoCodec {
             ours: codecs
@@ -538,6 +572,13 @@ a=rtpmap:102 telephone-event/48000\r\n",
             .renegotiate(&offer("m=audio 4002 RTP/AVP 0\r\n"))
             .unwrap_err();
         assert_eq!(plain, OfferError::CryptoChanged("SRTP"));
+        let other_suite = key.replace("_80", "_32");
+        let suite = first
+            .renegotiate(&offer(&format!(
+                "m=audio 4002 RTP/SAVP 0\r\n{other_suite}\r\n"
+            )))
+            .unwrap_err();
+        assert_eq!(suite, OfferError::CryptoChanged("its SRTP suite"));
         // Best-effort SRTP (crypto on an RTP/AVP line) is answered in kind.
         let best_effort = AudioOffer::parse(
             &offer(&format!("m=audio 4000 RTP/AVP 0\r\n{key}\r\n")),
@@ -548,6 +589,26 @@ a=rtpmap:102 telephone-event/48000\r\n",
         assert!(
             answer.contains("m=audio 40000 RTP/AVP 0\r\n") && answer.contains("a=crypto:1 "),
             "{answer}"
+        );
+    }
+
+    #[test]
+    fn the_first_audio_line_we_can_answer_is_taken() {
+        let sdp = offer(
+            "m=audio 5000 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+m=audio 4000 RTP/AVP 9\r\na=rtpmap:9 G722/16000\r\n",
+        );
+        let offer = AudioOffer::parse(&sdp, &SipCodec::ALL).unwrap();
+        assert_eq!((offer.remote.port(), offer.codec), (4000, SipCodec::G722));
+        let answer = offer.answer(LOCAL.parse().unwrap(), 7, 1);
+        let lines: Vec<&str> = answer.lines().filter(|l| l.starts_with("m=")).collect();
+        assert_eq!(
+            lines,
+            ["m=audio 0 UDP/TLS/RTP/SAVPF 111", "m=audio 40000 RTP/AVP 9"]
+        );
+        assert!(
+            answer.contains("a=rtpmap:9 G722/16000\r\n"),
+            "the offer's mapping kept: {answer}"
         );
     }
 

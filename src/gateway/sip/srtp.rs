@@ -74,9 +74,12 @@ impl Crypto {
             let key_params = fields.next()?.strip_prefix("inline:")?;
             let mut parts = key_params.split('|');
             let remote_key = STANDARD.decode(parts.next()?).ok()?;
-            // A lifetime may follow; an MKI (`n:len`) is not handled.
+            // A lifetime may follow; an MKI (`n:len`) is not handled, nor is any session
+            // parameter (UNENCRYPTED_SRTP, KDR=…): RFC 4568 §6.3 has the line refused.
             let has_mki = parts.any(|part| part.contains(':'));
-            (remote_key.len() == KEY_AND_SALT && !has_mki).then(|| Self {
+            let has_session_params = fields.next().is_some();
+            let usable = remote_key.len() == KEY_AND_SALT && !has_mki && !has_session_params;
+            usable.then(|| Self {
                 tag,
                 suite,
                 remote_key,
@@ -174,6 +177,8 @@ mod tests {
         assert!(!format!("{crypto:?}").contains("inline"));
         assert!(Crypto::choose(["1 AES_CM_128_HMAC_SHA1_80 inline:c2hvcnQ="]).is_none());
         assert!(Crypto::choose(["garbage"]).is_none());
+        let unencrypted = format!("1 AES_CM_128_HMAC_SHA1_80 inline:{KEY_B64} UNENCRYPTED_SRTP");
+        assert!(Crypto::choose([unencrypted.as_str()]).is_none());
     }
 
     #[test]

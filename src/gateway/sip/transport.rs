@@ -3,7 +3,7 @@
 //! calls go back.
 
 use super::Shared;
-use super::message::{self, FrameError, Framed, MAX_MESSAGE_BYTES};
+use super::message::{self, FrameError, Framed};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,8 +15,18 @@ use tokio_rustls::TlsAcceptor;
 
 /// Connections at once (TCP and TLS each); more are closed as they come.
 const MAX_CONNECTIONS: usize = 256;
+/// Of those, from outside `--sip-allow` (each gets one answer, then is closed).
+const MAX_STRANGERS: usize = 16;
 /// A TLS handshake that takes longer than this is abandoned.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// A connection must bring its first whole message this soon.
+const FIRST_MESSAGE_LIMIT: Duration = Duration::from_secs(10);
+/// A connection with no call on it is closed after this long without a message (a PBX opens
+/// another for its next call).
+const IDLE_LIMIT: Duration = Duration::from_secs(300);
+/// Messages waiting to be written to one connection; beyond, the peer is not reading and
+/// further ones are dropped.
+const MAX_QUEUED: usize = 64;
 
 /// A peer and the way back to it.
 #[derive(Debug, Clone)]
@@ -30,7 +40,7 @@ enum Link {
     Udp,
     /// The writing half of the connection the peer's messages came on, and whether it is TLS.
     Stream {
-        writer: mpsc::UnboundedSender<Vec<u8>>,
+        writer: mpsc::Sender<Vec<u8>>,
         tls: bool,
     },
 }
@@ -56,6 +66,19 @@ impl Peer {
         matches!(self.link, Link::Stream { tls: true, .. })
     }
 
+    /// Copies of this connection's `Peer` beyond the connection's own: the calls on it.
+    fn calls_holding(&self) -> usize {
+        match &self.link {
+            Link::Udp => 0,
+            Link::Stream { writer, .. } => writer.strong_count().saturating_sub(1),
+        }
+    }
+
+    /// Whether the peer is on a connection (TCP or TLS), which delivers or fails by itself.
+    pub fn is_stream(&self) -> bool {
+        matches!(self.link, Link::Stream { .. })
+    }
+
     /// The `transport` parameter our Contact needs so the peer's requests within a call come
     /// the same way ("" for UDP, the default).
     pub fn contact_param(&self) -> &'static str {
@@ -72,8 +95,14 @@ impl Peer {
         let Link::Stream { writer, .. } = &self.link else {
             return false;
         };
-        if writer.send(text.as_bytes().to_vec()).is_err() {
-            tracing::debug!(to = %self, "SIP connection closed: message not sent");
+        match writer.try_send(text.as_bytes().to_vec()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(to = %self, "SIP peer reads nothing: message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::debug!(to = %self, "SIP connection closed: message not sent");
+            }
         }
         true
     }
@@ -89,81 +118,159 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// Open connections, all and from strangers.
+#[derive(Default)]
+struct Open {
+    all: AtomicUsize,
+    strangers: AtomicUsize,
+}
+
+/// A connection's place among the open ones, given back when dropped.
+struct Slot {
+    open: Arc<Open>,
+    stranger: bool,
+}
+
+impl Slot {
+    fn take(open: &Arc<Open>, stranger: bool) -> Option<Self> {
+        let full = open.all.load(Ordering::Acquire) >= MAX_CONNECTIONS
+            || (stranger && open.strangers.load(Ordering::Acquire) >= MAX_STRANGERS);
+        if full {
+            return None;
+        }
+        open.all.fetch_add(1, Ordering::AcqRel);
+        if stranger {
+            open.strangers.fetch_add(1, Ordering::AcqRel);
+        }
+        Some(Self {
+            open: open.clone(),
+            stranger,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.all.fetch_sub(1, Ordering::AcqRel);
+        if self.stranger {
+            self.open.strangers.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Takes TCP connections (TLS ones when `tls` is given) for as long as the server runs.
 pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(Open::default());
     loop {
-        let Ok((stream, from)) = listener.accept().await else {
-            continue;
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::debug!(%err, "SIP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        if open.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-            shared.count("too_many_connections");
+        let trusted = shared.allowed(from);
+        if tls.is_some() && !trusted {
+            // No handshake (CPU) for a stranger: any request but an INVITE gets nothing anyway.
+            shared.count("forbidden");
             continue;
         }
-        open.fetch_add(1, Ordering::AcqRel);
-        let (shared, open, tls) = (shared.clone(), open.clone(), tls.clone());
+        let Some(slot) = Slot::take(&open, !trusted) else {
+            shared.count("too_many_connections");
+            continue;
+        };
+        let (shared, tls) = (shared.clone(), tls.clone());
         tokio::spawn(async move {
-            match tls {
-                None => connection(stream, from, false, shared).await,
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(stream)) => connection(stream, from, true, shared).await,
-                        Ok(Err(err)) => {
-                            tracing::debug!(%from, %err, "SIP TLS handshake failed");
-                            shared.count("tls_failed");
-                        }
-                        Err(_) => shared.count("tls_failed"),
-                    }
+            let _slot = slot;
+            let Some(acceptor) = tls else {
+                return connection(stream, from, false, shared).await;
+            };
+            let handshake = tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(stream)) => connection(stream, from, true, shared).await,
+                Ok(Err(err)) => {
+                    tracing::debug!(%from, %err, "SIP TLS handshake failed");
+                    shared.count("tls_failed");
                 }
+                Err(_) => shared.count("tls_failed"),
             }
-            open.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
 
 /// One connection: its messages handled in order, each answer written back on it. A peer
-/// outside `--sip-allow` gets one message answered (a 403 for an INVITE), then the door.
+/// outside `--sip-allow` gets one message answered (a 403 for an INVITE), then the door; so
+/// does a connection that sends nothing whole for [`FIRST_MESSAGE_LIMIT`], or nothing at all
+/// for [`IDLE_LIMIT`] while no call is on it. When reading ends, so does writing.
 async fn connection<S>(stream: S, from: SocketAddr, tls: bool, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let trusted = shared.allowed(from);
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let (sender, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (sender, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_QUEUED);
+    let done = tokio_util::sync::CancellationToken::new();
+    let reading_done = done.clone();
     let writing = tokio::spawn(async move {
-        while let Some(bytes) = outgoing.recv().await {
+        loop {
+            // What is queued goes out first: a stranger's answer, queued just before its
+            // connection's reading ends.
+            let bytes = tokio::select! {
+                biased;
+                bytes = outgoing.recv() => bytes,
+                _ = reading_done.cancelled() => outgoing.try_recv().ok(),
+            };
+            let Some(bytes) = bytes else { break };
             if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
                 break;
             }
         }
+        let _ = writer.shutdown().await;
     });
     let peer = Peer {
         addr: from,
         link: Link::Stream {
-            writer: sender.clone(),
+            writer: sender,
             tls,
         },
     };
+    read_messages(&mut reader, &peer, trusted, &shared).await;
+    done.cancel();
+    let _ = writing.await;
+}
+
+/// Reads and handles the connection's messages until it closes, breaks the framing, idles
+/// or (a stranger) has had its one answer.
+async fn read_messages<R>(reader: &mut R, peer: &Peer, trusted: bool, shared: &Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+{
     let mut stream = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 4096];
-    'reading: loop {
+    let mut limit = FIRST_MESSAGE_LIMIT;
+    loop {
         loop {
             match message::frame(&stream) {
                 Ok(Framed::Partial) => break,
                 Ok(Framed::Ping(len)) => {
+                    if !trusted {
+                        return;
+                    }
                     stream.drain(..len);
-                    let _ = sender.send(b"\r\n".to_vec());
+                    peer.write_stream("\r\n");
                 }
                 Ok(Framed::Padding(len)) => {
                     stream.drain(..len);
                 }
                 Ok(Framed::Message(len)) => {
                     let message: Vec<u8> = stream.drain(..len).collect();
-                    shared.clone().handle(&message, &peer).await;
+                    shared.clone().handle(&message, peer).await;
                     if !trusted {
-                        break 'reading;
+                        return;
                     }
+                    limit = IDLE_LIMIT;
                 }
                 Err(err) => {
                     tracing::debug!(%peer, %err, "SIP connection closed");
@@ -171,18 +278,16 @@ where
                         FrameError::TooBig => "too_big",
                         FrameError::BadLength => "bad_message",
                     });
-                    break 'reading;
+                    return;
                 }
             }
         }
-        match reader.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => stream.extend_from_slice(&chunk[..read]),
-        }
-        if stream.len() > 2 * MAX_MESSAGE_BYTES {
-            break;
+        match tokio::time::timeout(limit, reader.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(read)) => stream.extend_from_slice(&chunk[..read]),
+            // A call on this connection holds a clone of its `Peer`: keep it open for them.
+            Err(_) if limit == IDLE_LIMIT && peer.calls_holding() > 0 => {}
+            Err(_) => return,
         }
     }
-    // The writer runs on while a call of this connection holds its `Peer` (for its BYE).
-    drop(writing);
 }
