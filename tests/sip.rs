@@ -738,14 +738,24 @@ Content-Length: 0\r\n\r\n",
 }
 
 /// A stream that cannot be SIP is closed; a stranger's INVITE over TCP gets its 403, then
-/// the connection is closed.
+/// the connection is closed; a stranger on the TLS port gets no handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_streams_and_strangers_over_tcp_are_closed() {
-    let (server, sip) = start(
-        ServerOptions::default(),
-        vec!["10.0.0.0/8".parse().unwrap()],
-    )
-    .await;
+    use duplex::gateway::tls::{self, TlsSource};
+    let dir = common::scratch_dir("sip-tls-strangers");
+    let certificate = tls::setup(&TlsSource::SelfSigned { dir }).await.unwrap();
+    let elsewhere = SipSettings {
+        tls: Some(SipTls {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            config: certificate.config.get_inner(),
+        }),
+        ..settings(vec!["10.0.0.0/8".parse().unwrap()])
+    };
+    let (server, addrs) = start_sip(ServerOptions::default(), elsewhere).await;
+    let sip = addrs.udp;
+    // A stranger on the TLS port is closed before any handshake.
+    let mut stranger_tls = SipStream::connect(addrs.tls.unwrap()).await;
+    assert_eq!(stranger_tls.read().await, None, "closed at once");
     let phone = RawPhone::new(sip).await;
     let mut stranger = SipStream::connect(sip).await;
     let invite = over_tcp(&phone.request("INVITE", None, "", &phone.offer("0")));
