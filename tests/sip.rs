@@ -36,6 +36,22 @@ async fn start(options: ServerOptions, allow: Vec<IpNet>) -> (TestServer, Socket
     (server, sip.udp)
 }
 
+/// `settings` with SIP over TLS on a loopback port, and the self-signed certificate it shows.
+async fn with_tls(settings: SipSettings) -> (SipSettings, duplex::gateway::tls::TlsSetup) {
+    use duplex::gateway::tls::{self, TlsSource};
+    let dir = common::scratch_dir("sip-tls");
+    let certificate = tls::setup(&TlsSource::SelfSigned { dir }).await.unwrap();
+    let tls = SipTls {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        config: certificate.config.get_inner(),
+    };
+    let settings = SipSettings {
+        tls: Some(tls),
+        ..settings
+    };
+    (settings, certificate)
+}
+
 /// Where the test server's SIP answers.
 struct SipAddrs {
     udp: SocketAddr,
@@ -304,16 +320,7 @@ async fn a_phone_that_insists_on_srtp_hears_itself() {
 /// SRTP; the call's requests stay on TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phone_calls_over_tls_with_srtp() {
-    use duplex::gateway::tls::{self, TlsSource};
-    let dir = common::scratch_dir("sip-tls");
-    let certificate = tls::setup(&TlsSource::SelfSigned { dir }).await.unwrap();
-    let secure = SipSettings {
-        tls: Some(SipTls {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            config: certificate.config.get_inner(),
-        }),
-        ..settings(sip::private_networks())
-    };
+    let (secure, certificate) = with_tls(settings(sip::private_networks())).await;
     let (server, sip) = start_sip(ServerOptions::default(), secure).await;
     let tls_addr = sip.tls.expect("a TLS listener");
     let uri = format!("sip:NATM1@{tls_addr};transport=tls");
@@ -741,16 +748,7 @@ Content-Length: 0\r\n\r\n",
 /// the connection is closed; a stranger on the TLS port gets no handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_streams_and_strangers_over_tcp_are_closed() {
-    use duplex::gateway::tls::{self, TlsSource};
-    let dir = common::scratch_dir("sip-tls-strangers");
-    let certificate = tls::setup(&TlsSource::SelfSigned { dir }).await.unwrap();
-    let elsewhere = SipSettings {
-        tls: Some(SipTls {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            config: certificate.config.get_inner(),
-        }),
-        ..settings(vec!["10.0.0.0/8".parse().unwrap()])
-    };
+    let (elsewhere, _) = with_tls(settings(vec!["10.0.0.0/8".parse().unwrap()])).await;
     let (server, addrs) = start_sip(ServerOptions::default(), elsewhere).await;
     let sip = addrs.udp;
     // A stranger on the TLS port is closed before any handshake.
