@@ -8,6 +8,7 @@ use duplex::engine::personaplex::{PersonaPlexEngine, PersonaPlexOptions};
 use duplex::engine::{EchoEngine, Engine, EngineConfig, EngineHandle, PersonaRequest};
 use duplex::fetch::FetchOptions;
 use duplex::gateway::ice::{IceConfig, TurnAuth};
+use duplex::gateway::sip::auth::CallerAuth;
 use duplex::gateway::sip::offer::SipCodec;
 use duplex::gateway::sip::register::RegisterSettings;
 use duplex::gateway::sip::{self, SipServer, SipSettings, SipTls};
@@ -577,6 +578,10 @@ struct SipArgs {
     /// (--tls-cert/--tls-key or --tls-self-signed); 0 takes any free port.
     #[arg(long, env = "DUPLEX_SIP_TLS_PORT", requires = "sip_port")]
     sip_tls_port: Option<u16>,
+    /// A new call must prove it knows this account (digest, MD5): USER:PASSWORD. Callers
+    /// must still come from --sip-allow's networks (0.0.0.0/0 to take them from anywhere).
+    #[arg(long, env = "DUPLEX_SIP_CALLER_AUTH", hide_env_values = true)]
+    sip_caller_auth: Option<String>,
     /// The codecs a call may take, the preferred first (comma-separated): a caller gets the
     /// first of these it offers. opus and G722 carry wideband speech, PCMU and PCMA 8 kHz.
     #[arg(
@@ -607,6 +612,14 @@ impl SipArgs {
                 "--sip-tls-port needs a certificate: --tls-cert and --tls-key, or --tls-self-signed"
             ),
         };
+        let caller_auth = match &self.sip_caller_auth {
+            Some(account) => {
+                Some(Arc::new(CallerAuth::parse(account).map_err(|why| {
+                    anyhow::anyhow!("--sip-caller-auth: {why}")
+                })?))
+            }
+            None => None,
+        };
         let allow = match self.sip_allow.is_empty() {
             true => sip::private_networks(),
             false => self.sip_allow.clone(),
@@ -634,6 +647,7 @@ impl SipArgs {
                     codecs
                 }),
             tls,
+            caller_auth,
         }))
     }
 }

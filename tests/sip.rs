@@ -27,6 +27,7 @@ fn settings(allow: Vec<IpNet>) -> SipSettings {
         register: None,
         codecs: SipCodec::ALL.to_vec(),
         tls: None,
+        caller_auth: None,
     }
 }
 
@@ -107,6 +108,11 @@ const OPUS_PHONE: Phone = Phone {
     rate: 48000,
     channels: 2,
     account: "",
+};
+/// A phone with the account `--sip-caller-auth pbx:s3cret` asks for.
+const AUTHENTICATED_PHONE: Phone = Phone {
+    account: ";auth_user=pbx;auth_pass=s3cret",
+    ..G711_PHONE
 };
 const SRTP_PHONE: Phone = Phone {
     account: ";mediaenc=srtp-mand",
@@ -332,6 +338,57 @@ async fn a_phone_calls_over_tls_with_srtp() {
     server.stop().await;
 }
 
+/// With `--sip-caller-auth`, a new call must answer a digest challenge: a phone with the
+/// account is answered after its second INVITE; without credentials, or with the wrong
+/// password, a caller is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_must_prove_the_account_when_one_is_set() {
+    use duplex::gateway::sip::auth::CallerAuth;
+    let account = Some(std::sync::Arc::new(
+        CallerAuth::parse("pbx:s3cret").unwrap(),
+    ));
+    let guarded = SipSettings {
+        caller_auth: account,
+        ..settings(sip::private_networks())
+    };
+    let (server, sip) = start_sip(ServerOptions::default(), guarded).await;
+    let sip = sip.udp;
+    echo_call(sip, AUTHENTICATED_PHONE, "").await;
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+
+    let phone = RawPhone::new(sip).await;
+    let offer = phone.offer("0");
+    let challenged = phone
+        .exchange(&phone.request("INVITE", None, "", &offer))
+        .await;
+    assert!(challenged.starts_with("SIP/2.0 401 "), "{challenged}");
+    let challenge = header(&challenged, "WWW-Authenticate").unwrap();
+    let nonce = digest_param(challenge, "nonce");
+    let credentials = |password: &str| {
+        let ha1 = md5_hex(&format!("pbx:duplex:{password}"));
+        let ha2 = md5_hex(&format!("INVITE:sip:agent@{sip}"));
+        let response = md5_hex(&format!("{ha1}:{nonce}:00000001:beef:auth:{ha2}"));
+        format!(
+            "Authorization: Digest username=\"pbx\", realm=\"duplex\", nonce=\"{nonce}\", \
+uri=\"sip:agent@{sip}\", qop=auth, nc=00000001, cnonce=\"beef\", response=\"{response}\"\r\n"
+        )
+    };
+    let wrong = phone
+        .exchange(&phone.request("INVITE", None, &credentials("guess"), &offer))
+        .await;
+    assert!(wrong.starts_with("SIP/2.0 403 "), "{wrong}");
+    assert!(
+        header(&wrong, "Warning")
+            .unwrap()
+            .contains("wrong credentials")
+    );
+    assert_eq!(server.state.engine.active_sessions(), 0);
+    let (answered, _) = phone.call_with(&credentials("s3cret"), &offer).await;
+    assert!(answered.starts_with("SIP/2.0 200 "), "{answered}");
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_g722_phone_hears_itself_in_wideband() {
     wideband_echo(G722_PHONE).await;
@@ -485,8 +542,13 @@ Content-Length: {len}\r\n\r\n{body}",
 
     /// INVITEs with `offer`, ACKs the 200 and returns it with our dialog's To tag.
     async fn call(&self, offer: &str) -> (String, String) {
+        self.call_with("", offer).await
+    }
+
+    /// The same, with `extra` headers on the INVITE.
+    async fn call_with(&self, extra: &str, offer: &str) -> (String, String) {
         let answer = self
-            .exchange(&self.request("INVITE", None, "", offer))
+            .exchange(&self.request("INVITE", None, extra, offer))
             .await;
         assert!(answer.starts_with("SIP/2.0 200 "), "{answer}");
         let tag = to_tag(&answer);

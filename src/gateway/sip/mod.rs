@@ -9,6 +9,7 @@
 //! `X-Duplex-Prompt` headers, or from a request URI whose user part is a voice's name
 //! (`sip:NATM1@agent`).
 
+pub mod auth;
 mod dialog;
 pub mod media;
 pub mod message;
@@ -21,6 +22,7 @@ use super::{ApiError, AppState};
 use crate::engine::{PersonaRequest, SessionHandle, SessionId};
 use crate::gateway::outbound::PacketSource;
 use crate::gateway::ports::PortLease;
+use auth::{CallerAuth, Verdict};
 use dialog::{ALLOW, ByeTarget, Dialog};
 use ipnet::IpNet;
 use media::{MediaCall, MediaEnding, TRANSPORT};
@@ -62,6 +64,8 @@ pub struct SipSettings {
     pub codecs: Vec<SipCodec>,
     /// SIP over TLS (`--sip-tls-port`): where it listens and the certificate it shows.
     pub tls: Option<SipTls>,
+    /// The account a new call must prove it knows (`--sip-caller-auth`), if any.
+    pub caller_auth: Option<Arc<CallerAuth>>,
 }
 
 /// SIP over TLS: its address and the server's TLS configuration (the page's certificate).
@@ -137,6 +141,7 @@ struct Shared {
     codecs: Vec<SipCodec>,
     /// The TLS listener's port, for the Contact of calls that came over TLS.
     tls_port: Option<u16>,
+    caller_auth: Option<Arc<CallerAuth>>,
 }
 
 impl SipServer {
@@ -172,6 +177,7 @@ impl SipServer {
             register,
             codecs: settings.codecs.clone(),
             tls_port,
+            caller_auth: settings.caller_auth.clone(),
         });
         Ok(Self {
             socket,
@@ -333,6 +339,22 @@ impl Shared {
             let unsupported = [("Unsupported", required.to_owned())];
             let response = request.response(420, "Bad Extension", None, &unsupported, None);
             return self.send(&response, from).await;
+        }
+        if let Some(auth) = &self.caller_auth {
+            match auth.check(&request) {
+                Verdict::Accepted => {}
+                Verdict::Challenge { stale } => {
+                    self.count("challenged");
+                    let challenge = [auth.challenge(stale)];
+                    let response = request.response(401, "Unauthorized", None, &challenge, None);
+                    return self.send(&response, from).await;
+                }
+                Verdict::Refused(why) => {
+                    let refusal = Refusal::Unauthorized(why);
+                    self.rejected(&refusal, from);
+                    return self.send(&refusal.response(&request), from).await;
+                }
+            }
         }
         self.send(&request.response(100, "Trying", None, &[], None), from)
             .await;
@@ -795,6 +817,8 @@ fn media_call(
 enum Refusal {
     #[error("{0} is not among --sip-allow's networks")]
     Forbidden(IpAddr),
+    #[error("the credentials do not hold ({0})")]
+    Unauthorized(&'static str),
     #[error(transparent)]
     Offer(#[from] offer::OfferError),
     #[error(transparent)]
@@ -807,6 +831,7 @@ impl Refusal {
     fn reason(&self) -> &'static str {
         match self {
             Self::Forbidden(_) => "forbidden",
+            Self::Unauthorized(_) => "unauthorized",
             Self::Offer(_) => "bad_sdp",
             Self::Api(err) => err.reason(),
             Self::Io(_) => "internal",
@@ -816,7 +841,7 @@ impl Refusal {
     /// The final response, with a `Warning` (RFC 3261 §20.43) that says why.
     fn response(&self, request: &Request) -> String {
         let (status, phrase) = match self {
-            Self::Forbidden(_) => (403, "Forbidden"),
+            Self::Forbidden(_) | Self::Unauthorized(_) => (403, "Forbidden"),
             Self::Offer(_) => (488, "Not Acceptable Here"),
             Self::Api(err) if err.status().is_server_error() => (503, "Service Unavailable"),
             Self::Api(_) => (400, "Bad Request"),

@@ -198,7 +198,7 @@ pub fn is_stale(response: &str) -> bool {
 }
 
 /// A `key="value"` or `key=value` of a digest challenge.
-fn digest_param<'a>(params: &'a str, key: &str) -> Option<&'a str> {
+pub fn digest_param<'a>(params: &'a str, key: &str) -> Option<&'a str> {
     params.split(',').find_map(|param| {
         let (name, value) = param.split_once('=')?;
         name.trim()
@@ -207,7 +207,7 @@ fn digest_param<'a>(params: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-fn md5_hex(text: &str) -> String {
+pub fn md5_hex(text: &str) -> String {
     Md5::digest(text.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
