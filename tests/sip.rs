@@ -268,6 +268,14 @@ fn share_above(samples: &[f32], rate: u32, cutoff_hz: f32) -> f32 {
     energy(&filtered) / energy(samples).max(f32::MIN_POSITIVE)
 }
 
+/// After a phone's call: no packet came bad, the call's slot is free again, and the server
+/// stops.
+async fn ends_cleanly(server: TestServer) {
+    assert_eq!(server.metrics.packets_bad.get(), 0);
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+    server.stop().await;
+}
+
 /// A wideband phone's echo keeps the speech above 4 kHz that G.711 cannot carry: it came
 /// through the server in wideband both ways.
 async fn wideband_echo(phone: Phone) {
@@ -287,9 +295,7 @@ async fn wideband_echo(phone: Phone) {
         heard > 0.4 * sent,
         "heard {heard} of sent {sent} above 4.5 kHz"
     );
-    assert_eq!(server.metrics.packets_bad.get(), 0);
-    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
-    server.stop().await;
+    ends_cleanly(server).await;
 }
 
 /// The phone's SIP over TCP (as a PBX sends an INVITE too big for a datagram): answered on
@@ -317,9 +323,7 @@ async fn a_phone_that_insists_on_srtp_hears_itself() {
     let (server, sip) = start(ServerOptions::default(), sip::private_networks()).await;
     let call = echo_call(sip, SRTP_PHONE, "").await;
     assert!(call.log.contains("srtp"), "{}", call.log);
-    assert_eq!(server.metrics.packets_bad.get(), 0);
-    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
-    server.stop().await;
+    ends_cleanly(server).await;
 }
 
 /// A secure trunk: SIP over TLS (our self-signed certificate, which the phone trusts) and
@@ -333,9 +337,7 @@ async fn a_phone_calls_over_tls_with_srtp() {
     let trust = format!("sip_cafile\t\t{}\n", certificate.cert_path.display());
     let call = echo_call_at(uri, SRTP_PHONE, trust).await;
     assert!(call.log.contains("Call established"), "{}", call.log);
-    assert_eq!(server.metrics.packets_bad.get(), 0);
-    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
-    server.stop().await;
+    ends_cleanly(server).await;
 }
 
 /// With `--sip-caller-auth`, a new call must answer a digest challenge: a phone with the
