@@ -993,8 +993,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
             Some(addr) => format!(", tls {addr}"),
             None => String::new(),
         };
+        let password = match settings.caller_auth {
+            Some(_) => " with the --sip-caller-auth password",
+            None => "",
+        };
         tracing::info!(
-            "answering SIP calls on udp {}{tcp}{tls} ({} over RTP) from {}",
+            "answering SIP calls on udp {}{tcp}{tls} ({} over RTP) from {}{password}",
             sip.local_addr()?,
             codecs.join(", "),
             allow.join(", ")

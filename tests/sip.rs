@@ -1225,6 +1225,11 @@ fn a_bad_sip_allow_network_or_codec_is_refused_by_name() {
     );
     let codec = refused(&["--sip-codecs", "g722,G729"]);
     assert!(codec.contains("unknown codec \"G729\""), "{codec}");
+    let account = refused(&["--sip-caller-auth", "nopassword"]);
+    assert!(
+        account.contains("--sip-caller-auth: expected USER:PASSWORD"),
+        "{account}"
+    );
     let no_certificate = refused(&["--sip-tls-port", "5061"]);
     assert!(
         no_certificate.contains("--sip-tls-port needs a certificate"),
@@ -1276,6 +1281,8 @@ fn serve_says_where_it_answers_sip() {
         "--tls-self-signed",
         "--tls-dir",
         certificates.to_str().unwrap(),
+        "--sip-caller-auth",
+        "pbx:s3cret",
     ];
     let line = common::serve_until_logged(&args, "answering SIP calls", Duration::from_secs(20))
         .expect("a line saying SIP is answered");
@@ -1286,5 +1293,9 @@ fn serve_says_where_it_answers_sip() {
         !line.contains("udp 127.0.0.1:0 "),
         "the port taken, not 0: {line}"
     );
-    assert!(line.contains("from 192.0.2.0/24"), "{line}");
+    assert!(
+        line.contains("from 192.0.2.0/24 with the --sip-caller-auth password"),
+        "{line}"
+    );
+    assert!(!line.contains("s3cret"), "{line}");
 }
