@@ -101,6 +101,15 @@ async fn bind_pair(bind: SocketAddr) -> std::io::Result<(UdpSocket, Option<TcpLi
     Ok((UdpSocket::bind(bind).await?, None))
 }
 
+/// Our Contact for a call from `peer`: a `sips:` URI when the call asked for one over TLS
+/// (RFC 3261 §12.1.1), else `sip:` with the transport the call came on.
+fn contact_uri(addr: SocketAddr, peer: &Peer, sips: bool) -> String {
+    match sips && peer.is_tls() {
+        true => format!("<sips:duplex@{addr}>"),
+        false => format!("<sip:duplex@{addr}{}>", peer.contact_param()),
+    }
+}
+
 /// Loopback and the private ranges (RFC 1918, RFC 4193, link-local): a PBX on the same network.
 pub fn private_networks() -> Vec<IpNet> {
     [
@@ -444,10 +453,10 @@ impl Shared {
     ) -> Dialog {
         let local_tag = format!("{:016x}", rand::random::<u64>());
         let sdp_id = u64::from(rand::random::<u32>());
-        let contact = format!(
-            "<sip:duplex@{}{}>",
+        let contact = contact_uri(
             self.contact_addr(local_rtp.ip(), from),
-            from.contact_param()
+            from,
+            request.uri.starts_with("sips:"),
         );
         let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
         let body = match offer {

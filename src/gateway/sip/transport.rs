@@ -291,3 +291,43 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_stream(tls: bool) -> Peer {
+        let (writer, _) = mpsc::channel(1);
+        Peer {
+            addr: "10.0.0.5:5061".parse().unwrap(),
+            link: Link::Stream { writer, tls },
+        }
+    }
+
+    #[test]
+    fn our_contact_keeps_the_call_on_its_transport_and_scheme() {
+        let contact = |peer: &Peer, sips| {
+            super::super::contact_uri("10.0.0.1:5061".parse().unwrap(), peer, sips)
+        };
+        let udp = Peer::udp("10.0.0.5:5060".parse().unwrap());
+        assert_eq!(contact(&udp, false), "<sip:duplex@10.0.0.1:5061>");
+        assert_eq!(
+            contact(&on_stream(false), false),
+            "<sip:duplex@10.0.0.1:5061;transport=tcp>"
+        );
+        assert_eq!(
+            contact(&on_stream(true), false),
+            "<sip:duplex@10.0.0.1:5061;transport=tls>"
+        );
+        assert_eq!(
+            contact(&on_stream(true), true),
+            "<sips:duplex@10.0.0.1:5061>"
+        );
+        // sips: asked over a hop that is not TLS gets no sips: Contact it could not keep.
+        assert_eq!(contact(&udp, true), "<sip:duplex@10.0.0.1:5061>");
+        assert_eq!(
+            (on_stream(true).transport(), on_stream(false).transport()),
+            ("TLS", "TCP")
+        );
+    }
+}
