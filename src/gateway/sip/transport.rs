@@ -19,7 +19,8 @@ const MAX_CONNECTIONS: usize = 256;
 const MAX_STRANGERS: usize = 16;
 /// A TLS handshake that takes longer than this is abandoned.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
-/// A connection must bring its first whole message this soon.
+/// A connection silent this long before its first whole message is closed (a limit on each
+/// wait for bytes, so a peer trickling a header keeps it open: the slot caps bound that).
 const FIRST_MESSAGE_LIMIT: Duration = Duration::from_secs(10);
 /// A connection with no call on it is closed after this long without a message (a PBX opens
 /// another for its next call).
@@ -202,8 +203,8 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<
 
 /// One connection: its messages handled in order, each answer written back on it. A peer
 /// outside `--sip-allow` gets one message answered (a 403 for an INVITE), then the door; so
-/// does a connection that sends nothing whole for [`FIRST_MESSAGE_LIMIT`], or nothing at all
-/// for [`IDLE_LIMIT`] while no call is on it. When reading ends, so does writing.
+/// does a connection silent for [`FIRST_MESSAGE_LIMIT`] before its first whole message, or
+/// for [`IDLE_LIMIT`] after it while no call is on it. When reading ends, so does writing.
 async fn connection<S>(stream: S, from: SocketAddr, tls: bool, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
