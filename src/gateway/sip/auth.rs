@@ -6,6 +6,7 @@
 
 use super::message::Request;
 use super::register::{digest_param, md5_hex};
+use crate::gateway::routes::constant_time_eq;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,13 +48,8 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
-/// Whether two strings are equal, taking as long whatever their first difference.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0, |diff, (x, y)| diff | (x ^ y))
-            == 0
+    constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
 impl CallerAuth {
