@@ -998,11 +998,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
             None => "",
         };
         tracing::info!(
-            "answering SIP calls on udp {}{tcp}{tls} ({} over RTP) from {}{password}",
+            "answering SIP calls on udp {}{tcp}{tls} ({} over RTP) from {}{password}; \
+placing them over udp for POST /api/calls",
             sip.local_addr()?,
             codecs.join(", "),
             allow.join(", ")
         );
+        server.state().set_dialer(sip.dialer());
         tokio::spawn(sip.run());
     }
     let local = server.local_addr()?;

@@ -64,6 +64,7 @@ async fn start_sip(options: ServerOptions, settings: SipSettings) -> (TestServer
     let sip = SipServer::bind(&settings, server.state.clone())
         .await
         .unwrap();
+    server.state.set_dialer(sip.dialer());
     let addrs = SipAddrs {
         udp: sip.local_addr().unwrap(),
         tls: sip.tls_addr(),
@@ -122,11 +123,33 @@ const SRTP_PHONE: Phone = Phone {
 /// Dials `uri` with baresip speaking only `phone`'s codec, playing `wav` (made for the phone
 /// by `speech_wav`) until it ends, then hanging up.
 fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32, config: &str) -> PhoneCall {
+    let dial = ["-e".to_owned(), format!("/dial {uri}")];
+    run_baresip(phone, wav, seconds, config, "127.0.0.1:0", &dial)
+}
+
+/// baresip listening on `listen`, answering the first call at once and playing `wav` into
+/// it; it hangs up when it quits after `seconds`.
+fn baresip_answering(listen: SocketAddr, phone: Phone, wav: &Path, seconds: u32) -> PhoneCall {
+    let phone = Phone {
+        account: ";answermode=auto",
+        ..phone
+    };
+    run_baresip(phone, wav, seconds, "", &listen.to_string(), &[])
+}
+
+fn run_baresip(
+    phone: Phone,
+    wav: &Path,
+    seconds: u32,
+    config: &str,
+    listen: &str,
+    args: &[String],
+) -> PhoneCall {
     let dir = common::scratch_dir("baresip");
     let recordings = dir.join("rec");
     std::fs::create_dir_all(&recordings).unwrap();
     let config = format!(
-        "poll_method\t\tepoll\nsip_listen\t\t127.0.0.1:0\naudio_player\t\taufile,/dev/null\n\
+        "poll_method\t\tepoll\nsip_listen\t\t{listen}\naudio_player\t\taufile,/dev/null\n\
 audio_source\t\taufile,{}\naudio_alert\t\taufile,/dev/null\naudio_srate\t\t{}\n\
 audio_channels\t\t{}\nmodule_path\t\t/usr/lib/baresip/modules\nmodule\t\t\t{}\n\
 module\t\t\taufile.so\nmodule\t\t\tsndfile.so\nmodule\t\t\tsrtp.so\nsnd_path\t\t{}\n\
@@ -148,7 +171,8 @@ module_app\t\tmenu.so\n{config}",
     let output = Command::new("baresip")
         .arg("-f")
         .arg(&dir)
-        .args(["-e", &format!("/dial {uri}"), "-t", &seconds.to_string()])
+        .args(args)
+        .args(["-t", &seconds.to_string()])
         .stdin(Stdio::null())
         .output()
         .expect("baresip runs (Debian's baresip-core: bash .ci/setup test)");
@@ -1298,4 +1322,488 @@ fn serve_says_where_it_answers_sip() {
         "{line}"
     );
     assert!(!line.contains("s3cret"), "{line}");
+}
+
+/// `POST /api/calls` on the test server.
+async fn place_call(server: &TestServer, body: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/api/calls", server.base_url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The report of a placed call.
+async fn call_report(server: &TestServer, id: &str) -> serde_json::Value {
+    let url = format!("{}/api/calls/{id}", server.base_url);
+    let response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// `DELETE /api/calls/{id}`: hangs the call up.
+async fn delete_call(server: &TestServer, id: &str) -> reqwest::Response {
+    let url = format!("{}/api/calls/{id}", server.base_url);
+    reqwest::Client::new().delete(url).send().await.unwrap()
+}
+
+/// Places a call to `to` and returns its id, checking the 201 and its Location.
+async fn dial(server: &TestServer, body: serde_json::Value) -> String {
+    let response = place_call(server, body).await;
+    assert_eq!(response.status(), 201);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let report: serde_json::Value = response.json().await.unwrap();
+    let id = report["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/api/calls/{id}"));
+    assert_eq!(report["state"], "calling");
+    id
+}
+
+/// Waits until the call's report is in `state`; the report.
+async fn report_becomes(server: &TestServer, id: &str, state: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        let report = call_report(server, id).await;
+        if report["state"] == state || tokio::time::Instant::now() > deadline {
+            assert_eq!(report["state"], state, "{report}");
+            return report;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent calls a real SIP phone (baresip, answering by itself): the call is answered in
+/// G.722, the phone hears its own speech echoed, and its hang-up ends the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_calls_a_sip_phone_which_hears_itself() {
+    let (server, _) = start(ServerOptions::default(), sip::private_networks()).await;
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let wav = speech_wav(G722_PHONE);
+    let phone =
+        tokio::task::spawn_blocking(move || baresip_answering(listen, G722_PHONE, &wav, 10));
+    let body = serde_json::json!({"to": format!("sip:tester@{listen}"), "voice": "NATM1"});
+    let id = dial(&server, body).await;
+    let report = report_becomes(&server, &id, "answered").await;
+    assert_eq!(report["codec"], "G722", "{report}");
+    assert_eq!(report["to"], format!("sip:tester@{listen}"));
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    let call = phone.await.unwrap();
+    assert!(call.log.contains("Call established"), "{}", call.log);
+    let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, call.rate);
+    eprintln!("echo of a placed call (G.722): correlation {correlation:.3} at {lag_ms:.0} ms");
+    assert!(correlation > 0.6, "correlation {correlation}");
+    let report = report_becomes(&server, &id, "ended").await;
+    assert_eq!(report["reason"], "the other side hung up", "{report}");
+    assert!(report["talked_s"].as_f64().unwrap() > 3.0, "{report}");
+    let listed: serde_json::Value = reqwest::get(format!("{}/api/calls", server.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["calls"][0]["id"], id.as_str());
+    ends_cleanly(server).await;
+}
+
+/// A SIP user agent on the far side of a placed call, written out by hand.
+struct RawCallee {
+    socket: UdpSocket,
+    rtp: UdpSocket,
+    /// Where the server's SIP comes from.
+    server: Option<SocketAddr>,
+}
+
+impl RawCallee {
+    async fn new() -> Self {
+        Self {
+            socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server: None,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap()
+    }
+
+    /// The next request within 5 s (a retransmission too).
+    async fn request(&mut self) -> String {
+        let mut buf = vec![0u8; 65536];
+        let received =
+            tokio::time::timeout(Duration::from_secs(5), self.socket.recv_from(&mut buf));
+        let (len, from) = received.await.expect("a request").unwrap();
+        self.server = Some(from);
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    }
+
+    /// The next request of `method`, past retransmissions of others.
+    async fn expect(&mut self, method: &str) -> String {
+        loop {
+            let request = self.request().await;
+            if request.starts_with(&format!("{method} ")) {
+                return request;
+            }
+        }
+    }
+
+    /// Whether no request comes within `limit`.
+    async fn silent_for(&self, limit: Duration) -> bool {
+        let mut buf = vec![0u8; 65536];
+        tokio::time::timeout(limit, self.socket.recv_from(&mut buf))
+            .await
+            .is_err()
+    }
+
+    /// Answers `request` with `status`, our tag `callee` on To, `extra` headers and `sdp`.
+    async fn reply(&self, request: &str, status: &str, extra: &str, sdp: &str) {
+        let copied: String = request
+            .lines()
+            .filter(|l| {
+                ["Via:", "From:", "Call-ID:", "CSeq:"]
+                    .iter()
+                    .any(|h| l.starts_with(h))
+            })
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        let to = header(request, "To").unwrap();
+        let to = match to.contains(";tag=") {
+            true => to.to_owned(),
+            false => format!("{to};tag=callee"),
+        };
+        let content_type = match sdp.is_empty() {
+            true => "",
+            false => "Content-Type: application/sdp\r\n",
+        };
+        let text = format!(
+            "SIP/2.0 {status}\r\n{copied}To: {to}\r\n{extra}{content_type}Content-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        );
+        let server = self.server.unwrap();
+        self.socket.send_to(text.as_bytes(), server).await.unwrap();
+    }
+
+    /// The 200 OK that answers `invite` with PCMU at our RTP socket.
+    async fn answer(&self, invite: &str) {
+        let contact = format!("Contact: <sip:bob@{}>\r\n", self.addr());
+        let sdp = offer_at(self.rtp.local_addr().unwrap().port(), "0");
+        self.reply(invite, "200 OK", &contact, &sdp).await;
+    }
+
+    /// A BYE from our side of the call `invite` set up.
+    async fn hang_up(&self, invite: &str) {
+        let from = header(invite, "From").unwrap();
+        let text = format!(
+            "BYE sip:duplex@{server} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKbye1\r\n\
+From: {to};tag=callee\r\nTo: {from}\r\nCall-ID: {call_id}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+            server = self.server.unwrap(),
+            me = self.addr(),
+            to = header(invite, "To").unwrap(),
+            call_id = header(invite, "Call-ID").unwrap(),
+        );
+        let server = self.server.unwrap();
+        self.socket.send_to(text.as_bytes(), server).await.unwrap();
+    }
+}
+
+fn branch(message: &str) -> String {
+    let via = header(message, "Via").unwrap();
+    via.split(";branch=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A callee that is busy fails the call with its status (its 486 ACKed in its transaction);
+/// one that rings is cancelled when the call is hung up or rings too long; one that answers
+/// gets its 2xx ACKed again when it sends it again, and a BYE when the call is hung up. The
+/// callee's address is outside `--sip-allow`: its answers are read because the call went
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placed_calls_ring_fail_are_cancelled_and_hung_up() {
+    let nobody = vec!["192.0.2.0/24".parse().unwrap()];
+    let (server, _) = start(ServerOptions::default(), nobody).await;
+    let mut callee = RawCallee::new().await;
+    let to = format!("sip:bob@{}", callee.addr());
+
+    // Busy.
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    let invite = callee.expect("INVITE").await;
+    assert!(
+        invite.starts_with(&format!("INVITE {to} SIP/2.0\r\n")),
+        "{invite}"
+    );
+    assert!(invite.contains("\r\nm=audio "), "our offer: {invite}");
+    assert!(
+        header(&invite, "Contact")
+            .unwrap()
+            .starts_with("<sip:duplex@127.0.0.1:")
+    );
+    callee.reply(&invite, "100 Trying", "", "").await;
+    callee.reply(&invite, "486 Busy Here", "", "").await;
+    let ack = callee.expect("ACK").await;
+    assert_eq!(
+        branch(&ack),
+        branch(&invite),
+        "the ACK of a refusal is in its transaction"
+    );
+    assert!(
+        header(&ack, "To").unwrap().ends_with(";tag=callee"),
+        "{ack}"
+    );
+    let report = report_becomes(&server, &id, "failed").await;
+    assert_eq!(
+        (report["status"].as_u64(), report["reason"].as_str()),
+        (Some(486), Some("486 Busy Here"))
+    );
+
+    // Ringing, then hung up: CANCEL, and the INVITE's 487 ACKed.
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    let invite = callee.expect("INVITE").await;
+    callee.reply(&invite, "180 Ringing", "", "").await;
+    report_becomes(&server, &id, "ringing").await;
+    let hung_up = delete_call(&server, &id).await;
+    assert_eq!(hung_up.status(), 200);
+    let cancel = callee.expect("CANCEL").await;
+    assert_eq!(branch(&cancel), branch(&invite));
+    assert_eq!(
+        header(&cancel, "CSeq"),
+        Some(
+            header(&invite, "CSeq")
+                .unwrap()
+                .replace("INVITE", "CANCEL")
+                .as_str()
+        )
+    );
+    callee.reply(&cancel, "200 OK", "", "").await;
+    callee
+        .reply(&invite, "487 Request Terminated", "", "")
+        .await;
+    callee.expect("ACK").await;
+    let report = report_becomes(&server, &id, "failed").await;
+    assert_eq!(report["status"], 487);
+    assert_eq!(report["reason"], "hung up before it was answered");
+
+    // Ringing too long.
+    let body = serde_json::json!({"to": to, "ring_timeout_s": 1});
+    let id = dial(&server, body).await;
+    let invite = callee.expect("INVITE").await;
+    callee.reply(&invite, "180 Ringing", "", "").await;
+    let cancel = callee.expect("CANCEL").await;
+    callee.reply(&cancel, "200 OK", "", "").await;
+    callee
+        .reply(&invite, "487 Request Terminated", "", "")
+        .await;
+    callee.expect("ACK").await;
+    let report = report_becomes(&server, &id, "failed").await;
+    assert_eq!(report["reason"], "no answer within 1 s");
+
+    // Answered: ACKed (again for a resent 200), media both ways, then hung up with a BYE.
+    let id = dial(&server, serde_json::json!({"to": to, "voice": "NATF1"})).await;
+    let invite = callee.expect("INVITE").await;
+    callee.answer(&invite).await;
+    let ack = callee.expect("ACK").await;
+    assert!(
+        ack.starts_with(&format!("ACK sip:bob@{} SIP/2.0", callee.addr())),
+        "to the Contact: {ack}"
+    );
+    assert_ne!(
+        branch(&ack),
+        branch(&invite),
+        "the ACK of a 2xx is a transaction of its own"
+    );
+    let report = report_becomes(&server, &id, "answered").await;
+    assert_eq!(report["codec"], "PCMU");
+    callee.answer(&invite).await;
+    let again = callee.expect("ACK").await;
+    assert_eq!(header(&again, "CSeq"), header(&ack, "CSeq"));
+    let our_rtp = rtp_address(&invite);
+    for sequence in 0..10 {
+        callee
+            .rtp
+            .send_to(&pcmu_packet(sequence), our_rtp)
+            .await
+            .unwrap();
+    }
+    assert!(
+        hears_rtp(&callee.rtp).await,
+        "the agent's RTP reaches the callee"
+    );
+    let hung_up = delete_call(&server, &id).await;
+    assert_eq!(hung_up.status(), 200);
+    let bye = callee.expect("BYE").await;
+    assert!(
+        bye.starts_with(&format!("BYE sip:bob@{} SIP/2.0", callee.addr())),
+        "{bye}"
+    );
+    assert!(header(&bye, "To").unwrap().ends_with(";tag=callee"));
+    assert_eq!(header(&bye, "From"), header(&invite, "From"));
+    let invite_cseq: u32 = header(&invite, "CSeq")
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        header(&bye, "CSeq"),
+        Some(format!("{} BYE", invite_cseq + 1).as_str())
+    );
+    callee.reply(&bye, "200 OK", "", "").await;
+    let report = report_becomes(&server, &id, "ended").await;
+    assert_eq!(report["reason"], "hung up by request");
+    assert!(
+        callee.silent_for(Duration::from_millis(700)).await,
+        "one BYE, answered"
+    );
+    ends_cleanly(server).await;
+}
+
+/// A number goes to the `--sip-register` PBX, whose challenge is answered with the
+/// extension's credentials (a digest over INVITE and the request URI); the callee's BYE
+/// ends the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_is_called_through_the_pbx_with_its_credentials() {
+    let mut pbx = RawCallee::new().await;
+    let at = pbx.addr();
+    let settings =
+        RegisterSettings::parse(&format!("sip:7000@{at}"), "s3cret".into(), None).unwrap();
+    let registering = SipSettings {
+        register: Some(settings),
+        ..self::settings(vec!["192.0.2.0/24".parse().unwrap()])
+    };
+    let (server, _) = start_sip(ServerOptions::default(), registering).await;
+    let register = pbx.expect("REGISTER").await;
+    pbx.reply(&register, "200 OK", "Expires: 300\r\n", "").await;
+
+    let id = dial(&server, serde_json::json!({"to": "+15550100"})).await;
+    let invite = pbx.expect("INVITE").await;
+    let uri = format!("sip:+15550100@{at}");
+    assert!(
+        invite.starts_with(&format!("INVITE {uri} SIP/2.0\r\n")),
+        "{invite}"
+    );
+    assert!(
+        header(&invite, "From")
+            .unwrap()
+            .starts_with(&format!("<sip:7000@{at}>;tag="))
+    );
+    let challenge = "Proxy-Authenticate: Digest realm=\"pbx\", nonce=\"n0nce\", qop=\"auth\"\r\n";
+    pbx.reply(&invite, "407 Proxy Authentication Required", challenge, "")
+        .await;
+    pbx.expect("ACK").await;
+    let invite = pbx.expect("INVITE").await;
+    let authorization = header(&invite, "Proxy-Authorization").expect("credentials");
+    let (nc, cnonce) = (
+        digest_param(authorization, "nc"),
+        digest_param(authorization, "cnonce"),
+    );
+    let ha1 = md5_hex("7000:pbx:s3cret");
+    let ha2 = md5_hex(&format!("INVITE:{uri}"));
+    let expected = md5_hex(&format!("{ha1}:n0nce:{nc}:{cnonce}:auth:{ha2}"));
+    assert_eq!(
+        digest_param(authorization, "response"),
+        expected,
+        "{invite}"
+    );
+    assert!(
+        header(&invite, "CSeq").unwrap().starts_with("2 "),
+        "{invite}"
+    );
+    pbx.answer(&invite).await;
+    pbx.expect("ACK").await;
+    report_becomes(&server, &id, "answered").await;
+
+    pbx.hang_up(&invite).await;
+    let ok = loop {
+        let mut buf = vec![0u8; 65536];
+        let (len, _) = tokio::time::timeout(Duration::from_secs(3), pbx.socket.recv_from(&mut buf))
+            .await
+            .expect("the BYE answered")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+        if text.starts_with("SIP/2.0 ") {
+            break text;
+        }
+    };
+    assert!(ok.starts_with("SIP/2.0 200 "), "{ok}");
+    let report = report_becomes(&server, &id, "ended").await;
+    assert_eq!(report["reason"], "the other side hung up");
+    assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+}
+
+/// Requests that cannot become a call are refused before any INVITE, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_be_placed_is_refused_with_the_reason() {
+    let without_sip = TestServer::start(ServerOptions::default()).await;
+    let response = place_call(&without_sip, serde_json::json!({"to": "sip:a@127.0.0.1"})).await;
+    assert_eq!(response.status(), 501);
+    assert!(response.text().await.unwrap().contains("--sip-port"));
+    without_sip.stop().await;
+
+    let options = ServerOptions {
+        max_sessions: 1,
+        ..ServerOptions::default()
+    };
+    let (server, _) = start(options, sip::private_networks()).await;
+    let cases = [
+        (serde_json::json!({"to": "8001"}), 400, "--sip-register"),
+        (
+            serde_json::json!({"to": "sip:a@h\r\nX: 1"}),
+            400,
+            "no SIP URI has",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@127.0.0.1;transport=tcp"}),
+            400,
+            "UDP only",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@127.0.0.1", "voice": "NOBODY"}),
+            400,
+            "NOBODY",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@127.0.0.1", "ring_timeout_s": 0}),
+            400,
+            "ring_timeout_s",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@127.0.0.1", "colour": "red"}),
+            400,
+            "colour",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@no-such-host.invalid"}),
+            400,
+            "cannot call",
+        ),
+    ];
+    for (body, status, why) in cases {
+        let response = place_call(&server, body.clone()).await;
+        assert_eq!(response.status(), status, "{body}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(why), "{body}: {text}");
+    }
+    let missing = reqwest::get(format!("{}/api/calls/nope", server.base_url))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // One slot: a call still ringing holds it.
+    let mut callee = RawCallee::new().await;
+    let to = format!("sip:bob@{}", callee.addr());
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    callee.expect("INVITE").await;
+    let full = place_call(&server, serde_json::json!({"to": to})).await;
+    assert_eq!(full.status(), 503);
+    assert!(full.headers().contains_key("retry-after"));
+    delete_call(&server, &id).await;
+    server.stop().await;
 }

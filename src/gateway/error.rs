@@ -25,6 +25,13 @@ pub enum ApiError {
     Unauthorized,
     #[error("no such session: it has ended, or this is not its resource")]
     NoSession,
+    #[error("no such call: it was never placed here, or ended long ago")]
+    NoCall,
+    /// The request needs more than the server was started with.
+    #[error("{0}")]
+    NotEnabled(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("server full: all {max} sessions are in use; retry later")]
     Full { max: usize },
     #[error("the server is shutting down")]
@@ -69,7 +76,9 @@ impl ApiError {
             | Self::BadRequest(_)
             | Self::Persona(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoSession => StatusCode::NOT_FOUND,
+            Self::NoSession | Self::NoCall => StatusCode::NOT_FOUND,
+            Self::NotEnabled(_) => StatusCode::NOT_IMPLEMENTED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Full { .. } | Self::Draining | Self::Failing(_) | Self::Behind(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -90,6 +99,9 @@ impl ApiError {
             Self::Persona(_) => "persona",
             Self::Unauthorized => "unauthorized",
             Self::NoSession => "no_session",
+            Self::NoCall => "no_call",
+            Self::NotEnabled(_) => "not_enabled",
+            Self::Forbidden(_) => "forbidden",
             Self::Full { .. } => "full",
             Self::Draining => "draining",
             Self::Failing(_) => "failing",

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
@@ -58,6 +58,8 @@ pub struct AppState {
     shutdown: CancellationToken,
     /// Farewells the drain waits for besides sessions (a PBX registration being withdrawn).
     farewells: AtomicUsize,
+    /// What places calls (`POST /api/calls`), once SIP serves.
+    dialer: OnceLock<sip::dial::Dialer>,
 }
 
 impl AppState {
@@ -70,7 +72,17 @@ impl AppState {
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             farewells: AtomicUsize::new(0),
+            dialer: OnceLock::new(),
         })
+    }
+
+    /// Lets `POST /api/calls` place calls through this SIP endpoint (set once).
+    pub fn set_dialer(&self, dialer: sip::dial::Dialer) {
+        let _ = self.dialer.set(dialer);
+    }
+
+    pub fn dialer(&self) -> Option<&sip::dial::Dialer> {
+        self.dialer.get()
     }
 
     /// A token cancelled when shutdown begins.
@@ -333,7 +345,7 @@ impl Server {
         let listener = self.listener.into_std()?;
         axum_server::from_tcp_rustls(listener, tls)?
             .handle(handle)
-            .serve(router(self.state).into_make_service())
+            .serve(router(self.state).into_make_service_with_connect_info::<SocketAddr>())
             .await
     }
 
@@ -352,7 +364,8 @@ impl Server {
             drain_state.drain().await;
             drained_signal.cancel();
         });
-        axum::serve(self.listener, router(state))
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, app)
             .with_graceful_shutdown(drained.cancelled_owned())
             .await
     }

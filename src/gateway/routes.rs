@@ -5,17 +5,19 @@ use super::AppState;
 use super::error::ApiError;
 use super::resource::ResourceKey;
 use super::sdp::MAX_OFFER_BYTES;
+use super::sip::dial::{CallReport, DialRequest, Dialer};
 use crate::engine::PersonaRequest;
 use crate::engine::step_loop::Health;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
@@ -48,6 +50,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/chat", get(super::moshi_ws::chat))
+        .route("/api/calls", post(place_call).get(list_calls))
+        .route("/api/calls/{id}", get(call_report).delete(hang_up_call))
         .merge(super::telephony::routes())
         .merge(signaling)
         .with_state(state)
@@ -266,6 +270,86 @@ async fn restart_session_ice(
     Ok(Json(json!({"sdp": answer, "type": "answer"})).into_response())
 }
 
+/// `POST /api/calls` (`{"to", "voice", "prompt", "ring_timeout_s"}`): the agent calls `to`
+/// over SIP. 201 with the call's report; it rings on by itself (`GET /api/calls/{id}`).
+async fn place_call(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let dialer = calls_allowed(&state, client, &headers)?;
+    let request: DialRequest = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::BadRequest(format!(
+            "expected JSON {{\"to\": \"sip:bob@host\" or a number, \"voice\", \"prompt\", \
+\"ring_timeout_s\"}}: {err}"
+        ))
+    })?;
+    let report = dialer.dial(request).await?;
+    let location = format!("/api/calls/{}", report.id);
+    let location =
+        HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(report),
+    )
+        .into_response())
+}
+
+async fn list_calls(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let dialer = calls_allowed(&state, client, &headers)?;
+    Ok(Json(json!({ "calls": dialer.reports() })))
+}
+
+async fn call_report(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<CallReport>, ApiError> {
+    let dialer = calls_allowed(&state, client, &headers)?;
+    dialer.report(&id).map(Json).ok_or(ApiError::NoCall)
+}
+
+/// `DELETE /api/calls/{id}`: cancelled while it rings, a BYE once answered.
+async fn hang_up_call(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<CallReport>, ApiError> {
+    let dialer = calls_allowed(&state, client, &headers)?;
+    dialer.hang_up(&id).map(Json).ok_or(ApiError::NoCall)
+}
+
+/// The dialer, for a client that may place calls: one with the bearer token when one is
+/// set, else only one on this host (a call through a PBX can cost money).
+fn calls_allowed<'a>(
+    state: &'a AppState,
+    client: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<&'a Dialer, ApiError> {
+    match state.config.token {
+        Some(_) => authorize(state, headers)?,
+        None if client.ip().to_canonical().is_loopback() => {}
+        None => {
+            return Err(ApiError::Forbidden(
+                "placing calls from another host needs the server's --token (a call through a \
+PBX can cost money)"
+                    .into(),
+            ));
+        }
+    }
+    state.dialer().ok_or_else(|| {
+        ApiError::NotEnabled("calls are placed over SIP: start the server with --sip-port".into())
+    })
+}
+
 /// Checks the bearer token when one is configured, in constant time.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &state.config.token else {
@@ -351,6 +435,36 @@ mod tests {
             .header("content-type", "application/json")
             .body(Body::from(body))
             .unwrap()
+    }
+
+    /// Placing calls: only from this host without a token, only with it when one is set
+    /// (checked before anything else, SIP being off here).
+    #[tokio::test]
+    async fn calls_are_placed_only_from_this_host_or_with_the_token() {
+        use axum::extract::connect_info::MockConnectInfo;
+        let place = |token: Option<&str>| {
+            let mut request = Request::post("/api/calls");
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            request.body(Body::from(r#"{"to": "8001"}"#)).unwrap()
+        };
+        let lan: SocketAddr = "192.168.1.20:50000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        let (open, state) = app(None, 2);
+        let (status, _, body) = send(&open.clone().layer(MockConnectInfo(lan)), place(None)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body.contains("--token"), "{body}");
+        let (status, _, body) = send(&open.layer(MockConnectInfo(local)), place(None)).await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{body}");
+        state.engine.shutdown();
+        let (guarded, state) = app(Some("s3cret"), 2);
+        let guarded = guarded.layer(MockConnectInfo(local));
+        let (status, _, _) = send(&guarded, place(None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, _) = send(&guarded, place(Some("s3cret"))).await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        state.engine.shutdown();
     }
 
     #[tokio::test]

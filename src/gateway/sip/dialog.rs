@@ -1,7 +1,7 @@
 //! A SIP call between its INVITE and its end (RFC 3261 §12): what identifies it, what answers
 //! requests within it, and the BYE that ends it from our side.
 
-use super::message::{self, Request};
+use super::message::{self, Request, Response};
 use super::offer::{AudioOffer, Direction, OfferError, SipCodec};
 use super::transport::Peer;
 use crate::engine::SessionId;
@@ -41,6 +41,8 @@ pub struct Dialog {
     /// The codecs our late offer carried, the preferred first.
     pub codecs: Vec<SipCodec>,
     pub cancel: CancellationToken,
+    /// A call the agent placed: no INVITE of the other side's to answer again.
+    pub outbound: bool,
 }
 
 impl Dialog {
@@ -101,7 +103,7 @@ impl Dialog {
 
     /// Whether an INVITE without a To tag is this call's own, sent again.
     pub fn owns_initial(&self, invite: &Request) -> bool {
-        invite.tag("From") == Some(self.remote_tag.as_str())
+        !self.outbound && invite.tag("From") == Some(self.remote_tag.as_str())
     }
 
     /// The answer to a re-INVITE (hold, a moved media address, a session refresh): 200 with
@@ -177,11 +179,14 @@ pub struct ByeTarget {
     pub to: Peer,
     /// Our Via's address.
     via: SocketAddr,
+    /// Our CSeq number: above any of our requests before it in the dialog.
+    cseq: u32,
 }
 
 impl ByeTarget {
     pub fn new(invite: &Request, local_tag: &str, from: Peer, via: SocketAddr) -> Self {
         Self {
+            cseq: 1,
             uri: invite
                 .contact_uri()
                 .map_or_else(|| format!("sip:{}", from.addr), str::to_owned),
@@ -196,11 +201,45 @@ impl ByeTarget {
         }
     }
 
+    /// The BYE of a call the agent placed: `answer` is the callee's 2xx to our INVITE of
+    /// `invite_cseq`, sent `from` (our From header, with its tag) through `next_hop`.
+    pub fn placed(
+        answer: &Response,
+        from: String,
+        next_hop: SocketAddr,
+        via: SocketAddr,
+        invite_cseq: u32,
+    ) -> Self {
+        let mut route = answer.headers_named("Record-Route");
+        // A UAC's route set is the Record-Route reversed (RFC 3261 §12.1.2).
+        route.reverse();
+        Self {
+            uri: answer
+                .contact_uri()
+                .map_or_else(|| format!("sip:{next_hop}"), str::to_owned),
+            from,
+            to_header: answer.header("To").unwrap_or_default().to_owned(),
+            route,
+            to: Peer::udp(next_hop),
+            via,
+            cseq: invite_cseq + 1,
+        }
+    }
+
+    /// The ACK of the 2xx this target was made from: the same request URI, route and tags.
+    pub fn ack(&self, call_id: &str, invite_cseq: u32) -> String {
+        self.in_dialog("ACK", call_id, invite_cseq)
+    }
+
     pub fn request(&self, call_id: &str) -> String {
+        self.in_dialog("BYE", call_id, self.cseq)
+    }
+
+    fn in_dialog(&self, method: &str, call_id: &str, cseq: u32) -> String {
         let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
         let head = format!(
-            "BYE {} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
-From: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 1 BYE\r\n",
+            "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
+From: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n",
             self.uri,
             self.to.transport(),
             self.via,

@@ -67,10 +67,7 @@ impl Request {
 
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        first_header(&self.headers, name)
     }
 
     pub fn call_id(&self) -> &str {
@@ -84,11 +81,7 @@ impl Request {
 
     /// The URI of the `Contact` header: where requests within the dialog go.
     pub fn contact_uri(&self) -> Option<&str> {
-        let contact = self.header("Contact")?;
-        match contact.split_once('<') {
-            Some((_, rest)) => rest.split_once('>').map(|(uri, _)| uri),
-            None => contact.split(';').next().map(str::trim),
-        }
+        header_uri(self.header("Contact")?)
     }
 
     /// Records where the request came from in its top Via, as responses must carry it: the
@@ -132,11 +125,7 @@ impl Request {
 
     /// Every header called `name`, in order.
     pub fn headers_named(&self, name: &str) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .collect()
+        named_headers(&self.headers, name)
     }
 
     /// A response to this request: its Via, From, Call-ID and CSeq copied (and Record-Route
@@ -245,9 +234,88 @@ pub fn text_header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     header_lines(text).find_map(|(n, value)| n.eq_ignore_ascii_case(name).then_some(value))
 }
 
-/// Whether a response's first line is a final (2xx–6xx) answer: the reply to our BYE.
-pub fn is_final_response(datagram: &[u8]) -> bool {
-    datagram.starts_with(b"SIP/2.0 ") && datagram.get(8).is_some_and(|d| (b'2'..=b'6').contains(d))
+/// Whether a datagram is a response (to a request we sent: a BYE, a REGISTER, an INVITE).
+pub fn is_response(datagram: &[u8]) -> bool {
+    datagram.starts_with(b"SIP/2.0 ")
+}
+
+/// A response to a request we sent, as far as our client transactions read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub phrase: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+        let mut lines = head.lines();
+        let status_line = lines.next()?.strip_prefix("SIP/2.0 ")?;
+        let (code, phrase) = status_line.split_once(' ').unwrap_or((status_line, ""));
+        let status = code.parse().ok().filter(|s| (100..700).contains(s))?;
+        Some(Self {
+            status,
+            phrase: phrase.trim().to_owned(),
+            headers: parse_headers(lines).ok()?,
+            body: body.to_owned(),
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        first_header(&self.headers, name)
+    }
+
+    /// The tag of `From` or `To`.
+    pub fn tag(&self, header: &str) -> Option<&str> {
+        header_param(self.header(header)?, "tag")
+    }
+
+    /// The number and method of its CSeq: which of our requests it answers.
+    pub fn cseq(&self) -> Option<(u32, &str)> {
+        let (number, method) = self.header("CSeq")?.split_once(char::is_whitespace)?;
+        Some((number.parse().ok()?, method.trim()))
+    }
+
+    /// The URI of its `Contact`: where requests within the dialog it sets up go.
+    pub fn contact_uri(&self) -> Option<&str> {
+        header_uri(self.header("Contact")?)
+    }
+
+    pub fn headers_named(&self, name: &str) -> Vec<String> {
+        named_headers(&self.headers, name)
+    }
+
+    /// Its status line, as a log or a report quotes it.
+    pub fn status_line(&self) -> String {
+        format!("{} {}", self.status, self.phrase)
+    }
+}
+
+/// The first of `headers` called `name` (case-insensitive).
+fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Every one of `headers` called `name`, in order.
+fn named_headers(headers: &[(String, String)], name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// The URI of a name-addr (`"Bob" <sip:bob@host>;tag=1`) or an addr-spec (`sip:bob@host`).
+fn header_uri(value: &str) -> Option<&str> {
+    match value.split_once('<') {
+        Some((_, rest)) => rest.split_once('>').map(|(uri, _)| uri),
+        None => value.split(';').next().map(str::trim),
+    }
 }
 
 /// What the front of a stream (SIP over TCP) holds.
@@ -500,13 +568,38 @@ t: <sip:x@h>\r\ni: abc\r\nCSeq: 1\r\n OPTIONS\r\nl: 0\r\n\r\n";
         assert_eq!(header_param("<sip:a@h;tag=no>;tag=yes", "tag"), Some("yes"));
         assert_eq!(header_param("sip:a@h;tag=x", "tag"), Some("x"));
         assert_eq!(header_param("<sip:a@h>", "tag"), None);
-        assert!(is_final_response(b"SIP/2.0 200 OK\r\n"));
+        assert!(is_response(b"SIP/2.0 100 Trying\r\n"));
         let response = "SIP/2.0 200 OK\r\ni: abc\r\nm: <sip:a@h>;expires=9\r\n\r\nCall-ID: body";
         assert_eq!(text_header(response, "Call-ID"), Some("abc"));
         assert_eq!(
             text_header(response, "contact"),
             Some("<sip:a@h>;expires=9")
         );
-        assert!(!is_final_response(b"SIP/2.0 100 Trying\r\n"));
+        assert!(!is_response(b"INVITE sip:a@h SIP/2.0\r\n"));
+    }
+
+    #[test]
+    fn a_response_gives_its_status_tags_cseq_and_contact() {
+        let text = "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1\r\n\
+To: \"Bob\" <sip:bob@pbx>;tag=b0b\r\nf: <sip:7000@pbx>;tag=a1\r\nCSeq: 2 INVITE\r\n\
+m: <sip:bob@10.0.0.7:5062>\r\nRecord-Route: <sip:p1;lr>\r\nRecord-Route: <sip:p2;lr>\r\n\
+Content-Length: 4\r\n\r\nv=0\n";
+        let response = Response::parse(text).unwrap();
+        assert_eq!(response.status_line(), "180 Ringing");
+        assert_eq!(
+            (response.tag("To"), response.tag("From")),
+            (Some("b0b"), Some("a1"))
+        );
+        assert_eq!(response.cseq(), Some((2, "INVITE")));
+        assert_eq!(response.contact_uri(), Some("sip:bob@10.0.0.7:5062"));
+        assert_eq!(response.headers_named("Record-Route").len(), 2);
+        assert_eq!(response.body, "v=0\n");
+        for bad in [
+            "SIP/2.0 99 Low\r\n\r\n",
+            "SIP/2.0 abc\r\n\r\n",
+            "INVITE x SIP/2.0\r\n",
+        ] {
+            assert_eq!(Response::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! (`sip:NATM1@agent`).
 
 pub mod auth;
+pub mod dial;
 mod dialog;
 pub mod media;
 pub mod message;
@@ -151,6 +152,8 @@ struct Shared {
     /// The TLS listener's port, for the Contact of calls that came over TLS.
     tls_port: Option<u16>,
     caller_auth: Option<Arc<CallerAuth>>,
+    /// Calls the agent placed, by Call-ID: live ones and the last ended ones.
+    placed: Mutex<dial::PlacedCalls>,
 }
 
 impl SipServer {
@@ -187,6 +190,7 @@ impl SipServer {
             codecs: settings.codecs.clone(),
             tls_port,
             caller_auth: settings.caller_auth.clone(),
+            placed: Mutex::new(dial::PlacedCalls::default()),
         });
         Ok(Self {
             socket,
@@ -198,6 +202,11 @@ impl SipServer {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// What places calls for `POST /api/calls`.
+    pub fn dialer(&self) -> dial::Dialer {
+        dial::Dialer::new(&self.shared)
     }
 
     /// Whether SIP is answered over TCP too (on the UDP port).
@@ -266,10 +275,10 @@ impl Shared {
     }
 
     async fn handle(self: Arc<Self>, datagram: &[u8], from: &Peer) {
-        if !self.allowed(from.addr) {
+        if !self.allowed(from.addr) && !self.placed_with(datagram, from.addr) {
             return self.refuse_stranger(datagram, from).await;
         }
-        if message::is_final_response(datagram) {
+        if message::is_response(datagram) {
             self.response_arrived(datagram);
             return;
         }
@@ -481,6 +490,7 @@ impl Shared {
             last_reinvite: None,
             codecs: self.codecs.clone(),
             cancel,
+            outbound: false,
         }
     }
 
@@ -604,17 +614,30 @@ impl Shared {
         self.send(&response, from).await;
     }
 
-    /// Sends a BYE unless the caller's own BYE ended the call.
-    async fn call_ended(&self, call_id: &str, id: SessionId, ending: MediaEnding, bye: ByeTarget) {
+    /// Sends a BYE unless the other side's own BYE ended the call; whether it did.
+    async fn call_ended(
+        &self,
+        call_id: &str,
+        id: SessionId,
+        ending: MediaEnding,
+        bye: ByeTarget,
+    ) -> bool {
         let dialog = {
             let mut dialogs = self.dialogs.lock().expect("dialog lock");
             let ours = dialogs.get(call_id).is_some_and(|dialog| dialog.id == id);
             ours.then(|| dialogs.remove(call_id)).flatten()
         };
         let Some(dialog) = dialog else {
-            return;
+            return false;
         };
         tracing::info!(session = %dialog.id, ?ending, "hanging up the SIP call");
+        self.hang_up(call_id, &bye).await;
+        true
+    }
+
+    /// Sends our BYE until it is answered (over UDP: three times at most, in under two
+    /// seconds).
+    async fn hang_up(&self, call_id: &str, bye: &ByeTarget) {
         let text = bye.request(call_id);
         // A connection delivers or fails by itself (RFC 3261 §17.1.2.2): one send, the same
         // wait in all.
@@ -625,7 +648,10 @@ impl Shared {
         let mut responses = self.await_responses(call_id);
         for _ in 0..sends {
             self.send(&text, &bye.to).await;
-            if tokio::time::timeout(wait, responses.recv()).await.is_ok() {
+            if tokio::time::timeout(wait, final_response(&mut responses))
+                .await
+                .is_ok()
+            {
                 break;
             }
             wait *= 2;
@@ -779,13 +805,24 @@ impl Shared {
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(Some(response)) = tokio::time::timeout_at(deadline, responses.recv()).await
             {
-                if register::cseq(&response) == Some(cseq) {
+                let is_final = register::status(&response).is_some_and(|s| s >= 200);
+                if is_final && register::cseq(&response) == Some(cseq) {
                     return Ok(response);
                 }
             }
             wait = (wait * 2).min(T2);
         }
         Err(format!("no answer from {to}"))
+    }
+}
+
+/// The next final response among `responses` (None once their sender is gone).
+async fn final_response(responses: &mut mpsc::UnboundedReceiver<String>) -> Option<String> {
+    loop {
+        let response = responses.recv().await?;
+        if register::status(&response).is_some_and(|s| s >= 200) {
+            return Some(response);
+        }
     }
 }
 

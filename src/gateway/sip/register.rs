@@ -74,12 +74,25 @@ User-Agent: duplex\r\n",
     }
 
     /// The registrar's host, as the REGISTER's request URI names it.
-    fn registrar_host(&self) -> &str {
+    pub fn registrar_host(&self) -> &str {
         self.aor.split_once('@').map_or("", |(_, host)| host)
     }
 
-    /// The header answering a 401 (`Authorization`) or 407 (`Proxy-Authorization`) challenge.
+    /// The header answering a 401 (`Authorization`) or 407 (`Proxy-Authorization`) challenge
+    /// to a REGISTER.
     pub fn answer_challenge(&self, response: &str) -> Result<(String, String), String> {
+        let uri = format!("sip:{}", self.registrar_host());
+        self.authorize(response, "REGISTER", &uri)
+    }
+
+    /// The header answering a challenge to a request of `method` for `uri` (an INVITE the
+    /// agent places through the PBX) with this extension's credentials.
+    pub fn authorize(
+        &self,
+        response: &str,
+        method: &str,
+        uri: &str,
+    ) -> Result<(String, String), String> {
         let (name, challenge) = ["WWW-Authenticate", "Proxy-Authenticate"]
             .iter()
             .find_map(|name| Some((*name, text_header(response, name)?)))
@@ -96,9 +109,8 @@ User-Agent: duplex\r\n",
                 param("algorithm")
             ));
         }
-        let uri = format!("sip:{}", self.registrar_host());
         let ha1 = md5_hex(&format!("{}:{realm}:{}", self.auth_user, self.password));
-        let ha2 = md5_hex(&format!("REGISTER:{uri}"));
+        let ha2 = md5_hex(&format!("{method}:{uri}"));
         let auth = param("qop").filter(|q| q.split(',').any(|q| q.trim() == "auth"));
         let mut value = format!(
             "Digest username=\"{}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", algorithm=MD5",

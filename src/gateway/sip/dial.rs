@@ -1,0 +1,1088 @@
+//! Calls the agent places (`POST /api/calls`): an INVITE carrying our offer over UDP (RFC 3261
+//! §13.2.1, §17.1.1), to a SIP URI or, for a bare number, through the `--sip-register` PBX
+//! with its credentials; it rings until answered, refused, or cancelled (CANCEL, §9.1) when
+//! the ring timeout passes or the call is hung up first. Once answered it runs like a call
+//! the agent took: the same dialog table, media loop and BYE.
+
+use super::dialog::{ALLOW, ByeTarget, Dialog};
+use super::media::{self, MediaEnding, TRANSPORT};
+use super::message::{self, Response};
+use super::offer::{self, AudioOffer, OfferError};
+use super::transport::Peer;
+use super::{ACK_TIMEOUT, Shared, T1, media_call, resolve};
+use crate::engine::PersonaRequest;
+use crate::gateway::ApiError;
+use crate::gateway::ports::PortLease;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a call rings before it is cancelled, unless the request says otherwise.
+pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_RING_TIMEOUT: Duration = Duration::from_secs(300);
+/// Ended calls whose reports `GET /api/calls` still gives.
+const KEPT_ENDED: usize = 64;
+/// The longest `to` taken.
+const MAX_TARGET_CHARS: usize = 256;
+/// How long a CANCEL waits for the INVITE's final answer (64·T1).
+const CANCEL_WAIT: Duration = ACK_TIMEOUT;
+/// A CANCEL is sent at most this many times, T1 apart, until it is answered.
+const CANCEL_SENDS: u32 = 4;
+
+/// `POST /api/calls`'s body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DialRequest {
+    /// A SIP URI (`sip:bob@10.0.0.7`), or a number or extension the PBX dials.
+    pub to: String,
+    #[serde(default)]
+    pub voice: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Seconds to ring before giving up (1 to 300; 60 by default).
+    #[serde(default)]
+    pub ring_timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallState {
+    /// The INVITE is on its way; nothing has answered it yet.
+    Calling,
+    /// The other side rings (180 or 183).
+    Ringing,
+    /// Answered: the agent is talking.
+    Answered,
+    /// Answered, and over.
+    Ended,
+    /// Never answered: refused, cancelled, or unreachable.
+    Failed,
+}
+
+/// What `GET /api/calls/{id}` says of a call.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallReport {
+    pub id: String,
+    /// The request URI dialed.
+    pub to: String,
+    pub state: CallState,
+    /// The SIP status of a call that failed with one (486 Busy Here, 487 after a CANCEL, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why it failed or ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The engine session once answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec: Option<&'static str>,
+    /// Seconds since it was answered, or how long it lasted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub talked_s: Option<f64>,
+}
+
+/// The calls the agent placed: the live ones, and the last [`KEPT_ENDED`] over.
+#[derive(Default)]
+pub struct PlacedCalls {
+    calls: HashMap<String, Placed>,
+    /// Call-IDs in the order they were placed.
+    order: VecDeque<String>,
+}
+
+struct Placed {
+    report: CallReport,
+    hangup: CancellationToken,
+    /// Where its SIP goes: the only stranger whose messages about it are read.
+    next_hop: IpAddr,
+    answered: Option<Instant>,
+    over: Option<Instant>,
+}
+
+impl Placed {
+    fn report(&self) -> CallReport {
+        let talked = self
+            .answered
+            .map(|at| self.over.unwrap_or_else(Instant::now) - at);
+        CallReport {
+            talked_s: talked.map(|t| (t.as_secs_f64() * 10.0).round() / 10.0),
+            ..self.report.clone()
+        }
+    }
+}
+
+impl PlacedCalls {
+    fn insert(&mut self, report: CallReport, hangup: CancellationToken, next_hop: IpAddr) {
+        self.order.push_back(report.id.clone());
+        let placed = Placed {
+            report,
+            hangup,
+            next_hop,
+            answered: None,
+            over: None,
+        };
+        self.calls.insert(placed.report.id.clone(), placed);
+        self.forget_oldest_ended();
+    }
+
+    fn forget_oldest_ended(&mut self) {
+        let ended = self.calls.values().filter(|c| c.over.is_some()).count();
+        if ended <= KEPT_ENDED {
+            return;
+        }
+        let calls = &self.calls;
+        let oldest = self.order.iter().position(|id| calls[id].over.is_some());
+        if let Some(id) = oldest.and_then(|at| self.order.remove(at)) {
+            self.calls.remove(&id);
+        }
+    }
+
+    /// Calls not yet answered nor over: each will want a session if answered.
+    fn pending(&self) -> usize {
+        let pending =
+            |c: &&Placed| matches!(c.report.state, CallState::Calling | CallState::Ringing);
+        self.calls.values().filter(pending).count()
+    }
+
+    fn set(&mut self, id: &str, state: CallState) {
+        if let Some(call) = self.calls.get_mut(id) {
+            call.report.state = state;
+        }
+    }
+
+    fn answered(&mut self, id: &str, session: String, codec: &'static str) {
+        if let Some(call) = self.calls.get_mut(id) {
+            call.report.state = CallState::Answered;
+            call.report.session = Some(session);
+            call.report.codec = Some(codec);
+            call.answered = Some(Instant::now());
+        }
+    }
+
+    fn over(&mut self, id: &str, state: CallState, status: Option<u16>, reason: String) {
+        if let Some(call) = self.calls.get_mut(id) {
+            call.report.state = state;
+            call.report.status = status;
+            call.report.reason = Some(reason);
+            call.over = Some(Instant::now());
+        }
+        self.forget_oldest_ended();
+    }
+
+    fn get(&self, id: &str) -> Option<CallReport> {
+        self.calls.get(id).map(Placed::report)
+    }
+
+    fn all(&self) -> Vec<CallReport> {
+        self.order
+            .iter()
+            .filter_map(|id| self.calls.get(id))
+            .map(Placed::report)
+            .collect()
+    }
+}
+
+/// Where a call goes: its request URI, and the next hop its INVITE is sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub uri: String,
+    pub hop: Hop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hop {
+    /// Through the registrar, with the extension's credentials.
+    Registrar,
+    /// Straight to this `host:port`.
+    Direct(String),
+}
+
+impl Target {
+    /// Reads `to`: `sip:user@host[:port][;params]`, `user@host`, or a bare number or
+    /// extension, which needs `registrar` (the `--sip-register` PBX's host) to dial it.
+    pub fn parse(to: &str, registrar: Option<&str>) -> Result<Self, String> {
+        let to = to.trim();
+        if to.is_empty() || to.chars().count() > MAX_TARGET_CHARS {
+            return Err(format!(
+                "`to` must name whom to call, in at most {MAX_TARGET_CHARS} characters"
+            ));
+        }
+        if let Some(bad) = to.chars().find(|c| !is_uri_char(*c)) {
+            return Err(format!("`to` holds {bad:?}, which no SIP URI has"));
+        }
+        if to.to_ascii_lowercase().starts_with("sips:") {
+            return Err(
+                "sips: URIs need SIP over TLS, which calls placed here do not use yet: \
+give a sip: URI"
+                    .into(),
+            );
+        }
+        let scheme = to.len() >= 4 && to[..4].eq_ignore_ascii_case("sip:");
+        let rest = if scheme { &to[4..] } else { to };
+        if !scheme && !rest.contains('@') {
+            return match registrar {
+                Some(host) if !rest.contains([':', ';']) => Ok(Self {
+                    uri: format!("sip:{rest}@{host}"),
+                    hop: Hop::Registrar,
+                }),
+                Some(_) => Err(format!("{to:?} is neither a number nor a sip: URI")),
+                None => Err(format!(
+                    "{to:?} is a number, which needs a PBX to dial it: start the server with \
+--sip-register, or give a sip: URI (sip:{to}@host)"
+                )),
+            };
+        }
+        let (address, params) = rest.split_once(';').unwrap_or((rest, ""));
+        check_transport(params)?;
+        let host_port = match address.rsplit_once('@') {
+            Some((user, host)) if !user.is_empty() => host,
+            Some(_) => return Err(format!("{to:?} has an empty user part")),
+            None => address,
+        };
+        let (host, port) = split_host_port(host_port)
+            .ok_or_else(|| format!("{to:?} names no host to call (sip:user@host[:port])"))?;
+        let params = match params {
+            "" => String::new(),
+            params => format!(";{params}"),
+        };
+        let uri = format!("sip:{address}{params}");
+        let through_registrar = registrar.is_some_and(|registrar| {
+            split_host_port(registrar)
+                .is_some_and(|(r_host, r_port)| r_host.eq_ignore_ascii_case(host) && r_port == port)
+        });
+        let hop = match through_registrar {
+            true => Hop::Registrar,
+            false => Hop::Direct(format!("{host}:{port}")),
+        };
+        Ok(Self { uri, hop })
+    }
+}
+
+/// The characters a SIP URI may hold (RFC 3261 §25.1, escapes included); anything else
+/// (spaces, line breaks, `<>"`) could leave the request line or a header.
+fn is_uri_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/:%@[]#".contains(c)
+}
+
+/// Only UDP carries calls placed here: a URI asking for another transport is refused.
+fn check_transport(params: &str) -> Result<(), String> {
+    for param in params.split(';') {
+        let Some((key, value)) = param.split_once('=') else {
+            continue;
+        };
+        if key.eq_ignore_ascii_case("transport") && !value.eq_ignore_ascii_case("udp") {
+            return Err(format!(
+                "transport={value}: calls placed here go over UDP only for now"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A host and its port (5060 when none is given); IPv6 hosts in brackets.
+fn split_host_port(host_port: &str) -> Option<(&str, u16)> {
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
+            (host, port.parse().ok()?)
+        }
+        _ => (host_port, 5060),
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
+/// Places calls and reports on them; held by the HTTP routes (weakly: the SIP endpoint owns
+/// the calls).
+#[derive(Clone)]
+pub struct Dialer(Weak<Shared>);
+
+impl Dialer {
+    pub(super) fn new(shared: &Arc<Shared>) -> Self {
+        Self(Arc::downgrade(shared))
+    }
+
+    fn shared(&self) -> Result<Arc<Shared>, ApiError> {
+        self.0.upgrade().ok_or(ApiError::Draining)
+    }
+
+    /// Checks the request, sends the INVITE and returns the call's first report; the call
+    /// goes on by itself.
+    pub async fn dial(&self, request: DialRequest) -> Result<CallReport, ApiError> {
+        self.shared()?.dial(request).await
+    }
+
+    pub fn report(&self, id: &str) -> Option<CallReport> {
+        self.0.upgrade()?.placed.lock().ok()?.get(id)
+    }
+
+    pub fn reports(&self) -> Vec<CallReport> {
+        let shared = self.0.upgrade();
+        let placed = shared.as_ref().and_then(|s| s.placed.lock().ok());
+        placed.map(|p| p.all()).unwrap_or_default()
+    }
+
+    /// Hangs up the call: cancelled while it rings, a BYE once answered. Its report, or
+    /// None when there is no such call.
+    pub fn hang_up(&self, id: &str) -> Option<CallReport> {
+        let shared = self.0.upgrade()?;
+        let placed = shared.placed.lock().ok()?;
+        let call = placed.calls.get(id)?;
+        call.hangup.cancel();
+        Some(call.report())
+    }
+}
+
+/// A placed call before its answer: what every request of its INVITE transaction carries.
+struct Outgoing {
+    call_id: String,
+    uri: String,
+    /// Our From, with its tag.
+    from: String,
+    /// To, as the INVITE names it (no tag).
+    to: String,
+    contact: String,
+    via: SocketAddr,
+    next_hop: SocketAddr,
+    sdp: String,
+    cseq: u32,
+    branch: String,
+    authorization: Option<(String, String)>,
+}
+
+impl Outgoing {
+    /// A new INVITE: the next CSeq, a new branch (a new transaction).
+    fn next_attempt(&mut self) {
+        self.cseq += 1;
+        self.branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
+    }
+
+    fn head(&self, method: &str, to: &str) -> String {
+        format!(
+            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch={branch};rport\r\n\
+Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n",
+            uri = self.uri,
+            via = self.via,
+            branch = self.branch,
+            from = self.from,
+            call_id = self.call_id,
+            cseq = self.cseq,
+        )
+    }
+
+    fn invite(&self) -> String {
+        let mut extra = vec![
+            ("Contact", self.contact.clone()),
+            ("Allow", ALLOW.to_owned()),
+            ("User-Agent", "duplex".to_owned()),
+        ];
+        if let Some((name, value)) = &self.authorization {
+            extra.push((name.as_str(), value.clone()));
+        }
+        let head = self.head("INVITE", &self.to);
+        message::finish(head, &extra, Some(("application/sdp", &self.sdp)))
+    }
+
+    /// The CANCEL of the INVITE in flight: its branch and CSeq number (RFC 3261 §9.1).
+    fn cancel(&self) -> String {
+        message::finish(self.head("CANCEL", &self.to), &[], None)
+    }
+
+    /// The ACK of a final answer other than 2xx, within the INVITE's transaction (§17.1.1.3).
+    fn ack_refusal(&self, response: &Response) -> String {
+        let to = response.header("To").unwrap_or(&self.to);
+        message::finish(self.head("ACK", to), &[], None)
+    }
+}
+
+/// How the ringing ended.
+enum Rung {
+    Answered(Response),
+    /// Answered after we had given up on it (a CANCEL crossed the 2xx): hung up at once.
+    AnsweredLate {
+        answer: Response,
+        why: String,
+    },
+    Refused {
+        status: Option<u16>,
+        reason: String,
+    },
+}
+
+/// A placed call's media and persona, set up before its INVITE.
+struct CallSetup {
+    persona: PersonaRequest,
+    ring_timeout: Duration,
+    hangup: CancellationToken,
+    socket: UdpSocket,
+    lease: PortLease,
+    local_rtp: SocketAddr,
+    sdp_id: u64,
+}
+
+impl Shared {
+    async fn dial(self: Arc<Self>, request: DialRequest) -> Result<CallReport, ApiError> {
+        if self.state.is_draining() {
+            return Err(ApiError::Draining);
+        }
+        let ring_timeout = ring_timeout(request.ring_timeout_s)?;
+        let registrar = self.register.as_ref();
+        let target = Target::parse(&request.to, registrar.map(|(r, _)| r.registrar_host()))
+            .map_err(ApiError::BadRequest)?;
+        let persona = PersonaRequest {
+            voice: request.voice,
+            prompt: request.prompt,
+        };
+        self.state.engine.info().catalog.resolve(&persona)?;
+        self.admit()?;
+        let local = self.socket.local_addr().map_err(internal)?;
+        let next_hop = match (&target.hop, registrar) {
+            (Hop::Registrar, Some((_, registrar))) => *registrar,
+            (Hop::Registrar, None) => return Err(internal("a PBX hop without --sip-register")),
+            (Hop::Direct(host), _) => resolve(host, local)
+                .await
+                .map_err(|e| ApiError::BadRequest(format!("cannot call {host}: {e}")))?,
+        };
+        let (socket, lease) = self.bind_rtp().await.map_err(internal)?;
+        let local_ip = self.local_ip(next_hop);
+        let local_rtp = SocketAddr::new(local_ip, socket.local_addr().map_err(internal)?.port());
+        let sdp_id = u64::from(rand::random::<u32>());
+        let via = self.contact_addr(local_ip, &Peer::udp(next_hop));
+        let call = self.outgoing(&target, next_hop, via, local_rtp, sdp_id);
+        let hangup = CancellationToken::new();
+        let report = CallReport {
+            id: call.call_id.clone(),
+            to: target.uri.clone(),
+            state: CallState::Calling,
+            status: None,
+            reason: None,
+            session: None,
+            codec: None,
+            talked_s: None,
+        };
+        self.placed.lock().expect("placed lock").insert(
+            report.clone(),
+            hangup.clone(),
+            next_hop.ip().to_canonical(),
+        );
+        tracing::info!(call = %call.call_id, to = %target.uri, %next_hop, "placing a SIP call");
+        self.count("call_placed");
+        let setup = CallSetup {
+            persona,
+            ring_timeout,
+            hangup,
+            socket,
+            lease,
+            local_rtp,
+            sdp_id,
+        };
+        tokio::spawn(self.clone().place(call, setup));
+        Ok(report)
+    }
+
+    /// Whether the engine would take the session of one more answered call, counting the
+    /// calls still ringing.
+    fn admit(&self) -> Result<(), ApiError> {
+        let engine = &self.state.engine;
+        engine.admits()?;
+        let pending = self.placed.lock().expect("placed lock").pending();
+        let max = engine.max_sessions();
+        match engine.active_sessions() + pending >= max {
+            true => Err(ApiError::Full { max }),
+            false => Ok(()),
+        }
+    }
+
+    /// The INVITE's fixed parts: who we are (the extension, through the PBX) and whom we call.
+    fn outgoing(
+        &self,
+        target: &Target,
+        next_hop: SocketAddr,
+        via: SocketAddr,
+        local_rtp: SocketAddr,
+        sdp_id: u64,
+    ) -> Outgoing {
+        let tag = format!("{:016x}", rand::random::<u64>());
+        let from = match (&target.hop, &self.register) {
+            (Hop::Registrar, Some((register, _))) => {
+                format!("<{}>;tag={tag}", register.aor)
+            }
+            _ => format!("<sip:duplex@{}>;tag={tag}", via.ip()),
+        };
+        let user = match (&target.hop, &self.register) {
+            (Hop::Registrar, Some((register, _))) => register.user.as_str(),
+            _ => "duplex",
+        };
+        Outgoing {
+            call_id: format!("{:032x}", rand::random::<u128>()),
+            uri: target.uri.clone(),
+            from,
+            to: format!("<{}>", target.uri),
+            contact: format!("<sip:{user}@{via}>"),
+            via,
+            next_hop,
+            sdp: offer::late_offer(local_rtp, sdp_id, &self.codecs),
+            cseq: 0,
+            branch: String::new(),
+            authorization: None,
+        }
+    }
+
+    /// The call from its INVITE to its end, its report kept up to date.
+    async fn place(self: Arc<Self>, mut call: Outgoing, setup: CallSetup) {
+        let mut responses = self.await_responses(&call.call_id);
+        let rung = {
+            // The drain waits while a ringing call is cancelled.
+            let _farewell = self.state.hold_drain();
+            self.ring(&mut call, &mut responses, &setup).await
+        };
+        let (state, status, reason) = match rung {
+            Rung::Answered(answer) => self.clone().talk(&call, answer, responses, setup).await,
+            Rung::AnsweredLate { answer, why } => {
+                let bye = self.acknowledge(&call, &answer).await;
+                self.hang_up(&call.call_id, &bye).await;
+                (CallState::Failed, None, why)
+            }
+            Rung::Refused { status, reason } => (CallState::Failed, status, reason),
+        };
+        let event = match state {
+            CallState::Ended => "call_ended",
+            _ => "call_failed",
+        };
+        self.count(event);
+        tracing::info!(call = %call.call_id, ?state, ?status, %reason, "placed SIP call over");
+        self.awaiting
+            .lock()
+            .expect("awaiting lock")
+            .remove(&call.call_id);
+        let mut placed = self.placed.lock().expect("placed lock");
+        placed.over(&call.call_id, state, status, reason);
+    }
+
+    /// The INVITE's transaction: sent again until something answers, a challenge answered
+    /// once, ringing until the answer or a refusal; cancelled when the ring timeout passes,
+    /// the call is hung up, or the server shuts down.
+    async fn ring(
+        &self,
+        call: &mut Outgoing,
+        responses: &mut mpsc::UnboundedReceiver<String>,
+        setup: &CallSetup,
+    ) -> Rung {
+        let shutdown = self.state.shutdown_token();
+        let ring_deadline = Instant::now() + setup.ring_timeout;
+        let mut challenged = false;
+        let mut cancelling: Option<String> = None;
+        'attempt: loop {
+            call.next_attempt();
+            self.send_udp(&call.invite(), call.next_hop).await;
+            let (mut provisional, mut cancels_sent, mut cancel_answered) = (false, 0, false);
+            let mut resend_every = T1;
+            let mut resend_at = Instant::now() + T1;
+            let timer_b = Instant::now() + ACK_TIMEOUT;
+            let mut cancel_deadline = cancelling.as_ref().map(|_| Instant::now() + CANCEL_WAIT);
+            let mut cancel_at = Instant::now();
+            loop {
+                let far = Instant::now() + MAX_RING_TIMEOUT * 2;
+                let cancel_due = cancelling.is_some()
+                    && provisional
+                    && !cancel_answered
+                    && cancels_sent < CANCEL_SENDS;
+                let why = tokio::select! {
+                    text = responses.recv() => {
+                        let Some(text) = text else {
+                            return refused(None, "the SIP endpoint stopped".into());
+                        };
+                        let Some(response) = Response::parse(&text) else {
+                            continue;
+                        };
+                        match response.cseq() {
+                            Some((n, "INVITE")) if n == call.cseq => {}
+                            Some((n, "CANCEL")) if n == call.cseq => {
+                                cancel_answered = true;
+                                continue;
+                            }
+                            _ => continue,
+                        }
+                        match response.status {
+                            100..=199 => {
+                                provisional = true;
+                                if matches!(response.status, 180 | 183) && cancelling.is_none() {
+                                    self.placed_state(&call.call_id, CallState::Ringing);
+                                }
+                                continue;
+                            }
+                            200..=299 => {
+                                return match cancelling {
+                                    None => Rung::Answered(response),
+                                    Some(why) => Rung::AnsweredLate { answer: response, why },
+                                };
+                            }
+                            401 | 407 if !challenged && cancelling.is_none() => {
+                                self.send_udp(&call.ack_refusal(&response), call.next_hop).await;
+                                match self.answer_challenge(call, &text) {
+                                    Ok(header) => {
+                                        call.authorization = Some(header);
+                                        challenged = true;
+                                        continue 'attempt;
+                                    }
+                                    Err(why) => return refused(Some(response.status), why),
+                                }
+                            }
+                            status => {
+                                self.send_udp(&call.ack_refusal(&response), call.next_hop).await;
+                                let reason = cancelling.unwrap_or_else(|| response.status_line());
+                                return refused(Some(status), reason);
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(resend_at), if !provisional => {
+                        self.send_udp(&call.invite(), call.next_hop).await;
+                        resend_every *= 2;
+                        resend_at = Instant::now() + resend_every;
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(cancel_at), if cancel_due => {
+                        self.send_udp(&call.cancel(), call.next_hop).await;
+                        cancels_sent += 1;
+                        cancel_at = Instant::now() + T1;
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(timer_b), if !provisional => {
+                        let why = cancelling.unwrap_or_else(|| format!("no answer from {}", call.next_hop));
+                        return refused(Some(408), why);
+                    }
+                    _ = tokio::time::sleep_until(cancel_deadline.unwrap_or(far)), if cancel_deadline.is_some() => {
+                        let why = cancelling.unwrap_or_default();
+                        return refused(None, format!("{why} (the CANCEL went unanswered)"));
+                    }
+                    _ = tokio::time::sleep_until(ring_deadline), if cancelling.is_none() => {
+                        format!("no answer within {} s", setup.ring_timeout.as_secs())
+                    }
+                    _ = setup.hangup.cancelled(), if cancelling.is_none() => {
+                        "hung up before it was answered".to_owned()
+                    }
+                    _ = shutdown.cancelled(), if cancelling.is_none() => {
+                        "the server is shutting down".to_owned()
+                    }
+                };
+                tracing::info!(call = %call.call_id, %why, "cancelling the SIP call");
+                cancelling = Some(why);
+                cancel_deadline = Some(Instant::now() + CANCEL_WAIT);
+                cancel_at = Instant::now();
+            }
+        }
+    }
+
+    /// The credentials of `--sip-register`'s extension for a challenge to our INVITE; a
+    /// call straight to a URI has none to give.
+    fn answer_challenge(
+        &self,
+        call: &Outgoing,
+        challenge: &str,
+    ) -> Result<(String, String), String> {
+        match &self.register {
+            Some((register, registrar)) if *registrar == call.next_hop => {
+                register.authorize(challenge, "INVITE", &call.uri)
+            }
+            _ => Err(format!(
+                "{} asks for credentials, which only calls through --sip-register's PBX have",
+                call.next_hop
+            )),
+        }
+    }
+
+    /// ACKs the 2xx `answer`; the BYE that will end the dialog it set up.
+    async fn acknowledge(&self, call: &Outgoing, answer: &Response) -> ByeTarget {
+        let bye = ByeTarget::placed(
+            answer,
+            call.from.clone(),
+            call.next_hop,
+            call.via,
+            call.cseq,
+        );
+        self.send_udp(&bye.ack(&call.call_id, call.cseq), call.next_hop)
+            .await;
+        bye
+    }
+
+    /// An answered call: ACKed, its session opened and its media run until either side ends
+    /// it. Its final state, status and reason.
+    async fn talk(
+        self: Arc<Self>,
+        call: &Outgoing,
+        answer: Response,
+        responses: mpsc::UnboundedReceiver<String>,
+        setup: CallSetup,
+    ) -> (CallState, Option<u16>, String) {
+        let bye = self.acknowledge(call, &answer).await;
+        let answered = match self.answered_media(&answer) {
+            Ok(offer) => self
+                .state
+                .engine
+                .open_session(&setup.persona)
+                .map(|s| (offer, s))
+                .map_err(|e| e.to_string()),
+            Err(err) => Err(format!("its answer cannot be used: {err}")),
+        };
+        let (offer, session) = match answered {
+            Ok(answered) => answered,
+            Err(why) => {
+                self.hang_up(&call.call_id, &bye).await;
+                return (CallState::Failed, Some(answer.status), why);
+            }
+        };
+        let id = session.id;
+        let (cancel, tracked) = self.state.track_guard(id);
+        let codec = offer.codec.name();
+        let dialog = Dialog {
+            id,
+            remote_tag: answer.tag("To").unwrap_or_default().to_owned(),
+            local_tag: message::header_param(&call.from, "tag")
+                .unwrap_or_default()
+                .to_owned(),
+            answer: String::new(),
+            acked: Arc::new(Notify::new()),
+            offer: watch::Sender::new(Some(offer)),
+            local_rtp: setup.local_rtp,
+            contact: call.contact.clone(),
+            sdp_id: setup.sdp_id,
+            sdp_version: 1,
+            invite_cseq: None,
+            reoffer_cseq: None,
+            last_reinvite: None,
+            codecs: self.codecs.clone(),
+            cancel: cancel.clone(),
+            outbound: true,
+        };
+        let offers = dialog.offer.subscribe();
+        self.dialogs
+            .lock()
+            .expect("dialog lock")
+            .insert(call.call_id.clone(), dialog);
+        tracing::info!(call = %call.call_id, session = %id, codec, "placed SIP call answered");
+        self.placed
+            .lock()
+            .expect("placed lock")
+            .answered(&call.call_id, id.to_string(), codec);
+        let ack = bye.ack(&call.call_id, call.cseq);
+        tokio::spawn(self.clone().ack_again(
+            ack,
+            call.next_hop,
+            call.cseq,
+            responses,
+            cancel.clone(),
+        ));
+        let hangup = setup.hangup.clone();
+        let ended = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = hangup.cancelled() => ended.cancel(),
+                _ = ended.cancelled() => {}
+            }
+        });
+        let remote_ip = call.next_hop.ip().to_canonical();
+        let media = media_call(
+            session,
+            setup.socket,
+            offers,
+            remote_ip,
+            &self.state,
+            cancel,
+        );
+        let timer = self.state.engine.metrics().call(TRANSPORT);
+        let ending = media::run(media).await;
+        drop((setup.lease, timer));
+        let reason = match (&ending, setup.hangup.is_cancelled()) {
+            (_, true) => "hung up by request".to_owned(),
+            (MediaEnding::Cancelled, false) => "the server shut down".to_owned(),
+            (MediaEnding::Silent, false) => format!(
+                "no RTP from the other side for {} s",
+                media::RTP_TIMEOUT.as_secs()
+            ),
+            (MediaEnding::Engine(why), false) => format!("the engine ended the session: {why}"),
+        };
+        let we_hung_up = self.call_ended(&call.call_id, id, ending, bye).await;
+        drop(tracked);
+        let reason = match we_hung_up {
+            true => reason,
+            false => "the other side hung up".to_owned(),
+        };
+        (CallState::Ended, None, reason)
+    }
+
+    /// The answer's SDP, which must answer our plain-RTP offer with one of our codecs.
+    fn answered_media(&self, answer: &Response) -> Result<AudioOffer, OfferError> {
+        let media = AudioOffer::parse(&answer.body, &self.codecs)?;
+        match media.crypto {
+            Some(_) => Err(OfferError::CryptoChanged("plain RTP, as our offer")),
+            None => Ok(media),
+        }
+    }
+
+    /// Sends the ACK again for each 2xx the callee sends again (our ACK was lost), until the
+    /// call ends or our BYE takes over its responses.
+    async fn ack_again(
+        self: Arc<Self>,
+        ack: String,
+        next_hop: SocketAddr,
+        cseq: u32,
+        mut responses: mpsc::UnboundedReceiver<String>,
+        ended: CancellationToken,
+    ) {
+        loop {
+            let text = tokio::select! {
+                text = responses.recv() => text,
+                _ = ended.cancelled() => return,
+            };
+            let Some(text) = text else {
+                return;
+            };
+            let again = Response::parse(&text).is_some_and(|r| {
+                (200..300).contains(&r.status) && r.cseq() == Some((cseq, "INVITE"))
+            });
+            if again {
+                self.send_udp(&ack, next_hop).await;
+            }
+        }
+    }
+
+    fn placed_state(&self, call_id: &str, state: CallState) {
+        self.placed.lock().expect("placed lock").set(call_id, state);
+    }
+
+    /// Whether `datagram` is about a call we placed through `from` (whose answers and
+    /// requests are read though `from` is outside `--sip-allow`).
+    pub(super) fn placed_with(&self, datagram: &[u8], from: SocketAddr) -> bool {
+        let text = String::from_utf8_lossy(datagram);
+        let Some(call_id) = message::text_header(&text, "Call-ID") else {
+            return false;
+        };
+        let placed = self.placed.lock().expect("placed lock");
+        let next_hop = placed.calls.get(call_id).map(|call| call.next_hop);
+        next_hop == Some(from.ip().to_canonical())
+    }
+
+    async fn send_udp(&self, text: &str, to: SocketAddr) {
+        self.send(text, &Peer::udp(to)).await;
+    }
+}
+
+fn refused(status: Option<u16>, reason: String) -> Rung {
+    Rung::Refused { status, reason }
+}
+
+fn ring_timeout(seconds: Option<u64>) -> Result<Duration, ApiError> {
+    let Some(seconds) = seconds else {
+        return Ok(DEFAULT_RING_TIMEOUT);
+    };
+    let timeout = Duration::from_secs(seconds);
+    match (1..=MAX_RING_TIMEOUT.as_secs()).contains(&seconds) {
+        true => Ok(timeout),
+        false => Err(ApiError::BadRequest(format!(
+            "ring_timeout_s must be 1 to {}",
+            MAX_RING_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn internal(err: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn direct(uri: &str, host: &str) -> Target {
+        Target {
+            uri: uri.into(),
+            hop: Hop::Direct(host.into()),
+        }
+    }
+
+    #[test]
+    fn a_target_is_a_sip_uri_or_a_number_for_the_pbx() {
+        let cases = [
+            (
+                "sip:bob@10.0.0.7",
+                None,
+                direct("sip:bob@10.0.0.7", "10.0.0.7:5060"),
+            ),
+            (
+                "bob@10.0.0.7:5070",
+                None,
+                direct("sip:bob@10.0.0.7:5070", "10.0.0.7:5070"),
+            ),
+            (
+                "SIP:bob@h;transport=UDP",
+                None,
+                direct("sip:bob@h;transport=UDP", "h:5060"),
+            ),
+            (
+                "sip:[::1]:5062",
+                None,
+                direct("sip:[::1]:5062", "[::1]:5062"),
+            ),
+            (
+                "+15551234",
+                Some("pbx.example"),
+                Target {
+                    uri: "sip:+15551234@pbx.example".into(),
+                    hop: Hop::Registrar,
+                },
+            ),
+            (
+                "sip:8001@pbx.example:5060",
+                Some("pbx.example"),
+                Target {
+                    uri: "sip:8001@pbx.example:5060".into(),
+                    hop: Hop::Registrar,
+                },
+            ),
+            (
+                "sip:8001@other.example",
+                Some("pbx.example"),
+                direct("sip:8001@other.example", "other.example:5060"),
+            ),
+        ];
+        for (to, registrar, expected) in cases {
+            assert_eq!(Target::parse(to, registrar), Ok(expected), "{to}");
+        }
+    }
+
+    #[test]
+    fn a_target_that_cannot_be_called_says_why() {
+        let cases = [
+            ("", None, "must name"),
+            ("8001", None, "--sip-register"),
+            ("sip:bob@h>\r\nX-Evil: 1", None, "no SIP URI has"),
+            ("sip:bob@h x", None, "no SIP URI has"),
+            ("sips:bob@h", None, "TLS"),
+            ("sip:bob@h;transport=tcp", None, "UDP only"),
+            ("sip:@h", None, "empty user"),
+            ("sip:bob@", None, "no host"),
+            ("sip:bob@h:99999", None, "no host"),
+            ("80;01", Some("pbx"), "neither"),
+        ];
+        for (to, registrar, why) in cases {
+            let err = Target::parse(to, registrar).unwrap_err();
+            assert!(err.contains(why), "{to:?}: {err}");
+        }
+        let long = format!("sip:{}@h", "a".repeat(MAX_TARGET_CHARS));
+        assert!(Target::parse(&long, None).is_err());
+    }
+
+    #[test]
+    fn the_invite_cancel_and_ack_share_the_transaction() {
+        let mut call = Outgoing {
+            call_id: "c1".into(),
+            uri: "sip:bob@10.0.0.7".into(),
+            from: "<sip:duplex@10.0.0.2>;tag=f1".into(),
+            to: "<sip:bob@10.0.0.7>".into(),
+            contact: "<sip:duplex@10.0.0.2:5060>".into(),
+            via: "10.0.0.2:5060".parse().unwrap(),
+            next_hop: "10.0.0.7:5060".parse().unwrap(),
+            sdp: "v=0\r\n".into(),
+            cseq: 0,
+            branch: String::new(),
+            authorization: None,
+        };
+        call.next_attempt();
+        let invite = call.invite();
+        assert!(
+            invite.starts_with("INVITE sip:bob@10.0.0.7 SIP/2.0\r\n"),
+            "{invite}"
+        );
+        assert!(invite.contains("\r\nCSeq: 1 INVITE\r\n"));
+        assert!(
+            invite
+                .contains("\r\nContent-Type: application/sdp\r\nContent-Length: 5\r\n\r\nv=0\r\n")
+        );
+        let branch = |text: &str| {
+            message::header_param(message::text_header(text, "Via").unwrap(), "branch")
+                .unwrap()
+                .to_owned()
+        };
+        let cancel = call.cancel();
+        assert!(cancel.starts_with("CANCEL sip:bob@10.0.0.7 SIP/2.0\r\n"));
+        assert!(cancel.contains("\r\nCSeq: 1 CANCEL\r\n"));
+        assert_eq!(branch(&cancel), branch(&invite));
+        let busy = Response::parse(
+            "SIP/2.0 486 Busy Here\r\nTo: <sip:bob@10.0.0.7>;tag=b1\r\nCSeq: 1 INVITE\r\n\r\n",
+        )
+        .unwrap();
+        let ack = call.ack_refusal(&busy);
+        assert!(
+            ack.contains("\r\nTo: <sip:bob@10.0.0.7>;tag=b1\r\n"),
+            "{ack}"
+        );
+        assert!(ack.contains("\r\nCSeq: 1 ACK\r\n"));
+        assert_eq!(branch(&ack), branch(&invite));
+        call.next_attempt();
+        assert_ne!(branch(&call.invite()), branch(&invite));
+        assert!(call.invite().contains("\r\nCSeq: 2 INVITE\r\n"));
+    }
+
+    #[test]
+    fn the_ack_of_a_2xx_follows_the_contact_and_the_reversed_record_route() {
+        let answer = Response::parse(
+            "SIP/2.0 200 OK\r\nTo: <sip:bob@pbx>;tag=b1\r\nCSeq: 2 INVITE\r\n\
+Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0.0.7:5062>\r\n\r\n",
+        )
+        .unwrap();
+        let bye = ByeTarget::placed(
+            &answer,
+            "<sip:7000@pbx>;tag=f1".into(),
+            "10.0.0.1:5060".parse().unwrap(),
+            "10.0.0.2:5060".parse().unwrap(),
+            2,
+        );
+        let ack = bye.ack("c1", 2);
+        assert!(
+            ack.starts_with("ACK sip:bob@10.0.0.7:5062 SIP/2.0\r\n"),
+            "{ack}"
+        );
+        assert!(ack.contains("\r\nCSeq: 2 ACK\r\n"));
+        assert!(ack.contains("\r\nFrom: <sip:7000@pbx>;tag=f1\r\nTo: <sip:bob@pbx>;tag=b1\r\n"));
+        let p1 = ack.find("Route: <sip:p1;lr>").unwrap();
+        let p2 = ack.find("Route: <sip:p2;lr>").unwrap();
+        assert!(p1 < p2, "{ack}");
+        assert!(bye.request("c1").contains("\r\nCSeq: 3 BYE\r\n"));
+    }
+
+    #[test]
+    fn ended_calls_are_forgotten_oldest_first_beyond_the_kept_number() {
+        let mut placed = PlacedCalls::default();
+        let report = |id: usize| CallReport {
+            id: format!("c{id}"),
+            to: "sip:x@h".into(),
+            state: CallState::Calling,
+            status: None,
+            reason: None,
+            session: None,
+            codec: None,
+            talked_s: None,
+        };
+        let live = "10.0.0.7".parse().unwrap();
+        placed.insert(report(0), CancellationToken::new(), live);
+        for id in 1..=KEPT_ENDED + 1 {
+            placed.insert(report(id), CancellationToken::new(), live);
+            placed.over(
+                &format!("c{id}"),
+                CallState::Failed,
+                Some(486),
+                "busy".into(),
+            );
+        }
+        assert_eq!(placed.pending(), 1);
+        assert!(placed.get("c0").is_some(), "a live call is never forgotten");
+        assert!(placed.get("c1").is_none(), "the oldest ended call is");
+        assert!(placed.get(&format!("c{}", KEPT_ENDED + 1)).is_some());
+        assert_eq!(placed.all().len(), KEPT_ENDED + 1);
+        assert_eq!(placed.all()[0].id, "c0");
+    }
+}
