@@ -1736,6 +1736,20 @@ async fn a_number_is_called_through_the_pbx_with_its_credentials() {
     let report = report_becomes(&server, &id, "ended").await;
     assert_eq!(report["reason"], "the other side hung up");
     assert!(server.sessions_end_within(Duration::from_secs(3)).await);
+
+    // A call that outlasts its max_duration_s is hung up by the agent.
+    let body = serde_json::json!({"to": "8002", "max_duration_s": 1});
+    let id = dial(&server, body).await;
+    let invite = pbx.expect("INVITE").await;
+    pbx.answer(&invite).await;
+    pbx.expect("ACK").await;
+    report_becomes(&server, &id, "answered").await;
+    let bye = pbx.expect("BYE").await;
+    pbx.reply(&bye, "200 OK", "", "").await;
+    let report = report_becomes(&server, &id, "ended").await;
+    assert_eq!(report["reason"], "it lasted max_duration_s (1 s)");
+    let talked = report["talked_s"].as_f64().unwrap();
+    assert!((0.9..2.0).contains(&talked), "{report}");
 }
 
 /// Requests that cannot become a call are refused before any INVITE, saying why.
@@ -1773,6 +1787,11 @@ async fn a_call_that_cannot_be_placed_is_refused_with_the_reason() {
             serde_json::json!({"to": "sip:a@127.0.0.1", "ring_timeout_s": 0}),
             400,
             "ring_timeout_s",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@127.0.0.1", "max_duration_s": 100_000}),
+            400,
+            "max_duration_s",
         ),
         (
             serde_json::json!({"to": "sip:a@127.0.0.1", "colour": "red"}),

@@ -26,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 /// How long a call rings before it is cancelled, unless the request says otherwise.
 pub const DEFAULT_RING_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_RING_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long an answered call may last, unless the request says otherwise: a voicemail that
+/// never hangs up holds a session no longer than this.
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3600);
+pub const MAX_MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Ended calls whose reports `GET /api/calls` still gives.
 const KEPT_ENDED: usize = 64;
 /// The longest `to` taken.
@@ -48,6 +52,10 @@ pub struct DialRequest {
     /// Seconds to ring before giving up (1 to 300; 60 by default).
     #[serde(default)]
     pub ring_timeout_s: Option<u64>,
+    /// Seconds an answered call may last before the agent hangs up (1 to 86400; 3600 by
+    /// default).
+    #[serde(default)]
+    pub max_duration_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -417,6 +425,7 @@ enum Rung {
 struct CallSetup {
     persona: PersonaRequest,
     ring_timeout: Duration,
+    max_duration: Duration,
     hangup: CancellationToken,
     socket: UdpSocket,
     lease: PortLease,
@@ -429,7 +438,18 @@ impl Shared {
         if self.state.is_draining() {
             return Err(ApiError::Draining);
         }
-        let ring_timeout = ring_timeout(request.ring_timeout_s)?;
+        let ring_timeout = seconds_within(
+            "ring_timeout_s",
+            request.ring_timeout_s,
+            DEFAULT_RING_TIMEOUT,
+            MAX_RING_TIMEOUT,
+        )?;
+        let max_duration = seconds_within(
+            "max_duration_s",
+            request.max_duration_s,
+            DEFAULT_MAX_DURATION,
+            MAX_MAX_DURATION,
+        )?;
         let registrar = self.register.as_ref();
         let target = Target::parse(&request.to, registrar.map(|(r, _)| r.registrar_host()))
             .map_err(ApiError::BadRequest)?;
@@ -474,6 +494,7 @@ impl Shared {
         let setup = CallSetup {
             persona,
             ring_timeout,
+            max_duration,
             hangup,
             socket,
             lease,
@@ -776,11 +797,16 @@ impl Shared {
             responses,
             cancel.clone(),
         ));
-        let hangup = setup.hangup.clone();
-        let ended = cancel.clone();
+        let too_long = CancellationToken::new();
+        let (hangup, ended, reached) = (setup.hangup.clone(), cancel.clone(), too_long.clone());
+        let max_duration = setup.max_duration;
         tokio::spawn(async move {
             tokio::select! {
                 _ = hangup.cancelled() => ended.cancel(),
+                _ = tokio::time::sleep(max_duration) => {
+                    reached.cancel();
+                    ended.cancel();
+                }
                 _ = ended.cancelled() => {}
             }
         });
@@ -798,6 +824,9 @@ impl Shared {
         drop((setup.lease, timer));
         let reason = match (&ending, setup.hangup.is_cancelled()) {
             (_, true) => "hung up by request".to_owned(),
+            _ if too_long.is_cancelled() => {
+                format!("it lasted max_duration_s ({} s)", max_duration.as_secs())
+            }
             (MediaEnding::Cancelled, false) => "the server shut down".to_owned(),
             (MediaEnding::Silent, false) => format!(
                 "no RTP from the other side for {} s",
@@ -875,16 +904,19 @@ fn refused(status: Option<u16>, reason: String) -> Rung {
     Rung::Refused { status, reason }
 }
 
-fn ring_timeout(seconds: Option<u64>) -> Result<Duration, ApiError> {
-    let Some(seconds) = seconds else {
-        return Ok(DEFAULT_RING_TIMEOUT);
-    };
-    let timeout = Duration::from_secs(seconds);
-    match (1..=MAX_RING_TIMEOUT.as_secs()).contains(&seconds) {
-        true => Ok(timeout),
-        false => Err(ApiError::BadRequest(format!(
-            "ring_timeout_s must be 1 to {}",
-            MAX_RING_TIMEOUT.as_secs()
+/// A request's `name` in seconds: `default` when absent, else 1 s to `max`.
+fn seconds_within(
+    name: &str,
+    seconds: Option<u64>,
+    default: Duration,
+    max: Duration,
+) -> Result<Duration, ApiError> {
+    match seconds {
+        None => Ok(default),
+        Some(seconds) if (1..=max.as_secs()).contains(&seconds) => Ok(Duration::from_secs(seconds)),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "{name} must be 1 to {}",
+            max.as_secs()
         ))),
     }
 }
