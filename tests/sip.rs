@@ -1399,6 +1399,9 @@ async fn the_agent_calls_a_sip_phone_which_hears_itself() {
     let report = report_becomes(&server, &id, "ended").await;
     assert_eq!(report["reason"], "the other side hung up", "{report}");
     assert!(report["talked_s"].as_f64().unwrap() > 3.0, "{report}");
+    // The echo engine's text: what it heard of the phone's speech.
+    let agent_text = report["agent_text"].as_str().unwrap();
+    assert!(agent_text.starts_with("[echo: "), "{report}");
     let listed: serde_json::Value = reqwest::get(format!("{}/api/calls", server.base_url))
         .await
         .unwrap()

@@ -5,7 +5,7 @@
 //! the agent took: the same dialog table, media loop and BYE.
 
 use super::dialog::{ALLOW, ByeTarget, Dialog};
-use super::media::{self, MediaEnding, TRANSPORT};
+use super::media::{self, AgentText, MediaEnding, TRANSPORT};
 use super::message::{self, Response};
 use super::offer::{self, AudioOffer, OfferError};
 use super::transport::Peer;
@@ -94,6 +94,9 @@ pub struct CallReport {
     /// Seconds since it was answered, or how long it lasted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub talked_s: Option<f64>,
+    /// What the agent said (the model's text stream), once answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_text: Option<String>,
 }
 
 /// The calls the agent placed: the live ones, and the last [`KEPT_ENDED`] over.
@@ -111,6 +114,7 @@ struct Placed {
     next_hop: IpAddr,
     answered: Option<Instant>,
     over: Option<Instant>,
+    agent_text: Option<AgentText>,
 }
 
 impl Placed {
@@ -120,6 +124,7 @@ impl Placed {
             .map(|at| self.over.unwrap_or_else(Instant::now) - at);
         CallReport {
             talked_s: talked.map(|t| (t.as_secs_f64() * 10.0).round() / 10.0),
+            agent_text: self.agent_text.as_ref().map(AgentText::text),
             ..self.report.clone()
         }
     }
@@ -134,6 +139,7 @@ impl PlacedCalls {
             next_hop,
             answered: None,
             over: None,
+            agent_text: None,
         };
         self.calls.insert(placed.report.id.clone(), placed);
         self.forget_oldest_ended();
@@ -164,12 +170,13 @@ impl PlacedCalls {
         }
     }
 
-    fn answered(&mut self, id: &str, session: String, codec: &'static str) {
+    fn answered(&mut self, id: &str, session: String, codec: &'static str, text: AgentText) {
         if let Some(call) = self.calls.get_mut(id) {
             call.report.state = CallState::Answered;
             call.report.session = Some(session);
             call.report.codec = Some(codec);
             call.answered = Some(Instant::now());
+            call.agent_text = Some(text);
         }
     }
 
@@ -483,6 +490,7 @@ impl Shared {
             session: None,
             codec: None,
             talked_s: None,
+            agent_text: None,
         };
         self.placed.lock().expect("placed lock").insert(
             report.clone(),
@@ -785,10 +793,13 @@ impl Shared {
             .expect("dialog lock")
             .insert(call.call_id.clone(), dialog);
         tracing::info!(call = %call.call_id, session = %id, codec, "placed SIP call answered");
-        self.placed
-            .lock()
-            .expect("placed lock")
-            .answered(&call.call_id, id.to_string(), codec);
+        let agent_text = AgentText::default();
+        self.placed.lock().expect("placed lock").answered(
+            &call.call_id,
+            id.to_string(),
+            codec,
+            agent_text.clone(),
+        );
         let ack = bye.ack(&call.call_id, call.cseq);
         tokio::spawn(self.clone().ack_again(
             ack,
@@ -818,6 +829,7 @@ impl Shared {
             remote_ip,
             &self.state,
             cancel,
+            Some(agent_text),
         );
         let timer = self.state.engine.metrics().call(TRANSPORT);
         let ending = media::run(media).await;
@@ -1098,6 +1110,7 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
             session: None,
             codec: None,
             talked_s: None,
+            agent_text: None,
         };
         let live = "10.0.0.7".parse().unwrap();
         placed.insert(report(0), CancellationToken::new(), live);

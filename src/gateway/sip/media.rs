@@ -18,7 +18,7 @@ use crossbeam_channel::TryRecvError;
 use rtc::rtp::header::Header;
 use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -35,6 +35,30 @@ pub const TRANSPORT: &str = "sip";
 const MAX_RTP_BYTES: usize = 2048;
 /// A jump in sequence numbers this large (10 s of packets) is a restarted stream, not loss.
 const RESTART_GAP: u64 = 500;
+
+/// The most of the agent's text a call keeps (about 20 minutes of the model's words).
+const MAX_AGENT_TEXT_BYTES: usize = 64 * 1024;
+
+/// The agent's words in a call, kept for its report (a placed call's), up to a bound.
+#[derive(Debug, Clone, Default)]
+pub struct AgentText(Arc<Mutex<String>>);
+
+impl AgentText {
+    fn push(&self, piece: &str) {
+        let mut text = self.0.lock().expect("agent text lock");
+        if text.len() + piece.len() <= MAX_AGENT_TEXT_BYTES {
+            text.push_str(piece);
+        }
+    }
+
+    pub fn text(&self) -> String {
+        self.0
+            .lock()
+            .expect("agent text lock")
+            .trim_start()
+            .to_owned()
+    }
+}
 
 /// How a call's media ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +88,8 @@ pub struct MediaCall {
     pub schedule: (Instant, Duration),
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
+    /// Where the agent's text goes, if anywhere.
+    pub agent_text: Option<AgentText>,
 }
 
 /// Runs the call's media until it ends.
@@ -81,6 +107,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
         schedule,
         metrics,
         cancel,
+        agent_text,
     } = call;
     let Some(mut current) = agreed_offer(&mut offer, &cancel).await else {
         drop(closer);
@@ -110,7 +137,7 @@ pub async fn run(call: MediaCall) -> MediaEnding {
     let ending = loop {
         tokio::select! {
             _ = ticker.tick() => {
-                if let Err(ending) = drain_events(&events) {
+                if let Err(ending) = drain_events(&events, agent_text.as_ref()) {
                     break ending;
                 }
                 outbound.source.wait_for_late_output().await;
@@ -232,12 +259,18 @@ fn silence_limit(direction: Direction) -> Duration {
     }
 }
 
-/// Logs the agent's text; an engine error or a stopped engine ends the call.
-fn drain_events(events: &crossbeam_channel::Receiver<SessionEvent>) -> Result<(), MediaEnding> {
+/// Keeps (or logs) the agent's text; an engine error or a stopped engine ends the call.
+fn drain_events(
+    events: &crossbeam_channel::Receiver<SessionEvent>,
+    agent_text: Option<&AgentText>,
+) -> Result<(), MediaEnding> {
     loop {
         match events.try_recv() {
             Ok(SessionEvent::Error(reason)) => return Err(MediaEnding::Engine(reason)),
-            Ok(SessionEvent::Text(piece)) => tracing::trace!(piece, "agent text"),
+            Ok(SessionEvent::Text(piece)) => match agent_text {
+                Some(text) => text.push(&piece),
+                None => tracing::trace!(piece, "agent text"),
+            },
             Ok(SessionEvent::Ready) => {}
             Err(TryRecvError::Empty) => return Ok(()),
             Err(TryRecvError::Disconnected) => {

@@ -439,7 +439,15 @@ impl Shared {
         tokio::spawn(resend);
         let id = session.id;
         let caller_ip = from.addr.ip().to_canonical();
-        let call = media_call(session, socket, offers, caller_ip, &self.state, cancel);
+        let call = media_call(
+            session,
+            socket,
+            offers,
+            caller_ip,
+            &self.state,
+            cancel,
+            None,
+        );
         let timer = self.state.engine.metrics().call(TRANSPORT);
         tokio::spawn(async move {
             let ending = media::run(call).await;
@@ -833,6 +841,7 @@ fn media_call(
     caller_ip: IpAddr,
     state: &AppState,
     cancel: CancellationToken,
+    agent_text: Option<media::AgentText>,
 ) -> MediaCall {
     let SessionHandle {
         id,
@@ -855,6 +864,7 @@ fn media_call(
         schedule: state.engine.output_schedule(),
         metrics: state.engine.metrics().clone(),
         cancel,
+        agent_text,
     }
 }
 
