@@ -1565,6 +1565,23 @@ async fn placed_calls_ring_fail_are_cancelled_and_hung_up() {
         (report["status"].as_u64(), report["reason"].as_str()),
         (Some(486), Some("486 Busy Here"))
     );
+    // The callee's address reaches nothing else through the call: an INVITE with its
+    // Call-ID is a stranger's (403), and so is a BYE that does not name our tag.
+    let replayed = invite.replacen(&to, "sip:agent@127.0.0.1", 1);
+    let server_sip = callee.server.unwrap();
+    callee
+        .socket
+        .send_to(replayed.as_bytes(), server_sip)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (len, _) = tokio::time::timeout(Duration::from_secs(2), callee.socket.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let refusal = String::from_utf8_lossy(&buf[..len]).into_owned();
+    assert!(refusal.starts_with("SIP/2.0 403 "), "{refusal}");
+    assert_eq!(server.state.engine.active_sessions(), 0);
 
     // Ringing, then hung up: CANCEL, and the INVITE's 487 ACKed.
     let id = dial(&server, serde_json::json!({"to": to})).await;
@@ -1753,6 +1770,36 @@ async fn a_number_is_called_through_the_pbx_with_its_credentials() {
     assert_eq!(report["reason"], "it lasted max_duration_s (1 s)");
     let talked = report["talked_s"].as_f64().unwrap();
     assert!((0.9..2.0).contains(&talked), "{report}");
+}
+
+/// A call given up before anything answered its INVITE fails at once; if the callee then
+/// rings, it gets the CANCEL, and if it answers, an ACK and a BYE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_before_it_rang_is_cancelled_or_hung_up_when_it_does() {
+    let (server, _) = start(ServerOptions::default(), sip::private_networks()).await;
+    let mut callee = RawCallee::new().await;
+    let to = format!("sip:bob@{}", callee.addr());
+
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    let invite = callee.expect("INVITE").await;
+    assert_eq!(delete_call(&server, &id).await.status(), 200);
+    let report = report_becomes(&server, &id, "failed").await;
+    assert_eq!(report["reason"], "hung up before it was answered");
+    callee.reply(&invite, "180 Ringing", "", "").await;
+    let cancel = callee.expect("CANCEL").await;
+    assert_eq!(branch(&cancel), branch(&invite));
+
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    let invite = callee.expect("INVITE").await;
+    delete_call(&server, &id).await;
+    report_becomes(&server, &id, "failed").await;
+    callee.answer(&invite).await;
+    let ack = callee.expect("ACK").await;
+    let bye = callee.expect("BYE").await;
+    assert_eq!(header(&bye, "Call-ID"), header(&ack, "Call-ID"));
+    callee.reply(&bye, "200 OK", "", "").await;
+    assert_eq!(server.state.engine.active_sessions(), 0);
+    server.stop().await;
 }
 
 /// Requests that cannot become a call are refused before any INVITE, saying why.

@@ -464,6 +464,13 @@ mod tests {
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (status, _, _) = send(&guarded, place(Some("s3cret"))).await;
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        let from_lan = guarded.layer(MockConnectInfo(lan));
+        let (status, _, _) = send(&from_lan, place(Some("s3cret"))).await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_IMPLEMENTED,
+            "the token admits any host"
+        );
         state.engine.shutdown();
     }
 

@@ -8,6 +8,7 @@ use super::dialog::{ALLOW, ByeTarget, Dialog};
 use super::media::{self, AgentText, MediaEnding, TRANSPORT};
 use super::message::{self, Response};
 use super::offer::{self, AudioOffer, OfferError};
+use super::register;
 use super::transport::Peer;
 use super::{ACK_TIMEOUT, Shared, T1, media_call, resolve};
 use crate::engine::PersonaRequest;
@@ -99,6 +100,22 @@ pub struct CallReport {
     pub agent_text: Option<String>,
 }
 
+impl CallReport {
+    fn calling(id: String, to: String) -> Self {
+        Self {
+            id,
+            to,
+            state: CallState::Calling,
+            status: None,
+            reason: None,
+            session: None,
+            codec: None,
+            talked_s: None,
+            agent_text: None,
+        }
+    }
+}
+
 /// The calls the agent placed: the live ones, and the last [`KEPT_ENDED`] over.
 #[derive(Default)]
 pub struct PlacedCalls {
@@ -110,8 +127,11 @@ pub struct PlacedCalls {
 struct Placed {
     report: CallReport,
     hangup: CancellationToken,
-    /// Where its SIP goes: the only stranger whose messages about it are read.
-    next_hop: IpAddr,
+    /// Where its SIP goes (the INVITE's next hop, and the callee's Contact once answered):
+    /// the only strangers whose messages about it are read.
+    peers: Vec<IpAddr>,
+    /// Our tag (From's): a request within the call names it.
+    local_tag: String,
     answered: Option<Instant>,
     over: Option<Instant>,
     agent_text: Option<AgentText>,
@@ -131,12 +151,13 @@ impl Placed {
 }
 
 impl PlacedCalls {
-    fn insert(&mut self, report: CallReport, hangup: CancellationToken, next_hop: IpAddr) {
+    fn insert(&mut self, report: CallReport, hangup: CancellationToken, call: &Outgoing) {
         self.order.push_back(report.id.clone());
         let placed = Placed {
             report,
             hangup,
-            next_hop,
+            peers: vec![call.next_hop.ip().to_canonical()],
+            local_tag: call.tag.clone(),
             answered: None,
             over: None,
             agent_text: None,
@@ -162,6 +183,28 @@ impl PlacedCalls {
         let pending =
             |c: &&Placed| matches!(c.report.state, CallState::Calling | CallState::Ringing);
         self.calls.values().filter(pending).count()
+    }
+
+    /// Reads the call's messages from `peer` too (the callee's Contact).
+    fn add_peer(&mut self, id: &str, peer: IpAddr) {
+        if let Some(call) = self.calls.get_mut(id) {
+            call.peers.push(peer.to_canonical());
+        }
+    }
+
+    /// Whether a message from `from` about call `id` is read: a response while one is
+    /// awaited (`awaited`), a request naming our tag while the call is on.
+    fn reads(&self, id: &str, from: IpAddr, to_tag: Option<&str>, awaited: bool) -> bool {
+        let Some(call) = self.calls.get(id) else {
+            return false;
+        };
+        if !call.peers.contains(&from.to_canonical()) {
+            return false;
+        }
+        match to_tag {
+            None => awaited,
+            Some(tag) => call.over.is_none() && tag == call.local_tag,
+        }
     }
 
     fn set(&mut self, id: &str, state: CallState) {
@@ -282,7 +325,7 @@ give a sip: URI"
 /// The characters a SIP URI may hold (RFC 3261 §25.1, escapes included); anything else
 /// (spaces, line breaks, `<>"`) could leave the request line or a header.
 fn is_uri_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/:%@[]#".contains(c)
+    c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/:%@[]".contains(c)
 }
 
 /// Only UDP carries calls placed here: a URI asking for another transport is refused.
@@ -298,6 +341,17 @@ fn check_transport(params: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The `host:port` of a SIP URI we reach over UDP (a Contact), None for one on another
+/// transport or without a host.
+fn udp_host_port(uri: &str) -> Option<String> {
+    let rest = uri.strip_prefix("sip:")?;
+    let (address, params) = rest.split_once(';').unwrap_or((rest, ""));
+    check_transport(params).ok()?;
+    let host_port = address.rsplit_once('@').map_or(address, |(_, host)| host);
+    let (host, port) = split_host_port(host_port)?;
+    Some(format!("{host}:{port}"))
 }
 
 /// A host and its port (5060 when none is given); IPv6 hosts in brackets.
@@ -356,6 +410,8 @@ impl Dialer {
 struct Outgoing {
     call_id: String,
     uri: String,
+    /// Our From tag.
+    tag: String,
     /// Our From, with its tag.
     from: String,
     /// To, as the INVITE names it (no tag).
@@ -422,10 +478,80 @@ enum Rung {
         answer: Response,
         why: String,
     },
+    /// Refused, or given up; `unanswered` when no final answer came (nor a provisional one,
+    /// so no CANCEL could be sent).
     Refused {
         status: Option<u16>,
         reason: String,
+        unanswered: bool,
     },
+}
+
+/// What one response to the INVITE makes of the ringing.
+enum Heard {
+    Wait,
+    /// A challenge, answered: the INVITE again with credentials.
+    Challenged,
+    Done(Rung),
+}
+
+/// One INVITE in flight (RFC 3261 §17.1.1.2): sent again at T1, 2·T1, … until anything
+/// answers (timer A), given up 64·T1 after it was sent with no answer at all (timer B); once
+/// it rings, its CANCEL (§9.1), sent again at T1 until answered.
+struct Attempt {
+    provisional: bool,
+    resend_every: Duration,
+    resend_at: Instant,
+    timer_b: Instant,
+    /// Why it is being cancelled, and until when the INVITE's final answer is awaited.
+    cancelling: Option<(String, Instant)>,
+    cancel_at: Instant,
+    cancels_sent: u32,
+    cancel_answered: bool,
+}
+
+impl Attempt {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            provisional: false,
+            resend_every: T1,
+            resend_at: now + T1,
+            timer_b: now + ACK_TIMEOUT,
+            cancelling: None,
+            cancel_at: now,
+            cancels_sent: 0,
+            cancel_answered: false,
+        }
+    }
+
+    fn resent(&mut self) {
+        self.resend_every *= 2;
+        self.resend_at = Instant::now() + self.resend_every;
+    }
+
+    fn cancel(&mut self, why: String) {
+        self.cancelling = Some((why, Instant::now() + CANCEL_WAIT));
+        self.cancel_at = Instant::now();
+    }
+
+    fn cancel_due(&self) -> bool {
+        self.cancelling.is_some() && !self.cancel_answered && self.cancels_sent < CANCEL_SENDS
+    }
+
+    fn cancel_sent(&mut self) {
+        self.cancels_sent += 1;
+        self.cancel_at = Instant::now() + T1;
+    }
+
+    fn why(&self) -> Option<String> {
+        self.cancelling.as_ref().map(|(why, _)| why.clone())
+    }
+
+    fn final_deadline(&self) -> Instant {
+        let far = Instant::now() + ACK_TIMEOUT;
+        self.cancelling.as_ref().map_or(far, |(_, until)| *until)
+    }
 }
 
 /// A placed call's media and persona, set up before its INVITE.
@@ -465,7 +591,7 @@ impl Shared {
             prompt: request.prompt,
         };
         self.state.engine.info().catalog.resolve(&persona)?;
-        self.admit()?;
+        self.admit(&self.placed.lock().expect("placed lock"))?;
         let local = self.socket.local_addr().map_err(internal)?;
         let next_hop = match (&target.hop, registrar) {
             (Hop::Registrar, Some((_, registrar))) => *registrar,
@@ -481,22 +607,13 @@ impl Shared {
         let via = self.contact_addr(local_ip, &Peer::udp(next_hop));
         let call = self.outgoing(&target, next_hop, via, local_rtp, sdp_id);
         let hangup = CancellationToken::new();
-        let report = CallReport {
-            id: call.call_id.clone(),
-            to: target.uri.clone(),
-            state: CallState::Calling,
-            status: None,
-            reason: None,
-            session: None,
-            codec: None,
-            talked_s: None,
-            agent_text: None,
-        };
-        self.placed.lock().expect("placed lock").insert(
-            report.clone(),
-            hangup.clone(),
-            next_hop.ip().to_canonical(),
-        );
+        let report = CallReport::calling(call.call_id.clone(), target.uri.clone());
+        {
+            let mut placed = self.placed.lock().expect("placed lock");
+            // Again with the lock held, so two requests cannot both take the last slot.
+            self.admit(&placed)?;
+            placed.insert(report.clone(), hangup.clone(), &call);
+        }
         tracing::info!(call = %call.call_id, to = %target.uri, %next_hop, "placing a SIP call");
         self.count("call_placed");
         let setup = CallSetup {
@@ -515,10 +632,10 @@ impl Shared {
 
     /// Whether the engine would take the session of one more answered call, counting the
     /// calls still ringing.
-    fn admit(&self) -> Result<(), ApiError> {
+    fn admit(&self, placed: &PlacedCalls) -> Result<(), ApiError> {
         let engine = &self.state.engine;
         engine.admits()?;
-        let pending = self.placed.lock().expect("placed lock").pending();
+        let pending = placed.pending();
         let max = engine.max_sessions();
         match engine.active_sessions() + pending >= max {
             true => Err(ApiError::Full { max }),
@@ -540,7 +657,7 @@ impl Shared {
             (Hop::Registrar, Some((register, _))) => {
                 format!("<{}>;tag={tag}", register.aor)
             }
-            _ => format!("<sip:duplex@{}>;tag={tag}", via.ip()),
+            _ => format!("<sip:duplex@{via}>;tag={tag}"),
         };
         let user = match (&target.hop, &self.register) {
             (Hop::Registrar, Some((register, _))) => register.user.as_str(),
@@ -549,6 +666,7 @@ impl Shared {
         Outgoing {
             call_id: format!("{:032x}", rand::random::<u128>()),
             uri: target.uri.clone(),
+            tag,
             from,
             to: format!("<{}>", target.uri),
             contact: format!("<sip:{user}@{via}>"),
@@ -563,38 +681,50 @@ impl Shared {
 
     /// The call from its INVITE to its end, its report kept up to date.
     async fn place(self: Arc<Self>, mut call: Outgoing, setup: CallSetup) {
+        // The drain waits for the call's CANCEL or BYE.
+        let _farewell = self.state.hold_drain();
         let mut responses = self.await_responses(&call.call_id);
-        let rung = {
-            // The drain waits while a ringing call is cancelled.
-            let _farewell = self.state.hold_drain();
-            self.ring(&mut call, &mut responses, &setup).await
-        };
-        let (state, status, reason) = match rung {
-            Rung::Answered(answer) => self.clone().talk(&call, answer, responses, setup).await,
+        match self.ring(&mut call, &mut responses, &setup).await {
+            Rung::Answered(answer) => {
+                let (state, status, reason) =
+                    self.clone().talk(&call, answer, responses, setup).await;
+                self.call_over(&call.call_id, state, status, reason);
+            }
             Rung::AnsweredLate { answer, why } => {
+                self.call_over(&call.call_id, CallState::Failed, None, why);
                 let bye = self.acknowledge(&call, &answer).await;
                 self.hang_up(&call.call_id, &bye).await;
-                (CallState::Failed, None, why)
             }
-            Rung::Refused { status, reason } => (CallState::Failed, status, reason),
-        };
+            Rung::Refused {
+                status,
+                reason,
+                unanswered,
+            } => {
+                self.call_over(&call.call_id, CallState::Failed, status, reason);
+                drop(setup);
+                self.linger(&call, responses, unanswered).await;
+            }
+        }
+        self.awaiting
+            .lock()
+            .expect("awaiting lock")
+            .remove(&call.call_id);
+    }
+
+    fn call_over(&self, call_id: &str, state: CallState, status: Option<u16>, reason: String) {
         let event = match state {
             CallState::Ended => "call_ended",
             _ => "call_failed",
         };
         self.count(event);
-        tracing::info!(call = %call.call_id, ?state, ?status, %reason, "placed SIP call over");
-        self.awaiting
-            .lock()
-            .expect("awaiting lock")
-            .remove(&call.call_id);
+        tracing::info!(call = %call_id, ?state, ?status, %reason, "placed SIP call over");
         let mut placed = self.placed.lock().expect("placed lock");
-        placed.over(&call.call_id, state, status, reason);
+        placed.over(call_id, state, status, reason);
     }
 
     /// The INVITE's transaction: sent again until something answers, a challenge answered
-    /// once, ringing until the answer or a refusal; cancelled when the ring timeout passes,
-    /// the call is hung up, or the server shuts down.
+    /// (again once when only its nonce was stale), ringing until the answer or a refusal;
+    /// cancelled when the ring timeout passes, the call is hung up, or the server shuts down.
     async fn ring(
         &self,
         call: &mut Outgoing,
@@ -603,105 +733,149 @@ impl Shared {
     ) -> Rung {
         let shutdown = self.state.shutdown_token();
         let ring_deadline = Instant::now() + setup.ring_timeout;
-        let mut challenged = false;
-        let mut cancelling: Option<String> = None;
-        'attempt: loop {
+        let mut challenges = 0;
+        loop {
             call.next_attempt();
             self.send_udp(&call.invite(), call.next_hop).await;
-            let (mut provisional, mut cancels_sent, mut cancel_answered) = (false, 0, false);
-            let mut resend_every = T1;
-            let mut resend_at = Instant::now() + T1;
-            let timer_b = Instant::now() + ACK_TIMEOUT;
-            let mut cancel_deadline = cancelling.as_ref().map(|_| Instant::now() + CANCEL_WAIT);
-            let mut cancel_at = Instant::now();
+            let mut attempt = Attempt::new();
             loop {
-                let far = Instant::now() + MAX_RING_TIMEOUT * 2;
-                let cancel_due = cancelling.is_some()
-                    && provisional
-                    && !cancel_answered
-                    && cancels_sent < CANCEL_SENDS;
+                let (waiting, cancelling) = (!attempt.provisional, attempt.cancelling.is_some());
                 let why = tokio::select! {
                     text = responses.recv() => {
                         let Some(text) = text else {
-                            return refused(None, "the SIP endpoint stopped".into());
+                            return unanswered(None, "the SIP endpoint stopped".into());
                         };
-                        let Some(response) = Response::parse(&text) else {
-                            continue;
-                        };
-                        match response.cseq() {
-                            Some((n, "INVITE")) if n == call.cseq => {}
-                            Some((n, "CANCEL")) if n == call.cseq => {
-                                cancel_answered = true;
-                                continue;
-                            }
-                            _ => continue,
-                        }
-                        match response.status {
-                            100..=199 => {
-                                provisional = true;
-                                if matches!(response.status, 180 | 183) && cancelling.is_none() {
-                                    self.placed_state(&call.call_id, CallState::Ringing);
-                                }
-                                continue;
-                            }
-                            200..=299 => {
-                                return match cancelling {
-                                    None => Rung::Answered(response),
-                                    Some(why) => Rung::AnsweredLate { answer: response, why },
-                                };
-                            }
-                            401 | 407 if !challenged && cancelling.is_none() => {
-                                self.send_udp(&call.ack_refusal(&response), call.next_hop).await;
-                                match self.answer_challenge(call, &text) {
-                                    Ok(header) => {
-                                        call.authorization = Some(header);
-                                        challenged = true;
-                                        continue 'attempt;
-                                    }
-                                    Err(why) => return refused(Some(response.status), why),
-                                }
-                            }
-                            status => {
-                                self.send_udp(&call.ack_refusal(&response), call.next_hop).await;
-                                let reason = cancelling.unwrap_or_else(|| response.status_line());
-                                return refused(Some(status), reason);
-                            }
+                        match self.on_response(call, &mut attempt, &text, &mut challenges).await {
+                            Heard::Wait => continue,
+                            Heard::Challenged => break,
+                            Heard::Done(rung) => return rung,
                         }
                     }
-                    _ = tokio::time::sleep_until(resend_at), if !provisional => {
+                    _ = tokio::time::sleep_until(attempt.resend_at), if waiting => {
                         self.send_udp(&call.invite(), call.next_hop).await;
-                        resend_every *= 2;
-                        resend_at = Instant::now() + resend_every;
+                        attempt.resent();
                         continue;
                     }
-                    _ = tokio::time::sleep_until(cancel_at), if cancel_due => {
+                    _ = tokio::time::sleep_until(attempt.cancel_at), if attempt.cancel_due() => {
                         self.send_udp(&call.cancel(), call.next_hop).await;
-                        cancels_sent += 1;
-                        cancel_at = Instant::now() + T1;
+                        attempt.cancel_sent();
                         continue;
                     }
-                    _ = tokio::time::sleep_until(timer_b), if !provisional => {
-                        let why = cancelling.unwrap_or_else(|| format!("no answer from {}", call.next_hop));
-                        return refused(Some(408), why);
+                    _ = tokio::time::sleep_until(attempt.timer_b), if waiting => {
+                        let why = format!("no answer from {}", call.next_hop);
+                        return unanswered(Some(408), why);
                     }
-                    _ = tokio::time::sleep_until(cancel_deadline.unwrap_or(far)), if cancel_deadline.is_some() => {
-                        let why = cancelling.unwrap_or_default();
+                    _ = tokio::time::sleep_until(attempt.final_deadline()), if cancelling => {
+                        let why = attempt.why().unwrap_or_default();
                         return refused(None, format!("{why} (the CANCEL went unanswered)"));
                     }
-                    _ = tokio::time::sleep_until(ring_deadline), if cancelling.is_none() => {
+                    _ = tokio::time::sleep_until(ring_deadline), if !cancelling => {
                         format!("no answer within {} s", setup.ring_timeout.as_secs())
                     }
-                    _ = setup.hangup.cancelled(), if cancelling.is_none() => {
+                    _ = setup.hangup.cancelled(), if !cancelling => {
                         "hung up before it was answered".to_owned()
                     }
-                    _ = shutdown.cancelled(), if cancelling.is_none() => {
+                    _ = shutdown.cancelled(), if !cancelling => {
                         "the server is shutting down".to_owned()
                     }
                 };
                 tracing::info!(call = %call.call_id, %why, "cancelling the SIP call");
-                cancelling = Some(why);
-                cancel_deadline = Some(Instant::now() + CANCEL_WAIT);
-                cancel_at = Instant::now();
+                // A CANCEL may only follow a provisional answer (RFC 3261 §9.1): before one,
+                // the call is given up here, and `linger` cancels it if one comes.
+                if !attempt.provisional {
+                    return unanswered(None, why);
+                }
+                attempt.cancel(why);
+            }
+        }
+    }
+
+    /// One answer to our INVITE (or to its CANCEL): what the ringing does next.
+    async fn on_response(
+        &self,
+        call: &mut Outgoing,
+        attempt: &mut Attempt,
+        text: &str,
+        challenges: &mut u32,
+    ) -> Heard {
+        let Some(response) = Response::parse(text) else {
+            return Heard::Wait;
+        };
+        match response.cseq() {
+            Some((n, "INVITE")) if n == call.cseq => {}
+            Some((n, "CANCEL")) if n == call.cseq => {
+                attempt.cancel_answered = true;
+                return Heard::Wait;
+            }
+            _ => return Heard::Wait,
+        }
+        let may_answer = *challenges == 0 || (*challenges == 1 && register::is_stale(text));
+        match (response.status, attempt.why()) {
+            (100..=199, why) => {
+                attempt.provisional = true;
+                if matches!(response.status, 180 | 183) && why.is_none() {
+                    self.placed_state(&call.call_id, CallState::Ringing);
+                }
+                Heard::Wait
+            }
+            (200..=299, None) => Heard::Done(Rung::Answered(response)),
+            (200..=299, Some(why)) => Heard::Done(Rung::AnsweredLate {
+                answer: response,
+                why,
+            }),
+            (401 | 407, None) if may_answer => {
+                self.send_udp(&call.ack_refusal(&response), call.next_hop)
+                    .await;
+                match self.answer_challenge(call, text) {
+                    Ok(header) => {
+                        call.authorization = Some(header);
+                        *challenges += 1;
+                        Heard::Challenged
+                    }
+                    Err(why) => Heard::Done(refused(Some(response.status), why)),
+                }
+            }
+            (status, why) => {
+                self.send_udp(&call.ack_refusal(&response), call.next_hop)
+                    .await;
+                let reason = why.unwrap_or_else(|| response.status_line());
+                Heard::Done(refused(Some(status), reason))
+            }
+        }
+    }
+
+    /// After a call that was never answered, for 64·T1: a refusal sent again is ACKed again
+    /// (RFC 3261 §17.1.1.2's timer D), an INVITE given up before it rang is cancelled once
+    /// something says it rings, and a late 2xx is ACKed and hung up (§13.2.2.4).
+    async fn linger(
+        &self,
+        call: &Outgoing,
+        mut responses: mpsc::UnboundedReceiver<String>,
+        unanswered: bool,
+    ) {
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        let mut cancelled = !unanswered;
+        while let Ok(Some(text)) = tokio::time::timeout_at(deadline, responses.recv()).await {
+            let Some(response) = Response::parse(&text) else {
+                continue;
+            };
+            if response.cseq() != Some((call.cseq, "INVITE")) {
+                continue;
+            }
+            match response.status {
+                100..=199 if !cancelled => {
+                    self.send_udp(&call.cancel(), call.next_hop).await;
+                    cancelled = true;
+                }
+                100..=199 => {}
+                200..=299 => {
+                    let bye = self.acknowledge(call, &response).await;
+                    return self.hang_up(&call.call_id, &bye).await;
+                }
+                _ => {
+                    let ack = call.ack_refusal(&response);
+                    self.send_udp(&ack, call.next_hop).await;
+                }
             }
         }
     }
@@ -726,16 +900,31 @@ impl Shared {
 
     /// ACKs the 2xx `answer`; the BYE that will end the dialog it set up.
     async fn acknowledge(&self, call: &Outgoing, answer: &Response) -> ByeTarget {
-        let bye = ByeTarget::placed(
-            answer,
-            call.from.clone(),
-            call.next_hop,
-            call.via,
-            call.cseq,
-        );
-        self.send_udp(&bye.ack(&call.call_id, call.cseq), call.next_hop)
-            .await;
+        let hop = self.in_dialog_hop(answer, call.next_hop).await;
+        if hop != call.next_hop {
+            let mut placed = self.placed.lock().expect("placed lock");
+            placed.add_peer(&call.call_id, hop.ip());
+        }
+        let bye = ByeTarget::placed(answer, call.from.clone(), hop, call.via, call.cseq);
+        self.send_udp(&bye.ack(&call.call_id, call.cseq), hop).await;
         bye
+    }
+
+    /// Where requests within the dialog `answer` set up go (RFC 3261 §12.2.1.1): to the
+    /// route set's first hop, which is where our INVITE went (a proxy that record-routes);
+    /// without one, to the callee's Contact where it names an address we reach over UDP,
+    /// else where the INVITE went.
+    async fn in_dialog_hop(&self, answer: &Response, next_hop: SocketAddr) -> SocketAddr {
+        if !answer.headers_named("Record-Route").is_empty() {
+            return next_hop;
+        }
+        let Some(host) = answer.contact_uri().and_then(udp_host_port) else {
+            return next_hop;
+        };
+        let Ok(local) = self.socket.local_addr() else {
+            return next_hop;
+        };
+        resolve(&host, local).await.unwrap_or(next_hop)
     }
 
     /// An answered call: ACKed, its session opened and its media run until either side ends
@@ -761,7 +950,7 @@ impl Shared {
             Ok(answered) => answered,
             Err(why) => {
                 self.hang_up(&call.call_id, &bye).await;
-                return (CallState::Failed, Some(answer.status), why);
+                return (CallState::Failed, None, why);
             }
         };
         let id = session.id;
@@ -803,7 +992,7 @@ impl Shared {
         let ack = bye.ack(&call.call_id, call.cseq);
         tokio::spawn(self.clone().ack_again(
             ack,
-            call.next_hop,
+            bye.to.addr,
             call.cseq,
             responses,
             cancel.clone(),
@@ -895,16 +1084,32 @@ impl Shared {
         self.placed.lock().expect("placed lock").set(call_id, state);
     }
 
-    /// Whether `datagram` is about a call we placed through `from` (whose answers and
-    /// requests are read though `from` is outside `--sip-allow`).
+    /// Whether `datagram` is about a call we placed through `from` (read though `from` is
+    /// outside `--sip-allow`): an answer to a request of ours, or a request within the call.
     pub(super) fn placed_with(&self, datagram: &[u8], from: SocketAddr) -> bool {
-        let text = String::from_utf8_lossy(datagram);
-        let Some(call_id) = message::text_header(&text, "Call-ID") else {
+        let Ok(text) = std::str::from_utf8(datagram) else {
             return false;
         };
+        let Some(call_id) = message::text_header(text, "Call-ID") else {
+            return false;
+        };
+        let to_tag = match message::is_response(datagram) {
+            true => None,
+            false => Some(
+                message::text_header(text, "To")
+                    .and_then(|to| message::header_param(to, "tag"))
+                    .unwrap_or_default(),
+            ),
+        };
+        let awaited = self.awaiting.lock().is_ok_and(|a| a.contains_key(call_id));
         let placed = self.placed.lock().expect("placed lock");
-        let next_hop = placed.calls.get(call_id).map(|call| call.next_hop);
-        next_hop == Some(from.ip().to_canonical())
+        placed.reads(call_id, from.ip(), to_tag, awaited)
+    }
+
+    /// Whether `call_id` is a call we placed (an INVITE naming it is no new call).
+    pub(super) fn placed_call_id(&self, call_id: &str) -> bool {
+        let placed = self.placed.lock().expect("placed lock");
+        placed.calls.contains_key(call_id)
     }
 
     async fn send_udp(&self, text: &str, to: SocketAddr) {
@@ -913,7 +1118,19 @@ impl Shared {
 }
 
 fn refused(status: Option<u16>, reason: String) -> Rung {
-    Rung::Refused { status, reason }
+    Rung::Refused {
+        status,
+        reason,
+        unanswered: false,
+    }
+}
+
+fn unanswered(status: Option<u16>, reason: String) -> Rung {
+    Rung::Refused {
+        status,
+        reason,
+        unanswered: true,
+    }
 }
 
 /// A request's `name` in seconds: `default` when absent, else 1 s to `max`.
@@ -1020,11 +1237,11 @@ mod tests {
         assert!(Target::parse(&long, None).is_err());
     }
 
-    #[test]
-    fn the_invite_cancel_and_ack_share_the_transaction() {
-        let mut call = Outgoing {
+    fn outgoing() -> Outgoing {
+        Outgoing {
             call_id: "c1".into(),
             uri: "sip:bob@10.0.0.7".into(),
+            tag: "f1".into(),
             from: "<sip:duplex@10.0.0.2>;tag=f1".into(),
             to: "<sip:bob@10.0.0.7>".into(),
             contact: "<sip:duplex@10.0.0.2:5060>".into(),
@@ -1034,7 +1251,12 @@ mod tests {
             cseq: 0,
             branch: String::new(),
             authorization: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_invite_cancel_and_ack_share_the_transaction() {
+        let mut call = outgoing();
         call.next_attempt();
         let invite = call.invite();
         assert!(
@@ -1099,23 +1321,63 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
     }
 
     #[test]
+    fn a_contact_is_reached_over_udp_only() {
+        assert_eq!(
+            udp_host_port("sip:bob@10.0.0.7:5062"),
+            Some("10.0.0.7:5062".into())
+        );
+        assert_eq!(
+            udp_host_port("sip:10.0.0.7;ob"),
+            Some("10.0.0.7:5060".into())
+        );
+        assert_eq!(udp_host_port("sip:bob@h;transport=tcp"), None);
+        assert_eq!(udp_host_port("sips:bob@h"), None);
+    }
+
+    #[test]
+    fn only_answers_awaited_and_requests_naming_our_tag_are_read_from_the_callee() {
+        let mut placed = PlacedCalls::default();
+        let call = Outgoing {
+            tag: "ours".into(),
+            next_hop: "10.0.0.7:5060".parse().unwrap(),
+            ..outgoing()
+        };
+        placed.insert(
+            CallReport::calling("c1".into(), "sip:x@h".into()),
+            CancellationToken::new(),
+            &call,
+        );
+        let callee: IpAddr = "10.0.0.7".parse().unwrap();
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        assert!(placed.reads("c1", callee, None, true));
+        assert!(
+            !placed.reads("c1", callee, None, false),
+            "no answer awaited"
+        );
+        assert!(!placed.reads("c1", other, None, true), "another host");
+        assert!(!placed.reads("c2", callee, None, true), "another call");
+        assert!(placed.reads("c1", callee, Some("ours"), false));
+        assert!(!placed.reads("c1", callee, Some(""), false), "a new INVITE");
+        assert!(!placed.reads("c1", callee, Some("theirs"), false));
+        placed.add_peer("c1", other);
+        assert!(
+            placed.reads("c1", other, Some("ours"), false),
+            "the Contact's host"
+        );
+        placed.over("c1", CallState::Ended, None, "done".into());
+        assert!(
+            !placed.reads("c1", callee, Some("ours"), false),
+            "the call is over"
+        );
+    }
+
+    #[test]
     fn ended_calls_are_forgotten_oldest_first_beyond_the_kept_number() {
         let mut placed = PlacedCalls::default();
-        let report = |id: usize| CallReport {
-            id: format!("c{id}"),
-            to: "sip:x@h".into(),
-            state: CallState::Calling,
-            status: None,
-            reason: None,
-            session: None,
-            codec: None,
-            talked_s: None,
-            agent_text: None,
-        };
-        let live = "10.0.0.7".parse().unwrap();
-        placed.insert(report(0), CancellationToken::new(), live);
+        let report = |id: usize| CallReport::calling(format!("c{id}"), "sip:x@h".into());
+        placed.insert(report(0), CancellationToken::new(), &outgoing());
         for id in 1..=KEPT_ENDED + 1 {
-            placed.insert(report(id), CancellationToken::new(), live);
+            placed.insert(report(id), CancellationToken::new(), &outgoing());
             placed.over(
                 &format!("c{id}"),
                 CallState::Failed,

@@ -202,25 +202,30 @@ impl ByeTarget {
     }
 
     /// The BYE of a call the agent placed: `answer` is the callee's 2xx to our INVITE of
-    /// `invite_cseq`, sent `from` (our From header, with its tag) through `next_hop`.
+    /// `invite_cseq`, sent `from` (our From header, with its tag); requests within the call
+    /// go to `hop`.
     pub fn placed(
         answer: &Response,
         from: String,
-        next_hop: SocketAddr,
+        hop: SocketAddr,
         via: SocketAddr,
         invite_cseq: u32,
     ) -> Self {
-        let mut route = answer.headers_named("Record-Route");
+        let mut route: Vec<String> = answer
+            .headers_named("Record-Route")
+            .iter()
+            .flat_map(|value| message::split_list(value))
+            .collect();
         // A UAC's route set is the Record-Route reversed (RFC 3261 §12.1.2).
         route.reverse();
         Self {
             uri: answer
                 .contact_uri()
-                .map_or_else(|| format!("sip:{next_hop}"), str::to_owned),
+                .map_or_else(|| format!("sip:{hop}"), str::to_owned),
             from,
             to_header: answer.header("To").unwrap_or_default().to_owned(),
             route,
-            to: Peer::udp(next_hop),
+            to: Peer::udp(hop),
             via,
             cseq: invite_cseq + 1,
         }
@@ -229,6 +234,11 @@ impl ByeTarget {
     /// The ACK of the 2xx this target was made from: the same request URI, route and tags.
     pub fn ack(&self, call_id: &str, invite_cseq: u32) -> String {
         self.in_dialog("ACK", call_id, invite_cseq)
+    }
+
+    /// The BYE's CSeq number: its answer names it.
+    pub fn cseq(&self) -> u32 {
+        self.cseq
     }
 
     pub fn request(&self, call_id: &str) -> String {

@@ -293,6 +293,27 @@ impl Response {
     }
 }
 
+/// The entries of a header that lists several, comma-separated (`<sip:p2;lr>, <sip:p1;lr>`):
+/// split at the commas outside angle brackets and quotes.
+pub fn split_list(value: &str) -> Vec<String> {
+    let (mut entries, mut start, mut depth, mut quoted) = (Vec::new(), 0, 0i32, false);
+    for (at, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' if !quoted => depth += 1,
+            '>' if !quoted => depth -= 1,
+            ',' if !quoted && depth == 0 => {
+                entries.push(value[start..at].trim().to_owned());
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    entries.push(value[start..].trim().to_owned());
+    entries.retain(|entry| !entry.is_empty());
+    entries
+}
+
 /// The first of `headers` called `name` (case-insensitive).
 fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
@@ -576,6 +597,15 @@ t: <sip:x@h>\r\ni: abc\r\nCSeq: 1\r\n OPTIONS\r\nl: 0\r\n\r\n";
             Some("<sip:a@h>;expires=9")
         );
         assert!(!is_response(b"INVITE sip:a@h SIP/2.0\r\n"));
+    }
+
+    #[test]
+    fn a_list_header_splits_at_commas_outside_brackets_and_quotes() {
+        assert_eq!(
+            split_list("<sip:p2;lr>, \"A, B\" <sip:p1;lr;x=a,b>,<sip:p0>"),
+            ["<sip:p2;lr>", "\"A, B\" <sip:p1;lr;x=a,b>", "<sip:p0>"]
+        );
+        assert_eq!(split_list("<sip:p1>"), ["<sip:p1>"]);
     }
 
     #[test]

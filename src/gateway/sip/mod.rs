@@ -344,8 +344,13 @@ impl Shared {
         match known {
             // A retransmission: the same answer again.
             Some((true, answer)) => return self.send(&answer, from).await,
-            // Another caller's Call-ID: it reaches nothing.
+            // Another caller's Call-ID, or a call we placed: it reaches nothing.
             Some((false, _)) => {
+                let why = dialog::warning(&"this Call-ID belongs to another call");
+                let response = request.response(400, "Bad Request", None, &[why], None);
+                return self.send(&response, from).await;
+            }
+            None if self.placed_call_id(request.call_id()) => {
                 let why = dialog::warning(&"this Call-ID belongs to another call");
                 let response = request.response(400, "Bad Request", None, &[why], None);
                 return self.send(&response, from).await;
@@ -647,6 +652,7 @@ impl Shared {
     /// seconds).
     async fn hang_up(&self, call_id: &str, bye: &ByeTarget) {
         let text = bye.request(call_id);
+        let cseq = bye.cseq();
         // A connection delivers or fails by itself (RFC 3261 §17.1.2.2): one send, the same
         // wait in all.
         let (sends, mut wait) = match bye.to.is_stream() {
@@ -656,7 +662,7 @@ impl Shared {
         let mut responses = self.await_responses(call_id);
         for _ in 0..sends {
             self.send(&text, &bye.to).await;
-            if tokio::time::timeout(wait, final_response(&mut responses))
+            if tokio::time::timeout(wait, final_response(&mut responses, cseq, "BYE"))
                 .await
                 .is_ok()
             {
@@ -824,11 +830,19 @@ impl Shared {
     }
 }
 
-/// The next final response among `responses` (None once their sender is gone).
-async fn final_response(responses: &mut mpsc::UnboundedReceiver<String>) -> Option<String> {
+/// The next final response among `responses` to our request `cseq` of `method` (None once
+/// their sender is gone).
+async fn final_response(
+    responses: &mut mpsc::UnboundedReceiver<String>,
+    cseq: u32,
+    method: &str,
+) -> Option<message::Response> {
     loop {
-        let response = responses.recv().await?;
-        if register::status(&response).is_some_and(|s| s >= 200) {
+        let text = responses.recv().await?;
+        let Some(response) = message::Response::parse(&text) else {
+            continue;
+        };
+        if response.status >= 200 && response.cseq() == Some((cseq, method)) {
             return Some(response);
         }
     }
