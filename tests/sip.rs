@@ -1844,6 +1844,11 @@ async fn a_call_that_cannot_be_placed_is_refused_with_the_reason() {
             "max_duration_s",
         ),
         (
+            serde_json::json!({"to": "sip:a@127.0.0.1", "status_url": "file:///etc/passwd"}),
+            400,
+            "status_url",
+        ),
+        (
             serde_json::json!({"to": "sip:a@127.0.0.1", "colour": "red"}),
             400,
             "colour",
@@ -1874,5 +1879,80 @@ async fn a_call_that_cannot_be_placed_is_refused_with_the_reason() {
     assert_eq!(full.status(), 503);
     assert!(full.headers().contains_key("retry-after"));
     delete_call(&server, &id).await;
+    server.stop().await;
+}
+
+/// A placed call's states are POSTed to its `status_url` as they change (ringing, answered,
+/// ended), each signed with the server's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placed_calls_states_are_posted_to_its_status_url_signed() {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    type Posted = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Bytes)>>>;
+    let posted = Posted::default();
+    let collect = posted.clone();
+    let hooks = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| async move {
+            let signature = headers
+                .get("x-duplex-signature")
+                .map(|v| v.to_str().unwrap().to_owned());
+            collect.lock().unwrap().push((signature, body));
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hooks).await.unwrap() });
+
+    let options = ServerOptions {
+        token: Some("t0ken".into()),
+        ..ServerOptions::default()
+    };
+    let (server, _) = start(options, sip::private_networks()).await;
+    let mut callee = RawCallee::new().await;
+    let client = reqwest::Client::new();
+    let unsigned = client
+        .post(format!("{}/api/calls", server.base_url))
+        .json(&serde_json::json!({"to": format!("sip:bob@{}", callee.addr())}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401, "the token is required when set");
+    let placed = client
+        .post(format!("{}/api/calls", server.base_url))
+        .bearer_auth("t0ken")
+        .json(&serde_json::json!({"to": format!("sip:bob@{}", callee.addr()), "status_url": hook_url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 201);
+    let invite = callee.expect("INVITE").await;
+    callee.reply(&invite, "180 Ringing", "", "").await;
+    callee.reply(&invite, "183 Session Progress", "", "").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    callee.answer(&invite).await;
+    callee.expect("ACK").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    callee.hang_up(&invite).await;
+    let delivered = eventually(Duration::from_secs(5), || posted.lock().unwrap().len() >= 3).await;
+    assert!(delivered, "{:?}", posted.lock().unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let posted = posted.lock().unwrap().clone();
+    let states: Vec<String> = posted
+        .iter()
+        .map(|(_, body)| {
+            let report: serde_json::Value = serde_json::from_slice(body).unwrap();
+            report["state"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        states,
+        ["ringing", "answered", "ended"],
+        "one event per state"
+    );
+    for (signature, body) in &posted {
+        let expected = duplex::gateway::webhook::signature("t0ken", body);
+        assert_eq!(signature.as_deref(), Some(expected.as_str()));
+    }
     server.stop().await;
 }

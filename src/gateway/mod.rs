@@ -17,6 +17,7 @@ pub mod sdp;
 pub mod sip;
 pub mod telephony;
 pub mod tls;
+pub mod webhook;
 pub mod wire;
 
 pub use error::ApiError;

@@ -14,6 +14,7 @@ use super::{ACK_TIMEOUT, Shared, T1, media_call, resolve};
 use crate::engine::PersonaRequest;
 use crate::gateway::ApiError;
 use crate::gateway::ports::PortLease;
+use crate::gateway::webhook::{self, Webhook};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +58,9 @@ pub struct DialRequest {
     /// default).
     #[serde(default)]
     pub max_duration_s: Option<u64>,
+    /// Where the call's report is POSTed each time its state changes.
+    #[serde(default)]
+    pub status_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -135,9 +139,18 @@ struct Placed {
     answered: Option<Instant>,
     over: Option<Instant>,
     agent_text: Option<AgentText>,
+    /// Where its state changes are POSTed, until it is over.
+    hook: Option<Webhook>,
 }
 
 impl Placed {
+    /// POSTs the report to the call's `status_url`, if it has one.
+    fn tell(&self) {
+        if let Some(hook) = &self.hook {
+            hook.send(&self.report());
+        }
+    }
+
     fn report(&self) -> CallReport {
         let talked = self
             .answered
@@ -151,7 +164,13 @@ impl Placed {
 }
 
 impl PlacedCalls {
-    fn insert(&mut self, report: CallReport, hangup: CancellationToken, call: &Outgoing) {
+    fn insert(
+        &mut self,
+        report: CallReport,
+        hangup: CancellationToken,
+        call: &Outgoing,
+        hook: Option<Webhook>,
+    ) {
         self.order.push_back(report.id.clone());
         let placed = Placed {
             report,
@@ -161,6 +180,7 @@ impl PlacedCalls {
             answered: None,
             over: None,
             agent_text: None,
+            hook,
         };
         self.calls.insert(placed.report.id.clone(), placed);
         self.forget_oldest_ended();
@@ -208,8 +228,9 @@ impl PlacedCalls {
     }
 
     fn set(&mut self, id: &str, state: CallState) {
-        if let Some(call) = self.calls.get_mut(id) {
+        if let Some(call) = self.calls.get_mut(id).filter(|c| c.report.state != state) {
             call.report.state = state;
+            call.tell();
         }
     }
 
@@ -220,6 +241,7 @@ impl PlacedCalls {
             call.report.codec = Some(codec);
             call.answered = Some(Instant::now());
             call.agent_text = Some(text);
+            call.tell();
         }
     }
 
@@ -229,6 +251,8 @@ impl PlacedCalls {
             call.report.status = status;
             call.report.reason = Some(reason);
             call.over = Some(Instant::now());
+            call.tell();
+            call.hook = None;
         }
         self.forget_oldest_ended();
     }
@@ -591,6 +615,14 @@ impl Shared {
             prompt: request.prompt,
         };
         self.state.engine.info().catalog.resolve(&persona)?;
+        let status_url = request
+            .status_url
+            .as_deref()
+            .map(|url| {
+                webhook::parse_url(url)
+                    .map_err(|why| ApiError::BadRequest(format!("status_url: {why}")))
+            })
+            .transpose()?;
         self.admit(&self.placed.lock().expect("placed lock"))?;
         let local = self.socket.local_addr().map_err(internal)?;
         let next_hop = match (&target.hop, registrar) {
@@ -612,7 +644,11 @@ impl Shared {
             let mut placed = self.placed.lock().expect("placed lock");
             // Again with the lock held, so two requests cannot both take the last slot.
             self.admit(&placed)?;
-            placed.insert(report.clone(), hangup.clone(), &call);
+            let hook = status_url.map(|url| {
+                let metrics = self.state.engine.metrics().clone();
+                Webhook::start(url, self.state.config.token.clone(), metrics)
+            });
+            placed.insert(report.clone(), hangup.clone(), &call, hook);
         }
         tracing::info!(call = %call.call_id, to = %target.uri, %next_hop, "placing a SIP call");
         self.count("call_placed");
@@ -1346,6 +1382,7 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
             CallReport::calling("c1".into(), "sip:x@h".into()),
             CancellationToken::new(),
             &call,
+            None,
         );
         let callee: IpAddr = "10.0.0.7".parse().unwrap();
         let other: IpAddr = "10.0.0.8".parse().unwrap();
@@ -1375,9 +1412,9 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
     fn ended_calls_are_forgotten_oldest_first_beyond_the_kept_number() {
         let mut placed = PlacedCalls::default();
         let report = |id: usize| CallReport::calling(format!("c{id}"), "sip:x@h".into());
-        placed.insert(report(0), CancellationToken::new(), &outgoing());
+        placed.insert(report(0), CancellationToken::new(), &outgoing(), None);
         for id in 1..=KEPT_ENDED + 1 {
-            placed.insert(report(id), CancellationToken::new(), &outgoing());
+            placed.insert(report(id), CancellationToken::new(), &outgoing(), None);
             placed.over(
                 &format!("c{id}"),
                 CallState::Failed,
