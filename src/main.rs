@@ -578,6 +578,11 @@ struct SipArgs {
     /// (--tls-cert/--tls-key or --tls-self-signed); 0 takes any free port.
     #[arg(long, env = "DUPLEX_SIP_TLS_PORT", requires = "sip_port")]
     sip_tls_port: Option<u16>,
+    /// A PEM file of certificates to trust, besides the public CAs, when a call placed over
+    /// TLS (POST /api/calls to a sips: URI) checks the callee's: a PBX's own CA, or its
+    /// self-signed certificate.
+    #[arg(long, env = "DUPLEX_SIP_TLS_CA", requires = "sip_port")]
+    sip_tls_ca: Option<PathBuf>,
     /// A new call must prove it knows this account (digest, MD5): USER:PASSWORD. Callers
     /// must still come from --sip-allow's networks (0.0.0.0/0 to take them from anywhere).
     #[arg(long, env = "DUPLEX_SIP_CALLER_AUTH", hide_env_values = true)]
@@ -648,6 +653,10 @@ impl SipArgs {
                 }),
             tls,
             caller_auth,
+            tls_client: Some(
+                sip::tls_client_config(self.sip_tls_ca.as_deref())
+                    .map_err(|why| anyhow::anyhow!("--sip-tls-ca: {why}"))?,
+            ),
         }))
     }
 }

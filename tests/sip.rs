@@ -28,6 +28,7 @@ fn settings(allow: Vec<IpNet>) -> SipSettings {
         codecs: SipCodec::ALL.to_vec(),
         tls: None,
         caller_auth: None,
+        tls_client: None,
     }
 }
 
@@ -127,14 +128,21 @@ fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32, config: &str)
     run_baresip(phone, wav, seconds, config, "127.0.0.1:0", &dial)
 }
 
-/// baresip listening on `listen`, answering the first call at once and playing `wav` into
-/// it; it hangs up when it quits after `seconds`.
-fn baresip_answering(listen: SocketAddr, phone: Phone, wav: &Path, seconds: u32) -> PhoneCall {
+/// baresip listening on `listen` (UDP and TCP; TLS on the next port with a `sip_certificate`
+/// in `config`), answering the first call at once and playing `wav` into it; it hangs up
+/// when it quits after `seconds`.
+fn baresip_answering(
+    listen: SocketAddr,
+    phone: Phone,
+    wav: &Path,
+    seconds: u32,
+    config: &str,
+) -> PhoneCall {
     let phone = Phone {
         account: ";answermode=auto",
         ..phone
     };
-    run_baresip(phone, wav, seconds, "", &listen.to_string(), &[])
+    run_baresip(phone, wav, seconds, config, &listen.to_string(), &[])
 }
 
 fn run_baresip(
@@ -1351,7 +1359,10 @@ async fn delete_call(server: &TestServer, id: &str) -> reqwest::Response {
 /// Places a call to `to` and returns its id, checking the 201 and its Location.
 async fn dial(server: &TestServer, body: serde_json::Value) -> String {
     let response = place_call(server, body).await;
-    assert_eq!(response.status(), 201);
+    let status = response.status();
+    if status != 201 {
+        panic!("{status}: {}", response.text().await.unwrap());
+    }
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let report: serde_json::Value = response.json().await.unwrap();
     let id = report["id"].as_str().unwrap().to_owned();
@@ -1373,30 +1384,65 @@ async fn report_becomes(server: &TestServer, id: &str, state: &str) -> serde_jso
     }
 }
 
+/// A loopback port free for both UDP and TCP, and the port after it for TLS (baresip's
+/// listening ports), as far as binding and letting go can tell.
+fn free_phone_port() -> SocketAddr {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        let next = SocketAddr::new(addr.ip(), addr.port().wrapping_add(1));
+        if std::net::TcpListener::bind(addr).is_ok() && std::net::TcpListener::bind(next).is_ok() {
+            return addr;
+        }
+    }
+}
+
+/// The agent calls baresip, answering as `phone` at `listen`, at `uri`: the call is answered
+/// in `codec` and the phone hears its own speech echoed. The report once the phone hung up.
+async fn placed_echo_call(
+    server: &TestServer,
+    (listen, uri): (SocketAddr, String),
+    phone: Phone,
+    codec: &str,
+    config: String,
+) -> serde_json::Value {
+    let wav = speech_wav(phone);
+    let phone =
+        tokio::task::spawn_blocking(move || baresip_answering(listen, phone, &wav, 10, &config));
+    // Over TCP and TLS the INVITE needs the phone listening already (UDP sends it again).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "baresip listens on {listen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = serde_json::json!({"to": uri, "voice": "NATM1"});
+    let id = dial(server, body).await;
+    let report = report_becomes(server, &id, "answered").await;
+    assert_eq!(report["codec"], codec, "{report}");
+    assert_eq!(report["to"], uri);
+    assert_eq!(server.state.engine.active_sessions(), 1);
+    let call = phone.await.unwrap();
+    assert!(call.log.contains("Call established"), "{}", call.log);
+    let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, call.rate);
+    eprintln!(
+        "echo of a call placed to {uri} ({codec}): correlation {correlation:.3} at {lag_ms:.0} ms"
+    );
+    assert!(correlation > 0.6, "correlation {correlation}");
+    report_becomes(server, &id, "ended").await
+}
+
 /// The agent calls a real SIP phone (baresip, answering by itself): the call is answered in
 /// G.722, the phone hears its own speech echoed, and its hang-up ends the call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_calls_a_sip_phone_which_hears_itself() {
     let (server, _) = start(ServerOptions::default(), sip::private_networks()).await;
-    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let wav = speech_wav(G722_PHONE);
-    let phone =
-        tokio::task::spawn_blocking(move || baresip_answering(listen, G722_PHONE, &wav, 10));
-    let body = serde_json::json!({"to": format!("sip:tester@{listen}"), "voice": "NATM1"});
-    let id = dial(&server, body).await;
-    let report = report_becomes(&server, &id, "answered").await;
-    assert_eq!(report["codec"], "G722", "{report}");
-    assert_eq!(report["to"], format!("sip:tester@{listen}"));
-    assert_eq!(server.state.engine.active_sessions(), 1);
-    let call = phone.await.unwrap();
-    assert!(call.log.contains("Call established"), "{}", call.log);
-    let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, call.rate);
-    eprintln!("echo of a placed call (G.722): correlation {correlation:.3} at {lag_ms:.0} ms");
-    assert!(correlation > 0.6, "correlation {correlation}");
-    let report = report_becomes(&server, &id, "ended").await;
+    let listen = free_phone_port();
+    let to = (listen, format!("sip:tester@{listen}"));
+    let report = placed_echo_call(&server, to, G722_PHONE, "G722", String::new()).await;
+    let id = report["id"].as_str().unwrap();
     assert_eq!(report["reason"], "the other side hung up", "{report}");
     assert!(report["talked_s"].as_f64().unwrap() > 3.0, "{report}");
     // The echo engine's text: what it heard of the phone's speech.
@@ -1408,7 +1454,7 @@ async fn the_agent_calls_a_sip_phone_which_hears_itself() {
         .json()
         .await
         .unwrap();
-    assert_eq!(listed["calls"][0]["id"], id.as_str());
+    assert_eq!(listed["calls"][0]["id"], id);
     ends_cleanly(server).await;
 }
 
@@ -1824,9 +1870,14 @@ async fn a_call_that_cannot_be_placed_is_refused_with_the_reason() {
             "no SIP URI has",
         ),
         (
-            serde_json::json!({"to": "sip:a@127.0.0.1;transport=tcp"}),
+            serde_json::json!({"to": "sip:a@127.0.0.1;transport=sctp"}),
             400,
-            "UDP only",
+            "udp, tcp or tls",
+        ),
+        (
+            serde_json::json!({"to": "sip:a@127.0.0.1:1;transport=tcp"}),
+            400,
+            "cannot call",
         ),
         (
             serde_json::json!({"to": "sip:a@127.0.0.1", "voice": "NOBODY"}),
@@ -1954,5 +2005,76 @@ async fn a_placed_calls_states_are_posted_to_its_status_url_signed() {
         let expected = duplex::gateway::webhook::signature("t0ken", body);
         assert_eq!(signature.as_deref(), Some(expected.as_str()));
     }
+    server.stop().await;
+}
+
+/// The agent calls a phone over TCP, and over TLS checking the phone's certificate against
+/// `--sip-tls-ca`'s (a self-signed one made here); the phone's BYE comes to our TLS port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_calls_a_phone_over_tcp_and_over_tls() {
+    let (without_tls, _) = start(ServerOptions::default(), sip::private_networks()).await;
+    let refused = place_call(&without_tls, serde_json::json!({"to": "sips:a@127.0.0.1"})).await;
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("--sip-tls-port"));
+    without_tls.stop().await;
+
+    let dir = common::scratch_dir("placed-tls");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let certificate = params.self_signed(&key).unwrap();
+    let (cert_pem, key_pem) = (certificate.pem(), key.serialize_pem());
+    std::fs::write(dir.join("ca.pem"), &cert_pem).unwrap();
+    std::fs::write(dir.join("phone.pem"), format!("{cert_pem}{key_pem}")).unwrap();
+    let trusting = SipSettings {
+        tls_client: Some(sip::tls_client_config(Some(&dir.join("ca.pem"))).unwrap()),
+        ..settings(sip::private_networks())
+    };
+    let (trusting, ours) = with_tls(trusting).await;
+    let (server, _) = start_sip(ServerOptions::default(), trusting).await;
+
+    let listen = free_phone_port();
+    let to = (listen, format!("sip:tester@{listen};transport=tcp"));
+    let report = placed_echo_call(&server, to, G711_PHONE, "PCMU", String::new()).await;
+    assert_eq!(report["reason"], "the other side hung up", "{report}");
+
+    let listen = free_phone_port();
+    let tls = SocketAddr::new(listen.ip(), listen.port() + 1);
+    let config = format!(
+        "sip_certificate\t{}\nsip_cafile\t{}\n",
+        dir.join("phone.pem").display(),
+        ours.cert_path.display()
+    );
+    let to = (listen, format!("sips:tester@{tls}"));
+    let report = placed_echo_call(&server, to, G711_PHONE, "PCMU", config.clone()).await;
+    assert_eq!(report["reason"], "the other side hung up", "{report}");
+    ends_cleanly(server).await;
+
+    // Without --sip-tls-ca the phone's self-signed certificate is refused, and the request
+    // says so.
+    let (untrusting, _) = with_tls(settings(sip::private_networks())).await;
+    let (server, _) = start_sip(ServerOptions::default(), untrusting).await;
+    let listen = free_phone_port();
+    let tls = SocketAddr::new(listen.ip(), listen.port() + 1);
+    let wav = speech_wav(G711_PHONE);
+    let phone = tokio::task::spawn_blocking(move || {
+        baresip_answering(listen, G711_PHONE, &wav, 3, &config)
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(tls).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "baresip listens on {tls}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = place_call(
+        &server,
+        serde_json::json!({"to": format!("sips:tester@{tls}")}),
+    )
+    .await;
+    assert_eq!(refused.status(), 400);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("certificate"), "{why}");
+    phone.await.unwrap();
     server.stop().await;
 }

@@ -9,12 +9,13 @@ use super::media::{self, AgentText, MediaEnding, TRANSPORT};
 use super::message::{self, Response};
 use super::offer::{self, AudioOffer, OfferError};
 use super::register;
-use super::transport::Peer;
+use super::transport::{self, Peer};
 use super::{ACK_TIMEOUT, Shared, T1, media_call, resolve};
 use crate::engine::PersonaRequest;
 use crate::gateway::ApiError;
 use crate::gateway::ports::PortLease;
 use crate::gateway::webhook::{self, Webhook};
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 /// How long a call rings before it is cancelled, unless the request says otherwise.
@@ -175,7 +177,7 @@ impl PlacedCalls {
         let placed = Placed {
             report,
             hangup,
-            peers: vec![call.next_hop.ip().to_canonical()],
+            peers: vec![call.peer.addr.ip().to_canonical()],
             local_tag: call.tag.clone(),
             answered: None,
             over: None,
@@ -270,24 +272,61 @@ impl PlacedCalls {
     }
 }
 
-/// Where a call goes: its request URI, and the next hop its INVITE is sent to.
+/// Where a call goes: its request URI, the next hop its INVITE is sent to, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub uri: String,
     pub hop: Hop,
+    pub transport: Transport,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hop {
     /// Through the registrar, with the extension's credentials.
     Registrar,
-    /// Straight to this `host:port`.
-    Direct(String),
+    /// Straight to this host, on this port.
+    Direct(String, u16),
+}
+
+/// What carries a placed call's SIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    /// `sips:` URIs, and `transport=tls`.
+    Tls,
+}
+
+impl Transport {
+    /// From a URI's parameters (`transport=tcp`); `sips:` is TLS whatever they say.
+    fn of(params: &str, sips: bool) -> Result<Self, String> {
+        let named = params.split(';').find_map(|param| {
+            let (key, value) = param.split_once('=')?;
+            key.eq_ignore_ascii_case("transport").then_some(value)
+        });
+        match named.map(str::to_ascii_lowercase).as_deref() {
+            _ if sips => Ok(Self::Tls),
+            None | Some("udp") => Ok(Self::Udp),
+            Some("tcp") => Ok(Self::Tcp),
+            Some("tls") => Ok(Self::Tls),
+            Some(other) => Err(format!(
+                "transport={other}: calls are placed over udp, tcp or tls"
+            )),
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Self::Tls => 5061,
+            _ => 5060,
+        }
+    }
 }
 
 impl Target {
-    /// Reads `to`: `sip:user@host[:port][;params]`, `user@host`, or a bare number or
-    /// extension, which needs `registrar` (the `--sip-register` PBX's host) to dial it.
+    /// Reads `to`: `sip:user@host[:port][;params]` (`sips:`, or `;transport=tcp|tls`, for a
+    /// connection), `user@host`, or a bare number or extension, which needs `registrar` (the
+    /// `--sip-register` PBX's host) to dial it.
     pub fn parse(to: &str, registrar: Option<&str>) -> Result<Self, String> {
         let to = to.trim();
         if to.is_empty() || to.chars().count() > MAX_TARGET_CHARS {
@@ -298,51 +337,59 @@ impl Target {
         if let Some(bad) = to.chars().find(|c| !is_uri_char(*c)) {
             return Err(format!("`to` holds {bad:?}, which no SIP URI has"));
         }
-        if to.to_ascii_lowercase().starts_with("sips:") {
-            return Err(
-                "sips: URIs need SIP over TLS, which calls placed here do not use yet: \
-give a sip: URI"
-                    .into(),
-            );
+        let (scheme, rest) = match to.split_once(':') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("sip") => ("sip", rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("sips") => ("sips", rest),
+            _ => ("", to),
+        };
+        if scheme.is_empty() && !rest.contains('@') {
+            return Self::number(to, registrar);
         }
-        let scheme = to.len() >= 4 && to[..4].eq_ignore_ascii_case("sip:");
-        let rest = if scheme { &to[4..] } else { to };
-        if !scheme && !rest.contains('@') {
-            return match registrar {
-                Some(host) if !rest.contains([':', ';']) => Ok(Self {
-                    uri: format!("sip:{rest}@{host}"),
-                    hop: Hop::Registrar,
-                }),
-                Some(_) => Err(format!("{to:?} is neither a number nor a sip: URI")),
-                None => Err(format!(
-                    "{to:?} is a number, which needs a PBX to dial it: start the server with \
---sip-register, or give a sip: URI (sip:{to}@host)"
-                )),
-            };
-        }
+        let scheme = if scheme.is_empty() { "sip" } else { scheme };
         let (address, params) = rest.split_once(';').unwrap_or((rest, ""));
-        check_transport(params)?;
+        let transport = Transport::of(params, scheme == "sips")?;
         let host_port = match address.rsplit_once('@') {
             Some((user, host)) if !user.is_empty() => host,
             Some(_) => return Err(format!("{to:?} has an empty user part")),
             None => address,
         };
-        let (host, port) = split_host_port(host_port)
+        let (host, port) = split_host_port(host_port, transport.default_port())
             .ok_or_else(|| format!("{to:?} names no host to call (sip:user@host[:port])"))?;
         let params = match params {
             "" => String::new(),
             params => format!(";{params}"),
         };
-        let uri = format!("sip:{address}{params}");
-        let through_registrar = registrar.is_some_and(|registrar| {
-            split_host_port(registrar)
-                .is_some_and(|(r_host, r_port)| r_host.eq_ignore_ascii_case(host) && r_port == port)
-        });
+        let through_registrar = transport == Transport::Udp
+            && registrar.is_some_and(|registrar| {
+                split_host_port(registrar, 5060).is_some_and(|(r_host, r_port)| {
+                    r_host.eq_ignore_ascii_case(host) && r_port == port
+                })
+            });
         let hop = match through_registrar {
             true => Hop::Registrar,
-            false => Hop::Direct(format!("{host}:{port}")),
+            false => Hop::Direct(host.to_owned(), port),
         };
-        Ok(Self { uri, hop })
+        Ok(Self {
+            uri: format!("{scheme}:{address}{params}"),
+            hop,
+            transport,
+        })
+    }
+
+    /// A bare number or extension: the PBX's to dial.
+    fn number(to: &str, registrar: Option<&str>) -> Result<Self, String> {
+        match registrar {
+            Some(host) if !to.contains([':', ';']) => Ok(Self {
+                uri: format!("sip:{to}@{host}"),
+                hop: Hop::Registrar,
+                transport: Transport::Udp,
+            }),
+            Some(_) => Err(format!("{to:?} is neither a number nor a sip: URI")),
+            None => Err(format!(
+                "{to:?} is a number, which needs a PBX to dial it: start the server with \
+--sip-register, or give a sip: URI (sip:{to}@host)"
+            )),
+        }
     }
 }
 
@@ -352,39 +399,26 @@ fn is_uri_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/:%@[]".contains(c)
 }
 
-/// Only UDP carries calls placed here: a URI asking for another transport is refused.
-fn check_transport(params: &str) -> Result<(), String> {
-    for param in params.split(';') {
-        let Some((key, value)) = param.split_once('=') else {
-            continue;
-        };
-        if key.eq_ignore_ascii_case("transport") && !value.eq_ignore_ascii_case("udp") {
-            return Err(format!(
-                "transport={value}: calls placed here go over UDP only for now"
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The `host:port` of a SIP URI we reach over UDP (a Contact), None for one on another
 /// transport or without a host.
 fn udp_host_port(uri: &str) -> Option<String> {
     let rest = uri.strip_prefix("sip:")?;
     let (address, params) = rest.split_once(';').unwrap_or((rest, ""));
-    check_transport(params).ok()?;
+    if Transport::of(params, false).ok()? != Transport::Udp {
+        return None;
+    }
     let host_port = address.rsplit_once('@').map_or(address, |(_, host)| host);
-    let (host, port) = split_host_port(host_port)?;
+    let (host, port) = split_host_port(host_port, 5060)?;
     Some(format!("{host}:{port}"))
 }
 
-/// A host and its port (5060 when none is given); IPv6 hosts in brackets.
-fn split_host_port(host_port: &str) -> Option<(&str, u16)> {
+/// A host and its port (`default` when none is given); IPv6 hosts in brackets.
+fn split_host_port(host_port: &str, default: u16) -> Option<(&str, u16)> {
     let (host, port) = match host_port.rsplit_once(':') {
         Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
             (host, port.parse().ok()?)
         }
-        _ => (host_port, 5060),
+        _ => (host_port, default),
     };
     (!host.is_empty()).then_some((host, port))
 }
@@ -442,7 +476,8 @@ struct Outgoing {
     to: String,
     contact: String,
     via: SocketAddr,
-    next_hop: SocketAddr,
+    /// The next hop, and the way there (over TCP or TLS, the connection we opened).
+    peer: Peer,
     sdp: String,
     cseq: u32,
     branch: String,
@@ -458,9 +493,10 @@ impl Outgoing {
 
     fn head(&self, method: &str, to: &str) -> String {
         format!(
-            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch={branch};rport\r\n\
+            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/{transport} {via};branch={branch};rport\r\n\
 Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n",
             uri = self.uri,
+            transport = self.peer.transport(),
             via = self.via,
             branch = self.branch,
             from = self.from,
@@ -519,10 +555,12 @@ enum Heard {
     Done(Rung),
 }
 
-/// One INVITE in flight (RFC 3261 §17.1.1.2): sent again at T1, 2·T1, … until anything
-/// answers (timer A), given up 64·T1 after it was sent with no answer at all (timer B); once
-/// it rings, its CANCEL (§9.1), sent again at T1 until answered.
+/// One INVITE in flight (RFC 3261 §17.1.1.2): over UDP sent again at T1, 2·T1, … until
+/// anything answers (timer A); given up 64·T1 after it was sent with no answer at all (timer
+/// B); once it rings, its CANCEL (§9.1), over UDP sent again at T1 until answered.
 struct Attempt {
+    /// Over TCP or TLS, which deliver or fail by themselves: nothing is sent again.
+    reliable: bool,
     provisional: bool,
     resend_every: Duration,
     resend_at: Instant,
@@ -535,9 +573,10 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn new() -> Self {
+    fn new(reliable: bool) -> Self {
         let now = Instant::now();
         Self {
+            reliable,
             provisional: false,
             resend_every: T1,
             resend_at: now + T1,
@@ -559,8 +598,14 @@ impl Attempt {
         self.cancel_at = Instant::now();
     }
 
+    /// Whether the INVITE is to be sent again when `resend_at` comes.
+    fn resend_due(&self) -> bool {
+        !self.reliable && !self.provisional
+    }
+
     fn cancel_due(&self) -> bool {
-        self.cancelling.is_some() && !self.cancel_answered && self.cancels_sent < CANCEL_SENDS
+        let sends = if self.reliable { 1 } else { CANCEL_SENDS };
+        self.cancelling.is_some() && !self.cancel_answered && self.cancels_sent < sends
     }
 
     fn cancel_sent(&mut self) {
@@ -624,20 +669,14 @@ impl Shared {
             })
             .transpose()?;
         self.admit(&self.placed.lock().expect("placed lock"))?;
-        let local = self.socket.local_addr().map_err(internal)?;
-        let next_hop = match (&target.hop, registrar) {
-            (Hop::Registrar, Some((_, registrar))) => *registrar,
-            (Hop::Registrar, None) => return Err(internal("a PBX hop without --sip-register")),
-            (Hop::Direct(host), _) => resolve(host, local)
-                .await
-                .map_err(|e| ApiError::BadRequest(format!("cannot call {host}: {e}")))?,
-        };
+        let peer = self.next_hop(&target).await?;
         let (socket, lease) = self.bind_rtp().await.map_err(internal)?;
-        let local_ip = self.local_ip(next_hop);
+        let local_ip = self.local_ip(peer.addr);
         let local_rtp = SocketAddr::new(local_ip, socket.local_addr().map_err(internal)?.port());
         let sdp_id = u64::from(rand::random::<u32>());
-        let via = self.contact_addr(local_ip, &Peer::udp(next_hop));
-        let call = self.outgoing(&target, next_hop, via, local_rtp, sdp_id);
+        let via = self.contact_addr(local_ip, &peer);
+        let next_hop = peer.clone();
+        let call = self.outgoing(&target, peer, via, local_rtp, sdp_id);
         let hangup = CancellationToken::new();
         let report = CallReport::calling(call.call_id.clone(), target.uri.clone());
         {
@@ -666,6 +705,42 @@ impl Shared {
         Ok(report)
     }
 
+    /// The INVITE's next hop and the way there: the registrar, or the URI's host (over TCP or
+    /// TLS, a connection opened to it now).
+    async fn next_hop(self: &Arc<Self>, target: &Target) -> Result<Peer, ApiError> {
+        let (host, port) = match (&target.hop, &self.register) {
+            (Hop::Registrar, Some((_, registrar))) => return Ok(Peer::udp(*registrar)),
+            (Hop::Registrar, None) => return Err(internal("a PBX hop without --sip-register")),
+            (Hop::Direct(host, port), _) => (host, *port),
+        };
+        let unreachable =
+            |e: std::io::Error| ApiError::BadRequest(format!("cannot call {host}: {e}"));
+        let local = self.socket.local_addr().map_err(internal)?;
+        let addr = resolve(&format!("{host}:{port}"), local)
+            .await
+            .map_err(unreachable)?;
+        let tls = match target.transport {
+            Transport::Udp => return Ok(Peer::udp(addr)),
+            Transport::Tcp => None,
+            Transport::Tls if self.tls_port.is_none() => {
+                return Err(ApiError::BadRequest(
+                    "calls over TLS need --sip-tls-port: the callee's requests within the call \
+(its BYE) come to our TLS port"
+                        .into(),
+                ));
+            }
+            Transport::Tls => {
+                let name = host.trim_matches(['[', ']']).to_owned();
+                let name = ServerName::try_from(name)
+                    .map_err(|e| ApiError::BadRequest(format!("{host}: {e}")))?;
+                Some((TlsConnector::from(self.tls_client.clone()), name))
+            }
+        };
+        transport::connect(addr, tls, self.clone())
+            .await
+            .map_err(unreachable)
+    }
+
     /// Whether the engine would take the session of one more answered call, counting the
     /// calls still ringing.
     fn admit(&self, placed: &PlacedCalls) -> Result<(), ApiError> {
@@ -683,7 +758,7 @@ impl Shared {
     fn outgoing(
         &self,
         target: &Target,
-        next_hop: SocketAddr,
+        peer: Peer,
         via: SocketAddr,
         local_rtp: SocketAddr,
         sdp_id: u64,
@@ -705,9 +780,9 @@ impl Shared {
             tag,
             from,
             to: format!("<{}>", target.uri),
-            contact: format!("<sip:{user}@{via}>"),
+            contact: format!("<sip:{user}@{via}{}>", peer.contact_param()),
             via,
-            next_hop,
+            peer,
             sdp: offer::late_offer(local_rtp, sdp_id, &self.codecs),
             cseq: 0,
             branch: String::new(),
@@ -772,8 +847,8 @@ impl Shared {
         let mut challenges = 0;
         loop {
             call.next_attempt();
-            self.send_udp(&call.invite(), call.next_hop).await;
-            let mut attempt = Attempt::new();
+            self.send(&call.invite(), &call.peer).await;
+            let mut attempt = Attempt::new(call.peer.is_stream());
             loop {
                 let (waiting, cancelling) = (!attempt.provisional, attempt.cancelling.is_some());
                 let why = tokio::select! {
@@ -787,18 +862,18 @@ impl Shared {
                             Heard::Done(rung) => return rung,
                         }
                     }
-                    _ = tokio::time::sleep_until(attempt.resend_at), if waiting => {
-                        self.send_udp(&call.invite(), call.next_hop).await;
+                    _ = tokio::time::sleep_until(attempt.resend_at), if attempt.resend_due() => {
+                        self.send(&call.invite(), &call.peer).await;
                         attempt.resent();
                         continue;
                     }
                     _ = tokio::time::sleep_until(attempt.cancel_at), if attempt.cancel_due() => {
-                        self.send_udp(&call.cancel(), call.next_hop).await;
+                        self.send(&call.cancel(), &call.peer).await;
                         attempt.cancel_sent();
                         continue;
                     }
                     _ = tokio::time::sleep_until(attempt.timer_b), if waiting => {
-                        let why = format!("no answer from {}", call.next_hop);
+                        let why = format!("no answer from {}", call.peer.addr);
                         return unanswered(Some(408), why);
                     }
                     _ = tokio::time::sleep_until(attempt.final_deadline()), if cancelling => {
@@ -860,8 +935,7 @@ impl Shared {
                 why,
             }),
             (401 | 407, None) if may_answer => {
-                self.send_udp(&call.ack_refusal(&response), call.next_hop)
-                    .await;
+                self.send(&call.ack_refusal(&response), &call.peer).await;
                 match self.answer_challenge(call, text) {
                     Ok(header) => {
                         call.authorization = Some(header);
@@ -872,8 +946,7 @@ impl Shared {
                 }
             }
             (status, why) => {
-                self.send_udp(&call.ack_refusal(&response), call.next_hop)
-                    .await;
+                self.send(&call.ack_refusal(&response), &call.peer).await;
                 let reason = why.unwrap_or_else(|| response.status_line());
                 Heard::Done(refused(Some(status), reason))
             }
@@ -900,7 +973,7 @@ impl Shared {
             }
             match response.status {
                 100..=199 if !cancelled => {
-                    self.send_udp(&call.cancel(), call.next_hop).await;
+                    self.send(&call.cancel(), &call.peer).await;
                     cancelled = true;
                 }
                 100..=199 => {}
@@ -910,7 +983,7 @@ impl Shared {
                 }
                 _ => {
                     let ack = call.ack_refusal(&response);
-                    self.send_udp(&ack, call.next_hop).await;
+                    self.send(&ack, &call.peer).await;
                 }
             }
         }
@@ -924,43 +997,46 @@ impl Shared {
         challenge: &str,
     ) -> Result<(String, String), String> {
         match &self.register {
-            Some((register, registrar)) if *registrar == call.next_hop => {
+            Some((register, registrar)) if *registrar == call.peer.addr => {
                 register.authorize(challenge, "INVITE", &call.uri)
             }
             _ => Err(format!(
                 "{} asks for credentials, which only calls through --sip-register's PBX have",
-                call.next_hop
+                call.peer.addr
             )),
         }
     }
 
     /// ACKs the 2xx `answer`; the BYE that will end the dialog it set up.
     async fn acknowledge(&self, call: &Outgoing, answer: &Response) -> ByeTarget {
-        let hop = self.in_dialog_hop(answer, call.next_hop).await;
-        if hop != call.next_hop {
+        let hop = self.in_dialog_hop(answer, &call.peer).await;
+        if hop.addr != call.peer.addr {
             let mut placed = self.placed.lock().expect("placed lock");
-            placed.add_peer(&call.call_id, hop.ip());
+            placed.add_peer(&call.call_id, hop.addr.ip());
         }
         let bye = ByeTarget::placed(answer, call.from.clone(), hop, call.via, call.cseq);
-        self.send_udp(&bye.ack(&call.call_id, call.cseq), hop).await;
+        self.send(&bye.ack(&call.call_id, call.cseq), &bye.to).await;
         bye
     }
 
     /// Where requests within the dialog `answer` set up go (RFC 3261 §12.2.1.1): to the
     /// route set's first hop, which is where our INVITE went (a proxy that record-routes);
     /// without one, to the callee's Contact where it names an address we reach over UDP,
-    /// else where the INVITE went.
-    async fn in_dialog_hop(&self, answer: &Response, next_hop: SocketAddr) -> SocketAddr {
-        if !answer.headers_named("Record-Route").is_empty() {
-            return next_hop;
+    /// else where the INVITE went. Over TCP or TLS, down the connection the INVITE took.
+    async fn in_dialog_hop(&self, answer: &Response, next_hop: &Peer) -> Peer {
+        if next_hop.is_stream() || !answer.headers_named("Record-Route").is_empty() {
+            return next_hop.clone();
         }
         let Some(host) = answer.contact_uri().and_then(udp_host_port) else {
-            return next_hop;
+            return next_hop.clone();
         };
         let Ok(local) = self.socket.local_addr() else {
-            return next_hop;
+            return next_hop.clone();
         };
-        resolve(&host, local).await.unwrap_or(next_hop)
+        match resolve(&host, local).await {
+            Ok(addr) => Peer::udp(addr),
+            Err(_) => next_hop.clone(),
+        }
     }
 
     /// An answered call: ACKed, its session opened and its media run until either side ends
@@ -1028,7 +1104,7 @@ impl Shared {
         let ack = bye.ack(&call.call_id, call.cseq);
         tokio::spawn(self.clone().ack_again(
             ack,
-            bye.to.addr,
+            bye.to.clone(),
             call.cseq,
             responses,
             cancel.clone(),
@@ -1046,7 +1122,7 @@ impl Shared {
                 _ = ended.cancelled() => {}
             }
         });
-        let remote_ip = call.next_hop.ip().to_canonical();
+        let remote_ip = call.peer.addr.ip().to_canonical();
         let media = media_call(
             session,
             setup.socket,
@@ -1094,7 +1170,7 @@ impl Shared {
     async fn ack_again(
         self: Arc<Self>,
         ack: String,
-        next_hop: SocketAddr,
+        to: Peer,
         cseq: u32,
         mut responses: mpsc::UnboundedReceiver<String>,
         ended: CancellationToken,
@@ -1111,7 +1187,7 @@ impl Shared {
                 (200..300).contains(&r.status) && r.cseq() == Some((cseq, "INVITE"))
             });
             if again {
-                self.send_udp(&ack, next_hop).await;
+                self.send(&ack, &to).await;
             }
         }
     }
@@ -1146,10 +1222,6 @@ impl Shared {
     pub(super) fn placed_call_id(&self, call_id: &str) -> bool {
         let placed = self.placed.lock().expect("placed lock");
         placed.calls.contains_key(call_id)
-    }
-
-    async fn send_udp(&self, text: &str, to: SocketAddr) {
-        self.send(text, &Peer::udp(to)).await;
     }
 }
 
@@ -1194,56 +1266,85 @@ fn internal(err: impl std::fmt::Display) -> ApiError {
 mod tests {
     use super::*;
 
-    fn direct(uri: &str, host: &str) -> Target {
+    fn direct(uri: &str, host: &str, port: u16, transport: Transport) -> Target {
         Target {
             uri: uri.into(),
-            hop: Hop::Direct(host.into()),
+            hop: Hop::Direct(host.into(), port),
+            transport,
+        }
+    }
+
+    fn through_pbx(uri: &str) -> Target {
+        Target {
+            uri: uri.into(),
+            hop: Hop::Registrar,
+            transport: Transport::Udp,
         }
     }
 
     #[test]
     fn a_target_is_a_sip_uri_or_a_number_for_the_pbx() {
+        use Transport::{Tcp, Tls, Udp};
         let cases = [
             (
                 "sip:bob@10.0.0.7",
                 None,
-                direct("sip:bob@10.0.0.7", "10.0.0.7:5060"),
+                direct("sip:bob@10.0.0.7", "10.0.0.7", 5060, Udp),
             ),
             (
                 "bob@10.0.0.7:5070",
                 None,
-                direct("sip:bob@10.0.0.7:5070", "10.0.0.7:5070"),
+                direct("sip:bob@10.0.0.7:5070", "10.0.0.7", 5070, Udp),
             ),
             (
                 "SIP:bob@h;transport=UDP",
                 None,
-                direct("sip:bob@h;transport=UDP", "h:5060"),
+                direct("sip:bob@h;transport=UDP", "h", 5060, Udp),
             ),
             (
                 "sip:[::1]:5062",
                 None,
-                direct("sip:[::1]:5062", "[::1]:5062"),
+                direct("sip:[::1]:5062", "[::1]", 5062, Udp),
+            ),
+            (
+                "sip:bob@h;transport=TCP",
+                None,
+                direct("sip:bob@h;transport=TCP", "h", 5060, Tcp),
+            ),
+            (
+                "sip:bob@h;transport=tls",
+                None,
+                direct("sip:bob@h;transport=tls", "h", 5061, Tls),
+            ),
+            (
+                "sips:bob@h:5071",
+                None,
+                direct("sips:bob@h:5071", "h", 5071, Tls),
             ),
             (
                 "+15551234",
                 Some("pbx.example"),
-                Target {
-                    uri: "sip:+15551234@pbx.example".into(),
-                    hop: Hop::Registrar,
-                },
+                through_pbx("sip:+15551234@pbx.example"),
             ),
             (
                 "sip:8001@pbx.example:5060",
                 Some("pbx.example"),
-                Target {
-                    uri: "sip:8001@pbx.example:5060".into(),
-                    hop: Hop::Registrar,
-                },
+                through_pbx("sip:8001@pbx.example:5060"),
             ),
             (
                 "sip:8001@other.example",
                 Some("pbx.example"),
-                direct("sip:8001@other.example", "other.example:5060"),
+                direct("sip:8001@other.example", "other.example", 5060, Udp),
+            ),
+            (
+                "sip:8001@pbx.example;transport=tcp",
+                Some("pbx.example"),
+                direct(
+                    "sip:8001@pbx.example;transport=tcp",
+                    "pbx.example",
+                    5060,
+                    Tcp,
+                ),
             ),
         ];
         for (to, registrar, expected) in cases {
@@ -1258,12 +1359,12 @@ mod tests {
             ("8001", None, "--sip-register"),
             ("sip:bob@h>\r\nX-Evil: 1", None, "no SIP URI has"),
             ("sip:bob@h x", None, "no SIP URI has"),
-            ("sips:bob@h", None, "TLS"),
-            ("sip:bob@h;transport=tcp", None, "UDP only"),
+            ("sip:bob@h;transport=sctp", None, "udp, tcp or tls"),
             ("sip:@h", None, "empty user"),
             ("sip:bob@", None, "no host"),
             ("sip:bob@h:99999", None, "no host"),
             ("80;01", Some("pbx"), "neither"),
+            ("sip:bob#1@h", None, "no SIP URI has"),
         ];
         for (to, registrar, why) in cases {
             let err = Target::parse(to, registrar).unwrap_err();
@@ -1282,7 +1383,7 @@ mod tests {
             to: "<sip:bob@10.0.0.7>".into(),
             contact: "<sip:duplex@10.0.0.2:5060>".into(),
             via: "10.0.0.2:5060".parse().unwrap(),
-            next_hop: "10.0.0.7:5060".parse().unwrap(),
+            peer: Peer::udp("10.0.0.7:5060".parse().unwrap()),
             sdp: "v=0\r\n".into(),
             cseq: 0,
             branch: String::new(),
@@ -1339,7 +1440,7 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
         let bye = ByeTarget::placed(
             &answer,
             "<sip:7000@pbx>;tag=f1".into(),
-            "10.0.0.1:5060".parse().unwrap(),
+            Peer::udp("10.0.0.1:5060".parse().unwrap()),
             "10.0.0.2:5060".parse().unwrap(),
             2,
         );
@@ -1375,7 +1476,7 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
         let mut placed = PlacedCalls::default();
         let call = Outgoing {
             tag: "ours".into(),
-            next_hop: "10.0.0.7:5060".parse().unwrap(),
+            peer: Peer::udp("10.0.0.7:5060".parse().unwrap()),
             ..outgoing()
         };
         placed.insert(

@@ -207,7 +207,7 @@ impl ByeTarget {
     pub fn placed(
         answer: &Response,
         from: String,
-        hop: SocketAddr,
+        hop: Peer,
         via: SocketAddr,
         invite_cseq: u32,
     ) -> Self {
@@ -221,11 +221,11 @@ impl ByeTarget {
         Self {
             uri: answer
                 .contact_uri()
-                .map_or_else(|| format!("sip:{hop}"), str::to_owned),
+                .map_or_else(|| format!("sip:{}", hop.addr), str::to_owned),
             from,
             to_header: answer.header("To").unwrap_or_default().to_owned(),
             route,
-            to: Peer::udp(hop),
+            to: hop,
             via,
             cseq: invite_cseq + 1,
         }

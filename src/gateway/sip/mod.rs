@@ -32,6 +32,7 @@ use offer::{AudioOffer, SipCodec};
 use register::{RegisterDialog, RegisterSettings};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
@@ -67,6 +68,41 @@ pub struct SipSettings {
     pub tls: Option<SipTls>,
     /// The account a new call must prove it knows (`--sip-caller-auth`), if any.
     pub caller_auth: Option<Arc<CallerAuth>>,
+    /// How calls placed over TLS check the callee's certificate ([`tls_client_config`];
+    /// the public CAs when None).
+    pub tls_client: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// How calls placed over TLS check the callee's certificate: against the public CAs
+/// (webpki-roots), and the certificates in `extra_ca` (`--sip-tls-ca`: a PEM file with a
+/// PBX's own CA, or its self-signed certificate).
+pub fn tls_client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let shown = path.display();
+        let certificates = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{shown}: {e}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{shown}: {e}"))?;
+        if certificates.is_empty() {
+            return Err(format!("{shown} holds no PEM certificate"));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|e| format!("{shown}: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// SIP over TLS: its address and the server's TLS configuration (the page's certificate).
@@ -152,6 +188,7 @@ struct Shared {
     /// The TLS listener's port, for the Contact of calls that came over TLS.
     tls_port: Option<u16>,
     caller_auth: Option<Arc<CallerAuth>>,
+    tls_client: Arc<rustls::ClientConfig>,
     /// Calls the agent placed, by Call-ID: live ones and the last ended ones.
     placed: Mutex<dial::PlacedCalls>,
 }
@@ -170,6 +207,10 @@ impl SipServer {
         let tls_port = match &tls {
             Some((listener, _)) => Some(listener.local_addr()?.port()),
             None => None,
+        };
+        let tls_client = match &settings.tls_client {
+            Some(config) => config.clone(),
+            None => tls_client_config(None).map_err(std::io::Error::other)?,
         };
         let mut allow = settings.allow.clone();
         let register = match &settings.register {
@@ -190,6 +231,7 @@ impl SipServer {
             codecs: settings.codecs.clone(),
             tls_port,
             caller_auth: settings.caller_auth.clone(),
+            tls_client,
             placed: Mutex::new(dial::PlacedCalls::default()),
         });
         Ok(Self {

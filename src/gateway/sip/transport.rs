@@ -4,19 +4,22 @@
 
 use super::Shared;
 use super::message::{self, FrameError, Framed};
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Connections at once (TCP and TLS each); more are closed as they come.
 const MAX_CONNECTIONS: usize = 256;
 /// Of those, from outside `--sip-allow` (each gets one answer, then is closed).
 const MAX_STRANGERS: usize = 16;
+/// Connecting to a peer (a call we place over TCP or TLS) is given up after this.
+const CONNECT_LIMIT: Duration = Duration::from_secs(5);
 /// A TLS handshake that takes longer than this is abandoned.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// A connection silent this long before its first whole message is closed (a limit on each
@@ -186,11 +189,11 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<
         tokio::spawn(async move {
             let _slot = slot;
             let Some(acceptor) = tls else {
-                return connection(stream, from, false, shared).await;
+                return connection(stream, from, false, None, shared).await;
             };
             let handshake = tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream));
             match handshake.await {
-                Ok(Ok(stream)) => connection(stream, from, true, shared).await,
+                Ok(Ok(stream)) => connection(stream, from, true, None, shared).await,
                 Ok(Err(err)) => {
                     tracing::debug!(%from, %err, "SIP TLS handshake failed");
                     shared.count("tls_failed");
@@ -201,15 +204,49 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<
     }
 }
 
+/// Opens a connection to `addr` (TLS when `tls` names the server to expect there) for a call
+/// we place: our requests go down it and its messages are read like those of a connection
+/// the peer opened (the call's own are read though it is outside `--sip-allow`).
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    shared: Arc<Shared>,
+) -> std::io::Result<Peer> {
+    let timed_out =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"));
+    let stream = tokio::time::timeout(CONNECT_LIMIT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out("connecting"))??;
+    let (opened, peer) = oneshot::channel();
+    match tls {
+        None => tokio::spawn(connection(stream, addr, false, Some(opened), shared)),
+        Some((connector, name)) => {
+            let handshake = tokio::time::timeout(HANDSHAKE_LIMIT, connector.connect(name, stream));
+            let stream = handshake
+                .await
+                .map_err(|_| timed_out("the TLS handshake"))??;
+            tokio::spawn(connection(stream, addr, true, Some(opened), shared))
+        }
+    };
+    peer.await
+        .map_err(|_| std::io::Error::other("the connection closed as it opened"))
+}
+
 /// One connection: its messages handled in order, each answer written back on it. A peer
 /// outside `--sip-allow` gets one message answered (a 403 for an INVITE), then the door; so
 /// does a connection silent for [`FIRST_MESSAGE_LIMIT`] before its first whole message, or
 /// for [`IDLE_LIMIT`] after it while no call is on it. When reading ends, so does writing.
-async fn connection<S>(stream: S, from: SocketAddr, tls: bool, shared: Arc<Shared>)
-where
+/// A connection we `opened` is handed its `Peer` and trusted.
+async fn connection<S>(
+    stream: S,
+    from: SocketAddr,
+    tls: bool,
+    opened: Option<oneshot::Sender<Peer>>,
+    shared: Arc<Shared>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let trusted = shared.allowed(from);
+    let trusted = opened.is_some() || shared.allowed(from);
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (sender, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_QUEUED);
     let done = tokio_util::sync::CancellationToken::new();
@@ -237,20 +274,31 @@ where
             tls,
         },
     };
-    read_messages(&mut reader, &peer, trusted, &shared).await;
+    let first_limit = match opened {
+        Some(opened) => {
+            let _ = opened.send(peer.clone());
+            IDLE_LIMIT
+        }
+        None => FIRST_MESSAGE_LIMIT,
+    };
+    read_messages(&mut reader, &peer, trusted, first_limit, &shared).await;
     done.cancel();
     let _ = writing.await;
 }
 
 /// Reads and handles the connection's messages until it closes, breaks the framing, idles
 /// or (a stranger) has had its one answer.
-async fn read_messages<R>(reader: &mut R, peer: &Peer, trusted: bool, shared: &Arc<Shared>)
-where
+async fn read_messages<R>(
+    reader: &mut R,
+    peer: &Peer,
+    trusted: bool,
+    mut limit: Duration,
+    shared: &Arc<Shared>,
+) where
     R: AsyncRead + Unpin,
 {
     let mut stream = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 4096];
-    let mut limit = FIRST_MESSAGE_LIMIT;
     loop {
         loop {
             match message::frame(&stream) {
