@@ -1423,6 +1423,12 @@ async fn placed_echo_call(
     let report = report_becomes(server, &id, "answered").await;
     assert_eq!(report["codec"], codec, "{report}");
     assert_eq!(report["to"], uri);
+    let transport = match uri.as_str() {
+        uri if uri.starts_with("sips:") => "tls",
+        uri if uri.ends_with(";transport=tcp") => "tcp",
+        _ => "udp",
+    };
+    assert_eq!(report["transport"], transport);
     assert_eq!(server.state.engine.active_sessions(), 1);
     let call = phone.await.unwrap();
     assert!(call.log.contains("Call established"), "{}", call.log);
@@ -1916,6 +1922,18 @@ async fn a_call_that_cannot_be_placed_is_refused_with_the_reason() {
         let text = response.text().await.unwrap();
         assert!(text.contains(why), "{body}: {text}");
     }
+    let form = reqwest::Client::new()
+        .post(format!("{}/api/calls", server.base_url))
+        .header("content-type", "text/plain")
+        .body(r#"{"to": "sip:a@127.0.0.1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        form.status(),
+        415,
+        "a page cannot post a call without asking first"
+    );
     let missing = reqwest::get(format!("{}/api/calls/nope", server.base_url))
         .await
         .unwrap();
@@ -2076,5 +2094,66 @@ async fn the_agent_calls_a_phone_over_tcp_and_over_tls() {
     let why = refused.text().await.unwrap();
     assert!(why.contains("certificate"), "{why}");
     phone.await.unwrap();
+    server.stop().await;
+}
+
+/// A connection opened for a placed call closes once the call is over (no connection is
+/// left behind per call), and one that closes while the call rings fails it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opened_for_a_call_closes_with_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, _) = start(ServerOptions::default(), sip::private_networks()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = format!("sip:bob@{};transport=tcp", listener.local_addr().unwrap());
+
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let len = stream.read(&mut buf).await.unwrap();
+    let invite = String::from_utf8_lossy(&buf[..len]).into_owned();
+    assert!(invite.starts_with("INVITE "), "{invite}");
+    assert!(
+        header(&invite, "Via").unwrap().starts_with("SIP/2.0/TCP "),
+        "{invite}"
+    );
+    assert!(
+        header(&invite, "Contact")
+            .unwrap()
+            .ends_with(";transport=tcp>"),
+        "{invite}"
+    );
+    let busy = invite
+        .lines()
+        .filter(|l| {
+            ["Via:", "From:", "To:", "Call-ID:", "CSeq:"]
+                .iter()
+                .any(|h| l.starts_with(h))
+        })
+        .fold("SIP/2.0 486 Busy Here\r\n".to_owned(), |out, l| {
+            out + l + "\r\n"
+        })
+        + "Content-Length: 0\r\n\r\n";
+    stream.write_all(busy.as_bytes()).await.unwrap();
+    let mut rest = String::new();
+    let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(len) => rest.push_str(&String::from_utf8_lossy(&buf[..len])),
+            }
+        }
+    });
+    assert!(closed.await.is_ok(), "the connection closes after the call");
+    assert!(rest.starts_with("ACK "), "{rest}");
+    assert_eq!(report_becomes(&server, &id, "failed").await["status"], 486);
+
+    let id = dial(&server, serde_json::json!({"to": to})).await;
+    let (stream, _) = listener.accept().await.unwrap();
+    drop(stream);
+    let report = report_becomes(&server, &id, "failed").await;
+    assert!(
+        report["reason"].as_str().unwrap().contains("closed"),
+        "{report}"
+    );
     server.stop().await;
 }

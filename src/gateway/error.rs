@@ -32,6 +32,8 @@ pub enum ApiError {
     NotEnabled(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("server full: all {max} sessions are in use; retry later")]
     Full { max: usize },
     #[error("the server is shutting down")]
@@ -79,6 +81,7 @@ impl ApiError {
             Self::NoSession | Self::NoCall => StatusCode::NOT_FOUND,
             Self::NotEnabled(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Full { .. } | Self::Draining | Self::Failing(_) | Self::Behind(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -102,6 +105,7 @@ impl ApiError {
             Self::NoCall => "no_call",
             Self::NotEnabled(_) => "not_enabled",
             Self::Forbidden(_) => "forbidden",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Full { .. } => "full",
             Self::Draining => "draining",
             Self::Failing(_) => "failing",

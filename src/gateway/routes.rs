@@ -279,6 +279,16 @@ async fn place_call(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let dialer = calls_allowed(&state, client, &headers)?;
+    // A web page may POST text/plain to localhost without asking first; JSON it may not.
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(ApiError::UnsupportedMediaType(
+            "send the call as JSON (content-type: application/json)".into(),
+        ));
+    }
     let request: DialRequest = serde_json::from_slice(&body).map_err(|err| {
         ApiError::BadRequest(format!(
             "expected JSON {{\"to\": \"sip:bob@host\" or a number, \"voice\", \"prompt\", \

@@ -119,6 +119,8 @@ fn client() -> &'static reqwest::Client {
     CLIENT.get_or_init(|| {
         reqwest::Client::builder()
             .timeout(DELIVERY_LIMIT)
+            // A redirect could send the event where the caller never named.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("duplex/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a client with a timeout")

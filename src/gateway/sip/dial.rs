@@ -40,6 +40,8 @@ const KEPT_ENDED: usize = 64;
 const MAX_TARGET_CHARS: usize = 256;
 /// How long a CANCEL waits for the INVITE's final answer (64·T1).
 const CANCEL_WAIT: Duration = ACK_TIMEOUT;
+/// Resolving the callee's host and connecting to it (TCP, TLS) take at most this long.
+const NEXT_HOP_LIMIT: Duration = Duration::from_secs(15);
 /// A CANCEL is sent at most this many times, T1 apart, until it is answered.
 const CANCEL_SENDS: u32 = 4;
 
@@ -86,6 +88,8 @@ pub struct CallReport {
     pub id: String,
     /// The request URI dialed.
     pub to: String,
+    /// What carries its SIP: `udp`, `tcp` or `tls`.
+    pub transport: &'static str,
     pub state: CallState,
     /// The SIP status of a call that failed with one (486 Busy Here, 487 after a CANCEL, …).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,10 +111,11 @@ pub struct CallReport {
 }
 
 impl CallReport {
-    fn calling(id: String, to: String) -> Self {
+    fn calling(id: String, to: String, transport: &'static str) -> Self {
         Self {
             id,
             to,
+            transport,
             state: CallState::Calling,
             status: None,
             reason: None,
@@ -669,7 +674,15 @@ impl Shared {
             })
             .transpose()?;
         self.admit(&self.placed.lock().expect("placed lock"))?;
-        let peer = self.next_hop(&target).await?;
+        let peer = tokio::time::timeout(NEXT_HOP_LIMIT, self.next_hop(&target))
+            .await
+            .map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "cannot call {}: no connection within {} s",
+                    target.uri,
+                    NEXT_HOP_LIMIT.as_secs()
+                ))
+            })??;
         let (socket, lease) = self.bind_rtp().await.map_err(internal)?;
         let local_ip = self.local_ip(peer.addr);
         let local_rtp = SocketAddr::new(local_ip, socket.local_addr().map_err(internal)?.port());
@@ -678,7 +691,12 @@ impl Shared {
         let next_hop = peer.clone();
         let call = self.outgoing(&target, peer, via, local_rtp, sdp_id);
         let hangup = CancellationToken::new();
-        let report = CallReport::calling(call.call_id.clone(), target.uri.clone());
+        let transport = match call.peer.transport() {
+            "TLS" => "tls",
+            "TCP" => "tcp",
+            _ => "udp",
+        };
+        let report = CallReport::calling(call.call_id.clone(), target.uri.clone(), transport);
         {
             let mut placed = self.placed.lock().expect("placed lock");
             // Again with the lock held, so two requests cannot both take the last slot.
@@ -780,6 +798,8 @@ impl Shared {
             tag,
             from,
             to: format!("<{}>", target.uri),
+            // RFC 3261 §8.1.1.8 asks a sips: Contact of a sips: request; baresip then never
+            // reaches it (its BYE is lost), while `;transport=tls` it follows.
             contact: format!("<sip:{user}@{via}{}>", peer.contact_param()),
             via,
             peer,
@@ -813,7 +833,10 @@ impl Shared {
             } => {
                 self.call_over(&call.call_id, CallState::Failed, status, reason);
                 drop(setup);
-                self.linger(&call, responses, unanswered).await;
+                // Over a connection a refusal is not sent again (timer D is 0).
+                if unanswered || !call.peer.is_stream() {
+                    self.linger(&call, responses, unanswered).await;
+                }
             }
         }
         self.awaiting
@@ -888,6 +911,10 @@ impl Shared {
                     }
                     _ = shutdown.cancelled(), if !cancelling => {
                         "the server is shutting down".to_owned()
+                    }
+                    _ = call.peer.closed() => {
+                        let why = format!("the connection to {} closed", call.peer.addr);
+                        return unanswered(None, why);
                     }
                 };
                 tracing::info!(call = %call.call_id, %why, "cancelling the SIP call");
@@ -964,7 +991,15 @@ impl Shared {
     ) {
         let deadline = Instant::now() + ACK_TIMEOUT;
         let mut cancelled = !unanswered;
-        while let Ok(Some(text)) = tokio::time::timeout_at(deadline, responses.recv()).await {
+        let shutdown = self.state.shutdown_token();
+        loop {
+            let text = tokio::select! {
+                text = tokio::time::timeout_at(deadline, responses.recv()) => text,
+                _ = shutdown.cancelled() => return,
+            };
+            let Ok(Some(text)) = text else {
+                return;
+            };
             let Some(response) = Response::parse(&text) else {
                 continue;
             };
@@ -1216,6 +1251,17 @@ impl Shared {
         let awaited = self.awaiting.lock().is_ok_and(|a| a.contains_key(call_id));
         let placed = self.placed.lock().expect("placed lock");
         placed.reads(call_id, from.ip(), to_tag, awaited)
+    }
+
+    /// Whether `ip` is where a live call we placed went (its own connection for its BYE is
+    /// taken though it is outside `--sip-allow`).
+    pub(super) fn placed_peer(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let placed = self.placed.lock().expect("placed lock");
+        placed
+            .calls
+            .values()
+            .any(|call| call.over.is_none() && call.peers.contains(&ip))
     }
 
     /// Whether `call_id` is a call we placed (an INVITE naming it is no new call).
@@ -1480,7 +1526,7 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
             ..outgoing()
         };
         placed.insert(
-            CallReport::calling("c1".into(), "sip:x@h".into()),
+            CallReport::calling("c1".into(), "sip:x@h".into(), "udp"),
             CancellationToken::new(),
             &call,
             None,
@@ -1512,7 +1558,7 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
     #[test]
     fn ended_calls_are_forgotten_oldest_first_beyond_the_kept_number() {
         let mut placed = PlacedCalls::default();
-        let report = |id: usize| CallReport::calling(format!("c{id}"), "sip:x@h".into());
+        let report = |id: usize| CallReport::calling(format!("c{id}"), "sip:x@h".into(), "udp");
         placed.insert(report(0), CancellationToken::new(), &outgoing(), None);
         for id in 1..=KEPT_ENDED + 1 {
             placed.insert(report(id), CancellationToken::new(), &outgoing(), None);

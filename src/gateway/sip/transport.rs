@@ -28,6 +28,9 @@ const FIRST_MESSAGE_LIMIT: Duration = Duration::from_secs(10);
 /// A connection with no call on it is closed after this long without a message (a PBX opens
 /// another for its next call).
 const IDLE_LIMIT: Duration = Duration::from_secs(300);
+/// How often a connection we opened checks whether a call still holds it (it is closed once
+/// none does).
+const OPENED_CHECK: Duration = Duration::from_secs(2);
 /// Messages waiting to be written to one connection; beyond, the peer is not reading and
 /// further ones are dropped.
 const MAX_QUEUED: usize = 64;
@@ -75,6 +78,14 @@ impl Peer {
         match &self.link {
             Link::Udp => 0,
             Link::Stream { writer, .. } => writer.strong_count().saturating_sub(1),
+        }
+    }
+
+    /// Resolves once the peer's connection has closed (never for a UDP peer).
+    pub async fn closed(&self) {
+        match &self.link {
+            Link::Udp => std::future::pending().await,
+            Link::Stream { writer, .. } => writer.closed().await,
         }
     }
 
@@ -175,7 +186,8 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<
                 continue;
             }
         };
-        let trusted = shared.allowed(from);
+        // A callee of ours may open its own connection for its BYE.
+        let trusted = shared.allowed(from) || shared.placed_peer(from.ip());
         if tls.is_some() && !trusted {
             // No handshake (CPU) for a stranger: any request but an INVITE gets nothing anyway.
             shared.count("forbidden");
@@ -246,7 +258,7 @@ async fn connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let trusted = opened.is_some() || shared.allowed(from);
+    let trusted = opened.is_some() || shared.allowed(from) || shared.placed_peer(from.ip());
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (sender, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_QUEUED);
     let done = tokio_util::sync::CancellationToken::new();
@@ -277,7 +289,7 @@ async fn connection<S>(
     let first_limit = match opened {
         Some(opened) => {
             let _ = opened.send(peer.clone());
-            IDLE_LIMIT
+            OPENED_CHECK
         }
         None => FIRST_MESSAGE_LIMIT,
     };
@@ -319,7 +331,9 @@ async fn read_messages<R>(
                     if !trusted {
                         return;
                     }
-                    limit = IDLE_LIMIT;
+                    if limit != OPENED_CHECK {
+                        limit = IDLE_LIMIT;
+                    }
                 }
                 Err(err) => {
                     tracing::debug!(%peer, %err, "SIP connection closed");
@@ -335,7 +349,9 @@ async fn read_messages<R>(
             Ok(Ok(0) | Err(_)) => return,
             Ok(Ok(read)) => stream.extend_from_slice(&chunk[..read]),
             // A call on this connection holds a clone of its `Peer`: keep it open for them.
+            // One we opened for a call closes when no call holds it any more.
             Err(_) if limit == IDLE_LIMIT && peer.calls_holding() > 0 => {}
+            Err(_) if limit == OPENED_CHECK && peer.calls_holding() > 0 => {}
             Err(_) => return,
         }
     }
