@@ -1109,6 +1109,23 @@ fn digest_param<'a>(header: &'a str, key: &str) -> &'a str {
 /// A PBX's registrar, written out by hand: it challenges the first REGISTER, checks the
 /// digest of the second (computed here from the password, RFC 2617 with qop=auth), grants
 /// two seconds, sees the registration refreshed, then calls the extension at its Contact.
+/// Checks a digest answer (`qop=auth`) to the test PBX's challenge (realm `pbx`, nonce
+/// `n0nce`) with extension 7000's password, over `method_uri` (`INVITE:sip:…`).
+fn assert_digest(authorization: &str, method_uri: &str, message: &str) {
+    let (nc, cnonce) = (
+        digest_param(authorization, "nc"),
+        digest_param(authorization, "cnonce"),
+    );
+    let ha1 = md5_hex("7000:pbx:s3cret");
+    let ha2 = md5_hex(method_uri);
+    let expected = md5_hex(&format!("{ha1}:n0nce:{nc}:{cnonce}:auth:{ha2}"));
+    assert_eq!(
+        digest_param(authorization, "response"),
+        expected,
+        "{message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_registers_as_an_extension_and_takes_its_calls() {
     let registrar = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -1163,18 +1180,7 @@ async fn the_server_registers_as_an_extension_and_takes_its_calls() {
         }
     };
     let authorization = header(&second, "Authorization").unwrap();
-    let (nc, cnonce) = (
-        digest_param(authorization, "nc"),
-        digest_param(authorization, "cnonce"),
-    );
-    let ha1 = md5_hex("7000:pbx:s3cret");
-    let ha2 = md5_hex(&format!("REGISTER:sip:{at}"));
-    let expected = md5_hex(&format!("{ha1}:n0nce:{nc}:{cnonce}:auth:{ha2}"));
-    assert_eq!(
-        digest_param(authorization, "response"),
-        expected,
-        "{second}"
-    );
+    assert_digest(authorization, &format!("REGISTER:sip:{at}"), &second);
     registrar
         .send_to(reply(&second, "200 OK", "Expires: 2\r\n").as_bytes(), from)
         .await
@@ -1772,18 +1778,7 @@ async fn a_number_is_called_through_the_pbx_with_its_credentials() {
     pbx.expect("ACK").await;
     let invite = pbx.expect("INVITE").await;
     let authorization = header(&invite, "Proxy-Authorization").expect("credentials");
-    let (nc, cnonce) = (
-        digest_param(authorization, "nc"),
-        digest_param(authorization, "cnonce"),
-    );
-    let ha1 = md5_hex("7000:pbx:s3cret");
-    let ha2 = md5_hex(&format!("INVITE:{uri}"));
-    let expected = md5_hex(&format!("{ha1}:n0nce:{nc}:{cnonce}:auth:{ha2}"));
-    assert_eq!(
-        digest_param(authorization, "response"),
-        expected,
-        "{invite}"
-    );
+    assert_digest(authorization, &format!("INVITE:{uri}"), &invite);
     assert!(
         header(&invite, "CSeq").unwrap().starts_with("2 "),
         "{invite}"
