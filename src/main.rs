@@ -11,7 +11,7 @@ use duplex::gateway::ice::{IceConfig, TurnAuth};
 use duplex::gateway::sip::auth::CallerAuth;
 use duplex::gateway::sip::offer::SipCodec;
 use duplex::gateway::sip::register::RegisterSettings;
-use duplex::gateway::sip::{self, SipServer, SipSettings, SipTls};
+use duplex::gateway::sip::{self, SipServer, SipSettings, SipTls, Transport};
 use duplex::gateway::tls::{self, TlsSource};
 use duplex::gateway::{AppState, GatewayConfig, PeerSettings, Server, peer, ports};
 use duplex::metrics::Metrics;
@@ -565,7 +565,8 @@ struct SipArgs {
     #[arg(long, value_delimiter = ',', env = "DUPLEX_SIP_ALLOW", value_parser = parse_network)]
     sip_allow: Vec<IpNet>,
     /// Register with a PBX as this extension, e.g. sip:7000@pbx.example (its registrar is
-    /// then allowed to call); needs --sip-port and --sip-password.
+    /// then allowed to call); ;transport=tcp or tls (or sips:) keeps a connection to it.
+    /// Needs --sip-port and --sip-password.
     #[arg(long, env = "DUPLEX_SIP_REGISTER", requires_all = ["sip_port", "sip_password"])]
     sip_register: Option<String>,
     /// The extension's password for --sip-register (digest, MD5).
@@ -634,6 +635,11 @@ impl SipArgs {
                 let password = self.sip_password.clone().unwrap_or_default();
                 let settings = RegisterSettings::parse(aor, password, self.sip_auth_user.clone())
                     .map_err(|why| anyhow::anyhow!("--sip-register: {why}"))?;
+                if settings.transport == Transport::Tls && tls.is_none() {
+                    anyhow::bail!(
+                        "--sip-register over TLS needs --sip-tls-port: the PBX's calls come to our TLS port"
+                    );
+                }
                 Some(settings)
             }
             None => None,

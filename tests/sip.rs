@@ -1302,6 +1302,15 @@ fn a_bad_registration_is_refused_before_serving() {
         bad_uri.contains("--sip-register: \"7000@pbx\" is not a sip: URI"),
         "{bad_uri}"
     );
+    let tls = serve(&[
+        "--sip-register",
+        "sips:7000@127.0.0.1",
+        "--sip-password",
+        "x",
+    ]);
+    assert!(tls.contains("needs --sip-tls-port"), "{tls}");
+    let ca = serve(&["--sip-tls-ca", "/nonexistent/ca.pem"]);
+    assert!(ca.contains("--sip-tls-ca: /nonexistent/ca.pem"), "{ca}");
 }
 
 #[test]
@@ -2151,4 +2160,116 @@ async fn a_connection_opened_for_a_call_closes_with_it() {
         "{report}"
     );
     server.stop().await;
+}
+
+/// A response to `request` written out by hand: its dialog headers copied (To with a tag
+/// added), then `extra`.
+fn reply_to(request: &str, status: &str, extra: &str) -> String {
+    let copied: String = request
+        .lines()
+        .filter(|l| {
+            ["Via:", "From:", "Call-ID:", "CSeq:"]
+                .iter()
+                .any(|h| l.starts_with(h))
+        })
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    let to = header(request, "To").unwrap();
+    let tag = if to.contains(";tag=") { "" } else { ";tag=pbx" };
+    format!("SIP/2.0 {status}\r\n{copied}To: {to}{tag}\r\n{extra}Content-Length: 0\r\n\r\n")
+}
+
+/// Over TCP (`--sip-register sip:7000@pbx;transport=tcp`) the registration keeps one
+/// connection to the PBX: the REGISTER goes down it, the PBX's call comes down it and is
+/// answered on it, a call placed to a number goes down it, and at shutdown our BYE and the
+/// withdrawal do too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registration_over_tcp_carries_the_pbxs_calls_both_ways() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let aor = format!("sip:7000@{at};transport=tcp");
+    let register = RegisterSettings::parse(&aor, "s3cret".into(), None).unwrap();
+    let registering = SipSettings {
+        register: Some(register),
+        ..settings(vec!["192.0.2.0/24".parse().unwrap()])
+    };
+    let (server, sip) = start_sip(ServerOptions::default(), registering).await;
+    let accepted = tokio::time::timeout(Duration::from_secs(5), listener.accept());
+    let (stream, _) = accepted.await.expect("a connection to the PBX").unwrap();
+    let mut pbx = SipStream {
+        stream,
+        pending: Vec::new(),
+    };
+    let register = pbx.final_message().await;
+    assert!(
+        register.starts_with(&format!("REGISTER sip:{at} SIP/2.0")),
+        "{register}"
+    );
+    assert!(
+        header(&register, "Via")
+            .unwrap()
+            .starts_with("SIP/2.0/TCP ")
+    );
+    assert!(
+        header(&register, "Contact")
+            .unwrap()
+            .ends_with(";transport=tcp>"),
+        "{register}"
+    );
+    pbx.write(&reply_to(&register, "200 OK", "Expires: 300\r\n"))
+        .await;
+    let registered = &server.metrics.sip_registered;
+    assert!(eventually(Duration::from_secs(2), || registered.get() == 1).await);
+
+    // The PBX calls the extension down the connection.
+    let rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sdp = offer_at(rtp.local_addr().unwrap().port(), "0");
+    let invite = format!(
+        "INVITE sip:7000@{sip} SIP/2.0\r\nVia: SIP/2.0/TCP {at};branch=z9hG4bKpbx1\r\n\
+From: <sip:100@{at}>;tag=pbx\r\nTo: <sip:7000@{sip}>\r\nCall-ID: pbx-call-1\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:pbx@{at};transport=tcp>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len(),
+        sip = sip.udp,
+    );
+    pbx.write(&invite).await;
+    let answered = pbx.final_message().await;
+    assert!(answered.starts_with("SIP/2.0 200 "), "{answered}");
+    let ack = format!(
+        "ACK sip:7000@{sip} SIP/2.0\r\nVia: SIP/2.0/TCP {at};branch=z9hG4bKpbx2\r\n\
+From: <sip:100@{at}>;tag=pbx\r\nTo: {to}\r\nCall-ID: pbx-call-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        sip = sip.udp,
+        to = header(&answered, "To").unwrap(),
+    );
+    pbx.write(&ack).await;
+
+    // A number placed through the PBX goes down the same connection.
+    let id = dial(&server, serde_json::json!({"to": "8001"})).await;
+    let placed = pbx.final_message().await;
+    assert!(
+        placed.starts_with(&format!("INVITE sip:8001@{at} SIP/2.0")),
+        "{placed}"
+    );
+    assert!(header(&placed, "Via").unwrap().starts_with("SIP/2.0/TCP "));
+    pbx.write(&reply_to(&placed, "486 Busy Here", "")).await;
+    let ack = pbx.final_message().await;
+    assert!(ack.starts_with("ACK "), "{ack}");
+    let report = report_becomes(&server, &id, "failed").await;
+    assert_eq!(
+        (report["status"].as_u64(), report["transport"].as_str()),
+        (Some(486), Some("tcp"))
+    );
+
+    // At shutdown: our BYE for the PBX's call and the withdrawal, both down the connection.
+    let metrics = server.metrics.clone();
+    let stopping = tokio::spawn(server.stop());
+    let (mut bye, mut withdrawn) = (false, false);
+    while !(bye && withdrawn) {
+        let request = pbx.final_message().await;
+        bye |= request.starts_with("BYE ");
+        withdrawn |= request.starts_with("REGISTER ") && header(&request, "Expires") == Some("0");
+        pbx.write(&reply_to(&request, "200 OK", "")).await;
+    }
+    let took = stopping.await.unwrap();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    assert_eq!(metrics.sip_registered.get(), 0);
 }

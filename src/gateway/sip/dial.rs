@@ -9,7 +9,7 @@ use super::media::{self, AgentText, MediaEnding, TRANSPORT};
 use super::message::{self, Response};
 use super::offer::{self, AudioOffer, OfferError};
 use super::register;
-use super::transport::{self, Peer};
+use super::transport::{self, Peer, Transport, split_host_port};
 use super::{ACK_TIMEOUT, Shared, T1, media_call, resolve};
 use crate::engine::PersonaRequest;
 use crate::gateway::ApiError;
@@ -293,41 +293,6 @@ pub enum Hop {
     Direct(String, u16),
 }
 
-/// What carries a placed call's SIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-    /// `sips:` URIs, and `transport=tls`.
-    Tls,
-}
-
-impl Transport {
-    /// From a URI's parameters (`transport=tcp`); `sips:` is TLS whatever they say.
-    fn of(params: &str, sips: bool) -> Result<Self, String> {
-        let named = params.split(';').find_map(|param| {
-            let (key, value) = param.split_once('=')?;
-            key.eq_ignore_ascii_case("transport").then_some(value)
-        });
-        match named.map(str::to_ascii_lowercase).as_deref() {
-            _ if sips => Ok(Self::Tls),
-            None | Some("udp") => Ok(Self::Udp),
-            Some("tcp") => Ok(Self::Tcp),
-            Some("tls") => Ok(Self::Tls),
-            Some(other) => Err(format!(
-                "transport={other}: calls are placed over udp, tcp or tls"
-            )),
-        }
-    }
-
-    fn default_port(self) -> u16 {
-        match self {
-            Self::Tls => 5061,
-            _ => 5060,
-        }
-    }
-}
-
 impl Target {
     /// Reads `to`: `sip:user@host[:port][;params]` (`sips:`, or `;transport=tcp|tls`, for a
     /// connection), `user@host`, or a bare number or extension, which needs `registrar` (the
@@ -415,17 +380,6 @@ fn udp_host_port(uri: &str) -> Option<String> {
     let host_port = address.rsplit_once('@').map_or(address, |(_, host)| host);
     let (host, port) = split_host_port(host_port, 5060)?;
     Some(format!("{host}:{port}"))
-}
-
-/// A host and its port (`default` when none is given); IPv6 hosts in brackets.
-fn split_host_port(host_port: &str, default: u16) -> Option<(&str, u16)> {
-    let (host, port) = match host_port.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
-            (host, port.parse().ok()?)
-        }
-        _ => (host_port, default),
-    };
-    (!host.is_empty()).then_some((host, port))
 }
 
 /// Places calls and reports on them; held by the HTTP routes (weakly: the SIP endpoint owns
@@ -727,7 +681,9 @@ impl Shared {
     /// TLS, a connection opened to it now).
     async fn next_hop(self: &Arc<Self>, target: &Target) -> Result<Peer, ApiError> {
         let (host, port) = match (&target.hop, &self.register) {
-            (Hop::Registrar, Some((_, registrar))) => return Ok(Peer::udp(*registrar)),
+            (Hop::Registrar, Some(_)) => {
+                return self.registrar_peer().await.map_err(ApiError::BadRequest);
+            }
             (Hop::Registrar, None) => return Err(internal("a PBX hop without --sip-register")),
             (Hop::Direct(host, port), _) => (host, *port),
         };

@@ -30,6 +30,7 @@ use media::{MediaCall, MediaEnding, TRANSPORT};
 use message::{MAX_MESSAGE_BYTES, Request};
 use offer::{AudioOffer, SipCodec};
 use register::{RegisterDialog, RegisterSettings};
+use rustls::pki_types::ServerName;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -38,8 +39,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use transport::Peer;
+pub use transport::Transport;
 
 /// RFC 3261's T1: the first retransmission interval of a reliable answer over UDP.
 const T1: Duration = Duration::from_millis(500);
@@ -112,6 +115,8 @@ pub struct SipTls {
     pub config: Arc<rustls::ServerConfig>,
 }
 
+/// How long a REGISTER over a connection waits for its answer (as long as UDP's six sends).
+const REGISTER_WAIT: Duration = Duration::from_secs(16);
 /// A registration failed, or was refused: retried after this.
 const REGISTER_RETRY: Duration = Duration::from_secs(30);
 /// How long shutdown gives the registration's withdrawal (inside the drain's 3 s).
@@ -191,6 +196,8 @@ struct Shared {
     tls_client: Arc<rustls::ClientConfig>,
     /// Calls the agent placed, by Call-ID: live ones and the last ended ones.
     placed: Mutex<dial::PlacedCalls>,
+    /// The connection kept to the registrar over TCP or TLS.
+    registrar_link: Mutex<Option<Peer>>,
 }
 
 impl SipServer {
@@ -233,6 +240,7 @@ impl SipServer {
             caller_auth: settings.caller_auth.clone(),
             tls_client,
             placed: Mutex::new(dial::PlacedCalls::default()),
+            registrar_link: Mutex::new(None),
         });
         Ok(Self {
             socket,
@@ -734,6 +742,35 @@ impl Shared {
         }
     }
 
+    /// The way to the registrar: over UDP, or over TCP or TLS the connection kept to it (a
+    /// new one when there is none or it closed), which also carries the calls it sends us
+    /// and those we place through it.
+    pub(super) async fn registrar_peer(self: &Arc<Self>) -> Result<Peer, String> {
+        let Some((settings, registrar)) = &self.register else {
+            return Err("no --sip-register".into());
+        };
+        if settings.transport == Transport::Udp {
+            return Ok(Peer::udp(*registrar));
+        }
+        let kept = self.registrar_link.lock().expect("link lock").clone();
+        if let Some(peer) = kept.filter(|peer| !peer.is_closed()) {
+            return Ok(peer);
+        }
+        let tls = match settings.transport {
+            Transport::Tls => {
+                let name = ServerName::try_from(settings.registrar_name().to_owned())
+                    .map_err(|e| format!("{}: {e}", settings.registrar_name()))?;
+                Some((TlsConnector::from(self.tls_client.clone()), name))
+            }
+            _ => None,
+        };
+        let peer = transport::connect(*registrar, tls, self.clone())
+            .await
+            .map_err(|e| format!("connecting to {registrar}: {e}"))?;
+        *self.registrar_link.lock().expect("link lock") = Some(peer.clone());
+        Ok(peer)
+    }
+
     /// Keeps `--sip-register`'s registration standing: registered again before it expires,
     /// retried after a failure.
     async fn keep_registered(self: Arc<Self>) {
@@ -747,7 +784,7 @@ impl Shared {
         let mut responses = self.await_responses(&dialog.call_id);
         let gauge = self.state.engine.metrics().sip_registered.clone();
         loop {
-            let attempt = self.register_once(&settings, registrar, &mut dialog, &mut responses);
+            let attempt = self.register_once(&settings, &mut dialog, &mut responses);
             let answer = tokio::select! {
                 answer = attempt => answer,
                 _ = shutdown.cancelled() => break,
@@ -772,8 +809,19 @@ impl Shared {
                     REGISTER_RETRY
                 }
             };
+            // A connection to the registrar that closes takes its calls away: register anew.
+            let link = self.registrar_link.lock().expect("link lock").clone();
+            let link_closed = async {
+                match &link {
+                    Some(peer) => peer.closed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = link_closed => {
+                    tracing::warn!(aor = %settings.aor, %registrar, "the connection to the registrar closed; registering again");
+                }
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -786,14 +834,14 @@ impl Shared {
 
     /// Withdraws our binding (a REGISTER with `Expires: 0`), within [`UNREGISTER_LIMIT`].
     async fn unregister(
-        &self,
+        self: &Arc<Self>,
         settings: &RegisterSettings,
         registrar: SocketAddr,
         dialog: &mut RegisterDialog,
         responses: &mut mpsc::UnboundedReceiver<String>,
     ) {
         dialog.expires = 0;
-        let withdrawn = self.register_once(settings, registrar, dialog, responses);
+        let withdrawn = self.register_once(settings, dialog, responses);
         match tokio::time::timeout(UNREGISTER_LIMIT, withdrawn).await {
             Ok(Ok(_)) => {
                 tracing::info!(aor = %settings.aor, %registrar, "unregistered from the PBX")
@@ -811,21 +859,20 @@ impl Shared {
     /// One REGISTER, answering a digest challenge (and a second when the first nonce went
     /// stale) and a 423's `Min-Expires`; the registrar's 2xx.
     async fn register_once(
-        &self,
+        self: &Arc<Self>,
         settings: &RegisterSettings,
-        registrar: SocketAddr,
         dialog: &mut RegisterDialog,
         responses: &mut mpsc::UnboundedReceiver<String>,
     ) -> Result<String, String> {
-        let registrar_peer = Peer::udp(registrar);
-        dialog.contact = self.contact_addr(self.local_ip(registrar), &registrar_peer);
+        let registrar = self.registrar_peer().await?;
+        dialog.contact = self.contact_addr(self.local_ip(registrar.addr), &registrar);
         let mut authorization = None;
         let mut challenges = 0;
         loop {
             dialog.cseq += 1;
-            let request = settings.request(dialog, authorization.as_ref());
+            let request = settings.request(dialog, authorization.as_ref(), &registrar);
             let response = self
-                .transact(&request, dialog.cseq, registrar, responses)
+                .transact(&request, dialog.cseq, &registrar, responses)
                 .await?;
             let refused = || response.lines().next().unwrap_or_default().to_owned();
             let stale = register::is_stale(&response);
@@ -852,12 +899,16 @@ impl Shared {
         &self,
         request: &str,
         cseq: u32,
-        to: SocketAddr,
+        to: &Peer,
         responses: &mut mpsc::UnboundedReceiver<String>,
     ) -> Result<String, String> {
-        let mut wait = T1;
-        for _ in 0..6 {
-            self.send(request, &Peer::udp(to)).await;
+        // A connection delivers or fails by itself: one send, and as long to wait for it.
+        let (sends, mut wait) = match to.is_stream() {
+            true => (1, REGISTER_WAIT),
+            false => (6, T1),
+        };
+        for _ in 0..sends {
+            self.send(request, to).await;
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(Some(response)) = tokio::time::timeout_at(deadline, responses.recv()).await
             {

@@ -3,6 +3,7 @@
 //! `qop=auth`), refreshed before it expires, so the PBX sends the extension's calls here.
 
 use super::message::{self, header_lines, header_param, text_header};
+use super::transport::{Peer, Transport, split_host_port};
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
 
@@ -20,29 +21,47 @@ pub struct RegisterSettings {
     /// The digest user (the extension's by default) and its password.
     pub auth_user: String,
     pub password: String,
+    /// What carries the registration (`;transport=tcp|tls`, or `sips:`), and then the calls
+    /// placed through the PBX.
+    pub transport: Transport,
 }
 
 impl RegisterSettings {
     pub fn parse(aor: &str, password: String, auth_user: Option<String>) -> Result<Self, String> {
-        let rest = aor
-            .strip_prefix("sip:")
-            .ok_or_else(|| format!("{aor:?} is not a sip: URI like sip:7000@pbx.example"))?;
+        let (rest, sips) = match (aor.strip_prefix("sip:"), aor.strip_prefix("sips:")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => {
+                return Err(format!(
+                    "{aor:?} is not a sip: URI like sip:7000@pbx.example"
+                ));
+            }
+        };
         let (user, host) = rest
             .split_once('@')
             .filter(|(user, host)| !user.is_empty() && !host.is_empty())
             .ok_or_else(|| format!("{aor:?} names no extension: sip:7000@pbx.example"))?;
-        let host = host.split(';').next().unwrap_or(host);
-        let registrar = match host.rsplit_once(':') {
-            Some((_, port)) if port.parse::<u16>().is_ok() => host.to_owned(),
-            _ => format!("{host}:5060"),
-        };
+        let (host, params) = host.split_once(';').unwrap_or((host, ""));
+        let transport = Transport::of(params, sips)?;
+        let (name, port) = split_host_port(host, transport.default_port())
+            .ok_or_else(|| format!("{aor:?} names no PBX host: sip:7000@pbx.example"))?;
         Ok(Self {
             aor: format!("sip:{user}@{host}"),
             user: user.to_owned(),
-            registrar,
+            registrar: format!("{name}:{port}"),
             auth_user: auth_user.unwrap_or_else(|| user.to_owned()),
             password,
+            transport,
         })
+    }
+
+    /// The registrar's host name (or address) alone: what its TLS certificate must name.
+    pub fn registrar_name(&self) -> &str {
+        let (name, _) = self
+            .registrar
+            .rsplit_once(':')
+            .unwrap_or((&self.registrar, ""));
+        name.trim_matches(['[', ']'])
     }
 
     /// One REGISTER of `dialog`'s contact for its lifetime (0 withdraws it), `authorization`
@@ -51,14 +70,17 @@ impl RegisterSettings {
         &self,
         dialog: &RegisterDialog,
         authorization: Option<&(String, String)>,
+        via: &Peer,
     ) -> String {
         let contact = dialog.contact;
         let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
         let mut head = format!(
-            "REGISTER sip:{registrar} SIP/2.0\r\nVia: SIP/2.0/UDP {contact};branch={branch};rport\r\n\
+            "REGISTER sip:{registrar} SIP/2.0\r\nVia: SIP/2.0/{transport} {contact};branch={branch};rport\r\n\
 Max-Forwards: 70\r\nFrom: <{aor}>;tag={tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\n\
-CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{contact}>\r\nExpires: {expires}\r\n\
+CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{contact}{param}>\r\nExpires: {expires}\r\n\
 User-Agent: duplex\r\n",
+            transport = via.transport(),
+            param = via.contact_param(),
             registrar = self.registrar_host(),
             aor = self.aor,
             tag = dialog.tag,
@@ -241,7 +263,25 @@ mod tests {
         let with_port =
             RegisterSettings::parse("sip:7000@10.0.0.2:5080", "pw".into(), Some("u".into()));
         assert_eq!(with_port.unwrap().registrar, "10.0.0.2:5080");
-        for bad in ["7000@pbx", "sip:pbx.example", "sip:@pbx", "sip:7000@"] {
+        let tls = RegisterSettings::parse("sips:7000@pbx.example", "pw".into(), None).unwrap();
+        assert_eq!(
+            (tls.registrar.as_str(), tls.transport, tls.registrar_name()),
+            ("pbx.example:5061", Transport::Tls, "pbx.example")
+        );
+        let tcp = RegisterSettings::parse("sip:7000@[::1]:5080;transport=tcp", "pw".into(), None);
+        let tcp = tcp.unwrap();
+        assert_eq!(
+            (tcp.transport, tcp.registrar_name()),
+            (Transport::Tcp, "::1")
+        );
+        assert_eq!(tcp.aor, "sip:7000@[::1]:5080");
+        for bad in [
+            "7000@pbx",
+            "sip:pbx.example",
+            "sip:@pbx",
+            "sip:7000@",
+            "sip:7000@h;transport=ws",
+        ] {
             assert!(
                 RegisterSettings::parse(bad, String::new(), None).is_err(),
                 "{bad}"

@@ -81,6 +81,11 @@ impl Peer {
         }
     }
 
+    /// Whether the peer's connection has closed (never for a UDP peer).
+    pub fn is_closed(&self) -> bool {
+        matches!(&self.link, Link::Stream { writer, .. } if writer.is_closed())
+    }
+
     /// Resolves once the peer's connection has closed (never for a UDP peer).
     pub async fn closed(&self) {
         match &self.link {
@@ -131,6 +136,52 @@ impl std::fmt::Display for Peer {
             Link::Stream { tls: true, .. } => write!(f, "tls:{}", self.addr),
         }
     }
+}
+
+/// What carries SIP to a peer we reach out to (a placed call, the registrar).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    /// `sips:` URIs, and `transport=tls`.
+    Tls,
+}
+
+impl Transport {
+    /// From a URI's parameters (`transport=tcp`); `sips:` is TLS whatever they say.
+    pub fn of(params: &str, sips: bool) -> Result<Self, String> {
+        let named = params.split(';').find_map(|param| {
+            let (key, value) = param.split_once('=')?;
+            key.eq_ignore_ascii_case("transport").then_some(value)
+        });
+        match named.map(str::to_ascii_lowercase).as_deref() {
+            _ if sips => Ok(Self::Tls),
+            None | Some("udp") => Ok(Self::Udp),
+            Some("tcp") => Ok(Self::Tcp),
+            Some("tls") => Ok(Self::Tls),
+            Some(other) => Err(format!(
+                "transport={other}: calls are placed over udp, tcp or tls"
+            )),
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Tls => 5061,
+            _ => 5060,
+        }
+    }
+}
+
+/// A host and its port (`default` when none is given); IPv6 hosts in brackets.
+pub fn split_host_port(host_port: &str, default: u16) -> Option<(&str, u16)> {
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
+            (host, port.parse().ok()?)
+        }
+        _ => (host_port, default),
+    };
+    (!host.is_empty()).then_some((host, port))
 }
 
 /// Open connections, all and from strangers.
