@@ -1014,7 +1014,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         };
         tracing::info!(
             "answering SIP calls on udp {}{tcp}{tls} ({} over RTP) from {}{password}; \
-placing them over udp for POST /api/calls",
+POST /api/calls places them",
             sip.local_addr()?,
             codecs.join(", "),
             allow.join(", ")
