@@ -125,7 +125,7 @@ const SRTP_PHONE: Phone = Phone {
 /// by `speech_wav`) until it ends, then hanging up.
 fn baresip_call(uri: &str, phone: Phone, wav: &Path, seconds: u32, config: &str) -> PhoneCall {
     let dial = ["-e".to_owned(), format!("/dial {uri}")];
-    run_baresip(phone, wav, seconds, config, "127.0.0.1:0", &dial)
+    run_baresip(phone, wav, seconds, config, "127.0.0.1:0", &dial, "")
 }
 
 /// baresip listening on `listen` (UDP and TCP; TLS on the next port with a `sip_certificate`
@@ -138,11 +138,16 @@ fn baresip_answering(
     seconds: u32,
     config: &str,
 ) -> PhoneCall {
-    let phone = Phone {
-        account: ";answermode=auto",
-        ..phone
-    };
-    run_baresip(phone, wav, seconds, config, &listen.to_string(), &[])
+    let listen = listen.to_string();
+    run_baresip(
+        phone,
+        wav,
+        seconds,
+        config,
+        &listen,
+        &[],
+        ";answermode=auto",
+    )
 }
 
 fn run_baresip(
@@ -152,6 +157,7 @@ fn run_baresip(
     config: &str,
     listen: &str,
     args: &[String],
+    answer_mode: &str,
 ) -> PhoneCall {
     let dir = common::scratch_dir("baresip");
     let recordings = dir.join("rec");
@@ -171,7 +177,7 @@ module_app\t\tmenu.so\n{config}",
     );
     std::fs::write(dir.join("config"), config).unwrap();
     let account = format!(
-        "<sip:tester@127.0.0.1;transport=udp>;regint=0{}\n",
+        "<sip:tester@127.0.0.1;transport=udp>;regint=0{}{answer_mode}\n",
         phone.account
     );
     std::fs::write(dir.join("accounts"), account).unwrap();
@@ -1421,6 +1427,7 @@ async fn placed_echo_call(
     codec: &str,
     config: String,
 ) -> serde_json::Value {
+    let srtp = phone.account.contains("srtp");
     let wav = speech_wav(phone);
     let phone =
         tokio::task::spawn_blocking(move || baresip_answering(listen, phone, &wav, 10, &config));
@@ -1433,7 +1440,7 @@ async fn placed_echo_call(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let body = serde_json::json!({"to": uri, "voice": "NATM1"});
+    let body = serde_json::json!({"to": uri, "voice": "NATM1", "srtp": srtp});
     let id = dial(server, body).await;
     let report = report_becomes(server, &id, "answered").await;
     assert_eq!(report["codec"], codec, "{report}");
@@ -1447,6 +1454,9 @@ async fn placed_echo_call(
     assert_eq!(server.state.engine.active_sessions(), 1);
     let call = phone.await.unwrap();
     assert!(call.log.contains("Call established"), "{}", call.log);
+    if srtp {
+        assert!(call.log.contains("SRTP is Enabled"), "{}", call.log);
+    }
     let (correlation, lag_ms) = common::echo_correlation(&call.sent, &call.heard, call.rate);
     eprintln!(
         "echo of a call placed to {uri} ({codec}): correlation {correlation:.3} at {lag_ms:.0} ms"
@@ -2067,7 +2077,7 @@ async fn the_agent_calls_a_phone_over_tcp_and_over_tls() {
         ours.cert_path.display()
     );
     let to = (listen, format!("sips:tester@{tls}"));
-    let report = placed_echo_call(&server, to, G711_PHONE, "PCMU", config.clone()).await;
+    let report = placed_echo_call(&server, to, SRTP_PHONE, "PCMU", config.clone()).await;
     assert_eq!(report["reason"], "the other side hung up", "{report}");
     ends_cleanly(server).await;
 

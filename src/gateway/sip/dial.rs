@@ -9,6 +9,7 @@ use super::media::{self, AgentText, MediaEnding, TRANSPORT};
 use super::message::{self, Response};
 use super::offer::{self, AudioOffer, OfferError};
 use super::register;
+use super::srtp::Crypto;
 use super::transport::{self, Peer, Transport, split_host_port};
 use super::{ACK_TIMEOUT, Shared, T1, media_call, resolve};
 use crate::engine::PersonaRequest;
@@ -65,6 +66,9 @@ pub struct DialRequest {
     /// Where the call's report is POSTed each time its state changes.
     #[serde(default)]
     pub status_url: Option<String>,
+    /// Offer SRTP (SDES keys, `RTP/SAVP`): the call fails with the callee's 488 if it cannot.
+    #[serde(default)]
+    pub srtp: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -438,6 +442,8 @@ struct Outgoing {
     /// The next hop, and the way there (over TCP or TLS, the connection we opened).
     peer: Peer,
     sdp: String,
+    /// Our SDES key, when the offer asks for SRTP.
+    crypto: Option<Crypto>,
     cseq: u32,
     branch: String,
     authorization: Option<(String, String)>,
@@ -643,7 +649,7 @@ impl Shared {
         let sdp_id = u64::from(rand::random::<u32>());
         let via = self.contact_addr(local_ip, &peer);
         let next_hop = peer.clone();
-        let call = self.outgoing(&target, peer, via, local_rtp, sdp_id);
+        let call = self.outgoing(&target, peer, via, local_rtp, sdp_id, request.srtp);
         let hangup = CancellationToken::new();
         let transport = match call.peer.transport() {
             "TLS" => "tls",
@@ -736,8 +742,10 @@ impl Shared {
         via: SocketAddr,
         local_rtp: SocketAddr,
         sdp_id: u64,
+        srtp: bool,
     ) -> Outgoing {
         let tag = format!("{:016x}", rand::random::<u64>());
+        let crypto = srtp.then(Crypto::offered);
         let from = match (&target.hop, &self.register) {
             (Hop::Registrar, Some((register, _))) => {
                 format!("<{}>;tag={tag}", register.aor)
@@ -759,7 +767,8 @@ impl Shared {
             contact: format!("<sip:{user}@{via}{}>", peer.contact_param()),
             via,
             peer,
-            sdp: offer::late_offer(local_rtp, sdp_id, &self.codecs),
+            sdp: offer::late_offer(local_rtp, sdp_id, &self.codecs, crypto.as_ref()),
+            crypto,
             cseq: 0,
             branch: String::new(),
             authorization: None,
@@ -1040,7 +1049,7 @@ impl Shared {
         setup: CallSetup,
     ) -> (CallState, Option<u16>, String) {
         let bye = self.acknowledge(call, &answer).await;
-        let answered = match self.answered_media(&answer) {
+        let answered = match self.answered_media(&answer, call.crypto.as_ref()) {
             Ok(offer) => self
                 .state
                 .engine
@@ -1148,12 +1157,13 @@ impl Shared {
     }
 
     /// The answer's SDP, which must answer our plain-RTP offer with one of our codecs.
-    fn answered_media(&self, answer: &Response) -> Result<AudioOffer, OfferError> {
+    fn answered_media(
+        &self,
+        answer: &Response,
+        offered: Option<&Crypto>,
+    ) -> Result<AudioOffer, OfferError> {
         let media = AudioOffer::parse(&answer.body, &self.codecs)?;
-        match media.crypto {
-            Some(_) => Err(OfferError::CryptoChanged("plain RTP, as our offer")),
-            None => Ok(media),
-        }
+        answering_our_crypto(media, offered)
     }
 
     /// Sends the ACK again for each 2xx the callee sends again (our ACK was lost), until the
@@ -1227,6 +1237,24 @@ impl Shared {
     }
 }
 
+/// The answer's media, which must keep our offer's encryption: plain RTP for plain, our
+/// SDES tag and suite (with our key kept) for SRTP.
+fn answering_our_crypto(
+    mut media: AudioOffer,
+    offered: Option<&Crypto>,
+) -> Result<AudioOffer, OfferError> {
+    media.crypto = match (media.crypto.take(), offered) {
+        (None, None) => None,
+        (Some(_), None) => return Err(OfferError::CryptoChanged("plain RTP, as our offer")),
+        (theirs, Some(ours)) => Some(
+            theirs
+                .and_then(|t| t.answering(ours))
+                .ok_or(OfferError::SrtpRefused)?,
+        ),
+    };
+    Ok(media)
+}
+
 fn refused(status: Option<u16>, reason: String) -> Rung {
     Rung::Refused {
         status,
@@ -1267,6 +1295,7 @@ fn internal(err: impl std::fmt::Display) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::sip::offer::SipCodec;
 
     fn direct(uri: &str, host: &str, port: u16, transport: Transport) -> Target {
         Target {
@@ -1387,6 +1416,7 @@ mod tests {
             via: "10.0.0.2:5060".parse().unwrap(),
             peer: Peer::udp("10.0.0.7:5060".parse().unwrap()),
             sdp: "v=0\r\n".into(),
+            crypto: None,
             cseq: 0,
             branch: String::new(),
             authorization: None,
@@ -1457,6 +1487,45 @@ Record-Route: <sip:p2;lr>\r\nRecord-Route: <sip:p1;lr>\r\nContact: <sip:bob@10.0
         let p2 = ack.find("Route: <sip:p2;lr>").unwrap();
         assert!(p1 < p2, "{ack}");
         assert!(bye.request("c1").contains("\r\nCSeq: 3 BYE\r\n"));
+    }
+
+    #[test]
+    fn an_answer_keeps_our_offers_encryption() {
+        let key = "WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz";
+        let ours = Crypto::offered();
+        let offer = offer::late_offer(
+            "10.0.0.2:4000".parse().unwrap(),
+            1,
+            &[SipCodec::Pcmu],
+            Some(&ours),
+        );
+        assert!(offer.contains("m=audio 4000 RTP/SAVP 0 101\r\n"), "{offer}");
+        assert!(
+            offer.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"),
+            "{offer}"
+        );
+        let answer = |profile: &str, crypto: &str| {
+            let sdp = format!(
+                "v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\n\
+m=audio 5000 {profile} 0\r\n{crypto}"
+            );
+            AudioOffer::parse(&sdp, &[SipCodec::Pcmu]).unwrap()
+        };
+        let keyed = format!("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{key}\r\n");
+        let srtp = answering_our_crypto(answer("RTP/SAVP", &keyed), Some(&ours)).unwrap();
+        assert!(
+            srtp.crypto
+                .is_some_and(|c| c.answer_line() == ours.answer_line()),
+            "our key kept"
+        );
+        let plain = answering_our_crypto(answer("RTP/AVP", ""), Some(&ours));
+        assert_eq!(plain.unwrap_err(), OfferError::SrtpRefused);
+        let other_tag = format!("a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:{key}\r\n");
+        let other = answering_our_crypto(answer("RTP/SAVP", &other_tag), Some(&ours));
+        assert_eq!(other.unwrap_err(), OfferError::SrtpRefused);
+        let added = answering_our_crypto(answer("RTP/SAVP", &keyed), None);
+        assert!(matches!(added, Err(OfferError::CryptoChanged(_))));
+        assert!(answering_our_crypto(answer("RTP/AVP", ""), None).is_ok());
     }
 
     #[test]

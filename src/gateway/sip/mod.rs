@@ -533,7 +533,7 @@ impl Shared {
         let extra = [("Contact", contact.clone()), ("Allow", ALLOW.to_owned())];
         let body = match offer {
             Some(offer) => offer.answer(local_rtp, sdp_id, 1),
-            None => offer::late_offer(local_rtp, sdp_id, &self.codecs),
+            None => offer::late_offer(local_rtp, sdp_id, &self.codecs, None),
         };
         let sdp = Some(("application/sdp", body.as_str()));
         let answer = request.response(200, "OK", Some(&local_tag), &extra, sdp);

@@ -213,6 +213,10 @@ pub enum OfferError {
     CodecChanged(String),
     #[error("a new offer in the call must keep its encryption ({0})")]
     CryptoChanged(&'static str),
+    #[error(
+        "the answer takes plain RTP, or another SRTP key line than ours; our offer asked for SRTP (AES_CM_128_HMAC_SHA1_80)"
+    )]
+    SrtpRefused,
 }
 
 impl AudioOffer {
@@ -373,9 +377,15 @@ fn events_attributes(pt: u8, clock: u32) -> String {
 const OUR_EVENTS: u8 = 101;
 const OUR_EVENTS_48K: u8 = 110;
 
-/// Our offer, for an INVITE that came without one (a late offer, RFC 3261 §13.2.1): `codecs`
-/// in order and key presses at `local`, answered in the caller's ACK.
-pub fn late_offer(local: SocketAddr, session_id: u64, codecs: &[SipCodec]) -> String {
+/// Our offer, for an INVITE that came without one (a late offer, RFC 3261 §13.2.1, answered
+/// in the caller's ACK) or a call the agent places: `codecs` in order and key presses at
+/// `local`, over SRTP (`RTP/SAVP`) when `crypto` gives our key.
+pub fn late_offer(
+    local: SocketAddr,
+    session_id: u64,
+    codecs: &[SipCodec],
+    crypto: Option<&Crypto>,
+) -> String {
     let (ip, address) = match local.ip() {
         IpAddr::V4(ip) => ("IP4", ip.to_string()),
         IpAddr::V6(ip) => ("IP6", ip.to_string()),
@@ -395,9 +405,16 @@ pub fn late_offer(local: SocketAddr, session_id: u64, codecs: &[SipCodec]) -> St
         formats.push_str(&format!(" {pt}"));
         attributes.push_str(&events_attributes(pt, clock));
     }
+    let profile = match crypto {
+        Some(crypto) => {
+            attributes.push_str(&crypto.answer_line());
+            "RTP/SAVP"
+        }
+        None => "RTP/AVP",
+    };
     format!(
         "v=0\r\no=duplex {session_id} 1 IN {ip} {address}\r\ns=duplex\r\nc=IN {ip} {address}\r\n\
-t=0 0\r\nm=audio {port} RTP/AVP{formats}\r\n{attributes}a=ptime:20\r\na=sendrecv\r\n",
+t=0 0\r\nm=audio {port} {profile}{formats}\r\n{attributes}a=ptime:20\r\na=sendrecv\r\n",
         port = local.port()
     )
 }
@@ -636,7 +653,7 @@ m=audio 4000 RTP/AVP 9\r\na=rtpmap:9 G722/16000\r\n",
 
     #[test]
     fn our_late_offer_parses_as_the_caller_would_read_it() {
-        let ours = late_offer(LOCAL.parse().unwrap(), 9, &SipCodec::ALL);
+        let ours = late_offer(LOCAL.parse().unwrap(), 9, &SipCodec::ALL, None);
         assert!(
             ours.contains("m=audio 40000 RTP/AVP 111 9 0 8 101 110\r\n"),
             "{ours}"
@@ -645,7 +662,7 @@ m=audio 4000 RTP/AVP 9\r\na=rtpmap:9 G722/16000\r\n",
         assert_eq!((read.codec, read.payload_type), (SipCodec::Opus, 111));
         assert_eq!(read.telephone_event, Some(110));
         assert_eq!(read.remote.port(), 40000);
-        let narrow = late_offer(LOCAL.parse().unwrap(), 9, &[SipCodec::Pcma]);
+        let narrow = late_offer(LOCAL.parse().unwrap(), 9, &[SipCodec::Pcma], None);
         assert!(
             narrow.contains("m=audio 40000 RTP/AVP 8 101\r\n"),
             "{narrow}"

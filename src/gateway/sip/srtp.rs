@@ -88,6 +88,25 @@ impl Crypto {
         })
     }
 
+    /// The SDES line of an offer of ours (a call the agent places): tag 1,
+    /// `AES_CM_128_HMAC_SHA1_80`, a fresh key; the answer's brings the other side's key.
+    pub fn offered() -> Self {
+        let mut local_key = vec![0u8; KEY_AND_SALT];
+        rand::fill(&mut local_key[..]);
+        Self {
+            tag: 1,
+            suite: Suite::Aes128Sha1_80,
+            remote_key: Vec::new(),
+            local_key,
+        }
+    }
+
+    /// The answer's crypto to our `offered` one, with our key: None when it answers another
+    /// tag or suite.
+    pub fn answering(self, offered: &Self) -> Option<Self> {
+        (self.tag == offered.tag && self.suite == offered.suite).then(|| self.keep_ours(offered))
+    }
+
     /// A new offer's crypto within the call: our key stays, so the stream we send goes on.
     pub fn keep_ours(mut self, previous: &Self) -> Self {
         self.local_key = previous.local_key.clone();
