@@ -1540,28 +1540,7 @@ impl RawCallee {
 
     /// Answers `request` with `status`, our tag `callee` on To, `extra` headers and `sdp`.
     async fn reply(&self, request: &str, status: &str, extra: &str, sdp: &str) {
-        let copied: String = request
-            .lines()
-            .filter(|l| {
-                ["Via:", "From:", "Call-ID:", "CSeq:"]
-                    .iter()
-                    .any(|h| l.starts_with(h))
-            })
-            .map(|l| format!("{l}\r\n"))
-            .collect();
-        let to = header(request, "To").unwrap();
-        let to = match to.contains(";tag=") {
-            true => to.to_owned(),
-            false => format!("{to};tag=callee"),
-        };
-        let content_type = match sdp.is_empty() {
-            true => "",
-            false => "Content-Type: application/sdp\r\n",
-        };
-        let text = format!(
-            "SIP/2.0 {status}\r\n{copied}To: {to}\r\n{extra}{content_type}Content-Length: {}\r\n\r\n{sdp}",
-            sdp.len()
-        );
+        let text = response_to(request, status, "callee", extra, sdp);
         let server = self.server.unwrap();
         self.socket.send_to(text.as_bytes(), server).await.unwrap();
     }
@@ -2136,17 +2115,7 @@ async fn a_connection_opened_for_a_call_closes_with_it() {
             .ends_with(";transport=tcp>"),
         "{invite}"
     );
-    let busy = invite
-        .lines()
-        .filter(|l| {
-            ["Via:", "From:", "To:", "Call-ID:", "CSeq:"]
-                .iter()
-                .any(|h| l.starts_with(h))
-        })
-        .fold("SIP/2.0 486 Busy Here\r\n".to_owned(), |out, l| {
-            out + l + "\r\n"
-        })
-        + "Content-Length: 0\r\n\r\n";
+    let busy = reply_to(&invite, "486 Busy Here", "");
     stream.write_all(busy.as_bytes()).await.unwrap();
     let mut rest = String::new();
     let closed = tokio::time::timeout(Duration::from_secs(6), async {
@@ -2172,9 +2141,9 @@ async fn a_connection_opened_for_a_call_closes_with_it() {
     server.stop().await;
 }
 
-/// A response to `request` written out by hand: its dialog headers copied (To with a tag
-/// added), then `extra`.
-fn reply_to(request: &str, status: &str, extra: &str) -> String {
+/// A response to `request` written out by hand: its dialog headers copied (To with `tag`
+/// added where it has none), then `extra` and `sdp`.
+fn response_to(request: &str, status: &str, tag: &str, extra: &str, sdp: &str) -> String {
     let copied: String = request
         .lines()
         .filter(|l| {
@@ -2185,8 +2154,23 @@ fn reply_to(request: &str, status: &str, extra: &str) -> String {
         .map(|l| format!("{l}\r\n"))
         .collect();
     let to = header(request, "To").unwrap();
-    let tag = if to.contains(";tag=") { "" } else { ";tag=pbx" };
-    format!("SIP/2.0 {status}\r\n{copied}To: {to}{tag}\r\n{extra}Content-Length: 0\r\n\r\n")
+    let tag = match to.contains(";tag=") {
+        true => String::new(),
+        false => format!(";tag={tag}"),
+    };
+    let content_type = match sdp.is_empty() {
+        true => "",
+        false => "Content-Type: application/sdp\r\n",
+    };
+    format!(
+        "SIP/2.0 {status}\r\n{copied}To: {to}{tag}\r\n{extra}{content_type}Content-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    )
+}
+
+/// The test PBX's answer to `request`, without a body.
+fn reply_to(request: &str, status: &str, extra: &str) -> String {
+    response_to(request, status, "pbx", extra, "")
 }
 
 /// Over TCP (`--sip-register sip:7000@pbx;transport=tcp`) the registration keeps one
