@@ -1418,6 +1418,18 @@ fn free_phone_port() -> SocketAddr {
     }
 }
 
+/// Waits (up to 5 s) until something accepts connections at `addr`: baresip, started.
+async fn listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "baresip listens on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The agent calls baresip, answering as `phone` at `listen`, at `uri`: the call is answered
 /// in `codec` and the phone hears its own speech echoed. The report once the phone hung up.
 async fn placed_echo_call(
@@ -1432,14 +1444,7 @@ async fn placed_echo_call(
     let phone =
         tokio::task::spawn_blocking(move || baresip_answering(listen, phone, &wav, 10, &config));
     // Over TCP and TLS the INVITE needs the phone listening already (UDP sends it again).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "baresip listens on {listen}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    listening(listen).await;
     let body = serde_json::json!({"to": uri, "voice": "NATM1", "srtp": srtp});
     let id = dial(server, body).await;
     let report = report_becomes(server, &id, "answered").await;
@@ -2070,14 +2075,7 @@ async fn the_agent_calls_a_phone_over_tcp_and_over_tls() {
     let phone = tokio::task::spawn_blocking(move || {
         baresip_answering(listen, G711_PHONE, &wav, 3, &config)
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while tokio::net::TcpStream::connect(tls).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "baresip listens on {tls}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    listening(tls).await;
     let refused = place_call(
         &server,
         serde_json::json!({"to": format!("sips:tester@{tls}")}),
