@@ -6,7 +6,7 @@
 
 use super::dialog::{ALLOW, ByeTarget, Dialog};
 use super::media::{self, AgentText, MediaEnding, TRANSPORT};
-use super::message::{self, Response};
+use super::message::{self, RequestHead, Response};
 use super::offer::{self, AudioOffer, OfferError};
 use super::register;
 use super::srtp::Crypto;
@@ -453,21 +453,22 @@ impl Outgoing {
     /// A new INVITE: the next CSeq, a new branch (a new transaction).
     fn next_attempt(&mut self) {
         self.cseq += 1;
-        self.branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
+        self.branch = message::new_branch();
     }
 
     fn head(&self, method: &str, to: &str) -> String {
-        format!(
-            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/{transport} {via};branch={branch};rport\r\n\
-Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n",
-            uri = self.uri,
-            transport = self.peer.transport(),
-            via = self.via,
-            branch = self.branch,
-            from = self.from,
-            call_id = self.call_id,
-            cseq = self.cseq,
-        )
+        RequestHead {
+            method,
+            uri: &self.uri,
+            transport: self.peer.transport(),
+            via: self.via,
+            branch: &self.branch,
+            from: &self.from,
+            to,
+            call_id: &self.call_id,
+            cseq: self.cseq,
+        }
+        .write()
     }
 
     fn invite(&self) -> String {

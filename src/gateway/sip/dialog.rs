@@ -1,7 +1,7 @@
 //! A SIP call between its INVITE and its end (RFC 3261 §12): what identifies it, what answers
 //! requests within it, and the BYE that ends it from our side.
 
-use super::message::{self, Request, Response};
+use super::message::{self, Request, RequestHead, Response};
 use super::offer::{AudioOffer, Direction, OfferError, SipCodec};
 use super::transport::Peer;
 use crate::engine::SessionId;
@@ -246,16 +246,18 @@ impl ByeTarget {
     }
 
     fn in_dialog(&self, method: &str, call_id: &str, cseq: u32) -> String {
-        let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
-        let head = format!(
-            "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={branch};rport\r\nMax-Forwards: 70\r\n\
-From: {}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n",
-            self.uri,
-            self.to.transport(),
-            self.via,
-            self.from,
-            self.to_header
-        );
+        let head = RequestHead {
+            method,
+            uri: &self.uri,
+            transport: self.to.transport(),
+            via: self.via,
+            branch: &message::new_branch(),
+            from: &self.from,
+            to: &self.to_header,
+            call_id,
+            cseq,
+        }
+        .write();
         let route: Vec<(&str, String)> = self.route.iter().map(|r| ("Route", r.clone())).collect();
         message::finish(head, &route, None)
     }

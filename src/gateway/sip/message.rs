@@ -187,6 +187,45 @@ impl Request {
     }
 }
 
+/// The first lines of a request we send: its request line, our Via (over `transport`, at
+/// `via`, with `branch` and `rport`), Max-Forwards, From, To, Call-ID and CSeq.
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub uri: &'a str,
+    pub transport: &'a str,
+    pub via: SocketAddr,
+    pub branch: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub call_id: &'a str,
+    pub cseq: u32,
+}
+
+impl RequestHead<'_> {
+    pub fn write(&self) -> String {
+        let Self {
+            method,
+            uri,
+            transport,
+            via,
+            branch,
+            from,
+            to,
+            call_id,
+            cseq,
+        } = self;
+        format!(
+            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/{transport} {via};branch={branch};rport\r\n\
+Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
+        )
+    }
+}
+
+/// A fresh Via branch: a new transaction (RFC 3261's magic cookie and 64 random bits).
+pub fn new_branch() -> String {
+    format!("z9hG4bK{:016x}", rand::random::<u64>())
+}
+
 /// The extra headers, Content-Length and body after a start line and the copied headers.
 pub fn finish(mut out: String, extra: &[(&str, String)], body: Option<(&str, &str)>) -> String {
     for (name, value) in extra {

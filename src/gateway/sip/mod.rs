@@ -909,13 +909,9 @@ impl Shared {
         };
         for _ in 0..sends {
             self.send(request, to).await;
-            let deadline = tokio::time::Instant::now() + wait;
-            while let Ok(Some(response)) = tokio::time::timeout_at(deadline, responses.recv()).await
-            {
-                let is_final = register::status(&response).is_some_and(|s| s >= 200);
-                if is_final && register::cseq(&response) == Some(cseq) {
-                    return Ok(response);
-                }
+            let answered = final_response(responses, cseq, "REGISTER");
+            if let Ok(Some(response)) = tokio::time::timeout(wait, answered).await {
+                return Ok(response);
             }
             wait = (wait * 2).min(T2);
         }
@@ -923,20 +919,20 @@ impl Shared {
     }
 }
 
-/// The next final response among `responses` to our request `cseq` of `method` (None once
+/// The next final response among `responses` to our request `cseq` of `method`, as sent
+/// (None once
 /// their sender is gone).
 async fn final_response(
     responses: &mut mpsc::UnboundedReceiver<String>,
     cseq: u32,
     method: &str,
-) -> Option<message::Response> {
+) -> Option<String> {
     loop {
         let text = responses.recv().await?;
-        let Some(response) = message::Response::parse(&text) else {
-            continue;
-        };
-        if response.status >= 200 && response.cseq() == Some((cseq, method)) {
-            return Some(response);
+        let answers = message::Response::parse(&text)
+            .is_some_and(|r| r.status >= 200 && r.cseq() == Some((cseq, method)));
+        if answers {
+            return Some(text);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! with HTTP-digest credentials (RFC 3261 §10, §22; RFC 2617's MD5 with or without
 //! `qop=auth`), refreshed before it expires, so the PBX sends the extension's calls here.
 
-use super::message::{self, header_lines, header_param, text_header};
+use super::message::{self, RequestHead, header_lines, header_param, text_header};
 use super::transport::{Peer, Transport, split_host_port};
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
@@ -73,22 +73,24 @@ impl RegisterSettings {
         via: &Peer,
     ) -> String {
         let contact = dialog.contact;
-        let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
-        let mut head = format!(
-            "REGISTER sip:{registrar} SIP/2.0\r\nVia: SIP/2.0/{transport} {contact};branch={branch};rport\r\n\
-Max-Forwards: 70\r\nFrom: <{aor}>;tag={tag}\r\nTo: <{aor}>\r\nCall-ID: {call_id}\r\n\
-CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{contact}{param}>\r\nExpires: {expires}\r\n\
-User-Agent: duplex\r\n",
-            transport = via.transport(),
-            param = via.contact_param(),
-            registrar = self.registrar_host(),
-            aor = self.aor,
-            tag = dialog.tag,
-            call_id = dialog.call_id,
-            cseq = dialog.cseq,
-            expires = dialog.expires,
-            user = self.user,
-        );
+        let mut head = RequestHead {
+            method: "REGISTER",
+            uri: &format!("sip:{}", self.registrar_host()),
+            transport: via.transport(),
+            via: contact,
+            branch: &message::new_branch(),
+            from: &format!("<{}>;tag={}", self.aor, dialog.tag),
+            to: &format!("<{}>", self.aor),
+            call_id: &dialog.call_id,
+            cseq: dialog.cseq,
+        }
+        .write();
+        head.push_str(&format!(
+            "Contact: <sip:{}@{contact}{}>\r\nExpires: {}\r\nUser-Agent: duplex\r\n",
+            self.user,
+            via.contact_param(),
+            dialog.expires
+        ));
         if let Some((name, value)) = authorization {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -191,15 +193,6 @@ impl Default for RegisterDialog {
 /// A response's status code.
 pub fn status(response: &str) -> Option<u16> {
     response.strip_prefix("SIP/2.0 ")?.get(..3)?.parse().ok()
-}
-
-/// A response's CSeq number.
-pub fn cseq(response: &str) -> Option<u32> {
-    text_header(response, "CSeq")?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// How long the registrar granted our binding (`contact`): its Contact's `expires` (a 200
@@ -332,6 +325,5 @@ nonce=\"dcd98b7102dd2f0e8b11d0f600bfb0c093\", opaque=\"5ccc069c403ebaf9f0171e951
             "SIP/2.0 401 U\r\nWWW-Authenticate: Digest realm=\"r\", nonce=\"n\", stale=TRUE\r\n"
         ));
         assert_eq!(status("SIP/2.0 401 Unauthorized\r\n"), Some(401));
-        assert_eq!(cseq("SIP/2.0 200 OK\r\nCSeq: 7 REGISTER\r\n\r\n"), Some(7));
     }
 }
