@@ -140,6 +140,61 @@ mod tests {
         );
     }
 
+    /// A 503 is tried again and then delivered; a redirect is neither followed nor retried.
+    #[tokio::test]
+    async fn a_failed_delivery_is_retried_and_a_redirect_is_not_followed() {
+        use axum::http::StatusCode;
+        use axum::response::Redirect;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits: Arc<[AtomicUsize; 3]> = Arc::default();
+        let (flaky, moved, target) = (hits.clone(), hits.clone(), hits.clone());
+        let app = axum::Router::new()
+            .route(
+                "/flaky",
+                axum::routing::post(move || async move {
+                    match flaky[0].fetch_add(1, Ordering::SeqCst) {
+                        0 => StatusCode::SERVICE_UNAVAILABLE,
+                        _ => StatusCode::OK,
+                    }
+                }),
+            )
+            .route(
+                "/moved",
+                axum::routing::post(move || async move {
+                    moved[1].fetch_add(1, Ordering::SeqCst);
+                    Redirect::temporary("/elsewhere")
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::post(move || async move {
+                    target[2].fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let metrics = Arc::new(Metrics::new());
+        let count = |outcome: &str| {
+            let counter = metrics
+                .transport_events
+                .with_label_values(&[TRANSPORT, outcome]);
+            counter.get()
+        };
+        for path in ["/flaky", "/moved"] {
+            let url = parse_url(&format!("{base}{path}")).unwrap();
+            // Dropped at once: what it queued is still delivered.
+            Webhook::start(url, None, metrics.clone()).send(&"event");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while count("delivered") + count("failed") < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!((count("delivered"), count("failed")), (1, 1));
+        let hits: Vec<usize> = hits.iter().map(|h| h.load(Ordering::SeqCst)).collect();
+        assert_eq!(hits, [2, 1, 0], "flaky twice, moved once, its target never");
+    }
+
     #[test]
     fn only_http_urls_with_a_host_are_taken() {
         assert!(parse_url("https://crm.example/hooks/call?x=1").is_ok());
